@@ -1,0 +1,21 @@
+//! presenced: presence detection for edge hosts, with all durable state in a
+//! NATS JetStream leaf node.
+//!
+//! # Layout
+//!
+//! - [`naming`]: the only place subjects, streams, buckets and domains are
+//!   spelled (the contract behind the ACLs).
+//! - [`config`]: the TOML config and its validation.
+//! - [`sources`]: MQTT (and later serial) input, turned into observations.
+//! - [`ingest`]: observations into stream `SENSORS`, rejects into `REJECTED`.
+//! - [`engine`]: pure evidence fusion, debounce and state machine, plus the
+//!   runner that consumes `SENSORS` and writes KV `presence`/`debounce`.
+//! - [`store`]: JetStream plumbing: provisioning, CAS writes, rehydration.
+//! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
+
+pub mod config;
+pub mod engine;
+pub mod naming;
+pub mod observation;
+pub mod sources;
+pub mod time;

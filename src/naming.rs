@@ -1,0 +1,210 @@
+//! The naming convention behind the ACLs: the only place where subjects,
+//! stream, bucket, consumer and domain names are spelled.
+//!
+//! The daemon, the provisioner and (later) the ACL generator all derive their
+//! names from here, so a rename cannot leave one of them behind. See the
+//! naming table in `docs/ARCHITECTURE.md`.
+
+use std::fmt;
+
+/// Stream of observations, subjects `sensors.<site>.<sensor>`.
+pub const SENSORS_STREAM: &str = "SENSORS";
+/// Stream of presence transitions, subjects `events.<site>.presence.<zone>`.
+pub const EVENTS_STREAM: &str = "EVENTS";
+/// Stream of audit records, subjects `audit.events.<site>.<service>`.
+pub const AUDIT_STREAM: &str = "AUDIT";
+/// Stream of rejected input, subjects `rejected.<site>.<source>`.
+pub const REJECTED_STREAM: &str = "REJECTED";
+/// KV bucket with the presence of each zone, key `<zone>`.
+pub const PRESENCE_BUCKET: &str = "presence";
+/// KV bucket with the pending debounce deadline of each zone, key `<zone>`.
+pub const DEBOUNCE_BUCKET: &str = "debounce";
+/// KV bucket with the liveness lease of each service, key `<service>`.
+pub const OWNERS_BUCKET: &str = "owners";
+/// Durable pull consumer of the engine on `SENSORS`.
+pub const ENGINE_CONSUMER: &str = "engine";
+/// JetStream domain of the hub cluster.
+pub const HUB_DOMAIN: &str = "hub";
+
+/// Largest site id: it is embedded in domain and mirror names.
+pub const MAX_SITE_LEN: usize = 32;
+
+/// True for a sensor, zone, service or source id: `[a-z0-9_-]+`, no dots
+/// (a dot would split a subject token) and at most 64 characters so
+/// subjects stay short.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// True for a site id: `[a-z0-9-]+`, at most 32 characters. No `_`,
+/// because site ids end up in host and container names.
+pub fn is_site_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_SITE_LEN
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Why a name was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("site id {0:?} is invalid: use [a-z0-9-], 1 to 32 characters")]
+    Site(String),
+    #[error("{kind} id {id:?} is invalid: use [a-z0-9_-], 1 to 64 characters, no dots")]
+    Token { kind: &'static str, id: String },
+}
+
+/// Checks an id of the given kind ("sensor", "zone", ...).
+pub fn check_token(kind: &'static str, id: &str) -> Result<(), NameError> {
+    if is_token(id) {
+        Ok(())
+    } else {
+        Err(NameError::Token {
+            kind,
+            id: id.to_owned(),
+        })
+    }
+}
+
+/// A validated site id and every name derived from it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Site(String);
+
+impl Site {
+    pub fn new(id: &str) -> Result<Self, NameError> {
+        if is_site_id(id) {
+            Ok(Site(id.to_owned()))
+        } else {
+            Err(NameError::Site(id.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// JetStream domain of this site's leaf node.
+    pub fn leaf_domain(&self) -> String {
+        format!("leaf-{}", self.0)
+    }
+
+    /// Subject of one sensor's observations.
+    pub fn sensors_subject(&self, sensor: &str) -> String {
+        format!("sensors.{}.{}", self.0, sensor)
+    }
+
+    /// Every observation subject of this site.
+    pub fn sensors_filter(&self) -> String {
+        format!("sensors.{}.>", self.0)
+    }
+
+    /// Subject of one zone's transitions.
+    pub fn events_subject(&self, zone: &str) -> String {
+        format!("events.{}.presence.{}", self.0, zone)
+    }
+
+    /// Every transition subject of this site.
+    pub fn events_filter(&self) -> String {
+        format!("events.{}.>", self.0)
+    }
+
+    /// Subject of the rejected input of one source.
+    pub fn rejected_subject(&self, source: &str) -> String {
+        format!("rejected.{}.{}", self.0, source)
+    }
+
+    pub fn rejected_filter(&self) -> String {
+        format!("rejected.{}.>", self.0)
+    }
+
+    /// Subject a service writes its audit records to.
+    pub fn audit_subject(&self, service: &str) -> String {
+        format!("audit.events.{}.{}", self.0, service)
+    }
+
+    pub fn audit_filter(&self) -> String {
+        format!("audit.events.{}.>", self.0)
+    }
+
+    /// Core NATS subject of a sensor's live readings (no persistence).
+    pub fn live_subject(&self, sensor: &str) -> String {
+        format!("live.{}.{}", self.0, sensor)
+    }
+
+    /// Request/reply subject of commands for one zone.
+    pub fn cmd_subject(&self, zone: &str) -> String {
+        format!("cmd.{}.presence.{}", self.0, zone)
+    }
+
+    /// Name of a hub mirror of one of this site's streams or buckets, e.g.
+    /// `SENSORS-<site>` or `presence-<site>`.
+    pub fn hub_mirror(&self, source: &str) -> String {
+        format!("{}-{}", source, self.0)
+    }
+}
+
+impl fmt::Display for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Name of the stream behind a KV bucket.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// Subject of one key of a KV bucket, as the server stores it.
+pub fn kv_subject(bucket: &str, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
+/// `Nats-Msg-Id` of a zone's n-th transition: stable across restarts, so a
+/// transition published twice around a crash is stored once.
+pub fn transition_msg_id(site: &Site, zone: &str, number: u64) -> String {
+    format!("{}.{}.{}", site.as_str(), zone, number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_ids() {
+        assert!(Site::new("home-1").is_ok());
+        assert!(Site::new("").is_err());
+        assert!(Site::new("Home").is_err());
+        assert!(Site::new("a_b").is_err(), "underscore is not allowed in site ids");
+        assert!(Site::new(&"a".repeat(33)).is_err());
+        assert!(Site::new(&"a".repeat(32)).is_ok());
+    }
+
+    #[test]
+    fn tokens() {
+        assert!(is_token("kitchen_motion-2"));
+        assert!(!is_token("kitchen.motion"));
+        assert!(!is_token("kitchen motion"));
+        assert!(!is_token("*"));
+        assert!(!is_token(">"));
+        assert!(!is_token(""));
+    }
+
+    #[test]
+    fn derived_names() {
+        let s = Site::new("home").unwrap();
+        assert_eq!(s.leaf_domain(), "leaf-home");
+        assert_eq!(s.sensors_subject("pir"), "sensors.home.pir");
+        assert_eq!(s.events_subject("hall"), "events.home.presence.hall");
+        assert_eq!(s.rejected_subject("mqtt-main"), "rejected.home.mqtt-main");
+        assert_eq!(s.audit_subject("engine"), "audit.events.home.engine");
+        assert_eq!(s.cmd_subject("hall"), "cmd.home.presence.hall");
+        assert_eq!(s.live_subject("pir"), "live.home.pir");
+        assert_eq!(s.hub_mirror("presence"), "presence-home");
+        assert_eq!(kv_subject(PRESENCE_BUCKET, "hall"), "$KV.presence.hall");
+    }
+}

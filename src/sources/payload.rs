@@ -1,0 +1,1 @@
+//! Picks the value out of a payload.
