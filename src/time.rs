@@ -88,7 +88,7 @@ mod tests {
     fn round_trips_through_json() {
         let t = Timestamp(1_795_000_000_123);
         let j = serde_json::to_string(&t).unwrap();
-        assert_eq!(j, "\"2026-11-18T08:26:40.123Z\"");
+        assert_eq!(j, "\"2026-11-18T11:06:40.123Z\"");
         assert_eq!(serde_json::from_str::<Timestamp>(&j).unwrap(), t);
     }
 
