@@ -13,9 +13,16 @@
 //! - [`store`]: JetStream plumbing: provisioning, CAS writes, rehydration.
 //! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
 
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod engine;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
 pub mod naming;
 pub mod observation;
 pub mod sources;
+pub mod store;
+pub mod systemd;
 pub mod time;

@@ -1,1 +1,169 @@
-fn main() {}
+//! The `presenced` binary: command line, config, tracing; the work happens
+//! in the library.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use presenced::config::Config;
+use presenced::naming::Site;
+use presenced::{client, daemon, store};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "presenced",
+    version,
+    about = "Presence detection for edge hosts, state in NATS JetStream"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file; prints every problem with its field path.
+    CheckConfig { file: PathBuf },
+    /// Create or update the site's streams, buckets and consumer (admin).
+    Provision {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the presence of matching zones, then every change.
+    Watch {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// KV key pattern (`*` one token, `>` the rest).
+        #[arg(default_value = ">")]
+        pattern: String,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the presence of one zone.
+    Get {
+        #[arg(long, short)]
+        config: PathBuf,
+        zone: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn init_tracing(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .or_else(|| level.and_then(|l| EnvFilter::try_new(l).ok()))
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    // journald adds its own timestamps and does not render ANSI colours.
+    let tty = std::io::stderr().is_terminal();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(tty)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Ok(Config::load_valid(path)?)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn connect_client(config: &Config) -> anyhow::Result<async_nats::Client> {
+    Ok(store::connect(
+        &config.nats,
+        "presenced-cli",
+        None,
+        Some(Duration::from_secs(10)),
+    )
+    .await?)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Version => {
+            println!("presenced {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::CheckConfig { file } => match Config::load_valid(&file) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok (site {}, {} zone(s), {} MQTT source(s))",
+                    file.display(),
+                    cfg.site,
+                    cfg.zones.len(),
+                    cfg.mqtt.len()
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Command::Run { config } => load(&config).and_then(|cfg| {
+            init_tracing(cfg.log.level.as_deref());
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), site = %cfg.site, config = %config.display(), "starting");
+            runtime()?.block_on(daemon::run(cfg))
+        }),
+        Command::Provision { config } => load(&config).and_then(|cfg| {
+            init_tracing(cfg.log.level.as_deref());
+            runtime()?.block_on(async {
+                let site = Site::new(&cfg.site)?;
+                let client = connect_client(&cfg).await?;
+                let done = store::provision::provision(&client, &site).await?;
+                for p in done {
+                    println!("{} {}: ok", p.kind, p.name);
+                }
+                let js = async_nats::jetstream::new(client.clone());
+                let stream = js.get_stream(presenced::naming::SENSORS_STREAM).await?;
+                stream
+                    .create_consumer(presenced::engine::runner::consumer_config(&site))
+                    .await
+                    .context("cannot create or update consumer engine on SENSORS")?;
+                println!("consumer {} on {}: ok", presenced::naming::ENGINE_CONSUMER, presenced::naming::SENSORS_STREAM);
+                client.flush().await?;
+                Ok(())
+            })
+        }),
+        Command::Watch { config, pattern, json } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(async {
+                let client = connect_client(&cfg).await?;
+                client::watch(client, &pattern, json).await
+            })
+        }),
+        Command::Get { config, zone, json } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(async {
+                let client = connect_client(&cfg).await?;
+                client::get(client, &zone, json).await
+            })
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("presenced: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

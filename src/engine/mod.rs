@@ -8,6 +8,7 @@
 
 pub mod core;
 pub mod model;
+pub mod runner;
 
 pub use self::core::{advance, apply, initial_state, next_deadline, reconcile};
 pub use self::model::{Model, Rule, ZoneModel};

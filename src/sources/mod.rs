@@ -15,10 +15,10 @@ use bytes::Bytes;
 
 /// Fired once the item it travels with is stored; dropping it unfired
 /// leaves the input unacknowledged upstream (it will be redelivered).
-pub struct Ack(Option<Box<dyn FnOnce() + Send>>);
+pub struct Ack(Option<Box<dyn FnOnce() + Send + Sync>>);
 
 impl Ack {
-    pub fn new(f: impl FnOnce() + Send + 'static) -> Self {
+    pub fn new(f: impl FnOnce() + Send + Sync + 'static) -> Self {
         Ack(Some(Box::new(f)))
     }
 
@@ -36,7 +36,11 @@ impl Ack {
 
 impl std::fmt::Debug for Ack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "Ack(pending)" } else { "Ack(none)" })
+        f.write_str(if self.0.is_some() {
+            "Ack(pending)"
+        } else {
+            "Ack(none)"
+        })
     }
 }
 

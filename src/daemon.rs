@@ -1,0 +1,218 @@
+//! `presenced run`: wires sources, ingest, engine, HTTP and systemd
+//! together and shuts them down in order.
+
+use crate::config::Config;
+use crate::engine::runner::Runner;
+use crate::engine::Model;
+use crate::metrics::Metrics;
+use crate::naming::{self, Site};
+use crate::sources::{self, Item};
+use crate::{http, ingest, store, systemd};
+use anyhow::Context as _;
+use async_nats::jetstream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the daemon");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// JetStream context for the daemon: enough acks in flight for pipelined
+/// batches, and a bounded wait for each.
+pub fn jetstream_context(client: async_nats::Client, config: &Config) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(config.nats.request_timeout)
+        .max_ack_inflight(config.ingest.max_in_flight.max(config.engine.batch) * 4)
+        .build(client)
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let site = Site::new(&config.site)?;
+    let metrics = Arc::new(Metrics::default());
+    let model = Arc::new(Model::from_config(&config));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let http_task = if config.http.enabled {
+        let listener = http::bind(config.http.listen)
+            .await
+            .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
+        tracing::info!(listen = %config.http.listen, "serving /healthz and /metrics");
+        Some(tokio::spawn(http::serve(
+            listener,
+            metrics.clone(),
+            stop_rx.clone(),
+        )))
+    } else {
+        None
+    };
+
+    let term = termination();
+    tokio::pin!(term);
+
+    let client_name = format!("presenced-{site}");
+    let client = tokio::select! {
+        c = store::connect(&config.nats, &client_name, Some(metrics.clone()), None) => c?,
+        _ = &mut term => {
+            tracing::info!("stopped before connecting to nats-server");
+            return Ok(());
+        }
+    };
+    let js = jetstream_context(client.clone(), &config);
+
+    // Sources → bounded buffer → ingest → SENSORS.
+    Metrics::set(&metrics.buffer_capacity, config.ingest.buffer as u64);
+    let (tx, rx) = mpsc::channel::<Item>(config.ingest.buffer.max(1));
+    let ingest_task = tokio::spawn(ingest::run(
+        js.clone(),
+        site.clone(),
+        config.ingest.max_in_flight,
+        config.ingest.reject_log_every,
+        rx,
+        metrics.clone(),
+    ));
+    let (sources_stop_tx, sources_stop_rx) = watch::channel(false);
+    let mut source_tasks = Vec::new();
+    for (name, src) in &config.mqtt {
+        let status = Arc::new(sources::mqtt::MqttStatus::default());
+        let client_id = src
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("presenced-{site}-{name}"));
+        let task = tokio::spawn(sources::mqtt::run(
+            name.clone(),
+            src.clone(),
+            client_id,
+            config.ingest.strict_topics,
+            tx.clone(),
+            status.clone(),
+            sources_stop_rx.clone(),
+        ));
+        source_tasks.push((name.clone(), task, status));
+    }
+    drop(tx);
+    let mqtt_gauge = {
+        let metrics = metrics.clone();
+        let statuses: Vec<_> = source_tasks.iter().map(|(_, _, s)| s.clone()).collect();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let up = statuses
+                    .iter()
+                    .filter(|s| s.connected.load(Ordering::Relaxed))
+                    .count();
+                Metrics::set(&metrics.mqtt_connected, up as u64);
+                let full: u64 = statuses
+                    .iter()
+                    .map(|s| s.buffer_full.load(Ordering::Relaxed))
+                    .sum();
+                Metrics::set(&metrics.buffer_full, full);
+            }
+        })
+    };
+
+    // Engine: rehydrate, bind the consumer, then report READY.
+    let runner = Runner::start(
+        js.clone(),
+        site.clone(),
+        model.clone(),
+        metrics.clone(),
+        config.engine.batch,
+    )
+    .await
+    .context("engine start")?;
+    let consumer = js
+        .get_stream(naming::SENSORS_STREAM)
+        .await
+        .context("stream SENSORS is missing on the leaf: run `presenced provision` first")?
+        .get_consumer::<jetstream::consumer::pull::Config>(naming::ENGINE_CONSUMER)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "consumer `engine` on SENSORS is missing ({e}): run `presenced provision` first"
+            )
+        })?;
+    let ready_metrics = metrics.clone();
+    let mut engine_task = tokio::spawn(runner.run(consumer, stop_rx.clone(), move |r: &Runner| {
+        ready_metrics.ready.store(true, Ordering::Relaxed);
+        let line = r.status_line();
+        tracing::info!(status = %line, "ready");
+        systemd::ready(&line);
+    }));
+
+    let engine_failed = tokio::select! {
+        _ = &mut term => {
+            tracing::info!("stopping: signal received");
+            None
+        }
+        r = &mut engine_task => Some(match r {
+            Ok(Ok(())) => anyhow::anyhow!("engine stopped unexpectedly"),
+            Ok(Err(e)) => anyhow::Error::new(e).context("engine failed"),
+            Err(e) => anyhow::anyhow!("engine task panicked: {e}"),
+        }),
+    };
+    systemd::stopping();
+    metrics.ready.store(false, Ordering::Relaxed);
+
+    // Drain: stop input, let ingest store what it holds, then stop the
+    // engine and the rest, all within engine.drain_timeout.
+    let drain = async {
+        let _ = sources_stop_tx.send(true);
+        for (name, task, _) in source_tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(source = %name, error = %e, "source failed"),
+                Err(e) => tracing::error!(source = %name, error = %e, "source task panicked"),
+            }
+        }
+        let _ = ingest_task.await;
+        let _ = stop_tx.send(true);
+        if engine_failed.is_none() {
+            let _ = engine_task.await;
+        }
+        let _ = mqtt_gauge.await;
+        if let Some(h) = http_task {
+            let _ = h.await;
+        }
+        let _ = client.flush().await;
+    };
+    let engine_failed_msg = engine_failed.as_ref().map(|e| format!("{e:#}"));
+    if tokio::time::timeout(config.engine.drain_timeout, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?config.engine.drain_timeout, "drain did not finish in time; exiting anyway (unacknowledged input will be redelivered)");
+    } else {
+        tracing::info!("stopped cleanly");
+    }
+    match engine_failed_msg {
+        Some(msg) => Err(anyhow::anyhow!(msg)),
+        None => Ok(()),
+    }
+}

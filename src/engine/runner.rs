@@ -1,0 +1,580 @@
+//! The engine's I/O shell: consumes `SENSORS`, runs the pure core, and makes
+//! the effects durable before acknowledging.
+//!
+//! Order of effects for a batch: transitions to `EVENTS` (deterministic
+//! `Nats-Msg-Id`), then compare-and-set writes of `presence` (the
+//! authority, carrying the last applied stream sequence) and `debounce` (a
+//! projection of the pending deadlines, repaired at start), then one ack
+//! for the whole batch (ack policy "all"). A crash anywhere in between
+//! redelivers the batch; already applied observations are skipped by
+//! sequence and republished transitions are dropped as duplicates, so the
+//! trajectory is the same as if the daemon had never stopped.
+
+use super::{
+    advance, apply, initial_state, next_deadline, reconcile, Input, Model, Pending, Presence,
+    Transition, ZoneState,
+};
+use crate::metrics::Metrics;
+use crate::naming::{self, Site};
+use crate::observation::Observation;
+use crate::store::kv::{self as kvstore, CasWrite};
+use crate::time::Timestamp;
+use async_nats::jetstream::{self, consumer::pull, kv, message::PublishMessage};
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("{what} is missing on the leaf: run `presenced provision` first ({source})")]
+    NotProvisioned {
+        what: String,
+        source: async_nats::Error,
+    },
+    #[error("cannot rehydrate: {0}")]
+    Rehydrate(#[from] kvstore::KvError),
+    #[error("consuming SENSORS failed: {0}")]
+    Consume(async_nats::Error),
+}
+
+/// The value of key `<zone>` in KV `debounce`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DebounceRecord {
+    pub v: u32,
+    pub zone: String,
+    pub to: Presence,
+    pub deadline: Timestamp,
+}
+
+/// One zone's state with the revisions its next writes must expect.
+struct Slot {
+    state: ZoneState,
+    presence_rev: u64,
+    debounce_rev: u64,
+    /// What KV `debounce` holds for this zone now.
+    debounce: Option<Pending>,
+}
+
+/// The consumer config the engine needs; provisioning creates it.
+pub fn consumer_config(site: &Site) -> pull::Config {
+    pull::Config {
+        durable_name: Some(naming::ENGINE_CONSUMER.to_owned()),
+        description: Some("presence engine".to_owned()),
+        filter_subject: site.sensors_filter(),
+        ack_policy: jetstream::consumer::AckPolicy::All,
+        deliver_policy: jetstream::consumer::DeliverPolicy::All,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: -1,
+        max_ack_pending: 100_000,
+        ..Default::default()
+    }
+}
+
+pub struct Runner {
+    js: jetstream::Context,
+    site: Site,
+    model: Arc<Model>,
+    presence: kv::Store,
+    debounce: kv::Store,
+    slots: BTreeMap<String, Slot>,
+    /// (deadline, zone) of every zone with a next deadline.
+    timers: BTreeSet<(Timestamp, String)>,
+    metrics: Arc<Metrics>,
+    batch: usize,
+    /// Observations in SENSORS not yet delivered to us, as last reported;
+    /// timers fire on the wall clock only when this is 0, so a backlog is
+    /// applied in observation-time order first.
+    backlog: u64,
+}
+
+fn missing(what: &str, source: impl Into<async_nats::Error>) -> RunnerError {
+    RunnerError::NotProvisioned {
+        what: what.to_owned(),
+        source: source.into(),
+    }
+}
+
+impl Runner {
+    /// Rehydrates every zone from KV and repairs `debounce`; emits nothing
+    /// (a restart never flips a zone by itself).
+    pub async fn start(
+        js: jetstream::Context,
+        site: Site,
+        model: Arc<Model>,
+        metrics: Arc<Metrics>,
+        batch: usize,
+    ) -> Result<Runner, RunnerError> {
+        let presence = js
+            .get_key_value(naming::PRESENCE_BUCKET)
+            .await
+            .map_err(|e| missing("KV bucket presence", e))?;
+        let debounce = js
+            .get_key_value(naming::DEBOUNCE_BUCKET)
+            .await
+            .map_err(|e| missing("KV bucket debounce", e))?;
+        let started = std::time::Instant::now();
+        let stored = kvstore::load_all(&presence, naming::PRESENCE_BUCKET).await?;
+        let stored_debounce = kvstore::load_all(&debounce, naming::DEBOUNCE_BUCKET).await?;
+        let now = Timestamp::now();
+        let mut slots = BTreeMap::new();
+        for (zone, zm) in &model.zones {
+            let current = stored.get(zone);
+            let mut state = match current.and_then(|c| c.value.as_ref()) {
+                Some(bytes) => match serde_json::from_slice::<ZoneState>(bytes) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(zone = %zone, error = %e, "stored presence value is unreadable; starting the zone afresh");
+                        initial_state(zm, now)
+                    }
+                },
+                None => initial_state(zm, now),
+            };
+            reconcile(zm, &mut state);
+            let d = stored_debounce.get(zone);
+            let debounce_value = d
+                .and_then(|c| c.value.as_ref())
+                .and_then(|b| serde_json::from_slice::<DebounceRecord>(b).ok())
+                .map(|r| Pending {
+                    to: r.to,
+                    deadline: r.deadline,
+                });
+            slots.insert(
+                zone.clone(),
+                Slot {
+                    state,
+                    presence_rev: current.map_or(0, |c| c.revision),
+                    debounce_rev: d.map_or(0, |c| c.revision),
+                    debounce: debounce_value,
+                },
+            );
+        }
+        tracing::info!(
+            zones = slots.len(),
+            stored = stored.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "state rehydrated"
+        );
+        let mut runner = Runner {
+            js,
+            site,
+            model,
+            presence,
+            debounce,
+            slots,
+            timers: BTreeSet::new(),
+            metrics,
+            batch: batch.max(1),
+            backlog: 0,
+        };
+        let zones: Vec<String> = runner.slots.keys().cloned().collect();
+        for z in &zones {
+            runner.reschedule(z);
+        }
+        // Repair the projection (a crash between the two writes) and store
+        // zones that are new in the config.
+        let dirty: BTreeSet<String> = runner
+            .slots
+            .iter()
+            .filter(|(_, s)| s.presence_rev == 0 || s.debounce != s.state.pending)
+            .map(|(z, _)| z.clone())
+            .collect();
+        runner.commit_with_retry(dirty, Vec::new()).await;
+        runner.update_gauges();
+        Ok(runner)
+    }
+
+    pub fn zone_state(&self, zone: &str) -> Option<&ZoneState> {
+        self.slots.get(zone).map(|s| &s.state)
+    }
+
+    fn reschedule(&mut self, zone: &str) {
+        let Some(slot) = self.slots.get(zone) else {
+            return;
+        };
+        self.timers.retain(|(_, z)| z != zone);
+        if let Some(zm) = self.model.zones.get(zone) {
+            if let Some(d) = next_deadline(zm, &slot.state) {
+                self.timers.insert((d, zone.to_owned()));
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        let occupied = self
+            .slots
+            .values()
+            .filter(|s| matches!(s.state.state, Presence::Occupied | Presence::Leaving))
+            .count();
+        Metrics::set(&self.metrics.zones_occupied, occupied as u64);
+        Metrics::set(&self.metrics.zones, self.slots.len() as u64);
+        Metrics::set(&self.metrics.consumer_pending, self.backlog);
+    }
+
+    /// One-line summary for systemd's STATUS=.
+    pub fn status_line(&self) -> String {
+        let occupied: Vec<&str> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.state.state == Presence::Occupied)
+            .map(|(z, _)| z.as_str())
+            .take(5)
+            .collect();
+        format!(
+            "{} zones, {} occupied{}{}; backlog {}",
+            self.slots.len(),
+            self.metrics
+                .zones_occupied
+                .load(std::sync::atomic::Ordering::Relaxed),
+            if occupied.is_empty() { "" } else { ": " },
+            occupied.join(" "),
+            self.backlog
+        )
+    }
+
+    /// Applies a batch of messages from `SENSORS` and acks it once durable.
+    async fn process(&mut self, messages: Vec<jetstream::Message>) {
+        let mut inputs: Vec<(u64, Observation)> = Vec::with_capacity(messages.len());
+        for msg in &messages {
+            let Ok(info) = msg.info() else {
+                tracing::error!(subject = %msg.subject, "message without JetStream metadata on the engine consumer; skipped");
+                continue;
+            };
+            self.backlog = info.pending;
+            match serde_json::from_slice::<Observation>(&msg.payload) {
+                Ok(obs) => inputs.push((info.stream_sequence, obs)),
+                Err(e) => tracing::error!(
+                    subject = %msg.subject,
+                    seq = info.stream_sequence,
+                    error = %e,
+                    "unreadable observation in SENSORS; skipped (it stays in the stream for inspection)"
+                ),
+            }
+        }
+        Metrics::add(&self.metrics.engine_observations, inputs.len() as u64);
+        let mut transitions = Vec::new();
+        let mut dirty = BTreeSet::new();
+        for (seq, obs) in &inputs {
+            let Some(zones) = self.model.by_sensor.get(&obs.sensor) else {
+                continue;
+            };
+            for zone in zones {
+                let (Some(zm), Some(slot)) = (self.model.zones.get(zone), self.slots.get_mut(zone))
+                else {
+                    continue;
+                };
+                if *seq <= slot.state.last_seq {
+                    Metrics::inc(&self.metrics.engine_redeliveries);
+                    continue;
+                }
+                let input = Input {
+                    seq: *seq,
+                    sensor: &obs.sensor,
+                    value: obs.value,
+                    at: obs.observed_at,
+                };
+                transitions.extend(apply(zm, &mut slot.state, &input));
+                dirty.insert(zone.clone());
+            }
+        }
+        self.commit_with_retry(dirty, transitions).await;
+        if let Some(last) = messages.last() {
+            if let Err(e) = last.ack().await {
+                // The batch is durable; a lost ack only means redelivery,
+                // which is skipped by sequence.
+                tracing::warn!(error = %e, "ack of a SENSORS batch failed; it will be redelivered and skipped");
+            }
+        }
+        self.update_gauges();
+    }
+
+    /// Fires every timer due by `now` (in deadline order across zones).
+    pub async fn tick(&mut self, now: Timestamp) {
+        let due: Vec<String> = self
+            .timers
+            .iter()
+            .take_while(|(d, _)| *d <= now)
+            .map(|(_, z)| z.clone())
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let mut transitions = Vec::new();
+        let mut dirty = BTreeSet::new();
+        for zone in due {
+            let (Some(zm), Some(slot)) = (self.model.zones.get(&zone), self.slots.get_mut(&zone))
+            else {
+                continue;
+            };
+            transitions.extend(advance(zm, &mut slot.state, now));
+            dirty.insert(zone);
+        }
+        transitions.sort_by(|a, b| (a.at, &a.zone, a.number).cmp(&(b.at, &b.zone, b.number)));
+        self.commit_with_retry(dirty, transitions).await;
+        self.update_gauges();
+    }
+
+    /// Makes transitions and zone states durable, retrying until they are.
+    /// A compare-and-set conflict means the stored value is not what we
+    /// last wrote: the zone is reloaded from KV (it is the authority) and
+    /// an error is logged, since the engine should be the only writer.
+    async fn commit_with_retry(
+        &mut self,
+        mut dirty: BTreeSet<String>,
+        transitions: Vec<Transition>,
+    ) {
+        let mut delay = Duration::from_millis(50);
+        let mut events = transitions;
+        let mut logged = false;
+        loop {
+            crate::systemd::watchdog();
+            if let Err(e) = self.publish_transitions(&events).await {
+                if !logged {
+                    tracing::warn!(error = %e, "cannot publish transitions to EVENTS; retrying");
+                    logged = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            events.clear();
+            match self.write_states(&dirty).await {
+                Ok(()) => break,
+                Err(remaining) => {
+                    dirty = remaining;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        if logged {
+            tracing::info!("EVENTS reachable again");
+        }
+        let zones: Vec<String> = self.slots.keys().cloned().collect();
+        for z in zones {
+            self.reschedule(&z);
+        }
+    }
+
+    async fn publish_transitions(
+        &self,
+        transitions: &[Transition],
+    ) -> Result<(), async_nats::Error> {
+        let mut acks = Vec::with_capacity(transitions.len());
+        for t in transitions {
+            let payload = serde_json::to_vec(t)?;
+            let msg = PublishMessage::build()
+                .payload(Bytes::from(payload))
+                .message_id(naming::transition_msg_id(&self.site, &t.zone, t.number));
+            acks.push(
+                self.js
+                    .send_publish(self.site.events_subject(&t.zone), msg)
+                    .await?,
+            );
+        }
+        for ack in acks {
+            let ack = ack.await?;
+            if !ack.duplicate {
+                Metrics::inc(&self.metrics.transitions);
+            }
+        }
+        for t in transitions {
+            tracing::info!(zone = %t.zone, from = t.from.as_str(), to = t.to.as_str(), at = %t.at, confidence = t.confidence, number = t.number, "transition");
+        }
+        Ok(())
+    }
+
+    /// Writes presence and debounce for `dirty` zones. Returns the zones
+    /// that still need writing (after a failure or a reload).
+    async fn write_states(&mut self, dirty: &BTreeSet<String>) -> Result<(), BTreeSet<String>> {
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let mut presence_writes = Vec::with_capacity(dirty.len());
+        let mut debounce_writes = Vec::new();
+        for zone in dirty {
+            let Some(slot) = self.slots.get(zone) else {
+                continue;
+            };
+            let value = serde_json::to_vec(&slot.state)
+                .map(Bytes::from)
+                .map_err(|_| dirty.clone())?;
+            presence_writes.push(CasWrite {
+                key: zone.clone(),
+                value: Some(value),
+                expected: slot.presence_rev,
+            });
+            if slot.debounce != slot.state.pending {
+                let value = match slot.state.pending {
+                    Some(p) => Some(Bytes::from(
+                        serde_json::to_vec(&DebounceRecord {
+                            v: super::STATE_SCHEMA,
+                            zone: zone.clone(),
+                            to: p.to,
+                            deadline: p.deadline,
+                        })
+                        .map_err(|_| dirty.clone())?,
+                    )),
+                    None => None,
+                };
+                debounce_writes.push(CasWrite {
+                    key: zone.clone(),
+                    value,
+                    expected: slot.debounce_rev,
+                });
+            }
+        }
+        let n_debounce = debounce_writes.len();
+        let (presence_results, debounce_results) = futures::join!(
+            kvstore::write_batch(&self.js, naming::PRESENCE_BUCKET, presence_writes),
+            kvstore::write_batch(&self.js, naming::DEBOUNCE_BUCKET, debounce_writes)
+        );
+        let mut retry = BTreeSet::new();
+        let mut conflicts = Vec::new();
+        for r in presence_results {
+            match r.result {
+                Ok(rev) => {
+                    Metrics::inc(&self.metrics.kv_writes);
+                    if let Some(slot) = self.slots.get_mut(&r.key) {
+                        slot.presence_rev = rev;
+                    }
+                }
+                Err(e) if e.is_conflict() => conflicts.push((naming::PRESENCE_BUCKET, r.key)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "KV write failed; retrying");
+                    retry.insert(r.key);
+                }
+            }
+        }
+        for r in debounce_results {
+            match r.result {
+                Ok(rev) => {
+                    Metrics::inc(&self.metrics.kv_writes);
+                    if let Some(slot) = self.slots.get_mut(&r.key) {
+                        slot.debounce_rev = rev;
+                        slot.debounce = slot.state.pending;
+                    }
+                }
+                Err(e) if e.is_conflict() => conflicts.push((naming::DEBOUNCE_BUCKET, r.key)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "KV write failed; retrying");
+                    retry.insert(r.key);
+                }
+            }
+        }
+        let _ = n_debounce;
+        for (bucket, key) in conflicts {
+            Metrics::inc(&self.metrics.kv_conflicts);
+            tracing::error!(bucket, key = %key, "compare-and-set conflict: the key changed behind the engine's back; reloading it");
+            self.reload(bucket, &key).await;
+            retry.insert(key);
+        }
+        if retry.is_empty() {
+            Ok(())
+        } else {
+            Err(retry)
+        }
+    }
+
+    /// Re-reads one key after a conflict and adopts its revision (and, for
+    /// presence, its state if it is at least as far along as ours).
+    async fn reload(&mut self, bucket: &str, zone: &str) {
+        let store = if bucket == naming::PRESENCE_BUCKET {
+            &self.presence
+        } else {
+            &self.debounce
+        };
+        let entry = match store.entry(zone).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(bucket, zone, error = %e, "cannot re-read key after conflict");
+                return;
+            }
+        };
+        let Some(slot) = self.slots.get_mut(zone) else {
+            return;
+        };
+        let revision = entry.as_ref().map_or(0, |e| e.revision);
+        if bucket == naming::PRESENCE_BUCKET {
+            slot.presence_rev = revision;
+            let stored = entry
+                .filter(|e| e.operation == kv::Operation::Put)
+                .and_then(|e| serde_json::from_slice::<ZoneState>(&e.value).ok());
+            if let Some(stored) = stored {
+                if stored.last_seq >= slot.state.last_seq && stored.clock >= slot.state.clock {
+                    slot.state = stored;
+                    if let Some(zm) = self.model.zones.get(zone) {
+                        reconcile(zm, &mut slot.state);
+                    }
+                }
+            }
+        } else {
+            slot.debounce_rev = revision;
+            slot.debounce = None;
+        }
+    }
+
+    /// Consumes `SENSORS` and fires timers until `shutdown` turns true.
+    pub async fn run(
+        mut self,
+        consumer: jetstream::consumer::Consumer<pull::Config>,
+        mut shutdown: watch::Receiver<bool>,
+        mut on_ready: impl FnMut(&Runner),
+    ) -> Result<(), RunnerError> {
+        let mut info = consumer.clone();
+        self.backlog = info.info().await.map(|i| i.num_pending).unwrap_or(0);
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(self.batch)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .map_err(|e| RunnerError::Consume(e.into()))?;
+        on_ready(&self);
+        let mut status_every = tokio::time::interval(Duration::from_secs(5));
+        status_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let next = if self.backlog == 0 {
+                self.timers.first().map(|(d, _)| *d)
+            } else {
+                None
+            };
+            let sleep_for = next
+                .map(
+                    |d| Duration::from_millis(d.0.saturating_sub(Timestamp::now().0).max(0) as u64),
+                )
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                m = messages.next() => match m {
+                    Some(Ok(first)) => {
+                        let mut batch = vec![first];
+                        while batch.len() < self.batch {
+                            match messages.next().now_or_never() {
+                                Some(Some(Ok(m))) => batch.push(m),
+                                Some(Some(Err(e))) => { tracing::warn!(error = %e, "SENSORS consumer"); break }
+                                _ => break,
+                            }
+                        }
+                        self.process(batch).await;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "SENSORS consumer: waiting for the server");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    None => return Err(RunnerError::Consume("SENSORS consumer stream ended".into())),
+                },
+                _ = tokio::time::sleep(sleep_for) => self.tick(Timestamp::now()).await,
+                _ = status_every.tick() => {
+                    crate::systemd::status(&self.status_line());
+                }
+            }
+            crate::systemd::watchdog();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,62 @@
+//! `/healthz` and `/metrics` over HTTP, on loopback by default.
+
+use crate::metrics::Metrics;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// 200 only when ready (state rehydrated, consumer bound) and connected
+/// to the leaf; the body says which part is missing.
+async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    let ready = m.ready.load(Ordering::Relaxed);
+    let nats = m.nats_connected.load(Ordering::Relaxed);
+    let body = format!("ready: {ready}\nnats_connected: {nats}\n");
+    let code = if ready && nats {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body)
+}
+
+async fn render_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.render(),
+    )
+}
+
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(render_metrics))
+        .with_state(metrics)
+}
+
+/// Binds first (so a taken port fails the start loudly), then serves until
+/// `shutdown` turns true.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let app = router(metrics);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
+}

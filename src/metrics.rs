@@ -1,0 +1,196 @@
+//! Counters and gauges of the daemon, rendered in Prometheus text format.
+//!
+//! Plain atomics in one struct rather than a metrics framework: the set is
+//! small and fixed, and every hot path only pays a relaxed increment.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Everything `/metrics` reports. Shared as `Arc<Metrics>`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub observations_in: AtomicU64,
+    pub observations_stored: AtomicU64,
+    pub rejects: AtomicU64,
+    pub publish_retries: AtomicU64,
+    /// Times a source found the ingest buffer full and had to wait.
+    pub buffer_full: AtomicU64,
+    pub buffer_depth: AtomicU64,
+    pub buffer_capacity: AtomicU64,
+    pub engine_observations: AtomicU64,
+    pub engine_redeliveries: AtomicU64,
+    pub kv_writes: AtomicU64,
+    pub kv_conflicts: AtomicU64,
+    pub transitions: AtomicU64,
+    pub consumer_pending: AtomicU64,
+    pub zones_occupied: AtomicU64,
+    pub zones: AtomicU64,
+    pub nats_connected: AtomicBool,
+    pub nats_reconnects: AtomicU64,
+    pub mqtt_connected: AtomicU64,
+    pub ready: AtomicBool,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set(gauge: &AtomicU64, v: u64) {
+        gauge.store(v, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition format, version 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let flag = |a: &AtomicBool| u64::from(a.load(Ordering::Relaxed));
+        let rows: [(&str, &str, &str, u64); 19] = [
+            (
+                "presenced_observations_received_total",
+                "counter",
+                "Observations received from sources.",
+                get(&self.observations_in),
+            ),
+            (
+                "presenced_observations_stored_total",
+                "counter",
+                "Observations acknowledged by stream SENSORS.",
+                get(&self.observations_stored),
+            ),
+            (
+                "presenced_rejects_total",
+                "counter",
+                "Inputs rejected into stream REJECTED.",
+                get(&self.rejects),
+            ),
+            (
+                "presenced_publish_retries_total",
+                "counter",
+                "JetStream publishes retried after a failure.",
+                get(&self.publish_retries),
+            ),
+            (
+                "presenced_ingest_buffer_full_total",
+                "counter",
+                "Times a source waited because the ingest buffer was full.",
+                get(&self.buffer_full),
+            ),
+            (
+                "presenced_ingest_buffer_depth",
+                "gauge",
+                "Observations waiting in the ingest buffer.",
+                get(&self.buffer_depth),
+            ),
+            (
+                "presenced_ingest_buffer_capacity",
+                "gauge",
+                "Size of the ingest buffer.",
+                get(&self.buffer_capacity),
+            ),
+            (
+                "presenced_engine_observations_total",
+                "counter",
+                "Observations applied by the engine.",
+                get(&self.engine_observations),
+            ),
+            (
+                "presenced_engine_redeliveries_total",
+                "counter",
+                "Redelivered observations skipped as already applied.",
+                get(&self.engine_redeliveries),
+            ),
+            (
+                "presenced_kv_writes_total",
+                "counter",
+                "Compare-and-set writes to KV presence and debounce.",
+                get(&self.kv_writes),
+            ),
+            (
+                "presenced_kv_conflicts_total",
+                "counter",
+                "KV writes refused for a stale revision.",
+                get(&self.kv_conflicts),
+            ),
+            (
+                "presenced_transitions_total",
+                "counter",
+                "Zone state transitions published to EVENTS.",
+                get(&self.transitions),
+            ),
+            (
+                "presenced_consumer_pending",
+                "gauge",
+                "Observations in SENSORS not yet applied by the engine.",
+                get(&self.consumer_pending),
+            ),
+            (
+                "presenced_zones",
+                "gauge",
+                "Zones configured.",
+                get(&self.zones),
+            ),
+            (
+                "presenced_zones_occupied",
+                "gauge",
+                "Zones currently occupied or leaving.",
+                get(&self.zones_occupied),
+            ),
+            (
+                "presenced_nats_connected",
+                "gauge",
+                "1 while connected to the leaf nats-server.",
+                flag(&self.nats_connected),
+            ),
+            (
+                "presenced_nats_reconnects_total",
+                "counter",
+                "Connections to the leaf nats-server after the first.",
+                get(&self.nats_reconnects),
+            ),
+            (
+                "presenced_mqtt_connected",
+                "gauge",
+                "MQTT sources currently connected.",
+                get(&self.mqtt_connected),
+            ),
+            (
+                "presenced_ready",
+                "gauge",
+                "1 once state is rehydrated and the consumer is bound.",
+                flag(&self.ready),
+            ),
+        ];
+        for (name, kind, help, value) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        Metrics::add(&m.observations_in, 3);
+        let text = m.render();
+        assert!(text.contains("# TYPE presenced_observations_received_total counter\npresenced_observations_received_total 3\n"));
+        assert!(text.contains("presenced_ready 0\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let mut parts = line.split(' ');
+            let name = parts.next().unwrap();
+            assert!(name.starts_with("presenced_"), "{line}");
+            assert!(parts.next().unwrap().parse::<u64>().is_ok(), "{line}");
+        }
+    }
+}

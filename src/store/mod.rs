@@ -1,0 +1,8 @@
+//! JetStream plumbing: connecting to the leaf, provisioning streams and
+//! buckets, compare-and-set KV writes and rehydration.
+
+pub mod connect;
+pub mod kv;
+pub mod provision;
+
+pub use connect::{connect, ConnectError};

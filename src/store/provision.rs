@@ -1,0 +1,192 @@
+//! Creates or updates the leaf's streams and buckets, idempotently.
+//!
+//! Services never create what they use (least privilege): this runs as the
+//! admin identity, before the daemons, and running it twice changes nothing.
+
+use crate::naming::{self, Site};
+use async_nats::jetstream::{self, kv, stream};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("nats-server {found} is too old: presenced needs {MIN_SERVER_VERSION} or newer")]
+    ServerTooOld { found: String },
+    #[error("cannot create or update stream {name}: {source}")]
+    Stream {
+        name: String,
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
+    #[error("cannot create or update KV bucket {name}: {source}")]
+    Bucket {
+        name: String,
+        source: async_nats::jetstream::context::CreateKeyValueError,
+    },
+}
+
+/// Oldest nats-server presenced is tested with (JetStream domains over
+/// leaf nodes, KV per-message TTLs, strict JS API).
+pub const MIN_SERVER_VERSION: &str = "2.11.0";
+
+/// Parses `2.15.1` (also `v2.15.1`, `2.12.0-beta.1`) into a comparable triple.
+pub fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
+    let v = v.trim().trim_start_matches('v');
+    let core = v.split(['-', '+']).next()?;
+    let mut it = core.split('.').map(|p| p.parse::<u64>().ok());
+    Some((it.next()??, it.next()??, it.next().flatten().unwrap_or(0)))
+}
+
+/// Refuses servers older than [`MIN_SERVER_VERSION`].
+pub fn check_server_version(found: &str) -> Result<(), ProvisionError> {
+    let min = parse_version(MIN_SERVER_VERSION);
+    match parse_version(found) {
+        Some(v) if Some(v) >= min => Ok(()),
+        _ => Err(ProvisionError::ServerTooOld {
+            found: found.to_owned(),
+        }),
+    }
+}
+
+/// What provisioning did to one stream or bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provisioned {
+    pub kind: &'static str,
+    pub name: String,
+}
+
+/// The stream configs of a site's leaf, from the naming convention.
+pub fn stream_configs(site: &Site) -> Vec<stream::Config> {
+    let base = |name: &str, subjects: String, max_age: Duration, dup: Duration| stream::Config {
+        name: name.to_owned(),
+        subjects: vec![subjects],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        max_age,
+        duplicate_window: dup,
+        num_replicas: 1,
+        allow_direct: true,
+        ..Default::default()
+    };
+    let day = Duration::from_secs(86_400);
+    vec![
+        // Replay source and audit trail of readings; two minutes of
+        // duplicate window cover a daemon restart's MQTT redelivery.
+        base(
+            naming::SENSORS_STREAM,
+            site.sensors_filter(),
+            7 * day,
+            Duration::from_secs(120),
+        ),
+        // Transitions are few; a long window makes a republished
+        // transition after a slow restart still a duplicate.
+        base(
+            naming::EVENTS_STREAM,
+            site.events_filter(),
+            90 * day,
+            Duration::from_secs(3600),
+        ),
+        base(
+            naming::REJECTED_STREAM,
+            site.rejected_filter(),
+            30 * day,
+            Duration::from_secs(120),
+        ),
+        base(
+            naming::AUDIT_STREAM,
+            site.audit_filter(),
+            365 * day,
+            Duration::from_secs(120),
+        ),
+    ]
+}
+
+/// The KV bucket configs of a site's leaf.
+pub fn bucket_configs() -> Vec<kv::Config> {
+    let base = |bucket: &str, history: i64, description: &str| kv::Config {
+        bucket: bucket.to_owned(),
+        description: description.to_owned(),
+        history,
+        storage: stream::StorageType::File,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    vec![
+        base(
+            naming::PRESENCE_BUCKET,
+            5,
+            "presence of each zone; written by the engine",
+        ),
+        base(
+            naming::DEBOUNCE_BUCKET,
+            1,
+            "pending debounce deadline of each zone; written by the engine",
+        ),
+    ]
+}
+
+/// Creates or updates every stream and bucket of the site.
+pub async fn provision(
+    client: &async_nats::Client,
+    site: &Site,
+) -> Result<Vec<Provisioned>, ProvisionError> {
+    check_server_version(&client.server_info().version)?;
+    let js = jetstream::new(client.clone());
+    let mut done = Vec::new();
+    for cfg in stream_configs(site) {
+        let name = cfg.name.clone();
+        js.create_or_update_stream(cfg)
+            .await
+            .map_err(|source| ProvisionError::Stream {
+                name: name.clone(),
+                source,
+            })?;
+        done.push(Provisioned {
+            kind: "stream",
+            name,
+        });
+    }
+    for cfg in bucket_configs() {
+        let name = cfg.bucket.clone();
+        js.create_or_update_key_value(cfg)
+            .await
+            .map_err(|source| ProvisionError::Bucket {
+                name: name.clone(),
+                source,
+            })?;
+        done.push(Provisioned { kind: "kv", name });
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("2.15.1"), Some((2, 15, 1)));
+        assert_eq!(parse_version("v2.11.0-beta.2"), Some((2, 11, 0)));
+        assert!(check_server_version("2.10.22").is_err());
+        assert!(check_server_version("2.11.0").is_ok());
+        assert!(check_server_version("garbage").is_err());
+    }
+
+    #[test]
+    fn stream_subjects_follow_naming() {
+        let site = Site::new("home").unwrap();
+        let s = stream_configs(&site);
+        let subjects: Vec<_> = s
+            .iter()
+            .map(|c| (c.name.as_str(), c.subjects[0].as_str()))
+            .collect();
+        assert_eq!(
+            subjects,
+            vec![
+                ("SENSORS", "sensors.home.>"),
+                ("EVENTS", "events.home.>"),
+                ("REJECTED", "rejected.home.>"),
+                ("AUDIT", "audit.events.home.>"),
+            ]
+        );
+    }
+}
