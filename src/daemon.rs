@@ -44,7 +44,7 @@ async fn termination() {
 pub fn jetstream_context(client: async_nats::Client, config: &Config) -> jetstream::Context {
     jetstream::ContextBuilder::new()
         .timeout(config.nats.request_timeout)
-        .max_ack_inflight(config.ingest.max_in_flight.max(config.engine.batch) * 4)
+        .max_ack_inflight(store::publish::CONTEXT_INFLIGHT)
         .build(client)
 }
 

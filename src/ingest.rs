@@ -133,21 +133,14 @@ async fn store_chunk(js: &jetstream::Context, site: &Site, chunk: &[Item], metri
     let mut delay = Duration::from_millis(50);
     let mut outage_logged = false;
     while !todo.is_empty() {
-        let mut futures = Vec::with_capacity(todo.len());
-        for &i in &todo {
-            let (subject, msg) = message(site, &chunk[i]);
-            futures.push((i, js.send_publish(subject, msg).await));
-        }
+        let messages = todo.iter().map(|&i| message(site, &chunk[i])).collect();
+        let results = crate::store::publish::publish_all(js, messages).await;
         let mut failed = Vec::new();
         let mut last_error = None;
-        for (i, sent) in futures {
-            let result = match sent {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = result {
+        for (&i, r) in todo.iter().zip(results) {
+            if let Err(e) = r {
                 failed.push(i);
-                last_error = Some(e);
+                last_error = Some(e.to_string());
             }
         }
         if failed.is_empty() {

@@ -363,21 +363,16 @@ impl Runner {
         &self,
         transitions: &[Transition],
     ) -> Result<(), async_nats::Error> {
-        let mut acks = Vec::with_capacity(transitions.len());
+        let mut messages = Vec::with_capacity(transitions.len());
         for t in transitions {
             let payload = serde_json::to_vec(t)?;
             let msg = PublishMessage::build()
                 .payload(Bytes::from(payload))
                 .message_id(naming::transition_msg_id(&self.site, &t.zone, t.number));
-            acks.push(
-                self.js
-                    .send_publish(self.site.events_subject(&t.zone), msg)
-                    .await?,
-            );
+            messages.push((self.site.events_subject(&t.zone), msg));
         }
-        for ack in acks {
-            let ack = ack.await?;
-            if !ack.duplicate {
+        for ack in crate::store::publish::publish_all(&self.js, messages).await {
+            if !ack?.duplicate {
                 Metrics::inc(&self.metrics.transitions);
             }
         }

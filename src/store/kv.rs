@@ -6,7 +6,7 @@
 //! trip each) lets a batch of writes share one round trip.
 
 use crate::naming;
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv::Operation;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, kv};
@@ -50,48 +50,37 @@ pub struct CasResult {
     pub result: Result<u64, KvError>,
 }
 
-/// Sends every write of the batch before awaiting any ack, then collects the
-/// new revisions in order.
+/// Sends the batch pipelined (see [`super::publish`]) and returns the new
+/// revision of each key, in input order.
 pub async fn write_batch(
     js: &jetstream::Context,
     bucket: &str,
     writes: Vec<CasWrite>,
 ) -> Vec<CasResult> {
-    let mut pending: Vec<(String, Result<PublishAckFuture, KvError>)> =
-        Vec::with_capacity(writes.len());
-    for w in writes {
-        let subject = naming::kv_subject(bucket, &w.key);
-        let mut msg = PublishMessage::build().expected_last_subject_sequence(w.expected);
-        msg = match w.value {
-            Some(v) => msg.payload(v),
-            None => msg.header("KV-Operation", "DEL"),
-        };
-        let sent = js
-            .send_publish(subject, msg)
-            .await
-            .map_err(|source| KvError::Write {
+    let keys: Vec<String> = writes.iter().map(|w| w.key.clone()).collect();
+    let messages: Vec<_> = writes
+        .into_iter()
+        .map(|w| {
+            let msg = PublishMessage::build().expected_last_subject_sequence(w.expected);
+            let msg = match w.value {
+                Some(v) => msg.payload(v),
+                None => msg.header("KV-Operation", "DEL"),
+            };
+            (naming::kv_subject(bucket, &w.key), msg)
+        })
+        .collect();
+    let results = super::publish::publish_all(js, messages).await;
+    keys.into_iter()
+        .zip(results)
+        .map(|(key, r)| CasResult {
+            result: r.map(|ack| ack.sequence).map_err(|source| KvError::Write {
                 bucket: bucket.to_owned(),
-                key: w.key.clone(),
+                key: key.clone(),
                 source,
-            });
-        pending.push((w.key, sent));
-    }
-    let mut out = Vec::with_capacity(pending.len());
-    for (key, sent) in pending {
-        let result = match sent {
-            Ok(fut) => fut
-                .await
-                .map(|ack| ack.sequence)
-                .map_err(|source| KvError::Write {
-                    bucket: bucket.to_owned(),
-                    key: key.clone(),
-                    source,
-                }),
-            Err(e) => Err(e),
-        };
-        out.push(CasResult { key, result });
-    }
-    out
+            }),
+            key,
+        })
+        .collect()
 }
 
 /// A key's current value and revision. A deleted key keeps its revision

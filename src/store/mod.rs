@@ -4,5 +4,6 @@
 pub mod connect;
 pub mod kv;
 pub mod provision;
+pub mod publish;
 
 pub use connect::{connect, ConnectError};

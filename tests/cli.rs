@@ -1,0 +1,140 @@
+//! The command line: config checking, provisioning, get and watch.
+
+mod common;
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+fn presenced(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_presenced")).args(args).output().expect("run presenced")
+}
+
+#[test]
+fn check_config_reports_every_problem_with_its_field_path_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"site = "Bad Site"
+[mqtt.main]
+[[mqtt.main.topics]]
+filter = "a/#/b"
+sensor = "x"
+[zones.kitchen]
+occupied_above = 0.2
+vacant_below = 0.5
+[[zones.kitchen.evidence]]
+sensor = "x"
+p_true = 0.9
+p_false = 0.1
+[[zones.kitchen.evidence]]
+sensor = "x"
+p_true = 0.5
+p_false = 0.1
+[[zones.kitchen.evidence]]
+sensor = "x"
+p_true = 1.3
+p_false = 0.1
+"#,
+    )
+    .unwrap();
+    let out = presenced(&["check-config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "site:",
+        "mqtt.main.topics[0].filter:",
+        "zones.kitchen.vacant_below:",
+        "zones.kitchen.evidence[2].p_true: must be strictly between 0 and 1, got 1.3",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn check_config_names_an_unknown_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.toml");
+    std::fs::write(&path, "site = \"home\"\n[nats]\nurll = \"nats://127.0.0.1:4222\"\n").unwrap();
+    let out = presenced(&["check-config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("urll"), "{err}");
+}
+
+#[test]
+fn shipped_examples_pass_check_config() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = presenced(&["check-config", path.to_str().unwrap()]);
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "examples exist");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_is_idempotent_and_get_and_watch_show_state() {
+    let nats = support::NatsServer::start(support::NatsOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        common::daemon_config("cli", &nats.url(), 1, 0, &common::motion_mapping(false), "[zones.hall]\n[[zones.hall.evidence]]\nsensor = \"pir\"\np_true = 0.9\np_false = 0.1\n"),
+    )
+    .unwrap();
+    common::provision(&path);
+    let js = common::jetstream(&nats.url()).await;
+    let before = common::sensors_config(&js).await;
+    common::provision(&path);
+    let after = common::sensors_config(&js).await;
+    assert_eq!(before, after, "second provision changes nothing");
+    assert_eq!(after.subjects, vec!["sensors.cli.>".to_string()]);
+
+    let missing = presenced(&["get", "--config", path.to_str().unwrap(), "hall"]);
+    assert!(!missing.status.success(), "no state yet is an error");
+
+    let kv = js.get_key_value("presence").await.unwrap();
+    let state = presenced::engine::ZoneState {
+        v: 1,
+        zone: "hall".into(),
+        state: presenced::engine::Presence::Occupied,
+        since: presenced::time::Timestamp(1_800_000_000_000),
+        confidence: 0.9,
+        clock: presenced::time::Timestamp(1_800_000_000_000),
+        last_seq: 1,
+        transitions: 2,
+        pending: None,
+        evidence: vec![],
+    };
+    kv.put("hall", serde_json::to_vec(&state).unwrap().into()).await.unwrap();
+    let got = presenced(&["get", "--config", path.to_str().unwrap(), "hall", "--json"]);
+    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(v["key"], "hall");
+    assert_eq!(v["value"]["state"], "occupied");
+
+    let mut watch = tokio::process::Command::new(env!("CARGO_BIN_EXE_presenced"))
+        .args(["watch", "--config", path.to_str().unwrap(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(watch.stdout.take().unwrap()));
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap().unwrap();
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["value"]["state"], "occupied", "snapshot first");
+    let rev = first["revision"].as_u64().unwrap();
+    let mut vacant = state.clone();
+    vacant.state = presenced::engine::Presence::Vacant;
+    kv.put("hall", serde_json::to_vec(&vacant).unwrap().into()).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap().unwrap();
+    let next: serde_json::Value = serde_json::from_str(&next).unwrap();
+    assert_eq!(next["value"]["state"], "vacant", "then the delta");
+    assert!(next["revision"].as_u64().unwrap() > rev);
+}
