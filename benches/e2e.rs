@@ -193,8 +193,7 @@ async fn main() {
     let cfg = daemon_config("bench", &nats.url(), 1, http_port, &motion_mapping(true), &zones_toml(10_000));
     let mut d = Daemon::start(&cfg, &[("RUST_LOG", "info")]);
     d.wait_healthy(http, Duration::from_secs(60));
-    d.kill9();
-    let d = Daemon::start_at(&d.config_path, &[("RUST_LOG", "info")]);
+    d.restart();
     d.wait_healthy(http, Duration::from_secs(60));
     let log = d.log();
     let line = log.lines().rev().find(|l| l.contains("state rehydrated")).unwrap_or("");

@@ -42,10 +42,9 @@ fn start(site: &Site) -> Daemon {
     daemon
 }
 
-fn restart(site: &Site, old: &Daemon) -> Daemon {
-    let d = Daemon::start_at(&old.config_path, &[]);
+fn restart(site: &Site, d: &mut Daemon) {
+    d.restart();
     d.wait_healthy(site.http, Duration::from_secs(20));
-    d
 }
 
 fn pairs(ts: &[Transition], zone: &str) -> Vec<(Presence, Presence)> {
@@ -144,7 +143,7 @@ p_false = 0.05
     }
     assert_eq!(zone(&js, "office").await.unwrap().state, Presence::Leaving, "nothing fires while down");
     let restarted_at = now_ms();
-    let _d2 = restart(&s, &d);
+    restart(&s, &mut d);
     eventually("office vacant after restart", Duration::from_secs(5), || async {
         zone(&js, "office").await.is_some_and(|z| z.state == Presence::Vacant)
     })
@@ -230,7 +229,7 @@ async fn burst_run(base_ms: i64, kills: usize) -> Outcome {
     for _ in 0..kills {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(150..700))).await;
         d.kill9();
-        d = restart(&s, &d);
+        restart(&s, &mut d);
     }
     publisher.await.unwrap();
     eventually("all 5000 observations applied", Duration::from_secs(60), || async {

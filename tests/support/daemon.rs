@@ -129,6 +129,11 @@ impl Daemon {
         self.spawn();
     }
 
+    /// The daemon's process id (for /proc readings in benchmarks).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// Whether the process is alive (false once it exited by itself).
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
