@@ -416,11 +416,44 @@ fn parse_message(text: &str, error: &toml::de::Error) -> String {
         .and_then(|rest| rest.lines().next())
         .unwrap_or("")
         .trim_end();
+    let key = value_key(before, content, column)
+        .map(|k| format!("`{k}`: "))
+        .unwrap_or_default();
     if content.is_empty() {
-        format!("line {line}, column {column}: {message}")
+        format!("line {line}, column {column}: {key}{message}")
     } else {
-        format!("line {line}, column {column}: {message}\n    {line} | {content}")
+        format!("line {line}, column {column}: {key}{message}\n    {line} | {content}")
     }
+}
+
+/// The dotted key whose value an error points at (`nats.connect_timeout`),
+/// when the error is in the value part of a `key = value` line: toml names
+/// unknown and missing keys itself, but not the key of a bad value.
+fn value_key(before: &str, content: &str, column: usize) -> Option<String> {
+    let eq = content.find('=')?;
+    if column <= content.get(..eq)?.chars().count() + 1 {
+        return None;
+    }
+    let key = content.get(..eq)?.trim();
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|h| {
+            h.trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+        });
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -690,14 +723,16 @@ stale_after = "1m"
     #[test]
     fn bad_duration_is_rejected() {
         let msg = parse_error("site = \"home\"\n[nats]\nconnect_timeout = \"5 parsecs\"\n");
-        assert!(msg.starts_with("line 3, column"), "{msg}");
-        assert!(msg.contains("connect_timeout"), "{msg}");
+        assert!(
+            msg.starts_with("line 3, column 19: `nats.connect_timeout`: invalid value"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn wrong_type_and_syntax_errors_are_parse_errors() {
         let msg = parse_error("site = 5\n");
-        assert!(msg.starts_with("line 1, column 8:"), "{msg}");
+        assert!(msg.starts_with("line 1, column 8: `site`:"), "{msg}");
         assert!(msg.contains("invalid type"), "{msg}");
         let msg = parse_error("site = \"home\"\n[zones\n");
         assert!(msg.starts_with("line 2,"), "{msg}");
