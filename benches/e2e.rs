@@ -39,8 +39,14 @@ fn proc_usage(pid: u32) -> (u64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after_comm = stat.rsplit(')').next().unwrap_or("");
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let ticks: u64 = fields
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     (rss, ticks as f64 / hz)
@@ -55,7 +61,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 async fn raw_kv(js: &jetstream::Context) -> (f64, f64, f64) {
     let store = js
-        .create_key_value(kv::Config { bucket: "bench".into(), history: 1, ..Default::default() })
+        .create_key_value(kv::Config {
+            bucket: "bench".into(),
+            history: 1,
+            ..Default::default()
+        })
         .await
         .expect("bench bucket");
     // Pipelined: the same windowed publisher the daemon uses.
@@ -64,7 +74,8 @@ async fn raw_kv(js: &jetstream::Context) -> (f64, f64, f64) {
         .map(|i| {
             (
                 format!("$KV.bench.k{}", i % 10_000),
-                jetstream::message::PublishMessage::build().payload(format!("{{\"v\":{i}}}").into()),
+                jetstream::message::PublishMessage::build()
+                    .payload(format!("{{\"v\":{i}}}").into()),
             )
         })
         .collect();
@@ -94,12 +105,22 @@ async fn main() {
 
     println!("presenced end-to-end benchmark (nats-server and Mosquitto on this host)\n");
     let (raw_pipelined, raw_serial, raw_p99) = raw_kv(&js).await;
-    println!("raw   KV put, pipelined (window {}):  {raw_pipelined:>9.0} /s", presenced::store::publish::WINDOW);
+    println!(
+        "raw   KV put, pipelined (window {}):  {raw_pipelined:>9.0} /s",
+        presenced::store::publish::WINDOW
+    );
     println!("raw   KV put, one at a time:          {raw_serial:>9.0} /s   p99 {raw_p99:.2} ms");
 
     let http_port = support::free_port();
     let http = SocketAddr::from(([127, 0, 0, 1], http_port));
-    let cfg = daemon_config("bench", &nats.url(), mqtt.port, http_port, &motion_mapping(true), &zones_toml(zones));
+    let cfg = daemon_config(
+        "bench",
+        &nats.url(),
+        mqtt.port,
+        http_port,
+        &motion_mapping(true),
+        &zones_toml(zones),
+    );
     let daemon = Daemon::start(&cfg, &[("RUST_LOG", "warn")]);
     provision(&daemon.config_path);
     daemon.wait_healthy(http, Duration::from_secs(30));
@@ -119,7 +140,15 @@ async fn main() {
     let t = Instant::now();
     for i in 0..n {
         let z = i as usize % zones;
-        p.publish(&format!("test/s{z:05}"), format!(r#"{{"occupancy":{},"ts":{}}}"#, (i / zones as i64) % 2 == 0, base + i)).await;
+        p.publish(
+            &format!("test/s{z:05}"),
+            format!(
+                r#"{{"occupancy":{},"ts":{}}}"#,
+                (i / zones as i64) % 2 == 0,
+                base + i
+            ),
+        )
+        .await;
     }
     p.flush(Duration::from_secs(300)).await;
     let mqtt_rate = n as f64 / t.elapsed().as_secs_f64();
@@ -131,14 +160,19 @@ async fn main() {
         if engine_caught_up(&js, total).await {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(600), "daemon did not catch up");
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "daemon did not catch up"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = t.elapsed().as_secs_f64();
     let (_, cpu_b) = proc_usage(pid);
     let e2e = n as f64 / elapsed;
     let load_cpu = (cpu_b - cpu_a) / elapsed * 100.0;
-    println!("mqtt  QoS 1 publish into Mosquitto:   {mqtt_rate:>9.0} /s   (publisher side, same run)");
+    println!(
+        "mqtt  QoS 1 publish into Mosquitto:   {mqtt_rate:>9.0} /s   (publisher side, same run)"
+    );
     println!(
         "e2e   MQTT in → presence KV written:   {e2e:>9.0} /s   = {:.0}% of raw pipelined KV put  ({n} readings, {zones} zones)",
         e2e / raw_pipelined * 100.0
@@ -147,7 +181,8 @@ async fn main() {
     // (c) latency at a moderate fixed rate: 1,000/s over 100 zones.
     let kvp = js.get_key_value("presence").await.unwrap();
     let mut watch = kvp.watch_all().await.unwrap();
-    let sent: std::sync::Arc<std::sync::Mutex<HashMap<(String, i64), Instant>>> = Default::default();
+    let sent: std::sync::Arc<std::sync::Mutex<HashMap<(String, i64), Instant>>> =
+        Default::default();
     let sent2 = sent.clone();
     let rate_n = 10_000i64;
     let base2 = base + n + 1000;
@@ -158,8 +193,15 @@ async fn main() {
             tick.tick().await;
             let z = (i % 100) as usize;
             let ts = base2 + i;
-            sent2.lock().unwrap().insert((format!("z{z:05}"), ts), Instant::now());
-            p.publish(&format!("test/s{z:05}"), format!(r#"{{"occupancy":{},"ts":{ts}}}"#, i % 7 < 3)).await;
+            sent2
+                .lock()
+                .unwrap()
+                .insert((format!("z{z:05}"), ts), Instant::now());
+            p.publish(
+                &format!("test/s{z:05}"),
+                format!(r#"{{"occupancy":{},"ts":{ts}}}"#, i % 7 < 3),
+            )
+            .await;
         }
         p.flush(Duration::from_secs(30)).await;
         mqtt
@@ -167,10 +209,17 @@ async fn main() {
     let mut lat = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(40);
     while Instant::now() < deadline && (lat.len() as i64) < rate_n {
-        let Ok(Some(Ok(entry))) = tokio::time::timeout(Duration::from_secs(3), watch.next()).await else { break };
+        let Ok(Some(Ok(entry))) = tokio::time::timeout(Duration::from_secs(3), watch.next()).await
+        else {
+            break;
+        };
         let seen = Instant::now();
-        let Ok(z) = serde_json::from_slice::<ZoneState>(&entry.value) else { continue };
-        let Some(at) = z.evidence.first().and_then(|e| e.observed_at) else { continue };
+        let Ok(z) = serde_json::from_slice::<ZoneState>(&entry.value) else {
+            continue;
+        };
+        let Some(at) = z.evidence.first().and_then(|e| e.observed_at) else {
+            continue;
+        };
         if let Some(s) = sent.lock().unwrap().get(&(entry.key.clone(), at.0)) {
             lat.push(seen.duration_since(*s).as_secs_f64() * 1000.0);
         }
@@ -184,19 +233,34 @@ async fn main() {
         lat.len()
     );
     println!("cpu   daemon idle {idle_cpu:.1}%  under saturation {load_cpu:.0}% (of one core)");
-    println!("rss   daemon idle {:.1} MB  under saturation {:.1} MB  ({zones} zones)", rss_idle as f64 / 1024.0, rss_load as f64 / 1024.0);
+    println!(
+        "rss   daemon idle {:.1} MB  under saturation {:.1} MB  ({zones} zones)",
+        rss_idle as f64 / 1024.0,
+        rss_load as f64 / 1024.0
+    );
     drop(daemon);
 
     // (e) rehydration of 10,000 zones, and memory with them.
     let http_port = support::free_port();
     let http = SocketAddr::from(([127, 0, 0, 1], http_port));
-    let cfg = daemon_config("bench", &nats.url(), 1, http_port, &motion_mapping(true), &zones_toml(10_000));
+    let cfg = daemon_config(
+        "bench",
+        &nats.url(),
+        1,
+        http_port,
+        &motion_mapping(true),
+        &zones_toml(10_000),
+    );
     let mut d = Daemon::start(&cfg, &[("RUST_LOG", "info")]);
     d.wait_healthy(http, Duration::from_secs(60));
     d.restart();
     d.wait_healthy(http, Duration::from_secs(60));
     let log = d.log();
-    let line = log.lines().rev().find(|l| l.contains("state rehydrated")).unwrap_or("");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("state rehydrated"))
+        .unwrap_or("");
     let ms: f64 = line
         .split("elapsed_ms=")
         .nth(1)
@@ -206,5 +270,8 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rss10k, _) = proc_usage(d.pid());
     println!("rehyd 10,000 zones from KV:           {ms:>9.0} ms");
-    println!("rss   daemon idle with 10,000 zones:  {:>9.1} MB", rss10k as f64 / 1024.0);
+    println!(
+        "rss   daemon idle with 10,000 zones:  {:>9.1} MB",
+        rss10k as f64 / 1024.0
+    );
 }

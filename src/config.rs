@@ -8,8 +8,10 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+mod validate;
 
 /// Top level of `presenced.toml`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -358,7 +360,803 @@ pub enum ConfigError {
 }
 
 impl Config {
-    pub fn load_valid(_path: &std::path::Path) -> Result<Config, ConfigError> {
-        unimplemented!()
+    /// Parses a config without checking its meaning; `path` only labels
+    /// errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: parse_message(text, &e),
+        })
+    }
+
+    /// Reads and parses a config file, without checking its meaning.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Reads, parses and validates a config file: what the daemon and
+    /// `check-config` use, so a file either works or says everything that
+    /// is wrong with it.
+    pub fn load_valid(path: &Path) -> Result<Config, ConfigError> {
+        let config = Config::load(path)?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Every problem of meaning in this config, in config order; empty
+    /// when it can be used.
+    pub fn validate(&self) -> Vec<ConfigProblem> {
+        validate::all(self)
+    }
+}
+
+/// Turns toml's multi-line, caret-drawing error into one line with the
+/// position and message, plus the offending line: short enough for a
+/// journal entry, still enough to find the spot.
+fn parse_message(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    let Some(span) = error.span() else {
+        return message;
+    };
+    let start = span.start.min(text.len());
+    let before = text.get(..start).unwrap_or("");
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = text
+        .get(line_start..start)
+        .map_or(1, |s| s.chars().count() + 1);
+    let content = text
+        .get(line_start..)
+        .and_then(|rest| rest.lines().next())
+        .unwrap_or("")
+        .trim_end();
+    let key = value_key(before, content, column)
+        .map(|k| format!("`{k}`: "))
+        .unwrap_or_default();
+    if content.is_empty() {
+        format!("line {line}, column {column}: {key}{message}")
+    } else {
+        format!("line {line}, column {column}: {key}{message}\n    {line} | {content}")
+    }
+}
+
+/// The dotted key whose value an error points at (`nats.connect_timeout`),
+/// when the error is in the value part of a `key = value` line: toml names
+/// unknown and missing keys itself, but not the key of a bad value.
+fn value_key(before: &str, content: &str, column: usize) -> Option<String> {
+    let eq = content.find('=')?;
+    if column <= content.get(..eq)?.chars().count() + 1 {
+        return None;
+    }
+    let key = content.get(..eq)?.trim();
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|h| {
+            h.trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+        });
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::from_toml(text, Path::new("test.toml")).unwrap()
+    }
+
+    fn paths(text: &str) -> Vec<String> {
+        parse(text).validate().into_iter().map(|p| p.path).collect()
+    }
+
+    /// Problems at `path`, so a test can check the reason too.
+    fn reasons_at(text: &str, path: &str) -> Vec<String> {
+        parse(text)
+            .validate()
+            .into_iter()
+            .filter(|p| p.path == path)
+            .map(|p| p.reason)
+            .collect()
+    }
+
+    /// A config with every section set, all of it valid.
+    const FULL: &str = r#"
+site = "home-1"
+
+[log]
+level = "presenced=debug,info"
+
+[nats]
+url = "nats://127.0.0.1:4222"
+connect_timeout = "3s"
+request_timeout = "2s"
+
+[http]
+enabled = true
+listen = "127.0.0.1:9464"
+
+[ingest]
+buffer = 1000
+max_in_flight = 64
+strict_topics = true
+reject_log_every = "30s"
+
+[engine]
+batch = 500
+drain_timeout = "5s"
+
+[mqtt.main]
+host = "127.0.0.1"
+port = 1883
+client_id = "presenced-home-1-main"
+username = "presenced"
+password_file = "/run/credentials/presenced.service/mqtt"
+keep_alive = "30s"
+reconnect_max = "1m"
+
+[[mqtt.main.topics]]
+filter = "home/+/motion"
+sensor = "{1}_motion"
+value = "/occupancy"
+timestamp = "/ts"
+
+[[mqtt.main.topics]]
+filter = "espresense/rooms/#"
+sensor = "desk_distance"
+value = "distance"
+
+[[mqtt.main.topics]]
+filter = "home/hall/pir"
+sensor = "hall_pir"
+
+[mqtt.main.zigbee2mqtt]
+base_topic = "z2m"
+
+[[mqtt.main.zigbee2mqtt.devices]]
+device = "door_contact"
+kind = "contact"
+
+[[mqtt.main.zigbee2mqtt.devices]]
+device = "Office/Lux"
+kind = "illuminance"
+sensor = "office_lux"
+
+[zones.hall]
+prior = 0.05
+occupied_above = 0.6
+vacant_below = 0.2
+arrive_after = "0s"
+leave_after = "1m"
+
+[[zones.hall.evidence]]
+sensor = "hall_motion"
+p_true = 0.9
+p_false = 0.05
+hold = "30s"
+stale_after = "1h"
+
+[[zones.hall.evidence]]
+sensor = "hall_pir"
+p_true = 0.8
+p_false = 0.1
+
+[[zones.hall.evidence]]
+sensor = "door_contact"
+p_true = 0.3
+p_false = 0.6
+
+[zones.office]
+
+[[zones.office.evidence]]
+sensor = "office_lux"
+p_true = 0.6
+p_false = 0.1
+above = 100.0
+stale_after = "30m"
+
+[[zones.office.evidence]]
+sensor = "desk_distance"
+p_true = 0.8
+p_false = 0.1
+above = 0.2
+below = 1.5
+"#;
+
+    #[test]
+    fn full_config_is_valid() {
+        let c = parse(FULL);
+        assert_eq!(c.validate(), vec![]);
+        assert_eq!(c.mqtt["main"].topics.len(), 3);
+        assert_eq!(c.zones["office"].prior, 0.1, "default prior applies");
+        assert_eq!(c.nats.request_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+site = "Home_1"
+[log]
+level = "=="
+[nats]
+url = "http://x"
+connect_timeout = "0s"
+[ingest]
+buffer = 0
+max_in_flight = 0
+[engine]
+batch = 0
+[mqtt."bad.name"]
+port = 0
+keep_alive = "500ms"
+reconnect_max = "0s"
+client_id = ""
+[[mqtt."bad.name".topics]]
+filter = "a/#/b"
+sensor = "x"
+[[mqtt."bad.name".topics]]
+filter = "a/+"
+sensor = "{2}_m"
+value = ""
+timestamp = "two words"
+[[mqtt."bad.name".topics]]
+filter = "b"
+sensor = "x"
+[zones.kitchen]
+prior = 0
+occupied_above = 0.3
+vacant_below = 0.5
+evidence = []
+[zones.office]
+[[zones.office.evidence]]
+sensor = "x"
+p_true = 1.3
+p_false = 0.5
+[[zones.office.evidence]]
+sensor = "nobody"
+p_true = 0.5
+p_false = 0.5
+hold = "0s"
+[[zones.office.evidence]]
+sensor = "x"
+p_true = 0.9
+p_false = 0.1
+above = 5.0
+below = 1.0
+hold = "2m"
+stale_after = "1m"
+"#;
+        assert_eq!(
+            paths(text),
+            vec![
+                "site",
+                "log.level",
+                "nats.url",
+                "nats.connect_timeout",
+                "ingest.buffer",
+                "ingest.max_in_flight",
+                "engine.batch",
+                "mqtt.bad.name",
+                "mqtt.bad.name.port",
+                "mqtt.bad.name.client_id",
+                "mqtt.bad.name.keep_alive",
+                "mqtt.bad.name.reconnect_max",
+                "mqtt.bad.name.topics[0].filter",
+                "mqtt.bad.name.topics[1].sensor",
+                "mqtt.bad.name.topics[1].value",
+                "mqtt.bad.name.topics[1].timestamp",
+                "mqtt.bad.name.topics[2].sensor",
+                "zones.kitchen.prior",
+                "zones.kitchen.vacant_below",
+                "zones.kitchen.evidence",
+                "zones.office.evidence[0].p_true",
+                "zones.office.evidence[1].sensor",
+                "zones.office.evidence[1].p_false",
+                "zones.office.evidence[1].hold",
+                "zones.office.evidence[2].below",
+                "zones.office.evidence[2].stale_after",
+            ]
+        );
+    }
+
+    #[test]
+    fn load_valid_gathers_all_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, "site = \"Bad\"\n[engine]\nbatch = 0\n").unwrap();
+        match Config::load_valid(&file) {
+            Err(ConfigError::Invalid { path, problems }) => {
+                assert_eq!(path, file);
+                let got: Vec<_> = problems.iter().map(|p| p.path.as_str()).collect();
+                assert_eq!(got, ["site", "engine.batch"]);
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn load_reports_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("absent.toml");
+        let err = Config::load(&file).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("absent.toml"), "{err}");
+    }
+
+    fn parse_error(text: &str) -> String {
+        match Config::from_toml(text, Path::new("p.toml")) {
+            Err(ConfigError::Parse { message, .. }) => message,
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let msg = parse_error("site = \"home\"\n[nats]\nurll = \"nats://x:1\"\n");
+        assert!(msg.starts_with("line 3, column 1:"), "{msg}");
+        assert!(msg.contains("unknown field `urll`"), "{msg}");
+        assert!(
+            msg.contains("urll = \"nats://x:1\""),
+            "shows the line: {msg}"
+        );
+        assert!(msg.lines().count() <= 3, "stays short: {msg}");
+    }
+
+    #[test]
+    fn bad_duration_is_rejected() {
+        let msg = parse_error("site = \"home\"\n[nats]\nconnect_timeout = \"5 parsecs\"\n");
+        assert!(
+            msg.starts_with("line 3, column 19: `nats.connect_timeout`: invalid value"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_and_syntax_errors_are_parse_errors() {
+        let msg = parse_error("site = 5\n");
+        assert!(msg.starts_with("line 1, column 8: `site`:"), "{msg}");
+        assert!(msg.contains("invalid type"), "{msg}");
+        let msg = parse_error("site = \"home\"\n[zones\n");
+        assert!(msg.starts_with("line 2,"), "{msg}");
+        let err = Config::from_toml("site = 5\n", Path::new("p.toml")).unwrap_err();
+        assert!(err.to_string().starts_with("p.toml: line 1"), "{err}");
+    }
+
+    /// A valid config with one MQTT source producing `s1` and `s2`, a zone
+    /// `z` with one rule on `s1`, and `extra` spliced in at the end.
+    fn base(extra: &str) -> String {
+        format!(
+            r#"
+site = "home"
+[mqtt.m]
+[[mqtt.m.topics]]
+filter = "t/1"
+sensor = "s1"
+[[mqtt.m.topics]]
+filter = "t/2"
+sensor = "s2"
+[zones.z]
+[[zones.z.evidence]]
+sensor = "s1"
+p_true = 0.9
+p_false = 0.1
+{extra}"#
+        )
+    }
+
+    #[test]
+    fn base_is_valid() {
+        assert_eq!(paths(&base("")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn site_must_be_a_site_id() {
+        for bad in ["", "Home", "a_b", "a.b", &"a".repeat(33)] {
+            let text = base("").replace("site = \"home\"", &format!("site = {bad:?}"));
+            assert_eq!(paths(&text), ["site"], "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn zone_and_source_names_must_be_tokens() {
+        let text = base("")
+            .replace("[zones.z]", "[zones.\"Z z\"]")
+            .replace("zones.z.", "zones.\"Z z\".");
+        let r = reasons_at(&text, "zones.Z z");
+        assert_eq!(r.len(), 1);
+        assert!(r[0].contains("[a-z0-9_-]"), "explains the form: {}", r[0]);
+        let text = base("").replace("mqtt.m", "mqtt.M");
+        assert_eq!(paths(&text), ["mqtt.M"]);
+    }
+
+    #[test]
+    fn probabilities_must_be_inside_zero_and_one() {
+        for (field, v) in [
+            ("prior", "0.0"),
+            ("prior", "1.0"),
+            ("occupied_above", "nan"),
+            ("vacant_below", "-0.1"),
+        ] {
+            let text = base("").replace("[zones.z]", &format!("[zones.z]\n{field} = {v}"));
+            assert!(
+                paths(&text).contains(&format!("zones.z.{field}")),
+                "{field} = {v}"
+            );
+        }
+        let text = base("").replace("p_true = 0.9", "p_true = 1.3");
+        assert_eq!(
+            reasons_at(&text, "zones.z.evidence[0].p_true"),
+            ["must be strictly between 0 and 1, got 1.3"]
+        );
+        let text = base("").replace("p_false = 0.1", "p_false = inf");
+        assert_eq!(paths(&text), ["zones.z.evidence[0].p_false"]);
+    }
+
+    #[test]
+    fn thresholds_need_a_gap() {
+        let text = base("").replace(
+            "[zones.z]",
+            "[zones.z]\noccupied_above = 0.5\nvacant_below = 0.5",
+        );
+        assert_eq!(paths(&text), ["zones.z.vacant_below"]);
+    }
+
+    #[test]
+    fn equal_likelihoods_say_nothing() {
+        let text = base("").replace("p_false = 0.1", "p_false = 0.9");
+        let r = reasons_at(&text, "zones.z.evidence[0].p_false");
+        assert_eq!(r.len(), 1);
+        assert!(r[0].contains("equals p_true"), "{}", r[0]);
+    }
+
+    #[test]
+    fn zone_needs_evidence() {
+        let text = "site = \"home\"\n[mqtt.m]\n[[mqtt.m.topics]]\nfilter = \"a\"\nsensor = \"a\"\n[zones.z]\nevidence = []\n";
+        assert_eq!(paths(text), ["zones.z.evidence"]);
+    }
+
+    fn rule(extra: &str) -> String {
+        base("").replace("p_false = 0.1", &format!("p_false = 0.1\n{extra}"))
+    }
+
+    #[test]
+    fn bounds_must_be_finite_and_ordered() {
+        assert_eq!(paths(&rule("above = nan")), ["zones.z.evidence[0].above"]);
+        assert_eq!(paths(&rule("below = -inf")), ["zones.z.evidence[0].below"]);
+        assert_eq!(
+            paths(&rule("above = 2.0\nbelow = 1.0")),
+            ["zones.z.evidence[0].below"]
+        );
+        assert_eq!(
+            paths(&rule("above = 1.0\nbelow = 1.0")),
+            ["zones.z.evidence[0].below"]
+        );
+        assert_eq!(
+            paths(&rule("above = 1.0\nbelow = 2.0")),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn hold_and_stale_after() {
+        assert_eq!(paths(&rule("hold = \"0s\"")), ["zones.z.evidence[0].hold"]);
+        assert_eq!(
+            paths(&rule("stale_after = \"0s\"")),
+            ["zones.z.evidence[0].stale_after"]
+        );
+        let r = reasons_at(
+            &rule("hold = \"2m\"\nstale_after = \"1m\""),
+            "zones.z.evidence[0].stale_after",
+        );
+        assert_eq!(r.len(), 1);
+        assert!(r[0].contains("shorter than hold (2m)"), "{}", r[0]);
+        assert_eq!(
+            paths(&rule("hold = \"1m\"\nstale_after = \"1m\"")),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn evidence_sensor_must_be_produced() {
+        let text = base("").replace("sensor = \"s1\"\np_true", "sensor = \"s3\"\np_true");
+        let r = reasons_at(&text, "zones.z.evidence[0].sensor");
+        assert_eq!(r.len(), 1);
+        assert!(
+            r[0].contains("no source produces sensor \"s3\""),
+            "{}",
+            r[0]
+        );
+
+        let text = "site = \"home\"\n[zones.z]\n[[zones.z.evidence]]\nsensor = \"s\"\np_true = 0.9\np_false = 0.1\n";
+        let r = reasons_at(text, "zones.z.evidence[0].sensor");
+        assert_eq!(r.len(), 1);
+        assert!(r[0].contains("no source is configured"), "{}", r[0]);
+
+        let bad = rule("").replace("sensor = \"s1\"\np_true", "sensor = \"S 1\"\np_true");
+        assert_eq!(paths(&bad), ["zones.z.evidence[0].sensor"]);
+    }
+
+    #[test]
+    fn templates_produce_sensors_of_their_shape() {
+        let with_template = |sensor: &str| {
+            base("")
+                .replace(
+                    "filter = \"t/2\"\nsensor = \"s2\"",
+                    "filter = \"r/+/m\"\nsensor = \"{1}_motion\"",
+                )
+                .replace(
+                    "sensor = \"s1\"\np_true",
+                    &format!("sensor = {sensor:?}\np_true"),
+                )
+        };
+        assert_eq!(paths(&with_template("hall_motion")), Vec::<String>::new());
+        assert_eq!(
+            paths(&with_template("hall_temp")),
+            ["zones.z.evidence[0].sensor"]
+        );
+    }
+
+    #[test]
+    fn zigbee2mqtt_devices_produce_sensors() {
+        let z2m = |devices: &str| {
+            format!(
+                "site = \"home\"\n[mqtt.z.zigbee2mqtt]\n{devices}\n[zones.z]\n[[zones.z.evidence]]\nsensor = \"pir\"\np_true = 0.9\np_false = 0.1\n"
+            )
+        };
+        let dev = |device: &str, sensor: Option<&str>| {
+            let s = sensor
+                .map(|s| format!("sensor = {s:?}\n"))
+                .unwrap_or_default();
+            format!(
+                "[[mqtt.z.zigbee2mqtt.devices]]\ndevice = {device:?}\nkind = \"occupancy\"\n{s}"
+            )
+        };
+        assert_eq!(
+            paths(&z2m(&dev("pir", None))),
+            Vec::<String>::new(),
+            "default id is the name"
+        );
+        assert_eq!(
+            paths(&z2m(&dev("Hall/PIR", Some("pir")))),
+            Vec::<String>::new(),
+            "`/` is allowed"
+        );
+        let r = reasons_at(
+            &z2m(&dev("Hall PIR", None)),
+            "mqtt.z.zigbee2mqtt.devices[0].sensor",
+        );
+        assert_eq!(r.len(), 1);
+        assert!(
+            r[0].contains("set `sensor`") && r[0].contains("hall_pir"),
+            "{}",
+            r[0]
+        );
+        let p = paths(&z2m(&dev("hall/+", Some("pir"))));
+        assert_eq!(p, ["mqtt.z.zigbee2mqtt.devices[0].device"]);
+        assert_eq!(
+            paths(&z2m(&dev("", Some("pir")))),
+            ["mqtt.z.zigbee2mqtt.devices[0].device"]
+        );
+        let p = paths(&z2m(
+            "base_topic = \"z2m/#\"\ndevices = [{ device = \"pir\", kind = \"occupancy\" }]",
+        ));
+        assert_eq!(p, ["mqtt.z.zigbee2mqtt.base_topic"]);
+        let p = paths(&z2m("devices = []"));
+        assert_eq!(
+            p,
+            ["mqtt.z.zigbee2mqtt.devices", "zones.z.evidence[0].sensor"]
+        );
+    }
+
+    #[test]
+    fn a_sensor_has_one_mapping() {
+        let text = base("").replace("sensor = \"s2\"", "sensor = \"s1\"");
+        let r = reasons_at(&text, "mqtt.m.topics[1].sensor");
+        assert_eq!(r.len(), 1);
+        assert!(
+            r[0].contains("already produced by mqtt.m.topics[0].sensor"),
+            "{}",
+            r[0]
+        );
+        // Across sources and presets too.
+        let text =
+            base("[mqtt.n.zigbee2mqtt]\ndevices = [{ device = \"s2\", kind = \"contact\" }]\n");
+        assert_eq!(paths(&text), ["mqtt.n.zigbee2mqtt.devices[0].device"]);
+    }
+
+    #[test]
+    fn mqtt_filters_and_captures() {
+        let filter = |f: &str, sensor: &str| {
+            base("").replace(
+                "filter = \"t/2\"\nsensor = \"s2\"",
+                &format!("filter = {f:?}\nsensor = {sensor:?}"),
+            )
+        };
+        for bad in ["", "a/#/b", "a#", "a/b+"] {
+            assert_eq!(
+                paths(&filter(bad, "s2")),
+                ["mqtt.m.topics[1].filter"],
+                "{bad:?}"
+            );
+        }
+        assert_eq!(paths(&filter("a/+/#", "{1}-{2}")), Vec::<String>::new());
+        let r = reasons_at(&filter("a/+/b", "{2}_x"), "mqtt.m.topics[1].sensor");
+        assert_eq!(r.len(), 1);
+        assert!(r[0].contains("has 1"), "{}", r[0]);
+        assert_eq!(paths(&filter("a/+", "{0}")), ["mqtt.m.topics[1].sensor"]);
+        assert_eq!(paths(&filter("a/+", "{1}.x")), ["mqtt.m.topics[1].sensor"]);
+        assert_eq!(paths(&filter("a/b", "S2")), ["mqtt.m.topics[1].sensor"]);
+    }
+
+    #[test]
+    fn value_and_timestamp_locators() {
+        let loc = |field: &str, v: &str| {
+            base("").replace(
+                "sensor = \"s2\"",
+                &format!("sensor = \"s2\"\n{field} = {v:?}"),
+            )
+        };
+        assert_eq!(paths(&loc("value", "/occupancy")), Vec::<String>::new());
+        assert_eq!(paths(&loc("value", "occupancy")), Vec::<String>::new());
+        assert_eq!(paths(&loc("value", "")), ["mqtt.m.topics[1].value"]);
+        assert_eq!(paths(&loc("value", "/a~x")), ["mqtt.m.topics[1].value"]);
+        assert_eq!(
+            paths(&loc("timestamp", "a b")),
+            ["mqtt.m.topics[1].timestamp"]
+        );
+    }
+
+    #[test]
+    fn mqtt_connection_settings() {
+        let src = |line: &str| base("").replace("[mqtt.m]", &format!("[mqtt.m]\n{line}"));
+        assert_eq!(paths(&src("port = 0")), ["mqtt.m.port"]);
+        assert_eq!(paths(&src("host = \"\"")), ["mqtt.m.host"]);
+        assert_eq!(paths(&src("keep_alive = \"0s\"")), ["mqtt.m.keep_alive"]);
+        assert_eq!(paths(&src("keep_alive = \"999ms\"")), ["mqtt.m.keep_alive"]);
+        assert_eq!(
+            paths(&src("keep_alive = \"1500ms\"")),
+            ["mqtt.m.keep_alive"]
+        );
+        assert_eq!(paths(&src("keep_alive = \"19h\"")), ["mqtt.m.keep_alive"]);
+        assert_eq!(paths(&src("keep_alive = \"1s\"")), Vec::<String>::new());
+        assert_eq!(
+            paths(&src("reconnect_max = \"0s\"")),
+            ["mqtt.m.reconnect_max"]
+        );
+        assert_eq!(paths(&src("client_id = \"\"")), ["mqtt.m.client_id"]);
+        let long = format!("client_id = \"{}\"", "c".repeat(65_536));
+        assert_eq!(paths(&src(&long)), ["mqtt.m.client_id"]);
+        assert_eq!(
+            paths(&src(&format!("client_id = \"{}\"", "c".repeat(64)))),
+            Vec::<String>::new()
+        );
+        let text = "site = \"home\"\n[mqtt.m]\n[zones.z]\n[[zones.z.evidence]]\nsensor = \"s\"\np_true = 0.9\np_false = 0.1\n";
+        assert_eq!(
+            paths(text),
+            ["mqtt.m", "zones.z.evidence[0].sensor"],
+            "a source that reads nothing"
+        );
+    }
+
+    #[test]
+    fn ingest_engine_nats_and_log() {
+        let top = |section: &str| base("").replace("[mqtt.m]", &format!("{section}\n[mqtt.m]"));
+        assert_eq!(paths(&top("[ingest]\nbuffer = 0")), ["ingest.buffer"]);
+        assert_eq!(
+            paths(&top("[ingest]\nmax_in_flight = 0")),
+            ["ingest.max_in_flight"]
+        );
+        assert_eq!(paths(&top("[engine]\nbatch = 100001")), ["engine.batch"]);
+        assert_eq!(
+            paths(&top("[engine]\nbatch = 100000")),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            paths(&top("[engine]\ndrain_timeout = \"0s\"")),
+            ["engine.drain_timeout"]
+        );
+        assert_eq!(
+            paths(&top("[nats]\nrequest_timeout = \"0s\"")),
+            ["nats.request_timeout"]
+        );
+        assert_eq!(
+            paths(&top("[nats]\nurl = \"nats://h:99999\"")),
+            ["nats.url"]
+        );
+        assert_eq!(
+            paths(&top("[nats]\nurl = \"tls://h:4443\"")),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            paths(&top("[log]\nlevel = \"debug\"")),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            paths(&top("[log]\nlevel = \"presenced=bogus\"")),
+            ["log.level"]
+        );
+        assert_eq!(paths(&top("[log]\nlevel = \"\"")), ["log.level"]);
+    }
+
+    #[test]
+    fn examples_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            seen += 1;
+            if let Err(e) = Config::load_valid(&path) {
+                panic!("{e}");
+            }
+        }
+        assert!(seen >= 3, "expected the three examples, found {seen}");
+    }
+
+    #[test]
+    fn demo_example_has_what_the_demo_relies_on() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo.toml");
+        let c = Config::load_valid(&path).unwrap();
+        assert_eq!(c.site, "demo");
+        assert_eq!(c.nats.url, "nats://127.0.0.1:4222");
+        let m = &c.mqtt["demo"];
+        assert_eq!((m.host.as_str(), m.port), ("127.0.0.1", 1883));
+        assert_eq!(m.topics[0].filter, "demo/+/motion");
+        assert_eq!(m.topics[0].sensor, "{1}_motion");
+        for zone in ["hall", "kitchen"] {
+            let z = &c.zones[zone];
+            assert_eq!(z.arrive_after, Duration::from_secs(2));
+            assert_eq!(z.leave_after, Duration::from_secs(5));
+            assert_eq!(z.evidence[0].sensor, format!("{zone}_motion"));
+            assert_eq!(z.evidence[0].hold, Some(Duration::from_secs(10)));
+        }
+    }
+}
+
+/// Prefix of secret paths that live in systemd's credentials directory.
+pub const CREDENTIALS_PREFIX: &str = "$CREDENTIALS_DIRECTORY/";
+
+/// Resolves a secret file path: a leading `$CREDENTIALS_DIRECTORY/` is
+/// replaced by the directory systemd passes in that variable (set by
+/// `LoadCredential=`), so a config in the world-readable Nix store can name
+/// a secret without containing it. Other paths are returned unchanged.
+pub fn resolve_secret_path(path: &Path) -> Result<PathBuf, String> {
+    let Some(rest) = path
+        .to_str()
+        .and_then(|s| s.strip_prefix(CREDENTIALS_PREFIX))
+    else {
+        return Ok(path.to_owned());
+    };
+    match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(dir) => Ok(PathBuf::from(dir).join(rest)),
+        None => Err(format!(
+            "{} names systemd's credentials directory, but CREDENTIALS_DIRECTORY is not set (is LoadCredential= configured?)",
+            path.display()
+        )),
     }
 }

@@ -7,7 +7,10 @@ use std::process::Command;
 use std::time::Duration;
 
 fn presenced(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_presenced")).args(args).output().expect("run presenced")
+    Command::new(env!("CARGO_BIN_EXE_presenced"))
+        .args(args)
+        .output()
+        .expect("run presenced")
 }
 
 #[test]
@@ -56,7 +59,11 @@ p_false = 0.1
 fn check_config_names_an_unknown_field() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("typo.toml");
-    std::fs::write(&path, "site = \"home\"\n[nats]\nurll = \"nats://127.0.0.1:4222\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "site = \"home\"\n[nats]\nurll = \"nats://127.0.0.1:4222\"\n",
+    )
+    .unwrap();
     let out = presenced(&["check-config", path.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -71,7 +78,12 @@ fn shipped_examples_pass_check_config() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let out = presenced(&["check-config", path.to_str().unwrap()]);
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             n += 1;
         }
     }
@@ -112,9 +124,15 @@ async fn provision_is_idempotent_and_get_and_watch_show_state() {
         pending: None,
         evidence: vec![],
     };
-    kv.put("hall", serde_json::to_vec(&state).unwrap().into()).await.unwrap();
+    kv.put("hall", serde_json::to_vec(&state).unwrap().into())
+        .await
+        .unwrap();
     let got = presenced(&["get", "--config", path.to_str().unwrap(), "hall", "--json"]);
-    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
     assert_eq!(v["key"], "hall");
     assert_eq!(v["value"]["state"], "occupied");
@@ -125,15 +143,26 @@ async fn provision_is_idempotent_and_get_and_watch_show_state() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(watch.stdout.take().unwrap()));
-    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap().unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(watch.stdout.take().unwrap()));
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let first: serde_json::Value = serde_json::from_str(&first).unwrap();
     assert_eq!(first["value"]["state"], "occupied", "snapshot first");
     let rev = first["revision"].as_u64().unwrap();
     let mut vacant = state.clone();
     vacant.state = presenced::engine::Presence::Vacant;
-    kv.put("hall", serde_json::to_vec(&vacant).unwrap().into()).await.unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap().unwrap();
+    kv.put("hall", serde_json::to_vec(&vacant).unwrap().into())
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let next: serde_json::Value = serde_json::from_str(&next).unwrap();
     assert_eq!(next["value"]["state"], "vacant", "then the delta");
     assert!(next["revision"].as_u64().unwrap() > rev);

@@ -48,7 +48,10 @@ fn restart(site: &Site, d: &mut Daemon) {
 }
 
 fn pairs(ts: &[Transition], zone: &str) -> Vec<(Presence, Presence)> {
-    ts.iter().filter(|t| t.zone == zone).map(|t| (t.from, t.to)).collect()
+    ts.iter()
+        .filter(|t| t.zone == zone)
+        .map(|t| (t.from, t.to))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,11 +77,15 @@ hold = "2s"
     p.flush(Duration::from_secs(5)).await;
 
     eventually("hall occupied", Duration::from_secs(10), || async {
-        zone(&js, "hall").await.is_some_and(|z| z.state == Presence::Occupied)
+        zone(&js, "hall")
+            .await
+            .is_some_and(|z| z.state == Presence::Occupied)
     })
     .await;
     eventually("hall vacant again", Duration::from_secs(15), || async {
-        zone(&js, "hall").await.is_some_and(|z| z.state == Presence::Vacant)
+        zone(&js, "hall")
+            .await
+            .is_some_and(|z| z.state == Presence::Vacant)
     })
     .await;
 
@@ -94,9 +101,21 @@ hold = "2s"
         "EVENTS holds exactly the four transitions"
     );
     let at: Vec<i64> = ev.iter().map(|t| t.at.0).collect();
-    assert_eq!(at[1] - at[0], 1000, "occupied exactly arrive_after after arriving");
-    assert_eq!(at[2] - at[0], 2000, "leaving exactly when the 2 s hold of the reading ends");
-    assert_eq!(at[3] - at[2], 2000, "vacant exactly leave_after after leaving");
+    assert_eq!(
+        at[1] - at[0],
+        1000,
+        "occupied exactly arrive_after after arriving"
+    );
+    assert_eq!(
+        at[2] - at[0],
+        2000,
+        "leaving exactly when the 2 s hold of the reading ends"
+    );
+    assert_eq!(
+        at[3] - at[2],
+        2000,
+        "vacant exactly leave_after after leaving"
+    );
     let numbers: Vec<u64> = ev.iter().map(|t| t.number).collect();
     assert_eq!(numbers, vec![1, 2, 3, 4]);
 }
@@ -121,42 +140,72 @@ p_false = 0.05
     let mut p = Publisher::connect(s.mqtt.port, "test-pub").await;
     p.publish("test/office_pir", r#"{"occupancy":true}"#).await;
     eventually("office occupied", Duration::from_secs(10), || async {
-        zone(&js, "office").await.is_some_and(|z| z.state == Presence::Occupied)
+        zone(&js, "office")
+            .await
+            .is_some_and(|z| z.state == Presence::Occupied)
     })
     .await;
     p.publish("test/office_pir", r#"{"occupancy":false}"#).await;
     eventually("office leaving", Duration::from_secs(10), || async {
-        zone(&js, "office").await.is_some_and(|z| z.state == Presence::Leaving)
+        zone(&js, "office")
+            .await
+            .is_some_and(|z| z.state == Presence::Leaving)
     })
     .await;
     d.kill9();
     let leaving = zone(&js, "office").await.expect("state");
-    let deadline = leaving.pending.expect("a pending deadline is stored").deadline;
+    let deadline = leaving
+        .pending
+        .expect("a pending deadline is stored")
+        .deadline;
     // The debounce projection holds the same deadline.
     let kv = js.get_key_value("debounce").await.unwrap();
-    let rec: serde_json::Value = serde_json::from_slice(&kv.get("office").await.unwrap().unwrap()).unwrap();
+    let rec: serde_json::Value =
+        serde_json::from_slice(&kv.get("office").await.unwrap().unwrap()).unwrap();
     assert_eq!(rec["deadline"], serde_json::json!(deadline.to_string()));
 
     // Stay down until well past the deadline.
     while now_ms() < deadline.0 + 1500 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(zone(&js, "office").await.unwrap().state, Presence::Leaving, "nothing fires while down");
+    assert_eq!(
+        zone(&js, "office").await.unwrap().state,
+        Presence::Leaving,
+        "nothing fires while down"
+    );
     let restarted_at = now_ms();
     restart(&s, &mut d);
-    eventually("office vacant after restart", Duration::from_secs(5), || async {
-        zone(&js, "office").await.is_some_and(|z| z.state == Presence::Vacant)
-    })
+    eventually(
+        "office vacant after restart",
+        Duration::from_secs(5),
+        || async {
+            zone(&js, "office")
+                .await
+                .is_some_and(|z| z.state == Presence::Vacant)
+        },
+    )
     .await;
-    assert!(now_ms() - restarted_at < 5000, "overdue deadline fired at once");
+    assert!(
+        now_ms() - restarted_at < 5000,
+        "overdue deadline fired at once"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ev = events(&js).await;
-    let vacant: Vec<&Transition> = ev.iter().filter(|t| t.to == Presence::Vacant && t.from == Presence::Leaving).collect();
+    let vacant: Vec<&Transition> = ev
+        .iter()
+        .filter(|t| t.to == Presence::Vacant && t.from == Presence::Leaving)
+        .collect();
     assert_eq!(vacant.len(), 1, "exactly one leaving→vacant: {ev:?}");
-    assert_eq!(vacant[0].at, deadline, "the transition is dated at its deadline, not at the restart");
+    assert_eq!(
+        vacant[0].at, deadline,
+        "the transition is dated at its deadline, not at the restart"
+    );
     assert_eq!(pairs(&ev, "office").len(), 4);
     let kv_after: Option<bytes::Bytes> = kv.get("office").await.unwrap();
-    assert!(kv_after.is_none(), "debounce entry removed once the timer fired");
+    assert!(
+        kv_after.is_none(),
+        "debounce entry removed once the timer fired"
+    );
 }
 
 /// Zones z00..z49, each with one sensor; even zones switch at once, odd
@@ -183,7 +232,10 @@ fn burst_inputs(base_ms: i64) -> Vec<(String, String)> {
             // Every zone's first reading is true, so every zone transitions.
             let v = if seen[z] { rng.gen_bool(0.5) } else { true };
             seen[z] = true;
-            (format!("test/s{z:02}"), format!(r#"{{"occupancy":{v},"ts":{}}}"#, base_ms + i as i64))
+            (
+                format!("test/s{z:02}"),
+                format!(r#"{{"occupancy":{v},"ts":{}}}"#, base_ms + i as i64),
+            )
         })
         .collect()
 }
@@ -198,7 +250,11 @@ async fn outcome(js: &async_nats::jetstream::Context) -> Outcome {
     let kv = js.get_key_value("presence").await.unwrap();
     let mut zones = Vec::new();
     for i in 0..50 {
-        let v = kv.get(format!("z{i:02}")).await.unwrap().expect("zone stored");
+        let v = kv
+            .get(format!("z{i:02}"))
+            .await
+            .unwrap()
+            .expect("zone stored");
         zones.push(serde_json::from_slice(&v).unwrap());
     }
     Outcome {
@@ -232,9 +288,13 @@ async fn burst_run(base_ms: i64, kills: usize) -> Outcome {
         restart(&s, &mut d);
     }
     publisher.await.unwrap();
-    eventually("all 5000 observations applied", Duration::from_secs(60), || async {
-        stream_messages(&js, "SENSORS").await >= 5000 && engine_caught_up(&js, 5000).await
-    })
+    eventually(
+        "all 5000 observations applied",
+        Duration::from_secs(60),
+        || async {
+            stream_messages(&js, "SENSORS").await >= 5000 && engine_caught_up(&js, 5000).await
+        },
+    )
     .await;
     let out = outcome(&js).await;
     drop(d);
@@ -248,13 +308,34 @@ async fn sigkill_at_random_points_during_a_burst_gives_the_uninterrupted_outcome
     let base = now_ms() + 30 * 60 * 1000;
     let calm = burst_run(base, 0).await;
     let crashed = burst_run(base, 6).await;
-    assert_eq!(calm.sensors, 5000, "every reading stored once (uninterrupted)");
-    assert_eq!(crashed.sensors, 5000, "every reading stored exactly once despite SIGKILLs");
-    assert!(calm.events.len() > 100, "the burst produced transitions: {}", calm.events.len());
-    assert_eq!(crashed.events.len(), calm.events.len(), "no transition lost or duplicated");
-    assert_eq!(crashed.events, calm.events, "same transitions, same order, same instants");
+    assert_eq!(
+        calm.sensors, 5000,
+        "every reading stored once (uninterrupted)"
+    );
+    assert_eq!(
+        crashed.sensors, 5000,
+        "every reading stored exactly once despite SIGKILLs"
+    );
+    assert!(
+        calm.events.len() > 100,
+        "the burst produced transitions: {}",
+        calm.events.len()
+    );
+    assert_eq!(
+        crashed.events.len(),
+        calm.events.len(),
+        "no transition lost or duplicated"
+    );
+    assert_eq!(
+        crashed.events, calm.events,
+        "same transitions, same order, same instants"
+    );
     assert_eq!(crashed.zones, calm.zones, "same final state of every zone");
-    let pending = calm.zones.iter().filter(|z| !z["pending"].is_null()).count();
+    let pending = calm
+        .zones
+        .iter()
+        .filter(|z| !z["pending"].is_null())
+        .count();
     assert!(pending > 0, "some odd zones end with a pending deadline");
 }
 
@@ -275,22 +356,36 @@ p_false = 0.05
     let mut p = Publisher::connect(s.mqtt.port, "test-pub").await;
     let base = now_ms();
     for i in 0..100 {
-        p.publish("test/den_pir", format!(r#"{{"occupancy":true,"ts":{}}}"#, base + i)).await;
+        p.publish(
+            "test/den_pir",
+            format!(r#"{{"occupancy":true,"ts":{}}}"#, base + i),
+        )
+        .await;
     }
     eventually("first 100 stored", Duration::from_secs(10), || async {
         stream_messages(&js, "SENSORS").await == 100
     })
     .await;
 
-    assert_eq!(support::http_get(s.http, "/healthz").map(|r| r.0), Some(200), "healthy before the outage");
+    assert_eq!(
+        support::http_get(s.http, "/healthz").map(|r| r.0),
+        Some(200),
+        "healthy before the outage"
+    );
     s.nats.stop();
-    eventually("healthz reports the outage", Duration::from_secs(10), || async {
-        support::http_get(s.http, "/healthz").is_some_and(|r| r.0 == 503)
-    })
+    eventually(
+        "healthz reports the outage",
+        Duration::from_secs(10),
+        || async { support::http_get(s.http, "/healthz").is_some_and(|r| r.0 == 503) },
+    )
     .await;
     // Readings during the outage wait in the daemon and the broker.
     for i in 100..300 {
-        p.publish("test/den_pir", format!(r#"{{"occupancy":{},"ts":{}}}"#, i % 2 == 0, base + i)).await;
+        p.publish(
+            "test/den_pir",
+            format!(r#"{{"occupancy":{},"ts":{}}}"#, i % 2 == 0, base + i),
+        )
+        .await;
     }
     p.flush(Duration::from_secs(10)).await;
     s.nats.restart();
@@ -299,12 +394,20 @@ p_false = 0.05
         support::http_get(s.http, "/healthz").is_some_and(|r| r.0 == 200)
     })
     .await;
-    eventually("all 300 readings stored and applied", Duration::from_secs(30), || async {
-        stream_messages(&js, "SENSORS").await == 300 && engine_caught_up(&js, 300).await
-    })
+    eventually(
+        "all 300 readings stored and applied",
+        Duration::from_secs(30),
+        || async {
+            stream_messages(&js, "SENSORS").await == 300 && engine_caught_up(&js, 300).await
+        },
+    )
     .await;
     let z = zone(&js, "den").await.unwrap();
-    assert_eq!(z.evidence[0].value, Some(presenced::observation::Reading::Bool(false)), "last reading (i=299, odd) applied");
+    assert_eq!(
+        z.evidence[0].value,
+        Some(presenced::observation::Reading::Bool(false)),
+        "last reading (i=299, odd) applied"
+    );
     assert_eq!(z.evidence[0].observed_at.unwrap().0, base + 299);
     assert_eq!(z.last_seq, 300);
 }

@@ -79,8 +79,10 @@ fn options(
     Ok(opts)
 }
 
-/// Reads a secret file, trimming one trailing newline (editors add one).
+/// Reads a secret file (see [`crate::config::resolve_secret_path`]),
+/// trimming one trailing newline (editors add one).
 pub fn read_secret(path: &Path) -> std::io::Result<String> {
+    let path = crate::config::resolve_secret_path(path).map_err(std::io::Error::other)?;
     let text = std::fs::read_to_string(path)?;
     Ok(text.trim_end_matches(['\n', '\r']).to_owned())
 }

@@ -11,7 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// A daemon config on the given ports; `zones` is raw TOML appended.
-pub fn daemon_config(site: &str, nats_url: &str, mqtt_port: u16, http_port: u16, mapping: &str, zones: &str) -> String {
+pub fn daemon_config(
+    site: &str,
+    nats_url: &str,
+    mqtt_port: u16,
+    http_port: u16,
+    mapping: &str,
+    zones: &str,
+) -> String {
     format!(
         r#"site = "{site}"
 
@@ -49,7 +56,9 @@ pub fn motion_mapping(with_ts: bool) -> String {
 }
 
 pub async fn jetstream(url: &str) -> jetstream::Context {
-    let client = async_nats::connect(url).await.expect("connect to nats-server");
+    let client = async_nats::connect(url)
+        .await
+        .expect("connect to nats-server");
     jetstream::new(client)
 }
 
@@ -82,7 +91,10 @@ pub async fn stream_messages(js: &jetstream::Context, name: &str) -> u64 {
 }
 
 /// Every message of a stream, in order, with its headers.
-pub async fn read_stream(js: &jetstream::Context, name: &str) -> Vec<async_nats::jetstream::Message> {
+pub async fn read_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> Vec<async_nats::jetstream::Message> {
     let stream = js.get_stream(name).await.expect("stream exists");
     let total = stream.cached_info().state.messages;
     if total == 0 {
@@ -101,7 +113,10 @@ pub async fn read_stream(js: &jetstream::Context, name: &str) -> Vec<async_nats:
     while (out.len() as u64) < total {
         match tokio::time::timeout(Duration::from_secs(10), msgs.next()).await {
             Ok(Some(Ok(m))) => out.push(m),
-            other => panic!("reading {name}: got {} of {total}, then {other:?}", out.len()),
+            other => panic!(
+                "reading {name}: got {} of {total}, then {other:?}",
+                out.len()
+            ),
         }
     }
     out
@@ -117,14 +132,27 @@ pub async fn events(js: &jetstream::Context) -> Vec<Transition> {
 
 /// True once the engine consumer has applied and acked everything.
 pub async fn engine_caught_up(js: &jetstream::Context, expected_in_sensors: u64) -> bool {
-    let Ok(stream) = js.get_stream("SENSORS").await else { return false };
-    let Ok(mut c) = stream.get_consumer::<pull::Config>("engine").await else { return false };
-    let Ok(info) = c.info().await else { return false };
-    info.num_pending == 0 && info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= expected_in_sensors
+    let Ok(stream) = js.get_stream("SENSORS").await else {
+        return false;
+    };
+    let Ok(mut c) = stream.get_consumer::<pull::Config>("engine").await else {
+        return false;
+    };
+    let Ok(info) = c.info().await else {
+        return false;
+    };
+    info.num_pending == 0
+        && info.num_ack_pending == 0
+        && info.ack_floor.stream_sequence >= expected_in_sensors
 }
 
 pub async fn sensors_config(js: &jetstream::Context) -> stream::Config {
-    js.get_stream("SENSORS").await.expect("SENSORS").cached_info().config.clone()
+    js.get_stream("SENSORS")
+        .await
+        .expect("SENSORS")
+        .cached_info()
+        .config
+        .clone()
 }
 
 /// A QoS 1 MQTT publisher that counts PUBACKs.
@@ -154,7 +182,12 @@ impl Publisher {
                 }
             }
         });
-        Publisher { client, acked, sent: 0, task }
+        Publisher {
+            client,
+            acked,
+            sent: 0,
+            task,
+        }
     }
 
     pub async fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
@@ -197,7 +230,10 @@ where
         if f().await {
             return;
         }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
