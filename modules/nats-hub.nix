@@ -22,7 +22,9 @@ let
   cfg = config.services.presenced.hub;
 
   peers = lib.filterAttrs (name: _: name != cfg.nodeName) cfg.nodes;
-  routes = lib.mapAttrsToList (_: address: "nats-route://${address}:${toString cfg.clusterPort}") peers;
+  routes = lib.mapAttrsToList (
+    _: address: "nats-route://${address}:${toString cfg.clusterPort}"
+  ) peers;
 
   # Leaves authenticate with their NKEY against the server's users; with
   # no key declared the hub accepts any leaf (a lab setup).

@@ -65,7 +65,8 @@ let
       // (unit.credentialFiles or { })
     );
 
-  loadCredential = unit: lib.mapAttrsToList (name: file: "${name}:${toString file}") (credentialsOf unit);
+  loadCredential =
+    unit: lib.mapAttrsToList (name: file: "${name}:${toString file}") (credentialsOf unit);
 
   secretAssertions =
     what: unit:
@@ -360,9 +361,7 @@ in
             nats.nkey_seed_file = credentialPath "nkey-seed";
           })
         ];
-        configFile =
-          renderConfig "provision" cfg.package cfg.provision.checkConfig
-            cfg.provision.settings;
+        configFile = renderConfig "provision" cfg.package cfg.provision.checkConfig cfg.provision.settings;
       };
     }
 

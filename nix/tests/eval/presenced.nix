@@ -252,7 +252,8 @@ in
       (eval {
         site = "home";
         instances.main.enable = false;
-      }).systemd.services ? presenced-main;
+      }).systemd.services
+        ? presenced-main;
     expected = false;
   };
 }

@@ -42,7 +42,9 @@ let
       toml = _: format;
       json = _: format;
     };
-    runCommand = name: _env: _script: fakeFile name;
+    runCommand =
+      name: _env: _script:
+      fakeFile name;
     writeText = name: _text: fakeFile name;
     writeShellScript = name: _text: fakeFile name;
     presenced = fakePackage "presenced";
@@ -158,6 +160,5 @@ in
   eval = modules: (lib.evalModules { modules = [ nixos ] ++ modules; }).config;
 
   # Messages of the assertions that fail.
-  failedAssertions =
-    config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+  failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
 }
