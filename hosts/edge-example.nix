@@ -133,8 +133,8 @@ in
       evidence = [
         {
           sensor = "hall_pir";
-          p_true = 0.9;
-          p_false = 0.05;
+          p_true = 0.95;
+          p_false = 0.02;
           hold = "2m";
         }
         {
