@@ -260,7 +260,6 @@ let
     in
     {
       description = "presenced presence detection (${name})";
-      documentation = [ "man:presenced(1)" ];
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ] ++ natsUnits ++ provisionUnits;
       after = [ "network-online.target" ] ++ natsUnits ++ provisionUnits;
@@ -385,6 +384,11 @@ in
 
       systemd.services = lib.mapAttrs' (
         name: instance: lib.nameValuePair "presenced-${name}" (instanceUnit name instance)
+      ) enabledInstances;
+
+      # The configs at a known place, for `presenced watch`/`get` by hand.
+      environment.etc = lib.mapAttrs' (
+        name: instance: lib.nameValuePair "presenced/${name}.toml" { source = instance.configFile; }
       ) enabledInstances;
     })
 

@@ -256,4 +256,9 @@ in
         ? presenced-main;
     expected = false;
   };
+
+  testConfigLinkedInEtc = {
+    expr = simple.environment.etc."presenced/main.toml".source;
+    expected = stubs.fakeFile "presenced-main-checked.toml";
+  };
 }

@@ -120,6 +120,10 @@ let
         );
         default = { };
       };
+      environment.etc = mkOption {
+        type = types.attrsOf (types.submodule { options.source = mkOption { type = types.str; }; });
+        default = { };
+      };
       environment.systemPackages = mkOption {
         type = types.listOf types.package;
         default = [ ];
