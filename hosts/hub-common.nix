@@ -1,0 +1,26 @@
+# What the three hub nodes share: the node list and the hub settings. Each
+# hub-N.nix adds only its host name, which selects the node.
+{ ... }:
+
+{
+  services.presenced.hub = {
+    enable = true;
+    nodes = {
+      hub-1 = "192.0.2.11";
+      hub-2 = "192.0.2.12";
+      hub-3 = "192.0.2.13";
+    };
+    jetstream.maxFile = "200G";
+    # Public NKEY of each site's leaf (from `presenced keygen`), by site:
+    # leafNkeys.home = "U...";
+  };
+
+  # Replace with the node's hardware-configuration.nix.
+  boot.loader.grub.device = "/dev/sda";
+  fileSystems."/" = {
+    device = "/dev/disk/by-label/nixos";
+    fsType = "ext4";
+  };
+
+  system.stateVersion = "26.05";
+}

@@ -1,0 +1,189 @@
+# services.presenced.hub: one node of the 3-node JetStream hub cluster
+# (domain `hub`) that the sites' leaf nodes link to and that mirrors every
+# site. Built on nixpkgs' services.nats; the same file configures every
+# node, only the node name differs.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    literalExpression
+    mkEnableOption
+    mkIf
+    mkOption
+    optionalAttrs
+    types
+    ;
+
+  cfg = config.services.presenced.hub;
+
+  peers = lib.filterAttrs (name: _: name != cfg.nodeName) cfg.nodes;
+  routes = lib.mapAttrsToList (
+    _: address: "nats-route://${address}:${toString cfg.clusterPort}"
+  ) peers;
+
+  # Leaves authenticate with their NKEY against the server's users; with
+  # no key declared the hub accepts any leaf (a lab setup).
+  users =
+    lib.mapAttrsToList (_: nkey: { inherit nkey; }) cfg.leafNkeys
+    ++ lib.optional (cfg.adminNkey != null) { nkey = cfg.adminNkey; };
+in
+{
+  imports = [ ./common.nix ];
+
+  options.services.presenced.hub = {
+    enable = mkEnableOption "a node of presenced's JetStream hub cluster";
+
+    nodeName = mkOption {
+      type = types.str;
+      default = config.networking.hostName;
+      defaultText = literalExpression "config.networking.hostName";
+      description = "This node's name in {option}`nodes`; also its NATS server name.";
+    };
+
+    nodes = mkOption {
+      type = types.attrsOf types.str;
+      example = {
+        hub-1 = "192.0.2.11";
+        hub-2 = "192.0.2.12";
+        hub-3 = "192.0.2.13";
+      };
+      description = ''
+        Every node of the cluster, name to address. Each node routes to all
+        others; the hub's streams are replicated three times, so declare
+        three nodes (or five).
+      '';
+    };
+
+    clusterName = mkOption {
+      type = types.str;
+      default = "presenced-hub";
+      description = "Name of the NATS cluster.";
+    };
+
+    host = mkOption {
+      type = types.str;
+      default = "127.0.0.1";
+      description = "Address of the client port (admin tools, `presenced provision`).";
+    };
+
+    port = mkOption {
+      type = types.port;
+      default = 4222;
+      description = "Client port; not opened in the firewall.";
+    };
+
+    clusterPort = mkOption {
+      type = types.port;
+      default = 6222;
+      description = "Route port between hub nodes.";
+    };
+
+    leafPort = mkOption {
+      type = types.port;
+      default = 7422;
+      description = "Port the sites' leaf nodes connect to.";
+    };
+
+    monitorPort = mkOption {
+      type = types.port;
+      default = 8222;
+      description = "HTTP monitoring port, bound to 127.0.0.1 only.";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Open the route and leafnode ports; the client and monitoring ports stay closed.";
+    };
+
+    leafNkeys = mkOption {
+      type = types.attrsOf (types.strMatching "U[A-Z2-7]{55}");
+      default = { };
+      example = {
+        home = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4";
+      };
+      description = ''
+        Public NKEY of each site's leaf, by site. When any key (or
+        {option}`adminNkey`) is declared, only those identities may connect.
+      '';
+    };
+
+    adminNkey = mkOption {
+      type = types.nullOr (types.strMatching "U[A-Z2-7]{55}");
+      default = null;
+      description = "Public NKEY of the admin identity that provisions the hub mirrors.";
+    };
+
+    jetstream = {
+      maxMemory = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "Upper bound of JetStream memory storage (`max_mem`).";
+      };
+      maxFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "500G";
+        description = "Upper bound of JetStream file storage (`max_file`).";
+      };
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = cfg.nodes ? ${cfg.nodeName};
+        message = ''
+          services.presenced.hub.nodeName is `${cfg.nodeName}`, which is not
+          one of services.presenced.hub.nodes (${lib.concatStringsSep ", " (lib.attrNames cfg.nodes)}).
+        '';
+      }
+    ];
+
+    warnings = lib.optional (lib.length (lib.attrNames cfg.nodes) < 3) ''
+      services.presenced.hub.nodes declares fewer than three nodes; the
+      hub's replicated (R3) streams need three.
+    '';
+
+    services.nats = {
+      enable = true;
+      # Explicit: nixpkgs renders `"jetstream": {}` even when this is off,
+      # and an empty block turns JetStream on with default limits.
+      jetstream = true;
+      serverName = cfg.nodeName;
+      port = cfg.port;
+      settings = {
+        host = cfg.host;
+        http = "127.0.0.1:${toString cfg.monitorPort}";
+        jetstream = {
+          domain = "hub";
+        }
+        // optionalAttrs (cfg.jetstream.maxMemory != null) { max_mem = cfg.jetstream.maxMemory; }
+        // optionalAttrs (cfg.jetstream.maxFile != null) { max_file = cfg.jetstream.maxFile; };
+        cluster = {
+          name = cfg.clusterName;
+          listen = "0.0.0.0:${toString cfg.clusterPort}";
+          inherit routes;
+        };
+        leafnodes = {
+          listen = "0.0.0.0:${toString cfg.leafPort}";
+        };
+      }
+      // optionalAttrs (users != [ ]) {
+        authorization = { inherit users; };
+      };
+    };
+
+    networking.firewall.allowedTCPPorts = lib.optionals cfg.openFirewall [
+      cfg.clusterPort
+      cfg.leafPort
+    ];
+
+    environment.systemPackages = [ pkgs.natscli ];
+  };
+}

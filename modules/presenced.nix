@@ -1,0 +1,419 @@
+# services.presenced: the daemon, as one systemd unit per instance, plus the
+# provisioning oneshot that creates the leaf's streams and buckets.
+#
+# One instance is one NATS identity. The simple deployment runs a single
+# instance that ingests and decides; the strict one runs ingest, engine and
+# archiver as separate instances (or in separate nixos-containers), each with
+# its own NKEY, so the server can hold each to its own keyspace.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    literalExpression
+    mkDefault
+    mkEnableOption
+    mkIf
+    mkMerge
+    mkOption
+    types
+    ;
+
+  cfg = config.services.presenced;
+  settingsFormat = pkgs.formats.toml { };
+
+  # systemd hands credentials to the unit in this directory; the daemon
+  # expands a leading `$CREDENTIALS_DIRECTORY` in its path fields, so the
+  # rendered config (world-readable, in the store) holds only the path.
+  credentialPath = name: "$CREDENTIALS_DIRECTORY/${name}";
+
+  inStore = path: lib.hasPrefix "${builtins.storeDir}/" (toString path);
+
+  # A path given as a Nix path literal would be copied into the store when
+  # interpolated; `toString` keeps it where it is.
+  secretFileOption =
+    description:
+    mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/keys/presenced/ingest.nk";
+      inherit description;
+    };
+
+  # Units of a nats-server on this host that presenced talks to; in a
+  # container the leaf runs on the host and there is nothing to order after.
+  natsUnits = lib.optional (config.services.nats.enable or false) "nats.service";
+  provisionUnits = lib.optional cfg.provision.enable "presenced-provision.service";
+
+  enabledInstances = lib.filterAttrs (_: instance: instance.enable) cfg.instances;
+
+  # Credentials of an instance or of the provisioner, by credential name.
+  credentialsOf =
+    unit:
+    lib.filterAttrs (_: file: file != null) (
+      {
+        nkey-seed = unit.nkeySeedFile;
+      }
+      // lib.optionalAttrs (unit ? s3) {
+        s3-access-key-id = unit.s3.accessKeyIdFile;
+        s3-secret-access-key = unit.s3.secretAccessKeyFile;
+      }
+      // (unit.credentialFiles or { })
+    );
+
+  loadCredential =
+    unit: lib.mapAttrsToList (name: file: "${name}:${toString file}") (credentialsOf unit);
+
+  secretAssertions =
+    what: unit:
+    lib.mapAttrsToList (name: file: {
+      assertion = !(inStore file);
+      message = ''
+        ${what}: credential `${name}` is read from ${toString file}, a path in
+        the Nix store, which every local user can read. Keep secrets outside
+        the store (e.g. /run/keys or /var/lib/secrets) and give that path.
+      '';
+    }) (credentialsOf unit);
+
+  # Renders the settings and, unless disabled, runs `presenced check-config`
+  # on them, so a bad config fails `nixos-rebuild` instead of the unit.
+  renderConfig =
+    name: package: check: settings:
+    let
+      raw = settingsFormat.generate "presenced-${name}.toml" settings;
+    in
+    if check then
+      pkgs.runCommand "presenced-${name}-checked.toml" { nativeBuildInputs = [ package ]; } ''
+        presenced check-config ${raw}
+        ln -s ${raw} "$out"
+      ''
+    else
+      raw;
+
+  # Shared sandbox of the daemon and the provisioner. AF_UNIX stays allowed:
+  # sd_notify (READY=1, WATCHDOG=1) talks over a unix socket.
+  hardening = {
+    AmbientCapabilities = "";
+    CapabilityBoundingSet = "";
+    DevicePolicy = "closed";
+    DynamicUser = true;
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    NoNewPrivileges = true;
+    PrivateTmp = true;
+    ProcSubset = "pid";
+    ProtectClock = true;
+    ProtectControlGroups = true;
+    ProtectHome = true;
+    ProtectHostname = true;
+    ProtectKernelLogs = true;
+    ProtectKernelModules = true;
+    ProtectKernelTunables = true;
+    ProtectProc = "invisible";
+    ProtectSystem = "strict";
+    RemoveIPC = true;
+    RestrictAddressFamilies = [
+      "AF_UNIX"
+      "AF_INET"
+      "AF_INET6"
+    ];
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    SystemCallArchitectures = "native";
+    SystemCallErrorNumber = "EPERM";
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged"
+      "~@resources"
+    ];
+    UMask = "0077";
+  };
+
+  settingsOption =
+    description:
+    mkOption {
+      type = types.submodule {
+        freeformType = settingsFormat.type;
+        options.site = mkOption {
+          type = types.strMatching "[a-z0-9-]{1,32}";
+          description = "The edge host's id; defaults to {option}`services.presenced.site`.";
+        };
+      };
+      default = { };
+      inherit description;
+    };
+
+  instanceModule =
+    { name, config, ... }:
+    {
+      options = {
+        enable = mkEnableOption "this presenced instance" // {
+          default = true;
+        };
+
+        package = mkOption {
+          type = types.package;
+          default = cfg.package;
+          defaultText = literalExpression "config.services.presenced.package";
+          description = "The presenced package this instance runs.";
+        };
+
+        settings = settingsOption ''
+          The instance's `presenced.toml`, as Nix. Unknown fields are
+          rejected by the daemon, and the rendered file is checked with
+          `presenced check-config` at build time. Which components run
+          follows from the config: MQTT sources make an ingest, zones make
+          an engine.
+
+          Everything here is world-readable in the Nix store: secrets go
+          by path, through {option}`nkeySeedFile`, {option}`s3` and
+          {option}`credentialFiles`, which reach the unit as systemd
+          credentials under `$CREDENTIALS_DIRECTORY`.
+        '';
+
+        nkeySeedFile = secretFileOption ''
+          File holding this instance's NKEY seed (from `presenced keygen`).
+          Loaded with `LoadCredential=` as `nkey-seed`;
+          `settings.nats.nkey_seed_file` then points at it. Leave unset
+          while the leaf runs without authorization.
+        '';
+
+        s3 = {
+          accessKeyIdFile = secretFileOption ''
+            File holding the S3 (Wasabi) access key id of an archiver.
+            Loaded as credential `s3-access-key-id`.
+          '';
+          secretAccessKeyFile = secretFileOption ''
+            File holding the S3 (Wasabi) secret access key of an
+            archiver. Loaded as credential `s3-secret-access-key`.
+          '';
+        };
+
+        credentialFiles = mkOption {
+          type = types.attrsOf types.path;
+          default = { };
+          example = literalExpression ''{ mqtt-main-password = "/run/keys/mqtt-main"; }'';
+          description = ''
+            Further secret files, by credential name. Refer to one in
+            {option}`settings` as `$CREDENTIALS_DIRECTORY/<name>`, e.g.
+            `mqtt.main.password_file`.
+          '';
+        };
+
+        serialDevices = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [ "/dev/serial/by-id/usb-1a86_USB_Serial-if00-port0" ];
+          description = ''
+            Serial ports this instance reads (mmWave radars, JSON-line
+            devices). Each is allowed with `DeviceAllow=` and the unit joins
+            the `dialout` group; `PrivateDevices=` and `PrivateUsers=` are
+            turned off for such an instance, as they would hide the ports.
+          '';
+        };
+
+        watchdogSec = mkOption {
+          type = types.str;
+          default = "30s";
+          description = ''
+            `WatchdogSec=` of the unit: systemd restarts the daemon when its
+            main loop stops sending `WATCHDOG=1` for this long.
+          '';
+        };
+
+        checkConfig = mkOption {
+          type = types.bool;
+          default = true;
+          description = ''
+            Run `presenced check-config` on the rendered file at build time.
+            Turn off only when building for another platform whose binary
+            cannot run on the build machine.
+          '';
+        };
+
+        configFile = mkOption {
+          type = types.path;
+          readOnly = true;
+          description = "The rendered (and checked) config file of this instance.";
+        };
+      };
+
+      config = {
+        settings = mkMerge [
+          { site = mkIf (cfg.site != null) (mkDefault cfg.site); }
+          { nats.url = mkDefault "nats://127.0.0.1:4222"; }
+          (mkIf (config.nkeySeedFile != null) { nats.nkey_seed_file = credentialPath "nkey-seed"; })
+        ];
+        configFile = renderConfig name config.package config.checkConfig config.settings;
+      };
+    };
+
+  instanceUnit =
+    name: instance:
+    let
+      serial = instance.serialDevices != [ ];
+    in
+    {
+      description = "presenced presence detection (${name})";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ] ++ natsUnits ++ provisionUnits;
+      after = [ "network-online.target" ] ++ natsUnits ++ provisionUnits;
+
+      serviceConfig = hardening // {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = "${instance.package}/bin/presenced run --config ${instance.configFile}";
+        WatchdogSec = instance.watchdogSec;
+        Restart = "on-failure";
+        RestartSec = "2s";
+        # The daemon drains for up to engine.drain_timeout (10 s by default)
+        # after SIGTERM before it exits.
+        TimeoutStopSec = "30s";
+
+        StateDirectory = "presenced/${name}";
+        StateDirectoryMode = "0700";
+        WorkingDirectory = "/var/lib/presenced/${name}";
+        LoadCredential = loadCredential instance;
+
+        DeviceAllow = map (device: "${device} rw") instance.serialDevices;
+        SupplementaryGroups = lib.optional serial "dialout";
+        PrivateDevices = !serial;
+        PrivateUsers = !serial;
+      };
+    };
+in
+{
+  imports = [ ./common.nix ];
+
+  options.services.presenced = {
+    instances = mkOption {
+      type = types.attrsOf (types.submodule instanceModule);
+      default = { };
+      example = literalExpression ''
+        {
+          main.settings = {
+            mqtt.z2m.zigbee2mqtt.devices = [
+              { device = "hall_pir"; kind = "occupancy"; }
+            ];
+            zones.hall.evidence = [
+              { sensor = "hall_pir"; p_true = 0.9; p_false = 0.05; hold = "2m"; }
+            ];
+          };
+        }
+      '';
+      description = ''
+        presenced instances, each run as unit `presenced-<name>` with its
+        own dynamic user and, when the leaf enforces authorization, its own
+        NKEY.
+      '';
+    };
+
+    provision = {
+      enable = mkOption {
+        type = types.bool;
+        default = enabledInstances != { } && (config.services.nats.enable or false);
+        defaultText = literalExpression "instances are enabled and a nats-server runs on this host";
+        description = ''
+          Run `presenced provision` as the oneshot unit
+          `presenced-provision` before the daemons: it creates or updates
+          the leaf's streams and buckets, idempotently. The daemons never
+          create them themselves. Run it on the host of the leaf.
+        '';
+      };
+
+      settings = settingsOption ''
+        Config of the provisioner: the site, the leaf's URL and, in a strict
+        deployment, the admin identity (see {option}`nkeySeedFile`).
+      '';
+
+      nkeySeedFile = secretFileOption ''
+        File holding the NKEY seed of the admin identity that may create
+        streams and buckets. Loaded as credential `nkey-seed`.
+      '';
+
+      checkConfig = mkOption {
+        type = types.bool;
+        default = true;
+        description = "Run `presenced check-config` on the provisioner's config at build time.";
+      };
+
+      configFile = mkOption {
+        type = types.path;
+        readOnly = true;
+        description = "The rendered config file of the provisioner.";
+      };
+    };
+  };
+
+  config = mkMerge [
+    {
+      services.presenced.provision = {
+        settings = mkMerge [
+          { site = mkIf (cfg.site != null) (mkDefault cfg.site); }
+          { nats.url = mkDefault "nats://127.0.0.1:4222"; }
+          (mkIf (cfg.provision.nkeySeedFile != null) {
+            nats.nkey_seed_file = credentialPath "nkey-seed";
+          })
+        ];
+        configFile = renderConfig "provision" cfg.package cfg.provision.checkConfig cfg.provision.settings;
+      };
+    }
+
+    (mkIf (enabledInstances != { }) {
+      assertions = lib.concatLists (
+        lib.mapAttrsToList (
+          name: instance:
+          [
+            {
+              assertion = builtins.match "[a-z0-9][a-z0-9_-]*" name != null && name != "provision";
+              message = ''
+                services.presenced.instances.${name}: the name becomes unit
+                presenced-${name}; use [a-z0-9_-], starting with a letter or
+                digit, and not `provision`.
+              '';
+            }
+          ]
+          ++ secretAssertions "services.presenced.instances.${name}" instance
+        ) enabledInstances
+      );
+
+      systemd.services = lib.mapAttrs' (
+        name: instance: lib.nameValuePair "presenced-${name}" (instanceUnit name instance)
+      ) enabledInstances;
+
+      # The configs at a known place, for `presenced watch`/`get` by hand.
+      environment.etc = lib.mapAttrs' (
+        name: instance: lib.nameValuePair "presenced/${name}.toml" { source = instance.configFile; }
+      ) enabledInstances;
+    })
+
+    (mkIf cfg.provision.enable {
+      assertions = secretAssertions "services.presenced.provision" cfg.provision;
+
+      systemd.services.presenced-provision = {
+        description = "presenced: create the leaf's streams and buckets";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "network-online.target" ] ++ natsUnits;
+        after = [ "network-online.target" ] ++ natsUnits;
+
+        serviceConfig = hardening // {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStart = "${cfg.package}/bin/presenced provision --config ${cfg.provision.configFile}";
+          # The leaf may still be starting; try again rather than leave the
+          # daemons without their streams.
+          Restart = "on-failure";
+          RestartSec = "5s";
+          LoadCredential = loadCredential cfg.provision;
+          PrivateDevices = true;
+          PrivateUsers = true;
+        };
+      };
+    })
+  ];
+}

@@ -1,0 +1,119 @@
+# The leaf enforces the ownership map: a service writing outside its
+# keyspace is refused by the server, and the daemon reports the violation
+# to AUDIT.
+#
+# The engine instance is given the ingest's grants on purpose: its writes
+# to KV `presence` are then outside its keyspace.
+#
+# Depends on features still being built: `presenced keygen` (assumed to
+# write the seed to --out and the public key to <out>.pub), `presenced acl`
+# and the daemon's AUDIT records of permission violations. The keys are
+# made at build time and their public halves read back at evaluation time
+# (import from derivation), which is fine for a test and never done for a
+# real site, whose seeds must not enter the store.
+{ pkgs, self, ... }:
+
+let
+  site = "acl";
+  presenced = self.packages.${pkgs.stdenv.hostPlatform.system}.presenced;
+  keys = pkgs.runCommand "presenced-acl-test-keys" { nativeBuildInputs = [ presenced ]; } ''
+    mkdir "$out"
+    for service in admin ingest engine; do
+      presenced keygen "$service" --out "$out/$service.nk"
+    done
+  '';
+  publicKey = service: pkgs.lib.fileContents "${keys}/${service}.nk.pub";
+in
+{
+  name = "presenced-acl";
+
+  nodes.machine = {
+    imports = [ ./mosquitto.nix ];
+
+    # Test keys only: copied out of the store so the seed-path check holds
+    # as it would on a real host.
+    systemd.tmpfiles.rules =
+      map (service: "C /run/keys/${service}.nk 0400 root root - ${keys}/${service}.nk")
+        [
+          "admin"
+          "ingest"
+          "engine"
+        ];
+
+    services.presenced = {
+      inherit site;
+      leaf = {
+        enable = true;
+        authorization = {
+          enable = true;
+          access.services = {
+            admin = {
+              nkey = publicKey "admin";
+              role = "admin";
+            };
+            ingest = {
+              nkey = publicKey "ingest";
+              role = "ingest";
+            };
+            # Wrong on purpose: the engine gets the ingest's grants.
+            engine = {
+              nkey = publicKey "engine";
+              role = "ingest";
+            };
+          };
+        };
+      };
+      provision.nkeySeedFile = "/run/keys/admin.nk";
+      instances.ingest = {
+        nkeySeedFile = "/run/keys/ingest.nk";
+        settings.mqtt.z2m.zigbee2mqtt.devices = [
+          {
+            device = "hall_pir";
+            kind = "occupancy";
+          }
+        ];
+      };
+      instances.engine = {
+        nkeySeedFile = "/run/keys/engine.nk";
+        settings.zones.hall.evidence = [
+          {
+            sensor = "hall_pir";
+            p_true = 0.99;
+            p_false = 0.01;
+          }
+        ];
+      };
+    };
+  };
+
+  testScript = ''
+    admin = "--nkey /run/keys/admin.nk"
+
+    start_all()
+    machine.wait_for_unit("nats.service")
+    machine.wait_for_unit("presenced-provision.service")
+    machine.wait_for_unit("presenced-ingest.service")
+
+    with subtest("a client without a key is refused"):
+        machine.fail("nats stream ls")
+
+    with subtest("a write outside the keyspace is refused and audited"):
+        machine.succeed(
+            "mosquitto_pub -h 127.0.0.1 -q 1 -t zigbee2mqtt/hall_pir -m '{\"occupancy\":true}'"
+        )
+        machine.wait_until_succeeds(
+            f"nats {admin} stream info AUDIT --json | jq -e '.state.messages > 0'", timeout=90
+        )
+        machine.succeed(
+            f"nats {admin} stream get AUDIT --last-for 'audit.events.${site}.>' --json"
+            " | jq -r .data | base64 -d | grep -i 'permission'"
+        )
+        machine.fail(f"nats {admin} kv get presence hall")
+        machine.succeed("journalctl -u presenced-engine | grep -i 'permission'")
+
+    with subtest("the ingest still writes its own keyspace"):
+        machine.wait_until_succeeds(
+            f"nats {admin} stream info SENSORS --json | jq -e '.state.messages > 0'"
+        )
+  '';
+}

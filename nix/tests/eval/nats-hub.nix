@@ -1,0 +1,127 @@
+# Module logic of services.presenced.hub that needs no VM: routes,
+# domain, authorization from leaf keys, firewall and assertions.
+{ lib }:
+
+let
+  stubs = import ./stubs.nix { inherit lib; };
+  module = ../../../modules/nats-hub.nix;
+
+  nodes = {
+    hub-1 = "192.0.2.11";
+    hub-2 = "192.0.2.12";
+    hub-3 = "192.0.2.13";
+  };
+  leafKey = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4";
+
+  eval =
+    hostName: hub:
+    stubs.eval [
+      module
+      {
+        networking.hostName = hostName;
+        services.presenced.hub = hub;
+      }
+    ];
+
+  hub2 = eval "hub-2" {
+    enable = true;
+    inherit nodes;
+  };
+  nats = hub2.services.nats;
+
+  keyed = eval "hub-1" {
+    enable = true;
+    inherit nodes;
+    leafNkeys.home = leafKey;
+  };
+
+  stranger = eval "hub-9" {
+    enable = true;
+    inherit nodes;
+  };
+
+  small = eval "hub-1" {
+    enable = true;
+    nodes.hub-1 = "192.0.2.11";
+  };
+in
+{
+  testJetStreamExplicitlyOn = {
+    expr = nats.enable && nats.jetstream;
+    expected = true;
+  };
+
+  testHubDomain = {
+    expr = nats.settings.jetstream.domain;
+    expected = "hub";
+  };
+
+  testServerNameIsNode = {
+    expr = nats.serverName;
+    expected = "hub-2";
+  };
+
+  testRoutesToPeersOnly = {
+    expr = nats.settings.cluster.routes;
+    expected = [
+      "nats-route://192.0.2.11:6222"
+      "nats-route://192.0.2.13:6222"
+    ];
+  };
+
+  testClusterAndLeafListen = {
+    expr = {
+      cluster = nats.settings.cluster.listen;
+      leaf = nats.settings.leafnodes.listen;
+      name = nats.settings.cluster.name;
+    };
+    expected = {
+      cluster = "0.0.0.0:6222";
+      leaf = "0.0.0.0:7422";
+      name = "presenced-hub";
+    };
+  };
+
+  testMonitoringOnLoopback = {
+    expr = {
+      inherit (nats.settings) http host;
+    };
+    expected = {
+      http = "127.0.0.1:8222";
+      host = "127.0.0.1";
+    };
+  };
+
+  testFirewallRouteAndLeafOnly = {
+    expr = hub2.networking.firewall.allowedTCPPorts;
+    expected = [
+      6222
+      7422
+    ];
+  };
+
+  testOpenWithoutKeys = {
+    expr = nats.settings ? authorization;
+    expected = false;
+  };
+
+  testLeafKeysBecomeUsers = {
+    expr = keyed.services.nats.settings.authorization.users;
+    expected = [ { nkey = leafKey; } ];
+  };
+
+  testValidPasses = {
+    expr = stubs.failedAssertions hub2 ++ hub2.warnings;
+    expected = [ ];
+  };
+
+  testUnknownNodeRefused = {
+    expr = map (lib.hasInfix "`hub-9`") (stubs.failedAssertions stranger);
+    expected = [ true ];
+  };
+
+  testFewerThanThreeWarns = {
+    expr = map (lib.hasInfix "fewer than three") small.warnings;
+    expected = [ true ];
+  };
+}

@@ -1,0 +1,169 @@
+# Module logic of services.presenced.leaf that needs no VM: the generated
+# nats-server settings, the runtime config for secrets and the firewall.
+{ lib }:
+
+let
+  stubs = import ./stubs.nix { inherit lib; };
+  module = ../../../modules/nats-leaf.nix;
+
+  eval =
+    leaf:
+    stubs.eval [
+      module
+      {
+        services.presenced.site = "home";
+        services.presenced.leaf = leaf;
+      }
+    ];
+
+  standalone = eval { enable = true; };
+  nats = standalone.services.nats;
+
+  linked = eval {
+    enable = true;
+    host = "0.0.0.0";
+    openFirewallOn = [ "ve-+" ];
+    jetstream.syncAlways = true;
+    hub = {
+      urls = [
+        "nats-leaf://192.0.2.11:7422"
+        "nats-leaf://192.0.2.12:7422"
+      ];
+      nkeySeedFile = "/var/lib/secrets/leaf.nk";
+    };
+  };
+  linkedUnit = linked.systemd.services.nats.serviceConfig;
+
+  withAcl = eval {
+    enable = true;
+    authorization = {
+      enable = true;
+      access.services.ingest.nkey = "UB";
+    };
+  };
+
+  seedInStore = eval {
+    enable = true;
+    hub = {
+      urls = [ "nats-leaf://192.0.2.11:7422" ];
+      nkeySeedFile = "${builtins.storeDir}/abc-leaf.nk";
+    };
+  };
+
+  seedWithoutHub = eval {
+    enable = true;
+    hub.nkeySeedFile = "/var/lib/secrets/leaf.nk";
+  };
+in
+{
+  # The trap: nixpkgs renders `"jetstream": {}` when this is off, which
+  # turns JetStream on anyway; the module must say so explicitly.
+  testJetStreamExplicitlyOn = {
+    expr = nats.enable && nats.jetstream;
+    expected = true;
+  };
+
+  testDomainFromSite = {
+    expr = nats.settings.jetstream.domain;
+    expected = "leaf-home";
+  };
+
+  testServerNameFromSite = {
+    expr = nats.serverName;
+    expected = "leaf-home";
+  };
+
+  testLoopbackByDefault = {
+    expr = {
+      inherit (nats.settings) host http;
+    };
+    expected = {
+      host = "127.0.0.1";
+      http = "127.0.0.1:8222";
+    };
+  };
+
+  testNoRemoteWithoutHub = {
+    expr = nats.settings ? leafnodes;
+    expected = false;
+  };
+
+  testStandaloneKeepsStockStart = {
+    expr = standalone.systemd.services.nats.serviceConfig;
+    expected = { };
+  };
+
+  testNoFirewallByDefault = {
+    expr = standalone.networking.firewall.interfaces;
+    expected = { };
+  };
+
+  testRemoteUrlsWithoutSeed = {
+    expr = linked.services.nats.settings.leafnodes.remotes;
+    expected = [
+      {
+        urls = [
+          "nats-leaf://192.0.2.11:7422"
+          "nats-leaf://192.0.2.12:7422"
+        ];
+      }
+    ];
+  };
+
+  testSyncAlways = {
+    expr = linked.services.nats.settings.jetstream.sync_interval;
+    expected = "always";
+  };
+
+  testSeedAsCredentialAndRuntimeConfig = {
+    expr = {
+      inherit (linkedUnit)
+        LoadCredential
+        RuntimeDirectory
+        ExecStart
+        ExecStartPre
+        ;
+    };
+    expected = {
+      LoadCredential = [ "leaf-nkey-seed:/var/lib/secrets/leaf.nk" ];
+      RuntimeDirectory = [ "nats-leaf" ];
+      ExecStart = "${stubs.pkgs.nats-server}/bin/nats-server -c /run/nats-leaf/nats.conf";
+      ExecStartPre = [ (stubs.fakeFile "nats-leaf-assemble-config") ];
+    };
+  };
+
+  testFirewallOnlyOnContainerInterfaces = {
+    expr = {
+      inherit (linked.networking.firewall) interfaces allowedTCPPorts;
+    };
+    expected = {
+      interfaces."ve-+".allowedTCPPorts = [ 4222 ];
+      allowedTCPPorts = [ ];
+    };
+  };
+
+  testAclUsesRuntimeConfig = {
+    expr = withAcl.systemd.services.nats.serviceConfig.ExecStart;
+    expected = "${stubs.pkgs.nats-server}/bin/nats-server -c /run/nats-leaf/nats.conf";
+  };
+
+  testAclNeedsNoCredential = {
+    expr = withAcl.systemd.services.nats.serviceConfig.LoadCredential;
+    expected = [ ];
+  };
+
+  testValidPasses = {
+    expr = stubs.failedAssertions linked;
+    expected = [ ];
+  };
+
+  testSeedInStoreRefused = {
+    expr = map (lib.hasInfix "nkeySeedFile is in the Nix store") (stubs.failedAssertions seedInStore);
+    expected = [ true ];
+  };
+
+  testSeedWithoutHubRefused = {
+    expr = map (lib.hasInfix "hub.urls is empty") (stubs.failedAssertions seedWithoutHub);
+    expected = [ true ];
+  };
+}

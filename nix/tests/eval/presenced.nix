@@ -1,0 +1,264 @@
+# Module logic of services.presenced that needs no VM: rendered settings,
+# unit options, credentials and assertions.
+{ lib }:
+
+let
+  stubs = import ./stubs.nix { inherit lib; };
+  module = ../../../modules/presenced.nix;
+
+  eval =
+    presenced:
+    stubs.eval [
+      module
+      { services.presenced = presenced; }
+    ];
+
+  simple = eval {
+    site = "home";
+    instances.main.settings.zones.hall.evidence = [
+      {
+        sensor = "hall_pir";
+        p_true = 0.9;
+        p_false = 0.05;
+      }
+    ];
+  };
+  unit = simple.systemd.services.presenced-main;
+  sc = unit.serviceConfig;
+
+  withSecrets = eval {
+    site = "home";
+    instances.ingest = {
+      nkeySeedFile = "/run/keys/ingest.nk";
+      s3.secretAccessKeyFile = "/run/keys/s3-secret";
+      credentialFiles.mqtt-main-password = "/run/keys/mqtt";
+      settings.mqtt.main.password_file = "$CREDENTIALS_DIRECTORY/mqtt-main-password";
+    };
+  };
+
+  serial = eval {
+    site = "home";
+    instances.ingest.serialDevices = [ "/dev/ttyUSB0" ];
+  };
+
+  seedInStore = eval {
+    site = "home";
+    instances.ingest.nkeySeedFile = "${builtins.storeDir}/abc-seed/ingest.nk";
+  };
+
+  badName = eval {
+    site = "home";
+    instances."Bad.Name" = { };
+  };
+
+  withLeaf = stubs.eval [
+    module
+    {
+      services.nats.enable = true;
+      services.presenced = {
+        site = "home";
+        instances.main = { };
+        provision.nkeySeedFile = "/run/keys/admin.nk";
+      };
+    }
+  ];
+
+  inContainer = eval {
+    site = "home";
+    instances.engine.settings.nats.url = "nats://10.231.1.1:4222";
+  };
+in
+{
+  testSiteDefaultsFromTopLevel = {
+    expr = simple.services.presenced.instances.main.settings.site;
+    expected = "home";
+  };
+
+  testNatsUrlDefaultsToLoopback = {
+    expr = simple.services.presenced.instances.main.settings.nats.url;
+    expected = "nats://127.0.0.1:4222";
+  };
+
+  testNatsUrlOverridable = {
+    expr = inContainer.services.presenced.instances.engine.settings.nats.url;
+    expected = "nats://10.231.1.1:4222";
+  };
+
+  testFreeformSettingsKept = {
+    expr = (lib.head simple.services.presenced.instances.main.settings.zones.hall.evidence).sensor;
+    expected = "hall_pir";
+  };
+
+  testNoSeedNoSeedField = {
+    expr = simple.services.presenced.instances.main.settings.nats ? nkey_seed_file;
+    expected = false;
+  };
+
+  testConfigIsChecked = {
+    expr = sc.ExecStart;
+    expected = "${stubs.pkgs.presenced}/bin/presenced run --config ${stubs.fakeFile "presenced-main-checked.toml"}";
+  };
+
+  testConfigCheckCanBeTurnedOff = {
+    expr =
+      (eval {
+        site = "home";
+        instances.main.checkConfig = false;
+      }).services.presenced.instances.main.configFile;
+    expected = stubs.fakeFile "presenced-main.toml";
+  };
+
+  testNotifyWithWatchdog = {
+    expr = {
+      inherit (sc)
+        Type
+        NotifyAccess
+        WatchdogSec
+        Restart
+        DynamicUser
+        StateDirectory
+        ;
+    };
+    expected = {
+      Type = "notify";
+      NotifyAccess = "main";
+      WatchdogSec = "30s";
+      Restart = "on-failure";
+      DynamicUser = true;
+      StateDirectory = "presenced/main";
+    };
+  };
+
+  testHardening = {
+    expr = {
+      inherit (sc)
+        ProtectSystem
+        NoNewPrivileges
+        PrivateDevices
+        PrivateUsers
+        CapabilityBoundingSet
+        ;
+      unixForSdNotify = lib.elem "AF_UNIX" sc.RestrictAddressFamilies;
+      systemService = lib.elem "@system-service" sc.SystemCallFilter;
+    };
+    expected = {
+      ProtectSystem = "strict";
+      NoNewPrivileges = true;
+      PrivateDevices = true;
+      PrivateUsers = true;
+      CapabilityBoundingSet = "";
+      unixForSdNotify = true;
+      systemService = true;
+    };
+  };
+
+  testNoCredentialsByDefault = {
+    expr = sc.LoadCredential;
+    expected = [ ];
+  };
+
+  testSecretsAsCredentials = {
+    expr = lib.sort lib.lessThan withSecrets.systemd.services.presenced-ingest.serviceConfig.LoadCredential;
+    expected = [
+      "mqtt-main-password:/run/keys/mqtt"
+      "nkey-seed:/run/keys/ingest.nk"
+      "s3-secret-access-key:/run/keys/s3-secret"
+    ];
+  };
+
+  testSeedFieldPointsAtCredential = {
+    expr = withSecrets.services.presenced.instances.ingest.settings.nats.nkey_seed_file;
+    expected = "$CREDENTIALS_DIRECTORY/nkey-seed";
+  };
+
+  testSecretsOutsideStorePass = {
+    expr = stubs.failedAssertions withSecrets;
+    expected = [ ];
+  };
+
+  testSeedInStoreRefused = {
+    expr = map (m: lib.hasInfix "credential `nkey-seed`" m) (stubs.failedAssertions seedInStore);
+    expected = [ true ];
+  };
+
+  testBadInstanceNameRefused = {
+    expr = map (m: lib.hasInfix "Bad.Name" m) (stubs.failedAssertions badName);
+    expected = [ true ];
+  };
+
+  testSerialDevicesAllowed = {
+    expr = {
+      inherit (serial.systemd.services.presenced-ingest.serviceConfig)
+        DeviceAllow
+        SupplementaryGroups
+        PrivateDevices
+        PrivateUsers
+        DevicePolicy
+        ;
+    };
+    expected = {
+      DeviceAllow = [ "/dev/ttyUSB0 rw" ];
+      SupplementaryGroups = [ "dialout" ];
+      PrivateDevices = false;
+      PrivateUsers = false;
+      DevicePolicy = "closed";
+    };
+  };
+
+  testNoProvisionWithoutLocalLeaf = {
+    expr = simple.systemd.services ? presenced-provision;
+    expected = false;
+  };
+
+  testOrderedAfterLeafAndProvision = {
+    expr = withLeaf.systemd.services.presenced-main.after;
+    expected = [
+      "network-online.target"
+      "nats.service"
+      "presenced-provision.service"
+    ];
+  };
+
+  testProvisionRunsAsAdmin = {
+    expr =
+      let
+        p = withLeaf.systemd.services.presenced-provision;
+      in
+      {
+        inherit (p.serviceConfig)
+          Type
+          RemainAfterExit
+          LoadCredential
+          ExecStart
+          ;
+        after = p.after;
+        seed = withLeaf.services.presenced.provision.settings.nats.nkey_seed_file;
+      };
+    expected = {
+      Type = "oneshot";
+      RemainAfterExit = true;
+      LoadCredential = [ "nkey-seed:/run/keys/admin.nk" ];
+      ExecStart = "${stubs.pkgs.presenced}/bin/presenced provision --config ${stubs.fakeFile "presenced-provision-checked.toml"}";
+      after = [
+        "network-online.target"
+        "nats.service"
+      ];
+      seed = "$CREDENTIALS_DIRECTORY/nkey-seed";
+    };
+  };
+
+  testDisabledInstanceHasNoUnit = {
+    expr =
+      (eval {
+        site = "home";
+        instances.main.enable = false;
+      }).systemd.services
+        ? presenced-main;
+    expected = false;
+  };
+
+  testConfigLinkedInEtc = {
+    expr = simple.environment.etc."presenced/main.toml".source;
+    expected = stubs.fakeFile "presenced-main-checked.toml";
+  };
+}
