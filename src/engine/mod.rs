@@ -8,6 +8,8 @@
 
 pub mod core;
 pub mod model;
+#[cfg(test)]
+mod tests;
 
 pub use self::core::{advance, apply, initial_state, next_deadline, reconcile};
 pub use self::model::{Model, Rule, ZoneModel};
