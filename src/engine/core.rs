@@ -790,6 +790,24 @@ mod tests {
     }
 
     #[test]
+    fn reading_at_threshold_survives_the_json_round_trip() {
+        // This value comes back one ulp higher from a parser without
+        // exact float round trips, which would flip `x > above`.
+        let x = 985.6906946328695;
+        let mut r = rule("lux", 0.9, 0.1);
+        r.above = Some(x);
+        let m = zone(vec![r]);
+        let mut s = initial_state(&m, at(0));
+        apply(&m, &mut s, &input(1, "lux", Reading::Number(x), 0));
+        assert_eq!(s.evidence[0].active, Some(false));
+        let json = serde_json::to_string(&s).unwrap();
+        let mut back: ZoneState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.evidence[0].value, Some(Reading::Number(x)));
+        advance(&m, &mut back, at(1));
+        assert_eq!(back.evidence[0].active, Some(false));
+    }
+
+    #[test]
     fn overlapping_thresholds_do_not_loop() {
         let mut m = zone(vec![rule("a", 0.9, 0.1)]);
         m.occupied_above = 0.4;
