@@ -9,6 +9,8 @@
 pub mod core;
 pub mod model;
 pub mod runner;
+#[cfg(test)]
+mod tests;
 
 pub use self::core::{advance, apply, initial_state, next_deadline, reconcile};
 pub use self::model::{Model, Rule, ZoneModel};
