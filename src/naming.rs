@@ -35,8 +35,7 @@ pub const MAX_SITE_LEN: usize = 32;
 pub fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
@@ -45,8 +44,7 @@ pub fn is_token(s: &str) -> bool {
 pub fn is_site_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_SITE_LEN
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
@@ -179,7 +177,10 @@ mod tests {
         assert!(Site::new("home-1").is_ok());
         assert!(Site::new("").is_err());
         assert!(Site::new("Home").is_err());
-        assert!(Site::new("a_b").is_err(), "underscore is not allowed in site ids");
+        assert!(
+            Site::new("a_b").is_err(),
+            "underscore is not allowed in site ids"
+        );
         assert!(Site::new(&"a".repeat(33)).is_err());
         assert!(Site::new(&"a".repeat(32)).is_ok());
     }

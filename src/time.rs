@@ -97,6 +97,9 @@ mod tests {
         let t = Timestamp(1000);
         assert_eq!(t.plus(Duration::from_secs(2)), Timestamp(3000));
         assert_eq!(Timestamp(1000).since(Timestamp(3000)), Duration::ZERO);
-        assert_eq!(Timestamp(i64::MAX - 1).plus(Duration::from_secs(10)).0, i64::MAX);
+        assert_eq!(
+            Timestamp(i64::MAX - 1).plus(Duration::from_secs(10)).0,
+            i64::MAX
+        );
     }
 }
