@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The one test command: tools, formatting, lints, every test target against
+# real servers, doc tests. Runs every step, then exits non-zero if any failed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+bash scripts/setup.sh
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+
+failed=()
+step() {
+    local name="$1"
+    shift
+    printf '\n==> %s: %s\n' "$name" "$*"
+    if "$@"; then
+        printf '==> %s: ok\n' "$name"
+    else
+        printf '==> %s: FAILED\n' "$name"
+        failed+=("$name")
+    fi
+}
+
+step fmt cargo fmt --check
+step clippy cargo clippy --all-targets -- -D warnings
+step tests cargo nextest run --all-targets --no-fail-fast
+step doctests cargo test --doc
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    printf '\ntest.sh: failed: %s\n' "${failed[*]}" >&2
+    exit 1
+fi
+printf '\ntest.sh: all steps passed\n'

@@ -1,0 +1,216 @@
+//! The `presenced` binary under test, run as an operator would run it.
+
+use super::http_get;
+use super::process::{self, log_tail};
+use std::fs::OpenOptions;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+const TERMINATE_DEADLINE: Duration = Duration::from_secs(15);
+const DEFAULT_RUST_LOG: &str = "info,presenced=debug";
+
+/// The binary Cargo built for this test run.
+pub fn presenced_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_presenced"))
+}
+
+/// Runs a one-shot subcommand (`provision`, `check-config`, `get`, ...)
+/// to completion, with the same `RUST_LOG` default as [`Daemon`].
+pub fn run_presenced(args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(presenced_bin());
+    command.args(args).stdin(Stdio::null());
+    apply_env(&mut command, extra_env);
+    command
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run presenced {args:?}: {error}"))
+}
+
+/// `presenced run` in the background; SIGKILLed on `Drop`.
+pub struct Daemon {
+    /// The config the daemon runs with; reused by [`Daemon::restart`].
+    pub config_path: PathBuf,
+    child: Option<Child>,
+    log_path: PathBuf,
+    env: Vec<(String, String)>,
+    // Last field: removed after the daemon is gone.
+    dir: TempDir,
+}
+
+impl Daemon {
+    /// Writes `config_toml` to a temp file and runs the daemon with it.
+    pub fn start(config_toml: &str, extra_env: &[(&str, &str)]) -> Daemon {
+        let dir = new_dir();
+        let config_path = dir.path().join("presenced.toml");
+        std::fs::write(&config_path, config_toml).expect("write presenced config");
+        Daemon::launch(dir, config_path, extra_env)
+    }
+
+    /// Runs the daemon with an existing config file, which the caller
+    /// keeps alive (e.g. across several daemons in a crash test).
+    pub fn start_at(config_path: &Path, extra_env: &[(&str, &str)]) -> Daemon {
+        Daemon::launch(new_dir(), config_path.to_path_buf(), extra_env)
+    }
+
+    fn launch(dir: TempDir, config_path: PathBuf, extra_env: &[(&str, &str)]) -> Daemon {
+        let mut daemon = Daemon {
+            config_path,
+            child: None,
+            log_path: dir.path().join("presenced.log"),
+            env: extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            dir,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    fn spawn(&mut self) {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("open the daemon log");
+        let log_err = log.try_clone().expect("clone the daemon log handle");
+        let mut command = Command::new(presenced_bin());
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err));
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        apply_env(&mut command, &env);
+        let child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start presenced: {error}"));
+        self.child = Some(child);
+    }
+
+    /// SIGKILL and reap: a crash at an arbitrary instant.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            process::kill(&mut child);
+        }
+    }
+
+    /// SIGTERM and wait for the exit (a graceful shutdown); panics with the
+    /// log tail if the daemon is still running after 15 s.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let Some(mut child) = self.child.take() else {
+            panic!("presenced is not running; log tail:\n{}", self.log_tail());
+        };
+        process::signal(&child, libc::SIGTERM);
+        match process::wait_for_exit(&mut child, TERMINATE_DEADLINE) {
+            Some(status) => status,
+            None => {
+                process::kill(&mut child);
+                panic!(
+                    "presenced still running {TERMINATE_DEADLINE:?} after SIGTERM; log tail:\n{}",
+                    self.log_tail()
+                );
+            }
+        }
+    }
+
+    /// Starts the daemon again with the same config, environment and log
+    /// (appended); kills the running one first, if any.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Whether the process is alive (false once it exited by itself).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The exit status if the daemon exited by itself.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|child| child.try_wait().ok()?)
+    }
+
+    /// Everything the daemon wrote to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        process::read_log(&self.log_path)
+    }
+
+    /// The last lines of the log, for panic messages.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log_path)
+    }
+
+    /// Polls `GET /healthz` on `http` until it answers 200; panics with the
+    /// log tail on timeout.
+    pub fn wait_healthy(&self, http: SocketAddr, deadline: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some((200, _)) = http_get(http, "/healthz") {
+                return;
+            }
+            if start.elapsed() >= deadline {
+                panic!(
+                    "presenced not healthy on {http} after {deadline:?}; log tail:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(super::wait::POLL);
+        }
+    }
+
+    /// Waits until the log contains `needle`; panics with the tail if not.
+    pub fn wait_for_log(&self, needle: &str, deadline: Duration) {
+        let start = Instant::now();
+        loop {
+            if self.log().contains(needle) {
+                return;
+            }
+            if start.elapsed() >= deadline {
+                panic!(
+                    "presenced log has no {needle:?} after {deadline:?}; log tail:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(super::wait::POLL);
+        }
+    }
+
+    /// The daemon's temp dir, for files a test wants to keep beside it.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn new_dir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("presenced-test-")
+        .tempdir()
+        .expect("create a temp dir for presenced")
+}
+
+fn apply_env(command: &mut Command, extra_env: &[(&str, &str)]) {
+    if std::env::var_os("RUST_LOG").is_none() && !extra_env.iter().any(|(k, _)| *k == "RUST_LOG") {
+        command.env("RUST_LOG", DEFAULT_RUST_LOG);
+    }
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+}

@@ -1,0 +1,42 @@
+//! Test support: real servers and the real daemon, started on free loopback
+//! ports in temporary directories and torn down on `Drop`.
+//!
+//! Every integration test (and the benches, through `#[path]`) includes this
+//! module; each crate uses only part of it, hence the blanket
+//! `dead_code` allowance.
+//!
+//! - [`nats`]: `nats-server` with JetStream (and optionally MQTT).
+//! - [`mosquitto`]: a Mosquitto broker configured as the daemon expects.
+//! - [`daemon`]: the `presenced` binary under test.
+//! - [`wait`]: polling with deadlines instead of sleeps.
+//! - [`http`]: a tiny HTTP/1.0 client for health and monitoring endpoints.
+//! - [`process`]: signals, graceful stop and log tails shared by the above.
+#![allow(dead_code, unused_imports)]
+
+pub mod daemon;
+pub mod http;
+pub mod mosquitto;
+pub mod nats;
+pub mod process;
+pub mod wait;
+
+pub use daemon::{presenced_bin, Daemon};
+pub use http::http_get;
+pub use mosquitto::{mosquitto_bin, Mosquitto};
+pub use nats::{
+    check_nats_version, nats_server_bin, parse_nats_version, NatsOptions, NatsServer,
+    MIN_NATS_VERSION,
+};
+pub use wait::{wait_until, wait_until_async};
+
+use std::net::TcpListener;
+
+/// A port the kernel just handed out on 127.0.0.1; free the moment this
+/// returns, so a server started right after will almost surely get it.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 for a free port");
+    listener
+        .local_addr()
+        .expect("local address of a bound listener")
+        .port()
+}

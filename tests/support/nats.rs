@@ -1,0 +1,336 @@
+//! `nats-server` with JetStream on free loopback ports, its store in a
+//! temporary directory that survives restarts of the same `NatsServer`.
+
+use super::process::{self, log_tail};
+use super::{free_port, http_get};
+use std::env;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// Oldest server the daemon supports: older servers reject parts of the
+/// strict JetStream API and KV features the daemon relies on.
+pub const MIN_NATS_VERSION: (u32, u32, u32) = (2, 11, 0);
+
+const READY_DEADLINE: Duration = Duration::from_secs(10);
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The version in `nats-server --version` output such as
+/// `nats-server: v2.15.1` (pre-release suffixes ignored).
+pub fn parse_nats_version(output: &str) -> Option<(u32, u32, u32)> {
+    // The first `v` directly followed by a digit: `nats-server` has a `v` too.
+    let start = output
+        .char_indices()
+        .find(|&(i, c)| c == 'v' && output[i + 1..].starts_with(|d: char| d.is_ascii_digit()))?
+        .0
+        + 1;
+    let text = &output[start..];
+    let end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let mut numbers = text[..end].split('.').map(str::parse::<u32>);
+    let major = numbers.next()?.ok()?;
+    let minor = numbers.next()?.ok()?;
+    let patch = numbers.next().unwrap_or(Ok(0)).ok()?;
+    Some((major, minor, patch))
+}
+
+/// The server version if it is at least [`MIN_NATS_VERSION`], else a
+/// message saying what was found and what to do.
+pub fn check_nats_version(output: &str) -> Result<(u32, u32, u32), String> {
+    let found = parse_nats_version(output).ok_or_else(|| {
+        format!("cannot read a version from `nats-server --version` output {output:?}")
+    })?;
+    if found < MIN_NATS_VERSION {
+        let (a, b, c) = MIN_NATS_VERSION;
+        return Err(format!(
+            "nats-server {}.{}.{} is too old (need >= {a}.{b}.{c}); run scripts/setup.sh \
+             and `source scripts/env.sh`, or set NATS_SERVER",
+            found.0, found.1, found.2
+        ));
+    }
+    Ok(found)
+}
+
+/// Finds an executable called `name` on `PATH`.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// The `nats-server` to test against: `$NATS_SERVER`, else `PATH`.
+/// Checked once per test process; panics if missing or too old, since no
+/// integration test means anything without it.
+pub fn nats_server_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = env::var_os("NATS_SERVER")
+            .map(PathBuf::from)
+            .or_else(|| find_on_path("nats-server"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "nats-server not found (neither $NATS_SERVER nor PATH): run scripts/setup.sh, \
+                     then `source scripts/env.sh`"
+                )
+            });
+        let output = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|error| panic!("cannot run {} --version: {error}", bin.display()));
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        if let Err(message) = check_nats_version(&text) {
+            panic!("{}: {message}", bin.display());
+        }
+        bin
+    })
+    .clone()
+}
+
+/// What the test needs from the server beyond JetStream on a free port.
+#[derive(Clone, Debug, Default)]
+pub struct NatsOptions {
+    /// JetStream domain (`leaf-<site>` for a site's leaf, `hub` for a hub).
+    pub domain: Option<String>,
+    /// Also serve MQTT on a free port.
+    pub mqtt: bool,
+    /// Raw nats-server configuration appended to the generated file.
+    pub extra: String,
+    /// fsync every JetStream write (`sync_interval: always`), as an edge
+    /// host that loses power should run.
+    pub sync_always: bool,
+    /// Accept leafnode connections on a free port (for a hub).
+    pub leafnode_listen: bool,
+    /// Leafnode URLs to connect to as a leaf (e.g. a hub's
+    /// [`NatsServer::leafnode_url`]).
+    pub leaf_remotes: Vec<String>,
+    /// Server name; default `test-<port>`. MQTT and clustering need one.
+    pub server_name: Option<String>,
+}
+
+/// A running `nats-server`; killed and its directory removed on `Drop`.
+pub struct NatsServer {
+    /// Client port on 127.0.0.1.
+    pub port: u16,
+    /// MQTT port on 127.0.0.1, when [`NatsOptions::mqtt`] was set.
+    pub mqtt_port: Option<u16>,
+    /// HTTP monitoring port on 127.0.0.1 (`/healthz`, `/jsz`, `/varz`).
+    pub monitor_port: u16,
+    /// Leafnode listen port, when [`NatsOptions::leafnode_listen`] was set.
+    pub leafnode_port: Option<u16>,
+    /// JetStream store; kept across [`NatsServer::restart`].
+    pub store_dir: PathBuf,
+    child: Option<Child>,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    // Last field: removed after the server is gone.
+    dir: TempDir,
+}
+
+impl NatsServer {
+    /// Writes a config, starts the server and waits until JetStream is
+    /// ready; panics with the log tail if it does not come up in 10 s.
+    pub fn start(opts: NatsOptions) -> NatsServer {
+        let dir = tempfile::Builder::new()
+            .prefix("nats-test-")
+            .tempdir()
+            .expect("create a temp dir for nats-server");
+        let port = free_port();
+        let monitor_port = free_port();
+        let mqtt_port = opts.mqtt.then(free_port);
+        let leafnode_port = opts.leafnode_listen.then(free_port);
+        let store_dir = dir.path().join("jetstream");
+        let log_path = dir.path().join("nats-server.log");
+        let config_path = dir.path().join("nats-server.conf");
+        let ports = Ports {
+            port,
+            monitor_port,
+            mqtt_port,
+            leafnode_port,
+        };
+        let config = render_config(&opts, &ports, &store_dir, &log_path);
+        std::fs::write(&config_path, config).expect("write nats-server config");
+        let mut server = NatsServer {
+            port,
+            mqtt_port,
+            monitor_port,
+            leafnode_port,
+            store_dir,
+            child: None,
+            config_path,
+            log_path,
+            dir,
+        };
+        server.spawn();
+        server
+    }
+
+    /// Client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// URL a leaf connects to, when [`NatsOptions::leafnode_listen`] was set.
+    pub fn leafnode_url(&self) -> Option<String> {
+        self.leafnode_port
+            .map(|port| format!("nats-leaf://127.0.0.1:{port}"))
+    }
+
+    /// The monitoring endpoint.
+    pub fn monitor_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.monitor_port))
+    }
+
+    /// The generated config file (to read, or to copy for a variant).
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Graceful stop: SIGTERM, then SIGKILL after 5 s.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            process::terminate(&mut child, STOP_GRACE);
+        }
+    }
+
+    /// Abrupt stop, as a crash or power loss of the server process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            process::kill(&mut child);
+        }
+    }
+
+    /// Stops (if running) and starts again with the same ports, config and
+    /// store, waiting until ready.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Whether the server process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The server log so far (all runs of this `NatsServer`).
+    pub fn log(&self) -> String {
+        process::read_log(&self.log_path)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(&self.config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start nats-server: {error}"));
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        let addr = self.monitor_addr();
+        loop {
+            if let Some((200, _)) = http_get(addr, "/healthz?js-enabled-only=true") {
+                return;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    panic!(
+                        "nats-server exited during startup ({status}); config {}; log tail:\n{}",
+                        self.config_path.display(),
+                        log_tail(&self.log_path)
+                    );
+                }
+            }
+            if start.elapsed() >= READY_DEADLINE {
+                panic!(
+                    "nats-server on port {} not ready after {READY_DEADLINE:?}; log tail:\n{}",
+                    self.port,
+                    log_tail(&self.log_path)
+                );
+            }
+            std::thread::sleep(super::wait::POLL);
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Ports {
+    port: u16,
+    monitor_port: u16,
+    mqtt_port: Option<u16>,
+    leafnode_port: Option<u16>,
+}
+
+/// A nats-server config string literal (JSON escaping is accepted).
+fn quote(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serialises to JSON")
+}
+
+fn render_config(opts: &NatsOptions, ports: &Ports, store_dir: &Path, log_path: &Path) -> String {
+    let name = opts
+        .server_name
+        .clone()
+        .unwrap_or_else(|| format!("test-{}", ports.port));
+    let mut config = String::new();
+    let _ = writeln!(config, "server_name: {}", quote(&name));
+    let _ = writeln!(config, "listen: \"127.0.0.1:{}\"", ports.port);
+    let _ = writeln!(config, "http: \"127.0.0.1:{}\"", ports.monitor_port);
+    let _ = writeln!(config, "log_file: {}", quote(&log_path.to_string_lossy()));
+    let _ = writeln!(config, "jetstream {{");
+    let _ = writeln!(
+        config,
+        "  store_dir: {}",
+        quote(&store_dir.to_string_lossy())
+    );
+    if let Some(domain) = &opts.domain {
+        let _ = writeln!(config, "  domain: {}", quote(domain));
+    }
+    if opts.sync_always {
+        let _ = writeln!(config, "  sync_interval: always");
+    }
+    let _ = writeln!(config, "}}");
+    if let Some(mqtt_port) = ports.mqtt_port {
+        let _ = writeln!(config, "mqtt {{\n  listen: \"127.0.0.1:{mqtt_port}\"\n}}");
+    }
+    if ports.leafnode_port.is_some() || !opts.leaf_remotes.is_empty() {
+        let _ = writeln!(config, "leafnodes {{");
+        if let Some(leaf_port) = ports.leafnode_port {
+            let _ = writeln!(config, "  listen: \"127.0.0.1:{leaf_port}\"");
+        }
+        if !opts.leaf_remotes.is_empty() {
+            let urls: Vec<String> = opts.leaf_remotes.iter().map(|u| quote(u)).collect();
+            let _ = writeln!(config, "  remotes: [ {{ urls: [ {} ] }} ]", urls.join(", "));
+        }
+        let _ = writeln!(config, "}}");
+    }
+    config.push_str(&opts.extra);
+    config.push('\n');
+    config
+}
