@@ -250,6 +250,9 @@ pub struct MqttStatus {
     pub connects: AtomicU64,
     /// Connections lost after a ConnAck.
     pub disconnects: AtomicU64,
+    /// Subscription acknowledgements (SUBACK) from the broker: one per
+    /// connection once reading has really started.
+    pub subscribed: AtomicU64,
     /// Publishes received on subscribed topics.
     pub received: AtomicU64,
     /// Publishes that became rejections.
@@ -475,6 +478,7 @@ impl Connection {
     }
 
     fn on_suback(&self, codes: &[SubscribeReasonCode]) {
+        self.status.subscribed.fetch_add(1, Ordering::Relaxed);
         for (filter, code) in self.filters.iter().zip(codes) {
             match code {
                 SubscribeReasonCode::Failure => warn!(
