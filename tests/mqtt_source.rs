@@ -350,6 +350,38 @@ async fn nats_mqtt_redelivers_unacked_with_same_id() {
     unacked_is_redelivered_with_same_id(port).await;
 }
 
+/// nats-server resends an unacked message on the live connection after
+/// `ack_wait`; the copy is dropped (the original's ack covers it) instead of
+/// going to ingest with a second ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_mqtt_live_redelivery_is_dropped_while_in_flight() {
+    let (server, port) = nats_mqtt();
+    let monitor = server.monitor_addr();
+    let mut source = Source::start(port, "presenced-test-live", 100);
+    source.wait_subscribed(1).await;
+    let device = Publisher::connect(port, "device-live");
+    device.publish("test/hall/motion", "ON").await;
+    let (_, held) = source.next_observation().await;
+    let status = source.status.clone();
+    wait_until_async("the redelivered copy was dropped", DEADLINE, || {
+        let n = status.ignored.load(Ordering::Relaxed);
+        async move { n >= 1 }
+    })
+    .await;
+    assert!(source.rx.try_recv().is_err(), "the copy reached ingest");
+    held.fire();
+    wait_until_async("nats-server has the message acked", DEADLINE, || {
+        let pending = mqtt_ack_pending(monitor);
+        async move { pending == Some(0) }
+    })
+    .await;
+    device.publish("test/hall/motion", "OFF").await;
+    let (o, ack) = source.next_observation().await;
+    assert_eq!(o.value, Reading::Bool(false));
+    ack.fire();
+    source.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_broker_restart() {
     let mut broker = Mosquitto::start();

@@ -9,6 +9,12 @@
 //! the same observation id and JetStream's duplicate window stores them
 //! once.
 //!
+//! Brokers differ in when they redeliver: Mosquitto resends unacked
+//! messages when the session resumes; nats-server's MQTT listener resends
+//! them after its `mqtt.ack_wait` (30 s by default), on a live connection
+//! too. Both keep the packet id. Retained messages are skipped unless the
+//! mapping reads a device timestamp: their age is unknown.
+//!
 //! [`decode`] is the pure part (topic and payload to observation or
 //! rejection); [`run`] is the connection loop around it.
 
@@ -25,7 +31,7 @@ use rumqttc::{
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -311,6 +317,7 @@ pub async fn run(
         tx,
         status,
         generation: Arc::new(AtomicU64::new(0)),
+        in_flight: InFlight::default(),
         runtime: tokio::runtime::Handle::current(),
         connected: false,
         outage_logged: false,
@@ -385,6 +392,8 @@ struct Connection {
     /// message on the new one and the packet id may by then name another
     /// message.
     generation: Arc<AtomicU64>,
+    /// Packet ids handed to ingest and not yet acked, by generation.
+    in_flight: InFlight,
     /// Where acks that find the request queue full finish sending.
     runtime: tokio::runtime::Handle,
     connected: bool,
@@ -524,6 +533,20 @@ impl Connection {
     ) -> Result<Flow, MqttError> {
         self.status.received.fetch_add(1, Ordering::Relaxed);
         let received_at = Timestamp::now();
+        // nats-server resends an unacked message on a live connection once
+        // its `ack_wait` runs out. The original is still in ingest and its
+        // ack covers both; a second PUBACK could hit a later message that
+        // reused the packet id. So a copy of an in-flight message is
+        // dropped; if the original is dropped unacked, the broker resends.
+        if p.qos != QoS::AtMostOnce
+            && self
+                .in_flight
+                .contains(self.generation.load(Ordering::Acquire), p.pkid)
+        {
+            debug!(source = %self.source, topic = %p.topic, pkid = p.pkid, "MQTT redelivery of a message still in flight; dropped");
+            self.status.ignored.fetch_add(1, Ordering::Relaxed);
+            return Ok(Flow::Continue);
+        }
         // A retained message is the last value the broker saw, from an
         // unknown time; stamping it with the receive time would make an old
         // "motion" look current. Only a device timestamp makes it usable.
@@ -615,6 +638,7 @@ impl Connection {
         let generation = Arc::clone(&self.generation);
         let issued = generation.load(Ordering::Acquire);
         let runtime = self.runtime.clone();
+        let guard = self.in_flight.insert(issued, p.pkid);
         Ack::new(move || {
             if generation.load(Ordering::Acquire) != issued {
                 debug!(
@@ -623,11 +647,14 @@ impl Connection {
                 );
                 return;
             }
+            // The guard goes once the PUBACK is queued, so the packet id is
+            // free in our books no earlier than in the broker's.
             if client.try_ack(&bare).is_err() {
                 runtime.spawn(async move {
                     if let Err(error) = client.ack(&bare).await {
                         debug!(pkid = bare.pkid, %error, "MQTT ack not sent; the event loop is gone");
                     }
+                    drop(guard);
                 });
             }
         })
@@ -650,6 +677,44 @@ impl Connection {
             debug!(source = %self.source, "MQTT disconnect timed out");
         }
         info!(source = %self.source, broker = %self.broker, "disconnected from MQTT broker");
+    }
+}
+
+/// The set behind [`Connection::in_flight`]. Entries carry the connection
+/// generation, so acks of an old connection never touch the new one's.
+#[derive(Clone, Default)]
+struct InFlight(Arc<Mutex<HashSet<(u64, u16)>>>);
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(u64, u16)>> {
+        // Nothing can leave the set inconsistent; a panic elsewhere while
+        // holding the lock must not stop acks.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn contains(&self, generation: u64, pkid: u16) -> bool {
+        self.lock().contains(&(generation, pkid))
+    }
+
+    /// Marks the packet in flight until the returned guard is dropped
+    /// (ack fired, or dropped unfired by ingest).
+    fn insert(&self, generation: u64, pkid: u16) -> InFlightGuard {
+        self.lock().insert((generation, pkid));
+        InFlightGuard {
+            set: self.clone(),
+            key: (generation, pkid),
+        }
+    }
+}
+
+struct InFlightGuard {
+    set: InFlight,
+    key: (u64, u16),
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.key);
     }
 }
 
