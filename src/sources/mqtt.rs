@@ -1084,6 +1084,35 @@ mod tests {
         assert!(options(&s, "c").unwrap().credentials().is_none());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(
+            topic in "[a-zA-Z0-9/+# $._-]{0,40}",
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            pkid in proptest::prelude::any::<u16>(),
+        ) {
+            let m = sample();
+            let _ = decode("main", &m, true, &topic, &payload, pkid, T0);
+        }
+
+        #[test]
+        fn json_payloads_never_panic(payload in "[\\[\\]{}\":,0-9a-zA-Z./+ -]{0,48}") {
+            let m = sample();
+            for topic in ["zigbee2mqtt/hall_pir", "esp/x/state", "home/x/motion"] {
+                let _ = decode("main", &m, false, topic, payload.as_bytes(), 1, T0);
+            }
+        }
+
+        #[test]
+        fn filters_and_captures_never_panic(filter in "[a+#/$]{0,12}", topic in "[a+#/$]{0,12}") {
+            if let Ok(f) = TopicFilter::parse(&filter) {
+                if let Some(caps) = f.captures(&topic) {
+                    proptest::prop_assert_eq!(caps.len(), f.wildcards());
+                }
+            }
+        }
+    }
+
     #[test]
     fn backoff_doubles_to_cap_with_jitter() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
