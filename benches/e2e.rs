@@ -121,8 +121,11 @@ async fn main() {
         &motion_mapping(true),
         &zones_toml(zones),
     );
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg_path = cfg_dir.path().join("presenced.toml");
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    provision(&cfg_path);
     let daemon = Daemon::start(&cfg, &[("RUST_LOG", "warn")]);
-    provision(&daemon.config_path);
     daemon.wait_healthy(http, Duration::from_secs(30));
     let pid = daemon.pid();
     tokio::time::sleep(Duration::from_secs(2)).await;

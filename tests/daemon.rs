@@ -16,7 +16,8 @@ struct Site {
     nats: NatsServer,
     mqtt: Mosquitto,
     http: SocketAddr,
-    config: String,
+    config_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 fn site(mapping: &str, zones: &str) -> Site {
@@ -27,17 +28,21 @@ fn site(mapping: &str, zones: &str) -> Site {
     let mqtt = Mosquitto::start();
     let http_port = support::free_port();
     let config = daemon_config("test", &nats.url(), mqtt.port, http_port, mapping, zones);
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("presenced.toml");
+    std::fs::write(&config_path, config).unwrap();
+    provision(&config_path);
     Site {
         nats,
         mqtt,
         http: SocketAddr::from(([127, 0, 0, 1], http_port)),
-        config,
+        config_path,
+        _dir: dir,
     }
 }
 
 fn start(site: &Site) -> Daemon {
-    let daemon = Daemon::start(&site.config, &[]);
-    provision(&daemon.config_path);
+    let daemon = Daemon::start_at(&site.config_path, &[]);
     daemon.wait_healthy(site.http, Duration::from_secs(20));
     daemon
 }

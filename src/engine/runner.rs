@@ -30,7 +30,7 @@ use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
-    #[error("{what} is missing on the leaf: run `presenced provision` first ({source})")]
+    #[error("{what} is missing on the leaf: run `presenced provision` first")]
     NotProvisioned {
         what: String,
         source: async_nats::Error,
