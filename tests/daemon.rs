@@ -249,6 +249,8 @@ struct Outcome {
     zones: Vec<serde_json::Value>,
     events: Vec<Transition>,
     sensors: u64,
+    /// Observation ids in stream order.
+    order: Vec<String>,
 }
 
 async fn outcome(js: &async_nats::jetstream::Context) -> Outcome {
@@ -266,6 +268,15 @@ async fn outcome(js: &async_nats::jetstream::Context) -> Outcome {
         zones,
         events: events(js).await,
         sensors: stream_messages(js, "SENSORS").await,
+        order: read_stream(js, "SENSORS")
+            .await
+            .iter()
+            .map(|m| {
+                serde_json::from_slice::<presenced::observation::Observation>(&m.payload)
+                    .unwrap()
+                    .id
+            })
+            .collect(),
     }
 }
 
@@ -326,6 +337,34 @@ async fn sigkill_at_random_points_during_a_burst_gives_the_uninterrupted_outcome
         "the burst produced transitions: {}",
         calm.events.len()
     );
+    let first_diff = calm
+        .order
+        .iter()
+        .zip(&crashed.order)
+        .position(|(a, b)| a != b);
+    assert_eq!(
+        first_diff, None,
+        "SENSORS holds the readings in the same order"
+    );
+    for i in 0..50 {
+        let zone = format!("z{i:02}");
+        let a: Vec<_> = calm.events.iter().filter(|t| t.zone == zone).collect();
+        let b: Vec<_> = crashed.events.iter().filter(|t| t.zone == zone).collect();
+        if a != b {
+            let k = a
+                .iter()
+                .zip(&b)
+                .position(|(x, y)| x != y)
+                .unwrap_or(a.len().min(b.len()));
+            panic!(
+                "zone {zone} diverges at transition {k}: calm {:?}\ncrashed {:?}\ncalm state {}\ncrashed state {}",
+                a.get(k),
+                b.get(k),
+                calm.zones[i],
+                crashed.zones[i]
+            );
+        }
+    }
     assert_eq!(
         crashed.events.len(),
         calm.events.len(),

@@ -235,10 +235,10 @@ impl Runner {
         )
     }
 
-    /// Applies a batch of messages from `SENSORS` and acks it once durable.
-    async fn process(&mut self, messages: Vec<jetstream::Message>) {
+    /// Reads the stream sequence and observation of each message.
+    fn decode(&mut self, messages: &[jetstream::Message]) -> Vec<(u64, Observation)> {
         let mut inputs: Vec<(u64, Observation)> = Vec::with_capacity(messages.len());
-        for msg in &messages {
+        for msg in messages {
             let Ok(info) = msg.info() else {
                 tracing::error!(subject = %msg.subject, "message without JetStream metadata on the engine consumer; skipped");
                 continue;
@@ -254,6 +254,25 @@ impl Runner {
                 ),
             }
         }
+        inputs
+    }
+
+    /// Applies a batch of messages from `SENSORS` and acks it once durable.
+    async fn process(&mut self, messages: Vec<jetstream::Message>) {
+        let inputs = self.decode(&messages);
+        self.apply_inputs(inputs).await;
+        if let Some(last) = messages.last() {
+            if let Err(e) = last.ack().await {
+                // The batch is durable; a lost ack only means redelivery,
+                // which is skipped by sequence.
+                tracing::warn!(error = %e, "ack of a SENSORS batch failed; it will be redelivered and skipped");
+            }
+        }
+        self.update_gauges();
+    }
+
+    /// Applies observations in stream order and makes the effects durable.
+    async fn apply_inputs(&mut self, inputs: Vec<(u64, Observation)>) {
         Metrics::add(&self.metrics.engine_observations, inputs.len() as u64);
         let mut transitions = Vec::new();
         let mut dirty = BTreeSet::new();
@@ -267,6 +286,7 @@ impl Runner {
                     continue;
                 };
                 if *seq <= slot.state.last_seq {
+                    tracing::debug!(zone = %zone, seq, last_seq = slot.state.last_seq, "already applied; skipped");
                     Metrics::inc(&self.metrics.engine_redeliveries);
                     continue;
                 }
@@ -281,14 +301,6 @@ impl Runner {
             }
         }
         self.commit_with_retry(dirty, transitions).await;
-        if let Some(last) = messages.last() {
-            if let Err(e) = last.ack().await {
-                // The batch is durable; a lost ack only means redelivery,
-                // which is skipped by sequence.
-                tracing::warn!(error = %e, "ack of a SENSORS batch failed; it will be redelivered and skipped");
-            }
-        }
-        self.update_gauges();
     }
 
     /// Fires every timer due by `now` (in deadline order across zones).
@@ -512,6 +524,67 @@ impl Runner {
         }
     }
 
+    /// Applies the messages a previous instance had received but not acked.
+    ///
+    /// The server redelivers those only after the consumer's ack wait,
+    /// while new messages flow at once; applied late they would be skipped
+    /// as older than the zone's `last_seq`, and the ack of a later message
+    /// (ack policy "all") would cover them. So the range between the ack
+    /// floor and the last delivered sequence is read directly, in order,
+    /// before the consumer is bound. Applying is idempotent, so a crash in
+    /// here just does it again.
+    async fn catch_up(&mut self, floor: u64, delivered: u64) -> Result<(), RunnerError> {
+        if delivered <= floor {
+            return Ok(());
+        }
+        tracing::info!(
+            from = floor + 1,
+            to = delivered,
+            "applying observations a previous run received but did not acknowledge"
+        );
+        let stream = self
+            .js
+            .get_stream(naming::SENSORS_STREAM)
+            .await
+            .map_err(|e| missing("stream SENSORS", e))?;
+        let reader = stream
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: floor + 1,
+                },
+                filter_subject: self.site.sensors_filter(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| RunnerError::Consume(e.into()))?;
+        let mut messages = reader
+            .messages()
+            .await
+            .map_err(|e| RunnerError::Consume(e.into()))?;
+        let mut batch = Vec::with_capacity(self.batch);
+        let mut done = false;
+        while !done {
+            match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+                Ok(Some(Ok(msg))) => {
+                    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX);
+                    if seq <= delivered {
+                        batch.push(msg);
+                    }
+                    done = seq >= delivered;
+                }
+                Ok(Some(Err(e))) => return Err(RunnerError::Consume(e.into())),
+                // The range may have aged out of the stream: nothing left.
+                Ok(None) | Err(_) => done = true,
+            }
+            if batch.len() >= self.batch || (done && !batch.is_empty()) {
+                let msgs = std::mem::take(&mut batch);
+                let inputs = self.decode(&msgs);
+                self.apply_inputs(inputs).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Consumes `SENSORS` and fires timers until `shutdown` turns true.
     pub async fn run(
         mut self,
@@ -520,7 +593,16 @@ impl Runner {
         mut on_ready: impl FnMut(&Runner),
     ) -> Result<(), RunnerError> {
         let mut info = consumer.clone();
-        self.backlog = info.info().await.map(|i| i.num_pending).unwrap_or(0);
+        let info = info
+            .info()
+            .await
+            .map_err(|e| RunnerError::Consume(e.into()))?;
+        self.catch_up(
+            info.ack_floor.stream_sequence,
+            info.delivered.stream_sequence,
+        )
+        .await?;
+        self.backlog = info.num_pending;
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(self.batch)
