@@ -13,6 +13,7 @@ use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
 
 const ZONES: &str = r#"
 [zones.lab]
+occupied_above = 0.6
 arrive_after = "0s"
 leave_after = "0s"
 [[zones.lab.evidence]]
