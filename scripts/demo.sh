@@ -132,6 +132,7 @@ CONF
     echo "listener $MQTT_PORT 127.0.0.1"
     echo "allow_anonymous true"
     echo "max_queued_messages 0"
+    echo "max_inflight_messages 1000"
     echo "persistence false"
     echo "pid_file $SANDBOX/mosquitto/mosquitto.pid"
     echo "log_dest file $LOGS/mosquitto.log"

@@ -25,7 +25,10 @@ step() {
 
 step fmt cargo fmt --check
 step clippy cargo clippy --all-targets -- -D warnings
-step tests cargo nextest run --all-targets --no-fail-fast
+# Benchmarks are compiled by clippy above and run on demand only
+# (cargo bench --bench e2e); they are not tests.
+step tests cargo nextest run --lib --bins --tests --no-fail-fast
+step nix bash scripts/nix-check.sh
 step doctests cargo test --doc
 
 if [ "${#failed[@]}" -gt 0 ]; then

@@ -147,6 +147,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await
     .context("engine start")?;
+    release_startup_memory();
     let consumer = js
         .get_stream(naming::SENSORS_STREAM)
         .await
@@ -214,5 +215,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     match engine_failed_msg {
         Some(msg) => Err(anyhow::anyhow!(msg)),
         None => Ok(()),
+    }
+}
+
+/// Rehydration reads every zone at once; glibc keeps that peak mapped
+/// unless asked, and an edge host's daemon runs for months at its idle
+/// size, not its start-up peak.
+fn release_startup_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

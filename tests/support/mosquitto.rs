@@ -175,6 +175,9 @@ fn render_config(port: u16, pid: &Path, log: &Path, extra: &str, as_root: bool) 
         format!("listener {port} 127.0.0.1"),
         "allow_anonymous true".to_string(),
         "max_queued_messages 0".to_string(),
+        // presenced acks only after JetStream stored a message; the
+        // default window of 20 unacked messages would cap throughput.
+        "max_inflight_messages 1000".to_string(),
         "persistence false".to_string(),
         format!("pid_file {}", pid.display()),
         format!("log_dest file {}", log.display()),
