@@ -66,6 +66,12 @@ impl Mosquitto {
     }
 
     /// The listener address.
+    /// Process id of the running server (0 when stopped), for /proc
+    /// readings in benchmarks.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }

@@ -179,6 +179,12 @@ impl NatsServer {
     }
 
     /// Client URL.
+    /// Process id of the running server (0 when stopped), for /proc
+    /// readings in benchmarks.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
