@@ -461,6 +461,29 @@ fn value_key(before: &str, content: &str, column: usize) -> Option<String> {
     })
 }
 
+/// Prefix of secret paths that live in systemd's credentials directory.
+pub const CREDENTIALS_PREFIX: &str = "$CREDENTIALS_DIRECTORY/";
+
+/// Resolves a secret file path: a leading `$CREDENTIALS_DIRECTORY/` is
+/// replaced by the directory systemd passes in that variable (set by
+/// `LoadCredential=`), so a config in the world-readable Nix store can name
+/// a secret without containing it. Other paths are returned unchanged.
+pub fn resolve_secret_path(path: &Path) -> Result<PathBuf, String> {
+    let Some(rest) = path
+        .to_str()
+        .and_then(|s| s.strip_prefix(CREDENTIALS_PREFIX))
+    else {
+        return Ok(path.to_owned());
+    };
+    match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(dir) => Ok(PathBuf::from(dir).join(rest)),
+        None => Err(format!(
+            "{} names systemd's credentials directory, but CREDENTIALS_DIRECTORY is not set (is LoadCredential= configured?)",
+            path.display()
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1135,28 +1158,5 @@ p_false = 0.1
             assert_eq!(z.evidence[0].sensor, format!("{zone}_motion"));
             assert_eq!(z.evidence[0].hold, Some(Duration::from_secs(10)));
         }
-    }
-}
-
-/// Prefix of secret paths that live in systemd's credentials directory.
-pub const CREDENTIALS_PREFIX: &str = "$CREDENTIALS_DIRECTORY/";
-
-/// Resolves a secret file path: a leading `$CREDENTIALS_DIRECTORY/` is
-/// replaced by the directory systemd passes in that variable (set by
-/// `LoadCredential=`), so a config in the world-readable Nix store can name
-/// a secret without containing it. Other paths are returned unchanged.
-pub fn resolve_secret_path(path: &Path) -> Result<PathBuf, String> {
-    let Some(rest) = path
-        .to_str()
-        .and_then(|s| s.strip_prefix(CREDENTIALS_PREFIX))
-    else {
-        return Ok(path.to_owned());
-    };
-    match std::env::var_os("CREDENTIALS_DIRECTORY") {
-        Some(dir) => Ok(PathBuf::from(dir).join(rest)),
-        None => Err(format!(
-            "{} names systemd's credentials directory, but CREDENTIALS_DIRECTORY is not set (is LoadCredential= configured?)",
-            path.display()
-        )),
     }
 }
