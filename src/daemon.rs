@@ -48,10 +48,13 @@ pub fn jetstream_context(client: async_nats::Client, config: &Config) -> jetstre
         .build(client)
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let site = Site::new(&config.site)?;
     let metrics = Arc::new(Metrics::default());
     let model = Arc::new(Model::from_config(&config));
+    // The compiled model is all the engine needs; with thousands of zones
+    // the parsed copy would only hold memory.
+    config.zones.clear();
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let http_task = if config.http.enabled {

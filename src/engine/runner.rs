@@ -23,7 +23,7 @@ use async_nats::jetstream::{self, consumer::pull, kv, message::PublishMessage};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -83,6 +83,8 @@ pub struct Runner {
     slots: BTreeMap<String, Slot>,
     /// (deadline, zone) of every zone with a next deadline.
     timers: BTreeSet<(Timestamp, String)>,
+    /// Each zone's entry in `timers`, to replace it without a scan.
+    scheduled: HashMap<String, Timestamp>,
     metrics: Arc<Metrics>,
     batch: usize,
     /// Observations in SENSORS not yet delivered to us, as last reported;
@@ -166,6 +168,7 @@ impl Runner {
             debounce,
             slots,
             timers: BTreeSet::new(),
+            scheduled: HashMap::new(),
             metrics,
             batch: batch.max(1),
             backlog: 0,
@@ -195,11 +198,20 @@ impl Runner {
         let Some(slot) = self.slots.get(zone) else {
             return;
         };
-        self.timers.retain(|(_, z)| z != zone);
-        if let Some(zm) = self.model.zones.get(zone) {
-            if let Some(d) = next_deadline(zm, &slot.state) {
-                self.timers.insert((d, zone.to_owned()));
-            }
+        let next = self
+            .model
+            .zones
+            .get(zone)
+            .and_then(|zm| next_deadline(zm, &slot.state));
+        if self.scheduled.get(zone) == next.as_ref() {
+            return;
+        }
+        if let Some(old) = self.scheduled.remove(zone) {
+            self.timers.remove(&(old, zone.to_owned()));
+        }
+        if let Some(d) = next {
+            self.timers.insert((d, zone.to_owned()));
+            self.scheduled.insert(zone.to_owned(), d);
         }
     }
 
@@ -338,6 +350,7 @@ impl Runner {
         mut dirty: BTreeSet<String>,
         transitions: Vec<Transition>,
     ) {
+        let touched = dirty.clone();
         let mut delay = Duration::from_millis(50);
         let mut events = transitions;
         let mut logged = false;
@@ -365,9 +378,8 @@ impl Runner {
         if logged {
             tracing::info!("EVENTS reachable again");
         }
-        let zones: Vec<String> = self.slots.keys().cloned().collect();
-        for z in zones {
-            self.reschedule(&z);
+        for z in &touched {
+            self.reschedule(z);
         }
     }
 
