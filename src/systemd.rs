@@ -14,13 +14,22 @@ use std::time::{Duration, Instant};
 fn watchdog_interval() -> Option<Duration> {
     static INTERVAL: OnceLock<Option<Duration>> = OnceLock::new();
     *INTERVAL.get_or_init(|| {
-        let mut usec = 0u64;
-        if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-            Some(Duration::from_micros(usec))
-        } else {
-            None
-        }
+        watchdog_from_env(
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        )
     })
+}
+
+/// As sd_watchdog_enabled(3): `WATCHDOG_USEC` enables the watchdog, and a
+/// `WATCHDOG_PID` that is set must name this process.
+fn watchdog_from_env(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+    let usec: u64 = usec?.trim().parse().ok().filter(|u| *u > 0)?;
+    match pid {
+        Some(p) if p.trim().parse::<u32>().ok() != Some(me) => None,
+        _ => Some(Duration::from_micros(usec)),
+    }
 }
 
 fn send(states: &[NotifyState<'_>]) {
@@ -47,8 +56,8 @@ pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("draining")]);
 }
 
-/// WATCHDOG=1 if systemd asked for it and half its interval has passed
-/// since the last ping.
+/// WATCHDOG=1 if systemd asked for it and a quarter of its interval has
+/// passed since the last ping.
 pub fn watchdog() {
     static LAST_MS: AtomicU64 = AtomicU64::new(0);
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -58,7 +67,7 @@ pub fn watchdog() {
     let epoch = *EPOCH.get_or_init(Instant::now);
     let now_ms = epoch.elapsed().as_millis() as u64 + 1;
     let last = LAST_MS.load(Ordering::Relaxed);
-    if last == 0 || now_ms.saturating_sub(last) >= (interval.as_millis() as u64 / 2).max(1) {
+    if last == 0 || now_ms.saturating_sub(last) >= (interval.as_millis() as u64 / 4).max(1) {
         LAST_MS.store(now_ms, Ordering::Relaxed);
         send(&[NotifyState::Watchdog]);
     }
@@ -67,4 +76,29 @@ pub fn watchdog() {
 /// Interval at which a loop must call [`watchdog`] at the latest.
 pub fn watchdog_period() -> Option<Duration> {
     watchdog_interval().map(|d| d / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchdog_env_follows_sd_watchdog_enabled() {
+        assert_eq!(
+            watchdog_from_env(Some("30000000"), None, 7),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            watchdog_from_env(Some("30000000"), Some("7"), 7),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            watchdog_from_env(Some("30000000"), Some("8"), 7),
+            None,
+            "another process's watchdog"
+        );
+        assert_eq!(watchdog_from_env(None, Some("7"), 7), None);
+        assert_eq!(watchdog_from_env(Some("0"), None, 7), None);
+        assert_eq!(watchdog_from_env(Some("x"), None, 7), None);
+    }
 }

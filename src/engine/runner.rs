@@ -623,8 +623,15 @@ impl Runner {
             .await
             .map_err(|e| RunnerError::Consume(e.into()))?;
         on_ready(&self);
-        let mut status_every = tokio::time::interval(Duration::from_secs(5));
-        status_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // Wakes the loop often enough to feed the watchdog when idle, and
+        // to refresh the status line.
+        let status_period = Duration::from_secs(5);
+        let beat = crate::systemd::watchdog_period()
+            .unwrap_or(status_period)
+            .min(status_period);
+        let mut heartbeat = tokio::time::interval(beat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last_status = tokio::time::Instant::now();
         loop {
             let next = if self.backlog == 0 {
                 self.timers.first().map(|(d, _)| *d)
@@ -658,8 +665,11 @@ impl Runner {
                     None => return Err(RunnerError::Consume("SENSORS consumer stream ended".into())),
                 },
                 _ = tokio::time::sleep(sleep_for) => self.tick(Timestamp::now()).await,
-                _ = status_every.tick() => {
-                    crate::systemd::status(&self.status_line());
+                _ = heartbeat.tick() => {
+                    if last_status.elapsed() >= status_period {
+                        crate::systemd::status(&self.status_line());
+                        last_status = tokio::time::Instant::now();
+                    }
                 }
             }
             crate::systemd::watchdog();
