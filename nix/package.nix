@@ -24,6 +24,8 @@ rustPlatform.buildRustPackage {
       ../src
       (lib.fileset.maybeMissing ../tests)
       (lib.fileset.maybeMissing ../benches)
+      # Tests check that every shipped example config is valid.
+      ../examples
     ];
   };
 
