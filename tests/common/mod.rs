@@ -167,7 +167,7 @@ impl Publisher {
     pub async fn connect(port: u16, id: &str) -> Publisher {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5));
-        opts.set_inflight(100);
+        opts.set_inflight(1000);
         let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
         let acked = Arc::new(AtomicU64::new(0));
         let a = acked.clone();
