@@ -214,67 +214,67 @@ impl Decoder {
 
     /// The next complete event, or `None` until more bytes arrive.
     pub fn next_event(&mut self) -> Option<Event> {
-        loop {
-            let Some(start) = find_header(&self.buf) else {
-                // Keep a possible header start; the rest is garbage once
-                // there is enough of it to be sure no frame is hiding.
-                let keep = header_prefix_len(&self.buf);
-                if self.buf.len() - keep > MAX_GARBAGE {
-                    let bytes: Vec<u8> = self.buf.drain(..self.buf.len() - keep).collect();
-                    return Some(self.garbage(bytes));
-                }
-                return None;
-            };
-            if start > 0 {
-                let bytes: Vec<u8> = self.buf.drain(..start).collect();
+        let Some(start) = find_header(&self.buf) else {
+            // Keep a possible header start; the rest is garbage once
+            // there is enough of it to be sure no frame is hiding.
+            let keep = header_prefix_len(&self.buf);
+            if self.buf.len() - keep > MAX_GARBAGE {
+                let bytes: Vec<u8> = self.buf.drain(..self.buf.len() - keep).collect();
                 return Some(self.garbage(bytes));
             }
-            if self.buf.len() < 6 {
-                return None;
-            }
-            let len = usize::from(u16_le(&self.buf, 4));
-            if len > MAX_DATA_LEN {
-                return Some(self.give_up(
-                    RejectKind::Length,
-                    format!("length field {len} exceeds the {MAX_DATA_LEN} bytes any LD2410 frame carries"),
-                ));
-            }
-            let total = FRAMING + len;
-            if self.buf.len() < total {
-                return None;
-            }
-            let report = self.buf[..4] == REPORT_HEADER;
-            let footer = if report {
-                REPORT_FOOTER
-            } else {
-                COMMAND_FOOTER
-            };
-            if self.buf[total - 4..total] != footer {
-                return Some(self.give_up(
-                    RejectKind::Footer,
-                    format!(
-                        "footer is {}, expected {} (truncated frame?)",
-                        hex(&self.buf[total - 4..total]),
-                        hex(&footer)
-                    ),
-                ));
-            }
-            let frame: Vec<u8> = self.buf.drain(..total).collect();
-            let data = &frame[6..total - 4];
-            let parsed = if report {
-                parse_report(data).map(Event::Report)
-            } else {
-                parse_ack(data).map(Event::Ack)
-            };
-            return Some(match parsed {
-                Ok(ev) => ev,
-                Err((kind, reason)) => Event::Rejected(FrameReject {
-                    kind,
-                    reason,
-                    bytes: frame,
-                }),
-            });
+            return None;
+        };
+        if start > 0 {
+            let bytes: Vec<u8> = self.buf.drain(..start).collect();
+            return Some(self.garbage(bytes));
         }
+        if self.buf.len() < 6 {
+            return None;
+        }
+        let len = usize::from(u16_le(&self.buf, 4));
+        if len > MAX_DATA_LEN {
+            return Some(self.give_up(
+                RejectKind::Length,
+                format!(
+                    "length field {len} exceeds the {MAX_DATA_LEN} bytes any LD2410 frame carries"
+                ),
+            ));
+        }
+        let total = FRAMING + len;
+        if self.buf.len() < total {
+            return None;
+        }
+        let report = self.buf[..4] == REPORT_HEADER;
+        let footer = if report {
+            REPORT_FOOTER
+        } else {
+            COMMAND_FOOTER
+        };
+        if self.buf[total - 4..total] != footer {
+            return Some(self.give_up(
+                RejectKind::Footer,
+                format!(
+                    "footer is {}, expected {} (truncated frame?)",
+                    hex(&self.buf[total - 4..total]),
+                    hex(&footer)
+                ),
+            ));
+        }
+        let frame: Vec<u8> = self.buf.drain(..total).collect();
+        let data = &frame[6..total - 4];
+        let parsed = if report {
+            parse_report(data).map(Event::Report)
+        } else {
+            parse_ack(data).map(Event::Ack)
+        };
+        Some(match parsed {
+            Ok(ev) => ev,
+            Err((kind, reason)) => Event::Rejected(FrameReject {
+                kind,
+                reason,
+                bytes: frame,
+            }),
+        })
     }
 
     fn garbage(&self, bytes: Vec<u8>) -> Event {
@@ -589,7 +589,7 @@ mod tests {
             all.extend(report_frame(&good));
             let ev = decode_all(&all);
             assert_eq!(rejects(&ev), [want]);
-            assert_eq!(reports(&ev), [good.clone()]);
+            assert_eq!(reports(&ev), std::slice::from_ref(&good));
         }
     }
 
