@@ -32,6 +32,9 @@ pub struct Config {
     /// MQTT brokers to read, by source name (`[mqtt.<name>]`).
     #[serde(default)]
     pub mqtt: BTreeMap<String, MqttSource>,
+    /// Serial devices to read, by source name (`[serial.<name>]`).
+    #[serde(default)]
+    pub serial: BTreeMap<String, SerialSource>,
     /// Zones and the evidence that decides their presence (`[zones.<zone>]`).
     #[serde(default)]
     pub zones: BTreeMap<String, ZoneConfig>,
@@ -221,6 +224,62 @@ fn default_keep_alive() -> Duration {
 }
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
+}
+
+/// How the bytes of a serial device are cut into readings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SerialFraming {
+    /// HLK-LD2410 mmWave radar report frames.
+    Ld2410,
+    /// One JSON object per line: `{"sensor": "...", "value": ...}`.
+    JsonLines,
+}
+
+/// One serial device (`[serial.<name>]`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSource {
+    /// Device path; prefer the stable `/dev/serial/by-id/...` link, which
+    /// survives replugging into another port.
+    pub device: PathBuf,
+    pub framing: SerialFraming,
+    /// Default: 256000 for `ld2410` (its factory rate), 115200 otherwise.
+    pub baud: Option<u32>,
+    /// `ld2410`: outputs are named `<sensor_prefix>_present`, `_moving`,
+    /// `_still`, `_moving_distance`, ... Required for `ld2410`.
+    pub sensor_prefix: Option<String>,
+    /// `ld2410`: at most one observation per output in this interval.
+    #[serde(default = "default_min_interval", with = "humantime_serde")]
+    pub min_interval: Duration,
+    /// `ld2410`: whether an unchanged value is dropped (true) or repeated
+    /// once per `min_interval` as a refresh (false).
+    #[serde(default = "yes")]
+    pub changes_only: bool,
+    /// `ld2410`: switch the radar to engineering mode on every connect
+    /// (acknowledgement checked).
+    #[serde(default)]
+    pub engineering_mode: bool,
+    /// `json_lines`: the sensors the device prints; lines naming any other
+    /// are rejected. Empty accepts every valid sensor id.
+    #[serde(default)]
+    pub sensors: Vec<String>,
+    /// Upper bound of the reopen backoff after an unplug.
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl SerialSource {
+    pub fn baud_rate(&self) -> u32 {
+        self.baud.unwrap_or(match self.framing {
+            SerialFraming::Ld2410 => crate::sources::ld2410::DEFAULT_BAUD,
+            SerialFraming::JsonLines => 115_200,
+        })
+    }
+}
+
+fn default_min_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// Maps MQTT topics to a sensor and says where the value is.
@@ -920,6 +979,63 @@ p_false = 0.1
 
         let bad = rule("").replace("sensor = \"s1\"\np_true", "sensor = \"S 1\"\np_true");
         assert_eq!(paths(&bad), ["zones.z.evidence[0].sensor"]);
+    }
+
+    #[test]
+    fn serial_sources_are_checked_with_paths() {
+        let radar = "[serial.radar]\ndevice = \"/dev/serial/by-id/usb-x\"\nframing = \"ld2410\"\nsensor_prefix = \"hall\"\n";
+        assert_eq!(paths(&base(radar)), Vec::<String>::new());
+        let c = parse(&base(radar));
+        assert_eq!(c.serial["radar"].baud_rate(), 256_000);
+        assert!(c.serial["radar"].changes_only);
+
+        // An LD2410 produces its outputs for zone rules.
+        let text = base(radar).replace(
+            "sensor = \"s1\"\np_true",
+            "sensor = \"hall_present\"\np_true",
+        );
+        assert_eq!(paths(&text), Vec::<String>::new());
+        let text = base(radar).replace(
+            "sensor = \"s1\"\np_true",
+            "sensor = \"hall_presence\"\np_true",
+        );
+        assert_eq!(paths(&text), ["zones.z.evidence[0].sensor"]);
+
+        let bad = "[serial.Radar]\ndevice = \"ttyUSB0\"\nframing = \"ld2410\"\nbaud = 0\nreconnect_max = \"0s\"\nsensors = [\"a\"]\n";
+        assert_eq!(
+            paths(&base(bad)),
+            [
+                "serial.Radar",
+                "serial.Radar.device",
+                "serial.Radar.baud",
+                "serial.Radar.reconnect_max",
+                "serial.Radar.sensors",
+                "serial.Radar.sensor_prefix"
+            ]
+        );
+        let r = reasons_at(
+            &base(
+                "[serial.r]\ndevice = \"/dev/x\"\nframing = \"ld2410\"\nsensor_prefix = \"Hall\"\n",
+            ),
+            "serial.r.sensor_prefix",
+        );
+        assert!(r[0].contains("is invalid"), "{r:?}");
+        let r = reasons_at(
+            &base("[serial.m]\ndevice = \"/dev/x\"\nframing = \"json_lines\"\n"),
+            "serial.m",
+        );
+        assert!(r[0].contains("also an `[mqtt.m]` source"), "{r:?}");
+
+        // JSON lines: listed sensors are produced; without a list, any id.
+        let lines = "[serial.esp]\ndevice = \"/dev/ttyACM0\"\nframing = \"json_lines\"\nsensors = [\"desk\", \"Bad\"]\nengineering_mode = true\n";
+        assert_eq!(
+            paths(&base(lines)),
+            ["serial.esp.engineering_mode", "serial.esp.sensors[1]"]
+        );
+        let open = "[serial.esp]\ndevice = \"/dev/ttyACM0\"\nframing = \"json_lines\"\n";
+        let text = base(open).replace("sensor = \"s1\"\np_true", "sensor = \"anything\"\np_true");
+        assert_eq!(paths(&text), Vec::<String>::new());
+        assert_eq!(parse(&text).serial["esp"].baud_rate(), 115_200);
     }
 
     #[test]

@@ -111,10 +111,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
         source_tasks.push((name.clone(), task, status));
     }
+    let mut serial_tasks = Vec::new();
+    for (name, src) in &config.serial {
+        let status = Arc::new(sources::serial::SerialStatus::default());
+        let task = tokio::spawn(sources::serial::run(
+            name.clone(),
+            src.clone(),
+            tx.clone(),
+            status.clone(),
+            sources_stop_rx.clone(),
+        ));
+        serial_tasks.push((name.clone(), task, status));
+    }
     drop(tx);
     let mqtt_gauge = {
         let metrics = metrics.clone();
         let statuses: Vec<_> = source_tasks.iter().map(|(_, _, s)| s.clone()).collect();
+        let serials: Vec<_> = serial_tasks.iter().map(|(_, _, s)| s.clone()).collect();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(1));
@@ -133,6 +146,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     .map(|s| s.buffer_full.load(Ordering::Relaxed))
                     .sum();
                 Metrics::set(&metrics.buffer_full, full);
+                let open = serials
+                    .iter()
+                    .filter(|s| s.connected.load(Ordering::Relaxed))
+                    .count();
+                Metrics::set(&metrics.serial_connected, open as u64);
+                for (i, gauge) in metrics.serial_frame_rejects.iter().enumerate() {
+                    let n = serials
+                        .iter()
+                        .map(|s| s.frame_rejects[i].load(Ordering::Relaxed))
+                        .sum();
+                    Metrics::set(gauge, n);
+                }
             }
         })
     };
@@ -190,6 +215,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::error!(source = %name, error = %e, "source failed"),
                 Err(e) => tracing::error!(source = %name, error = %e, "source task panicked"),
+            }
+        }
+        for (name, task, _) in serial_tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(source = %name, error = %e, "serial source failed"),
+                Err(e) => {
+                    tracing::error!(source = %name, error = %e, "serial source task panicked")
+                }
             }
         }
         let _ = ingest_task.await;

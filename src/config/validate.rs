@@ -2,7 +2,7 @@
 //! [`ConfigProblem`] and carries on, so one run lists everything to fix.
 
 use super::{Config, EvidenceRule, MqttSource, TopicMapping, Zigbee2Mqtt, ZoneConfig};
-use super::{ConfigProblem, Zigbee2MqttKind};
+use super::{ConfigProblem, SerialFraming, SerialSource, Zigbee2MqttKind};
 use crate::naming;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -184,13 +184,113 @@ struct Producers {
 
 fn check_sources(config: &Config, p: &mut Problems) -> Producers {
     let mut producers = Producers {
-        any_source: !config.mqtt.is_empty(),
+        any_source: !config.mqtt.is_empty() || !config.serial.is_empty(),
         ..Producers::default()
     };
     for (name, source) in &config.mqtt {
         check_mqtt(name, source, &mut producers, p);
     }
+    for (name, source) in &config.serial {
+        if config.mqtt.contains_key(name) {
+            p.push(
+                format!("serial.{name}"),
+                format!("source name {name:?} is also an `[mqtt.{name}]` source: names share stream REJECTED, so they must differ"),
+            );
+        }
+        check_serial(name, source, &mut producers, p);
+    }
     producers
+}
+
+fn check_serial(name: &str, source: &SerialSource, producers: &mut Producers, p: &mut Problems) {
+    let at = format!("serial.{name}");
+    if !naming::is_token(name) {
+        p.push(
+            at.clone(),
+            format!("source name {name:?} is invalid (it is a subject token of `REJECTED`): {TOKEN_FORM}"),
+        );
+    }
+    if source.device.as_os_str().is_empty() {
+        p.push(format!("{at}.device"), "is empty");
+    } else if !source.device.is_absolute() {
+        p.push(
+            format!("{at}.device"),
+            format!(
+                "{:?} is not an absolute path: use a stable link such as /dev/serial/by-id/...",
+                source.device
+            ),
+        );
+    }
+    if source.baud == Some(0) {
+        p.push(format!("{at}.baud"), "must be above 0");
+    }
+    positive(p, format!("{at}.reconnect_max"), source.reconnect_max);
+    match source.framing {
+        SerialFraming::Ld2410 => {
+            if !source.sensors.is_empty() {
+                p.push(
+                    format!("{at}.sensors"),
+                    "is for `json_lines`; an LD2410's sensors are named by `sensor_prefix`",
+                );
+            }
+            let Some(prefix) = &source.sensor_prefix else {
+                p.push(
+                    format!("{at}.sensor_prefix"),
+                    "is required for `ld2410`: outputs are named `<sensor_prefix>_present`, `_moving`, ...",
+                );
+                return;
+            };
+            let longest = crate::sources::ld2410::OUTPUTS
+                .iter()
+                .map(|o| o.len() + 1)
+                .max()
+                .unwrap_or(0);
+            if !naming::is_token(prefix) || prefix.len() + longest > 64 {
+                p.push(
+                    format!("{at}.sensor_prefix"),
+                    format!(
+                        "{prefix:?} is invalid: {TOKEN_FORM}, and at most {} characters so that `{prefix}_detection_distance` fits",
+                        64 - longest
+                    ),
+                );
+                return;
+            }
+            for out in crate::sources::ld2410::OUTPUTS {
+                add_static(
+                    producers,
+                    &format!("{prefix}_{out}"),
+                    format!("{at}.sensor_prefix"),
+                    p,
+                );
+            }
+        }
+        SerialFraming::JsonLines => {
+            for (field, set) in [
+                ("sensor_prefix", source.sensor_prefix.is_some()),
+                ("engineering_mode", source.engineering_mode),
+            ] {
+                if set {
+                    p.push(format!("{at}.{field}"), "is for `ld2410` framing only");
+                }
+            }
+            if source.sensors.is_empty() {
+                // Any id the device prints: one capture matches them all.
+                producers
+                    .templates
+                    .push((vec![Segment::Capture(1)], format!("{at}.sensors")));
+            }
+            for (i, sensor) in source.sensors.iter().enumerate() {
+                if naming::is_token(sensor) {
+                    add_static(producers, sensor, format!("{at}.sensors[{i}]"), p);
+                } else {
+                    p.push(
+                        format!("{at}.sensors[{i}]"),
+                        format!("sensor id {sensor:?} is invalid: {TOKEN_FORM}"),
+                    );
+                }
+            }
+        }
+    }
 }
 
 fn check_mqtt(name: &str, source: &MqttSource, producers: &mut Producers, p: &mut Problems) {
@@ -593,7 +693,7 @@ fn check_rule(at: &str, rule: &EvidenceRule, producers: &Producers, p: &mut Prob
         p.push(
             sensor_at,
             format!(
-                "no source is configured, so nothing produces sensor {:?}: add an `[mqtt.<name>]` source",
+                "no source is configured, so nothing produces sensor {:?}: add an `[mqtt.<name>]` or `[serial.<name>]` source",
                 rule.sensor
             ),
         );
@@ -606,7 +706,7 @@ fn check_rule(at: &str, rule: &EvidenceRule, producers: &Producers, p: &mut Prob
         p.push(
             sensor_at,
             format!(
-                "no source produces sensor {:?}: map it in `mqtt.<name>.topics` or `zigbee2mqtt.devices`",
+                "no source produces sensor {:?}: map it in `mqtt.<name>.topics`, `zigbee2mqtt.devices` or a `[serial.<name>]` source",
                 rule.sensor
             ),
         );

@@ -11,6 +11,8 @@
 //! [`Decoder`] owns no I/O: feed it bytes in any split and pull
 //! [`Event`]s until it returns `None`.
 
+use crate::observation::Reading;
+
 /// Start of every report frame.
 pub const REPORT_HEADER: [u8; 4] = [0xF4, 0xF3, 0xF2, 0xF1];
 /// End of every report frame.
@@ -96,6 +98,35 @@ pub struct Report {
     /// Engineering-mode bytes after the detection distance (gate counts and
     /// per-gate energies), kept raw.
     pub extra: Vec<u8>,
+}
+
+/// Output suffixes, in the order [`outputs`] yields them: sensors are
+/// `<prefix>_<suffix>`.
+pub const OUTPUTS: [&str; 8] = [
+    "present",
+    "moving",
+    "still",
+    "moving_distance",
+    "moving_energy",
+    "still_distance",
+    "still_energy",
+    "detection_distance",
+];
+
+/// The readings of one report, by output suffix (see [`OUTPUTS`]).
+pub fn outputs(r: &Report) -> [(&'static str, Reading); 8] {
+    let n = |v: u16| Reading::Number(f64::from(v));
+    let e = |v: u8| Reading::Number(f64::from(v));
+    [
+        (OUTPUTS[0], Reading::Bool(r.target.present())),
+        (OUTPUTS[1], Reading::Bool(r.target.moving())),
+        (OUTPUTS[2], Reading::Bool(r.target.still())),
+        (OUTPUTS[3], n(r.moving_distance)),
+        (OUTPUTS[4], e(r.moving_energy)),
+        (OUTPUTS[5], n(r.still_distance)),
+        (OUTPUTS[6], e(r.still_energy)),
+        (OUTPUTS[7], n(r.detection_distance)),
+    ]
 }
 
 /// A command acknowledgement from the radar.

@@ -8,6 +8,7 @@
 pub mod ld2410;
 pub mod mqtt;
 pub mod payload;
+pub mod serial;
 pub mod topic;
 
 use crate::observation::Observation;
