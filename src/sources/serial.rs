@@ -33,6 +33,8 @@ use tracing::{debug, info, warn};
 
 /// First reopen delay after an unplug; doubles up to `reconnect_max`.
 const BACKOFF_START: Duration = Duration::from_millis(100);
+/// How long a port must stay readable before the backoff starts over.
+const STABLE_AFTER: Duration = Duration::from_secs(2);
 /// How long the radar gets to acknowledge a command.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest JSON line kept; a device that never sends a newline must not
@@ -343,9 +345,14 @@ impl Link {
             }
             let end = match self.open() {
                 Ok(port) => {
-                    delay = BACKOFF_START;
                     self.on_open();
+                    let opened = std::time::Instant::now();
                     let end = self.session(port, shutdown).await?;
+                    // A port that opens and fails at once (a half-enumerated
+                    // adapter) keeps backing off instead of spinning.
+                    if opened.elapsed() >= STABLE_AFTER {
+                        delay = BACKOFF_START;
+                    }
                     self.status.connected.store(false, Ordering::Relaxed);
                     self.status.disconnects.fetch_add(1, Ordering::Relaxed);
                     end
