@@ -35,6 +35,8 @@ pub struct Config {
     /// Serial devices to read, by source name (`[serial.<name>]`).
     #[serde(default)]
     pub serial: BTreeMap<String, SerialSource>,
+    /// Publish zones to Home Assistant through MQTT discovery.
+    pub homeassistant: Option<HomeAssistant>,
     /// Zones and the evidence that decides their presence (`[zones.<zone>]`).
     #[serde(default)]
     pub zones: BTreeMap<String, ZoneConfig>,
@@ -224,6 +226,35 @@ fn default_keep_alive() -> Duration {
 }
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
+}
+
+/// Home Assistant MQTT discovery output (`[homeassistant]`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HomeAssistant {
+    #[serde(default = "default_mqtt_host")]
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    /// Default `presenced-<site>-homeassistant`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Home Assistant's discovery prefix.
+    #[serde(default = "default_discovery_prefix")]
+    pub discovery_prefix: String,
+    /// State and availability topics live under `<base_topic>/<site>/`.
+    #[serde(default = "default_ha_base")]
+    pub base_topic: String,
+}
+
+fn default_discovery_prefix() -> String {
+    "homeassistant".into()
+}
+fn default_ha_base() -> String {
+    "presenced".into()
 }
 
 /// How the bytes of a serial device are cut into readings.
@@ -1036,6 +1067,29 @@ p_false = 0.1
         let text = base(open).replace("sensor = \"s1\"\np_true", "sensor = \"anything\"\np_true");
         assert_eq!(paths(&text), Vec::<String>::new());
         assert_eq!(parse(&text).serial["esp"].baud_rate(), 115_200);
+    }
+
+    #[test]
+    fn homeassistant_section_is_checked() {
+        assert_eq!(paths(&base("[homeassistant]\n")), Vec::<String>::new());
+        let c = parse(&base("[homeassistant]\n"));
+        let ha = c.homeassistant.unwrap();
+        assert_eq!(
+            (ha.discovery_prefix.as_str(), ha.base_topic.as_str()),
+            ("homeassistant", "presenced")
+        );
+        let bad = "[homeassistant]\nhost = \"\"\nport = 0\nkeep_alive = \"500ms\"\npassword_file = \"/run/pw\"\ndiscovery_prefix = \"ha/\"\nbase_topic = \"a/+\"\n";
+        assert_eq!(
+            paths(&base(bad)),
+            [
+                "homeassistant.host",
+                "homeassistant.port",
+                "homeassistant.keep_alive",
+                "homeassistant.password_file",
+                "homeassistant.discovery_prefix",
+                "homeassistant.base_topic"
+            ]
+        );
     }
 
     #[test]

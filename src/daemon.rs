@@ -192,6 +192,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         systemd::ready(&line);
     }));
 
+    // Home Assistant follows KV presence; started once the engine owns it.
+    let ha_task = config.homeassistant.clone().map(|ha| {
+        tokio::spawn(crate::homeassistant::run(
+            ha,
+            site.clone(),
+            config.zones.clone(),
+            js.clone(),
+            stop_rx.clone(),
+        ))
+    });
+
     let engine_failed = tokio::select! {
         _ = &mut term => {
             tracing::info!("stopping: signal received");
@@ -230,6 +241,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
         if engine_failed.is_none() {
             let _ = engine_task.await;
+        }
+        if let Some(task) = ha_task {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "Home Assistant output failed"),
+                Err(e) => tracing::error!(error = %e, "Home Assistant task panicked"),
+            }
         }
         let _ = mqtt_gauge.await;
         if let Some(h) = http_task {

@@ -2,7 +2,7 @@
 //! [`ConfigProblem`] and carries on, so one run lists everything to fix.
 
 use super::{Config, EvidenceRule, MqttSource, TopicMapping, Zigbee2Mqtt, ZoneConfig};
-use super::{ConfigProblem, SerialFraming, SerialSource, Zigbee2MqttKind};
+use super::{ConfigProblem, HomeAssistant, SerialFraming, SerialSource, Zigbee2MqttKind};
 use crate::naming;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -26,6 +26,9 @@ pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
     let mut p = Problems::default();
     check_top(config, &mut p);
     let producers = check_sources(config, &mut p);
+    if let Some(ha) = &config.homeassistant {
+        check_homeassistant(ha, &mut p);
+    }
     for (name, zone) in &config.zones {
         check_zone(name, zone, &producers, &mut p);
     }
@@ -200,6 +203,53 @@ fn check_sources(config: &Config, p: &mut Problems) -> Producers {
         check_serial(name, source, &mut producers, p);
     }
     producers
+}
+
+fn check_homeassistant(ha: &HomeAssistant, p: &mut Problems) {
+    let at = "homeassistant";
+    if ha.host.trim().is_empty() {
+        p.push(format!("{at}.host"), "is empty");
+    }
+    if ha.port == 0 {
+        p.push(format!("{at}.port"), "must be 1 to 65535, got 0");
+    }
+    if ha.client_id.as_deref() == Some("") {
+        p.push(
+            format!("{at}.client_id"),
+            "is empty: leave it out for `presenced-<site>-homeassistant`",
+        );
+    }
+    let ka = ha.keep_alive;
+    if ka < MIN_KEEP_ALIVE || ka > MAX_KEEP_ALIVE || ka.subsec_nanos() != 0 {
+        p.push(
+            format!("{at}.keep_alive"),
+            format!(
+                "must be whole seconds from 1s to {MAX_KEEP_ALIVE:?}, got {}",
+                humantime::format_duration(ka)
+            ),
+        );
+    }
+    if ha.password_file.is_some() && ha.username.is_none() {
+        p.push(
+            format!("{at}.password_file"),
+            "is set but `username` is not; MQTT sends a password only with a user name",
+        );
+    }
+    for (field, value) in [
+        ("discovery_prefix", &ha.discovery_prefix),
+        ("base_topic", &ha.base_topic),
+    ] {
+        if value.is_empty()
+            || value.contains(['+', '#'])
+            || value.starts_with('/')
+            || value.ends_with('/')
+        {
+            p.push(
+                format!("{at}.{field}"),
+                format!("{value:?} must be a topic prefix: non-empty, no `+` or `#`, no leading or trailing `/`"),
+            );
+        }
+    }
 }
 
 fn check_serial(name: &str, source: &SerialSource, producers: &mut Producers, p: &mut Problems) {
