@@ -213,6 +213,57 @@ pub struct MqttSource {
     pub topics: Vec<TopicMapping>,
     /// Zigbee2MQTT devices, expanded into topic mappings.
     pub zigbee2mqtt: Option<Zigbee2Mqtt>,
+    /// ESPresense people: which room each person is in.
+    pub espresense: Option<EspresenseConfig>,
+}
+
+/// ESPresense preset (`[mqtt.<name>.espresense]`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EspresenseConfig {
+    /// ESPresense's MQTT prefix; reports come on `<base_topic>/devices/<device>/<room>`.
+    #[serde(default = "default_espresense_base")]
+    pub base_topic: String,
+    /// Metres a room must be nearer than the current one to take over.
+    #[serde(default = "default_margin")]
+    pub margin: f64,
+    /// How long it must stay nearer by the margin before the switch.
+    #[serde(default = "default_dwell", with = "humantime_serde")]
+    pub dwell: Duration,
+    /// Readings farther than this (metres) are not reliable.
+    #[serde(default = "default_max_distance")]
+    pub max_distance: f64,
+    /// Readings older than this are not reliable.
+    #[serde(default = "default_espresense_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Tracked devices and whose they are.
+    #[serde(default)]
+    pub people: Vec<EspresensePerson>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EspresensePerson {
+    /// ESPresense device id (`irk:...`, `phone:alice`, ...).
+    pub device: String,
+    /// Person id: sensors are `<person>_in_<room>` and `<person>_home`.
+    pub person: String,
+}
+
+fn default_espresense_base() -> String {
+    "espresense".into()
+}
+fn default_margin() -> f64 {
+    1.0
+}
+fn default_dwell() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_distance() -> f64 {
+    8.0
+}
+fn default_espresense_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_mqtt_host() -> String {
