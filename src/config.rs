@@ -1144,6 +1144,33 @@ p_false = 0.1
     }
 
     #[test]
+    fn espresense_preset_is_checked_and_produces_person_sensors() {
+        let es = "[mqtt.es]\n[mqtt.es.espresense]\n[[mqtt.es.espresense.people]]\ndevice = \"irk:1\"\nperson = \"alice\"\n";
+        let text = base(es).replace(
+            "sensor = \"s1\"\np_true",
+            "sensor = \"alice_in_office\"\np_true",
+        );
+        assert_eq!(paths(&text), Vec::<String>::new());
+        let text = base(es).replace("sensor = \"s1\"\np_true", "sensor = \"alice_home\"\np_true");
+        assert_eq!(paths(&text), Vec::<String>::new());
+        let text = base(es).replace("sensor = \"s1\"\np_true", "sensor = \"bob_home\"\np_true");
+        assert_eq!(paths(&text), ["zones.z.evidence[0].sensor"]);
+        let bad = "[mqtt.es]\n[mqtt.es.espresense]\nbase_topic = \"/x\"\nmargin = -1.0\nmax_distance = 0.0\ntimeout = \"0s\"\n[[mqtt.es.espresense.people]]\ndevice = \"a/b\"\nperson = \"Alice\"\n[[mqtt.es.espresense.people]]\ndevice = \"d\"\nperson = \"p\"\n[[mqtt.es.espresense.people]]\ndevice = \"d\"\nperson = \"q\"\n";
+        assert_eq!(
+            paths(&base(bad)),
+            [
+                "mqtt.es.espresense.base_topic",
+                "mqtt.es.espresense.margin",
+                "mqtt.es.espresense.max_distance",
+                "mqtt.es.espresense.timeout",
+                "mqtt.es.espresense.people[0].device",
+                "mqtt.es.espresense.people[0].person",
+                "mqtt.es.espresense.people[2].device"
+            ]
+        );
+    }
+
+    #[test]
     fn templates_produce_sensors_of_their_shape() {
         let with_template = |sensor: &str| {
             base("")

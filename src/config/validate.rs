@@ -2,7 +2,9 @@
 //! [`ConfigProblem`] and carries on, so one run lists everything to fix.
 
 use super::{Config, EvidenceRule, MqttSource, TopicMapping, Zigbee2Mqtt, ZoneConfig};
-use super::{ConfigProblem, HomeAssistant, SerialFraming, SerialSource, Zigbee2MqttKind};
+use super::{
+    ConfigProblem, EspresenseConfig, HomeAssistant, SerialFraming, SerialSource, Zigbee2MqttKind,
+};
 use crate::naming;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -205,6 +207,83 @@ fn check_sources(config: &Config, p: &mut Problems) -> Producers {
     producers
 }
 
+fn check_espresense(at: &str, es: &EspresenseConfig, producers: &mut Producers, p: &mut Problems) {
+    if es.base_topic.is_empty()
+        || es.base_topic.contains(['+', '#'])
+        || es.base_topic.starts_with('/')
+        || es.base_topic.ends_with('/')
+    {
+        p.push(
+            format!("{at}.base_topic"),
+            format!(
+                "{:?} must be non-empty, without `+`, `#` or a leading or trailing `/`",
+                es.base_topic
+            ),
+        );
+    }
+    if !es.margin.is_finite() || es.margin < 0.0 {
+        p.push(
+            format!("{at}.margin"),
+            format!("must be 0 or more metres, got {}", es.margin),
+        );
+    }
+    if !es.max_distance.is_finite() || es.max_distance <= 0.0 {
+        p.push(
+            format!("{at}.max_distance"),
+            format!("must be more than 0 metres, got {}", es.max_distance),
+        );
+    }
+    positive(p, format!("{at}.timeout"), es.timeout);
+    if es.people.is_empty() {
+        p.push(
+            format!("{at}.people"),
+            "is empty: list the devices to track and whose they are",
+        );
+    }
+    let mut devices = BTreeMap::new();
+    for (i, person) in es.people.iter().enumerate() {
+        let pat = format!("{at}.people[{i}]");
+        if person.device.is_empty() || person.device.contains(['+', '#', '/']) {
+            p.push(
+                format!("{pat}.device"),
+                format!(
+                    "{:?} must be an ESPresense device id: non-empty, no `+`, `#` or `/`",
+                    person.device
+                ),
+            );
+        } else if let Some(first) = devices.insert(person.device.clone(), pat.clone()) {
+            p.push(
+                format!("{pat}.device"),
+                format!("device {:?} is already tracked by {first}", person.device),
+            );
+        }
+        // `<person>_in_<room>` must leave room for a room name.
+        if !naming::is_token(&person.person) || person.person.len() > 48 {
+            p.push(
+                format!("{pat}.person"),
+                format!(
+                    "person id {:?} is invalid: {TOKEN_FORM}, at most 48 characters",
+                    person.person
+                ),
+            );
+            continue;
+        }
+        add_static(
+            producers,
+            &format!("{}_home", person.person),
+            format!("{pat}.person"),
+            p,
+        );
+        producers.templates.push((
+            vec![
+                Segment::Literal(format!("{}_in_", person.person)),
+                Segment::Capture(1),
+            ],
+            format!("{pat}.person"),
+        ));
+    }
+}
+
 fn check_homeassistant(ha: &HomeAssistant, p: &mut Problems) {
     let at = "homeassistant";
     if ha.host.trim().is_empty() {
@@ -385,11 +464,14 @@ fn check_mqtt(name: &str, source: &MqttSource, producers: &mut Producers, p: &mu
     }
     positive(p, format!("{at}.reconnect_max"), source.reconnect_max);
 
-    if source.topics.is_empty() && source.zigbee2mqtt.is_none() {
+    if source.topics.is_empty() && source.zigbee2mqtt.is_none() && source.espresense.is_none() {
         p.push(
             at.clone(),
-            "reads nothing: add `topics` or a `zigbee2mqtt` section",
+            "reads nothing: add `topics`, a `zigbee2mqtt` or an `espresense` section",
         );
+    }
+    if let Some(es) = &source.espresense {
+        check_espresense(&format!("{at}.espresense"), es, producers, p);
     }
     for (i, mapping) in source.topics.iter().enumerate() {
         check_mapping(&format!("{at}.topics[{i}]"), mapping, producers, p);
