@@ -16,6 +16,7 @@ use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use serde_json::json;
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -79,7 +80,6 @@ pub fn discovery(topics: &Topics, zones: &BTreeMap<String, ZoneConfig>) -> Vec<(
         let common = |what: &str| {
             json!({
                 "unique_id": format!("presenced_{site}_{zone}_{what}"),
-                "object_id": format!("presenced_{site}_{zone}_{what}"),
                 "state_topic": topics.state(zone),
                 "availability_topic": topics.availability(),
                 "payload_available": "online",
@@ -183,15 +183,17 @@ pub async fn run(
     let configs = discovery(&topics, &zones);
     let broker = format!("{}:{}", cfg.host, cfg.port);
     let (done_tx, done_rx) = watch::channel(false);
+    let states = States::default();
     let pump = tokio::spawn(pump(
         eventloop,
         client.clone(),
         topics.clone(),
         configs,
+        states.clone(),
         broker,
         done_rx,
     ));
-    let result = follow(&client, &topics, &js, &mut shutdown).await;
+    let result = follow(&client, &topics, &js, &states, &mut shutdown).await;
     // Clean stop: say so before leaving, so Home Assistant greys the zones
     // out at once instead of after the broker's keep-alive timeout.
     let _ = client
@@ -208,11 +210,34 @@ pub async fn run(
     result
 }
 
+/// The last state payload published per zone: the engine rewrites a zone
+/// on every batch, mostly with the same rounded figures, and a broker that
+/// lost its retained messages gets them again on reconnect.
+#[derive(Clone, Default)]
+struct States(Arc<Mutex<BTreeMap<String, String>>>);
+
+impl States {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `payload`; false when it is what was published last.
+    fn changed(&self, zone: &str, payload: &str) -> bool {
+        let mut map = self.lock();
+        if map.get(zone).is_some_and(|p| p == payload) {
+            return false;
+        }
+        map.insert(zone.to_owned(), payload.to_owned());
+        true
+    }
+}
+
 /// Watches KV `presence` and queues a retained state publish per change.
 async fn follow(
     client: &AsyncClient,
     topics: &Topics,
     js: &async_nats::jetstream::Context,
+    states: &States,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), HomeAssistantError> {
     let store = js
@@ -240,14 +265,12 @@ async fn follow(
                 Some(Ok(e)) if e.operation == kv::Operation::Put => {
                     match serde_json::from_slice::<ZoneState>(&e.value) {
                         Ok(z) => {
-                            let _ = client
-                                .publish(
-                                    topics.state(&e.key),
-                                    QoS::AtLeastOnce,
-                                    true,
-                                    state_payload(&z),
-                                )
-                                .await;
+                            let payload = state_payload(&z);
+                            if states.changed(&e.key, &payload) {
+                                let _ = client
+                                    .publish(topics.state(&e.key), QoS::AtLeastOnce, true, payload)
+                                    .await;
+                            }
                         }
                         Err(err) => {
                             warn!(zone = %e.key, error = %err, "homeassistant: unreadable zone state; not published")
@@ -272,6 +295,7 @@ async fn pump(
     client: AsyncClient,
     topics: Topics,
     configs: Vec<(String, String)>,
+    states: States,
     broker: String,
     mut done: watch::Receiver<bool>,
 ) {
@@ -285,8 +309,23 @@ async fn pump(
                     info!(%broker, zones = configs.len() / 2, "homeassistant: publishing discovery");
                 }
                 outage_logged = false;
-                for (topic, payload) in &configs {
-                    let _ = client.try_publish(topic, QoS::AtLeastOnce, true, payload.clone());
+                let known: Vec<(String, String)> = states
+                    .lock()
+                    .iter()
+                    .map(|(z, p)| (topics.state(z), p.clone()))
+                    .collect();
+                let dropped = configs
+                    .iter()
+                    .cloned()
+                    .chain(known)
+                    .filter(|(topic, payload)| {
+                        client
+                            .try_publish(topic, QoS::AtLeastOnce, true, payload.clone())
+                            .is_err()
+                    })
+                    .count();
+                if dropped > 0 {
+                    warn!(dropped, "homeassistant: request queue full; some discovery or state messages wait for the next change or reconnect");
                 }
                 let _ = client.try_publish(topics.availability(), QoS::AtLeastOnce, true, "online");
             }
