@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use presenced::sources::ld2410::{Decoder, Event, MAX_DATA_LEN};
+use presenced::sources::ld2410::{Decoder, Event, MAX_DATA_LEN, MAX_GARBAGE};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&cut, bytes)) = data.split_first() else {
@@ -20,5 +20,5 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    assert!(d.buffered() <= 256 + 10 + MAX_DATA_LEN);
+    assert!(d.buffered() <= MAX_GARBAGE + 10 + MAX_DATA_LEN);
 });

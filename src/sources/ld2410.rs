@@ -44,8 +44,10 @@ const BASIC_LEN: usize = 13;
 /// for that many bytes would only delay resynchronisation.
 pub const MAX_DATA_LEN: usize = 64;
 /// Bytes without any header kept before they are given up as garbage, so a
-/// device that streams noise cannot grow the buffer.
-const MAX_GARBAGE: usize = 256;
+/// device that streams noise cannot grow the buffer. Large enough that a
+/// radar on the wrong baud rate (25 kB/s of noise) makes a handful of
+/// rejects a second, not hundreds.
+pub const MAX_GARBAGE: usize = 4096;
 /// Largest energy the radar reports (a percentage).
 pub const MAX_ENERGY: u8 = 100;
 
@@ -678,7 +680,7 @@ mod tests {
     #[test]
     fn noise_without_header_is_bounded() {
         let mut d = Decoder::new();
-        d.push(&[0x11; 1000]);
+        d.push(&[0x11; MAX_GARBAGE + 10]);
         let ev: Vec<Event> = std::iter::from_fn(|| d.next_event()).collect();
         assert_eq!(rejects(&ev), [RejectKind::Garbage]);
         assert_eq!(d.buffered(), 0);
