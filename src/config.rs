@@ -32,6 +32,11 @@ pub struct Config {
     /// MQTT brokers to read, by source name (`[mqtt.<name>]`).
     #[serde(default)]
     pub mqtt: BTreeMap<String, MqttSource>,
+    /// Serial devices to read, by source name (`[serial.<name>]`).
+    #[serde(default)]
+    pub serial: BTreeMap<String, SerialSource>,
+    /// Publish zones to Home Assistant through MQTT discovery.
+    pub homeassistant: Option<HomeAssistant>,
     /// Zones and the evidence that decides their presence (`[zones.<zone>]`).
     #[serde(default)]
     pub zones: BTreeMap<String, ZoneConfig>,
@@ -208,6 +213,57 @@ pub struct MqttSource {
     pub topics: Vec<TopicMapping>,
     /// Zigbee2MQTT devices, expanded into topic mappings.
     pub zigbee2mqtt: Option<Zigbee2Mqtt>,
+    /// ESPresense people: which room each person is in.
+    pub espresense: Option<EspresenseConfig>,
+}
+
+/// ESPresense preset (`[mqtt.<name>.espresense]`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EspresenseConfig {
+    /// ESPresense's MQTT prefix; reports come on `<base_topic>/devices/<device>/<room>`.
+    #[serde(default = "default_espresense_base")]
+    pub base_topic: String,
+    /// Metres a room must be nearer than the current one to take over.
+    #[serde(default = "default_margin")]
+    pub margin: f64,
+    /// How long it must stay nearer by the margin before the switch.
+    #[serde(default = "default_dwell", with = "humantime_serde")]
+    pub dwell: Duration,
+    /// Readings farther than this (metres) are not reliable.
+    #[serde(default = "default_max_distance")]
+    pub max_distance: f64,
+    /// Readings older than this are not reliable.
+    #[serde(default = "default_espresense_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Tracked devices and whose they are.
+    #[serde(default)]
+    pub people: Vec<EspresensePerson>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EspresensePerson {
+    /// ESPresense device id (`irk:...`, `phone:alice`, ...).
+    pub device: String,
+    /// Person id: sensors are `<person>_in_<room>` and `<person>_home`.
+    pub person: String,
+}
+
+fn default_espresense_base() -> String {
+    "espresense".into()
+}
+fn default_margin() -> f64 {
+    1.0
+}
+fn default_dwell() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_distance() -> f64 {
+    8.0
+}
+fn default_espresense_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_mqtt_host() -> String {
@@ -221,6 +277,91 @@ fn default_keep_alive() -> Duration {
 }
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
+}
+
+/// Home Assistant MQTT discovery output (`[homeassistant]`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HomeAssistant {
+    #[serde(default = "default_mqtt_host")]
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    /// Default `presenced-<site>-homeassistant`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Home Assistant's discovery prefix.
+    #[serde(default = "default_discovery_prefix")]
+    pub discovery_prefix: String,
+    /// State and availability topics live under `<base_topic>/<site>/`.
+    #[serde(default = "default_ha_base")]
+    pub base_topic: String,
+}
+
+fn default_discovery_prefix() -> String {
+    "homeassistant".into()
+}
+fn default_ha_base() -> String {
+    "presenced".into()
+}
+
+/// How the bytes of a serial device are cut into readings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SerialFraming {
+    /// HLK-LD2410 mmWave radar report frames.
+    Ld2410,
+    /// One JSON object per line: `{"sensor": "...", "value": ...}`.
+    JsonLines,
+}
+
+/// One serial device (`[serial.<name>]`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSource {
+    /// Device path; prefer the stable `/dev/serial/by-id/...` link, which
+    /// survives replugging into another port.
+    pub device: PathBuf,
+    pub framing: SerialFraming,
+    /// Default: 256000 for `ld2410` (its factory rate), 115200 otherwise.
+    pub baud: Option<u32>,
+    /// `ld2410`: outputs are named `<sensor_prefix>_present`, `_moving`,
+    /// `_still`, `_moving_distance`, ... Required for `ld2410`.
+    pub sensor_prefix: Option<String>,
+    /// `ld2410`: at most one observation per output in this interval.
+    #[serde(default = "default_min_interval", with = "humantime_serde")]
+    pub min_interval: Duration,
+    /// `ld2410`: whether an unchanged value is dropped (true) or repeated
+    /// once per `min_interval` as a refresh (false).
+    #[serde(default = "yes")]
+    pub changes_only: bool,
+    /// `ld2410`: switch the radar to engineering mode on every connect
+    /// (acknowledgement checked).
+    #[serde(default)]
+    pub engineering_mode: bool,
+    /// `json_lines`: the sensors the device prints; lines naming any other
+    /// are rejected. Empty accepts every valid sensor id.
+    #[serde(default)]
+    pub sensors: Vec<String>,
+    /// Upper bound of the reopen backoff after an unplug.
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl SerialSource {
+    pub fn baud_rate(&self) -> u32 {
+        self.baud.unwrap_or(match self.framing {
+            SerialFraming::Ld2410 => crate::sources::ld2410::DEFAULT_BAUD,
+            SerialFraming::JsonLines => 115_200,
+        })
+    }
+}
+
+fn default_min_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// Maps MQTT topics to a sensor and says where the value is.
@@ -920,6 +1061,113 @@ p_false = 0.1
 
         let bad = rule("").replace("sensor = \"s1\"\np_true", "sensor = \"S 1\"\np_true");
         assert_eq!(paths(&bad), ["zones.z.evidence[0].sensor"]);
+    }
+
+    #[test]
+    fn serial_sources_are_checked_with_paths() {
+        let radar = "[serial.radar]\ndevice = \"/dev/serial/by-id/usb-x\"\nframing = \"ld2410\"\nsensor_prefix = \"hall\"\n";
+        assert_eq!(paths(&base(radar)), Vec::<String>::new());
+        let c = parse(&base(radar));
+        assert_eq!(c.serial["radar"].baud_rate(), 256_000);
+        assert!(c.serial["radar"].changes_only);
+
+        // An LD2410 produces its outputs for zone rules.
+        let text = base(radar).replace(
+            "sensor = \"s1\"\np_true",
+            "sensor = \"hall_present\"\np_true",
+        );
+        assert_eq!(paths(&text), Vec::<String>::new());
+        let text = base(radar).replace(
+            "sensor = \"s1\"\np_true",
+            "sensor = \"hall_presence\"\np_true",
+        );
+        assert_eq!(paths(&text), ["zones.z.evidence[0].sensor"]);
+
+        let bad = "[serial.Radar]\ndevice = \"ttyUSB0\"\nframing = \"ld2410\"\nbaud = 0\nreconnect_max = \"0s\"\nsensors = [\"a\"]\n";
+        assert_eq!(
+            paths(&base(bad)),
+            [
+                "serial.Radar",
+                "serial.Radar.device",
+                "serial.Radar.baud",
+                "serial.Radar.reconnect_max",
+                "serial.Radar.sensors",
+                "serial.Radar.sensor_prefix"
+            ]
+        );
+        let r = reasons_at(
+            &base(
+                "[serial.r]\ndevice = \"/dev/x\"\nframing = \"ld2410\"\nsensor_prefix = \"Hall\"\n",
+            ),
+            "serial.r.sensor_prefix",
+        );
+        assert!(r[0].contains("is invalid"), "{r:?}");
+        let r = reasons_at(
+            &base("[serial.m]\ndevice = \"/dev/x\"\nframing = \"json_lines\"\n"),
+            "serial.m",
+        );
+        assert!(r[0].contains("also an `[mqtt.m]` source"), "{r:?}");
+
+        // JSON lines: listed sensors are produced; without a list, any id.
+        let lines = "[serial.esp]\ndevice = \"/dev/ttyACM0\"\nframing = \"json_lines\"\nsensors = [\"desk\", \"Bad\"]\nengineering_mode = true\n";
+        assert_eq!(
+            paths(&base(lines)),
+            ["serial.esp.engineering_mode", "serial.esp.sensors[1]"]
+        );
+        let open = "[serial.esp]\ndevice = \"/dev/ttyACM0\"\nframing = \"json_lines\"\n";
+        let text = base(open).replace("sensor = \"s1\"\np_true", "sensor = \"anything\"\np_true");
+        assert_eq!(paths(&text), Vec::<String>::new());
+        assert_eq!(parse(&text).serial["esp"].baud_rate(), 115_200);
+    }
+
+    #[test]
+    fn homeassistant_section_is_checked() {
+        assert_eq!(paths(&base("[homeassistant]\n")), Vec::<String>::new());
+        let c = parse(&base("[homeassistant]\n"));
+        let ha = c.homeassistant.unwrap();
+        assert_eq!(
+            (ha.discovery_prefix.as_str(), ha.base_topic.as_str()),
+            ("homeassistant", "presenced")
+        );
+        let bad = "[homeassistant]\nhost = \"\"\nport = 0\nkeep_alive = \"500ms\"\npassword_file = \"/run/pw\"\ndiscovery_prefix = \"ha/\"\nbase_topic = \"a/+\"\n";
+        assert_eq!(
+            paths(&base(bad)),
+            [
+                "homeassistant.host",
+                "homeassistant.port",
+                "homeassistant.keep_alive",
+                "homeassistant.password_file",
+                "homeassistant.discovery_prefix",
+                "homeassistant.base_topic"
+            ]
+        );
+    }
+
+    #[test]
+    fn espresense_preset_is_checked_and_produces_person_sensors() {
+        let es = "[mqtt.es]\n[mqtt.es.espresense]\n[[mqtt.es.espresense.people]]\ndevice = \"irk:1\"\nperson = \"alice\"\n";
+        let text = base(es).replace(
+            "sensor = \"s1\"\np_true",
+            "sensor = \"alice_in_office\"\np_true",
+        );
+        assert_eq!(paths(&text), Vec::<String>::new());
+        let text = base(es).replace("sensor = \"s1\"\np_true", "sensor = \"alice_home\"\np_true");
+        assert_eq!(paths(&text), Vec::<String>::new());
+        let text = base(es).replace("sensor = \"s1\"\np_true", "sensor = \"bob_home\"\np_true");
+        assert_eq!(paths(&text), ["zones.z.evidence[0].sensor"]);
+        let bad = "[mqtt.es]\n[mqtt.es.espresense]\nbase_topic = \"/x\"\nmargin = -1.0\nmax_distance = 0.0\ntimeout = \"0s\"\n[[mqtt.es.espresense.people]]\ndevice = \"a/b\"\nperson = \"Alice\"\n[[mqtt.es.espresense.people]]\ndevice = \"d\"\nperson = \"p\"\n[[mqtt.es.espresense.people]]\ndevice = \"d\"\nperson = \"q\"\n";
+        assert_eq!(
+            paths(&base(bad)),
+            [
+                "mqtt.es.espresense.base_topic",
+                "mqtt.es.espresense.margin",
+                "mqtt.es.espresense.max_distance",
+                "mqtt.es.espresense.timeout",
+                "mqtt.es.espresense.people[0].device",
+                "mqtt.es.espresense.people[0].person",
+                "mqtt.es.espresense.people[2].device"
+            ]
+        );
     }
 
     #[test]

@@ -114,10 +114,23 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         ));
         source_tasks.push((name.clone(), task, status));
     }
+    let mut serial_tasks = Vec::new();
+    for (name, src) in &config.serial {
+        let status = Arc::new(sources::serial::SerialStatus::default());
+        let task = tokio::spawn(sources::serial::run(
+            name.clone(),
+            src.clone(),
+            tx.clone(),
+            status.clone(),
+            sources_stop_rx.clone(),
+        ));
+        serial_tasks.push((name.clone(), task, status));
+    }
     drop(tx);
     let mqtt_gauge = {
         let metrics = metrics.clone();
         let statuses: Vec<_> = source_tasks.iter().map(|(_, _, s)| s.clone()).collect();
+        let serials: Vec<_> = serial_tasks.iter().map(|(_, _, s)| s.clone()).collect();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(1));
@@ -136,6 +149,18 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                     .map(|s| s.buffer_full.load(Ordering::Relaxed))
                     .sum();
                 Metrics::set(&metrics.buffer_full, full);
+                let open = serials
+                    .iter()
+                    .filter(|s| s.connected.load(Ordering::Relaxed))
+                    .count();
+                Metrics::set(&metrics.serial_connected, open as u64);
+                for (i, gauge) in metrics.serial_frame_rejects.iter().enumerate() {
+                    let n = serials
+                        .iter()
+                        .map(|s| s.frame_rejects[i].load(Ordering::Relaxed))
+                        .sum();
+                    Metrics::set(gauge, n);
+                }
             }
         })
     };
@@ -170,6 +195,17 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         systemd::ready(&line);
     }));
 
+    // Home Assistant follows KV presence; started once the engine owns it.
+    let ha_task = config.homeassistant.clone().map(|ha| {
+        tokio::spawn(crate::homeassistant::run(
+            ha,
+            site.clone(),
+            config.zones.clone(),
+            js.clone(),
+            stop_rx.clone(),
+        ))
+    });
+
     let engine_failed = tokio::select! {
         _ = &mut term => {
             tracing::info!("stopping: signal received");
@@ -195,10 +231,26 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                 Err(e) => tracing::error!(source = %name, error = %e, "source task panicked"),
             }
         }
+        for (name, task, _) in serial_tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(source = %name, error = %e, "serial source failed"),
+                Err(e) => {
+                    tracing::error!(source = %name, error = %e, "serial source task panicked")
+                }
+            }
+        }
         let _ = ingest_task.await;
         let _ = stop_tx.send(true);
         if engine_failed.is_none() {
             let _ = engine_task.await;
+        }
+        if let Some(task) = ha_task {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "Home Assistant output failed"),
+                Err(e) => tracing::error!(error = %e, "Home Assistant task panicked"),
+            }
         }
         let _ = mqtt_gauge.await;
         if let Some(h) = http_task {

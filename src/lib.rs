@@ -17,6 +17,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod homeassistant;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

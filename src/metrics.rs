@@ -28,6 +28,11 @@ pub struct Metrics {
     pub nats_connected: AtomicBool,
     pub nats_reconnects: AtomicU64,
     pub mqtt_connected: AtomicU64,
+    /// Serial sources whose device is open.
+    pub serial_connected: AtomicU64,
+    /// LD2410 input rejected, by reason (indexed like
+    /// `sources::ld2410::RejectKind::ALL`).
+    pub serial_frame_rejects: [AtomicU64; 6],
     pub ready: AtomicBool,
 }
 
@@ -49,7 +54,7 @@ impl Metrics {
         let mut out = String::with_capacity(2048);
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let flag = |a: &AtomicBool| u64::from(a.load(Ordering::Relaxed));
-        let rows: [(&str, &str, &str, u64); 19] = [
+        let rows: [(&str, &str, &str, u64); 20] = [
             (
                 "presenced_observations_received_total",
                 "counter",
@@ -159,6 +164,12 @@ impl Metrics {
                 get(&self.mqtt_connected),
             ),
             (
+                "presenced_serial_connected",
+                "gauge",
+                "Serial sources whose device is open.",
+                get(&self.serial_connected),
+            ),
+            (
                 "presenced_ready",
                 "gauge",
                 "1 once state is rehydrated and the consumer is bound.",
@@ -170,6 +181,17 @@ impl Metrics {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
+        }
+        let name = "presenced_serial_frame_rejects_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} LD2410 input rejected, by reason.\n# TYPE {name} counter"
+        );
+        for (kind, n) in crate::sources::ld2410::RejectKind::ALL
+            .iter()
+            .zip(&self.serial_frame_rejects)
+        {
+            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", kind.label(), get(n));
         }
         out
     }
@@ -190,6 +212,9 @@ mod tests {
             let mut parts = line.split(' ');
             let name = parts.next().unwrap();
             assert!(name.starts_with("presenced_"), "{line}");
+            if name.contains('{') {
+                assert!(name.ends_with("\"}"), "{line}");
+            }
             assert!(parts.next().unwrap().parse::<u64>().is_ok(), "{line}");
         }
     }

@@ -2,7 +2,9 @@
 //! [`ConfigProblem`] and carries on, so one run lists everything to fix.
 
 use super::{Config, EvidenceRule, MqttSource, TopicMapping, Zigbee2Mqtt, ZoneConfig};
-use super::{ConfigProblem, Zigbee2MqttKind};
+use super::{
+    ConfigProblem, EspresenseConfig, HomeAssistant, SerialFraming, SerialSource, Zigbee2MqttKind,
+};
 use crate::naming;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -26,6 +28,9 @@ pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
     let mut p = Problems::default();
     check_top(config, &mut p);
     let producers = check_sources(config, &mut p);
+    if let Some(ha) = &config.homeassistant {
+        check_homeassistant(ha, &mut p);
+    }
     for (name, zone) in &config.zones {
         check_zone(name, zone, &producers, &mut p);
     }
@@ -184,13 +189,237 @@ struct Producers {
 
 fn check_sources(config: &Config, p: &mut Problems) -> Producers {
     let mut producers = Producers {
-        any_source: !config.mqtt.is_empty(),
+        any_source: !config.mqtt.is_empty() || !config.serial.is_empty(),
         ..Producers::default()
     };
     for (name, source) in &config.mqtt {
         check_mqtt(name, source, &mut producers, p);
     }
+    for (name, source) in &config.serial {
+        if config.mqtt.contains_key(name) {
+            p.push(
+                format!("serial.{name}"),
+                format!("source name {name:?} is also an `[mqtt.{name}]` source: names share stream REJECTED, so they must differ"),
+            );
+        }
+        check_serial(name, source, &mut producers, p);
+    }
     producers
+}
+
+fn check_espresense(at: &str, es: &EspresenseConfig, producers: &mut Producers, p: &mut Problems) {
+    if es.base_topic.is_empty()
+        || es.base_topic.contains(['+', '#'])
+        || es.base_topic.starts_with('/')
+        || es.base_topic.ends_with('/')
+    {
+        p.push(
+            format!("{at}.base_topic"),
+            format!(
+                "{:?} must be non-empty, without `+`, `#` or a leading or trailing `/`",
+                es.base_topic
+            ),
+        );
+    }
+    if !es.margin.is_finite() || es.margin < 0.0 {
+        p.push(
+            format!("{at}.margin"),
+            format!("must be 0 or more metres, got {}", es.margin),
+        );
+    }
+    if !es.max_distance.is_finite() || es.max_distance <= 0.0 {
+        p.push(
+            format!("{at}.max_distance"),
+            format!("must be more than 0 metres, got {}", es.max_distance),
+        );
+    }
+    positive(p, format!("{at}.timeout"), es.timeout);
+    if es.people.is_empty() {
+        p.push(
+            format!("{at}.people"),
+            "is empty: list the devices to track and whose they are",
+        );
+    }
+    let mut devices = BTreeMap::new();
+    for (i, person) in es.people.iter().enumerate() {
+        let pat = format!("{at}.people[{i}]");
+        if person.device.is_empty() || person.device.contains(['+', '#', '/']) {
+            p.push(
+                format!("{pat}.device"),
+                format!(
+                    "{:?} must be an ESPresense device id: non-empty, no `+`, `#` or `/`",
+                    person.device
+                ),
+            );
+        } else if let Some(first) = devices.insert(person.device.clone(), pat.clone()) {
+            p.push(
+                format!("{pat}.device"),
+                format!("device {:?} is already tracked by {first}", person.device),
+            );
+        }
+        // `<person>_in_<room>` must leave room for a room name.
+        if !naming::is_token(&person.person) || person.person.len() > 48 {
+            p.push(
+                format!("{pat}.person"),
+                format!(
+                    "person id {:?} is invalid: {TOKEN_FORM}, at most 48 characters",
+                    person.person
+                ),
+            );
+            continue;
+        }
+        add_static(
+            producers,
+            &format!("{}_home", person.person),
+            format!("{pat}.person"),
+            p,
+        );
+        producers.templates.push((
+            vec![
+                Segment::Literal(format!("{}_in_", person.person)),
+                Segment::Capture(1),
+            ],
+            format!("{pat}.person"),
+        ));
+    }
+}
+
+fn check_homeassistant(ha: &HomeAssistant, p: &mut Problems) {
+    let at = "homeassistant";
+    if ha.host.trim().is_empty() {
+        p.push(format!("{at}.host"), "is empty");
+    }
+    if ha.port == 0 {
+        p.push(format!("{at}.port"), "must be 1 to 65535, got 0");
+    }
+    if ha.client_id.as_deref() == Some("") {
+        p.push(
+            format!("{at}.client_id"),
+            "is empty: leave it out for `presenced-<site>-homeassistant`",
+        );
+    }
+    let ka = ha.keep_alive;
+    if ka < MIN_KEEP_ALIVE || ka > MAX_KEEP_ALIVE || ka.subsec_nanos() != 0 {
+        p.push(
+            format!("{at}.keep_alive"),
+            format!(
+                "must be whole seconds from 1s to {MAX_KEEP_ALIVE:?}, got {}",
+                humantime::format_duration(ka)
+            ),
+        );
+    }
+    if ha.password_file.is_some() && ha.username.is_none() {
+        p.push(
+            format!("{at}.password_file"),
+            "is set but `username` is not; MQTT sends a password only with a user name",
+        );
+    }
+    for (field, value) in [
+        ("discovery_prefix", &ha.discovery_prefix),
+        ("base_topic", &ha.base_topic),
+    ] {
+        if value.is_empty()
+            || value.contains(['+', '#'])
+            || value.starts_with('/')
+            || value.ends_with('/')
+        {
+            p.push(
+                format!("{at}.{field}"),
+                format!("{value:?} must be a topic prefix: non-empty, no `+` or `#`, no leading or trailing `/`"),
+            );
+        }
+    }
+}
+
+fn check_serial(name: &str, source: &SerialSource, producers: &mut Producers, p: &mut Problems) {
+    let at = format!("serial.{name}");
+    if !naming::is_token(name) {
+        p.push(
+            at.clone(),
+            format!("source name {name:?} is invalid (it is a subject token of `REJECTED`): {TOKEN_FORM}"),
+        );
+    }
+    if source.device.as_os_str().is_empty() {
+        p.push(format!("{at}.device"), "is empty");
+    } else if !source.device.is_absolute() {
+        p.push(
+            format!("{at}.device"),
+            format!(
+                "{:?} is not an absolute path: use a stable link such as /dev/serial/by-id/...",
+                source.device
+            ),
+        );
+    }
+    if source.baud == Some(0) {
+        p.push(format!("{at}.baud"), "must be above 0");
+    }
+    positive(p, format!("{at}.reconnect_max"), source.reconnect_max);
+    match source.framing {
+        SerialFraming::Ld2410 => {
+            if !source.sensors.is_empty() {
+                p.push(
+                    format!("{at}.sensors"),
+                    "is for `json_lines`; an LD2410's sensors are named by `sensor_prefix`",
+                );
+            }
+            let Some(prefix) = &source.sensor_prefix else {
+                p.push(
+                    format!("{at}.sensor_prefix"),
+                    "is required for `ld2410`: outputs are named `<sensor_prefix>_present`, `_moving`, ...",
+                );
+                return;
+            };
+            let longest = crate::sources::ld2410::OUTPUTS
+                .iter()
+                .map(|o| o.len() + 1)
+                .max()
+                .unwrap_or(0);
+            if !naming::is_token(prefix) || prefix.len() + longest > 64 {
+                p.push(
+                    format!("{at}.sensor_prefix"),
+                    format!(
+                        "{prefix:?} is invalid: {TOKEN_FORM}, and at most {} characters so that `{prefix}_detection_distance` fits",
+                        64 - longest
+                    ),
+                );
+                return;
+            }
+            for out in crate::sources::ld2410::OUTPUTS {
+                add_static(
+                    producers,
+                    &format!("{prefix}_{out}"),
+                    format!("{at}.sensor_prefix"),
+                    p,
+                );
+            }
+        }
+        SerialFraming::JsonLines => {
+            for (field, set) in [
+                ("sensor_prefix", source.sensor_prefix.is_some()),
+                ("engineering_mode", source.engineering_mode),
+            ] {
+                if set {
+                    p.push(format!("{at}.{field}"), "is for `ld2410` framing only");
+                }
+            }
+            if source.sensors.is_empty() {
+                // Any id the device prints: one capture matches them all.
+                producers
+                    .templates
+                    .push((vec![Segment::Capture(1)], format!("{at}.sensors")));
+            }
+            for (i, sensor) in source.sensors.iter().enumerate() {
+                if naming::is_token(sensor) {
+                    add_static(producers, sensor, format!("{at}.sensors[{i}]"), p);
+                } else {
+                    p.push(
+                        format!("{at}.sensors[{i}]"),
+                        format!("sensor id {sensor:?} is invalid: {TOKEN_FORM}"),
+                    );
+                }
+            }
+        }
+    }
 }
 
 fn check_mqtt(name: &str, source: &MqttSource, producers: &mut Producers, p: &mut Problems) {
@@ -235,11 +464,14 @@ fn check_mqtt(name: &str, source: &MqttSource, producers: &mut Producers, p: &mu
     }
     positive(p, format!("{at}.reconnect_max"), source.reconnect_max);
 
-    if source.topics.is_empty() && source.zigbee2mqtt.is_none() {
+    if source.topics.is_empty() && source.zigbee2mqtt.is_none() && source.espresense.is_none() {
         p.push(
             at.clone(),
-            "reads nothing: add `topics` or a `zigbee2mqtt` section",
+            "reads nothing: add `topics`, a `zigbee2mqtt` or an `espresense` section",
         );
+    }
+    if let Some(es) = &source.espresense {
+        check_espresense(&format!("{at}.espresense"), es, producers, p);
     }
     for (i, mapping) in source.topics.iter().enumerate() {
         check_mapping(&format!("{at}.topics[{i}]"), mapping, producers, p);
@@ -593,7 +825,7 @@ fn check_rule(at: &str, rule: &EvidenceRule, producers: &Producers, p: &mut Prob
         p.push(
             sensor_at,
             format!(
-                "no source is configured, so nothing produces sensor {:?}: add an `[mqtt.<name>]` source",
+                "no source is configured, so nothing produces sensor {:?}: add an `[mqtt.<name>]` or `[serial.<name>]` source",
                 rule.sensor
             ),
         );
@@ -606,7 +838,7 @@ fn check_rule(at: &str, rule: &EvidenceRule, producers: &Producers, p: &mut Prob
         p.push(
             sensor_at,
             format!(
-                "no source produces sensor {:?}: map it in `mqtt.<name>.topics` or `zigbee2mqtt.devices`",
+                "no source produces sensor {:?}: map it in `mqtt.<name>.topics`, `zigbee2mqtt.devices` or a `[serial.<name>]` source",
                 rule.sensor
             ),
         );

@@ -5,8 +5,11 @@
 //! PUBACK) that ingest fires only once the item is durable in JetStream, so
 //! a crash in between makes the broker redeliver instead of losing it.
 
+pub mod espresense;
+pub mod ld2410;
 pub mod mqtt;
 pub mod payload;
+pub mod serial;
 pub mod topic;
 
 use crate::observation::Observation;

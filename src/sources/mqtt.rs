@@ -20,6 +20,7 @@
 
 use crate::config::{MqttSource, Zigbee2MqttKind};
 use crate::observation::{input_id, Observation, OBSERVATION_SCHEMA};
+use crate::sources::espresense::{Espresense, Outcome};
 use crate::sources::payload::{extract_timestamp, extract_value, ValueSelector};
 use crate::sources::topic::{SensorTemplate, TopicError, TopicFilter};
 use crate::sources::{Ack, Item, Rejected};
@@ -301,7 +302,14 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), MqttError> {
     let mappings = compile_mappings(&cfg)?;
-    let filters = subscriptions(&mappings);
+    let mut filters = subscriptions(&mappings);
+    let espresense = cfg.espresense.as_ref().map(Espresense::new);
+    if let Some(es) = &espresense {
+        let f = es.filter();
+        if !filters.contains(&f) {
+            filters.push(f);
+        }
+    }
     if filters.is_empty() {
         warn!(source = %source, "MQTT source has no topics to read");
     }
@@ -312,6 +320,7 @@ pub async fn run(
         broker: format!("{}:{}", cfg.host, cfg.port),
         mappings,
         filters,
+        espresense,
         strict,
         client,
         tx,
@@ -381,6 +390,8 @@ struct Connection {
     broker: String,
     mappings: Vec<Mapping>,
     filters: Vec<String>,
+    /// The ESPresense preset; it keeps per-person state across messages.
+    espresense: Option<Espresense>,
     strict: bool,
     client: AsyncClient,
     tx: mpsc::Sender<Item>,
@@ -555,6 +566,61 @@ impl Connection {
                 debug!(source = %self.source, topic = %p.topic, "ignoring retained MQTT message: no device timestamp");
                 self.status.ignored.fetch_add(1, Ordering::Relaxed);
                 self.ack(&p).fire();
+                return Ok(Flow::Continue);
+            }
+        }
+        let outcome = match self.espresense.as_mut() {
+            Some(es) => es.handle(&self.source, &p.topic, &p.payload, received_at),
+            None => Outcome::NotMine,
+        };
+        match outcome {
+            Outcome::NotMine => {}
+            Outcome::Ignored => {
+                debug!(source = %self.source, topic = %p.topic, "ESPresense device not configured; ignored");
+                self.status.ignored.fetch_add(1, Ordering::Relaxed);
+                self.ack(&p).fire();
+                return Ok(Flow::Continue);
+            }
+            Outcome::Rejected(reason) => {
+                self.status.rejected.fetch_add(1, Ordering::Relaxed);
+                let rej = Rejected {
+                    source: self.source.clone(),
+                    origin: format!("mqtt topic {}", p.topic),
+                    reason,
+                    payload: p.payload.clone(),
+                    received_at,
+                    id: input_id(&[
+                        b"mqtt-rejected",
+                        self.source.as_bytes(),
+                        p.topic.as_bytes(),
+                        &p.payload,
+                        &p.pkid.to_be_bytes(),
+                    ]),
+                };
+                let item = Item::Rejected(rej, self.ack(&p));
+                return self.forward(item, shutdown).await;
+            }
+            Outcome::Observations(obs) => {
+                // The upstream ack travels with the last item: the message
+                // is done once everything it caused is stored.
+                let mut ack = Some(self.ack(&p));
+                let n = obs.len();
+                if n == 0 {
+                    if let Some(a) = ack.take() {
+                        a.fire();
+                    }
+                    return Ok(Flow::Continue);
+                }
+                for (i, o) in obs.into_iter().enumerate() {
+                    let a = if i + 1 == n {
+                        ack.take().unwrap_or_else(Ack::none)
+                    } else {
+                        Ack::none()
+                    };
+                    if let Flow::Stop = self.forward(Item::Observation(o, a), shutdown).await? {
+                        return Ok(Flow::Stop);
+                    }
+                }
                 return Ok(Flow::Continue);
             }
         }

@@ -18,6 +18,7 @@ pub mod http;
 pub mod mosquitto;
 pub mod nats;
 pub mod process;
+pub mod pty;
 pub mod wait;
 
 pub use daemon::{presenced_bin, Daemon};

@@ -1,0 +1,406 @@
+//! Home Assistant output: every zone appears in Home Assistant through MQTT
+//! discovery, with no YAML on that side.
+//!
+//! State follows KV `presence`, never the other way round: this task only
+//! watches the bucket and republishes each zone's state, retained, so Home
+//! Assistant (re)started at any time sees the current value. Availability
+//! is one retained topic per site: `online` while the daemon runs,
+//! `offline` on a clean stop, and the broker publishes `offline` (the MQTT
+//! will) when the daemon dies without one.
+
+use crate::config::{HomeAssistant, ZoneConfig};
+use crate::engine::{Presence, ZoneState};
+use crate::naming::{self, Site};
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// Publishes queued while the broker is away: discovery for every zone
+/// plus one state per zone fits many times over.
+const REQUEST_CAPACITY: usize = 1024;
+const RETRY: Duration = Duration::from_secs(2);
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The topics of one site.
+#[derive(Clone, Debug)]
+pub struct Topics {
+    discovery_prefix: String,
+    base: String,
+    site: String,
+}
+
+impl Topics {
+    pub fn new(cfg: &HomeAssistant, site: &Site) -> Self {
+        Topics {
+            discovery_prefix: cfg.discovery_prefix.clone(),
+            base: cfg.base_topic.clone(),
+            site: site.as_str().to_owned(),
+        }
+    }
+
+    pub fn availability(&self) -> String {
+        format!("{}/{}/availability", self.base, self.site)
+    }
+
+    pub fn state(&self, zone: &str) -> String {
+        format!("{}/{}/{zone}/state", self.base, self.site)
+    }
+
+    /// `<prefix>/<component>/presenced_<site>/<zone>_<what>/config`: node
+    /// and object ids are `[a-z0-9_-]`, as Home Assistant requires.
+    pub fn config(&self, component: &str, zone: &str, what: &str) -> String {
+        format!(
+            "{}/{component}/presenced_{}/{zone}_{what}/config",
+            self.discovery_prefix,
+            self.site.replace('-', "_")
+        )
+    }
+}
+
+/// Discovery configs (topic, JSON) for every zone: an occupancy
+/// `binary_sensor` and a confidence `sensor`, both on the zone's state
+/// topic and the site's availability topic.
+pub fn discovery(topics: &Topics, zones: &BTreeMap<String, ZoneConfig>) -> Vec<(String, String)> {
+    let site = &topics.site;
+    let device = json!({
+        "identifiers": [format!("presenced_{site}")],
+        "name": format!("presenced {site}"),
+        "manufacturer": "presenced",
+        "model": "presence engine",
+        "sw_version": env!("CARGO_PKG_VERSION"),
+    });
+    let mut out = Vec::new();
+    for zone in zones.keys() {
+        let common = |what: &str| {
+            json!({
+                "unique_id": format!("presenced_{site}_{zone}_{what}"),
+                "state_topic": topics.state(zone),
+                "availability_topic": topics.availability(),
+                "payload_available": "online",
+                "payload_not_available": "offline",
+                "device": device,
+            })
+        };
+        let mut occupancy = common("occupancy");
+        occupancy["name"] = json!(format!("{zone} occupancy"));
+        occupancy["device_class"] = json!("occupancy");
+        occupancy["value_template"] = json!("{{ value_json.occupancy }}");
+        occupancy["payload_on"] = json!("ON");
+        occupancy["payload_off"] = json!("OFF");
+        out.push((
+            topics.config("binary_sensor", zone, "occupancy"),
+            occupancy.to_string(),
+        ));
+        let mut confidence = common("confidence");
+        confidence["name"] = json!(format!("{zone} presence confidence"));
+        confidence["value_template"] = json!("{{ value_json.confidence }}");
+        confidence["unit_of_measurement"] = json!("%");
+        confidence["state_class"] = json!("measurement");
+        confidence["json_attributes_topic"] = json!(topics.state(zone));
+        out.push((
+            topics.config("sensor", zone, "confidence"),
+            confidence.to_string(),
+        ));
+    }
+    out
+}
+
+/// The state payload of a zone. `occupancy` is `ON` while the engine
+/// treats the zone as occupied (`occupied` or `leaving`).
+pub fn state_payload(z: &ZoneState) -> String {
+    let on = matches!(z.state, Presence::Occupied | Presence::Leaving);
+    json!({
+        "occupancy": if on { "ON" } else { "OFF" },
+        "state": z.state.as_str(),
+        "confidence": (z.confidence * 1000.0).round() / 10.0,
+        "since": z.since.to_string(),
+    })
+    .to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HomeAssistantError {
+    #[error("cannot read homeassistant.password_file {path}: {source}")]
+    PasswordFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("homeassistant: KV bucket presence: {0}")]
+    Kv(String),
+}
+
+fn options(
+    cfg: &HomeAssistant,
+    site: &Site,
+    topics: &Topics,
+) -> Result<MqttOptions, HomeAssistantError> {
+    let id = cfg
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("presenced-{site}-homeassistant"));
+    let mut o = MqttOptions::new(id, cfg.host.clone(), cfg.port);
+    o.set_keep_alive(cfg.keep_alive.max(Duration::from_secs(1)))
+        .set_clean_session(true)
+        .set_last_will(LastWill::new(
+            topics.availability(),
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
+    if let Some(user) = &cfg.username {
+        let password = match &cfg.password_file {
+            None => String::new(),
+            Some(path) => crate::store::connect::read_secret(path).map_err(|source| {
+                HomeAssistantError::PasswordFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?,
+        };
+        o.set_credentials(user.clone(), password);
+    }
+    Ok(o)
+}
+
+/// Publishes discovery and availability on every connection and the state
+/// of each zone on every change in KV `presence`, until `shutdown`; then
+/// publishes `offline` and disconnects.
+pub async fn run(
+    cfg: HomeAssistant,
+    site: Site,
+    zones: BTreeMap<String, ZoneConfig>,
+    js: async_nats::jetstream::Context,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), HomeAssistantError> {
+    let topics = Topics::new(&cfg, &site);
+    let (client, eventloop) = AsyncClient::new(options(&cfg, &site, &topics)?, REQUEST_CAPACITY);
+    let configs = discovery(&topics, &zones);
+    let broker = format!("{}:{}", cfg.host, cfg.port);
+    let (done_tx, done_rx) = watch::channel(false);
+    let states = States::default();
+    let pump = tokio::spawn(pump(
+        eventloop,
+        client.clone(),
+        topics.clone(),
+        configs,
+        states.clone(),
+        broker,
+        done_rx,
+    ));
+    let result = follow(&client, &topics, &js, &states, &mut shutdown).await;
+    // Clean stop: say so before leaving, so Home Assistant greys the zones
+    // out at once instead of after the broker's keep-alive timeout.
+    let _ = client
+        .publish(topics.availability(), QoS::AtLeastOnce, true, "offline")
+        .await;
+    let _ = client.disconnect().await;
+    let _ = done_tx.send(true);
+    if tokio::time::timeout(DISCONNECT_TIMEOUT * 2, pump)
+        .await
+        .is_err()
+    {
+        debug!("homeassistant: MQTT disconnect timed out");
+    }
+    result
+}
+
+/// The last state payload published per zone: the engine rewrites a zone
+/// on every batch, mostly with the same rounded figures, and a broker that
+/// lost its retained messages gets them again on reconnect.
+#[derive(Clone, Default)]
+struct States(Arc<Mutex<BTreeMap<String, String>>>);
+
+impl States {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `payload`; false when it is what was published last.
+    fn changed(&self, zone: &str, payload: &str) -> bool {
+        let mut map = self.lock();
+        if map.get(zone).is_some_and(|p| p == payload) {
+            return false;
+        }
+        map.insert(zone.to_owned(), payload.to_owned());
+        true
+    }
+}
+
+/// Watches KV `presence` and queues a retained state publish per change.
+async fn follow(
+    client: &AsyncClient,
+    topics: &Topics,
+    js: &async_nats::jetstream::Context,
+    states: &States,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), HomeAssistantError> {
+    let store = js
+        .get_key_value(naming::PRESENCE_BUCKET)
+        .await
+        .map_err(|e| HomeAssistantError::Kv(e.to_string()))?;
+    loop {
+        let mut entries = match store.watch_with_history(">").await {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "homeassistant: cannot watch KV presence; retrying");
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                    _ = tokio::time::sleep(RETRY) => continue,
+                }
+            }
+        };
+        loop {
+            let entry = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                e = entries.next() => e,
+            };
+            match entry {
+                Some(Ok(e)) if e.operation == kv::Operation::Put => {
+                    match serde_json::from_slice::<ZoneState>(&e.value) {
+                        Ok(z) => {
+                            let payload = state_payload(&z);
+                            if states.changed(&e.key, &payload) {
+                                let _ = client
+                                    .publish(topics.state(&e.key), QoS::AtLeastOnce, true, payload)
+                                    .await;
+                            }
+                        }
+                        Err(err) => {
+                            warn!(zone = %e.key, error = %err, "homeassistant: unreadable zone state; not published")
+                        }
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    warn!(error = %e, "homeassistant: KV watch failed; restarting it");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// Drives the MQTT connection: (re)publishes availability and discovery on
+/// each ConnAck, reconnects after errors, and ends on disconnect or `done`.
+async fn pump(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    topics: Topics,
+    configs: Vec<(String, String)>,
+    states: States,
+    broker: String,
+    mut done: watch::Receiver<bool>,
+) {
+    let mut outage_logged = false;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if outage_logged {
+                    info!(%broker, "homeassistant: MQTT broker reachable again");
+                } else {
+                    info!(%broker, zones = configs.len() / 2, "homeassistant: publishing discovery");
+                }
+                outage_logged = false;
+                let known: Vec<(String, String)> = states
+                    .lock()
+                    .iter()
+                    .map(|(z, p)| (topics.state(z), p.clone()))
+                    .collect();
+                let dropped = configs
+                    .iter()
+                    .cloned()
+                    .chain(known)
+                    .filter(|(topic, payload)| {
+                        client
+                            .try_publish(topic, QoS::AtLeastOnce, true, payload.clone())
+                            .is_err()
+                    })
+                    .count();
+                if dropped > 0 {
+                    warn!(dropped, "homeassistant: request queue full; some discovery or state messages wait for the next change or reconnect");
+                }
+                let _ = client.try_publish(topics.availability(), QoS::AtLeastOnce, true, "online");
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                if *done.borrow() {
+                    return;
+                }
+                if !outage_logged {
+                    warn!(%broker, error = %e, "homeassistant: MQTT broker unreachable; retrying");
+                    outage_logged = true;
+                }
+                tokio::select! {
+                    _ = done.wait_for(|d| *d) => return,
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::Timestamp;
+
+    fn cfg() -> HomeAssistant {
+        toml::from_str("").unwrap()
+    }
+
+    #[test]
+    fn discovery_has_what_home_assistant_needs() {
+        let site = Site::new("home-1").unwrap();
+        let topics = Topics::new(&cfg(), &site);
+        let zones: BTreeMap<String, ZoneConfig> = toml::from_str(
+            "[kitchen]\n[[kitchen.evidence]]\nsensor = \"a\"\np_true = 0.9\np_false = 0.1\n",
+        )
+        .unwrap();
+        let d = discovery(&topics, &zones);
+        assert_eq!(d.len(), 2);
+        assert_eq!(
+            d[0].0,
+            "homeassistant/binary_sensor/presenced_home_1/kitchen_occupancy/config"
+        );
+        let v: serde_json::Value = serde_json::from_str(&d[0].1).unwrap();
+        assert_eq!(v["device_class"], "occupancy");
+        assert_eq!(v["state_topic"], "presenced/home-1/kitchen/state");
+        assert_eq!(v["availability_topic"], "presenced/home-1/availability");
+        assert_eq!(v["unique_id"], "presenced_home-1_kitchen_occupancy");
+        assert_eq!(
+            d[1].0,
+            "homeassistant/sensor/presenced_home_1/kitchen_confidence/config"
+        );
+        let v: serde_json::Value = serde_json::from_str(&d[1].1).unwrap();
+        assert_eq!(v["unit_of_measurement"], "%");
+    }
+
+    #[test]
+    fn state_is_on_while_occupied_or_leaving() {
+        let mut z: ZoneState = serde_json::from_value(json!({
+            "v": 1, "zone": "k", "state": "leaving", "since": "2026-11-23T10:00:00Z",
+            "confidence": 0.41234, "clock": "2026-11-23T10:00:00Z", "last_seq": 1,
+            "transitions": 3, "pending": null, "evidence": []
+        }))
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&state_payload(&z)).unwrap();
+        assert_eq!(v["occupancy"], "ON");
+        assert_eq!(v["confidence"], 41.2);
+        z.state = Presence::Arriving;
+        z.since = Timestamp(0);
+        let v: serde_json::Value = serde_json::from_str(&state_payload(&z)).unwrap();
+        assert_eq!(
+            (v["occupancy"].as_str(), v["state"].as_str()),
+            (Some("OFF"), Some("arriving"))
+        );
+    }
+}

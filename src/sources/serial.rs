@@ -1,0 +1,894 @@
+//! Serial source: a local device on a UART (an HLK-LD2410 radar, or a
+//! microcontroller printing JSON lines) turned into [`Item`]s for ingest.
+//!
+//! The device can vanish at any time (a USB adapter unplugged, a hub
+//! reset). [`run`] reopens the configured path with capped backoff, logs
+//! the outage once, and keeps a link state in [`SerialStatus`]; nothing
+//! read from the wire can stop or crash it.
+//!
+//! Serial input has no upstream acknowledgement and no redelivery, so
+//! every item travels with [`Ack::none`]. Observation ids are still
+//! deterministic: a hash of (source, sensor, observed-at milliseconds,
+//! value). A per-connection frame counter would restart at zero after an
+//! unplug or a daemon restart and give two different readings one id; the
+//! chosen parts identify a reading on their own, and two readings of one
+//! sensor with the same value in the same millisecond carry no new
+//! information.
+
+use crate::config::{SerialFraming, SerialSource};
+use crate::observation::{input_id, Observation, Reading, OBSERVATION_SCHEMA};
+use crate::sources::ld2410::{self, Decoder, Event, RejectKind, Report};
+use crate::sources::payload::{extract_timestamp, extract_value, ValueSelector};
+use crate::sources::{Ack, Item, Rejected};
+use crate::time::Timestamp;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio_serial::{SerialPortBuilderExt, SerialStream};
+use tracing::{debug, info, warn};
+
+/// First reopen delay after an unplug; doubles up to `reconnect_max`.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// How long a port must stay readable before the backoff starts over.
+const STABLE_AFTER: Duration = Duration::from_secs(2);
+/// How long the radar gets to acknowledge a command.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest JSON line kept; a device that never sends a newline must not
+/// grow memory without bound.
+pub const MAX_LINE: usize = 4096;
+const READ_CHUNK: usize = 1024;
+
+/// Counters and link state of one serial source, read by metrics.
+#[derive(Debug, Default)]
+pub struct SerialStatus {
+    /// Whether the device is open right now.
+    pub connected: AtomicBool,
+    /// Successful opens, the first one included.
+    pub connects: AtomicU64,
+    /// Times an open device was lost (read error or end of file).
+    pub disconnects: AtomicU64,
+    /// LD2410 report frames decoded and found plausible.
+    pub frames: AtomicU64,
+    /// JSON lines read (good or bad).
+    pub lines: AtomicU64,
+    /// Observations handed to ingest.
+    pub observations: AtomicU64,
+    /// LD2410 rejections, indexed like [`RejectKind::ALL`].
+    pub frame_rejects: [AtomicU64; 6],
+    /// JSON lines rejected.
+    pub line_rejects: AtomicU64,
+    /// Command ACKs received with status 0.
+    pub acks: AtomicU64,
+    /// Commands not acknowledged in time, or acknowledged with an error.
+    pub command_failures: AtomicU64,
+}
+
+impl SerialStatus {
+    pub fn frame_rejects(&self, kind: RejectKind) -> u64 {
+        let i = RejectKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        self.frame_rejects[i].load(Ordering::Relaxed)
+    }
+
+    fn count_reject(&self, kind: RejectKind) {
+        if let Some(i) = RejectKind::ALL.iter().position(|k| *k == kind) {
+            self.frame_rejects[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Why the source stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("serial source config: {0}")]
+    Config(String),
+    #[error("ingest stopped accepting input")]
+    IngestClosed,
+}
+
+/// Turns LD2410 reports into observations: each output at most once per
+/// `min_interval`, and (with `changes_only`) only when its value differs
+/// from the last one sent.
+#[derive(Debug)]
+pub struct Ld2410Mapper {
+    prefix: String,
+    min_interval: Duration,
+    changes_only: bool,
+    last: HashMap<&'static str, (Reading, Timestamp)>,
+}
+
+impl Ld2410Mapper {
+    pub fn new(prefix: &str, min_interval: Duration, changes_only: bool) -> Self {
+        Ld2410Mapper {
+            prefix: prefix.to_owned(),
+            min_interval,
+            changes_only,
+            last: HashMap::new(),
+        }
+    }
+
+    /// Forgets what was sent, so the first report after a reconnect
+    /// reports every output again.
+    pub fn reset(&mut self) {
+        self.last.clear();
+    }
+
+    pub fn map(&mut self, source: &str, report: &Report, at: Timestamp) -> Vec<Observation> {
+        let mut out = Vec::new();
+        for (suffix, value) in ld2410::outputs(report) {
+            if let Some((prev, when)) = self.last.get(suffix) {
+                if at.since(*when) < self.min_interval || (self.changes_only && *prev == value) {
+                    continue;
+                }
+            }
+            self.last.insert(suffix, (value, at));
+            out.push(observation(
+                source,
+                format!("{}_{suffix}", self.prefix),
+                value,
+                at,
+            ));
+        }
+        out
+    }
+}
+
+fn observation(source: &str, sensor: String, value: Reading, at: Timestamp) -> Observation {
+    let value_text = serde_json::to_vec(&value).unwrap_or_default();
+    let id = input_id(&[
+        b"serial",
+        source.as_bytes(),
+        sensor.as_bytes(),
+        &at.millis().to_le_bytes(),
+        &value_text,
+    ]);
+    Observation {
+        v: OBSERVATION_SCHEMA,
+        sensor,
+        value,
+        observed_at: at,
+        id,
+        source: source.to_owned(),
+    }
+}
+
+/// Cuts a byte stream into numbered lines (1-based, per connection).
+#[derive(Debug, Default)]
+pub struct LineSplitter {
+    buf: Vec<u8>,
+    line: u64,
+    /// The current line already overflowed [`MAX_LINE`]; its rest is
+    /// dropped up to the newline.
+    overlong: bool,
+}
+
+/// One line, or the start of a line that was too long.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Line {
+    pub number: u64,
+    pub bytes: Vec<u8>,
+    pub overlong: bool,
+}
+
+impl LineSplitter {
+    pub fn push(&mut self, bytes: &[u8], out: &mut Vec<Line>) {
+        for &b in bytes {
+            if b == b'\n' {
+                self.line += 1;
+                let bytes = std::mem::take(&mut self.buf);
+                out.push(Line {
+                    number: self.line,
+                    bytes,
+                    overlong: std::mem::take(&mut self.overlong),
+                });
+            } else if self.buf.len() < MAX_LINE {
+                self.buf.push(b);
+            } else {
+                self.overlong = true;
+            }
+        }
+    }
+}
+
+/// Decodes one JSON line: `{"sensor": "...", "value": ..., "ts": ...}`
+/// (`ts` optional, Unix milliseconds or RFC 3339). `None` for a blank line.
+pub fn decode_line(
+    source: &str,
+    device: &Path,
+    sensors: &[String],
+    line: &Line,
+    received_at: Timestamp,
+) -> Option<Result<Observation, Rejected>> {
+    let text = line.bytes.strip_suffix(b"\r").unwrap_or(&line.bytes);
+    if text.iter().all(u8::is_ascii_whitespace) && !line.overlong {
+        return None;
+    }
+    let reject = |reason: String| Rejected {
+        source: source.to_owned(),
+        origin: format!("serial {} line {}", device.display(), line.number),
+        reason,
+        payload: bytes::Bytes::copy_from_slice(text),
+        received_at,
+        id: input_id(&[
+            b"serial-rejected",
+            source.as_bytes(),
+            text,
+            &received_at.millis().to_le_bytes(),
+            &line.number.to_le_bytes(),
+        ]),
+    };
+    if line.overlong {
+        return Some(Err(reject(format!(
+            "line longer than {MAX_LINE} bytes; the first {MAX_LINE} are kept"
+        ))));
+    }
+    let sensor = match extract_text(text, "sensor") {
+        Ok(s) => s,
+        Err(why) => return Some(Err(reject(why))),
+    };
+    if !crate::naming::is_token(&sensor) {
+        return Some(Err(reject(format!(
+            "sensor id {sensor:?} is invalid: use 1 to 64 of [a-z0-9_-]"
+        ))));
+    }
+    if !sensors.is_empty() && !sensors.contains(&sensor) {
+        return Some(Err(reject(format!(
+            "sensor {sensor:?} is not in this source's `sensors` list"
+        ))));
+    }
+    let value = match extract_value(text, &ValueSelector::Pointer("/value".into())) {
+        Ok(v) => v,
+        Err(e) => return Some(Err(reject(format!("value: {e}")))),
+    };
+    let has_ts = serde_json::from_slice::<serde_json::Value>(text)
+        .ok()
+        .is_some_and(|v| v.get("ts").is_some());
+    let observed_at = if has_ts {
+        match extract_timestamp(text, &ValueSelector::Pointer("/ts".into())) {
+            Ok(t) => t,
+            Err(e) => return Some(Err(reject(format!("ts: {e}")))),
+        }
+    } else {
+        received_at
+    };
+    Some(Ok(observation(source, sensor, value, observed_at)))
+}
+
+/// The string field `name` of a JSON object line, or why not.
+fn extract_text(text: &[u8], name: &str) -> Result<String, String> {
+    let v: serde_json::Value = serde_json::from_slice(text).map_err(|e| {
+        let offset = byte_offset(text, e.line(), e.column());
+        format!("invalid JSON at byte {offset}: {e}")
+    })?;
+    match v.get(name) {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!("`{name}` must be a string, found {other}")),
+        None if v.is_object() => Err(format!("`{name}` is missing")),
+        None => Err(format!("a line must be a JSON object, found {v}")),
+    }
+}
+
+fn byte_offset(text: &[u8], line: usize, column: usize) -> usize {
+    let start: usize = text
+        .split(|b| *b == b'\n')
+        .take(line.saturating_sub(1))
+        .map(|l| l.len() + 1)
+        .sum();
+    start + column.saturating_sub(1)
+}
+
+/// Reads the device until `shutdown` turns true (or its sender is gone).
+/// Open and read failures are retried forever with capped backoff.
+pub async fn run(
+    source: String,
+    cfg: SerialSource,
+    tx: mpsc::Sender<Item>,
+    status: Arc<SerialStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SerialError> {
+    let prefix = match (cfg.framing, &cfg.sensor_prefix) {
+        (SerialFraming::Ld2410, None) => {
+            return Err(SerialError::Config(format!(
+                "serial.{source}.sensor_prefix is required for ld2410 framing"
+            )))
+        }
+        (_, p) => p.clone().unwrap_or_default(),
+    };
+    let mut link = Link {
+        source,
+        cfg,
+        tx,
+        status,
+        mapper: None,
+        outage_logged: false,
+        ever_connected: false,
+    };
+    if link.cfg.framing == SerialFraming::Ld2410 {
+        link.mapper = Some(Ld2410Mapper::new(
+            &prefix,
+            link.cfg.min_interval,
+            link.cfg.changes_only,
+        ));
+    }
+    let result = link.serve(&mut shutdown).await;
+    link.status.connected.store(false, Ordering::Relaxed);
+    result
+}
+
+struct Link {
+    source: String,
+    cfg: SerialSource,
+    tx: mpsc::Sender<Item>,
+    status: Arc<SerialStatus>,
+    mapper: Option<Ld2410Mapper>,
+    /// Whether the current outage has been logged (once per outage).
+    outage_logged: bool,
+    ever_connected: bool,
+}
+
+/// How a connection ended.
+enum End {
+    Lost(String),
+    Stop,
+}
+
+impl Link {
+    async fn serve(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), SerialError> {
+        let mut delay = BACKOFF_START;
+        let cap = self.cfg.reconnect_max.max(BACKOFF_START);
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            let end = match self.open() {
+                Ok(port) => {
+                    self.on_open();
+                    let opened = std::time::Instant::now();
+                    let end = self.session(port, shutdown).await?;
+                    // A port that opens and fails at once (a half-enumerated
+                    // adapter) keeps backing off instead of spinning.
+                    if opened.elapsed() >= STABLE_AFTER {
+                        delay = BACKOFF_START;
+                    }
+                    self.status.connected.store(false, Ordering::Relaxed);
+                    self.status.disconnects.fetch_add(1, Ordering::Relaxed);
+                    end
+                }
+                Err(e) => End::Lost(e),
+            };
+            match end {
+                End::Stop => return Ok(()),
+                End::Lost(error) => self.on_lost(&error),
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(cap);
+        }
+    }
+
+    fn open(&self) -> Result<SerialStream, String> {
+        let path = self.cfg.device.to_string_lossy();
+        tokio_serial::new(path, self.cfg.baud_rate())
+            .open_native_async()
+            .map_err(|e| format!("cannot open: {e}"))
+    }
+
+    fn device(&self) -> String {
+        self.cfg.device.display().to_string()
+    }
+
+    fn on_open(&mut self) {
+        self.status.connected.store(true, Ordering::Relaxed);
+        self.status.connects.fetch_add(1, Ordering::Relaxed);
+        let device = self.device();
+        if self.outage_logged {
+            info!(source = %self.source, %device, "serial device back; reading again");
+        } else if !self.ever_connected {
+            info!(source = %self.source, %device, baud = self.cfg.baud_rate(), "serial device open");
+        }
+        self.ever_connected = true;
+        self.outage_logged = false;
+        if let Some(m) = self.mapper.as_mut() {
+            m.reset();
+        }
+    }
+
+    fn on_lost(&mut self, error: &str) {
+        let device = self.device();
+        if !self.outage_logged {
+            self.outage_logged = true;
+            warn!(
+                source = %self.source,
+                %device,
+                %error,
+                "serial device unavailable; retrying with backoff"
+            );
+        } else {
+            debug!(source = %self.source, %device, %error, "serial device still unavailable");
+        }
+    }
+
+    async fn session(
+        &mut self,
+        mut port: SerialStream,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<End, SerialError> {
+        let mut decoder = Decoder::new();
+        let mut lines = LineSplitter::default();
+        // Bytes fed to the decoder on this connection, for the offsets of
+        // rejected input.
+        let mut fed: u64 = 0;
+        if self.cfg.framing == SerialFraming::Ld2410 && self.cfg.engineering_mode {
+            let mut held = Vec::new();
+            let outcome = self
+                .enable_engineering(&mut port, &mut decoder, &mut held, &mut fed)
+                .await;
+            for (ev, offset) in held {
+                if let Some(end) = self.ld2410_event(ev, offset, shutdown).await? {
+                    return Ok(end);
+                }
+            }
+            if let Err(lost) = outcome {
+                return Ok(End::Lost(lost));
+            }
+        }
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            let n = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return Ok(End::Stop),
+                r = port.read(&mut buf) => match r {
+                    Ok(0) => return Ok(End::Lost("end of file (device gone)".into())),
+                    Ok(n) => n,
+                    Err(e) => return Ok(End::Lost(format!("read failed: {e}"))),
+                },
+            };
+            let received_at = Timestamp::now();
+            match self.cfg.framing {
+                SerialFraming::Ld2410 => {
+                    decoder.push(&buf[..n]);
+                    fed += n as u64;
+                    while let Some(ev) = decoder.next_event() {
+                        let offset = event_offset(&ev, fed, &decoder);
+                        if let Some(end) = self.ld2410_event(ev, offset, shutdown).await? {
+                            return Ok(end);
+                        }
+                    }
+                }
+                SerialFraming::JsonLines => {
+                    let mut out = Vec::new();
+                    lines.push(&buf[..n], &mut out);
+                    for line in out {
+                        self.status.lines.fetch_add(1, Ordering::Relaxed);
+                        let decoded = decode_line(
+                            &self.source,
+                            &self.cfg.device,
+                            &self.cfg.sensors,
+                            &line,
+                            received_at,
+                        );
+                        let item = match decoded {
+                            None => continue,
+                            Some(Ok(obs)) => {
+                                self.status.observations.fetch_add(1, Ordering::Relaxed);
+                                Item::Observation(obs, Ack::none())
+                            }
+                            Some(Err(rej)) => {
+                                self.status.line_rejects.fetch_add(1, Ordering::Relaxed);
+                                debug!(source = %self.source, origin = %rej.origin, reason = %rej.reason, "serial line rejected");
+                                Item::Rejected(rej, Ack::none())
+                            }
+                        };
+                        if self.forward(item, shutdown).await? {
+                            return Ok(End::Stop);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one decoder event; `Some` ends the session.
+    async fn ld2410_event(
+        &mut self,
+        ev: Event,
+        offset: u64,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<End>, SerialError> {
+        let at = Timestamp::now();
+        let items: Vec<Item> = match ev {
+            Event::Report(r) => {
+                self.status.frames.fetch_add(1, Ordering::Relaxed);
+                let Some(mapper) = self.mapper.as_mut() else {
+                    return Ok(None);
+                };
+                mapper
+                    .map(&self.source, &r, at)
+                    .into_iter()
+                    .map(|o| Item::Observation(o, Ack::none()))
+                    .collect()
+            }
+            Event::Ack(a) => {
+                debug!(source = %self.source, command = a.command, status = a.status, "unexpected LD2410 command ACK");
+                Vec::new()
+            }
+            Event::Rejected(rej) => {
+                self.status.count_reject(rej.kind);
+                let id = input_id(&[
+                    b"ld2410-rejected",
+                    self.source.as_bytes(),
+                    &rej.bytes,
+                    &at.millis().to_le_bytes(),
+                    &offset.to_le_bytes(),
+                ]);
+                vec![Item::Rejected(
+                    Rejected {
+                        source: self.source.clone(),
+                        origin: format!("serial {} byte {offset}", self.device()),
+                        reason: format!("LD2410 {}: {}", rej.kind.label(), rej.reason),
+                        payload: bytes::Bytes::from(rej.bytes),
+                        received_at: at,
+                        id,
+                    },
+                    Ack::none(),
+                )]
+            }
+        };
+        for item in items {
+            if matches!(item, Item::Observation(..)) {
+                self.status.observations.fetch_add(1, Ordering::Relaxed);
+            }
+            if self.forward(item, shutdown).await? {
+                return Ok(Some(End::Stop));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Hands an item to ingest, waiting when it is behind (the UART's
+    /// buffers hold the rest meanwhile). `true` when shutdown came first.
+    async fn forward(
+        &self,
+        item: Item,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<bool, SerialError> {
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => Ok(true),
+            sent = self.tx.send(item) => sent.map(|()| false).map_err(|_| SerialError::IngestClosed),
+        }
+    }
+
+    /// Enable configuration, enable engineering mode, end configuration;
+    /// each acknowledged before the next. Reports that arrive meanwhile are
+    /// kept in `held`. A missing or failed ACK is logged and counted and the
+    /// radar stays in basic mode; only a lost device is an `Err`.
+    async fn enable_engineering(
+        &mut self,
+        port: &mut SerialStream,
+        decoder: &mut Decoder,
+        held: &mut Vec<(Event, u64)>,
+        fed: &mut u64,
+    ) -> Result<(), String> {
+        let steps: [(u16, &[u8], &str); 3] = [
+            (
+                ld2410::CMD_ENABLE_CONFIG,
+                &[0x01, 0x00],
+                "enable configuration",
+            ),
+            (
+                ld2410::CMD_ENABLE_ENGINEERING,
+                &[],
+                "enable engineering mode",
+            ),
+            (ld2410::CMD_END_CONFIG, &[], "end configuration"),
+        ];
+        for (i, (command, value, what)) in steps.into_iter().enumerate() {
+            let frame = ld2410::command_frame(command, value);
+            port.write_all(&frame)
+                .await
+                .map_err(|e| format!("write failed: {e}"))?;
+            match self.await_ack(port, decoder, held, fed, command).await? {
+                Some(0) => {
+                    self.status.acks.fetch_add(1, Ordering::Relaxed);
+                    debug!(source = %self.source, command, "LD2410 command acknowledged");
+                }
+                Some(code) => {
+                    self.status.command_failures.fetch_add(1, Ordering::Relaxed);
+                    warn!(source = %self.source, device = %self.device(), command = format!("0x{command:04X}"), status = code,
+                        "LD2410 refused command ({what}); reports stay in basic mode");
+                    if i == 0 {
+                        return Ok(());
+                    }
+                }
+                None => {
+                    self.status.command_failures.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        source = %self.source,
+                        device = %self.device(),
+                        command = format!("0x{command:04X}"),
+                        timeout = ?ACK_TIMEOUT,
+                        "LD2410 did not acknowledge command ({what}); check wiring (TX/RX crossed?) and baud; reports stay in basic mode"
+                    );
+                    if i == 0 {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        info!(source = %self.source, device = %self.device(), "LD2410 switched to engineering mode");
+        Ok(())
+    }
+
+    /// The status of the ACK for `command`, or `None` on timeout.
+    async fn await_ack(
+        &self,
+        port: &mut SerialStream,
+        decoder: &mut Decoder,
+        held: &mut Vec<(Event, u64)>,
+        fed: &mut u64,
+        command: u16,
+    ) -> Result<Option<u16>, String> {
+        let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
+        let mut buf = [0u8; 256];
+        loop {
+            while let Some(ev) = decoder.next_event() {
+                let offset = event_offset(&ev, *fed, decoder);
+                match ev {
+                    Event::Ack(a) if a.command == command => return Ok(Some(a.status)),
+                    other => held.push((other, offset)),
+                }
+            }
+            let n = match tokio::time::timeout_at(deadline, port.read(&mut buf)).await {
+                Err(_) => return Ok(None),
+                Ok(Ok(0)) => return Err("end of file (device gone)".into()),
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return Err(format!("read failed: {e}")),
+            };
+            decoder.push(&buf[..n]);
+            *fed += n as u64;
+        }
+    }
+}
+
+/// Where in the connection's byte stream a just-decoded rejection started:
+/// events leave from the front of the decoder's buffer.
+fn event_offset(ev: &Event, fed: u64, decoder: &Decoder) -> u64 {
+    let len = match ev {
+        Event::Rejected(r) => r.bytes.len() as u64,
+        _ => 0,
+    };
+    fed.saturating_sub(decoder.buffered() as u64 + len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::ld2410::TargetState;
+
+    fn report(target: TargetState, md: u16, me: u8) -> Report {
+        Report {
+            engineering: false,
+            target,
+            moving_distance: md,
+            moving_energy: me,
+            still_distance: 0,
+            still_energy: 0,
+            detection_distance: md,
+            extra: vec![],
+        }
+    }
+
+    const T0: Timestamp = Timestamp(1_795_000_000_000);
+
+    fn sensors(obs: &[Observation]) -> Vec<&str> {
+        obs.iter().map(|o| o.sensor.as_str()).collect()
+    }
+
+    #[test]
+    fn first_report_sends_every_output_then_only_changes() {
+        let mut m = Ld2410Mapper::new("hall", Duration::ZERO, true);
+        let first = m.map("s", &report(TargetState::Moving, 120, 40), T0);
+        assert_eq!(
+            sensors(&first),
+            [
+                "hall_present",
+                "hall_moving",
+                "hall_still",
+                "hall_moving_distance",
+                "hall_moving_energy",
+                "hall_still_distance",
+                "hall_still_energy",
+                "hall_detection_distance"
+            ]
+        );
+        assert_eq!(first[0].value, Reading::Bool(true));
+        assert_eq!(first[3].value, Reading::Number(120.0));
+        let same = m.map(
+            "s",
+            &report(TargetState::Moving, 120, 40),
+            Timestamp(T0.0 + 100),
+        );
+        assert!(same.is_empty());
+        let moved = m.map(
+            "s",
+            &report(TargetState::Moving, 150, 40),
+            Timestamp(T0.0 + 200),
+        );
+        assert_eq!(
+            sensors(&moved),
+            ["hall_moving_distance", "hall_detection_distance"]
+        );
+    }
+
+    #[test]
+    fn min_interval_limits_each_output_and_refreshes_without_changes_only() {
+        let mut m = Ld2410Mapper::new("r", Duration::from_secs(1), true);
+        assert_eq!(
+            m.map("s", &report(TargetState::Moving, 100, 10), T0).len(),
+            8
+        );
+        let soon = m.map("s", &report(TargetState::None, 0, 0), Timestamp(T0.0 + 500));
+        assert!(soon.is_empty(), "inside min_interval: {soon:?}");
+        let later = m.map(
+            "s",
+            &report(TargetState::None, 0, 0),
+            Timestamp(T0.0 + 1000),
+        );
+        assert_eq!(
+            sensors(&later),
+            [
+                "r_present",
+                "r_moving",
+                "r_moving_distance",
+                "r_moving_energy",
+                "r_detection_distance"
+            ],
+            "the change held back is sent once the interval passed"
+        );
+        let mut refresh = Ld2410Mapper::new("r", Duration::from_secs(1), false);
+        refresh.map("s", &report(TargetState::Moving, 100, 10), T0);
+        assert!(refresh
+            .map(
+                "s",
+                &report(TargetState::Moving, 100, 10),
+                Timestamp(T0.0 + 999)
+            )
+            .is_empty());
+        assert_eq!(
+            refresh
+                .map(
+                    "s",
+                    &report(TargetState::Moving, 100, 10),
+                    Timestamp(T0.0 + 1000)
+                )
+                .len(),
+            8
+        );
+        refresh.reset();
+        assert_eq!(
+            refresh
+                .map(
+                    "s",
+                    &report(TargetState::Moving, 100, 10),
+                    Timestamp(T0.0 + 1001)
+                )
+                .len(),
+            8
+        );
+    }
+
+    #[test]
+    fn observation_ids_identify_the_reading() {
+        let a = observation("s", "x".into(), Reading::Bool(true), T0);
+        let b = observation("s", "x".into(), Reading::Bool(true), T0);
+        assert_eq!(a.id, b.id, "same reading, same id across restarts");
+        for other in [
+            observation("t", "x".into(), Reading::Bool(true), T0),
+            observation("s", "y".into(), Reading::Bool(true), T0),
+            observation("s", "x".into(), Reading::Bool(false), T0),
+            observation("s", "x".into(), Reading::Bool(true), Timestamp(T0.0 + 1)),
+        ] {
+            assert_ne!(a.id, other.id);
+        }
+    }
+
+    fn split(text: &[u8]) -> Vec<Line> {
+        let mut s = LineSplitter::default();
+        let mut out = Vec::new();
+        for chunk in text.chunks(3) {
+            s.push(chunk, &mut out);
+        }
+        out
+    }
+
+    fn dec(line: &Line, allowed: &[&str]) -> Option<Result<Observation, Rejected>> {
+        let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+        decode_line("esp", Path::new("/dev/ttyACM0"), &allowed, line, T0)
+    }
+
+    #[test]
+    fn lines_are_numbered_and_bounded() {
+        let lines = split(b"a\r\n\nb\n");
+        let nums: Vec<u64> = lines.iter().map(|l| l.number).collect();
+        assert_eq!(nums, [1, 2, 3]);
+        assert_eq!(lines[0].bytes, b"a\r");
+        let mut long = vec![b'x'; MAX_LINE + 10];
+        long.push(b'\n');
+        let lines = split(&long);
+        assert!(lines[0].overlong);
+        assert_eq!(lines[0].bytes.len(), MAX_LINE);
+        let r = dec(&lines[0], &[]).unwrap().unwrap_err();
+        assert!(r.reason.contains("longer than"), "{}", r.reason);
+    }
+
+    #[test]
+    fn good_json_lines_become_observations() {
+        let lines = split(
+            b"{\"sensor\":\"desk_pir\",\"value\":true}\r\n\n{\"sensor\":\"lux\",\"value\":12.5,\"ts\":1795000000123}\n",
+        );
+        let o = dec(&lines[0], &[]).unwrap().unwrap();
+        assert_eq!(
+            (o.sensor.as_str(), o.value),
+            ("desk_pir", Reading::Bool(true))
+        );
+        assert_eq!(o.observed_at, T0);
+        assert_eq!(o.source, "esp");
+        assert!(dec(&lines[1], &[]).is_none(), "blank lines are skipped");
+        let o = dec(&lines[2], &[]).unwrap().unwrap();
+        assert_eq!(o.value, Reading::Number(12.5));
+        assert_eq!(o.observed_at, Timestamp(1_795_000_000_123));
+    }
+
+    #[test]
+    fn bad_json_lines_are_rejected_with_line_and_reason() {
+        let text = b"{\"sensor\":\"a\",\"value\":tru}\n[1]\n{\"value\":1}\n{\"sensor\":\"Bad Id\",\"value\":1}\n{\"sensor\":\"a\"}\n{\"sensor\":\"a\",\"value\":[1]}\n{\"sensor\":\"other\",\"value\":1}\n{\"sensor\":\"a\",\"value\":1,\"ts\":\"soon\"}\n";
+        let lines = split(text);
+        let reasons: Vec<String> = lines
+            .iter()
+            .map(|l| dec(l, &["a"]).unwrap().unwrap_err())
+            .map(|r| {
+                assert_eq!(
+                    r.origin,
+                    format!(
+                        "serial /dev/ttyACM0 line {}",
+                        1 + lines.iter().position(|x| x.bytes == r.payload).unwrap()
+                    )
+                );
+                r.reason
+            })
+            .collect();
+        let want = [
+            "invalid JSON at byte",
+            "must be a JSON object",
+            "`sensor` is missing",
+            "is invalid",
+            "value: pointer /value is missing",
+            "value: pointer /value is an array",
+            "not in this source's `sensors` list",
+            "ts: ",
+        ];
+        for (got, want) in reasons.iter().zip(want) {
+            assert!(got.contains(want), "{got:?} lacks {want:?}");
+        }
+        assert_eq!(reasons.len(), want.len());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn json_lines_never_panic(text in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let mut s = LineSplitter::default();
+            let mut out = Vec::new();
+            s.push(&text, &mut out);
+            for l in &out {
+                let _ = decode_line("s", Path::new("/dev/x"), &[], l, T0);
+            }
+        }
+    }
+}

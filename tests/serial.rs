@@ -1,0 +1,599 @@
+//! Serial sources against real pseudo-terminals: a simulated HLK-LD2410
+//! streaming at 10 frames/s with garbage, truncated, phantom and broken
+//! frames; engineering-mode commands with and without an ACK; unplug and
+//! replug through the real binary; JSON lines into SENSORS and REJECTED.
+
+mod common;
+mod support;
+
+use common::*;
+use presenced::config::SerialSource;
+use presenced::observation::Reading;
+use presenced::sources::ld2410::{self, RejectKind, Report, TargetState};
+use presenced::sources::serial::{self, SerialStatus};
+use presenced::sources::Item;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use support::pty::{receive, send, Pty};
+use support::Daemon;
+use tokio::sync::{mpsc, watch};
+
+const TICK: Duration = Duration::from_millis(100);
+
+fn report(distance: u16) -> Report {
+    Report {
+        engineering: false,
+        target: TargetState::Moving,
+        moving_distance: distance,
+        moving_energy: 50,
+        still_distance: 0,
+        still_energy: 0,
+        detection_distance: distance,
+        extra: vec![],
+    }
+}
+
+/// A simulated radar: writes one chunk per tick (10 frames/s), answers
+/// command frames with ACKs if told to, and records the command words it
+/// saw. `endless` keeps sending frames with rising distances after the
+/// script.
+struct Sim {
+    stop: Arc<AtomicBool>,
+    commands: Arc<Mutex<Vec<u16>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sim {
+    fn start(mut master: File, script: Vec<Vec<u8>>, answer: bool, endless: Option<u16>) -> Sim {
+        let stop = Arc::new(AtomicBool::new(false));
+        let commands = Arc::new(Mutex::new(Vec::new()));
+        let (s, c) = (stop.clone(), commands.clone());
+        let thread = std::thread::spawn(move || {
+            let mut script = script.into_iter();
+            let mut next = endless;
+            let mut pending = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let deadline = Instant::now() + TICK;
+                while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                    pending.extend(receive(&mut master, left));
+                    for word in take_commands(&mut pending) {
+                        c.lock().unwrap().push(word);
+                        if answer {
+                            send(&mut master, &ld2410::ack_frame(word, 0));
+                        }
+                    }
+                }
+                if let Some(chunk) = script.next() {
+                    send(&mut master, &chunk);
+                } else if let Some(d) = next.as_mut() {
+                    send(&mut master, &ld2410::report_frame(&report(*d)));
+                    *d += 1;
+                }
+            }
+        });
+        Sim {
+            stop,
+            commands,
+            thread: Some(thread),
+        }
+    }
+
+    fn commands(&self) -> Vec<u16> {
+        self.commands.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Command words of the complete command frames at the front of `buf`.
+fn take_commands(buf: &mut Vec<u8>) -> Vec<u16> {
+    let mut out = Vec::new();
+    loop {
+        let Some(start) = buf.windows(4).position(|w| w == ld2410::COMMAND_HEADER) else {
+            return out;
+        };
+        buf.drain(..start);
+        if buf.len() < 8 {
+            return out;
+        }
+        let len = u16::from_le_bytes([buf[4], buf[5]]) as usize;
+        if buf.len() < 10 + len {
+            return out;
+        }
+        out.push(u16::from_le_bytes([buf[6], buf[7]]));
+        buf.drain(..10 + len);
+    }
+}
+
+fn radar_config(device: &Path, extra: &str) -> SerialSource {
+    toml::from_str(&format!(
+        "device = {:?}\nframing = \"ld2410\"\nsensor_prefix = \"radar\"\nmin_interval = \"0s\"\nreconnect_max = \"200ms\"\n{extra}",
+        device.display().to_string()
+    ))
+    .unwrap()
+}
+
+/// The library's serial source on a channel, with its status.
+struct Running {
+    rx: mpsc::Receiver<Item>,
+    status: Arc<SerialStatus>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), serial::SerialError>>,
+}
+
+fn start_source(cfg: SerialSource) -> Running {
+    let (tx, rx) = mpsc::channel(1024);
+    let status = Arc::new(SerialStatus::default());
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(serial::run(
+        "radar".into(),
+        cfg,
+        tx,
+        status.clone(),
+        stop_rx,
+    ));
+    Running {
+        rx,
+        status,
+        stop,
+        task,
+    }
+}
+
+impl Running {
+    /// Collects items until `done` holds for what was collected.
+    async fn collect_until(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        items: &mut Vec<Item>,
+        done: impl Fn(&[Item]) -> bool,
+    ) {
+        let end = tokio::time::Instant::now() + deadline;
+        while !done(items) {
+            match tokio::time::timeout_at(end, self.rx.recv()).await {
+                Ok(Some(item)) => items.push(item),
+                Ok(None) => panic!("source ended while waiting until {what}"),
+                Err(_) => {
+                    panic!("timed out after {deadline:?} waiting until {what}; got {items:#?}")
+                }
+            }
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("source stops on shutdown");
+        r.unwrap().unwrap();
+    }
+}
+
+fn distances(items: &[Item]) -> Vec<f64> {
+    items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Observation(o, _) if o.sensor == "radar_moving_distance" => match o.value {
+                Reading::Number(n) => Some(n),
+                Reading::Bool(_) => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+fn rejects(items: &[Item]) -> Vec<(String, String)> {
+    items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Rejected(r, _) => Some((r.reason.clone(), r.origin.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ld2410_good_frames_pass_and_bad_ones_are_counted_with_reasons() {
+    let pty = Pty::open();
+    let mut run = start_source(radar_config(&pty.path, ""));
+    support::wait_until("device open", Duration::from_secs(5), || {
+        run.status.connected.load(Ordering::Relaxed)
+    });
+    let frame = |d| ld2410::report_frame(&report(d));
+    let mut phantom_energy = report(130);
+    phantom_energy.moving_energy = 130;
+    let mut ghost = report(135);
+    ghost.still_energy = 40;
+    let mut wrong_footer = frame(888);
+    let n = wrong_footer.len();
+    wrong_footer[n - 2] = 0xAA;
+    let script = vec![
+        frame(100),
+        [b"\x00garbage\xff".to_vec(), frame(110)].concat(),
+        frame(999)[..12].to_vec(),
+        frame(120),
+        ld2410::report_frame(&phantom_energy),
+        frame(140),
+        ld2410::report_frame(&ghost),
+        frame(150),
+        wrong_footer,
+        frame(160),
+        b"AT+OK\r\n".to_vec(),
+        frame(170),
+    ];
+    let _sim = Sim::start(pty.master(), script, false, None);
+    let mut items = Vec::new();
+    let good = [100.0, 110.0, 120.0, 140.0, 150.0, 160.0, 170.0];
+    run.collect_until(
+        "every good frame and every bad one arrived",
+        Duration::from_secs(10),
+        &mut items,
+        |items| distances(items).len() == good.len() && rejects(items).len() == 6,
+    )
+    .await;
+    assert_eq!(distances(&items), good, "every good frame, in order");
+    let reasons = rejects(&items);
+    let count = |needle: &str| reasons.iter().filter(|(r, _)| r.contains(needle)).count();
+    assert_eq!(count("LD2410 garbage"), 2, "{reasons:#?}");
+    assert_eq!(count("LD2410 footer"), 2, "{reasons:#?}");
+    assert_eq!(count("above 100"), 1, "{reasons:#?}");
+    assert_eq!(count("phantom target"), 1, "{reasons:#?}");
+    assert!(
+        reasons
+            .iter()
+            .all(|(_, o)| o.starts_with(&format!("serial {} byte ", pty.path.display()))),
+        "{reasons:#?}"
+    );
+    let s = &run.status;
+    assert_eq!(s.frames.load(Ordering::Relaxed), 7);
+    assert_eq!(s.frame_rejects(RejectKind::Garbage), 2);
+    assert_eq!(s.frame_rejects(RejectKind::Footer), 2);
+    assert_eq!(s.frame_rejects(RejectKind::Implausible), 2);
+    // Only changes: the first frame sends all eight outputs, later frames
+    // only distances (the state and energies did not change).
+    let first_frame_outputs = items
+        .iter()
+        .take_while(|i| !matches!(i, Item::Rejected(..)))
+        .count();
+    assert_eq!(first_frame_outputs, 8);
+    run.stop().await;
+}
+
+/// Captures the log lines of the current thread's tasks.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let sub = tracing_subscriber::fmt()
+            .with_writer(self.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        tracing::subscriber::set_default(sub)
+    }
+}
+
+#[tokio::test]
+async fn engineering_mode_is_enabled_when_the_radar_acknowledges() {
+    let log = Capture::default();
+    let _guard = log.install();
+    let pty = Pty::open();
+    let mut eng = report(210);
+    eng.engineering = true;
+    eng.extra = vec![
+        8, 8, 9, 8, 7, 6, 5, 4, 3, 2, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 0,
+    ];
+    // The radar answers every command; its reports follow in engineering form.
+    let sim = Sim::start(
+        pty.master(),
+        vec![vec![], vec![], ld2410::report_frame(&eng)],
+        true,
+        None,
+    );
+    let mut run = start_source(radar_config(&pty.path, "engineering_mode = true"));
+    let mut items = Vec::new();
+    run.collect_until(
+        "the engineering report",
+        Duration::from_secs(10),
+        &mut items,
+        |items| distances(items) == [210.0],
+    )
+    .await;
+    assert_eq!(
+        sim.commands(),
+        [
+            ld2410::CMD_ENABLE_CONFIG,
+            ld2410::CMD_ENABLE_ENGINEERING,
+            ld2410::CMD_END_CONFIG
+        ]
+    );
+    assert_eq!(run.status.acks.load(Ordering::Relaxed), 3);
+    assert_eq!(run.status.command_failures.load(Ordering::Relaxed), 0);
+    assert!(log.text().contains("LD2410 switched to engineering mode"));
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_ack_is_reported_and_reports_still_flow() {
+    let log = Capture::default();
+    let _guard = log.install();
+    let pty = Pty::open();
+    // A radar that ignores commands (wrong baud, RX not wired) but reports.
+    let sim = Sim::start(pty.master(), vec![], false, Some(300));
+    let mut run = start_source(radar_config(&pty.path, "engineering_mode = true"));
+    let mut items = Vec::new();
+    run.collect_until(
+        "reports after the failed command",
+        Duration::from_secs(10),
+        &mut items,
+        |items| distances(items).len() >= 15,
+    )
+    .await;
+    assert_eq!(
+        sim.commands(),
+        [ld2410::CMD_ENABLE_CONFIG],
+        "no further commands after a missing ACK"
+    );
+    assert_eq!(run.status.command_failures.load(Ordering::Relaxed), 1);
+    assert_eq!(run.status.acks.load(Ordering::Relaxed), 0);
+    let text = log.text();
+    assert!(
+        text.contains("LD2410 did not acknowledge command (enable configuration)")
+            && text.contains("0x00FF"),
+        "{text}"
+    );
+    // Frames that arrived while waiting for the ACK were not lost: the
+    // distances rise by one per frame with no gap.
+    let d = distances(&items);
+    assert!(d.windows(2).all(|w| w[1] == w[0] + 1.0), "{d:?}");
+    run.stop().await;
+}
+
+// ---- Through the real binary ----
+
+fn daemon_toml(nats_url: &str, http_port: u16, serial: &str, sensor: &str) -> String {
+    format!(
+        r#"site = "test"
+
+[nats]
+url = "{nats_url}"
+request_timeout = "2s"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+
+[ingest]
+reject_log_every = "1s"
+
+[engine]
+drain_timeout = "5s"
+
+{serial}
+
+[zones.lab]
+occupied_above = 0.6
+arrive_after = "0s"
+leave_after = "0s"
+[[zones.lab.evidence]]
+sensor = "{sensor}"
+p_true = 0.95
+p_false = 0.05
+"#
+    )
+}
+
+fn start_daemon(toml: &str, http_port: u16) -> (Daemon, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("presenced.toml");
+    std::fs::write(&path, toml).unwrap();
+    provision(&path);
+    let d = Daemon::start(toml, &[]);
+    let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+    d.wait_healthy(http, Duration::from_secs(20));
+    (d, http)
+}
+
+/// Sensor and value of every observation in SENSORS.
+async fn stored(js: &async_nats::jetstream::Context) -> Vec<(String, serde_json::Value)> {
+    read_stream(js, "SENSORS")
+        .await
+        .iter()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            (v["sensor"].as_str().unwrap().to_owned(), v["value"].clone())
+        })
+        .collect()
+}
+
+async fn max_distance(js: &async_nats::jetstream::Context) -> f64 {
+    stored(js)
+        .await
+        .iter()
+        .filter(|(s, _)| s == "radar_moving_distance")
+        .filter_map(|(_, v)| v.as_f64())
+        .fold(0.0, f64::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unplug_and_replug_resumes_readings_and_logs_the_outage_once() {
+    let nats = support::NatsServer::start(support::NatsOptions::default());
+    let js = jetstream(&nats.url()).await;
+    let links = tempfile::tempdir().unwrap();
+    let link = links.path().join("usb-Silicon_Labs_CP2102-if00-port0");
+    let first = Pty::open();
+    first.link_at(&link);
+    let http_port = support::free_port();
+    let serial = format!(
+        "[serial.radar]\ndevice = {:?}\nframing = \"ld2410\"\nsensor_prefix = \"radar\"\nmin_interval = \"0s\"\nreconnect_max = \"200ms\"\n",
+        link.display().to_string()
+    );
+    let (d, http) = start_daemon(
+        &daemon_toml(&nats.url(), http_port, &serial, "radar_present"),
+        http_port,
+    );
+    d.wait_for_log("serial device open", Duration::from_secs(10));
+    let sim = Sim::start(first.master(), vec![], false, Some(100));
+    eventually(
+        "readings before the unplug",
+        Duration::from_secs(15),
+        || async { max_distance(&js).await >= 105.0 },
+    )
+    .await;
+    let (_, metrics) = support::http_get(http, "/metrics").unwrap();
+    assert!(
+        metrics.contains("presenced_serial_connected 1"),
+        "{metrics}"
+    );
+
+    // Unplug: the device disappears; the source retries several times.
+    drop(sim);
+    drop(first);
+    d.wait_for_log("serial device unavailable", Duration::from_secs(10));
+    support::wait_until("several reopen attempts", Duration::from_secs(15), || {
+        d.log().matches("serial device still unavailable").count() >= 3
+    });
+    let (_, metrics) = support::http_get(http, "/metrics").unwrap();
+    assert!(
+        metrics.contains("presenced_serial_connected 0"),
+        "{metrics}"
+    );
+
+    // Replug: a new device node behind the same stable link.
+    let second = Pty::open();
+    second.link_at(&link);
+    d.wait_for_log("serial device back", Duration::from_secs(10));
+    let _sim = Sim::start(second.master(), vec![], false, Some(500));
+    eventually(
+        "readings after the replug",
+        Duration::from_secs(15),
+        || async { max_distance(&js).await >= 505.0 },
+    )
+    .await;
+    let log = d.log();
+    assert_eq!(
+        log.matches("serial device unavailable; retrying").count(),
+        1,
+        "one warning per outage:\n{log}"
+    );
+    assert_eq!(log.matches("serial device back").count(), 1);
+    assert!(!log.contains("panicked"));
+    assert_eq!(stream_messages(&js, "REJECTED").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_lines_good_lines_are_stored_and_bad_ones_rejected_with_line_numbers() {
+    let nats = support::NatsServer::start(support::NatsOptions::default());
+    let js = jetstream(&nats.url()).await;
+    let pty = Pty::open();
+    let http_port = support::free_port();
+    let serial = format!(
+        "[serial.esp]\ndevice = {:?}\nframing = \"json_lines\"\n",
+        pty.path.display().to_string()
+    );
+    let (d, http) = start_daemon(
+        &daemon_toml(&nats.url(), http_port, &serial, "desk_pir"),
+        http_port,
+    );
+    d.wait_for_log("serial device open", Duration::from_secs(10));
+    let mut master = pty.master();
+    send(
+        &mut master,
+        b"{\"sensor\":\"desk_pir\",\"value\":true}\r\n\
+          {\"sensor\":\"desk_pir\",\"value\":tru}\r\n\
+          \r\n\
+          {\"sensor\":\"Desk PIR\",\"value\":true}\r\n\
+          {\"sensor\":\"lux\",\"value\":42.5}\r\n\
+          boot: ets Jun  8 2016 00:22:57\r\n",
+    );
+    eventually("two good lines stored", Duration::from_secs(10), || async {
+        stream_messages(&js, "SENSORS").await == 2
+    })
+    .await;
+    eventually(
+        "three bad lines rejected",
+        Duration::from_secs(10),
+        || async { stream_messages(&js, "REJECTED").await == 3 },
+    )
+    .await;
+    assert_eq!(
+        stored(&js).await,
+        [
+            ("desk_pir".to_owned(), serde_json::json!(true)),
+            ("lux".to_owned(), serde_json::json!(42.5))
+        ]
+    );
+    let rejected = read_stream(&js, "REJECTED").await;
+    let header = |m: &async_nats::jetstream::Message, h: &str| {
+        m.headers
+            .as_ref()
+            .and_then(|hs| hs.get(h))
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    };
+    let dev = pty.path.display().to_string();
+    let want = [
+        (2, "invalid JSON at byte"),
+        (4, "sensor id \"Desk PIR\" is invalid"),
+        (6, "invalid JSON at byte 0"),
+    ];
+    for (m, (line, reason)) in rejected.iter().zip(want) {
+        assert_eq!(
+            header(m, "Presenced-Origin"),
+            format!("serial {dev} line {line}")
+        );
+        assert!(
+            header(m, "Presenced-Reason").contains(reason),
+            "{}",
+            header(m, "Presenced-Reason")
+        );
+        assert_eq!(m.subject.as_str(), "rejected.test.esp");
+    }
+    assert_eq!(&rejected[2].payload[..], b"boot: ets Jun  8 2016 00:22:57");
+    eventually(
+        "the zone follows the device",
+        Duration::from_secs(10),
+        || async {
+            zone(&js, "lab")
+                .await
+                .is_some_and(|z| z.state == presenced::engine::Presence::Occupied)
+        },
+    )
+    .await;
+    let (_, metrics) = support::http_get(http, "/metrics").unwrap();
+    assert!(metrics.contains("presenced_rejects_total 3"), "{metrics}");
+}
