@@ -53,8 +53,10 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let model = Arc::new(Model::from_config(&config));
     // The compiled model is all the engine needs; with thousands of zones
-    // the parsed copy would only hold memory.
-    config.zones.clear();
+    // the parsed copy would only hold memory. Home Assistant discovery
+    // describes the zones from it, so it keeps them when enabled.
+    let zones = std::mem::take(&mut config.zones);
+    let ha_zones = config.homeassistant.as_ref().map(|_| zones);
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let http_task = if config.http.enabled {
@@ -196,15 +198,19 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     }));
 
     // Home Assistant follows KV presence; started once the engine owns it.
-    let ha_task = config.homeassistant.clone().map(|ha| {
-        tokio::spawn(crate::homeassistant::run(
-            ha,
-            site.clone(),
-            config.zones.clone(),
-            js.clone(),
-            stop_rx.clone(),
-        ))
-    });
+    let ha_task = config
+        .homeassistant
+        .clone()
+        .zip(ha_zones)
+        .map(|(ha, zones)| {
+            tokio::spawn(crate::homeassistant::run(
+                ha,
+                site.clone(),
+                zones,
+                js.clone(),
+                stop_rx.clone(),
+            ))
+        });
 
     let engine_failed = tokio::select! {
         _ = &mut term => {
