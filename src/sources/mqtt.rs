@@ -728,13 +728,12 @@ impl Connection {
         if self.client.try_disconnect().is_err() {
             return;
         }
+        // Poll until the broker closes the connection: the event for the
+        // outgoing DISCONNECT comes before the socket is flushed, and
+        // PUBACKs queued just before it would be lost (the broker would
+        // redeliver messages that were already stored).
         let done = tokio::time::timeout(DISCONNECT_TIMEOUT, async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
+            while eventloop.poll().await.is_ok() {}
         })
         .await;
         if done.is_err() {
