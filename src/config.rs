@@ -610,13 +610,20 @@ pub const CREDENTIALS_PREFIX: &str = "$CREDENTIALS_DIRECTORY/";
 /// `LoadCredential=`), so a config in the world-readable Nix store can name
 /// a secret without containing it. Other paths are returned unchanged.
 pub fn resolve_secret_path(path: &Path) -> Result<PathBuf, String> {
+    resolve_secret_path_in(path, std::env::var_os("CREDENTIALS_DIRECTORY"))
+}
+
+fn resolve_secret_path_in(
+    path: &Path,
+    credentials_dir: Option<std::ffi::OsString>,
+) -> Result<PathBuf, String> {
     let Some(rest) = path
         .to_str()
         .and_then(|s| s.strip_prefix(CREDENTIALS_PREFIX))
     else {
         return Ok(path.to_owned());
     };
-    match std::env::var_os("CREDENTIALS_DIRECTORY") {
+    match credentials_dir {
         Some(dir) => Ok(PathBuf::from(dir).join(rest)),
         None => Err(format!(
             "{} names systemd's credentials directory, but CREDENTIALS_DIRECTORY is not set (is LoadCredential= configured?)",
@@ -627,6 +634,26 @@ pub fn resolve_secret_path(path: &Path) -> Result<PathBuf, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn secret_paths_resolve_against_the_credentials_directory() {
+        use super::resolve_secret_path_in as r;
+        use std::path::Path;
+        assert_eq!(
+            r(Path::new("/etc/seed"), None).unwrap(),
+            Path::new("/etc/seed")
+        );
+        assert_eq!(
+            r(
+                Path::new("$CREDENTIALS_DIRECTORY/nkey-seed"),
+                Some("/run/credentials/x".into())
+            )
+            .unwrap(),
+            Path::new("/run/credentials/x/nkey-seed")
+        );
+        let e = r(Path::new("$CREDENTIALS_DIRECTORY/nkey-seed"), None).unwrap_err();
+        assert!(e.contains("CREDENTIALS_DIRECTORY is not set"), "{e}");
+    }
+
     use super::*;
 
     fn parse(text: &str) -> Config {
