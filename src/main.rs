@@ -55,6 +55,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a new NKEY user seed for SERVICE (mode 0600, never over an
+    /// existing file) and print its public key.
+    Keygen {
+        service: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -103,6 +110,12 @@ fn main() -> ExitCode {
             println!("presenced {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Keygen { service, out } => presenced::acl::identity::keygen(&service, &out)
+            .map(|g| {
+                eprintln!("{}: seed of service {} written (mode 0600); its public key:", g.path.display(), g.service);
+                println!("{}", g.public_key);
+            })
+            .map_err(Into::into),
         Command::CheckConfig { file } => match Config::load_valid(&file) {
             Ok(cfg) => {
                 println!(

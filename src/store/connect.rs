@@ -15,6 +15,8 @@ pub enum ConnectError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Identity(#[from] crate::acl::identity::IdentityError),
     #[error("cannot connect to {url}: {source}")]
     Connect {
         url: String,
@@ -40,10 +42,7 @@ fn options(
         .client_capacity(65_536)
         .subscription_capacity(65_536);
     if let Some(path) = &cfg.nkey_seed_file {
-        let seed = read_secret(path).map_err(|source| ConnectError::Seed {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let seed = crate::acl::identity::read_seed(path)?;
         opts = opts.nkey(seed);
     }
     if let Some(metrics) = metrics {
