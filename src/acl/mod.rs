@@ -2,4 +2,5 @@
 //! map (who writes and reads which keyspace), the nats-server
 //! authorization block generated from it, and the audit of violations.
 
+pub mod access;
 pub mod identity;
