@@ -62,6 +62,14 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print the nats-server `authorization` block of SITE generated from
+    /// the ownership map in FILE.
+    Acl {
+        #[arg(long)]
+        access: PathBuf,
+        #[arg(long)]
+        site: String,
+    },
     /// Print the version.
     Version,
 }
@@ -116,6 +124,12 @@ fn main() -> ExitCode {
                 println!("{}", g.public_key);
             })
             .map_err(Into::into),
+        Command::Acl { access, site } => (|| {
+            let site = Site::new(&site)?;
+            let access = presenced::acl::access::Access::load(&access)?;
+            print!("{}", presenced::acl::render::render(&access, &site));
+            Ok(())
+        })(),
         Command::CheckConfig { file } => match Config::load_valid(&file) {
             Ok(cfg) => {
                 println!(

@@ -4,3 +4,4 @@
 
 pub mod access;
 pub mod identity;
+pub mod render;
