@@ -27,6 +27,8 @@ pub struct Metrics {
     pub zones: AtomicU64,
     pub nats_connected: AtomicBool,
     pub nats_reconnects: AtomicU64,
+    /// Operations nats-server refused for lack of permission.
+    pub permission_violations: AtomicU64,
     pub mqtt_connected: AtomicU64,
     pub ready: AtomicBool,
 }
@@ -49,7 +51,7 @@ impl Metrics {
         let mut out = String::with_capacity(2048);
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let flag = |a: &AtomicBool| u64::from(a.load(Ordering::Relaxed));
-        let rows: [(&str, &str, &str, u64); 19] = [
+        let rows: [(&str, &str, &str, u64); 20] = [
             (
                 "presenced_observations_received_total",
                 "counter",
@@ -151,6 +153,12 @@ impl Metrics {
                 "counter",
                 "Connections to the leaf nats-server after the first.",
                 get(&self.nats_reconnects),
+            ),
+            (
+                "presenced_permission_violations_total",
+                "counter",
+                "Publishes and subscriptions nats-server refused for lack of permission.",
+                get(&self.permission_violations),
             ),
             (
                 "presenced_mqtt_connected",

@@ -218,44 +218,21 @@ pub mod js {
         format!("$JS.API.STREAM.PURGE.{stream}")
     }
 
-    pub fn stream_msg_get(stream: &str) -> String {
-        format!("$JS.API.STREAM.MSG.GET.{stream}")
-    }
-
-    /// Direct get with the request in the body.
-    pub fn direct_get(stream: &str) -> String {
-        format!("$JS.API.DIRECT.GET.{stream}")
-    }
-
     /// Direct get of the last message of a subject, the subject in the
     /// request's subject (how KV get reads a key).
     pub fn direct_get_last(stream: &str) -> String {
         format!("$JS.API.DIRECT.GET.{stream}.>")
     }
 
-    /// Creating a consumer of any name (and filter) on `stream`.
-    pub fn consumer_create(stream: &str) -> String {
-        format!("$JS.API.CONSUMER.CREATE.{stream}.>")
-    }
-
-    /// Creating or updating the named consumer (with or without filter).
-    pub fn consumer_create_named(stream: &str, consumer: &str) -> [String; 2] {
-        [
-            format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}"),
-            format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>"),
-        ]
-    }
-
-    pub fn consumer_durable_create(stream: &str, consumer: &str) -> String {
-        format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}")
+    /// Creating an ephemeral consumer on `stream` (the server names it,
+    /// and refuses a durable name on this subject): how ordered consumers,
+    /// KV watches and object reads start.
+    pub fn consumer_create_ephemeral(stream: &str) -> String {
+        format!("$JS.API.CONSUMER.CREATE.{stream}")
     }
 
     pub fn consumer_info(stream: &str, consumer: &str) -> String {
         format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}")
-    }
-
-    pub fn consumer_delete(stream: &str, consumer: &str) -> String {
-        format!("$JS.API.CONSUMER.DELETE.{stream}.{consumer}")
     }
 
     /// Pull requests of a consumer (`*` for any).

@@ -5,3 +5,4 @@
 pub mod access;
 pub mod identity;
 pub mod render;
+pub mod violation;

@@ -105,12 +105,11 @@ fn store(k: Keyspace, site: &Site) -> Store {
 /// with their pull requests, acks and flow control, and direct get.
 fn read_stream(p: &mut Permissions, stream: &str, why: &str) {
     p.publish(js::stream_info(stream), why);
-    p.publish(js::consumer_create(stream), why);
+    p.publish(js::consumer_create_ephemeral(stream), why);
     p.publish(js::consumer_info(stream, "*"), why);
     p.publish(js::consumer_next(stream, "*"), why);
     p.publish(js::ack(stream, "*"), why);
     p.publish(js::flow_control(stream), why);
-    p.publish(js::direct_get(stream), why);
     p.publish(js::direct_get_last(stream), why);
 }
 
@@ -120,7 +119,7 @@ fn read_kv(p: &mut Permissions, bucket: &str, why: &str) {
     let stream = naming::kv_stream(bucket);
     p.publish(js::stream_info(&stream), why);
     p.publish(js::direct_get_last(&stream), why);
-    p.publish(js::consumer_create(&stream), why);
+    p.publish(js::consumer_create_ephemeral(&stream), why);
     p.publish(js::flow_control(&stream), why);
 }
 
@@ -130,7 +129,7 @@ fn read_object(p: &mut Permissions, bucket: &str, why: &str) {
     let stream = naming::obj_stream(bucket);
     p.publish(js::stream_info(&stream), why);
     p.publish(js::direct_get_last(&stream), why);
-    p.publish(js::consumer_create(&stream), why);
+    p.publish(js::consumer_create_ephemeral(&stream), why);
     p.publish(js::flow_control(&stream), why);
 }
 
@@ -213,12 +212,9 @@ pub fn service_permissions(service: &Service, site: &Site) -> Permissions {
                 why,
             );
         } else {
-            // Readers may not steal, ack or reconfigure the engine's
-            // durable consumer.
+            // Readers may not steal or ack the engine's messages (they
+            // cannot create named consumers at all).
             let why = "sensors: the engine's consumer is the engine's alone";
-            for s in js::consumer_create_named(naming::SENSORS_STREAM, naming::ENGINE_CONSUMER) {
-                p.deny(s, why);
-            }
             p.deny(
                 js::consumer_next(naming::SENSORS_STREAM, naming::ENGINE_CONSUMER),
                 why,
