@@ -101,15 +101,13 @@ fn store(k: Keyspace, site: &Site) -> Store {
     }
 }
 
-/// Grants reading a stream: stream info, ephemeral (ordered) consumers
-/// with their pull requests, acks and flow control, and direct get.
+/// Grants reading a stream: stream info, ephemeral ordered consumers
+/// (created by the server-named subject, pulled without acks or flow
+/// control) and direct get of a subject's last message.
 fn read_stream(p: &mut Permissions, stream: &str, why: &str) {
     p.publish(js::stream_info(stream), why);
     p.publish(js::consumer_create_ephemeral(stream), why);
-    p.publish(js::consumer_info(stream, "*"), why);
     p.publish(js::consumer_next(stream, "*"), why);
-    p.publish(js::ack(stream, "*"), why);
-    p.publish(js::flow_control(stream), why);
     p.publish(js::direct_get_last(stream), why);
 }
 
@@ -189,9 +187,8 @@ pub fn service_permissions(service: &Service, site: &Site) -> Permissions {
         naming::kv_subject(naming::OWNERS_BUCKET, &service.name),
         "owners: this service's own key",
     );
-    let owners_stream = naming::kv_stream(naming::OWNERS_BUCKET);
     p.publish(
-        js::stream_info(&owners_stream),
+        js::stream_info(&naming::kv_stream(naming::OWNERS_BUCKET)),
         "owners: bind the bucket to write its own key",
     );
     for &k in &service.owns {
@@ -202,26 +199,22 @@ pub fn service_permissions(service: &Service, site: &Site) -> Permissions {
     }
     if service.reads(Keyspace::Sensors) {
         if service.runs(Component::Engine) {
-            let why = "sensors: the engine's durable consumer";
+            // Pull requests are covered by the stream read grant.
+            let why = "sensors: the engine's durable consumer (bind, ack)";
             p.publish(
                 js::consumer_info(naming::SENSORS_STREAM, naming::ENGINE_CONSUMER),
                 why,
             );
             p.publish(
-                js::consumer_next(naming::SENSORS_STREAM, naming::ENGINE_CONSUMER),
+                js::ack(naming::SENSORS_STREAM, naming::ENGINE_CONSUMER),
                 why,
             );
         } else {
-            // Readers may not steal or ack the engine's messages (they
-            // cannot create named consumers at all).
-            let why = "sensors: the engine's consumer is the engine's alone";
+            // Pulling from the engine's durable consumer would take its
+            // messages away.
             p.deny(
                 js::consumer_next(naming::SENSORS_STREAM, naming::ENGINE_CONSUMER),
-                why,
-            );
-            p.deny(
-                js::ack(naming::SENSORS_STREAM, naming::ENGINE_CONSUMER),
-                why,
+                "sensors: the engine's consumer is the engine's alone",
             );
         }
     }
@@ -290,6 +283,12 @@ fn quote(s: &str) -> String {
 }
 
 fn rules(out: &mut String, indent: &str, key: &str, rules: &[Rule]) {
+    if rules.is_empty() && key == "allow" {
+        // nats-server reads an empty allow list as "no restriction".
+        let _ = writeln!(out, "{indent}# nothing is allowed");
+        let _ = writeln!(out, "{indent}deny: [\">\"]");
+        return;
+    }
     let _ = writeln!(out, "{indent}{key}: [");
     let mut last_why = "";
     for r in rules {
@@ -305,6 +304,12 @@ fn rules(out: &mut String, indent: &str, key: &str, rules: &[Rule]) {
 /// The `authorization { users = [...] }` block; the same input gives the
 /// same bytes.
 pub fn render(access: &Access, site: &Site) -> String {
+    render_users(&users(access, site), site, access.leafnode.as_deref())
+}
+
+/// Renders given users (the test that proves each rule necessary renders
+/// variants with one rule removed).
+pub fn render_users(users: &[User], site: &Site, leafnode: Option<&str>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -322,7 +327,7 @@ pub fn render(access: &Access, site: &Site) -> String {
         out,
         "# Services connect with inbox prefix _INBOX.<service>, so none can read another's replies."
     );
-    if let Some(leaf) = &access.leafnode {
+    if let Some(leaf) = leafnode {
         let _ = writeln!(
             out,
             "# Leafnode identity of this site (accepted by the hub's leafnodes.authorization): {leaf}"
@@ -330,7 +335,7 @@ pub fn render(access: &Access, site: &Site) -> String {
     }
     let _ = writeln!(out, "authorization {{");
     let _ = writeln!(out, "  users = [");
-    for u in users(access, site) {
+    for u in users {
         let p = &u.permissions;
         let _ = writeln!(out, "    # {}: {}", u.label, u.summary);
         let _ = writeln!(out, "    {{");
