@@ -102,11 +102,16 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn connect_client(config: &Config) -> anyhow::Result<async_nats::Client> {
-    Ok(store::connect(
+    let who = store::connect::As {
+        service: Some(config.service.clone()),
+        violations: None,
+    };
+    Ok(store::connect_as(
         &config.nats,
         "presenced-cli",
         None,
         Some(Duration::from_secs(10)),
+        &who,
     )
     .await?)
 }

@@ -11,7 +11,6 @@ use crate::metrics::Metrics;
 use crate::naming::Site;
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// What the server refused.
@@ -148,13 +147,6 @@ pub async fn audit(
             let _ = f.send(v);
         }
     }
-}
-
-/// Shared handle for the connect options: metrics and the audit channel.
-#[derive(Clone, Default)]
-pub struct Reporting {
-    pub metrics: Option<Arc<Metrics>>,
-    pub sink: Option<Sender>,
 }
 
 #[cfg(test)]
