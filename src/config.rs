@@ -19,6 +19,10 @@ mod validate;
 pub struct Config {
     /// The edge host's id; every subject and domain name derives from it.
     pub site: String,
+    /// This service's name in the ownership map: its inbox prefix
+    /// (`_INBOX.<service>`), audit subject and owners key derive from it.
+    #[serde(default = "default_service")]
+    pub service: String,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
@@ -40,6 +44,10 @@ pub struct Config {
     /// Zones and the evidence that decides their presence (`[zones.<zone>]`).
     #[serde(default)]
     pub zones: BTreeMap<String, ZoneConfig>,
+}
+
+fn default_service() -> String {
+    "presenced".to_owned()
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -77,14 +77,37 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     tokio::pin!(term);
 
     let client_name = format!("presenced-{site}");
+    let (violations_tx, violations_rx) = crate::acl::violation::channel();
+    let who = store::connect::As {
+        service: Some(config.service.clone()),
+        violations: Some(violations_tx),
+    };
     let client = tokio::select! {
-        c = store::connect(&config.nats, &client_name, Some(metrics.clone()), None) => c?,
+        c = store::connect_as(&config.nats, &client_name, Some(metrics.clone()), None, &who) => c?,
         _ = &mut term => {
             tracing::info!("stopped before connecting to nats-server");
             return Ok(());
         }
     };
     let js = jetstream_context(client.clone(), &config);
+    // Every violation is audited; any one stops the daemon, which would
+    // otherwise wait forever on an ack the server will never send.
+    let (refused_tx, mut refused_rx) = mpsc::unbounded_channel();
+    let audit_task = tokio::spawn(crate::acl::violation::audit(
+        client.clone(),
+        site.clone(),
+        config.service.clone(),
+        violations_rx,
+        Some(refused_tx),
+    ));
+    let refused = |v: crate::acl::violation::Violation| {
+        anyhow::anyhow!(
+            "nats-server refused to let service {} {} {:?}: the ACL does not grant what this service needs; regenerate it with `presenced acl` (see docs/SECURITY.md)",
+            config.service,
+            v.operation.as_str(),
+            v.subject
+        )
+    };
 
     // Sources → bounded buffer → ingest → SENSORS.
     Metrics::set(&metrics.buffer_capacity, config.ingest.buffer as u64);
@@ -168,15 +191,16 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     };
 
     // Engine: rehydrate, bind the consumer, then report READY.
-    let runner = Runner::start(
-        js.clone(),
-        site.clone(),
-        model.clone(),
-        metrics.clone(),
-        config.engine.batch,
-    )
-    .await
-    .context("engine start")?;
+    let runner = tokio::select! {
+        r = Runner::start(
+            js.clone(),
+            site.clone(),
+            model.clone(),
+            metrics.clone(),
+            config.engine.batch,
+        ) => r.context("engine start")?,
+        Some(v) = refused_rx.recv() => return Err(refused(v)),
+    };
     release_startup_memory();
     let consumer = js
         .get_stream(naming::SENSORS_STREAM)
@@ -217,6 +241,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             tracing::info!("stopping: signal received");
             None
         }
+        Some(v) = refused_rx.recv() => Some(refused(v)),
         r = &mut engine_task => Some(match r {
             Ok(Ok(())) => anyhow::anyhow!("engine stopped unexpectedly"),
             Ok(Err(e)) => anyhow::Error::new(e).context("engine failed"),
@@ -263,6 +288,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             let _ = h.await;
         }
         let _ = client.flush().await;
+        audit_task.abort();
     };
     let engine_failed_msg = engine_failed.as_ref().map(|e| format!("{e:#}"));
     if tokio::time::timeout(config.engine.drain_timeout, drain)

@@ -13,6 +13,7 @@
 //! - [`store`]: JetStream plumbing: provisioning, CAS writes, rehydration.
 //! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
 
+pub mod acl;
 pub mod client;
 pub mod config;
 pub mod daemon;

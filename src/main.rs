@@ -55,6 +55,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a new NKEY user seed for SERVICE (mode 0600, never over an
+    /// existing file) and print its public key.
+    Keygen {
+        service: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the nats-server `authorization` block of SITE generated from
+    /// the ownership map in FILE.
+    Acl {
+        #[arg(long)]
+        access: PathBuf,
+        #[arg(long)]
+        site: String,
+    },
     /// Print the version.
     Version,
 }
@@ -87,11 +102,16 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn connect_client(config: &Config) -> anyhow::Result<async_nats::Client> {
-    Ok(store::connect(
+    let who = store::connect::As {
+        service: Some(config.service.clone()),
+        violations: None,
+    };
+    Ok(store::connect_as(
         &config.nats,
         "presenced-cli",
         None,
         Some(Duration::from_secs(10)),
+        &who,
     )
     .await?)
 }
@@ -103,6 +123,18 @@ fn main() -> ExitCode {
             println!("presenced {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Keygen { service, out } => presenced::acl::identity::keygen(&service, &out)
+            .map(|g| {
+                eprintln!("{}: seed of service {} written (mode 0600); its public key:", g.path.display(), g.service);
+                println!("{}", g.public_key);
+            })
+            .map_err(Into::into),
+        Command::Acl { access, site } => (|| {
+            let site = Site::new(&site)?;
+            let access = presenced::acl::access::Access::load(&access)?;
+            print!("{}", presenced::acl::render::render(&access, &site));
+            Ok(())
+        })(),
         Command::CheckConfig { file } => match Config::load_valid(&file) {
             Ok(cfg) => {
                 println!(

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub zones: AtomicU64,
     pub nats_connected: AtomicBool,
     pub nats_reconnects: AtomicU64,
+    /// Operations nats-server refused for lack of permission.
+    pub permission_violations: AtomicU64,
     pub mqtt_connected: AtomicU64,
     /// Serial sources whose device is open.
     pub serial_connected: AtomicU64,
@@ -156,6 +158,12 @@ impl Metrics {
                 "counter",
                 "Connections to the leaf nats-server after the first.",
                 get(&self.nats_reconnects),
+            ),
+            (
+                "presenced_permission_violations_total",
+                "counter",
+                "Publishes and subscriptions nats-server refused for lack of permission.",
+                get(&self.permission_violations),
             ),
             (
                 "presenced_mqtt_connected",

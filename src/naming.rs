@@ -26,6 +26,11 @@ pub const ENGINE_CONSUMER: &str = "engine";
 /// JetStream domain of the hub cluster.
 pub const HUB_DOMAIN: &str = "hub";
 
+/// Object store of the archiver's state snapshots.
+pub const SNAPSHOTS_OBJECT: &str = "snapshots";
+/// Object store of the archiver's long-term archive.
+pub const ARCHIVE_OBJECT: &str = "archive";
+
 /// Largest site id: it is embedded in domain and mirror names.
 pub const MAX_SITE_LEN: usize = 32;
 
@@ -139,6 +144,16 @@ impl Site {
         format!("cmd.{}.presence.{}", self.0, zone)
     }
 
+    /// Every command subject of this site.
+    pub fn cmd_filter(&self) -> String {
+        format!("cmd.{}.presence.>", self.0)
+    }
+
+    /// Every live reading subject of this site.
+    pub fn live_filter(&self) -> String {
+        format!("live.{}.>", self.0)
+    }
+
     /// Name of a hub mirror of one of this site's streams or buckets, e.g.
     /// `SENSORS-<site>` or `presence-<site>`.
     pub fn hub_mirror(&self, source: &str) -> String {
@@ -160,6 +175,80 @@ pub fn kv_stream(bucket: &str) -> String {
 /// Subject of one key of a KV bucket, as the server stores it.
 pub fn kv_subject(bucket: &str, key: &str) -> String {
     format!("$KV.{bucket}.{key}")
+}
+
+/// Every key subject of a KV bucket.
+pub fn kv_filter(bucket: &str) -> String {
+    format!("$KV.{bucket}.>")
+}
+
+/// Name of the stream behind an object store bucket.
+pub fn obj_stream(bucket: &str) -> String {
+    format!("OBJ_{bucket}")
+}
+
+/// Every chunk and metadata subject of an object store bucket.
+pub fn obj_filter(bucket: &str) -> String {
+    format!("$O.{bucket}.>")
+}
+
+/// Inbox prefix of a service's connections. Replies (JetStream API
+/// answers, KV watch deliveries) go to inboxes; a per-service prefix lets
+/// the ACL grant each service only its own, so nobody reads another
+/// service's replies.
+pub fn inbox_prefix(service: &str) -> String {
+    format!("_INBOX.{service}")
+}
+
+/// Subjects of the JetStream API (local to the connected server, no
+/// domain prefix), as the ACL generator grants them.
+pub mod js {
+    /// Everything in the JetStream API.
+    pub const API_ALL: &str = "$JS.API.>";
+    /// Every acknowledgement subject.
+    pub const ACK_ALL: &str = "$JS.ACK.>";
+    /// Every flow-control reply subject.
+    pub const FC_ALL: &str = "$JS.FC.>";
+
+    pub fn stream_info(stream: &str) -> String {
+        format!("$JS.API.STREAM.INFO.{stream}")
+    }
+
+    pub fn stream_purge(stream: &str) -> String {
+        format!("$JS.API.STREAM.PURGE.{stream}")
+    }
+
+    /// Direct get of the last message of a subject, the subject in the
+    /// request's subject (how KV get reads a key).
+    pub fn direct_get_last(stream: &str) -> String {
+        format!("$JS.API.DIRECT.GET.{stream}.>")
+    }
+
+    /// Creating an ephemeral consumer on `stream` (the server names it,
+    /// and refuses a durable name on this subject): how ordered consumers,
+    /// KV watches and object reads start.
+    pub fn consumer_create_ephemeral(stream: &str) -> String {
+        format!("$JS.API.CONSUMER.CREATE.{stream}")
+    }
+
+    pub fn consumer_info(stream: &str, consumer: &str) -> String {
+        format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}")
+    }
+
+    /// Pull requests of a consumer (`*` for any).
+    pub fn consumer_next(stream: &str, consumer: &str) -> String {
+        format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}")
+    }
+
+    /// Acknowledgements of a consumer's messages (`*` for any).
+    pub fn ack(stream: &str, consumer: &str) -> String {
+        format!("$JS.ACK.{stream}.{consumer}.>")
+    }
+
+    /// Flow-control replies of push consumers on `stream`.
+    pub fn flow_control(stream: &str) -> String {
+        format!("$JS.FC.{stream}.>")
+    }
 }
 
 /// `Nats-Msg-Id` of a zone's n-th transition: stable across restarts, so a

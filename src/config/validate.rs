@@ -50,6 +50,15 @@ impl Problems {
 }
 
 fn check_top(config: &Config, p: &mut Problems) {
+    if !naming::is_token(&config.service) {
+        p.push(
+            "service",
+            format!(
+                "{:?} is not a service name: use 1 to 64 of [a-z0-9_-]",
+                config.service
+            ),
+        );
+    }
     if !naming::is_site_id(&config.site) {
         p.push(
             "site",

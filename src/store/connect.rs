@@ -15,6 +15,8 @@ pub enum ConnectError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Identity(#[from] crate::acl::identity::IdentityError),
     #[error("cannot connect to {url}: {source}")]
     Connect {
         url: String,
@@ -22,10 +24,19 @@ pub enum ConnectError {
     },
 }
 
+/// Who connects: the service name (inbox prefix, audit subject) and where
+/// permission violations go.
+#[derive(Clone, Default)]
+pub struct As {
+    pub service: Option<String>,
+    pub violations: Option<crate::acl::violation::Sender>,
+}
+
 fn options(
     cfg: &NatsConfig,
     name: &str,
     metrics: Option<Arc<Metrics>>,
+    who: &As,
 ) -> Result<ConnectOptions, ConnectError> {
     let mut opts = ConnectOptions::new()
         .name(name)
@@ -40,18 +51,25 @@ fn options(
         .client_capacity(65_536)
         .subscription_capacity(65_536);
     if let Some(path) = &cfg.nkey_seed_file {
-        let seed = read_secret(path).map_err(|source| ConnectError::Seed {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let seed = crate::acl::identity::read_seed(path)?;
         opts = opts.nkey(seed);
     }
+    if let Some(service) = &who.service {
+        // The ACL grants each service its own inbox prefix only.
+        opts = opts.custom_inbox_prefix(crate::naming::inbox_prefix(service));
+    }
+    let sink = who.violations.clone();
     if let Some(metrics) = metrics {
         let connected_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
         opts = opts.event_callback(move |event| {
             let metrics = metrics.clone();
             let connected_once = connected_once.clone();
+            let sink = sink.clone();
             async move {
+                if let Some(v) = crate::acl::violation::from_event(&event) {
+                    crate::acl::violation::report(v, Some(&metrics), sink.as_ref());
+                    return;
+                }
                 match event {
                     Event::Connected => {
                         metrics.nats_connected.store(true, Ordering::Relaxed);
@@ -96,11 +114,23 @@ pub async fn connect(
     metrics: Option<Arc<Metrics>>,
     deadline: Option<Duration>,
 ) -> Result<async_nats::Client, ConnectError> {
+    connect_as(cfg, name, metrics, deadline, &As::default()).await
+}
+
+/// [`connect`] as a named service of the ownership map: its own inbox
+/// prefix, and permission violations reported to `who.violations`.
+pub async fn connect_as(
+    cfg: &NatsConfig,
+    name: &str,
+    metrics: Option<Arc<Metrics>>,
+    deadline: Option<Duration>,
+    who: &As,
+) -> Result<async_nats::Client, ConnectError> {
     let start = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(100);
     let mut warned = false;
     loop {
-        let opts = options(cfg, name, metrics.clone())?;
+        let opts = options(cfg, name, metrics.clone(), who)?;
         match opts.connect(cfg.url.as_str()).await {
             Ok(client) => {
                 if let Some(m) = &metrics {

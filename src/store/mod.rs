@@ -6,4 +6,4 @@ pub mod kv;
 pub mod provision;
 pub mod publish;
 
-pub use connect::{connect, ConnectError};
+pub use connect::{connect, connect_as, ConnectError};

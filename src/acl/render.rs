@@ -1,0 +1,415 @@
+//! The nats-server `authorization` block of a site, from the ownership map.
+//!
+//! Deny by default: each identity gets allow lists only, built from the
+//! keyspaces it writes and reads. The JetStream API subjects per operation
+//! are the ones the integration test `acl` proves necessary and sufficient
+//! against a real server; change them only together with that test.
+
+use super::access::{Access, Component, Keyspace, Service};
+use crate::naming::{self, js, Site};
+use std::fmt::Write as _;
+
+/// One allow or deny entry with why it is there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub subject: String,
+    pub why: String,
+}
+
+/// The permissions of one identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Permissions {
+    pub publish_allow: Vec<Rule>,
+    pub publish_deny: Vec<Rule>,
+    pub subscribe_allow: Vec<Rule>,
+    /// Set for services that answer requests (commands).
+    pub allow_responses: bool,
+}
+
+impl Permissions {
+    fn add(list: &mut Vec<Rule>, subject: String, why: &str) {
+        if !list.iter().any(|r| r.subject == subject) {
+            list.push(Rule {
+                subject,
+                why: why.to_owned(),
+            });
+        }
+    }
+
+    fn publish(&mut self, subject: String, why: &str) {
+        Self::add(&mut self.publish_allow, subject, why);
+    }
+
+    fn deny(&mut self, subject: String, why: &str) {
+        Self::add(&mut self.publish_deny, subject, why);
+    }
+
+    fn subscribe(&mut self, subject: String, why: &str) {
+        Self::add(&mut self.subscribe_allow, subject, why);
+    }
+}
+
+/// An identity in the generated block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// `service <name>`, `admin`.
+    pub label: String,
+    pub summary: String,
+    pub nkey: String,
+    pub permissions: Permissions,
+}
+
+/// How a keyspace is stored.
+enum Store {
+    Stream {
+        name: &'static str,
+        filter: String,
+    },
+    Kv(&'static str),
+    Object(&'static str),
+    /// Core NATS subjects, no persistence.
+    Core(String),
+    /// Request/reply subjects: the owner answers.
+    Requests(String),
+}
+
+fn store(k: Keyspace, site: &Site) -> Store {
+    match k {
+        Keyspace::Sensors => Store::Stream {
+            name: naming::SENSORS_STREAM,
+            filter: site.sensors_filter(),
+        },
+        Keyspace::Rejected => Store::Stream {
+            name: naming::REJECTED_STREAM,
+            filter: site.rejected_filter(),
+        },
+        Keyspace::Events => Store::Stream {
+            name: naming::EVENTS_STREAM,
+            filter: site.events_filter(),
+        },
+        Keyspace::Audit => Store::Stream {
+            name: naming::AUDIT_STREAM,
+            filter: site.audit_filter(),
+        },
+        Keyspace::Presence => Store::Kv(naming::PRESENCE_BUCKET),
+        Keyspace::Debounce => Store::Kv(naming::DEBOUNCE_BUCKET),
+        Keyspace::Owners => Store::Kv(naming::OWNERS_BUCKET),
+        Keyspace::Snapshots => Store::Object(naming::SNAPSHOTS_OBJECT),
+        Keyspace::Archive => Store::Object(naming::ARCHIVE_OBJECT),
+        Keyspace::Live => Store::Core(site.live_filter()),
+        Keyspace::Commands => Store::Requests(site.cmd_filter()),
+    }
+}
+
+/// Grants reading a stream: stream info, ephemeral ordered consumers
+/// (created by the server-named subject, pulled without acks or flow
+/// control) and direct get of a subject's last message.
+fn read_stream(p: &mut Permissions, stream: &str, why: &str) {
+    p.publish(js::stream_info(stream), why);
+    p.publish(js::consumer_create_ephemeral(stream), why);
+    p.publish(js::consumer_next(stream, "*"), why);
+    p.publish(js::direct_get_last(stream), why);
+}
+
+/// Grants reading a KV bucket: bucket status, get (direct get of the
+/// key's last message) and watch/keys (ordered push consumers).
+fn read_kv(p: &mut Permissions, bucket: &str, why: &str) {
+    let stream = naming::kv_stream(bucket);
+    p.publish(js::stream_info(&stream), why);
+    p.publish(js::direct_get_last(&stream), why);
+    p.publish(js::consumer_create_ephemeral(&stream), why);
+    p.publish(js::flow_control(&stream), why);
+}
+
+/// Grants reading an object store: info, metadata and chunks (direct get
+/// and ordered consumers).
+fn read_object(p: &mut Permissions, bucket: &str, why: &str) {
+    let stream = naming::obj_stream(bucket);
+    p.publish(js::stream_info(&stream), why);
+    p.publish(js::direct_get_last(&stream), why);
+    p.publish(js::consumer_create_ephemeral(&stream), why);
+    p.publish(js::flow_control(&stream), why);
+}
+
+fn write(p: &mut Permissions, k: Keyspace, site: &Site) {
+    let why = format!("{k}: write (owner)");
+    let why = why.as_str();
+    match store(k, site) {
+        Store::Stream { filter, .. } => p.publish(filter, why),
+        Store::Kv(bucket) => p.publish(naming::kv_filter(bucket), why),
+        Store::Object(bucket) => {
+            p.publish(naming::obj_filter(bucket), why);
+            // Replacing an object purges its old chunks.
+            p.publish(js::stream_purge(&naming::obj_stream(bucket)), why);
+        }
+        Store::Core(filter) => p.publish(filter, why),
+        Store::Requests(filter) => {
+            p.subscribe(filter, "commands: receive requests (owner)");
+            p.allow_responses = true;
+        }
+    }
+}
+
+fn read(p: &mut Permissions, k: Keyspace, site: &Site, owner: bool) {
+    let why = if owner {
+        format!("{k}: read (owner)")
+    } else {
+        format!("{k}: read (granted)")
+    };
+    let why = why.as_str();
+    match store(k, site) {
+        Store::Stream { name, .. } => read_stream(p, name, why),
+        Store::Kv(bucket) => read_kv(p, bucket, why),
+        Store::Object(bucket) => read_object(p, bucket, why),
+        Store::Core(filter) => p.subscribe(filter, why),
+        // Asking is the reader's side of a request/reply keyspace.
+        Store::Requests(filter) if !owner => p.publish(filter, why),
+        Store::Requests(_) => {}
+    }
+}
+
+/// The permissions of one service.
+pub fn service_permissions(service: &Service, site: &Site) -> Permissions {
+    let mut p = Permissions::default();
+    p.subscribe(
+        format!("{}.>", naming::inbox_prefix(&service.name)),
+        "replies to this service's requests (its own inbox prefix only)",
+    );
+    for &k in &service.owns {
+        write(&mut p, k, site);
+    }
+    // Shared keyspaces: this service's own subject and key only.
+    p.publish(
+        site.audit_subject(&service.name),
+        "audit: this service's own records",
+    );
+    p.publish(
+        naming::kv_subject(naming::OWNERS_BUCKET, &service.name),
+        "owners: this service's own key",
+    );
+    p.publish(
+        js::stream_info(&naming::kv_stream(naming::OWNERS_BUCKET)),
+        "owners: bind the bucket to write its own key",
+    );
+    for &k in &service.owns {
+        read(&mut p, k, site, true);
+    }
+    for &k in &service.reads {
+        read(&mut p, k, site, false);
+    }
+    if service.reads(Keyspace::Sensors) {
+        if service.runs(Component::Engine) {
+            // Pull requests are covered by the stream read grant.
+            let why = "sensors: the engine's durable consumer (bind, ack)";
+            p.publish(
+                js::consumer_info(naming::SENSORS_STREAM, naming::ENGINE_CONSUMER),
+                why,
+            );
+            p.publish(
+                js::ack(naming::SENSORS_STREAM, naming::ENGINE_CONSUMER),
+                why,
+            );
+        } else {
+            // Pulling from the engine's durable consumer would take its
+            // messages away.
+            p.deny(
+                js::consumer_next(naming::SENSORS_STREAM, naming::ENGINE_CONSUMER),
+                "sensors: the engine's consumer is the engine's alone",
+            );
+        }
+    }
+    p
+}
+
+/// The admin's permissions: the whole JetStream API (create, inspect,
+/// read) but no publish to any keyspace.
+pub fn admin_permissions() -> Permissions {
+    let mut p = Permissions::default();
+    p.publish(
+        js::API_ALL.to_owned(),
+        "provisioning and inspection: the JetStream API",
+    );
+    p.publish(js::ACK_ALL.to_owned(), "inspection: acks of its consumers");
+    p.publish(
+        js::FC_ALL.to_owned(),
+        "inspection: flow control of its watches",
+    );
+    p.subscribe("_INBOX.>".to_owned(), "replies (any inbox prefix)");
+    p
+}
+
+/// Every identity of the site, admin first, then services by name.
+pub fn users(access: &Access, site: &Site) -> Vec<User> {
+    let mut out = Vec::new();
+    if let Some(nkey) = &access.admin {
+        out.push(User {
+            label: "admin".to_owned(),
+            summary: "provisioning and inspection; writes no keyspace".to_owned(),
+            nkey: nkey.clone(),
+            permissions: admin_permissions(),
+        });
+    }
+    for s in &access.services {
+        let names = |ks: &[Keyspace]| {
+            if ks.is_empty() {
+                "-".to_owned()
+            } else {
+                ks.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+            }
+        };
+        let runs: Vec<&str> = s.runs.iter().map(|c| c.name()).collect();
+        out.push(User {
+            label: format!("service {}", s.name),
+            summary: format!(
+                "runs {}; writes {}; reads {}",
+                if runs.is_empty() {
+                    "-".to_owned()
+                } else {
+                    runs.join(", ")
+                },
+                names(&s.owns),
+                names(&s.reads)
+            ),
+            nkey: s.nkey.clone(),
+            permissions: service_permissions(s, site),
+        });
+    }
+    out
+}
+
+fn quote(s: &str) -> String {
+    // Subjects and keys are ASCII without quotes or backslashes.
+    format!("\"{s}\"")
+}
+
+fn rules(out: &mut String, indent: &str, key: &str, rules: &[Rule]) {
+    if rules.is_empty() && key == "allow" {
+        // nats-server reads an empty allow list as "no restriction".
+        let _ = writeln!(out, "{indent}# nothing is allowed");
+        let _ = writeln!(out, "{indent}deny: [\">\"]");
+        return;
+    }
+    let _ = writeln!(out, "{indent}{key}: [");
+    let mut last_why = "";
+    for r in rules {
+        if r.why != last_why {
+            let _ = writeln!(out, "{indent}  # {}", r.why);
+            last_why = &r.why;
+        }
+        let _ = writeln!(out, "{indent}  {}", quote(&r.subject));
+    }
+    let _ = writeln!(out, "{indent}]");
+}
+
+/// The `authorization { users = [...] }` block; the same input gives the
+/// same bytes.
+pub fn render(access: &Access, site: &Site) -> String {
+    render_users(&users(access, site), site, access.leafnode.as_deref())
+}
+
+/// Renders given users (the test that proves each rule necessary renders
+/// variants with one rule removed).
+pub fn render_users(users: &[User], site: &Site, leafnode: Option<&str>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# nats-server authorization of site {site}, generated by `presenced acl`."
+    );
+    let _ = writeln!(
+        out,
+        "# Deny by default: an identity may publish and subscribe only where listed."
+    );
+    let _ = writeln!(
+        out,
+        "# Each keyspace has one writer; reads beyond a service's own are granted in the access file."
+    );
+    let _ = writeln!(
+        out,
+        "# Services connect with inbox prefix _INBOX.<service>, so none can read another's replies."
+    );
+    if let Some(leaf) = leafnode {
+        let _ = writeln!(
+            out,
+            "# Leafnode identity of this site (accepted by the hub's leafnodes.authorization): {leaf}"
+        );
+    }
+    let _ = writeln!(out, "authorization {{");
+    let _ = writeln!(out, "  users = [");
+    for u in users {
+        let p = &u.permissions;
+        let _ = writeln!(out, "    # {}: {}", u.label, u.summary);
+        let _ = writeln!(out, "    {{");
+        let _ = writeln!(out, "      nkey: {}", quote(&u.nkey));
+        let _ = writeln!(out, "      permissions: {{");
+        let _ = writeln!(out, "        publish: {{");
+        rules(&mut out, "          ", "allow", &p.publish_allow);
+        if !p.publish_deny.is_empty() {
+            rules(&mut out, "          ", "deny", &p.publish_deny);
+        }
+        let _ = writeln!(out, "        }}");
+        let _ = writeln!(out, "        subscribe: {{");
+        rules(&mut out, "          ", "allow", &p.subscribe_allow);
+        let _ = writeln!(out, "        }}");
+        if p.allow_responses {
+            let _ = writeln!(out, "        # answers commands: one reply per request");
+            let _ = writeln!(out, "        allow_responses: true");
+        }
+        let _ = writeln!(out, "      }}");
+        let _ = writeln!(out, "    }}");
+    }
+    let _ = writeln!(out, "  ]");
+    let _ = writeln!(out, "}}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access() -> Access {
+        let k = || nkeys::KeyPair::new_user().public_key();
+        let text = format!(
+            "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\"]\n[services.dashboard]\nnkey = \"{}\"\nreads = [\"presence\", \"sensors\"]\n",
+            k(),
+            k(),
+            k()
+        );
+        Access::parse(&text, "access.toml").unwrap()
+    }
+
+    #[test]
+    fn rendering_is_deterministic() {
+        let a = access();
+        let site = Site::new("home").unwrap();
+        assert_eq!(render(&a, &site), render(&a, &site));
+    }
+
+    #[test]
+    fn writes_only_where_owned_and_reads_only_where_granted() {
+        let a = access();
+        let site = Site::new("home").unwrap();
+        let d = service_permissions(a.service("dashboard").unwrap(), &site);
+        let allow: Vec<&str> = d.publish_allow.iter().map(|r| r.subject.as_str()).collect();
+        assert!(
+            !allow.iter().any(|s| s.starts_with("$KV.presence")),
+            "{allow:?}"
+        );
+        assert!(allow.contains(&"$JS.API.DIRECT.GET.KV_presence.>"));
+        assert!(
+            !allow.iter().any(|s| s.contains("KV_debounce")),
+            "{allow:?}"
+        );
+        assert!(allow.contains(&"$KV.owners.dashboard"));
+        assert!(d
+            .publish_deny
+            .iter()
+            .any(|r| r.subject == "$JS.API.CONSUMER.MSG.NEXT.SENSORS.engine"));
+        let p = service_permissions(a.service("presenced").unwrap(), &site);
+        assert!(p.allow_responses);
+        assert!(p
+            .publish_allow
+            .iter()
+            .any(|r| r.subject == "sensors.home.>"));
+        assert!(p.publish_deny.is_empty());
+    }
+}

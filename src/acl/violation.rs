@@ -1,0 +1,191 @@
+//! Permission violations the server reports, turned into an ERROR line, a
+//! metric and an `AUDIT` record.
+//!
+//! The server refuses a publish or subscription it does not allow with an
+//! asynchronous `-ERR`, which async-nats hands to the event callback; the
+//! operation itself just never completes. So the callback is where a
+//! misconfigured ACL becomes visible, and where the daemon learns it must
+//! stop instead of waiting on an ack that will never come.
+
+use crate::metrics::Metrics;
+use crate::naming::Site;
+use crate::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// What the server refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    Publish,
+    Subscribe,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Publish => "publish",
+            Operation::Subscribe => "subscribe",
+        }
+    }
+}
+
+/// One refused operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub operation: Operation,
+    pub subject: String,
+}
+
+/// Reads a violation from a server error such as
+/// `Permissions Violation for Publish to "$KV.presence.hall"`.
+pub fn parse(message: &str) -> Option<Violation> {
+    let lower = message.to_ascii_lowercase();
+    let at = lower.find("permissions violation for ")?;
+    let rest = &message[at + "permissions violation for ".len()..];
+    let operation = if rest.to_ascii_lowercase().starts_with("publish") {
+        Operation::Publish
+    } else if rest.to_ascii_lowercase().starts_with("subscription") {
+        Operation::Subscribe
+    } else {
+        return None;
+    };
+    let open = rest.find('"')?;
+    let tail = &rest[open + 1..];
+    let close = tail.find('"')?;
+    Some(Violation {
+        operation,
+        subject: tail[..close].to_owned(),
+    })
+}
+
+/// Reads a violation from an async-nats event.
+pub fn from_event(event: &async_nats::Event) -> Option<Violation> {
+    match event {
+        async_nats::Event::ServerError(async_nats::ServerError::Other(m)) => parse(m),
+        _ => None,
+    }
+}
+
+/// The JSON of an `AUDIT` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub v: u32,
+    pub kind: String,
+    pub service: String,
+    pub site: String,
+    pub subject: String,
+    pub operation: Operation,
+    pub time: Timestamp,
+}
+
+impl AuditRecord {
+    pub fn permission_violation(site: &Site, service: &str, v: &Violation) -> AuditRecord {
+        AuditRecord {
+            v: 1,
+            kind: "permission_violation".to_owned(),
+            service: service.to_owned(),
+            site: site.as_str().to_owned(),
+            subject: v.subject.clone(),
+            operation: v.operation,
+            time: Timestamp::now(),
+        }
+    }
+}
+
+/// Where the event callback sends violations.
+pub type Sender = mpsc::UnboundedSender<Violation>;
+pub type Receiver = mpsc::UnboundedReceiver<Violation>;
+
+pub fn channel() -> (Sender, Receiver) {
+    mpsc::unbounded_channel()
+}
+
+/// Logs, counts and reports one violation (called from the event callback).
+pub fn report(v: Violation, metrics: Option<&Metrics>, sink: Option<&Sender>) {
+    tracing::error!(
+        subject = %v.subject,
+        operation = v.operation.as_str(),
+        "permission violation: nats-server refused this operation; the ACL does not grant it to this service (see docs/SECURITY.md)"
+    );
+    if let Some(m) = metrics {
+        Metrics::inc(&m.permission_violations);
+    }
+    if let Some(s) = sink {
+        let _ = s.send(v);
+    }
+}
+
+/// Publishes each violation to `AUDIT` on the service's own subject and
+/// hands it on to `fatal` (the daemon stops on a refused write: it would
+/// otherwise wait forever for acks). Runs until the senders are gone.
+pub async fn audit(
+    client: async_nats::Client,
+    site: Site,
+    service: String,
+    mut rx: Receiver,
+    fatal: Option<mpsc::UnboundedSender<Violation>>,
+) {
+    let subject = site.audit_subject(&service);
+    while let Some(v) = rx.recv().await {
+        // Refusing our own audit subject would loop: report it only once.
+        if v.subject == subject {
+            tracing::error!(subject = %subject, "this service may not write its own audit subject; fix the ACL");
+        } else {
+            let record = AuditRecord::permission_violation(&site, &service, &v);
+            match serde_json::to_vec(&record) {
+                Ok(bytes) => {
+                    if let Err(e) = client.publish(subject.clone(), bytes.into()).await {
+                        tracing::error!(error = %e, "cannot publish the audit record of a permission violation");
+                    }
+                    let _ = client.flush().await;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode an audit record"),
+            }
+        }
+        if let Some(f) = &fatal {
+            let _ = f.send(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_server_messages() {
+        assert_eq!(
+            parse("Permissions Violation for Publish to \"$KV.presence.hall\""),
+            Some(Violation {
+                operation: Operation::Publish,
+                subject: "$KV.presence.hall".to_owned()
+            })
+        );
+        assert_eq!(
+            parse("permissions violation for subscription to \"live.home.>\""),
+            Some(Violation {
+                operation: Operation::Subscribe,
+                subject: "live.home.>".to_owned()
+            })
+        );
+        assert_eq!(parse("authorization violation"), None);
+        assert_eq!(parse("Permissions Violation for Publish to"), None);
+    }
+
+    #[test]
+    fn audit_record_json_names_service_site_subject_operation_time() {
+        let site = Site::new("home").unwrap();
+        let v = Violation {
+            operation: Operation::Publish,
+            subject: "$KV.presence.x".to_owned(),
+        };
+        let r = AuditRecord::permission_violation(&site, "ingest", &v);
+        let j: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["service"], "ingest");
+        assert_eq!(j["site"], "home");
+        assert_eq!(j["subject"], "$KV.presence.x");
+        assert_eq!(j["operation"], "publish");
+        assert!(j["time"].as_str().unwrap().ends_with('Z'));
+    }
+}

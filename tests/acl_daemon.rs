@@ -1,0 +1,211 @@
+//! The daemon under the generated ACL: the whole pipeline with no
+//! violation, and a missing grant that is logged, audited and fatal.
+
+mod common;
+mod support;
+
+use common::*;
+use presenced::acl::identity;
+use presenced::naming::Site;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
+
+const ZONES: &str = r#"
+[zones.lab]
+occupied_above = 0.6
+arrive_after = "0s"
+leave_after = "0s"
+[[zones.lab.evidence]]
+sensor = "lab_pir"
+p_true = 0.95
+p_false = 0.05
+"#;
+
+/// A config for `service` with its seed file.
+fn config(base: &str, service: &str, seed: &Path) -> String {
+    base.replace(
+        "[nats]\n",
+        &format!(
+            "service = \"{service}\"\n\n[nats]\nnkey_seed_file = \"{}\"\n",
+            seed.display()
+        ),
+    )
+}
+
+struct Site1 {
+    nats: NatsServer,
+    dir: tempfile::TempDir,
+    admin_js: async_nats::jetstream::Context,
+    base: String,
+    http_port: u16,
+}
+
+/// A nats-server with the ACL generated for `runs`, provisioned by admin.
+async fn site(mqtt: &Mosquitto, runs: &str) -> Site1 {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = identity::keygen("admin", &dir.path().join("admin.seed")).unwrap();
+    let svc = identity::keygen("presenced", &dir.path().join("presenced.seed")).unwrap();
+    let access = format!(
+        "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = {runs}\n",
+        admin.public_key, svc.public_key
+    );
+    let access_path = dir.path().join("access.toml");
+    std::fs::write(&access_path, access).unwrap();
+    let out = support::daemon::run_presenced(
+        &[
+            "acl",
+            "--access",
+            access_path.to_str().unwrap(),
+            "--site",
+            "test",
+        ],
+        &[],
+    );
+    assert!(out.status.success());
+    let nats = NatsServer::start(NatsOptions {
+        extra: String::from_utf8(out.stdout).unwrap(),
+        ..Default::default()
+    });
+    let http_port = support::free_port();
+    let base = daemon_config(
+        "test",
+        &nats.url(),
+        mqtt.port,
+        http_port,
+        &motion_mapping(true),
+        ZONES,
+    );
+    let admin_cfg = dir.path().join("admin.toml");
+    std::fs::write(
+        &admin_cfg,
+        config(&base, "admin", &dir.path().join("admin.seed")),
+    )
+    .unwrap();
+    provision(&admin_cfg);
+    let seed = identity::read_seed(&dir.path().join("admin.seed")).unwrap();
+    let client = async_nats::ConnectOptions::new()
+        .nkey(seed)
+        .connect(nats.url())
+        .await
+        .unwrap();
+    Site1 {
+        nats,
+        admin_js: async_nats::jetstream::new(client),
+        dir,
+        base,
+        http_port,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_runs_under_the_generated_acl_without_violation() {
+    let mqtt = Mosquitto::start();
+    let s = site(&mqtt, r#"["ingest", "engine"]"#).await;
+    let cfg = config(&s.base, "presenced", &s.dir.path().join("presenced.seed"));
+    let d = Daemon::start(&cfg, &[]);
+    let http = SocketAddr::from(([127, 0, 0, 1], s.http_port));
+    d.wait_healthy(http, Duration::from_secs(20));
+    let mut p = Publisher::connect(mqtt.port, "acl-pub").await;
+    p.publish(
+        "test/lab_pir",
+        format!(r#"{{"occupancy":true,"ts":{}}}"#, now_ms()),
+    )
+    .await;
+    p.flush(Duration::from_secs(5)).await;
+    eventually("lab occupied", Duration::from_secs(15), || async {
+        zone(&s.admin_js, "lab")
+            .await
+            .is_some_and(|z| z.state == presenced::engine::Presence::Occupied)
+    })
+    .await;
+    let (_, metrics) = support::http_get(http, "/metrics").unwrap();
+    assert!(
+        metrics.contains("presenced_permission_violations_total 0"),
+        "{metrics}"
+    );
+    assert!(
+        !d.log().contains("permission violation"),
+        "{}",
+        d.log_tail()
+    );
+    drop(s.nats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_grant_is_logged_audited_and_stops_the_daemon() {
+    let mqtt = Mosquitto::start();
+    // The service runs ingest only, but its config runs the engine too.
+    let s = site(&mqtt, r#"["ingest"]"#).await;
+    let cfg = config(&s.base, "presenced", &s.dir.path().join("presenced.seed"));
+    let mut d = Daemon::start(&cfg, &[]);
+    support::wait_until("daemon exits", Duration::from_secs(20), || {
+        d.exit_status().is_some()
+    });
+    let status = d.exit_status().unwrap();
+    assert!(!status.success());
+    let log = d.log();
+    assert!(
+        log.contains("ERROR")
+            && log.contains("permission violation")
+            && log.contains("KV_presence"),
+        "{log}"
+    );
+    assert!(log.contains("refused to let service presenced"), "{log}");
+    let site = Site::new("test").unwrap();
+    let stream = s.admin_js.get_stream("AUDIT").await.unwrap();
+    let msg = stream
+        .get_last_raw_message_by_subject(&site.audit_subject("presenced"))
+        .await
+        .expect("an audit record of the violation");
+    let record: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(record["service"], "presenced");
+    assert_eq!(record["site"], "test");
+    assert_eq!(record["operation"], "publish");
+    assert!(
+        record["subject"].as_str().unwrap().contains("KV_presence"),
+        "{record}"
+    );
+    assert!(record["time"].is_string());
+}
+
+#[test]
+fn a_seed_readable_by_others_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("presenced.seed");
+    identity::keygen("presenced", &seed).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&seed, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let base = daemon_config(
+        "test",
+        "nats://127.0.0.1:1",
+        1,
+        1,
+        &motion_mapping(false),
+        ZONES,
+    );
+    let path = dir.path().join("presenced.toml");
+    std::fs::write(&path, config(&base, "presenced", &seed)).unwrap();
+    let out = support::daemon::run_presenced(&["run", "--config", path.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("presenced.seed") && err.contains("chmod 600"),
+        "{err}"
+    );
+}
+
+#[test]
+fn keygen_cli_prints_the_public_key_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("x.seed");
+    let p = out_path.to_str().unwrap();
+    let out = support::daemon::run_presenced(&["keygen", "ingest", "--out", p], &[]);
+    assert!(out.status.success());
+    let key = String::from_utf8(out.stdout).unwrap();
+    identity::check_public_key(key.trim()).unwrap();
+    let again = support::daemon::run_presenced(&["keygen", "ingest", "--out", p], &[]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}
