@@ -56,7 +56,7 @@ impl Metrics {
         let mut out = String::with_capacity(2048);
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let flag = |a: &AtomicBool| u64::from(a.load(Ordering::Relaxed));
-        let rows: [(&str, &str, &str, u64); 20] = [
+        let rows: &[(&str, &str, &str, u64)] = &[
             (
                 "presenced_observations_received_total",
                 "counter",
@@ -184,7 +184,7 @@ impl Metrics {
                 flag(&self.ready),
             ),
         ];
-        for (name, kind, help, value) in rows {
+        for &(name, kind, help, value) in rows {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
