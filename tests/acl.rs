@@ -978,13 +978,27 @@ async fn every_generated_rule_is_needed_by_some_operation() {
         seed(&conns, &site).await
     };
     let base_config = std::fs::read_to_string(w.server.config_path()).unwrap();
+    // Two baseline passes, an operation counting as allowed if it
+    // succeeded in either: a request that timed out once on a loaded
+    // machine must not make the rule it needs look unneeded.
     let mut baseline: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
-    {
+    for _ in 0..2 {
         let conns = connect_all(&w).await;
         let probe = probe(&conns, &site).await;
         for (name, _, _) in SERVICES {
             let col = column(&conns[*name], &site, &revisions, &probe).await;
-            baseline.insert((*name).to_owned(), col);
+            match baseline.get_mut(*name) {
+                None => {
+                    baseline.insert((*name).to_owned(), col);
+                }
+                Some(prev) => {
+                    for (p, n) in prev.iter_mut().zip(col) {
+                        if !matches!(p, Outcome::Ok) && matches!(n, Outcome::Ok) {
+                            *p = n;
+                        }
+                    }
+                }
+            }
         }
     }
     let mut unneeded = Vec::new();
