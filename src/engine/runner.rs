@@ -190,10 +190,6 @@ impl Runner {
         Ok(runner)
     }
 
-    pub fn zone_state(&self, zone: &str) -> Option<&ZoneState> {
-        self.slots.get(zone).map(|s| &s.state)
-    }
-
     fn reschedule(&mut self, zone: &str) {
         let Some(slot) = self.slots.get(zone) else {
             return;
@@ -446,45 +442,40 @@ impl Runner {
                 });
             }
         }
-        let n_debounce = debounce_writes.len();
         let (presence_results, debounce_results) = futures::join!(
             kvstore::write_batch(&self.js, naming::PRESENCE_BUCKET, presence_writes),
             kvstore::write_batch(&self.js, naming::DEBOUNCE_BUCKET, debounce_writes)
         );
         let mut retry = BTreeSet::new();
         let mut conflicts = Vec::new();
-        for r in presence_results {
+        let results = presence_results
+            .into_iter()
+            .map(|r| (naming::PRESENCE_BUCKET, r))
+            .chain(
+                debounce_results
+                    .into_iter()
+                    .map(|r| (naming::DEBOUNCE_BUCKET, r)),
+            );
+        for (bucket, r) in results {
             match r.result {
                 Ok(rev) => {
                     Metrics::inc(&self.metrics.kv_writes);
                     if let Some(slot) = self.slots.get_mut(&r.key) {
-                        slot.presence_rev = rev;
+                        if bucket == naming::PRESENCE_BUCKET {
+                            slot.presence_rev = rev;
+                        } else {
+                            slot.debounce_rev = rev;
+                            slot.debounce = slot.state.pending;
+                        }
                     }
                 }
-                Err(e) if e.is_conflict() => conflicts.push((naming::PRESENCE_BUCKET, r.key)),
+                Err(e) if e.is_conflict() => conflicts.push((bucket, r.key)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "KV write failed; retrying");
+                    tracing::warn!(bucket, error = %e, "KV write failed; retrying");
                     retry.insert(r.key);
                 }
             }
         }
-        for r in debounce_results {
-            match r.result {
-                Ok(rev) => {
-                    Metrics::inc(&self.metrics.kv_writes);
-                    if let Some(slot) = self.slots.get_mut(&r.key) {
-                        slot.debounce_rev = rev;
-                        slot.debounce = slot.state.pending;
-                    }
-                }
-                Err(e) if e.is_conflict() => conflicts.push((naming::DEBOUNCE_BUCKET, r.key)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "KV write failed; retrying");
-                    retry.insert(r.key);
-                }
-            }
-        }
-        let _ = n_debounce;
         for (bucket, key) in conflicts {
             Metrics::inc(&self.metrics.kv_conflicts);
             tracing::error!(bucket, key = %key, "compare-and-set conflict: the key changed behind the engine's back; reloading it");
