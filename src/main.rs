@@ -70,6 +70,33 @@ enum Command {
         #[arg(long)]
         site: String,
     },
+    /// Take a snapshot now and queue it for upload.
+    Snapshot {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// List local and remote snapshots with state, size, age and sha256.
+    Snapshots {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Read every copy and check its sha256.
+        #[arg(long)]
+        verify: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild the snapshot's buckets on this leaf (sha256 checked first).
+    Restore {
+        #[arg(long, short)]
+        config: PathBuf,
+        snapshot: String,
+        /// Read the snapshot from S3 instead of the object store.
+        #[arg(long)]
+        from_s3: bool,
+        /// Replace buckets that are not empty.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the version.
     Version,
 }
@@ -183,6 +210,18 @@ fn main() -> ExitCode {
                 let client = connect_client(&cfg).await?;
                 client::watch(client, &pattern, json).await
             })
+        }),
+        Command::Snapshot { config } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(presenced::archive::cli::snapshot(cfg))
+        }),
+        Command::Snapshots { config, verify, json } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(presenced::archive::cli::list(cfg, verify, json))
+        }),
+        Command::Restore { config, snapshot, from_s3, force } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(presenced::archive::cli::restore(cfg, snapshot, from_s3, force))
         }),
         Command::Get { config, zone, json } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));

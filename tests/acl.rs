@@ -4,7 +4,7 @@
 
 mod support;
 
-use async_nats::jetstream::{self, kv, object_store, stream};
+use async_nats::jetstream::{self, kv, stream};
 use futures::StreamExt;
 use presenced::acl::access::{Access, Component, Keyspace};
 use presenced::acl::violation::{self, Violation};
@@ -188,6 +188,8 @@ enum Op {
     ObjGet,
     ObjGetLarge,
     ObjList,
+    /// Put, then delete, an object of its own.
+    ObjDelete,
     Subscribe,
     Request,
     Serve,
@@ -198,7 +200,7 @@ enum Op {
 fn rows() -> Vec<(&'static str, Op)> {
     use Op::*;
     let mut rows = Vec::new();
-    for k in ["presence", "debounce"] {
+    for k in ["presence", "debounce", "archive"] {
         for op in [
             Put, Create, Update, Delete, Purge, Get, DirectGet, Watch, WatchLarge, Keys,
         ] {
@@ -218,10 +220,8 @@ fn rows() -> Vec<(&'static str, Op)> {
     for op in [Publish, PublishForeign, DirectGet, Read] {
         rows.push(("audit", op));
     }
-    for k in ["snapshots", "archive"] {
-        for op in [ObjPut, ObjGet, ObjGetLarge, ObjList] {
-            rows.push((k, op));
-        }
+    for op in [ObjPut, ObjGet, ObjGetLarge, ObjList, ObjDelete] {
+        rows.push(("snapshots", op));
     }
     rows.push(("live", Publish));
     rows.push(("live", Subscribe));
@@ -249,7 +249,7 @@ fn expected(access: &Access, who: &str, keyspace: &str, op: Op) -> bool {
     match (k, op) {
         (Keyspace::Owners, Put) | (Keyspace::Audit, Publish) => svc.is_some(),
         (_, PutForeign | PublishForeign) => false,
-        (_, Put | Create | Update | Delete | Purge | Publish | ObjPut) => owns,
+        (_, Put | Create | Update | Delete | Purge | Publish | ObjPut | ObjDelete) => owns,
         (Keyspace::Sensors, DurableFetch | RawPull) => {
             admin || svc.is_some_and(|s| s.runs(Component::Engine))
         }
@@ -280,7 +280,7 @@ fn bucket_of(keyspace: &str) -> &'static str {
         "debounce" => naming::DEBOUNCE_BUCKET,
         "owners" => naming::OWNERS_BUCKET,
         "snapshots" => naming::SNAPSHOTS_OBJECT,
-        "archive" => naming::ARCHIVE_OBJECT,
+        "archive" => naming::ARCHIVE_BUCKET,
         other => panic!("{other} is not a bucket"),
     }
 }
@@ -501,7 +501,7 @@ async fn run(
         }
         Op::DirectGet => {
             let (stream, subject) = match keyspace {
-                "presence" | "debounce" | "owners" => (
+                "presence" | "debounce" | "owners" | "archive" => (
                     naming::kv_stream(bucket_of(keyspace)),
                     naming::kv_subject(bucket_of(keyspace), read_key(keyspace)),
                 ),
@@ -662,6 +662,17 @@ async fn run(
             })
             .await
         }
+        Op::ObjDelete => {
+            c.attempt(async {
+                let store = js.get_object_store(bucket_of(keyspace)).await?;
+                let name = format!("del-{who}");
+                let mut data: &[u8] = b"doomed";
+                store.put(name.as_str(), &mut data).await?;
+                store.delete(name.as_str()).await?;
+                Ok(())
+            })
+            .await
+        }
         Op::Subscribe | Op::Serve => {
             let (filter, subject, sender) = if keyspace == "live" {
                 (site.live_filter(), site.live_subject("pir"), &probe.ingest)
@@ -791,14 +802,6 @@ async fn provision(admin: &Conn, site: &Site) {
     })
     .await
     .unwrap();
-    for b in [naming::SNAPSHOTS_OBJECT, naming::ARCHIVE_OBJECT] {
-        js.create_object_store(object_store::Config {
-            bucket: b.to_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
     js.get_stream(naming::SENSORS_STREAM)
         .await
         .unwrap()
@@ -839,8 +842,12 @@ async fn seed(conns: &BTreeMap<String, Conn>, site: &Site) -> Mutex<BTreeMap<Str
                 .unwrap()
         }
     };
-    for bucket in [naming::PRESENCE_BUCKET, naming::DEBOUNCE_BUCKET] {
-        let store = engine.js.get_key_value(bucket).await.unwrap();
+    for (bucket, owner) in [
+        (naming::PRESENCE_BUCKET, engine),
+        (naming::DEBOUNCE_BUCKET, engine),
+        (naming::ARCHIVE_BUCKET, archiver),
+    ] {
+        let store = owner.js.get_key_value(bucket).await.unwrap();
         store.put("seed", "{}".into()).await.unwrap();
         for i in 0..5 {
             store.put(format!("big-{i}"), big_value()).await.unwrap();
@@ -869,8 +876,12 @@ async fn seed(conns: &BTreeMap<String, Conn>, site: &Site) -> Mutex<BTreeMap<Str
     pub_js(ingest, subject_of(site, "rejected", "seed")).await;
     pub_js(engine, subject_of(site, "events", "seed")).await;
     pub_js(engine, site.audit_subject("engine")).await;
-    for b in [naming::SNAPSHOTS_OBJECT, naming::ARCHIVE_OBJECT] {
-        let store = archiver.js.get_object_store(b).await.unwrap();
+    {
+        let store = archiver
+            .js
+            .get_object_store(naming::SNAPSHOTS_OBJECT)
+            .await
+            .unwrap();
         let mut data: &[u8] = b"seed";
         store.put("seed", &mut data).await.unwrap();
         let big = vec![b'o'; 3 * LARGE];

@@ -95,7 +95,7 @@ fn store(k: Keyspace, site: &Site) -> Store {
         Keyspace::Debounce => Store::Kv(naming::DEBOUNCE_BUCKET),
         Keyspace::Owners => Store::Kv(naming::OWNERS_BUCKET),
         Keyspace::Snapshots => Store::Object(naming::SNAPSHOTS_OBJECT),
-        Keyspace::Archive => Store::Object(naming::ARCHIVE_OBJECT),
+        Keyspace::Archive => Store::Kv(naming::ARCHIVE_BUCKET),
         Keyspace::Live => Store::Core(site.live_filter()),
         Keyspace::Commands => Store::Requests(site.cmd_filter()),
     }
@@ -139,7 +139,7 @@ fn write(p: &mut Permissions, k: Keyspace, site: &Site) {
         Store::Kv(bucket) => p.publish(naming::kv_filter(bucket), why),
         Store::Object(bucket) => {
             p.publish(naming::obj_filter(bucket), why);
-            // Replacing an object purges its old chunks.
+            // Replacing or deleting an object purges its chunks.
             p.publish(js::stream_purge(&naming::obj_stream(bucket)), why);
         }
         Store::Core(filter) => p.publish(filter, why),

@@ -1,0 +1,444 @@
+//! Taking a snapshot: each bucket is read through an ordered consumer
+//! (current value per key, in revision order), encoded and compressed a
+//! piece at a time and streamed into object store `snapshots`, so memory
+//! does not grow with the number of keys.
+//!
+//! The object is written with partial metadata first; the sha256, sizes
+//! and last sequences are only known at the end and are added with a
+//! metadata update. An object without `sha256` metadata is an incomplete
+//! snapshot (the archiver died half-way): never uploaded, pruned later.
+
+use super::format::{self, Encoder, Header, Record, Section, SectionKind, SectionSummary, Trailer};
+use super::{meta, name_stamp, ArchiveError, SnapshotMeta};
+use crate::naming::{self, Site};
+use async_nats::jetstream::{self, consumer, kv, object_store};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime};
+use tokio::io::AsyncWriteExt;
+
+/// Compressed bytes gathered before they are handed to the object store.
+const FLUSH_AT: usize = 128 << 10;
+/// Chunk size of snapshot objects in the object store.
+pub const CHUNK_SIZE: usize = 128 << 10;
+/// Longest wait for the next key of a bucket being read: a consumer
+/// that delivers nothing for this long has stalled.
+const IDLE: Duration = Duration::from_secs(10);
+
+/// What to snapshot.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub site: Site,
+    /// KV buckets, in the order they are written.
+    pub buckets: Vec<String>,
+    /// Window of EVENTS to include.
+    pub events: Option<Duration>,
+}
+
+impl Plan {
+    /// Names the snapshot holds (buckets, plus `events`).
+    pub fn names(&self) -> Vec<String> {
+        let mut n = self.buckets.clone();
+        if self.events.is_some() {
+            n.push("events".to_owned());
+        }
+        n
+    }
+}
+
+pub async fn snapshots_store(
+    js: &jetstream::Context,
+) -> Result<object_store::ObjectStore, ArchiveError> {
+    js.get_object_store(naming::SNAPSHOTS_OBJECT)
+        .await
+        .map_err(|e| ArchiveError::Missing {
+            what: format!("object store {}", naming::SNAPSHOTS_OBJECT),
+            source: e.into(),
+        })
+}
+
+/// Takes a snapshot now; returns its metadata once the object is complete.
+pub async fn take(js: &jetstream::Context, plan: &Plan) -> Result<SnapshotMeta, ArchiveError> {
+    let store = snapshots_store(js).await?;
+    let now = SystemTime::now();
+    let created = humantime::format_rfc3339_millis(now).to_string();
+    let names = plan.names();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let id = naming::snapshot_name(&plan.site, &name_refs, &name_stamp(&created));
+    let header = Header {
+        site: plan.site.to_string(),
+        created: created.clone(),
+        presenced_version: env!("CARGO_PKG_VERSION").to_owned(),
+        buckets: names.clone(),
+        events_since: plan
+            .events
+            .map(|w| humantime::format_rfc3339_millis(now - w).to_string()),
+    };
+    let partial = HashMap::from([
+        (meta::SITE.to_owned(), plan.site.to_string()),
+        (meta::BUCKETS.to_owned(), names.join(",")),
+        (meta::FORMAT_VERSION.to_owned(), format::VERSION.to_string()),
+        (
+            meta::PRESENCED_VERSION.to_owned(),
+            env!("CARGO_PKG_VERSION").to_owned(),
+        ),
+        (meta::CREATED.to_owned(), created.clone()),
+    ]);
+    let (writer, reader) = tokio::io::duplex(256 << 10);
+    let produce = produce(js, plan, header, writer, now);
+    let put_store = store.clone();
+    let put_meta = object_store::ObjectMetadata {
+        name: id.clone(),
+        description: Some(format!("presenced snapshot of {}", names.join(", "))),
+        chunk_size: Some(CHUNK_SIZE),
+        metadata: partial,
+        headers: None,
+    };
+    // The reader moves into the put, so a failed put closes the pipe and
+    // the producer stops instead of waiting on a full buffer.
+    let put = async move {
+        let mut reader = reader;
+        put_store.put(put_meta, &mut reader).await
+    };
+    let (produced, put) = tokio::join!(produce, put);
+    let produced = match produced {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = store.delete(&id).await;
+            return Err(e);
+        }
+    };
+    let info = put.map_err(|e| ArchiveError::nats(format!("writing snapshot {id}"), e))?;
+    if info.size as u64 != produced.size {
+        let _ = store.delete(&id).await;
+        return Err(ArchiveError::Verify {
+            id,
+            what: format!(
+                "object store holds {} bytes, {} were written",
+                info.size, produced.size
+            ),
+        });
+    }
+    let meta = SnapshotMeta {
+        id: id.clone(),
+        site: plan.site.to_string(),
+        buckets: names,
+        last_sequence: produced
+            .trailer
+            .sections
+            .iter()
+            .map(|s| (s.name.clone(), s.last_sequence))
+            .collect::<BTreeMap<_, _>>(),
+        sha256: produced.sha256,
+        size: produced.size,
+        format_version: format::VERSION,
+        presenced_version: env!("CARGO_PKG_VERSION").to_owned(),
+        created,
+        records: produced.trailer.sections.iter().map(|s| s.records).sum(),
+    };
+    store
+        .update_metadata(
+            &id,
+            object_store::UpdateMetadata {
+                name: id.clone(),
+                description: info.description.clone(),
+                metadata: meta.to_map(),
+                headers: None,
+            },
+        )
+        .await
+        .map_err(|e| ArchiveError::nats(format!("completing snapshot {id}"), e))?;
+    Ok(meta)
+}
+
+struct Produced {
+    sha256: String,
+    size: u64,
+    trailer: Trailer,
+}
+
+/// Hashes and hands over what the encoder compressed so far.
+struct Pipe {
+    writer: tokio::io::DuplexStream,
+    sha: Sha256,
+    size: u64,
+}
+
+impl Pipe {
+    async fn drain(
+        &mut self,
+        enc: &mut Encoder<Vec<u8>>,
+        at_least: usize,
+    ) -> Result<(), ArchiveError> {
+        if enc.sink().len() < at_least || enc.sink().is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(enc.sink(), Vec::with_capacity(FLUSH_AT * 2));
+        self.send(&chunk).await
+    }
+
+    async fn send(&mut self, chunk: &[u8]) -> Result<(), ArchiveError> {
+        self.sha.update(chunk);
+        self.size += chunk.len() as u64;
+        self.writer
+            .write_all(chunk)
+            .await
+            .map_err(|e| ArchiveError::nats("streaming the snapshot into the object store", e))
+    }
+}
+
+async fn produce(
+    js: &jetstream::Context,
+    plan: &Plan,
+    header: Header,
+    writer: tokio::io::DuplexStream,
+    now: SystemTime,
+) -> Result<Produced, ArchiveError> {
+    let id = header.created.clone();
+    let fmt_err = |source| ArchiveError::Format {
+        id: id.clone(),
+        source,
+    };
+    let mut enc = Encoder::new(Vec::with_capacity(FLUSH_AT * 2), &header).map_err(fmt_err)?;
+    let mut pipe = Pipe {
+        writer,
+        sha: Sha256::new(),
+        size: 0,
+    };
+    let mut trailer = Trailer::default();
+    for bucket in &plan.buckets {
+        let summary = write_bucket(js, bucket, &mut enc, &mut pipe).await?;
+        trailer.sections.push(summary);
+    }
+    if let Some(window) = plan.events {
+        let since = now.checked_sub(window).unwrap_or(SystemTime::UNIX_EPOCH);
+        let summary = write_events(js, &plan.site, since, &mut enc, &mut pipe).await?;
+        trailer.sections.push(summary);
+    }
+    let rest = enc.finish(&trailer).map_err(fmt_err)?;
+    pipe.send(&rest).await?;
+    pipe.writer
+        .shutdown()
+        .await
+        .map_err(|e| ArchiveError::nats("closing the snapshot stream", e))?;
+    Ok(Produced {
+        sha256: super::hex(&pipe.sha.finalize()),
+        size: pipe.size,
+        trailer,
+    })
+}
+
+async fn write_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    enc: &mut Encoder<Vec<u8>>,
+    pipe: &mut Pipe,
+) -> Result<SectionSummary, ArchiveError> {
+    let store = js
+        .get_key_value(bucket)
+        .await
+        .map_err(|e| ArchiveError::Missing {
+            what: format!("KV bucket {bucket}"),
+            source: e.into(),
+        })?;
+    let fmt_err = |source| ArchiveError::Format {
+        id: bucket.to_owned(),
+        source,
+    };
+    enc.section(&Section {
+        name: bucket.to_owned(),
+        kind: SectionKind::Kv,
+    })
+    .map_err(fmt_err)?;
+    let status = store
+        .status()
+        .await
+        .map_err(|e| ArchiveError::nats(format!("status of KV bucket {bucket}"), e))?;
+    let mut summary = SectionSummary {
+        name: bucket.to_owned(),
+        records: 0,
+        last_sequence: status.info.state.last_sequence,
+    };
+    if status.info.state.messages == 0 {
+        return Ok(summary);
+    }
+    let mut watch = store
+        .watch_with_history(">")
+        .await
+        .map_err(|e| ArchiveError::nats(format!("reading KV bucket {bucket}"), e))?;
+    let mut last = 0;
+    loop {
+        let entry = match tokio::time::timeout(IDLE, watch.next()).await {
+            Ok(Some(Ok(e))) => e,
+            Ok(Some(Err(e))) => {
+                return Err(ArchiveError::nats(format!("reading KV bucket {bucket}"), e))
+            }
+            Ok(None) => {
+                return Err(ArchiveError::nats(
+                    format!("reading KV bucket {bucket}"),
+                    "the watch ended early",
+                ))
+            }
+            Err(_) => {
+                return Err(ArchiveError::nats(
+                    format!("reading KV bucket {bucket}"),
+                    format!("no key for {IDLE:?} after revision {last}"),
+                ))
+            }
+        };
+        last = last.max(entry.revision);
+        if entry.operation == kv::Operation::Put {
+            enc.record(&Record {
+                key: entry.key,
+                revision: entry.revision,
+                created_ns: entry.created.unix_timestamp_nanos() as i64,
+                value: entry.value.to_vec(),
+            })
+            .map_err(fmt_err)?;
+            summary.records += 1;
+            pipe.drain(enc, FLUSH_AT).await?;
+        }
+        if entry.delta == 0 {
+            break;
+        }
+    }
+    summary.last_sequence = summary.last_sequence.max(last);
+    Ok(summary)
+}
+
+async fn write_events(
+    js: &jetstream::Context,
+    site: &Site,
+    since: SystemTime,
+    enc: &mut Encoder<Vec<u8>>,
+    pipe: &mut Pipe,
+) -> Result<SectionSummary, ArchiveError> {
+    let name = "events";
+    let fmt_err = |source| ArchiveError::Format {
+        id: name.to_owned(),
+        source,
+    };
+    enc.section(&Section {
+        name: name.to_owned(),
+        kind: SectionKind::Stream,
+    })
+    .map_err(fmt_err)?;
+    let stream = js
+        .get_stream(naming::EVENTS_STREAM)
+        .await
+        .map_err(|e| ArchiveError::Missing {
+            what: format!("stream {}", naming::EVENTS_STREAM),
+            source: e.into(),
+        })?;
+    let nanos = since
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i128;
+    let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let mut c = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: site.events_filter(),
+            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ArchiveError::nats("reading stream EVENTS", e))?;
+    let mut summary = SectionSummary {
+        name: name.to_owned(),
+        records: 0,
+        last_sequence: 0,
+    };
+    let pending = c
+        .info()
+        .await
+        .map_err(|e| ArchiveError::nats("reading stream EVENTS", e))?
+        .num_pending;
+    if pending == 0 {
+        return Ok(summary);
+    }
+    let mut messages = c
+        .messages()
+        .await
+        .map_err(|e| ArchiveError::nats("reading stream EVENTS", e))?;
+    loop {
+        let m = match tokio::time::timeout(IDLE, messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(ArchiveError::nats("reading stream EVENTS", e)),
+            Ok(None) | Err(_) => {
+                return Err(ArchiveError::nats(
+                    "reading stream EVENTS",
+                    "the consumer stopped delivering",
+                ))
+            }
+        };
+        let info = m
+            .info()
+            .map_err(|e| ArchiveError::nats("reading stream EVENTS", e))?;
+        let (seq, pending, published) = (
+            info.stream_sequence,
+            info.pending,
+            info.published.unix_timestamp_nanos() as i64,
+        );
+        enc.record(&Record {
+            key: m.subject.to_string(),
+            revision: seq,
+            created_ns: published,
+            value: m.payload.to_vec(),
+        })
+        .map_err(fmt_err)?;
+        summary.records += 1;
+        summary.last_sequence = seq;
+        pipe.drain(enc, FLUSH_AT).await?;
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(summary)
+}
+
+/// Complete snapshots in the object store, oldest first (names sort by
+/// time within a bucket set; the creation time decides across sets).
+pub async fn list_local(
+    store: &object_store::ObjectStore,
+) -> Result<Vec<LocalSnapshot>, ArchiveError> {
+    let mut list = store
+        .list()
+        .await
+        .map_err(|e| ArchiveError::nats("listing object store snapshots", e))?;
+    let mut out = Vec::new();
+    while let Some(info) = list.next().await {
+        let info = info.map_err(|e| ArchiveError::nats("listing object store snapshots", e))?;
+        let meta = SnapshotMeta::from_map(&info.name, info.size as u64, &info.metadata);
+        let created = info
+            .metadata
+            .get(meta::CREATED)
+            .and_then(|c| humantime::parse_rfc3339(c).ok())
+            .or_else(|| {
+                info.modified.map(|m| {
+                    SystemTime::UNIX_EPOCH
+                        + Duration::from_nanos(m.unix_timestamp_nanos().max(0) as u64)
+                })
+            })
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        out.push(LocalSnapshot {
+            name: info.name,
+            size: info.size as u64,
+            created,
+            meta,
+        });
+    }
+    out.sort_by(|a, b| a.created.cmp(&b.created).then(a.name.cmp(&b.name)));
+    Ok(out)
+}
+
+/// One object of `snapshots`.
+#[derive(Clone, Debug)]
+pub struct LocalSnapshot {
+    pub name: String,
+    pub size: u64,
+    pub created: SystemTime,
+    /// `None` for an incomplete snapshot.
+    pub meta: Option<SnapshotMeta>,
+}
