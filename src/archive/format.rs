@@ -8,7 +8,9 @@
 //! frame = kind u8 | length u32 BE | body (length bytes)
 //!   'H' header   JSON  {site, created, presenced_version, buckets, events_since}
 //!   'S' section  JSON  {name, kind: "kv" | "stream"}      starts a bucket
-//!   'R' record   binary: revision u64 | created_ns i64 | key_len u16 | key | value
+//!   'R' record   binary: revision u64 | created_ns i64 | op u8 | key_len u16 | key | value
+//!                op: 0 put, 1 delete, 2 purge (KV delete markers are kept, so a
+//!                restored bucket lists deleted keys as the original does)
 //!   'E' end      JSON  {sections: [{name, records, last_sequence}]}
 //! ```
 //!
@@ -58,10 +60,38 @@ pub struct Section {
     pub kind: SectionKind,
 }
 
+/// What a record did to its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Put,
+    Delete,
+    Purge,
+}
+
+impl Op {
+    fn byte(self) -> u8 {
+        match self {
+            Op::Put => 0,
+            Op::Delete => 1,
+            Op::Purge => 2,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Op> {
+        match b {
+            0 => Some(Op::Put),
+            1 => Some(Op::Delete),
+            2 => Some(Op::Purge),
+            _ => None,
+        }
+    }
+}
+
 /// One key (or stream message) with its revision and write time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
     pub key: String,
+    pub op: Op,
     pub revision: u64,
     /// When the server stored it, Unix nanoseconds.
     pub created_ns: i64,
@@ -164,6 +194,7 @@ impl<W: Write> Encoder<W> {
             &[
                 &r.revision.to_be_bytes(),
                 &r.created_ns.to_be_bytes(),
+                &[r.op.byte()],
                 &key_len.to_be_bytes(),
                 key,
                 &r.value,
@@ -316,23 +347,27 @@ impl Decoder {
     }
 
     fn parse_record(&self, body: &[u8]) -> Result<Record, FormatError> {
-        if body.len() < 18 {
+        const FIXED: usize = 19;
+        if body.len() < FIXED {
             return Err(self.corrupt("record frame shorter than its fixed fields"));
         }
         let revision = u64::from_be_bytes(body[0..8].try_into().unwrap_or([0; 8]));
         let created_ns = i64::from_be_bytes(body[8..16].try_into().unwrap_or([0; 8]));
-        let key_len = u16::from_be_bytes([body[16], body[17]]) as usize;
-        if body.len() < 18 + key_len {
+        let op = Op::from_byte(body[16])
+            .ok_or_else(|| self.corrupt(format!("unknown record operation {}", body[16])))?;
+        let key_len = u16::from_be_bytes([body[17], body[18]]) as usize;
+        if body.len() < FIXED + key_len {
             return Err(self.corrupt("record key runs past the frame"));
         }
-        let key = std::str::from_utf8(&body[18..18 + key_len])
+        let key = std::str::from_utf8(&body[FIXED..FIXED + key_len])
             .map_err(|_| self.corrupt("record key is not UTF-8"))?
             .to_owned();
         Ok(Record {
             key,
+            op,
             revision,
             created_ns,
-            value: body[18 + key_len..].to_vec(),
+            value: body[FIXED + key_len..].to_vec(),
         })
     }
 
@@ -407,6 +442,7 @@ mod tests {
         for i in 0..n {
             e.record(&Record {
                 key: format!("zone-{i}"),
+                op: if i % 10 == 9 { Op::Delete } else { Op::Put },
                 revision: i + 1,
                 created_ns: 1_700_000_000_000_000_000 + i as i64,
                 value: format!("{{\"v\":1,\"i\":{i}}}").into_bytes(),
@@ -434,10 +470,12 @@ mod tests {
                 assert_eq!(r.key, "zone-500");
                 assert_eq!(r.revision, 501);
                 assert_eq!(r.value, b"{\"v\":1,\"i\":500}");
+                assert_eq!(r.op, Op::Put);
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(items.last(), Some(Item::End(t)) if t.sections[0].records == 1000));
+        assert!(matches!(&items[11], Item::Record(r) if r.op == Op::Delete && r.key == "zone-9"));
     }
 
     #[test]
@@ -445,6 +483,7 @@ mod tests {
         let mut e = Encoder::new(Vec::new(), &header()).unwrap();
         e.record(&Record {
             key: "k".into(),
+            op: Op::Purge,
             revision: 7,
             created_ns: -5,
             value: vec![],
@@ -465,7 +504,9 @@ mod tests {
         }
         d.finish().unwrap();
         assert_eq!(items.len(), 3);
-        assert!(matches!(&items[1], Item::Record(r) if r.value.is_empty() && r.created_ns == -5));
+        assert!(
+            matches!(&items[1], Item::Record(r) if r.value.is_empty() && r.created_ns == -5 && r.op == Op::Purge)
+        );
     }
 
     #[test]

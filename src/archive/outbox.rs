@@ -2,7 +2,7 @@
 //! upload state. Pure transitions below; the I/O at the end.
 //!
 //! ```text
-//! pending ──begin──► uploading ──uploaded──► uploaded{etag, sha256}
+//! pending ──begin──► uploading ──uploaded──► uploaded{etag, remote_sha256}
 //!    ▲                   │  ▲                    │
 //!    │                   ▼  │ begin              │ remote found corrupt
 //!    └───────────── failed{last_error, attempts} ◄┘
@@ -29,7 +29,7 @@ pub enum State {
     Uploaded {
         etag: Option<String>,
         /// SHA-256 of the remote object, as verified after the upload.
-        sha256: String,
+        remote_sha256: String,
         /// RFC 3339.
         verified_at: String,
     },
@@ -129,7 +129,7 @@ impl Entry {
             State::Uploading => Ok(Entry {
                 state: State::Uploaded {
                     etag,
-                    sha256: remote_sha256.to_owned(),
+                    remote_sha256: remote_sha256.to_owned(),
                     verified_at: now.to_owned(),
                 },
                 uploads: self.uploads + u32::from(put),
@@ -305,6 +305,8 @@ mod tests {
         assert_eq!((e.state.name(), e.attempts), ("uploading", 1));
         let e = e.uploaded(Some("\"etag\"".into()), "aa", true, T).unwrap();
         assert!(e.is_done());
+        let j = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<Entry>(&j).unwrap(), e, "{j}");
         assert_eq!(e.uploads, 1);
         assert!(
             e.begin(T).is_err(),

@@ -12,7 +12,7 @@
 //! The EVENTS window of a snapshot is archive only and not replayed:
 //! transitions republished into a live leaf would be new transitions.
 
-use super::format::{Decoder, Item, SectionKind};
+use super::format::{Decoder, Item, Op, SectionKind};
 use super::s3::Remote;
 use super::verify::{compare, Digested};
 use super::{hex, ArchiveError, SnapshotMeta};
@@ -249,12 +249,23 @@ pub async fn restore(
                             r.key
                         )));
                     }
-                    let ack = js
-                        .publish(naming::kv_subject(bucket, &r.key), r.value.into())
-                        .await
-                        .map_err(|e| {
-                            ArchiveError::nats(format!("restoring {bucket}/{}", r.key), e)
-                        })?;
+                    let subject = naming::kv_subject(bucket, &r.key);
+                    let sent = match r.op {
+                        Op::Put => js.publish(subject, r.value.into()).await,
+                        Op::Delete | Op::Purge => {
+                            let mut h = async_nats::HeaderMap::new();
+                            if r.op == Op::Delete {
+                                h.insert("KV-Operation", "DEL");
+                            } else {
+                                h.insert("KV-Operation", "PURGE");
+                                h.insert("Nats-Rollup", "sub");
+                            }
+                            js.publish_with_headers(subject, h, r.value.into()).await
+                        }
+                    };
+                    let ack = sent.map_err(|e| {
+                        ArchiveError::nats(format!("restoring {bucket}/{}", r.key), e)
+                    })?;
                     acks.push(std::future::IntoFuture::into_future(ack));
                     *report.buckets.entry(bucket.clone()).or_default() += 1;
                     while acks.len() >= IN_FLIGHT {

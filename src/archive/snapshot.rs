@@ -8,7 +8,9 @@
 //! metadata update. An object without `sha256` metadata is an incomplete
 //! snapshot (the archiver died half-way): never uploaded, pruned later.
 
-use super::format::{self, Encoder, Header, Record, Section, SectionKind, SectionSummary, Trailer};
+use super::format::{
+    self, Encoder, Header, Op, Record, Section, SectionKind, SectionSummary, Trailer,
+};
 use super::{meta, name_stamp, ArchiveError, SnapshotMeta};
 use crate::naming::{self, Site};
 use async_nats::jetstream::{self, consumer, kv, object_store};
@@ -137,19 +139,39 @@ pub async fn take(js: &jetstream::Context, plan: &Plan) -> Result<SnapshotMeta, 
         created,
         records: produced.trailer.sections.iter().map(|s| s.records).sum(),
     };
-    store
-        .update_metadata(
-            &id,
-            object_store::UpdateMetadata {
-                name: id.clone(),
-                description: info.description.clone(),
-                metadata: meta.to_map(),
-                headers: None,
-            },
-        )
-        .await
-        .map_err(|e| ArchiveError::nats(format!("completing snapshot {id}"), e))?;
+    complete(js, &store, &id, meta.to_map()).await?;
     Ok(meta)
+}
+
+/// Rewrites the object's metadata entry with the full metadata.
+/// async-nats's `update_metadata` keeps only name and description, so the
+/// entry is published here the way the object store does it: the object
+/// info as JSON on `$O.<bucket>.M.<base64url(name)>`, rolling up the old
+/// entry.
+async fn complete(
+    js: &jetstream::Context,
+    store: &object_store::ObjectStore,
+    id: &str,
+    metadata: HashMap<String, String>,
+) -> Result<(), ArchiveError> {
+    use base64::Engine as _;
+    let err = |e: String| ArchiveError::nats(format!("completing snapshot {id}"), e);
+    let mut info = store.info(id).await.map_err(|e| err(e.to_string()))?;
+    info.metadata = metadata;
+    let body = serde_json::to_vec(&info).map_err(|e| err(e.to_string()))?;
+    let subject = format!(
+        "$O.{}.M.{}",
+        naming::SNAPSHOTS_OBJECT,
+        base64::engine::general_purpose::URL_SAFE.encode(id)
+    );
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Rollup", "sub");
+    js.publish_with_headers(subject, headers, body.into())
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    Ok(())
 }
 
 struct Produced {
@@ -288,17 +310,21 @@ async fn write_bucket(
             }
         };
         last = last.max(entry.revision);
-        if entry.operation == kv::Operation::Put {
-            enc.record(&Record {
-                key: entry.key,
-                revision: entry.revision,
-                created_ns: entry.created.unix_timestamp_nanos() as i64,
-                value: entry.value.to_vec(),
-            })
-            .map_err(fmt_err)?;
-            summary.records += 1;
-            pipe.drain(enc, FLUSH_AT).await?;
-        }
+        let op = match entry.operation {
+            kv::Operation::Put => Op::Put,
+            kv::Operation::Delete => Op::Delete,
+            kv::Operation::Purge => Op::Purge,
+        };
+        enc.record(&Record {
+            key: entry.key,
+            op,
+            revision: entry.revision,
+            created_ns: entry.created.unix_timestamp_nanos() as i64,
+            value: entry.value.to_vec(),
+        })
+        .map_err(fmt_err)?;
+        summary.records += 1;
+        pipe.drain(enc, FLUSH_AT).await?;
         if entry.delta == 0 {
             break;
         }
@@ -383,6 +409,7 @@ async fn write_events(
         );
         enc.record(&Record {
             key: m.subject.to_string(),
+            op: Op::Put,
             revision: seq,
             created_ns: published,
             value: m.payload.to_vec(),

@@ -10,6 +10,7 @@
 //! - [`daemon`]: the `presenced` binary under test.
 //! - [`wait`]: polling with deadlines instead of sleeps.
 //! - [`http`]: a tiny HTTP/1.0 client for health and monitoring endpoints.
+//! - [`seaweed`]: a SeaweedFS S3 gateway that signs requests, stoppable.
 //! - [`process`]: signals, graceful stop and log tails shared by the above.
 #![allow(dead_code, unused_imports)]
 
@@ -19,6 +20,7 @@ pub mod mosquitto;
 pub mod nats;
 pub mod process;
 pub mod pty;
+pub mod seaweed;
 pub mod wait;
 
 pub use daemon::{presenced_bin, Daemon};
@@ -28,6 +30,7 @@ pub use nats::{
     check_nats_version, nats_server_bin, parse_nats_version, NatsOptions, NatsServer,
     MIN_NATS_VERSION,
 };
+pub use seaweed::{weed_bin, Seaweed};
 pub use wait::{wait_until, wait_until_async};
 
 use std::net::TcpListener;
