@@ -177,6 +177,8 @@ enum Op {
     /// flow-control reply.
     WatchLarge,
     Keys,
+    /// Reading a bucket through an ordered pull consumer (snapshots).
+    KvPull,
     PutForeign,
     Publish,
     PublishForeign,
@@ -202,12 +204,14 @@ fn rows() -> Vec<(&'static str, Op)> {
     let mut rows = Vec::new();
     for k in ["presence", "debounce", "archive"] {
         for op in [
-            Put, Create, Update, Delete, Purge, Get, DirectGet, Watch, WatchLarge, Keys,
+            Put, Create, Update, Delete, Purge, Get, DirectGet, Watch, WatchLarge, Keys, KvPull,
         ] {
             rows.push((k, op));
         }
     }
-    for op in [Put, PutForeign, Get, DirectGet, Watch, WatchLarge, Keys] {
+    for op in [
+        Put, PutForeign, Get, DirectGet, Watch, WatchLarge, Keys, KvPull,
+    ] {
         rows.push(("owners", op));
     }
     for k in ["sensors", "rejected", "events"] {
@@ -258,7 +262,8 @@ fn expected(access: &Access, who: &str, keyspace: &str, op: Op) -> bool {
         (Keyspace::Commands, Serve) => owns,
         (
             _,
-            Get | DirectGet | Watch | WatchLarge | Keys | Read | ObjGet | ObjGetLarge | ObjList,
+            Get | DirectGet | Watch | WatchLarge | Keys | KvPull | Read | ObjGet | ObjGetLarge
+            | ObjList,
         ) => reads,
         _ => unreachable!("no row {keyspace}/{op:?}"),
     }
@@ -539,6 +544,20 @@ async fn run(
             c.attempt(async {
                 let store = js.get_key_value(bucket_of(keyspace)).await?;
                 first(store.keys().await?).await
+            })
+            .await
+        }
+        Op::KvPull => {
+            let stream_name = naming::kv_stream(bucket_of(keyspace));
+            c.attempt(async {
+                let s = js.get_stream(stream_name).await?;
+                let consumer = s
+                    .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                        deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                        ..Default::default()
+                    })
+                    .await?;
+                first(consumer.messages().await?).await
             })
             .await
         }

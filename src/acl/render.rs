@@ -112,13 +112,15 @@ fn read_stream(p: &mut Permissions, stream: &str, why: &str) {
 }
 
 /// Grants reading a KV bucket: bucket status, get (direct get of the
-/// key's last message) and watch/keys (ordered push consumers).
+/// key's last message), watch/keys (ordered push consumers) and ordered
+/// pull consumers (how snapshots read a bucket in bounded batches).
 fn read_kv(p: &mut Permissions, bucket: &str, why: &str) {
     let stream = naming::kv_stream(bucket);
     p.publish(js::stream_info(&stream), why);
     p.publish(js::direct_get_last(&stream), why);
     p.publish(js::consumer_create_ephemeral(&stream), why);
     p.publish(js::flow_control(&stream), why);
+    p.publish(js::consumer_next(&stream, "*"), why);
 }
 
 /// Grants reading an object store: info, metadata and chunks (direct get

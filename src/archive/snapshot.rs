@@ -1,4 +1,4 @@
-//! Taking a snapshot: each bucket is read through an ordered consumer
+//! Taking a snapshot: each bucket is read through an ordered pull consumer
 //! (current value per key, in revision order), encoded and compressed a
 //! piece at a time and streamed into object store `snapshots`, so memory
 //! does not grow with the number of keys.
@@ -13,7 +13,7 @@ use super::format::{
 };
 use super::{meta, name_stamp, ArchiveError, SnapshotMeta};
 use crate::naming::{self, Site};
-use async_nats::jetstream::{self, consumer, kv, object_store};
+use async_nats::jetstream::{self, consumer, object_store};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -251,135 +251,71 @@ async fn produce(
     })
 }
 
-async fn write_bucket(
-    js: &jetstream::Context,
-    bucket: &str,
-    enc: &mut Encoder<Vec<u8>>,
-    pipe: &mut Pipe,
-) -> Result<SectionSummary, ArchiveError> {
-    let store = js
-        .get_key_value(bucket)
-        .await
-        .map_err(|e| ArchiveError::Missing {
-            what: format!("KV bucket {bucket}"),
-            source: e.into(),
-        })?;
-    let fmt_err = |source| ArchiveError::Format {
-        id: bucket.to_owned(),
-        source,
-    };
-    enc.section(&Section {
-        name: bucket.to_owned(),
-        kind: SectionKind::Kv,
-    })
-    .map_err(fmt_err)?;
-    let status = store
-        .status()
-        .await
-        .map_err(|e| ArchiveError::nats(format!("status of KV bucket {bucket}"), e))?;
-    let mut summary = SectionSummary {
-        name: bucket.to_owned(),
-        records: 0,
-        last_sequence: status.info.state.last_sequence,
-    };
-    if status.info.state.messages == 0 {
-        return Ok(summary);
-    }
-    let mut watch = store
-        .watch_with_history(">")
-        .await
-        .map_err(|e| ArchiveError::nats(format!("reading KV bucket {bucket}"), e))?;
-    let mut last = 0;
-    loop {
-        let entry = match tokio::time::timeout(IDLE, watch.next()).await {
-            Ok(Some(Ok(e))) => e,
-            Ok(Some(Err(e))) => {
-                return Err(ArchiveError::nats(format!("reading KV bucket {bucket}"), e))
-            }
-            Ok(None) => {
-                return Err(ArchiveError::nats(
-                    format!("reading KV bucket {bucket}"),
-                    "the watch ended early",
-                ))
-            }
-            Err(_) => {
-                return Err(ArchiveError::nats(
-                    format!("reading KV bucket {bucket}"),
-                    format!("no key for {IDLE:?} after revision {last}"),
-                ))
-            }
-        };
-        last = last.max(entry.revision);
-        let op = match entry.operation {
-            kv::Operation::Put => Op::Put,
-            kv::Operation::Delete => Op::Delete,
-            kv::Operation::Purge => Op::Purge,
-        };
-        enc.record(&Record {
-            key: entry.key,
-            op,
-            revision: entry.revision,
-            created_ns: entry.created.unix_timestamp_nanos() as i64,
-            value: entry.value.to_vec(),
-        })
-        .map_err(fmt_err)?;
-        summary.records += 1;
-        pipe.drain(enc, FLUSH_AT).await?;
-        if entry.delta == 0 {
-            break;
-        }
-    }
-    summary.last_sequence = summary.last_sequence.max(last);
-    Ok(summary)
+/// Streams every message an ordered pull consumer on `stream` delivers
+/// (from `deliver`, filtered by `filter`) into the encoder. A pull
+/// consumer fetches in bounded batches, so the client never holds more
+/// than one batch however large the bucket: a push watch would let the
+/// server run ahead into the connection's buffers.
+struct Reading<'a> {
+    /// For messages: `KV bucket presence`, `stream EVENTS`.
+    what: &'a str,
+    stream_name: &'a str,
+    filter: String,
+    deliver: consumer::DeliverPolicy,
+    /// `$KV.<bucket>.` for a KV bucket (keys and operations are taken
+    /// from the subject and headers), `None` for a plain stream.
+    kv_prefix: Option<String>,
 }
 
-async fn write_events(
+async fn write_stream(
     js: &jetstream::Context,
-    site: &Site,
-    since: SystemTime,
+    r: Reading<'_>,
     enc: &mut Encoder<Vec<u8>>,
     pipe: &mut Pipe,
 ) -> Result<SectionSummary, ArchiveError> {
-    let name = "events";
+    let Reading {
+        what,
+        stream_name,
+        filter,
+        deliver,
+        kv_prefix,
+    } = r;
     let fmt_err = |source| ArchiveError::Format {
-        id: name.to_owned(),
+        id: what.to_owned(),
         source,
     };
-    enc.section(&Section {
-        name: name.to_owned(),
-        kind: SectionKind::Stream,
-    })
-    .map_err(fmt_err)?;
     let stream = js
-        .get_stream(naming::EVENTS_STREAM)
+        .get_stream(stream_name)
         .await
         .map_err(|e| ArchiveError::Missing {
-            what: format!("stream {}", naming::EVENTS_STREAM),
+            what: what.to_owned(),
             source: e.into(),
         })?;
-    let nanos = since
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as i128;
-    let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     let mut c = stream
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: site.events_filter(),
-            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
+            filter_subject: filter,
+            deliver_policy: deliver,
             ..Default::default()
         })
         .await
-        .map_err(|e| ArchiveError::nats("reading stream EVENTS", e))?;
+        .map_err(|e| ArchiveError::nats(format!("reading {what}"), e))?;
+    let name = kv_prefix
+        .as_deref()
+        .map(|p| {
+            p.trim_start_matches("$KV.")
+                .trim_end_matches('.')
+                .to_owned()
+        })
+        .unwrap_or_else(|| "events".to_owned());
     let mut summary = SectionSummary {
-        name: name.to_owned(),
+        name,
         records: 0,
         last_sequence: 0,
     };
     let pending = c
         .info()
         .await
-        .map_err(|e| ArchiveError::nats("reading stream EVENTS", e))?
+        .map_err(|e| ArchiveError::nats(format!("reading {what}"), e))?
         .num_pending;
     if pending == 0 {
         return Ok(summary);
@@ -387,29 +323,53 @@ async fn write_events(
     let mut messages = c
         .messages()
         .await
-        .map_err(|e| ArchiveError::nats("reading stream EVENTS", e))?;
+        .map_err(|e| ArchiveError::nats(format!("reading {what}"), e))?;
     loop {
         let m = match tokio::time::timeout(IDLE, messages.next()).await {
             Ok(Some(Ok(m))) => m,
-            Ok(Some(Err(e))) => return Err(ArchiveError::nats("reading stream EVENTS", e)),
+            Ok(Some(Err(e))) => return Err(ArchiveError::nats(format!("reading {what}"), e)),
             Ok(None) | Err(_) => {
                 return Err(ArchiveError::nats(
-                    "reading stream EVENTS",
-                    "the consumer stopped delivering",
+                    format!("reading {what}"),
+                    format!(
+                        "the consumer stopped delivering after sequence {}",
+                        summary.last_sequence
+                    ),
                 ))
             }
         };
         let info = m
             .info()
-            .map_err(|e| ArchiveError::nats("reading stream EVENTS", e))?;
+            .map_err(|e| ArchiveError::nats(format!("reading {what}"), e))?;
         let (seq, pending, published) = (
             info.stream_sequence,
             info.pending,
             info.published.unix_timestamp_nanos() as i64,
         );
+        let (key, op) = match &kv_prefix {
+            Some(prefix) => {
+                let key = m
+                    .subject
+                    .strip_prefix(prefix.as_str())
+                    .unwrap_or(m.subject.as_str())
+                    .to_owned();
+                let op = match m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("KV-Operation"))
+                    .map(|v| v.as_str())
+                {
+                    Some("DEL") => Op::Delete,
+                    Some("PURGE") => Op::Purge,
+                    _ => Op::Put,
+                };
+                (key, op)
+            }
+            None => (m.subject.to_string(), Op::Put),
+        };
         enc.record(&Record {
-            key: m.subject.to_string(),
-            op: Op::Put,
+            key,
+            op,
             revision: seq,
             created_ns: published,
             value: m.payload.to_vec(),
@@ -423,6 +383,64 @@ async fn write_events(
         }
     }
     Ok(summary)
+}
+
+async fn write_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    enc: &mut Encoder<Vec<u8>>,
+    pipe: &mut Pipe,
+) -> Result<SectionSummary, ArchiveError> {
+    enc.section(&Section {
+        name: bucket.to_owned(),
+        kind: SectionKind::Kv,
+    })
+    .map_err(|source| ArchiveError::Format {
+        id: bucket.to_owned(),
+        source,
+    })?;
+    let what = format!("KV bucket {bucket}");
+    let stream_name = naming::kv_stream(bucket);
+    let r = Reading {
+        what: &what,
+        stream_name: &stream_name,
+        filter: naming::kv_filter(bucket),
+        deliver: consumer::DeliverPolicy::LastPerSubject,
+        kv_prefix: Some(format!("$KV.{bucket}.")),
+    };
+    write_stream(js, r, enc, pipe).await
+}
+
+async fn write_events(
+    js: &jetstream::Context,
+    site: &Site,
+    since: SystemTime,
+    enc: &mut Encoder<Vec<u8>>,
+    pipe: &mut Pipe,
+) -> Result<SectionSummary, ArchiveError> {
+    enc.section(&Section {
+        name: "events".to_owned(),
+        kind: SectionKind::Stream,
+    })
+    .map_err(|source| ArchiveError::Format {
+        id: "events".to_owned(),
+        source,
+    })?;
+    let nanos = since
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i128;
+    let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let what = format!("stream {}", naming::EVENTS_STREAM);
+    let r = Reading {
+        what: &what,
+        stream_name: naming::EVENTS_STREAM,
+        filter: site.events_filter(),
+        deliver: consumer::DeliverPolicy::ByStartTime { start_time },
+        kv_prefix: None,
+    };
+    write_stream(js, r, enc, pipe).await
 }
 
 /// Complete snapshots in the object store, oldest first (names sort by
