@@ -635,15 +635,21 @@ async fn retention_keeps_exactly_what_the_settings_say() {
     assert_eq!(all.len(), 6);
     let remote_want: Vec<String> = all[4..].to_vec();
     let local_want: Vec<String> = all[3..].to_vec();
-    wait_until_async("retention applied locally and remotely", LONG, || {
-        let (js, s3, rw, lw) = (js.clone(), &s3, &remote_want, &local_want);
-        async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let outbox_ok = outbox(&js).await.iter().all(Entry::is_done);
-            outbox_ok && &remote_keys(s3, SITE).await == rw && &local_ids(&js).await == lw
+    let start = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let entries = outbox(&js).await;
+        let remote = remote_keys(&s3, SITE).await;
+        let local = local_ids(&js).await;
+        if entries.iter().all(Entry::is_done) && remote == remote_want && local == local_want {
+            break;
         }
-    })
-    .await;
+        assert!(
+            start.elapsed() < LONG,
+            "retention not applied: remote {remote:?} (want {remote_want:?}), local {local:?} (want {local_want:?}), outbox {entries:#?}\n{}",
+            daemon.log_tail()
+        );
+    }
     let entries: Vec<String> = outbox(&js).await.into_iter().map(|e| e.snapshot).collect();
     assert_eq!(
         entries, remote_want,

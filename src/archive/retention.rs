@@ -3,8 +3,9 @@
 //! Rules: `Keep::Count(n)` keeps the newest n, `Keep::Age(d)` keeps those
 //! younger than d; the newest snapshot is always kept, so a long pause in
 //! snapshots never empties the archive. A protected snapshot (locally: one
-//! not yet uploaded while S3 is configured) is never pruned and does not
-//! count towards n. Incomplete local objects (the archiver died while
+//! whose outbox entry is not yet `uploaded`) is never pruned and does not
+//! count towards n. Remote snapshots are ordered by the time in their
+//! name. Incomplete local objects (the archiver died while
 //! writing them) are removed once they are older than
 //! [`INCOMPLETE_GRACE`].
 
@@ -53,13 +54,12 @@ pub fn expired(candidates: &[Candidate], keep: Keep, now: SystemTime) -> Vec<Str
     out
 }
 
-/// Prunes the object store; returns the ids removed. `uploaded` holds the
-/// ids whose remote copy is verified; `s3` whether uploads happen at all.
+/// Prunes the object store; returns the ids removed. `unsent` holds the
+/// ids whose outbox entry is not yet `uploaded`.
 pub async fn prune_local(
     store: &ObjectStore,
     local: &[LocalSnapshot],
-    uploaded: &BTreeSet<String>,
-    s3: bool,
+    unsent: &BTreeSet<String>,
     keep: Keep,
     now: SystemTime,
 ) -> Result<Vec<String>, ArchiveError> {
@@ -75,7 +75,7 @@ pub async fn prune_local(
             Some(_) => complete.push(Candidate {
                 id: s.name.clone(),
                 created: s.created,
-                protected: s3 && !uploaded.contains(&s.name),
+                protected: unsent.contains(&s.name),
             }),
         }
     }
@@ -103,9 +103,10 @@ pub async fn prune_remote(
         .iter()
         .filter_map(|m| {
             let id = remote.id_of(&m.location)?;
+            let created = stamp_time(&id).unwrap_or_else(|| m.last_modified.into());
             Some(Candidate {
                 id,
-                created: m.last_modified.into(),
+                created,
                 protected: false,
             })
         })
@@ -116,6 +117,25 @@ pub async fn prune_remote(
         outbox.remove(id).await?;
     }
     Ok(doomed)
+}
+
+/// The time in a snapshot name (`.../20261130T015800.123Z`).
+pub fn stamp_time(id: &str) -> Option<SystemTime> {
+    let stamp = id.rsplit('/').next()?;
+    let b = stamp.as_bytes();
+    if b.len() < 16 || b[8] != b'T' {
+        return None;
+    }
+    let rfc = format!(
+        "{}-{}-{}T{}:{}:{}",
+        stamp.get(0..4)?,
+        stamp.get(4..6)?,
+        stamp.get(6..8)?,
+        stamp.get(9..11)?,
+        stamp.get(11..13)?,
+        stamp.get(13..)?
+    );
+    humantime::parse_rfc3339(&rfc).ok()
 }
 
 #[cfg(test)]
@@ -132,6 +152,15 @@ mod tests {
             created: at(secs),
             protected,
         }
+    }
+
+    #[test]
+    fn stamps_parse() {
+        assert_eq!(
+            stamp_time("home/presence/20261130T015800.123Z"),
+            humantime::parse_rfc3339("2026-11-30T01:58:00.123Z").ok()
+        );
+        assert_eq!(stamp_time("home/presence/garbage"), None);
     }
 
     #[test]

@@ -398,11 +398,11 @@ impl Archiver {
                 return;
             }
         };
-        let uploaded: BTreeSet<String> = if self.remote.is_some() {
+        let unsent: BTreeSet<String> = if self.remote.is_some() {
             match self.outbox.all().await {
                 Ok((entries, _)) => entries
                     .into_iter()
-                    .filter(|(e, _)| e.is_done())
+                    .filter(|(e, _)| !e.is_done())
                     .map(|(e, _)| e.snapshot)
                     .collect(),
                 Err(e) => {
@@ -413,16 +413,7 @@ impl Archiver {
         } else {
             BTreeSet::new()
         };
-        match retention::prune_local(
-            &self.store,
-            &local,
-            &uploaded,
-            self.remote.is_some(),
-            self.cfg.keep_local,
-            now,
-        )
-        .await
-        {
+        match retention::prune_local(&self.store, &local, &unsent, self.cfg.keep_local, now).await {
             Ok(gone) => {
                 for id in &gone {
                     tracing::info!(snapshot = %id, "archive: pruned from the object store");
