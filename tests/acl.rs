@@ -554,6 +554,7 @@ async fn run(
                 let consumer = s
                     .create_consumer(jetstream::consumer::pull::OrderedConfig {
                         deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                        filter_subject: naming::kv_filter(bucket_of(keyspace)),
                         ..Default::default()
                     })
                     .await?;
