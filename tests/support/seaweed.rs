@@ -25,6 +25,26 @@ pub fn weed_bin() -> PathBuf {
     );
 }
 
+/// SeaweedFS 4 opens Iceberg and Lance catalog ports next to S3 unless
+/// told not to; older releases do not know these flags and refuse them.
+fn newer_s3_flags() -> Vec<&'static str> {
+    static HELP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let help = HELP.get_or_init(|| {
+        Command::new(weed_bin())
+            .args(["server", "-h"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            })
+            .unwrap_or_default()
+    });
+    ["-s3.port.iceberg=0", "-s3.port.lance=0"]
+        .into_iter()
+        .filter(|f| help.contains(f.trim_end_matches("=0")))
+        .collect()
+}
+
 pub struct Seaweed {
     child: Option<Child>,
     dir: tempfile::TempDir,
@@ -99,7 +119,7 @@ impl Seaweed {
             .arg("-s3")
             .arg(format!("-s3.port={}", self.s3_port))
             .arg(format!("-s3.port.grpc={s3_grpc}"))
-            .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .args(newer_s3_flags())
             .arg(format!("-s3.localSocket={}", d.join("s3.sock").display()))
             .arg(format!("-s3.config={}", d.join("s3.json").display()))
             .current_dir(d)
