@@ -104,6 +104,34 @@ async fn main() {
         KEYS as f64 / fill_time.as_secs_f64()
     );
 
+    // Raw read: the bucket through an ordered pull consumer, nothing else.
+    let raw_read = {
+        use async_nats::jetstream::consumer;
+        let t = Instant::now();
+        let stream = js
+            .get_stream(naming::kv_stream(naming::PRESENCE_BUCKET))
+            .await
+            .expect("stream");
+        let c = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: naming::kv_filter(naming::PRESENCE_BUCKET),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .expect("consumer");
+        let mut m = c.messages().await.expect("messages");
+        let mut n = 0;
+        while let Some(msg) = m.next().await {
+            n += 1;
+            if msg.expect("msg").info().expect("info").pending == 0 {
+                break;
+            }
+        }
+        assert_eq!(n, KEYS);
+        KEYS as f64 / t.elapsed().as_secs_f64()
+    };
+
     let plan = Plan {
         site: site.clone(),
         buckets: vec![naming::PRESENCE_BUCKET.into()],
@@ -134,13 +162,14 @@ async fn main() {
     };
     let raw_put = raw_object_put(&js, &data).await;
     println!(
-        "snapshot: {KEYS} keys in {:.2}s = {:.0} keys/s, {:.1} MB/s of values, {:.1} MB/s written ({:.2} MB gzip, ratio {:.1}) | raw object-store put of the same bytes: {:.1} MB/s",
+        "snapshot: {KEYS} keys in {:.2}s = {:.0} keys/s, {:.1} MB/s of values, {:.1} MB/s written ({:.2} MB gzip, ratio {:.1}) | raw ordered read of the bucket: {:.0} keys/s, raw object-store put of the same bytes: {:.1} MB/s",
         snap_time.as_secs_f64(),
         KEYS as f64 / snap_time.as_secs_f64(),
         mb(value_bytes, snap_time),
         mb(meta.size, snap_time),
         meta.size as f64 / 1e6,
         value_bytes as f64 / meta.size as f64,
+        raw_read,
         raw_put
     );
 
