@@ -1098,6 +1098,71 @@ p_false = 0.1
     }
 
     #[test]
+    fn archive_section_is_checked_field_by_field() {
+        let good = base(
+            r#"
+[archive]
+every = "1h"
+keep_local = 24
+keep_remote = "180days"
+[archive.s3]
+endpoint = "https://s3.eu-central-2.wasabisys.com"
+region = "eu-central-2"
+bucket = "b"
+access_key_file = "$CREDENTIALS_DIRECTORY/s3-access-key"
+secret_key_file = "$CREDENTIALS_DIRECTORY/s3-secret-key"
+"#,
+        );
+        assert_eq!(paths(&good), Vec::<String>::new());
+        let c = parse(&good);
+        let a = c.archive.unwrap();
+        assert_eq!(a.keep_local, Keep::Count(24));
+        assert_eq!(a.keep_remote, Keep::Age(Duration::from_secs(180 * 86_400)));
+        assert!(!a.delete_remote, "remote deletion is off by default");
+        assert!(!a.s3.unwrap().path_style);
+        let bad = base(
+            r#"
+[archive]
+every = "0s"
+buckets = ["presence", "sensors", "presence"]
+keep_local = 0
+retry_initial = "10s"
+retry_max = "1s"
+[archive.s3]
+endpoint = "s3.wasabisys.com"
+region = ""
+bucket = "b"
+prefix = "/x"
+part_size = 1024
+access_key_file = ""
+secret_key_file = "k"
+"#,
+        );
+        assert_eq!(
+            paths(&bad),
+            vec![
+                "archive.every",
+                "archive.buckets[1]",
+                "archive.buckets[2]",
+                "archive.keep_local",
+                "archive.retry_max",
+                "archive.s3.endpoint",
+                "archive.s3.region",
+                "archive.s3.prefix",
+                "archive.s3.part_size",
+                "archive.s3.access_key_file",
+            ]
+        );
+        let e = Config::from_toml(
+            &base("[archive]\nevery = \"1h\"\nkeep_local = \"soon\"\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("neither a count"), "{e}");
+    }
+
+    #[test]
     fn site_must_be_a_site_id() {
         for bad in ["", "Home", "a_b", "a.b", &"a".repeat(33)] {
             let text = base("").replace("site = \"home\"", &format!("site = {bad:?}"));
