@@ -128,10 +128,12 @@ async fn zones_appear_in_home_assistant_and_follow_presence() {
     let c: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(c["state_topic"], "presenced/test/lab/state");
     assert_eq!(c["unit_of_measurement"], "%");
-    assert_eq!(
-        last(&seen, "presenced/test/availability"),
-        Some(("online".into(), true))
-    );
+    // Online once the engine's lease is held (it may say offline for the
+    // moment between the MQTT connection and the first lease write).
+    eventually("availability online", Duration::from_secs(10), || async {
+        last(&seen, "presenced/test/availability") == Some(("online".into(), true))
+    })
+    .await;
 
     // State follows KV presence.
     let mut p = Publisher::connect(mqtt.port, "ha-test-pub").await;
