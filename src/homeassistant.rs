@@ -190,10 +190,12 @@ pub async fn run(
         eventloop,
         client.clone(),
         topics.clone(),
-        configs,
-        states.clone(),
+        Retained {
+            configs,
+            states: states.clone(),
+            lease_held: lease_held.clone(),
+        },
         broker,
-        lease_held.clone(),
         done_rx.clone(),
     ));
     let availability = tokio::spawn(follow_lease(
@@ -336,18 +338,31 @@ async fn follow(
     }
 }
 
+/// What is (re)published on every connection.
+struct Retained {
+    /// Discovery configs (topic, JSON).
+    configs: Vec<(String, String)>,
+    /// The last state of each zone.
+    states: States,
+    /// Availability follows it.
+    lease_held: watch::Receiver<bool>,
+}
+
 /// Drives the MQTT connection: (re)publishes availability and discovery on
 /// each ConnAck, reconnects after errors, and ends on disconnect or `done`.
 async fn pump(
     mut eventloop: EventLoop,
     client: AsyncClient,
     topics: Topics,
-    configs: Vec<(String, String)>,
-    states: States,
+    retained: Retained,
     broker: String,
-    lease_held: watch::Receiver<bool>,
     mut done: watch::Receiver<bool>,
 ) {
+    let Retained {
+        configs,
+        states,
+        lease_held,
+    } = retained;
     let mut outage_logged = false;
     loop {
         match eventloop.poll().await {

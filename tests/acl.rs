@@ -4,7 +4,7 @@
 
 mod support;
 
-use async_nats::jetstream::{self, kv, object_store, stream};
+use async_nats::jetstream::{self, object_store, stream};
 use futures::StreamExt;
 use presenced::acl::access::{Access, Component, Keyspace};
 use presenced::acl::violation::{self, Violation};

@@ -268,6 +268,15 @@ async fn next_owner(owners: &mut Option<Follower>) -> Followed {
     }
 }
 
+fn print(out: &mut std::io::Stdout, view: &View, json: bool) -> std::io::Result<()> {
+    if json {
+        writeln!(out, "{}", view.json())?;
+    } else {
+        writeln!(out, "{}", view.row())?;
+    }
+    out.flush()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,13 +292,4 @@ mod tests {
         assert!(check_pattern(">.a").is_err());
         assert!(check_pattern("a b").is_err());
     }
-}
-
-fn print(out: &mut std::io::Stdout, view: &View, json: bool) -> std::io::Result<()> {
-    if json {
-        writeln!(out, "{}", view.json())?;
-    } else {
-        writeln!(out, "{}", view.row())?;
-    }
-    out.flush()
 }
