@@ -163,6 +163,13 @@ impl Follower {
         }
     }
 
+    /// Creates the first consumer: a failure here (bucket missing,
+    /// permission denied, server away) is the caller's to report, not
+    /// retried.
+    pub async fn start(&mut self) -> Result<(), String> {
+        self.create().await
+    }
+
     /// The last stream sequence handed out.
     pub fn last_seen(&self) -> Option<u64> {
         self.last_seen

@@ -75,6 +75,13 @@ async fn leases_now(client: &async_nats::Client, s: &Streams) -> (Option<Followe
         }
     };
     let mut f = Follower::new(client.clone(), s.js.clone(), bucket, ">", true);
+    if let Err(e) = f.start().await {
+        eprintln!(
+            "presenced: cannot read {} ({e}): stale flags are unknown; the identity needs `reads = [\"owners\"]` in the ownership map",
+            s.owners_name
+        );
+        return (None, leases);
+    }
     loop {
         match f.next().await {
             Followed::Entry(e) => apply_lease(&mut leases, &e),
@@ -167,6 +174,10 @@ pub async fn watch(
     let mut staging: Option<Leases> = None;
     let mut stale = stale_of(&leases, known);
     let mut presence = Follower::new(client.clone(), s.js.clone(), bucket, pattern, false);
+    presence
+        .start()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", s.presence_name))?;
     let mut keys: BTreeMap<String, Entry> = BTreeMap::new();
     let mut in_snapshot = true;
     let mut out = std::io::stdout();
