@@ -168,3 +168,51 @@ async fn stale_at_once_on_graceful_stop_within_ttl_on_sigkill_and_cleared_by_res
         "restart clears stale"
     );
 }
+
+/// The server side of the design: a lease put with `Nats-TTL` into the
+/// provisioned bucket disappears with a delete marker a watcher sees,
+/// within TTL + 1 s of the put (the server's expiry tick).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_lease_gets_a_delete_marker_within_ttl_plus_one_second() {
+    use futures::StreamExt;
+    let nats = NatsServer::start(NatsOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("presenced.toml");
+    std::fs::write(
+        &path,
+        daemon_config("test", &nats.url(), 1, 0, &motion_mapping(false), ""),
+    )
+    .unwrap();
+    provision(&path);
+    let js = jetstream(&nats.url()).await;
+    let owners = js.get_key_value("owners").await.unwrap();
+    let mut watch = owners.watch("probe").await.unwrap();
+    for round in 0..3 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-TTL", "3s");
+        js.publish_with_headers("$KV.owners.probe", headers, "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let put = Instant::now();
+        let e = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.operation, async_nats::jetstream::kv::Operation::Put);
+        let marker = tokio::time::timeout(TTL + Duration::from_secs(5), watch.next())
+            .await
+            .expect("a delete marker after the TTL")
+            .unwrap()
+            .unwrap();
+        let took = put.elapsed();
+        eprintln!("round {round}: lease with TTL {TTL:?} removed after {took:?}");
+        assert_ne!(marker.operation, async_nats::jetstream::kv::Operation::Put);
+        assert!(
+            took >= TTL - Duration::from_millis(100) && took <= TTL + Duration::from_secs(1),
+            "removed {took:?} after the put"
+        );
+    }
+}

@@ -321,6 +321,7 @@ async fn sigkilled_leaf_under_a_daemon_and_a_watch_no_gap_no_duplicate() {
     p.flush(Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     nats.start_again();
+    let back = std::time::Instant::now();
     let js = jetstream(&nats.url()).await;
     for _ in 0..12 {
         let (t, m) = toggle(i);
@@ -353,6 +354,18 @@ async fn sigkilled_leaf_under_a_daemon_and_a_watch_no_gap_no_duplicate() {
             v["revision"].as_u64() == Some(last) && v["event"] == "change"
         })
         .await;
+
+    let (first_after, _) = watch
+        .wait_json(
+            "a revision written after the restart",
+            Duration::from_secs(1),
+            |v| v["event"] == "change" && v["revision"].as_u64().unwrap() > before_kill,
+        )
+        .await;
+    eprintln!(
+        "leaf back; the watch printed its first new revision {:?} later",
+        first_after - back
+    );
 
     // Compared with the KV history: every stored revision after the
     // snapshot appears once, in order, with its key and value.
