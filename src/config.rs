@@ -925,6 +925,31 @@ stale_after = "1m"
     }
 
     #[test]
+    fn lease_ttl_is_whole_seconds_of_at_least_three() {
+        let check = |ttl: &str| {
+            let text = format!("site = \"s\"\n[lease]\nttl = \"{ttl}\"\n");
+            Config::from_toml(&text, Path::new("x.toml"))
+                .unwrap()
+                .validate()
+                .into_iter()
+                .map(|p| format!("{}: {}", p.path, p.reason))
+                .collect::<Vec<_>>()
+        };
+        assert!(check("3s").is_empty());
+        assert!(check("1m").is_empty());
+        for bad in ["2s", "3500ms", "0s"] {
+            let problems = check(bad);
+            assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
+            assert!(
+                problems[0].starts_with("lease.ttl: ") && problems[0].contains("whole seconds"),
+                "{problems:?}"
+            );
+        }
+        let default: Config = Config::from_toml("site = \"s\"\n", Path::new("x.toml")).unwrap();
+        assert_eq!(default.lease.ttl, Duration::from_secs(10));
+    }
+
+    #[test]
     fn load_reports_missing_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("absent.toml");
