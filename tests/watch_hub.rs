@@ -90,8 +90,22 @@ async fn hub_watch_reads_the_mirror_with_stale_flags_and_survives_a_hub_restart(
         "v": 1, "service": "core", "components": ["engine"], "host": "t", "pid": 1,
         "started": now, "renewed": now, "expires": now.plus(Duration::from_secs(600)),
     });
-    let owners = leaf_js.get_key_value("owners").await.unwrap();
-    owners.put("core", lease.to_string().into()).await.unwrap();
+    // As the daemon writes it: with a per-message TTL.
+    let put_lease = |ttl: &'static str| {
+        let leaf_js = leaf_js.clone();
+        let lease = lease.to_string();
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-TTL", ttl);
+            leaf_js
+                .publish_with_headers("$KV.owners.core", headers, lease.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    put_lease("600s").await;
     let hub_owners = hub_js.get_key_value("owners-test").await.unwrap();
     eventually(
         "the mirror has the lease",
@@ -111,6 +125,44 @@ async fn hub_watch_reads_the_mirror_with_stale_flags_and_survives_a_hub_restart(
             v["event"] == "snapshot_end"
         })
         .await;
+
+    // The lease's fate on the leaf reaches the hub copy: deleted (a
+    // graceful stop), renewed, and lapsed (its TTL's delete marker is
+    // mirrored too).
+    let owners = leaf_js.get_key_value("owners").await.unwrap();
+    let n = watch.json().len();
+    owners.delete("core").await.unwrap();
+    watch
+        .wait_json_from(
+            n,
+            "stale on the hub after a release",
+            Duration::from_secs(10),
+            |v| v["event"] == "owner" && v["stale"] == true,
+        )
+        .await;
+    let n = watch.json().len();
+    put_lease("3s").await;
+    watch
+        .wait_json_from(n, "fresh on the hub", Duration::from_secs(10), |v| {
+            v["event"] == "owner" && v["stale"] == false
+        })
+        .await;
+    let n = watch.json().len();
+    let put = std::time::Instant::now();
+    let (at, _) = watch
+        .wait_json_from(
+            n,
+            "stale on the hub after the TTL",
+            Duration::from_secs(15),
+            |v| v["event"] == "owner" && v["stale"] == true,
+        )
+        .await;
+    eprintln!(
+        "lease with TTL 3s seen lapsed through the hub mirror {:?} after the put",
+        at - put
+    );
+    assert!(at - put <= Duration::from_secs(4), "{:?}", at - put);
+    put_lease("600s").await;
 
     // The hub goes away (the link is cut) while the leaf takes writes; it
     // comes back and the watch resumes without a gap or a duplicate.
