@@ -439,3 +439,49 @@ async fn sigkilled_leaf_under_a_daemon_and_a_watch_no_gap_no_duplicate() {
         watch.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_bucket_gives_a_reset_and_a_new_snapshot() {
+    let (mut nats, path, _dir) = leaf();
+    let js = jetstream(&nats.url()).await;
+    let kv = js.get_key_value("presence").await.unwrap();
+    for z in ["a", "b", "c"] {
+        kv.put(z, zone_state(z, Presence::Occupied)).await.unwrap();
+    }
+    let watch = Watch::start(&path, &["--json"]);
+    watch
+        .wait_json("the end of the snapshot", Duration::from_secs(10), |v| {
+            v["event"] == "snapshot_end"
+        })
+        .await;
+    let n = watch.json().len();
+
+    // The leaf's store is lost and provisioned again: revisions restart.
+    nats.kill();
+    std::fs::remove_dir_all(&nats.store_dir).unwrap();
+    nats.start_again();
+    provision(&path);
+    let js = jetstream(&nats.url()).await;
+    let kv = js.get_key_value("presence").await.unwrap();
+    let rev = kv
+        .put("z", zone_state("z", Presence::Vacant))
+        .await
+        .unwrap();
+    assert_eq!(rev, 1);
+    watch
+        .wait_json_from(
+            n,
+            "the second snapshot's end",
+            Duration::from_secs(20),
+            |v| v["event"] == "snapshot_end",
+        )
+        .await;
+    let after: Vec<_> = watch.json().into_iter().skip(n).map(|(_, v)| v).collect();
+    assert_eq!(after[0]["event"], "reset", "{after:?}");
+    assert_eq!(after[1]["event"], "snapshot");
+    assert_eq!(after[1]["key"], "z");
+    assert_eq!(after[1]["revision"], 1);
+    assert_eq!(after[2]["event"], "snapshot_end");
+    assert_eq!(after[2]["keys"], 1);
+    assert_eq!(after.len(), 3, "{after:?}");
+}

@@ -133,6 +133,9 @@ pub struct Follower {
     in_snapshot: bool,
     /// Events decided at (re)creation, handed out before new messages.
     queued: std::collections::VecDeque<Event>,
+    /// The bucket was found recreated; the next consumer starts with a
+    /// snapshot (kept until a creation succeeds).
+    recreated: bool,
     /// An outage was logged and not yet its end.
     outage: bool,
     retry: Duration,
@@ -158,6 +161,7 @@ impl Follower {
             sub: None,
             in_snapshot: false,
             queued: Default::default(),
+            recreated: false,
             outage: false,
             retry: RETRY_MIN,
         }
@@ -179,7 +183,25 @@ impl Follower {
     /// retry with backoff.
     async fn create(&mut self) -> Result<(), String> {
         self.sub = None;
-        let snapshot = self.last_seen.is_none() || self.resnapshot;
+        let mut snapshot = self.last_seen.is_none() || self.resnapshot || self.recreated;
+        if let (false, Some(seen)) = (snapshot, self.last_seen) {
+            // A bucket whose stream ends before what was already seen was
+            // recreated (store lost, provisioned again): resuming would
+            // wait for sequences that now mean something else.
+            let last = self
+                .js
+                .get_stream(self.bucket.stream.as_str())
+                .await
+                .map_err(|e| format!("cannot read stream {}: {e}", self.bucket.stream))?
+                .cached_info()
+                .state
+                .last_sequence;
+            if last < seen {
+                tracing::warn!(stream = %self.bucket.stream, last, seen, "the bucket ends before the last revision seen (recreated?); starting over with a snapshot");
+                snapshot = true;
+                self.recreated = true;
+            }
+        }
         let deliver_policy = match (snapshot, self.last_seen) {
             (false, Some(seen)) => consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: seen + 1,
@@ -217,6 +239,11 @@ impl Follower {
             if self.last_seen.is_some() {
                 self.queued.push_back(Event::Reset);
             }
+            if self.recreated {
+                // Sequences start over: nothing seen so far counts.
+                self.recreated = false;
+                self.last_seen = None;
+            }
             self.in_snapshot = true;
         }
         // A snapshot cut short resumes like a delta; it is complete once
@@ -248,7 +275,7 @@ impl Follower {
                             tracing::warn!(stream = %self.bucket.stream, error = %e, "cannot follow the bucket; retrying");
                             self.outage = true;
                         }
-                        tokio::time::sleep(self.retry).await;
+                        tokio::time::sleep(self.retry + jitter()).await;
                         self.retry = (self.retry * 2).min(RETRY_MAX);
                     }
                 }
@@ -329,6 +356,16 @@ impl Follower {
         tracing::debug!(stream = %self.bucket.stream, why, "re-creating the consumer");
         self.sub = None;
     }
+}
+
+/// Up to 100 ms, so many clients of one restarted server do not all
+/// retry at the same instant.
+fn jitter() -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    Duration::from_millis(u64::from(nanos % 100))
 }
 
 #[cfg(test)]

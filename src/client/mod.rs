@@ -217,7 +217,17 @@ pub async fn watch(
                         out.flush()?;
                     }
                 }
-                Followed::Reset => {}
+                Followed::Reset => {
+                    // The bucket was recreated: what was printed is void.
+                    keys.clear();
+                    in_snapshot = true;
+                    if json {
+                        writeln!(out, "{}", serde_json::json!({"event": "reset"}))?;
+                    } else {
+                        writeln!(out, "-- the bucket was recreated; a new snapshot follows --")?;
+                    }
+                    out.flush()?;
+                }
             },
             ev = next_owner(&mut owners) => {
                 match ev {
