@@ -219,8 +219,8 @@ async fn availability_follows_the_engine_lease_while_the_daemon_runs() {
 
     // The leaf goes away: the daemon and its MQTT connection stay up, but
     // the lease cannot be renewed and runs out.
-    nats.stop();
     let stopped = std::time::Instant::now();
+    nats.stop();
     eventually(
         "offline once the lease ran out",
         Duration::from_secs(15),
@@ -228,9 +228,20 @@ async fn availability_follows_the_engine_lease_while_the_daemon_runs() {
     )
     .await;
     let took = stopped.elapsed();
+    // The last renewal came at most a third of the TTL (1 s) before the
+    // stop: the lease runs out no earlier than 2 s after it.
     assert!(
         took >= Duration::from_secs(2),
         "offline only when the lease ran out, not at the first failed renewal ({took:?})"
+    );
+    let log = d.log();
+    let warned = log
+        .find("cannot renew the lease")
+        .expect("renewal failure logged");
+    let lost = log.find("engine lease lost").expect("lease loss logged");
+    assert!(
+        warned < lost,
+        "the renewal failed before the lease was lost"
     );
     assert!(d.is_running(), "the daemon keeps running: {}", d.log_tail());
     d.wait_for_log("engine lease lost", Duration::from_secs(1));
