@@ -230,6 +230,16 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         &components(),
         crate::time::Timestamp::now(),
     );
+    {
+        let metrics = metrics.clone();
+        let mut held = held_rx.clone();
+        tokio::spawn(async move {
+            while held.changed().await.is_ok() {
+                let now = *held.borrow_and_update();
+                metrics.lease_held.store(now, Ordering::Relaxed);
+            }
+        });
+    }
     let lease_task = tokio::spawn(store::lease::keep(
         js.clone(),
         lease,

@@ -92,6 +92,8 @@ async fn stale_at_once_on_graceful_stop_within_ttl_on_sigkill_and_cleared_by_res
     .await;
     let got = get_json(&path, "hall");
     assert_eq!(got["stale"], false, "owner alive: {got}");
+    let (_, metrics) = support::http_get(http, "/metrics").unwrap();
+    assert!(metrics.contains("presenced_lease_held 1\n"), "{metrics}");
 
     let watch = Watch::start(&path, &["--json"]);
     watch
