@@ -77,7 +77,11 @@ async fn presence(client: async_nats::Client) -> anyhow::Result<kv::Store> {
 
 /// Prints one zone; an unknown zone is an error.
 pub async fn get(client: async_nats::Client, zone: &str, json: bool) -> anyhow::Result<()> {
-    naming::check_token("zone", zone)?;
+    if !naming::is_presence_key(zone) {
+        anyhow::bail!(
+            "{zone:?} is not a zone id ([a-z0-9_-], 1 to 64 characters) nor a person key (person.<id>)"
+        );
+    }
     let store = presence(client).await?;
     let entry = store
         .entry(zone)

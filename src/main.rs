@@ -138,10 +138,11 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => match Config::load_valid(&file) {
             Ok(cfg) => {
                 println!(
-                    "{}: ok (site {}, {} zone(s), {} MQTT source(s), {} serial source(s))",
+                    "{}: ok (site {}, {} zone(s), {} person(s), {} MQTT source(s), {} serial source(s))",
                     file.display(),
                     cfg.site,
                     cfg.zones.len(),
+                    cfg.persons.len(),
                     cfg.mqtt.len(),
                     cfg.serial.len()
                 );

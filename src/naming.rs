@@ -167,6 +167,21 @@ impl fmt::Display for Site {
     }
 }
 
+/// KV `presence` key of a person: `person.<id>`. The dot keeps people
+/// apart from zones, whose ids are single tokens, so a person and a zone
+/// may share an id.
+pub fn person_key(person: &str) -> String {
+    format!("{PERSON_KEY_PREFIX}{person}")
+}
+
+/// What every person's key in KV `presence` starts with.
+pub const PERSON_KEY_PREFIX: &str = "person.";
+
+/// True for a key of KV `presence`: a zone id, or `person.<id>`.
+pub fn is_presence_key(key: &str) -> bool {
+    is_token(key) || key.strip_prefix(PERSON_KEY_PREFIX).is_some_and(is_token)
+}
+
 /// Name of the stream behind a KV bucket.
 pub fn kv_stream(bucket: &str) -> String {
     format!("KV_{bucket}")
@@ -296,5 +311,11 @@ mod tests {
         assert_eq!(s.live_subject("pir"), "live.home.pir");
         assert_eq!(s.hub_mirror("presence"), "presence-home");
         assert_eq!(kv_subject(PRESENCE_BUCKET, "hall"), "$KV.presence.hall");
+        assert_eq!(person_key("alice"), "person.alice");
+        assert!(is_presence_key("hall"));
+        assert!(is_presence_key("person.alice"));
+        assert!(!is_presence_key("person."));
+        assert!(!is_presence_key("person.a.b"));
+        assert!(!is_presence_key("room.alice"));
     }
 }

@@ -32,7 +32,10 @@ pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
         check_homeassistant(ha, &mut p);
     }
     for (name, zone) in &config.zones {
-        check_zone(name, zone, &producers, &mut p);
+        check_zone("zones", name, zone, &producers, &mut p);
+    }
+    for (name, person) in &config.persons {
+        check_zone("persons", name, person, &producers, &mut p);
     }
     p.0
 }
@@ -780,13 +783,26 @@ fn check_locator(s: &str) -> Result<(), String> {
     }
 }
 
-fn check_zone(name: &str, zone: &ZoneConfig, producers: &Producers, p: &mut Problems) {
-    let at = format!("zones.{name}");
+/// Checks a zone (`section` = "zones") or a person ("persons"): both are
+/// entries of KV `presence` with the same state machine.
+fn check_zone(
+    section: &str,
+    name: &str,
+    zone: &ZoneConfig,
+    producers: &Producers,
+    p: &mut Problems,
+) {
+    let at = format!("{section}.{name}");
     if !naming::is_token(name) {
+        let kind = if section == "persons" {
+            "person id"
+        } else {
+            "zone name"
+        };
         p.push(
             at.clone(),
             format!(
-                "zone name {name:?} is invalid (it is a KV key and subject token): {TOKEN_FORM}"
+                "{kind} {name:?} is invalid (it is part of a KV key and subject): {TOKEN_FORM}"
             ),
         );
     }
