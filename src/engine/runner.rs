@@ -737,6 +737,9 @@ impl Runner {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
+                // Before SENSORS: commands are rare, and a steady flood of
+                // observations must not starve them (the select is biased).
+                Some(msg) = commands.next() => self.command(&client, msg).await,
                 m = messages.next() => match m {
                     Some(Ok(first)) => {
                         let mut batch = vec![first];
@@ -755,7 +758,6 @@ impl Runner {
                     }
                     None => return Err(RunnerError::Consume("SENSORS consumer stream ended".into())),
                 },
-                Some(msg) = commands.next() => self.command(&client, msg).await,
                 _ = tokio::time::sleep(sleep_for) => self.tick(Timestamp::now()).await,
                 _ = heartbeat.tick() => {
                     if last_status.elapsed() >= status_period {
