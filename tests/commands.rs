@@ -389,3 +389,75 @@ async fn override_survives_sigkill_and_restart_and_still_expires_on_time() {
     assert_eq!(ev[1].cause, Some(Cause::OverrideExpired));
     assert!(zone(&js, "hall").await.unwrap().manual.is_none());
 }
+
+/// Commands share the engine's loop with SENSORS batches but come first:
+/// one sent in the middle of a burst is answered without waiting for the
+/// backlog, and the burst that follows cannot move the held zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_is_answered_during_a_burst_and_the_burst_does_not_move_the_held_zone() {
+    use presenced::observation::{Observation, Reading};
+    const BURST: u64 = 20_000;
+    let s = site();
+    let _d = start(&s);
+    let js = jetstream(&s.nats.url()).await;
+    wait_state(&js, Presence::Vacant, Duration::from_secs(10)).await;
+    let before = stream_messages(&js, "SENSORS").await;
+    let at = presenced::time::Timestamp(now_ms());
+    let mut acks = Vec::new();
+    for i in 0..BURST {
+        let obs = Observation {
+            v: 1,
+            sensor: "hall_pir".into(),
+            // Ends on true: the sensors say occupied.
+            value: Reading::Bool(i % 2 == 1),
+            observed_at: at,
+            id: format!("burst-{i}"),
+            source: "main".into(),
+        };
+        let ack = js
+            .publish(
+                "sensors.test.hall_pir",
+                serde_json::to_vec(&obs).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        acks.push(ack);
+        if acks.len() >= 500 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let client = async_nats::connect(s.nats.url()).await.unwrap();
+    let sent = std::time::Instant::now();
+    let msg = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(
+            "cmd.test.presence.hall",
+            r#"{"v":1,"op":"override","state":"vacant","for":"1h","by":"ann"}"#.into(),
+        ),
+    )
+    .await
+    .expect("a reply within 5 s during the burst")
+    .unwrap();
+    let latency = sent.elapsed();
+    let applied_then = zone(&js, "hall").await.unwrap().last_seq;
+    let reply: Reply = serde_json::from_slice(&msg.payload).unwrap();
+    assert!(reply.ok, "{reply:?}");
+    eprintln!(
+        "command answered in {latency:?} during a burst of {BURST}; {} of the burst applied by then",
+        applied_then.saturating_sub(before)
+    );
+    eventually("burst applied", Duration::from_secs(60), || {
+        engine_caught_up(&js, before + BURST)
+    })
+    .await;
+    let after = zone(&js, "hall").await.unwrap();
+    assert_eq!(after.last_seq, before + BURST, "every reading applied");
+    assert!(after.confidence > 0.6, "the sensors say occupied");
+    assert_eq!(after.state, Presence::Vacant, "held as commanded");
+    assert_eq!(after.manual.map(|m| m.by), Some("ann".to_owned()));
+}
