@@ -82,6 +82,24 @@ pub struct NatsConfig {
     /// `$CREDENTIALS_DIRECTORY/` is resolved against systemd's credentials
     /// directory, so the seed never has to enter the Nix store.
     pub nkey_seed_file: Option<PathBuf>,
+    /// TLS to the leaf (`[nats.tls]`); when present, the connection must
+    /// be TLS.
+    pub tls: Option<NatsTls>,
+}
+
+/// `[nats.tls]`: the CA that signed the server's certificate, and an
+/// optional client certificate for servers that verify clients. Paths are
+/// resolved like other secret paths (a leading `$CREDENTIALS_DIRECTORY/`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTls {
+    /// PEM file with the CA certificate(s) the server's certificate must
+    /// chain to; without it, the system's trusted roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain), for a server with `verify: true`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for NatsConfig {
@@ -91,6 +109,7 @@ impl Default for NatsConfig {
             connect_timeout: default_connect_timeout(),
             request_timeout: default_request_timeout(),
             nkey_seed_file: None,
+            tls: None,
         }
     }
 }

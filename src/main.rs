@@ -70,6 +70,9 @@ enum Command {
         #[arg(long)]
         site: String,
     },
+    /// Send a command to the site's engine (manual override of a zone).
+    #[command(subcommand)]
+    Cmd(presenced::cmd::CmdArgs),
     /// Print the version.
     Version,
 }
@@ -183,6 +186,13 @@ fn main() -> ExitCode {
             runtime()?.block_on(async {
                 let client = connect_client(&cfg).await?;
                 client::watch(client, &pattern, json).await
+            })
+        }),
+        Command::Cmd(args) => load(&args.common().config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(async {
+                let client = connect_client(&cfg).await?;
+                presenced::cmd::run(client, &cfg.site, &args).await
             })
         }),
         Command::Get { config, zone, json } => load(&config).and_then(|cfg| {

@@ -149,6 +149,16 @@ impl Site {
         format!("cmd.{}.presence.>", self.0)
     }
 
+    /// The zone a command subject is for: the rest after
+    /// `cmd.<site>.presence.`, which is not a valid zone id when it has
+    /// more tokens; `None` for a subject of another site or keyspace.
+    pub fn cmd_zone<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix("cmd.")?
+            .strip_prefix(self.0.as_str())?
+            .strip_prefix(".presence.")
+    }
+
     /// Every live reading subject of this site.
     pub fn live_filter(&self) -> String {
         format!("live.{}.>", self.0)
@@ -308,6 +318,10 @@ mod tests {
         assert_eq!(s.rejected_subject("mqtt-main"), "rejected.home.mqtt-main");
         assert_eq!(s.audit_subject("engine"), "audit.events.home.engine");
         assert_eq!(s.cmd_subject("hall"), "cmd.home.presence.hall");
+        assert_eq!(s.cmd_zone(&s.cmd_subject("hall")), Some("hall"));
+        assert_eq!(s.cmd_zone("cmd.home.presence.a.b"), Some("a.b"));
+        assert_eq!(s.cmd_zone("cmd.homer.presence.hall"), None);
+        assert_eq!(s.cmd_zone("cmd.home.debounce.hall"), None);
         assert_eq!(s.live_subject("pir"), "live.home.pir");
         assert_eq!(s.hub_mirror("presence"), "presence-home");
         assert_eq!(kv_subject(PRESENCE_BUCKET, "hall"), "$KV.presence.hall");

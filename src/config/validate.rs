@@ -92,6 +92,9 @@ fn check_top(config: &Config, p: &mut Problems) {
     }
     positive(p, "nats.connect_timeout", config.nats.connect_timeout);
     positive(p, "nats.request_timeout", config.nats.request_timeout);
+    if let Some(tls) = &config.nats.tls {
+        check_tls(tls, p);
+    }
 
     if config.ingest.buffer < 1 {
         p.push("ingest.buffer", "must be at least 1, got 0");
@@ -110,6 +113,29 @@ fn check_top(config: &Config, p: &mut Problems) {
         );
     }
     positive(p, "engine.drain_timeout", config.engine.drain_timeout);
+}
+
+fn check_tls(tls: &crate::config::NatsTls, p: &mut Problems) {
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(_), None) => p.push(
+            "nats.tls.key_file",
+            "is missing: a client certificate (cert_file) needs its private key",
+        ),
+        (None, Some(_)) => p.push(
+            "nats.tls.cert_file",
+            "is missing: a private key (key_file) needs its client certificate",
+        ),
+        _ => {}
+    }
+    for (field, path) in [
+        ("nats.tls.ca_file", &tls.ca_file),
+        ("nats.tls.cert_file", &tls.cert_file),
+        ("nats.tls.key_file", &tls.key_file),
+    ] {
+        if path.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+            p.push(field, "is empty: give a file path or leave it out");
+        }
+    }
 }
 
 fn positive(p: &mut Problems, path: impl Into<String>, d: Duration) {
