@@ -168,7 +168,11 @@ pub fn describe(reply: &Reply) -> String {
 pub async fn run(client: async_nats::Client, site: &str, args: &CmdArgs) -> anyhow::Result<()> {
     let site = Site::new(site)?;
     let zone = args.zone();
-    naming::check_token("zone", zone)?;
+    if !naming::is_presence_key(zone) {
+        anyhow::bail!(
+            "{zone:?} is not a zone id ([a-z0-9_-], 1 to 64 characters) nor a person key (person.<id>)"
+        );
+    }
     let request = args.request();
     command::validate(&request).map_err(|e| anyhow::anyhow!("{}: {}", e.kind.as_str(), e))?;
     let common = args.common();
