@@ -55,7 +55,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     // The compiled model is all the engine needs; with thousands of zones
     // the parsed copy would only hold memory. Home Assistant discovery
     // describes the zones from it, so it keeps them when enabled.
-    let zones = std::mem::take(&mut config.zones);
+    let zones = config.take_presence_entries();
     let ha_zones = config.homeassistant.as_ref().map(|_| zones);
     let (stop_tx, stop_rx) = watch::channel(false);
 

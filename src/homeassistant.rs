@@ -57,11 +57,18 @@ impl Topics {
     /// and object ids are `[a-z0-9_-]`, as Home Assistant requires.
     pub fn config(&self, component: &str, zone: &str, what: &str) -> String {
         format!(
-            "{}/{component}/presenced_{}/{zone}_{what}/config",
+            "{}/{component}/presenced_{}/{}_{what}/config",
             self.discovery_prefix,
-            self.site.replace('-', "_")
+            self.site.replace('-', "_"),
+            object_id(zone)
         )
     }
+}
+
+/// A presence key as a Home Assistant object id: `person.alice` becomes
+/// `person_alice` (a dot is not allowed there).
+fn object_id(key: &str) -> String {
+    key.replace('.', "_")
 }
 
 /// Discovery configs (topic, JSON) for every zone: an occupancy
@@ -80,7 +87,7 @@ pub fn discovery(topics: &Topics, zones: &BTreeMap<String, ZoneConfig>) -> Vec<(
     for zone in zones.keys() {
         let common = |what: &str| {
             json!({
-                "unique_id": format!("presenced_{site}_{zone}_{what}"),
+                "unique_id": format!("presenced_{site}_{}_{what}", object_id(zone)),
                 "state_topic": topics.state(zone),
                 "availability_topic": topics.availability(),
                 "payload_available": "online",
@@ -448,6 +455,18 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&d[1].1).unwrap();
         assert_eq!(v["unit_of_measurement"], "%");
+
+        // A person's key has a dot, which object ids may not hold.
+        let mut people = BTreeMap::new();
+        people.insert("person.alice".to_owned(), zones["kitchen"].clone());
+        let d = discovery(&topics, &people);
+        assert_eq!(
+            d[0].0,
+            "homeassistant/binary_sensor/presenced_home_1/person_alice_occupancy/config"
+        );
+        let v: serde_json::Value = serde_json::from_str(&d[0].1).unwrap();
+        assert_eq!(v["unique_id"], "presenced_home-1_person_alice_occupancy");
+        assert_eq!(v["state_topic"], "presenced/home-1/person.alice/state");
     }
 
     #[test]

@@ -76,6 +76,9 @@ enum Command {
         #[arg(long)]
         site: String,
     },
+    /// Send a command to the site's engine (manual override of a zone).
+    #[command(subcommand)]
+    Cmd(presenced::cmd::CmdArgs),
     /// Print the version.
     Version,
 }
@@ -144,10 +147,11 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => match Config::load_valid(&file) {
             Ok(cfg) => {
                 println!(
-                    "{}: ok (site {}, {} zone(s), {} MQTT source(s), {} serial source(s))",
+                    "{}: ok (site {}, {} zone(s), {} person(s), {} MQTT source(s), {} serial source(s))",
                     file.display(),
                     cfg.site,
                     cfg.zones.len(),
+                    cfg.persons.len(),
                     cfg.mqtt.len(),
                     cfg.serial.len()
                 );
@@ -192,6 +196,13 @@ fn main() -> ExitCode {
             runtime()?.block_on(async {
                 let client = connect_client(&cfg).await?;
                 client::watch(client, source, &pattern, json).await
+            })
+        }),
+        Command::Cmd(args) => load(&args.common().config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(async {
+                let client = connect_client(&cfg).await?;
+                presenced::cmd::run(client, &cfg.site, &args).await
             })
         }),
         Command::Get { config, zone, json } => load(&config).and_then(|cfg| {

@@ -122,6 +122,7 @@ async fn provision_is_idempotent_and_get_and_watch_show_state() {
         last_seq: 1,
         transitions: 2,
         pending: None,
+        manual: None,
         evidence: vec![],
     };
     kv.put("hall", serde_json::to_vec(&state).unwrap().into())

@@ -29,6 +29,7 @@ fn zone_state(zone: &str, state: Presence) -> bytes::Bytes {
         transitions: 1,
         pending: None,
         evidence: vec![],
+        manual: None,
     })
     .unwrap()
     .into()

@@ -112,7 +112,11 @@ fn stale_of(leases: &Leases, known: bool) -> Option<bool> {
 
 /// Prints one zone with its stale flag; an unknown zone is an error.
 pub async fn get(client: async_nats::Client, zone: &str, json: bool) -> anyhow::Result<()> {
-    naming::check_token("zone", zone)?;
+    if !naming::is_presence_key(zone) {
+        anyhow::bail!(
+            "{zone:?} is not a zone id ([a-z0-9_-], 1 to 64 characters) nor a person key (person.<id>)"
+        );
+    }
     let s = streams(&client, &Source::Leaf);
     let store =
         s.js.get_key_value(naming::PRESENCE_BUCKET)

@@ -87,11 +87,18 @@ impl View {
             ),
             Some(v) => match serde_json::from_value::<ZoneState>(v.clone()) {
                 Ok(z) => {
-                    let why: Vec<String> = z
-                        .evidence
-                        .iter()
-                        .filter(|e| (e.lr - 1.0).abs() > 1e-9)
-                        .map(|e| format!("{}×{:.2}", e.sensor, e.lr))
+                    let held = z
+                        .manual
+                        .as_ref()
+                        .map(|m| format!("override by {} until {}", m.by, m.until));
+                    let why: Vec<String> = held
+                        .into_iter()
+                        .chain(
+                            z.evidence
+                                .iter()
+                                .filter(|e| (e.lr - 1.0).abs() > 1e-9)
+                                .map(|e| format!("{}×{:.2}", e.sensor, e.lr)),
+                        )
                         .collect();
                     (
                         z.state.as_str().to_owned(),
