@@ -77,6 +77,12 @@ async fn stale_at_once_on_graceful_stop_within_ttl_on_sigkill_and_cleared_by_res
     assert_eq!(lease["v"], 1);
     assert_eq!(lease["service"], "presenced");
     assert_eq!(lease["components"], serde_json::json!(["ingest", "engine"]));
+    assert!(
+        lease["writes"]
+            .as_array()
+            .is_some_and(|w| w.contains(&"presence".into()) && w.contains(&"sensors".into())),
+        "{lease}"
+    );
     assert_eq!(lease["pid"], d.pid());
     assert!(lease["host"].as_str().is_some_and(|h| !h.is_empty()));
     for field in ["started", "renewed", "expires"] {

@@ -47,6 +47,10 @@ pub struct Lease {
     /// Components the service runs (`ingest`, `engine`, `archiver`): the
     /// keyspaces it writes follow from them.
     pub components: Vec<String>,
+    /// The keyspaces those components write (DESIGN.md's naming table),
+    /// for readers that do not know the component map.
+    #[serde(default)]
+    pub writes: Vec<String>,
     pub host: String,
     pub pid: u32,
     pub started: Timestamp,
@@ -62,6 +66,11 @@ impl Lease {
             v: SCHEMA,
             service: service.to_owned(),
             components: components.iter().map(|c| c.name().to_owned()).collect(),
+            writes: components
+                .iter()
+                .flat_map(|c| c.owns())
+                .map(|k| k.name().to_owned())
+                .collect(),
             host: hostname(),
             pid: std::process::id(),
             started,
@@ -391,6 +400,12 @@ mod tests {
         assert!(text.contains("\"v\":1"), "{text}");
         assert!(
             text.contains("\"components\":[\"ingest\",\"engine\"]"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\"writes\":[\"sensors\",\"rejected\",\"live\",\"presence\",\"debounce\",\"events\",\"commands\"]"
+            ),
             "{text}"
         );
         assert_eq!(parse(text.as_bytes()).unwrap(), l);
