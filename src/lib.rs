@@ -14,10 +14,12 @@
 //! - [`archive`]: snapshots into the object store, uploaded to S3, and
 //!   restore.
 //! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
+//! - [`client`], [`cmd`]: the state-first clients and the command sender.
 
 pub mod acl;
 pub mod archive;
 pub mod client;
+pub mod cmd;
 pub mod config;
 pub mod daemon;
 pub mod engine;

@@ -46,6 +46,12 @@ enum Command {
         /// JSON lines instead of a table.
         #[arg(long)]
         json: bool,
+        /// Read the hub's mirror of the site instead of the leaf.
+        #[arg(long)]
+        hub: bool,
+        /// Site whose hub mirror to read (default: the config's site).
+        #[arg(long, requires = "hub")]
+        site: Option<String>,
     },
     /// Print the presence of one zone.
     Get {
@@ -97,6 +103,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Send a command to the site's engine (manual override of a zone).
+    #[command(subcommand)]
+    Cmd(presenced::cmd::CmdArgs),
     /// Print the version.
     Version,
 }
@@ -165,10 +174,11 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => match Config::load_valid(&file) {
             Ok(cfg) => {
                 println!(
-                    "{}: ok (site {}, {} zone(s), {} MQTT source(s), {} serial source(s))",
+                    "{}: ok (site {}, {} zone(s), {} person(s), {} MQTT source(s), {} serial source(s))",
                     file.display(),
                     cfg.site,
                     cfg.zones.len(),
+                    cfg.persons.len(),
                     cfg.mqtt.len(),
                     cfg.serial.len()
                 );
@@ -204,11 +214,22 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }),
-        Command::Watch { config, pattern, json } => load(&config).and_then(|cfg| {
+        Command::Watch { config, pattern, json, hub, site } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            let source = match hub {
+                false => client::Source::Leaf,
+                true => client::Source::Hub(Site::new(site.as_deref().unwrap_or(&cfg.site))?),
+            };
+            runtime()?.block_on(async {
+                let client = connect_client(&cfg).await?;
+                client::watch(client, source, &pattern, json).await
+            })
+        }),
+        Command::Cmd(args) => load(&args.common().config).and_then(|cfg| {
             init_tracing(Some("warn"));
             runtime()?.block_on(async {
                 let client = connect_client(&cfg).await?;
-                client::watch(client, &pattern, json).await
+                presenced::cmd::run(client, &cfg.site, &args).await
             })
         }),
         Command::Snapshot { config } => load(&config).and_then(|cfg| {

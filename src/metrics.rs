@@ -54,6 +54,8 @@ pub struct Metrics {
     /// Unix seconds of the newest snapshot and the last verified upload.
     pub archive_last_snapshot_seconds: AtomicU64,
     pub archive_last_upload_seconds: AtomicU64,
+    /// The holder's view of its lease in KV `owners`.
+    pub lease_held: AtomicBool,
 }
 
 impl Metrics {
@@ -194,6 +196,12 @@ impl Metrics {
                 "gauge",
                 "Serial sources whose device is open.",
                 get(&self.serial_connected),
+            ),
+            (
+                "presenced_lease_held",
+                "gauge",
+                "1 while this service's lease in KV owners is held (last renewal younger than lease.ttl).",
+                flag(&self.lease_held),
             ),
             (
                 "presenced_ready",

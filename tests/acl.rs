@@ -4,7 +4,7 @@
 
 mod support;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use presenced::acl::access::{Access, Component, Keyspace};
 use presenced::acl::violation::{self, Violation};
@@ -814,14 +814,8 @@ async fn provision(admin: &Conn, site: &Site) {
     presenced::store::provision::provision(&admin.client, site)
         .await
         .unwrap();
+    // `provision` creates KV owners (leases with per-message TTLs).
     let js = &admin.js;
-    js.create_key_value(kv::Config {
-        bucket: naming::OWNERS_BUCKET.to_owned(),
-        history: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     js.get_stream(naming::SENSORS_STREAM)
         .await
         .unwrap()

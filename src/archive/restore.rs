@@ -10,7 +10,11 @@
 //! too, so a copy that changed in between is reported.
 //!
 //! The EVENTS window of a snapshot is archive only and not replayed:
-//! transitions republished into a live leaf would be new transitions.
+//! transitions republished into a live leaf would be new transitions. KV
+//! `owners` is not restored either: a lease says a service is alive now,
+//! and a restored one would vouch for a process that is gone (leases carry
+//! per-message TTLs the snapshot does not keep); services take their
+//! leases again when they start.
 
 use super::format::{Decoder, Item, Op, SectionKind};
 use super::s3::Remote;
@@ -159,7 +163,7 @@ pub async fn restore(
     let targets: Vec<String> = meta
         .buckets
         .iter()
-        .filter(|b| b.as_str() != "events")
+        .filter(|b| b.as_str() != "events" && b.as_str() != naming::OWNERS_BUCKET)
         .cloned()
         .collect();
     let mut busy = Vec::new();

@@ -131,6 +131,16 @@ pub fn bucket_configs() -> Vec<kv::Config> {
             5,
             "upload outbox of each snapshot; written by the archiver",
         ),
+        // Leases carry their own TTL (`Nats-TTL` on each put); the subject
+        // delete marker makes a lapsed lease visible to watchers.
+        kv::Config {
+            limit_markers: Some(super::lease::MARKER_TTL),
+            ..base(
+                naming::OWNERS_BUCKET,
+                1,
+                "liveness lease of each service (per-message TTL); each service writes its own key",
+            )
+        },
     ]
 }
 
