@@ -227,7 +227,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let (held_tx, held_rx) = watch::channel(false);
     let lease = store::lease::Lease::new(
         &config.service,
-        &components(),
+        &components(config.archive.is_some()),
         crate::time::Timestamp::now(),
     );
     {
@@ -357,10 +357,15 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     }
 }
 
-/// The components this daemon runs, as its lease announces them.
-fn components() -> Vec<crate::acl::access::Component> {
+/// The components this daemon runs, as its lease announces them: the
+/// archiver too when `[archive]` is configured.
+fn components(archiver: bool) -> Vec<crate::acl::access::Component> {
     use crate::acl::access::Component;
-    vec![Component::Ingest, Component::Engine]
+    let mut c = vec![Component::Ingest, Component::Engine];
+    if archiver {
+        c.push(Component::Archiver);
+    }
+    c
 }
 
 /// Rehydration reads every zone at once; glibc keeps that peak mapped
