@@ -541,6 +541,12 @@ async fn restore_reproduces_keys_values_and_order_and_refuses_a_non_empty_leaf()
     ensure_owners(&tjs).await;
     let out = target.cli_ok(&["restore", &id, "--from-s3"]);
     assert!(out.contains("restored (sha256"), "{out}");
+    // The new leaf lists and verifies the snapshot it only knows from S3.
+    let listing = target.cli_ok(&["snapshots", "--json", "--verify"]);
+    let row: serde_json::Value = serde_json::from_str(listing.lines().next().unwrap()).unwrap();
+    assert_eq!(row["id"], id.as_str());
+    assert!(row["local"].is_null() && row["state"].is_null(), "{row}");
+    assert_eq!(row["remote_verified"], "yes", "{row}");
     for (b, w) in buckets.iter().zip(&want) {
         assert_eq!(&dump(&tjs, b).await, w, "bucket {b} differs after restore");
     }

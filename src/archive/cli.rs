@@ -162,6 +162,22 @@ pub async fn list(config: Config, verify: bool, json: bool) -> anyhow::Result<()
                         .or_else(|| revisions.get(&r.id).map(|(e, _)| e.size)),
                 )
                 .map(|(sha256, size)| Digested { size, sha256 });
+            // Known only in S3 (another leaf's, or pruned here): its own
+            // metadata says what it should be.
+            let expected = match (expected, &remote) {
+                (Some(e), _) => Some(e),
+                (None, Some(remote)) if r.remote_size.is_some() => {
+                    remote.head(&r.id).await?.and_then(|(m, map)| {
+                        let meta = SnapshotMeta::from_map(&r.id, m.size, &map)?;
+                        r.sha256 = Some(meta.sha256.clone());
+                        Some(Digested {
+                            size: meta.size,
+                            sha256: meta.sha256,
+                        })
+                    })
+                }
+                (None, _) => None,
+            };
             let Some(expected) = expected else { continue };
             if r.local.as_deref() == Some("complete") {
                 let got = digest_local(&store, &r.id).await?;
