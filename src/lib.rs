@@ -23,6 +23,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod naming;
+pub mod natsconf;
 pub mod observation;
 pub mod sources;
 pub mod store;
