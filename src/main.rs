@@ -36,6 +36,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Create or update the hub mirrors of one or more sites (hub admin).
+    ProvisionHub(presenced::hub::mirrors::ProvisionHubArgs),
     /// Print the presence of matching zones, then every change.
     Watch {
         #[arg(long, short)]
@@ -44,6 +46,13 @@ enum Command {
         #[arg(default_value = ">")]
         pattern: String,
         /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the health of the site's hub mirrors: lag, last contact, stall.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -184,11 +193,24 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }),
+        Command::ProvisionHub(args) => (|| {
+            init_tracing(Some("warn"));
+            Ok(runtime()?.block_on(presenced::hub::mirrors::provision_hub_cli(&args))?)
+        })(),
         Command::Watch { config, pattern, json } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));
             runtime()?.block_on(async {
                 let client = connect_client(&cfg).await?;
                 client::watch(client, &pattern, json).await
+            })
+        }),
+        Command::Status { config, json } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(async {
+                let client = connect_client(&cfg).await?;
+                let hub = cfg.hub.clone().unwrap_or_default();
+                presenced::hub::health::print_status(&client, &Site::new(&cfg.site)?, &hub, json).await;
+                Ok(())
             })
         }),
         Command::Get { config, zone, json } => load(&config).and_then(|cfg| {

@@ -31,6 +31,9 @@ pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
     if let Some(ha) = &config.homeassistant {
         check_homeassistant(ha, &mut p);
     }
+    if let Some(hub) = &config.hub {
+        check_hub(hub, &mut p);
+    }
     for (name, zone) in &config.zones {
         check_zone(name, zone, &producers, &mut p);
     }
@@ -107,6 +110,28 @@ fn check_top(config: &Config, p: &mut Problems) {
         );
     }
     positive(p, "engine.drain_timeout", config.engine.drain_timeout);
+}
+
+fn check_hub(hub: &super::HubWatch, p: &mut Problems) {
+    positive(p, "hub.poll_interval", hub.poll_interval);
+    if hub.stall_after < hub.poll_interval * 2 {
+        p.push(
+            "hub.stall_after",
+            format!(
+                "must be at least twice hub.poll_interval ({}): a stall is seen across polls",
+                humantime::format_duration(hub.poll_interval)
+            ),
+        );
+    }
+    if hub.nudge_after < hub.poll_interval {
+        p.push(
+            "hub.nudge_after",
+            format!(
+                "must be at least hub.poll_interval ({})",
+                humantime::format_duration(hub.poll_interval)
+            ),
+        );
+    }
 }
 
 fn positive(p: &mut Problems, path: impl Into<String>, d: Duration) {
