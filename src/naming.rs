@@ -253,6 +253,24 @@ pub mod js {
         format!("$JS.ACK.{stream}.{consumer}.>")
     }
 
+    /// Stream info of a hub stream, asked through the leafnode link (the
+    /// hub's domain prefix): how the daemon reads a hub mirror's health.
+    pub fn hub_stream_info(stream: &str) -> String {
+        format!(
+            "{}.STREAM.INFO.{stream}",
+            super::domain_api_prefix(super::HUB_DOMAIN)
+        )
+    }
+
+    /// Leader step-down of a hub stream through the leafnode link: how the
+    /// daemon makes a mirror resume after the link comes back.
+    pub fn hub_stream_leader_stepdown(stream: &str) -> String {
+        format!(
+            "{}.STREAM.LEADER.STEPDOWN.{stream}",
+            super::domain_api_prefix(super::HUB_DOMAIN)
+        )
+    }
+
     /// Flow-control replies of push consumers on `stream`.
     pub fn flow_control(stream: &str) -> String {
         format!("$JS.FC.{stream}.>")
@@ -305,5 +323,9 @@ mod tests {
         assert_eq!(s.hub_mirror("presence"), "presence-home");
         assert_eq!(domain_api_prefix(&s.leaf_domain()), "$JS.leaf-home.API");
         assert_eq!(kv_subject(PRESENCE_BUCKET, "hall"), "$KV.presence.hall");
+        assert_eq!(
+            js::hub_stream_info("SENSORS-home"),
+            "$JS.hub.API.STREAM.INFO.SENSORS-home"
+        );
     }
 }

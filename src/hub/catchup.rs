@@ -39,6 +39,8 @@ struct StepDownResponse {
 pub async fn nudge(hub: &jetstream::Context, stream: &str) -> Result<(), NudgeError> {
     let response: StepDownResponse = hub
         .request(
+            // The context adds the hub's prefix; the ACL grants the full
+            // subject (`naming::js::hub_stream_leader_stepdown`).
             format!("STREAM.LEADER.STEPDOWN.{stream}"),
             &serde_json::json!({}),
         )

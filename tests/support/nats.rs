@@ -120,6 +120,9 @@ pub struct NatsOptions {
     pub server_name: Option<String>,
     /// Cluster routes of a hub node (see [`super::Hub`]).
     pub cluster: Option<ClusterPorts>,
+    /// JetStream `sync_interval`; default the renderer's (`sync_always`
+    /// wins when set).
+    pub sync_interval: Option<presenced::natsconf::SyncInterval>,
 }
 
 /// A hub node's route port and its peers' route ports.
@@ -316,6 +319,9 @@ fn render_config(opts: &NatsOptions, ports: &Ports, store_dir: &Path, log_path: 
         .unwrap_or_else(|| format!("test-{}", ports.port));
     let listen = format!("127.0.0.1:{}", ports.port);
     let sync = |js: &mut natsconf::JetStream| {
+        if let Some(interval) = opts.sync_interval {
+            js.sync_interval = interval;
+        }
         if opts.sync_always {
             js.sync_interval = SyncInterval::Always;
         }
