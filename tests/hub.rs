@@ -39,6 +39,7 @@ struct Topology {
     _mqtt: Mosquitto,
     daemon: Daemon,
     http: SocketAddr,
+    config_path: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -108,6 +109,7 @@ async fn topology() -> Topology {
         _mqtt: mqtt,
         daemon,
         http,
+        config_path,
         _dir: dir,
     }
 }
@@ -249,6 +251,27 @@ async fn provision_hub_is_idempotent_and_the_kv_mirror_serves_the_leafs_values()
     .await;
     let health = healthz(t.http);
     assert!(health.contains("hub_reachable: true"), "{health}");
+
+    // `presenced status` reads the same through the leaf link.
+    let config = t.config_path.to_str().unwrap();
+    eventually("status shows every mirror current", DEADLINE, || async {
+        let out = run_presenced(&["status", "--config", config, "--json"], &[]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        out.status.success()
+            && lines.len() == 4
+            && lines
+                .iter()
+                .all(|v| v["state"] == "current" && v["lag_messages"] == 0)
+    })
+    .await;
+    let out = run_presenced(&["status", "--config", config], &[]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("mirror "), "{table}");
+    assert!(table.contains("presence-home"), "{table}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

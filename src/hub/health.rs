@@ -22,7 +22,9 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct End {
     pub last_seq: u64,
-    /// Unix time of the last message, milliseconds (0: empty).
+    /// Unix time of the first and of the last message, milliseconds (0:
+    /// empty).
+    pub first_ms: i64,
     pub last_ms: i64,
 }
 
@@ -148,7 +150,15 @@ impl Tracker {
             (Some(s), Some(m)) => Some((
                 s.last_seq.saturating_sub(m.last_seq),
                 if s.last_seq > m.last_seq {
-                    ((s.last_ms - m.last_ms).max(0) as f64) / 1000.0
+                    // The span of the source the mirror lacks: from the
+                    // mirror's newest message, or the source's oldest when
+                    // the mirror is still empty.
+                    let from = if m.last_seq == 0 {
+                        s.first_ms
+                    } else {
+                        m.last_ms
+                    };
+                    ((s.last_ms - from).max(0) as f64) / 1000.0
                 } else {
                     0.0
                 },
@@ -214,13 +224,17 @@ impl Tracker {
 }
 
 fn end(info: &jetstream::stream::Info) -> End {
+    if info.state.messages == 0 {
+        return End {
+            last_seq: info.state.last_sequence,
+            first_ms: 0,
+            last_ms: 0,
+        };
+    }
     End {
         last_seq: info.state.last_sequence,
-        last_ms: if info.state.last_sequence == 0 {
-            0
-        } else {
-            (info.state.last_timestamp.unix_timestamp_nanos() / 1_000_000) as i64
-        },
+        first_ms: (info.state.first_timestamp.unix_timestamp_nanos() / 1_000_000) as i64,
+        last_ms: (info.state.last_timestamp.unix_timestamp_nanos() / 1_000_000) as i64,
     }
 }
 
@@ -394,6 +408,7 @@ mod tests {
     fn end(seq: u64, ms: i64) -> End {
         End {
             last_seq: seq,
+            first_ms: 1000,
             last_ms: ms,
         }
     }
@@ -492,6 +507,14 @@ mod tests {
         // Moving again: no nudge.
         let (_, ev) = t.observe(&ok(60, 40, 0), start + Duration::from_secs(15));
         assert!(ev.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_mirror_lags_by_the_sources_whole_span() {
+        let mut t = Tracker::new("m", STALL, None);
+        let (h, _) = t.observe(&ok(50, 0, 0), Instant::now());
+        assert_eq!(h.lag_messages, Some(50));
+        assert_eq!(h.lag_seconds, Some(49.0));
     }
 
     #[tokio::test(start_paused = true)]
