@@ -328,6 +328,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn renders_hub_mirrors_only_when_watched() {
+        use crate::hub::health::{Health, State};
+        let m = Metrics::default();
+        assert!(!m.render().contains("presenced_mirror"));
+        m.set_mirrors(
+            true,
+            vec![Health {
+                mirror: "SENSORS-home".into(),
+                state: State::Stalled,
+                lag_messages: Some(12),
+                lag_seconds: Some(1.5),
+                last_contact_seconds: None,
+                error: Some("hub: timed out".into()),
+            }],
+        );
+        m.mirror_event("SENSORS-home", MirrorEvent::Stall);
+        let text = m.render();
+        for line in [
+            "presenced_hub_reachable 1\n",
+            "presenced_mirror_lag_messages{mirror=\"SENSORS-home\"} 12\n",
+            "presenced_mirror_lag_milliseconds{mirror=\"SENSORS-home\"} 1500\n",
+            "presenced_mirror_stalled{mirror=\"SENSORS-home\"} 1\n",
+            "presenced_mirror_stalls_total{mirror=\"SENSORS-home\"} 1\n",
+            "presenced_mirror_nudges_total{mirror=\"SENSORS-home\"} 0\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("last_contact_milliseconds{"),
+            "unknown values are left out"
+        );
+    }
+
+    #[test]
     fn renders_prometheus_text() {
         let m = Metrics::default();
         Metrics::add(&m.observations_in, 3);
