@@ -211,17 +211,20 @@ in
         default = { };
         example = literalExpression ''
           {
+            admin.nkey = "UA…";
             services = {
-              admin = { nkey = "UA…"; role = "admin"; };
-              ingest = { nkey = "UB…"; role = "ingest"; };
-              engine = { nkey = "UC…"; role = "engine"; };
+              ingest = { nkey = "UB…"; runs = [ "ingest" ]; };
+              engine = { nkey = "UC…"; runs = [ "engine" "archiver" ]; };
             };
           }
         '';
         description = ''
-          The ownership map handed to `presenced acl --access`: which public
-          NKEY belongs to which service. Public keys only, never seeds;
-          the file lands in the store.
+          The ownership map handed to `presenced acl --access`: the admin
+          identity (provisioning only), the leafnode identity, and each
+          service with its public NKEY, the components it `runs` (which
+          decide the keyspaces it writes) and the keyspaces it `reads`
+          beyond its own. Public keys only, never seeds; the file lands in
+          the store. docs/SECURITY.md describes the format.
         '';
       };
     };

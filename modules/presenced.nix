@@ -246,6 +246,8 @@ let
       config = {
         settings = mkMerge [
           { site = mkIf (cfg.site != null) (mkDefault cfg.site); }
+          # The instance's name is its identity in the ownership map.
+          { service = mkDefault name; }
           { nats.url = mkDefault "nats://127.0.0.1:4222"; }
           (mkIf (config.nkeySeedFile != null) { nats.nkey_seed_file = credentialPath "nkey-seed"; })
         ];

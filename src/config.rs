@@ -5,6 +5,7 @@
 //! errors; [`Config::validate`] then checks meaning and reports every problem
 //! at once, each with its field path, so an operator fixes a file in one go.
 
+use crate::naming;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -33,6 +34,9 @@ pub struct Config {
     pub ingest: IngestConfig,
     #[serde(default)]
     pub engine: EngineConfig,
+    /// The liveness lease this service keeps in KV `owners`.
+    #[serde(default)]
+    pub lease: LeaseConfig,
     /// MQTT brokers to read, by source name (`[mqtt.<name>]`).
     #[serde(default)]
     pub mqtt: BTreeMap<String, MqttSource>,
@@ -47,6 +51,12 @@ pub struct Config {
     /// Zones and the evidence that decides their presence (`[zones.<zone>]`).
     #[serde(default)]
     pub zones: BTreeMap<String, ZoneConfig>,
+    /// People and the evidence that decides whether they are present
+    /// (`[persons.<id>]`), kept under `person.<id>` in KV `presence` with
+    /// the same state machine as zones. Every person an ESPresense preset
+    /// tracks gets one by default ([`Config::add_preset_persons`]).
+    #[serde(default)]
+    pub persons: BTreeMap<String, ZoneConfig>,
 }
 
 fn default_service() -> String {
@@ -78,6 +88,24 @@ pub struct NatsConfig {
     /// `$CREDENTIALS_DIRECTORY/` is resolved against systemd's credentials
     /// directory, so the seed never has to enter the Nix store.
     pub nkey_seed_file: Option<PathBuf>,
+    /// TLS to the leaf (`[nats.tls]`); when present, the connection must
+    /// be TLS.
+    pub tls: Option<NatsTls>,
+}
+
+/// `[nats.tls]`: the CA that signed the server's certificate, and an
+/// optional client certificate for servers that verify clients. Paths are
+/// resolved like other secret paths (a leading `$CREDENTIALS_DIRECTORY/`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTls {
+    /// PEM file with the CA certificate(s) the server's certificate must
+    /// chain to; without it, the system's trusted roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain), for a server with `verify: true`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for NatsConfig {
@@ -87,6 +115,7 @@ impl Default for NatsConfig {
             connect_timeout: default_connect_timeout(),
             request_timeout: default_request_timeout(),
             nkey_seed_file: None,
+            tls: None,
         }
     }
 }
@@ -195,6 +224,31 @@ fn default_batch() -> usize {
     1000
 }
 fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// The service's lease `owners.<service>`: clients mark the keys of a
+/// service whose lease is gone as stale.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// How long the lease outlives the last renewal (per-message TTL of
+    /// the lease key): after a crash, clients see this service's keys as
+    /// stale within this time (plus up to 1 s of server expiry tick).
+    /// Whole seconds, at least 3s; renewed every third of it.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            ttl: default_lease_ttl(),
+        }
+    }
+}
+
+fn default_lease_ttl() -> Duration {
     Duration::from_secs(10)
 }
 
@@ -559,10 +613,67 @@ impl Config {
     /// Parses a config without checking its meaning; `path` only labels
     /// errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: parse_message(text, &e),
-        })
+        })?;
+        config.add_preset_persons();
+        Ok(config)
+    }
+
+    /// Gives each person an ESPresense preset tracks a presence entry fed
+    /// by `<person>_home`, unless `[persons.<id>]` declares one: listing a
+    /// phone is all an operator should need to see its owner come and go.
+    /// Leaving is slow (10 minutes) because BLE reports pause while a
+    /// phone sleeps.
+    pub fn add_preset_persons(&mut self) {
+        let people: Vec<String> = self
+            .mqtt
+            .values()
+            .filter_map(|m| m.espresense.as_ref())
+            .flat_map(|e| e.people.iter().map(|p| p.person.clone()))
+            // A malformed id is reported where it is written, on the preset.
+            .filter(|person| naming::is_token(person))
+            .collect();
+        for person in people {
+            self.persons
+                .entry(person.clone())
+                .or_insert_with(|| ZoneConfig {
+                    prior: 0.5,
+                    occupied_above: default_occupied_above(),
+                    vacant_below: default_vacant_below(),
+                    arrive_after: Duration::ZERO,
+                    leave_after: Duration::from_secs(600),
+                    evidence: vec![EvidenceRule {
+                        sensor: format!("{person}_home"),
+                        p_true: 0.95,
+                        p_false: 0.05,
+                        hold: None,
+                        stale_after: None,
+                        above: None,
+                        below: None,
+                    }],
+                });
+        }
+    }
+
+    /// Every entry of KV `presence` the engine keeps, by key: zones under
+    /// their id, people under `person.<id>`.
+    pub fn presence_entries(&self) -> impl Iterator<Item = (String, &ZoneConfig)> {
+        self.zones.iter().map(|(id, z)| (id.clone(), z)).chain(
+            self.persons
+                .iter()
+                .map(|(id, z)| (naming::person_key(id), z)),
+        )
+    }
+
+    /// Moves the entries of [`Config::presence_entries`] out of the config.
+    pub fn take_presence_entries(&mut self) -> BTreeMap<String, ZoneConfig> {
+        let mut entries = std::mem::take(&mut self.zones);
+        for (id, z) in std::mem::take(&mut self.persons) {
+            entries.insert(naming::person_key(&id), z);
+        }
+        entries
     }
 
     /// Reads and parses a config file, without checking its meaning.
@@ -944,6 +1055,31 @@ stale_after = "1m"
     }
 
     #[test]
+    fn lease_ttl_is_whole_seconds_of_at_least_three() {
+        let check = |ttl: &str| {
+            let text = format!("site = \"s\"\n[lease]\nttl = \"{ttl}\"\n");
+            Config::from_toml(&text, Path::new("x.toml"))
+                .unwrap()
+                .validate()
+                .into_iter()
+                .map(|p| format!("{}: {}", p.path, p.reason))
+                .collect::<Vec<_>>()
+        };
+        assert!(check("3s").is_empty());
+        assert!(check("1m").is_empty());
+        for bad in ["2s", "3500ms", "0s"] {
+            let problems = check(bad);
+            assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
+            assert!(
+                problems[0].starts_with("lease.ttl: ") && problems[0].contains("whole seconds"),
+                "{problems:?}"
+            );
+        }
+        let default: Config = Config::from_toml("site = \"s\"\n", Path::new("x.toml")).unwrap();
+        assert_eq!(default.lease.ttl, Duration::from_secs(10));
+    }
+
+    #[test]
     fn load_reports_missing_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("absent.toml");
@@ -1221,6 +1357,33 @@ p_false = 0.1
             )),
             ["hub.stall_after", "hub.nudge_after"]
         );
+    }
+
+    #[test]
+    fn preset_people_get_person_entries_unless_declared() {
+        let es = "[mqtt.es]\n[mqtt.es.espresense]\n[[mqtt.es.espresense.people]]\ndevice = \"irk:1\"\nperson = \"alice\"\n[[mqtt.es.espresense.people]]\ndevice = \"irk:2\"\nperson = \"bob\"\n[persons.bob]\nleave_after = \"1m\"\n[[persons.bob.evidence]]\nsensor = \"bob_home\"\np_true = 0.9\np_false = 0.1\n";
+        let c = parse(&base(es));
+        assert_eq!(paths(&base(es)), Vec::<String>::new());
+        let alice = &c.persons["alice"];
+        assert_eq!(alice.evidence[0].sensor, "alice_home");
+        assert_eq!(alice.leave_after, Duration::from_secs(600));
+        assert_eq!(
+            c.persons["bob"].leave_after,
+            Duration::from_secs(60),
+            "declared entry kept"
+        );
+        let keys: Vec<String> = c.presence_entries().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["z", "person.alice", "person.bob"]);
+    }
+
+    #[test]
+    fn persons_are_checked_like_zones() {
+        let bad = "[persons.Carol]\n[[persons.Carol.evidence]]\nsensor = \"s1\"\np_true = 0.9\np_false = 0.1\n[persons.dan]\n[[persons.dan.evidence]]\nsensor = \"s1\"\np_true = 1.5\np_false = 0.1\n";
+        assert_eq!(
+            paths(&base(bad)),
+            ["persons.Carol", "persons.dan.evidence[0].p_true"]
+        );
+        assert!(reasons_at(&base(bad), "persons.Carol")[0].starts_with("person id"));
     }
 
     #[test]

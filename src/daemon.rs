@@ -55,7 +55,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     // The compiled model is all the engine needs; with thousands of zones
     // the parsed copy would only hold memory. Home Assistant discovery
     // describes the zones from it, so it keeps them when enabled.
-    let zones = std::mem::take(&mut config.zones);
+    let zones = config.take_presence_entries();
     let ha_zones = config.homeassistant.as_ref().map(|_| zones);
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -221,6 +221,33 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         systemd::ready(&line);
     }));
 
+    // The lease says this service runs; clients mark its keyspaces stale
+    // once it is gone.
+    let (lease_stop_tx, lease_stop_rx) = watch::channel(false);
+    let (held_tx, held_rx) = watch::channel(false);
+    let lease = store::lease::Lease::new(
+        &config.service,
+        &components(),
+        crate::time::Timestamp::now(),
+    );
+    {
+        let metrics = metrics.clone();
+        let mut held = held_rx.clone();
+        tokio::spawn(async move {
+            while held.changed().await.is_ok() {
+                let now = *held.borrow_and_update();
+                metrics.lease_held.store(now, Ordering::Relaxed);
+            }
+        });
+    }
+    let lease_task = tokio::spawn(store::lease::keep(
+        js.clone(),
+        lease,
+        config.lease.ttl,
+        lease_stop_rx,
+        held_tx,
+    ));
+
     // Home Assistant follows KV presence; started once the engine owns it.
     let ha_task = config
         .homeassistant
@@ -232,6 +259,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                 site.clone(),
                 zones,
                 js.clone(),
+                held_rx.clone(),
                 stop_rx.clone(),
             ))
         });
@@ -265,6 +293,10 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     // Drain: stop input, let ingest store what it holds, then stop the
     // engine and the rest, all within engine.drain_timeout.
     let drain = async {
+        // The lease goes first: clients see this service's keys as stale
+        // from the moment it starts to stop.
+        let _ = lease_stop_tx.send(true);
+        let _ = lease_task.await;
         let _ = sources_stop_tx.send(true);
         for (name, task, _) in source_tasks {
             match task.await {
@@ -317,6 +349,12 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         Some(msg) => Err(anyhow::anyhow!(msg)),
         None => Ok(()),
     }
+}
+
+/// The components this daemon runs, as its lease announces them.
+fn components() -> Vec<crate::acl::access::Component> {
+    use crate::acl::access::Component;
+    vec![Component::Ingest, Component::Engine]
 }
 
 /// Rehydration reads every zone at once; glibc keeps that peak mapped

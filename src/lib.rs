@@ -12,9 +12,11 @@
 //!   runner that consumes `SENSORS` and writes KV `presence`/`debounce`.
 //! - [`store`]: JetStream plumbing: provisioning, CAS writes, rehydration.
 //! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
+//! - [`client`], [`cmd`]: the state-first clients and the command sender.
 
 pub mod acl;
 pub mod client;
+pub mod cmd;
 pub mod config;
 pub mod daemon;
 pub mod engine;

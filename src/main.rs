@@ -48,6 +48,12 @@ enum Command {
         /// JSON lines instead of a table.
         #[arg(long)]
         json: bool,
+        /// Read the hub's mirror of the site instead of the leaf.
+        #[arg(long)]
+        hub: bool,
+        /// Site whose hub mirror to read (default: the config's site).
+        #[arg(long, requires = "hub")]
+        site: Option<String>,
     },
     /// Print the health of the site's hub mirrors: lag, last contact, stall.
     Status {
@@ -85,6 +91,9 @@ enum Command {
         #[command(subcommand)]
         kind: presenced::natsconf::Kind,
     },
+    /// Send a command to the site's engine (manual override of a zone).
+    #[command(subcommand)]
+    Cmd(presenced::cmd::CmdArgs),
     /// Print the version.
     Version,
 }
@@ -154,10 +163,11 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => match Config::load_valid(&file) {
             Ok(cfg) => {
                 println!(
-                    "{}: ok (site {}, {} zone(s), {} MQTT source(s), {} serial source(s))",
+                    "{}: ok (site {}, {} zone(s), {} person(s), {} MQTT source(s), {} serial source(s))",
                     file.display(),
                     cfg.site,
                     cfg.zones.len(),
+                    cfg.persons.len(),
                     cfg.mqtt.len(),
                     cfg.serial.len()
                 );
@@ -197,11 +207,22 @@ fn main() -> ExitCode {
             init_tracing(Some("warn"));
             Ok(runtime()?.block_on(presenced::hub::mirrors::provision_hub_cli(&args))?)
         })(),
-        Command::Watch { config, pattern, json } => load(&config).and_then(|cfg| {
+        Command::Watch { config, pattern, json, hub, site } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            let source = match hub {
+                false => client::Source::Leaf,
+                true => client::Source::Hub(Site::new(site.as_deref().unwrap_or(&cfg.site))?),
+            };
+            runtime()?.block_on(async {
+                let client = connect_client(&cfg).await?;
+                client::watch(client, source, &pattern, json).await
+            })
+        }),
+        Command::Cmd(args) => load(&args.common().config).and_then(|cfg| {
             init_tracing(Some("warn"));
             runtime()?.block_on(async {
                 let client = connect_client(&cfg).await?;
-                client::watch(client, &pattern, json).await
+                presenced::cmd::run(client, &cfg.site, &args).await
             })
         }),
         Command::Status { config, json } => load(&config).and_then(|cfg| {

@@ -36,6 +36,8 @@ pub struct Metrics {
     /// `sources::ld2410::RejectKind::ALL`).
     pub serial_frame_rejects: [AtomicU64; 6],
     pub ready: AtomicBool,
+    /// The holder's view of its lease in KV `owners`.
+    pub lease_held: AtomicBool,
     /// Hub mirror health, when `[hub]` is configured.
     pub mirrors: std::sync::RwLock<Mirrors>,
 }
@@ -293,6 +295,12 @@ impl Metrics {
                 "gauge",
                 "Serial sources whose device is open.",
                 get(&self.serial_connected),
+            ),
+            (
+                "presenced_lease_held",
+                "gauge",
+                "1 while this service's lease in KV owners is held (last renewal younger than lease.ttl).",
+                flag(&self.lease_held),
             ),
             (
                 "presenced_ready",

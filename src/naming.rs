@@ -149,6 +149,16 @@ impl Site {
         format!("cmd.{}.presence.>", self.0)
     }
 
+    /// The zone a command subject is for: the rest after
+    /// `cmd.<site>.presence.`, which is not a valid zone id when it has
+    /// more tokens; `None` for a subject of another site or keyspace.
+    pub fn cmd_zone<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix("cmd.")?
+            .strip_prefix(self.0.as_str())?
+            .strip_prefix(".presence.")
+    }
+
     /// Every live reading subject of this site.
     pub fn live_filter(&self) -> String {
         format!("live.{}.>", self.0)
@@ -173,6 +183,21 @@ impl fmt::Display for Site {
 /// daemon reaches the hub (`$JS.hub.API`).
 pub fn domain_api_prefix(domain: &str) -> String {
     format!("$JS.{domain}.API")
+}
+
+/// KV `presence` key of a person: `person.<id>`. The dot keeps people
+/// apart from zones, whose ids are single tokens, so a person and a zone
+/// may share an id.
+pub fn person_key(person: &str) -> String {
+    format!("{PERSON_KEY_PREFIX}{person}")
+}
+
+/// What every person's key in KV `presence` starts with.
+pub const PERSON_KEY_PREFIX: &str = "person.";
+
+/// True for a key of KV `presence`: a zone id, or `person.<id>`.
+pub fn is_presence_key(key: &str) -> bool {
+    is_token(key) || key.strip_prefix(PERSON_KEY_PREFIX).is_some_and(is_token)
 }
 
 /// Name of the stream behind a KV bucket.
@@ -319,6 +344,10 @@ mod tests {
         assert_eq!(s.rejected_subject("mqtt-main"), "rejected.home.mqtt-main");
         assert_eq!(s.audit_subject("engine"), "audit.events.home.engine");
         assert_eq!(s.cmd_subject("hall"), "cmd.home.presence.hall");
+        assert_eq!(s.cmd_zone(&s.cmd_subject("hall")), Some("hall"));
+        assert_eq!(s.cmd_zone("cmd.home.presence.a.b"), Some("a.b"));
+        assert_eq!(s.cmd_zone("cmd.homer.presence.hall"), None);
+        assert_eq!(s.cmd_zone("cmd.home.debounce.hall"), None);
         assert_eq!(s.live_subject("pir"), "live.home.pir");
         assert_eq!(s.hub_mirror("presence"), "presence-home");
         assert_eq!(domain_api_prefix(&s.leaf_domain()), "$JS.leaf-home.API");
@@ -327,5 +356,11 @@ mod tests {
             js::hub_stream_info("SENSORS-home"),
             "$JS.hub.API.STREAM.INFO.SENSORS-home"
         );
+        assert_eq!(person_key("alice"), "person.alice");
+        assert!(is_presence_key("hall"));
+        assert!(is_presence_key("person.alice"));
+        assert!(!is_presence_key("person."));
+        assert!(!is_presence_key("person.a.b"));
+        assert!(!is_presence_key("room.alice"));
     }
 }

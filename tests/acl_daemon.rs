@@ -1,5 +1,6 @@
-//! The daemon under the generated ACL: the whole pipeline with no
-//! violation, and a missing grant that is logged, audited and fatal.
+//! The daemon under the generated ACL: the whole pipeline (commands
+//! included) with no violation, and a missing grant that is logged,
+//! audited and fatal.
 
 mod common;
 mod support;
@@ -47,9 +48,10 @@ async fn site(mqtt: &Mosquitto, runs: &str) -> Site1 {
     let dir = tempfile::tempdir().unwrap();
     let admin = identity::keygen("admin", &dir.path().join("admin.seed")).unwrap();
     let svc = identity::keygen("presenced", &dir.path().join("presenced.seed")).unwrap();
+    let operator = identity::keygen("operator", &dir.path().join("operator.seed")).unwrap();
     let access = format!(
-        "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = {runs}\n",
-        admin.public_key, svc.public_key
+        "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = {runs}\n[services.operator]\nnkey = \"{}\"\nreads = [\"commands\"]\n",
+        admin.public_key, svc.public_key, operator.public_key
     );
     let access_path = dir.path().join("access.toml");
     std::fs::write(&access_path, access).unwrap();
@@ -120,6 +122,46 @@ async fn the_pipeline_runs_under_the_generated_acl_without_violation() {
             .is_some_and(|z| z.state == presenced::engine::Presence::Occupied)
     })
     .await;
+    // A command from an identity granted `commands` is answered; the
+    // engine's own identity may answer but not ask.
+    let op_cfg = s.dir.path().join("operator.toml");
+    std::fs::write(
+        &op_cfg,
+        config(&s.base, "operator", &s.dir.path().join("operator.seed")),
+    )
+    .unwrap();
+    let cmd = |config: &Path| {
+        support::daemon::run_presenced(
+            &[
+                "cmd",
+                "override",
+                "lab",
+                "vacant",
+                "--for",
+                "1h",
+                "--timeout",
+                "3s",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            &[],
+        )
+    };
+    let out = cmd(&op_cfg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("lab: vacant, held until"));
+    let svc_cfg = s.dir.path().join("presenced.toml");
+    std::fs::write(&svc_cfg, &cfg).unwrap();
+    let out = cmd(&svc_cfg);
+    assert!(
+        !out.status.success(),
+        "the engine's identity sent a command"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no reply on cmd.test.presence.lab"));
     let (_, metrics) = support::http_get(http, "/metrics").unwrap();
     assert!(
         metrics.contains("presenced_permission_violations_total 0"),
@@ -127,6 +169,51 @@ async fn the_pipeline_runs_under_the_generated_acl_without_violation() {
     );
     assert!(
         !d.log().contains("permission violation"),
+        "{}",
+        d.log_tail()
+    );
+
+    // The lease: written and released with exactly the granted operations.
+    let owners = s.admin_js.get_key_value("owners").await.unwrap();
+    assert!(
+        owners.get("presenced").await.unwrap().is_some(),
+        "the daemon holds owners.presenced under the ACL"
+    );
+    // `get` as the service: its identity may not read owners, so the stale
+    // flag is unknown, said once, and the value is still shown.
+    let cfg_path = s.dir.path().join("service.toml");
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    let out = support::daemon::run_presenced(
+        &[
+            "get",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "lab",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["stale"].is_null(), "{v}");
+    assert_eq!(v["value"]["zone"], "lab");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stale flags are unknown") && err.contains("reads = [\"owners\"]"),
+        "{err}"
+    );
+    let mut d = d;
+    assert!(d.terminate().success(), "{}", d.log_tail());
+    assert!(
+        owners.get("presenced").await.unwrap().is_none(),
+        "a graceful stop releases the lease"
+    );
+    assert!(
+        d.log().contains("lease released") && !d.log().contains("permission violation"),
         "{}",
         d.log_tail()
     );

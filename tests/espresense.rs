@@ -96,4 +96,11 @@ async fn a_boundary_phone_stays_put_and_a_real_move_switches_once() {
     .collect();
     assert_eq!(got, want, "entered the office, no bouncing, one move");
     assert_eq!(stream_messages(&js, "REJECTED").await, 0);
+    // The preset gave alice a presence entry of her own, under person.alice.
+    eventually("person.alice occupied", Duration::from_secs(10), || async {
+        zone(&js, "person.alice")
+            .await
+            .is_some_and(|z| z.state.as_str() == "occupied")
+    })
+    .await;
 }

@@ -5,7 +5,7 @@
 mod common;
 mod support;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream;
 use common::*;
 use presenced::naming::{self, Site};
 use std::net::SocketAddr;
@@ -47,21 +47,6 @@ fn hub_args(hub: &Hub) -> String {
     hub.client_urls().join(",")
 }
 
-/// The owners bucket is provisioned with the leases; created here when the
-/// leaf does not have it yet, so its hub mirror has a source.
-async fn ensure_owners(leaf: &NatsServer) {
-    let js = jetstream::new(async_nats::connect(leaf.url()).await.unwrap());
-    if js.get_key_value(naming::OWNERS_BUCKET).await.is_err() {
-        js.create_key_value(kv::Config {
-            bucket: naming::OWNERS_BUCKET.into(),
-            history: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
-}
-
 fn provision_hub(hub: &Hub, extra: &[&str]) -> String {
     let servers = hub_args(hub);
     let mut args = vec!["provision-hub", "--server", &servers, "--site", SITE];
@@ -97,7 +82,6 @@ async fn topology() -> Topology {
     let config_path = dir.path().join("presenced.toml");
     std::fs::write(&config_path, config).unwrap();
     provision(&config_path);
-    ensure_owners(&leaf).await;
     provision_hub(&hub, &[]);
     let daemon = Daemon::start_at(&config_path, &[]);
     let http = SocketAddr::from(([127, 0, 0, 1], http_port));

@@ -2,12 +2,11 @@
 # keyspace is refused by the server, and the daemon reports the violation
 # to AUDIT.
 #
-# The engine instance is given the ingest's grants on purpose: its writes
-# to KV `presence` are then outside its keyspace.
+# The engine instance is left without its component in the map on
+# purpose: its writes to KV `presence` are then outside its keyspace.
 #
-# Depends on features still being built: `presenced keygen` (assumed to
-# write the seed to --out and the public key to <out>.pub), `presenced acl`
-# and the daemon's AUDIT records of permission violations. The keys are
+# `presenced keygen` writes the seed to --out and prints the public key on
+# stdout, which is kept beside the seed as <out>.pub. The keys are
 # made at build time and their public halves read back at evaluation time
 # (import from derivation), which is fine for a test and never done for a
 # real site, whose seeds must not enter the store.
@@ -19,7 +18,7 @@ let
   keys = pkgs.runCommand "presenced-acl-test-keys" { nativeBuildInputs = [ presenced ]; } ''
     mkdir "$out"
     for service in admin ingest engine; do
-      presenced keygen "$service" --out "$out/$service.nk"
+      presenced keygen "$service" --out "$out/$service.nk" > "$out/$service.nk.pub"
     done
   '';
   publicKey = service: pkgs.lib.fileContents "${keys}/${service}.nk.pub";
@@ -46,19 +45,20 @@ in
         enable = true;
         authorization = {
           enable = true;
-          access.services = {
-            admin = {
-              nkey = publicKey "admin";
-              role = "admin";
-            };
-            ingest = {
-              nkey = publicKey "ingest";
-              role = "ingest";
-            };
-            # Wrong on purpose: the engine gets the ingest's grants.
-            engine = {
-              nkey = publicKey "engine";
-              role = "ingest";
+          access = {
+            admin.nkey = publicKey "admin";
+            services = {
+              ingest = {
+                nkey = publicKey "ingest";
+                runs = [ "ingest" ];
+              };
+              # Wrong on purpose: the engine instance runs no component in
+              # the map, so it may read SENSORS but write no keyspace.
+              engine = {
+                nkey = publicKey "engine";
+                runs = [ ];
+                reads = [ "sensors" ];
+              };
             };
           };
         };

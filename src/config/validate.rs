@@ -35,7 +35,10 @@ pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
         check_hub(hub, &mut p);
     }
     for (name, zone) in &config.zones {
-        check_zone(name, zone, &producers, &mut p);
+        check_zone("zones", name, zone, &producers, &mut p);
+    }
+    for (name, person) in &config.persons {
+        check_zone("persons", name, person, &producers, &mut p);
     }
     p.0
 }
@@ -92,6 +95,9 @@ fn check_top(config: &Config, p: &mut Problems) {
     }
     positive(p, "nats.connect_timeout", config.nats.connect_timeout);
     positive(p, "nats.request_timeout", config.nats.request_timeout);
+    if let Some(tls) = &config.nats.tls {
+        check_tls(tls, p);
+    }
 
     if config.ingest.buffer < 1 {
         p.push("ingest.buffer", "must be at least 1, got 0");
@@ -110,6 +116,41 @@ fn check_top(config: &Config, p: &mut Problems) {
         );
     }
     positive(p, "engine.drain_timeout", config.engine.drain_timeout);
+
+    let ttl = config.lease.ttl;
+    if ttl.subsec_nanos() != 0 || ttl < crate::store::lease::MIN_TTL {
+        p.push(
+            "lease.ttl",
+            format!(
+                "{} is not allowed: use whole seconds, at least {}s (the server expires leases on a 1 s tick and the lease is renewed every third of it)",
+                humantime::format_duration(ttl),
+                crate::store::lease::MIN_TTL.as_secs()
+            ),
+        );
+    }
+}
+
+fn check_tls(tls: &crate::config::NatsTls, p: &mut Problems) {
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(_), None) => p.push(
+            "nats.tls.key_file",
+            "is missing: a client certificate (cert_file) needs its private key",
+        ),
+        (None, Some(_)) => p.push(
+            "nats.tls.cert_file",
+            "is missing: a private key (key_file) needs its client certificate",
+        ),
+        _ => {}
+    }
+    for (field, path) in [
+        ("nats.tls.ca_file", &tls.ca_file),
+        ("nats.tls.cert_file", &tls.cert_file),
+        ("nats.tls.key_file", &tls.key_file),
+    ] {
+        if path.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+            p.push(field, "is empty: give a file path or leave it out");
+        }
+    }
 }
 
 fn check_hub(hub: &super::HubWatch, p: &mut Problems) {
@@ -805,13 +846,26 @@ fn check_locator(s: &str) -> Result<(), String> {
     }
 }
 
-fn check_zone(name: &str, zone: &ZoneConfig, producers: &Producers, p: &mut Problems) {
-    let at = format!("zones.{name}");
+/// Checks a zone (`section` = "zones") or a person ("persons"): both are
+/// entries of KV `presence` with the same state machine.
+fn check_zone(
+    section: &str,
+    name: &str,
+    zone: &ZoneConfig,
+    producers: &Producers,
+    p: &mut Problems,
+) {
+    let at = format!("{section}.{name}");
     if !naming::is_token(name) {
+        let kind = if section == "persons" {
+            "person id"
+        } else {
+            "zone name"
+        };
         p.push(
             at.clone(),
             format!(
-                "zone name {name:?} is invalid (it is a KV key and subject token): {TOKEN_FORM}"
+                "{kind} {name:?} is invalid (it is part of a KV key and subject): {TOKEN_FORM}"
             ),
         );
     }

@@ -6,9 +6,16 @@
 //! instants nothing changes, so cutting the same span of time into more or
 //! fewer calls (a crash and restart in between, an idle timer wake-up) gives
 //! the same transitions at the same instants.
+//!
+//! A manual override ([`set_override`]) is one more such instant: its end
+//! is stored in the zone value, visited by [`advance`] like a debounce
+//! deadline, and from there the evidence decides again.
 
+use super::command::OverrideRequest;
 use super::model::{Rule, ZoneModel};
-use super::{EvidenceState, Input, Pending, Presence, Transition, ZoneState, STATE_SCHEMA};
+use super::{
+    Cause, EvidenceState, Input, Override, Pending, Presence, Transition, ZoneState, STATE_SCHEMA,
+};
 use crate::observation::Reading;
 use crate::time::Timestamp;
 
@@ -34,6 +41,7 @@ pub fn initial_state(model: &ZoneModel, now: Timestamp) -> ZoneState {
         last_seq: 0,
         transitions: 0,
         pending: None,
+        manual: None,
         evidence: model.rules.iter().map(|r| neutral(&r.sensor)).collect(),
     };
     recompute(model, &mut state);
@@ -61,6 +69,16 @@ pub fn reconcile(model: &ZoneModel, state: &mut ZoneState) {
                 .unwrap_or_else(|| neutral(&rule.sensor))
         })
         .collect();
+    // An override holds the state it commanded; one that disagrees with
+    // the stored state is a contradiction, dropped rather than carried on.
+    if state
+        .manual
+        .as_ref()
+        .is_some_and(|m| m.state != state.state)
+    {
+        tracing::warn!(zone = %model.zone, "stored override disagrees with the stored state; dropped");
+        state.manual = None;
+    }
     // A pending timer exists exactly while arriving or leaving; repair a
     // state that says otherwise rather than carry the contradiction on.
     state.pending = match state.state {
@@ -114,7 +132,7 @@ pub fn apply(model: &ZoneModel, state: &mut ZoneState, input: &Input<'_>) -> Vec
         }
         if matched {
             recompute(model, state);
-            settle(model, state, Some(input.seq), &mut out);
+            settle(model, state, Some(input.seq), None, &mut out);
         }
     } else {
         tracing::warn!(
@@ -138,26 +156,101 @@ pub fn advance(model: &ZoneModel, state: &mut ZoneState, now: Timestamp) -> Vec<
     // Settles a state that was left unsettled (a fresh state whose prior is
     // above the threshold, a reconciled one) at the instant it was left so,
     // not at whatever time this call happens to run.
-    recompute(model, state);
-    settle(model, state, None, &mut out);
+    resettle(model, state, &mut out);
     while let Some(d) = next_deadline(model, state) {
         if d > now {
             break;
         }
         state.clock = d;
-        recompute(model, state);
-        settle(model, state, None, &mut out);
+        resettle(model, state, &mut out);
     }
     state.clock = state.clock.max(now);
-    recompute(model, state);
-    settle(model, state, None, &mut out);
+    resettle(model, state, &mut out);
     out
+}
+
+/// Ends an override that is due at the zone's clock, re-evaluates the
+/// evidence and runs the FSM; moves right after an expiry carry that cause.
+fn resettle(model: &ZoneModel, state: &mut ZoneState, out: &mut Vec<Transition>) {
+    let expired = state
+        .manual
+        .as_ref()
+        .is_some_and(|m| m.until <= state.clock);
+    if expired {
+        state.manual = None;
+    }
+    recompute(model, state);
+    let cause = expired.then_some(Cause::OverrideExpired);
+    settle(model, state, None, cause, out);
+}
+
+/// Applies a manual override at `now` (or the zone's clock, if later):
+/// first advances time to then, firing due timers, then holds the zone in
+/// the commanded state until `now + duration`. Replaces an override in
+/// force. The move into the commanded state, if any, carries the cause.
+///
+/// The request is validated by [`super::command`]; a state other than
+/// occupied or vacant, or a zero duration, changes nothing here either.
+pub fn set_override(
+    model: &ZoneModel,
+    state: &mut ZoneState,
+    request: &OverrideRequest,
+    now: Timestamp,
+) -> Vec<Transition> {
+    let t = now.max(state.clock);
+    let mut out = advance(model, state, t);
+    let until = t.plus(request.duration);
+    if !matches!(request.state, Presence::Occupied | Presence::Vacant) || until <= t {
+        return out;
+    }
+    state.manual = Some(Override {
+        state: request.state,
+        since: t,
+        until,
+        by: request.by.clone(),
+        reason: request.reason.clone(),
+    });
+    if state.state != request.state {
+        let cause = Cause::Override {
+            by: request.by.clone(),
+            reason: request.reason.clone(),
+            until,
+        };
+        out.push(transition(state, request.state, None, Some(cause)));
+        state.transitions += 1;
+        state.state = request.state;
+        state.since = t;
+    }
+    state.pending = None;
+    out
+}
+
+/// Ends the override in force at `now` (or the zone's clock, if later);
+/// the FSM then resumes from the evidence of that instant, through the
+/// normal debounce. Returns whether an override was in force, and the
+/// transitions (those of timers due by then included).
+pub fn clear_override(
+    model: &ZoneModel,
+    state: &mut ZoneState,
+    by: &str,
+    now: Timestamp,
+) -> (bool, Vec<Transition>) {
+    let t = now.max(state.clock);
+    let mut out = advance(model, state, t);
+    if state.manual.take().is_none() {
+        return (false, out);
+    }
+    recompute(model, state);
+    let cause = Cause::OverrideCleared { by: by.to_owned() };
+    settle(model, state, None, Some(cause), &mut out);
+    (true, out)
 }
 
 /// The next instant at which the zone's state changes without input.
 pub fn next_deadline(model: &ZoneModel, state: &ZoneState) -> Option<Timestamp> {
     let clock = state.clock;
     let pending = state.pending.map(|p| p.deadline);
+    let manual = state.manual.as_ref().map(|m| m.until);
     let evidence = model
         .rules
         .iter()
@@ -167,7 +260,8 @@ pub fn next_deadline(model: &ZoneModel, state: &ZoneState) -> Option<Timestamp> 
             let goes_stale = rule.stale_after.zip(ev.observed_at).map(|(s, t)| t.plus(s));
             [hold_ends, goes_stale]
         });
-    std::iter::once(pending)
+    [pending, manual]
+        .into_iter()
         .chain(evidence)
         .flatten()
         .filter(|&t| t > clock)
@@ -282,6 +376,10 @@ fn recompute(model: &ZoneModel, state: &mut ZoneState) {
 
 /// The FSM's next move from the current state, confidence and clock.
 fn decide(model: &ZoneModel, state: &ZoneState) -> Option<(Presence, Option<Pending>)> {
+    if state.manual.is_some() {
+        // Held as commanded; the evidence decides again at expiry.
+        return None;
+    }
     let c = state.confidence;
     let now = state.clock;
     let due = |fallback: bool| state.pending.map_or(fallback, |p| p.deadline <= now);
@@ -307,22 +405,40 @@ fn decide(model: &ZoneModel, state: &ZoneState) -> Option<(Presence, Option<Pend
     }
 }
 
-/// Runs the FSM until it is stable, recording each move.
-fn settle(model: &ZoneModel, state: &mut ZoneState, seq: Option<u64>, out: &mut Vec<Transition>) {
+/// The next transition of `state` to `to` at the zone's clock.
+fn transition(
+    state: &ZoneState,
+    to: Presence,
+    seq: Option<u64>,
+    cause: Option<Cause>,
+) -> Transition {
+    Transition {
+        v: STATE_SCHEMA,
+        zone: state.zone.clone(),
+        number: state.transitions + 1,
+        from: state.state,
+        to,
+        at: state.clock,
+        confidence: state.confidence,
+        seq,
+        cause,
+    }
+}
+
+/// Runs the FSM until it is stable, recording each move; `cause` goes on
+/// the first move only (what follows is ordinary debounce).
+fn settle(
+    model: &ZoneModel,
+    state: &mut ZoneState,
+    seq: Option<u64>,
+    mut cause: Option<Cause>,
+    out: &mut Vec<Transition>,
+) {
     for _ in 0..MAX_FSM_STEPS {
         let Some((to, pending)) = decide(model, state) else {
             return;
         };
-        let transition = Transition {
-            v: STATE_SCHEMA,
-            zone: state.zone.clone(),
-            number: state.transitions + 1,
-            from: state.state,
-            to,
-            at: state.clock,
-            confidence: state.confidence,
-            seq,
-        };
+        let transition = transition(state, to, seq, cause.take());
         tracing::debug!(
             zone = %transition.zone,
             number = transition.number,
@@ -805,6 +921,166 @@ mod tests {
         assert_eq!(back.evidence[0].value, Some(Reading::Number(x)));
         advance(&m, &mut back, at(1));
         assert_eq!(back.evidence[0].active, Some(false));
+    }
+
+    fn hold(state: Presence, secs: u64) -> OverrideRequest {
+        OverrideRequest {
+            state,
+            duration: Duration::from_secs(secs),
+            by: "ann".into(),
+            reason: Some("cleaning".into()),
+        }
+    }
+
+    #[test]
+    fn override_holds_against_evidence_then_resumes_through_debounce() {
+        let mut m = zone(vec![rule("pir", 0.9, 0.1)]);
+        m.leave_after = Duration::from_secs(10);
+        let mut s = initial_state(&m, at(0));
+        apply(&m, &mut s, &input(1, "pir", Reading::Bool(false), 0));
+        let out = set_override(&m, &mut s, &hold(Occupied, 30), at(1_000));
+        assert_eq!(moves(&out), [(Vacant, Occupied, at(1_000), None)]);
+        assert_eq!(
+            out[0].cause,
+            Some(Cause::Override {
+                by: "ann".into(),
+                reason: Some("cleaning".into()),
+                until: at(31_000)
+            })
+        );
+        let manual = s.manual.clone().unwrap();
+        assert_eq!(
+            (manual.state, manual.since, manual.until),
+            (Occupied, at(1_000), at(31_000))
+        );
+        assert_eq!((s.state, s.since, s.pending), (Occupied, at(1_000), None));
+        // Evidence is still taken in, but moves nothing.
+        let out = apply(&m, &mut s, &input(2, "pir", Reading::Bool(false), 5_000));
+        assert!(out.is_empty());
+        assert!((s.confidence - 0.1).abs() < 1e-12);
+        assert_eq!(s.last_seq, 2);
+        assert_eq!(next_deadline(&m, &s), Some(at(31_000)));
+        assert!(advance(&m, &mut s, at(30_999)).is_empty());
+        let out = advance(&m, &mut s, at(31_000));
+        assert_eq!(moves(&out), [(Occupied, Leaving, at(31_000), None)]);
+        assert_eq!(out[0].cause, Some(Cause::OverrideExpired));
+        assert_eq!(s.manual, None);
+        assert_eq!(s.pending.map(|p| p.deadline), Some(at(41_000)));
+        let out = advance(&m, &mut s, at(50_000));
+        assert_eq!(moves(&out), [(Leaving, Vacant, at(41_000), None)]);
+        assert_eq!(out[0].cause, None);
+    }
+
+    #[test]
+    fn vacant_override_ends_in_arriving_when_evidence_says_occupied() {
+        let mut m = zone(vec![rule("pir", 0.9, 0.1)]);
+        m.arrive_after = Duration::from_secs(2);
+        let mut s = initial_state(&m, at(0));
+        let out = set_override(&m, &mut s, &hold(Vacant, 10), at(0));
+        assert!(out.is_empty(), "already vacant: nothing to move");
+        assert!(s.manual.is_some());
+        assert!(apply(&m, &mut s, &input(1, "pir", Reading::Bool(true), 1_000)).is_empty());
+        assert_eq!(s.state, Vacant);
+        let out = advance(&m, &mut s, at(60_000));
+        assert_eq!(
+            moves(&out),
+            [
+                (Vacant, Arriving, at(10_000), None),
+                (Arriving, Occupied, at(12_000), None)
+            ]
+        );
+        assert_eq!(out[0].cause, Some(Cause::OverrideExpired));
+        assert_eq!(out[1].cause, None);
+    }
+
+    #[test]
+    fn override_cancels_a_pending_debounce_and_replaces_an_older_override() {
+        let mut m = zone(vec![rule("pir", 0.9, 0.1)]);
+        m.arrive_after = Duration::from_secs(5);
+        let mut s = initial_state(&m, at(0));
+        apply(&m, &mut s, &input(1, "pir", Reading::Bool(true), 0));
+        assert_eq!(s.state, Arriving);
+        let out = set_override(&m, &mut s, &hold(Vacant, 60), at(1_000));
+        assert_eq!(moves(&out), [(Arriving, Vacant, at(1_000), None)]);
+        assert_eq!(s.pending, None);
+        let out = set_override(&m, &mut s, &hold(Occupied, 5), at(2_000));
+        assert_eq!(moves(&out), [(Vacant, Occupied, at(2_000), None)]);
+        assert_eq!(s.manual.as_ref().map(|m| m.until), Some(at(7_000)));
+        // Evidence still says occupied: the end of the override moves nothing.
+        assert!(advance(&m, &mut s, at(10_000)).is_empty());
+        assert_eq!((s.state, s.manual.is_none()), (Occupied, true));
+    }
+
+    #[test]
+    fn clear_ends_an_override_and_the_evidence_decides_at_once() {
+        let m = zone(vec![rule("pir", 0.9, 0.1)]);
+        let mut s = initial_state(&m, at(0));
+        assert_eq!(clear_override(&m, &mut s, "bob", at(500)), (false, vec![]));
+        set_override(&m, &mut s, &hold(Occupied, 600), at(1_000));
+        apply(&m, &mut s, &input(1, "pir", Reading::Bool(false), 2_000));
+        let (was, out) = clear_override(&m, &mut s, "bob", at(3_000));
+        assert!(was);
+        assert_eq!(
+            moves(&out),
+            [
+                (Occupied, Leaving, at(3_000), None),
+                (Leaving, Vacant, at(3_000), None)
+            ]
+        );
+        assert_eq!(
+            out[0].cause,
+            Some(Cause::OverrideCleared { by: "bob".into() })
+        );
+        assert_eq!(s.manual, None);
+        assert_eq!(next_deadline(&m, &s), None);
+    }
+
+    #[test]
+    fn override_end_survives_a_reload_and_fires_at_its_instant() {
+        let mut m = zone(vec![rule("pir", 0.9, 0.1)]);
+        m.leave_after = Duration::from_secs(1);
+        let mut s = initial_state(&m, at(0));
+        set_override(&m, &mut s, &hold(Occupied, 1_800), at(0));
+        apply(&m, &mut s, &input(1, "pir", Reading::Bool(false), 1));
+        // Written before overrides existed: no "override" key at all.
+        let mut old = initial_state(&m, at(0));
+        old.manual = None;
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("override"), "{json}");
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains(r#""override":{"state":"occupied""#), "{json}");
+        let mut back: ZoneState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        let out = advance(&m, &mut back, at(7_200_000));
+        assert_eq!(
+            moves(&out),
+            [
+                (Occupied, Leaving, at(1_800_000), None),
+                (Leaving, Vacant, at(1_801_000), None)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unusable_override_changes_nothing() {
+        let m = zone(vec![rule("pir", 0.9, 0.1)]);
+        let mut s = initial_state(&m, at(0));
+        let before = s.clone();
+        assert!(set_override(&m, &mut s, &hold(Arriving, 10), at(0)).is_empty());
+        assert!(set_override(&m, &mut s, &hold(Occupied, 0), at(0)).is_empty());
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn reconcile_keeps_an_override_and_drops_a_contradictory_one() {
+        let m = zone(vec![rule("pir", 0.9, 0.1)]);
+        let mut s = initial_state(&m, at(0));
+        set_override(&m, &mut s, &hold(Occupied, 10), at(0));
+        reconcile(&m, &mut s);
+        assert!(s.manual.is_some());
+        s.state = Vacant;
+        reconcile(&m, &mut s);
+        assert_eq!(s.manual, None);
     }
 
     #[test]

@@ -6,13 +6,16 @@
 //! was killed and restarted in between: the state is round-tripped through
 //! the KV bucket and nothing else is remembered.
 
+pub mod command;
 pub mod core;
 pub mod model;
 pub mod runner;
 #[cfg(test)]
 mod tests;
 
-pub use self::core::{advance, apply, initial_state, next_deadline, reconcile};
+pub use self::core::{
+    advance, apply, clear_override, initial_state, next_deadline, reconcile, set_override,
+};
 pub use self::model::{Model, Rule, ZoneModel};
 
 use crate::observation::Reading;
@@ -88,8 +91,52 @@ pub struct ZoneState {
     /// Number of transitions so far; the next one gets `transitions + 1`.
     pub transitions: u64,
     pub pending: Option<Pending>,
+    /// A manual override in force: the FSM holds `state` until it expires.
+    /// Absent from values written before overrides existed, hence optional
+    /// on the wire as well.
+    #[serde(rename = "override", default, skip_serializing_if = "Option::is_none")]
+    pub manual: Option<Override>,
     /// One entry per evidence rule, in config order.
     pub evidence: Vec<EvidenceState>,
+}
+
+/// A manual override, as recorded in the zone value.
+///
+/// While it is in force the zone stays in `state` whatever the sensors say
+/// (their readings are still applied, so confidence stays current); at
+/// `until` it ends by itself and the state machine resumes from the
+/// evidence of that instant, through the normal debounce.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Override {
+    /// `occupied` or `vacant`.
+    pub state: Presence,
+    /// When the engine applied it.
+    pub since: Timestamp,
+    /// When it ends by itself: a durable deadline like a debounce one.
+    pub until: Timestamp,
+    /// Who asked, as the command said (informational: the server's ACL
+    /// decides who may send commands at all).
+    pub by: String,
+    /// Why, as the command said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Why a transition happened when it was not the evidence alone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Cause {
+    /// A manual override was applied.
+    Override {
+        by: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        until: Timestamp,
+    },
+    /// An override ran out; the evidence decides again.
+    OverrideExpired,
+    /// An override was ended early by a `clear` command.
+    OverrideCleared { by: String },
 }
 
 /// A state change, published to `EVENTS`.
@@ -106,8 +153,12 @@ pub struct Transition {
     pub at: Timestamp,
     pub confidence: f64,
     /// `SENSORS` sequence of the observation that caused it; `None` when a
-    /// timer caused it.
+    /// timer or a command caused it.
     pub seq: Option<u64>,
+    /// Set when an override (or its end) caused it; absent for the
+    /// evidence and debounce moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
 }
 
 /// One reading as the core sees it.

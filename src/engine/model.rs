@@ -76,9 +76,11 @@ pub struct Model {
 impl Model {
     pub fn from_config(cfg: &Config) -> Model {
         let zones: BTreeMap<String, ZoneModel> = cfg
-            .zones
-            .iter()
-            .map(|(name, z)| (name.clone(), ZoneModel::from_config(name, z)))
+            .presence_entries()
+            .map(|(key, z)| {
+                let model = ZoneModel::from_config(&key, z);
+                (key, model)
+            })
             .collect();
         let mut by_sensor: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (name, zone) in &zones {

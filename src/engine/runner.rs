@@ -9,10 +9,18 @@
 //! redelivers the batch; already applied observations are skipped by
 //! sequence and republished transitions are dropped as duplicates, so the
 //! trajectory is the same as if the daemon had never stopped.
+//!
+//! Commands (`cmd.<site>.presence.<zone>`, request/reply) are handled in
+//! the same loop as the batches, so one owner changes zone state at a
+//! time. A command is applied through the core, committed like a batch
+//! (EVENTS, then the zone value carrying the override and its end), and
+//! only then answered: a reply means the result is durable. A crash
+//! before the commit loses the command and the client sees no reply.
 
+use super::command::{self, Command, CommandError, ErrorKind, Reply};
 use super::{
-    advance, apply, initial_state, next_deadline, reconcile, Input, Model, Pending, Presence,
-    Transition, ZoneState,
+    advance, apply, clear_override, initial_state, next_deadline, reconcile, set_override, Input,
+    Model, Pending, Presence, Transition, ZoneState,
 };
 use crate::metrics::Metrics;
 use crate::naming::{self, Site};
@@ -39,6 +47,11 @@ pub enum RunnerError {
     Rehydrate(#[from] kvstore::KvError),
     #[error("consuming SENSORS failed: {0}")]
     Consume(async_nats::Error),
+    #[error("cannot subscribe to commands on {subject}: {source}")]
+    Commands {
+        subject: String,
+        source: async_nats::SubscribeError,
+    },
 }
 
 /// The value of key `<zone>` in KV `debounce`.
@@ -588,6 +601,84 @@ impl Runner {
         Ok(())
     }
 
+    /// Validates and applies one command, makes the result durable, and
+    /// builds the reply.
+    async fn execute(&mut self, subject: &str, payload: &[u8]) -> Result<Reply, CommandError> {
+        let zone = self
+            .site
+            .cmd_zone(subject)
+            .filter(|z| self.slots.contains_key(*z))
+            .ok_or_else(|| CommandError {
+                kind: ErrorKind::UnknownZone,
+                message: format!(
+                    "subject {subject:?}: no zone {:?} is configured on site {} (zones: {})",
+                    self.site.cmd_zone(subject).unwrap_or(subject),
+                    self.site,
+                    zone_list(self.slots.keys())
+                ),
+            })?
+            .to_owned();
+        let command = command::parse(payload)?;
+        let (Some(zm), Some(slot)) = (self.model.zones.get(&zone), self.slots.get_mut(&zone))
+        else {
+            return Err(CommandError {
+                kind: ErrorKind::UnknownZone,
+                message: format!("zone {zone:?} has no model"),
+            });
+        };
+        let now = Timestamp::now();
+        let (changed, transitions) = match &command {
+            Command::Override(request) => (true, set_override(zm, &mut slot.state, request, now)),
+            Command::Clear { by } => clear_override(zm, &mut slot.state, by, now),
+        };
+        self.commit_with_retry(BTreeSet::from([zone.clone()]), transitions)
+            .await;
+        self.update_gauges();
+        let slot = self.slots.get(&zone).ok_or_else(|| CommandError {
+            kind: ErrorKind::Unavailable,
+            message: format!("zone {zone:?} vanished while committing"),
+        })?;
+        match &command {
+            Command::Override(r) => tracing::info!(
+                zone = %zone,
+                state = r.state.as_str(),
+                until = ?slot.state.manual.as_ref().map(|m| m.until.to_string()),
+                by = %r.by,
+                reason = r.reason.as_deref().unwrap_or(""),
+                "manual override applied"
+            ),
+            Command::Clear { by } => {
+                tracing::info!(zone = %zone, by = %by, changed, state = slot.state.state.as_str(), "manual override cleared")
+            }
+        }
+        Ok(Reply::done(&slot.state, changed, slot.presence_rev))
+    }
+
+    /// Answers one command message.
+    async fn command(&mut self, client: &async_nats::Client, msg: async_nats::Message) {
+        let reply = match self.execute(&msg.subject, &msg.payload).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, kind = e.kind.as_str(), error = %e.message, "command refused");
+                Reply::error(self.site.cmd_zone(&msg.subject), e)
+            }
+        };
+        let Some(reply_to) = msg.reply else {
+            tracing::warn!(subject = %msg.subject, ok = reply.ok, "command without a reply subject (send it as a request to see the result)");
+            return;
+        };
+        let body = match serde_json::to_vec(&reply) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a command reply");
+                return;
+            }
+        };
+        if let Err(e) = client.publish(reply_to, Bytes::from(body)).await {
+            tracing::warn!(subject = %msg.subject, error = %e, "cannot send a command reply");
+        }
+    }
+
     /// Consumes `SENSORS` and fires timers until `shutdown` turns true.
     pub async fn run(
         mut self,
@@ -606,6 +697,15 @@ impl Runner {
         )
         .await?;
         self.backlog = info.num_pending;
+        let client = self.js.client();
+        let cmd_subject = self.site.cmd_filter();
+        let mut commands = client
+            .subscribe(cmd_subject.clone())
+            .await
+            .map_err(|source| RunnerError::Commands {
+                subject: cmd_subject,
+                source,
+            })?;
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(self.batch)
@@ -637,6 +737,9 @@ impl Runner {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
+                // Before SENSORS: commands are rare, and a steady flood of
+                // observations must not starve them (the select is biased).
+                Some(msg) = commands.next() => self.command(&client, msg).await,
                 m = messages.next() => match m {
                     Some(Ok(first)) => {
                         let mut batch = vec![first];
@@ -667,4 +770,14 @@ impl Runner {
         }
         Ok(())
     }
+}
+
+/// A short list of zone names for an error message.
+fn zone_list<'a>(zones: impl Iterator<Item = &'a String>) -> String {
+    let mut names: Vec<&str> = zones.map(String::as_str).take(11).collect();
+    if names.len() > 10 {
+        names.truncate(10);
+        names.push("...");
+    }
+    names.join(", ")
 }

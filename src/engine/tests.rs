@@ -1,9 +1,15 @@
 //! Crash equivalence of the core, as a property: a run that is killed,
 //! reloaded from JSON, fed redeliveries and woken at odd times produces the
 //! same transitions and the same final state as a run that never stopped.
+//! Manual overrides and their early ends are part of the input: their
+//! expiry is a deadline like any other.
 
+use super::command::OverrideRequest;
 use super::model::{Rule, ZoneModel};
-use super::{advance, apply, initial_state, Input, Presence, Transition, ZoneState};
+use super::{
+    advance, apply, clear_override, initial_state, set_override, Input, Presence, Transition,
+    ZoneState,
+};
 use crate::observation::Reading;
 use crate::time::Timestamp;
 use proptest::prelude::*;
@@ -23,6 +29,41 @@ struct Obs {
     /// fractions (per mille) of the gap.
     idle: Vec<u16>,
     crash: Option<Crash>,
+    /// A command handled just before the observation, at its time.
+    cmd: Option<Cmd>,
+}
+
+#[derive(Clone, Debug)]
+enum Cmd {
+    Override { occupied: bool, millis: u64 },
+    Clear,
+}
+
+fn cmd() -> impl Strategy<Value = Cmd> {
+    prop_oneof![
+        3 => (any::<bool>(), 1..8_000u64).prop_map(|(occupied, millis)| Cmd::Override { occupied, millis }),
+        1 => Just(Cmd::Clear),
+    ]
+}
+
+/// Applies a command at `t` (both runs do this the same way).
+fn command(model: &ZoneModel, state: &mut ZoneState, cmd: &Cmd, t: Timestamp) -> Vec<Transition> {
+    match cmd {
+        Cmd::Override { occupied, millis } => {
+            let request = OverrideRequest {
+                state: if *occupied {
+                    Presence::Occupied
+                } else {
+                    Presence::Vacant
+                },
+                duration: Duration::from_millis(*millis),
+                by: "test".into(),
+                reason: None,
+            };
+            set_override(model, state, &request, t)
+        }
+        Cmd::Clear => clear_override(model, state, "test", t).1,
+    }
 }
 
 /// A kill just before an observation is applied.
@@ -118,13 +159,15 @@ fn obs() -> impl Strategy<Value = Obs> {
         prop_oneof![4 => 0..4_000i64, 2 => Just(0i64), 1 => -1_500..0i64],
         prop::collection::vec(0..=1000u16, 0..3),
         prop::option::weighted(0.3, crash),
+        prop::option::weighted(0.15, cmd()),
     )
-        .prop_map(|(sensor, value, gap, idle, crash)| Obs {
+        .prop_map(|(sensor, value, gap, idle, crash, cmd)| Obs {
             sensor,
             value,
             gap,
             idle,
             crash,
+            cmd,
         })
 }
 
@@ -166,6 +209,10 @@ fn check(state: &ZoneState) -> Result<(), TestCaseError> {
         .evidence
         .iter()
         .all(|e| e.lr.is_finite() && e.lr > 0.0));
+    if let Some(m) = &state.manual {
+        prop_assert!(m.until > state.clock, "{:?} at {:?}", m, state.clock);
+        prop_assert_eq!(m.state, state.state);
+    }
     let in_debounce = matches!(state.state, Presence::Arriving | Presence::Leaving);
     prop_assert_eq!(state.pending.is_some(), in_debounce);
     if let Some(p) = state.pending {
@@ -211,6 +258,10 @@ fn reference(
             check(&state)?;
         }
         out.extend(advance(model, &mut state, at[i]));
+        if let Some(c) = &o.cmd {
+            out.extend(command(model, &mut state, c, at[i]));
+            check(&state)?;
+        }
         let sensor = SENSORS[o.sensor];
         if listens(model, sensor) {
             out.extend(apply(model, &mut state, &input(obs, at, i)));
@@ -282,6 +333,9 @@ fn crashing(
             )?;
         }
         out.extend(advance(model, &mut state, at[i]));
+        if let Some(c) = &o.cmd {
+            out.extend(command(model, &mut state, c, at[i]));
+        }
         if listens(model, SENSORS[o.sensor]) {
             out.extend(apply(model, &mut state, &input(obs, at, i)));
         }

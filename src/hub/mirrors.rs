@@ -63,7 +63,7 @@ pub fn mirrors(site: &Site) -> Vec<Mirror> {
 }
 
 /// The leaf's own config of a mirrored stream, as `presenced provision`
-/// creates it; `None` for sources provisioned elsewhere (`owners`).
+/// creates it; `None` for a source it does not create.
 pub fn local_source_config(site: &Site, mirror: &Mirror) -> Option<stream::Config> {
     match mirror.kind {
         SourceKind::Stream => provision::stream_configs(site)
@@ -77,6 +77,8 @@ pub fn local_source_config(site: &Site, mirror: &Mirror) -> Option<stream::Confi
                 max_messages_per_subject: b.history,
                 max_age: b.max_age,
                 storage: b.storage,
+                allow_message_ttl: b.limit_markers.is_some(),
+                subject_delete_marker_ttl: b.limit_markers,
                 ..Default::default()
             }),
     }
@@ -112,10 +114,11 @@ pub fn mirror_config(
         max_messages_per_subject: source.max_messages_per_subject,
         max_messages: source.max_messages,
         max_bytes: source.max_bytes,
-        // Lease keys expire by per-message TTL on the leaf; the mirror must
-        // accept the same headers or it would stall on the first lease.
+        // Lease keys expire by per-message TTL on the leaf; the mirror
+        // honours the same TTLs. Servers forbid delete markers on mirrors:
+        // the leaf's own markers arrive as mirrored messages instead.
         allow_message_ttl: source.allow_message_ttl,
-        subject_delete_marker_ttl: source.subject_delete_marker_ttl,
+        subject_delete_marker_ttl: None,
         // KV reads of the mirror (`get`, watch with history) go through
         // direct gets, as on the leaf.
         allow_direct: true,
@@ -470,6 +473,23 @@ mod tests {
         assert_eq!(c.num_replicas, 3);
         assert_eq!(c.max_messages_per_subject, 5);
         assert!(c.mirror_direct && c.subjects.is_empty());
+    }
+
+    #[test]
+    fn the_owners_mirror_keeps_ttls_but_no_delete_markers() {
+        let site = Site::new("home").unwrap();
+        let m = &mirrors(&site)[3];
+        let src = local_source_config(&site, m).unwrap();
+        assert!(
+            src.subject_delete_marker_ttl.is_some(),
+            "the leaf's owners bucket marks lapses"
+        );
+        let c = mirror_config(&site, m, &src, 3);
+        assert!(c.allow_message_ttl);
+        assert_eq!(
+            c.subject_delete_marker_ttl, None,
+            "servers forbid markers on mirrors"
+        );
     }
 
     #[test]

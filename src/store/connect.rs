@@ -3,7 +3,7 @@
 use crate::config::NatsConfig;
 use crate::metrics::Metrics;
 use async_nats::{ConnectOptions, Event};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +22,95 @@ pub enum ConnectError {
         url: String,
         source: async_nats::ConnectError,
     },
+    #[error("{field} = {path}: {reason}")]
+    TlsFile {
+        field: &'static str,
+        path: String,
+        reason: String,
+    },
+    /// The TLS handshake failed; `problem` says why in an operator's
+    /// words, with what to check.
+    #[error("TLS with {url} failed: {problem}")]
+    Tls { url: String, problem: String },
+}
+
+/// A TLS file of `[nats.tls]`, resolved and checked to hold what it
+/// should, so a wrong path is reported by its config field rather than as
+/// a handshake failure.
+fn tls_file(field: &'static str, path: &Path, marker: &str) -> Result<PathBuf, ConnectError> {
+    let fail = |reason: String| ConnectError::TlsFile {
+        field,
+        path: path.display().to_string(),
+        reason,
+    };
+    let resolved = crate::config::resolve_secret_path(path).map_err(fail)?;
+    let text = std::fs::read_to_string(&resolved)
+        .map_err(|e| fail(format!("cannot read {}: {e}", resolved.display())))?;
+    if !text.contains(marker) {
+        return Err(fail(format!(
+            "{} holds no PEM {marker:?} block",
+            resolved.display()
+        )));
+    }
+    Ok(resolved)
+}
+
+/// The TLS error inside a connect error, if the handshake is what failed
+/// (async-nats reports most handshake failures as I/O errors).
+fn rustls_error(e: &async_nats::ConnectError) -> Option<&rustls::Error> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(r) = c.downcast_ref::<rustls::Error>() {
+            return Some(r);
+        }
+        if let Some(inner) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
+            return Some(inner);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// Why a TLS handshake failed and what to check, or `None` when the
+/// failure was not about TLS.
+fn tls_problem(cfg: &NatsConfig, e: &async_nats::ConnectError) -> Option<String> {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as R};
+    let tls = cfg.tls.as_ref();
+    let trusted = match tls.and_then(|t| t.ca_file.as_ref()) {
+        Some(ca) => format!("the CA in nats.tls.ca_file ({})", ca.display()),
+        None if tls.is_some() => {
+            "the system's trusted CAs (nats.tls.ca_file is not set)".to_owned()
+        }
+        None => "the system's trusted CAs ([nats.tls] is not configured)".to_owned(),
+    };
+    let Some(r) = rustls_error(e) else {
+        return (e.kind() == async_nats::ConnectErrorKind::Tls)
+            .then(|| format!("{e}; check [nats.tls] (ca_file, cert_file, key_file)"));
+    };
+    let client_cert = tls.is_some_and(|t| t.cert_file.is_some());
+    let why = match r {
+        R::InvalidCertificate(C::UnknownIssuer) => {
+            format!("the server's certificate is not signed by {trusted}")
+        }
+        R::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "the server's certificate does not name the host in nats.url".to_owned()
+        }
+        R::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "the server's certificate has expired".to_owned()
+        }
+        R::AlertReceived(A::CertificateRequired | A::HandshakeFailure) if !client_cert => {
+            "the server requires a client certificate: set nats.tls.cert_file and nats.tls.key_file".to_owned()
+        }
+        R::AlertReceived(A::BadCertificate | A::UnknownCA | A::CertificateUnknown | A::CertificateRequired | A::HandshakeFailure) => {
+            "the server refused the client certificate in nats.tls.cert_file (is it signed by the CA the server's tls.ca_file names?)".to_owned()
+        }
+        _ => format!("check {trusted} and the client certificate, if any"),
+    };
+    Some(format!("{why} ({r})"))
 }
 
 /// Who connects: the service name (inbox prefix, audit subject) and where
@@ -53,6 +142,18 @@ fn options(
     if let Some(path) = &cfg.nkey_seed_file {
         let seed = crate::acl::identity::read_seed(path)?;
         opts = opts.nkey(seed);
+    }
+    if let Some(tls) = &cfg.tls {
+        opts = opts.require_tls(true);
+        if let Some(ca) = &tls.ca_file {
+            opts = opts.add_root_certificates(tls_file("nats.tls.ca_file", ca, "CERTIFICATE")?);
+        }
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            opts = opts.add_client_certificate(
+                tls_file("nats.tls.cert_file", cert, "CERTIFICATE")?,
+                tls_file("nats.tls.key_file", key, "PRIVATE KEY")?,
+            );
+        }
     }
     if let Some(service) = &who.service {
         // The ACL grants each service its own inbox prefix only.
@@ -145,14 +246,25 @@ pub async fn connect_as(
                 return Ok(client);
             }
             Err(source) => {
-                if deadline.is_some_and(|d| start.elapsed() >= d) {
-                    return Err(ConnectError::Connect {
-                        url: cfg.url.clone(),
-                        source,
+                let tls = tls_problem(cfg, &source);
+                // A caller with a deadline (the CLI) gets a TLS problem at
+                // once: waiting does not change a certificate.
+                if deadline.is_some_and(|d| tls.is_some() || start.elapsed() >= d) {
+                    let url = cfg.url.clone();
+                    return Err(match tls {
+                        Some(problem) => ConnectError::Tls { url, problem },
+                        None => ConnectError::Connect { url, source },
                     });
                 }
                 if !warned {
-                    tracing::warn!(url = %cfg.url, error = %source, "cannot connect to nats-server yet; retrying");
+                    if let Some(problem) = &tls {
+                        // A certificate problem rarely goes away by itself,
+                        // but a server certificate can be replaced: keep
+                        // trying, loudly.
+                        tracing::error!(url = %cfg.url, error = %problem, "TLS with nats-server failed; retrying");
+                    } else {
+                        tracing::warn!(url = %cfg.url, error = %source, "cannot connect to nats-server yet; retrying");
+                    }
                     warned = true;
                 }
                 tokio::time::sleep(delay).await;

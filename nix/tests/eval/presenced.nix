@@ -74,6 +74,11 @@ in
     expected = "home";
   };
 
+  testServiceDefaultsToInstanceName = {
+    expr = simple.services.presenced.instances.main.settings.service;
+    expected = "main";
+  };
+
   testNatsUrlDefaultsToLoopback = {
     expr = simple.services.presenced.instances.main.settings.nats.url;
     expected = "nats://127.0.0.1:4222";

@@ -1,0 +1,194 @@
+//! `presenced cmd`: sends a command to the site's engine over
+//! `cmd.<site>.presence.<zone>` and prints its reply.
+//!
+//! The request is validated here with the engine's own checks first, so a
+//! typo is caught before it travels; the engine checks again (other
+//! clients, e.g. `nats req`, send raw JSON).
+
+use crate::engine::command::{self, Reply, Request, COMMAND_SCHEMA};
+use crate::naming::{self, Site};
+use anyhow::Context as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Options every command takes.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Common {
+    /// The site's config (nats connection, identity, site id).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Print the engine's reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Longest wait for the engine's reply.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Who sends it, recorded with the override (default: $USER).
+    #[arg(long)]
+    pub by: Option<String>,
+}
+
+/// `presenced cmd ...`
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum CmdArgs {
+    /// Hold ZONE occupied or vacant for a while, whatever the sensors say;
+    /// then the sensors decide again, through the normal debounce.
+    Override {
+        zone: String,
+        /// `occupied` or `vacant`.
+        state: String,
+        /// How long, e.g. `30m`, `2h` (at most 30 days).
+        #[arg(long = "for")]
+        duration: String,
+        /// Why, recorded with the override.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// End ZONE's override now; the sensors decide again.
+    Clear {
+        zone: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+impl CmdArgs {
+    pub fn common(&self) -> &Common {
+        match self {
+            CmdArgs::Override { common, .. } | CmdArgs::Clear { common, .. } => common,
+        }
+    }
+
+    fn zone(&self) -> &str {
+        match self {
+            CmdArgs::Override { zone, .. } | CmdArgs::Clear { zone, .. } => zone,
+        }
+    }
+
+    /// The request this invocation sends.
+    pub fn request(&self) -> Request {
+        let by = self.common().by.clone().or_else(default_sender);
+        match self {
+            CmdArgs::Override {
+                state,
+                duration,
+                reason,
+                ..
+            } => Request {
+                v: COMMAND_SCHEMA,
+                op: "override".into(),
+                state: Some(state.clone()),
+                duration: Some(duration.clone()),
+                by,
+                reason: reason.clone(),
+            },
+            CmdArgs::Clear { .. } => Request {
+                v: COMMAND_SCHEMA,
+                op: "clear".into(),
+                by,
+                ..Request::default()
+            },
+        }
+    }
+}
+
+fn default_sender() -> Option<String> {
+    ["USER", "LOGNAME"]
+        .into_iter()
+        .find_map(|k| std::env::var(k).ok())
+        .filter(|u| !u.trim().is_empty())
+}
+
+/// Sends `request` for `zone` and waits for the reply.
+pub async fn send(
+    client: &async_nats::Client,
+    site: &Site,
+    zone: &str,
+    request: &Request,
+    timeout: Duration,
+) -> anyhow::Result<Reply> {
+    let subject = site.cmd_subject(zone);
+    let body = serde_json::to_vec(request)?;
+    let answer = tokio::time::timeout(timeout, client.request(subject.clone(), body.into())).await;
+    let msg = match answer {
+        Err(_) => anyhow::bail!(
+            "no reply on {subject} within {}: the command may or may not have been applied; check with `presenced get {zone}`",
+            humantime::format_duration(timeout)
+        ),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => anyhow::bail!(
+            "nobody answers commands on {subject}: is `presenced run` (with the engine) up for site {site}?"
+        ),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => anyhow::bail!(
+            "no reply on {subject}: the command may or may not have been applied; check with `presenced get {zone}` (an identity without the `commands` grant is refused by the server and sees this too)"
+        ),
+        Ok(r) => r.with_context(|| format!("request on {subject}"))?,
+    };
+    serde_json::from_slice(&msg.payload).with_context(|| {
+        format!(
+            "reply on {subject} is not a command reply: {:?}",
+            String::from_utf8_lossy(&msg.payload)
+        )
+    })
+}
+
+/// One line for an operator.
+pub fn describe(reply: &Reply) -> String {
+    let zone = reply.zone.as_deref().unwrap_or("?");
+    if let Some(e) = &reply.error {
+        return format!("{zone}: refused ({}): {}", e.kind.as_str(), e.message);
+    }
+    let state = reply.state.map_or("?", |s| s.as_str());
+    let held = match &reply.manual {
+        Some(m) => format!(
+            ", held until {} by {}{}",
+            m.until,
+            m.by,
+            m.reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        ),
+        None => ", no override".to_owned(),
+    };
+    let unchanged = if reply.changed == Some(false) {
+        " (nothing to do)"
+    } else {
+        ""
+    };
+    format!(
+        "{zone}: {state}{held}; confidence {:.1}%; rev {}{unchanged}",
+        reply.confidence.unwrap_or(0.0) * 100.0,
+        reply.revision.unwrap_or(0)
+    )
+}
+
+/// `presenced cmd`: validate, send, print; an error reply is an error.
+pub async fn run(client: async_nats::Client, site: &str, args: &CmdArgs) -> anyhow::Result<()> {
+    let site = Site::new(site)?;
+    let zone = args.zone();
+    if !naming::is_presence_key(zone) {
+        anyhow::bail!(
+            "{zone:?} is not a zone id ([a-z0-9_-], 1 to 64 characters) nor a person key (person.<id>)"
+        );
+    }
+    let request = args.request();
+    command::validate(&request).map_err(|e| anyhow::anyhow!("{}: {}", e.kind.as_str(), e))?;
+    let common = args.common();
+    let reply = send(&client, &site, zone, &request, common.timeout).await?;
+    if common.json {
+        println!("{}", serde_json::to_string(&reply)?);
+    }
+    if let Some(e) = &reply.error {
+        anyhow::bail!(
+            "the engine refused the command ({}): {}",
+            e.kind.as_str(),
+            e.message
+        );
+    }
+    if !common.json {
+        println!("{}", describe(&reply));
+    }
+    Ok(())
+}
