@@ -122,14 +122,6 @@ async fn provision_site(leaf: &NatsServer, hub_client: &async_nats::Client, site
     presenced::store::provision::provision(&client, site)
         .await
         .unwrap();
-    let js = jetstream::new(client);
-    js.create_key_value(kv::Config {
-        bucket: naming::OWNERS_BUCKET.into(),
-        history: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     for r in presenced::hub::mirrors::provision(hub_client, std::slice::from_ref(site), 3)
         .await
         .unwrap()
