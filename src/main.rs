@@ -36,6 +36,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Create or update the hub mirrors of one or more sites (hub admin).
+    ProvisionHub(presenced::hub::mirrors::ProvisionHubArgs),
     /// Print the presence of matching zones, then every change.
     Watch {
         #[arg(long, short)]
@@ -52,6 +54,13 @@ enum Command {
         /// Site whose hub mirror to read (default: the config's site).
         #[arg(long, requires = "hub")]
         site: Option<String>,
+    },
+    /// Print the health of the site's hub mirrors: lag, last contact, stall.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Print the presence of one zone.
     Get {
@@ -102,6 +111,12 @@ enum Command {
         /// Replace buckets that are not empty.
         #[arg(long)]
         force: bool,
+    },
+    /// Print the nats-server config of a leaf or a hub node rendered from
+    /// a TOML description.
+    NatsConfig {
+        #[command(subcommand)]
+        kind: presenced::natsconf::Kind,
     },
     /// Send a command to the site's engine (manual override of a zone).
     #[command(subcommand)]
@@ -171,6 +186,7 @@ fn main() -> ExitCode {
             print!("{}", presenced::acl::render::render(&access, &site));
             Ok(())
         })(),
+        Command::NatsConfig { kind } => presenced::natsconf::run(&kind).map_err(Into::into),
         Command::CheckConfig { file } => match Config::load_valid(&file) {
             Ok(cfg) => {
                 println!(
@@ -214,6 +230,10 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }),
+        Command::ProvisionHub(args) => (|| {
+            init_tracing(Some("warn"));
+            Ok(runtime()?.block_on(presenced::hub::mirrors::provision_hub_cli(&args))?)
+        })(),
         Command::Watch { config, pattern, json, hub, site } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));
             let source = match hub {
@@ -243,6 +263,15 @@ fn main() -> ExitCode {
         Command::Restore { config, snapshot, from_s3, force } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));
             runtime()?.block_on(presenced::archive::cli::restore(cfg, snapshot, from_s3, force))
+        }),
+        Command::Status { config, json } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(async {
+                let client = connect_client(&cfg).await?;
+                let hub = cfg.hub.clone().unwrap_or_default();
+                presenced::hub::health::print_status(&client, &Site::new(&cfg.site)?, &hub, json).await;
+                Ok(())
+            })
         }),
         Command::Get { config, zone, json } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));

@@ -166,7 +166,8 @@ impl Site {
     }
 
     /// Name of a hub mirror of one of this site's streams or buckets, e.g.
-    /// `SENSORS-<site>` or `presence-<site>`.
+    /// `SENSORS-<site>` or `presence-<site>` (and `snapshots-<site>` for
+    /// the object store).
     pub fn hub_mirror(&self, source: &str) -> String {
         format!("{}-{}", source, self.0)
     }
@@ -176,6 +177,13 @@ impl fmt::Display for Site {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// JetStream API prefix of a domain as seen from another domain across a
+/// leafnode link: how a hub mirror names its source on a leaf, and how the
+/// daemon reaches the hub (`$JS.hub.API`).
+pub fn domain_api_prefix(domain: &str) -> String {
+    format!("$JS.{domain}.API")
 }
 
 /// KV `presence` key of a person: `person.<id>`. The dot keeps people
@@ -271,6 +279,24 @@ pub mod js {
         format!("$JS.ACK.{stream}.{consumer}.>")
     }
 
+    /// Stream info of a hub stream, asked through the leafnode link (the
+    /// hub's domain prefix): how the daemon reads a hub mirror's health.
+    pub fn hub_stream_info(stream: &str) -> String {
+        format!(
+            "{}.STREAM.INFO.{stream}",
+            super::domain_api_prefix(super::HUB_DOMAIN)
+        )
+    }
+
+    /// Leader step-down of a hub stream through the leafnode link: how the
+    /// daemon makes a mirror resume after the link comes back.
+    pub fn hub_stream_leader_stepdown(stream: &str) -> String {
+        format!(
+            "{}.STREAM.LEADER.STEPDOWN.{stream}",
+            super::domain_api_prefix(super::HUB_DOMAIN)
+        )
+    }
+
     /// Flow-control replies of push consumers on `stream`.
     pub fn flow_control(stream: &str) -> String {
         format!("$JS.FC.{stream}.>")
@@ -339,10 +365,15 @@ mod tests {
         assert_eq!(s.cmd_zone("cmd.home.debounce.hall"), None);
         assert_eq!(s.live_subject("pir"), "live.home.pir");
         assert_eq!(s.hub_mirror("presence"), "presence-home");
+        assert_eq!(domain_api_prefix(&s.leaf_domain()), "$JS.leaf-home.API");
         assert_eq!(kv_subject(PRESENCE_BUCKET, "hall"), "$KV.presence.hall");
         assert_eq!(
             snapshot_name(&s, &["presence", "debounce"], "20261130T015800.123Z"),
             "home/debounce_presence/20261130T015800.123Z"
+        );
+        assert_eq!(
+            js::hub_stream_info("SENSORS-home"),
+            "$JS.hub.API.STREAM.INFO.SENSORS-home"
         );
         assert_eq!(person_key("alice"), "person.alice");
         assert!(is_presence_key("hall"));

@@ -197,6 +197,10 @@ enum Op {
     Serve,
     StreamCreate,
     StreamDelete,
+    /// Stream info of a hub mirror through the leaf link.
+    MirrorInfo,
+    /// Leader step-down of a hub mirror through the leaf link.
+    MirrorNudge,
 }
 
 fn rows() -> Vec<(&'static str, Op)> {
@@ -233,7 +237,29 @@ fn rows() -> Vec<(&'static str, Op)> {
     rows.push(("commands", Serve));
     rows.push(("jetstream", StreamCreate));
     rows.push(("jetstream", StreamDelete));
+    for k in MIRRORS {
+        rows.push((k, MirrorInfo));
+        rows.push((k, MirrorNudge));
+    }
     rows
+}
+
+/// Rows of the hub mirrors, by the leaf source they copy.
+const MIRRORS: [&str; 4] = [
+    "mirror-SENSORS",
+    "mirror-EVENTS",
+    "mirror-presence",
+    "mirror-owners",
+];
+
+/// The hub stream of a `mirror-<source>` row.
+fn mirror_stream(site: &Site, keyspace: &str) -> String {
+    let source = keyspace.trim_start_matches("mirror-");
+    presenced::hub::mirrors::mirrors(site)
+        .into_iter()
+        .find(|m| m.source == source)
+        .unwrap_or_else(|| panic!("no mirror of {source}"))
+        .stream()
 }
 
 /// What the ownership map allows.
@@ -245,6 +271,13 @@ fn expected(access: &Access, who: &str, keyspace: &str, op: Op) -> bool {
     let admin = who == "admin";
     if keyspace == "jetstream" {
         return admin;
+    }
+    if keyspace.starts_with("mirror-") {
+        // Only through the hub's domain prefix, which the admin's local
+        // API grant does not cover.
+        return access
+            .service(who)
+            .is_some_and(|s| s.runs(Component::Engine));
     }
     let k = Keyspace::parse(keyspace).unwrap();
     let svc = access.service(who);
@@ -750,6 +783,25 @@ async fn run(
             c.attempt(async {
                 js.delete_stream(format!("DOOMED-{who}")).await?;
                 Ok(())
+            })
+            .await
+        }
+        Op::MirrorInfo | Op::MirrorNudge => {
+            // This leaf has no hub: an allowed request finds no responder
+            // at once, a refused one is a violation. What is tested is
+            // whether the leaf lets it through.
+            let stream = mirror_stream(site, keyspace);
+            let subject = if op == Op::MirrorInfo {
+                naming::js::hub_stream_info(&stream)
+            } else {
+                naming::js::hub_stream_leader_stepdown(&stream)
+            };
+            c.attempt(async {
+                match c.client.request(subject, "{}".into()).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
             })
             .await
         }

@@ -220,6 +220,16 @@ pub fn service_permissions(service: &Service, site: &Site) -> Permissions {
             );
         }
     }
+    if service.runs(Component::Engine) {
+        // `[hub]` runs beside the engine: it reads each hub mirror through
+        // the leaf link and restarts one after the link comes back. The
+        // leaf-side sources it compares with are already readable.
+        let why = "hub mirrors: health through the leaf link, restart after the link returns";
+        for m in crate::hub::mirrors::mirrors(site) {
+            p.publish(js::hub_stream_info(&m.stream()), why);
+            p.publish(js::hub_stream_leader_stepdown(&m.stream()), why);
+        }
+    }
     p
 }
 

@@ -243,7 +243,9 @@ pub async fn list(config: Config, verify: bool, json: bool) -> anyhow::Result<()
                         .unwrap_or("-")
                         .to_owned()
                 }),
-                r.sha256.as_deref().map_or("-", |s| s.get(..12).unwrap_or(s)),
+                r.sha256
+                    .as_deref()
+                    .map_or("-", |s| s.get(..12).unwrap_or(s)),
                 short(&r.local_verified),
                 short(&r.remote_verified),
             );

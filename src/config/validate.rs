@@ -32,6 +32,9 @@ pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
     if let Some(ha) = &config.homeassistant {
         check_homeassistant(ha, &mut p);
     }
+    if let Some(hub) = &config.hub {
+        check_hub(hub, &mut p);
+    }
     for (name, zone) in &config.zones {
         check_zone("zones", name, zone, &producers, &mut p);
     }
@@ -252,6 +255,28 @@ fn check_archive(a: &ArchiveConfig, p: &mut Problems) {
                 p.push(field, "is empty: name the file holding the key");
             }
         }
+    }
+}
+
+fn check_hub(hub: &super::HubWatch, p: &mut Problems) {
+    positive(p, "hub.poll_interval", hub.poll_interval);
+    if hub.stall_after < hub.poll_interval * 2 {
+        p.push(
+            "hub.stall_after",
+            format!(
+                "must be at least twice hub.poll_interval ({}): a stall is seen across polls",
+                humantime::format_duration(hub.poll_interval)
+            ),
+        );
+    }
+    if hub.nudge_after < hub.poll_interval {
+        p.push(
+            "hub.nudge_after",
+            format!(
+                "must be at least hub.poll_interval ({})",
+                humantime::format_duration(hub.poll_interval)
+            ),
+        );
     }
 }
 
