@@ -12,6 +12,7 @@
 //!   runner that consumes `SENSORS` and writes KV `presence`/`debounce`.
 //! - [`store`]: JetStream plumbing: provisioning, CAS writes, rehydration.
 //! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
+//! - [`sandbox`]: a whole deployment on loopback (`presenced sandbox`).
 
 pub mod acl;
 pub mod client;
@@ -24,6 +25,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod naming;
 pub mod observation;
+pub mod sandbox;
 pub mod sources;
 pub mod store;
 pub mod systemd;
