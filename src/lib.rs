@@ -24,6 +24,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod naming;
+pub mod natsconf;
 pub mod observation;
 pub mod sandbox;
 pub mod sources;

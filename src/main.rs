@@ -89,6 +89,12 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         people: usize,
     },
+    /// Print the nats-server config of a leaf or a hub node rendered from
+    /// a TOML description.
+    NatsConfig {
+        #[command(subcommand)]
+        kind: presenced::natsconf::Kind,
+    },
     /// Print the version.
     Version,
 }
@@ -159,6 +165,7 @@ fn main() -> ExitCode {
             print!("{}", presenced::acl::render::render(&access, &site));
             Ok(())
         })(),
+        Command::NatsConfig { kind } => presenced::natsconf::run(&kind).map_err(Into::into),
         Command::CheckConfig { file } => match Config::load_valid(&file) {
             Ok(cfg) => {
                 println!(

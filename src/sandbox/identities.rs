@@ -161,10 +161,10 @@ pub fn ensure(plan: &Plan) -> Result<Identities, IdentityError> {
         leafnodes.push((s.site.clone(), ids.leafnode_public.clone()));
         sites.push(ids);
     }
-    write_private(
-        &plan.hub_authorization,
-        &render::render_hub(Some(&admin_public), &leafnodes),
-    )?;
+    let hub = render::render_hub(Some(&admin_public), &leafnodes);
+    for h in &plan.hub {
+        write_private(&h.authorization_path, &hub)?;
+    }
     Ok(Identities {
         admin_public,
         sites,
@@ -206,7 +206,7 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o077, 0);
-        let hub = std::fs::read_to_string(&p.hub_authorization).unwrap();
+        let hub = std::fs::read_to_string(&p.hub[2].authorization_path).unwrap();
         assert!(hub.contains(&a.sites[1].leafnode_public) && hub.contains(&a.admin_public));
         let include = std::fs::read_to_string(&p.sites[1].leaf.hub_nkey_include).unwrap();
         assert!(include.starts_with("# ") && include.contains("nkey: \"SU"));

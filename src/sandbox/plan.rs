@@ -48,6 +48,9 @@ pub struct HubNodePlan {
     pub store_dir: PathBuf,
     pub config_path: PathBuf,
     pub log_file: PathBuf,
+    /// The hub's `authorization` block, beside the config (nats-server
+    /// resolves includes against the config's directory).
+    pub authorization_path: PathBuf,
 }
 
 impl HubNodePlan {
@@ -77,7 +80,8 @@ pub struct LeafPlan {
     pub log_file: PathBuf,
     /// The `authorization` block generated from the site's access file.
     pub authorization_path: PathBuf,
-    /// `nkey: "SU..."`: the seed the leaf authenticates to the hub with.
+    /// `nkey: "SU..."`: the seed the leaf authenticates to the hub with;
+    /// beside the config, like every include.
     pub hub_nkey_include: PathBuf,
 }
 
@@ -136,8 +140,6 @@ pub struct Plan {
     /// One admin identity for the hub and every leaf: the seed a user
     /// hands to `nats --nkey`.
     pub admin_seed: PathBuf,
-    /// The hub's `authorization` block.
-    pub hub_authorization: PathBuf,
     /// `<pid> <name>` per line, for scripts and tests.
     pub pids_file: PathBuf,
     /// Present while a sandbox runs in this directory, and afterwards:
@@ -208,6 +210,7 @@ impl Plan {
                     leafnode_port: port(),
                     store_dir: hub_dir.join(&name).join("jetstream"),
                     config_path: hub_dir.join(&name).join("nats-server.conf"),
+                    authorization_path: hub_dir.join(&name).join("authorization.conf"),
                     log_file: dir.join("logs").join(format!("{name}.log")),
                     name,
                 }
@@ -231,7 +234,7 @@ impl Plan {
                     config_path: sdir.join("leaf").join("nats-server.conf"),
                     log_file: logs.join(format!("{id}-leaf.log")),
                     authorization_path: sdir.join("leaf").join("authorization.conf"),
-                    hub_nkey_include: keys.join("leafnode.conf"),
+                    hub_nkey_include: sdir.join("leaf").join("leafnode-nkey.conf"),
                 },
                 keys: SiteKeys {
                     service_seed: keys.join(format!("{SERVICE}.nk")),
@@ -253,7 +256,6 @@ impl Plan {
         }
         Ok(Plan {
             admin_seed: dir.join("keys").join("admin.nk"),
-            hub_authorization: hub_dir.join("authorization.conf"),
             pids_file: dir.join("pids"),
             marker: dir.join(MARKER),
             hub,
