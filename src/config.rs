@@ -33,6 +33,9 @@ pub struct Config {
     pub ingest: IngestConfig,
     #[serde(default)]
     pub engine: EngineConfig,
+    /// The liveness lease this service keeps in KV `owners`.
+    #[serde(default)]
+    pub lease: LeaseConfig,
     /// MQTT brokers to read, by source name (`[mqtt.<name>]`).
     #[serde(default)]
     pub mqtt: BTreeMap<String, MqttSource>,
@@ -192,6 +195,31 @@ fn default_batch() -> usize {
     1000
 }
 fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// The service's lease `owners.<service>`: clients mark the keys of a
+/// service whose lease is gone as stale.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// How long the lease outlives the last renewal (per-message TTL of
+    /// the lease key): after a crash, clients see this service's keys as
+    /// stale within this time (plus up to 1 s of server expiry tick).
+    /// Whole seconds, at least 3s; renewed every third of it.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            ttl: default_lease_ttl(),
+        }
+    }
+}
+
+fn default_lease_ttl() -> Duration {
     Duration::from_secs(10)
 }
 

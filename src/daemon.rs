@@ -221,6 +221,23 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         systemd::ready(&line);
     }));
 
+    // The lease says this service runs; clients mark its keyspaces stale
+    // once it is gone.
+    let (lease_stop_tx, lease_stop_rx) = watch::channel(false);
+    let (held_tx, held_rx) = watch::channel(false);
+    let lease = store::lease::Lease::new(
+        &config.service,
+        &components(),
+        crate::time::Timestamp::now(),
+    );
+    let lease_task = tokio::spawn(store::lease::keep(
+        js.clone(),
+        lease,
+        config.lease.ttl,
+        lease_stop_rx,
+        held_tx,
+    ));
+
     // Home Assistant follows KV presence; started once the engine owns it.
     let ha_task = config
         .homeassistant
@@ -232,6 +249,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                 site.clone(),
                 zones,
                 js.clone(),
+                held_rx.clone(),
                 stop_rx.clone(),
             ))
         });
@@ -254,6 +272,10 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     // Drain: stop input, let ingest store what it holds, then stop the
     // engine and the rest, all within engine.drain_timeout.
     let drain = async {
+        // The lease goes first: clients see this service's keys as stale
+        // from the moment it starts to stop.
+        let _ = lease_stop_tx.send(true);
+        let _ = lease_task.await;
         let _ = sources_stop_tx.send(true);
         for (name, task, _) in source_tasks {
             match task.await {
@@ -303,6 +325,12 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         Some(msg) => Err(anyhow::anyhow!(msg)),
         None => Ok(()),
     }
+}
+
+/// The components this daemon runs, as its lease announces them.
+fn components() -> Vec<crate::acl::access::Component> {
+    use crate::acl::access::Component;
+    vec![Component::Ingest, Component::Engine]
 }
 
 /// Rehydration reads every zone at once; glibc keeps that peak mapped

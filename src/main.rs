@@ -46,6 +46,12 @@ enum Command {
         /// JSON lines instead of a table.
         #[arg(long)]
         json: bool,
+        /// Read the hub's mirror of the site instead of the leaf.
+        #[arg(long)]
+        hub: bool,
+        /// Site whose hub mirror to read (default: the config's site).
+        #[arg(long, requires = "hub")]
+        site: Option<String>,
     },
     /// Print the presence of one zone.
     Get {
@@ -208,11 +214,15 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }),
-        Command::Watch { config, pattern, json } => load(&config).and_then(|cfg| {
+        Command::Watch { config, pattern, json, hub, site } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));
+            let source = match hub {
+                false => client::Source::Leaf,
+                true => client::Source::Hub(Site::new(site.as_deref().unwrap_or(&cfg.site))?),
+            };
             runtime()?.block_on(async {
                 let client = connect_client(&cfg).await?;
-                client::watch(client, &pattern, json).await
+                client::watch(client, source, &pattern, json).await
             })
         }),
         Command::Get { config, zone, json } => load(&config).and_then(|cfg| {

@@ -4,7 +4,7 @@
 
 mod support;
 
-use async_nats::jetstream::{self, kv, object_store, stream};
+use async_nats::jetstream::{self, object_store, stream};
 use futures::StreamExt;
 use presenced::acl::access::{Access, Component, Keyspace};
 use presenced::acl::violation::{self, Violation};
@@ -783,14 +783,8 @@ async fn provision(admin: &Conn, site: &Site) {
     presenced::store::provision::provision(&admin.client, site)
         .await
         .unwrap();
+    // `provision` creates KV owners (leases with per-message TTLs).
     let js = &admin.js;
-    js.create_key_value(kv::Config {
-        bucket: naming::OWNERS_BUCKET.to_owned(),
-        history: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     for b in [naming::SNAPSHOTS_OBJECT, naming::ARCHIVE_OBJECT] {
         js.create_object_store(object_store::Config {
             bucket: b.to_owned(),

@@ -107,6 +107,18 @@ fn check_top(config: &Config, p: &mut Problems) {
         );
     }
     positive(p, "engine.drain_timeout", config.engine.drain_timeout);
+
+    let ttl = config.lease.ttl;
+    if ttl.subsec_nanos() != 0 || ttl < crate::store::lease::MIN_TTL {
+        p.push(
+            "lease.ttl",
+            format!(
+                "{} is not allowed: use whole seconds, at least {}s (the server expires leases on a 1 s tick and the lease is renewed every third of it)",
+                humantime::format_duration(ttl),
+                crate::store::lease::MIN_TTL.as_secs()
+            ),
+        );
+    }
 }
 
 fn positive(p: &mut Problems, path: impl Into<String>, d: Duration) {

@@ -121,6 +121,16 @@ pub fn bucket_configs() -> Vec<kv::Config> {
             1,
             "pending debounce deadline of each zone; written by the engine",
         ),
+        // Leases carry their own TTL (`Nats-TTL` on each put); the subject
+        // delete marker makes a lapsed lease visible to watchers.
+        kv::Config {
+            limit_markers: Some(super::lease::MARKER_TTL),
+            ..base(
+                naming::OWNERS_BUCKET,
+                1,
+                "liveness lease of each service (per-message TTL); each service writes its own key",
+            )
+        },
     ]
 }
 

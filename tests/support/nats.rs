@@ -235,6 +235,14 @@ impl NatsServer {
         self.spawn();
     }
 
+    /// Starts the server again after [`NatsServer::kill`] or
+    /// [`NatsServer::stop`]: same ports, config and store, waiting until
+    /// ready.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "nats-server is still running");
+        self.spawn();
+    }
+
     /// Whether the server process is still alive.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
