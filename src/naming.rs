@@ -249,6 +249,12 @@ pub mod js {
     pub fn flow_control(stream: &str) -> String {
         format!("$JS.FC.{stream}.>")
     }
+
+    /// Everything in the JetStream API of `domain`, addressed by its
+    /// domain prefix (how `watch --hub` reaches the hub's mirrors).
+    pub fn domain_api_all(domain: &str) -> String {
+        format!("$JS.{domain}.API.>")
+    }
 }
 
 /// `Nats-Msg-Id` of a zone's n-th transition: stable across restarts, so a

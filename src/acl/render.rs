@@ -383,7 +383,11 @@ pub fn render_hub(admin: Option<&str>, leafnodes: &[(Site, String)]) -> String {
     let _ = writeln!(out, "authorization {{");
     let _ = writeln!(out, "  users = [");
     if let Some(admin) = admin {
-        let p = admin_permissions();
+        let mut p = admin_permissions();
+        p.publish(
+            js::domain_api_all(naming::HUB_DOMAIN),
+            "the hub's JetStream API by its domain prefix (watch --hub)",
+        );
         let _ = writeln!(
             out,
             "    # admin: provisions the hub mirrors, inspects; writes no keyspace"

@@ -339,6 +339,7 @@ fn start_all(
     for s in &plan.sites {
         provision(plan, s, exe, sup)?;
     }
+    provision_hub(plan, exe, sup)?;
     for s in &plan.sites {
         sup.spawn(
             &format!("{}-presenced", s.site),
@@ -389,6 +390,47 @@ fn provision(
             status: other.map_or_else(|| "timed out".to_owned(), |st| st.to_string()),
             log: s.provision_log.clone(),
             tail: log_tail(&s.provision_log, 30),
+        }),
+    }
+}
+
+/// `presenced provision-hub` as the admin: every site's mirrors on the
+/// hub, replicated on all three nodes.
+fn provision_hub(plan: &Plan, exe: &Path, sup: &mut Supervisor) -> Result<(), SandboxError> {
+    let servers = plan
+        .hub
+        .iter()
+        .map(|h| h.client_url())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "provision-hub".into(),
+        "--server".into(),
+        servers.into(),
+        "--replicas".into(),
+        plan.hub.len().to_string().into(),
+        "--nkey-seed-file".into(),
+        plan.admin_seed.clone().into(),
+    ];
+    for s in &plan.sites {
+        args.push("--site".into());
+        args.push(s.site.as_str().into());
+    }
+    let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let status = sup.run_once(
+        "hub-provision",
+        exe,
+        &args,
+        &plan.hub_provision_log,
+        READY_DEADLINE,
+    )?;
+    match status {
+        Some(st) if st.success() => Ok(()),
+        other => Err(SandboxError::Exited {
+            what: "presenced provision-hub".to_owned(),
+            status: other.map_or_else(|| "timed out".to_owned(), |st| st.to_string()),
+            log: plan.hub_provision_log.clone(),
+            tail: log_tail(&plan.hub_provision_log, 30),
         }),
     }
 }

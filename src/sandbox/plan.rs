@@ -140,6 +140,8 @@ pub struct Plan {
     /// One admin identity for the hub and every leaf: the seed a user
     /// hands to `nats --nkey`.
     pub admin_seed: PathBuf,
+    /// Output of `presenced provision-hub`.
+    pub hub_provision_log: PathBuf,
     /// `<pid> <name>` per line, for scripts and tests.
     pub pids_file: PathBuf,
     /// Present while a sandbox runs in this directory, and afterwards:
@@ -256,6 +258,7 @@ impl Plan {
         }
         Ok(Plan {
             admin_seed: dir.join("keys").join("admin.nk"),
+            hub_provision_log: dir.join("logs").join("hub-provision.log"),
             pids_file: dir.join("pids"),
             marker: dir.join(MARKER),
             hub,
