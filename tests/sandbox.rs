@@ -8,6 +8,7 @@ mod support;
 use presenced::engine::{Presence, ZoneState};
 use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -29,7 +30,16 @@ struct Sandbox {
 impl Sandbox {
     fn start(sites: usize) -> Sandbox {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(support::presenced_bin())
+        let mut command = Command::new(support::presenced_bin());
+        // A test killed on timeout must not leave the sandbox running.
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                Ok(())
+            });
+        }
+        let mut child = command
             .args(["sandbox", "--sites", &sites.to_string(), "--dir"])
             .arg(dir.path().join("sbx"))
             .env("NATS_SERVER", support::nats_server_bin())
@@ -257,18 +267,18 @@ async fn the_sandbox_runs_zones_change_on_leaf_and_hub_and_ctrl_c_leaves_nothing
     let zones: Vec<String> = ["hall", "kitchen", "living", "office"]
         .map(String::from)
         .to_vec();
-    for site in ["site-1", "site-2"] {
-        let leaf = admin_client_config(&dir, &format!("{site}/admin.toml"));
-        zones_change(&admin_js(&leaf).await, "presence", &zones).await;
-    }
-    let hub = admin_client_config(&dir, "site-1/hub-admin.toml");
-    let site = presenced::naming::Site::new("site-1").unwrap();
-    zones_change(
-        &admin_js(&hub).await,
-        &site.hub_mirror(presenced::naming::PRESENCE_BUCKET),
-        &zones,
-    )
-    .await;
+    // Both leaves and the hub's mirror of site-2, watched at once.
+    let leaf1 = admin_js(&admin_client_config(&dir, "site-1/admin.toml")).await;
+    let leaf2 = admin_js(&admin_client_config(&dir, "site-2/admin.toml")).await;
+    let hub = admin_js(&admin_client_config(&dir, "site-2/hub-admin.toml")).await;
+    let mirror = presenced::naming::Site::new("site-2")
+        .unwrap()
+        .hub_mirror(presenced::naming::PRESENCE_BUCKET);
+    tokio::join!(
+        zones_change(&leaf1, "presence", &zones),
+        zones_change(&leaf2, "presence", &zones),
+        zones_change(&hub, &mirror, &zones),
+    );
 
     sbx.signal(libc::SIGINT);
     let status = sbx.wait_exit(STOPPED);
