@@ -211,18 +211,20 @@ impl World {
                 }
             }
         }
-        // Motion: someone moving about triggers the PIR most seconds; it
-        // clears a few seconds after the last trigger.
+        // Motion: someone moving about triggers the PIR most seconds (a
+        // report at least every other second while it goes on, well within
+        // the zones' 6 s hold); it clears a few seconds after the last
+        // trigger.
         for r in 0..self.rooms.len() {
             let present = self.people.iter().any(|p| p.place == Place::Room(r));
-            let triggered = present && self.rng.chance(0.5);
+            let triggered = present && self.rng.chance(0.7);
             let room = &mut self.rooms[r];
             if triggered {
                 room.quiet = 0;
                 if !room.motion {
                     room.motion = true;
                     out.push(self.reading(r, "motion", r#"{"occupancy":true}"#.to_owned()));
-                } else if self.clock % 4 == 0 {
+                } else if self.clock % 2 == 0 {
                     // Real PIRs repeat their trigger while motion goes on.
                     out.push(self.reading(r, "motion", r#"{"occupancy":true}"#.to_owned()));
                 }
