@@ -44,6 +44,9 @@ pub struct Config {
     pub serial: BTreeMap<String, SerialSource>,
     /// Publish zones to Home Assistant through MQTT discovery.
     pub homeassistant: Option<HomeAssistant>,
+    /// Watch this site's hub mirrors through the leaf's link (`[hub]`);
+    /// absent for a site without a hub.
+    pub hub: Option<HubWatch>,
     /// Zones and the evidence that decides their presence (`[zones.<zone>]`).
     #[serde(default)]
     pub zones: BTreeMap<String, ZoneConfig>,
@@ -313,6 +316,50 @@ fn default_keep_alive() -> Duration {
 }
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
+}
+
+/// Health of the site's hub mirrors, read through the leafnode link
+/// (`[hub]`): lag, last contact, stalls, and the nudge after the link
+/// comes back (docs/OPERATIONS.md, "Hub mirrors").
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubWatch {
+    /// How often each mirror and its source are read.
+    #[serde(default = "default_hub_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long a mirror may make no progress while its source has moved on
+    /// before it counts as stalled (WARN log, metric, `/healthz`).
+    #[serde(default = "default_stall_after", with = "humantime_serde")]
+    pub stall_after: Duration,
+    /// Ask the hub to restart a mirror that is behind and has not heard
+    /// from its source for `nudge_after` (its leader steps down; the new
+    /// leader resumes at once instead of on the server's retry backoff).
+    #[serde(default = "yes")]
+    pub nudge: bool,
+    /// See `nudge`; also the least time between two nudges of a mirror.
+    #[serde(default = "default_nudge_after", with = "humantime_serde")]
+    pub nudge_after: Duration,
+}
+
+impl Default for HubWatch {
+    fn default() -> Self {
+        HubWatch {
+            poll_interval: default_hub_poll(),
+            stall_after: default_stall_after(),
+            nudge: true,
+            nudge_after: default_nudge_after(),
+        }
+    }
+}
+
+fn default_hub_poll() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_stall_after() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_nudge_after() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// Home Assistant MQTT discovery output (`[homeassistant]`).
@@ -1181,6 +1228,27 @@ p_false = 0.1
         let text = base(open).replace("sensor = \"s1\"\np_true", "sensor = \"anything\"\np_true");
         assert_eq!(paths(&text), Vec::<String>::new());
         assert_eq!(parse(&text).serial["esp"].baud_rate(), 115_200);
+    }
+
+    #[test]
+    fn hub_section_is_checked() {
+        let c = parse(&base("[hub]\n"));
+        let hub = c.hub.unwrap();
+        assert_eq!(hub.poll_interval, Duration::from_secs(1));
+        assert!(hub.nudge);
+        assert_eq!(paths(&base("[hub]\n")), Vec::<String>::new());
+        assert_eq!(
+            paths(&base(
+                "[hub]\npoll_interval = \"0s\"\nstall_after = \"1s\"\nnudge_after = \"500ms\"\n"
+            )),
+            ["hub.poll_interval"]
+        );
+        assert_eq!(
+            paths(&base(
+                "[hub]\npoll_interval = \"2s\"\nstall_after = \"3s\"\nnudge_after = \"1s\"\n"
+            )),
+            ["hub.stall_after", "hub.nudge_after"]
+        );
     }
 
     #[test]

@@ -254,6 +254,17 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             ))
         });
 
+    // Hub mirror health through the leaf link, when a hub is configured.
+    let hub_task = config.hub.clone().map(|cfg| {
+        tokio::spawn(crate::hub::health::run(
+            client.clone(),
+            site.clone(),
+            cfg,
+            metrics.clone(),
+            stop_rx.clone(),
+        ))
+    });
+
     let engine_failed = tokio::select! {
         _ = &mut term => {
             tracing::info!("stopping: signal received");
@@ -306,6 +317,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             }
         }
         let _ = mqtt_gauge.await;
+        if let Some(task) = hub_task {
+            let _ = task.await;
+        }
         if let Some(h) = http_task {
             let _ = h.await;
         }

@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod engine;
 pub mod homeassistant;
 pub mod http;
+pub mod hub;
 pub mod ingest;
 pub mod metrics;
 pub mod naming;

@@ -36,6 +36,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Create or update the hub mirrors of one or more sites (hub admin).
+    ProvisionHub(presenced::hub::mirrors::ProvisionHubArgs),
     /// Print the presence of matching zones, then every change.
     Watch {
         #[arg(long, short)]
@@ -52,6 +54,13 @@ enum Command {
         /// Site whose hub mirror to read (default: the config's site).
         #[arg(long, requires = "hub")]
         site: Option<String>,
+    },
+    /// Print the health of the site's hub mirrors: lag, last contact, stall.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Print the presence of one zone.
     Get {
@@ -214,6 +223,10 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }),
+        Command::ProvisionHub(args) => (|| {
+            init_tracing(Some("warn"));
+            Ok(runtime()?.block_on(presenced::hub::mirrors::provision_hub_cli(&args))?)
+        })(),
         Command::Watch { config, pattern, json, hub, site } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));
             let source = match hub {
@@ -223,6 +236,15 @@ fn main() -> ExitCode {
             runtime()?.block_on(async {
                 let client = connect_client(&cfg).await?;
                 client::watch(client, source, &pattern, json).await
+            })
+        }),
+        Command::Status { config, json } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(async {
+                let client = connect_client(&cfg).await?;
+                let hub = cfg.hub.clone().unwrap_or_default();
+                presenced::hub::health::print_status(&client, &Site::new(&cfg.site)?, &hub, json).await;
+                Ok(())
             })
         }),
         Command::Get { config, zone, json } => load(&config).and_then(|cfg| {

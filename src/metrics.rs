@@ -36,6 +36,28 @@ pub struct Metrics {
     /// `sources::ld2410::RejectKind::ALL`).
     pub serial_frame_rejects: [AtomicU64; 6],
     pub ready: AtomicBool,
+    /// Hub mirror health, when `[hub]` is configured.
+    pub mirrors: std::sync::RwLock<Mirrors>,
+}
+
+/// The last reading of the site's hub mirrors and what happened to them.
+#[derive(Debug, Default, Clone)]
+pub struct Mirrors {
+    /// Whether `[hub]` is configured (nothing is rendered otherwise).
+    pub watched: bool,
+    /// Whether the last poll reached the hub through the leaf link.
+    pub hub_reachable: bool,
+    pub report: Vec<crate::hub::health::Health>,
+    /// Stalls and nudges per mirror, since start.
+    pub stalls: std::collections::BTreeMap<String, u64>,
+    pub nudges: std::collections::BTreeMap<String, u64>,
+}
+
+/// Things that happen to a hub mirror and are counted.
+#[derive(Debug, Clone, Copy)]
+pub enum MirrorEvent {
+    Stall,
+    Nudge,
 }
 
 impl Metrics {
@@ -49,6 +71,101 @@ impl Metrics {
 
     pub fn set(gauge: &AtomicU64, v: u64) {
         gauge.store(v, Ordering::Relaxed);
+    }
+
+    fn mirrors_mut(&self) -> std::sync::RwLockWriteGuard<'_, Mirrors> {
+        self.mirrors.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the hub mirror health.
+    pub fn mirrors(&self) -> Mirrors {
+        self.mirrors
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts a stall or nudge of `mirror`.
+    pub fn mirror_event(&self, mirror: &str, event: MirrorEvent) {
+        let mut m = self.mirrors_mut();
+        let map = match event {
+            MirrorEvent::Stall => &mut m.stalls,
+            MirrorEvent::Nudge => &mut m.nudges,
+        };
+        *map.entry(mirror.to_owned()).or_default() += 1;
+    }
+
+    /// Stores the latest reading of every mirror.
+    pub fn set_mirrors(&self, hub_reachable: bool, report: Vec<crate::hub::health::Health>) {
+        let mut m = self.mirrors_mut();
+        m.watched = true;
+        m.hub_reachable = hub_reachable;
+        m.report = report;
+    }
+
+    fn render_mirrors(&self, out: &mut String) {
+        let m = self.mirrors();
+        if !m.watched {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "# HELP presenced_hub_reachable 1 if the last poll reached the hub through the leaf link.\n# TYPE presenced_hub_reachable gauge\npresenced_hub_reachable {}",
+            u64::from(m.hub_reachable)
+        );
+        type Row = fn(&crate::hub::health::Health) -> Option<u64>;
+        let gauges: [(&str, &str, Row); 4] = [
+            (
+                "presenced_mirror_lag_messages",
+                "Messages the leaf holds that the hub mirror lacks.",
+                |h| h.lag_messages,
+            ),
+            (
+                "presenced_mirror_lag_milliseconds",
+                "Age of the leaf's newest message minus the mirror's newest, when behind.",
+                |h| h.lag_seconds.map(|s| (s * 1000.0) as u64),
+            ),
+            (
+                "presenced_mirror_last_contact_milliseconds",
+                "Time since the hub last heard from the mirror's source.",
+                |h| h.last_contact_seconds.map(|s| (s * 1000.0) as u64),
+            ),
+            (
+                "presenced_mirror_stalled",
+                "1 while the mirror makes no progress and the leaf has more.",
+                |h| Some(u64::from(h.state == crate::hub::health::State::Stalled)),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for h in &m.report {
+                if let Some(v) = value(h) {
+                    let _ = writeln!(out, "{name}{{mirror=\"{}\"}} {v}", h.mirror);
+                }
+            }
+        }
+        for (name, help, map) in [
+            (
+                "presenced_mirror_stalls_total",
+                "Stalls of each hub mirror (also logged at WARN).",
+                &m.stalls,
+            ),
+            (
+                "presenced_mirror_nudges_total",
+                "Times the hub was asked to restart a mirror after its link came back.",
+                &m.nudges,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for h in &m.report {
+                let _ = writeln!(
+                    out,
+                    "{name}{{mirror=\"{}\"}} {}",
+                    h.mirror,
+                    map.get(&h.mirror).copied().unwrap_or(0)
+                );
+            }
+        }
     }
 
     /// Prometheus text exposition format, version 0.0.4.
@@ -201,6 +318,7 @@ impl Metrics {
         {
             let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", kind.label(), get(n));
         }
+        self.render_mirrors(&mut out);
         out
     }
 }

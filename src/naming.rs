@@ -155,7 +155,8 @@ impl Site {
     }
 
     /// Name of a hub mirror of one of this site's streams or buckets, e.g.
-    /// `SENSORS-<site>` or `presence-<site>`.
+    /// `SENSORS-<site>` or `presence-<site>` (and `snapshots-<site>` for
+    /// the object store).
     pub fn hub_mirror(&self, source: &str) -> String {
         format!("{}-{}", source, self.0)
     }
@@ -165,6 +166,13 @@ impl fmt::Display for Site {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// JetStream API prefix of a domain as seen from another domain across a
+/// leafnode link: how a hub mirror names its source on a leaf, and how the
+/// daemon reaches the hub (`$JS.hub.API`).
+pub fn domain_api_prefix(domain: &str) -> String {
+    format!("$JS.{domain}.API")
 }
 
 /// Name of the stream behind a KV bucket.
@@ -301,6 +309,7 @@ mod tests {
         assert_eq!(s.cmd_subject("hall"), "cmd.home.presence.hall");
         assert_eq!(s.live_subject("pir"), "live.home.pir");
         assert_eq!(s.hub_mirror("presence"), "presence-home");
+        assert_eq!(domain_api_prefix(&s.leaf_domain()), "$JS.leaf-home.API");
         assert_eq!(kv_subject(PRESENCE_BUCKET, "hall"), "$KV.presence.hall");
     }
 }

@@ -388,6 +388,12 @@ pub fn render_hub(admin: Option<&str>, leafnodes: &[(Site, String)]) -> String {
             js::domain_api_all(naming::HUB_DOMAIN),
             "the hub's JetStream API by its domain prefix (watch --hub)",
         );
+        for (site, _) in leafnodes {
+            p.publish(
+                js::domain_api_all(&site.leaf_domain()),
+                "each site's JetStream over its leafnode link (provision-hub reads the mirror sources)",
+            );
+        }
         let _ = writeln!(
             out,
             "    # admin: provisions the hub mirrors, inspects; writes no keyspace"

@@ -31,6 +31,9 @@ pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
     if let Some(ha) = &config.homeassistant {
         check_homeassistant(ha, &mut p);
     }
+    if let Some(hub) = &config.hub {
+        check_hub(hub, &mut p);
+    }
     for (name, zone) in &config.zones {
         check_zone(name, zone, &producers, &mut p);
     }
@@ -116,6 +119,28 @@ fn check_top(config: &Config, p: &mut Problems) {
                 "{} is not allowed: use whole seconds, at least {}s (the server expires leases on a 1 s tick and the lease is renewed every third of it)",
                 humantime::format_duration(ttl),
                 crate::store::lease::MIN_TTL.as_secs()
+            ),
+        );
+    }
+}
+
+fn check_hub(hub: &super::HubWatch, p: &mut Problems) {
+    positive(p, "hub.poll_interval", hub.poll_interval);
+    if hub.stall_after < hub.poll_interval * 2 {
+        p.push(
+            "hub.stall_after",
+            format!(
+                "must be at least twice hub.poll_interval ({}): a stall is seen across polls",
+                humantime::format_duration(hub.poll_interval)
+            ),
+        );
+    }
+    if hub.nudge_after < hub.poll_interval {
+        p.push(
+            "hub.nudge_after",
+            format!(
+                "must be at least hub.poll_interval ({})",
+                humantime::format_duration(hub.poll_interval)
             ),
         );
     }

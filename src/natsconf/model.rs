@@ -207,12 +207,18 @@ pub struct Cluster {
 pub struct LeafListen {
     #[serde(default = "default_leaf_listen")]
     pub listen: String,
+    /// Do not tell leaves the other nodes' leafnode addresses, so a leaf
+    /// only dials the URLs it lists: for nodes reached through addresses
+    /// they do not know themselves (NAT, a relay).
+    #[serde(default)]
+    pub no_advertise: bool,
 }
 
 impl Default for LeafListen {
     fn default() -> Self {
         LeafListen {
             listen: default_leaf_listen(),
+            no_advertise: false,
         }
     }
 }

@@ -227,6 +227,10 @@ pub fn hub(hub: &HubNode) -> String {
     t.comment("The sites' leaf nodes connect here.");
     t.open("leafnodes");
     t.line(&format!("listen: {}", quote(&hub.leafnodes.listen)));
+    if hub.leafnodes.no_advertise {
+        t.comment("Leaves dial only the URLs they list, not addresses this node knows.");
+        t.line("no_advertise: true");
+    }
     t.close();
     t.blank();
     authorization(&mut t, hub.authorization_include.as_deref());

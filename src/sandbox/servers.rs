@@ -32,6 +32,7 @@ pub fn hub_description(plan: &Plan, index: usize) -> Option<HubNode> {
     });
     node.leafnodes = LeafListen {
         listen: format!("127.0.0.1:{}", h.leafnode_port),
+        ..LeafListen::default()
     };
     node.authorization_include = Some(file_name(&h.authorization_path));
     Some(node)

@@ -2,7 +2,7 @@
 //! the leaf of a site linked to it, as the NixOS modules run them.
 
 use super::nats::{ClusterPorts, NatsOptions, NatsServer};
-use super::{free_port, http_get, wait};
+use super::{free_port, http_get, wait, Proxy};
 use presenced::naming::{Site, HUB_DOMAIN};
 use std::time::Duration;
 
@@ -72,14 +72,24 @@ impl Hub {
             .collect()
     }
 
-    /// Client URLs of every node, comma separated (async-nats accepts a
-    /// list and fails over between them).
-    pub fn client_urls(&self) -> String {
-        self.nodes
-            .iter()
-            .map(NatsServer::url)
-            .collect::<Vec<_>>()
-            .join(",")
+    /// Client URLs of every node (async-nats takes the list and fails
+    /// over between them).
+    pub fn client_urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+
+    /// One [`Proxy`] in front of each node's leafnode port: link a leaf
+    /// to [`LinkProxies::urls`] and cut its whole link at once.
+    pub fn link_proxies(&self) -> LinkProxies {
+        LinkProxies(
+            self.nodes
+                .iter()
+                .map(|n| {
+                    let port = n.leafnode_port.expect("hub nodes listen for leafnodes");
+                    Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                })
+                .collect(),
+        )
     }
 
     /// Number of leafnode connections all nodes together hold.
@@ -93,6 +103,27 @@ impl Hub {
                 v["leafnodes"].as_u64()
             })
             .sum::<u64>() as usize
+    }
+}
+
+/// Proxies in front of every hub node: a site's whole leafnode link.
+pub struct LinkProxies(pub Vec<Proxy>);
+
+impl LinkProxies {
+    pub fn urls(&self) -> Vec<String> {
+        self.0.iter().map(Proxy::leaf_url).collect()
+    }
+
+    pub fn cut(&self) {
+        for p in &self.0 {
+            p.cut();
+        }
+    }
+
+    pub fn restore(&self) {
+        for p in &self.0 {
+            p.restore();
+        }
     }
 }
 

@@ -338,6 +338,9 @@ fn render_config(opts: &NatsOptions, ports: &Ports, store_dir: &Path, log_path: 
             .leafnode_port
             .expect("a hub node always gets a leafnode port");
         hub.leafnodes.listen = format!("127.0.0.1:{leaf_port}");
+        // Leaves dial only what they list, so a test can put a proxy in
+        // the link and cut it.
+        hub.leafnodes.no_advertise = true;
         if let Some(cluster) = &opts.cluster {
             hub.cluster = Some(natsconf::Cluster {
                 name: "presenced-hub".into(),
