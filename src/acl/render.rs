@@ -493,6 +493,42 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_users_join_the_list_with_mqtt_only_connections() {
+        let a = access();
+        let site = Site::new("home").unwrap();
+        let m = MqttUser {
+            user: "sensors".into(),
+            password: "pw".into(),
+            summary: "sensors".into(),
+            publish: vec!["dev.>".into()],
+            subscribe: vec![],
+        };
+        let out = render_with_mqtt(&a, &site, std::slice::from_ref(&m));
+        assert!(out.starts_with(&render(&a, &site)[..200]));
+        assert!(out.ends_with("  ]\n}\n"), "{out}");
+        assert_eq!(out.matches("authorization {").count(), 1);
+        let tail = &out[out.find("MQTT user sensors").unwrap()..];
+        assert!(tail.contains("user: \"sensors\"") && tail.contains("password: \"pw\""));
+        assert!(tail.contains("allowed_connection_types: [\"MQTT\"]"));
+        assert!(tail.contains("\"dev.>\""));
+        // Nothing to subscribe to: deny all, not an empty (open) list.
+        assert!(tail.contains("deny: [\">\"]"), "{tail}");
+        assert_eq!(render_with_mqtt(&a, &site, &[]), render(&a, &site));
+    }
+
+    #[test]
+    fn the_hub_admits_leafnodes_as_leafnodes_only() {
+        let leaf = nkeys::KeyPair::new_user().public_key();
+        let admin = nkeys::KeyPair::new_user().public_key();
+        let site = Site::new("home").unwrap();
+        let out = render_hub(Some(&admin), &[(site, leaf.clone())]);
+        let at = out.find(&leaf).unwrap();
+        assert!(out[at..].contains("allowed_connection_types: [\"LEAFNODE\"]"));
+        assert!(out.contains("\"$JS.hub.API.>\"") && out.contains("\"$JS.leaf-home.API.>\""));
+        assert!(out.contains(&admin));
+    }
+
+    #[test]
     fn rendering_is_deterministic() {
         let a = access();
         let site = Site::new("home").unwrap();
