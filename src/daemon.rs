@@ -264,6 +264,22 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             stop_rx.clone(),
         ))
     });
+    // The archiver, when configured: snapshots and uploads beside the
+    // engine; a missing bucket or credential file fails the start.
+    let archive_task = match config.archive.clone() {
+        Some(cfg) => {
+            let archiver = crate::archive::worker::Archiver::start(
+                js.clone(),
+                site.clone(),
+                cfg,
+                metrics.clone(),
+            )
+            .await
+            .context("archive")?;
+            Some(tokio::spawn(archiver.run(stop_rx.clone())))
+        }
+        None => None,
+    };
 
     let engine_failed = tokio::select! {
         _ = &mut term => {
@@ -308,6 +324,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
         if engine_failed.is_none() {
             let _ = engine_task.await;
+        }
+        if let Some(task) = archive_task {
+            let _ = task.await;
         }
         if let Some(task) = ha_task {
             match task.await {

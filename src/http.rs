@@ -42,6 +42,14 @@ async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
             ));
         }
     }
+    if m.archive_enabled.load(Ordering::Relaxed) {
+        // Detail only: a slow S3 does not make the daemon unhealthy.
+        body.push_str(&format!(
+            "archive_pending: {}\narchive_s3_ok: {}\n",
+            m.archive_pending.load(Ordering::Relaxed),
+            m.archive_s3_ok.load(Ordering::Relaxed)
+        ));
+    }
     let code = if ready && nats {
         StatusCode::OK
     } else {

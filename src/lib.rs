@@ -11,10 +11,13 @@
 //! - [`engine`]: pure evidence fusion, debounce and state machine, plus the
 //!   runner that consumes `SENSORS` and writes KV `presence`/`debounce`.
 //! - [`store`]: JetStream plumbing: provisioning, CAS writes, rehydration.
+//! - [`archive`]: snapshots into the object store, uploaded to S3, and
+//!   restore.
 //! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
 //! - [`sandbox`]: a whole deployment on loopback (`presenced sandbox`).
 
 pub mod acl;
+pub mod archive;
 pub mod client;
 pub mod config;
 pub mod daemon;

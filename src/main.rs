@@ -110,6 +110,33 @@ enum Command {
         #[command(subcommand)]
         kind: presenced::natsconf::Kind,
     },
+    /// Take a snapshot now and queue it for upload.
+    Snapshot {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// List local and remote snapshots with state, size, age and sha256.
+    Snapshots {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Read every copy and check its sha256.
+        #[arg(long)]
+        verify: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild the snapshot's buckets on this leaf (sha256 checked first).
+    Restore {
+        #[arg(long, short)]
+        config: PathBuf,
+        snapshot: String,
+        /// Read the snapshot from S3 instead of the object store.
+        #[arg(long)]
+        from_s3: bool,
+        /// Replace buckets that are not empty.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the version.
     Version,
 }
@@ -246,6 +273,18 @@ fn main() -> ExitCode {
                 presenced::hub::health::print_status(&client, &Site::new(&cfg.site)?, &hub, json).await;
                 Ok(())
             })
+        }),
+        Command::Snapshot { config } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(presenced::archive::cli::snapshot(cfg))
+        }),
+        Command::Snapshots { config, verify, json } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(presenced::archive::cli::list(cfg, verify, json))
+        }),
+        Command::Restore { config, snapshot, from_s3, force } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(presenced::archive::cli::restore(cfg, snapshot, from_s3, force))
         }),
         Command::Get { config, zone, json } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));

@@ -36,6 +36,24 @@ pub struct Metrics {
     /// `sources::ld2410::RejectKind::ALL`).
     pub serial_frame_rejects: [AtomicU64; 6],
     pub ready: AtomicBool,
+    /// The archiver runs (`[archive]` configured).
+    pub archive_enabled: AtomicBool,
+    pub archive_snapshots: AtomicU64,
+    pub archive_snapshot_failures: AtomicU64,
+    pub archive_uploads: AtomicU64,
+    pub archive_uploaded_bytes: AtomicU64,
+    pub archive_upload_failures: AtomicU64,
+    pub archive_verify_failures: AtomicU64,
+    /// Snapshots whose upload is not yet verified.
+    pub archive_pending: AtomicU64,
+    /// False after an upload failed for a reason other than verification,
+    /// true again after one succeeds.
+    pub archive_s3_ok: AtomicBool,
+    pub archive_pruned_local: AtomicU64,
+    pub archive_pruned_remote: AtomicU64,
+    /// Unix seconds of the newest snapshot and the last verified upload.
+    pub archive_last_snapshot_seconds: AtomicU64,
+    pub archive_last_upload_seconds: AtomicU64,
     /// Hub mirror health, when `[hub]` is configured.
     pub mirrors: std::sync::RwLock<Mirrors>,
 }
@@ -299,6 +317,78 @@ impl Metrics {
                 "gauge",
                 "1 once state is rehydrated and the consumer is bound.",
                 flag(&self.ready),
+            ),
+            (
+                "presenced_archive_snapshots_total",
+                "counter",
+                "Snapshots written to object store snapshots.",
+                get(&self.archive_snapshots),
+            ),
+            (
+                "presenced_archive_snapshot_failures_total",
+                "counter",
+                "Scheduled snapshots that failed.",
+                get(&self.archive_snapshot_failures),
+            ),
+            (
+                "presenced_archive_uploads_total",
+                "counter",
+                "Snapshots PUT to S3 and verified.",
+                get(&self.archive_uploads),
+            ),
+            (
+                "presenced_archive_uploaded_bytes_total",
+                "counter",
+                "Bytes of snapshots PUT to S3 and verified.",
+                get(&self.archive_uploaded_bytes),
+            ),
+            (
+                "presenced_archive_upload_failures_total",
+                "counter",
+                "Upload attempts that failed (retried with backoff).",
+                get(&self.archive_upload_failures),
+            ),
+            (
+                "presenced_archive_verify_failures_total",
+                "counter",
+                "Remote copies whose size or sha256 did not match.",
+                get(&self.archive_verify_failures),
+            ),
+            (
+                "presenced_archive_pending",
+                "gauge",
+                "Snapshots waiting for a verified upload.",
+                get(&self.archive_pending),
+            ),
+            (
+                "presenced_archive_s3_ok",
+                "gauge",
+                "0 while uploads fail for reasons other than verification.",
+                flag(&self.archive_s3_ok),
+            ),
+            (
+                "presenced_archive_pruned_local_total",
+                "counter",
+                "Snapshots pruned from the object store.",
+                get(&self.archive_pruned_local),
+            ),
+            (
+                "presenced_archive_pruned_remote_total",
+                "counter",
+                "Snapshots pruned from S3.",
+                get(&self.archive_pruned_remote),
+            ),
+            (
+                "presenced_archive_last_snapshot_timestamp_seconds",
+                "gauge",
+                "Unix time of the newest snapshot.",
+                get(&self.archive_last_snapshot_seconds),
+            ),
+            (
+                "presenced_archive_last_upload_timestamp_seconds",
+                "gauge",
+                "Unix time of the last verified upload.",
+                get(&self.archive_last_upload_seconds),
             ),
         ];
         for &(name, kind, help, value) in rows {

@@ -26,10 +26,11 @@ pub const ENGINE_CONSUMER: &str = "engine";
 /// JetStream domain of the hub cluster.
 pub const HUB_DOMAIN: &str = "hub";
 
-/// Object store of the archiver's state snapshots.
+/// Object store of the archiver's state snapshots, object
+/// `<site>/<buckets>/<utc-timestamp>` (see [`snapshot_name`]).
 pub const SNAPSHOTS_OBJECT: &str = "snapshots";
-/// Object store of the archiver's long-term archive.
-pub const ARCHIVE_OBJECT: &str = "archive";
+/// KV bucket of the archiver's upload outbox, key `<snapshot-id>`.
+pub const ARCHIVE_BUCKET: &str = "archive";
 
 /// Largest site id: it is embedded in domain and mirror names.
 pub const MAX_SITE_LEN: usize = 32;
@@ -265,6 +266,20 @@ pub mod js {
     }
 }
 
+/// Name of a snapshot: `<site>/<buckets>/<utc-timestamp>`, where
+/// `<buckets>` is the sorted names of what it holds joined by `_`
+/// (`debounce_events_owners_presence`) and the timestamp is
+/// `YYYYMMDDTHHMMSS.mmmZ`. The same string is the object name in
+/// `snapshots`, the outbox key in `archive` and (after the prefix) the S3
+/// key, so one id follows a snapshot everywhere; it sorts by time within a
+/// site and bucket set.
+pub fn snapshot_name(site: &Site, buckets: &[&str], utc_stamp: &str) -> String {
+    let mut b: Vec<&str> = buckets.to_vec();
+    b.sort_unstable();
+    b.dedup();
+    format!("{}/{}/{}", site.as_str(), b.join("_"), utc_stamp)
+}
+
 /// `Nats-Msg-Id` of a zone's n-th transition: stable across restarts, so a
 /// transition published twice around a crash is stored once.
 pub fn transition_msg_id(site: &Site, zone: &str, number: u64) -> String {
@@ -311,5 +326,9 @@ mod tests {
         assert_eq!(s.hub_mirror("presence"), "presence-home");
         assert_eq!(domain_api_prefix(&s.leaf_domain()), "$JS.leaf-home.API");
         assert_eq!(kv_subject(PRESENCE_BUCKET, "hall"), "$KV.presence.hall");
+        assert_eq!(
+            snapshot_name(&s, &["presence", "debounce"], "20261130T015800.123Z"),
+            "home/debounce_presence/20261130T015800.123Z"
+        );
     }
 }

@@ -4,7 +4,7 @@
 
 mod support;
 
-use async_nats::jetstream::{self, object_store, stream};
+use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use presenced::acl::access::{Access, Component, Keyspace};
 use presenced::acl::violation::{self, Violation};
@@ -177,6 +177,8 @@ enum Op {
     /// flow-control reply.
     WatchLarge,
     Keys,
+    /// Reading a bucket through an ordered pull consumer (snapshots).
+    KvPull,
     PutForeign,
     Publish,
     PublishForeign,
@@ -188,6 +190,8 @@ enum Op {
     ObjGet,
     ObjGetLarge,
     ObjList,
+    /// Put, then delete, an object of its own.
+    ObjDelete,
     Subscribe,
     Request,
     Serve,
@@ -198,14 +202,16 @@ enum Op {
 fn rows() -> Vec<(&'static str, Op)> {
     use Op::*;
     let mut rows = Vec::new();
-    for k in ["presence", "debounce"] {
+    for k in ["presence", "debounce", "archive"] {
         for op in [
-            Put, Create, Update, Delete, Purge, Get, DirectGet, Watch, WatchLarge, Keys,
+            Put, Create, Update, Delete, Purge, Get, DirectGet, Watch, WatchLarge, Keys, KvPull,
         ] {
             rows.push((k, op));
         }
     }
-    for op in [Put, PutForeign, Get, DirectGet, Watch, WatchLarge, Keys] {
+    for op in [
+        Put, PutForeign, Get, DirectGet, Watch, WatchLarge, Keys, KvPull,
+    ] {
         rows.push(("owners", op));
     }
     for k in ["sensors", "rejected", "events"] {
@@ -218,10 +224,8 @@ fn rows() -> Vec<(&'static str, Op)> {
     for op in [Publish, PublishForeign, DirectGet, Read] {
         rows.push(("audit", op));
     }
-    for k in ["snapshots", "archive"] {
-        for op in [ObjPut, ObjGet, ObjGetLarge, ObjList] {
-            rows.push((k, op));
-        }
+    for op in [ObjPut, ObjGet, ObjGetLarge, ObjList, ObjDelete] {
+        rows.push(("snapshots", op));
     }
     rows.push(("live", Publish));
     rows.push(("live", Subscribe));
@@ -249,7 +253,7 @@ fn expected(access: &Access, who: &str, keyspace: &str, op: Op) -> bool {
     match (k, op) {
         (Keyspace::Owners, Put) | (Keyspace::Audit, Publish) => svc.is_some(),
         (_, PutForeign | PublishForeign) => false,
-        (_, Put | Create | Update | Delete | Purge | Publish | ObjPut) => owns,
+        (_, Put | Create | Update | Delete | Purge | Publish | ObjPut | ObjDelete) => owns,
         (Keyspace::Sensors, DurableFetch | RawPull) => {
             admin || svc.is_some_and(|s| s.runs(Component::Engine))
         }
@@ -258,7 +262,8 @@ fn expected(access: &Access, who: &str, keyspace: &str, op: Op) -> bool {
         (Keyspace::Commands, Serve) => owns,
         (
             _,
-            Get | DirectGet | Watch | WatchLarge | Keys | Read | ObjGet | ObjGetLarge | ObjList,
+            Get | DirectGet | Watch | WatchLarge | Keys | KvPull | Read | ObjGet | ObjGetLarge
+            | ObjList,
         ) => reads,
         _ => unreachable!("no row {keyspace}/{op:?}"),
     }
@@ -280,7 +285,7 @@ fn bucket_of(keyspace: &str) -> &'static str {
         "debounce" => naming::DEBOUNCE_BUCKET,
         "owners" => naming::OWNERS_BUCKET,
         "snapshots" => naming::SNAPSHOTS_OBJECT,
-        "archive" => naming::ARCHIVE_OBJECT,
+        "archive" => naming::ARCHIVE_BUCKET,
         other => panic!("{other} is not a bucket"),
     }
 }
@@ -501,7 +506,7 @@ async fn run(
         }
         Op::DirectGet => {
             let (stream, subject) = match keyspace {
-                "presence" | "debounce" | "owners" => (
+                "presence" | "debounce" | "owners" | "archive" => (
                     naming::kv_stream(bucket_of(keyspace)),
                     naming::kv_subject(bucket_of(keyspace), read_key(keyspace)),
                 ),
@@ -539,6 +544,21 @@ async fn run(
             c.attempt(async {
                 let store = js.get_key_value(bucket_of(keyspace)).await?;
                 first(store.keys().await?).await
+            })
+            .await
+        }
+        Op::KvPull => {
+            let stream_name = naming::kv_stream(bucket_of(keyspace));
+            c.attempt(async {
+                let s = js.get_stream(stream_name).await?;
+                let consumer = s
+                    .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                        deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                        filter_subject: naming::kv_filter(bucket_of(keyspace)),
+                        ..Default::default()
+                    })
+                    .await?;
+                first(consumer.messages().await?).await
             })
             .await
         }
@@ -659,6 +679,17 @@ async fn run(
             c.attempt(async {
                 let store = js.get_object_store(bucket_of(keyspace)).await?;
                 first(store.list().await?).await
+            })
+            .await
+        }
+        Op::ObjDelete => {
+            c.attempt(async {
+                let store = js.get_object_store(bucket_of(keyspace)).await?;
+                let name = format!("del-{who}");
+                let mut data: &[u8] = b"doomed";
+                store.put(name.as_str(), &mut data).await?;
+                store.delete(name.as_str()).await?;
+                Ok(())
             })
             .await
         }
@@ -785,14 +816,6 @@ async fn provision(admin: &Conn, site: &Site) {
         .unwrap();
     // `provision` creates KV owners (leases with per-message TTLs).
     let js = &admin.js;
-    for b in [naming::SNAPSHOTS_OBJECT, naming::ARCHIVE_OBJECT] {
-        js.create_object_store(object_store::Config {
-            bucket: b.to_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
     js.get_stream(naming::SENSORS_STREAM)
         .await
         .unwrap()
@@ -833,8 +856,12 @@ async fn seed(conns: &BTreeMap<String, Conn>, site: &Site) -> Mutex<BTreeMap<Str
                 .unwrap()
         }
     };
-    for bucket in [naming::PRESENCE_BUCKET, naming::DEBOUNCE_BUCKET] {
-        let store = engine.js.get_key_value(bucket).await.unwrap();
+    for (bucket, owner) in [
+        (naming::PRESENCE_BUCKET, engine),
+        (naming::DEBOUNCE_BUCKET, engine),
+        (naming::ARCHIVE_BUCKET, archiver),
+    ] {
+        let store = owner.js.get_key_value(bucket).await.unwrap();
         store.put("seed", "{}".into()).await.unwrap();
         for i in 0..5 {
             store.put(format!("big-{i}"), big_value()).await.unwrap();
@@ -863,8 +890,12 @@ async fn seed(conns: &BTreeMap<String, Conn>, site: &Site) -> Mutex<BTreeMap<Str
     pub_js(ingest, subject_of(site, "rejected", "seed")).await;
     pub_js(engine, subject_of(site, "events", "seed")).await;
     pub_js(engine, site.audit_subject("engine")).await;
-    for b in [naming::SNAPSHOTS_OBJECT, naming::ARCHIVE_OBJECT] {
-        let store = archiver.js.get_object_store(b).await.unwrap();
+    {
+        let store = archiver
+            .js
+            .get_object_store(naming::SNAPSHOTS_OBJECT)
+            .await
+            .unwrap();
         let mut data: &[u8] = b"seed";
         store.put("seed", &mut data).await.unwrap();
         let big = vec![b'o'; 3 * LARGE];

@@ -95,7 +95,7 @@ fn store(k: Keyspace, site: &Site) -> Store {
         Keyspace::Debounce => Store::Kv(naming::DEBOUNCE_BUCKET),
         Keyspace::Owners => Store::Kv(naming::OWNERS_BUCKET),
         Keyspace::Snapshots => Store::Object(naming::SNAPSHOTS_OBJECT),
-        Keyspace::Archive => Store::Object(naming::ARCHIVE_OBJECT),
+        Keyspace::Archive => Store::Kv(naming::ARCHIVE_BUCKET),
         Keyspace::Live => Store::Core(site.live_filter()),
         Keyspace::Commands => Store::Requests(site.cmd_filter()),
     }
@@ -112,13 +112,15 @@ fn read_stream(p: &mut Permissions, stream: &str, why: &str) {
 }
 
 /// Grants reading a KV bucket: bucket status, get (direct get of the
-/// key's last message) and watch/keys (ordered push consumers).
+/// key's last message), watch/keys (ordered push consumers) and ordered
+/// pull consumers (how snapshots read a bucket in bounded batches).
 fn read_kv(p: &mut Permissions, bucket: &str, why: &str) {
     let stream = naming::kv_stream(bucket);
     p.publish(js::stream_info(&stream), why);
     p.publish(js::direct_get_last(&stream), why);
     p.publish(js::consumer_create_ephemeral(&stream), why);
     p.publish(js::flow_control(&stream), why);
+    p.publish(js::consumer_next(&stream, "*"), why);
 }
 
 /// Grants reading an object store: info, metadata and chunks (direct get
@@ -139,7 +141,7 @@ fn write(p: &mut Permissions, k: Keyspace, site: &Site) {
         Store::Kv(bucket) => p.publish(naming::kv_filter(bucket), why),
         Store::Object(bucket) => {
             p.publish(naming::obj_filter(bucket), why);
-            // Replacing an object purges its old chunks.
+            // Replacing or deleting an object purges its chunks.
             p.publish(js::stream_purge(&naming::obj_stream(bucket)), why);
         }
         Store::Core(filter) => p.publish(filter, why),

@@ -13,6 +13,7 @@
 //! - [`daemon`]: the `presenced` binary under test.
 //! - [`wait`]: polling with deadlines instead of sleeps.
 //! - [`http`]: a tiny HTTP/1.0 client for health and monitoring endpoints.
+//! - [`seaweed`]: a SeaweedFS S3 gateway that signs requests, stoppable.
 //! - [`process`]: signals, graceful stop and log tails shared by the above.
 #![allow(dead_code, unused_imports)]
 
@@ -24,6 +25,7 @@ pub mod nats;
 pub mod process;
 pub mod proxy;
 pub mod pty;
+pub mod seaweed;
 pub mod wait;
 
 pub use daemon::{presenced_bin, Daemon};
@@ -35,6 +37,7 @@ pub use nats::{
     MIN_NATS_VERSION,
 };
 pub use proxy::Proxy;
+pub use seaweed::{weed_bin, Seaweed};
 pub use wait::{wait_until, wait_until_async};
 
 use std::net::TcpListener;
