@@ -1,7 +1,8 @@
 //! `presenced sandbox` as a newcomer runs it: it starts a 3-node hub, a
-//! leaf and a daemon per site and the simulated sensors; zones change on
-//! the leaf and on the hub within seconds; Ctrl-C (or a SIGKILL of the
-//! sandbox itself) leaves no process behind.
+//! leaf and a daemon per site, an S3 server and the simulated sensors;
+//! zones change on the leaf and on the hub within seconds, snapshots reach
+//! S3; Ctrl-C (or a SIGKILL of the sandbox itself) leaves no process
+//! behind.
 
 mod support;
 
@@ -43,6 +44,7 @@ impl Sandbox {
             .args(["sandbox", "--sites", &sites.to_string(), "--dir"])
             .arg(dir.path().join("sbx"))
             .env("NATS_SERVER", support::nats_server_bin())
+            .env("WEED", support::weed_bin())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -256,6 +258,7 @@ async fn the_sandbox_runs_zones_change_on_leaf_and_hub_and_ctrl_c_leaves_nothing
         "site-1-presenced",
         "site-2-leaf",
         "site-2-presenced",
+        "s3",
     ] {
         assert!(names.contains(expected), "{expected} missing from {pids:?}");
     }
@@ -279,6 +282,34 @@ async fn the_sandbox_runs_zones_change_on_leaf_and_hub_and_ctrl_c_leaves_nothing
         zones_change(&leaf2, "presence", &zones),
         zones_change(&hub, &mirror, &zones),
     );
+
+    // Each site's archiver snapshots at start and uploads to the sandbox's
+    // S3 server; `snapshots` lists it as uploaded and verified remotely.
+    for site in ["site-1", "site-2"] {
+        let admin = dir.join(site).join("admin.toml");
+        let start = Instant::now();
+        let mut listing = String::new();
+        while start.elapsed() < CHANGES {
+            let out = Command::new(support::presenced_bin())
+                .args(["snapshots", "--config"])
+                .arg(&admin)
+                .output()
+                .unwrap();
+            listing = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            if listing
+                .lines()
+                .any(|l| l.starts_with(&format!("{site}/")) && l.contains(" uploaded "))
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert!(
+            listing.contains(" uploaded "),
+            "{site}: no uploaded snapshot within {CHANGES:?}:\n{listing}"
+        );
+    }
 
     sbx.signal(libc::SIGINT);
     let status = sbx.wait_exit(STOPPED);

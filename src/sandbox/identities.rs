@@ -89,8 +89,14 @@ fn ensure_password(path: &Path) -> Result<String, IdentityError> {
 }
 
 /// The access file of a site: the admin, the site's leafnode identity, and
-/// one service running ingest and engine.
-pub fn access_file(admin: &str, leafnode: &str, service: &str) -> String {
+/// one service running ingest and engine, and the archiver when there is
+/// somewhere to archive to.
+pub fn access_file(admin: &str, leafnode: &str, service: &str, archiver: bool) -> String {
+    let runs = if archiver {
+        r#"["ingest", "engine", "archiver"]"#
+    } else {
+        r#"["ingest", "engine"]"#
+    };
     format!(
         "# Ownership map of this sandbox site, as `presenced acl --access` reads it.\n\
          admin = {{ nkey = \"{admin}\" }}\n\
@@ -98,9 +104,22 @@ pub fn access_file(admin: &str, leafnode: &str, service: &str) -> String {
          \n\
          [services.{svc}]\n\
          nkey = \"{service}\"\n\
-         runs = [\"ingest\", \"engine\"]\n",
+         runs = {runs}\n",
         svc = plan::SERVICE
     )
+}
+
+/// The S3 server's one identity (SeaweedFS `-s3.config`): the key pair
+/// every archiver signs with. Anonymous requests are refused.
+pub fn s3_identities(access_key: &str, secret_key: &str) -> String {
+    serde_json::json!({
+        "identities": [{
+            "name": "presenced",
+            "credentials": [{ "accessKey": access_key, "secretKey": secret_key }],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]
+        }]
+    })
+    .to_string()
 }
 
 /// The MQTT users of a site's leaf: the simulator publishes the devices'
@@ -142,7 +161,12 @@ pub fn ensure(plan: &Plan) -> Result<Identities, IdentityError> {
     let mut leafnodes = Vec::new();
     for s in &plan.sites {
         let ids = site_identities(s)?;
-        let text = access_file(&admin_public, &ids.leafnode_public, &ids.service_public);
+        let text = access_file(
+            &admin_public,
+            &ids.leafnode_public,
+            &ids.service_public,
+            plan.s3.is_some(),
+        );
         std::fs::write(&s.keys.access_file, &text).map_err(|source| IdentityError::Write {
             path: s.keys.access_file.clone(),
             source,
@@ -160,6 +184,11 @@ pub fn ensure(plan: &Plan) -> Result<Identities, IdentityError> {
         )?;
         leafnodes.push((s.site.clone(), ids.leafnode_public.clone()));
         sites.push(ids);
+    }
+    if let Some(s3) = &plan.s3 {
+        let access_key = ensure_password(&s3.access_key_file)?;
+        let secret_key = ensure_password(&s3.secret_key_file)?;
+        write_private(&s3.identities, &s3_identities(&access_key, &secret_key))?;
     }
     let hub = render::render_hub(Some(&admin_public), &leafnodes);
     for h in &plan.hub {

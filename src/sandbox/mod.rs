@@ -107,13 +107,18 @@ pub fn run(opts: Options) -> Result<(), SandboxError> {
     )?;
     prepare_dir(&dir, opts.fresh)?;
     let ports = probe::free_ports(plan::ports_needed(opts.sites)).map_err(SandboxError::Ports)?;
-    let plan = Plan::new(
+    let mut plan = Plan::new(
         &Input {
             sites: opts.sites,
             dir: dir.clone(),
         },
         &ports,
     )?;
+    let weed = tools::weed();
+    if weed.is_some() {
+        let s3_ports = probe::free_ports(plan::S3_PORTS).map_err(SandboxError::Ports)?;
+        plan = plan.with_s3(&s3_ports)?;
+    }
     for d in plan.directories() {
         std::fs::create_dir_all(&d).map_err(|source| SandboxError::Write { path: d, source })?;
     }
@@ -127,7 +132,7 @@ pub fn run(opts: Options) -> Result<(), SandboxError> {
         .map_err(SandboxError::Runtime)?;
     let mut sup = Supervisor::new(plan.pids_file.clone());
     let started = Instant::now();
-    let result = start_all(&plan, &ids, &nats.path, &exe, &mut sup);
+    let result = start_all(&plan, &ids, &nats.path, weed.as_deref(), &exe, &mut sup);
     let result = result.and_then(|()| {
         let sims: Vec<_> = plan
             .sites
@@ -135,7 +140,10 @@ pub fn run(opts: Options) -> Result<(), SandboxError> {
             .enumerate()
             .map(|(i, s)| runtime.spawn(simulator::run(simulator_target(s, &ids, i, opts.people))))
             .collect();
-        println!("{}", summary(&plan, &nats, &exe, &sup, opts.people));
+        println!(
+            "{}",
+            summary(&plan, &nats, weed.as_deref(), &exe, &sup, opts.people)
+        );
         println!(
             "sandbox: ready after {:.1} s (pids in {})",
             started.elapsed().as_secs_f64(),
@@ -251,8 +259,12 @@ fn write_configs(plan: &Plan) -> Result<(), SandboxError> {
     }
     for s in &plan.sites {
         write_file(&s.leaf.config_path, &servers::leaf(plan, s)?)?;
-        write_toml(&s.daemon_config, &plan::daemon_config(s)?)?;
-        write_toml(&s.admin_config, &plan::admin_config(s, &plan.admin_seed)?)?;
+        let s3 = plan.s3.as_ref();
+        write_toml(&s.daemon_config, &plan::daemon_config(s, s3)?)?;
+        write_toml(
+            &s.admin_config,
+            &plan::admin_config(s, &plan.admin_seed, s3)?,
+        )?;
         write_toml(&s.hub_admin_config, &plan::hub_admin_config(plan, s)?)?;
     }
     Ok(())
@@ -294,6 +306,7 @@ fn start_all(
     plan: &Plan,
     ids: &identities::Identities,
     nats: &Path,
+    weed: Option<&Path>,
     exe: &Path,
     sup: &mut Supervisor,
 ) -> Result<(), SandboxError> {
@@ -303,6 +316,9 @@ fn start_all(
         plan.sites.len(),
         plan.dir.display()
     );
+    if let (Some(s3), Some(weed)) = (&plan.s3, weed) {
+        start_s3(s3, weed, sup)?;
+    }
     for h in &plan.hub {
         sup.spawn(
             &h.name,
@@ -362,6 +378,43 @@ fn start_all(
     }
     let _ = ids;
     Ok(())
+}
+
+/// SeaweedFS as the S3 server (master, volume, filer and S3 gateway in one
+/// process), on loopback, its keys from [`identities`].
+fn start_s3(s3: &plan::S3Plan, weed: &Path, sup: &mut Supervisor) -> Result<(), SandboxError> {
+    let [master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc] = s3.inner_ports;
+    let args: Vec<String> = vec![
+        "server".into(),
+        format!("-dir={}", s3.dir.join("data").display()),
+        "-ip=127.0.0.1".into(),
+        "-ip.bind=127.0.0.1".into(),
+        format!("-master.port={master}"),
+        format!("-master.port.grpc={master_grpc}"),
+        // No usage reports leave the machine.
+        "-master.telemetry=false".into(),
+        "-master.volumeSizeLimitMB=64".into(),
+        format!("-volume.port={volume}"),
+        format!("-volume.port.grpc={volume_grpc}"),
+        "-volume.max=30".into(),
+        "-filer".into(),
+        format!("-filer.port={filer}"),
+        format!("-filer.port.grpc={filer_grpc}"),
+        format!("-filer.localSocket={}", s3.dir.join("filer.sock").display()),
+        "-s3".into(),
+        format!("-s3.port={}", s3.s3_port),
+        format!("-s3.port.grpc={s3_grpc}"),
+        "-s3.port.iceberg=0".into(),
+        "-s3.port.lance=0".into(),
+        format!("-s3.localSocket={}", s3.dir.join("s3.sock").display()),
+        format!("-s3.config={}", s3.identities.display()),
+    ];
+    let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    sup.spawn("s3", TIER_HUB, weed, &args, &s3.log_file, &[])?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], s3.s3_port));
+    wait_ready(sup, "S3 server (SeaweedFS)", &s3.log_file, || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+    })
 }
 
 /// `presenced provision` as the admin, as an operator runs it.
@@ -441,7 +494,7 @@ fn simulator_target(
     index: usize,
     people: usize,
 ) -> simulator::Target {
-    let cfg = plan::daemon_config(s).ok();
+    let cfg = plan::daemon_config(s, None).ok();
     let rooms = cfg.as_ref().map(plan::rooms).unwrap_or_default();
     let doors = cfg.as_ref().map(plan::rooms_with_door).unwrap_or_default();
     simulator::Target {
@@ -497,6 +550,7 @@ async fn wait_for_end(sup: &mut Supervisor, seconds: Option<u64>) -> Result<(), 
 fn summary(
     plan: &Plan,
     nats: &tools::NatsServerBin,
+    weed: Option<&Path>,
     exe: &Path,
     sup: &Supervisor,
     people: usize,
@@ -578,6 +632,40 @@ fn summary(
                 .parent()
                 .map_or_else(String::new, |p| p.display().to_string())
         );
+    }
+    let _ = writeln!(o);
+    match (&plan.s3, weed) {
+        (Some(s3), Some(weed)) => {
+            let _ = writeln!(
+                o,
+                "archive: S3 (SeaweedFS, {}) pid {} at {}, bucket {}, a snapshot per site every {}; log {}",
+                weed.display(),
+                pid("s3"),
+                s3.endpoint(),
+                s3.bucket,
+                plan::SNAPSHOT_EVERY,
+                s3.log_file.display()
+            );
+            if let Some(s) = plan.sites.first() {
+                let _ = writeln!(
+                    o,
+                    "  list them:  {exe} snapshots --config {}",
+                    s.admin_config.display()
+                );
+                let _ = writeln!(
+                    o,
+                    "  restore:    {exe} restore --config {} SNAPSHOT [--from-s3]   (sha256 checked first; a leaf that is not empty, as this running one, is refused without --force)",
+                    s.admin_config.display()
+                );
+            }
+        }
+        _ => {
+            let _ = writeln!(
+                o,
+                "archive: off; SeaweedFS (`weed`) was not found for a local S3 server. Get it with:\n  {}",
+                tools::HOW_TO_GET_WEED
+            );
+        }
     }
     let _ = writeln!(o);
     let _ = writeln!(o, "Watch zones change, from another terminal:");

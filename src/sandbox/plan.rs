@@ -131,6 +131,34 @@ impl SitePlan {
     }
 }
 
+/// The local S3 server (SeaweedFS) the archivers upload to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Plan {
+    pub s3_port: u16,
+    /// master, master gRPC, volume, volume gRPC, filer, filer gRPC, S3 gRPC.
+    pub inner_ports: [u16; 7],
+    pub dir: PathBuf,
+    pub log_file: PathBuf,
+    /// SeaweedFS identities (`-s3.config`): the one key pair it accepts.
+    pub identities: PathBuf,
+    pub access_key_file: PathBuf,
+    pub secret_key_file: PathBuf,
+    pub bucket: String,
+}
+
+impl S3Plan {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+}
+
+/// Ports the S3 server takes.
+pub const S3_PORTS: usize = 8;
+
+/// How often each site's archiver takes a snapshot in the sandbox: short,
+/// so a newcomer sees snapshots arrive.
+pub const SNAPSHOT_EVERY: &str = "30s";
+
 /// Everything the sandbox runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -144,6 +172,8 @@ pub struct Plan {
     pub hub_provision_log: PathBuf,
     /// `<pid> <name>` per line, for scripts and tests.
     pub pids_file: PathBuf,
+    /// The S3 server, when SeaweedFS is available.
+    pub s3: Option<S3Plan>,
     /// Present while a sandbox runs in this directory, and afterwards:
     /// marks the directory as the sandbox's (it may be reused or wiped).
     pub marker: PathBuf,
@@ -260,11 +290,36 @@ impl Plan {
             admin_seed: dir.join("keys").join("admin.nk"),
             hub_provision_log: dir.join("logs").join("hub-provision.log"),
             pids_file: dir.join("pids"),
+            s3: None,
             marker: dir.join(MARKER),
             hub,
             sites,
             dir,
         })
+    }
+
+    /// Adds the S3 server on `ports` ([`S3_PORTS`] of them).
+    pub fn with_s3(mut self, ports: &[u16]) -> Result<Plan, PlanError> {
+        if ports.len() < S3_PORTS {
+            return Err(PlanError::Ports {
+                needed: S3_PORTS,
+                got: ports.len(),
+            });
+        }
+        let dir = self.dir.join("s3");
+        let mut inner = [0u16; 7];
+        inner.copy_from_slice(&ports[1..S3_PORTS]);
+        self.s3 = Some(S3Plan {
+            s3_port: ports[0],
+            inner_ports: inner,
+            identities: dir.join("identities.json"),
+            log_file: self.dir.join("logs").join("s3.log"),
+            access_key_file: self.dir.join("keys").join("s3-access-key"),
+            secret_key_file: self.dir.join("keys").join("s3-secret-key"),
+            bucket: "presenced-sandbox".to_owned(),
+            dir,
+        });
+        Ok(self)
     }
 
     /// Every directory to create before writing files.
@@ -276,6 +331,9 @@ impl Plan {
         ];
         for h in &self.hub {
             out.extend(h.config_path.parent().map(Path::to_path_buf));
+        }
+        if let Some(s3) = &self.s3 {
+            out.push(s3.dir.join("data"));
         }
         for s in &self.sites {
             out.push(s.dir.join("keys"));
@@ -304,9 +362,34 @@ impl Plan {
 /// File marking a directory as a sandbox's.
 pub const MARKER: &str = "presenced-sandbox";
 
+/// The `[archive]` section of a site: a snapshot every
+/// [`SNAPSHOT_EVERY`], uploaded to the sandbox's S3 under `<site>/`.
+pub fn archive_config(
+    site: &SitePlan,
+    s3: &S3Plan,
+) -> Result<crate::config::ArchiveConfig, ConfigError> {
+    let text = format!(
+        "every = {every:?}\nkeep_local = 20\nretry_max = \"10s\"\n\
+         [s3]\nendpoint = {endpoint:?}\nregion = \"us-east-1\"\nbucket = {bucket:?}\n\
+         prefix = \"{site}/\"\npath_style = true\naccess_key_file = {ak:?}\n\
+         secret_key_file = {sk:?}\ntimeout = \"10s\"\n",
+        every = SNAPSHOT_EVERY,
+        endpoint = s3.endpoint(),
+        bucket = s3.bucket,
+        site = site.site,
+        ak = s3.access_key_file.display().to_string(),
+        sk = s3.secret_key_file.display().to_string(),
+    );
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: PathBuf::from("sandbox [archive]"),
+        message: e.to_string(),
+    })
+}
+
 /// The config the daemon of `site` runs: the example's zones and evidence,
-/// this sandbox's ports, identity and MQTT credentials.
-pub fn daemon_config(site: &SitePlan) -> Result<Config, ConfigError> {
+/// this sandbox's ports, identity and MQTT credentials, and the archiver
+/// when there is an S3 server.
+pub fn daemon_config(site: &SitePlan, s3: Option<&S3Plan>) -> Result<Config, ConfigError> {
     let mut cfg = Config::from_toml(EXAMPLE_CONFIG, Path::new("examples/sandbox.toml"))?;
     cfg.site = site.site.as_str().to_owned();
     cfg.service = SERVICE.to_owned();
@@ -320,14 +403,19 @@ pub fn daemon_config(site: &SitePlan) -> Result<Config, ConfigError> {
         mqtt.username = Some(DAEMON_MQTT_USER.to_owned());
         mqtt.password_file = Some(site.keys.daemon_mqtt_password.clone());
     }
+    cfg.archive = s3.map(|s3| archive_config(site, s3)).transpose()?;
     Ok(cfg)
 }
 
 /// The site config with the admin identity: what `provision` runs as and
 /// what a user hands to `watch`/`get`. The sources stay (a config without
 /// them is invalid) but these commands never start them.
-pub fn admin_config(site: &SitePlan, admin_seed: &Path) -> Result<Config, ConfigError> {
-    let mut cfg = daemon_config(site)?;
+pub fn admin_config(
+    site: &SitePlan,
+    admin_seed: &Path,
+    s3: Option<&S3Plan>,
+) -> Result<Config, ConfigError> {
+    let mut cfg = daemon_config(site, s3)?;
     cfg.service = "admin".to_owned();
     cfg.nats.nkey_seed_file = Some(admin_seed.to_path_buf());
     cfg.http.enabled = false;
@@ -336,7 +424,7 @@ pub fn admin_config(site: &SitePlan, admin_seed: &Path) -> Result<Config, Config
 
 /// Admin config pointing at the first hub node, for reading the mirrors.
 pub fn hub_admin_config(plan: &Plan, site: &SitePlan) -> Result<Config, ConfigError> {
-    let mut cfg = admin_config(site, &plan.admin_seed)?;
+    let mut cfg = admin_config(site, &plan.admin_seed, plan.s3.as_ref())?;
     if let Some(h) = plan.hub.first() {
         cfg.nats.url = h.client_url();
     }
@@ -451,7 +539,7 @@ mod tests {
     fn daemon_config_is_valid_and_points_at_the_sites_leaf() {
         let p = plan(2);
         let s = &p.sites[1];
-        let cfg = daemon_config(s).unwrap();
+        let cfg = daemon_config(s, None).unwrap();
         assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
         assert_eq!(cfg.site, "site-2");
         assert_eq!(cfg.nats.url, s.leaf.client_url());
@@ -465,7 +553,7 @@ mod tests {
         assert!(back.validate().is_empty());
         assert_eq!(back.zones.len(), cfg.zones.len());
 
-        let admin = admin_config(s, &p.admin_seed).unwrap();
+        let admin = admin_config(s, &p.admin_seed, None).unwrap();
         assert!(admin.validate().is_empty(), "{:?}", admin.validate());
         assert!(!admin.http.enabled);
         assert_eq!(
@@ -474,6 +562,28 @@ mod tests {
         );
         let hub = hub_admin_config(&p, s).unwrap();
         assert_eq!(hub.nats.url, p.hub[0].client_url());
+        assert!(cfg.archive.is_none());
+    }
+
+    #[test]
+    fn with_s3_the_daemons_archive_to_it() {
+        let p = plan(2).with_s3(&[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        let s3 = p.s3.as_ref().unwrap();
+        assert_eq!(s3.endpoint(), "http://127.0.0.1:1");
+        assert_eq!(s3.inner_ports, [2, 3, 4, 5, 6, 7, 8]);
+        let cfg = daemon_config(&p.sites[1], Some(s3)).unwrap();
+        assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
+        let a = cfg.archive.as_ref().unwrap();
+        assert_eq!(a.every, std::time::Duration::from_secs(30));
+        let remote = a.s3.as_ref().unwrap();
+        assert_eq!(remote.prefix, "site-2/");
+        assert!(remote.path_style);
+        assert_eq!(remote.endpoint, s3.endpoint());
+        let text = toml::to_string(&cfg).unwrap();
+        let back = Config::from_toml(&text, Path::new("x.toml")).unwrap();
+        assert!(back.validate().is_empty());
+        assert!(back.archive.is_some());
+        assert!(plan(1).with_s3(&[1, 2]).is_err());
     }
 
     #[test]
