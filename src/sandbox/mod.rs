@@ -89,6 +89,9 @@ const READY_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a child gets to stop after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
+/// How long the S3 server gets to stop before SIGKILL.
+const S3_STOP_GRACE: Duration = Duration::from_secs(3);
+
 /// Tiers: higher tiers stop first.
 const TIER_HUB: u8 = 0;
 const TIER_LEAF: u8 = 1;
@@ -410,7 +413,10 @@ fn start_s3(s3: &plan::S3Plan, weed: &Path, sup: &mut Supervisor) -> Result<(), 
         format!("-s3.config={}", s3.identities.display()),
     ];
     let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-    sup.spawn("s3", TIER_HUB, weed, &args, &s3.log_file, &[])?;
+    let pid = sup.spawn("s3", TIER_HUB, weed, &args, &s3.log_file, &[])?;
+    // SeaweedFS waits 15 s for its internal gRPC streams on SIGTERM; every
+    // upload it acknowledged is already verified, so it gets 3 s.
+    sup.set_stop_grace(pid, S3_STOP_GRACE);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], s3.s3_port));
     wait_ready(sup, "S3 server (SeaweedFS)", &s3.log_file, || {
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
@@ -470,21 +476,29 @@ fn provision_hub(plan: &Plan, exe: &Path, sup: &mut Supervisor) -> Result<(), Sa
         args.push(s.site.as_str().into());
     }
     let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    let status = sup.run_once(
-        "hub-provision",
-        exe,
-        &args,
-        &plan.hub_provision_log,
-        READY_DEADLINE,
-    )?;
-    match status {
-        Some(st) if st.success() => Ok(()),
-        other => Err(SandboxError::Exited {
-            what: "presenced provision-hub".to_owned(),
-            status: other.map_or_else(|| "timed out".to_owned(), |st| st.to_string()),
-            log: plan.hub_provision_log.clone(),
-            tail: log_tail(&plan.hub_provision_log, 30),
-        }),
+    // A restarted hub answers /healthz once its meta leader is back, but
+    // the mirrors' own leaders may still be in election: retry a while.
+    let start = Instant::now();
+    loop {
+        let status = sup.run_once(
+            "hub-provision",
+            exe,
+            &args,
+            &plan.hub_provision_log,
+            READY_DEADLINE,
+        )?;
+        match status {
+            Some(st) if st.success() => return Ok(()),
+            other if start.elapsed() >= READY_DEADLINE => {
+                return Err(SandboxError::Exited {
+                    what: "presenced provision-hub".to_owned(),
+                    status: other.map_or_else(|| "timed out".to_owned(), |st| st.to_string()),
+                    log: plan.hub_provision_log.clone(),
+                    tail: log_tail(&plan.hub_provision_log, 30),
+                })
+            }
+            _ => std::thread::sleep(Duration::from_secs(2)),
+        }
     }
 }
 

@@ -43,6 +43,8 @@ struct Managed {
     tier: u8,
     log: PathBuf,
     child: Child,
+    /// Shorter than the tier's grace for servers known to linger.
+    grace: Option<Duration>,
 }
 
 /// A process the sandbox runs, as shown to the user.
@@ -124,6 +126,7 @@ impl Supervisor {
             tier,
             log: log.to_owned(),
             child,
+            grace: None,
         });
         self.write_pids()?;
         Ok(pid)
@@ -149,6 +152,13 @@ impl Supervisor {
         }
         self.write_pids()?;
         Ok(status)
+    }
+
+    /// Gives the child `pid` at most `grace` to stop after SIGTERM.
+    pub fn set_stop_grace(&mut self, pid: u32, grace: Duration) {
+        if let Some(m) = self.children.iter_mut().find(|m| m.child.id() == pid) {
+            m.grace = Some(grace);
+        }
     }
 
     /// Every running child.
@@ -190,10 +200,15 @@ impl Supervisor {
             }
             let start = Instant::now();
             for m in &mut stopping {
-                let left = grace.saturating_sub(start.elapsed());
+                let own = m.grace.map_or(grace, |g| g.min(grace));
+                let left = own.saturating_sub(start.elapsed());
                 match wait_for_exit(&mut m.child, left) {
                     Some(status) => {
                         tracing::debug!(name = %m.name, pid = m.child.id(), %status, "stopped")
+                    }
+                    None if m.grace.is_some() => {
+                        tracing::debug!(name = %m.name, pid = m.child.id(), "killed after its short grace");
+                        kill(&mut m.child);
                     }
                     None => {
                         tracing::warn!(name = %m.name, pid = m.child.id(), "did not stop in time; killed");
