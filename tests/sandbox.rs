@@ -360,3 +360,48 @@ fn a_directory_that_is_not_a_sandbox_is_refused() {
     assert!(err.contains("not a sandbox directory"), "{err}");
     assert!(dir.path().join("precious.txt").exists());
 }
+
+/// Runs `presenced sandbox` to completion with `--seconds`.
+fn run_for(dir: &Path, seconds: u64, extra: &[&str]) -> String {
+    let out = Command::new(support::presenced_bin())
+        .args(["sandbox", "--seconds", &seconds.to_string(), "--dir"])
+        .arg(dir)
+        .args(extra)
+        .env("NATS_SERVER", support::nats_server_bin())
+        .env("WEED", support::weed_bin())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sandbox failed:\n{text}");
+    assert!(text.contains("sandbox: ready"), "{text}");
+    text
+}
+
+#[test]
+fn a_second_run_keeps_keys_and_state_and_fresh_starts_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sbx");
+    let seed = dir.join("keys").join("admin.nk");
+    let store = dir.join("site-1").join("leaf").join("jetstream");
+    let daemon_log = dir.join("logs").join("site-1-presenced.log");
+    let rehydrated = || {
+        std::fs::read_to_string(&daemon_log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("state rehydrated"))
+            .map(|l| l.contains("stored=0"))
+            .collect::<Vec<_>>()
+    };
+    run_for(&dir, 3, &[]);
+    let first = std::fs::read_to_string(&seed).unwrap();
+    assert!(store.exists());
+    assert_eq!(rehydrated(), [true], "the first run starts empty");
+    run_for(&dir, 3, &[]);
+    assert_eq!(std::fs::read_to_string(&seed).unwrap(), first);
+    // The second daemon found the zones the first one stored.
+    assert_eq!(rehydrated(), [true, false]);
+    run_for(&dir, 3, &["--fresh"]);
+    assert_eq!(rehydrated(), [true], "--fresh starts empty again");
+    assert_ne!(std::fs::read_to_string(&seed).unwrap(), first);
+}
