@@ -1,15 +1,17 @@
 //! `presenced sandbox`: a whole deployment on loopback, for a newcomer's
 //! first run and for end-to-end tests. A 3-node hub, one leaf per site, the
-//! daemon per site on `examples/sandbox.toml`, and simulated people whose
-//! sensors publish over MQTT to each leaf's own listener. Identities and
-//! ACLs are generated as on a real site.
+//! daemon per site on `examples/sandbox.toml`, simulated people whose
+//! sensors publish over MQTT to each leaf's own listener, and, when
+//! SeaweedFS is installed, a local S3 server the archivers upload to.
+//! Identities and ACLs are generated as on a real site.
 //!
 //! - [`plan`]: ports, directories, names and configs (pure).
 //! - [`servers`]: nats-server configs through the `nats-config` renderer.
 //! - [`identities`]: NKEY seeds, MQTT passwords, access files, ACLs.
 //! - [`supervisor`]: child processes that cannot outlive the sandbox.
 //! - [`simulator`]: people walking between rooms, and their sensors.
-//! - [`tools`]: finding nats-server.
+//! - [`tools`]: finding nats-server and SeaweedFS.
+//! - [`probe`]: free ports, health endpoints, leafnode links.
 
 pub mod identities;
 pub mod plan;
@@ -135,7 +137,7 @@ pub fn run(opts: Options) -> Result<(), SandboxError> {
         .map_err(SandboxError::Runtime)?;
     let mut sup = Supervisor::new(plan.pids_file.clone());
     let started = Instant::now();
-    let result = start_all(&plan, &ids, &nats.path, weed.as_deref(), &exe, &mut sup);
+    let result = start_all(&plan, &nats.path, weed.as_deref(), &exe, &mut sup);
     let result = result.and_then(|()| {
         let sims: Vec<_> = plan
             .sites
@@ -307,7 +309,6 @@ fn wait_ready(
 
 fn start_all(
     plan: &Plan,
-    ids: &identities::Identities,
     nats: &Path,
     weed: Option<&Path>,
     exe: &Path,
@@ -356,7 +357,7 @@ fn start_all(
         })?;
     }
     for s in &plan.sites {
-        provision(plan, s, exe, sup)?;
+        provision(s, exe, sup)?;
     }
     provision_hub(plan, exe, sup)?;
     for s in &plan.sites {
@@ -379,7 +380,6 @@ fn start_all(
             probe::http_status(s.http_addr(), "/healthz") == Some(200)
         })?;
     }
-    let _ = ids;
     Ok(())
 }
 
@@ -424,13 +424,7 @@ fn start_s3(s3: &plan::S3Plan, weed: &Path, sup: &mut Supervisor) -> Result<(), 
 }
 
 /// `presenced provision` as the admin, as an operator runs it.
-fn provision(
-    plan: &Plan,
-    s: &SitePlan,
-    exe: &Path,
-    sup: &mut Supervisor,
-) -> Result<(), SandboxError> {
-    let _ = plan;
+fn provision(s: &SitePlan, exe: &Path, sup: &mut Supervisor) -> Result<(), SandboxError> {
     let status = sup.run_once(
         &format!("{}-provision", s.site),
         exe,
@@ -694,7 +688,7 @@ fn summary(
             o,
             "  {} on the hub:  {}",
             s.site,
-            hub_watch(plan, s, &exe.to_string())
+            hub_watch(s, &exe.to_string())
         );
     }
     let _ = writeln!(o);
@@ -735,8 +729,7 @@ fn summary(
 }
 
 /// The command that follows a site's zones on the hub.
-fn hub_watch(plan: &Plan, s: &SitePlan, exe: &str) -> String {
-    let _ = plan;
+fn hub_watch(s: &SitePlan, exe: &str) -> String {
     format!(
         "{exe} watch --config {} --hub --site {}",
         s.hub_admin_config.display(),
