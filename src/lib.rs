@@ -15,6 +15,7 @@
 //!   restore.
 //! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
 //! - [`client`], [`cmd`]: the state-first clients and the command sender.
+//! - [`sandbox`]: a whole deployment on loopback (`presenced sandbox`).
 
 pub mod acl;
 pub mod archive;
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod naming;
 pub mod natsconf;
 pub mod observation;
+pub mod sandbox;
 pub mod sources;
 pub mod store;
 pub mod systemd;

@@ -85,6 +85,25 @@ enum Command {
         #[arg(long)]
         site: String,
     },
+    /// Run a whole deployment on loopback: a 3-node hub, a leaf and the
+    /// daemon per site, simulated sensors; Ctrl-C stops everything.
+    Sandbox {
+        /// Simulated sites, each with its own leaf and daemon.
+        #[arg(long, default_value_t = 1)]
+        sites: usize,
+        /// State, keys and logs (default: .sandbox in the working directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Start from empty state (removes a previous sandbox's directory).
+        #[arg(long)]
+        fresh: bool,
+        /// Simulated people per site.
+        #[arg(long, default_value_t = 2)]
+        people: usize,
+    },
     /// Take a snapshot now and queue it for upload.
     Snapshot {
         #[arg(long, short)]
@@ -170,6 +189,11 @@ async fn connect_client(config: &Config) -> anyhow::Result<async_nats::Client> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Sandbox { sites, dir, seconds, fresh, people } => {
+            init_tracing(Some("warn"));
+            presenced::sandbox::run(presenced::sandbox::Options { sites, dir, seconds, fresh, people })
+                .map_err(Into::into)
+        }
         Command::Version => {
             println!("presenced {}", env!("CARGO_PKG_VERSION"));
             Ok(())

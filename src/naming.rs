@@ -301,6 +301,12 @@ pub mod js {
     pub fn flow_control(stream: &str) -> String {
         format!("$JS.FC.{stream}.>")
     }
+
+    /// Everything in the JetStream API of `domain`, addressed by its
+    /// domain prefix (how `watch --hub` reaches the hub's mirrors).
+    pub fn domain_api_all(domain: &str) -> String {
+        format!("$JS.{domain}.API.>")
+    }
 }
 
 /// Name of a snapshot: `<site>/<buckets>/<utc-timestamp>`, where

@@ -291,7 +291,7 @@ async fn write_stream(
             what: what.to_owned(),
             source: e.into(),
         })?;
-    let mut c = stream
+    let c = stream
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subject: filter,
             deliver_policy: deliver,
@@ -312,11 +312,9 @@ async fn write_stream(
         records: 0,
         last_sequence: 0,
     };
-    let pending = c
-        .info()
-        .await
-        .map_err(|e| ArchiveError::nats(format!("reading {what}"), e))?
-        .num_pending;
+    // From the create response: a CONSUMER.INFO request would need a grant
+    // the generated ACL does not give (readers create, pull, never inspect).
+    let pending = c.cached_info().num_pending;
     if pending == 0 {
         return Ok(summary);
     }
