@@ -246,70 +246,25 @@ pub fn differences(
         ));
     }
     let mut changed = Vec::new();
-    let mut check = |name: &str, differs: bool, have: String, want: String| {
-        if differs {
-            changed.push(format!("{name} {have} -> {want}"));
-        }
-    };
-    check(
-        "replicas",
-        have.num_replicas != want.num_replicas,
-        have.num_replicas.to_string(),
-        want.num_replicas.to_string(),
-    );
-    check(
-        "max_age",
-        have.max_age != want.max_age,
-        format!("{:?}", have.max_age),
-        format!("{:?}", want.max_age),
-    );
-    check(
-        "max_msgs_per_subject",
-        have.max_messages_per_subject != want.max_messages_per_subject,
-        have.max_messages_per_subject.to_string(),
-        want.max_messages_per_subject.to_string(),
-    );
-    check(
-        "max_msgs",
-        have.max_messages != want.max_messages,
-        have.max_messages.to_string(),
-        want.max_messages.to_string(),
-    );
-    check(
-        "max_bytes",
-        have.max_bytes != want.max_bytes,
-        have.max_bytes.to_string(),
-        want.max_bytes.to_string(),
-    );
-    check(
-        "allow_msg_ttl",
-        have.allow_message_ttl != want.allow_message_ttl,
-        have.allow_message_ttl.to_string(),
-        want.allow_message_ttl.to_string(),
-    );
-    check(
-        "subject_delete_marker_ttl",
-        have.subject_delete_marker_ttl != want.subject_delete_marker_ttl,
-        format!("{:?}", have.subject_delete_marker_ttl),
-        format!("{:?}", want.subject_delete_marker_ttl),
-    );
-    check(
-        "allow_direct",
-        have.allow_direct != want.allow_direct,
-        have.allow_direct.to_string(),
-        want.allow_direct.to_string(),
-    );
-    check(
-        "mirror_direct",
-        have.mirror_direct != want.mirror_direct,
-        have.mirror_direct.to_string(),
-        want.mirror_direct.to_string(),
-    );
-    check(
-        "description",
-        have.description != want.description,
-        format!("{:?}", have.description),
-        format!("{:?}", want.description),
+    // Every setting provisioning owns that the server can change in place.
+    macro_rules! compare {
+        ($($name:literal => $field:ident),* $(,)?) => {$(
+            if have.$field != want.$field {
+                changed.push(format!("{} {:?} -> {:?}", $name, have.$field, want.$field));
+            }
+        )*};
+    }
+    compare!(
+        "replicas" => num_replicas,
+        "max_age" => max_age,
+        "max_msgs_per_subject" => max_messages_per_subject,
+        "max_msgs" => max_messages,
+        "max_bytes" => max_bytes,
+        "allow_msg_ttl" => allow_message_ttl,
+        "subject_delete_marker_ttl" => subject_delete_marker_ttl,
+        "allow_direct" => allow_direct,
+        "mirror_direct" => mirror_direct,
+        "description" => description,
     );
     Ok(changed)
 }
