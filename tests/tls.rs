@@ -7,6 +7,7 @@ mod common;
 mod support;
 
 use common::*;
+use presenced::natsconf::{LinkTls, ServerTls};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -89,23 +90,16 @@ impl Pki {
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 
-    /// The leaf server's `tls {}` block; `verify` requires client
-    /// certificates signed by the site CA.
-    fn server_block(&self, verify: bool) -> String {
-        let q = |name: &str| serde_json::to_string(&self.path(name)).unwrap();
-        let mut block = format!(
-            "tls {{\n  cert_file: {}\n  key_file: {}\n  timeout: 2\n",
-            q("server.pem"),
-            q("server-key.pem")
-        );
-        if verify {
-            block.push_str(&format!(
-                "  ca_file: {}\n  verify: true\n",
-                q("site-ca.pem")
-            ));
+    /// TLS of the leaf's client port as `nats-config` renders it; `verify`
+    /// requires client certificates signed by the site CA.
+    fn server_tls(&self, verify: bool) -> ServerTls {
+        ServerTls {
+            cert_file: self.path("server.pem"),
+            key_file: self.path("server-key.pem"),
+            ca_file: verify.then(|| self.path("site-ca.pem")),
+            verify,
+            timeout: Duration::from_secs(2),
         }
-        block.push_str("}\n");
-        block
     }
 }
 
@@ -120,7 +114,7 @@ impl Leaf {
     fn start(pki: &Pki, verify: bool) -> Leaf {
         let nats = NatsServer::start(NatsOptions {
             domain: Some("leaf-test".into()),
-            extra: pki.server_block(verify),
+            tls: Some(pki.server_tls(verify)),
             ..Default::default()
         });
         Leaf {
@@ -289,38 +283,24 @@ fn a_client_certificate_without_its_key_is_a_config_error() {
     assert!(err.contains("nats.tls.key_file"), "{err}");
 }
 
-/// The leafnode link from a site to the hub over TLS, with the server
-/// blocks `nats-config` is to render: on the hub, `leafnodes { tls {} }`
-/// with its certificate and (verify) the CA of the sites' certificates; on
-/// the leaf, `tls {}` inside the remote with the hub's CA and the site's
+/// The leafnode link from a site to the hub over TLS, both ends rendered
+/// by `nats-config`: on the hub, `leafnodes { tls {} }` with its
+/// certificate and (verify) the CA of the sites' certificates; on the
+/// leaf, `tls {}` inside the remote with the hub's CA and the site's
 /// certificate. A leaf without a client certificate is not let in.
 #[test]
 fn the_leafnode_link_runs_over_tls_and_a_hub_that_verifies_refuses_a_leaf_without_certificate() {
     let pki = Pki::generate();
-    let q = |name: &str| serde_json::to_string(&pki.path(name)).unwrap();
-    let leaf_port = support::free_port();
     let hub = NatsServer::start(NatsOptions {
         domain: Some("hub".into()),
-        extra: format!(
-            "leafnodes {{\n  listen: \"127.0.0.1:{leaf_port}\"\n  tls {{\n    cert_file: {}\n    key_file: {}\n    ca_file: {}\n    verify: true\n    timeout: 2\n  }}\n}}\n",
-            q("server.pem"),
-            q("server-key.pem"),
-            q("site-ca.pem")
-        ),
+        leafnode_tls: Some(pki.server_tls(true)),
         ..Default::default()
     });
-    let remote = |client_cert: bool| {
-        let mut tls = format!("ca_file: {}", q("site-ca.pem"));
-        if client_cert {
-            tls.push_str(&format!(
-                ", cert_file: {}, key_file: {}",
-                q("client.pem"),
-                q("client-key.pem")
-            ));
-        }
-        format!(
-            "leafnodes {{\n  reconnect: \"1s\"\n  remotes: [ {{ urls: [ \"nats-leaf://127.0.0.1:{leaf_port}\" ], tls: {{ {tls} }} }} ]\n}}\n"
-        )
+    let hub_url = hub.leafnode_url().expect("a hub listens for leaves");
+    let remote = |client_cert: bool| LinkTls {
+        ca_file: Some(pki.path("site-ca.pem")),
+        cert_file: client_cert.then(|| pki.path("client.pem")),
+        key_file: client_cert.then(|| pki.path("client-key.pem")),
     };
     let leafz = |n: usize| {
         support::http_get(hub.monitor_addr(), "/leafz")
@@ -328,12 +308,16 @@ fn the_leafnode_link_runs_over_tls_and_a_hub_that_verifies_refuses_a_leaf_withou
     };
     let _without = NatsServer::start(NatsOptions {
         domain: Some("leaf-a".into()),
-        extra: remote(false),
+        leaf_remotes: vec![hub_url.clone()],
+        remote_tls: Some(remote(false)),
+        server_name: Some("leaf-a".into()),
         ..Default::default()
     });
     let with = NatsServer::start(NatsOptions {
         domain: Some("leaf-b".into()),
-        extra: remote(true),
+        leaf_remotes: vec![hub_url],
+        remote_tls: Some(remote(true)),
+        server_name: Some("leaf-b".into()),
         ..Default::default()
     });
     support::wait_until(

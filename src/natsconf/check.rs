@@ -1,7 +1,7 @@
 //! What makes a description unusable: each check pushes a [`Problem`] with
 //! its field path and carries on, so one run lists everything to fix.
 
-use super::model::{HubLink, HubNode, JetStream, Leaf, SyncInterval};
+use super::model::{HubLink, HubNode, JetStream, Leaf, ServerTls, SyncInterval};
 use super::Problem;
 use crate::naming;
 use std::net::SocketAddr;
@@ -32,6 +32,9 @@ pub fn leaf(leaf: &Leaf) -> Vec<Problem> {
         server_name(&mut p, "server_name", name);
     }
     listen(&mut p, "listen", &leaf.listen);
+    if let Some(tls) = &leaf.tls {
+        server_tls(&mut p, "tls", tls);
+    }
     monitor_port(&mut p, leaf.monitor_port);
     jetstream(&mut p, &leaf.jetstream);
     if let Some(hub) = &leaf.hub {
@@ -51,9 +54,15 @@ pub fn hub(hub: &HubNode) -> Vec<Problem> {
     let mut p = Problems::default();
     server_name(&mut p, "server_name", &hub.server_name);
     listen(&mut p, "listen", &hub.listen);
+    if let Some(tls) = &hub.tls {
+        server_tls(&mut p, "tls", tls);
+    }
     monitor_port(&mut p, hub.monitor_port);
     jetstream(&mut p, &hub.jetstream);
     listen(&mut p, "leafnodes.listen", &hub.leafnodes.listen);
+    if let Some(tls) = &hub.leafnodes.tls {
+        server_tls(&mut p, "leafnodes.tls", tls);
+    }
     if let Some(path) = &hub.authorization_include {
         include(&mut p, "authorization_include", path);
     }
@@ -204,6 +213,56 @@ fn hub_link(p: &mut Problems, hub: &HubLink) {
             "must be at least 100ms (nats-server dials that often)",
         );
     }
+    if let Some(tls) = &hub.tls {
+        for (field, path) in [
+            ("ca_file", &tls.ca_file),
+            ("cert_file", &tls.cert_file),
+            ("key_file", &tls.key_file),
+        ] {
+            if let Some(path) = path {
+                tls_file(p, &format!("hub.tls.{field}"), path);
+            }
+        }
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            let missing = if tls.cert_file.is_some() {
+                "key_file"
+            } else {
+                "cert_file"
+            };
+            p.push(
+                format!("hub.tls.{missing}"),
+                "set cert_file and key_file together (the site's certificate and its key)",
+            );
+        }
+    }
+}
+
+/// TLS files are opened from the server's working directory, not the
+/// config's: only absolute paths mean the same thing everywhere.
+fn tls_file(p: &mut Problems, at: &str, path: &std::path::Path) {
+    if !path.is_absolute() {
+        p.push(
+            at,
+            format!("{} is not an absolute path: nats-server opens TLS files from its working directory", path.display()),
+        );
+    }
+}
+
+fn server_tls(p: &mut Problems, at: &str, tls: &ServerTls) {
+    tls_file(p, &format!("{at}.cert_file"), &tls.cert_file);
+    tls_file(p, &format!("{at}.key_file"), &tls.key_file);
+    if let Some(ca) = &tls.ca_file {
+        tls_file(p, &format!("{at}.ca_file"), ca);
+    }
+    if tls.verify && tls.ca_file.is_none() {
+        p.push(
+            format!("{at}.ca_file"),
+            "verify needs the CA that signs the clients' certificates",
+        );
+    }
+    if tls.timeout.is_zero() {
+        p.push(format!("{at}.timeout"), "must be longer than 0s");
+    }
 }
 
 fn url(p: &mut Problems, at: &str, url: &str, schemes: &[&str]) {
@@ -263,6 +322,38 @@ mod tests {
                 "jetstream.max_file",
                 "hub.urls[0]",
                 "hub.urls[1]"
+            ],
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn tls_problems_have_their_paths() {
+        let site = Site::new("home").unwrap();
+        let mut leaf = Leaf::new(&site, PathBuf::from("/var/lib/nats"));
+        leaf.tls = Some(ServerTls {
+            cert_file: PathBuf::from("cert.pem"),
+            key_file: PathBuf::from("/k.pem"),
+            ca_file: None,
+            verify: true,
+            timeout: Duration::ZERO,
+        });
+        leaf.hub = Some(HubLink {
+            tls: Some(crate::natsconf::LinkTls {
+                ca_file: None,
+                cert_file: Some(PathBuf::from("/site.pem")),
+                key_file: None,
+            }),
+            ..HubLink::new(vec!["nats-leaf://hub:7422".into()])
+        });
+        let problems = super::leaf(&leaf);
+        assert_eq!(
+            paths(&problems),
+            [
+                "tls.cert_file",
+                "tls.ca_file",
+                "tls.timeout",
+                "hub.tls.key_file"
             ],
             "{problems:?}"
         );

@@ -15,7 +15,9 @@ pub mod check;
 pub mod model;
 pub mod render;
 
-pub use model::{Cluster, HubLink, HubNode, JetStream, Leaf, LeafListen, Mqtt, SyncInterval};
+pub use model::{
+    Cluster, HubLink, HubNode, JetStream, Leaf, LeafListen, LinkTls, Mqtt, ServerTls, SyncInterval,
+};
 
 use std::path::Path;
 

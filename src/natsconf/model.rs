@@ -23,6 +23,10 @@ pub struct Leaf {
     /// same host.
     #[serde(default = "default_client_listen")]
     pub listen: String,
+    /// TLS on the client port: what the daemons connect to
+    /// (`[nats.tls]` in their config).
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
     /// HTTP monitoring port, always bound to 127.0.0.1 (`/healthz`,
     /// `/jsz`, `/leafz` are not for the open network).
     #[serde(default = "default_monitor_port")]
@@ -150,6 +154,45 @@ pub struct HubLink {
     /// Short: a link that comes back early lets the hub catch up early.
     #[serde(default = "default_reconnect", with = "humantime_serde")]
     pub reconnect: Duration,
+    /// TLS on the link: the hub's CA, and the site's certificate when the
+    /// hub verifies leaves.
+    #[serde(default)]
+    pub tls: Option<LinkTls>,
+}
+
+/// TLS of a listener (client port or leafnode listener).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// The server's certificate (PEM); its names must cover every host
+    /// name clients dial.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
+    /// CA that signs the clients' certificates; needed with `verify`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Require a client certificate signed by `ca_file`.
+    #[serde(default)]
+    pub verify: bool,
+    /// TLS handshake timeout.
+    #[serde(default = "default_tls_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// TLS of the leaf's outgoing link to the hub.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LinkTls {
+    /// CA that signs the hub's certificates; default: the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The site's certificate, for a hub that verifies leaves.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// An MQTT listener.
@@ -169,6 +212,9 @@ pub struct HubNode {
     /// Client listen address (admin tools, `presenced provision-hub`).
     #[serde(default = "default_client_listen")]
     pub listen: String,
+    /// TLS on the client port.
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
     /// HTTP monitoring port, always bound to 127.0.0.1.
     #[serde(default = "default_monitor_port")]
     pub monitor_port: u16,
@@ -212,6 +258,10 @@ pub struct LeafListen {
     /// they do not know themselves (NAT, a relay).
     #[serde(default)]
     pub no_advertise: bool,
+    /// TLS for the sites' links; with `verify`, a leaf must present a
+    /// certificate signed by `ca_file`.
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for LeafListen {
@@ -219,6 +269,7 @@ impl Default for LeafListen {
         LeafListen {
             listen: default_leaf_listen(),
             no_advertise: false,
+            tls: None,
         }
     }
 }
@@ -231,6 +282,9 @@ fn default_monitor_port() -> u16 {
 }
 fn default_reconnect() -> Duration {
     Duration::from_secs(1)
+}
+fn default_tls_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 fn default_cluster_name() -> String {
     "presenced-hub".to_owned()
@@ -246,6 +300,7 @@ impl Leaf {
             site: site.as_str().to_owned(),
             server_name: None,
             listen: default_client_listen(),
+            tls: None,
             monitor_port: default_monitor_port(),
             log_file: None,
             jetstream: JetStream::new(store_dir),
@@ -283,6 +338,7 @@ impl HubLink {
             nkey_include: None,
             credentials: None,
             reconnect: default_reconnect(),
+            tls: None,
         }
     }
 }
@@ -293,6 +349,7 @@ impl HubNode {
         HubNode {
             server_name: server_name.to_owned(),
             listen: default_client_listen(),
+            tls: None,
             monitor_port: default_monitor_port(),
             log_file: None,
             jetstream: JetStream::new(store_dir),

@@ -2,7 +2,7 @@
 //! same bytes), with a comment above each decision so an operator reading
 //! the running server's config learns why it is so.
 
-use super::model::{HubLink, HubNode, JetStream, Leaf, SyncInterval};
+use super::model::{HubLink, HubNode, JetStream, Leaf, LinkTls, ServerTls, SyncInterval};
 use crate::naming;
 use std::path::Path;
 use std::time::Duration;
@@ -71,10 +71,53 @@ fn header(t: &mut Text, what: &str, command: &str) {
     t.blank();
 }
 
-fn common(t: &mut Text, server_name: &str, listen: &str, monitor_port: u16, log: Option<&Path>) {
+/// A listener's `tls {}` block.
+fn server_tls(t: &mut Text, tls: &ServerTls) {
+    t.open("tls");
+    t.line(&format!("cert_file: {}", quote_path(&tls.cert_file)));
+    t.line(&format!("key_file: {}", quote_path(&tls.key_file)));
+    if let Some(ca) = &tls.ca_file {
+        t.line(&format!("ca_file: {}", quote_path(ca)));
+    }
+    if tls.verify {
+        t.comment("Only clients with a certificate signed by ca_file get in.");
+        t.line("verify: true");
+    }
+    t.line(&format!("timeout: {}", tls.timeout.as_secs_f64()));
+    t.close();
+}
+
+/// The `tls {}` block of the leaf's remote: how it checks the hub and
+/// proves itself.
+fn link_tls(t: &mut Text, tls: &LinkTls) {
+    t.open("tls");
+    for (key, path) in [
+        ("ca_file", &tls.ca_file),
+        ("cert_file", &tls.cert_file),
+        ("key_file", &tls.key_file),
+    ] {
+        if let Some(path) = path {
+            t.line(&format!("{key}: {}", quote_path(path)));
+        }
+    }
+    t.close();
+}
+
+fn common(
+    t: &mut Text,
+    server_name: &str,
+    listen: &str,
+    tls: Option<&ServerTls>,
+    monitor_port: u16,
+    log: Option<&Path>,
+) {
     t.comment("Unique among every server the hub sees; MQTT and clustering need one.");
     t.line(&format!("server_name: {}", quote(server_name)));
     t.line(&format!("listen: {}", quote(listen)));
+    if let Some(tls) = tls {
+        t.comment("Clients connect with TLS (`[nats.tls]` in presenced's config).");
+        server_tls(t, tls);
+    }
     t.comment("Monitoring (/healthz, /jsz, /leafz) on loopback only.");
     t.line(&format!("http: \"127.0.0.1:{monitor_port}\""));
     if let Some(log) = log {
@@ -138,6 +181,9 @@ fn remote(t: &mut Text, hub: &HubLink) {
     if let Some(path) = &hub.credentials {
         t.line(&format!("credentials: {}", quote_path(path)));
     }
+    if let Some(tls) = &hub.tls {
+        link_tls(t, tls);
+    }
     t.indent -= 1;
     t.line("}");
     t.indent -= 1;
@@ -169,6 +215,7 @@ pub fn leaf(leaf: &Leaf) -> String {
         &mut t,
         &leaf.server_name(),
         &leaf.listen,
+        leaf.tls.as_ref(),
         leaf.monitor_port,
         leaf.log_file.as_deref(),
     );
@@ -203,6 +250,7 @@ pub fn hub(hub: &HubNode) -> String {
         &mut t,
         &hub.server_name,
         &hub.listen,
+        hub.tls.as_ref(),
         hub.monitor_port,
         hub.log_file.as_deref(),
     );
@@ -230,6 +278,10 @@ pub fn hub(hub: &HubNode) -> String {
     if hub.leafnodes.no_advertise {
         t.comment("Leaves dial only the URLs they list, not addresses this node knows.");
         t.line("no_advertise: true");
+    }
+    if let Some(tls) = &hub.leafnodes.tls {
+        t.comment("The sites' links run over TLS.");
+        server_tls(&mut t, tls);
     }
     t.close();
     t.blank();
@@ -291,6 +343,43 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn tls_blocks() {
+        let site = Site::new("home").unwrap();
+        let server = crate::natsconf::ServerTls {
+            cert_file: PathBuf::from("/etc/tls/cert.pem"),
+            key_file: PathBuf::from("/etc/tls/key.pem"),
+            ca_file: Some(PathBuf::from("/etc/tls/ca.pem")),
+            verify: true,
+            timeout: Duration::from_millis(2500),
+        };
+        let mut l = Leaf::new(&site, PathBuf::from("/var/lib/nats"));
+        l.tls = Some(server.clone());
+        l.hub = Some(HubLink {
+            tls: Some(crate::natsconf::LinkTls {
+                ca_file: Some(PathBuf::from("/etc/tls/hub-ca.pem")),
+                cert_file: None,
+                key_file: None,
+            }),
+            ..HubLink::new(vec!["nats-leaf://hub-1:7422".into()])
+        });
+        let text = leaf(&l);
+        for needle in [
+            "tls {\n  cert_file: \"/etc/tls/cert.pem\"\n  key_file: \"/etc/tls/key.pem\"\n  ca_file: \"/etc/tls/ca.pem\"\n",
+            "  verify: true\n  timeout: 2.5\n}\n",
+            "      tls {\n        ca_file: \"/etc/tls/hub-ca.pem\"\n      }\n",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        let mut h = HubNode::new("hub-1", PathBuf::from("/var/lib/nats"));
+        h.leafnodes.tls = Some(server);
+        let text = hub(&h);
+        assert!(
+            text.contains("leafnodes {\n  listen: \"0.0.0.0:7422\"\n  # The sites' links run over TLS.\n  tls {\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -123,6 +123,12 @@ pub struct NatsOptions {
     /// JetStream `sync_interval`; default the renderer's (`sync_always`
     /// wins when set).
     pub sync_interval: Option<presenced::natsconf::SyncInterval>,
+    /// TLS on the client port.
+    pub tls: Option<presenced::natsconf::ServerTls>,
+    /// TLS on a hub's leafnode listener.
+    pub leafnode_tls: Option<presenced::natsconf::ServerTls>,
+    /// TLS of a leaf's link to its [`NatsOptions::leaf_remotes`].
+    pub remote_tls: Option<presenced::natsconf::LinkTls>,
 }
 
 /// A hub node's route port and its peers' route ports.
@@ -337,6 +343,8 @@ fn render_config(opts: &NatsOptions, ports: &Ports, store_dir: &Path, log_path: 
     let mut config = if opts.domain.as_deref() == Some(presenced::naming::HUB_DOMAIN) {
         let mut hub = natsconf::HubNode::new(&name, store_dir.to_path_buf());
         hub.listen = listen;
+        hub.tls = opts.tls.clone();
+        hub.leafnodes.tls = opts.leafnode_tls.clone();
         hub.monitor_port = ports.monitor_port;
         hub.log_file = Some(log_path.to_path_buf());
         sync(&mut hub.jetstream);
@@ -370,11 +378,15 @@ fn render_config(opts: &NatsOptions, ports: &Ports, store_dir: &Path, log_path: 
         let mut leaf = natsconf::Leaf::new(&site, store_dir.to_path_buf());
         leaf.server_name = Some(name);
         leaf.listen = listen;
+        leaf.tls = opts.tls.clone();
         leaf.monitor_port = ports.monitor_port;
         leaf.log_file = Some(log_path.to_path_buf());
         sync(&mut leaf.jetstream);
         if !opts.leaf_remotes.is_empty() {
-            leaf.hub = Some(natsconf::HubLink::new(opts.leaf_remotes.clone()));
+            leaf.hub = Some(natsconf::HubLink {
+                tls: opts.remote_tls.clone(),
+                ..natsconf::HubLink::new(opts.leaf_remotes.clone())
+            });
         }
         leaf.mqtt = ports.mqtt_port.map(|port| natsconf::Mqtt {
             listen: format!("127.0.0.1:{port}"),
