@@ -20,6 +20,7 @@ let
     ;
 
   cfg = config.services.presenced.hub;
+  inherit (import ./sync-interval.nix { inherit lib; }) syncIntervalType;
 
   peers = lib.filterAttrs (name: _: name != cfg.nodeName) cfg.nodes;
   routes = lib.mapAttrsToList (
@@ -131,6 +132,17 @@ in
         example = "500G";
         description = "Upper bound of JetStream file storage (`max_file`).";
       };
+      syncInterval = mkOption {
+        type = syncIntervalType;
+        default = "1s";
+        example = "always";
+        description = ''
+          How often JetStream fsyncs stored writes (`sync_interval`); the
+          leaf's default, see {option}`services.presenced.leaf.jetstream.syncInterval`.
+          The hub's R3 replicas already survive the loss of one node;
+          `null` leaves nats-server's default, 2 minutes.
+        '';
+      };
     };
   };
 
@@ -164,7 +176,10 @@ in
           domain = "hub";
         }
         // optionalAttrs (cfg.jetstream.maxMemory != null) { max_mem = cfg.jetstream.maxMemory; }
-        // optionalAttrs (cfg.jetstream.maxFile != null) { max_file = cfg.jetstream.maxFile; };
+        // optionalAttrs (cfg.jetstream.maxFile != null) { max_file = cfg.jetstream.maxFile; }
+        // optionalAttrs (cfg.jetstream.syncInterval != null) {
+          sync_interval = cfg.jetstream.syncInterval;
+        };
         cluster = {
           name = cfg.clusterName;
           listen = "0.0.0.0:${toString cfg.clusterPort}";

@@ -51,6 +51,11 @@ in
     expected = true;
   };
 
+  testHubSyncOneSecond = {
+    expr = nats.settings.jetstream.sync_interval;
+    expected = "1s";
+  };
+
   testHubDomain = {
     expr = nats.settings.jetstream.domain;
     expected = "hub";
