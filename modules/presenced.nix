@@ -94,45 +94,8 @@ let
     else
       raw;
 
-  # Shared sandbox of the daemon and the provisioner. AF_UNIX stays allowed:
-  # sd_notify (READY=1, WATCHDOG=1) talks over a unix socket.
-  hardening = {
-    AmbientCapabilities = "";
-    CapabilityBoundingSet = "";
-    DevicePolicy = "closed";
-    DynamicUser = true;
-    LockPersonality = true;
-    MemoryDenyWriteExecute = true;
-    NoNewPrivileges = true;
-    PrivateTmp = true;
-    ProcSubset = "pid";
-    ProtectClock = true;
-    ProtectControlGroups = true;
-    ProtectHome = true;
-    ProtectHostname = true;
-    ProtectKernelLogs = true;
-    ProtectKernelModules = true;
-    ProtectKernelTunables = true;
-    ProtectProc = "invisible";
-    ProtectSystem = "strict";
-    RemoveIPC = true;
-    RestrictAddressFamilies = [
-      "AF_UNIX"
-      "AF_INET"
-      "AF_INET6"
-    ];
-    RestrictNamespaces = true;
-    RestrictRealtime = true;
-    RestrictSUIDSGID = true;
-    SystemCallArchitectures = "native";
-    SystemCallErrorNumber = "EPERM";
-    SystemCallFilter = [
-      "@system-service"
-      "~@privileged"
-      "~@resources"
-    ];
-    UMask = "0077";
-  };
+  # Shared sandbox of the daemons and the provisioners.
+  hardening = import ./hardening.nix;
 
   settingsOption =
     description:
