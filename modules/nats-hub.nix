@@ -330,6 +330,11 @@ in
       };
     };
 
-    environment.systemPackages = [ pkgs.natscli ];
+    # `presenced provision-hub` by hand (a new site) and `presenced watch
+    # --hub`.
+    environment.systemPackages = [
+      pkgs.natscli
+    ]
+    ++ lib.optional prov.enable config.services.presenced.package;
   };
 }

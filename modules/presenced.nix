@@ -357,7 +357,9 @@ in
         name: instance: lib.nameValuePair "presenced-${name}" (instanceUnit name instance)
       ) enabledInstances;
 
-      # The configs at a known place, for `presenced watch`/`get` by hand.
+      # The command for `presenced watch`/`get`/`status`/`snapshots` by
+      # hand, with the configs at a known place.
+      environment.systemPackages = [ cfg.package ];
       environment.etc = lib.mapAttrs' (
         name: instance: lib.nameValuePair "presenced/${name}.toml" { source = instance.configFile; }
       ) enabledInstances;

@@ -40,41 +40,38 @@ in
     hub2 = hub "hub2";
     hub3 = hub "hub3";
 
-    edge =
-      { config, ... }:
-      {
-        imports = [ ./mosquitto.nix ];
-        environment.systemPackages = [ config.services.presenced.package ];
-        services.presenced = {
-          inherit site;
-          leaf = {
-            enable = true;
-            hub.urls = lib.mapAttrsToList (name: _: "nats-leaf://${name}:7422") nodes;
-          };
-          instances.main.settings = {
-            mqtt.z2m.zigbee2mqtt.devices = [
-              {
-                device = "hall_pir";
-                kind = "occupancy";
-              }
-            ];
-            zones.hall.evidence = [
-              {
-                sensor = "hall_pir";
-                p_true = 0.99;
-                p_false = 0.01;
-              }
-            ];
-            # Watch the hub's mirrors through the leaf link and nudge a
-            # mirror that is behind once the link is back.
-            hub = {
-              poll_interval = "1s";
-              nudge = true;
-              nudge_after = "2s";
-            };
+    edge = {
+      imports = [ ./mosquitto.nix ];
+      services.presenced = {
+        inherit site;
+        leaf = {
+          enable = true;
+          hub.urls = lib.mapAttrsToList (name: _: "nats-leaf://${name}:7422") nodes;
+        };
+        instances.main.settings = {
+          mqtt.z2m.zigbee2mqtt.devices = [
+            {
+              device = "hall_pir";
+              kind = "occupancy";
+            }
+          ];
+          zones.hall.evidence = [
+            {
+              sensor = "hall_pir";
+              p_true = 0.99;
+              p_false = 0.01;
+            }
+          ];
+          # Watch the hub's mirrors through the leaf link and nudge a
+          # mirror that is behind once the link is back.
+          hub = {
+            poll_interval = "1s";
+            nudge = true;
+            nudge_after = "2s";
           };
         };
       };
+    };
   };
 
   testScript = ''

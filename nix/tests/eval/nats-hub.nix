@@ -223,6 +223,20 @@ in
     ];
   };
 
+  testProvisionInstallsCommand = {
+    expr = {
+      provisioning = provisioning.environment.systemPackages;
+      plain = hub2.environment.systemPackages;
+    };
+    expected = {
+      provisioning = [
+        stubs.pkgs.natscli
+        stubs.pkgs.presenced
+      ];
+      plain = [ stubs.pkgs.natscli ];
+    };
+  };
+
   testProvisioningValidPasses = {
     expr = stubs.failedAssertions provisioning;
     expected = [ ];

@@ -267,6 +267,11 @@ in
     expected = false;
   };
 
+  testCommandInstalled = {
+    expr = simple.environment.systemPackages;
+    expected = [ stubs.pkgs.presenced ];
+  };
+
   testConfigLinkedInEtc = {
     expr = simple.environment.etc."presenced/main.toml".source;
     expected = stubs.fakeFile "presenced-main-checked.toml";
