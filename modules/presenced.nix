@@ -51,6 +51,15 @@ let
 
   enabledInstances = lib.filterAttrs (_: instance: instance.enable) cfg.instances;
 
+  # Where each instance serves /healthz and /metrics (the daemon's default
+  # when unset); two on one host at the same address would fail at start.
+  httpListen = lib.mapAttrs (_: instance: instance.settings.http.listen or "127.0.0.1:9464") (
+    lib.filterAttrs (_: instance: instance.settings.http.enabled or true) enabledInstances
+  );
+  sharedListen = lib.filterAttrs (_: names: lib.length names > 1) (
+    lib.groupBy (name: httpListen.${name}) (lib.attrNames httpListen)
+  );
+
   # Credentials of an instance or of the provisioner, by credential name.
   credentialsOf =
     unit:
@@ -336,22 +345,32 @@ in
     }
 
     (mkIf (enabledInstances != { }) {
-      assertions = lib.concatLists (
-        lib.mapAttrsToList (
-          name: instance:
-          [
-            {
-              assertion = builtins.match "[a-z0-9][a-z0-9_-]*" name != null && name != "provision";
-              message = ''
-                services.presenced.instances.${name}: the name becomes unit
-                presenced-${name}; use [a-z0-9_-], starting with a letter or
-                digit, and not `provision`.
-              '';
-            }
-          ]
-          ++ secretAssertions "services.presenced.instances.${name}" instance
-        ) enabledInstances
-      );
+      assertions =
+        lib.concatLists (
+          lib.mapAttrsToList (
+            name: instance:
+            [
+              {
+                assertion = builtins.match "[a-z0-9][a-z0-9_-]*" name != null && name != "provision";
+                message = ''
+                  services.presenced.instances.${name}: the name becomes unit
+                  presenced-${name}; use [a-z0-9_-], starting with a letter or
+                  digit, and not `provision`.
+                '';
+              }
+            ]
+            ++ secretAssertions "services.presenced.instances.${name}" instance
+          ) enabledInstances
+        )
+        ++ lib.mapAttrsToList (listen: names: {
+          assertion = false;
+          message = ''
+            services.presenced.instances: ${lib.concatStringsSep ", " names} all serve
+            /healthz and /metrics on ${listen}; give each its own
+            settings.http.listen (e.g. 127.0.0.1:9465), or set
+            settings.http.enabled = false.
+          '';
+        }) sharedListen;
 
       systemd.services = lib.mapAttrs' (
         name: instance: lib.nameValuePair "presenced-${name}" (instanceUnit name instance)

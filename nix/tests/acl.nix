@@ -78,6 +78,8 @@ in
       };
       instances.engine = {
         nkeySeedFile = "/run/keys/engine.nk";
+        # ingest serves /healthz and /metrics on the default port.
+        settings.http.listen = "127.0.0.1:9465";
         settings.zones.hall.evidence = [
           {
             sensor = "hall_pir";

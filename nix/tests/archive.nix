@@ -47,6 +47,8 @@ let
           accessKeyIdFile = "${credentials}/s3-access-key-id";
           secretAccessKeyFile = "${credentials}/s3-secret-access-key";
         };
+        # main serves /healthz and /metrics on the default port.
+        settings.http.listen = "127.0.0.1:9465";
         # The key files are set by `s3` above, as credentials.
         settings.archive = {
           every = "1h";
