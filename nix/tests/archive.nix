@@ -1,15 +1,38 @@
-# An S3 server (MinIO, standing in for Wasabi) and two edges: a snapshot of
-# the first edge's state is uploaded and verified; restoring it from S3 on
-# a fresh edge reproduces the state.
-{ pkgs, ... }:
+# An S3 server (SeaweedFS, standing in for Wasabi, as in the sandbox and the
+# crate's tests) and two edges: a snapshot of the first edge's state is
+# uploaded and verified; restoring it from S3 on a fresh edge reproduces
+# the state. (MinIO is no longer maintained upstream and marked insecure in
+# nixpkgs.)
+{ lib, pkgs, ... }:
 
 let
   site = "edge";
-  # Test credentials only; real ones never go in the store.
-  minioCredentials = pkgs.writeText "minio-credentials" ''
-    MINIO_ROOT_USER=presenced-test
-    MINIO_ROOT_PASSWORD=presenced-test-secret
-  '';
+  # Test credentials only; real ones never go in the store. SeaweedFS's
+  # one identity; anonymous requests are refused.
+  s3Identities = pkgs.writeText "s3-identities.json" (
+    builtins.toJSON {
+      identities = [
+        {
+          name = "presenced";
+          credentials = [
+            {
+              accessKey = "presenced-test";
+              secretKey = "presenced-test-secret";
+            }
+          ];
+          actions = [
+            "Admin"
+            "Read"
+            "Write"
+            "List"
+            "Tagging"
+          ];
+        }
+      ];
+    }
+  );
+  # S3 requests signed with the test key (curl's SigV4).
+  s3curl = "curl -sSf --aws-sigv4 aws:amz:us-east-1:s3 --user presenced-test:presenced-test-secret";
 
   # Stand-ins for the operator's secret files, named as the module loads
   # them (credentials `s3-access-key-id`, `s3-secret-access-key`). /etc
@@ -68,12 +91,31 @@ in
 
   nodes = {
     s3 = {
-      services.minio = {
-        enable = true;
-        rootCredentialsFile = minioCredentials;
+      virtualisation.memorySize = 1024;
+      systemd.services.seaweedfs = {
+        description = "SeaweedFS S3 server (Wasabi's stand-in)";
+        wantedBy = [ "multi-user.target" ];
+        after = [ "network.target" ];
+        serviceConfig = {
+          # Master, volume, filer and S3 gateway in one process; only the
+          # S3 port is reached from outside.
+          ExecStart = lib.concatStringsSep " " [
+            "${pkgs.seaweedfs}/bin/weed server"
+            "-dir=/var/lib/seaweedfs"
+            "-ip=127.0.0.1"
+            "-ip.bind=0.0.0.0"
+            "-master.volumeSizeLimitMB=64"
+            "-volume.max=30"
+            "-filer"
+            "-s3"
+            "-s3.port=9000"
+            "-s3.config=${s3Identities}"
+          ];
+          DynamicUser = true;
+          StateDirectory = "seaweedfs";
+        };
       };
       networking.firewall.allowedTCPPorts = [ 9000 ];
-      environment.systemPackages = [ pkgs.minio-client ];
     };
     edge1 = edge;
     edge2 = edge;
@@ -81,12 +123,11 @@ in
 
   testScript = ''
     start_all()
-    s3.wait_for_unit("minio.service")
+    s3.wait_for_unit("seaweedfs.service")
     s3.wait_for_open_port(9000)
-    s3.wait_until_succeeds(
-        "mc alias set local http://127.0.0.1:9000 presenced-test presenced-test-secret"
-    )
-    s3.succeed("mc mb local/presenced")
+    # The bucket must exist, as on Wasabi; the gateway may answer before
+    # its filer does, so retry.
+    s3.wait_until_succeeds("${s3curl} -X PUT http://127.0.0.1:9000/presenced", timeout=120)
 
     edge1.wait_for_unit("presenced-main.service")
     edge1.wait_for_unit("presenced-archiver.service")
@@ -106,7 +147,8 @@ in
     with subtest("a snapshot is uploaded and verified"):
         edge1.succeed(cli(f"snapshot {archiver}"))
         s3.wait_until_succeeds(
-            "mc ls --recursive local/presenced/${site}/ | grep -q presence", timeout=120
+            "${s3curl} 'http://127.0.0.1:9000/presenced?list-type=2&prefix=${site}%2F' | grep -q presence",
+            timeout=120,
         )
         # The outbox records the upload; --verify reads both copies back.
         edge1.wait_until_succeeds(
