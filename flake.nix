@@ -15,13 +15,15 @@
       ];
       forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
-      # VM tests that need only what the daemon does today; these run in
-      # `nix flake check`. The others (see nix/tests/default.nix) wait for
-      # features still being built and are reachable as
+      # VM tests run by `nix flake check`; every test in
+      # nix/tests/default.nix is also reachable as
       # `legacyPackages.<system>.vmTests.<name>`.
       checkedVmTests = [
         "basic"
         "containers"
+        "cluster"
+        "archive"
+        "acl"
       ];
 
       # Makes this flake's package the default of services.presenced.package.

@@ -13,6 +13,11 @@
     jetstream.maxFile = "200G";
     # Public NKEY of each site's leaf (from `presenced keygen`), by site:
     # leafNkeys.home = "U...";
+    # The sites whose mirrors presenced-provision-hub creates on start.
+    provision.sites = [ "home" ];
+    # With leafNkeys declared, the admin identity that provisions:
+    # adminNkey = "U...";
+    # provision.nkeySeedFile = "/var/lib/secrets/presenced/admin.nk";
   };
 
   # Replace with the node's hardware-configuration.nix.

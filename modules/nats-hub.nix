@@ -20,6 +20,29 @@ let
     ;
 
   cfg = config.services.presenced.hub;
+  inherit (import ./sync-interval.nix { inherit lib; }) syncIntervalType;
+  prov = cfg.provision;
+
+  # The client address this node's own tools dial.
+  localHost = if cfg.host == "0.0.0.0" then "127.0.0.1" else cfg.host;
+  seedCredential = "hub-admin-nkey-seed";
+
+  provisionArgs = [
+    "provision-hub"
+    "--server"
+    (lib.concatStringsSep "," prov.servers)
+    "--replicas"
+    (toString prov.replicas)
+  ]
+  ++ lib.concatMap (site: [
+    "--site"
+    site
+  ]) prov.sites
+  # `%d` is systemd's credentials directory of the unit.
+  ++ lib.optionals (prov.nkeySeedFile != null) [
+    "--nkey-seed-file"
+    "%d/${seedCredential}"
+  ];
 
   peers = lib.filterAttrs (name: _: name != cfg.nodeName) cfg.nodes;
   routes = lib.mapAttrsToList (
@@ -119,6 +142,58 @@ in
       description = "Public NKEY of the admin identity that provisions the hub mirrors.";
     };
 
+    provision = {
+      enable = mkOption {
+        type = types.bool;
+        default = prov.sites != [ ];
+        defaultText = literalExpression "config.services.presenced.hub.provision.sites != [ ]";
+        description = ''
+          Run `presenced provision-hub` as the oneshot unit
+          `presenced-provision-hub` after nats.service: it creates or
+          updates the hub mirrors of every site in {option}`sites`
+          (`SENSORS-<site>`, `EVENTS-<site>`, `presence-<site>`,
+          `owners-<site>`), idempotently, and is retried until the cluster
+          has elected its leaders. Running it on every node is safe; one
+          suffices.
+        '';
+      };
+
+      sites = mkOption {
+        type = types.listOf (types.strMatching "[a-z0-9-]{1,32}");
+        default = [ ];
+        example = [
+          "home"
+          "office"
+        ];
+        description = "Sites whose mirrors the hub keeps; each site's leaf links with its own NKEY.";
+      };
+
+      servers = mkOption {
+        type = types.nonEmptyListOf types.str;
+        default = [ "nats://${localHost}:${toString cfg.port}" ];
+        defaultText = literalExpression ''[ "nats://127.0.0.1:''${toString config.services.presenced.hub.port}" ]'';
+        description = "Client URLs of the hub that `provision-hub` tries, in order.";
+      };
+
+      replicas = mkOption {
+        type = types.ints.between 1 5;
+        default = 3;
+        description = "Replicas of each mirror; 3 on the 3-node hub.";
+      };
+
+      nkeySeedFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = "/var/lib/secrets/presenced/admin.nk";
+        description = ''
+          File holding the NKEY seed of the hub's admin identity (its public
+          key is {option}`services.presenced.hub.adminNkey`). Loaded with
+          `LoadCredential=`; it never enters the store. Required once the
+          hub accepts declared identities only.
+        '';
+      };
+    };
+
     jetstream = {
       maxMemory = mkOption {
         type = types.nullOr types.str;
@@ -131,6 +206,17 @@ in
         example = "500G";
         description = "Upper bound of JetStream file storage (`max_file`).";
       };
+      syncInterval = mkOption {
+        type = syncIntervalType;
+        default = "1s";
+        example = "always";
+        description = ''
+          How often JetStream fsyncs stored writes (`sync_interval`); the
+          leaf's default, see {option}`services.presenced.leaf.jetstream.syncInterval`.
+          The hub's R3 replicas already survive the loss of one node;
+          `null` leaves nats-server's default, 2 minutes.
+        '';
+      };
     };
   };
 
@@ -142,6 +228,33 @@ in
           services.presenced.hub.nodeName is `${cfg.nodeName}`, which is not
           one of services.presenced.hub.nodes (${lib.concatStringsSep ", " (lib.attrNames cfg.nodes)}).
         '';
+      }
+      {
+        assertion =
+          prov.nkeySeedFile == null || !(lib.hasPrefix "${builtins.storeDir}/" (toString prov.nkeySeedFile));
+        message = ''
+          services.presenced.hub.provision.nkeySeedFile is in the Nix store,
+          which every local user can read; keep the seed outside the store.
+        '';
+      }
+      {
+        assertion = !prov.enable || users == [ ] || prov.nkeySeedFile != null;
+        message = ''
+          services.presenced.hub.provision is enabled and the hub accepts
+          declared identities only, but provision.nkeySeedFile is not set:
+          give the admin seed (public key in adminNkey).
+        '';
+      }
+      {
+        assertion = !prov.enable || prov.nkeySeedFile == null || cfg.adminNkey != null;
+        message = ''
+          services.presenced.hub.provision.nkeySeedFile is set but adminNkey
+          is not: the hub would refuse the admin identity.
+        '';
+      }
+      {
+        assertion = !prov.enable || prov.sites != [ ];
+        message = "services.presenced.hub.provision is enabled but provision.sites is empty.";
       }
     ];
 
@@ -164,7 +277,10 @@ in
           domain = "hub";
         }
         // optionalAttrs (cfg.jetstream.maxMemory != null) { max_mem = cfg.jetstream.maxMemory; }
-        // optionalAttrs (cfg.jetstream.maxFile != null) { max_file = cfg.jetstream.maxFile; };
+        // optionalAttrs (cfg.jetstream.maxFile != null) { max_file = cfg.jetstream.maxFile; }
+        // optionalAttrs (cfg.jetstream.syncInterval != null) {
+          sync_interval = cfg.jetstream.syncInterval;
+        };
         cluster = {
           name = cfg.clusterName;
           listen = "0.0.0.0:${toString cfg.clusterPort}";
@@ -184,6 +300,41 @@ in
       cfg.leafPort
     ];
 
-    environment.systemPackages = [ pkgs.natscli ];
+    systemd.services.presenced-provision-hub = mkIf prov.enable {
+      description = "presenced: create the hub mirrors of the sites";
+      wantedBy = [ "multi-user.target" ];
+      wants = [
+        "network-online.target"
+        "nats.service"
+      ];
+      after = [
+        "network-online.target"
+        "nats.service"
+      ];
+
+      serviceConfig = import ./hardening.nix // {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        ExecStart = lib.escapeShellArgs (
+          [ "${config.services.presenced.package}/bin/presenced" ] ++ provisionArgs
+        );
+        # The other nodes may still be starting, or electing the leaders of
+        # the mirrors; try again until the cluster answers.
+        Restart = "on-failure";
+        RestartSec = "5s";
+        LoadCredential = lib.optional (
+          prov.nkeySeedFile != null
+        ) "${seedCredential}:${toString prov.nkeySeedFile}";
+        PrivateDevices = true;
+        PrivateUsers = true;
+      };
+    };
+
+    # `presenced provision-hub` by hand (a new site) and `presenced watch
+    # --hub`.
+    environment.systemPackages = [
+      pkgs.natscli
+    ]
+    ++ lib.optional prov.enable config.services.presenced.package;
   };
 }

@@ -28,6 +28,7 @@ let
     ;
 
   cfg = config.services.presenced.leaf;
+  inherit (import ./sync-interval.nix { inherit lib; }) syncIntervalType;
   site = cfg.site;
   domain = "leaf-${site}";
 
@@ -100,7 +101,14 @@ let
   '';
 in
 {
-  imports = [ ./common.nix ];
+  imports = [
+    ./common.nix
+    (lib.mkChangedOptionModule
+      [ "services" "presenced" "leaf" "jetstream" "syncAlways" ]
+      [ "services" "presenced" "leaf" "jetstream" "syncInterval" ]
+      (config: if config.services.presenced.leaf.jetstream.syncAlways then "always" else "1s")
+    )
+  ];
 
   options.services.presenced.leaf = {
     enable = mkEnableOption "the site's leaf nats-server for presenced";
@@ -161,14 +169,20 @@ in
         example = "20G";
         description = "Upper bound of JetStream file storage (`max_file`).";
       };
-      syncAlways = mkOption {
-        type = types.bool;
-        default = false;
+      syncInterval = mkOption {
+        type = syncIntervalType;
+        default = "1s";
+        example = "always";
         description = ''
-          fsync every write (`sync_interval: always`). By default JetStream
-          acknowledges before it syncs (every 2 minutes), so a host that
-          loses power can lose the last acknowledged writes; with this on
-          it cannot, at roughly a tenth of the write rate.
+          How often JetStream fsyncs stored writes (`sync_interval`).
+          JetStream acknowledges a write before it reaches the disk; a host
+          that loses power loses what was acknowledged since the last sync.
+          `"1s"` (the default) puts about a second at risk and cost no
+          measurable write rate; `"always"` syncs before every
+          acknowledgement and loses nothing, at about a fiftieth of the
+          pipelined KV put rate and a third of the one-at-a-time rate
+          (docs/PERFORMANCE.md). `null` leaves nats-server's own default,
+          2 minutes.
         '';
       };
     };
@@ -260,7 +274,9 @@ in
         }
         // optionalAttrs (cfg.jetstream.maxMemory != null) { max_mem = cfg.jetstream.maxMemory; }
         // optionalAttrs (cfg.jetstream.maxFile != null) { max_file = cfg.jetstream.maxFile; }
-        // optionalAttrs cfg.jetstream.syncAlways { sync_interval = "always"; };
+        // optionalAttrs (cfg.jetstream.syncInterval != null) {
+          sync_interval = cfg.jetstream.syncInterval;
+        };
       }
       // optionalAttrs hasRemote {
         leafnodes.remotes = [ { inherit (cfg.hub) urls; } ];

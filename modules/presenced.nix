@@ -51,6 +51,15 @@ let
 
   enabledInstances = lib.filterAttrs (_: instance: instance.enable) cfg.instances;
 
+  # Where each instance serves /healthz and /metrics (the daemon's default
+  # when unset); two on one host at the same address would fail at start.
+  httpListen = lib.mapAttrs (_: instance: instance.settings.http.listen or "127.0.0.1:9464") (
+    lib.filterAttrs (_: instance: instance.settings.http.enabled or true) enabledInstances
+  );
+  sharedListen = lib.filterAttrs (_: names: lib.length names > 1) (
+    lib.groupBy (name: httpListen.${name}) (lib.attrNames httpListen)
+  );
+
   # Credentials of an instance or of the provisioner, by credential name.
   credentialsOf =
     unit:
@@ -94,45 +103,8 @@ let
     else
       raw;
 
-  # Shared sandbox of the daemon and the provisioner. AF_UNIX stays allowed:
-  # sd_notify (READY=1, WATCHDOG=1) talks over a unix socket.
-  hardening = {
-    AmbientCapabilities = "";
-    CapabilityBoundingSet = "";
-    DevicePolicy = "closed";
-    DynamicUser = true;
-    LockPersonality = true;
-    MemoryDenyWriteExecute = true;
-    NoNewPrivileges = true;
-    PrivateTmp = true;
-    ProcSubset = "pid";
-    ProtectClock = true;
-    ProtectControlGroups = true;
-    ProtectHome = true;
-    ProtectHostname = true;
-    ProtectKernelLogs = true;
-    ProtectKernelModules = true;
-    ProtectKernelTunables = true;
-    ProtectProc = "invisible";
-    ProtectSystem = "strict";
-    RemoveIPC = true;
-    RestrictAddressFamilies = [
-      "AF_UNIX"
-      "AF_INET"
-      "AF_INET6"
-    ];
-    RestrictNamespaces = true;
-    RestrictRealtime = true;
-    RestrictSUIDSGID = true;
-    SystemCallArchitectures = "native";
-    SystemCallErrorNumber = "EPERM";
-    SystemCallFilter = [
-      "@system-service"
-      "~@privileged"
-      "~@resources"
-    ];
-    UMask = "0077";
-  };
+  # Shared sandbox of the daemons and the provisioners.
+  hardening = import ./hardening.nix;
 
   settingsOption =
     description:
@@ -373,28 +345,40 @@ in
     }
 
     (mkIf (enabledInstances != { }) {
-      assertions = lib.concatLists (
-        lib.mapAttrsToList (
-          name: instance:
-          [
-            {
-              assertion = builtins.match "[a-z0-9][a-z0-9_-]*" name != null && name != "provision";
-              message = ''
-                services.presenced.instances.${name}: the name becomes unit
-                presenced-${name}; use [a-z0-9_-], starting with a letter or
-                digit, and not `provision`.
-              '';
-            }
-          ]
-          ++ secretAssertions "services.presenced.instances.${name}" instance
-        ) enabledInstances
-      );
+      assertions =
+        lib.concatLists (
+          lib.mapAttrsToList (
+            name: instance:
+            [
+              {
+                assertion = builtins.match "[a-z0-9][a-z0-9_-]*" name != null && name != "provision";
+                message = ''
+                  services.presenced.instances.${name}: the name becomes unit
+                  presenced-${name}; use [a-z0-9_-], starting with a letter or
+                  digit, and not `provision`.
+                '';
+              }
+            ]
+            ++ secretAssertions "services.presenced.instances.${name}" instance
+          ) enabledInstances
+        )
+        ++ lib.mapAttrsToList (listen: names: {
+          assertion = false;
+          message = ''
+            services.presenced.instances: ${lib.concatStringsSep ", " names} all serve
+            /healthz and /metrics on ${listen}; give each its own
+            settings.http.listen (e.g. 127.0.0.1:9465), or set
+            settings.http.enabled = false.
+          '';
+        }) sharedListen;
 
       systemd.services = lib.mapAttrs' (
         name: instance: lib.nameValuePair "presenced-${name}" (instanceUnit name instance)
       ) enabledInstances;
 
-      # The configs at a known place, for `presenced watch`/`get` by hand.
+      # The command for `presenced watch`/`get`/`status`/`snapshots` by
+      # hand, with the configs at a known place.
+      environment.systemPackages = [ cfg.package ];
       environment.etc = lib.mapAttrs' (
         name: instance: lib.nameValuePair "presenced/${name}.toml" { source = instance.configFile; }
       ) enabledInstances;

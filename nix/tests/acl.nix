@@ -3,7 +3,10 @@
 # to AUDIT.
 #
 # The engine instance is left without its component in the map on
-# purpose: its writes to KV `presence` are then outside its keyspace.
+# purpose: the engine's consumer and KV `presence` are then outside its
+# keyspace, so its first request there is refused; the daemon records it
+# on `audit.events.<site>.engine` (kind `permission_violation`), logs it
+# and exits.
 #
 # `presenced keygen` writes the seed to --out and prints the public key on
 # stdout, which is kept beside the seed as <out>.pub. The keys are
@@ -75,6 +78,8 @@ in
       };
       instances.engine = {
         nkeySeedFile = "/run/keys/engine.nk";
+        # ingest serves /healthz and /metrics on the default port.
+        settings.http.listen = "127.0.0.1:9465";
         settings.zones.hall.evidence = [
           {
             sensor = "hall_pir";

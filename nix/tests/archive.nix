@@ -1,75 +1,121 @@
-# An S3 server (MinIO, standing in for Wasabi) and two edges: a snapshot of
-# the first edge's state is uploaded and verified; restoring it from S3 on
-# a fresh edge reproduces the state.
-{ pkgs, ... }:
+# An S3 server (SeaweedFS, standing in for Wasabi, as in the sandbox and the
+# crate's tests) and two edges: a snapshot of the first edge's state is
+# uploaded and verified; restoring it from S3 on a fresh edge reproduces
+# the state. (MinIO is no longer maintained upstream and marked insecure in
+# nixpkgs.)
+{ lib, pkgs, ... }:
 
 let
   site = "edge";
-  # Test credentials only; real ones never go in the store.
-  minioCredentials = pkgs.writeText "minio-credentials" ''
-    MINIO_ROOT_USER=presenced-test
-    MINIO_ROOT_PASSWORD=presenced-test-secret
-  '';
-
-  edge =
-    { config, ... }:
-    {
-      imports = [ ./mosquitto.nix ];
-      # Stand-ins for the operator's secret files (outside the store path
-      # check: /etc entries are symlinks, their own path is not in it).
-      environment.etc."presenced/s3-access-key-id".text = "presenced-test";
-      environment.etc."presenced/s3-secret-access-key".text = "presenced-test-secret";
-      environment.etc."presenced/archiver.toml".source =
-        config.services.presenced.instances.archiver.configFile;
-
-      services.presenced = {
-        inherit site;
-        leaf.enable = true;
-        instances.main.settings = {
-          mqtt.z2m.zigbee2mqtt.devices = [
+  # Test credentials only; real ones never go in the store. SeaweedFS's
+  # one identity; anonymous requests are refused.
+  s3Identities = pkgs.writeText "s3-identities.json" (
+    builtins.toJSON {
+      identities = [
+        {
+          name = "presenced";
+          credentials = [
             {
-              device = "hall_pir";
-              kind = "occupancy";
+              accessKey = "presenced-test";
+              secretKey = "presenced-test-secret";
             }
           ];
-          zones.hall.evidence = [
-            {
-              sensor = "hall_pir";
-              p_true = 0.99;
-              p_false = 0.01;
-            }
+          actions = [
+            "Admin"
+            "Read"
+            "Write"
+            "List"
+            "Tagging"
           ];
+        }
+      ];
+    }
+  );
+  # S3 requests signed with the test key (curl's SigV4).
+  s3curl = "curl -sSf --aws-sigv4 aws:amz:us-east-1:s3 --user presenced-test:presenced-test-secret";
+
+  # Stand-ins for the operator's secret files, named as the module loads
+  # them (credentials `s3-access-key-id`, `s3-secret-access-key`). /etc
+  # entries are symlinks into the store, but their own path is not in it,
+  # so the module's store-path check holds as on a real host. The CLI
+  # commands below read the archiver's config outside systemd, so they get
+  # this directory as CREDENTIALS_DIRECTORY.
+  credentials = "/etc/presenced-test-credentials";
+
+  edge = {
+    imports = [ ./mosquitto.nix ];
+    environment.etc."presenced-test-credentials/s3-access-key-id".text = "presenced-test";
+    environment.etc."presenced-test-credentials/s3-secret-access-key".text = "presenced-test-secret";
+
+    services.presenced = {
+      inherit site;
+      leaf.enable = true;
+      instances.main.settings = {
+        mqtt.z2m.zigbee2mqtt.devices = [
+          {
+            device = "hall_pir";
+            kind = "occupancy";
+          }
+        ];
+        zones.hall.evidence = [
+          {
+            sensor = "hall_pir";
+            p_true = 0.99;
+            p_false = 0.01;
+          }
+        ];
+      };
+      instances.archiver = {
+        s3 = {
+          accessKeyIdFile = "${credentials}/s3-access-key-id";
+          secretAccessKeyFile = "${credentials}/s3-secret-access-key";
         };
-        instances.archiver = {
+        # main serves /healthz and /metrics on the default port.
+        settings.http.listen = "127.0.0.1:9465";
+        # The key files are set by `s3` above, as credentials.
+        settings.archive = {
+          every = "1h";
           s3 = {
-            accessKeyIdFile = "/etc/presenced/s3-access-key-id";
-            secretAccessKeyFile = "/etc/presenced/s3-secret-access-key";
-          };
-          # The key files are set by `s3` above, as credentials.
-          settings.archive = {
-            every = "1h";
-            s3 = {
-              endpoint = "http://s3:9000";
-              region = "us-east-1";
-              bucket = "presenced";
-              path_style = true;
-            };
+            endpoint = "http://s3:9000";
+            region = "us-east-1";
+            bucket = "presenced";
+            path_style = true;
           };
         };
       };
     };
+  };
 in
 {
   name = "presenced-archive";
 
   nodes = {
     s3 = {
-      services.minio = {
-        enable = true;
-        rootCredentialsFile = minioCredentials;
+      virtualisation.memorySize = 1024;
+      systemd.services.seaweedfs = {
+        description = "SeaweedFS S3 server (Wasabi's stand-in)";
+        wantedBy = [ "multi-user.target" ];
+        after = [ "network.target" ];
+        serviceConfig = {
+          # Master, volume, filer and S3 gateway in one process; only the
+          # S3 port is reached from outside.
+          ExecStart = lib.concatStringsSep " " [
+            "${pkgs.seaweedfs}/bin/weed server"
+            "-dir=/var/lib/seaweedfs"
+            "-ip=127.0.0.1"
+            "-ip.bind=0.0.0.0"
+            "-master.volumeSizeLimitMB=64"
+            "-volume.max=30"
+            "-filer"
+            "-s3"
+            "-s3.port=9000"
+            "-s3.config=${s3Identities}"
+          ];
+          DynamicUser = true;
+          StateDirectory = "seaweedfs";
+        };
       };
       networking.firewall.allowedTCPPorts = [ 9000 ];
-      environment.systemPackages = [ pkgs.minio-client ];
     };
     edge1 = edge;
     edge2 = edge;
@@ -77,12 +123,11 @@ in
 
   testScript = ''
     start_all()
-    s3.wait_for_unit("minio.service")
+    s3.wait_for_unit("seaweedfs.service")
     s3.wait_for_open_port(9000)
-    s3.wait_until_succeeds(
-        "mc alias set local http://127.0.0.1:9000 presenced-test presenced-test-secret"
-    )
-    s3.succeed("mc mb local/presenced")
+    # The bucket must exist, as on Wasabi; the gateway may answer before
+    # its filer does, so retry.
+    s3.wait_until_succeeds("${s3curl} -X PUT http://127.0.0.1:9000/presenced", timeout=120)
 
     edge1.wait_for_unit("presenced-main.service")
     edge1.wait_for_unit("presenced-archiver.service")
@@ -93,27 +138,32 @@ in
         "nats kv get presence hall --raw | jq -e '.state == \"occupied\"'", timeout=60
     )
 
+    # The module puts every instance's config at /etc/presenced/<name>.toml.
     archiver = "--config /etc/presenced/archiver.toml"
 
+    def cli(args):
+        return f"CREDENTIALS_DIRECTORY=${credentials} presenced {args}"
+
     with subtest("a snapshot is uploaded and verified"):
-        edge1.succeed(f"presenced snapshot {archiver}")
+        edge1.succeed(cli(f"snapshot {archiver}"))
         s3.wait_until_succeeds(
-            "mc ls --recursive local/presenced/${site}/ | grep -q presence", timeout=120
+            "${s3curl} 'http://127.0.0.1:9000/presenced?list-type=2&prefix=${site}%2F' | grep -q presence",
+            timeout=120,
         )
         # The outbox records the upload; --verify reads both copies back.
         edge1.wait_until_succeeds(
-            f"presenced snapshots {archiver} --json | jq -se 'map(select(.state == \"uploaded\")) | length > 0'",
+            cli(f"snapshots {archiver} --json") + " | jq -se 'map(select(.state == \"uploaded\")) | length > 0'",
             timeout=120,
         )
-        edge1.succeed(f"presenced snapshots {archiver} --verify")
+        edge1.succeed(cli(f"snapshots {archiver} --verify"))
 
     with subtest("restore from S3 on a fresh edge reproduces the state"):
         snapshot = edge1.succeed(
-            f"presenced snapshots {archiver} --json | jq -rs 'map(select(.state == \"uploaded\")) | last | .id'"
+            cli(f"snapshots {archiver} --json") + " | jq -rs 'map(select(.state == \"uploaded\")) | last | .id'"
         ).strip()
         edge2.wait_for_unit("presenced-provision.service")
         edge2.succeed("systemctl stop presenced-main.service presenced-archiver.service")
-        edge2.succeed(f"presenced restore {archiver} --from-s3 --force {snapshot}")
+        edge2.succeed(cli(f"restore {archiver} --from-s3 --force {snapshot}"))
         want = edge1.succeed("nats kv get presence hall --raw | jq -c '{state, transitions}'")
         got = edge2.succeed("nats kv get presence hall --raw | jq -c '{state, transitions}'")
         assert want == got, f"restored {got}, expected {want}"

@@ -1,6 +1,6 @@
-# The NixOS VM tests, one file each. The flake wires the ones that need
-# only today's daemon into `checks` (see `checkedVmTests` in flake.nix);
-# all of them are reachable as `legacyPackages.<system>.vmTests.<name>`.
+# The NixOS VM tests, one file each. The flake runs them in `checks` (see
+# `checkedVmTests` in flake.nix); all of them are reachable as
+# `legacyPackages.<system>.vmTests.<name>`.
 { pkgs, self }:
 
 let
@@ -27,11 +27,8 @@ let
     };
 in
 {
-  # Need only the core daemon: run in `nix flake check`.
   basic = runTest ./basic.nix;
   containers = runTest ./containers.nix;
-
-  # Need features still being built; see each file's header.
   cluster = runTest ./cluster.nix;
   archive = runTest ./archive.nix;
   acl = runTest ./acl.nix;

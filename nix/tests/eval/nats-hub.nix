@@ -40,6 +40,56 @@ let
     inherit nodes;
   };
 
+  adminKey = "UAXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4";
+
+  provisioning = eval "hub-1" {
+    enable = true;
+    inherit nodes;
+    leafNkeys.home = leafKey;
+    adminNkey = adminKey;
+    provision = {
+      sites = [
+        "home"
+        "office"
+      ];
+      nkeySeedFile = "/var/lib/secrets/admin.nk";
+    };
+  };
+  provisionUnit = provisioning.systemd.services.presenced-provision-hub;
+
+  openProvisioning = eval "hub-1" {
+    enable = true;
+    inherit nodes;
+    port = 4333;
+    provision.sites = [ "home" ];
+  };
+
+  keyedWithoutSeed = eval "hub-1" {
+    enable = true;
+    inherit nodes;
+    leafNkeys.home = leafKey;
+    provision.sites = [ "home" ];
+  };
+
+  seedWithoutAdminKey = eval "hub-1" {
+    enable = true;
+    inherit nodes;
+    provision = {
+      sites = [ "home" ];
+      nkeySeedFile = "/var/lib/secrets/admin.nk";
+    };
+  };
+
+  seedInStore = eval "hub-1" {
+    enable = true;
+    inherit nodes;
+    adminNkey = adminKey;
+    provision = {
+      sites = [ "home" ];
+      nkeySeedFile = "${builtins.storeDir}/abc-admin.nk";
+    };
+  };
+
   small = eval "hub-1" {
     enable = true;
     nodes.hub-1 = "192.0.2.11";
@@ -49,6 +99,11 @@ in
   testJetStreamExplicitlyOn = {
     expr = nats.enable && nats.jetstream;
     expected = true;
+  };
+
+  testHubSyncOneSecond = {
+    expr = nats.settings.jetstream.sync_interval;
+    expected = "1s";
   };
 
   testHubDomain = {
@@ -117,6 +172,101 @@ in
 
   testUnknownNodeRefused = {
     expr = map (lib.hasInfix "`hub-9`") (stubs.failedAssertions stranger);
+    expected = [ true ];
+  };
+
+  testNoProvisioningWithoutSites = {
+    expr = hub2.systemd.services ? presenced-provision-hub;
+    expected = false;
+  };
+
+  testProvisionHubCommand = {
+    expr = provisionUnit.serviceConfig.ExecStart;
+    expected =
+      "${stubs.pkgs.presenced}/bin/presenced provision-hub --server nats://127.0.0.1:4222"
+      + " --replicas 3 --site home --site office --nkey-seed-file %d/hub-admin-nkey-seed";
+  };
+
+  testProvisionHubSeedAsCredential = {
+    expr = provisionUnit.serviceConfig.LoadCredential;
+    expected = [ "hub-admin-nkey-seed:/var/lib/secrets/admin.nk" ];
+  };
+
+  testProvisionHubAfterNats = {
+    expr = {
+      inherit (provisionUnit) after wantedBy;
+      inherit (provisionUnit.serviceConfig)
+        Type
+        RemainAfterExit
+        Restart
+        DynamicUser
+        ;
+    };
+    expected = {
+      after = [
+        "network-online.target"
+        "nats.service"
+      ];
+      wantedBy = [ "multi-user.target" ];
+      Type = "oneshot";
+      RemainAfterExit = true;
+      Restart = "on-failure";
+      DynamicUser = true;
+    };
+  };
+
+  testAdminKeyIsUser = {
+    expr = provisioning.services.nats.settings.authorization.users;
+    expected = [
+      { nkey = leafKey; }
+      { nkey = adminKey; }
+    ];
+  };
+
+  testProvisionInstallsCommand = {
+    expr = {
+      provisioning = provisioning.environment.systemPackages;
+      plain = hub2.environment.systemPackages;
+    };
+    expected = {
+      provisioning = [
+        stubs.pkgs.natscli
+        stubs.pkgs.presenced
+      ];
+      plain = [ stubs.pkgs.natscli ];
+    };
+  };
+
+  testProvisioningValidPasses = {
+    expr = stubs.failedAssertions provisioning;
+    expected = [ ];
+  };
+
+  testOpenHubProvisionsWithoutSeed = {
+    expr = {
+      exec = openProvisioning.systemd.services.presenced-provision-hub.serviceConfig.ExecStart;
+      failed = stubs.failedAssertions openProvisioning;
+    };
+    expected = {
+      exec = "${stubs.pkgs.presenced}/bin/presenced provision-hub --server nats://127.0.0.1:4333 --replicas 3 --site home";
+      failed = [ ];
+    };
+  };
+
+  testKeyedHubNeedsAdminSeed = {
+    expr = map (lib.hasInfix "provision.nkeySeedFile is not set") (
+      stubs.failedAssertions keyedWithoutSeed
+    );
+    expected = [ true ];
+  };
+
+  testSeedNeedsAdminKey = {
+    expr = map (lib.hasInfix "adminNkey\nis not") (stubs.failedAssertions seedWithoutAdminKey);
+    expected = [ true ];
+  };
+
+  testProvisionSeedInStoreRefused = {
+    expr = map (lib.hasInfix "is in the Nix store") (stubs.failedAssertions seedInStore);
     expected = [ true ];
   };
 

@@ -23,7 +23,7 @@ let
     enable = true;
     host = "0.0.0.0";
     openFirewallOn = [ "ve-+" ];
-    jetstream.syncAlways = true;
+    jetstream.syncInterval = "always";
     hub = {
       urls = [
         "nats-leaf://192.0.2.11:7422"
@@ -49,6 +49,26 @@ let
       nkeySeedFile = "${builtins.storeDir}/abc-leaf.nk";
     };
   };
+
+  serverDefaultSync = eval {
+    enable = true;
+    jetstream.syncInterval = null;
+  };
+
+  # The boolean this option replaced still evaluates, with a warning.
+  oldSyncAlways = eval {
+    enable = true;
+    jetstream.syncAlways = true;
+  };
+
+  badSync = builtins.tryEval (
+    builtins.deepSeq
+      (eval {
+        enable = true;
+        jetstream.syncInterval = "sometimes";
+      }).services.nats.settings.jetstream
+      null
+  );
 
   seedWithoutHub = eval {
     enable = true;
@@ -108,6 +128,32 @@ in
         ];
       }
     ];
+  };
+
+  testSyncOneSecondByDefault = {
+    expr = nats.settings.jetstream.sync_interval;
+    expected = "1s";
+  };
+
+  testSyncServerDefaultWhenNull = {
+    expr = serverDefaultSync.services.nats.settings.jetstream ? sync_interval;
+    expected = false;
+  };
+
+  testSyncAlwaysRenamed = {
+    expr = {
+      sync = oldSyncAlways.services.nats.settings.jetstream.sync_interval;
+      warned = lib.any (lib.hasInfix "syncAlways") oldSyncAlways.warnings;
+    };
+    expected = {
+      sync = "always";
+      warned = true;
+    };
+  };
+
+  testSyncIntervalRejectsNonDuration = {
+    expr = badSync.success;
+    expected = false;
   };
 
   testSyncAlways = {

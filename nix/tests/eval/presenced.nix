@@ -46,6 +46,19 @@ let
     instances.ingest.nkeySeedFile = "${builtins.storeDir}/abc-seed/ingest.nk";
   };
 
+  twoOnDefaultPort = eval {
+    site = "home";
+    instances.ingest = { };
+    instances.engine = { };
+  };
+
+  twoOnOwnPorts = eval {
+    site = "home";
+    instances.ingest = { };
+    instances.engine.settings.http.listen = "127.0.0.1:9465";
+    instances.archiver.settings.http.enabled = false;
+  };
+
   badName = eval {
     site = "home";
     instances."Bad.Name" = { };
@@ -265,6 +278,21 @@ in
       }).systemd.services
         ? presenced-main;
     expected = false;
+  };
+
+  testSharedHttpListenRefused = {
+    expr = map (lib.hasInfix "engine, ingest all serve") (stubs.failedAssertions twoOnDefaultPort);
+    expected = [ true ];
+  };
+
+  testOwnHttpListenPasses = {
+    expr = stubs.failedAssertions twoOnOwnPorts;
+    expected = [ ];
+  };
+
+  testCommandInstalled = {
+    expr = simple.environment.systemPackages;
+    expected = [ stubs.pkgs.presenced ];
   };
 
   testConfigLinkedInEtc = {
