@@ -17,12 +17,29 @@ use support::{NatsOptions, NatsServer};
 use tokio::sync::Notify;
 
 const SITE: &str = "home";
-/// More than a push consumer delivers before it waits for a flow-control
-/// reply.
-const LARGE: usize = 1 << 20;
-/// A watch of this much data needs flow-control replies.
-const WATCH_LARGE: usize = 2 << 20;
-const OP_DEADLINE: Duration = Duration::from_secs(5);
+/// The bytes a push consumer with flow control may have outstanding before
+/// the server waits for a flow-control reply: nats-server starts a
+/// consumer's window at 1/16 of its 32 MiB limit and sends the request
+/// when half of it is out. Whatever it has sent stays delivered, so only a
+/// read of more than the window plus one message proves that a reply got
+/// through.
+const FC_WINDOW: usize = 2 << 20;
+/// An object larger than the window plus one chunk (128 KiB).
+const OBJ_LARGE: usize = 3 << 20;
+/// The size of the big KV values (below the 1 MiB message limit).
+const BIG: usize = 700 << 10;
+/// Value bytes a watch must see: more than the server sends without a
+/// flow-control reply (the window, then one more message).
+const WATCH_LARGE: usize = FC_WINDOW + BIG + 1;
+/// For an operation to finish or be refused. Generous: every refusal is
+/// reported at once, so only an allowed operation on a loaded machine can
+/// take long, and cutting it short would misread it as refused.
+const OP_DEADLINE: Duration = Duration::from_secs(30);
+/// For the server's report of the barrier publish (see `Conn::settle`).
+const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
+/// No identity may publish here: each refusal of it marks a point in the
+/// stream of refusals the server reports on a connection.
+const BARRIER: &str = "acl-test-barrier";
 
 /// Identities of the matrix: (name, runs, reads). `admin` and `unknown`
 /// are special.
@@ -121,23 +138,80 @@ enum Outcome {
     Failed(String),
 }
 
+fn is_barrier(v: &Violation) -> bool {
+    v.subject.starts_with(BARRIER)
+}
+
 impl Conn {
     fn count(&self) -> usize {
         self.violations.lock().unwrap().len()
     }
 
-    async fn violation_after(&self, n: usize) -> Violation {
+    /// The first refusal of the operation after the first `n` reports.
+    fn refusal_since(&self, n: usize) -> Option<Violation> {
+        let all = self.violations.lock().unwrap();
+        all.iter().skip(n).find(|v| !is_barrier(v)).cloned()
+    }
+
+    async fn refusal_after(&self, n: usize) -> Violation {
         loop {
             let notified = self.notify.notified();
-            if let Some(v) = self.violations.lock().unwrap().get(n) {
-                return v.clone();
+            if let Some(v) = self.refusal_since(n) {
+                return v;
             }
             notified.await;
         }
     }
 
-    /// Runs one operation: refused when the server reports a violation
-    /// while it runs (or by the flush after it), ok when it completes.
+    /// Waits until the event callback has seen every refusal of what this
+    /// connection published so far. The server answers a connection's
+    /// messages in order and async-nats hands the reports to the callback
+    /// in order, but on its own task: a flush returns when the server has
+    /// answered, not when the callback has run. So publish something the
+    /// server must refuse and wait for that report; every earlier one is
+    /// in by then.
+    async fn settle(&self) {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let subject = format!("{BARRIER}.{n}");
+        let seen = || {
+            self.violations
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|v| v.subject == subject)
+        };
+        self.client
+            .publish(subject.clone(), "".into())
+            .await
+            .unwrap();
+        self.client.flush().await.unwrap();
+        tokio::time::timeout(SETTLE_DEADLINE, async {
+            loop {
+                let notified = self.notify.notified();
+                if seen() {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{}: the server did not report the refused publish to {subject} within {SETTLE_DEADLINE:?}",
+                self.name
+            )
+        });
+    }
+
+    /// Runs one operation: refused when the server refuses any of its
+    /// messages (reported while it runs, or before the barrier after it),
+    /// ok when it completes and nothing of it was refused.
+    ///
+    /// Steps the server refuses silently (an ack, a flow-control reply)
+    /// must have a visible effect on the operation for this to hold: the
+    /// operations wait for the ack to be confirmed and read past the
+    /// flow-control window.
     async fn attempt<F>(&self, op: F) -> Outcome
     where
         F: std::future::Future<Output = Result<(), async_nats::Error>>,
@@ -149,12 +223,11 @@ impl Conn {
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(_) => Some("timed out".to_owned()),
             },
-            v = self.violation_after(before) => return Outcome::Refused(v.subject),
+            v = self.refusal_after(before) => return Outcome::Refused(v.subject),
         };
-        // A refusal of a later step may arrive after the step "succeeded".
-        let _ = self.client.flush().await;
-        if let Some(v) = self.violations.lock().unwrap().get(before) {
-            return Outcome::Refused(v.subject.clone());
+        self.settle().await;
+        if let Some(v) = self.refusal_since(before) {
+            return Outcome::Refused(v.subject);
         }
         match result {
             None => Outcome::Ok,
@@ -309,7 +382,7 @@ fn read_key(keyspace: &str) -> &'static str {
 }
 
 fn big_value() -> bytes::Bytes {
-    vec![b'x'; 700 << 10].into()
+    vec![b'x'; BIG].into()
 }
 
 type OpResult = Result<(), async_nats::Error>;
@@ -595,8 +668,12 @@ async fn run(
                     .expires(Duration::from_millis(500))
                     .messages()
                     .await?;
+                // An ack is fire-and-forget; the server refuses one
+                // without effect on the fetch. Asking the server to
+                // confirm it (same subject, same grant) makes an allowed
+                // ack visible.
                 match batch.next().await {
-                    Some(m) => m?.ack().await?,
+                    Some(m) => m?.double_ack().await?,
                     None => return Err("nothing fetched".into()),
                 }
                 Ok(())
@@ -648,7 +725,7 @@ async fn run(
                 let mut obj = store.get("big").await?;
                 let mut buf = Vec::new();
                 obj.read_to_end(&mut buf).await?;
-                if buf.len() != 3 * LARGE {
+                if buf.len() != OBJ_LARGE {
                     return Err("object size differs".into());
                 }
                 Ok(())
@@ -873,7 +950,7 @@ async fn seed(conns: &BTreeMap<String, Conn>, site: &Site) -> Mutex<BTreeMap<Str
         let store = archiver.js.get_object_store(b).await.unwrap();
         let mut data: &[u8] = b"seed";
         store.put("seed", &mut data).await.unwrap();
-        let big = vec![b'o'; 3 * LARGE];
+        let big = vec![b'o'; OBJ_LARGE];
         store.put("big", &mut big.as_slice()).await.unwrap();
     }
     Mutex::new(revisions)
@@ -967,6 +1044,13 @@ async fn column(
 /// needed); each deny rule is removed and some refused operation must then
 /// succeed. Together with the matrix this shows the rules are exactly what
 /// the operations need.
+///
+/// An allow rule also counts as needed when the server refuses, during
+/// the matrix or while the connections are set up, something it allowed:
+/// a subscription made once (the reply inbox, a live subscription) is
+/// refused in the first operation that makes it, and a later operation
+/// that relies on it would only time out. A daemon stops on any refusal,
+/// so a step that is refused is a step that is needed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_generated_rule_is_needed_by_some_operation() {
     let mut w = world();
@@ -978,28 +1062,28 @@ async fn every_generated_rule_is_needed_by_some_operation() {
         seed(&conns, &site).await
     };
     let base_config = std::fs::read_to_string(w.server.config_path()).unwrap();
-    // Two baseline passes, an operation counting as allowed if it
-    // succeeded in either: a request that timed out once on a loaded
-    // machine must not make the rule it needs look unneeded.
+    // The baseline: outcomes are decided by the server (confirmations and
+    // its refusal reports), not by timing, so one pass is the truth, and
+    // it must be what the ownership map says.
     let mut baseline: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
-    for _ in 0..2 {
+    {
         let conns = connect_all(&w).await;
         let probe = probe(&conns, &site).await;
+        let mut cells = BTreeMap::new();
         for (name, _, _) in SERVICES {
             let col = column(&conns[*name], &site, &revisions, &probe).await;
-            match baseline.get_mut(*name) {
-                None => {
-                    baseline.insert((*name).to_owned(), col);
-                }
-                Some(prev) => {
-                    for (p, n) in prev.iter_mut().zip(col) {
-                        if !matches!(p, Outcome::Ok) && matches!(n, Outcome::Ok) {
-                            *p = n;
-                        }
-                    }
-                }
+            for ((k, op), got) in rows().into_iter().zip(&col) {
+                let exp = expected(&w.access, name, k, op);
+                cells.insert((k.to_owned(), op, (*name).to_owned()), (exp, got.clone()));
             }
+            baseline.insert((*name).to_owned(), col);
         }
+        let names: Vec<&str> = SERVICES.iter().map(|(n, _, _)| *n).collect();
+        let (matrix, wrong) = print_matrix(&names, &cells);
+        assert_eq!(
+            wrong, 0,
+            "baseline under the full ACL differs from the ownership map:\n{matrix}"
+        );
     }
     let mut unneeded = Vec::new();
     for (i, user) in users.iter().enumerate() {
@@ -1027,10 +1111,17 @@ async fn every_generated_rule_is_needed_by_some_operation() {
             w.server.restart();
             let conns = connect_all(&w).await;
             let probe = probe(&conns, &site).await;
+            let c = &conns[name];
+            let deny = &variant[i].permissions.publish_deny;
+            let refused_by_removed = || {
+                let all = c.violations.lock().unwrap();
+                all.iter()
+                    .any(|v| allowed_only_by(list, &removed.subject, deny, v))
+            };
             let mut needed = false;
             for ((k, op), base) in rows().into_iter().zip(&baseline[name]) {
-                let now = run(&conns[name], &site, &revisions, &probe, k, op).await;
-                if changed(list, base, &now) {
+                let now = run(c, &site, &revisions, &probe, k, op).await;
+                if changed(list, base, &now) || refused_by_removed() {
                     needed = true;
                     break;
                 }
@@ -1047,11 +1138,66 @@ async fn every_generated_rule_is_needed_by_some_operation() {
     );
 }
 
+/// Whether `v` is a refusal of something the removed allow rule `rule`
+/// allowed under the full ACL (it matches the rule and no deny rule).
+fn allowed_only_by(
+    list: &str,
+    rule: &str,
+    deny: &[presenced::acl::render::Rule],
+    v: &Violation,
+) -> bool {
+    use presenced::acl::violation::Operation;
+    let operation = match list {
+        "publish allow" => Operation::Publish,
+        "subscribe allow" => Operation::Subscribe,
+        _ => return false,
+    };
+    v.operation == operation
+        && !is_barrier(v)
+        && subject_matches(rule, &v.subject)
+        && !(operation == Operation::Publish
+            && deny.iter().any(|d| subject_matches(&d.subject, &v.subject)))
+}
+
+/// Whether NATS subject pattern `pattern` covers `subject` (itself a
+/// pattern when a subscription was refused: its wildcards must be matched
+/// by wildcards of `pattern`).
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[test]
+fn subject_patterns_cover_what_they_should() {
+    assert!(subject_matches("_INBOX.engine.>", "_INBOX.engine.abc.*"));
+    assert!(subject_matches(
+        "$JS.ACK.SENSORS.engine.>",
+        "$JS.ACK.SENSORS.engine.1.2.3"
+    ));
+    assert!(subject_matches(
+        "$JS.API.CONSUMER.MSG.NEXT.EVENTS.*",
+        "$JS.API.CONSUMER.MSG.NEXT.EVENTS.x"
+    ));
+    assert!(subject_matches("live.home.>", "live.home.>"));
+    assert!(!subject_matches("live.home.*", "live.home.>"));
+    assert!(!subject_matches("$KV.owners.engine", "$KV.owners.ingest"));
+    assert!(!subject_matches("$KV.owners.engine", "$KV.owners.engine.x"));
+    assert!(!subject_matches("_INBOX.engine.>", "_INBOX.engine"));
+}
+
 /// Whether removing a rule changed an outcome the way it must.
 fn changed(list: &str, base: &Outcome, now: &Outcome) -> bool {
     match list {
         "publish deny" => matches!(base, Outcome::Refused(_)) && matches!(now, Outcome::Ok),
-        // A refused inbox subscription shows as requests that time out.
         _ => matches!(base, Outcome::Ok) && !matches!(now, Outcome::Ok),
     }
 }
