@@ -7,7 +7,7 @@ mod support;
 use async_nats::jetstream::{self, kv, object_store, stream};
 use futures::StreamExt;
 use presenced::acl::access::{Access, Component, Keyspace};
-use presenced::acl::violation::{self, Violation};
+use presenced::acl::violation::{self, AuditRecord, Operation, Violation};
 use presenced::naming::{self, Site};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -94,8 +94,26 @@ struct Conn {
     js: jetstream::Context,
     violations: Arc<Mutex<Vec<Violation>>>,
     notify: Arc<Notify>,
+    /// The daemon's audit of this connection's violations (services).
+    audit: Option<violation::Audit>,
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // The daemon's connection reconnects forever, and the audit task
+        // holds a client: stop both, or every connection of every variant
+        // of the necessity test would come back after each restart.
+        if let Some(a) = self.audit.as_mut() {
+            a.stop();
+        }
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let _ = client.drain().await;
+        });
+    }
+}
+
+/// Connects with a callback of the test's own.
 async fn connect(server: &NatsServer, name: &str, seed: &str) -> Result<Conn, String> {
     let violations = Arc::new(Mutex::new(Vec::new()));
     let notify = Arc::new(Notify::new());
@@ -119,16 +137,89 @@ async fn connect(server: &NatsServer, name: &str, seed: &str) -> Result<Conn, St
         .connect(server.url())
         .await
         .map_err(|e| e.to_string())?;
+    Ok(conn(name, client, violations, notify, None))
+}
+
+fn conn(
+    name: &str,
+    client: async_nats::Client,
+    violations: Arc<Mutex<Vec<Violation>>>,
+    notify: Arc<Notify>,
+    audit: Option<violation::Audit>,
+) -> Conn {
     let js = jetstream::ContextBuilder::new()
         .timeout(OP_DEADLINE)
         .build(client.clone());
-    Ok(Conn {
+    Conn {
         name: name.to_owned(),
         client,
         js,
         violations,
         notify,
-    })
+        audit,
+    }
+}
+
+/// Connects a service as the daemon does (`store::connect_as`: its inbox
+/// prefix, the violation callback, the audit task), with a tap between
+/// the callback and the audit that records what the server reported.
+async fn connect_service(
+    server: &NatsServer,
+    dir: &std::path::Path,
+    name: &str,
+    seed: &str,
+) -> Conn {
+    let seed_file = dir.join(format!("{name}.seed"));
+    if !seed_file.exists() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&seed_file)
+            .unwrap();
+        std::io::Write::write_all(&mut f, seed.as_bytes()).unwrap();
+    }
+    let cfg = presenced::config::NatsConfig {
+        url: server.url(),
+        request_timeout: OP_DEADLINE,
+        nkey_seed_file: Some(seed_file),
+        ..Default::default()
+    };
+    let (tap_tx, mut tap_rx) = violation::channel();
+    let (audit_tx, audit_rx) = violation::channel();
+    let who = presenced::store::connect::As {
+        service: Some(name.to_owned()),
+        violations: Some(tap_tx),
+    };
+    let metrics = Arc::new(presenced::metrics::Metrics::default());
+    let client = presenced::store::connect_as(
+        &cfg,
+        &format!("acl-test-{name}"),
+        Some(metrics),
+        Some(OP_DEADLINE),
+        &who,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{name} cannot connect: {e}"));
+    let violations = Arc::new(Mutex::new(Vec::new()));
+    let notify = Arc::new(Notify::new());
+    let (v, n) = (violations.clone(), notify.clone());
+    tokio::spawn(async move {
+        while let Some(found) = tap_rx.recv().await {
+            v.lock().unwrap().push(found.clone());
+            n.notify_waiters();
+            let _ = audit_tx.send(found);
+        }
+    });
+    let audit = violation::spawn_audit(
+        client.clone(),
+        Site::new(SITE).unwrap(),
+        name.to_owned(),
+        audit_rx,
+        None,
+    );
+    conn(name, client, violations, notify, Some(audit))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,7 +314,11 @@ impl Conn {
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(_) => Some("timed out".to_owned()),
             },
-            v = self.refusal_after(before) => return Outcome::Refused(v.subject),
+            v = self.refusal_after(before) => {
+                // Later reports of this operation stay with it.
+                self.settle().await;
+                return Outcome::Refused(v.subject);
+            }
         };
         self.settle().await;
         if let Some(v) = self.refusal_since(before) {
@@ -826,7 +921,7 @@ struct World {
     access: Access,
     keys: Keys,
     conf: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn world() -> World {
@@ -851,7 +946,7 @@ fn world() -> World {
         access,
         keys,
         conf,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -1002,12 +1097,26 @@ fn print_matrix(
     (out + "\n" + &details, wrong)
 }
 
-async fn connect_all(w: &World) -> BTreeMap<String, Conn> {
+/// How services connect: as the daemon does (with its audit), or plainly
+/// (the necessity test, which reconnects for every variant and has no use
+/// for the audit).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Daemon,
+    Plain,
+}
+
+async fn connect_all(w: &World, via: Via) -> BTreeMap<String, Conn> {
     let mut conns = BTreeMap::new();
     for name in ["admin", "ingest", "engine", "archiver", "dashboard"] {
-        let c = connect(&w.server, name, &w.keys.seeds[name])
-            .await
-            .unwrap_or_else(|e| panic!("{name} cannot connect: {e}\n{}", w.conf));
+        let seed = &w.keys.seeds[name];
+        let c = if name != "admin" && via == Via::Daemon {
+            connect_service(&w.server, w.dir.path(), name, seed).await
+        } else {
+            connect(&w.server, name, seed)
+                .await
+                .unwrap_or_else(|e| panic!("{name} cannot connect: {e}\n{}", w.conf))
+        };
         conns.insert(name.to_owned(), c);
     }
     conns
@@ -1057,7 +1166,7 @@ async fn every_generated_rule_is_needed_by_some_operation() {
     let site = Site::new(SITE).unwrap();
     let users = presenced::acl::render::users(&w.access, &site);
     let revisions = {
-        let conns = connect_all(&w).await;
+        let conns = connect_all(&w, Via::Plain).await;
         provision(&conns["admin"], &site).await;
         seed(&conns, &site).await
     };
@@ -1067,7 +1176,7 @@ async fn every_generated_rule_is_needed_by_some_operation() {
     // it must be what the ownership map says.
     let mut baseline: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
     {
-        let conns = connect_all(&w).await;
+        let conns = connect_all(&w, Via::Plain).await;
         let probe = probe(&conns, &site).await;
         let mut cells = BTreeMap::new();
         for (name, _, _) in SERVICES {
@@ -1109,7 +1218,7 @@ async fn every_generated_rule_is_needed_by_some_operation() {
             let conf = presenced::acl::render::render_users(&variant, &site, None);
             std::fs::write(w.server.config_path(), base_config.replace(&w.conf, &conf)).unwrap();
             w.server.restart();
-            let conns = connect_all(&w).await;
+            let conns = connect_all(&w, Via::Plain).await;
             let probe = probe(&conns, &site).await;
             let c = &conns[name];
             let deny = &variant[i].permissions.publish_deny;
@@ -1146,7 +1255,6 @@ fn allowed_only_by(
     deny: &[presenced::acl::render::Rule],
     v: &Violation,
 ) -> bool {
-    use presenced::acl::violation::Operation;
     let operation = match list {
         "publish allow" => Operation::Publish,
         "subscribe allow" => Operation::Subscribe,
@@ -1204,9 +1312,10 @@ fn changed(list: &str, base: &Outcome, now: &Outcome) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_identity_keyspace_and_operation_is_allowed_exactly_where_the_map_says() {
+    let log = capture_log();
     let w = world();
     let site = Site::new(SITE).unwrap();
-    let conns = connect_all(&w).await;
+    let conns = connect_all(&w, Via::Daemon).await;
     let unknown = connect(&w.server, "unknown", &w.keys.seeds["unknown"]).await;
     let err = unknown.err().expect("an identity not in the map connected");
     assert!(err.to_lowercase().contains("authorization"), "{err}");
@@ -1248,4 +1357,114 @@ async fn every_identity_keyspace_and_operation_is_allowed_exactly_where_the_map_
         "permission matrix differs from the ownership map:\n{matrix}\ngenerated config:\n{}",
         w.conf
     );
+
+    // Every refusal the server reported to a service's connection (the
+    // refused operations and the barriers between them) has exactly one
+    // AUDIT record and one ERROR line, in order, naming the service.
+    let admin_js = &conns["admin"].js;
+    for (name, _, _) in SERVICES {
+        let c = &conns[*name];
+        c.settle().await;
+        let reported: Vec<(String, Operation)> = c
+            .violations
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| (v.subject.clone(), v.operation))
+            .collect();
+        assert!(
+            reported.iter().any(|(s, _)| !s.starts_with(BARRIER)),
+            "{name} was refused nothing"
+        );
+        let subject = site.audit_subject(name);
+        let mut records = Vec::new();
+        let deadline = tokio::time::Instant::now() + SETTLE_DEADLINE;
+        while records.len() < reported.len() && tokio::time::Instant::now() < deadline {
+            records = audit_records(admin_js, &subject).await;
+        }
+        let got: Vec<(String, Operation)> = records
+            .iter()
+            .map(|r| (r.subject.clone(), r.operation))
+            .collect();
+        assert_eq!(
+            got, reported,
+            "AUDIT records of {name} differ from the refusals the server reported"
+        );
+        for r in &records {
+            assert_eq!(
+                (r.service.as_str(), r.site.as_str(), r.count),
+                (*name, SITE, 1),
+                "{r:?}"
+            );
+        }
+        let log = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+        let lines: Vec<String> = log
+            .lines()
+            .filter(|l| {
+                l.contains("ERROR")
+                    && l.contains("permission violation")
+                    && l.contains(&format!("service=\"{name}\""))
+            })
+            .map(|l| {
+                let at = l.find(" subject=").expect("subject field") + " subject=".len();
+                l[at..].split(' ').next().unwrap().to_owned()
+            })
+            .collect();
+        let subjects: Vec<String> = reported.iter().map(|(s, _)| s.clone()).collect();
+        assert_eq!(
+            lines, subjects,
+            "ERROR lines of {name} differ from the refusals the server reported"
+        );
+        println!(
+            "{name}: {} refusals (operations and barriers), each with one AUDIT record and one ERROR line",
+            reported.len()
+        );
+    }
+}
+
+/// The permission-violation records on `subject` of AUDIT, in order.
+async fn audit_records(js: &jetstream::Context, subject: &str) -> Vec<AuditRecord> {
+    let stream = js.get_stream(naming::AUDIT_STREAM).await.unwrap();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
+        let m = m.unwrap();
+        // The matrix also publishes plain "{}" there (the Publish rows).
+        if let Ok(r) = serde_json::from_slice::<AuditRecord>(&m.payload) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// Captures the test's log (the audit task's ERROR lines).
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_log() -> Arc<Mutex<Vec<u8>>> {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let writer = Capture(buf.clone());
+    tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .try_init()
+        .expect("one subscriber per test process");
+    buf
 }

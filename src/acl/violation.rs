@@ -132,15 +132,16 @@ pub fn report(v: Violation, metrics: Option<&Metrics>, sink: Option<&Sender>) {
         Some(s) => {
             if let Err(mpsc::error::SendError(v)) = s.send(v) {
                 // The audit task is gone (the daemon is stopping).
-                log(&v, 1);
+                log(None, &v, 1);
             }
         }
-        None => log(&v, 1),
+        None => log(None, &v, 1),
     }
 }
 
-fn log(v: &Violation, count: u64) {
+fn log(service: Option<&str>, v: &Violation, count: u64) {
     tracing::error!(
+        service = service.unwrap_or("-"),
         subject = %v.subject,
         operation = v.operation.as_str(),
         count,
@@ -155,6 +156,13 @@ pub struct Audit {
 }
 
 impl Audit {
+    /// Asks the task to write what is pending and stop, without waiting.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     /// Writes what is pending (whatever the rate) and stops; gives up
     /// after `deadline` (the connection may be gone).
     pub async fn finish(mut self, deadline: Duration) {
@@ -207,7 +215,7 @@ pub async fn audit(
         let site = site.clone();
         let service = service.clone();
         async move {
-            log(&e.violation, e.count);
+            log(Some(&service), &e.violation, e.count);
             // Refusing our own audit subject would loop: logged only.
             if e.violation.subject == subject {
                 tracing::error!(subject = %subject, "this service may not write its own audit subject; fix the ACL");
