@@ -277,6 +277,77 @@ pub fn users(access: &Access, site: &Site) -> Vec<User> {
     out
 }
 
+/// The leaf streams the hub mirrors (SENSORS, EVENTS, KV presence and
+/// owners): their mirror consumers need flow-control replies.
+fn mirrored_streams() -> [String; 4] {
+    [
+        naming::SENSORS_STREAM.to_owned(),
+        naming::EVENTS_STREAM.to_owned(),
+        naming::kv_stream(naming::PRESENCE_BUCKET),
+        naming::kv_stream(naming::OWNERS_BUCKET),
+    ]
+}
+
+/// What the hub lets a site's leafnode connection do, on the user the leaf
+/// authenticates as (the NKEY from the access file's `leafnode`). On a
+/// leafnode connection "publish" is what the leaf may send into the hub
+/// and "subscribe" what the hub may send down to the leaf, so: the hub may
+/// call this site's JetStream API only (its mirrors of the site), and the
+/// leaf may answer, deliver mirrored messages and take their flow-control
+/// replies. Another site's API, keyspaces and replies stay out of reach.
+pub fn leafnode_permissions(site: &Site) -> Permissions {
+    use crate::naming::leaf;
+    let mut p = Permissions::default();
+    let why = "hub mirrors of this site: answers and deliveries of its JetStream";
+    p.publish(leaf::JS_REPLIES.to_owned(), why);
+    p.publish(leaf::MIRROR_DELIVERIES.to_owned(), why);
+    p.subscribe(
+        leaf::js_api(site),
+        "hub mirrors of this site: requests to this site's JetStream only",
+    );
+    // The server names the source stream, not the site, in these
+    // subjects; the replies carry no data.
+    for stream in mirrored_streams() {
+        p.subscribe(
+            js::flow_control(&stream),
+            "hub mirrors of this site: flow-control replies to the mirror consumers",
+        );
+    }
+    p.subscribe(
+        leaf::LOOP_DETECTION.to_owned(),
+        "leafnode protocol: loop detection",
+    );
+    p
+}
+
+/// The user entries of the hub's `authorization { users = [...] }` for
+/// the leafnode identities of `sites` (site, NKEY of its `leafnode`). The
+/// hub's `leafnodes {}` block must not have an `authorization` of its own:
+/// users there cannot carry permissions, so leafnode connections must
+/// authenticate against these users.
+pub fn render_hub_leaf_users(sites: &[(Site, String)]) -> String {
+    let mut out = String::new();
+    for (site, nkey) in sites {
+        let p = leafnode_permissions(site);
+        let _ = writeln!(
+            out,
+            "    # leafnode of site {site}: hub mirrors of this site only"
+        );
+        let _ = writeln!(out, "    {{");
+        let _ = writeln!(out, "      nkey: {}", quote(nkey));
+        let _ = writeln!(out, "      permissions: {{");
+        let _ = writeln!(out, "        publish: {{");
+        rules(&mut out, "          ", "allow", &p.publish_allow);
+        let _ = writeln!(out, "        }}");
+        let _ = writeln!(out, "        subscribe: {{");
+        rules(&mut out, "          ", "allow", &p.subscribe_allow);
+        let _ = writeln!(out, "        }}");
+        let _ = writeln!(out, "      }}");
+        let _ = writeln!(out, "    }}");
+    }
+    out
+}
+
 fn quote(s: &str) -> String {
     // Subjects and keys are ASCII without quotes or backslashes.
     format!("\"{s}\"")
@@ -375,6 +446,22 @@ mod tests {
             k()
         );
         Access::parse(&text, "access.toml").unwrap()
+    }
+
+    #[test]
+    fn a_leafnode_may_serve_only_its_own_site_to_the_hub() {
+        let home = Site::new("home").unwrap();
+        let p = leafnode_permissions(&home);
+        let sub: Vec<&str> = p
+            .subscribe_allow
+            .iter()
+            .map(|r| r.subject.as_str())
+            .collect();
+        assert!(sub.contains(&"$JS.leaf-home.API.>"), "{sub:?}");
+        assert!(!sub.iter().any(|s| *s == ">" || s.contains("leaf-away")));
+        let text = render_hub_leaf_users(&[(home.clone(), "UKEY".to_owned())]);
+        assert_eq!(text, render_hub_leaf_users(&[(home, "UKEY".to_owned())]));
+        assert!(text.contains("nkey: \"UKEY\""), "{text}");
     }
 
     #[test]
