@@ -1468,3 +1468,74 @@ fn capture_log() -> Arc<Mutex<Vec<u8>>> {
         .expect("one subscriber per test process");
     buf
 }
+
+/// A service refused a thousand times as fast as it can: the audit stays
+/// bounded (the burst, then the rate) and keeps the count (the records'
+/// `count` add up to every refusal the server reported).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refusals_is_audited_bounded_without_losing_the_count() {
+    use presenced::acl::audit_limit::{BURST, PER_SECOND};
+    const FLOOD: usize = 1000;
+    let w = world();
+    let site = Site::new(SITE).unwrap();
+    let admin = connect(&w.server, "admin", &w.keys.seeds["admin"])
+        .await
+        .unwrap();
+    provision(&admin, &site).await;
+    let ingest = connect_service(&w.server, w.dir.path(), "ingest", &w.keys.seeds["ingest"]).await;
+    let subject = naming::kv_subject(naming::PRESENCE_BUCKET, "flood");
+    let start = std::time::Instant::now();
+    // In batches, each awaited until the callback has seen it: the client
+    // library drops server errors beyond a queue of 128.
+    for batch in 0..FLOOD / 50 {
+        for _ in 0..50 {
+            ingest
+                .client
+                .publish(subject.clone(), "x".into())
+                .await
+                .unwrap();
+        }
+        ingest.client.flush().await.unwrap();
+        let want = (batch + 1) * 50;
+        tokio::time::timeout(SETTLE_DEADLINE, async {
+            loop {
+                let notified = ingest.notify.notified();
+                if ingest.count() >= want {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .expect("the server reports every refusal");
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(ingest.count(), FLOOD, "refusals reported");
+    let audit_subject = site.audit_subject("ingest");
+    let deadline = tokio::time::Instant::now() + SETTLE_DEADLINE;
+    let records = loop {
+        let records = audit_records(&admin.js, &audit_subject).await;
+        let total: u64 = records.iter().map(|r| r.count).sum();
+        if total >= FLOOD as u64 || tokio::time::Instant::now() >= deadline {
+            break records;
+        }
+    };
+    let total: u64 = records.iter().map(|r| r.count).sum();
+    assert_eq!(
+        total, FLOOD as u64,
+        "the records' counts add up to every refusal"
+    );
+    assert!(records
+        .iter()
+        .all(|r| r.subject == subject && r.service == "ingest"));
+    let bound = BURST as usize + (elapsed.as_secs_f64().ceil() as usize + 1) * PER_SECOND as usize;
+    assert!(
+        records.len() <= bound && records.len() < FLOOD,
+        "{} records for {FLOOD} refusals in {elapsed:?} (bound {bound})",
+        records.len()
+    );
+    println!(
+        "{FLOOD} refusals in {elapsed:?}: {} AUDIT records, counts adding up to {total}",
+        records.len()
+    );
+}
