@@ -250,6 +250,12 @@ let
           { service = mkDefault name; }
           { nats.url = mkDefault "nats://127.0.0.1:4222"; }
           (mkIf (config.nkeySeedFile != null) { nats.nkey_seed_file = credentialPath "nkey-seed"; })
+          (mkIf (config.s3.accessKeyIdFile != null) {
+            archive.s3.access_key_file = mkDefault (credentialPath "s3-access-key-id");
+          })
+          (mkIf (config.s3.secretAccessKeyFile != null) {
+            archive.s3.secret_key_file = mkDefault (credentialPath "s3-secret-access-key");
+          })
         ];
         configFile = renderConfig name config.package config.checkConfig config.settings;
       };

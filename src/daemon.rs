@@ -221,6 +221,33 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         systemd::ready(&line);
     }));
 
+    // The lease says this service runs; clients mark its keyspaces stale
+    // once it is gone.
+    let (lease_stop_tx, lease_stop_rx) = watch::channel(false);
+    let (held_tx, held_rx) = watch::channel(false);
+    let lease = store::lease::Lease::new(
+        &config.service,
+        &components(config.archive.is_some()),
+        crate::time::Timestamp::now(),
+    );
+    {
+        let metrics = metrics.clone();
+        let mut held = held_rx.clone();
+        tokio::spawn(async move {
+            while held.changed().await.is_ok() {
+                let now = *held.borrow_and_update();
+                metrics.lease_held.store(now, Ordering::Relaxed);
+            }
+        });
+    }
+    let lease_task = tokio::spawn(store::lease::keep(
+        js.clone(),
+        lease,
+        config.lease.ttl,
+        lease_stop_rx,
+        held_tx,
+    ));
+
     // Home Assistant follows KV presence; started once the engine owns it.
     let ha_task = config
         .homeassistant
@@ -232,9 +259,38 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                 site.clone(),
                 zones,
                 js.clone(),
+                held_rx.clone(),
                 stop_rx.clone(),
             ))
         });
+
+    // The archiver, when configured: snapshots and uploads beside the
+    // engine; a missing bucket or credential file fails the start.
+    let archive_task = match config.archive.clone() {
+        Some(cfg) => {
+            let archiver = crate::archive::worker::Archiver::start(
+                js.clone(),
+                site.clone(),
+                cfg,
+                metrics.clone(),
+            )
+            .await
+            .context("archive")?;
+            Some(tokio::spawn(archiver.run(stop_rx.clone())))
+        }
+        None => None,
+    };
+
+    // Hub mirror health through the leaf link, when a hub is configured.
+    let hub_task = config.hub.clone().map(|cfg| {
+        tokio::spawn(crate::hub::health::run(
+            client.clone(),
+            site.clone(),
+            cfg,
+            metrics.clone(),
+            stop_rx.clone(),
+        ))
+    });
 
     let engine_failed = tokio::select! {
         _ = &mut term => {
@@ -254,6 +310,10 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     // Drain: stop input, let ingest store what it holds, then stop the
     // engine and the rest, all within engine.drain_timeout.
     let drain = async {
+        // The lease goes first: clients see this service's keys as stale
+        // from the moment it starts to stop.
+        let _ = lease_stop_tx.send(true);
+        let _ = lease_task.await;
         let _ = sources_stop_tx.send(true);
         for (name, task, _) in source_tasks {
             match task.await {
@@ -276,6 +336,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         if engine_failed.is_none() {
             let _ = engine_task.await;
         }
+        if let Some(task) = archive_task {
+            let _ = task.await;
+        }
         if let Some(task) = ha_task {
             match task.await {
                 Ok(Ok(())) => {}
@@ -284,6 +347,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             }
         }
         let _ = mqtt_gauge.await;
+        if let Some(task) = hub_task {
+            let _ = task.await;
+        }
         if let Some(h) = http_task {
             let _ = h.await;
         }
@@ -304,6 +370,17 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         Some(msg) => Err(anyhow::anyhow!(msg)),
         None => Ok(()),
     }
+}
+
+/// The components this daemon runs, as its lease announces them: the
+/// archiver too when `[archive]` is configured.
+fn components(archiver: bool) -> Vec<crate::acl::access::Component> {
+    use crate::acl::access::Component;
+    let mut c = vec![Component::Ingest, Component::Engine];
+    if archiver {
+        c.push(Component::Archiver);
+    }
+    c
 }
 
 /// Rehydration reads every zone at once; glibc keeps that peak mapped

@@ -4,9 +4,10 @@
 //! State follows KV `presence`, never the other way round: this task only
 //! watches the bucket and republishes each zone's state, retained, so Home
 //! Assistant (re)started at any time sees the current value. Availability
-//! is one retained topic per site: `online` while the daemon runs,
-//! `offline` on a clean stop, and the broker publishes `offline` (the MQTT
-//! will) when the daemon dies without one.
+//! is one retained topic per site and follows the engine's lease in KV
+//! `owners`: `online` while the lease is held, `offline` once it is lost
+//! (renewals failing for a TTL) or released on a clean stop; the broker
+//! publishes `offline` (the MQTT will) when the daemon dies without one.
 
 use crate::config::{HomeAssistant, ZoneConfig};
 use crate::engine::{Presence, ZoneState};
@@ -183,6 +184,7 @@ pub async fn run(
     site: Site,
     zones: BTreeMap<String, ZoneConfig>,
     js: async_nats::jetstream::Context,
+    lease_held: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), HomeAssistantError> {
     let topics = Topics::new(&cfg, &site);
@@ -195,12 +197,22 @@ pub async fn run(
         eventloop,
         client.clone(),
         topics.clone(),
-        configs,
-        states.clone(),
+        Retained {
+            configs,
+            states: states.clone(),
+            lease_held: lease_held.clone(),
+        },
         broker,
+        done_rx.clone(),
+    ));
+    let availability = tokio::spawn(follow_lease(
+        client.clone(),
+        topics.clone(),
+        lease_held,
         done_rx,
     ));
     let result = follow(&client, &topics, &js, &states, &mut shutdown).await;
+    availability.abort();
     // Clean stop: say so before leaving, so Home Assistant greys the zones
     // out at once instead of after the broker's keep-alive timeout.
     let _ = client
@@ -215,6 +227,44 @@ pub async fn run(
         debug!("homeassistant: MQTT disconnect timed out");
     }
     result
+}
+
+/// The availability payload for a lease state.
+pub fn availability(lease_held: bool) -> &'static str {
+    if lease_held {
+        "online"
+    } else {
+        "offline"
+    }
+}
+
+/// Publishes the availability each time the lease is won or lost.
+async fn follow_lease(
+    client: AsyncClient,
+    topics: Topics,
+    mut held: watch::Receiver<bool>,
+    mut done: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            changed = held.changed() => if changed.is_err() { return },
+            _ = done.wait_for(|d| *d) => return,
+        }
+        let now = *held.borrow_and_update();
+        info!(
+            available = availability(now),
+            "homeassistant: engine lease {}",
+            if now { "held" } else { "lost" }
+        );
+        let _ = client
+            .publish(
+                topics.availability(),
+                QoS::AtLeastOnce,
+                true,
+                availability(now),
+            )
+            .await;
+    }
 }
 
 /// The last state payload published per zone: the engine rewrites a zone
@@ -295,17 +345,31 @@ async fn follow(
     }
 }
 
+/// What is (re)published on every connection.
+struct Retained {
+    /// Discovery configs (topic, JSON).
+    configs: Vec<(String, String)>,
+    /// The last state of each zone.
+    states: States,
+    /// Availability follows it.
+    lease_held: watch::Receiver<bool>,
+}
+
 /// Drives the MQTT connection: (re)publishes availability and discovery on
 /// each ConnAck, reconnects after errors, and ends on disconnect or `done`.
 async fn pump(
     mut eventloop: EventLoop,
     client: AsyncClient,
     topics: Topics,
-    configs: Vec<(String, String)>,
-    states: States,
+    retained: Retained,
     broker: String,
     mut done: watch::Receiver<bool>,
 ) {
+    let Retained {
+        configs,
+        states,
+        lease_held,
+    } = retained;
     let mut outage_logged = false;
     loop {
         match eventloop.poll().await {
@@ -334,7 +398,9 @@ async fn pump(
                 if dropped > 0 {
                     warn!(dropped, "homeassistant: request queue full; some discovery or state messages wait for the next change or reconnect");
                 }
-                let _ = client.try_publish(topics.availability(), QoS::AtLeastOnce, true, "online");
+                let available = availability(*lease_held.borrow());
+                let _ =
+                    client.try_publish(topics.availability(), QoS::AtLeastOnce, true, available);
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => {}

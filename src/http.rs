@@ -16,7 +16,40 @@ use tokio::sync::watch;
 async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     let ready = m.ready.load(Ordering::Relaxed);
     let nats = m.nats_connected.load(Ordering::Relaxed);
-    let body = format!("ready: {ready}\nnats_connected: {nats}\n");
+    let mut body = format!("ready: {ready}\nnats_connected: {nats}\n");
+    if m.archive_enabled.load(Ordering::Relaxed) {
+        // Detail only: a slow S3 does not make the daemon unhealthy.
+        body.push_str(&format!(
+            "archive_pending: {}\narchive_s3_ok: {}\n",
+            m.archive_pending.load(Ordering::Relaxed),
+            m.archive_s3_ok.load(Ordering::Relaxed)
+        ));
+    }
+    // Hub mirrors are a detail, not the daemon's own health: a stalled
+    // mirror is reported here but does not turn the answer into 503.
+    let mirrors = m.mirrors();
+    if mirrors.watched {
+        let stalled = mirrors
+            .report
+            .iter()
+            .filter(|h| h.state == crate::hub::health::State::Stalled)
+            .count();
+        body.push_str(&format!(
+            "hub_reachable: {}\nmirrors_stalled: {stalled}\n",
+            mirrors.hub_reachable
+        ));
+        for h in &mirrors.report {
+            body.push_str(&format!(
+                "mirror {}: {} lag_messages={} lag_seconds={} last_contact_seconds={}\n",
+                h.mirror,
+                h.state.as_str(),
+                h.lag_messages.map_or("-".into(), |v| v.to_string()),
+                h.lag_seconds.map_or("-".into(), |v| format!("{v:.1}")),
+                h.last_contact_seconds
+                    .map_or("-".into(), |v| format!("{v:.1}")),
+            ));
+        }
+    }
     let code = if ready && nats {
         StatusCode::OK
     } else {

@@ -11,10 +11,14 @@
 //! - [`engine`]: pure evidence fusion, debounce and state machine, plus the
 //!   runner that consumes `SENSORS` and writes KV `presence`/`debounce`.
 //! - [`store`]: JetStream plumbing: provisioning, CAS writes, rehydration.
+//! - [`archive`]: snapshots into the object store, uploaded to S3, and
+//!   restore.
 //! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
 //! - [`client`], [`cmd`]: the state-first clients and the command sender.
+//! - [`sandbox`]: a whole deployment on loopback (`presenced sandbox`).
 
 pub mod acl;
+pub mod archive;
 pub mod client;
 pub mod cmd;
 pub mod config;
@@ -22,10 +26,13 @@ pub mod daemon;
 pub mod engine;
 pub mod homeassistant;
 pub mod http;
+pub mod hub;
 pub mod ingest;
 pub mod metrics;
 pub mod naming;
+pub mod natsconf;
 pub mod observation;
+pub mod sandbox;
 pub mod sources;
 pub mod store;
 pub mod systemd;

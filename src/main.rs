@@ -36,6 +36,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Create or update the hub mirrors of one or more sites (hub admin).
+    ProvisionHub(presenced::hub::mirrors::ProvisionHubArgs),
     /// Print the presence of matching zones, then every change.
     Watch {
         #[arg(long, short)]
@@ -44,6 +46,19 @@ enum Command {
         #[arg(default_value = ">")]
         pattern: String,
         /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Read the hub's mirror of the site instead of the leaf.
+        #[arg(long)]
+        hub: bool,
+        /// Site whose hub mirror to read (default: the config's site).
+        #[arg(long, requires = "hub")]
+        site: Option<String>,
+    },
+    /// Print the health of the site's hub mirrors: lag, last contact, stall.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -69,6 +84,58 @@ enum Command {
         access: PathBuf,
         #[arg(long)]
         site: String,
+    },
+    /// Run a whole deployment on loopback: a 3-node hub, a leaf and the
+    /// daemon per site, simulated sensors; Ctrl-C stops everything.
+    Sandbox {
+        /// Simulated sites, each with its own leaf and daemon.
+        #[arg(long, default_value_t = 1)]
+        sites: usize,
+        /// State, keys and logs (default: .sandbox in the working directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Start from empty state (removes a previous sandbox's directory).
+        #[arg(long)]
+        fresh: bool,
+        /// Simulated people per site.
+        #[arg(long, default_value_t = 2)]
+        people: usize,
+    },
+    /// Take a snapshot now and queue it for upload.
+    Snapshot {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// List local and remote snapshots with state, size, age and sha256.
+    Snapshots {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Read every copy and check its sha256.
+        #[arg(long)]
+        verify: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild the snapshot's buckets on this leaf (sha256 checked first).
+    Restore {
+        #[arg(long, short)]
+        config: PathBuf,
+        snapshot: String,
+        /// Read the snapshot from S3 instead of the object store.
+        #[arg(long)]
+        from_s3: bool,
+        /// Replace buckets that are not empty.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the nats-server config of a leaf or a hub node rendered from
+    /// a TOML description.
+    NatsConfig {
+        #[command(subcommand)]
+        kind: presenced::natsconf::Kind,
     },
     /// Send a command to the site's engine (manual override of a zone).
     #[command(subcommand)]
@@ -122,6 +189,11 @@ async fn connect_client(config: &Config) -> anyhow::Result<async_nats::Client> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Sandbox { sites, dir, seconds, fresh, people } => {
+            init_tracing(Some("warn"));
+            presenced::sandbox::run(presenced::sandbox::Options { sites, dir, seconds, fresh, people })
+                .map_err(Into::into)
+        }
         Command::Version => {
             println!("presenced {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -138,6 +210,7 @@ fn main() -> ExitCode {
             print!("{}", presenced::acl::render::render(&access, &site));
             Ok(())
         })(),
+        Command::NatsConfig { kind } => presenced::natsconf::run(&kind).map_err(Into::into),
         Command::CheckConfig { file } => match Config::load_valid(&file) {
             Ok(cfg) => {
                 println!(
@@ -181,11 +254,19 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }),
-        Command::Watch { config, pattern, json } => load(&config).and_then(|cfg| {
+        Command::ProvisionHub(args) => (|| {
             init_tracing(Some("warn"));
+            Ok(runtime()?.block_on(presenced::hub::mirrors::provision_hub_cli(&args))?)
+        })(),
+        Command::Watch { config, pattern, json, hub, site } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            let source = match hub {
+                false => client::Source::Leaf,
+                true => client::Source::Hub(Site::new(site.as_deref().unwrap_or(&cfg.site))?),
+            };
             runtime()?.block_on(async {
                 let client = connect_client(&cfg).await?;
-                client::watch(client, &pattern, json).await
+                client::watch(client, source, &pattern, json).await
             })
         }),
         Command::Cmd(args) => load(&args.common().config).and_then(|cfg| {
@@ -193,6 +274,27 @@ fn main() -> ExitCode {
             runtime()?.block_on(async {
                 let client = connect_client(&cfg).await?;
                 presenced::cmd::run(client, &cfg.site, &args).await
+            })
+        }),
+        Command::Snapshot { config } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(presenced::archive::cli::snapshot(cfg))
+        }),
+        Command::Snapshots { config, verify, json } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(presenced::archive::cli::list(cfg, verify, json))
+        }),
+        Command::Restore { config, snapshot, from_s3, force } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(presenced::archive::cli::restore(cfg, snapshot, from_s3, force))
+        }),
+        Command::Status { config, json } => load(&config).and_then(|cfg| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(async {
+                let client = connect_client(&cfg).await?;
+                let hub = cfg.hub.clone().unwrap_or_default();
+                presenced::hub::health::print_status(&client, &Site::new(&cfg.site)?, &hub, json).await;
+                Ok(())
             })
         }),
         Command::Get { config, zone, json } => load(&config).and_then(|cfg| {

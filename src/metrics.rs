@@ -36,6 +36,48 @@ pub struct Metrics {
     /// `sources::ld2410::RejectKind::ALL`).
     pub serial_frame_rejects: [AtomicU64; 6],
     pub ready: AtomicBool,
+    /// The archiver runs (`[archive]` configured).
+    pub archive_enabled: AtomicBool,
+    pub archive_snapshots: AtomicU64,
+    pub archive_snapshot_failures: AtomicU64,
+    pub archive_uploads: AtomicU64,
+    pub archive_uploaded_bytes: AtomicU64,
+    pub archive_upload_failures: AtomicU64,
+    pub archive_verify_failures: AtomicU64,
+    /// Snapshots whose upload is not yet verified.
+    pub archive_pending: AtomicU64,
+    /// False after an upload failed for a reason other than verification,
+    /// true again after one succeeds.
+    pub archive_s3_ok: AtomicBool,
+    pub archive_pruned_local: AtomicU64,
+    pub archive_pruned_remote: AtomicU64,
+    /// Unix seconds of the newest snapshot and the last verified upload.
+    pub archive_last_snapshot_seconds: AtomicU64,
+    pub archive_last_upload_seconds: AtomicU64,
+    /// The holder's view of its lease in KV `owners`.
+    pub lease_held: AtomicBool,
+    /// Hub mirror health, when `[hub]` is configured.
+    pub mirrors: std::sync::RwLock<Mirrors>,
+}
+
+/// The last reading of the site's hub mirrors and what happened to them.
+#[derive(Debug, Default, Clone)]
+pub struct Mirrors {
+    /// Whether `[hub]` is configured (nothing is rendered otherwise).
+    pub watched: bool,
+    /// Whether the last poll reached the hub through the leaf link.
+    pub hub_reachable: bool,
+    pub report: Vec<crate::hub::health::Health>,
+    /// Stalls and nudges per mirror, since start.
+    pub stalls: std::collections::BTreeMap<String, u64>,
+    pub nudges: std::collections::BTreeMap<String, u64>,
+}
+
+/// Things that happen to a hub mirror and are counted.
+#[derive(Debug, Clone, Copy)]
+pub enum MirrorEvent {
+    Stall,
+    Nudge,
 }
 
 impl Metrics {
@@ -49,6 +91,101 @@ impl Metrics {
 
     pub fn set(gauge: &AtomicU64, v: u64) {
         gauge.store(v, Ordering::Relaxed);
+    }
+
+    fn mirrors_mut(&self) -> std::sync::RwLockWriteGuard<'_, Mirrors> {
+        self.mirrors.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the hub mirror health.
+    pub fn mirrors(&self) -> Mirrors {
+        self.mirrors
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts a stall or nudge of `mirror`.
+    pub fn mirror_event(&self, mirror: &str, event: MirrorEvent) {
+        let mut m = self.mirrors_mut();
+        let map = match event {
+            MirrorEvent::Stall => &mut m.stalls,
+            MirrorEvent::Nudge => &mut m.nudges,
+        };
+        *map.entry(mirror.to_owned()).or_default() += 1;
+    }
+
+    /// Stores the latest reading of every mirror.
+    pub fn set_mirrors(&self, hub_reachable: bool, report: Vec<crate::hub::health::Health>) {
+        let mut m = self.mirrors_mut();
+        m.watched = true;
+        m.hub_reachable = hub_reachable;
+        m.report = report;
+    }
+
+    fn render_mirrors(&self, out: &mut String) {
+        let m = self.mirrors();
+        if !m.watched {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "# HELP presenced_hub_reachable 1 if the last poll reached the hub through the leaf link.\n# TYPE presenced_hub_reachable gauge\npresenced_hub_reachable {}",
+            u64::from(m.hub_reachable)
+        );
+        type Row = fn(&crate::hub::health::Health) -> Option<u64>;
+        let gauges: [(&str, &str, Row); 4] = [
+            (
+                "presenced_mirror_lag_messages",
+                "Messages the leaf holds that the hub mirror lacks.",
+                |h| h.lag_messages,
+            ),
+            (
+                "presenced_mirror_lag_milliseconds",
+                "Age of the leaf's newest message minus the mirror's newest, when behind.",
+                |h| h.lag_seconds.map(|s| (s * 1000.0) as u64),
+            ),
+            (
+                "presenced_mirror_last_contact_milliseconds",
+                "Time since the hub last heard from the mirror's source.",
+                |h| h.last_contact_seconds.map(|s| (s * 1000.0) as u64),
+            ),
+            (
+                "presenced_mirror_stalled",
+                "1 while the mirror makes no progress and the leaf has more.",
+                |h| Some(u64::from(h.state == crate::hub::health::State::Stalled)),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for h in &m.report {
+                if let Some(v) = value(h) {
+                    let _ = writeln!(out, "{name}{{mirror=\"{}\"}} {v}", h.mirror);
+                }
+            }
+        }
+        for (name, help, map) in [
+            (
+                "presenced_mirror_stalls_total",
+                "Stalls of each hub mirror (also logged at WARN).",
+                &m.stalls,
+            ),
+            (
+                "presenced_mirror_nudges_total",
+                "Times the hub was asked to restart a mirror after its link came back.",
+                &m.nudges,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for h in &m.report {
+                let _ = writeln!(
+                    out,
+                    "{name}{{mirror=\"{}\"}} {}",
+                    h.mirror,
+                    map.get(&h.mirror).copied().unwrap_or(0)
+                );
+            }
+        }
     }
 
     /// Prometheus text exposition format, version 0.0.4.
@@ -178,10 +315,88 @@ impl Metrics {
                 get(&self.serial_connected),
             ),
             (
+                "presenced_lease_held",
+                "gauge",
+                "1 while this service's lease in KV owners is held (last renewal younger than lease.ttl).",
+                flag(&self.lease_held),
+            ),
+            (
                 "presenced_ready",
                 "gauge",
                 "1 once state is rehydrated and the consumer is bound.",
                 flag(&self.ready),
+            ),
+            (
+                "presenced_archive_snapshots_total",
+                "counter",
+                "Snapshots written to object store snapshots.",
+                get(&self.archive_snapshots),
+            ),
+            (
+                "presenced_archive_snapshot_failures_total",
+                "counter",
+                "Scheduled snapshots that failed.",
+                get(&self.archive_snapshot_failures),
+            ),
+            (
+                "presenced_archive_uploads_total",
+                "counter",
+                "Snapshots PUT to S3 and verified.",
+                get(&self.archive_uploads),
+            ),
+            (
+                "presenced_archive_uploaded_bytes_total",
+                "counter",
+                "Bytes of snapshots PUT to S3 and verified.",
+                get(&self.archive_uploaded_bytes),
+            ),
+            (
+                "presenced_archive_upload_failures_total",
+                "counter",
+                "Upload attempts that failed (retried with backoff).",
+                get(&self.archive_upload_failures),
+            ),
+            (
+                "presenced_archive_verify_failures_total",
+                "counter",
+                "Remote copies whose size or sha256 did not match.",
+                get(&self.archive_verify_failures),
+            ),
+            (
+                "presenced_archive_pending",
+                "gauge",
+                "Snapshots waiting for a verified upload.",
+                get(&self.archive_pending),
+            ),
+            (
+                "presenced_archive_s3_ok",
+                "gauge",
+                "0 while uploads fail for reasons other than verification.",
+                flag(&self.archive_s3_ok),
+            ),
+            (
+                "presenced_archive_pruned_local_total",
+                "counter",
+                "Snapshots pruned from the object store.",
+                get(&self.archive_pruned_local),
+            ),
+            (
+                "presenced_archive_pruned_remote_total",
+                "counter",
+                "Snapshots pruned from S3.",
+                get(&self.archive_pruned_remote),
+            ),
+            (
+                "presenced_archive_last_snapshot_timestamp_seconds",
+                "gauge",
+                "Unix time of the newest snapshot.",
+                get(&self.archive_last_snapshot_seconds),
+            ),
+            (
+                "presenced_archive_last_upload_timestamp_seconds",
+                "gauge",
+                "Unix time of the last verified upload.",
+                get(&self.archive_last_upload_seconds),
             ),
         ];
         for &(name, kind, help, value) in rows {
@@ -201,6 +416,7 @@ impl Metrics {
         {
             let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", kind.label(), get(n));
         }
+        self.render_mirrors(&mut out);
         out
     }
 }
@@ -208,6 +424,40 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renders_hub_mirrors_only_when_watched() {
+        use crate::hub::health::{Health, State};
+        let m = Metrics::default();
+        assert!(!m.render().contains("presenced_mirror"));
+        m.set_mirrors(
+            true,
+            vec![Health {
+                mirror: "SENSORS-home".into(),
+                state: State::Stalled,
+                lag_messages: Some(12),
+                lag_seconds: Some(1.5),
+                last_contact_seconds: None,
+                error: Some("hub: timed out".into()),
+            }],
+        );
+        m.mirror_event("SENSORS-home", MirrorEvent::Stall);
+        let text = m.render();
+        for line in [
+            "presenced_hub_reachable 1\n",
+            "presenced_mirror_lag_messages{mirror=\"SENSORS-home\"} 12\n",
+            "presenced_mirror_lag_milliseconds{mirror=\"SENSORS-home\"} 1500\n",
+            "presenced_mirror_stalled{mirror=\"SENSORS-home\"} 1\n",
+            "presenced_mirror_stalls_total{mirror=\"SENSORS-home\"} 1\n",
+            "presenced_mirror_nudges_total{mirror=\"SENSORS-home\"} 0\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("last_contact_milliseconds{"),
+            "unknown values are left out"
+        );
+    }
 
     #[test]
     fn renders_prometheus_text() {

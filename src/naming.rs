@@ -26,10 +26,11 @@ pub const ENGINE_CONSUMER: &str = "engine";
 /// JetStream domain of the hub cluster.
 pub const HUB_DOMAIN: &str = "hub";
 
-/// Object store of the archiver's state snapshots.
+/// Object store of the archiver's state snapshots, object
+/// `<site>/<buckets>/<utc-timestamp>` (see [`snapshot_name`]).
 pub const SNAPSHOTS_OBJECT: &str = "snapshots";
-/// Object store of the archiver's long-term archive.
-pub const ARCHIVE_OBJECT: &str = "archive";
+/// KV bucket of the archiver's upload outbox, key `<snapshot-id>`.
+pub const ARCHIVE_BUCKET: &str = "archive";
 
 /// Largest site id: it is embedded in domain and mirror names.
 pub const MAX_SITE_LEN: usize = 32;
@@ -165,7 +166,8 @@ impl Site {
     }
 
     /// Name of a hub mirror of one of this site's streams or buckets, e.g.
-    /// `SENSORS-<site>` or `presence-<site>`.
+    /// `SENSORS-<site>` or `presence-<site>` (and `snapshots-<site>` for
+    /// the object store).
     pub fn hub_mirror(&self, source: &str) -> String {
         format!("{}-{}", source, self.0)
     }
@@ -175,6 +177,13 @@ impl fmt::Display for Site {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// JetStream API prefix of a domain as seen from another domain across a
+/// leafnode link: how a hub mirror names its source on a leaf, and how the
+/// daemon reaches the hub (`$JS.hub.API`).
+pub fn domain_api_prefix(domain: &str) -> String {
+    format!("$JS.{domain}.API")
 }
 
 /// KV `presence` key of a person: `person.<id>`. The dot keeps people
@@ -270,10 +279,48 @@ pub mod js {
         format!("$JS.ACK.{stream}.{consumer}.>")
     }
 
+    /// Stream info of a hub stream, asked through the leafnode link (the
+    /// hub's domain prefix): how the daemon reads a hub mirror's health.
+    pub fn hub_stream_info(stream: &str) -> String {
+        format!(
+            "{}.STREAM.INFO.{stream}",
+            super::domain_api_prefix(super::HUB_DOMAIN)
+        )
+    }
+
+    /// Leader step-down of a hub stream through the leafnode link: how the
+    /// daemon makes a mirror resume after the link comes back.
+    pub fn hub_stream_leader_stepdown(stream: &str) -> String {
+        format!(
+            "{}.STREAM.LEADER.STEPDOWN.{stream}",
+            super::domain_api_prefix(super::HUB_DOMAIN)
+        )
+    }
+
     /// Flow-control replies of push consumers on `stream`.
     pub fn flow_control(stream: &str) -> String {
         format!("$JS.FC.{stream}.>")
     }
+
+    /// Everything in the JetStream API of `domain`, addressed by its
+    /// domain prefix (how `watch --hub` reaches the hub's mirrors).
+    pub fn domain_api_all(domain: &str) -> String {
+        format!("$JS.{domain}.API.>")
+    }
+}
+
+/// Name of a snapshot: `<site>/<buckets>/<utc-timestamp>`, where
+/// `<buckets>` is the sorted names of what it holds joined by `_`
+/// (`debounce_events_owners_presence`) and the timestamp is
+/// `YYYYMMDDTHHMMSS.mmmZ`. The same string is the object name in
+/// `snapshots`, the outbox key in `archive` and (after the prefix) the S3
+/// key, so one id follows a snapshot everywhere; it sorts by time within a
+/// site and bucket set.
+pub fn snapshot_name(site: &Site, buckets: &[&str], utc_stamp: &str) -> String {
+    let mut b: Vec<&str> = buckets.to_vec();
+    b.sort_unstable();
+    b.dedup();
+    format!("{}/{}/{}", site.as_str(), b.join("_"), utc_stamp)
 }
 
 /// Subjects that cross the leafnode link between a site's leaf and the
@@ -290,6 +337,8 @@ pub mod leaf {
     /// Replies of a leaf's JetStream to the hub's requests (the hub's
     /// server-side request inboxes).
     pub const JS_REPLIES: &str = "$JSC.R.>";
+    /// Replies to requests of hub clients (the admin's default inbox).
+    pub const CLIENT_REPLIES: &str = "_INBOX.>";
     /// Deliveries of a mirror consumer to the hub.
     pub const MIRROR_DELIVERIES: &str = "$JS.M.>";
     /// Loop detection between servers.
@@ -344,7 +393,16 @@ mod tests {
         assert_eq!(s.cmd_zone("cmd.home.debounce.hall"), None);
         assert_eq!(s.live_subject("pir"), "live.home.pir");
         assert_eq!(s.hub_mirror("presence"), "presence-home");
+        assert_eq!(domain_api_prefix(&s.leaf_domain()), "$JS.leaf-home.API");
         assert_eq!(kv_subject(PRESENCE_BUCKET, "hall"), "$KV.presence.hall");
+        assert_eq!(
+            snapshot_name(&s, &["presence", "debounce"], "20261130T015800.123Z"),
+            "home/debounce_presence/20261130T015800.123Z"
+        );
+        assert_eq!(
+            js::hub_stream_info("SENSORS-home"),
+            "$JS.hub.API.STREAM.INFO.SENSORS-home"
+        );
         assert_eq!(person_key("alice"), "person.alice");
         assert!(is_presence_key("hall"));
         assert!(is_presence_key("person.alice"));

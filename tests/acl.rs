@@ -4,7 +4,7 @@
 
 mod support;
 
-use async_nats::jetstream::{self, kv, object_store, stream};
+use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use presenced::acl::access::{Access, Component, Keyspace};
 use presenced::acl::violation::{self, AuditRecord, Operation, Violation};
@@ -345,6 +345,8 @@ enum Op {
     /// flow-control reply.
     WatchLarge,
     Keys,
+    /// Reading a bucket through an ordered pull consumer (snapshots).
+    KvPull,
     PutForeign,
     Publish,
     PublishForeign,
@@ -356,24 +358,32 @@ enum Op {
     ObjGet,
     ObjGetLarge,
     ObjList,
+    /// Put, then delete, an object of its own.
+    ObjDelete,
     Subscribe,
     Request,
     Serve,
     StreamCreate,
     StreamDelete,
+    /// Stream info of a hub mirror through the leaf link.
+    MirrorInfo,
+    /// Leader step-down of a hub mirror through the leaf link.
+    MirrorNudge,
 }
 
 fn rows() -> Vec<(&'static str, Op)> {
     use Op::*;
     let mut rows = Vec::new();
-    for k in ["presence", "debounce"] {
+    for k in ["presence", "debounce", "archive"] {
         for op in [
-            Put, Create, Update, Delete, Purge, Get, DirectGet, Watch, WatchLarge, Keys,
+            Put, Create, Update, Delete, Purge, Get, DirectGet, Watch, WatchLarge, Keys, KvPull,
         ] {
             rows.push((k, op));
         }
     }
-    for op in [Put, PutForeign, Get, DirectGet, Watch, WatchLarge, Keys] {
+    for op in [
+        Put, PutForeign, Get, DirectGet, Watch, WatchLarge, Keys, KvPull,
+    ] {
         rows.push(("owners", op));
     }
     for k in ["sensors", "rejected", "events"] {
@@ -386,10 +396,8 @@ fn rows() -> Vec<(&'static str, Op)> {
     for op in [Publish, PublishForeign, DirectGet, Read] {
         rows.push(("audit", op));
     }
-    for k in ["snapshots", "archive"] {
-        for op in [ObjPut, ObjGet, ObjGetLarge, ObjList] {
-            rows.push((k, op));
-        }
+    for op in [ObjPut, ObjGet, ObjGetLarge, ObjList, ObjDelete] {
+        rows.push(("snapshots", op));
     }
     rows.push(("live", Publish));
     rows.push(("live", Subscribe));
@@ -397,7 +405,29 @@ fn rows() -> Vec<(&'static str, Op)> {
     rows.push(("commands", Serve));
     rows.push(("jetstream", StreamCreate));
     rows.push(("jetstream", StreamDelete));
+    for k in MIRRORS {
+        rows.push((k, MirrorInfo));
+        rows.push((k, MirrorNudge));
+    }
     rows
+}
+
+/// Rows of the hub mirrors, by the leaf source they copy.
+const MIRRORS: [&str; 4] = [
+    "mirror-SENSORS",
+    "mirror-EVENTS",
+    "mirror-presence",
+    "mirror-owners",
+];
+
+/// The hub stream of a `mirror-<source>` row.
+fn mirror_stream(site: &Site, keyspace: &str) -> String {
+    let source = keyspace.trim_start_matches("mirror-");
+    presenced::hub::mirrors::mirrors(site)
+        .into_iter()
+        .find(|m| m.source == source)
+        .unwrap_or_else(|| panic!("no mirror of {source}"))
+        .stream()
 }
 
 /// What the ownership map allows.
@@ -410,6 +440,13 @@ fn expected(access: &Access, who: &str, keyspace: &str, op: Op) -> bool {
     if keyspace == "jetstream" {
         return admin;
     }
+    if keyspace.starts_with("mirror-") {
+        // Only through the hub's domain prefix, which the admin's local
+        // API grant does not cover.
+        return access
+            .service(who)
+            .is_some_and(|s| s.runs(Component::Engine));
+    }
     let k = Keyspace::parse(keyspace).unwrap();
     let svc = access.service(who);
     let owns = svc.is_some_and(|s| s.owns(k));
@@ -417,7 +454,7 @@ fn expected(access: &Access, who: &str, keyspace: &str, op: Op) -> bool {
     match (k, op) {
         (Keyspace::Owners, Put) | (Keyspace::Audit, Publish) => svc.is_some(),
         (_, PutForeign | PublishForeign) => false,
-        (_, Put | Create | Update | Delete | Purge | Publish | ObjPut) => owns,
+        (_, Put | Create | Update | Delete | Purge | Publish | ObjPut | ObjDelete) => owns,
         (Keyspace::Sensors, DurableFetch | RawPull) => {
             admin || svc.is_some_and(|s| s.runs(Component::Engine))
         }
@@ -426,7 +463,8 @@ fn expected(access: &Access, who: &str, keyspace: &str, op: Op) -> bool {
         (Keyspace::Commands, Serve) => owns,
         (
             _,
-            Get | DirectGet | Watch | WatchLarge | Keys | Read | ObjGet | ObjGetLarge | ObjList,
+            Get | DirectGet | Watch | WatchLarge | Keys | KvPull | Read | ObjGet | ObjGetLarge
+            | ObjList,
         ) => reads,
         _ => unreachable!("no row {keyspace}/{op:?}"),
     }
@@ -448,7 +486,7 @@ fn bucket_of(keyspace: &str) -> &'static str {
         "debounce" => naming::DEBOUNCE_BUCKET,
         "owners" => naming::OWNERS_BUCKET,
         "snapshots" => naming::SNAPSHOTS_OBJECT,
-        "archive" => naming::ARCHIVE_OBJECT,
+        "archive" => naming::ARCHIVE_BUCKET,
         other => panic!("{other} is not a bucket"),
     }
 }
@@ -669,7 +707,7 @@ async fn run(
         }
         Op::DirectGet => {
             let (stream, subject) = match keyspace {
-                "presence" | "debounce" | "owners" => (
+                "presence" | "debounce" | "owners" | "archive" => (
                     naming::kv_stream(bucket_of(keyspace)),
                     naming::kv_subject(bucket_of(keyspace), read_key(keyspace)),
                 ),
@@ -707,6 +745,21 @@ async fn run(
             c.attempt(async {
                 let store = js.get_key_value(bucket_of(keyspace)).await?;
                 first(store.keys().await?).await
+            })
+            .await
+        }
+        Op::KvPull => {
+            let stream_name = naming::kv_stream(bucket_of(keyspace));
+            c.attempt(async {
+                let s = js.get_stream(stream_name).await?;
+                let consumer = s
+                    .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                        deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                        filter_subject: naming::kv_filter(bucket_of(keyspace)),
+                        ..Default::default()
+                    })
+                    .await?;
+                first(consumer.messages().await?).await
             })
             .await
         }
@@ -834,6 +887,17 @@ async fn run(
             })
             .await
         }
+        Op::ObjDelete => {
+            c.attempt(async {
+                let store = js.get_object_store(bucket_of(keyspace)).await?;
+                let name = format!("del-{who}");
+                let mut data: &[u8] = b"doomed";
+                store.put(name.as_str(), &mut data).await?;
+                store.delete(name.as_str()).await?;
+                Ok(())
+            })
+            .await
+        }
         Op::Subscribe | Op::Serve => {
             let (filter, subject, sender) = if keyspace == "live" {
                 (site.live_filter(), site.live_subject("pir"), &probe.ingest)
@@ -891,6 +955,25 @@ async fn run(
             c.attempt(async {
                 js.delete_stream(format!("DOOMED-{who}")).await?;
                 Ok(())
+            })
+            .await
+        }
+        Op::MirrorInfo | Op::MirrorNudge => {
+            // This leaf has no hub: an allowed request finds no responder
+            // at once, a refused one is a violation. What is tested is
+            // whether the leaf lets it through.
+            let stream = mirror_stream(site, keyspace);
+            let subject = if op == Op::MirrorInfo {
+                naming::js::hub_stream_info(&stream)
+            } else {
+                naming::js::hub_stream_leader_stepdown(&stream)
+            };
+            c.attempt(async {
+                match c.client.request(subject, "{}".into()).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
             })
             .await
         }
@@ -955,22 +1038,8 @@ async fn provision(admin: &Conn, site: &Site) {
     presenced::store::provision::provision(&admin.client, site)
         .await
         .unwrap();
+    // `provision` creates KV owners (leases with per-message TTLs).
     let js = &admin.js;
-    js.create_key_value(kv::Config {
-        bucket: naming::OWNERS_BUCKET.to_owned(),
-        history: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    for b in [naming::SNAPSHOTS_OBJECT, naming::ARCHIVE_OBJECT] {
-        js.create_object_store(object_store::Config {
-            bucket: b.to_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
     js.get_stream(naming::SENSORS_STREAM)
         .await
         .unwrap()
@@ -1011,8 +1080,12 @@ async fn seed(conns: &BTreeMap<String, Conn>, site: &Site) -> Mutex<BTreeMap<Str
                 .unwrap()
         }
     };
-    for bucket in [naming::PRESENCE_BUCKET, naming::DEBOUNCE_BUCKET] {
-        let store = engine.js.get_key_value(bucket).await.unwrap();
+    for (bucket, owner) in [
+        (naming::PRESENCE_BUCKET, engine),
+        (naming::DEBOUNCE_BUCKET, engine),
+        (naming::ARCHIVE_BUCKET, archiver),
+    ] {
+        let store = owner.js.get_key_value(bucket).await.unwrap();
         store.put("seed", "{}".into()).await.unwrap();
         for i in 0..5 {
             store.put(format!("big-{i}"), big_value()).await.unwrap();
@@ -1041,8 +1114,12 @@ async fn seed(conns: &BTreeMap<String, Conn>, site: &Site) -> Mutex<BTreeMap<Str
     pub_js(ingest, subject_of(site, "rejected", "seed")).await;
     pub_js(engine, subject_of(site, "events", "seed")).await;
     pub_js(engine, site.audit_subject("engine")).await;
-    for b in [naming::SNAPSHOTS_OBJECT, naming::ARCHIVE_OBJECT] {
-        let store = archiver.js.get_object_store(b).await.unwrap();
+    {
+        let store = archiver
+            .js
+            .get_object_store(naming::SNAPSHOTS_OBJECT)
+            .await
+            .unwrap();
         let mut data: &[u8] = b"seed";
         store.put("seed", &mut data).await.unwrap();
         let big = vec![b'o'; OBJ_LARGE];

@@ -172,6 +172,51 @@ async fn the_pipeline_runs_under_the_generated_acl_without_violation() {
         "{}",
         d.log_tail()
     );
+
+    // The lease: written and released with exactly the granted operations.
+    let owners = s.admin_js.get_key_value("owners").await.unwrap();
+    assert!(
+        owners.get("presenced").await.unwrap().is_some(),
+        "the daemon holds owners.presenced under the ACL"
+    );
+    // `get` as the service: its identity may not read owners, so the stale
+    // flag is unknown, said once, and the value is still shown.
+    let cfg_path = s.dir.path().join("service.toml");
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    let out = support::daemon::run_presenced(
+        &[
+            "get",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "lab",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["stale"].is_null(), "{v}");
+    assert_eq!(v["value"]["zone"], "lab");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stale flags are unknown") && err.contains("reads = [\"owners\"]"),
+        "{err}"
+    );
+    let mut d = d;
+    assert!(d.terminate().success(), "{}", d.log_tail());
+    assert!(
+        owners.get("presenced").await.unwrap().is_none(),
+        "a graceful stop releases the lease"
+    );
+    assert!(
+        d.log().contains("lease released") && !d.log().contains("permission violation"),
+        "{}",
+        d.log_tail()
+    );
     drop(s.nats);
 }
 

@@ -68,17 +68,18 @@ async fn a_leaf_mirrors_its_own_keyspaces_to_the_hub_and_cannot_reach_another_si
     let admin_kp = nkeys::KeyPair::new_user();
     let home_site = Site::new("home").unwrap();
     let away_site = Site::new("away").unwrap();
-    let leaf_users = render::render_hub_leaf_users(&[
-        (home_site.clone(), home_kp.public_key()),
-        (away_site.clone(), away_kp.public_key()),
-    ]);
+    // The hub's authorization as presenced renders it.
+    let authorization = render::render_hub(
+        Some(&admin_kp.public_key()),
+        &[
+            (home_site.clone(), home_kp.public_key()),
+            (away_site.clone(), away_kp.public_key()),
+        ],
+    );
     let hub_port = support::free_port();
     let hub = NatsServer::start(NatsOptions {
         domain: Some(naming::HUB_DOMAIN.to_owned()),
-        extra: format!(
-            "leafnodes {{\n  listen: \"127.0.0.1:{hub_port}\"\n}}\nauthorization {{\n  users = [\n    {{ nkey: \"{}\" }}\n{leaf_users}  ]\n}}\n",
-            admin_kp.public_key()
-        ),
+        extra: format!("leafnodes {{\n  listen: \"127.0.0.1:{hub_port}\"\n}}\n{authorization}"),
         ..Default::default()
     });
     let home = leaf("home", hub_port, &home_kp.seed().unwrap()).await;
@@ -131,6 +132,12 @@ async fn a_leaf_mirrors_its_own_keyspaces_to_the_hub_and_cannot_reach_another_si
         away_site.leaf_domain(),
         naming::kv_stream(naming::PRESENCE_BUCKET)
     );
+    // The hub's admin reaches it (provision-hub reads mirror sources so).
+    let reply = hub_client
+        .request(away_api.clone(), "".into())
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&reply.payload).contains("stream_info_response"));
     let err = home
         .client
         .request(away_api, "".into())

@@ -159,12 +159,20 @@ async fn provision_is_idempotent_and_get_and_watch_show_state() {
     kv.put("hall", serde_json::to_vec(&vacant).unwrap().into())
         .await
         .unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let next: serde_json::Value = serde_json::from_str(&next).unwrap();
+    let mut read = Vec::new();
+    for _ in 0..2 {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        read.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+    }
+    assert_eq!(
+        read[0]["event"], "snapshot_end",
+        "the snapshot is marked complete"
+    );
+    let next = read[1].clone();
     assert_eq!(next["value"]["state"], "vacant", "then the delta");
     assert!(next["revision"].as_u64().unwrap() > rev);
 }

@@ -128,10 +128,12 @@ async fn zones_appear_in_home_assistant_and_follow_presence() {
     let c: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(c["state_topic"], "presenced/test/lab/state");
     assert_eq!(c["unit_of_measurement"], "%");
-    assert_eq!(
-        last(&seen, "presenced/test/availability"),
-        Some(("online".into(), true))
-    );
+    // Online once the engine's lease is held (it may say offline for the
+    // moment between the MQTT connection and the first lease write).
+    eventually("availability online", Duration::from_secs(10), || async {
+        last(&seen, "presenced/test/availability") == Some(("online".into(), true))
+    })
+    .await;
 
     // State follows KV presence.
     let mut p = Publisher::connect(mqtt.port, "ha-test-pub").await;
@@ -177,6 +179,85 @@ async fn zones_appear_in_home_assistant_and_follow_presence() {
     eventually(
         "availability offline after a crash",
         Duration::from_secs(15),
+        || async { availability(&seen).as_deref() == Some("offline") },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn availability_follows_the_engine_lease_while_the_daemon_runs() {
+    let mqtt = Mosquitto::start();
+    let mut nats = NatsServer::start(NatsOptions::default());
+    let http_port = support::free_port();
+    let ha = format!(
+        "\n[lease]\nttl = \"3s\"\n\n[homeassistant]\nport = {}\nkeep_alive = \"5s\"\n",
+        mqtt.port
+    );
+    let cfg = daemon_config(
+        "test",
+        &nats.url(),
+        mqtt.port,
+        http_port,
+        &motion_mapping(false),
+        &format!("{ZONES}{ha}"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("presenced.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    provision(&path);
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_healthy(
+        SocketAddr::from(([127, 0, 0, 1], http_port)),
+        Duration::from_secs(20),
+    );
+    let (seen, _sub) = subscribe(mqtt.port).await;
+    let availability = |seen: &Seen| last(seen, "presenced/test/availability").map(|(p, _)| p);
+    eventually("online with the lease", Duration::from_secs(10), || async {
+        availability(&seen).as_deref() == Some("online")
+    })
+    .await;
+
+    // The leaf goes away: the daemon and its MQTT connection stay up, but
+    // the lease cannot be renewed and runs out.
+    let stopped = std::time::Instant::now();
+    nats.stop();
+    eventually(
+        "offline once the lease ran out",
+        Duration::from_secs(15),
+        || async { availability(&seen).as_deref() == Some("offline") },
+    )
+    .await;
+    let took = stopped.elapsed();
+    // The last renewal came at most a third of the TTL (1 s) before the
+    // stop: the lease runs out no earlier than 2 s after it.
+    assert!(
+        took >= Duration::from_secs(2),
+        "offline only when the lease ran out, not at the first failed renewal ({took:?})"
+    );
+    let log = d.log();
+    let warned = log
+        .find("cannot renew the lease")
+        .expect("renewal failure logged");
+    let lost = log.find("engine lease lost").expect("lease loss logged");
+    assert!(
+        warned < lost,
+        "the renewal failed before the lease was lost"
+    );
+    assert!(d.is_running(), "the daemon keeps running: {}", d.log_tail());
+    d.wait_for_log("engine lease lost", Duration::from_secs(1));
+
+    // The leaf returns: the lease is renewed and the zones come back.
+    nats.start_again();
+    eventually(
+        "online again with the lease",
+        Duration::from_secs(20),
+        || async { availability(&seen).as_deref() == Some("online") },
+    )
+    .await;
+    assert!(d.terminate().success());
+    eventually(
+        "offline on a clean stop",
+        Duration::from_secs(10),
         || async { availability(&seen).as_deref() == Some("offline") },
     )
     .await;

@@ -1,11 +1,6 @@
 # An S3 server (MinIO, standing in for Wasabi) and two edges: a snapshot of
-# the first edge's state is uploaded and verified; restoring it on a fresh
-# edge reproduces the state.
-#
-# Depends on the archive features still being built: the archiver's
-# `[archive]` settings, `presenced snapshot` and `presenced restore`. The
-# field names and flags below follow the design and may need adjusting
-# when that work lands.
+# the first edge's state is uploaded and verified; restoring it from S3 on
+# a fresh edge reproduces the state.
 { pkgs, ... }:
 
 let
@@ -50,13 +45,15 @@ let
             accessKeyIdFile = "/etc/presenced/s3-access-key-id";
             secretAccessKeyFile = "/etc/presenced/s3-secret-access-key";
           };
+          # The key files are set by `s3` above, as credentials.
           settings.archive = {
-            endpoint = "http://s3:9000";
-            region = "us-east-1";
-            bucket = "presenced";
-            access_key_id_file = "$CREDENTIALS_DIRECTORY/s3-access-key-id";
-            secret_access_key_file = "$CREDENTIALS_DIRECTORY/s3-secret-access-key";
-            interval = "1h";
+            every = "1h";
+            s3 = {
+              endpoint = "http://s3:9000";
+              region = "us-east-1";
+              bucket = "presenced";
+              path_style = true;
+            };
           };
         };
       };
@@ -96,22 +93,27 @@ in
         "nats kv get presence hall --raw | jq -e '.state == \"occupied\"'", timeout=60
     )
 
+    archiver = "--config /etc/presenced/archiver.toml"
+
     with subtest("a snapshot is uploaded and verified"):
-        edge1.succeed("presenced snapshot --config /etc/presenced/archiver.toml")
+        edge1.succeed(f"presenced snapshot {archiver}")
         s3.wait_until_succeeds(
-            "mc ls --recursive local/presenced/${site}/presence/ | grep -q .", timeout=120
+            "mc ls --recursive local/presenced/${site}/ | grep -q presence", timeout=120
         )
-        # The archiver's outbox records the upload as verified.
+        # The outbox records the upload; --verify reads both copies back.
         edge1.wait_until_succeeds(
-            "nats kv ls archive | while read k; do nats kv get archive $k --raw; done"
-            " | jq -se 'map(select(.verified == true)) | length > 0'",
+            f"presenced snapshots {archiver} --json | jq -se 'map(select(.state == \"uploaded\")) | length > 0'",
             timeout=120,
         )
+        edge1.succeed(f"presenced snapshots {archiver} --verify")
 
-    with subtest("restore on a fresh edge reproduces the state"):
+    with subtest("restore from S3 on a fresh edge reproduces the state"):
+        snapshot = edge1.succeed(
+            f"presenced snapshots {archiver} --json | jq -rs 'map(select(.state == \"uploaded\")) | last | .id'"
+        ).strip()
         edge2.wait_for_unit("presenced-provision.service")
-        edge2.succeed("systemctl stop presenced-main.service")
-        edge2.succeed("presenced restore --config /etc/presenced/archiver.toml --bucket presence")
+        edge2.succeed("systemctl stop presenced-main.service presenced-archiver.service")
+        edge2.succeed(f"presenced restore {archiver} --from-s3 --force {snapshot}")
         want = edge1.succeed("nats kv get presence hall --raw | jq -c '{state, transitions}'")
         got = edge2.succeed("nats kv get presence hall --raw | jq -c '{state, transitions}'")
         assert want == got, f"restored {got}, expected {want}"

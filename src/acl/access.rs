@@ -31,7 +31,7 @@ pub enum Keyspace {
     Commands,
     /// Object store `snapshots`.
     Snapshots,
-    /// Object store `archive`.
+    /// KV `archive` (the upload outbox).
     Archive,
     /// Stream `AUDIT`: every service writes its own subject only.
     Audit,
@@ -130,7 +130,9 @@ impl Component {
             Component::Ingest => &[],
             // The engine consumes the observations ingest stored.
             Component::Engine => &[Keyspace::Sensors],
-            Component::Archiver => &[],
+            // A snapshot reads the state buckets; the EVENTS window is
+            // optional and granted with `reads = ["events"]`.
+            Component::Archiver => &[Keyspace::Presence, Keyspace::Debounce, Keyspace::Owners],
         }
     }
 }

@@ -95,7 +95,7 @@ fn store(k: Keyspace, site: &Site) -> Store {
         Keyspace::Debounce => Store::Kv(naming::DEBOUNCE_BUCKET),
         Keyspace::Owners => Store::Kv(naming::OWNERS_BUCKET),
         Keyspace::Snapshots => Store::Object(naming::SNAPSHOTS_OBJECT),
-        Keyspace::Archive => Store::Object(naming::ARCHIVE_OBJECT),
+        Keyspace::Archive => Store::Kv(naming::ARCHIVE_BUCKET),
         Keyspace::Live => Store::Core(site.live_filter()),
         Keyspace::Commands => Store::Requests(site.cmd_filter()),
     }
@@ -112,13 +112,15 @@ fn read_stream(p: &mut Permissions, stream: &str, why: &str) {
 }
 
 /// Grants reading a KV bucket: bucket status, get (direct get of the
-/// key's last message) and watch/keys (ordered push consumers).
+/// key's last message), watch/keys (ordered push consumers) and ordered
+/// pull consumers (how snapshots read a bucket in bounded batches).
 fn read_kv(p: &mut Permissions, bucket: &str, why: &str) {
     let stream = naming::kv_stream(bucket);
     p.publish(js::stream_info(&stream), why);
     p.publish(js::direct_get_last(&stream), why);
     p.publish(js::consumer_create_ephemeral(&stream), why);
     p.publish(js::flow_control(&stream), why);
+    p.publish(js::consumer_next(&stream, "*"), why);
 }
 
 /// Grants reading an object store: info, metadata and chunks (direct get
@@ -139,7 +141,7 @@ fn write(p: &mut Permissions, k: Keyspace, site: &Site) {
         Store::Kv(bucket) => p.publish(naming::kv_filter(bucket), why),
         Store::Object(bucket) => {
             p.publish(naming::obj_filter(bucket), why);
-            // Replacing an object purges its old chunks.
+            // Replacing or deleting an object purges its chunks.
             p.publish(js::stream_purge(&naming::obj_stream(bucket)), why);
         }
         Store::Core(filter) => p.publish(filter, why),
@@ -216,6 +218,16 @@ pub fn service_permissions(service: &Service, site: &Site) -> Permissions {
                 js::consumer_next(naming::SENSORS_STREAM, naming::ENGINE_CONSUMER),
                 "sensors: the engine's consumer is the engine's alone",
             );
+        }
+    }
+    if service.runs(Component::Engine) {
+        // `[hub]` runs beside the engine: it reads each hub mirror through
+        // the leaf link and restarts one after the link comes back. The
+        // leaf-side sources it compares with are already readable.
+        let why = "hub mirrors: health through the leaf link, restart after the link returns";
+        for m in crate::hub::mirrors::mirrors(site) {
+            p.publish(js::hub_stream_info(&m.stream()), why);
+            p.publish(js::hub_stream_leader_stepdown(&m.stream()), why);
         }
     }
     p
@@ -301,6 +313,10 @@ pub fn leafnode_permissions(site: &Site) -> Permissions {
     let why = "hub mirrors of this site: answers and deliveries of its JetStream";
     p.publish(leaf::JS_REPLIES.to_owned(), why);
     p.publish(leaf::MIRROR_DELIVERIES.to_owned(), why);
+    p.publish(
+        leaf::CLIENT_REPLIES.to_owned(),
+        "answers to the hub admin's requests over the link (provision-hub reads the mirror sources)",
+    );
     p.subscribe(
         leaf::js_api(site),
         "hub mirrors of this site: requests to this site's JetStream only",
@@ -318,34 +334,6 @@ pub fn leafnode_permissions(site: &Site) -> Permissions {
         "leafnode protocol: loop detection",
     );
     p
-}
-
-/// The user entries of the hub's `authorization { users = [...] }` for
-/// the leafnode identities of `sites` (site, NKEY of its `leafnode`). The
-/// hub's `leafnodes {}` block must not have an `authorization` of its own:
-/// users there cannot carry permissions, so leafnode connections must
-/// authenticate against these users.
-pub fn render_hub_leaf_users(sites: &[(Site, String)]) -> String {
-    let mut out = String::new();
-    for (site, nkey) in sites {
-        let p = leafnode_permissions(site);
-        let _ = writeln!(
-            out,
-            "    # leafnode of site {site}: hub mirrors of this site only"
-        );
-        let _ = writeln!(out, "    {{");
-        let _ = writeln!(out, "      nkey: {}", quote(nkey));
-        let _ = writeln!(out, "      permissions: {{");
-        let _ = writeln!(out, "        publish: {{");
-        rules(&mut out, "          ", "allow", &p.publish_allow);
-        let _ = writeln!(out, "        }}");
-        let _ = writeln!(out, "        subscribe: {{");
-        rules(&mut out, "          ", "allow", &p.subscribe_allow);
-        let _ = writeln!(out, "        }}");
-        let _ = writeln!(out, "      }}");
-        let _ = writeln!(out, "    }}");
-    }
-    out
 }
 
 fn quote(s: &str) -> String {
@@ -376,6 +364,133 @@ fn rules(out: &mut String, indent: &str, key: &str, rules: &[Rule]) {
 /// same bytes.
 pub fn render(access: &Access, site: &Site) -> String {
     render_users(&users(access, site), site, access.leafnode.as_deref())
+}
+
+/// A client of the leaf's own MQTT listener. MQTT has no NKEYs, so these
+/// authenticate with a user name and password, are limited to MQTT
+/// connections, and get allow lists like every other identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttUser {
+    pub user: String,
+    /// Plain text or a bcrypt hash (`nats-server passwd`); the rendered
+    /// file then holds a secret and must be private to its owner.
+    pub password: String,
+    pub summary: String,
+    /// NATS subjects (MQTT topics with `/` as `.`) it may publish to.
+    pub publish: Vec<String>,
+    /// NATS subjects it may subscribe to.
+    pub subscribe: Vec<String>,
+}
+
+/// [`render`] plus the MQTT users of the leaf's MQTT listener.
+pub fn render_with_mqtt(access: &Access, site: &Site, mqtt: &[MqttUser]) -> String {
+    let mut out = render(access, site);
+    if mqtt.is_empty() {
+        return out;
+    }
+    // The NKEY users end with "  ]\n}\n"; the MQTT users join that list.
+    let tail = "  ]\n}\n";
+    if out.ends_with(tail) {
+        out.truncate(out.len() - tail.len());
+    }
+    for m in mqtt {
+        let publish: Vec<Rule> = m
+            .publish
+            .iter()
+            .map(|s| Rule {
+                subject: s.clone(),
+                why: "MQTT topics it publishes".to_owned(),
+            })
+            .collect();
+        let subscribe: Vec<Rule> = m
+            .subscribe
+            .iter()
+            .map(|s| Rule {
+                subject: s.clone(),
+                why: "MQTT topics it subscribes to".to_owned(),
+            })
+            .collect();
+        let _ = writeln!(out, "    # MQTT user {}: {}", m.user, m.summary);
+        let _ = writeln!(out, "    {{");
+        let _ = writeln!(out, "      user: {}", quote(&m.user));
+        let _ = writeln!(out, "      password: {}", quote(&m.password));
+        let _ = writeln!(out, "      allowed_connection_types: [\"MQTT\"]");
+        let _ = writeln!(out, "      permissions: {{");
+        let _ = writeln!(out, "        publish: {{");
+        rules(&mut out, "          ", "allow", &publish);
+        let _ = writeln!(out, "        }}");
+        let _ = writeln!(out, "        subscribe: {{");
+        rules(&mut out, "          ", "allow", &subscribe);
+        let _ = writeln!(out, "        }}");
+        let _ = writeln!(out, "      }}");
+        let _ = writeln!(out, "    }}");
+    }
+    out.push_str(tail);
+    out
+}
+
+/// The hub's `authorization` block: the admin (provisions the mirrors,
+/// inspects) and each site's leafnode identity, which may connect as a
+/// leafnode only. Without it anyone reaching the hub's leafnode port could
+/// join as a site.
+pub fn render_hub(admin: Option<&str>, leafnodes: &[(Site, String)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# nats-server authorization of the hub, generated by presenced."
+    );
+    let _ = writeln!(out, "authorization {{");
+    let _ = writeln!(out, "  users = [");
+    if let Some(admin) = admin {
+        let mut p = admin_permissions();
+        p.publish(
+            js::domain_api_all(naming::HUB_DOMAIN),
+            "the hub's JetStream API by its domain prefix (watch --hub)",
+        );
+        for (site, _) in leafnodes {
+            p.publish(
+                js::domain_api_all(&site.leaf_domain()),
+                "each site's JetStream over its leafnode link (provision-hub reads the mirror sources)",
+            );
+        }
+        let _ = writeln!(
+            out,
+            "    # admin: provisions the hub mirrors, inspects; writes no keyspace"
+        );
+        let _ = writeln!(out, "    {{");
+        let _ = writeln!(out, "      nkey: {}", quote(admin));
+        let _ = writeln!(out, "      permissions: {{");
+        let _ = writeln!(out, "        publish: {{");
+        rules(&mut out, "          ", "allow", &p.publish_allow);
+        let _ = writeln!(out, "        }}");
+        let _ = writeln!(out, "        subscribe: {{");
+        rules(&mut out, "          ", "allow", &p.subscribe_allow);
+        let _ = writeln!(out, "        }}");
+        let _ = writeln!(out, "      }}");
+        let _ = writeln!(out, "    }}");
+    }
+    for (site, nkey) in leafnodes {
+        let p = leafnode_permissions(site);
+        let _ = writeln!(
+            out,
+            "    # leafnode of site {site}: hub mirrors of this site only"
+        );
+        let _ = writeln!(out, "    {{");
+        let _ = writeln!(out, "      nkey: {}", quote(nkey));
+        let _ = writeln!(out, "      allowed_connection_types: [\"LEAFNODE\"]");
+        let _ = writeln!(out, "      permissions: {{");
+        let _ = writeln!(out, "        publish: {{");
+        rules(&mut out, "          ", "allow", &p.publish_allow);
+        let _ = writeln!(out, "        }}");
+        let _ = writeln!(out, "        subscribe: {{");
+        rules(&mut out, "          ", "allow", &p.subscribe_allow);
+        let _ = writeln!(out, "        }}");
+        let _ = writeln!(out, "      }}");
+        let _ = writeln!(out, "    }}");
+    }
+    let _ = writeln!(out, "  ]");
+    let _ = writeln!(out, "}}");
+    out
 }
 
 /// Renders given users (the test that proves each rule necessary renders
@@ -459,9 +574,46 @@ mod tests {
             .collect();
         assert!(sub.contains(&"$JS.leaf-home.API.>"), "{sub:?}");
         assert!(!sub.iter().any(|s| *s == ">" || s.contains("leaf-away")));
-        let text = render_hub_leaf_users(&[(home.clone(), "UKEY".to_owned())]);
-        assert_eq!(text, render_hub_leaf_users(&[(home, "UKEY".to_owned())]));
+        let text = render_hub(None, &[(home.clone(), "UKEY".to_owned())]);
+        assert_eq!(text, render_hub(None, &[(home, "UKEY".to_owned())]));
         assert!(text.contains("nkey: \"UKEY\""), "{text}");
+        assert!(text.contains("\"$JS.M.>\""), "{text}");
+    }
+
+    #[test]
+    fn mqtt_users_join_the_list_with_mqtt_only_connections() {
+        let a = access();
+        let site = Site::new("home").unwrap();
+        let m = MqttUser {
+            user: "sensors".into(),
+            password: "pw".into(),
+            summary: "sensors".into(),
+            publish: vec!["dev.>".into()],
+            subscribe: vec![],
+        };
+        let out = render_with_mqtt(&a, &site, std::slice::from_ref(&m));
+        assert!(out.starts_with(&render(&a, &site)[..200]));
+        assert!(out.ends_with("  ]\n}\n"), "{out}");
+        assert_eq!(out.matches("authorization {").count(), 1);
+        let tail = &out[out.find("MQTT user sensors").unwrap()..];
+        assert!(tail.contains("user: \"sensors\"") && tail.contains("password: \"pw\""));
+        assert!(tail.contains("allowed_connection_types: [\"MQTT\"]"));
+        assert!(tail.contains("\"dev.>\""));
+        // Nothing to subscribe to: deny all, not an empty (open) list.
+        assert!(tail.contains("deny: [\">\"]"), "{tail}");
+        assert_eq!(render_with_mqtt(&a, &site, &[]), render(&a, &site));
+    }
+
+    #[test]
+    fn the_hub_admits_leafnodes_as_leafnodes_only() {
+        let leaf = nkeys::KeyPair::new_user().public_key();
+        let admin = nkeys::KeyPair::new_user().public_key();
+        let site = Site::new("home").unwrap();
+        let out = render_hub(Some(&admin), &[(site, leaf.clone())]);
+        let at = out.find(&leaf).unwrap();
+        assert!(out[at..].contains("allowed_connection_types: [\"LEAFNODE\"]"));
+        assert!(out.contains("\"$JS.hub.API.>\"") && out.contains("\"$JS.leaf-home.API.>\""));
+        assert!(out.contains(&admin));
     }
 
     #[test]

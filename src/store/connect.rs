@@ -232,7 +232,10 @@ pub async fn connect_as(
     let mut warned = false;
     loop {
         let opts = options(cfg, name, metrics.clone(), who)?;
-        match opts.connect(cfg.url.as_str()).await {
+        // A comma-separated list: the client fails over between servers
+        // (the hub's nodes).
+        let urls: Vec<&str> = cfg.url.split(',').map(str::trim).collect();
+        match opts.connect(urls).await {
             Ok(client) => {
                 if let Some(m) = &metrics {
                     m.nats_connected.store(true, Ordering::Relaxed);

@@ -4,7 +4,7 @@
 //! admin identity, before the daemons, and running it twice changes nothing.
 
 use crate::naming::{self, Site};
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv, object_store, stream};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +20,11 @@ pub enum ProvisionError {
     Bucket {
         name: String,
         source: async_nats::jetstream::context::CreateKeyValueError,
+    },
+    #[error("cannot create object store {name}: {source}")]
+    ObjectStore {
+        name: String,
+        source: async_nats::jetstream::context::CreateObjectStoreError,
     },
 }
 
@@ -121,7 +126,33 @@ pub fn bucket_configs() -> Vec<kv::Config> {
             1,
             "pending debounce deadline of each zone; written by the engine",
         ),
+        base(
+            naming::ARCHIVE_BUCKET,
+            5,
+            "upload outbox of each snapshot; written by the archiver",
+        ),
+        // Leases carry their own TTL (`Nats-TTL` on each put); the subject
+        // delete marker makes a lapsed lease visible to watchers.
+        kv::Config {
+            limit_markers: Some(super::lease::MARKER_TTL),
+            ..base(
+                naming::OWNERS_BUCKET,
+                1,
+                "liveness lease of each service (per-message TTL); each service writes its own key",
+            )
+        },
     ]
+}
+
+/// The object store configs of a site's leaf.
+pub fn object_store_configs() -> Vec<object_store::Config> {
+    vec![object_store::Config {
+        bucket: naming::SNAPSHOTS_OBJECT.to_owned(),
+        description: Some("state snapshots; written by the archiver".to_owned()),
+        storage: stream::StorageType::File,
+        num_replicas: 1,
+        ..Default::default()
+    }]
 }
 
 /// Creates or updates every stream and bucket of the site.
@@ -154,6 +185,20 @@ pub async fn provision(
                 source,
             })?;
         done.push(Provisioned { kind: "kv", name });
+    }
+    for cfg in object_store_configs() {
+        let name = cfg.bucket.clone();
+        // Creating with an unchanged config is a no-op on the server.
+        js.create_object_store(cfg)
+            .await
+            .map_err(|source| ProvisionError::ObjectStore {
+                name: name.clone(),
+                source,
+            })?;
+        done.push(Provisioned {
+            kind: "object store",
+            name,
+        });
     }
     Ok(done)
 }

@@ -241,3 +241,5 @@ where
 pub fn now_ms() -> i64 {
     presenced::time::Timestamp::now().0
 }
+
+pub mod watch;

@@ -5,29 +5,39 @@
 //! module; each crate uses only part of it, hence the blanket
 //! `dead_code` allowance.
 //!
-//! - [`nats`]: `nats-server` with JetStream (and optionally MQTT).
+//! - [`nats`]: `nats-server` with JetStream (and optionally MQTT), its
+//!   config rendered by `presenced::natsconf`.
+//! - [`hub`]: a 3-node hub cluster and a site's leaf linked to it.
+//! - [`proxy`]: a loopback TCP proxy that cuts and restores a link.
 //! - [`mosquitto`]: a Mosquitto broker configured as the daemon expects.
 //! - [`daemon`]: the `presenced` binary under test.
 //! - [`wait`]: polling with deadlines instead of sleeps.
 //! - [`http`]: a tiny HTTP/1.0 client for health and monitoring endpoints.
+//! - [`seaweed`]: a SeaweedFS S3 gateway that signs requests, stoppable.
 //! - [`process`]: signals, graceful stop and log tails shared by the above.
 #![allow(dead_code, unused_imports)]
 
 pub mod daemon;
 pub mod http;
+pub mod hub;
 pub mod mosquitto;
 pub mod nats;
 pub mod process;
+pub mod proxy;
 pub mod pty;
+pub mod seaweed;
 pub mod wait;
 
 pub use daemon::{presenced_bin, Daemon};
 pub use http::http_get;
+pub use hub::{leaf_of, Hub, LinkProxies};
 pub use mosquitto::{mosquitto_bin, Mosquitto};
 pub use nats::{
-    check_nats_version, nats_server_bin, parse_nats_version, NatsOptions, NatsServer,
+    check_nats_version, nats_server_bin, parse_nats_version, ClusterPorts, NatsOptions, NatsServer,
     MIN_NATS_VERSION,
 };
+pub use proxy::Proxy;
+pub use seaweed::{weed_bin, Seaweed};
 pub use wait::{wait_until, wait_until_async};
 
 use std::net::TcpListener;

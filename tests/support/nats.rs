@@ -4,7 +4,6 @@
 use super::process::{self, log_tail};
 use super::{free_port, http_get};
 use std::env;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -119,6 +118,18 @@ pub struct NatsOptions {
     pub leaf_remotes: Vec<String>,
     /// Server name; default `test-<port>`. MQTT and clustering need one.
     pub server_name: Option<String>,
+    /// Cluster routes of a hub node (see [`super::Hub`]).
+    pub cluster: Option<ClusterPorts>,
+    /// JetStream `sync_interval`; default the renderer's (`sync_always`
+    /// wins when set).
+    pub sync_interval: Option<presenced::natsconf::SyncInterval>,
+}
+
+/// A hub node's route port and its peers' route ports.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterPorts {
+    pub port: u16,
+    pub routes: Vec<u16>,
 }
 
 /// A running `nats-server`; killed and its directory removed on `Drop`.
@@ -151,7 +162,8 @@ impl NatsServer {
         let port = free_port();
         let monitor_port = free_port();
         let mqtt_port = opts.mqtt.then(free_port);
-        let leafnode_port = opts.leafnode_listen.then(free_port);
+        let hub = opts.domain.as_deref() == Some(presenced::naming::HUB_DOMAIN);
+        let leafnode_port = (opts.leafnode_listen || hub).then(free_port);
         let store_dir = dir.path().join("jetstream");
         let log_path = dir.path().join("nats-server.log");
         let config_path = dir.path().join("nats-server.conf");
@@ -226,6 +238,14 @@ impl NatsServer {
         self.spawn();
     }
 
+    /// Starts the server again after [`NatsServer::kill`] or
+    /// [`NatsServer::stop`]: same ports, config and store, waiting until
+    /// ready.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "nats-server is still running");
+        self.spawn();
+    }
+
     /// Whether the server process is still alive.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
@@ -294,48 +314,78 @@ struct Ports {
     leafnode_port: Option<u16>,
 }
 
-/// A nats-server config string literal (JSON escaping is accepted).
-fn quote(text: &str) -> String {
-    serde_json::to_string(text).expect("a string serialises to JSON")
-}
-
+/// The config through the project's renderer (`presenced::natsconf`), so
+/// tests run the servers the NixOS modules and the sandbox run: a hub node
+/// for domain `hub`, else the leaf of site `<site>` for domain
+/// `leaf-<site>` (site `test` when no domain is given). `opts.extra` is
+/// appended as is.
 fn render_config(opts: &NatsOptions, ports: &Ports, store_dir: &Path, log_path: &Path) -> String {
+    use presenced::natsconf::{self, SyncInterval};
     let name = opts
         .server_name
         .clone()
         .unwrap_or_else(|| format!("test-{}", ports.port));
-    let mut config = String::new();
-    let _ = writeln!(config, "server_name: {}", quote(&name));
-    let _ = writeln!(config, "listen: \"127.0.0.1:{}\"", ports.port);
-    let _ = writeln!(config, "http: \"127.0.0.1:{}\"", ports.monitor_port);
-    let _ = writeln!(config, "log_file: {}", quote(&log_path.to_string_lossy()));
-    let _ = writeln!(config, "jetstream {{");
-    let _ = writeln!(
-        config,
-        "  store_dir: {}",
-        quote(&store_dir.to_string_lossy())
-    );
-    if let Some(domain) = &opts.domain {
-        let _ = writeln!(config, "  domain: {}", quote(domain));
-    }
-    if opts.sync_always {
-        let _ = writeln!(config, "  sync_interval: always");
-    }
-    let _ = writeln!(config, "}}");
-    if let Some(mqtt_port) = ports.mqtt_port {
-        let _ = writeln!(config, "mqtt {{\n  listen: \"127.0.0.1:{mqtt_port}\"\n}}");
-    }
-    if ports.leafnode_port.is_some() || !opts.leaf_remotes.is_empty() {
-        let _ = writeln!(config, "leafnodes {{");
-        if let Some(leaf_port) = ports.leafnode_port {
-            let _ = writeln!(config, "  listen: \"127.0.0.1:{leaf_port}\"");
+    let listen = format!("127.0.0.1:{}", ports.port);
+    let sync = |js: &mut natsconf::JetStream| {
+        if let Some(interval) = opts.sync_interval {
+            js.sync_interval = interval;
         }
+        if opts.sync_always {
+            js.sync_interval = SyncInterval::Always;
+        }
+    };
+    let mut config = if opts.domain.as_deref() == Some(presenced::naming::HUB_DOMAIN) {
+        let mut hub = natsconf::HubNode::new(&name, store_dir.to_path_buf());
+        hub.listen = listen;
+        hub.monitor_port = ports.monitor_port;
+        hub.log_file = Some(log_path.to_path_buf());
+        sync(&mut hub.jetstream);
+        let leaf_port = ports
+            .leafnode_port
+            .expect("a hub node always gets a leafnode port");
+        hub.leafnodes.listen = format!("127.0.0.1:{leaf_port}");
+        // Leaves dial only what they list, so a test can put a proxy in
+        // the link and cut it.
+        hub.leafnodes.no_advertise = true;
+        if let Some(cluster) = &opts.cluster {
+            hub.cluster = Some(natsconf::Cluster {
+                name: "presenced-hub".into(),
+                listen: format!("127.0.0.1:{}", cluster.port),
+                routes: cluster
+                    .routes
+                    .iter()
+                    .map(|port| format!("nats-route://127.0.0.1:{port}"))
+                    .collect(),
+            });
+        }
+        hub.render()
+    } else {
+        let site = match opts.domain.as_deref() {
+            None => "test",
+            Some(domain) => domain.strip_prefix("leaf-").unwrap_or_else(|| {
+                panic!("test servers run domain `hub` or `leaf-<site>`, not {domain:?}")
+            }),
+        };
+        let site = presenced::naming::Site::new(site).expect("a valid site id in the domain");
+        let mut leaf = natsconf::Leaf::new(&site, store_dir.to_path_buf());
+        leaf.server_name = Some(name);
+        leaf.listen = listen;
+        leaf.monitor_port = ports.monitor_port;
+        leaf.log_file = Some(log_path.to_path_buf());
+        sync(&mut leaf.jetstream);
         if !opts.leaf_remotes.is_empty() {
-            let urls: Vec<String> = opts.leaf_remotes.iter().map(|u| quote(u)).collect();
-            let _ = writeln!(config, "  remotes: [ {{ urls: [ {} ] }} ]", urls.join(", "));
+            leaf.hub = Some(natsconf::HubLink::new(opts.leaf_remotes.clone()));
         }
-        let _ = writeln!(config, "}}");
+        leaf.mqtt = ports.mqtt_port.map(|port| natsconf::Mqtt {
+            listen: format!("127.0.0.1:{port}"),
+        });
+        assert!(
+            ports.leafnode_port.is_none(),
+            "only hub nodes (domain `hub`) accept leafnode connections"
+        );
+        leaf.render()
     }
+    .unwrap_or_else(|error| panic!("the test's nats-server description is invalid: {error}"));
     config.push_str(&opts.extra);
     config.push('\n');
     config

@@ -79,6 +79,11 @@ in
     expected = "main";
   };
 
+  testS3KeyFileIsTheCredential = {
+    expr = withSecrets.services.presenced.instances.ingest.settings.archive.s3.secret_key_file;
+    expected = "$CREDENTIALS_DIRECTORY/s3-secret-access-key";
+  };
+
   testNatsUrlDefaultsToLoopback = {
     expr = simple.services.presenced.instances.main.settings.nats.url;
     expected = "nats://127.0.0.1:4222";

