@@ -93,13 +93,13 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     // Every violation is audited; any one stops the daemon, which would
     // otherwise wait forever on an ack the server will never send.
     let (refused_tx, mut refused_rx) = mpsc::unbounded_channel();
-    let audit_task = tokio::spawn(crate::acl::violation::audit(
+    let audit = crate::acl::violation::spawn_audit(
         client.clone(),
         site.clone(),
         config.service.clone(),
         violations_rx,
         Some(refused_tx),
-    ));
+    );
     let refused = |v: crate::acl::violation::Violation| {
         anyhow::anyhow!(
             "nats-server refused to let service {} {} {:?}: the ACL does not grant what this service needs; regenerate it with `presenced acl` (see docs/SECURITY.md)",
@@ -353,8 +353,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         if let Some(h) = http_task {
             let _ = h.await;
         }
+        // Folded refusals of a flood are written before the exit.
+        audit.finish(Duration::from_secs(2)).await;
         let _ = client.flush().await;
-        audit_task.abort();
     };
     let engine_failed_msg = engine_failed.as_ref().map(|e| format!("{e:#}"));
     if tokio::time::timeout(config.engine.drain_timeout, drain)

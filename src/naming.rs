@@ -323,6 +323,28 @@ pub fn snapshot_name(site: &Site, buckets: &[&str], utc_stamp: &str) -> String {
     format!("{}/{}/{}", site.as_str(), b.join("_"), utc_stamp)
 }
 
+/// Subjects that cross the leafnode link between a site's leaf and the
+/// hub, as the hub's grant for the site's leafnode identity names them.
+pub mod leaf {
+    use super::Site;
+
+    /// The site's JetStream API as the hub reaches it (`$JS.<domain>.API`):
+    /// what hub mirrors of the site's streams and buckets source from.
+    pub fn js_api(site: &Site) -> String {
+        format!("$JS.{}.API.>", site.leaf_domain())
+    }
+
+    /// Replies of a leaf's JetStream to the hub's requests (the hub's
+    /// server-side request inboxes).
+    pub const JS_REPLIES: &str = "$JSC.R.>";
+    /// Replies to requests of hub clients (the admin's default inbox).
+    pub const CLIENT_REPLIES: &str = "_INBOX.>";
+    /// Deliveries of a mirror consumer to the hub.
+    pub const MIRROR_DELIVERIES: &str = "$JS.M.>";
+    /// Loop detection between servers.
+    pub const LOOP_DETECTION: &str = "$LDS.>";
+}
+
 /// `Nats-Msg-Id` of a zone's n-th transition: stable across restarts, so a
 /// transition published twice around a crash is stored once.
 pub fn transition_msg_id(site: &Site, zone: &str, number: u64) -> String {

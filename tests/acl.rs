@@ -7,7 +7,7 @@ mod support;
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use presenced::acl::access::{Access, Component, Keyspace};
-use presenced::acl::violation::{self, Violation};
+use presenced::acl::violation::{self, AuditRecord, Operation, Violation};
 use presenced::naming::{self, Site};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -17,12 +17,29 @@ use support::{NatsOptions, NatsServer};
 use tokio::sync::Notify;
 
 const SITE: &str = "home";
-/// More than a push consumer delivers before it waits for a flow-control
-/// reply.
-const LARGE: usize = 1 << 20;
-/// A watch of this much data needs flow-control replies.
-const WATCH_LARGE: usize = 2 << 20;
-const OP_DEADLINE: Duration = Duration::from_secs(5);
+/// The bytes a push consumer with flow control may have outstanding before
+/// the server waits for a flow-control reply: nats-server starts a
+/// consumer's window at 1/16 of its 32 MiB limit and sends the request
+/// when half of it is out. Whatever it has sent stays delivered, so only a
+/// read of more than the window plus one message proves that a reply got
+/// through.
+const FC_WINDOW: usize = 2 << 20;
+/// An object larger than the window plus one chunk (128 KiB).
+const OBJ_LARGE: usize = 3 << 20;
+/// The size of the big KV values (below the 1 MiB message limit).
+const BIG: usize = 700 << 10;
+/// Value bytes a watch must see: more than the server sends without a
+/// flow-control reply (the window, then one more message).
+const WATCH_LARGE: usize = FC_WINDOW + BIG + 1;
+/// For an operation to finish or be refused. Generous: every refusal is
+/// reported at once, so only an allowed operation on a loaded machine can
+/// take long, and cutting it short would misread it as refused.
+const OP_DEADLINE: Duration = Duration::from_secs(30);
+/// For the server's report of the barrier publish (see `Conn::settle`).
+const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
+/// No identity may publish here: each refusal of it marks a point in the
+/// stream of refusals the server reports on a connection.
+const BARRIER: &str = "acl-test-barrier";
 
 /// Identities of the matrix: (name, runs, reads). `admin` and `unknown`
 /// are special.
@@ -77,8 +94,26 @@ struct Conn {
     js: jetstream::Context,
     violations: Arc<Mutex<Vec<Violation>>>,
     notify: Arc<Notify>,
+    /// The daemon's audit of this connection's violations (services).
+    audit: Option<violation::Audit>,
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // The daemon's connection reconnects forever, and the audit task
+        // holds a client: stop both, or every connection of every variant
+        // of the necessity test would come back after each restart.
+        if let Some(a) = self.audit.as_mut() {
+            a.stop();
+        }
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let _ = client.drain().await;
+        });
+    }
+}
+
+/// Connects with a callback of the test's own.
 async fn connect(server: &NatsServer, name: &str, seed: &str) -> Result<Conn, String> {
     let violations = Arc::new(Mutex::new(Vec::new()));
     let notify = Arc::new(Notify::new());
@@ -102,16 +137,89 @@ async fn connect(server: &NatsServer, name: &str, seed: &str) -> Result<Conn, St
         .connect(server.url())
         .await
         .map_err(|e| e.to_string())?;
+    Ok(conn(name, client, violations, notify, None))
+}
+
+fn conn(
+    name: &str,
+    client: async_nats::Client,
+    violations: Arc<Mutex<Vec<Violation>>>,
+    notify: Arc<Notify>,
+    audit: Option<violation::Audit>,
+) -> Conn {
     let js = jetstream::ContextBuilder::new()
         .timeout(OP_DEADLINE)
         .build(client.clone());
-    Ok(Conn {
+    Conn {
         name: name.to_owned(),
         client,
         js,
         violations,
         notify,
-    })
+        audit,
+    }
+}
+
+/// Connects a service as the daemon does (`store::connect_as`: its inbox
+/// prefix, the violation callback, the audit task), with a tap between
+/// the callback and the audit that records what the server reported.
+async fn connect_service(
+    server: &NatsServer,
+    dir: &std::path::Path,
+    name: &str,
+    seed: &str,
+) -> Conn {
+    let seed_file = dir.join(format!("{name}.seed"));
+    if !seed_file.exists() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&seed_file)
+            .unwrap();
+        std::io::Write::write_all(&mut f, seed.as_bytes()).unwrap();
+    }
+    let cfg = presenced::config::NatsConfig {
+        url: server.url(),
+        request_timeout: OP_DEADLINE,
+        nkey_seed_file: Some(seed_file),
+        ..Default::default()
+    };
+    let (tap_tx, mut tap_rx) = violation::channel();
+    let (audit_tx, audit_rx) = violation::channel();
+    let who = presenced::store::connect::As {
+        service: Some(name.to_owned()),
+        violations: Some(tap_tx),
+    };
+    let metrics = Arc::new(presenced::metrics::Metrics::default());
+    let client = presenced::store::connect_as(
+        &cfg,
+        &format!("acl-test-{name}"),
+        Some(metrics),
+        Some(OP_DEADLINE),
+        &who,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{name} cannot connect: {e}"));
+    let violations = Arc::new(Mutex::new(Vec::new()));
+    let notify = Arc::new(Notify::new());
+    let (v, n) = (violations.clone(), notify.clone());
+    tokio::spawn(async move {
+        while let Some(found) = tap_rx.recv().await {
+            v.lock().unwrap().push(found.clone());
+            n.notify_waiters();
+            let _ = audit_tx.send(found);
+        }
+    });
+    let audit = violation::spawn_audit(
+        client.clone(),
+        Site::new(SITE).unwrap(),
+        name.to_owned(),
+        audit_rx,
+        None,
+    );
+    conn(name, client, violations, notify, Some(audit))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,23 +229,80 @@ enum Outcome {
     Failed(String),
 }
 
+fn is_barrier(v: &Violation) -> bool {
+    v.subject.starts_with(BARRIER)
+}
+
 impl Conn {
     fn count(&self) -> usize {
         self.violations.lock().unwrap().len()
     }
 
-    async fn violation_after(&self, n: usize) -> Violation {
+    /// The first refusal of the operation after the first `n` reports.
+    fn refusal_since(&self, n: usize) -> Option<Violation> {
+        let all = self.violations.lock().unwrap();
+        all.iter().skip(n).find(|v| !is_barrier(v)).cloned()
+    }
+
+    async fn refusal_after(&self, n: usize) -> Violation {
         loop {
             let notified = self.notify.notified();
-            if let Some(v) = self.violations.lock().unwrap().get(n) {
-                return v.clone();
+            if let Some(v) = self.refusal_since(n) {
+                return v;
             }
             notified.await;
         }
     }
 
-    /// Runs one operation: refused when the server reports a violation
-    /// while it runs (or by the flush after it), ok when it completes.
+    /// Waits until the event callback has seen every refusal of what this
+    /// connection published so far. The server answers a connection's
+    /// messages in order and async-nats hands the reports to the callback
+    /// in order, but on its own task: a flush returns when the server has
+    /// answered, not when the callback has run. So publish something the
+    /// server must refuse and wait for that report; every earlier one is
+    /// in by then.
+    async fn settle(&self) {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let subject = format!("{BARRIER}.{n}");
+        let seen = || {
+            self.violations
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|v| v.subject == subject)
+        };
+        self.client
+            .publish(subject.clone(), "".into())
+            .await
+            .unwrap();
+        self.client.flush().await.unwrap();
+        tokio::time::timeout(SETTLE_DEADLINE, async {
+            loop {
+                let notified = self.notify.notified();
+                if seen() {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{}: the server did not report the refused publish to {subject} within {SETTLE_DEADLINE:?}",
+                self.name
+            )
+        });
+    }
+
+    /// Runs one operation: refused when the server refuses any of its
+    /// messages (reported while it runs, or before the barrier after it),
+    /// ok when it completes and nothing of it was refused.
+    ///
+    /// Steps the server refuses silently (an ack, a flow-control reply)
+    /// must have a visible effect on the operation for this to hold: the
+    /// operations wait for the ack to be confirmed and read past the
+    /// flow-control window.
     async fn attempt<F>(&self, op: F) -> Outcome
     where
         F: std::future::Future<Output = Result<(), async_nats::Error>>,
@@ -149,12 +314,15 @@ impl Conn {
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(_) => Some("timed out".to_owned()),
             },
-            v = self.violation_after(before) => return Outcome::Refused(v.subject),
+            v = self.refusal_after(before) => {
+                // Later reports of this operation stay with it.
+                self.settle().await;
+                return Outcome::Refused(v.subject);
+            }
         };
-        // A refusal of a later step may arrive after the step "succeeded".
-        let _ = self.client.flush().await;
-        if let Some(v) = self.violations.lock().unwrap().get(before) {
-            return Outcome::Refused(v.subject.clone());
+        self.settle().await;
+        if let Some(v) = self.refusal_since(before) {
+            return Outcome::Refused(v.subject);
         }
         match result {
             None => Outcome::Ok,
@@ -347,7 +515,7 @@ fn read_key(keyspace: &str) -> &'static str {
 }
 
 fn big_value() -> bytes::Bytes {
-    vec![b'x'; 700 << 10].into()
+    vec![b'x'; BIG].into()
 }
 
 type OpResult = Result<(), async_nats::Error>;
@@ -648,8 +816,12 @@ async fn run(
                     .expires(Duration::from_millis(500))
                     .messages()
                     .await?;
+                // An ack is fire-and-forget; the server refuses one
+                // without effect on the fetch. Asking the server to
+                // confirm it (same subject, same grant) makes an allowed
+                // ack visible.
                 match batch.next().await {
-                    Some(m) => m?.ack().await?,
+                    Some(m) => m?.double_ack().await?,
                     None => return Err("nothing fetched".into()),
                 }
                 Ok(())
@@ -701,7 +873,7 @@ async fn run(
                 let mut obj = store.get("big").await?;
                 let mut buf = Vec::new();
                 obj.read_to_end(&mut buf).await?;
-                if buf.len() != 3 * LARGE {
+                if buf.len() != OBJ_LARGE {
                     return Err("object size differs".into());
                 }
                 Ok(())
@@ -832,7 +1004,7 @@ struct World {
     access: Access,
     keys: Keys,
     conf: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn world() -> World {
@@ -857,7 +1029,7 @@ fn world() -> World {
         access,
         keys,
         conf,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -950,7 +1122,7 @@ async fn seed(conns: &BTreeMap<String, Conn>, site: &Site) -> Mutex<BTreeMap<Str
             .unwrap();
         let mut data: &[u8] = b"seed";
         store.put("seed", &mut data).await.unwrap();
-        let big = vec![b'o'; 3 * LARGE];
+        let big = vec![b'o'; OBJ_LARGE];
         store.put("big", &mut big.as_slice()).await.unwrap();
     }
     Mutex::new(revisions)
@@ -1002,12 +1174,26 @@ fn print_matrix(
     (out + "\n" + &details, wrong)
 }
 
-async fn connect_all(w: &World) -> BTreeMap<String, Conn> {
+/// How services connect: as the daemon does (with its audit), or plainly
+/// (the necessity test, which reconnects for every variant and has no use
+/// for the audit).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Daemon,
+    Plain,
+}
+
+async fn connect_all(w: &World, via: Via) -> BTreeMap<String, Conn> {
     let mut conns = BTreeMap::new();
     for name in ["admin", "ingest", "engine", "archiver", "dashboard"] {
-        let c = connect(&w.server, name, &w.keys.seeds[name])
-            .await
-            .unwrap_or_else(|e| panic!("{name} cannot connect: {e}\n{}", w.conf));
+        let seed = &w.keys.seeds[name];
+        let c = if name != "admin" && via == Via::Daemon {
+            connect_service(&w.server, w.dir.path(), name, seed).await
+        } else {
+            connect(&w.server, name, seed)
+                .await
+                .unwrap_or_else(|e| panic!("{name} cannot connect: {e}\n{}", w.conf))
+        };
         conns.insert(name.to_owned(), c);
     }
     conns
@@ -1044,39 +1230,46 @@ async fn column(
 /// needed); each deny rule is removed and some refused operation must then
 /// succeed. Together with the matrix this shows the rules are exactly what
 /// the operations need.
+///
+/// An allow rule also counts as needed when the server refuses, during
+/// the matrix or while the connections are set up, something it allowed:
+/// a subscription made once (the reply inbox, a live subscription) is
+/// refused in the first operation that makes it, and a later operation
+/// that relies on it would only time out. A daemon stops on any refusal,
+/// so a step that is refused is a step that is needed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_generated_rule_is_needed_by_some_operation() {
     let mut w = world();
     let site = Site::new(SITE).unwrap();
     let users = presenced::acl::render::users(&w.access, &site);
     let revisions = {
-        let conns = connect_all(&w).await;
+        let conns = connect_all(&w, Via::Plain).await;
         provision(&conns["admin"], &site).await;
         seed(&conns, &site).await
     };
     let base_config = std::fs::read_to_string(w.server.config_path()).unwrap();
-    // Two baseline passes, an operation counting as allowed if it
-    // succeeded in either: a request that timed out once on a loaded
-    // machine must not make the rule it needs look unneeded.
+    // The baseline: outcomes are decided by the server (confirmations and
+    // its refusal reports), not by timing, so one pass is the truth, and
+    // it must be what the ownership map says.
     let mut baseline: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
-    for _ in 0..2 {
-        let conns = connect_all(&w).await;
+    {
+        let conns = connect_all(&w, Via::Plain).await;
         let probe = probe(&conns, &site).await;
+        let mut cells = BTreeMap::new();
         for (name, _, _) in SERVICES {
             let col = column(&conns[*name], &site, &revisions, &probe).await;
-            match baseline.get_mut(*name) {
-                None => {
-                    baseline.insert((*name).to_owned(), col);
-                }
-                Some(prev) => {
-                    for (p, n) in prev.iter_mut().zip(col) {
-                        if !matches!(p, Outcome::Ok) && matches!(n, Outcome::Ok) {
-                            *p = n;
-                        }
-                    }
-                }
+            for ((k, op), got) in rows().into_iter().zip(&col) {
+                let exp = expected(&w.access, name, k, op);
+                cells.insert((k.to_owned(), op, (*name).to_owned()), (exp, got.clone()));
             }
+            baseline.insert((*name).to_owned(), col);
         }
+        let names: Vec<&str> = SERVICES.iter().map(|(n, _, _)| *n).collect();
+        let (matrix, wrong) = print_matrix(&names, &cells);
+        assert_eq!(
+            wrong, 0,
+            "baseline under the full ACL differs from the ownership map:\n{matrix}"
+        );
     }
     let mut unneeded = Vec::new();
     for (i, user) in users.iter().enumerate() {
@@ -1102,12 +1295,19 @@ async fn every_generated_rule_is_needed_by_some_operation() {
             let conf = presenced::acl::render::render_users(&variant, &site, None);
             std::fs::write(w.server.config_path(), base_config.replace(&w.conf, &conf)).unwrap();
             w.server.restart();
-            let conns = connect_all(&w).await;
+            let conns = connect_all(&w, Via::Plain).await;
             let probe = probe(&conns, &site).await;
+            let c = &conns[name];
+            let deny = &variant[i].permissions.publish_deny;
+            let refused_by_removed = || {
+                let all = c.violations.lock().unwrap();
+                all.iter()
+                    .any(|v| allowed_only_by(list, &removed.subject, deny, v))
+            };
             let mut needed = false;
             for ((k, op), base) in rows().into_iter().zip(&baseline[name]) {
-                let now = run(&conns[name], &site, &revisions, &probe, k, op).await;
-                if changed(list, base, &now) {
+                let now = run(c, &site, &revisions, &probe, k, op).await;
+                if changed(list, base, &now) || refused_by_removed() {
                     needed = true;
                     break;
                 }
@@ -1124,20 +1324,75 @@ async fn every_generated_rule_is_needed_by_some_operation() {
     );
 }
 
+/// Whether `v` is a refusal of something the removed allow rule `rule`
+/// allowed under the full ACL (it matches the rule and no deny rule).
+fn allowed_only_by(
+    list: &str,
+    rule: &str,
+    deny: &[presenced::acl::render::Rule],
+    v: &Violation,
+) -> bool {
+    let operation = match list {
+        "publish allow" => Operation::Publish,
+        "subscribe allow" => Operation::Subscribe,
+        _ => return false,
+    };
+    v.operation == operation
+        && !is_barrier(v)
+        && subject_matches(rule, &v.subject)
+        && !(operation == Operation::Publish
+            && deny.iter().any(|d| subject_matches(&d.subject, &v.subject)))
+}
+
+/// Whether NATS subject pattern `pattern` covers `subject` (itself a
+/// pattern when a subscription was refused: its wildcards must be matched
+/// by wildcards of `pattern`).
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[test]
+fn subject_patterns_cover_what_they_should() {
+    assert!(subject_matches("_INBOX.engine.>", "_INBOX.engine.abc.*"));
+    assert!(subject_matches(
+        "$JS.ACK.SENSORS.engine.>",
+        "$JS.ACK.SENSORS.engine.1.2.3"
+    ));
+    assert!(subject_matches(
+        "$JS.API.CONSUMER.MSG.NEXT.EVENTS.*",
+        "$JS.API.CONSUMER.MSG.NEXT.EVENTS.x"
+    ));
+    assert!(subject_matches("live.home.>", "live.home.>"));
+    assert!(!subject_matches("live.home.*", "live.home.>"));
+    assert!(!subject_matches("$KV.owners.engine", "$KV.owners.ingest"));
+    assert!(!subject_matches("$KV.owners.engine", "$KV.owners.engine.x"));
+    assert!(!subject_matches("_INBOX.engine.>", "_INBOX.engine"));
+}
+
 /// Whether removing a rule changed an outcome the way it must.
 fn changed(list: &str, base: &Outcome, now: &Outcome) -> bool {
     match list {
         "publish deny" => matches!(base, Outcome::Refused(_)) && matches!(now, Outcome::Ok),
-        // A refused inbox subscription shows as requests that time out.
         _ => matches!(base, Outcome::Ok) && !matches!(now, Outcome::Ok),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_identity_keyspace_and_operation_is_allowed_exactly_where_the_map_says() {
+    let log = capture_log();
     let w = world();
     let site = Site::new(SITE).unwrap();
-    let conns = connect_all(&w).await;
+    let conns = connect_all(&w, Via::Daemon).await;
     let unknown = connect(&w.server, "unknown", &w.keys.seeds["unknown"]).await;
     let err = unknown.err().expect("an identity not in the map connected");
     assert!(err.to_lowercase().contains("authorization"), "{err}");
@@ -1178,5 +1433,186 @@ async fn every_identity_keyspace_and_operation_is_allowed_exactly_where_the_map_
         wrong, 0,
         "permission matrix differs from the ownership map:\n{matrix}\ngenerated config:\n{}",
         w.conf
+    );
+
+    // Every refusal the server reported to a service's connection (the
+    // refused operations and the barriers between them) has exactly one
+    // AUDIT record and one ERROR line, in order, naming the service.
+    let admin_js = &conns["admin"].js;
+    for (name, _, _) in SERVICES {
+        let c = &conns[*name];
+        c.settle().await;
+        let reported: Vec<(String, Operation)> = c
+            .violations
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| (v.subject.clone(), v.operation))
+            .collect();
+        assert!(
+            reported.iter().any(|(s, _)| !s.starts_with(BARRIER)),
+            "{name} was refused nothing"
+        );
+        let subject = site.audit_subject(name);
+        let mut records = Vec::new();
+        let deadline = tokio::time::Instant::now() + SETTLE_DEADLINE;
+        while records.len() < reported.len() && tokio::time::Instant::now() < deadline {
+            records = audit_records(admin_js, &subject).await;
+        }
+        let got: Vec<(String, Operation)> = records
+            .iter()
+            .map(|r| (r.subject.clone(), r.operation))
+            .collect();
+        assert_eq!(
+            got, reported,
+            "AUDIT records of {name} differ from the refusals the server reported"
+        );
+        for r in &records {
+            assert_eq!(
+                (r.service.as_str(), r.site.as_str(), r.count),
+                (*name, SITE, 1),
+                "{r:?}"
+            );
+        }
+        let log = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+        let lines: Vec<String> = log
+            .lines()
+            .filter(|l| {
+                l.contains("ERROR")
+                    && l.contains("permission violation")
+                    && l.contains(&format!("service=\"{name}\""))
+            })
+            .map(|l| {
+                let at = l.find(" subject=").expect("subject field") + " subject=".len();
+                l[at..].split(' ').next().unwrap().to_owned()
+            })
+            .collect();
+        let subjects: Vec<String> = reported.iter().map(|(s, _)| s.clone()).collect();
+        assert_eq!(
+            lines, subjects,
+            "ERROR lines of {name} differ from the refusals the server reported"
+        );
+        println!(
+            "{name}: {} refusals (operations and barriers), each with one AUDIT record and one ERROR line",
+            reported.len()
+        );
+    }
+}
+
+/// The permission-violation records on `subject` of AUDIT, in order.
+async fn audit_records(js: &jetstream::Context, subject: &str) -> Vec<AuditRecord> {
+    let stream = js.get_stream(naming::AUDIT_STREAM).await.unwrap();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
+        let m = m.unwrap();
+        // The matrix also publishes plain "{}" there (the Publish rows).
+        if let Ok(r) = serde_json::from_slice::<AuditRecord>(&m.payload) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// Captures the test's log (the audit task's ERROR lines).
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_log() -> Arc<Mutex<Vec<u8>>> {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let writer = Capture(buf.clone());
+    tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .try_init()
+        .expect("one subscriber per test process");
+    buf
+}
+
+/// A service refused a thousand times as fast as it can: the audit stays
+/// bounded (the burst, then the rate) and keeps the count (the records'
+/// `count` add up to every refusal the server reported).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refusals_is_audited_bounded_without_losing_the_count() {
+    use presenced::acl::audit_limit::{BURST, PER_SECOND};
+    const FLOOD: usize = 1000;
+    let w = world();
+    let site = Site::new(SITE).unwrap();
+    let admin = connect(&w.server, "admin", &w.keys.seeds["admin"])
+        .await
+        .unwrap();
+    provision(&admin, &site).await;
+    let ingest = connect_service(&w.server, w.dir.path(), "ingest", &w.keys.seeds["ingest"]).await;
+    let subject = naming::kv_subject(naming::PRESENCE_BUCKET, "flood");
+    let start = std::time::Instant::now();
+    // In batches, each awaited until the callback has seen it: the client
+    // library drops server errors beyond a queue of 128.
+    for batch in 0..FLOOD / 50 {
+        for _ in 0..50 {
+            ingest
+                .client
+                .publish(subject.clone(), "x".into())
+                .await
+                .unwrap();
+        }
+        ingest.client.flush().await.unwrap();
+        let want = (batch + 1) * 50;
+        tokio::time::timeout(SETTLE_DEADLINE, async {
+            loop {
+                let notified = ingest.notify.notified();
+                if ingest.count() >= want {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .expect("the server reports every refusal");
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(ingest.count(), FLOOD, "refusals reported");
+    let audit_subject = site.audit_subject("ingest");
+    let deadline = tokio::time::Instant::now() + SETTLE_DEADLINE;
+    let records = loop {
+        let records = audit_records(&admin.js, &audit_subject).await;
+        let total: u64 = records.iter().map(|r| r.count).sum();
+        if total >= FLOOD as u64 || tokio::time::Instant::now() >= deadline {
+            break records;
+        }
+    };
+    let total: u64 = records.iter().map(|r| r.count).sum();
+    assert_eq!(
+        total, FLOOD as u64,
+        "the records' counts add up to every refusal"
+    );
+    assert!(records
+        .iter()
+        .all(|r| r.subject == subject && r.service == "ingest"));
+    let bound = BURST as usize + (elapsed.as_secs_f64().ceil() as usize + 1) * PER_SECOND as usize;
+    assert!(
+        records.len() <= bound && records.len() < FLOOD,
+        "{} records for {FLOOD} refusals in {elapsed:?} (bound {bound})",
+        records.len()
+    );
+    println!(
+        "{FLOOD} refusals in {elapsed:?}: {} AUDIT records, counts adding up to {total}",
+        records.len()
     );
 }

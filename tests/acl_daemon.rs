@@ -250,6 +250,7 @@ async fn a_missing_grant_is_logged_audited_and_stops_the_daemon() {
     assert_eq!(record["service"], "presenced");
     assert_eq!(record["site"], "test");
     assert_eq!(record["operation"], "publish");
+    assert_eq!(record["count"], 1);
     assert!(
         record["subject"].as_str().unwrap().contains("KV_presence"),
         "{record}"

@@ -3,6 +3,7 @@
 //! authorization block generated from it, and the audit of violations.
 
 pub mod access;
+pub mod audit_limit;
 pub mod identity;
 pub mod render;
 pub mod violation;

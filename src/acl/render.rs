@@ -289,6 +289,53 @@ pub fn users(access: &Access, site: &Site) -> Vec<User> {
     out
 }
 
+/// The leaf streams the hub mirrors (SENSORS, EVENTS, KV presence and
+/// owners): their mirror consumers need flow-control replies.
+fn mirrored_streams() -> [String; 4] {
+    [
+        naming::SENSORS_STREAM.to_owned(),
+        naming::EVENTS_STREAM.to_owned(),
+        naming::kv_stream(naming::PRESENCE_BUCKET),
+        naming::kv_stream(naming::OWNERS_BUCKET),
+    ]
+}
+
+/// What the hub lets a site's leafnode connection do, on the user the leaf
+/// authenticates as (the NKEY from the access file's `leafnode`). On a
+/// leafnode connection "publish" is what the leaf may send into the hub
+/// and "subscribe" what the hub may send down to the leaf, so: the hub may
+/// call this site's JetStream API only (its mirrors of the site), and the
+/// leaf may answer, deliver mirrored messages and take their flow-control
+/// replies. Another site's API, keyspaces and replies stay out of reach.
+pub fn leafnode_permissions(site: &Site) -> Permissions {
+    use crate::naming::leaf;
+    let mut p = Permissions::default();
+    let why = "hub mirrors of this site: answers and deliveries of its JetStream";
+    p.publish(leaf::JS_REPLIES.to_owned(), why);
+    p.publish(leaf::MIRROR_DELIVERIES.to_owned(), why);
+    p.publish(
+        leaf::CLIENT_REPLIES.to_owned(),
+        "answers to the hub admin's requests over the link (provision-hub reads the mirror sources)",
+    );
+    p.subscribe(
+        leaf::js_api(site),
+        "hub mirrors of this site: requests to this site's JetStream only",
+    );
+    // The server names the source stream, not the site, in these
+    // subjects; the replies carry no data.
+    for stream in mirrored_streams() {
+        p.subscribe(
+            js::flow_control(&stream),
+            "hub mirrors of this site: flow-control replies to the mirror consumers",
+        );
+    }
+    p.subscribe(
+        leaf::LOOP_DETECTION.to_owned(),
+        "leafnode protocol: loop detection",
+    );
+    p
+}
+
 fn quote(s: &str) -> String {
     // Subjects and keys are ASCII without quotes or backslashes.
     format!("\"{s}\"")
@@ -423,10 +470,22 @@ pub fn render_hub(admin: Option<&str>, leafnodes: &[(Site, String)]) -> String {
         let _ = writeln!(out, "    }}");
     }
     for (site, nkey) in leafnodes {
-        let _ = writeln!(out, "    # leafnode of site {site}");
+        let p = leafnode_permissions(site);
+        let _ = writeln!(
+            out,
+            "    # leafnode of site {site}: hub mirrors of this site only"
+        );
         let _ = writeln!(out, "    {{");
         let _ = writeln!(out, "      nkey: {}", quote(nkey));
         let _ = writeln!(out, "      allowed_connection_types: [\"LEAFNODE\"]");
+        let _ = writeln!(out, "      permissions: {{");
+        let _ = writeln!(out, "        publish: {{");
+        rules(&mut out, "          ", "allow", &p.publish_allow);
+        let _ = writeln!(out, "        }}");
+        let _ = writeln!(out, "        subscribe: {{");
+        rules(&mut out, "          ", "allow", &p.subscribe_allow);
+        let _ = writeln!(out, "        }}");
+        let _ = writeln!(out, "      }}");
         let _ = writeln!(out, "    }}");
     }
     let _ = writeln!(out, "  ]");
@@ -502,6 +561,23 @@ mod tests {
             k()
         );
         Access::parse(&text, "access.toml").unwrap()
+    }
+
+    #[test]
+    fn a_leafnode_may_serve_only_its_own_site_to_the_hub() {
+        let home = Site::new("home").unwrap();
+        let p = leafnode_permissions(&home);
+        let sub: Vec<&str> = p
+            .subscribe_allow
+            .iter()
+            .map(|r| r.subject.as_str())
+            .collect();
+        assert!(sub.contains(&"$JS.leaf-home.API.>"), "{sub:?}");
+        assert!(!sub.iter().any(|s| *s == ">" || s.contains("leaf-away")));
+        let text = render_hub(None, &[(home.clone(), "UKEY".to_owned())]);
+        assert_eq!(text, render_hub(None, &[(home, "UKEY".to_owned())]));
+        assert!(text.contains("nkey: \"UKEY\""), "{text}");
+        assert!(text.contains("\"$JS.M.>\""), "{text}");
     }
 
     #[test]

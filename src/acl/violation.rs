@@ -7,14 +7,16 @@
 //! misconfigured ACL becomes visible, and where the daemon learns it must
 //! stop instead of waiting on an ack that will never come.
 
+use super::audit_limit::{Entry, Limiter, BURST, PER_SECOND};
 use crate::metrics::Metrics;
 use crate::naming::Site;
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
 
 /// What the server refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Operation {
     Publish,
@@ -76,11 +78,26 @@ pub struct AuditRecord {
     pub site: String,
     pub subject: String,
     pub operation: Operation,
+    /// How many refusals of this operation and subject the record stands
+    /// for: 1, or more when a flood was folded (see
+    /// [`super::audit_limit`]).
+    #[serde(default = "one")]
+    pub count: u64,
+    /// When the record was written (for a folded record: after the last
+    /// refusal it counts).
     pub time: Timestamp,
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl AuditRecord {
     pub fn permission_violation(site: &Site, service: &str, v: &Violation) -> AuditRecord {
+        AuditRecord::folded(site, service, v, 1)
+    }
+
+    pub fn folded(site: &Site, service: &str, v: &Violation, count: u64) -> AuditRecord {
         AuditRecord {
             v: 1,
             kind: "permission_violation".to_owned(),
@@ -88,6 +105,7 @@ impl AuditRecord {
             site: site.as_str().to_owned(),
             subject: v.subject.clone(),
             operation: v.operation,
+            count,
             time: Timestamp::now(),
         }
     }
@@ -101,38 +119,109 @@ pub fn channel() -> (Sender, Receiver) {
     mpsc::unbounded_channel()
 }
 
-/// Logs, counts and reports one violation (called from the event callback).
+const LOG_LINE: &str = "permission violation: nats-server refused this operation; the ACL does not grant it to this service (see docs/SECURITY.md)";
+
+/// Counts and reports one violation (called from the event callback).
+/// With a sink, the audit task logs it (rate limited, with its record);
+/// without, it is logged here.
 pub fn report(v: Violation, metrics: Option<&Metrics>, sink: Option<&Sender>) {
-    tracing::error!(
-        subject = %v.subject,
-        operation = v.operation.as_str(),
-        "permission violation: nats-server refused this operation; the ACL does not grant it to this service (see docs/SECURITY.md)"
-    );
     if let Some(m) = metrics {
         Metrics::inc(&m.permission_violations);
     }
-    if let Some(s) = sink {
-        let _ = s.send(v);
+    match sink {
+        Some(s) => {
+            if let Err(mpsc::error::SendError(v)) = s.send(v) {
+                // The audit task is gone (the daemon is stopping).
+                log(None, &v, 1);
+            }
+        }
+        None => log(None, &v, 1),
     }
 }
 
-/// Publishes each violation to `AUDIT` on the service's own subject and
-/// hands it on to `fatal` (the daemon stops on a refused write: it would
-/// otherwise wait forever for acks). Runs until the senders are gone.
+fn log(service: Option<&str>, v: &Violation, count: u64) {
+    tracing::error!(
+        service = service.unwrap_or("-"),
+        subject = %v.subject,
+        operation = v.operation.as_str(),
+        count,
+        "{LOG_LINE}"
+    );
+}
+
+/// The running audit of one connection's violations.
+pub struct Audit {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Audit {
+    /// Asks the task to write what is pending and stop, without waiting.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Writes what is pending (whatever the rate) and stops; gives up
+    /// after `deadline` (the connection may be gone).
+    pub async fn finish(mut self, deadline: Duration) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if tokio::time::timeout(deadline, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
+    }
+}
+
+/// Starts [`audit`] on its own task.
+pub fn spawn_audit(
+    client: async_nats::Client,
+    site: Site,
+    service: String,
+    rx: Receiver,
+    fatal: Option<mpsc::UnboundedSender<Violation>>,
+) -> Audit {
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let task = tokio::spawn(audit(client, site, service, rx, fatal, stop_rx));
+    Audit {
+        stop: Some(stop_tx),
+        task,
+    }
+}
+
+/// Logs each violation at ERROR and publishes it to `AUDIT` on the
+/// service's own subject, rate limited (see [`super::audit_limit`]), and
+/// hands every one on to `fatal` (the daemon stops on a refused write: it
+/// would otherwise wait forever for acks). Runs until the senders are gone
+/// or `stop` fires, then writes what is pending.
 pub async fn audit(
     client: async_nats::Client,
     site: Site,
     service: String,
     mut rx: Receiver,
     fatal: Option<mpsc::UnboundedSender<Violation>>,
+    mut stop: oneshot::Receiver<()>,
 ) {
     let subject = site.audit_subject(&service);
-    while let Some(v) = rx.recv().await {
-        // Refusing our own audit subject would loop: report it only once.
-        if v.subject == subject {
-            tracing::error!(subject = %subject, "this service may not write its own audit subject; fix the ACL");
-        } else {
-            let record = AuditRecord::permission_violation(&site, &service, &v);
+    let mut limiter = Limiter::new(BURST, PER_SECOND, Instant::now());
+    let write = |e: Entry| {
+        let client = client.clone();
+        let subject = subject.clone();
+        let site = site.clone();
+        let service = service.clone();
+        async move {
+            log(Some(&service), &e.violation, e.count);
+            // Refusing our own audit subject would loop: logged only.
+            if e.violation.subject == subject {
+                tracing::error!(subject = %subject, "this service may not write its own audit subject; fix the ACL");
+                return;
+            }
+            let record = AuditRecord::folded(&site, &service, &e.violation, e.count);
             match serde_json::to_vec(&record) {
                 Ok(bytes) => {
                     if let Err(e) = client.publish(subject.clone(), bytes.into()).await {
@@ -143,9 +232,29 @@ pub async fn audit(
                 Err(e) => tracing::error!(error = %e, "cannot encode an audit record"),
             }
         }
+    };
+    loop {
+        let wait = limiter.next_due(Instant::now());
+        let v = tokio::select! {
+            v = rx.recv() => v,
+            _ = &mut stop => None,
+            _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {
+                for e in limiter.due(Instant::now()) {
+                    write(e).await;
+                }
+                continue;
+            }
+        };
+        let Some(v) = v else { break };
+        if let Some(e) = limiter.admit(v.clone(), Instant::now()) {
+            write(e).await;
+        }
         if let Some(f) = &fatal {
             let _ = f.send(v);
         }
+    }
+    for e in limiter.drain() {
+        write(e).await;
     }
 }
 

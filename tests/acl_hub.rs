@@ -1,0 +1,232 @@
+//! The hub's grant for a site's leafnode identity, against real servers:
+//! a hub and the leaves of two sites. Each site's leaf can be mirrored to
+//! the hub (flow control included), and cannot reach the other site's
+//! JetStream in either direction.
+
+mod support;
+
+use async_nats::jetstream::{self, kv, stream};
+use futures::StreamExt;
+use presenced::acl::render;
+use presenced::naming::{self, Site};
+use std::time::Duration;
+use support::{NatsOptions, NatsServer};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+/// Mirrored values: four of them are more than a mirror consumer sends
+/// without a flow-control reply (2 MiB window), so the mirror completing
+/// proves the replies get through.
+const BIG: usize = 700 << 10;
+
+struct Leaf {
+    site: Site,
+    server: NatsServer,
+    js: jetstream::Context,
+    client: async_nats::Client,
+}
+
+async fn leaf(site: &str, hub_port: u16, seed: &str) -> Leaf {
+    let site = Site::new(site).unwrap();
+    let server = NatsServer::start(NatsOptions {
+        domain: Some(site.leaf_domain()),
+        extra: format!(
+            "leafnodes {{\n  remotes: [ {{ urls: [\"nats://127.0.0.1:{hub_port}\"], nkey: \"{seed}\" }} ]\n}}\n"
+        ),
+        ..Default::default()
+    });
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let store = js
+        .create_key_value(kv::Config {
+            bucket: naming::PRESENCE_BUCKET.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for i in 0..4 {
+        store
+            .put(format!("big-{i}"), vec![b'x'; BIG].into())
+            .await
+            .unwrap();
+    }
+    store
+        .put("hall", site.as_str().to_owned().into())
+        .await
+        .unwrap();
+    Leaf {
+        site,
+        server,
+        js,
+        client,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_mirrors_its_own_keyspaces_to_the_hub_and_cannot_reach_another_site() {
+    let home_kp = nkeys::KeyPair::new_user();
+    let away_kp = nkeys::KeyPair::new_user();
+    let admin_kp = nkeys::KeyPair::new_user();
+    let home_site = Site::new("home").unwrap();
+    let away_site = Site::new("away").unwrap();
+    // The hub's authorization as presenced renders it.
+    let authorization = render::render_hub(
+        Some(&admin_kp.public_key()),
+        &[
+            (home_site.clone(), home_kp.public_key()),
+            (away_site.clone(), away_kp.public_key()),
+        ],
+    );
+    let hub_port = support::free_port();
+    let hub = NatsServer::start(NatsOptions {
+        domain: Some(naming::HUB_DOMAIN.to_owned()),
+        extra: format!("leafnodes {{\n  listen: \"127.0.0.1:{hub_port}\"\n}}\n{authorization}"),
+        ..Default::default()
+    });
+    let home = leaf("home", hub_port, &home_kp.seed().unwrap()).await;
+    let away = leaf("away", hub_port, &away_kp.seed().unwrap()).await;
+    let hub_client = async_nats::ConnectOptions::new()
+        .nkey(admin_kp.seed().unwrap())
+        .connect(hub.url())
+        .await
+        .unwrap();
+    let hub_js = jetstream::new(hub_client.clone());
+
+    // Mirrors of both sites' presence, each through its own site's API.
+    for l in [&home, &away] {
+        let name = l.site.hub_mirror(naming::PRESENCE_BUCKET);
+        let mut mirror = hub_js
+            .create_stream(stream::Config {
+                name: name.clone(),
+                mirror: Some(stream::Source {
+                    name: naming::kv_stream(naming::PRESENCE_BUCKET),
+                    external: Some(stream::External {
+                        api_prefix: format!("$JS.{}.API", l.site.leaf_domain()),
+                        delivery_prefix: None,
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let end = tokio::time::Instant::now() + DEADLINE;
+        while !mirror.info().await.is_ok_and(|i| i.state.messages == 5) {
+            assert!(
+                tokio::time::Instant::now() < end,
+                "hub mirror {name} not complete within {DEADLINE:?}: {:?}",
+                mirror.cached_info().state
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let last = mirror
+            .get_last_raw_message_by_subject(&naming::kv_subject(naming::PRESENCE_BUCKET, "hall"))
+            .await
+            .unwrap();
+        assert_eq!(last.payload.as_ref(), l.site.as_str().as_bytes());
+    }
+
+    // Home's leaf cannot reach away's JetStream, neither to read nor to
+    // write: the hub does not even tell it that anyone listens there.
+    let away_api = format!(
+        "$JS.{}.API.STREAM.INFO.{}",
+        away_site.leaf_domain(),
+        naming::kv_stream(naming::PRESENCE_BUCKET)
+    );
+    // The hub's admin reaches it (provision-hub reads mirror sources so).
+    let reply = hub_client
+        .request(away_api.clone(), "".into())
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&reply.payload).contains("stream_info_response"));
+    let err = home
+        .client
+        .request(away_api, "".into())
+        .await
+        .expect_err("home's leaf reached away's JetStream API");
+    assert_eq!(
+        err.kind(),
+        async_nats::RequestErrorKind::NoResponders,
+        "{err}"
+    );
+    let purge = format!(
+        "$JS.{}.API.STREAM.PURGE.{}",
+        away_site.leaf_domain(),
+        naming::kv_stream(naming::PRESENCE_BUCKET)
+    );
+    assert!(home.client.request(purge, "".into()).await.is_err());
+    let away_kv = away
+        .js
+        .get_key_value(naming::PRESENCE_BUCKET)
+        .await
+        .unwrap();
+    assert_eq!(
+        away_kv.get("hall").await.unwrap().unwrap().as_ref(),
+        b"away",
+        "away's presence was changed from home"
+    );
+
+    // Nor can it draw away's traffic by claiming interest in it. The hub
+    // publishes on away's API (away receives it), then on home's own; the
+    // link delivers in order, so had the first reached home, it would be
+    // there by the time the second is.
+    let mut stolen = home
+        .client
+        .subscribe(format!("$JS.{}.API.>", away_site.leaf_domain()))
+        .await
+        .unwrap();
+    let mut own = home
+        .client
+        .subscribe(format!("$JS.{}.API.TEST.>", home_site.leaf_domain()))
+        .await
+        .unwrap();
+    let mut at_away = away
+        .client
+        .subscribe(format!("$JS.{}.API.TEST.>", away_site.leaf_domain()))
+        .await
+        .unwrap();
+    home.client.flush().await.unwrap();
+    away.client.flush().await.unwrap();
+    let marker = format!("$JS.{}.API.TEST.marker", home_site.leaf_domain());
+    let probe = format!("$JS.{}.API.TEST.probe", away_site.leaf_domain());
+    // The subscriptions take a moment to cross the links.
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        hub_client.publish(probe.clone(), "p".into()).await.unwrap();
+        hub_client
+            .publish(marker.clone(), "m".into())
+            .await
+            .unwrap();
+        hub_client.flush().await.unwrap();
+        let wait = Duration::from_millis(500);
+        let away_got = tokio::time::timeout(wait, at_away.next()).await.is_ok();
+        let home_got = tokio::time::timeout(wait, own.next()).await.is_ok();
+        if away_got && home_got {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the hub's messages did not reach the sites' own subjects"
+        );
+    }
+    hub_client.publish(probe, "last".into()).await.unwrap();
+    hub_client.publish(marker, "last".into()).await.unwrap();
+    hub_client.flush().await.unwrap();
+    for sub in [&mut at_away, &mut own] {
+        loop {
+            let m = tokio::time::timeout(DEADLINE, sub.next())
+                .await
+                .expect("the last message")
+                .unwrap();
+            if m.payload.as_ref() == b"last" {
+                break;
+            }
+        }
+    }
+    assert!(
+        tokio::time::timeout(Duration::ZERO, stolen.next())
+            .await
+            .is_err(),
+        "a message on away's API reached home's leaf"
+    );
+    drop((home.server, away.server));
+}
