@@ -85,6 +85,17 @@ enum Command {
         #[arg(long)]
         site: String,
     },
+    /// Print the hub's `authorization` block: the admin and each site's
+    /// leafnode identity (from the `leafnode` key of its access file),
+    /// each limited to its own site.
+    AclHub {
+        /// Public NKEY of the hub's admin (provision-hub, inspection).
+        #[arg(long)]
+        admin_nkey: Option<String>,
+        /// SITE=ACCESS_FILE, once per site.
+        #[arg(required = true)]
+        sites: Vec<String>,
+    },
     /// Run a whole deployment on loopback: a 3-node hub, a leaf and the
     /// daemon per site, simulated sensors; Ctrl-C stops everything.
     Sandbox {
@@ -210,6 +221,9 @@ fn main() -> ExitCode {
             print!("{}", presenced::acl::render::render(&access, &site));
             Ok(())
         })(),
+        Command::AclHub { admin_nkey, sites } => presenced::acl::hub::render_files(admin_nkey.as_deref(), &sites)
+            .map(|text| print!("{text}"))
+            .map_err(Into::into),
         Command::NatsConfig { kind } => presenced::natsconf::run(&kind).map_err(Into::into),
         Command::CheckConfig { file } => match Config::load_valid(&file) {
             Ok(cfg) => {

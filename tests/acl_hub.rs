@@ -68,13 +68,50 @@ async fn a_leaf_mirrors_its_own_keyspaces_to_the_hub_and_cannot_reach_another_si
     let admin_kp = nkeys::KeyPair::new_user();
     let home_site = Site::new("home").unwrap();
     let away_site = Site::new("away").unwrap();
-    // The hub's authorization as presenced renders it.
-    let authorization = render::render_hub(
-        Some(&admin_kp.public_key()),
-        &[
-            (home_site.clone(), home_kp.public_key()),
-            (away_site.clone(), away_kp.public_key()),
-        ],
+    // The hub's authorization as `presenced acl-hub` renders it from the
+    // sites' access files.
+    let files = tempfile::tempdir().unwrap();
+    let mut pairs = Vec::new();
+    for (site, kp) in [(&home_site, &home_kp), (&away_site, &away_kp)] {
+        let path = files.path().join(format!("{site}-access.toml"));
+        std::fs::write(
+            &path,
+            format!("leafnode = {{ nkey = \"{}\" }}\n", kp.public_key()),
+        )
+        .unwrap();
+        pairs.push(format!("{site}={}", path.display()));
+    }
+    let admin_public = admin_kp.public_key();
+    let mut args = vec!["acl-hub", "--admin-nkey", admin_public.as_str()];
+    args.extend(pairs.iter().map(String::as_str));
+    let out = support::daemon::run_presenced(&args, &[]);
+    assert!(
+        out.status.success(),
+        "acl-hub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let authorization = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        authorization,
+        render::render_hub(
+            Some(&admin_public),
+            &[
+                (away_site.clone(), away_kp.public_key()),
+                (home_site.clone(), home_kp.public_key()),
+            ],
+        ),
+        "the CLI renders what the library does, sites in order"
+    );
+    // A site file without a leafnode identity is refused by name.
+    let bare = files.path().join("bare.toml");
+    std::fs::write(&bare, "").unwrap();
+    let out =
+        support::daemon::run_presenced(&["acl-hub", &format!("bare={}", bare.display())], &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no `leafnode` identity"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let hub_port = support::free_port();
     let hub = NatsServer::start(NatsOptions {

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod audit_limit;
+pub mod hub;
 pub mod identity;
 pub mod render;
 pub mod violation;
