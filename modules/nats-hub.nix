@@ -54,6 +54,44 @@ let
   users =
     lib.mapAttrsToList (_: nkey: { inherit nkey; }) cfg.leafNkeys
     ++ lib.optional (cfg.adminNkey != null) { nkey = cfg.adminNkey; };
+
+  # With leaf keys declared, the users and their permissions come from
+  # `presenced acl-hub`: each site's leafnode identity may connect as a
+  # leafnode only and reach only its own site's JetStream; the admin gets
+  # the hub's and the sites' APIs. Public keys only: it lives in the store.
+  generatedAuthorization = cfg.leafNkeys != { };
+  jsonFormat = pkgs.formats.json { };
+  tomlFormat = pkgs.formats.toml { };
+  siteAccess = lib.mapAttrsToList (
+    site: nkey:
+    "${site}=${tomlFormat.generate "presenced-hub-${site}-access.toml" { leafnode.nkey = nkey; }}"
+  ) cfg.leafNkeys;
+  settingsFile = jsonFormat.generate "nats-hub-settings.json" config.services.nats.settings;
+  # The server's config as a directory (includes resolve against it),
+  # checked with `nats-server -t` at build time.
+  confDir =
+    pkgs.runCommand "nats-hub-${cfg.nodeName}-conf"
+      {
+        nativeBuildInputs = [
+          config.services.presenced.package
+          pkgs.nats-server
+        ];
+      }
+      ''
+        mkdir "$out"
+        cp ${settingsFile} "$out/settings.json"
+        presenced acl-hub ${
+          lib.escapeShellArgs (
+            lib.optionals (cfg.adminNkey != null) [
+              "--admin-nkey"
+              cfg.adminNkey
+            ]
+            ++ siteAccess
+          )
+        } > "$out/authorization.conf"
+        printf 'include "./settings.json"\ninclude "./authorization.conf"\n' > "$out/nats.conf"
+        nats-server -c "$out/nats.conf" -t
+      '';
 in
 {
   imports = [ ./common.nix ];
@@ -290,10 +328,14 @@ in
           listen = "0.0.0.0:${toString cfg.leafPort}";
         };
       }
-      // optionalAttrs (users != [ ]) {
+      // optionalAttrs (users != [ ] && !generatedAuthorization) {
         authorization = { inherit users; };
       };
     };
+
+    systemd.services.nats.serviceConfig.ExecStart = mkIf generatedAuthorization (
+      lib.mkForce "${pkgs.nats-server}/bin/nats-server -c ${confDir}/nats.conf"
+    );
 
     networking.firewall.allowedTCPPorts = lib.optionals cfg.openFirewall [
       cfg.clusterPort

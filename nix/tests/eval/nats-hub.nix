@@ -160,9 +160,17 @@ in
     expected = false;
   };
 
-  testLeafKeysBecomeUsers = {
-    expr = keyed.services.nats.settings.authorization.users;
-    expected = [ { nkey = leafKey; } ];
+  # With leaf keys the users and their permissions come from
+  # `presenced acl-hub`, in a config directory the server starts from.
+  testLeafKeysGoThroughAclHub = {
+    expr = {
+      inSettings = keyed.services.nats.settings ? authorization;
+      execStart = keyed.systemd.services.nats.serviceConfig.ExecStart;
+    };
+    expected = {
+      inSettings = false;
+      execStart = "${stubs.pkgs.nats-server}/bin/nats-server -c ${stubs.fakeFile "nats-hub-hub-1-conf"}/nats.conf";
+    };
   };
 
   testValidPasses = {
@@ -215,12 +223,9 @@ in
     };
   };
 
-  testAdminKeyIsUser = {
-    expr = provisioning.services.nats.settings.authorization.users;
-    expected = [
-      { nkey = leafKey; }
-      { nkey = adminKey; }
-    ];
+  testAdminKeyGoesThroughAclHub = {
+    expr = provisioning.services.nats.settings ? authorization;
+    expected = false;
   };
 
   testProvisionInstallsCommand = {
