@@ -177,11 +177,11 @@ in
           How often JetStream fsyncs stored writes (`sync_interval`).
           JetStream acknowledges a write before it reaches the disk; a host
           that loses power loses what was acknowledged since the last sync.
-          `"1s"` (the default) puts about a second at risk and cost no
-          measurable write rate; `"always"` syncs before every
-          acknowledgement and loses nothing, at about a fiftieth of the
-          pipelined KV put rate and a third of the one-at-a-time rate
-          (docs/PERFORMANCE.md). `null` leaves nats-server's own default,
+          `"1s"` (the default) puts about a second at risk at a cost within
+          the run-to-run noise; `"always"` syncs before every
+          acknowledgement and loses nothing, at about a twentieth of the
+          pipelined KV put rate (a fiftieth on a loaded host) and a half to
+          a third of the one-at-a-time rate (docs/PERFORMANCE.md). `null` leaves nats-server's own default,
           2 minutes.
         '';
       };

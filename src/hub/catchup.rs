@@ -6,9 +6,11 @@
 //! although the backlog then moves in a fraction of a second. A no-op
 //! stream update does not shorten that (measured: no effect). A leader
 //! step-down of the mirror's R3 stream does: the new leader sets the mirror
-//! up at once, and the hub had caught up 0.2-0.3 s after the link's return
-//! in every run. This module asks for that step-down; [`super::health`]
-//! decides when.
+//! up at once, usually 0.2-0.3 s after the step-down. Not always: a
+//! step-down right after the link's return was once followed by the
+//! server's backoff anyway (11 s), so [`super::health`] repeats it every
+//! `nudge_after` while the mirror stays out of contact. This module asks
+//! for one step-down; [`super::health`] decides when.
 
 use async_nats::jetstream;
 
