@@ -6,7 +6,6 @@ mod common;
 mod support;
 
 use common::*;
-use std::net::SocketAddr;
 use std::time::Duration;
 use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
 
@@ -38,15 +37,7 @@ async fn a_boundary_phone_stays_put_and_a_real_move_switches_once() {
     let nats = NatsServer::start(NatsOptions::default());
     let http_port = support::free_port();
     let cfg = daemon_config("test", &nats.url(), mqtt.port, http_port, PRESET, ZONES);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("presenced.toml");
-    std::fs::write(&path, &cfg).unwrap();
-    provision(&path);
-    let d = Daemon::start(&cfg, &[]);
-    d.wait_healthy(
-        SocketAddr::from(([127, 0, 0, 1], http_port)),
-        Duration::from_secs(20),
-    );
+    let _d = Daemon::start_provisioned(&cfg, http_port);
     let js = jetstream(&nats.url()).await;
     let mut p = Publisher::connect(mqtt.port, "espresense-pub").await;
     let report = |d: f64| format!(r#"{{"id":"irk:0123abcd","distance":{d},"rssi":-70}}"#);

@@ -8,7 +8,6 @@ mod support;
 
 use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
@@ -84,15 +83,7 @@ async fn zones_appear_in_home_assistant_and_follow_presence() {
         &motion_mapping(false),
         &format!("{ZONES}{ha}"),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("presenced.toml");
-    std::fs::write(&path, &cfg).unwrap();
-    provision(&path);
-    let mut d = Daemon::start(&cfg, &[]);
-    d.wait_healthy(
-        SocketAddr::from(([127, 0, 0, 1], http_port)),
-        Duration::from_secs(20),
-    );
+    let mut d = Daemon::start_provisioned(&cfg, http_port);
     d.wait_for_log(
         "homeassistant: publishing discovery",
         Duration::from_secs(10),
@@ -201,15 +192,7 @@ async fn availability_follows_the_engine_lease_while_the_daemon_runs() {
         &motion_mapping(false),
         &format!("{ZONES}{ha}"),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("presenced.toml");
-    std::fs::write(&path, &cfg).unwrap();
-    provision(&path);
-    let mut d = Daemon::start(&cfg, &[]);
-    d.wait_healthy(
-        SocketAddr::from(([127, 0, 0, 1], http_port)),
-        Duration::from_secs(20),
-    );
+    let mut d = Daemon::start_provisioned(&cfg, http_port);
     let (seen, _sub) = subscribe(mqtt.port).await;
     let availability = |seen: &Seen| last(seen, "presenced/test/availability").map(|(p, _)| p);
     eventually("online with the lease", Duration::from_secs(10), || async {

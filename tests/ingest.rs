@@ -26,14 +26,8 @@ fn setup(mqtt: &Mosquitto, mapping: &str) -> (NatsServer, Daemon, SocketAddr) {
     let nats = NatsServer::start(NatsOptions::default());
     let http_port = support::free_port();
     let cfg = daemon_config("test", &nats.url(), mqtt.port, http_port, mapping, ZONES);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("presenced.toml");
-    std::fs::write(&path, cfg).unwrap();
-    provision(&path);
-    let d = Daemon::start(&std::fs::read_to_string(&path).unwrap(), &[]);
-    let http = SocketAddr::from(([127, 0, 0, 1], http_port));
-    d.wait_healthy(http, Duration::from_secs(20));
-    (nats, d, http)
+    let d = Daemon::start_provisioned(&cfg, http_port);
+    (nats, d, SocketAddr::from(([127, 0, 0, 1], http_port)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -418,14 +418,8 @@ p_false = 0.05
 }
 
 fn start_daemon(toml: &str, http_port: u16) -> (Daemon, SocketAddr) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("presenced.toml");
-    std::fs::write(&path, toml).unwrap();
-    provision(&path);
-    let d = Daemon::start(toml, &[]);
-    let http = SocketAddr::from(([127, 0, 0, 1], http_port));
-    d.wait_healthy(http, Duration::from_secs(20));
-    (d, http)
+    let d = Daemon::start_provisioned(toml, http_port);
+    (d, SocketAddr::from(([127, 0, 0, 1], http_port)))
 }
 
 /// Sensor and value of every observation in SENSORS.

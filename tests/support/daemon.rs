@@ -48,6 +48,29 @@ impl Daemon {
         Daemon::launch(dir, config_path, extra_env)
     }
 
+    /// Provisions the site of `config_toml` with the real CLI, then runs
+    /// the daemon on it and waits until `/healthz` on `http_port` answers
+    /// 200: how most tests start one.
+    pub fn start_provisioned(config_toml: &str, http_port: u16) -> Daemon {
+        let dir = new_dir();
+        let config_path = dir.path().join("presenced.toml");
+        std::fs::write(&config_path, config_toml).expect("write presenced config");
+        let path = config_path.to_str().expect("a UTF-8 temp path");
+        let out = run_presenced(&["provision", "--config", path], &[]);
+        assert!(
+            out.status.success(),
+            "provision failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let daemon = Daemon::launch(dir, config_path, &[]);
+        daemon.wait_healthy(
+            SocketAddr::from(([127, 0, 0, 1], http_port)),
+            Duration::from_secs(20),
+        );
+        daemon
+    }
+
     /// Runs the daemon with an existing config file, which the caller
     /// keeps alive (e.g. across several daemons in a crash test).
     pub fn start_at(config_path: &Path, extra_env: &[(&str, &str)]) -> Daemon {
