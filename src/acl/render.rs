@@ -429,6 +429,26 @@ pub fn render_with_mqtt(access: &Access, site: &Site, mqtt: &[MqttUser]) -> Stri
     out
 }
 
+/// One user of the hub's block: allow lists only (deny by default);
+/// `leafnode_only` admits the key on leafnode connections alone.
+fn hub_user(out: &mut String, comment: &str, nkey: &str, leafnode_only: bool, p: &Permissions) {
+    let _ = writeln!(out, "    # {comment}");
+    let _ = writeln!(out, "    {{");
+    let _ = writeln!(out, "      nkey: {}", quote(nkey));
+    if leafnode_only {
+        let _ = writeln!(out, "      allowed_connection_types: [\"LEAFNODE\"]");
+    }
+    let _ = writeln!(out, "      permissions: {{");
+    let _ = writeln!(out, "        publish: {{");
+    rules(out, "          ", "allow", &p.publish_allow);
+    let _ = writeln!(out, "        }}");
+    let _ = writeln!(out, "        subscribe: {{");
+    rules(out, "          ", "allow", &p.subscribe_allow);
+    let _ = writeln!(out, "        }}");
+    let _ = writeln!(out, "      }}");
+    let _ = writeln!(out, "    }}");
+}
+
 /// The hub's `authorization` block: the admin (provisions the mirrors,
 /// inspects) and each site's leafnode identity, which may connect as a
 /// leafnode only. Without it anyone reaching the hub's leafnode port could
@@ -453,40 +473,22 @@ pub fn render_hub(admin: Option<&str>, leafnodes: &[(Site, String)]) -> String {
                 "each site's JetStream over its leafnode link (provision-hub reads the mirror sources)",
             );
         }
-        let _ = writeln!(
-            out,
-            "    # admin: provisions the hub mirrors, inspects; writes no keyspace"
+        hub_user(
+            &mut out,
+            "admin: provisions the hub mirrors, inspects; writes no keyspace",
+            admin,
+            false,
+            &p,
         );
-        let _ = writeln!(out, "    {{");
-        let _ = writeln!(out, "      nkey: {}", quote(admin));
-        let _ = writeln!(out, "      permissions: {{");
-        let _ = writeln!(out, "        publish: {{");
-        rules(&mut out, "          ", "allow", &p.publish_allow);
-        let _ = writeln!(out, "        }}");
-        let _ = writeln!(out, "        subscribe: {{");
-        rules(&mut out, "          ", "allow", &p.subscribe_allow);
-        let _ = writeln!(out, "        }}");
-        let _ = writeln!(out, "      }}");
-        let _ = writeln!(out, "    }}");
     }
     for (site, nkey) in leafnodes {
-        let p = leafnode_permissions(site);
-        let _ = writeln!(
-            out,
-            "    # leafnode of site {site}: hub mirrors of this site only"
+        hub_user(
+            &mut out,
+            &format!("leafnode of site {site}: hub mirrors of this site only"),
+            nkey,
+            true,
+            &leafnode_permissions(site),
         );
-        let _ = writeln!(out, "    {{");
-        let _ = writeln!(out, "      nkey: {}", quote(nkey));
-        let _ = writeln!(out, "      allowed_connection_types: [\"LEAFNODE\"]");
-        let _ = writeln!(out, "      permissions: {{");
-        let _ = writeln!(out, "        publish: {{");
-        rules(&mut out, "          ", "allow", &p.publish_allow);
-        let _ = writeln!(out, "        }}");
-        let _ = writeln!(out, "        subscribe: {{");
-        rules(&mut out, "          ", "allow", &p.subscribe_allow);
-        let _ = writeln!(out, "        }}");
-        let _ = writeln!(out, "      }}");
-        let _ = writeln!(out, "    }}");
     }
     let _ = writeln!(out, "  ]");
     let _ = writeln!(out, "}}");
