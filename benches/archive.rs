@@ -137,10 +137,16 @@ async fn main() {
         buckets: vec![naming::PRESENCE_BUCKET.into()],
         events: None,
     };
+    // Signed as the archiver signs, checked as restore checks.
+    let key = nkeys::KeyPair::new_user();
+    let signer =
+        presenced::archive::sign::Signer::from_seed(&key.seed().expect("seed")).expect("signer");
     let mut snaps = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
-        let meta = snapshot::take(&js, &plan).await.expect("snapshot");
+        let meta = snapshot::take(&js, &plan, Some(&signer))
+            .await
+            .expect("snapshot");
         snaps.push((t.elapsed(), meta));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -174,10 +180,23 @@ async fn main() {
     );
 
     let t = Instant::now();
-    let report = restore::restore(&js, &Source::Local, &meta.id, true)
+    let opts = restore::Options {
+        force: true,
+        trust: presenced::archive::sign::Trust {
+            archiver: Some((key.public_key(), "services.archiver.nkey".into())),
+            allow_unsigned: false,
+        },
+        site: site.clone(),
+        backup_dir: std::env::temp_dir(),
+    };
+    let mut refusals = presenced::archive::refusal::Refusals::none("bench");
+    let report = restore::restore(&js, &Source::Local, &meta.id, &opts, &mut refusals)
         .await
         .expect("restore");
     let restore_time = t.elapsed();
+    if let Some(b) = &report.backup {
+        let _ = std::fs::remove_file(b);
+    }
     assert_eq!(report.buckets[naming::PRESENCE_BUCKET], KEYS as u64);
     println!(
         "restore (verify + purge + put): {KEYS} keys in {:.2}s = {:.0} keys/s, {:.1} MB/s of values | raw KV put (fill above): {:.0} keys/s, raw object-store put: {:.1} MB/s",

@@ -273,6 +273,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                 site.clone(),
                 cfg,
                 metrics.clone(),
+                config.nats.nkey_seed_file.as_deref(),
             )
             .await
             .context("archive")?;

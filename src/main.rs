@@ -124,23 +124,51 @@ enum Command {
     Snapshots {
         #[arg(long, short)]
         config: PathBuf,
-        /// Read every copy and check its sha256.
+        /// Check every copy's signature (against the archiver's key in
+        /// --access) and read it to check its sha256.
         #[arg(long)]
         verify: bool,
+        /// The ownership map (access file): whose signature to trust.
+        #[arg(long, value_name = "FILE")]
+        access: Option<PathBuf>,
+        /// Accept snapshots whose signature cannot be checked (unsigned,
+        /// or no --access); logged loudly. Never accepts a wrong one.
+        #[arg(long)]
+        allow_unsigned: bool,
         #[arg(long)]
         json: bool,
     },
-    /// Rebuild the snapshot's buckets on this leaf (sha256 checked first).
+    /// Rebuild the snapshot's buckets on this leaf: signature, sha256 and
+    /// every right checked first, the replaced contents kept until the
+    /// new are complete (docs/ARCHIVE.md).
     Restore {
         #[arg(long, short)]
         config: PathBuf,
-        snapshot: String,
+        #[arg(required_unless_present = "from_file")]
+        snapshot: Option<String>,
         /// Read the snapshot from S3 instead of the object store.
         #[arg(long)]
         from_s3: bool,
+        /// Restore a file in the snapshot format (the copy a failed
+        /// restore kept); it is unsigned, so --allow-unsigned is needed.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["snapshot", "from_s3"])]
+        from_file: Option<PathBuf>,
         /// Replace buckets that are not empty.
         #[arg(long)]
         force: bool,
+        /// The ownership map (access file): the archiver's key there is
+        /// the one the snapshot must be signed with.
+        #[arg(long, value_name = "FILE")]
+        access: Option<PathBuf>,
+        /// Restore a snapshot whose signature cannot be checked
+        /// (unsigned, or no --access); logged loudly. Never one signed by
+        /// another key.
+        #[arg(long)]
+        allow_unsigned: bool,
+        /// Where the contents a --force restore replaces are saved
+        /// (default: the temp directory).
+        #[arg(long, value_name = "DIR")]
+        backup_dir: Option<PathBuf>,
     },
     /// Print the nats-server config of a leaf or a hub node rendered from
     /// a TOML description.
@@ -294,13 +322,24 @@ fn main() -> ExitCode {
             init_tracing(Some("warn"));
             runtime()?.block_on(presenced::archive::cli::snapshot(cfg))
         }),
-        Command::Snapshots { config, verify, json } => load(&config).and_then(|cfg| {
+        Command::Snapshots { config, verify, access, allow_unsigned, json } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));
-            runtime()?.block_on(presenced::archive::cli::list(cfg, verify, json))
+            let trust = verify
+                .then(|| presenced::archive::cli::trust(access.as_deref(), allow_unsigned))
+                .transpose()?;
+            runtime()?.block_on(presenced::archive::cli::list(cfg, trust, json))
         }),
-        Command::Restore { config, snapshot, from_s3, force } => load(&config).and_then(|cfg| {
+        Command::Restore { config, snapshot, from_s3, from_file, force, access, allow_unsigned, backup_dir } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));
-            runtime()?.block_on(presenced::archive::cli::restore(cfg, snapshot, from_s3, force))
+            let args = presenced::archive::cli::RestoreArgs {
+                id: snapshot,
+                from_s3,
+                from_file,
+                force,
+                trust: presenced::archive::cli::trust(access.as_deref(), allow_unsigned)?,
+                backup_dir,
+            };
+            runtime()?.block_on(presenced::archive::cli::restore(cfg, args))
         }),
         Command::Status { config, json } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));

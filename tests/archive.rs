@@ -361,7 +361,7 @@ async fn snapshot_is_uploaded_verified_and_carries_its_metadata() {
         metric(leaf.http, "presenced_archive_uploads_total"),
         Some(1)
     );
-    let listing = leaf.cli_ok(&["snapshots", "--json", "--verify"]);
+    let listing = leaf.cli_ok(&["snapshots", "--json", "--verify", "--allow-unsigned"]);
     let row: serde_json::Value = serde_json::from_str(listing.lines().next().unwrap()).unwrap();
     assert_eq!(row["id"], e.snapshot.as_str());
     assert_eq!(row["state"], "uploaded");
@@ -484,7 +484,7 @@ async fn corrupt_remote_copy_is_reported_and_restore_from_it_refused() {
         .await
         .unwrap();
 
-    let out = leaf.cli(&["snapshots", "--json", "--verify"]);
+    let out = leaf.cli(&["snapshots", "--json", "--verify", "--allow-unsigned"]);
     assert!(!out.status.success(), "a corrupt copy fails the listing");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -501,7 +501,7 @@ async fn corrupt_remote_copy_is_reported_and_restore_from_it_refused() {
 
     // A fresh, empty leaf refuses to restore from the corrupt copy.
     let target = new_leaf(&archive_section("1h", "", &s3_section));
-    let out = target.cli(&["restore", &entry.snapshot, "--from-s3"]);
+    let out = target.cli(&["restore", &entry.snapshot, "--from-s3", "--allow-unsigned"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("sha256") && err.contains("refused"), "{err}");
@@ -539,10 +539,10 @@ async fn restore_reproduces_keys_values_and_order_and_refuses_a_non_empty_leaf()
     let target = new_leaf(&archive_section("1h", "", &s3_section));
     let tjs = target.js().await;
     ensure_owners(&tjs).await;
-    let out = target.cli_ok(&["restore", &id, "--from-s3"]);
+    let out = target.cli_ok(&["restore", &id, "--from-s3", "--allow-unsigned"]);
     assert!(out.contains("restored (sha256"), "{out}");
     // The new leaf lists and verifies the snapshot it only knows from S3.
-    let listing = target.cli_ok(&["snapshots", "--json", "--verify"]);
+    let listing = target.cli_ok(&["snapshots", "--json", "--verify", "--allow-unsigned"]);
     let row: serde_json::Value = serde_json::from_str(listing.lines().next().unwrap()).unwrap();
     assert_eq!(row["id"], id.as_str());
     assert!(row["local"].is_null() && row["state"].is_null(), "{row}");
@@ -602,7 +602,7 @@ async fn restore_reproduces_keys_values_and_order_and_refuses_a_non_empty_leaf()
     assert_eq!(a, b, "watch on the restored leaf differs");
 
     // The target is no longer empty: refused without --force.
-    let out = target.cli(&["restore", &id, "--from-s3"]);
+    let out = target.cli(&["restore", &id, "--from-s3", "--allow-unsigned"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -612,8 +612,30 @@ async fn restore_reproduces_keys_values_and_order_and_refuses_a_non_empty_leaf()
     // Locally on the source, with --force: purged and rebuilt, same state.
     let presence = js.get_key_value(naming::PRESENCE_BUCKET).await.unwrap();
     presence.put("intruder", "{}".into()).await.unwrap();
-    let out = source.cli_ok(&["restore", &id, "--force"]);
+    let backups = source.dir.path().join("backups");
+    std::fs::create_dir(&backups).unwrap();
+    let out = source.cli_ok(&[
+        "restore",
+        &id,
+        "--force",
+        "--allow-unsigned",
+        "--backup-dir",
+        backups.to_str().unwrap(),
+    ]);
     assert!(out.contains("purged"), "{out}");
+    // What it replaced was kept, in the snapshot format.
+    let saved: Vec<PathBuf> = std::fs::read_dir(&backups)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert!(out.contains(saved[0].to_str().unwrap()), "{out}");
+    let kept = format::decode_all(&std::fs::read(&saved[0]).unwrap()).unwrap();
+    assert!(
+        kept.iter()
+            .any(|i| matches!(i, Item::Record(r) if r.key == "intruder")),
+        "the saved copy holds the replaced data"
+    );
     for (b, w) in buckets.iter().zip(&want) {
         assert_eq!(&dump(&js, b).await, w, "bucket {b} differs after --force");
     }
@@ -779,7 +801,18 @@ async fn hundred_thousand_keys_snapshot_and_restore_with_flat_memory() {
     let snap_time = t.elapsed();
     let id = out.split(':').next().unwrap().to_owned();
     let t = std::time::Instant::now();
-    let (st, restore_peak, out) = run_measured(&["restore", "--config", &cfg, &id, "--force"]);
+    let backups = leaf.dir.path().join("backups");
+    std::fs::create_dir(&backups).unwrap();
+    let (st, restore_peak, out) = run_measured(&[
+        "restore",
+        "--config",
+        &cfg,
+        &id,
+        "--force",
+        "--allow-unsigned",
+        "--backup-dir",
+        backups.to_str().unwrap(),
+    ]);
     assert!(st.success(), "{out}");
     let restore_time = t.elapsed();
     assert!(out.contains("presence: 100000 keys restored"), "{out}");
@@ -797,4 +830,529 @@ async fn hundred_thousand_keys_snapshot_and_restore_with_flat_memory() {
         "snapshot memory grows with the keys: {small} KiB at 10k, {big} KiB at 100k"
     );
     let _ = Path::new(&cfg);
+}
+
+// ---------------------------------------------------------------------
+// Under the ACL `presenced acl` generates: signed snapshots and the
+// restore identity.
+
+/// The identities of the ownership map the ACL tests use: the admin
+/// (provisions), `presenced` (ingest, engine and archiver: it signs the
+/// snapshots) and `restore` (`runs = ["restore"]`).
+struct Keys {
+    dir: tempfile::TempDir,
+    access: PathBuf,
+    archiver_key: String,
+}
+
+const IDENTITIES: [&str; 3] = ["admin", "presenced", "restore"];
+
+fn keys() -> Keys {
+    let dir = tempfile::tempdir().unwrap();
+    let mut public = std::collections::BTreeMap::new();
+    for name in IDENTITIES {
+        let g = presenced::acl::identity::keygen(name, &dir.path().join(format!("{name}.seed")))
+            .unwrap();
+        public.insert(name, g.public_key);
+    }
+    let access = dir.path().join("access.toml");
+    std::fs::write(
+        &access,
+        format!(
+            "admin = {{ nkey = \"{}\" }}\n\n[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\", \"archiver\"]\n\n[services.restore]\nnkey = \"{}\"\nruns = [\"restore\"]\n",
+            public["admin"], public["presenced"], public["restore"]
+        ),
+    )
+    .unwrap();
+    Keys {
+        archiver_key: public["presenced"].clone(),
+        dir,
+        access,
+    }
+}
+
+impl Keys {
+    fn seed(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.seed"))
+    }
+
+    /// A JetStream context as `name`, with its inbox prefix.
+    async fn js(&self, nats: &NatsServer, name: &str) -> jetstream::Context {
+        let seed = presenced::acl::identity::read_seed(&self.seed(name)).unwrap();
+        let client = async_nats::ConnectOptions::new()
+            .nkey(seed)
+            .custom_inbox_prefix(naming::inbox_prefix(name))
+            .connect(nats.url())
+            .await
+            .unwrap();
+        jetstream::new(client)
+    }
+}
+
+/// A leaf whose nats-server runs the generated ACL, provisioned by the
+/// admin, with a config per identity.
+struct AclLeaf {
+    nats: NatsServer,
+    dir: tempfile::TempDir,
+}
+
+fn acl_leaf(keys: &Keys, archive: &str) -> AclLeaf {
+    let out = run_presenced(
+        &[
+            "acl",
+            "--access",
+            keys.access.to_str().unwrap(),
+            "--site",
+            SITE,
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nats = NatsServer::start(NatsOptions {
+        domain: Some(format!("leaf-{SITE}")),
+        extra: String::from_utf8(out.stdout).unwrap(),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let http_port = support::free_port();
+    for name in IDENTITIES {
+        let config = format!(
+            "site = \"{SITE}\"\nservice = \"{name}\"\n\n[nats]\nurl = \"{}\"\nnkey_seed_file = \"{}\"\nrequest_timeout = \"5s\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n[engine]\ndrain_timeout = \"5s\"\n\n{archive}",
+            nats.url(),
+            keys.seed(name).display()
+        );
+        std::fs::write(dir.path().join(format!("{name}.toml")), config).unwrap();
+    }
+    let leaf = AclLeaf { nats, dir };
+    leaf.cli_ok("admin", &["provision"]);
+    leaf
+}
+
+impl AclLeaf {
+    fn config(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.toml"))
+    }
+
+    fn cli(&self, name: &str, args: &[&str]) -> std::process::Output {
+        let config = self.config(name);
+        let mut all = vec![args[0], "--config", config.to_str().unwrap()];
+        all.extend_from_slice(&args[1..]);
+        run_presenced(&all, &[])
+    }
+
+    fn cli_ok(&self, name: &str, args: &[&str]) -> String {
+        let out = self.cli(name, args);
+        assert!(
+            out.status.success(),
+            "presenced {args:?} as {name} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and expects a failure; returns stderr.
+    fn cli_fails(&self, name: &str, args: &[&str]) -> String {
+        let out = self.cli(name, args);
+        assert!(
+            !out.status.success(),
+            "presenced {args:?} as {name} succeeded:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+}
+
+/// Presence and debounce keys, written as the engine's identity (their
+/// owner); `tag` makes each generation of values different.
+async fn seed_as_engine(js: &jetstream::Context, zones: usize, tag: &str) {
+    let presence = js.get_key_value(naming::PRESENCE_BUCKET).await.unwrap();
+    let debounce = js.get_key_value(naming::DEBOUNCE_BUCKET).await.unwrap();
+    for i in 0..zones {
+        presence
+            .put(
+                format!("zone-{i}"),
+                format!("{{\"v\":1,\"i\":{i},\"tag\":\"{tag}\"}}").into(),
+            )
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            debounce
+                .put(
+                    format!("zone-{i}"),
+                    format!("{{\"v\":1,\"due\":\"{tag}\"}}").into(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    presence.delete("zone-1").await.unwrap();
+}
+
+async fn dump_state(js: &jetstream::Context) -> Vec<Vec<(String, kv::Operation, Bytes)>> {
+    let mut out = Vec::new();
+    for b in [naming::PRESENCE_BUCKET, naming::DEBOUNCE_BUCKET] {
+        out.push(dump(js, b).await);
+    }
+    out
+}
+
+/// The attacker's move: the snapshot in S3 replaced by another whose
+/// `sha256` metadata matches its bytes, every other metadata kept
+/// (signature included).
+async fn replace_in_s3(s3: &AmazonS3, key: &S3Path, bytes: Vec<u8>, strip_signature: bool) {
+    let got = s3.get(key).await.unwrap();
+    let mut attributes = object_store::Attributes::new();
+    for (k, v) in got.attributes.iter() {
+        let skip = matches!(k, object_store::Attribute::Metadata(m)
+            if strip_signature && (m == "signature" || m == "signer"));
+        if !skip {
+            attributes.insert(k.clone(), v.clone());
+        }
+    }
+    attributes.insert(
+        object_store::Attribute::Metadata("sha256".into()),
+        sha256_hex(&bytes).into(),
+    );
+    let opts = object_store::PutOptions {
+        attributes,
+        ..Default::default()
+    };
+    s3.put_opts(key, PutPayload::from(bytes), opts)
+        .await
+        .unwrap();
+}
+
+/// A snapshot with one presence value changed, re-encoded: a valid
+/// snapshot, just not the archiver's.
+fn tampered(original: &[u8]) -> Vec<u8> {
+    let items = format::decode_all(original).unwrap();
+    let Some(Item::Header(h)) = items.first() else {
+        panic!("no header")
+    };
+    let mut e = format::Encoder::new(Vec::new(), h).unwrap();
+    let mut changed = false;
+    for item in &items[1..] {
+        match item {
+            Item::Section(s) => e.section(s).unwrap(),
+            Item::Record(r) if !changed && r.op == Op::Put && r.key.starts_with("zone-") => {
+                let mut r = r.clone();
+                r.value = b"{\"v\":1,\"state\":\"vacant\",\"forged\":true}".to_vec();
+                changed = true;
+                e.record(&r).unwrap();
+            }
+            Item::Record(r) => e.record(r).unwrap(),
+            Item::End(t) => return e.finish(t).unwrap(),
+            Item::Header(_) => unreachable!(),
+        }
+    }
+    panic!("no end frame")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_and_checksum_replaced_in_s3_are_refused_by_restore_and_verify() {
+    let sw = Seaweed::start();
+    let s3 = s3_ready(&sw).await;
+    let keys = keys();
+    let s3_dir = tempfile::tempdir().unwrap();
+    let s3_section = sw.config_section(s3_dir.path(), "");
+    let archive = archive_section("1h", "buckets = [\"presence\", \"debounce\"]", &s3_section);
+    let source = acl_leaf(&keys, &archive);
+    let engine = keys.js(&source.nats, "presenced").await;
+    seed_as_engine(&engine, 40, "source").await;
+    let daemon = Daemon::start_at(&source.config("presenced"), &[]);
+    let admin = keys.js(&source.nats, "admin").await;
+    let entry = wait_all_uploaded(&admin, 1, &daemon).await.remove(0);
+    assert!(
+        !daemon.log().contains("permission violation"),
+        "{}",
+        daemon.log_tail()
+    );
+    let want = dump_state(&admin).await;
+    let access = keys.access.to_str().unwrap();
+    let key = S3Path::from(entry.snapshot.as_str());
+    let original = s3.get(&key).await.unwrap();
+    let attrs = original.attributes.clone();
+    let original = original.bytes().await.unwrap().to_vec();
+    let signer = attrs
+        .get(&object_store::Attribute::Metadata("signer".into()))
+        .map(|v| v.as_ref().to_owned());
+    assert_eq!(signer.as_deref(), Some(keys.archiver_key.as_str()));
+
+    // Signed by the archiver: verified on the source, restored into an
+    // empty leaf by the restore identity.
+    let listing = source.cli_ok(
+        "presenced",
+        &["snapshots", "--json", "--verify", "--access", access],
+    );
+    let row: serde_json::Value = serde_json::from_str(listing.lines().next().unwrap()).unwrap();
+    let signed = format!("signed by {}", keys.archiver_key);
+    assert_eq!(row["local_signature"], signed.as_str(), "{row}");
+    assert_eq!(row["remote_signature"], signed.as_str(), "{row}");
+    assert_eq!(row["remote_verified"], "yes", "{row}");
+    let target = acl_leaf(&keys, &archive);
+    let tadmin = keys.js(&target.nats, "admin").await;
+    let out = target.cli_ok(
+        "restore",
+        &["restore", &entry.snapshot, "--from-s3", "--access", access],
+    );
+    assert!(
+        out.contains(&format!("signature of {} verified", keys.archiver_key)),
+        "{out}"
+    );
+    assert_eq!(dump_state(&tadmin).await, want, "restored data differs");
+
+    // Without an ownership map there is nothing to check against.
+    let err = target.cli_fails(
+        "restore",
+        &["restore", &entry.snapshot, "--from-s3", "--force"],
+    );
+    assert!(
+        err.contains("--access") && err.contains("--allow-unsigned"),
+        "{err}"
+    );
+
+    // The attacker holds the S3 keys: a changed snapshot with a matching
+    // sha256 (the old check would pass it).
+    let forged = tampered(&original);
+    replace_in_s3(&s3, &key, forged.clone(), false).await;
+    let err = target.cli_fails(
+        "restore",
+        &[
+            "restore",
+            &entry.snapshot,
+            "--from-s3",
+            "--force",
+            "--access",
+            access,
+        ],
+    );
+    assert!(
+        err.contains("refused") && err.contains("signature does not match"),
+        "{err}"
+    );
+    assert_eq!(
+        dump_state(&tadmin).await,
+        want,
+        "a refused restore changed the target"
+    );
+    // --allow-unsigned does not let a wrongly signed snapshot through.
+    let err = target.cli_fails(
+        "restore",
+        &[
+            "restore",
+            &entry.snapshot,
+            "--from-s3",
+            "--force",
+            "--access",
+            access,
+            "--allow-unsigned",
+        ],
+    );
+    assert!(err.contains("signature does not match"), "{err}");
+    assert_eq!(dump_state(&tadmin).await, want);
+
+    // `snapshots --verify`: on the target (it knows the snapshot from S3
+    // only, and its sha256 matches) and on the source.
+    let out = target.cli(
+        "presenced",
+        &["snapshots", "--json", "--verify", "--access", access],
+    );
+    assert!(!out.status.success(), "--verify passed a forged snapshot");
+    let row: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    let rs = row["remote_signature"].as_str().unwrap();
+    assert!(
+        rs.starts_with("refused") && rs.contains("does not match"),
+        "{row}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&entry.snapshot) && stderr.contains("signature"),
+        "{stderr}"
+    );
+    let out = source.cli(
+        "presenced",
+        &["snapshots", "--json", "--verify", "--access", access],
+    );
+    assert!(!out.status.success());
+    // The forged copy goes back to the outbox and the running archiver
+    // replaces it with its own, signed, copy.
+    wait_until_async("the archiver uploaded its copy again", LONG, || {
+        let admin = admin.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            outbox(&admin).await[0].uploads == 2
+        }
+    })
+    .await;
+    let e = wait_all_uploaded(&admin, 1, &daemon).await.remove(0);
+    assert_eq!(e.uploads, 2, "{e:?}");
+    let repaired = s3.get(&key).await.unwrap().bytes().await.unwrap();
+    assert_eq!(repaired.as_ref(), original.as_slice());
+    drop(daemon);
+
+    // Unsigned (signature stripped): refused unless --allow-unsigned.
+    let mut saved = std::collections::HashMap::new();
+    for (k, v) in attrs.iter() {
+        if let object_store::Attribute::Metadata(m) = k {
+            saved.insert(m.to_string(), v.as_ref().to_owned());
+        }
+    }
+    replace_in_s3(&s3, &key, original.clone(), true).await;
+    let err = target.cli_fails(
+        "restore",
+        &[
+            "restore",
+            &entry.snapshot,
+            "--from-s3",
+            "--force",
+            "--access",
+            access,
+        ],
+    );
+    assert!(
+        err.contains("unsigned") && err.contains("--allow-unsigned"),
+        "{err}"
+    );
+    let fresh = acl_leaf(&keys, &archive);
+    let fadmin = keys.js(&fresh.nats, "admin").await;
+    let out = fresh.cli_ok(
+        "restore",
+        &[
+            "restore",
+            &entry.snapshot,
+            "--from-s3",
+            "--access",
+            access,
+            "--allow-unsigned",
+        ],
+    );
+    assert!(out.contains("SIGNATURE NOT CHECKED"), "{out}");
+    assert_eq!(dump_state(&fadmin).await, want);
+    assert!(saved.contains_key("signature"), "{saved:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_checks_every_right_first_and_rolls_back_a_refused_write() {
+    let keys = keys();
+    let leaf = acl_leaf(
+        &keys,
+        &archive_section("1h", "buckets = [\"presence\", \"debounce\"]", ""),
+    );
+    let access = keys.access.to_str().unwrap();
+    let engine = keys.js(&leaf.nats, "presenced").await;
+    let admin = keys.js(&leaf.nats, "admin").await;
+    seed_as_engine(&engine, 60, "snapshot").await;
+    let snapshot_state = dump_state(&admin).await;
+    let out = leaf.cli_ok("presenced", &["snapshot"]);
+    let id = out.split(':').next().unwrap().to_owned();
+    // The state moves on after the snapshot: this is what a refused
+    // restore must leave in place.
+    seed_as_engine(&engine, 80, "current").await;
+    let current = dump_state(&admin).await;
+    assert_ne!(current, snapshot_state);
+    let backups = leaf.dir.path().join("backups");
+    std::fs::create_dir(&backups).unwrap();
+    let b = backups.to_str().unwrap();
+    let args = [
+        "restore",
+        id.as_str(),
+        "--force",
+        "--access",
+        access,
+        "--backup-dir",
+        b,
+    ];
+
+    // The engine's identity may write presence but not purge it: refused
+    // at the check, named, nothing changed.
+    let err = leaf.cli_fails("presenced", &args);
+    assert!(
+        err.contains("permission refused")
+            && err.contains("\"presenced\"")
+            && err.contains("$JS.API.STREAM.PURGE.KV_presence")
+            && err.contains("runs = [\"restore\"]"),
+        "{err}"
+    );
+    assert_eq!(
+        dump_state(&admin).await,
+        current,
+        "the engine's restore changed the target"
+    );
+    // The admin may purge but write no keyspace: refused before the
+    // purge (it used to purge, then fail every write).
+    let err = leaf.cli_fails("admin", &args);
+    assert!(
+        err.contains("permission refused")
+            && err.contains("$KV.presence.restore=probe")
+            && err.contains("runs = [\"restore\"]"),
+        "{err}"
+    );
+    assert_eq!(
+        dump_state(&admin).await,
+        current,
+        "the admin's restore changed the target"
+    );
+    assert_eq!(
+        std::fs::read_dir(&backups).unwrap().count(),
+        0,
+        "nothing saved: nothing began"
+    );
+
+    // The restore identity: everything it needs, nothing refused.
+    let out = leaf.cli_ok("restore", &args);
+    assert!(out.contains("presence: 60 keys restored"), "{out}");
+    assert_eq!(
+        dump_state(&admin).await,
+        snapshot_state,
+        "restored data differs"
+    );
+
+    // Refused midway: a snapshot with a value the target's stream will
+    // not take (a limit below the snapshot's largest value, set after it
+    // was taken: the server refuses that write after others succeeded).
+    let presence = engine.get_key_value(naming::PRESENCE_BUCKET).await.unwrap();
+    presence
+        .put(
+            "zone-big",
+            format!("{{\"v\":1,\"pad\":\"{}\"}}", "x".repeat(4000)).into(),
+        )
+        .await
+        .unwrap();
+    let out = leaf.cli_ok("presenced", &["snapshot"]);
+    let big = out.split(':').next().unwrap().to_owned();
+    presence.put("zone-big", "{\"v\":1}".into()).await.unwrap();
+    seed_as_engine(&engine, 30, "before-the-failed-restore").await;
+    let before = dump_state(&admin).await;
+    let mut stream = admin
+        .get_stream(naming::kv_stream(naming::PRESENCE_BUCKET))
+        .await
+        .unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_message_size = 1024;
+    admin.update_stream(config).await.unwrap();
+    let args = [
+        "restore",
+        big.as_str(),
+        "--force",
+        "--access",
+        access,
+        "--backup-dir",
+        b,
+    ];
+    let err = leaf.cli_fails("restore", &args);
+    assert!(
+        err.contains("zone-big") && err.contains("rolled back"),
+        "{err}"
+    );
+    assert_eq!(
+        dump_state(&admin).await,
+        before,
+        "the failed restore did not leave the old data in place"
+    );
 }

@@ -93,16 +93,26 @@ pub enum Component {
     Ingest,
     Engine,
     Archiver,
+    /// `presenced restore`, run by hand with the daemon stopped: owns no
+    /// keyspace, but may replace the engine's buckets (see
+    /// docs/ARCHIVE.md, "Restore").
+    Restore,
 }
 
 impl Component {
-    pub const ALL: [Component; 3] = [Component::Ingest, Component::Engine, Component::Archiver];
+    pub const ALL: [Component; 4] = [
+        Component::Ingest,
+        Component::Engine,
+        Component::Archiver,
+        Component::Restore,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Component::Ingest => "ingest",
             Component::Engine => "engine",
             Component::Archiver => "archiver",
+            Component::Restore => "restore",
         }
     }
 
@@ -121,6 +131,9 @@ impl Component {
                 Keyspace::Commands,
             ],
             Component::Archiver => &[Keyspace::Snapshots, Keyspace::Archive],
+            // Replacing presence and debounce is a grant of its own (see
+            // acl::render), not ownership: the engine stays their writer.
+            Component::Restore => &[],
         }
     }
 
@@ -133,6 +146,9 @@ impl Component {
             // A snapshot reads the state buckets; the EVENTS window is
             // optional and granted with `reads = ["events"]`.
             Component::Archiver => &[Keyspace::Presence, Keyspace::Debounce, Keyspace::Owners],
+            // The snapshot (object store), and the buckets it replaces
+            // (it keeps a copy of them until the new data is complete).
+            Component::Restore => &[Keyspace::Snapshots, Keyspace::Presence, Keyspace::Debounce],
         }
     }
 }
@@ -160,7 +176,8 @@ pub struct Identity {
 #[serde(deny_unknown_fields)]
 pub struct ServiceEntry {
     pub nkey: String,
-    /// Components the service runs (`ingest`, `engine`, `archiver`).
+    /// Components the service runs (`ingest`, `engine`, `archiver`,
+    /// `restore`).
     #[serde(default)]
     pub runs: Vec<String>,
     /// Keyspaces the service reads beyond its own.
@@ -314,7 +331,9 @@ impl AccessFile {
                     Some(c) => runs.push(c),
                     None => problem(
                         format!("{at}.runs[{i}]"),
-                        format!("unknown component {c:?} (known: ingest, engine, archiver)"),
+                        format!(
+                            "unknown component {c:?} (known: ingest, engine, archiver, restore)"
+                        ),
                     ),
                 }
             }

@@ -220,6 +220,16 @@ pub fn service_permissions(service: &Service, site: &Site) -> Permissions {
             );
         }
     }
+    if service.runs(Component::Restore) {
+        // Restore replaces the engine's buckets: put every key, purge the
+        // stream (before, and to roll back). Nothing else.
+        // The buckets of archive::restore::RESTORABLE.
+        for bucket in [naming::PRESENCE_BUCKET, naming::DEBOUNCE_BUCKET] {
+            let why = "restore: replace this bucket (put, purge)";
+            p.publish(naming::kv_filter(bucket), why);
+            p.publish(js::stream_purge(&naming::kv_stream(bucket)), why);
+        }
+    }
     if service.runs(Component::Engine) {
         // `[hub]` runs beside the engine: it reads each hub mirror through
         // the leaf link and restarts one after the link comes back. The
@@ -616,6 +626,40 @@ mod tests {
         assert!(out[at..].contains("allowed_connection_types: [\"LEAFNODE\"]"));
         assert!(out.contains("\"$JS.hub.API.>\"") && out.contains("\"$JS.leaf-home.API.>\""));
         assert!(out.contains(&admin));
+    }
+
+    #[test]
+    fn the_restore_role_may_replace_the_engine_buckets_and_nothing_else() {
+        let k = || nkeys::KeyPair::new_user().public_key();
+        let text = format!(
+            "[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\"]\n[services.restore]\nnkey = \"{}\"\nruns = [\"restore\"]\n",
+            k(),
+            k()
+        );
+        let a = Access::parse(&text, "access.toml").unwrap();
+        let r = a.service("restore").unwrap();
+        assert!(r.owns.is_empty(), "restore owns no keyspace: {r:?}");
+        let site = Site::new("home").unwrap();
+        let p = service_permissions(r, &site);
+        let allow: Vec<&str> = p.publish_allow.iter().map(|r| r.subject.as_str()).collect();
+        for s in [
+            "$KV.presence.>",
+            "$KV.debounce.>",
+            "$JS.API.STREAM.PURGE.KV_presence",
+            "$JS.API.STREAM.PURGE.KV_debounce",
+            "$JS.API.STREAM.INFO.OBJ_snapshots",
+            "$JS.API.CONSUMER.CREATE.KV_presence",
+        ] {
+            assert!(allow.contains(&s), "{s} missing: {allow:?}");
+        }
+        assert!(
+            !allow.iter().any(|s| s.contains("owners.>")
+                || s.starts_with("$O.")
+                || s.contains("PURGE.KV_owners")
+                || s.starts_with("events.")),
+            "{allow:?}"
+        );
+        assert!(!p.allow_responses);
     }
 
     #[test]

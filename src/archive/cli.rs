@@ -1,8 +1,10 @@
 //! `presenced snapshot`, `presenced snapshots` and `presenced restore`.
 
 use super::outbox::{Entry, Outbox, State};
+use super::refusal::Refusals;
 use super::restore::{self, Source};
 use super::s3::Remote;
+use super::sign::{Checked, Signer, Trust};
 use super::snapshot;
 use super::verify::{compare, digest_local, verify_remote, Digested};
 use super::{ArchiveError, SnapshotMeta};
@@ -10,6 +12,7 @@ use crate::config::{ArchiveConfig, Config};
 use crate::naming::Site;
 use anyhow::Context as _;
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 fn archive_section(config: &Config) -> anyhow::Result<&ArchiveConfig> {
@@ -19,20 +22,72 @@ fn archive_section(config: &Config) -> anyhow::Result<&ArchiveConfig> {
         .context("the config has no [archive] section (see docs/CONFIG.md)")
 }
 
-async fn connect(config: &Config) -> anyhow::Result<async_nats::jetstream::Context> {
+/// Connects as the config's service, catching the server's refusals so
+/// that an error can name them.
+async fn connect(config: &Config) -> anyhow::Result<(async_nats::jetstream::Context, Refusals)> {
+    let (tx, rx) = crate::acl::violation::channel();
     let who = crate::store::connect::As {
         service: Some(config.service.clone()),
-        violations: None,
+        violations: Some(tx),
     };
     let client = crate::store::connect_as(
         &config.nats,
         "presenced-cli",
-        None,
+        Some(std::sync::Arc::new(crate::metrics::Metrics::default())),
         Some(Duration::from_secs(10)),
         &who,
     )
     .await?;
-    Ok(crate::daemon::jetstream_context(client, config))
+    Ok((
+        crate::daemon::jetstream_context(client, config),
+        Refusals::new(&config.service, Some(rx)),
+    ))
+}
+
+/// An error of an archive command, with the server's refusals named
+/// when there were any (the error itself is then often a timeout or a
+/// "missing" bucket).
+fn named(e: impl Into<anyhow::Error>, refusals: &mut Refusals) -> anyhow::Error {
+    let e = e.into();
+    if matches!(
+        e.downcast_ref::<ArchiveError>(),
+        Some(ArchiveError::PermissionRefused(_))
+    ) {
+        return e;
+    }
+    match refusals.describe() {
+        Some(r) => anyhow::anyhow!(
+            "{r}
+(then: {e:#})"
+        ),
+        None => e,
+    }
+}
+
+/// Whom to trust: the archiver of the ownership map in `access`.
+pub fn trust(access: Option<&Path>, allow_unsigned: bool) -> anyhow::Result<Trust> {
+    if allow_unsigned {
+        tracing::warn!("--allow-unsigned: snapshots whose signature cannot be checked are accepted; anyone who can write where they are stored could have made them");
+    }
+    match access {
+        Some(path) => {
+            let access = crate::acl::access::Access::load(path)?;
+            Trust::from_access(&access, allow_unsigned)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        }
+        None => Ok(Trust {
+            archiver: None,
+            allow_unsigned,
+        }),
+    }
+}
+
+fn signature_text(c: &Result<Checked, ArchiveError>) -> String {
+    match c {
+        Ok(Checked::Signed { signer }) => format!("signed by {signer}"),
+        Ok(Checked::Unchecked(why)) => format!("unchecked (--allow-unsigned): {why}"),
+        Err(e) => format!("refused: {e}"),
+    }
 }
 
 /// Takes a snapshot now and queues it for upload (the running archiver
@@ -40,9 +95,17 @@ async fn connect(config: &Config) -> anyhow::Result<async_nats::jetstream::Conte
 pub async fn snapshot(config: Config) -> anyhow::Result<()> {
     let archive = archive_section(&config)?;
     let site = Site::new(&config.site)?;
-    let js = connect(&config).await?;
+    let (js, mut refusals) = connect(&config).await?;
+    let signer = config
+        .nats
+        .nkey_seed_file
+        .as_deref()
+        .map(Signer::from_seed_file)
+        .transpose()?;
     let plan = super::worker::plan(&site, archive);
-    let meta = snapshot::take(&js, &plan).await?;
+    let meta = snapshot::take(&js, &plan, signer.as_ref())
+        .await
+        .map_err(|e| named(e, &mut refusals))?;
     println!(
         "{}: {} bytes, {} records, sha256 {}",
         meta.id, meta.size, meta.records, meta.sha256
@@ -77,15 +140,31 @@ pub struct Row {
     /// `yes` (checked now or at upload), `no`, `corrupt: ...`, or absent.
     pub local_verified: Option<String>,
     pub remote_verified: Option<String>,
+    /// With `--verify`: `signed by U...`, `unchecked (--allow-unsigned):
+    /// ...` or `refused: ...` for each copy.
+    pub local_signature: Option<String>,
+    pub remote_signature: Option<String>,
 }
 
 /// Lists local and remote snapshots with their state. With `verify`,
-/// reads every copy and checks its sha256; a corrupt remote copy of an
-/// uploaded snapshot is put back to `failed` so the archiver uploads it
-/// again. Fails (after printing) when any copy is corrupt.
-pub async fn list(config: Config, verify: bool, json: bool) -> anyhow::Result<()> {
-    let archive = archive_section(&config)?;
-    let js = connect(&config).await?;
+/// checks every copy's signature against `trust` and reads it to check
+/// its sha256; a corrupt or wrongly signed remote copy of an uploaded
+/// snapshot is put back to `failed` so the archiver uploads it again.
+/// Fails (after printing) when any copy is corrupt or refused.
+pub async fn list(config: Config, verify: Option<Trust>, json: bool) -> anyhow::Result<()> {
+    let (js, mut refusals) = connect(&config).await?;
+    let result = list_on(&config, &js, verify, json).await;
+    result.map_err(|e| named(e, &mut refusals))
+}
+
+async fn list_on(
+    config: &Config,
+    js: &async_nats::jetstream::Context,
+    verify: Option<Trust>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let archive = archive_section(config)?;
+    let js = js.clone();
     let store = snapshot::snapshots_store(&js).await?;
     let remote = archive.s3.as_ref().map(Remote::from_config).transpose()?;
     let now = SystemTime::now();
@@ -150,8 +229,44 @@ pub async fn list(config: Config, verify: bool, json: bool) -> anyhow::Result<()
         }
     }
     let mut corrupt = Vec::new();
-    if verify {
+    if let Some(trust) = &verify {
         for r in rows.values_mut() {
+            // The signatures first: a copy whose signature fails is not
+            // the archiver's, whatever its sha256 says.
+            if let Some(m) = metas.get(&r.id) {
+                let c = trust.check(m);
+                if let Err(e) = &c {
+                    corrupt.push(format!("local copy: {e}"));
+                }
+                r.local_signature = Some(signature_text(&c));
+            }
+            let mut remote_refused = None;
+            if let (Some(remote), Some(_)) = (&remote, r.remote_size) {
+                let c = match remote.head(&r.id).await? {
+                    Some((m, map)) => match SnapshotMeta::from_map(&r.id, m.size, &map) {
+                        Some(meta) => trust.check(&meta),
+                        None => Err(ArchiveError::Signature {
+                            id: r.id.clone(),
+                            why:
+                                "its S3 metadata has no sha256 (not a complete presenced snapshot)"
+                                    .to_owned(),
+                        }),
+                    },
+                    None => Ok(Checked::Unchecked("gone from S3".to_owned())),
+                };
+                if let Err(e) = &c {
+                    corrupt.push(format!("remote copy: {e}"));
+                    remote_refused = Some(e.to_string());
+                }
+                r.remote_signature = Some(signature_text(&c));
+            }
+            if let (Some(why), Some((entry, rev))) = (&remote_refused, revisions.get(&r.id)) {
+                let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+                if let Ok(failed) = entry.corrupt(why, &now) {
+                    outbox.update(&failed, *rev).await?;
+                    r.state = Some("failed".into());
+                }
+            }
             let expected = r
                 .sha256
                 .clone()
@@ -252,11 +367,19 @@ pub async fn list(config: Config, verify: bool, json: bool) -> anyhow::Result<()
             if let Some(e) = &r.last_error {
                 println!("    last error: {e}");
             }
+            for (copy, sig) in [
+                ("local", &r.local_signature),
+                ("remote", &r.remote_signature),
+            ] {
+                if let Some(s) = sig.as_deref().filter(|s| !s.starts_with("signed by")) {
+                    println!("    {copy} signature: {s}");
+                }
+            }
         }
     }
     if !corrupt.is_empty() {
         anyhow::bail!(
-            "{} corrupt cop(y/ies):\n  {}",
+            "{} corrupt or refused cop(y/ies):\n  {}",
             corrupt.len(),
             corrupt.join("\n  ")
         );
@@ -264,22 +387,58 @@ pub async fn list(config: Config, verify: bool, json: bool) -> anyhow::Result<()
     Ok(())
 }
 
-/// Restores `id` into the leaf of `config`.
-pub async fn restore(config: Config, id: String, from_s3: bool, force: bool) -> anyhow::Result<()> {
-    let js = connect(&config).await?;
-    let source = if from_s3 {
-        let archive = archive_section(&config)?;
-        let s3 = archive
-            .s3
-            .as_ref()
-            .context("--from-s3 needs an [archive.s3] section")?;
-        Source::Remote(Remote::from_config(s3)?)
-    } else {
-        Source::Local
+/// What `presenced restore` was asked.
+pub struct RestoreArgs {
+    pub id: Option<String>,
+    pub from_s3: bool,
+    /// `--from-file`: a copy restore kept (unsigned).
+    pub from_file: Option<PathBuf>,
+    pub force: bool,
+    pub trust: Trust,
+    /// Where the replaced contents are saved (default: the temp dir).
+    pub backup_dir: Option<PathBuf>,
+}
+
+/// Restores a snapshot into the leaf of `config`.
+pub async fn restore(config: Config, args: RestoreArgs) -> anyhow::Result<()> {
+    let site = Site::new(&config.site)?;
+    let (source, id) = match (&args.from_file, &args.id, args.from_s3) {
+        (Some(f), None, false) => (Source::File(f.clone()), f.display().to_string()),
+        (None, Some(id), true) => {
+            let archive = archive_section(&config)?;
+            let s3 = archive
+                .s3
+                .as_ref()
+                .context("--from-s3 needs an [archive.s3] section")?;
+            (Source::Remote(Remote::from_config(s3)?), id.clone())
+        }
+        (None, Some(id), false) => (Source::Local, id.clone()),
+        _ => anyhow::bail!(
+            "give a SNAPSHOT (with --from-s3 to read it from S3), or --from-file FILE"
+        ),
     };
-    let report = restore::restore(&js, &source, &id, force).await?;
+    let (js, mut refusals) = connect(&config).await?;
+    let opts = restore::Options {
+        force: args.force,
+        trust: args.trust,
+        site,
+        backup_dir: args.backup_dir.unwrap_or_else(std::env::temp_dir),
+    };
+    let report = restore::restore(&js, &source, &id, &opts, &mut refusals)
+        .await
+        .map_err(|e| named(e, &mut refusals))?;
+    match &report.signature {
+        Checked::Signed { signer } => println!("{}: signature of {signer} verified", report.id),
+        Checked::Unchecked(why) => println!(
+            "{}: SIGNATURE NOT CHECKED (--allow-unsigned): {why}",
+            report.id
+        ),
+    }
+    if let Some(b) = &report.backup {
+        println!("previous contents saved to {}", b.display());
+    }
     for b in &report.purged {
-        println!("{b}: purged (--force)");
+        println!("{b}: purged and replaced (--force)");
     }
     for (b, n) in &report.buckets {
         println!("{b}: {n} keys restored");

@@ -7,6 +7,8 @@
 //! - [`outbox`]: the upload state of each snapshot (pure transitions + KV).
 //! - [`s3`]: the S3 client built from config and credential files.
 //! - [`verify`]: sha256 and size of local and remote copies.
+//! - [`sign`]: NKEY signatures over a snapshot's sha256 and metadata.
+//! - [`refusal`]: permission refusals named with the grant that allows them.
 //! - [`retention`]: which snapshots to prune (pure) and pruning.
 //! - [`restore`]: rebuilds buckets from a snapshot.
 //! - [`worker`]: the archiver inside the daemon (schedule, uploads).
@@ -17,9 +19,11 @@
 pub mod cli;
 pub mod format;
 pub mod outbox;
+pub mod refusal;
 pub mod restore;
 pub mod retention;
 pub mod s3;
+pub mod sign;
 pub mod snapshot;
 pub mod verify;
 pub mod worker;
@@ -54,6 +58,14 @@ pub enum ArchiveError {
     Verify { id: String, what: String },
     #[error("{0}")]
     Refused(String),
+    /// The snapshot's signature is missing, foreign or does not match:
+    /// nothing it holds may be trusted.
+    #[error("snapshot {id} refused: {why}")]
+    Signature { id: String, why: String },
+    /// The server refused this identity an operation (see
+    /// `cli::named_refusal`).
+    #[error("{0}")]
+    PermissionRefused(String),
     #[error("archive.s3: {0}")]
     Credentials(String),
     #[error("outbox entry {key}: {what}")]
@@ -93,6 +105,11 @@ pub mod meta {
     pub const PRESENCED_VERSION: &str = "presenced-version";
     pub const CREATED: &str = "created";
     pub const RECORDS: &str = "records";
+    /// Base64url (no padding) Ed25519 signature of
+    /// [`super::sign::signed_bytes`] by the archiver's NKEY.
+    pub const SIGNATURE: &str = "signature";
+    /// The NKEY public key (`U...`) that made `signature`.
+    pub const SIGNER: &str = "signer";
 }
 
 /// What is known about a complete snapshot, from its metadata.
@@ -109,6 +126,9 @@ pub struct SnapshotMeta {
     /// RFC 3339.
     pub created: String,
     pub records: u64,
+    /// See [`meta::SIGNATURE`]; `None` on an unsigned snapshot.
+    pub signature: Option<String>,
+    pub signer: Option<String>,
 }
 
 impl SnapshotMeta {
@@ -119,7 +139,7 @@ impl SnapshotMeta {
             .map(|(b, s)| format!("{b}={s}"))
             .collect::<Vec<_>>()
             .join(",");
-        HashMap::from([
+        let mut map = HashMap::from([
             (meta::SITE.to_owned(), self.site.clone()),
             (meta::BUCKETS.to_owned(), self.buckets.join(",")),
             (meta::LAST_SEQUENCE.to_owned(), seq),
@@ -134,7 +154,16 @@ impl SnapshotMeta {
             ),
             (meta::CREATED.to_owned(), self.created.clone()),
             (meta::RECORDS.to_owned(), self.records.to_string()),
-        ])
+        ]);
+        for (k, v) in [
+            (meta::SIGNATURE, &self.signature),
+            (meta::SIGNER, &self.signer),
+        ] {
+            if let Some(v) = v {
+                map.insert(k.to_owned(), v.clone());
+            }
+        }
+        map
     }
 
     /// Reads metadata back; `None` when the snapshot is incomplete (no
@@ -172,6 +201,8 @@ impl SnapshotMeta {
                 .get(meta::RECORDS)
                 .and_then(|r| r.parse().ok())
                 .unwrap_or(0),
+            signature: m.get(meta::SIGNATURE).cloned(),
+            signer: m.get(meta::SIGNER).cloned(),
         })
     }
 }
@@ -209,6 +240,8 @@ mod tests {
             presenced_version: "0.1.0".into(),
             created: "2026-11-30T01:58:00.123Z".into(),
             records: 5,
+            signature: Some("c2ln".into()),
+            signer: Some("UKEY".into()),
         };
         assert_eq!(SnapshotMeta::from_map(&m.id, 99, &m.to_map()), Some(m));
         assert_eq!(SnapshotMeta::from_map("x", 1, &HashMap::new()), None);

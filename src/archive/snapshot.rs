@@ -61,7 +61,14 @@ pub async fn snapshots_store(
 }
 
 /// Takes a snapshot now; returns its metadata once the object is complete.
-pub async fn take(js: &jetstream::Context, plan: &Plan) -> Result<SnapshotMeta, ArchiveError> {
+/// With a signer (the archiver's NKEY) the metadata carries a signature
+/// over everything restore trusts (see [`super::sign`]); without, the
+/// snapshot is unsigned and restore refuses it unless told otherwise.
+pub async fn take(
+    js: &jetstream::Context,
+    plan: &Plan,
+    signer: Option<&super::sign::Signer>,
+) -> Result<SnapshotMeta, ArchiveError> {
     let store = snapshots_store(js).await?;
     let now = SystemTime::now();
     let created = humantime::format_rfc3339_millis(now).to_string();
@@ -122,7 +129,7 @@ pub async fn take(js: &jetstream::Context, plan: &Plan) -> Result<SnapshotMeta, 
             ),
         });
     }
-    let meta = SnapshotMeta {
+    let mut meta = SnapshotMeta {
         id: id.clone(),
         site: plan.site.to_string(),
         buckets: names,
@@ -138,9 +145,69 @@ pub async fn take(js: &jetstream::Context, plan: &Plan) -> Result<SnapshotMeta, 
         presenced_version: env!("CARGO_PKG_VERSION").to_owned(),
         created,
         records: produced.trailer.sections.iter().map(|s| s.records).sum(),
+        signature: None,
+        signer: None,
     };
+    match signer {
+        Some(s) => s.sign(&mut meta)?,
+        None => tracing::warn!(
+            snapshot = %id,
+            "snapshot is unsigned: no nats.nkey_seed_file to sign it with; restore will refuse it without --allow-unsigned"
+        ),
+    }
     complete(js, &store, &id, meta.to_map()).await?;
     Ok(meta)
+}
+
+/// Writes the current contents of `plan`'s buckets to a new local file
+/// in the snapshot format (mode 0600: it holds the site's state); returns
+/// its size and sha256. Restore keeps the data it replaces this way.
+pub async fn to_file(
+    js: &jetstream::Context,
+    plan: &Plan,
+    path: &std::path::Path,
+) -> Result<super::verify::Digested, ArchiveError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use tokio::io::AsyncReadExt as _;
+    let io =
+        |e: std::io::Error| ArchiveError::Refused(format!("cannot write {}: {e}", path.display()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    let now = SystemTime::now();
+    let header = Header {
+        site: plan.site.to_string(),
+        created: humantime::format_rfc3339_millis(now).to_string(),
+        presenced_version: env!("CARGO_PKG_VERSION").to_owned(),
+        buckets: plan.names(),
+        events_since: None,
+    };
+    let (writer, mut reader) = tokio::io::duplex(256 << 10);
+    let produce = produce(js, plan, header, writer, now);
+    // Owns the reader: a failed write closes the pipe, so the producer
+    // stops instead of waiting on a full buffer.
+    let copy = async move {
+        let mut buf = vec![0u8; 128 << 10];
+        loop {
+            let n = reader.read(&mut buf).await.map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            file.write_all(&buf[..n]).map_err(io)?;
+        }
+        file.sync_all().map_err(io)
+    };
+    let (produced, copied) = tokio::join!(produce, copy);
+    let produced = produced?;
+    copied?;
+    Ok(super::verify::Digested {
+        size: produced.size,
+        sha256: produced.sha256,
+    })
 }
 
 /// Rewrites the object's metadata entry with the full metadata.

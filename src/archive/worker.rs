@@ -33,6 +33,9 @@ pub struct Archiver {
     outbox: Outbox,
     remote: Option<Remote>,
     metrics: Arc<Metrics>,
+    /// The archiver's NKEY, which signs every snapshot; `None` when the
+    /// leaf has no authorization (snapshots are then unsigned).
+    signer: Option<super::sign::Signer>,
 }
 
 fn now_rfc3339() -> String {
@@ -74,7 +77,14 @@ impl Archiver {
         site: Site,
         cfg: ArchiveConfig,
         metrics: Arc<Metrics>,
+        seed_file: Option<&std::path::Path>,
     ) -> Result<Archiver, ArchiveError> {
+        let signer = seed_file
+            .map(super::sign::Signer::from_seed_file)
+            .transpose()?;
+        if signer.is_none() {
+            tracing::warn!("archive: no nats.nkey_seed_file, snapshots will be unsigned and restore refuses them without --allow-unsigned");
+        }
         let store = snapshot::snapshots_store(&js).await?;
         let outbox = Outbox::open(&js).await?;
         let remote = cfg.s3.as_ref().map(Remote::from_config).transpose()?;
@@ -92,6 +102,7 @@ impl Archiver {
             outbox,
             remote,
             metrics,
+            signer,
         })
     }
 
@@ -202,7 +213,7 @@ impl Archiver {
 
     async fn snapshot_cycle(&self, due: &mut BTreeMap<String, Instant>) -> Result<(), ()> {
         let start = Instant::now();
-        let taken = match snapshot::take(&self.js, &self.plan).await {
+        let taken = match snapshot::take(&self.js, &self.plan, self.signer.as_ref()).await {
             Ok(m) => m,
             Err(e) => {
                 Metrics::inc(&self.metrics.archive_snapshot_failures);
@@ -347,17 +358,6 @@ impl Archiver {
         id: &str,
         expected: &Digested,
     ) -> (Result<Option<String>, ArchiveError>, bool) {
-        match remote.head(id).await {
-            Ok(Some((m, map)))
-                if m.size == expected.size && map.get(meta::SHA256) == Some(&expected.sha256) =>
-            {
-                if verify_remote(remote, id, expected).await.is_ok() {
-                    return (Ok(m.e_tag), false);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => return (Err(e), false),
-        }
         let info = match self.store.info(id).await {
             Ok(i) => i,
             Err(e) => {
@@ -379,6 +379,23 @@ impl Archiver {
                 false,
             );
         };
+        // A copy already there counts only with the same content and the
+        // same signature metadata (a copy stripped of its signature is
+        // replaced, or restore would refuse it).
+        match remote.head(id).await {
+            Ok(Some((m, map)))
+                if m.size == expected.size
+                    && map.get(meta::SHA256) == Some(&expected.sha256)
+                    && map.get(meta::SIGNATURE) == meta.signature.as_ref()
+                    && map.get(meta::SIGNER) == meta.signer.as_ref() =>
+            {
+                if verify_remote(remote, id, expected).await.is_ok() {
+                    return (Ok(m.e_tag), false);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => return (Err(e), false),
+        }
         let etag = match remote.upload(&self.store, &meta).await {
             Ok(t) => t,
             Err(e) => return (Err(e), false),

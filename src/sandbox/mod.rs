@@ -662,8 +662,8 @@ fn summary(
                 );
                 let _ = writeln!(
                     o,
-                    "  restore:    {exe} restore --config {} SNAPSHOT [--from-s3]   (sha256 checked first; a leaf that is not empty, as this running one, is refused without --force)",
-                    s.admin_config.display()
+                    "  restore:    {exe} restore --config CONFIG SNAPSHOT [--from-s3] --access {}   (as an identity with runs = [\"restore\"] in the access map; signature, sha256 and every right checked first; a leaf that is not empty, as this running one, is refused without --force)",
+                    s.keys.access_file.display()
                 );
             }
         }
