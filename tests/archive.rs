@@ -1304,6 +1304,23 @@ async fn restore_checks_every_right_first_and_rolls_back_a_refused_write() {
         "nothing saved: nothing began"
     );
 
+    // Listing is the archiver's (the outbox is its own): refused at once
+    // and named, not reported as a missing bucket after a timeout.
+    let t = std::time::Instant::now();
+    let err = leaf.cli_fails("restore", &["snapshots"]);
+    assert!(
+        err.contains("permission refused")
+            && err.contains("\"restore\"")
+            && err.contains("KV_archive")
+            && err.contains("archiver"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t.elapsed()
+    );
+
     // The restore identity: everything it needs, nothing refused.
     let out = leaf.cli_ok("restore", &args);
     assert!(out.contains("presence: 60 keys restored"), "{out}");

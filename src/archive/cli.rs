@@ -103,9 +103,10 @@ pub async fn snapshot(config: Config) -> anyhow::Result<()> {
         .map(Signer::from_seed_file)
         .transpose()?;
     let plan = super::worker::plan(&site, archive);
-    let meta = snapshot::take(&js, &plan, signer.as_ref())
-        .await
-        .map_err(|e| named(e, &mut refusals))?;
+    let meta = tokio::select! {
+        r = snapshot::take(&js, &plan, signer.as_ref()) => r.map_err(|e| named(e, &mut refusals))?,
+        v = refusals.next() => anyhow::bail!(refusals.named(&v)),
+    };
     println!(
         "{}: {} bytes, {} records, sha256 {}",
         meta.id, meta.size, meta.records, meta.sha256
@@ -153,7 +154,12 @@ pub struct Row {
 /// Fails (after printing) when any copy is corrupt or refused.
 pub async fn list(config: Config, verify: Option<Trust>, json: bool) -> anyhow::Result<()> {
     let (js, mut refusals) = connect(&config).await?;
-    let result = list_on(&config, &js, verify, json).await;
+    // A refusal ends the listing at once, named (the request it stopped
+    // would only time out).
+    let result = tokio::select! {
+        r = list_on(&config, &js, verify, json) => r,
+        v = refusals.next() => Err(anyhow::anyhow!(refusals.named(&v))),
+    };
     result.map_err(|e| named(e, &mut refusals))
 }
 
