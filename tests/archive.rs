@@ -912,9 +912,14 @@ fn acl_leaf(keys: &Keys, archive: &str) -> AclLeaf {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    leaf_with_acl(keys, archive, String::from_utf8(out.stdout).unwrap())
+}
+
+/// [`acl_leaf`] with a given authorization block.
+fn leaf_with_acl(keys: &Keys, archive: &str, authorization: String) -> AclLeaf {
     let nats = NatsServer::start(NatsOptions {
         domain: Some(format!("leaf-{SITE}")),
-        extra: String::from_utf8(out.stdout).unwrap(),
+        extra: authorization,
         ..Default::default()
     });
     let dir = tempfile::tempdir().unwrap();
@@ -1372,4 +1377,112 @@ async fn restore_checks_every_right_first_and_rolls_back_a_refused_write() {
         before,
         "the failed restore did not leave the old data in place"
     );
+
+    // The copy it kept is a restorable file: unsigned, so only with
+    // --allow-unsigned.
+    let kept = err
+        .split("put back from ")
+        .nth(1)
+        .and_then(|t| t.split(" (kept)").next())
+        .unwrap()
+        .to_owned();
+    leaf.cli_ok("restore", &args_good(&id, access, b));
+    assert_eq!(dump_state(&admin).await, snapshot_state);
+    let from_file = [
+        "restore",
+        "--from-file",
+        kept.as_str(),
+        "--force",
+        "--backup-dir",
+        b,
+    ];
+    let err = leaf.cli_fails("restore", &from_file);
+    assert!(
+        err.contains("unsigned") && err.contains("--allow-unsigned"),
+        "{err}"
+    );
+    assert_eq!(dump_state(&admin).await, snapshot_state);
+    let mut with_flag = from_file.to_vec();
+    with_flag.push("--allow-unsigned");
+    let out = leaf.cli_ok("restore", &with_flag);
+    assert!(out.contains("SIGNATURE NOT CHECKED"), "{out}");
+    assert_eq!(
+        dump_state(&admin).await,
+        before,
+        "the kept copy restores the old data"
+    );
+}
+
+fn args_good<'a>(id: &'a str, access: &'a str, backups: &'a str) -> [&'a str; 7] {
+    [
+        "restore",
+        id,
+        "--force",
+        "--access",
+        access,
+        "--backup-dir",
+        backups,
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_grant_of_the_restore_role_is_needed_and_without_one_nothing_changes() {
+    use presenced::acl::{access::Access, render};
+    let keys = keys();
+    let site = presenced::naming::Site::new(SITE).unwrap();
+    let access = Access::load(&keys.access).unwrap();
+    let users = render::users(&access, &site);
+    let at = users
+        .iter()
+        .position(|u| u.label == "service restore")
+        .unwrap();
+    let own: Vec<String> = users[at]
+        .permissions
+        .publish_allow
+        .iter()
+        .filter(|r| r.why.starts_with("restore:"))
+        .map(|r| r.subject.clone())
+        .collect();
+    assert_eq!(own.len(), 4, "{own:?}");
+    let archive = archive_section("1h", "buckets = [\"presence\", \"debounce\"]", "");
+    let access_path = keys.access.to_str().unwrap();
+    for rule in &own {
+        let mut variant = users.clone();
+        variant[at]
+            .permissions
+            .publish_allow
+            .retain(|r| &r.subject != rule);
+        let leaf = leaf_with_acl(&keys, &archive, render::render_users(&variant, &site, None));
+        let engine = keys.js(&leaf.nats, "presenced").await;
+        let admin = keys.js(&leaf.nats, "admin").await;
+        seed_as_engine(&engine, 10, "snapshot").await;
+        let out = leaf.cli_ok("presenced", &["snapshot"]);
+        let id = out.split(':').next().unwrap().to_owned();
+        seed_as_engine(&engine, 12, "current").await;
+        let current = dump_state(&admin).await;
+        let backups = leaf.dir.path().join("backups");
+        std::fs::create_dir(&backups).unwrap();
+        let err = leaf.cli_fails(
+            "restore",
+            &[
+                "restore",
+                &id,
+                "--force",
+                "--access",
+                access_path,
+                "--backup-dir",
+                backups.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            err.contains("permission refused") && err.contains(rule.trim_end_matches('>')),
+            "without {rule}: {err}"
+        );
+        assert_eq!(
+            dump_state(&admin).await,
+            current,
+            "without {rule}, restore changed the target"
+        );
+        assert_eq!(std::fs::read_dir(&backups).unwrap().count(), 0);
+    }
 }

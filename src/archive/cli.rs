@@ -49,10 +49,7 @@ async fn connect(config: &Config) -> anyhow::Result<(async_nats::jetstream::Cont
 /// "missing" bucket).
 fn named(e: impl Into<anyhow::Error>, refusals: &mut Refusals) -> anyhow::Error {
     let e = e.into();
-    if matches!(
-        e.downcast_ref::<ArchiveError>(),
-        Some(ArchiveError::PermissionRefused(_))
-    ) {
+    if e.to_string().contains("permission refused:") {
         return e;
     }
     match refusals.describe() {

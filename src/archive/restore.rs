@@ -503,7 +503,7 @@ pub async fn restore(
         }),
         // 5. Put back what was there.
         Err(e) => {
-            let back = rollback(js, &streams, backup.as_deref(), refusals).await;
+            let back = rollback(js, &streams, backup.as_deref()).await;
             Err(ArchiveError::Refused(match (back, &backup) {
                 (Ok(()), Some(file)) => format!(
                     "restore of {id} failed after it began replacing {}: {e}\nrolled back: the previous contents were put back from {} (kept)",
@@ -528,14 +528,17 @@ pub async fn restore(
     }
 }
 
+/// Purges the targets and puts `backup` back. Not cut short by refusals:
+/// those of the failed writes may still be arriving, and a refused
+/// rollback shows anyway, as acks that time out (the caller names the
+/// refusals it saw).
 async fn rollback(
     js: &jetstream::Context,
     streams: &[(String, jetstream::stream::Stream, u64)],
     backup: Option<&Path>,
-    refusals: &mut Refusals,
 ) -> Result<(), ArchiveError> {
     let targets: Vec<String> = streams.iter().map(|(b, _, _)| b.clone()).collect();
-    unless_refused(refusals, async {
+    async {
         for (b, stream, _) in streams {
             stream
                 .purge()
@@ -553,7 +556,7 @@ async fn rollback(
             write_records(js, &source, &id, &targets, &want).await?;
         }
         Ok(())
-    })
+    }
     .await
 }
 
