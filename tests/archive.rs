@@ -1326,6 +1326,36 @@ async fn restore_checks_every_right_first_and_rolls_back_a_refused_write() {
         t.elapsed()
     );
 
+    // Another site's leaf does not take this site's snapshot.
+    let other = leaf.dir.path().join("other-site.toml");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(leaf.config("restore"))
+            .unwrap()
+            .replacen(&format!("site = \"{SITE}\""), "site = \"other\"", 1),
+    )
+    .unwrap();
+    let out = run_presenced(
+        &[
+            "restore",
+            "--config",
+            other.to_str().unwrap(),
+            &id,
+            "--force",
+            "--access",
+            access,
+            "--backup-dir",
+            b,
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is of site home, this leaf is site other"),
+        "{err}"
+    );
+    assert_eq!(dump_state(&admin).await, current);
+
     // The restore identity: everything it needs, nothing refused.
     let out = leaf.cli_ok("restore", &args);
     assert!(out.contains("presence: 60 keys restored"), "{out}");

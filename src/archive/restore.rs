@@ -6,7 +6,8 @@
 //!
 //! 1. **Trust.** The snapshot's signature is checked against the
 //!    archiver's key in the ownership map ([`super::sign`]); unsigned or
-//!    wrongly signed snapshots are refused unless `allow_unsigned`.
+//!    wrongly signed snapshots are refused unless `allow_unsigned`. A
+//!    snapshot of another site is refused.
 //! 2. **Read it all before changing anything.** The whole copy is read,
 //!    hashed against the signed sha256 and decoded: every frame, every
 //!    key, the record counts of the end frame.
@@ -400,6 +401,14 @@ pub async fn restore(
     // 1. Trust.
     let meta = unless_refused(refusals, expected(js, source, id)).await?;
     let signature = opts.trust.check(&meta)?;
+    // The site is part of what is signed: a snapshot of another site
+    // (another leaf's, copied under this one's prefix) is not this one's.
+    if !meta.site.is_empty() && meta.site != opts.site.as_str() {
+        return Err(ArchiveError::Refused(format!(
+            "snapshot {id} is of site {}, this leaf is site {} (the config's site); nothing restored",
+            meta.site, opts.site
+        )));
+    }
     let want = Digested {
         size: meta.size,
         sha256: meta.sha256.clone(),
