@@ -1441,6 +1441,63 @@ async fn restore_checks_every_right_first_and_rolls_back_a_refused_write() {
         before,
         "the kept copy restores the old data"
     );
+
+    // A file with a key the server would refuse, after valid ones: refused
+    // on the first read, before anything changes (the key used to be
+    // found half way through the writes, after the purge).
+    let header = format::Header {
+        site: SITE.into(),
+        created: "2026-12-07T00:00:00.000Z".into(),
+        presenced_version: "0".into(),
+        buckets: vec!["presence".into()],
+        events_since: None,
+    };
+    let mut e = format::Encoder::new(Vec::new(), &header).unwrap();
+    e.section(&format::Section {
+        name: "presence".into(),
+        kind: format::SectionKind::Kv,
+    })
+    .unwrap();
+    for (i, key) in ["zone-a", "zone-b", "not a key"].into_iter().enumerate() {
+        e.record(&format::Record {
+            key: key.into(),
+            op: Op::Put,
+            revision: i as u64 + 1,
+            created_ns: 0,
+            value: b"{\"v\":1}".to_vec(),
+        })
+        .unwrap();
+    }
+    let bytes = e
+        .finish(&format::Trailer {
+            sections: vec![format::SectionSummary {
+                name: "presence".into(),
+                records: 3,
+                last_sequence: 3,
+            }],
+        })
+        .unwrap();
+    let bad = leaf.dir.path().join("bad-key.snap");
+    std::fs::write(&bad, bytes).unwrap();
+    let err = leaf.cli_fails(
+        "restore",
+        &[
+            "restore",
+            "--from-file",
+            bad.to_str().unwrap(),
+            "--force",
+            "--allow-unsigned",
+            "--backup-dir",
+            b,
+        ],
+    );
+    assert!(
+        err.contains("\"not a key\"")
+            && err.contains("not a valid KV key")
+            && err.contains("nothing changed"),
+        "{err}"
+    );
+    assert_eq!(dump_state(&admin).await, before);
 }
 
 fn args_good<'a>(id: &'a str, access: &'a str, backups: &'a str) -> [&'a str; 7] {

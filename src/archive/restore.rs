@@ -284,7 +284,7 @@ async fn inspect(
                     if let Some(b) = &current {
                         if RESTORABLE.contains(&b.as_str()) && !is_kv_key(&r.key) {
                             decode_error = Some(ArchiveError::Refused(format!(
-                                "snapshot {id}: key {:?} of bucket {b} is not a valid KV key; nothing restored",
+                                "snapshot {id}: key {:?} of bucket {b} is not a valid KV key",
                                 r.key
                             )));
                         }
