@@ -144,6 +144,7 @@ enum Command {
     Restore {
         #[arg(long, short)]
         config: PathBuf,
+        /// The snapshot id, as `presenced snapshots` lists it.
         #[arg(required_unless_present = "from_file")]
         snapshot: Option<String>,
         /// Read the snapshot from S3 instead of the object store.
