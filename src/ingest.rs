@@ -9,7 +9,7 @@
 
 use crate::metrics::Metrics;
 use crate::naming::Site;
-use crate::observation::Observation;
+use crate::observation::{Observation, DELIVERY_HEADER};
 use crate::sources::{Item, Rejected};
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
@@ -37,9 +37,13 @@ fn observation_message(obs: &Observation) -> PublishMessage {
     // Serializing plain data into JSON cannot fail; an empty payload would
     // be rejected by the engine rather than crash anything.
     let payload = serde_json::to_vec(obs).unwrap_or_default();
-    PublishMessage::build()
+    let m = PublishMessage::build()
         .payload(Bytes::from(payload))
-        .message_id(&obs.id)
+        .message_id(&obs.id);
+    match &obs.delivery {
+        Some(d) => m.header(DELIVERY_HEADER, header_text(d).as_str()),
+        None => m,
+    }
 }
 
 /// Header values are one line of text.
@@ -108,6 +112,11 @@ pub async fn run(
             return;
         }
         Metrics::set(&metrics.buffer_depth, rx.len() as u64);
+        let received = chunk
+            .iter()
+            .filter(|i| matches!(i, Item::Observation(..)))
+            .count();
+        Metrics::add(&metrics.observations_in, received as u64);
         store_chunk(&js, &site, &chunk, &metrics).await;
         for item in chunk.drain(..) {
             match item {
@@ -161,6 +170,84 @@ async fn store_chunk(js: &jetstream::Context, site: &Site, chunk: &[Item], metri
         todo = failed;
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// How far back [`StoredDeliveries::recent`] looks. A broker redelivers
+/// a session's unacknowledged messages as soon as the daemon reconnects,
+/// so this only has to cover a restart; a message first stored longer ago
+/// than this and redelivered after a crash is stored a second time.
+pub const REDELIVERY_LOOKBACK: Duration = Duration::from_secs(600);
+
+/// Most time one message of the look-up may take to arrive.
+const LOOKUP_IDLE: Duration = Duration::from_secs(5);
+
+/// The MQTT QoS 1 deliveries stored in `SENSORS`: how the MQTT source
+/// recognises a redelivery of a message an earlier process stored but
+/// could not acknowledge (killed in between), so that it is stored once.
+#[derive(Clone)]
+pub struct StoredDeliveries {
+    js: jetstream::Context,
+    site: Site,
+}
+
+impl StoredDeliveries {
+    pub fn new(js: jetstream::Context, site: Site) -> Self {
+        StoredDeliveries { js, site }
+    }
+
+    /// Delivery header -> `Nats-Msg-Id` of this source's messages stored
+    /// in the last [`REDELIVERY_LOOKBACK`]. Reads headers only, through an
+    /// ordered consumer: what the owner's ACL grant on `SENSORS` allows.
+    pub async fn recent(&self, source: &str) -> Result<HashMap<String, String>, String> {
+        use futures::StreamExt as _;
+        let stream = self
+            .js
+            .get_stream(crate::naming::SENSORS_STREAM)
+            .await
+            .map_err(|e| format!("stream SENSORS: {e}"))?;
+        let since = time::OffsetDateTime::now_utc() - REDELIVERY_LOOKBACK;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: self.site.sensors_filter(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartTime {
+                    start_time: since,
+                },
+                headers_only: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("reading SENSORS: {e}"))?;
+        let mut found = HashMap::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(found);
+        }
+        let prefix = format!("mqtt {source} ");
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| format!("reading SENSORS: {e}"))?;
+        loop {
+            let m = match tokio::time::timeout(LOOKUP_IDLE, messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(format!("reading SENSORS: {e}")),
+                Ok(None) | Err(_) => return Err("reading SENSORS: no message in time".into()),
+            };
+            if let Some(h) = m.headers.as_ref() {
+                if let (Some(d), Some(id)) = (h.get(DELIVERY_HEADER), h.get("Nats-Msg-Id")) {
+                    if d.as_str().starts_with(&prefix) {
+                        found.insert(d.as_str().to_owned(), id.as_str().to_owned());
+                    }
+                }
+            }
+            let pending = m
+                .info()
+                .map_err(|e| format!("reading SENSORS: {e}"))?
+                .pending;
+            if pending == 0 {
+                return Ok(found);
+            }
+        }
     }
 }
 

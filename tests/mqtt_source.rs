@@ -6,7 +6,7 @@ mod support;
 
 use presenced::config::MqttSource;
 use presenced::observation::{Observation, Reading};
-use presenced::sources::mqtt::{run, MqttError, MqttStatus};
+use presenced::sources::mqtt::{run, DecodeRules, MqttError, MqttStatus, RunOptions};
 use presenced::sources::{Ack, Item, Rejected};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use std::net::SocketAddr;
@@ -64,7 +64,13 @@ impl Source {
             "main".into(),
             config(port),
             client_id.into(),
-            false,
+            RunOptions {
+                rules: DecodeRules {
+                    strict: false,
+                    max_clock_skew: Duration::from_secs(300),
+                },
+                stored: None,
+            },
             tx,
             status.clone(),
             shutdown,
@@ -296,7 +302,8 @@ async fn decodes_and_acks(port: u16, nats_monitor: Option<SocketAddr>) {
 
 /// An ack not fired before the source stops: the broker keeps the message
 /// and redelivers it to the next run, with the same packet id and so the
-/// same observation id.
+/// same delivery key, which is what a daemon finds in `SENSORS` to give
+/// the redelivery its first id (tests/daemon.rs checks that end to end).
 async fn unacked_is_redelivered_with_same_id(port: u16) {
     let mut source = Source::start(port, "presenced-test-redeliver", 100);
     source.wait_subscribed(1).await;
@@ -311,9 +318,10 @@ async fn unacked_is_redelivered_with_same_id(port: u16) {
 
     let mut source = Source::start(port, "presenced-test-redeliver", 100);
     let (again, ack) = source.next_observation().await;
+    assert!(first.delivery.is_some(), "QoS 1 carries its delivery");
     assert_eq!(
-        again.id, first.id,
-        "redelivery must keep the observation id"
+        again.delivery, first.delivery,
+        "redelivery must keep the delivery key"
     );
     assert_eq!((again.sensor, again.value), (first.sensor, first.value));
     ack.fire();
