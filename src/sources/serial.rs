@@ -18,7 +18,7 @@ use crate::config::{SerialFraming, SerialSource};
 use crate::observation::{delivery_id, Observation, Reading, OBSERVATION_SCHEMA};
 use crate::sources::ld2410::{self, Decoder, Event, RejectKind, Report};
 use crate::sources::payload::{check_device_time, extract_timestamp, extract_value, ValueSelector};
-use crate::sources::{Ack, Item, Rejected};
+use crate::sources::{Ack, Backoff, Item, Rejected};
 use crate::time::Timestamp;
 use std::collections::HashMap;
 use std::path::Path;
@@ -347,8 +347,7 @@ enum End {
 
 impl Link {
     async fn serve(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), SerialError> {
-        let mut delay = BACKOFF_START;
-        let cap = self.cfg.reconnect_max.max(BACKOFF_START);
+        let mut backoff = Backoff::new(BACKOFF_START, self.cfg.reconnect_max.max(BACKOFF_START));
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -361,7 +360,7 @@ impl Link {
                     // A port that opens and fails at once (a half-enumerated
                     // adapter) keeps backing off instead of spinning.
                     if opened.elapsed() >= STABLE_AFTER {
-                        delay = BACKOFF_START;
+                        backoff.reset();
                     }
                     self.status.connected.store(false, Ordering::Relaxed);
                     self.status.disconnects.fetch_add(1, Ordering::Relaxed);
@@ -376,9 +375,8 @@ impl Link {
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.next()) => {}
             }
-            delay = (delay * 2).min(cap);
         }
     }
 
