@@ -1023,6 +1023,7 @@ impl Deliveries {
         }
         let store = self.stored.as_ref()?;
         if self.scanned.as_ref().is_none_or(|(g, _)| *g != generation) {
+            let started = Instant::now();
             let found = match tokio::time::timeout(SCAN_TIMEOUT, store.recent(source)).await {
                 Ok(Ok(found)) => found,
                 Ok(Err(error)) => {
@@ -1034,7 +1035,7 @@ impl Deliveries {
                     HashMap::new()
                 }
             };
-            debug!(source = %source, deliveries = found.len(), "looked up stored MQTT deliveries");
+            debug!(source = %source, deliveries = found.len(), elapsed_ms = started.elapsed().as_millis() as u64, "looked up stored MQTT deliveries");
             self.scanned = Some((generation, found));
         }
         let map = &self.scanned.as_ref()?.1;
@@ -1514,7 +1515,15 @@ mod tests {
         );
         s.password_file = Some(dir.path().join("missing"));
         let e = options("main", &s, "c").unwrap_err();
-        assert!(e.to_string().contains("missing"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("mqtt.main.password_file: cannot read ")
+                && e.to_string().contains("missing"),
+            "{e}"
+        );
+        assert!(matches!(e, MqttError::PasswordFile { .. }));
+        assert!(e.is_fatal() && !e.is_retryable());
+        assert!(MqttError::IngestClosed.is_retryable());
         s.username = None;
         s.password_file = None;
         assert!(options("main", &s, "c").unwrap().credentials().is_none());
