@@ -161,8 +161,24 @@ fn msgs_ids_unique(msgs: &[async_nats::jetstream::Message]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qos1_message_stored_before_a_sigkill_is_stored_once_after_redelivery() {
     let mqtt = Mosquitto::start();
-    let proxy = support::Proxy::start(mqtt.addr());
     let nats = NatsServer::start(NatsOptions::default());
+    stored_before_sigkill_is_stored_once(&nats, mqtt.port).await;
+}
+
+/// The same through the leaf's own MQTT listener (the sandbox's broker),
+/// which redelivers after its `ack_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_through_the_leafs_mqtt_listener() {
+    let mqtt_port = support::free_port();
+    let nats = NatsServer::start(NatsOptions {
+        extra: format!("mqtt {{\n  listen: \"127.0.0.1:{mqtt_port}\"\n  ack_wait: \"2s\"\n}}\n"),
+        ..Default::default()
+    });
+    stored_before_sigkill_is_stored_once(&nats, mqtt_port).await;
+}
+
+async fn stored_before_sigkill_is_stored_once(nats: &NatsServer, mqtt_port: u16) {
+    let proxy = support::Proxy::start(SocketAddr::from(([127, 0, 0, 1], mqtt_port)));
     let http_port = support::free_port();
     let cfg = daemon_config(
         "test",
@@ -175,7 +191,7 @@ async fn a_qos1_message_stored_before_a_sigkill_is_stored_once_after_redelivery(
     let http = SocketAddr::from(([127, 0, 0, 1], http_port));
     let mut d = Daemon::start_provisioned(&cfg, http_port);
     let js = jetstream(&nats.url()).await;
-    let mut p = Publisher::connect(mqtt.port, "crash-pub").await;
+    let mut p = Publisher::connect(mqtt_port, "crash-pub").await;
     warm_up(&mut p, &js, "test/lab_pir").await;
     p.flush(Duration::from_secs(5)).await;
     eventually("warm-up stored", Duration::from_secs(10), || async {
