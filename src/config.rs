@@ -302,6 +302,13 @@ pub struct IngestConfig {
     /// rest are counted, and all are kept in `REJECTED`.
     #[serde(default = "default_reject_log_every", with = "humantime_serde")]
     pub reject_log_every: Duration,
+    /// How far ahead of the receive time a device's own timestamp may be.
+    /// Beyond it (or before 2000-01-01) the reading is rejected into
+    /// `REJECTED`: a reading from the future would move its zone's clock
+    /// forward. Default 5 minutes: NTP-synced devices are within a second,
+    /// a drifting RTC within a few.
+    #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
+    pub max_clock_skew: Duration,
 }
 
 impl Default for IngestConfig {
@@ -311,6 +318,7 @@ impl Default for IngestConfig {
             max_in_flight: default_max_in_flight(),
             strict_topics: false,
             reject_log_every: default_reject_log_every(),
+            max_clock_skew: default_max_clock_skew(),
         }
     }
 }
@@ -323,6 +331,9 @@ fn default_max_in_flight() -> usize {
 }
 fn default_reject_log_every() -> Duration {
     Duration::from_secs(10)
+}
+fn default_max_clock_skew() -> Duration {
+    Duration::from_secs(300)
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -399,6 +410,14 @@ pub struct MqttSource {
     /// Upper bound of the reconnect backoff.
     #[serde(default = "default_reconnect_max", with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// Largest payload (bytes) read as a reading. A larger message is
+    /// acknowledged and kept in `REJECTED` (topic, size, reason and its
+    /// first bytes), and the connection stays up. Default 64 KiB: sensor
+    /// reports are under 2 KiB. Messages up to MQTT's own limit (256 MiB)
+    /// are received whatever this says, so no size the broker accepts can
+    /// drop the connection.
+    #[serde(default = "default_max_payload")]
+    pub max_payload: usize,
     /// Explicit topic mappings.
     #[serde(default)]
     pub topics: Vec<TopicMapping>,
@@ -457,6 +476,9 @@ fn default_espresense_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
+fn default_max_payload() -> usize {
+    64 * 1024
+}
 fn default_mqtt_host() -> String {
     "127.0.0.1".into()
 }
@@ -811,12 +833,16 @@ impl Config {
         Config::from_toml(&text, path)
     }
 
-    /// Reads, parses and validates a config file: what the daemon and
+    /// Reads, parses and validates a config file, and reads the secret
+    /// files the sources need at start: what the daemon and
     /// `check-config` use, so a file either works or says everything that
     /// is wrong with it.
     pub fn load_valid(path: &Path) -> Result<Config, ConfigError> {
         let config = Config::load(path)?;
-        let problems = config.validate();
+        let mut problems = config.validate();
+        if problems.is_empty() {
+            problems = validate::secrets(&config);
+        }
         if problems.is_empty() {
             Ok(config)
         } else {

@@ -132,7 +132,13 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             name.clone(),
             src.clone(),
             client_id,
-            config.ingest.strict_topics,
+            sources::mqtt::RunOptions {
+                rules: sources::mqtt::DecodeRules {
+                    strict: config.ingest.strict_topics,
+                    max_clock_skew: config.ingest.max_clock_skew,
+                },
+                stored: Some(ingest::StoredDeliveries::new(js.clone(), site.clone())),
+            },
             tx.clone(),
             status.clone(),
             sources_stop_rx.clone(),
@@ -145,6 +151,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         let task = tokio::spawn(sources::serial::run(
             name.clone(),
             src.clone(),
+            config.ingest.max_clock_skew,
             tx.clone(),
             status.clone(),
             sources_stop_rx.clone(),

@@ -3,14 +3,24 @@
 //! Items are taken from the sources' bounded channel in chunks and published
 //! pipelined (every publish of a chunk is sent before any ack is awaited).
 //! Each item's upstream [`Ack`](crate::sources::Ack) fires only once
-//! JetStream has acknowledged it, and a failed publish is retried with the
-//! same `Nats-Msg-Id` until it is stored, so nothing is lost and nothing is
-//! stored twice while the leaf is away.
+//! JetStream has acknowledged it, and a publish that failed for a reason
+//! that can pass (leaf away, timeout) is retried with the same
+//! `Nats-Msg-Id`, with jittered capped backoff, until it is stored, so
+//! nothing is lost and nothing is stored twice while the leaf is away.
+//!
+//! A publish the server will refuse every time ([`is_retryable`] false:
+//! over the server's max payload, over the stream's message size) is not
+//! retried: an observation is kept in `REJECTED` with the error as its
+//! reason, a rejection is logged at ERROR, and either is acknowledged
+//! upstream, so one bad item never stalls the pipeline. `REJECTED` records
+//! are cut to fit the server's max payload before they are sent (header
+//! [`TRUNCATED_HEADER`] says how much was kept).
 
 use crate::metrics::Metrics;
 use crate::naming::Site;
-use crate::observation::Observation;
-use crate::sources::{Item, Rejected};
+use crate::observation::{Observation, DELIVERY_HEADER};
+use crate::sources::{Ack, Backoff, Item, Rejected};
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -24,12 +34,42 @@ pub const REASON_HEADER: &str = "Presenced-Reason";
 pub const ORIGIN_HEADER: &str = "Presenced-Origin";
 /// Header carrying when a rejected input was received.
 pub const RECEIVED_HEADER: &str = "Presenced-Received-At";
+/// Header on a `REJECTED` record whose input was cut to fit the server's
+/// max payload: `kept the first <n> of <m> bytes`.
+pub const TRUNCATED_HEADER: &str = "Presenced-Truncated";
+/// Longest reason or origin kept in a header (a topic can be 64 KiB).
+const MAX_HEADER_TEXT: usize = 1024;
+/// Room for the header block's framing (`NATS/1.0`, separators) and the
+/// `Nats-Msg-Id` header name, beyond the values counted one by one.
+const HEADER_OVERHEAD: usize = 256;
 
-/// Turns an item into (subject, message) for JetStream.
-fn message(site: &Site, item: &Item) -> (String, PublishMessage) {
+/// Turns an item into (subject, message) for JetStream; `max_payload` is
+/// the server's limit for headers and payload together.
+fn message(site: &Site, item: &Item, max_payload: usize) -> (String, PublishMessage) {
     match item {
         Item::Observation(obs, _) => (site.sensors_subject(&obs.sensor), observation_message(obs)),
-        Item::Rejected(rej, _) => (site.rejected_subject(&rej.source), rejected_message(rej)),
+        Item::Rejected(rej, _) => (
+            site.rejected_subject(&rej.source),
+            rejected_message(rej, max_payload),
+        ),
+    }
+}
+
+/// Whether a failed publish can succeed later unchanged. Size refusals
+/// (client-side max payload, the stream's `max_msg_size`) and expectation
+/// failures fail the same way every time; a timeout, a broken connection,
+/// a missing stream (not provisioned yet) or a full store can pass.
+pub fn is_retryable(e: &PublishError) -> bool {
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded
+        | PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence => false,
+        PublishErrorKind::Other => !std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<jetstream::Error>())
+            .is_some_and(|js| {
+                js.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+            }),
+        _ => true,
     }
 }
 
@@ -37,9 +77,13 @@ fn observation_message(obs: &Observation) -> PublishMessage {
     // Serializing plain data into JSON cannot fail; an empty payload would
     // be rejected by the engine rather than crash anything.
     let payload = serde_json::to_vec(obs).unwrap_or_default();
-    PublishMessage::build()
+    let m = PublishMessage::build()
         .payload(Bytes::from(payload))
-        .message_id(&obs.id)
+        .message_id(&obs.id);
+    match &obs.delivery {
+        Some(d) => m.header(DELIVERY_HEADER, header_text(d).as_str()),
+        None => m,
+    }
 }
 
 /// Header values are one line of text.
@@ -49,13 +93,59 @@ fn header_text(s: &str) -> String {
         .collect()
 }
 
-fn rejected_message(rej: &Rejected) -> PublishMessage {
-    PublishMessage::build()
-        .payload(rej.payload.clone())
-        .message_id(&rej.id)
-        .header(REASON_HEADER, header_text(&rej.reason).as_str())
-        .header(ORIGIN_HEADER, header_text(&rej.origin).as_str())
-        .header(RECEIVED_HEADER, rej.received_at.to_string().as_str())
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn clip(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+fn rejected_message(rej: &Rejected, max_payload: usize) -> PublishMessage {
+    let (headers, payload) = rejected_parts(rej, max_payload);
+    let mut m = PublishMessage::build().payload(payload).message_id(&rej.id);
+    for (name, value) in headers {
+        m = m.header(name, value.as_str());
+    }
+    m
+}
+
+/// The headers (beside `Nats-Msg-Id`) and payload of a `REJECTED` record,
+/// the payload cut so that the whole stays within `max_payload`.
+fn rejected_parts(rej: &Rejected, max_payload: usize) -> (Vec<(&'static str, String)>, Bytes) {
+    let mut headers = vec![
+        (
+            REASON_HEADER,
+            clip(header_text(&rej.reason), MAX_HEADER_TEXT),
+        ),
+        (
+            ORIGIN_HEADER,
+            clip(header_text(&rej.origin), MAX_HEADER_TEXT),
+        ),
+        (RECEIVED_HEADER, rej.received_at.to_string()),
+    ];
+    let used: usize = headers
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum::<usize>()
+        + rej.id.len()
+        + TRUNCATED_HEADER.len()
+        + 64
+        + HEADER_OVERHEAD;
+    let room = max_payload.saturating_sub(used);
+    if rej.payload.len() > room {
+        headers.push((
+            TRUNCATED_HEADER,
+            format!("kept the first {room} of {} bytes", rej.payload.len()),
+        ));
+        (headers, rej.payload.slice(..room))
+    } else {
+        (headers, rej.payload.clone())
+    }
 }
 
 /// Logs rejections at WARN, at most once per interval and source; the rest
@@ -108,16 +198,43 @@ pub async fn run(
             return;
         }
         Metrics::set(&metrics.buffer_depth, rx.len() as u64);
-        store_chunk(&js, &site, &chunk, &metrics).await;
-        for item in chunk.drain(..) {
-            match item {
-                Item::Observation(_, ack) => {
+        let received = chunk
+            .iter()
+            .filter(|i| matches!(i, Item::Observation(..)))
+            .count();
+        Metrics::add(&metrics.observations_in, received as u64);
+        let refused = store_chunk(&js, &site, &chunk, &metrics).await;
+        for (i, item) in chunk.drain(..).enumerate() {
+            let refusal = refused.get(&i);
+            match (item, refusal) {
+                (Item::Observation(_, ack), None) => {
                     Metrics::inc(&metrics.observations_stored);
                     ack.fire();
                 }
-                Item::Rejected(rej, ack) => {
+                (Item::Rejected(rej, ack), None) => {
                     Metrics::inc(&metrics.rejects);
                     log.note(&rej);
+                    ack.fire();
+                }
+                (Item::Observation(obs, ack), Some(error)) => {
+                    let rej = refused_observation(&obs, error);
+                    let kept = store_chunk(
+                        &js,
+                        &site,
+                        &[Item::Rejected(rej.clone(), Ack::none())],
+                        &metrics,
+                    )
+                    .await;
+                    if kept.is_empty() {
+                        Metrics::inc(&metrics.rejects);
+                        log.note(&rej);
+                    } else {
+                        tracing::error!(source = %obs.source, sensor = %obs.sensor, %error, "observation refused by SENSORS and cannot be kept in REJECTED either; dropped");
+                    }
+                    ack.fire();
+                }
+                (Item::Rejected(rej, ack), Some(error)) => {
+                    tracing::error!(source = %rej.source, origin = %rej.origin, reason = %rej.reason, %error, "rejected input refused by REJECTED; dropped");
                     ack.fire();
                 }
             }
@@ -125,29 +242,58 @@ pub async fn run(
     }
 }
 
-/// Publishes every item of the chunk, retrying failures (same message id, so
-/// a publish that was stored but whose ack was lost is not stored twice)
-/// with capped backoff until all are stored.
-async fn store_chunk(js: &jetstream::Context, site: &Site, chunk: &[Item], metrics: &Metrics) {
+/// An observation `SENSORS` refused for good, as a `REJECTED` record.
+fn refused_observation(obs: &Observation, error: &str) -> Rejected {
+    Rejected {
+        source: obs.source.clone(),
+        origin: format!("sensor {} (refused by stream SENSORS)", obs.sensor),
+        reason: format!("cannot be stored in SENSORS: {error}"),
+        payload: Bytes::from(serde_json::to_vec(obs).unwrap_or_default()),
+        received_at: crate::time::Timestamp::now(),
+        id: crate::observation::delivery_id(),
+    }
+}
+
+/// Publishes every item of the chunk, retrying failures that can pass
+/// (same message id, so a publish that was stored but whose ack was lost
+/// is not stored twice) with jittered capped backoff until all are stored
+/// or refused for good. Returns the refused ones: index and error.
+async fn store_chunk(
+    js: &jetstream::Context,
+    site: &Site,
+    chunk: &[Item],
+    metrics: &Metrics,
+) -> HashMap<usize, String> {
+    let mut refused = HashMap::new();
     let mut todo: Vec<usize> = (0..chunk.len()).collect();
-    let mut delay = Duration::from_millis(50);
+    let mut backoff = Backoff::new(RETRY_START, RETRY_MAX);
     let mut outage_logged = false;
     while !todo.is_empty() {
-        let messages = todo.iter().map(|&i| message(site, &chunk[i])).collect();
+        let max_payload = js.client().server_info().max_payload;
+        let messages = todo
+            .iter()
+            .map(|&i| message(site, &chunk[i], max_payload))
+            .collect();
         let results = crate::store::publish::publish_all(js, messages).await;
         let mut failed = Vec::new();
         let mut last_error = None;
         for (&i, r) in todo.iter().zip(results) {
-            if let Err(e) = r {
-                failed.push(i);
-                last_error = Some(e.to_string());
+            match r {
+                Ok(_) => {}
+                Err(e) if !is_retryable(&e) => {
+                    refused.insert(i, e.to_string());
+                }
+                Err(e) => {
+                    failed.push(i);
+                    last_error = Some(e.to_string());
+                }
             }
         }
         if failed.is_empty() {
             if outage_logged {
                 tracing::info!("stream SENSORS reachable again; buffered input stored");
             }
-            return;
+            return refused;
         }
         Metrics::add(&metrics.publish_retries, failed.len() as u64);
         if !outage_logged {
@@ -159,8 +305,91 @@ async fn store_chunk(js: &jetstream::Context, site: &Site, chunk: &[Item], metri
             outage_logged = true;
         }
         todo = failed;
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+        tokio::time::sleep(backoff.next()).await;
+    }
+    refused
+}
+
+/// First retry delay of a failed publish; doubles (jittered) up to
+/// [`RETRY_MAX`].
+const RETRY_START: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// How far back [`StoredDeliveries::recent`] looks. A broker redelivers
+/// a session's unacknowledged messages as soon as the daemon reconnects,
+/// so this only has to cover a restart; a message first stored longer ago
+/// than this and redelivered after a crash is stored a second time.
+pub const REDELIVERY_LOOKBACK: Duration = Duration::from_secs(600);
+
+/// Most time one message of the look-up may take to arrive.
+const LOOKUP_IDLE: Duration = Duration::from_secs(5);
+
+/// The MQTT QoS 1 deliveries stored in `SENSORS`: how the MQTT source
+/// recognises a redelivery of a message an earlier process stored but
+/// could not acknowledge (killed in between), so that it is stored once.
+#[derive(Clone)]
+pub struct StoredDeliveries {
+    js: jetstream::Context,
+    site: Site,
+}
+
+impl StoredDeliveries {
+    pub fn new(js: jetstream::Context, site: Site) -> Self {
+        StoredDeliveries { js, site }
+    }
+
+    /// Delivery header -> `Nats-Msg-Id` of this source's messages stored
+    /// in the last [`REDELIVERY_LOOKBACK`]. Reads headers only, through an
+    /// ordered consumer: what the owner's ACL grant on `SENSORS` allows.
+    pub async fn recent(&self, source: &str) -> Result<HashMap<String, String>, String> {
+        use futures::StreamExt as _;
+        let stream = self
+            .js
+            .get_stream(crate::naming::SENSORS_STREAM)
+            .await
+            .map_err(|e| format!("stream SENSORS: {e}"))?;
+        let since = time::OffsetDateTime::now_utc() - REDELIVERY_LOOKBACK;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: self.site.sensors_filter(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartTime {
+                    start_time: since,
+                },
+                headers_only: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("reading SENSORS: {e}"))?;
+        let mut found = HashMap::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(found);
+        }
+        let prefix = format!("mqtt {source} ");
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| format!("reading SENSORS: {e}"))?;
+        loop {
+            let m = match tokio::time::timeout(LOOKUP_IDLE, messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(format!("reading SENSORS: {e}")),
+                Ok(None) | Err(_) => return Err("reading SENSORS: no message in time".into()),
+            };
+            if let Some(h) = m.headers.as_ref() {
+                if let (Some(d), Some(id)) = (h.get(DELIVERY_HEADER), h.get("Nats-Msg-Id")) {
+                    if d.as_str().starts_with(&prefix) {
+                        found.insert(d.as_str().to_owned(), id.as_str().to_owned());
+                    }
+                }
+            }
+            let pending = m
+                .info()
+                .map_err(|e| format!("reading SENSORS: {e}"))?
+                .pending;
+            if pending == 0 {
+                return Ok(found);
+            }
+        }
     }
 }
 
@@ -171,5 +400,64 @@ mod tests {
     #[test]
     fn header_text_is_one_line() {
         assert_eq!(header_text("bad\r\nvalue\t!"), "bad  value !");
+    }
+
+    fn rejected(payload: usize, reason: &str) -> Rejected {
+        Rejected {
+            source: "main".into(),
+            origin: "mqtt topic a/b".into(),
+            reason: reason.into(),
+            payload: Bytes::from(vec![b'x'; payload]),
+            received_at: crate::time::Timestamp(1_795_000_000_000),
+            id: "0123456789abcdef-1".into(),
+        }
+    }
+
+    /// Header block and payload as nats-server counts them against
+    /// `max_payload` (`NATS/1.0`, `Name: value` lines, `Nats-Msg-Id`).
+    fn wire_size(rej: &Rejected, headers: &[(&str, String)], payload: &Bytes) -> usize {
+        let mut n = "NATS/1.0\r\n\r\n".len() + "Nats-Msg-Id: \r\n".len() + rej.id.len();
+        for (k, v) in headers {
+            n += k.len() + 2 + v.len() + 2;
+        }
+        n + payload.len()
+    }
+
+    #[test]
+    fn rejected_records_fit_the_servers_max_payload() {
+        let (h, p) = rejected_parts(&rejected(100, "bad"), 1024 * 1024);
+        assert_eq!(p.len(), 100, "small records are kept whole");
+        assert!(h.iter().all(|(k, _)| *k != TRUNCATED_HEADER));
+        for (size, max) in [(2 << 20, 1 << 20), (70_000, 65_536), (5000, 4096)] {
+            let rej = rejected(size, &"r".repeat(10_000));
+            let (h, p) = rejected_parts(&rej, max);
+            assert!(
+                wire_size(&rej, &h, &p) <= max,
+                "{} > {max}",
+                wire_size(&rej, &h, &p)
+            );
+            let marker = &h.iter().find(|(k, _)| *k == TRUNCATED_HEADER).unwrap().1;
+            assert_eq!(
+                marker,
+                &format!("kept the first {} of {size} bytes", p.len())
+            );
+            assert!(p.len() > max / 2, "most of the room is payload");
+            assert_eq!(&p[..], &rej.payload[..p.len()], "the head is kept");
+        }
+    }
+
+    #[test]
+    fn size_refusals_are_not_retried() {
+        assert!(!is_retryable(&PublishError::new(
+            PublishErrorKind::MaxPayloadExceeded
+        )));
+        assert!(is_retryable(&PublishError::new(PublishErrorKind::TimedOut)));
+        assert!(is_retryable(&PublishError::new(
+            PublishErrorKind::StreamNotFound
+        )));
+        assert!(is_retryable(&PublishError::new(
+            PublishErrorKind::BrokenPipe
+        )));
+        assert!(is_retryable(&PublishError::new(PublishErrorKind::Other)));
     }
 }

@@ -297,3 +297,86 @@ fn keygen_cli_prints_the_public_key_and_refuses_to_overwrite() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 }
+
+/// A QoS 1 message stored before a SIGKILL but never acknowledged to the
+/// broker is recognised on redelivery under the generated ACL: the look-up
+/// of stored deliveries (an ordered consumer on SENSORS, headers only)
+/// uses only the owner's read grant, and nothing is stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_after_sigkill_is_recognised_under_the_generated_acl() {
+    let mqtt = Mosquitto::start();
+    let proxy = support::Proxy::start(mqtt.addr());
+    let s = site(&mqtt, r#"["ingest", "engine"]"#).await;
+    let base = s.base.replace(
+        &format!("port = {}\n", mqtt.port),
+        &format!("port = {}\n", proxy.port),
+    );
+    let cfg = config(&base, "presenced", &s.dir.path().join("presenced.seed"));
+    let mut d = Daemon::start(&cfg, &[]);
+    let http = SocketAddr::from(([127, 0, 0, 1], s.http_port));
+    d.wait_healthy(http, Duration::from_secs(20));
+    let js = &s.admin_js;
+    let mut p = Publisher::connect(mqtt.port, "acl-crash-pub").await;
+    let start = std::time::Instant::now();
+    while stream_messages(js, "SENSORS").await == 0 {
+        p.publish(
+            "test/lab_pir",
+            format!(r#"{{"occupancy":true,"ts":{}}}"#, now_ms()),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(start.elapsed() < Duration::from_secs(15), "nothing read");
+    }
+    p.flush(Duration::from_secs(5)).await;
+    eventually("warm-up applied", Duration::from_secs(10), || async {
+        engine_caught_up(js, stream_messages(js, "SENSORS").await).await
+    })
+    .await;
+    let base_count = stream_messages(js, "SENSORS").await;
+
+    proxy.mute_upstream();
+    p.publish(
+        "test/lab_pir",
+        format!(r#"{{"occupancy":false,"ts":{}}}"#, now_ms()),
+    )
+    .await;
+    p.flush(Duration::from_secs(5)).await;
+    eventually(
+        "stored, its PUBACK lost",
+        Duration::from_secs(10),
+        || async { stream_messages(js, "SENSORS").await == base_count + 1 },
+    )
+    .await;
+    d.kill9();
+    proxy.cut();
+    proxy.restore();
+    d.restart();
+    d.wait_healthy(http, Duration::from_secs(20));
+    d.wait_for_log(
+        "MQTT redelivery of a message already stored; acknowledged",
+        Duration::from_secs(15),
+    );
+    p.publish(
+        "test/lab_pir",
+        format!(r#"{{"occupancy":true,"ts":{}}}"#, now_ms()),
+    )
+    .await;
+    p.flush(Duration::from_secs(5)).await;
+    eventually(
+        "the next reading stored",
+        Duration::from_secs(10),
+        || async { stream_messages(js, "SENSORS").await >= base_count + 2 },
+    )
+    .await;
+    eventually("engine caught up", Duration::from_secs(10), || async {
+        engine_caught_up(js, base_count + 2).await
+    })
+    .await;
+    assert_eq!(stream_messages(js, "SENSORS").await, base_count + 2);
+    let log = d.log();
+    assert!(
+        !log.contains("cannot look up stored MQTT deliveries"),
+        "{log}"
+    );
+    assert!(!log.contains("Permissions Violation"), "{log}");
+}

@@ -70,6 +70,85 @@ fn check_config_names_an_unknown_field() {
     assert!(err.contains("urll"), "{err}");
 }
 
+/// What only the MQTT source's own compilation refuses (the same filter
+/// and sensor template twice) is refused by `check-config` too: it runs
+/// the daemon's compile path.
+#[test]
+fn check_config_runs_the_sources_compile_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("twice.toml");
+    std::fs::write(
+        &path,
+        r#"site = "home"
+[mqtt.main]
+[[mqtt.main.topics]]
+filter = "home/+/motion"
+sensor = "{1}"
+value = "/occupancy"
+[[mqtt.main.topics]]
+filter = "home/+/motion"
+sensor = "{1}"
+value = "/illuminance"
+[zones.hall]
+evidence = [{ sensor = "hall", p_true = 0.9, p_false = 0.1 }]
+"#,
+    )
+    .unwrap();
+    let out = presenced(&["check-config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mqtt.main: mapping topics[1]: ")
+            && err.contains("already mapped to sensor \"{1}\" by topics[0]"),
+        "{err}"
+    );
+}
+
+/// A missing MQTT password file fails `check-config` and the daemon's
+/// start (before it connects or reports READY), naming the field and the
+/// path.
+#[test]
+fn a_missing_mqtt_password_file_fails_check_config_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("mqtt-password");
+    let path = dir.path().join("pw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"site = "home"
+[nats]
+url = "nats://127.0.0.1:1"
+[mqtt.main]
+username = "presenced"
+password_file = {:?}
+[[mqtt.main.topics]]
+filter = "home/hall/motion"
+sensor = "hall"
+[zones.hall]
+evidence = [{{ sensor = "hall", p_true = 0.9, p_false = 0.1 }}]
+"#,
+            secret.display().to_string()
+        ),
+    )
+    .unwrap();
+    let want = format!("mqtt.main.password_file: cannot read {}", secret.display());
+    let out = presenced(&["check-config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&want), "{err}");
+    let out = presenced(&["run", "--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&want), "{err}");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let out = presenced(&["check-config", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn shipped_examples_pass_check_config() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");

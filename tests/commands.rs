@@ -413,6 +413,7 @@ async fn a_command_is_answered_during_a_burst_and_the_burst_does_not_move_the_he
             observed_at: at,
             id: format!("burst-{i}"),
             source: "main".into(),
+            delivery: None,
         };
         let ack = js
             .publish(

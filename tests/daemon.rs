@@ -27,7 +27,10 @@ fn site(mapping: &str, zones: &str) -> Site {
     });
     let mqtt = Mosquitto::start();
     let http_port = support::free_port();
-    let config = daemon_config("test", &nats.url(), mqtt.port, http_port, mapping, zones);
+    // The crash test dates its readings 30 minutes ahead (so neither
+    // run's start is later than them): allow that much device clock skew.
+    let config = daemon_config("test", &nats.url(), mqtt.port, http_port, mapping, zones)
+        .replace("[ingest]\n", "[ingest]\nmax_clock_skew = \"1h\"\n");
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("presenced.toml");
     std::fs::write(&config_path, config).unwrap();
@@ -249,7 +252,7 @@ struct Outcome {
     zones: Vec<serde_json::Value>,
     events: Vec<Transition>,
     sensors: u64,
-    /// Observation ids in stream order.
+    /// Readings (sensor, device time, value) in stream order.
     order: Vec<String>,
 }
 
@@ -268,13 +271,15 @@ async fn outcome(js: &async_nats::jetstream::Context) -> Outcome {
         zones,
         events: events(js).await,
         sensors: stream_messages(js, "SENSORS").await,
+        // Ids are per delivery (random per process), so two runs are
+        // compared by what was read: sensor, device time and value.
         order: read_stream(js, "SENSORS")
             .await
             .iter()
             .map(|m| {
-                serde_json::from_slice::<presenced::observation::Observation>(&m.payload)
-                    .unwrap()
-                    .id
+                let o = serde_json::from_slice::<presenced::observation::Observation>(&m.payload)
+                    .unwrap();
+                format!("{} {} {:?}", o.sensor, o.observed_at, o.value)
             })
             .collect(),
     }

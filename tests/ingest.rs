@@ -30,37 +30,47 @@ fn setup(mqtt: &Mosquitto, mapping: &str) -> (NatsServer, Daemon, SocketAddr) {
     (nats, d, SocketAddr::from(([127, 0, 0, 1], http_port)))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_mqtt_message_twice_is_stored_once() {
-    let mqtt = Mosquitto::start();
-    let (nats, _d, _) = setup(&mqtt, &motion_mapping(true));
-    let js = jetstream(&nats.url()).await;
-    let mut p = Publisher::connect(mqtt.port, "dup-pub").await;
-    let ts = now_ms();
-    let same = format!(r#"{{"occupancy":true,"ts":{ts}}}"#);
-    p.publish("test/lab_pir", same.clone()).await;
-    p.publish("test/lab_pir", same).await;
-    // A different reading after them proves both were processed.
-    p.publish(
-        "test/lab_pir",
-        format!(r#"{{"occupancy":false,"ts":{}}}"#, ts + 1),
-    )
-    .await;
-    p.flush(Duration::from_secs(5)).await;
-    eventually("last reading applied", Duration::from_secs(10), || async {
-        zone(&js, "lab")
-            .await
-            .is_some_and(|z| z.evidence[0].observed_at.map(|t| t.0) == Some(ts + 1))
-    })
-    .await;
-    assert_eq!(
-        stream_messages(&js, "SENSORS").await,
-        2,
-        "duplicate stored once"
-    );
-    let msgs = read_stream(&js, "SENSORS").await;
-    let ids: Vec<String> = msgs
-        .iter()
+/// Publishes `{"occupancy":true}` on `topic` until one is stored: the
+/// daemon has subscribed (messages before its first SUBACK are not its).
+async fn warm_up(p: &mut Publisher, js: &async_nats::jetstream::Context, topic: &str) {
+    let start = std::time::Instant::now();
+    loop {
+        p.publish(topic, r#"{"occupancy":true}"#).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if stream_messages(js, "SENSORS").await >= 1 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the daemon never read a message"
+        );
+    }
+}
+
+/// Messages stored on one subject of SENSORS.
+async fn on_subject(js: &async_nats::jetstream::Context, subject: &str) -> u64 {
+    use futures::TryStreamExt;
+    let stream = js.get_stream("SENSORS").await.unwrap();
+    let counts: Vec<(String, usize)> = stream
+        .info_with_subjects(subject)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    counts.iter().map(|(_, n)| *n as u64).sum()
+}
+
+/// The value of an unlabelled metric in `/metrics`.
+fn metric(http: SocketAddr, name: &str) -> u64 {
+    let (_, text) = support::http_get(http, "/metrics").expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+fn msg_ids(msgs: &[async_nats::jetstream::Message]) -> Vec<String> {
+    msgs.iter()
         .map(|m| {
             m.headers
                 .as_ref()
@@ -68,12 +78,177 @@ async fn the_same_mqtt_message_twice_is_stored_once() {
                 .map(|v| v.to_string())
                 .unwrap_or_default()
         })
-        .collect();
-    assert!(
-        ids.iter().all(|i| i.len() == 32),
-        "deterministic ids set: {ids:?}"
+        .collect()
+}
+
+/// What a motion sensor that repeats itself sends (no device timestamp,
+/// the same payload every time), at QoS 0 and at QoS 1: every message is
+/// a reading, none is taken for a duplicate of the one before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_payload_1000_times_is_1000_readings_at_qos0_and_qos1() {
+    let mqtt = Mosquitto::start();
+    let (nats, _d, http) = setup(&mqtt, &motion_mapping(false));
+    let js = jetstream(&nats.url()).await;
+    let mut p = Publisher::connect(mqtt.port, "repeat-pub").await;
+    // Subscribed once a first reading is stored.
+    warm_up(&mut p, &js, "test/warmup_pir").await;
+    let lab = "sensors.test.lab_pir";
+
+    for _ in 0..1000 {
+        p.publish_qos0("test/lab_pir", r#"{"occupancy":true}"#)
+            .await;
+    }
+    eventually(
+        "1000 QoS 0 readings stored",
+        Duration::from_secs(30),
+        || async { on_subject(&js, lab).await >= 1000 },
+    )
+    .await;
+    for _ in 0..1000 {
+        p.publish("test/lab_pir", r#"{"occupancy":true}"#).await;
+    }
+    p.flush(Duration::from_secs(30)).await;
+    eventually(
+        "1000 QoS 1 readings stored",
+        Duration::from_secs(30),
+        || async { on_subject(&js, lab).await >= 2000 },
+    )
+    .await;
+    let total = stream_messages(&js, "SENSORS").await;
+    eventually("engine caught up", Duration::from_secs(30), || async {
+        engine_caught_up(&js, total).await
+    })
+    .await;
+    // Exactly one stored reading per message, each with its own id.
+    assert_eq!(on_subject(&js, lab).await, 2000);
+    let msgs = read_stream(&js, "SENSORS").await;
+    assert_eq!(
+        msgs_ids_unique(&msgs),
+        msgs.len(),
+        "every message has its own id"
     );
-    assert_ne!(ids[0], ids[1]);
+    let lab_msgs: Vec<_> = msgs.iter().filter(|m| m.subject.as_str() == lab).collect();
+    // Only QoS 1 deliveries carry the delivery header (the second half).
+    let delivery = |m: &&async_nats::jetstream::Message| {
+        m.headers
+            .as_ref()
+            .is_some_and(|h| h.get("Presenced-Delivery").is_some())
+    };
+    assert!(lab_msgs[..1000].iter().all(|m| !delivery(m)));
+    assert!(lab_msgs[1000..].iter().all(delivery));
+    // Every message was counted once on the way in and once stored.
+    assert_eq!(
+        metric(http, "presenced_observations_received_total"),
+        msgs.len() as u64
+    );
+    assert_eq!(
+        metric(http, "presenced_observations_stored_total"),
+        msgs.len() as u64
+    );
+}
+
+fn msgs_ids_unique(msgs: &[async_nats::jetstream::Message]) -> usize {
+    msg_ids(msgs)
+        .into_iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+/// A QoS 1 message stored in SENSORS whose PUBACK never reached the
+/// broker (lost on the wire, then the daemon SIGKILLed): the broker
+/// redelivers it to the next daemon with the DUP flag, which finds it in
+/// SENSORS by its delivery and acknowledges it without storing it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos1_message_stored_before_a_sigkill_is_stored_once_after_redelivery() {
+    let mqtt = Mosquitto::start();
+    let nats = NatsServer::start(NatsOptions::default());
+    stored_before_sigkill_is_stored_once(&nats, mqtt.port).await;
+}
+
+/// The same through the leaf's own MQTT listener (the sandbox's broker),
+/// which redelivers after its `ack_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_through_the_leafs_mqtt_listener() {
+    let mqtt_port = support::free_port();
+    let nats = NatsServer::start(NatsOptions {
+        extra: format!("mqtt {{\n  listen: \"127.0.0.1:{mqtt_port}\"\n  ack_wait: \"2s\"\n}}\n"),
+        ..Default::default()
+    });
+    stored_before_sigkill_is_stored_once(&nats, mqtt_port).await;
+}
+
+async fn stored_before_sigkill_is_stored_once(nats: &NatsServer, mqtt_port: u16) {
+    let proxy = support::Proxy::start(SocketAddr::from(([127, 0, 0, 1], mqtt_port)));
+    let http_port = support::free_port();
+    let cfg = daemon_config(
+        "test",
+        &nats.url(),
+        proxy.port,
+        http_port,
+        &motion_mapping(false),
+        ZONES,
+    );
+    let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+    let mut d = Daemon::start_provisioned(&cfg, http_port);
+    let js = jetstream(&nats.url()).await;
+    let mut p = Publisher::connect(mqtt_port, "crash-pub").await;
+    warm_up(&mut p, &js, "test/lab_pir").await;
+    p.flush(Duration::from_secs(5)).await;
+    eventually("warm-up stored", Duration::from_secs(10), || async {
+        engine_caught_up(&js, stream_messages(&js, "SENSORS").await).await
+    })
+    .await;
+    let base = stream_messages(&js, "SENSORS").await;
+
+    // From here the daemon's PUBACKs are lost.
+    proxy.mute_upstream();
+    p.publish("test/lab_pir", r#"{"occupancy":false}"#).await;
+    p.flush(Duration::from_secs(5)).await;
+    eventually("the reading is stored", Duration::from_secs(10), || async {
+        stream_messages(&js, "SENSORS").await == base + 1
+    })
+    .await;
+    d.kill9();
+    proxy.cut();
+    proxy.restore();
+
+    d.restart();
+    d.wait_healthy(http, Duration::from_secs(20));
+    d.wait_for_log(
+        "MQTT redelivery of a message already stored; acknowledged",
+        Duration::from_secs(15),
+    );
+    // A new reading after the redelivery (the broker keeps the order).
+    p.publish("test/lab_pir", r#"{"occupancy":true}"#).await;
+    p.flush(Duration::from_secs(5)).await;
+    eventually(
+        "the next reading is stored",
+        Duration::from_secs(10),
+        || async { stream_messages(&js, "SENSORS").await >= base + 2 },
+    )
+    .await;
+    eventually("engine caught up", Duration::from_secs(10), || async {
+        engine_caught_up(&js, base + 2).await
+    })
+    .await;
+    assert_eq!(
+        stream_messages(&js, "SENSORS").await,
+        base + 2,
+        "the redelivered message was stored once"
+    );
+    let msgs = read_stream(&js, "SENSORS").await;
+    assert_eq!(msgs_ids_unique(&msgs), base as usize + 2);
+    let values: Vec<bool> = msgs[base as usize..]
+        .iter()
+        .map(|m| {
+            let o: presenced::observation::Observation =
+                serde_json::from_slice(&m.payload).unwrap();
+            o.value == presenced::observation::Reading::Bool(true)
+        })
+        .collect();
+    assert_eq!(values, [false, true]);
+    // This daemon stored only the new reading, not the redelivery.
+    assert_eq!(metric(http, "presenced_observations_stored_total"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

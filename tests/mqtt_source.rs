@@ -6,7 +6,7 @@ mod support;
 
 use presenced::config::MqttSource;
 use presenced::observation::{Observation, Reading};
-use presenced::sources::mqtt::{run, MqttError, MqttStatus};
+use presenced::sources::mqtt::{run, DecodeRules, MqttError, MqttStatus, RunOptions};
 use presenced::sources::{Ack, Item, Rejected};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use std::net::SocketAddr;
@@ -57,14 +57,24 @@ struct Source {
 
 impl Source {
     fn start(port: u16, client_id: &str, buffer: usize) -> Source {
+        Source::start_with(config(port), client_id, buffer)
+    }
+
+    fn start_with(cfg: MqttSource, client_id: &str, buffer: usize) -> Source {
         let (tx, rx) = mpsc::channel(buffer);
         let (stop, shutdown) = watch::channel(false);
         let status = Arc::new(MqttStatus::default());
         let task = tokio::spawn(run(
             "main".into(),
-            config(port),
+            cfg,
             client_id.into(),
-            false,
+            RunOptions {
+                rules: DecodeRules {
+                    strict: false,
+                    max_clock_skew: Duration::from_secs(300),
+                },
+                stored: None,
+            },
             tx,
             status.clone(),
             shutdown,
@@ -296,7 +306,8 @@ async fn decodes_and_acks(port: u16, nats_monitor: Option<SocketAddr>) {
 
 /// An ack not fired before the source stops: the broker keeps the message
 /// and redelivers it to the next run, with the same packet id and so the
-/// same observation id.
+/// same delivery key, which is what a daemon finds in `SENSORS` to give
+/// the redelivery its first id (tests/daemon.rs checks that end to end).
 async fn unacked_is_redelivered_with_same_id(port: u16) {
     let mut source = Source::start(port, "presenced-test-redeliver", 100);
     source.wait_subscribed(1).await;
@@ -311,9 +322,10 @@ async fn unacked_is_redelivered_with_same_id(port: u16) {
 
     let mut source = Source::start(port, "presenced-test-redeliver", 100);
     let (again, ack) = source.next_observation().await;
+    assert!(first.delivery.is_some(), "QoS 1 carries its delivery");
     assert_eq!(
-        again.id, first.id,
-        "redelivery must keep the observation id"
+        again.delivery, first.delivery,
+        "redelivery must keep the delivery key"
     );
     assert_eq!((again.sensor, again.value), (first.sensor, first.value));
     ack.fire();
@@ -448,4 +460,31 @@ async fn full_buffer_holds_input_back_without_loss() {
         ack.fire();
     }
     source.shutdown().await;
+}
+
+/// Two sources with one client id: the broker accepts each connection and
+/// then drops it when the other one connects (a session takeover), forever.
+/// The reconnect backoff must keep growing, since no connection stays up
+/// long enough to count as stable; restarting it at every CONNACK would
+/// reconnect every 100 ms or faster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_drops_every_connection_is_not_hammered() {
+    let broker = Mosquitto::start();
+    let mut cfg = config(broker.port);
+    cfg.reconnect_max = Duration::from_secs(2);
+    let a = Source::start_with(cfg.clone(), "presenced-test-twin", 100);
+    let b = Source::start_with(cfg, "presenced-test-twin", 100);
+    let window = Duration::from_secs(6);
+    tokio::time::sleep(window).await;
+    let connects = |s: &Source| s.status.connects.load(Ordering::Relaxed);
+    let (ca, cb) = (connects(&a), connects(&b));
+    // Backoff 100 ms doubling to 2 s with equal jitter: at most about nine
+    // connections each in 6 s. At a fixed 100 ms it would be 30 or more.
+    assert!(ca >= 2 && cb >= 2, "the takeover happened: {ca}, {cb}");
+    assert!(
+        ca + cb <= 24,
+        "reconnects not backed off: {ca} + {cb} in {window:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
 }

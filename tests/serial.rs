@@ -140,6 +140,7 @@ fn start_source(cfg: SerialSource) -> Running {
     let task = tokio::spawn(serial::run(
         "radar".into(),
         cfg,
+        Duration::from_secs(300),
         tx,
         status.clone(),
         stop_rx,

@@ -106,6 +106,7 @@ fn check_top(config: &Config, p: &mut Problems) {
     if config.ingest.buffer < 1 {
         p.push("ingest.buffer", "must be at least 1, got 0");
     }
+    positive(p, "ingest.max_clock_skew", config.ingest.max_clock_skew);
     if config.ingest.max_in_flight < 1 {
         p.push("ingest.max_in_flight", "must be at least 1, got 0");
     }
@@ -603,6 +604,58 @@ fn check_serial(name: &str, source: &SerialSource, producers: &mut Producers, p:
 }
 
 fn check_mqtt(name: &str, source: &MqttSource, producers: &mut Producers, p: &mut Problems) {
+    let before = p.0.len();
+    check_mqtt_fields(name, source, producers, p);
+    if p.0.len() == before {
+        check_mqtt_compiles(name, source, p);
+    }
+}
+
+/// Runs what the MQTT source runs at start (mapping compilation, client
+/// options, reading the password file), so that whatever would stop the
+/// source stops `check-config` first. Only when the field checks passed:
+/// they say the same things with more precise paths.
+fn check_mqtt_compiles(name: &str, source: &MqttSource, p: &mut Problems) {
+    use crate::sources::mqtt::{compile_mappings, options};
+    let at = format!("mqtt.{name}");
+    if let Err(e) = compile_mappings(source) {
+        p.push(at.clone(), format!("mapping {e}"));
+    }
+    // The password file is read by [`secrets`], not here: this stays a
+    // pure function of the text.
+    let mut source = source.clone();
+    source.password_file = None;
+    if let Err(e) = options(name, &source, "check-config") {
+        p.push(at, e.to_string());
+    }
+}
+
+/// Reads every secret file the sources read at start (MQTT password
+/// files), so a missing one fails `check-config` and the daemon's start
+/// with the field that names it, instead of stopping the source later.
+/// A path under `$CREDENTIALS_DIRECTORY/` is skipped when that variable is
+/// unset (a build-time check outside the unit: systemd itself refuses to
+/// start a unit whose credential is missing).
+pub(super) fn secrets(config: &Config) -> Vec<ConfigProblem> {
+    let mut p = Problems::default();
+    for (name, source) in &config.mqtt {
+        let Some(path) = &source.password_file else {
+            continue;
+        };
+        if super::resolve_secret_path(path).is_err() {
+            continue;
+        }
+        if let Err(e) = crate::store::connect::read_secret(path) {
+            p.push(
+                format!("mqtt.{name}.password_file"),
+                format!("cannot read {}: {e}", path.display()),
+            );
+        }
+    }
+    p.0
+}
+
+fn check_mqtt_fields(name: &str, source: &MqttSource, producers: &mut Producers, p: &mut Problems) {
     let at = format!("mqtt.{name}");
     if !naming::is_token(name) {
         p.push(
@@ -643,6 +696,16 @@ fn check_mqtt(name: &str, source: &MqttSource, producers: &mut Producers, p: &mu
         );
     }
     positive(p, format!("{at}.reconnect_max"), source.reconnect_max);
+    if source.max_payload == 0 || source.max_payload > crate::sources::mqtt::MQTT_MAX_PACKET {
+        p.push(
+            format!("{at}.max_payload"),
+            format!(
+                "must be 1 to {} bytes (MQTT's largest message), got {}",
+                crate::sources::mqtt::MQTT_MAX_PACKET,
+                source.max_payload
+            ),
+        );
+    }
 
     if source.topics.is_empty() && source.zigbee2mqtt.is_none() && source.espresense.is_none() {
         p.push(
@@ -1095,6 +1158,89 @@ fn check_rule(at: &str, rule: &EvidenceRule, producers: &Producers, p: &mut Prob
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn problems_of(text: &str) -> Vec<String> {
+        let c = Config::from_toml(text, std::path::Path::new("t.toml")).unwrap();
+        all(&c).into_iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn shipped_examples_pass_the_daemons_compile_path() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let c = Config::from_toml(&text, &path).unwrap();
+            // Secrets of the examples live outside the repository.
+            let problems: Vec<String> = all(&c).into_iter().map(|p| p.to_string()).collect();
+            assert!(problems.is_empty(), "{}: {problems:?}", path.display());
+            for (name, m) in &c.mqtt {
+                crate::sources::mqtt::compile_mappings(m)
+                    .unwrap_or_else(|e| panic!("{}: mqtt.{name}: {e}", path.display()));
+            }
+        }
+    }
+
+    const MQTT_BASE: &str = r#"
+site = "t"
+[mqtt.main]
+username = "presenced"
+[[mqtt.main.topics]]
+filter = "a/motion"
+sensor = "a_motion"
+[zones.a]
+evidence = [{ sensor = "a_motion", p_true = 0.9, p_false = 0.1 }]
+"#;
+
+    #[test]
+    fn a_missing_password_file_is_named_with_its_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("mqtt-password");
+        let text = format!(
+            "{}\n",
+            MQTT_BASE.replace(
+                "username = \"presenced\"",
+                &format!(
+                    "username = \"presenced\"\npassword_file = {:?}",
+                    missing.display().to_string()
+                )
+            )
+        );
+        let c = Config::from_toml(&text, std::path::Path::new("t.toml")).unwrap();
+        assert!(all(&c).is_empty(), "validation itself reads no files");
+        let problems: Vec<String> = secrets(&c).iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("mqtt.main.password_file: cannot read ")
+                && problems[0].contains("mqtt-password"),
+            "{problems:?}"
+        );
+        std::fs::write(&missing, "secret\n").unwrap();
+        assert!(secrets(&c).is_empty());
+        // Under systemd's credentials directory: checked in the unit, not here.
+        let text = MQTT_BASE.replace(
+            "username = \"presenced\"",
+            "username = \"presenced\"\npassword_file = \"$CREDENTIALS_DIRECTORY/mqtt\"",
+        );
+        let c = Config::from_toml(&text, std::path::Path::new("t.toml")).unwrap();
+        if std::env::var_os("CREDENTIALS_DIRECTORY").is_none() {
+            assert!(secrets(&c).is_empty());
+        }
+    }
+
+    #[test]
+    fn mqtt_limits_are_checked() {
+        let text = MQTT_BASE.replace("[mqtt.main]", "[mqtt.main]\nmax_payload = 0");
+        assert_eq!(
+            problems_of(&text),
+            ["mqtt.main.max_payload: must be 1 to 268435455 bytes (MQTT's largest message), got 0"]
+        );
+        let text = format!("{MQTT_BASE}\n[ingest]\nmax_clock_skew = \"0s\"\n");
+        assert_eq!(
+            problems_of(&text),
+            ["ingest.max_clock_skew: must be longer than 0s"]
+        );
+    }
 
     #[test]
     fn filters() {

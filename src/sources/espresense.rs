@@ -14,7 +14,7 @@
 //! other sensor.
 
 use crate::config::EspresenseConfig;
-use crate::observation::{input_id, Observation, Reading, OBSERVATION_SCHEMA};
+use crate::observation::{Observation, Reading, OBSERVATION_SCHEMA};
 use crate::time::Timestamp;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -183,16 +183,11 @@ impl Espresense {
         };
         let mut out = Vec::new();
         let mut push = |sensor: String, value: bool| {
-            let v = [u8::from(value)];
+            // Ids are given per delivery by the MQTT connection.
             out.push(Observation {
                 v: OBSERVATION_SCHEMA,
-                id: input_id(&[
-                    b"espresense",
-                    source.as_bytes(),
-                    sensor.as_bytes(),
-                    &at.millis().to_le_bytes(),
-                    &v,
-                ]),
+                id: String::new(),
+                delivery: None,
                 sensor,
                 value: Reading::Bool(value),
                 observed_at: at,

@@ -1,13 +1,25 @@
 //! MQTT source: subscribes to the configured topics and turns each publish
-//! into an [`Item`] for ingest.
+//! into [`Item`]s for ingest.
 //!
 //! Delivery is at-least-once end to end: the session is persistent
 //! (`clean_session = false`) and the PUBACK is sent only when ingest fires
 //! the item's [`Ack`], i.e. once the observation is stored in JetStream.
 //! Until then the broker keeps the message and redelivers it after a crash
-//! or a lost connection. Redeliveries carry the same packet id, so they get
-//! the same observation id and JetStream's duplicate window stores them
-//! once.
+//! or a lost connection.
+//!
+//! Ids (`Nats-Msg-Id` in `SENSORS`) identify one delivery, not the
+//! content: sensors repeat the same payload (`ON`, `ON`, ...) and each
+//! repeat is a reading. A first delivery gets a new id
+//! ([`crate::observation::delivery_id`]). Only a QoS 1 redelivery (DUP
+//! flag) must not be stored twice, and it gets the id of its first
+//! delivery: from memory when this process handed that delivery to ingest,
+//! else from `SENSORS`, where every QoS 1 reading carries the header
+//! `Presenced-Delivery` (source, packet id, hash of topic and payload,
+//! index); a redelivery whose readings are all found there was stored
+//! before a crash and is only acknowledged. Packet ids alone are not
+//! unique (QoS 0 uses 0; the broker reuses an id once it is acknowledged
+//! and after a reconnect); with the content hash they name one
+//! unacknowledged message, which is all a redelivery can be.
 //!
 //! Brokers differ in when they redeliver: Mosquitto resends unacked
 //! messages when the session resumes; nats-server's MQTT listener resends
@@ -15,21 +27,27 @@
 //! too. Both keep the packet id. Retained messages are skipped unless the
 //! mapping reads a device timestamp: their age is unknown.
 //!
-//! [`decode`] is the pure part (topic and payload to observation or
-//! rejection); [`run`] is the connection loop around it.
+//! Payloads up to MQTT's maximum are read (a smaller client limit drops the
+//! connection and the broker redelivers the same message forever); those
+//! over `max_payload` are acknowledged and kept in `REJECTED`.
+//!
+//! [`decode`] is the pure part (topic and payload to observations or
+//! rejections); [`run`] is the connection loop around it.
 
 use crate::config::{MqttSource, Zigbee2MqttKind};
 use crate::observation::{input_id, Observation, OBSERVATION_SCHEMA};
 use crate::sources::espresense::{Espresense, Outcome};
-use crate::sources::payload::{extract_timestamp, extract_value, ValueSelector};
+use crate::sources::payload::{
+    check_device_time, extract_timestamp, extract_value, PayloadError, ValueSelector,
+};
 use crate::sources::topic::{SensorTemplate, TopicError, TopicFilter};
-use crate::sources::{Ack, Item, Rejected};
+use crate::sources::{Ack, Backoff, Item, Rejected};
 use crate::time::Timestamp;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
     SubscribeFilter, SubscribeReasonCode,
 };
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,9 +55,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-/// Zigbee2MQTT and ESPresense payloads are small, but a misbehaving device
-/// should be rejected with a reason rather than drop the connection.
-const MAX_PACKET_SIZE: usize = 1024 * 1024;
+/// MQTT's largest packet (the remaining length is at most 268,435,455
+/// bytes): rumqttc drops the connection on a bigger incoming packet, and
+/// the broker would then redeliver the same QoS 1 message forever. Sizes
+/// are policed by `max_payload` after reading instead.
+pub const MQTT_MAX_PACKET: usize = 268_435_455;
+/// Outgoing packets are subscribes, acks and pings.
+const OUTGOING_MAX_PACKET: usize = 64 * 1024;
+/// Bytes of an oversized payload kept in its `REJECTED` record.
+pub const OVERSIZED_HEAD: usize = 1024;
+/// How long a connection must stay up before the reconnect backoff starts
+/// over: a broker that accepts and then drops each connection (a bad
+/// message, an ACL kick) must not be hammered at the shortest delay.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Requests (acks, subscribes) queued for the event loop. Acks arrive in
 /// bursts when ingest catches up; a full queue falls back to an awaiting
 /// send on a spawned task, so this only sizes the fast path.
@@ -62,8 +90,11 @@ pub struct Mapping {
 }
 
 /// Builds the mappings of one source: explicit topics first, then the
-/// Zigbee2MQTT devices. Two mappings with the same filter are refused:
-/// the first would always win and the second would be dead config.
+/// Zigbee2MQTT devices. Several mappings may share a topic (one device
+/// reporting occupancy and illuminance in one payload): the topic is
+/// subscribed once and every mapping of it reads the message. The same
+/// topic mapped twice to the same sensor is refused: the second would be
+/// dead config.
 pub fn compile_mappings(cfg: &MqttSource) -> Result<Vec<Mapping>, TopicError> {
     let mut out: Vec<(String, Mapping)> = Vec::new();
     for (i, t) in cfg.topics.iter().enumerate() {
@@ -132,15 +163,15 @@ fn push_unique(
     at: String,
     mapping: Mapping,
 ) -> Result<(), TopicError> {
-    if let Some((first, _)) = out
-        .iter()
-        .find(|(_, m)| m.filter.as_str() == mapping.filter.as_str())
-    {
+    if let Some((first, _)) = out.iter().find(|(_, m)| {
+        m.filter.as_str() == mapping.filter.as_str() && m.sensor.as_str() == mapping.sensor.as_str()
+    }) {
         return Err(TopicError::Template {
             template: mapping.sensor.as_str().to_owned(),
             reason: format!(
-                "topic {:?} is already mapped by {first}; only the first mapping of a topic is used",
-                mapping.filter.as_str()
+                "topic {:?} is already mapped to sensor {:?} by {first}",
+                mapping.filter.as_str(),
+                mapping.sensor.as_str()
             ),
         }
         .at(at));
@@ -160,92 +191,118 @@ pub fn subscriptions(mappings: &[Mapping]) -> Vec<String> {
         .collect()
 }
 
-fn find_mapping<'m, 't>(
+/// The mappings that read `topic`: every mapping of the first filter that
+/// matches it (a specific filter listed before a wildcard one wins), with
+/// the levels its wildcards captured.
+fn find_mappings<'m, 't>(
     mappings: &'m [Mapping],
     topic: &'t str,
-) -> Option<(&'m Mapping, Vec<&'t str>)> {
-    mappings
+) -> Option<(Vec<&'m Mapping>, Vec<&'t str>)> {
+    let (first, caps) = mappings
         .iter()
-        .find_map(|m| m.filter.captures(topic).map(|c| (m, c)))
+        .find_map(|m| m.filter.captures(topic).map(|c| (m, c)))?;
+    let group = mappings
+        .iter()
+        .filter(|m| m.filter.as_str() == first.filter.as_str())
+        .collect();
+    Some((group, caps))
 }
 
-/// Turns one incoming publish into an observation or a rejection; `None`
-/// when no mapping claims the topic and `strict` is off. The first
-/// matching mapping wins.
+/// What [`decode`] checks beyond the mappings.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeRules {
+    /// Reject messages on subscribed topics that no mapping claims.
+    pub strict: bool,
+    /// See `ingest.max_clock_skew`.
+    pub max_clock_skew: Duration,
+}
+
+/// Turns one incoming publish into observations and rejections (one per
+/// mapping of its topic); `None` when no mapping claims the topic and
+/// `strict` is off.
 ///
-/// The id is a hash of source, topic and payload, plus the packet id unless
-/// the mapping reads the device's own timestamp (which already makes the
-/// payload unique per reading). A QoS 1 redelivery after a crash or a lost
-/// connection carries the same packet id, so it gets the same id and is
-/// stored once. Residual risk: two identical payloads on the same topic
-/// that happen to reuse the same packet id within the duplicate window
-/// (the broker recycles ids once acked) are stored once; for presence
-/// sensors, a repeated identical reading carries no new information.
+/// Ids are left empty: they identify a delivery, not the content, and
+/// the connection assigns them (see [`Connection::assign_ids`]).
+///
+/// When several mappings read one topic, a mapping whose value is absent
+/// from this payload is skipped (Zigbee2MQTT devices report some
+/// properties in some messages only); the message is rejected only when
+/// no mapping found its value.
 pub fn decode(
     source: &str,
     mappings: &[Mapping],
-    strict: bool,
+    rules: DecodeRules,
     topic: &str,
     payload: &[u8],
-    pkid: u16,
     received_at: Timestamp,
-) -> Option<Result<Observation, Rejected>> {
-    let pk = pkid.to_be_bytes();
-    let reject = |reason: String, with_pkid: bool| {
-        let mut parts: Vec<&[u8]> = vec![
-            b"mqtt-rejected",
-            source.as_bytes(),
-            topic.as_bytes(),
-            payload,
-        ];
-        if with_pkid {
-            parts.push(&pk);
-        }
-        Rejected {
-            source: source.to_owned(),
-            origin: format!("mqtt topic {topic}"),
-            reason,
-            payload: bytes::Bytes::copy_from_slice(payload),
-            received_at,
-            id: input_id(&parts),
-        }
+) -> Option<Vec<Result<Observation, Rejected>>> {
+    let reject = |reason: String| Rejected {
+        source: source.to_owned(),
+        origin: format!("mqtt topic {topic}"),
+        reason,
+        payload: bytes::Bytes::copy_from_slice(payload),
+        received_at,
+        id: String::new(),
     };
-    let Some((mapping, caps)) = find_mapping(mappings, topic) else {
-        if !strict {
+    let Some((group, caps)) = find_mappings(mappings, topic) else {
+        if !rules.strict {
             return None;
         }
         let reason = "no mapping for this topic (ingest.strict_topics is on)";
-        return Some(Err(reject(reason.into(), true)));
+        return Some(vec![Err(reject(reason.into()))]);
     };
-    let with_pkid = mapping.timestamp.is_none();
-    let sensor = match mapping.sensor.render(&caps) {
-        Ok(s) => s,
-        Err(reason) => return Some(Err(reject(reason, with_pkid))),
-    };
-    let value = match extract_value(payload, &mapping.value) {
-        Ok(v) => v,
-        Err(e) => return Some(Err(reject(format!("payload: {e}"), with_pkid))),
-    };
-    let observed_at = match &mapping.timestamp {
-        None => received_at,
-        Some(sel) => match extract_timestamp(payload, sel) {
-            Ok(t) => t,
-            Err(e) => return Some(Err(reject(format!("timestamp: {e}"), with_pkid))),
-        },
-    };
-    let id = if with_pkid {
-        input_id(&[b"mqtt", source.as_bytes(), topic.as_bytes(), payload, &pk])
-    } else {
-        input_id(&[b"mqtt", source.as_bytes(), topic.as_bytes(), payload])
-    };
-    Some(Ok(Observation {
-        v: OBSERVATION_SCHEMA,
-        sensor,
-        value,
-        observed_at,
-        id,
-        source: source.to_owned(),
-    }))
+    let shared = group.len() > 1;
+    let mut out = Vec::new();
+    let mut missing = Vec::new();
+    for mapping in group {
+        let sensor = match mapping.sensor.render(&caps) {
+            Ok(s) => s,
+            Err(reason) => {
+                out.push(Err(reject(reason)));
+                continue;
+            }
+        };
+        let value = match extract_value(payload, &mapping.value) {
+            Ok(v) => v,
+            Err(PayloadError::Missing { at }) if shared => {
+                missing.push(at);
+                continue;
+            }
+            Err(e) => {
+                out.push(Err(reject(format!("payload: {e}"))));
+                continue;
+            }
+        };
+        let observed_at = match &mapping.timestamp {
+            None => received_at,
+            Some(sel) => match extract_timestamp(payload, sel)
+                .map_err(|e| e.to_string())
+                .and_then(|t| check_device_time(t, received_at, rules.max_clock_skew))
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    out.push(Err(reject(format!("timestamp: {e}"))));
+                    continue;
+                }
+            },
+        };
+        out.push(Ok(Observation {
+            v: OBSERVATION_SCHEMA,
+            sensor,
+            value,
+            observed_at,
+            id: String::new(),
+            source: source.to_owned(),
+            delivery: None,
+        }));
+    }
+    if out.is_empty() {
+        out.push(Err(reject(format!(
+            "payload: none of {} is present",
+            missing.join(", ")
+        ))));
+    }
+    Some(out)
 }
 
 /// Counters and state of one MQTT source, read by health and metrics.
@@ -270,22 +327,60 @@ pub struct MqttStatus {
     /// Publishes acknowledged and dropped on purpose: no mapping (and not
     /// strict), or a retained message without a device timestamp.
     pub ignored: AtomicU64,
+    /// QoS 1 redeliveries of messages an earlier process had stored:
+    /// acknowledged without storing them again.
+    pub redelivered: AtomicU64,
 }
 
-/// Why the source stopped for good.
+/// Why the source stopped for good. Connection problems never end up
+/// here (they are retried); these are the ones a retry cannot fix.
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
-    #[error("MQTT mapping: {0}")]
-    Mapping(#[from] TopicError),
-    #[error("cannot read MQTT password file {path}: {source}")]
+    #[error("mqtt.{source_name}: mapping {error}")]
+    Mapping {
+        source_name: String,
+        error: TopicError,
+    },
+    /// The password file is missing or unreadable: a deployment problem
+    /// (credential not installed), named by its config field.
+    #[error("mqtt.{source_name}.password_file: cannot read {}: {error}", path.display())]
     PasswordFile {
+        source_name: String,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("MQTT config: {0}")]
     Config(String),
     #[error("ingest stopped accepting input")]
     IngestClosed,
+}
+
+impl MqttError {
+    /// Whether running the source again could succeed without anyone
+    /// changing the config or the host. Only a closed ingest channel
+    /// qualifies (the daemon is stopping or ingest was restarted); a
+    /// mapping, config or secret problem fails the same way every time.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, MqttError::IngestClosed)
+    }
+
+    /// Whether the daemon should stop (and its supervisor report why)
+    /// rather than run on without this source: the operator must fix the
+    /// config or install the secret. The opposite of
+    /// [`MqttError::is_retryable`].
+    pub fn is_fatal(&self) -> bool {
+        !self.is_retryable()
+    }
+}
+
+/// What the source needs beyond its own section of the config.
+#[derive(Clone)]
+pub struct RunOptions {
+    pub rules: DecodeRules,
+    /// Where redeliveries of QoS 1 messages stored by an earlier process
+    /// are looked up; `None` turns that off (every delivery unknown to this
+    /// process gets a new id).
+    pub stored: Option<crate::ingest::StoredDeliveries>,
 }
 
 /// Reads the broker until `shutdown` turns true (or its sender is gone),
@@ -296,12 +391,15 @@ pub async fn run(
     source: String,
     cfg: MqttSource,
     client_id: String,
-    strict: bool,
+    opts: RunOptions,
     tx: mpsc::Sender<Item>,
     status: Arc<MqttStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), MqttError> {
-    let mappings = compile_mappings(&cfg)?;
+    let mappings = compile_mappings(&cfg).map_err(|error| MqttError::Mapping {
+        source_name: source.clone(),
+        error,
+    })?;
     let mut filters = subscriptions(&mappings);
     let espresense = cfg.espresense.as_ref().map(Espresense::new);
     if let Some(es) = &espresense {
@@ -313,15 +411,17 @@ pub async fn run(
     if filters.is_empty() {
         warn!(source = %source, "MQTT source has no topics to read");
     }
-    let opts = options(&cfg, &client_id)?;
-    let (client, eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
+    let mqtt_options = options(&source, &cfg, &client_id)?;
+    let (client, eventloop) = AsyncClient::new(mqtt_options, REQUEST_CAPACITY);
     let mut conn = Connection {
         source,
         broker: format!("{}:{}", cfg.host, cfg.port),
         mappings,
         filters,
         espresense,
-        strict,
+        rules: opts.rules,
+        max_payload: cfg.max_payload,
+        deliveries: Deliveries::new(opts.stored),
         client,
         tx,
         status,
@@ -340,7 +440,11 @@ pub async fn run(
     result
 }
 
-fn options(cfg: &MqttSource, client_id: &str) -> Result<MqttOptions, MqttError> {
+/// The client options, checked: what rumqttc would panic on is refused,
+/// and the password file is read. `check-config` runs this too (with a
+/// placeholder client id), so whatever it refuses fails the config check
+/// before the daemon starts.
+pub fn options(source: &str, cfg: &MqttSource, client_id: &str) -> Result<MqttOptions, MqttError> {
     if client_id.is_empty() || client_id.starts_with(' ') {
         return Err(MqttError::Config(format!(
             "client id {client_id:?} is invalid: the broker keeps the session under it, so it must be non-empty"
@@ -356,13 +460,17 @@ fn options(cfg: &MqttSource, client_id: &str) -> Result<MqttOptions, MqttError> 
     o.set_keep_alive(cfg.keep_alive)
         .set_clean_session(false)
         .set_manual_acks(true)
-        .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE);
+        // Incoming: MQTT's own maximum, so whatever the broker accepts is
+        // read (and rejected by `max_payload` if too large) instead of
+        // dropping the connection and being redelivered forever.
+        .set_max_packet_size(MQTT_MAX_PACKET, OUTGOING_MAX_PACKET);
     let password = match &cfg.password_file {
         None => None,
-        Some(path) => Some(crate::store::connect::read_secret(path).map_err(|source| {
+        Some(path) => Some(crate::store::connect::read_secret(path).map_err(|error| {
             MqttError::PasswordFile {
+                source_name: source.to_owned(),
                 path: path.clone(),
-                source,
+                error,
             }
         })?),
     };
@@ -392,7 +500,11 @@ struct Connection {
     filters: Vec<String>,
     /// The ESPresense preset; it keeps per-person state across messages.
     espresense: Option<Espresense>,
-    strict: bool,
+    rules: DecodeRules,
+    /// `mqtt.<name>.max_payload`.
+    max_payload: usize,
+    /// Ids given to QoS 1 deliveries, to give a redelivery its first id.
+    deliveries: Deliveries,
     client: AsyncClient,
     tx: mpsc::Sender<Item>,
     status: Arc<MqttStatus>,
@@ -420,6 +532,7 @@ impl Connection {
         reconnect_max: Duration,
     ) -> Result<(), MqttError> {
         let mut backoff = Backoff::new(BACKOFF_START, reconnect_max);
+        let mut connected_at: Option<Instant> = None;
         let result = loop {
             let event = tokio::select! {
                 biased;
@@ -428,7 +541,7 @@ impl Connection {
             };
             let flow = match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    backoff.reset();
+                    connected_at = Some(Instant::now());
                     self.on_connected(ack.session_present);
                     Ok(Flow::Continue)
                 }
@@ -440,6 +553,12 @@ impl Connection {
                 Ok(_) => Ok(Flow::Continue),
                 Err(e) => {
                     self.on_connection_error(&e);
+                    if connected_at
+                        .take()
+                        .is_some_and(|t| t.elapsed() >= STABLE_AFTER)
+                    {
+                        backoff.reset();
+                    }
                     let delay = backoff.next();
                     tokio::select! {
                         biased;
@@ -556,12 +675,15 @@ impl Connection {
             self.status.ignored.fetch_add(1, Ordering::Relaxed);
             return Ok(Flow::Continue);
         }
+        if p.payload.len() > self.max_payload {
+            return self.oversized(&p, received_at, shutdown).await;
+        }
         // A retained message is the last value the broker saw, from an
         // unknown time; stamping it with the receive time would make an old
         // "motion" look current. Only a device timestamp makes it usable.
         if p.retain {
-            let has_time =
-                find_mapping(&self.mappings, &p.topic).is_some_and(|(m, _)| m.timestamp.is_some());
+            let has_time = find_mappings(&self.mappings, &p.topic)
+                .is_some_and(|(group, _)| group.iter().any(|m| m.timestamp.is_some()));
             if !has_time {
                 debug!(source = %self.source, topic = %p.topic, "ignoring retained MQTT message: no device timestamp");
                 self.status.ignored.fetch_add(1, Ordering::Relaxed);
@@ -573,81 +695,163 @@ impl Connection {
             Some(es) => es.handle(&self.source, &p.topic, &p.payload, received_at),
             None => Outcome::NotMine,
         };
-        match outcome {
-            Outcome::NotMine => {}
+        let results: Vec<Result<Observation, Rejected>> = match outcome {
+            Outcome::NotMine => {
+                match decode(
+                    &self.source,
+                    &self.mappings,
+                    self.rules,
+                    &p.topic,
+                    &p.payload,
+                    received_at,
+                ) {
+                    Some(r) => r,
+                    None => {
+                        debug!(source = %self.source, topic = %p.topic, "no mapping for MQTT topic; ignored");
+                        self.status.ignored.fetch_add(1, Ordering::Relaxed);
+                        self.ack(&p).fire();
+                        return Ok(Flow::Continue);
+                    }
+                }
+            }
             Outcome::Ignored => {
                 debug!(source = %self.source, topic = %p.topic, "ESPresense device not configured; ignored");
                 self.status.ignored.fetch_add(1, Ordering::Relaxed);
                 self.ack(&p).fire();
                 return Ok(Flow::Continue);
             }
-            Outcome::Rejected(reason) => {
-                self.status.rejected.fetch_add(1, Ordering::Relaxed);
-                let rej = Rejected {
-                    source: self.source.clone(),
-                    origin: format!("mqtt topic {}", p.topic),
-                    reason,
-                    payload: p.payload.clone(),
-                    received_at,
-                    id: input_id(&[
-                        b"mqtt-rejected",
-                        self.source.as_bytes(),
-                        p.topic.as_bytes(),
-                        &p.payload,
-                        &p.pkid.to_be_bytes(),
-                    ]),
-                };
-                let item = Item::Rejected(rej, self.ack(&p));
-                return self.forward(item, shutdown).await;
-            }
-            Outcome::Observations(obs) => {
-                // The upstream ack travels with the last item: the message
-                // is done once everything it caused is stored.
-                let mut ack = Some(self.ack(&p));
-                let n = obs.len();
-                if n == 0 {
-                    if let Some(a) = ack.take() {
-                        a.fire();
-                    }
-                    return Ok(Flow::Continue);
+            Outcome::Rejected(reason) => vec![Err(Rejected {
+                source: self.source.clone(),
+                origin: format!("mqtt topic {}", p.topic),
+                reason,
+                payload: p.payload.clone(),
+                received_at,
+                id: String::new(),
+            })],
+            Outcome::Observations(obs) => obs.into_iter().map(Ok).collect(),
+        };
+        if results.is_empty() {
+            self.ack(&p).fire();
+            return Ok(Flow::Continue);
+        }
+        let Some(results) = self.assign_ids(&p, results).await else {
+            debug!(source = %self.source, topic = %p.topic, pkid = p.pkid, "MQTT redelivery of a message already stored; acknowledged");
+            self.status.redelivered.fetch_add(1, Ordering::Relaxed);
+            self.ack(&p).fire();
+            return Ok(Flow::Continue);
+        };
+        // The upstream ack travels with the last item: the message is done
+        // once everything it caused is stored.
+        let mut ack = Some(self.ack(&p));
+        let n = results.len();
+        for (i, r) in results.into_iter().enumerate() {
+            let a = if i + 1 == n {
+                ack.take().unwrap_or_else(Ack::none)
+            } else {
+                Ack::none()
+            };
+            let item = match r {
+                Ok(obs) => Item::Observation(obs, a),
+                Err(rej) => {
+                    self.status.rejected.fetch_add(1, Ordering::Relaxed);
+                    debug!(source = %self.source, topic = %p.topic, reason = %rej.reason, "MQTT message rejected");
+                    Item::Rejected(rej, a)
                 }
-                for (i, o) in obs.into_iter().enumerate() {
-                    let a = if i + 1 == n {
-                        ack.take().unwrap_or_else(Ack::none)
-                    } else {
-                        Ack::none()
-                    };
-                    if let Flow::Stop = self.forward(Item::Observation(o, a), shutdown).await? {
-                        return Ok(Flow::Stop);
-                    }
-                }
-                return Ok(Flow::Continue);
+            };
+            if let Flow::Stop = self.forward(item, shutdown).await? {
+                return Ok(Flow::Stop);
             }
         }
-        let decoded = decode(
-            &self.source,
-            &self.mappings,
-            self.strict,
-            &p.topic,
-            &p.payload,
-            p.pkid,
+        Ok(Flow::Continue)
+    }
+
+    /// A payload over `max_payload`: acknowledged and kept in `REJECTED`
+    /// with its size and first bytes, so one runaway device costs one
+    /// record, not the connection.
+    async fn oversized(
+        &mut self,
+        p: &Publish,
+        received_at: Timestamp,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Flow, MqttError> {
+        self.status.rejected.fetch_add(1, Ordering::Relaxed);
+        let head = p.payload.slice(..p.payload.len().min(OVERSIZED_HEAD));
+        let rej = Rejected {
+            source: self.source.clone(),
+            origin: format!("mqtt topic {}", p.topic),
+            reason: format!(
+                "payload of {} bytes is larger than mqtt.{}.max_payload ({} bytes); its first {} bytes are kept",
+                p.payload.len(),
+                self.source,
+                self.max_payload,
+                head.len()
+            ),
+            payload: head,
             received_at,
-        );
-        let item = match decoded {
-            None => {
-                debug!(source = %self.source, topic = %p.topic, "no mapping for MQTT topic; ignored");
-                self.status.ignored.fetch_add(1, Ordering::Relaxed);
-                self.ack(&p).fire();
-                return Ok(Flow::Continue);
-            }
-            Some(Ok(obs)) => Item::Observation(obs, self.ack(&p)),
-            Some(Err(rej)) => {
-                self.status.rejected.fetch_add(1, Ordering::Relaxed);
-                debug!(source = %self.source, topic = %p.topic, reason = %rej.reason, "MQTT message rejected");
-                Item::Rejected(rej, self.ack(&p))
-            }
+            id: crate::observation::delivery_id(),
         };
+        warn!(source = %self.source, topic = %p.topic, size = p.payload.len(), max_payload = self.max_payload, "oversized MQTT payload rejected");
+        let item = Item::Rejected(rej, self.ack(p));
         self.forward(item, shutdown).await
+    }
+
+    /// Gives each item of one delivery its `Nats-Msg-Id`: a new one per
+    /// delivery, except for a QoS 1 redelivery (DUP flag) of a message
+    /// this process or an earlier one already handed to ingest, which gets
+    /// the ids of that first delivery, so JetStream stores it once. `None`
+    /// when an earlier process stored every item already: the message
+    /// only needs its PUBACK.
+    async fn assign_ids(
+        &mut self,
+        p: &Publish,
+        mut results: Vec<Result<Observation, Rejected>>,
+    ) -> Option<Vec<Result<Observation, Rejected>>> {
+        if p.qos == QoS::AtMostOnce {
+            for r in &mut results {
+                set_id(r, crate::observation::delivery_id());
+            }
+            return Some(results);
+        }
+        let hash = input_id(&[p.topic.as_bytes(), &p.payload]);
+        let keys: Vec<String> = (0..results.len())
+            .map(|i| delivery_key(&self.source, p.pkid, &hash, i))
+            .collect();
+        let reused = if p.dup {
+            let generation = self.generation.load(Ordering::Acquire);
+            self.deliveries
+                .find(&self.source, generation, p.pkid, &hash, &keys)
+                .await
+        } else {
+            None
+        };
+        let ids: Vec<String> = match reused {
+            Some(Found::Memory(ids)) => ids,
+            Some(Found::Scan(stored)) => {
+                let all_stored = results.iter().any(Result::is_ok)
+                    && results
+                        .iter()
+                        .zip(&stored)
+                        .all(|(r, id)| r.is_err() || id.is_some());
+                if all_stored {
+                    return None;
+                }
+                stored
+                    .into_iter()
+                    .map(|id| id.unwrap_or_else(crate::observation::delivery_id))
+                    .collect()
+            }
+            None => (0..results.len())
+                .map(|_| crate::observation::delivery_id())
+                .collect(),
+        };
+        self.deliveries.remember(p.pkid, hash, ids.clone());
+        for ((r, id), key) in results.iter_mut().zip(ids).zip(keys) {
+            set_id(r, id);
+            if let Ok(obs) = r {
+                obs.delivery = Some(key);
+            }
+        }
+        Some(results)
     }
 
     /// Hands the item to ingest. When ingest is behind, this waits instead
@@ -743,6 +947,106 @@ impl Connection {
     }
 }
 
+fn set_id(r: &mut Result<Observation, Rejected>, id: String) {
+    match r {
+        Ok(o) => o.id = id,
+        Err(rej) => rej.id = id,
+    }
+}
+
+/// A QoS 1 delivery as header [`crate::observation::DELIVERY_HEADER`]
+/// records it: source, packet id, hash of topic and payload, and the
+/// index of the item among those the message caused. The packet id alone
+/// is not unique (the broker reuses it once acked, and after a reconnect);
+/// with the content hash it names one unacknowledged message, which is all
+/// a redelivery can be.
+fn delivery_key(source: &str, pkid: u16, hash: &str, index: usize) -> String {
+    format!("mqtt {source} {pkid} {hash} {index}")
+}
+
+/// How long the look-up of stored deliveries may hold up reading after a
+/// reconnect; past it, the redelivery is stored again (at least once
+/// beats losing it).
+const SCAN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the ids of an earlier delivery were found.
+enum Found {
+    /// Handed to ingest by this process: reuse them (JetStream drops the
+    /// copy if the first one was stored).
+    Memory(Vec<String>),
+    /// Per item, the id it was stored under by an earlier process, if any.
+    Scan(Vec<Option<String>>),
+}
+
+/// The ids given to QoS 1 deliveries, so a redelivery (DUP flag) gets the
+/// ids of its first delivery.
+struct Deliveries {
+    /// Per packet id, the last message delivered under it in this process:
+    /// hash of topic and payload, and the ids it was given. A new message
+    /// under the same packet id replaces the entry (the broker reuses an id
+    /// only once it is acknowledged), so this holds at most 65,535 entries.
+    by_pkid: HashMap<u16, (String, Vec<String>)>,
+    /// Stream `SENSORS`, for redeliveries of what an earlier process
+    /// stored before a crash.
+    stored: Option<crate::ingest::StoredDeliveries>,
+    /// What the look-up found, for the connection (generation) it ran on:
+    /// a broker redelivers a session's unacknowledged messages right after
+    /// it resumes, so one look-up serves them all.
+    scanned: Option<(u64, HashMap<String, String>)>,
+}
+
+impl Deliveries {
+    fn new(stored: Option<crate::ingest::StoredDeliveries>) -> Self {
+        Deliveries {
+            by_pkid: HashMap::new(),
+            stored,
+            scanned: None,
+        }
+    }
+
+    fn remember(&mut self, pkid: u16, hash: String, ids: Vec<String>) {
+        self.by_pkid.insert(pkid, (hash, ids));
+    }
+
+    async fn find(
+        &mut self,
+        source: &str,
+        generation: u64,
+        pkid: u16,
+        hash: &str,
+        keys: &[String],
+    ) -> Option<Found> {
+        if let Some((h, ids)) = self.by_pkid.get(&pkid) {
+            if h == hash && ids.len() == keys.len() {
+                return Some(Found::Memory(ids.clone()));
+            }
+        }
+        let store = self.stored.as_ref()?;
+        if self.scanned.as_ref().is_none_or(|(g, _)| *g != generation) {
+            let started = Instant::now();
+            let found = match tokio::time::timeout(SCAN_TIMEOUT, store.recent(source)).await {
+                Ok(Ok(found)) => found,
+                Ok(Err(error)) => {
+                    warn!(source = %source, %error, "cannot look up stored MQTT deliveries; a redelivered message may be stored twice");
+                    HashMap::new()
+                }
+                Err(_) => {
+                    warn!(source = %source, timeout = ?SCAN_TIMEOUT, "looking up stored MQTT deliveries timed out; a redelivered message may be stored twice");
+                    HashMap::new()
+                }
+            };
+            debug!(source = %source, deliveries = found.len(), elapsed_ms = started.elapsed().as_millis() as u64, "looked up stored MQTT deliveries");
+            self.scanned = Some((generation, found));
+        }
+        let map = &self.scanned.as_ref()?.1;
+        let stored: Vec<Option<String>> = keys.iter().map(|k| map.get(k).cloned()).collect();
+        if stored.iter().all(Option::is_none) {
+            return None;
+        }
+        Some(Found::Scan(stored))
+    }
+}
+
 /// The set behind [`Connection::in_flight`]. Entries carry the connection
 /// generation, so acks of an old connection never touch the new one's.
 #[derive(Clone, Default)]
@@ -778,48 +1082,6 @@ struct InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.set.lock().remove(&self.key);
-    }
-}
-
-/// Capped exponential backoff with "equal jitter": half the delay is fixed,
-/// half random, so many daemons restarted together do not reconnect in
-/// lockstep, and no delay is shorter than half its step.
-struct Backoff {
-    start: Duration,
-    cap: Duration,
-    current: Duration,
-    rng: u64,
-}
-
-impl Backoff {
-    fn new(start: Duration, cap: Duration) -> Self {
-        use std::hash::{BuildHasher, Hasher};
-        let seed = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        let start = start.min(cap);
-        Backoff {
-            start,
-            cap,
-            current: start,
-            rng: seed | 1,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.current = self.start;
-    }
-
-    fn next(&mut self) -> Duration {
-        let step = self.current;
-        self.current = (self.current * 2).min(self.cap);
-        // xorshift64: good enough for jitter, no extra dependency.
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        let half = step / 2;
-        let frac = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
-        half + half.mul_f64(frac)
     }
 }
 
@@ -876,16 +1138,18 @@ mod tests {
 
     const T0: Timestamp = Timestamp(1_795_000_000_000);
 
-    fn dec(topic: &str, payload: &str, pkid: u16) -> Option<Result<Observation, Rejected>> {
-        decode(
-            "main",
-            &sample(),
-            false,
-            topic,
-            payload.as_bytes(),
-            pkid,
-            T0,
-        )
+    const LAX: DecodeRules = DecodeRules {
+        strict: false,
+        max_clock_skew: Duration::from_secs(300),
+    };
+
+    /// The single item one publish becomes (the sample maps each topic once).
+    #[allow(clippy::result_large_err)]
+    fn dec(topic: &str, payload: &str, _pkid: u16) -> Option<Result<Observation, Rejected>> {
+        decode("main", &sample(), LAX, topic, payload.as_bytes(), T0).map(|mut v| {
+            assert_eq!(v.len(), 1, "{v:?}");
+            v.remove(0)
+        })
     }
 
     #[test]
@@ -939,17 +1203,25 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_filters_are_refused() {
+    fn a_topic_mapped_twice_to_one_sensor_is_refused() {
         let e = compile_mappings(&source(
             vec![topic("zigbee2mqtt/pir", "pir", Some("/occupancy"), None)],
-            vec![device("pir", Zigbee2MqttKind::Illuminance, Some("pir_lux"))],
+            vec![device("pir", Zigbee2MqttKind::Illuminance, Some("pir"))],
         ))
         .unwrap_err();
         assert!(
             e.to_string().starts_with("zigbee2mqtt.devices[0]: ")
-                && e.to_string().contains("already mapped by topics[0]"),
+                && e.to_string()
+                    .contains("already mapped to sensor \"pir\" by topics[0]"),
             "{e}"
         );
+        // Two sensors from one topic are fine.
+        let m = compile_mappings(&source(
+            vec![topic("zigbee2mqtt/pir", "pir", Some("/occupancy"), None)],
+            vec![device("pir", Zigbee2MqttKind::Illuminance, Some("pir_lux"))],
+        ))
+        .unwrap();
+        assert_eq!(m.len(), 2);
     }
 
     #[test]
@@ -1049,41 +1321,134 @@ mod tests {
     #[test]
     fn unmatched_topics_depend_on_strict() {
         assert!(dec("elsewhere", "ON", 1).is_none());
-        let r = decode("main", &sample(), true, "elsewhere", b"ON", 1, T0)
+        let strict = DecodeRules {
+            strict: true,
+            ..LAX
+        };
+        let r = decode("main", &sample(), strict, "elsewhere", b"ON", T0)
             .unwrap()
+            .remove(0)
             .unwrap_err();
         assert!(r.reason.contains("no mapping"), "{}", r.reason);
         assert_eq!(r.origin, "mqtt topic elsewhere");
     }
 
     #[test]
-    fn ids_follow_packet_id_without_device_timestamp() {
+    fn ids_are_left_to_the_connection() {
         let a = dec("home/hall/motion", "ON", 5).unwrap().unwrap();
-        let redelivered = dec("home/hall/motion", "ON", 5).unwrap().unwrap();
-        let next = dec("home/hall/motion", "ON", 6).unwrap().unwrap();
-        assert_eq!(a.id, redelivered.id, "redelivery keeps the id");
-        assert_ne!(a.id, next.id, "a new message with the same payload is new");
-        let other_source = decode("other", &sample(), false, "home/hall/motion", b"ON", 5, T0)
-            .unwrap()
-            .unwrap();
-        assert_ne!(a.id, other_source.id);
-        let r1 = dec("home/hall/motion", "bad", 5).unwrap().unwrap_err();
-        let r2 = dec("home/hall/motion", "bad", 6).unwrap().unwrap_err();
-        assert_ne!(r1.id, r2.id);
-        assert_ne!(r1.id, a.id);
+        assert_eq!(a.id, "");
+        assert_eq!(a.delivery, None);
+        let r = dec("home/hall/motion", "bad", 5).unwrap().unwrap_err();
+        assert_eq!(r.id, "");
+    }
+
+    #[test]
+    fn one_topic_feeds_several_mappings() {
+        let m = compile_mappings(&source(
+            vec![],
+            vec![
+                device(
+                    "kitchen_motion",
+                    Zigbee2MqttKind::Occupancy,
+                    Some("kitchen_pir"),
+                ),
+                device(
+                    "kitchen_motion",
+                    Zigbee2MqttKind::Illuminance,
+                    Some("kitchen_lux"),
+                ),
+            ],
+        ))
+        .unwrap();
+        assert_eq!(subscriptions(&m), ["zigbee2mqtt/kitchen_motion"]);
+        let both = decode(
+            "main",
+            &m,
+            LAX,
+            "zigbee2mqtt/kitchen_motion",
+            br#"{"occupancy":true,"illuminance":31}"#,
+            T0,
+        )
+        .unwrap();
+        let got: Vec<(String, Reading)> = both
+            .into_iter()
+            .map(|r| {
+                let o = r.unwrap();
+                (o.sensor, o.value)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("kitchen_pir".to_owned(), Reading::Bool(true)),
+                ("kitchen_lux".to_owned(), Reading::Number(31.0))
+            ]
+        );
+        // A report of one property only feeds that one.
+        let one = decode(
+            "main",
+            &m,
+            LAX,
+            "zigbee2mqtt/kitchen_motion",
+            br#"{"occupancy":false}"#,
+            T0,
+        )
+        .unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].as_ref().unwrap().sensor, "kitchen_pir");
+        // Neither: one rejection naming both.
+        let none = decode(
+            "main",
+            &m,
+            LAX,
+            "zigbee2mqtt/kitchen_motion",
+            br#"{"battery":90}"#,
+            T0,
+        )
+        .unwrap();
+        assert_eq!(none.len(), 1);
+        let reason = &none[0].as_ref().unwrap_err().reason;
+        assert_eq!(
+            reason,
+            "payload: none of pointer /occupancy, pointer /illuminance is present"
+        );
+        // A wrong type is still a rejection, beside the good reading.
+        let mixed = decode(
+            "main",
+            &m,
+            LAX,
+            "zigbee2mqtt/kitchen_motion",
+            br#"{"occupancy":true,"illuminance":"dark"}"#,
+            T0,
+        )
+        .unwrap();
+        assert_eq!(mixed.len(), 2);
+        assert!(mixed[0].is_ok() && mixed[1].is_err(), "{mixed:?}");
     }
 
     #[test]
     fn device_timestamp_sets_time_and_id() {
         let p = r#"{"presence":true,"ts":"2026-11-18T11:06:40.123Z"}"#;
         let a = dec("esp/desk/state", p, 1).unwrap().unwrap();
-        let b = dec("esp/desk/state", p, 2).unwrap().unwrap();
         assert_eq!(a.observed_at, Timestamp(1_795_000_000_123));
         assert_eq!(a.sensor, "desk");
-        assert_eq!(
-            a.id, b.id,
-            "the payload with its timestamp identifies the reading"
+        let r = dec(
+            "esp/desk/state",
+            r#"{"presence":true,"ts":"2126-11-18T11:06:40Z"}"#,
+            1,
+        )
+        .unwrap()
+        .unwrap_err();
+        assert!(
+            r.reason
+                .starts_with("timestamp: device time 2126-11-18T11:06:40.000Z is"),
+            "{}",
+            r.reason
         );
+        let r = dec("esp/desk/state", r#"{"presence":true,"ts":-1}"#, 1)
+            .unwrap()
+            .unwrap_err();
+        assert!(r.reason.contains("before 2000"), "{}", r.reason);
         let r = dec("esp/desk/state", r#"{"presence":true,"ts":"later"}"#, 1)
             .unwrap()
             .unwrap_err();
@@ -1109,20 +1474,29 @@ mod tests {
             vec![],
         ))
         .unwrap();
-        let o = decode("s", &m, false, "a/b", b"1", 1, T0).unwrap().unwrap();
+        let o = decode("s", &m, LAX, "a/b", b"1", T0)
+            .unwrap()
+            .remove(0)
+            .unwrap();
         assert_eq!(o.sensor, "specific");
-        let o = decode("s", &m, false, "a/c", b"1", 1, T0).unwrap().unwrap();
+        let o = decode("s", &m, LAX, "a/c", b"1", T0)
+            .unwrap()
+            .remove(0)
+            .unwrap();
         assert_eq!(o.sensor, "c_generic");
     }
 
     #[test]
     fn options_check_what_would_panic_in_rumqttc() {
         let mut s = source(vec![], vec![]);
-        assert!(matches!(options(&s, ""), Err(MqttError::Config(_))));
+        assert!(matches!(options("main", &s, ""), Err(MqttError::Config(_))));
         s.keep_alive = Duration::from_millis(500);
-        assert!(matches!(options(&s, "c"), Err(MqttError::Config(_))));
+        assert!(matches!(
+            options("main", &s, "c"),
+            Err(MqttError::Config(_))
+        ));
         s.keep_alive = Duration::ZERO;
-        assert!(options(&s, "c").is_ok());
+        assert!(options("main", &s, "c").is_ok());
     }
 
     #[test]
@@ -1133,18 +1507,26 @@ mod tests {
         let mut s = source(vec![], vec![]);
         s.username = Some("presenced".into());
         s.password_file = Some(path);
-        let o = options(&s, "c").unwrap();
+        let o = options("main", &s, "c").unwrap();
         let login = o.credentials().unwrap();
         assert_eq!(
             (login.username.as_str(), login.password.as_str()),
             ("presenced", "s3cret")
         );
         s.password_file = Some(dir.path().join("missing"));
-        let e = options(&s, "c").unwrap_err();
-        assert!(e.to_string().contains("missing"), "{e}");
+        let e = options("main", &s, "c").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("mqtt.main.password_file: cannot read ")
+                && e.to_string().contains("missing"),
+            "{e}"
+        );
+        assert!(matches!(e, MqttError::PasswordFile { .. }));
+        assert!(e.is_fatal() && !e.is_retryable());
+        assert!(MqttError::IngestClosed.is_retryable());
         s.username = None;
         s.password_file = None;
-        assert!(options(&s, "c").unwrap().credentials().is_none());
+        assert!(options("main", &s, "c").unwrap().credentials().is_none());
     }
 
     proptest::proptest! {
@@ -1155,14 +1537,16 @@ mod tests {
             pkid in proptest::prelude::any::<u16>(),
         ) {
             let m = sample();
-            let _ = decode("main", &m, true, &topic, &payload, pkid, T0);
+            let _ = pkid;
+            let strict = DecodeRules { strict: true, ..LAX };
+            let _ = decode("main", &m, strict, &topic, &payload, T0);
         }
 
         #[test]
         fn json_payloads_never_panic(payload in "[\\[\\]{}\":,0-9a-zA-Z./+ -]{0,48}") {
             let m = sample();
             for topic in ["zigbee2mqtt/hall_pir", "esp/x/state", "home/x/motion"] {
-                let _ = decode("main", &m, false, topic, payload.as_bytes(), 1, T0);
+                let _ = decode("main", &m, LAX, topic, payload.as_bytes(), T0);
             }
         }
 
@@ -1174,22 +1558,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn backoff_doubles_to_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let steps: Vec<Duration> = (0..6).map(|_| b.next()).collect();
-        let nominal = [100u64, 200, 400, 800, 1000, 1000];
-        for (d, n) in steps.iter().zip(nominal) {
-            let n = Duration::from_millis(n);
-            assert!(
-                *d >= n / 2 && *d <= n,
-                "{d:?} not within [{:?}, {n:?}]",
-                n / 2
-            );
-        }
-        b.reset();
-        assert!(b.next() <= Duration::from_millis(100));
     }
 }

@@ -112,6 +112,43 @@ pub fn extract_timestamp(payload: &[u8], sel: &ValueSelector) -> Result<Timestam
     }
 }
 
+/// The earliest device timestamp accepted, 2000-01-01T00:00:00Z: a device
+/// whose clock was never set reports 1970 or 2000 plus its uptime, and
+/// `ts: -1` or `0` is a placeholder, not an instant.
+pub const EARLIEST_DEVICE_TIME: Timestamp = Timestamp(946_684_800_000);
+
+/// Checks a device timestamp against the receive time, the same way for
+/// every form it was written in (milliseconds, RFC 3339 with or without an
+/// offset): before [`EARLIEST_DEVICE_TIME`] or further than `max_skew`
+/// ahead of `received_at` is refused with a reason. A reading from the
+/// future would move its zone's clock forward (a reading dated 2126
+/// freezes the zone until 2126), so it is rejected, never clamped.
+pub fn check_device_time(
+    t: Timestamp,
+    received_at: Timestamp,
+    max_skew: std::time::Duration,
+) -> Result<Timestamp, String> {
+    if t < EARLIEST_DEVICE_TIME {
+        let shown = if t.0 >= 0 {
+            t.to_string()
+        } else {
+            format!("{} ms before 1970-01-01", t.0.unsigned_abs())
+        };
+        return Err(format!(
+            "device time {shown} is before {EARLIEST_DEVICE_TIME}: the device clock is not set"
+        ));
+    }
+    let ahead = t.since(received_at);
+    if ahead > max_skew {
+        return Err(format!(
+            "device time {t} is {} ahead of the receive time {received_at}, more than ingest.max_clock_skew ({}): the device clock is wrong",
+            humantime::format_duration(std::time::Duration::from_secs(ahead.as_secs())),
+            humantime::format_duration(max_skew)
+        ));
+    }
+    Ok(t)
+}
+
 fn millis(ms: f64) -> Result<Timestamp, String> {
     // i64 milliseconds cover ±292 million years; anything beyond is garbage.
     if ms.abs() < 9.0e15 {
@@ -462,6 +499,60 @@ mod tests {
                 at: "pointer /ts".into()
             })
         );
+    }
+
+    #[test]
+    fn device_times_out_of_range_are_refused_in_every_form() {
+        use std::time::Duration;
+        let now = Timestamp(1_795_000_000_000);
+        let skew = Duration::from_secs(300);
+        let sel = ValueSelector::parse(Some("/ts"));
+        let check = |p: &str| {
+            extract_timestamp(p.as_bytes(), &sel)
+                .map_err(|e| e.to_string())
+                .and_then(|t| check_device_time(t, now, skew))
+        };
+        // Just inside the skew, in three forms.
+        for p in [
+            r#"{"ts":1795000299000}"#,
+            r#"{"ts":"1795000299000"}"#,
+            r#"{"ts":"2026-11-18T11:11:39Z"}"#,
+            r#"{"ts":"2026-11-18T12:11:39+01:00"}"#,
+        ] {
+            assert_eq!(check(p), Ok(Timestamp(1_795_000_299_000)), "{p}");
+        }
+        // One second beyond it, in the same forms.
+        for p in [
+            r#"{"ts":1795000301000}"#,
+            r#"{"ts":"1795000301000"}"#,
+            r#"{"ts":"2026-11-18T11:11:41Z"}"#,
+            r#"{"ts":"2026-11-18T12:11:41+01:00"}"#,
+        ] {
+            let e = check(p).unwrap_err();
+            assert!(
+                e.contains("5m 1s ahead") && e.contains("max_clock_skew"),
+                "{p}: {e}"
+            );
+        }
+        // A century ahead.
+        let e = check(r#"{"ts":"2126-11-18T11:06:40Z"}"#).unwrap_err();
+        assert!(e.contains("ahead of the receive time"), "{e}");
+        // Before 2000, including the placeholders devices send.
+        for p in [
+            r#"{"ts":-1}"#,
+            r#"{"ts":0}"#,
+            r#"{"ts":"-1"}"#,
+            r#"{"ts":946684799999}"#,
+            r#"{"ts":"1999-12-31T23:59:59.999Z"}"#,
+            r#"{"ts":"2000-01-01T00:30:00+01:00"}"#,
+        ] {
+            let e = check(p).unwrap_err();
+            assert!(e.contains("before 2000-01-01T00:00:00.000Z"), "{p}: {e}");
+        }
+        assert!(check(r#"{"ts":-1}"#)
+            .unwrap_err()
+            .contains("1 ms before 1970"));
+        assert_eq!(check(r#"{"ts":946684800000}"#), Ok(EARLIEST_DEVICE_TIME));
     }
 
     #[test]

@@ -7,19 +7,18 @@
 //! read from the wire can stop or crash it.
 //!
 //! Serial input has no upstream acknowledgement and no redelivery, so
-//! every item travels with [`Ack::none`]. Observation ids are still
-//! deterministic: a hash of (source, sensor, observed-at milliseconds,
-//! value). A per-connection frame counter would restart at zero after an
-//! unplug or a daemon restart and give two different readings one id; the
-//! chosen parts identify a reading on their own, and two readings of one
-//! sensor with the same value in the same millisecond carry no new
-//! information.
+//! every item travels with [`Ack::none`] and gets its own id
+//! ([`delivery_id`]: a random per-process session and a counter). A hash
+//! of the content would make two readings with the same value in the same
+//! millisecond (a JSON-lines device without a clock, repeating itself)
+//! one stored reading; nothing here can be delivered twice, so nothing
+//! needs a content-derived id.
 
 use crate::config::{SerialFraming, SerialSource};
-use crate::observation::{input_id, Observation, Reading, OBSERVATION_SCHEMA};
+use crate::observation::{delivery_id, Observation, Reading, OBSERVATION_SCHEMA};
 use crate::sources::ld2410::{self, Decoder, Event, RejectKind, Report};
-use crate::sources::payload::{extract_timestamp, extract_value, ValueSelector};
-use crate::sources::{Ack, Item, Rejected};
+use crate::sources::payload::{check_device_time, extract_timestamp, extract_value, ValueSelector};
+use crate::sources::{Ack, Backoff, Item, Rejected};
 use crate::time::Timestamp;
 use std::collections::HashMap;
 use std::path::Path;
@@ -89,6 +88,21 @@ pub enum SerialError {
     IngestClosed,
 }
 
+impl SerialError {
+    /// Whether running the source again could succeed unchanged: only a
+    /// closed ingest channel (the daemon stopping). A lost or missing
+    /// device is not an error at all (it is reopened with backoff).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SerialError::IngestClosed)
+    }
+
+    /// Whether the daemon should stop rather than run without this
+    /// source: a config problem fails the same way every time.
+    pub fn is_fatal(&self) -> bool {
+        !self.is_retryable()
+    }
+}
+
 /// Turns LD2410 reports into observations: each output at most once per
 /// `min_interval`, and (with `changes_only`) only when its value differs
 /// from the last one sent.
@@ -137,21 +151,14 @@ impl Ld2410Mapper {
 }
 
 fn observation(source: &str, sensor: String, value: Reading, at: Timestamp) -> Observation {
-    let value_text = serde_json::to_vec(&value).unwrap_or_default();
-    let id = input_id(&[
-        b"serial",
-        source.as_bytes(),
-        sensor.as_bytes(),
-        &at.millis().to_le_bytes(),
-        &value_text,
-    ]);
     Observation {
         v: OBSERVATION_SCHEMA,
         sensor,
         value,
         observed_at: at,
-        id,
+        id: delivery_id(),
         source: source.to_owned(),
+        delivery: None,
     }
 }
 
@@ -194,13 +201,15 @@ impl LineSplitter {
 }
 
 /// Decodes one JSON line: `{"sensor": "...", "value": ..., "ts": ...}`
-/// (`ts` optional, Unix milliseconds or RFC 3339). `None` for a blank line.
+/// (`ts` optional, Unix milliseconds or RFC 3339, checked against
+/// `max_clock_skew` like every device time). `None` for a blank line.
 pub fn decode_line(
     source: &str,
     device: &Path,
     sensors: &[String],
     line: &Line,
     received_at: Timestamp,
+    max_clock_skew: Duration,
 ) -> Option<Result<Observation, Rejected>> {
     let text = line.bytes.strip_suffix(b"\r").unwrap_or(&line.bytes);
     if text.iter().all(u8::is_ascii_whitespace) && !line.overlong {
@@ -212,13 +221,7 @@ pub fn decode_line(
         reason,
         payload: bytes::Bytes::copy_from_slice(text),
         received_at,
-        id: input_id(&[
-            b"serial-rejected",
-            source.as_bytes(),
-            text,
-            &received_at.millis().to_le_bytes(),
-            &line.number.to_le_bytes(),
-        ]),
+        id: delivery_id(),
     };
     if line.overlong {
         return Some(Err(reject(format!(
@@ -247,7 +250,10 @@ pub fn decode_line(
         .ok()
         .is_some_and(|v| v.get("ts").is_some());
     let observed_at = if has_ts {
-        match extract_timestamp(text, &ValueSelector::Pointer("/ts".into())) {
+        match extract_timestamp(text, &ValueSelector::Pointer("/ts".into()))
+            .map_err(|e| e.to_string())
+            .and_then(|t| check_device_time(t, received_at, max_clock_skew))
+        {
             Ok(t) => t,
             Err(e) => return Some(Err(reject(format!("ts: {e}")))),
         }
@@ -285,6 +291,7 @@ fn byte_offset(text: &[u8], line: usize, column: usize) -> usize {
 pub async fn run(
     source: String,
     cfg: SerialSource,
+    max_clock_skew: Duration,
     tx: mpsc::Sender<Item>,
     status: Arc<SerialStatus>,
     mut shutdown: watch::Receiver<bool>,
@@ -300,6 +307,7 @@ pub async fn run(
     let mut link = Link {
         source,
         cfg,
+        max_clock_skew,
         tx,
         status,
         mapper: None,
@@ -321,6 +329,8 @@ pub async fn run(
 struct Link {
     source: String,
     cfg: SerialSource,
+    /// `ingest.max_clock_skew`, for JSON lines with a `ts`.
+    max_clock_skew: Duration,
     tx: mpsc::Sender<Item>,
     status: Arc<SerialStatus>,
     mapper: Option<Ld2410Mapper>,
@@ -337,8 +347,7 @@ enum End {
 
 impl Link {
     async fn serve(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), SerialError> {
-        let mut delay = BACKOFF_START;
-        let cap = self.cfg.reconnect_max.max(BACKOFF_START);
+        let mut backoff = Backoff::new(BACKOFF_START, self.cfg.reconnect_max.max(BACKOFF_START));
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -351,7 +360,7 @@ impl Link {
                     // A port that opens and fails at once (a half-enumerated
                     // adapter) keeps backing off instead of spinning.
                     if opened.elapsed() >= STABLE_AFTER {
-                        delay = BACKOFF_START;
+                        backoff.reset();
                     }
                     self.status.connected.store(false, Ordering::Relaxed);
                     self.status.disconnects.fetch_add(1, Ordering::Relaxed);
@@ -366,9 +375,8 @@ impl Link {
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.next()) => {}
             }
-            delay = (delay * 2).min(cap);
         }
     }
 
@@ -472,6 +480,7 @@ impl Link {
                             &self.cfg.sensors,
                             &line,
                             received_at,
+                            self.max_clock_skew,
                         );
                         let item = match decoded {
                             None => continue,
@@ -520,13 +529,7 @@ impl Link {
             }
             Event::Rejected(rej) => {
                 self.status.count_reject(rej.kind);
-                let id = input_id(&[
-                    b"ld2410-rejected",
-                    self.source.as_bytes(),
-                    &rej.bytes,
-                    &at.millis().to_le_bytes(),
-                    &offset.to_le_bytes(),
-                ]);
+                let id = delivery_id();
                 vec![Item::Rejected(
                     Rejected {
                         source: self.source.clone(),
@@ -785,18 +788,47 @@ mod tests {
     }
 
     #[test]
-    fn observation_ids_identify_the_reading() {
+    fn every_reading_gets_its_own_id() {
         let a = observation("s", "x".into(), Reading::Bool(true), T0);
         let b = observation("s", "x".into(), Reading::Bool(true), T0);
-        assert_eq!(a.id, b.id, "same reading, same id across restarts");
-        for other in [
-            observation("t", "x".into(), Reading::Bool(true), T0),
-            observation("s", "y".into(), Reading::Bool(true), T0),
-            observation("s", "x".into(), Reading::Bool(false), T0),
-            observation("s", "x".into(), Reading::Bool(true), Timestamp(T0.0 + 1)),
-        ] {
-            assert_ne!(a.id, other.id);
-        }
+        assert_ne!(a.id, b.id, "a repeated reading is a new reading");
+    }
+
+    #[test]
+    fn json_line_times_are_checked() {
+        let line = |t: &str| Line {
+            number: 1,
+            bytes: t.as_bytes().to_vec(),
+            overlong: false,
+        };
+        let skew = Duration::from_secs(300);
+        let r = decode_line(
+            "s",
+            Path::new("/dev/x"),
+            &[],
+            &line(r#"{"sensor":"a","value":true,"ts":-1}"#),
+            T0,
+            skew,
+        )
+        .unwrap()
+        .unwrap_err();
+        assert!(
+            r.reason.starts_with("ts: device time 1 ms before 1970"),
+            "{}",
+            r.reason
+        );
+        let ahead = T0.0 + 3_600_000;
+        let r = decode_line(
+            "s",
+            Path::new("/dev/x"),
+            &[],
+            &line(&format!(r#"{{"sensor":"a","value":true,"ts":{ahead}}}"#)),
+            T0,
+            skew,
+        )
+        .unwrap()
+        .unwrap_err();
+        assert!(r.reason.contains("1h ahead"), "{}", r.reason);
     }
 
     fn split(text: &[u8]) -> Vec<Line> {
@@ -810,7 +842,14 @@ mod tests {
 
     fn dec(line: &Line, allowed: &[&str]) -> Option<Result<Observation, Rejected>> {
         let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
-        decode_line("esp", Path::new("/dev/ttyACM0"), &allowed, line, T0)
+        decode_line(
+            "esp",
+            Path::new("/dev/ttyACM0"),
+            &allowed,
+            line,
+            T0,
+            Duration::from_secs(300),
+        )
     }
 
     #[test]
@@ -887,7 +926,7 @@ mod tests {
             let mut out = Vec::new();
             s.push(&text, &mut out);
             for l in &out {
-                let _ = decode_line("s", Path::new("/dev/x"), &[], l, T0);
+                let _ = decode_line("s", Path::new("/dev/x"), &[], l, T0, Duration::from_secs(300));
             }
         }
     }

@@ -198,6 +198,17 @@ impl Publisher {
         self.sent += 1;
     }
 
+    /// Publishes at QoS 0 (no PUBACK, packet id 0): how many sensors and
+    /// Home Assistant send. Follow with a QoS 1 publish and
+    /// [`Publisher::flush`] to know the broker has them all (it keeps the
+    /// order of one connection).
+    pub async fn publish_qos0(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtMostOnce, false, payload.into())
+            .await
+            .expect("queue MQTT publish");
+    }
+
     /// Waits until the broker has acknowledged everything sent.
     pub async fn flush(&self, deadline: Duration) {
         let start = std::time::Instant::now();

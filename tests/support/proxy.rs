@@ -10,6 +10,9 @@ use std::time::Duration;
 
 struct Shared {
     cut: AtomicBool,
+    /// Bytes from clients to the target are read and dropped, as a link
+    /// that loses one direction does.
+    mute_upstream: AtomicBool,
     stop: AtomicBool,
     live: Mutex<Vec<TcpStream>>,
 }
@@ -30,6 +33,7 @@ impl Proxy {
             .expect("non-blocking proxy listener");
         let shared = Arc::new(Shared {
             cut: AtomicBool::new(false),
+            mute_upstream: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             live: Mutex::new(Vec::new()),
         });
@@ -54,8 +58,12 @@ impl Proxy {
                             live.push(client.try_clone().unwrap());
                             live.push(server.try_clone().unwrap());
                         }
-                        pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                        pipe(server, client);
+                        pipe(
+                            client.try_clone().unwrap(),
+                            server.try_clone().unwrap(),
+                            Some(s.clone()),
+                        );
+                        pipe(server, client, None);
                     }
                     Err(_) => thread::sleep(Duration::from_millis(10)),
                 }
@@ -82,19 +90,35 @@ impl Proxy {
         }
     }
 
-    /// Lets connections through again.
+    /// Lets connections through again (both directions).
     pub fn restore(&self) {
         self.shared.cut.store(false, Ordering::SeqCst);
+        self.shared.mute_upstream.store(false, Ordering::SeqCst);
+    }
+
+    /// Drops everything clients send to the target from now on, while the
+    /// target's bytes still reach the clients: e.g. an MQTT client that
+    /// receives and stores a message but whose PUBACK never arrives.
+    pub fn mute_upstream(&self) {
+        self.shared.mute_upstream.store(true, Ordering::SeqCst);
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+/// Copies `from` to `to`; `upstream` is the proxy's state when this is
+/// the client-to-target direction (which [`Proxy::mute_upstream`] drops).
+fn pipe(mut from: TcpStream, mut to: TcpStream, upstream: Option<Arc<Shared>>) {
     thread::spawn(move || {
         let mut buf = [0u8; 64 * 1024];
         loop {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    if upstream
+                        .as_ref()
+                        .is_some_and(|s| s.mute_upstream.load(Ordering::SeqCst))
+                    {
+                        continue;
+                    }
                     if to.write_all(&buf[..n]).is_err() {
                         break;
                     }
