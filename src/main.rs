@@ -35,6 +35,11 @@ enum Command {
     Provision {
         #[arg(long, short)]
         config: PathBuf,
+        /// The ownership map (`presenced acl`'s input): stores what each
+        /// service runs and who may send commands, which clients' stale
+        /// flags and the engine's replies go by.
+        #[arg(long)]
+        access: Option<PathBuf>,
     },
     /// Create or update the hub mirrors of one or more sites (hub admin).
     ProvisionHub(presenced::hub::mirrors::ProvisionHubArgs),
@@ -248,12 +253,18 @@ fn main() -> ExitCode {
             tracing::info!(version = env!("CARGO_PKG_VERSION"), site = %cfg.site, config = %config.display(), "starting");
             runtime()?.block_on(daemon::run(cfg))
         }),
-        Command::Provision { config } => load(&config).and_then(|cfg| {
+        Command::Provision { config, access } => load(&config).and_then(|cfg| {
             init_tracing(cfg.log.level.as_deref());
+            let table = match &access {
+                Some(path) => Some(presenced::acl::published::Published::from_access(
+                    &presenced::acl::access::Access::load(path)?,
+                )),
+                None => None,
+            };
             runtime()?.block_on(async {
                 let site = Site::new(&cfg.site)?;
                 let client = connect_client(&cfg).await?;
-                let done = store::provision::provision(&client, &site).await?;
+                let done = store::provision::provision_with(&client, &site, table.as_ref()).await?;
                 for p in done {
                     println!("{} {}: ok", p.kind, p.name);
                 }

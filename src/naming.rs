@@ -265,6 +265,18 @@ pub mod js {
         format!("$JS.API.CONSUMER.CREATE.{stream}")
     }
 
+    /// Creating a named consumer with a filter subject on `stream` (`*`
+    /// for any name): `$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`.
+    /// On this form the server refuses a body whose `name` or
+    /// `durable_name` differs from the subject's, and a filter that
+    /// differs from the subject's: granting it with the durable's name
+    /// denied keeps a reader off the durable, which the ephemeral form
+    /// does not (it takes `"name":"<durable>"` in the body as an update
+    /// of the durable).
+    pub fn consumer_create_named(stream: &str, consumer: &str) -> String {
+        format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>")
+    }
+
     pub fn consumer_info(stream: &str, consumer: &str) -> String {
         format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}")
     }

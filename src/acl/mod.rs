@@ -6,5 +6,6 @@ pub mod access;
 pub mod audit_limit;
 pub mod hub;
 pub mod identity;
+pub mod published;
 pub mod render;
 pub mod violation;

@@ -22,8 +22,6 @@ pub struct Permissions {
     pub publish_allow: Vec<Rule>,
     pub publish_deny: Vec<Rule>,
     pub subscribe_allow: Vec<Rule>,
-    /// Set for services that answer requests (commands).
-    pub allow_responses: bool,
 }
 
 impl Permissions {
@@ -101,12 +99,27 @@ fn store(k: Keyspace, site: &Site) -> Store {
     }
 }
 
-/// Grants reading a stream: stream info, ephemeral ordered consumers
-/// (created by the server-named subject, pulled without acks or flow
-/// control) and direct get of a subject's last message.
+/// Grants reading a stream: stream info, ordered consumers (pulled
+/// without acks or flow control) and direct get of a subject's last
+/// message.
+///
+/// On `SENSORS`, the stream with a durable consumer, readers create
+/// named consumers with a filter subject only (the subject names the
+/// consumer and its filter, and the server checks the body against
+/// both), with the durable's name denied: the
+/// ephemeral form would take `"name":"engine"` in the body as an update
+/// of the engine's consumer. The other streams have no durable.
 fn read_stream(p: &mut Permissions, stream: &str, why: &str) {
     p.publish(js::stream_info(stream), why);
-    p.publish(js::consumer_create_ephemeral(stream), why);
+    if stream == naming::SENSORS_STREAM {
+        p.publish(js::consumer_create_named(stream, "*"), why);
+        p.deny(
+            js::consumer_create_named(stream, naming::ENGINE_CONSUMER),
+            "sensors: the engine's durable consumer is created and changed by the admin only",
+        );
+    } else {
+        p.publish(js::consumer_create_ephemeral(stream), why);
+    }
     p.publish(js::consumer_next(stream, "*"), why);
     p.publish(js::direct_get_last(stream), why);
 }
@@ -145,10 +158,11 @@ fn write(p: &mut Permissions, k: Keyspace, site: &Site) {
             p.publish(js::stream_purge(&naming::obj_stream(bucket)), why);
         }
         Store::Core(filter) => p.publish(filter, why),
-        Store::Requests(filter) => {
-            p.subscribe(filter, "commands: receive requests (owner)");
-            p.allow_responses = true;
-        }
+        // Replies go to the inbox prefixes of the identities granted
+        // `commands` only (see `service_permissions`): nats-server's
+        // `allow_responses` would let the answerer publish once to any
+        // reply subject, and it can send itself requests.
+        Store::Requests(filter) => p.subscribe(filter, "commands: receive requests (owner)"),
     }
 }
 
@@ -170,8 +184,8 @@ fn read(p: &mut Permissions, k: Keyspace, site: &Site, owner: bool) {
     }
 }
 
-/// The permissions of one service.
-pub fn service_permissions(service: &Service, site: &Site) -> Permissions {
+/// The permissions of one service of `access`.
+pub fn service_permissions(access: &Access, service: &Service, site: &Site) -> Permissions {
     let mut p = Permissions::default();
     p.subscribe(
         format!("{}.>", naming::inbox_prefix(&service.name)),
@@ -195,6 +209,18 @@ pub fn service_permissions(service: &Service, site: &Site) -> Permissions {
     );
     for &k in &service.owns {
         read(&mut p, k, site, true);
+    }
+    if service.owns(Keyspace::Commands) {
+        for asker in access
+            .services
+            .iter()
+            .filter(|s| s.reads.contains(&Keyspace::Commands))
+        {
+            p.publish(
+                format!("{}.>", naming::inbox_prefix(&asker.name)),
+                "commands: replies, to the inboxes of identities granted commands only",
+            );
+        }
     }
     for &k in &service.reads {
         read(&mut p, k, site, false);
@@ -283,7 +309,7 @@ pub fn users(access: &Access, site: &Site) -> Vec<User> {
                 names(&s.reads)
             ),
             nkey: s.nkey.clone(),
-            permissions: service_permissions(s, site),
+            permissions: service_permissions(access, s, site),
         });
     }
     out
@@ -538,10 +564,6 @@ pub fn render_users(users: &[User], site: &Site, leafnode: Option<&str>) -> Stri
         let _ = writeln!(out, "        subscribe: {{");
         rules(&mut out, "          ", "allow", &p.subscribe_allow);
         let _ = writeln!(out, "        }}");
-        if p.allow_responses {
-            let _ = writeln!(out, "        # answers commands: one reply per request");
-            let _ = writeln!(out, "        allow_responses: true");
-        }
         let _ = writeln!(out, "      }}");
         let _ = writeln!(out, "    }}");
     }
@@ -557,7 +579,7 @@ mod tests {
     fn access() -> Access {
         let k = || nkeys::KeyPair::new_user().public_key();
         let text = format!(
-            "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\"]\n[services.dashboard]\nnkey = \"{}\"\nreads = [\"presence\", \"sensors\"]\n",
+            "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\"]\n[services.dashboard]\nnkey = \"{}\"\nreads = [\"presence\", \"sensors\", \"commands\"]\n",
             k(),
             k(),
             k()
@@ -629,7 +651,7 @@ mod tests {
     fn writes_only_where_owned_and_reads_only_where_granted() {
         let a = access();
         let site = Site::new("home").unwrap();
-        let d = service_permissions(a.service("dashboard").unwrap(), &site);
+        let d = service_permissions(&a, a.service("dashboard").unwrap(), &site);
         let allow: Vec<&str> = d.publish_allow.iter().map(|r| r.subject.as_str()).collect();
         assert!(
             !allow.iter().any(|s| s.starts_with("$KV.presence")),
@@ -645,12 +667,21 @@ mod tests {
             .publish_deny
             .iter()
             .any(|r| r.subject == "$JS.API.CONSUMER.MSG.NEXT.SENSORS.engine"));
-        let p = service_permissions(a.service("presenced").unwrap(), &site);
-        assert!(p.allow_responses);
+        let p = service_permissions(&a, a.service("presenced").unwrap(), &site);
+        // No allow_responses: replies to the commands grantees' inboxes.
+        assert!(!render(&a, &site).contains("allow_responses"));
+        assert!(p
+            .publish_allow
+            .iter()
+            .any(|r| r.subject == "_INBOX.dashboard.>"));
         assert!(p
             .publish_allow
             .iter()
             .any(|r| r.subject == "sensors.home.>"));
-        assert!(p.publish_deny.is_empty());
+        // The engine binds its durable; only the admin creates or changes it.
+        let deny: Vec<&str> = p.publish_deny.iter().map(|r| r.subject.as_str()).collect();
+        assert_eq!(deny, ["$JS.API.CONSUMER.CREATE.SENSORS.engine.>"]);
+        assert!(!allow.contains(&"$JS.API.CONSUMER.CREATE.SENSORS"));
+        assert!(allow.contains(&"$JS.API.CONSUMER.CREATE.SENSORS.*.>"));
     }
 }
