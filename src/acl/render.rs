@@ -331,18 +331,32 @@ fn mirrored_streams() -> [String; 4] {
 /// leafnode connection "publish" is what the leaf may send into the hub
 /// and "subscribe" what the hub may send down to the leaf, so: the hub may
 /// call this site's JetStream API only (its mirrors of the site), and the
-/// leaf may answer, deliver mirrored messages and take their flow-control
-/// replies. Another site's API, keyspaces and replies stay out of reach.
+/// leaf may answer, deliver to this site's mirrors (their per-site
+/// delivery prefix) and take their flow-control replies; the site may ask
+/// the hub about its own mirrors only (`[hub]` health and nudges,
+/// `presenced status`) and get the answers on inboxes naming the site.
+/// Another site's API, mirrors, keyspaces and replies stay out of reach.
 pub fn leafnode_permissions(site: &Site) -> Permissions {
     use crate::naming::leaf;
     let mut p = Permissions::default();
     let why = "hub mirrors of this site: answers and deliveries of its JetStream";
     p.publish(leaf::JS_REPLIES.to_owned(), why);
-    p.publish(leaf::MIRROR_DELIVERIES.to_owned(), why);
+    p.publish(leaf::mirror_deliveries(site), why);
     p.publish(
-        leaf::CLIENT_REPLIES.to_owned(),
-        "answers to the hub admin's requests over the link (provision-hub reads the mirror sources)",
+        format!("{}.>", leaf::admin_reply_prefix(site)),
+        "answers to the hub admin's requests to this site (provision-hub reads the mirror sources)",
     );
+    let why = "[hub] and presenced status of this site: health and nudges of its own mirrors";
+    for m in crate::hub::mirrors::mirrors(site) {
+        p.publish(js::hub_stream_info(&m.stream()), why);
+        p.publish(js::hub_stream_leader_stepdown(&m.stream()), why);
+    }
+    for s in leaf::hub_replies(site) {
+        p.subscribe(
+            s,
+            "answers of the hub to this site's requests (inboxes naming the site)",
+        );
+    }
     p.subscribe(
         leaf::js_api(site),
         "hub mirrors of this site: requests to this site's JetStream only",
@@ -601,7 +615,16 @@ mod tests {
         let text = render_hub(None, &[(home.clone(), "UKEY".to_owned())]);
         assert_eq!(text, render_hub(None, &[(home, "UKEY".to_owned())]));
         assert!(text.contains("nkey: \"UKEY\""), "{text}");
-        assert!(text.contains("\"$JS.M.>\""), "{text}");
+        assert!(text.contains("\"$JS.M.home.>\""), "{text}");
+        assert!(
+            !text.contains("\"$JS.M.>\"") && !text.contains("\"_INBOX.>\""),
+            "{text}"
+        );
+        assert!(text.contains("\"_INBOX.*.hub-home.>\""), "{text}");
+        assert!(
+            text.contains("\"$JS.hub.API.STREAM.INFO.KV_presence-home\""),
+            "{text}"
+        );
     }
 
     #[test]
