@@ -49,6 +49,8 @@ const SERVICES: &[(&str, &str, &str)] = &[
         r#"["sensors", "presence", "owners", "events"]"#,
     ),
     ("operator", "[]", r#"["commands", "presence", "owners"]"#),
+    // Granted nothing beyond its own lease and audit subject.
+    ("stranger", "[]", "[]"),
 ];
 
 struct Red {
@@ -847,4 +849,70 @@ async fn hub_watch_and_status_work_through_the_generated_hub_acl() {
     .expect("the table on owners-home");
     assert!(table.runs("presenced", presenced::acl::access::Component::Engine));
     drop(provisioned);
+}
+
+/// A refused operation in any CLI command is named as a refusal, with the
+/// subject and the ownership-map entry that would allow it, instead of
+/// the timeout or missing bucket it otherwise shows up as.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_refusals_name_the_subject_and_the_grant() {
+    let mqtt = Mosquitto::start();
+    let r = red(&mqtt).await;
+    let cli = |who: &str, args: &[&str]| {
+        let config = r.config(who);
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--config", config.to_str().unwrap()]);
+        let started = std::time::Instant::now();
+        let out = support::daemon::run_presenced(&all, &[]);
+        assert!(!out.status.success(), "{who} {args:?} succeeded");
+        (
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            started.elapsed(),
+        )
+    };
+    let (err, _) = cli("stranger", &["get", "lab"]);
+    assert!(
+        err.contains("refused the publish to \"$JS.API.STREAM.INFO.KV_presence\"")
+            && err.contains("reads = [\"presence\"] in [services.stranger]")
+            && !err.contains("is not there"),
+        "{err}"
+    );
+    let (err, _) = cli("stranger", &["watch"]);
+    assert!(
+        err.contains("reads = [\"presence\"] in [services.stranger]"),
+        "{err}"
+    );
+    let (err, took) = cli(
+        "stranger",
+        &[
+            "cmd",
+            "override",
+            "lab",
+            "vacant",
+            "--for",
+            "1h",
+            "--timeout",
+            "10s",
+        ],
+    );
+    assert!(
+        err.contains("refused the publish to \"cmd.home.presence.lab\"")
+            && err.contains("reads = [\"commands\"] in [services.stranger]"),
+        "{err}"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "waited for the timeout: {took:?}"
+    );
+    let (err, _) = cli("stranger", &["status"]);
+    assert!(
+        err.contains("refused the publish to") && err.contains("services.stranger"),
+        "{err}"
+    );
+    // Provisioning as a service identity: the admin's, no grant gives it.
+    let (err, _) = cli("presenced", &["provision"]);
+    assert!(
+        err.contains("refused the publish to \"$JS.API.STREAM.") && err.contains("admin"),
+        "{err}"
+    );
 }

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod audit_limit;
+pub mod explain;
 pub mod hub;
 pub mod identity;
 pub mod published;
