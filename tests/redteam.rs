@@ -916,3 +916,112 @@ async fn cli_refusals_name_the_subject_and_the_grant() {
         "{err}"
     );
 }
+
+/// Whoever reads the leaf's generated config learns no MQTT password: it
+/// holds bcrypt hashes only, and an MQTT client with the password still
+/// connects and publishes its topics (a wrong password does not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_passwords_are_stored_as_bcrypt_hashes_and_still_authenticate() {
+    use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
+    let admin = nkeys::KeyPair::new_user();
+    let svc = nkeys::KeyPair::new_user();
+    let access = presenced::acl::access::Access::parse(
+        &format!(
+            "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\"]\n",
+            admin.public_key(),
+            svc.public_key()
+        ),
+        "access.toml",
+    )
+    .unwrap();
+    let password = "correct-horse-battery-staple";
+    let user = presenced::acl::render::MqttUser {
+        user: "sensors".into(),
+        password: password.into(),
+        summary: "the sensors".into(),
+        publish: vec!["dev.>".into()],
+        subscribe: vec![],
+    };
+    let reader = presenced::acl::render::MqttUser {
+        user: "reader".into(),
+        password: "reader-password".into(),
+        summary: "reads the sensors".into(),
+        publish: vec![],
+        subscribe: vec!["dev.>".into()],
+    };
+    let site = Site::new(SITE).unwrap();
+    let conf = presenced::acl::render::render_with_mqtt(&access, &site, &[user, reader]).unwrap();
+    assert!(!conf.contains(password), "{conf}");
+    assert!(conf.contains("password: \"$2a$11$"), "{conf}");
+    let nats = NatsServer::start(NatsOptions {
+        mqtt: true,
+        server_name: Some("mqtt-leaf".into()),
+        extra: conf,
+        ..Default::default()
+    });
+    let port = nats.mqtt_port.unwrap();
+    let connect = |user: &str, pw: &str, id: &str| {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_credentials(user, pw);
+        opts.set_keep_alive(Duration::from_secs(5));
+        AsyncClient::new(opts, 10)
+    };
+    // A wrong password is refused at CONNECT.
+    let (_bad, mut bad_loop) = connect("sensors", "wrong", "red-bad");
+    let refused = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match bad_loop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(a))) => {
+                    return a.code != ConnectReturnCode::Success
+                }
+                Ok(_) => {}
+                Err(_) => return true,
+            }
+        }
+    })
+    .await
+    .expect("an answer to the wrong password");
+    assert!(refused, "a wrong password was accepted");
+    // The right one connects, and its readings arrive.
+    let (reader, mut reader_loop) = connect("reader", "reader-password", "red-reader");
+    reader.subscribe("dev/+", QoS::AtMostOnce).await.unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match reader_loop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = seen_tx.send(p.topic);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let (good, mut good_loop) = connect("sensors", password, "red-good");
+    let ack = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Ok(Event::Incoming(Packet::ConnAck(a))) = good_loop.poll().await {
+                return a.code;
+            }
+        }
+    })
+    .await
+    .expect("a CONNACK");
+    assert_eq!(ack, ConnectReturnCode::Success);
+    tokio::spawn(async move { while good_loop.poll().await.is_ok() {} });
+    let got = tokio::time::timeout(DEADLINE, async {
+        loop {
+            good.publish("dev/pir", QoS::AtMostOnce, false, b"1".to_vec())
+                .await
+                .unwrap();
+            if let Ok(Some(topic)) =
+                tokio::time::timeout(Duration::from_millis(300), seen.recv()).await
+            {
+                return topic;
+            }
+        }
+    })
+    .await
+    .expect("the reading arrives");
+    assert_eq!(got, "dev/pir");
+}

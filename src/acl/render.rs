@@ -413,7 +413,7 @@ pub fn render(access: &Access, site: &Site) -> String {
 pub struct MqttUser {
     pub user: String,
     /// Plain text or a bcrypt hash (`nats-server passwd`); the rendered
-    /// file then holds a secret and must be private to its owner.
+    /// file holds its bcrypt hash only.
     pub password: String,
     pub summary: String,
     /// NATS subjects (MQTT topics with `/` as `.`) it may publish to.
@@ -422,11 +422,38 @@ pub struct MqttUser {
     pub subscribe: Vec<String>,
 }
 
-/// [`render`] plus the MQTT users of the leaf's MQTT listener.
-pub fn render_with_mqtt(access: &Access, site: &Site, mqtt: &[MqttUser]) -> String {
+/// Cost of the bcrypt hashes written for MQTT passwords: what
+/// `nats-server passwd` uses. The server checks a password against it at
+/// each MQTT CONNECT (tens of milliseconds), not per message.
+pub const BCRYPT_COST: u32 = 11;
+
+/// True for a bcrypt hash as nats-server recognises one.
+pub fn is_bcrypt(password: &str) -> bool {
+    ["$2a$", "$2b$", "$2y$"]
+        .iter()
+        .any(|p| password.starts_with(p))
+}
+
+/// The bcrypt hash nats-server is given for an MQTT password: a config
+/// file holding it gives away no password. A hash passes through.
+pub fn password_hash(password: &str) -> Result<String, bcrypt::BcryptError> {
+    if is_bcrypt(password) {
+        return Ok(password.to_owned());
+    }
+    Ok(bcrypt::hash_with_result(password, BCRYPT_COST)?.format_for_version(bcrypt::Version::TwoA))
+}
+
+/// [`render`] plus the MQTT users of the leaf's MQTT listener, their
+/// passwords as bcrypt hashes (never in plain text; a fresh salt each
+/// time, so unlike [`render`] the bytes differ between runs).
+pub fn render_with_mqtt(
+    access: &Access,
+    site: &Site,
+    mqtt: &[MqttUser],
+) -> Result<String, bcrypt::BcryptError> {
     let mut out = render(access, site);
     if mqtt.is_empty() {
-        return out;
+        return Ok(out);
     }
     // The NKEY users end with "  ]\n}\n"; the MQTT users join that list.
     let tail = "  ]\n}\n";
@@ -453,7 +480,11 @@ pub fn render_with_mqtt(access: &Access, site: &Site, mqtt: &[MqttUser]) -> Stri
         let _ = writeln!(out, "    # MQTT user {}: {}", m.user, m.summary);
         let _ = writeln!(out, "    {{");
         let _ = writeln!(out, "      user: {}", quote(&m.user));
-        let _ = writeln!(out, "      password: {}", quote(&m.password));
+        let _ = writeln!(
+            out,
+            "      password: {}",
+            quote(&password_hash(&m.password)?)
+        );
         let _ = writeln!(out, "      allowed_connection_types: [\"MQTT\"]");
         let _ = writeln!(out, "      permissions: {{");
         let _ = writeln!(out, "        publish: {{");
@@ -466,7 +497,7 @@ pub fn render_with_mqtt(access: &Access, site: &Site, mqtt: &[MqttUser]) -> Stri
         let _ = writeln!(out, "    }}");
     }
     out.push_str(tail);
-    out
+    Ok(out)
 }
 
 /// One user of the hub's block: allow lists only (deny by default);
@@ -638,17 +669,22 @@ mod tests {
             publish: vec!["dev.>".into()],
             subscribe: vec![],
         };
-        let out = render_with_mqtt(&a, &site, std::slice::from_ref(&m));
+        let out = render_with_mqtt(&a, &site, std::slice::from_ref(&m)).unwrap();
         assert!(out.starts_with(&render(&a, &site)[..200]));
         assert!(out.ends_with("  ]\n}\n"), "{out}");
         assert_eq!(out.matches("authorization {").count(), 1);
         let tail = &out[out.find("MQTT user sensors").unwrap()..];
-        assert!(tail.contains("user: \"sensors\"") && tail.contains("password: \"pw\""));
+        assert!(tail.contains("user: \"sensors\"") && !out.contains("\"pw\""));
+        let at = tail.find("password: \"").unwrap() + "password: \"".len();
+        let hash = &tail[at..at + tail[at..].find('"').unwrap()];
+        assert!(hash.starts_with("$2a$11$"), "{hash}");
+        assert!(bcrypt::verify("pw", hash).unwrap());
+        assert_eq!(password_hash(hash).unwrap(), hash);
         assert!(tail.contains("allowed_connection_types: [\"MQTT\"]"));
         assert!(tail.contains("\"dev.>\""));
         // Nothing to subscribe to: deny all, not an empty (open) list.
         assert!(tail.contains("deny: [\">\"]"), "{tail}");
-        assert_eq!(render_with_mqtt(&a, &site, &[]), render(&a, &site));
+        assert_eq!(render_with_mqtt(&a, &site, &[]).unwrap(), render(&a, &site));
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub enum IdentityError {
     NoPublicKey { path: PathBuf },
     #[error(transparent)]
     Access(#[from] crate::acl::access::AccessError),
+    #[error("cannot hash an MQTT password: {0}")]
+    Hash(String),
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -172,11 +174,11 @@ pub fn ensure(plan: &Plan) -> Result<Identities, IdentityError> {
             source,
         })?;
         let access = Access::parse(&text, &s.keys.access_file.display().to_string())?;
-        // It holds the MQTT passwords.
-        write_private(
-            &s.leaf.authorization_path,
-            &render::render_with_mqtt(&access, &s.site, &mqtt_users(&ids)),
-        )?;
+        // MQTT passwords as bcrypt hashes; still private (the users and
+        // their allow lists are nobody else's business).
+        let text = render::render_with_mqtt(&access, &s.site, &mqtt_users(&ids))
+            .map_err(|e| IdentityError::Hash(e.to_string()))?;
+        write_private(&s.leaf.authorization_path, &text)?;
         let seed = identity::read_seed(&s.keys.leafnode_seed)?;
         write_private(
             &s.leaf.hub_nkey_include,
@@ -229,7 +231,9 @@ mod tests {
         let authz = std::fs::read_to_string(&p.sites[0].leaf.authorization_path).unwrap();
         assert!(authz.contains(&a.sites[0].service_public));
         assert!(authz.contains("allowed_connection_types: [\"MQTT\"]"));
-        assert!(authz.contains(&a.sites[0].daemon_mqtt_password));
+        // The password in plain text nowhere; its bcrypt hash there.
+        assert!(!authz.contains(&a.sites[0].daemon_mqtt_password));
+        assert!(authz.contains("password: \"$2a$11$"), "{authz}");
         let mode = std::fs::metadata(&p.sites[0].leaf.authorization_path)
             .unwrap()
             .permissions()
