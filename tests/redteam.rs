@@ -1025,3 +1025,89 @@ async fn mqtt_passwords_are_stored_as_bcrypt_hashes_and_still_authenticate() {
     .expect("the reading arrives");
     assert_eq!(got, "dev/pir");
 }
+
+/// A reader may create push consumers (KV watches), and the delivery
+/// subject is its choice: nats-server does not check it against the
+/// requester's permissions (measured: a consumer delivering into
+/// `$KV.archive.x` is created; one into the stream's own subjects is
+/// refused as a cycle). The deliveries must still not land in a keyspace
+/// it may not write. Measured with nats-server 2.15.1: nothing lands
+/// (whether the server does not deliver there or its streams do not store
+/// what its own JetStream client delivers is not what this test decides);
+/// asserted, so that a server that changes this fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_consumer_cannot_deliver_into_a_keyspace() {
+    let mqtt = Mosquitto::start();
+    let r = red(&mqtt).await;
+    let d = r.start_daemon();
+    let mut p = Publisher::connect(mqtt.port, "red-pub").await;
+    reading(&mut p, true).await;
+    lab_is(&r.admin, presenced::engine::Presence::Occupied).await;
+    let counts = || async {
+        (
+            messages(&r.admin, "KV_archive").await,
+            messages(&r.admin, "KV_debounce").await,
+            messages(&r.admin, naming::EVENTS_STREAM).await,
+        )
+    };
+    let before = counts().await;
+    let dash = r.attacker("dashboard").await;
+    let mut created = 0;
+    for (i, target) in [
+        "$KV.archive.x",
+        "$KV.debounce.lab",
+        "events.home.presence.lab",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let body = serde_json::json!({
+            "stream_name": "KV_presence",
+            "config": {"deliver_subject": target, "deliver_policy": "all",
+                       "ack_policy": "none", "name": format!("push-{i}")}
+        });
+        let answer = dash
+            .client
+            .request(
+                "$JS.API.CONSUMER.CREATE.KV_presence".to_owned(),
+                body.to_string().into(),
+            )
+            .await
+            .expect("an answer");
+        let v: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+        if v.get("error").is_none() {
+            created += 1;
+        }
+    }
+    assert!(
+        created > 0,
+        "no push consumer was created: the attack was not tried"
+    );
+    // More deliveries: every change of lab goes to each consumer.
+    for occupied in [false, true, false] {
+        reading(&mut p, occupied).await;
+        let state = if occupied {
+            presenced::engine::Presence::Occupied
+        } else {
+            presenced::engine::Presence::Vacant
+        };
+        lab_is(&r.admin, state).await;
+    }
+    assert_eq!(kv_entry(&r.admin, naming::ARCHIVE_BUCKET, "x").await, None);
+    let after = counts().await;
+    assert_eq!(after.0, before.0, "KV archive got deliveries");
+    assert_eq!(after.1, before.1, "KV debounce got deliveries");
+    // EVENTS grew by the engine's own transitions only: each carries the
+    // engine's Nats-Msg-Id, a delivered KV value would not.
+    assert!(after.2 > before.2);
+    for m in read_stream(&r.admin, naming::EVENTS_STREAM).await {
+        let id = m.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id"));
+        assert!(
+            id.is_some(),
+            "a delivery landed in EVENTS: {:?}",
+            String::from_utf8_lossy(&m.payload)
+        );
+    }
+    dash.refused_nothing();
+    assert_clean(&d);
+}
