@@ -146,11 +146,27 @@ async fn a_leaf_mirrors_its_own_keyspaces_to_the_hub_and_cannot_reach_another_si
             .into_iter()
             .find(|m| m.source == naming::PRESENCE_BUCKET)
             .unwrap();
-        let source =
-            presenced::hub::mirrors::leaf_stream_info(&hub_client, &l.site, &m.source_stream())
-                .await
-                .expect("the hub admin reads the source over the site's link")
-                .config;
+        // The links come up a moment after the leaves start.
+        let end = tokio::time::Instant::now() + DEADLINE;
+        let source = loop {
+            match presenced::hub::mirrors::leaf_stream_info(
+                &hub_client,
+                &l.site,
+                &m.source_stream(),
+            )
+            .await
+            {
+                Ok(info) => break info.config,
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < end,
+                        "the hub admin cannot read {}'s source over its link: {e}",
+                        l.site
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
         let config = presenced::hub::mirrors::mirror_config(&l.site, &m, &source, 1);
         let name = config.name.clone();
         let mut mirror = hub_js.create_stream(config).await.unwrap();
