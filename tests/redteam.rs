@@ -559,6 +559,17 @@ async fn a_forged_lease_does_not_make_a_stopped_engine_look_alive() {
     };
     assert_eq!(get("dashboard")["stale"], false, "the engine runs");
     assert!(d.terminate().success(), "{}", d.log_tail());
+    // Provisioning again without --access keeps the stored table (a
+    // bucket update would otherwise drop the stream's metadata).
+    let out = support::daemon::run_presenced(
+        &["provision", "--config", r.config("admin").to_str().unwrap()],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let forger = r.attacker("dashboard").await;
     let now = presenced::time::Timestamp::now();
