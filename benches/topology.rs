@@ -237,9 +237,11 @@ async fn main() {
     // (default 2 s) while the mirror has not moved. A step-down right after
     // the link's return does not always take: the new leader can still
     // fail to reach the leaf and fall back to the server's backoff.
-    let via_leaf = jetstream::ContextBuilder::new()
-        .api_prefix(naming::domain_api_prefix(naming::HUB_DOMAIN))
-        .build(leaf_client.clone());
+    let via_leaf = presenced::hub::link::HubLink::new(
+        leaf_client.clone(),
+        site.clone(),
+        Duration::from_secs(5),
+    );
     let nudger = {
         let hub_js = hub_js.clone();
         let mirror = mirror.clone();

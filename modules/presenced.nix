@@ -316,6 +316,23 @@ in
         streams and buckets. Loaded as credential `nkey-seed`.
       '';
 
+      accessFile = mkOption {
+        type = types.nullOr types.path;
+        default =
+          if config.services.presenced.leaf.authorization.enable or false then
+            settingsFormat.generate "presenced-access.toml" config.services.presenced.leaf.authorization.access
+          else
+            null;
+        defaultText = literalExpression "the leaf's authorization.access, when the leaf enforces authorization";
+        description = ''
+          The ownership map handed to `presenced provision --access`: it
+          stores what each service runs and who may send commands, which
+          clients' stale flags and the engine's command replies go by.
+          Public keys only. The provisioner runs as the admin identity
+          ({option}`nkeySeedFile`); a service identity may not provision.
+        '';
+      };
+
       checkConfig = mkOption {
         type = types.bool;
         default = true;
@@ -396,7 +413,9 @@ in
         serviceConfig = hardening // {
           Type = "oneshot";
           RemainAfterExit = true;
-          ExecStart = "${cfg.package}/bin/presenced provision --config ${cfg.provision.configFile}";
+          ExecStart =
+            "${cfg.package}/bin/presenced provision --config ${cfg.provision.configFile}"
+            + lib.optionalString (cfg.provision.accessFile != null) " --access ${cfg.provision.accessFile}";
           # The leaf may still be starting; try again rather than leave the
           # daemons without their streams.
           Restart = "on-failure";

@@ -121,7 +121,7 @@ pub async fn send(
             "nobody answers commands on {subject}: is `presenced run` (with the engine) up for site {site}?"
         ),
         Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => anyhow::bail!(
-            "no reply on {subject}: the command may or may not have been applied; check with `presenced get {zone}` (an identity without the `commands` grant is refused by the server and sees this too)"
+            "no reply on {subject}: the command may or may not have been applied; check with `presenced get {zone}`"
         ),
         Ok(r) => r.with_context(|| format!("request on {subject}"))?,
     };

@@ -35,6 +35,11 @@ enum Command {
     Provision {
         #[arg(long, short)]
         config: PathBuf,
+        /// The ownership map (`presenced acl`'s input): stores what each
+        /// service runs and who may send commands, which clients' stale
+        /// flags and the engine's replies go by.
+        #[arg(long)]
+        access: Option<PathBuf>,
     },
     /// Create or update the hub mirrors of one or more sites (hub admin).
     ProvisionHub(presenced::hub::mirrors::ProvisionHubArgs),
@@ -211,19 +216,71 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-async fn connect_client(config: &Config) -> anyhow::Result<async_nats::Client> {
+/// A CLI connection that keeps what the server refused it, so that a
+/// failing command names the refusal (and the grant that would allow it)
+/// instead of the timeout or missing bucket it shows up as.
+struct CliConn {
+    client: async_nats::Client,
+    refused: presenced::acl::violation::Receiver,
+    service: String,
+}
+
+async fn connect_cli(config: &Config) -> anyhow::Result<CliConn> {
+    let (tx, refused) = presenced::acl::violation::channel();
     let who = store::connect::As {
         service: Some(config.service.clone()),
-        violations: None,
+        violations: Some(tx),
     };
-    Ok(store::connect_as(
+    let client = store::connect_as(
         &config.nats,
         "presenced-cli",
         None,
         Some(Duration::from_secs(10)),
         &who,
     )
-    .await?)
+    .await?;
+    Ok(CliConn {
+        client,
+        refused,
+        service: config.service.clone(),
+    })
+}
+
+impl CliConn {
+    /// Runs `command`. A failure after a refusal is reported as that
+    /// refusal; with `fatal`, the first refusal ends the command at once
+    /// (nothing will answer a refused request).
+    async fn run<T>(
+        mut self,
+        fatal: bool,
+        command: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        let explain = |v: &presenced::acl::violation::Violation| {
+            anyhow::anyhow!("{}", presenced::acl::explain::explain(v, &self.service))
+        };
+        tokio::pin!(command);
+        let result = tokio::select! {
+            r = &mut command => r,
+            Some(v) = self.refused.recv(), if fatal => return Err(explain(&v)),
+        };
+        match result {
+            // A command that succeeded may still have been refused a part
+            // (stale flags without `owners`), and said so itself.
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // The server reports refusals in order: after a round
+                // trip, every refusal of what the command sent is in.
+                let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+                tokio::task::yield_now().await;
+                match self.refused.try_recv() {
+                    // The refusal is the cause; what it made the command
+                    // see (a timeout, "no bucket") would mislead.
+                    Ok(v) => Err(explain(&v)),
+                    Err(_) => Err(e),
+                }
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -277,12 +334,20 @@ fn main() -> ExitCode {
             tracing::info!(version = env!("CARGO_PKG_VERSION"), site = %cfg.site, config = %config.display(), "starting");
             runtime()?.block_on(daemon::run(cfg))
         }),
-        Command::Provision { config } => load(&config).and_then(|cfg| {
+        Command::Provision { config, access } => load(&config).and_then(|cfg| {
             init_tracing(cfg.log.level.as_deref());
+            let table = match &access {
+                Some(path) => Some(presenced::acl::published::Published::from_access(
+                    &presenced::acl::access::Access::load(path)?,
+                )),
+                None => None,
+            };
             runtime()?.block_on(async {
                 let site = Site::new(&cfg.site)?;
-                let client = connect_client(&cfg).await?;
-                let done = store::provision::provision(&client, &site).await?;
+                let conn = connect_cli(&cfg).await?;
+                let client = conn.client.clone();
+                conn.run(false, async move {
+                let done = store::provision::provision_with(&client, &site, table.as_ref()).await?;
                 for p in done {
                     println!("{} {}: ok", p.kind, p.name);
                 }
@@ -295,6 +360,7 @@ fn main() -> ExitCode {
                 println!("consumer {} on {}: ok", presenced::naming::ENGINE_CONSUMER, presenced::naming::SENSORS_STREAM);
                 client.flush().await?;
                 Ok(())
+                }).await
             })
         }),
         Command::ProvisionHub(args) => (|| {
@@ -308,15 +374,17 @@ fn main() -> ExitCode {
                 true => client::Source::Hub(Site::new(site.as_deref().unwrap_or(&cfg.site))?),
             };
             runtime()?.block_on(async {
-                let client = connect_client(&cfg).await?;
-                client::watch(client, source, &pattern, json).await
+                let conn = connect_cli(&cfg).await?;
+                let client = conn.client.clone();
+                conn.run(false, client::watch(client, source, &pattern, json)).await
             })
         }),
         Command::Cmd(args) => load(&args.common().config).and_then(|cfg| {
             init_tracing(Some("warn"));
             runtime()?.block_on(async {
-                let client = connect_client(&cfg).await?;
-                presenced::cmd::run(client, &cfg.site, &args).await
+                let conn = connect_cli(&cfg).await?;
+                let client = conn.client.clone();
+                conn.run(true, presenced::cmd::run(client, &cfg.site, &args)).await
             })
         }),
         Command::Snapshot { config } => load(&config).and_then(|cfg| {
@@ -345,17 +413,24 @@ fn main() -> ExitCode {
         Command::Status { config, json } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));
             runtime()?.block_on(async {
-                let client = connect_client(&cfg).await?;
+                let mut conn = connect_cli(&cfg).await?;
                 let hub = cfg.hub.clone().unwrap_or_default();
-                presenced::hub::health::print_status(&client, &Site::new(&cfg.site)?, &hub, json).await;
-                Ok(())
+                presenced::hub::health::print_status(&conn.client, &Site::new(&cfg.site)?, &hub, json).await;
+                // The table shows each failed read; a refusal among them
+                // is said as one, with the grant that would allow it.
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.client.flush()).await;
+                match conn.refused.try_recv() {
+                    Ok(v) => Err(anyhow::anyhow!("{}", presenced::acl::explain::explain(&v, &conn.service))),
+                    Err(_) => Ok(()),
+                }
             })
         }),
         Command::Get { config, zone, json } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));
             runtime()?.block_on(async {
-                let client = connect_client(&cfg).await?;
-                client::get(client, &zone, json).await
+                let conn = connect_cli(&cfg).await?;
+                let client = conn.client.clone();
+                conn.run(false, client::get(client, &zone, json)).await
             })
         }),
     };

@@ -265,6 +265,18 @@ pub mod js {
         format!("$JS.API.CONSUMER.CREATE.{stream}")
     }
 
+    /// Creating a named consumer with a filter subject on `stream` (`*`
+    /// for any name): `$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`.
+    /// On this form the server refuses a body whose `name` or
+    /// `durable_name` differs from the subject's, and a filter that
+    /// differs from the subject's: granting it with the durable's name
+    /// denied keeps a reader off the durable, which the ephemeral form
+    /// does not (it takes `"name":"<durable>"` in the body as an update
+    /// of the durable).
+    pub fn consumer_create_named(stream: &str, consumer: &str) -> String {
+        format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>")
+    }
+
     pub fn consumer_info(stream: &str, consumer: &str) -> String {
         format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}")
     }
@@ -335,12 +347,43 @@ pub mod leaf {
     }
 
     /// Replies of a leaf's JetStream to the hub's requests (the hub's
-    /// server-side request inboxes).
+    /// server-side request inboxes). nats-server names these itself
+    /// (`$JSC.R.<random>`), with no per-site prefix; the random token only
+    /// travels to the leaf the request was for.
     pub const JS_REPLIES: &str = "$JSC.R.>";
-    /// Replies to requests of hub clients (the admin's default inbox).
-    pub const CLIENT_REPLIES: &str = "_INBOX.>";
-    /// Deliveries of a mirror consumer to the hub.
-    pub const MIRROR_DELIVERIES: &str = "$JS.M.>";
+
+    /// Delivery prefix of the hub mirrors of `site` (the mirror's
+    /// `external.deliver`): the server delivers to `<prefix>.M.<random>`,
+    /// so the hub can let each site's leaf deliver to its own mirrors only.
+    pub fn mirror_delivery_prefix(site: &Site) -> String {
+        format!("$JS.M.{}", site.as_str())
+    }
+
+    /// Every delivery subject of the hub mirrors of `site`.
+    pub fn mirror_deliveries(site: &Site) -> String {
+        format!("{}.>", mirror_delivery_prefix(site))
+    }
+
+    /// Inbox prefix of the hub admin's requests to `site`'s leaf
+    /// (`provision-hub` reading the mirror sources): the leaf may answer
+    /// there and nowhere else among the hub's inboxes.
+    pub fn admin_reply_prefix(site: &Site) -> String {
+        format!("_INBOX.hub-admin.{}", site.as_str())
+    }
+
+    /// Token that marks the inboxes of a site's requests to the hub
+    /// (`[hub]` health, nudges, `presenced status`): `_INBOX.<service>.hub-<site>.<id>`.
+    pub fn hub_reply_token(site: &Site) -> String {
+        format!("hub-{}", site.as_str())
+    }
+
+    /// The inboxes the hub may send answers to down `site`'s link: with a
+    /// service's inbox prefix (`_INBOX.<service>.hub-<site>.>`) or the
+    /// default one (`_INBOX.hub-<site>.>`).
+    pub fn hub_replies(site: &Site) -> [String; 2] {
+        let t = hub_reply_token(site);
+        [format!("_INBOX.*.{t}.>"), format!("_INBOX.{t}.>")]
+    }
     /// Loop detection between servers.
     pub const LOOP_DETECTION: &str = "$LDS.>";
 }

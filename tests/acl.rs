@@ -352,6 +352,14 @@ enum Op {
     PublishForeign,
     Read,
     DurableFetch,
+    /// Creating the engine's durable again (same config) through the
+    /// named subject, with the filter after the name.
+    DurableRewrite,
+    /// The same without the filter in the subject.
+    DurableRewriteUnfiltered,
+    /// The ephemeral subject with the durable's name in the body (the
+    /// server takes it as an update of the durable).
+    RenameAttack,
     /// A raw pull request on the engine's durable consumer.
     RawPull,
     ObjPut,
@@ -392,6 +400,9 @@ fn rows() -> Vec<(&'static str, Op)> {
         }
     }
     rows.push(("sensors", DurableFetch));
+    rows.push(("sensors", DurableRewrite));
+    rows.push(("sensors", DurableRewriteUnfiltered));
+    rows.push(("sensors", RenameAttack));
     rows.push(("sensors", RawPull));
     for op in [Publish, PublishForeign, DirectGet, Read] {
         rows.push(("audit", op));
@@ -455,6 +466,7 @@ fn expected(access: &Access, who: &str, keyspace: &str, op: Op) -> bool {
         (Keyspace::Owners, Put) | (Keyspace::Audit, Publish) => svc.is_some(),
         (_, PutForeign | PublishForeign) => false,
         (_, Put | Create | Update | Delete | Purge | Publish | ObjPut | ObjDelete) => owns,
+        (Keyspace::Sensors, DurableRewrite | DurableRewriteUnfiltered | RenameAttack) => admin,
         (Keyspace::Sensors, DurableFetch | RawPull) => {
             admin || svc.is_some_and(|s| s.runs(Component::Engine))
         }
@@ -538,7 +550,8 @@ async fn wait_for(sub: &mut async_nats::Subscriber, payload: &str) -> OpResult {
     Err("subscription ended".into())
 }
 
-/// The engine answers every command (its grant: allow_responses).
+/// The engine answers every command (its grant: publish to the inboxes of
+/// the identities granted `commands`).
 async fn answer_commands(engine: async_nats::Client, site: Site) {
     let mut sub = engine.subscribe(site.cmd_filter()).await.unwrap();
     engine.flush().await.unwrap();
@@ -789,10 +802,59 @@ async fn run(
             let stream_name = stream_of(keyspace);
             c.attempt(async {
                 let s = js.get_stream(stream_name).await?;
+                // SENSORS readers may create named consumers with a
+                // filter only.
+                let sensors = stream_name == naming::SENSORS_STREAM;
                 let consumer = s
-                    .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+                    .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                        name: sensors
+                            .then(|| presenced::store::consumer_name(c.client.clone(), who)),
+                        filter_subject: if sensors {
+                            site.sensors_filter()
+                        } else {
+                            String::new()
+                        },
+                        ..Default::default()
+                    })
                     .await?;
                 first(consumer.messages().await?).await
+            })
+            .await
+        }
+        Op::DurableRewrite | Op::DurableRewriteUnfiltered | Op::RenameAttack => {
+            // The engine's own config, so that where it is allowed (the
+            // admin) the durable does not change: an update to the same
+            // config is a no-op the server confirms.
+            use jetstream::consumer::IntoConsumerConfig as _;
+            let config = presenced::engine::runner::consumer_config(site).into_consumer_config();
+            let mut body_config = serde_json::to_value(&config).unwrap();
+            body_config["name"] = serde_json::json!(naming::ENGINE_CONSUMER);
+            if op == Op::RenameAttack {
+                // The server refuses `durable_name` here; `name` it takes.
+                if let Some(o) = body_config.as_object_mut() {
+                    o.remove("durable_name");
+                }
+            }
+            let subject = match op {
+                Op::DurableRewrite => format!(
+                    "$JS.API.CONSUMER.CREATE.SENSORS.engine.{}",
+                    site.sensors_filter()
+                ),
+                Op::DurableRewriteUnfiltered => "$JS.API.CONSUMER.CREATE.SENSORS.engine".to_owned(),
+                // No name in the subject, the durable's in the body.
+                _ => "$JS.API.CONSUMER.CREATE.SENSORS".to_owned(),
+            };
+            let body = serde_json::json!({"stream_name": "SENSORS", "config": body_config});
+            c.attempt(async {
+                let reply = c
+                    .client
+                    .request(subject, serde_json::to_vec(&body)?.into())
+                    .await?;
+                let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+                if v.get("error").is_some() {
+                    return Err(format!("server error: {v}").into());
+                }
+                Ok(())
             })
             .await
         }
@@ -895,6 +957,48 @@ async fn run(
                 store.put(name.as_str(), &mut data).await?;
                 store.delete(name.as_str()).await?;
                 Ok(())
+            })
+            .await
+        }
+        Op::Serve if keyspace == "commands" => {
+            // Receive a request and answer it: the answer goes to the
+            // asker's inbox, which is all the owner may publish besides
+            // its keyspaces.
+            let subject = site.cmd_subject(&format!("serve-{who}"));
+            let payload = format!("commands-to-{who}");
+            let asker = &probe.dashboard;
+            c.attempt(async {
+                let mut sub = c.client.subscribe(site.cmd_filter()).await?;
+                c.client.flush().await?;
+                let inbox = asker.new_inbox();
+                let mut answers = asker.subscribe(inbox.clone()).await?;
+                asker.flush().await?;
+                // Republished until it arrives: core NATS may drop one.
+                let reply = loop {
+                    asker
+                        .publish_with_reply(subject.clone(), inbox.clone(), payload.clone().into())
+                        .await?;
+                    asker.flush().await?;
+                    let wait = async {
+                        while let Some(m) = sub.next().await {
+                            if m.payload.as_ref() == payload.as_bytes() {
+                                return m.reply;
+                            }
+                        }
+                        None
+                    };
+                    if let Ok(r) = tokio::time::timeout(Duration::from_millis(250), wait).await {
+                        break r.ok_or("request without a reply subject")?;
+                    }
+                };
+                c.client.publish(reply, "served".into()).await?;
+                c.client.flush().await?;
+                while let Some(m) = answers.next().await {
+                    if m.payload.as_ref() == b"served" {
+                        return Ok(());
+                    }
+                }
+                Err("answers ended".into())
             })
             .await
         }
@@ -1284,9 +1388,6 @@ async fn every_generated_rule_is_needed_by_some_operation() {
         for (list, j) in variants {
             let mut variant = users.clone();
             let perms = &mut variant[i].permissions;
-            // allow_responses also lets a service reply to acks and flow
-            // control: prove each rule without it.
-            perms.allow_responses = false;
             let removed = match list {
                 "publish allow" => perms.publish_allow.remove(j),
                 "publish deny" => perms.publish_deny.remove(j),

@@ -161,7 +161,13 @@ async fn the_pipeline_runs_under_the_generated_acl_without_violation() {
         !out.status.success(),
         "the engine's identity sent a command"
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no reply on cmd.test.presence.lab"));
+    // Named as the refusal it is, with the grant that would allow it.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refused the publish to \"cmd.test.presence.lab\"")
+            && err.contains("reads = [\"commands\"] in [services.presenced]"),
+        "{err}"
+    );
     let (_, metrics) = support::http_get(http, "/metrics").unwrap();
     assert!(
         metrics.contains("presenced_permission_violations_total 0"),

@@ -5,7 +5,7 @@
 
 mod support;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use presenced::acl::render;
 use presenced::naming::{self, Site};
@@ -114,9 +114,20 @@ async fn a_leaf_mirrors_its_own_keyspaces_to_the_hub_and_cannot_reach_another_si
         String::from_utf8_lossy(&out.stderr)
     );
     let hub_port = support::free_port();
+    // A test-only user of the hub that watches mirror deliveries: what
+    // the hub accepted from a leaf onto them.
+    let observer_kp = nkeys::KeyPair::new_user();
+    let observed = authorization.replacen(
+        "users = [\n",
+        &format!(
+            "users = [\n    {{ nkey: \"{}\", permissions: {{ publish: {{ deny: [\">\"] }}, subscribe: {{ allow: [\"$JS.M.>\"] }} }} }}\n",
+            observer_kp.public_key()
+        ),
+        1,
+    );
     let hub = NatsServer::start(NatsOptions {
         domain: Some(naming::HUB_DOMAIN.to_owned()),
-        extra: format!("leafnodes {{\n  listen: \"127.0.0.1:{hub_port}\"\n}}\n{authorization}"),
+        extra: format!("leafnodes {{\n  listen: \"127.0.0.1:{hub_port}\"\n}}\n{observed}"),
         ..Default::default()
     });
     let home = leaf("home", hub_port, &home_kp.seed().unwrap()).await;
@@ -128,24 +139,37 @@ async fn a_leaf_mirrors_its_own_keyspaces_to_the_hub_and_cannot_reach_another_si
         .unwrap();
     let hub_js = jetstream::new(hub_client.clone());
 
-    // Mirrors of both sites' presence, each through its own site's API.
+    // Mirrors of both sites' presence, each through its own site's API and
+    // delivered under its own site's prefix, as provision-hub makes them.
     for l in [&home, &away] {
-        let name = l.site.hub_mirror(naming::PRESENCE_BUCKET);
-        let mut mirror = hub_js
-            .create_stream(stream::Config {
-                name: name.clone(),
-                mirror: Some(stream::Source {
-                    name: naming::kv_stream(naming::PRESENCE_BUCKET),
-                    external: Some(stream::External {
-                        api_prefix: format!("$JS.{}.API", l.site.leaf_domain()),
-                        delivery_prefix: None,
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
+        let m = presenced::hub::mirrors::mirrors(&l.site)
+            .into_iter()
+            .find(|m| m.source == naming::PRESENCE_BUCKET)
             .unwrap();
+        // The links come up a moment after the leaves start.
+        let end = tokio::time::Instant::now() + DEADLINE;
+        let source = loop {
+            match presenced::hub::mirrors::leaf_stream_info(
+                &hub_client,
+                &l.site,
+                &m.source_stream(),
+            )
+            .await
+            {
+                Ok(info) => break info.config,
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < end,
+                        "the hub admin cannot read {}'s source over its link: {e}",
+                        l.site
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let config = presenced::hub::mirrors::mirror_config(&l.site, &m, &source, 1);
+        let name = config.name.clone();
+        let mut mirror = hub_js.create_stream(config).await.unwrap();
         let end = tokio::time::Instant::now() + DEADLINE;
         while !mirror.info().await.is_ok_and(|i| i.state.messages == 5) {
             assert!(
@@ -169,12 +193,27 @@ async fn a_leaf_mirrors_its_own_keyspaces_to_the_hub_and_cannot_reach_another_si
         away_site.leaf_domain(),
         naming::kv_stream(naming::PRESENCE_BUCKET)
     );
-    // The hub's admin reaches it (provision-hub reads mirror sources so).
-    let reply = hub_client
-        .request(away_api.clone(), "".into())
-        .await
-        .unwrap();
-    assert!(String::from_utf8_lossy(&reply.payload).contains("stream_info_response"));
+    // The hub's admin reaches it (provision-hub reads mirror sources so),
+    // on an inbox of away's; on an inbox of home's, away may not answer.
+    let info = presenced::hub::mirrors::leaf_stream_info(
+        &hub_client,
+        &away_site,
+        &naming::kv_stream(naming::PRESENCE_BUCKET),
+    )
+    .await
+    .unwrap();
+    assert_eq!(info.state.messages, 5);
+    let wrong_inbox = format!("{}.x", naming::leaf::admin_reply_prefix(&home_site));
+    let answer = hub_client
+        .send_request(
+            away_api.clone(),
+            async_nats::Request::new()
+                .payload("".into())
+                .inbox(wrong_inbox)
+                .timeout(Some(Duration::from_secs(2))),
+        )
+        .await;
+    assert!(answer.is_err(), "away answered on home's inbox");
     let err = home
         .client
         .request(away_api, "".into())
@@ -264,6 +303,112 @@ async fn a_leaf_mirrors_its_own_keyspaces_to_the_hub_and_cannot_reach_another_si
             .await
             .is_err(),
         "a message on away's API reached home's leaf"
+    );
+
+    // Home injects into away's mirror: a delivery onto away's prefix (as
+    // if home had learned away's mirror's delivery subject) is dropped by
+    // the hub; home's own prefix passes (the marker). A hub client
+    // listening on both sites' delivery subjects sees what the hub
+    // accepted.
+    // One subscription per site: the hub tells a leaf about interest its
+    // grant covers only.
+    let observer = async_nats::ConnectOptions::new()
+        .nkey(observer_kp.seed().unwrap())
+        .connect(hub.url())
+        .await
+        .unwrap();
+    let mut at_home = observer
+        .subscribe(naming::leaf::mirror_deliveries(&home_site))
+        .await
+        .unwrap();
+    let mut at_away = observer
+        .subscribe(naming::leaf::mirror_deliveries(&away_site))
+        .await
+        .unwrap();
+    observer.flush().await.unwrap();
+    let forged = format!(
+        "{}.M.forged",
+        naming::leaf::mirror_delivery_prefix(&away_site)
+    );
+    let marker = format!(
+        "{}.M.marker",
+        naming::leaf::mirror_delivery_prefix(&home_site)
+    );
+    let end = tokio::time::Instant::now() + DEADLINE;
+    'marker: loop {
+        home.client
+            .publish(forged.clone(), "forged".into())
+            .await
+            .unwrap();
+        home.client
+            .publish(marker.clone(), "m".into())
+            .await
+            .unwrap();
+        home.client.flush().await.unwrap();
+        while let Ok(Some(m)) =
+            tokio::time::timeout(Duration::from_millis(500), at_home.next()).await
+        {
+            if m.subject.as_str() == marker {
+                break 'marker;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "home's own delivery prefix did not reach the hub"
+        );
+    }
+    // The connection hands messages to subscriptions in arrival order:
+    // had the forged delivery (sent first) got through, it would be
+    // waiting by now. Away's real deliveries may be there too.
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), at_away.next()).await {
+        assert_ne!(
+            m.subject.as_str(),
+            forged,
+            "the hub accepted a delivery from home onto away's mirror"
+        );
+    }
+    let away_mirror = away_site.hub_mirror(naming::PRESENCE_BUCKET);
+    let mut away_mirror = hub_js
+        .get_stream(naming::kv_stream(&away_mirror))
+        .await
+        .unwrap();
+    assert_eq!(away_mirror.info().await.unwrap().state.messages, 5);
+    // And the mirror still catches up with away.
+    away_kv.put("hall", "away-2".into()).await.unwrap();
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let last = away_mirror
+            .get_last_raw_message_by_subject(&naming::kv_subject(naming::PRESENCE_BUCKET, "hall"))
+            .await
+            .unwrap();
+        if last.payload.as_ref() == b"away-2" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "away's mirror stopped following"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // [hub] and `presenced status` of a site ask the hub about its own
+    // mirrors through its link, answered on inboxes naming the site; not
+    // about another site's.
+    let link = presenced::hub::link::HubLink::new(
+        home.client.clone(),
+        home_site.clone(),
+        Duration::from_secs(2),
+    );
+    let own = naming::kv_stream(&home_site.hub_mirror(naming::PRESENCE_BUCKET));
+    let info = link
+        .stream_info(&own)
+        .await
+        .expect("home reads its own mirror's health");
+    assert_eq!(info.config.name, own);
+    let other = naming::kv_stream(&away_site.hub_mirror(naming::PRESENCE_BUCKET));
+    assert!(
+        link.stream_info(&other).await.is_err(),
+        "home read away's mirror's health"
     );
     drop((home.server, away.server));
 }

@@ -311,6 +311,52 @@ async fn the_sandbox_runs_zones_change_on_leaf_and_hub_and_ctrl_c_leaves_nothing
         );
     }
 
+    // The operator identity sends a command (granted `commands`); the
+    // service reads its hub mirrors' health through its link under the
+    // generated hub ACL ([hub] runs in the daemon the same way).
+    let site1 = dir.join("site-1");
+    let out = Command::new(support::presenced_bin())
+        .args([
+            "cmd", "override", "hall", "occupied", "--for", "5m", "--config",
+        ])
+        .arg(site1.join("operator.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cmd as the operator: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = Instant::now();
+    loop {
+        let out = Command::new(support::presenced_bin())
+            .args(["status", "--json", "--config"])
+            .arg(site1.join("presenced.toml"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let current = out.status.success()
+            && text.lines().count() == 4
+            && text.lines().all(|l| l.contains("\"state\":\"current\""));
+        if current {
+            break;
+        }
+        assert!(
+            start.elapsed() < CHANGES,
+            "status through the hub ACL: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for site in ["site-1", "site-2"] {
+        let log = std::fs::read_to_string(dir.join("logs").join(format!("{site}-presenced.log")))
+            .unwrap_or_default();
+        assert!(
+            !log.contains("permission violation"),
+            "{site}'s daemon was refused something:\n{log}"
+        );
+    }
+
     sbx.signal(libc::SIGINT);
     let status = sbx.wait_exit(STOPPED);
     assert!(status.success(), "sandbox exited with {status}");

@@ -4,7 +4,9 @@
 
 pub mod access;
 pub mod audit_limit;
+pub mod explain;
 pub mod hub;
 pub mod identity;
+pub mod published;
 pub mod render;
 pub mod violation;

@@ -22,8 +22,6 @@ pub struct Permissions {
     pub publish_allow: Vec<Rule>,
     pub publish_deny: Vec<Rule>,
     pub subscribe_allow: Vec<Rule>,
-    /// Set for services that answer requests (commands).
-    pub allow_responses: bool,
 }
 
 impl Permissions {
@@ -101,12 +99,27 @@ fn store(k: Keyspace, site: &Site) -> Store {
     }
 }
 
-/// Grants reading a stream: stream info, ephemeral ordered consumers
-/// (created by the server-named subject, pulled without acks or flow
-/// control) and direct get of a subject's last message.
+/// Grants reading a stream: stream info, ordered consumers (pulled
+/// without acks or flow control) and direct get of a subject's last
+/// message.
+///
+/// On `SENSORS`, the stream with a durable consumer, readers create
+/// named consumers with a filter subject only (the subject names the
+/// consumer and its filter, and the server checks the body against
+/// both), with the durable's name denied: the
+/// ephemeral form would take `"name":"engine"` in the body as an update
+/// of the engine's consumer. The other streams have no durable.
 fn read_stream(p: &mut Permissions, stream: &str, why: &str) {
     p.publish(js::stream_info(stream), why);
-    p.publish(js::consumer_create_ephemeral(stream), why);
+    if stream == naming::SENSORS_STREAM {
+        p.publish(js::consumer_create_named(stream, "*"), why);
+        p.deny(
+            js::consumer_create_named(stream, naming::ENGINE_CONSUMER),
+            "sensors: the engine's durable consumer is created and changed by the admin only",
+        );
+    } else {
+        p.publish(js::consumer_create_ephemeral(stream), why);
+    }
     p.publish(js::consumer_next(stream, "*"), why);
     p.publish(js::direct_get_last(stream), why);
 }
@@ -145,10 +158,11 @@ fn write(p: &mut Permissions, k: Keyspace, site: &Site) {
             p.publish(js::stream_purge(&naming::obj_stream(bucket)), why);
         }
         Store::Core(filter) => p.publish(filter, why),
-        Store::Requests(filter) => {
-            p.subscribe(filter, "commands: receive requests (owner)");
-            p.allow_responses = true;
-        }
+        // Replies go to the inbox prefixes of the identities granted
+        // `commands` only (see `service_permissions`): nats-server's
+        // `allow_responses` would let the answerer publish once to any
+        // reply subject, and it can send itself requests.
+        Store::Requests(filter) => p.subscribe(filter, "commands: receive requests (owner)"),
     }
 }
 
@@ -170,8 +184,8 @@ fn read(p: &mut Permissions, k: Keyspace, site: &Site, owner: bool) {
     }
 }
 
-/// The permissions of one service.
-pub fn service_permissions(service: &Service, site: &Site) -> Permissions {
+/// The permissions of one service of `access`.
+pub fn service_permissions(access: &Access, service: &Service, site: &Site) -> Permissions {
     let mut p = Permissions::default();
     p.subscribe(
         format!("{}.>", naming::inbox_prefix(&service.name)),
@@ -195,6 +209,18 @@ pub fn service_permissions(service: &Service, site: &Site) -> Permissions {
     );
     for &k in &service.owns {
         read(&mut p, k, site, true);
+    }
+    if service.owns(Keyspace::Commands) {
+        for asker in access
+            .services
+            .iter()
+            .filter(|s| s.reads.contains(&Keyspace::Commands))
+        {
+            p.publish(
+                format!("{}.>", naming::inbox_prefix(&asker.name)),
+                "commands: replies, to the inboxes of identities granted commands only",
+            );
+        }
     }
     for &k in &service.reads {
         read(&mut p, k, site, false);
@@ -293,7 +319,7 @@ pub fn users(access: &Access, site: &Site) -> Vec<User> {
                 names(&s.reads)
             ),
             nkey: s.nkey.clone(),
-            permissions: service_permissions(s, site),
+            permissions: service_permissions(access, s, site),
         });
     }
     out
@@ -315,18 +341,32 @@ fn mirrored_streams() -> [String; 4] {
 /// leafnode connection "publish" is what the leaf may send into the hub
 /// and "subscribe" what the hub may send down to the leaf, so: the hub may
 /// call this site's JetStream API only (its mirrors of the site), and the
-/// leaf may answer, deliver mirrored messages and take their flow-control
-/// replies. Another site's API, keyspaces and replies stay out of reach.
+/// leaf may answer, deliver to this site's mirrors (their per-site
+/// delivery prefix) and take their flow-control replies; the site may ask
+/// the hub about its own mirrors only (`[hub]` health and nudges,
+/// `presenced status`) and get the answers on inboxes naming the site.
+/// Another site's API, mirrors, keyspaces and replies stay out of reach.
 pub fn leafnode_permissions(site: &Site) -> Permissions {
     use crate::naming::leaf;
     let mut p = Permissions::default();
     let why = "hub mirrors of this site: answers and deliveries of its JetStream";
     p.publish(leaf::JS_REPLIES.to_owned(), why);
-    p.publish(leaf::MIRROR_DELIVERIES.to_owned(), why);
+    p.publish(leaf::mirror_deliveries(site), why);
     p.publish(
-        leaf::CLIENT_REPLIES.to_owned(),
-        "answers to the hub admin's requests over the link (provision-hub reads the mirror sources)",
+        format!("{}.>", leaf::admin_reply_prefix(site)),
+        "answers to the hub admin's requests to this site (provision-hub reads the mirror sources)",
     );
+    let why = "[hub] and presenced status of this site: health and nudges of its own mirrors";
+    for m in crate::hub::mirrors::mirrors(site) {
+        p.publish(js::hub_stream_info(&m.stream()), why);
+        p.publish(js::hub_stream_leader_stepdown(&m.stream()), why);
+    }
+    for s in leaf::hub_replies(site) {
+        p.subscribe(
+            s,
+            "answers of the hub to this site's requests (inboxes naming the site)",
+        );
+    }
     p.subscribe(
         leaf::js_api(site),
         "hub mirrors of this site: requests to this site's JetStream only",
@@ -383,7 +423,7 @@ pub fn render(access: &Access, site: &Site) -> String {
 pub struct MqttUser {
     pub user: String,
     /// Plain text or a bcrypt hash (`nats-server passwd`); the rendered
-    /// file then holds a secret and must be private to its owner.
+    /// file holds its bcrypt hash only.
     pub password: String,
     pub summary: String,
     /// NATS subjects (MQTT topics with `/` as `.`) it may publish to.
@@ -392,11 +432,38 @@ pub struct MqttUser {
     pub subscribe: Vec<String>,
 }
 
-/// [`render`] plus the MQTT users of the leaf's MQTT listener.
-pub fn render_with_mqtt(access: &Access, site: &Site, mqtt: &[MqttUser]) -> String {
+/// Cost of the bcrypt hashes written for MQTT passwords: what
+/// `nats-server passwd` uses. The server checks a password against it at
+/// each MQTT CONNECT (tens of milliseconds), not per message.
+pub const BCRYPT_COST: u32 = 11;
+
+/// True for a bcrypt hash as nats-server recognises one.
+pub fn is_bcrypt(password: &str) -> bool {
+    ["$2a$", "$2b$", "$2y$"]
+        .iter()
+        .any(|p| password.starts_with(p))
+}
+
+/// The bcrypt hash nats-server is given for an MQTT password: a config
+/// file holding it gives away no password. A hash passes through.
+pub fn password_hash(password: &str) -> Result<String, bcrypt::BcryptError> {
+    if is_bcrypt(password) {
+        return Ok(password.to_owned());
+    }
+    Ok(bcrypt::hash_with_result(password, BCRYPT_COST)?.format_for_version(bcrypt::Version::TwoA))
+}
+
+/// [`render`] plus the MQTT users of the leaf's MQTT listener, their
+/// passwords as bcrypt hashes (never in plain text; a fresh salt each
+/// time, so unlike [`render`] the bytes differ between runs).
+pub fn render_with_mqtt(
+    access: &Access,
+    site: &Site,
+    mqtt: &[MqttUser],
+) -> Result<String, bcrypt::BcryptError> {
     let mut out = render(access, site);
     if mqtt.is_empty() {
-        return out;
+        return Ok(out);
     }
     // The NKEY users end with "  ]\n}\n"; the MQTT users join that list.
     let tail = "  ]\n}\n";
@@ -423,7 +490,11 @@ pub fn render_with_mqtt(access: &Access, site: &Site, mqtt: &[MqttUser]) -> Stri
         let _ = writeln!(out, "    # MQTT user {}: {}", m.user, m.summary);
         let _ = writeln!(out, "    {{");
         let _ = writeln!(out, "      user: {}", quote(&m.user));
-        let _ = writeln!(out, "      password: {}", quote(&m.password));
+        let _ = writeln!(
+            out,
+            "      password: {}",
+            quote(&password_hash(&m.password)?)
+        );
         let _ = writeln!(out, "      allowed_connection_types: [\"MQTT\"]");
         let _ = writeln!(out, "      permissions: {{");
         let _ = writeln!(out, "        publish: {{");
@@ -436,7 +507,7 @@ pub fn render_with_mqtt(access: &Access, site: &Site, mqtt: &[MqttUser]) -> Stri
         let _ = writeln!(out, "    }}");
     }
     out.push_str(tail);
-    out
+    Ok(out)
 }
 
 /// One user of the hub's block: allow lists only (deny by default);
@@ -548,10 +619,6 @@ pub fn render_users(users: &[User], site: &Site, leafnode: Option<&str>) -> Stri
         let _ = writeln!(out, "        subscribe: {{");
         rules(&mut out, "          ", "allow", &p.subscribe_allow);
         let _ = writeln!(out, "        }}");
-        if p.allow_responses {
-            let _ = writeln!(out, "        # answers commands: one reply per request");
-            let _ = writeln!(out, "        allow_responses: true");
-        }
         let _ = writeln!(out, "      }}");
         let _ = writeln!(out, "    }}");
     }
@@ -567,7 +634,7 @@ mod tests {
     fn access() -> Access {
         let k = || nkeys::KeyPair::new_user().public_key();
         let text = format!(
-            "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\"]\n[services.dashboard]\nnkey = \"{}\"\nreads = [\"presence\", \"sensors\"]\n",
+            "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\"]\n[services.dashboard]\nnkey = \"{}\"\nreads = [\"presence\", \"sensors\", \"commands\"]\n",
             k(),
             k(),
             k()
@@ -589,7 +656,16 @@ mod tests {
         let text = render_hub(None, &[(home.clone(), "UKEY".to_owned())]);
         assert_eq!(text, render_hub(None, &[(home, "UKEY".to_owned())]));
         assert!(text.contains("nkey: \"UKEY\""), "{text}");
-        assert!(text.contains("\"$JS.M.>\""), "{text}");
+        assert!(text.contains("\"$JS.M.home.>\""), "{text}");
+        assert!(
+            !text.contains("\"$JS.M.>\"") && !text.contains("\"_INBOX.>\""),
+            "{text}"
+        );
+        assert!(text.contains("\"_INBOX.*.hub-home.>\""), "{text}");
+        assert!(
+            text.contains("\"$JS.hub.API.STREAM.INFO.KV_presence-home\""),
+            "{text}"
+        );
     }
 
     #[test]
@@ -603,17 +679,22 @@ mod tests {
             publish: vec!["dev.>".into()],
             subscribe: vec![],
         };
-        let out = render_with_mqtt(&a, &site, std::slice::from_ref(&m));
+        let out = render_with_mqtt(&a, &site, std::slice::from_ref(&m)).unwrap();
         assert!(out.starts_with(&render(&a, &site)[..200]));
         assert!(out.ends_with("  ]\n}\n"), "{out}");
         assert_eq!(out.matches("authorization {").count(), 1);
         let tail = &out[out.find("MQTT user sensors").unwrap()..];
-        assert!(tail.contains("user: \"sensors\"") && tail.contains("password: \"pw\""));
+        assert!(tail.contains("user: \"sensors\"") && !out.contains("\"pw\""));
+        let at = tail.find("password: \"").unwrap() + "password: \"".len();
+        let hash = &tail[at..at + tail[at..].find('"').unwrap()];
+        assert!(hash.starts_with("$2a$11$"), "{hash}");
+        assert!(bcrypt::verify("pw", hash).unwrap());
+        assert_eq!(password_hash(hash).unwrap(), hash);
         assert!(tail.contains("allowed_connection_types: [\"MQTT\"]"));
         assert!(tail.contains("\"dev.>\""));
         // Nothing to subscribe to: deny all, not an empty (open) list.
         assert!(tail.contains("deny: [\">\"]"), "{tail}");
-        assert_eq!(render_with_mqtt(&a, &site, &[]), render(&a, &site));
+        assert_eq!(render_with_mqtt(&a, &site, &[]).unwrap(), render(&a, &site));
     }
 
     #[test]
@@ -673,7 +754,7 @@ mod tests {
     fn writes_only_where_owned_and_reads_only_where_granted() {
         let a = access();
         let site = Site::new("home").unwrap();
-        let d = service_permissions(a.service("dashboard").unwrap(), &site);
+        let d = service_permissions(&a, a.service("dashboard").unwrap(), &site);
         let allow: Vec<&str> = d.publish_allow.iter().map(|r| r.subject.as_str()).collect();
         assert!(
             !allow.iter().any(|s| s.starts_with("$KV.presence")),
@@ -689,12 +770,21 @@ mod tests {
             .publish_deny
             .iter()
             .any(|r| r.subject == "$JS.API.CONSUMER.MSG.NEXT.SENSORS.engine"));
-        let p = service_permissions(a.service("presenced").unwrap(), &site);
-        assert!(p.allow_responses);
+        let p = service_permissions(&a, a.service("presenced").unwrap(), &site);
+        // No allow_responses: replies to the commands grantees' inboxes.
+        assert!(!render(&a, &site).contains("allow_responses"));
+        assert!(p
+            .publish_allow
+            .iter()
+            .any(|r| r.subject == "_INBOX.dashboard.>"));
         assert!(p
             .publish_allow
             .iter()
             .any(|r| r.subject == "sensors.home.>"));
-        assert!(p.publish_deny.is_empty());
+        // The engine binds its durable; only the admin creates or changes it.
+        let deny: Vec<&str> = p.publish_deny.iter().map(|r| r.subject.as_str()).collect();
+        assert_eq!(deny, ["$JS.API.CONSUMER.CREATE.SENSORS.engine.>"]);
+        assert!(!allow.contains(&"$JS.API.CONSUMER.CREATE.SENSORS"));
+        assert!(allow.contains(&"$JS.API.CONSUMER.CREATE.SENSORS.*.>"));
     }
 }

@@ -63,7 +63,6 @@ fn streams(client: &async_nats::Client, source: &Source) -> Streams {
 /// Reads every lease (a snapshot of the owners bucket); `None` with a
 /// warning on stderr when the bucket is not there.
 async fn leases_now(client: &async_nats::Client, s: &Streams) -> (Option<Follower>, Leases) {
-    let mut leases = Leases::default();
     let bucket = match Bucket::find(&s.js, &s.owners).await {
         Ok(b) => b,
         Err(e) => {
@@ -71,9 +70,22 @@ async fn leases_now(client: &async_nats::Client, s: &Streams) -> (Option<Followe
                 "presenced: {} is not there ({e}): stale flags are unknown",
                 s.owners_name
             );
-            return (None, leases);
+            return (None, Leases::default());
         }
     };
+    // What each service runs: the ownership table stored at provisioning,
+    // never what a lease claims about itself (see `Leases`).
+    let table = match crate::acl::published::read(&s.js, &s.owners).await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "presenced: the ownership table on {} is unreadable ({e}): stale flags are unknown",
+                s.owners_name
+            );
+            return (None, Leases::default());
+        }
+    };
+    let mut leases = Leases::with_table(table);
     let mut f = Follower::new(client.clone(), s.js.clone(), bucket, ">", true);
     if let Err(e) = f.start().await {
         eprintln!(
@@ -239,7 +251,7 @@ pub async fn watch(
                         Some(st) => apply_lease(st, &e),
                         None => apply_lease(&mut leases, &e),
                     },
-                    Followed::Reset => staging = Some(Leases::default()),
+                    Followed::Reset => staging = Some(leases.emptied()),
                     Followed::SnapshotDone => {
                         if let Some(st) = staging.take() {
                             leases = st;

@@ -104,6 +104,10 @@ pub struct Runner {
     /// timers fire on the wall clock only when this is 0, so a backlog is
     /// applied in observation-time order first.
     backlog: u64,
+    /// Who may get command replies: the ownership table stored at
+    /// provisioning, and when it was last read.
+    replies: Option<crate::acl::published::Published>,
+    replies_read: Option<tokio::time::Instant>,
 }
 
 fn missing(what: &str, source: impl Into<async_nats::Error>) -> RunnerError {
@@ -185,6 +189,8 @@ impl Runner {
             metrics,
             batch: batch.max(1),
             backlog: 0,
+            replies: None,
+            replies_read: None,
         };
         let zones: Vec<String> = runner.slots.keys().cloned().collect();
         for z in &zones {
@@ -565,6 +571,12 @@ impl Runner {
             .map_err(|e| missing("stream SENSORS", e))?;
         let reader = stream
             .create_consumer(pull::OrderedConfig {
+                // Named: readers of SENSORS may create named consumers
+                // only (the ACL keeps them off the durable that way).
+                name: Some(crate::store::consumer_name(
+                    self.js.client(),
+                    "engine-catchup",
+                )),
                 deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: floor + 1,
                 },
@@ -654,8 +666,51 @@ impl Runner {
         Ok(Reply::done(&slot.state, changed, slot.presence_rev))
     }
 
+    /// (Re)reads the ownership table, at most once a second: a command
+    /// with a reply subject nobody may get makes the engine look again
+    /// (the table may have been provisioned since), a flood of them does
+    /// not turn into a flood of stream info requests.
+    async fn refresh_replies(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self
+            .replies_read
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.replies_read = Some(now);
+        let stream = naming::kv_stream(naming::OWNERS_BUCKET);
+        match crate::acl::published::read(&self.js, &stream).await {
+            Ok(table) => self.replies = table,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the ownership table; keeping the last one read")
+            }
+        }
+    }
+
+    /// Whether `reply` may receive a command's answer, per the ownership
+    /// table (read again once when it says no).
+    async fn reply_allowed(&mut self, reply: &str) -> bool {
+        use crate::acl::published::reply_allowed;
+        if reply_allowed(reply, self.replies.as_ref()) {
+            return true;
+        }
+        self.refresh_replies().await;
+        reply_allowed(reply, self.replies.as_ref())
+    }
+
     /// Answers one command message.
     async fn command(&mut self, client: &async_nats::Client, msg: async_nats::Message) {
+        // A reply subject is where the engine will publish: never
+        // anywhere but the inbox of an identity granted `commands`. The
+        // command is refused before it changes anything, and not
+        // answered (an answer would be the write the sender is after).
+        if let Some(reply_to) = &msg.reply {
+            if !self.reply_allowed(reply_to.as_str()).await {
+                tracing::warn!(subject = %msg.subject, reply = %reply_to, "command refused: its reply subject is not the inbox of an identity granted commands in the ownership map; not applied, not answered");
+                return;
+            }
+        }
         let reply = match self.execute(&msg.subject, &msg.payload).await {
             Ok(reply) => reply,
             Err(e) => {
@@ -698,6 +753,7 @@ impl Runner {
         .await?;
         self.backlog = info.num_pending;
         let client = self.js.client();
+        self.refresh_replies().await;
         let cmd_subject = self.site.cmd_filter();
         let mut commands = client
             .subscribe(cmd_subject.clone())

@@ -12,54 +12,33 @@
 //! `nudge_after` while the mirror stays out of contact. This module asks
 //! for one step-down; [`super::health`] decides when.
 
-use async_nats::jetstream;
+use super::link::HubLink;
 
 /// Why a nudge was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum NudgeError {
-    #[error("cannot ask the hub to restart mirror {stream}: {source}")]
-    Request {
-        stream: String,
-        source: jetstream::context::RequestError,
-    },
-    #[error("the hub refused to restart mirror {stream}: {message}")]
-    Refused { stream: String, message: String },
+    #[error("cannot ask the hub to restart mirror {stream}: {reason}")]
+    Request { stream: String, reason: String },
 }
 
 #[derive(serde::Deserialize)]
-struct StepDownResponse {
-    #[serde(default)]
-    success: bool,
-    #[serde(default)]
-    error: Option<serde_json::Value>,
-}
+struct StepDownResponse {}
 
 /// Makes the leader of the hub stream `stream` (a mirror) step down, so a
-/// new leader sets up the mirror's consumer on the leaf at once. `hub` is a
-/// JetStream context of domain `hub` (through the leaf link). A single-node
-/// hub has no other leader to hand over to and refuses.
-pub async fn nudge(hub: &jetstream::Context, stream: &str) -> Result<(), NudgeError> {
-    let response: StepDownResponse = hub
-        .request(
-            // The context adds the hub's prefix; the ACL grants the full
-            // subject (`naming::js::hub_stream_leader_stepdown`).
-            format!("STREAM.LEADER.STEPDOWN.{stream}"),
-            &serde_json::json!({}),
-        )
-        .await
-        .map_err(|source| NudgeError::Request {
-            stream: stream.to_owned(),
-            source,
-        })?;
-    if response.success {
-        Ok(())
-    } else {
-        Err(NudgeError::Refused {
-            stream: stream.to_owned(),
-            message: response
-                .error
-                .map(|e| e.to_string())
-                .unwrap_or_else(|| "no reason given".to_owned()),
-        })
-    }
+/// new leader sets up the mirror's consumer on the leaf at once, through
+/// the site's link. A single-node hub has no other leader to hand over to
+/// and refuses.
+pub async fn nudge(hub: &HubLink, stream: &str) -> Result<(), NudgeError> {
+    hub.request::<StepDownResponse>(
+        // The ACLs grant exactly this subject (with the hub's prefix,
+        // `naming::js::hub_stream_leader_stepdown`).
+        &format!("STREAM.LEADER.STEPDOWN.{stream}"),
+        &serde_json::json!({}),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|reason| NudgeError::Request {
+        stream: stream.to_owned(),
+        reason,
+    })
 }

@@ -8,10 +8,11 @@
 //! minus the mirror's (mirrors keep the source's sequence numbers).
 
 use super::catchup;
+use super::link::HubLink;
 use super::mirrors::{self, Mirror};
 use crate::config::HubWatch;
 use crate::metrics::Metrics;
-use crate::naming::{self, Site};
+use crate::naming::Site;
 use async_nats::jetstream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -238,48 +239,39 @@ fn end(info: &jetstream::stream::Info) -> End {
     }
 }
 
-/// Reads both ends of `mirror`: `leaf` is the site's JetStream, `hub` a
-/// context of domain `hub` through the leaf link.
-pub async fn sample(
-    leaf: &jetstream::Context,
-    hub: &jetstream::Context,
-    mirror: &Mirror,
-) -> Sample {
+/// Reads both ends of `mirror`: `leaf` is the site's JetStream, `hub` the
+/// hub through the leaf link.
+pub async fn sample(leaf: &jetstream::Context, hub: &HubLink, mirror: &Mirror) -> Sample {
     let source_name = mirror.source_stream();
     let mirror_name = mirror.stream();
     let (source, hub_side) =
-        tokio::join!(leaf.get_stream(&source_name), hub.get_stream(&mirror_name));
+        tokio::join!(leaf.get_stream(&source_name), hub.stream_info(&mirror_name));
     Sample {
         source: source
             .map(|s| end(s.cached_info()))
             .map_err(|e| format!("stream {source_name}: {e}")),
         mirror: hub_side
-            .map(|s| {
-                let info = s.cached_info();
-                MirrorEnd {
-                    end: end(info),
-                    last_contact: info.mirror.as_ref().and_then(|m| m.active),
-                }
+            .map(|info| MirrorEnd {
+                end: end(&info),
+                last_contact: info.mirror.as_ref().and_then(|m| m.active),
             })
             .map_err(|e| format!("mirror {mirror_name}: {e}")),
     }
 }
 
-/// JetStream contexts of the leaf and of the hub (through the leaf's
-/// link), with a request timeout below the poll interval so one slow hub
-/// cannot pile polls up.
+/// The leaf's JetStream context and the hub through the leaf's link (on
+/// inboxes naming `site`, which the hub's ACL answers on), with a request
+/// timeout below the poll interval so one slow hub cannot pile polls up.
 pub fn contexts(
     client: &async_nats::Client,
+    site: &Site,
     poll: Duration,
-) -> (jetstream::Context, jetstream::Context) {
+) -> (jetstream::Context, HubLink) {
     let timeout = poll.max(Duration::from_millis(500));
     let leaf = jetstream::ContextBuilder::new()
         .timeout(timeout)
         .build(client.clone());
-    let hub = jetstream::ContextBuilder::new()
-        .timeout(timeout)
-        .api_prefix(naming::domain_api_prefix(naming::HUB_DOMAIN))
-        .build(client.clone());
+    let hub = HubLink::new(client.clone(), site.clone(), timeout);
     (leaf, hub)
 }
 
@@ -293,7 +285,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (leaf, hub) = contexts(&client, cfg.poll_interval);
+    let (leaf, hub) = contexts(&client, &site, cfg.poll_interval);
     let list = mirrors::mirrors(&site);
     let nudge_after = cfg.nudge.then_some(cfg.nudge_after);
     let mut trackers: Vec<Tracker> = list
@@ -353,7 +345,7 @@ pub async fn run(
 /// `presenced status`: one reading of every mirror, judged as the daemon
 /// judges it.
 pub async fn status(client: &async_nats::Client, site: &Site, cfg: &HubWatch) -> Vec<Health> {
-    let (leaf, hub) = contexts(client, cfg.poll_interval);
+    let (leaf, hub) = contexts(client, site, cfg.poll_interval);
     let now = Instant::now();
     let mut out = Vec::new();
     for m in mirrors::mirrors(site) {

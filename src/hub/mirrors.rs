@@ -103,7 +103,9 @@ pub fn mirror_config(
             name: mirror.source_stream(),
             external: Some(stream::External {
                 api_prefix: naming::domain_api_prefix(&site.leaf_domain()),
-                delivery_prefix: None,
+                // Per site, so that the hub lets each leaf deliver to its
+                // own mirrors only.
+                delivery_prefix: Some(naming::leaf::mirror_delivery_prefix(site)),
             }),
             ..Default::default()
         }),
@@ -125,6 +127,14 @@ pub fn mirror_config(
         mirror_direct: kv,
         allow_rollup: kv,
         deny_delete: kv,
+        // The owners mirror carries the site's ownership table, so that
+        // `watch --hub` judges leases as a client of the leaf does.
+        metadata: source
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.as_str() == crate::acl::published::METADATA_KEY)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         discard: if kv {
             stream::DiscardPolicy::New
         } else {
@@ -223,11 +233,16 @@ pub fn differences(
     let source_of = |c: &stream::Config| {
         c.mirror.as_ref().map(|m| {
             format!(
-                "{} via {}",
+                "{} via {}{}",
                 m.name,
                 m.external
                     .as_ref()
-                    .map_or("local", |e| e.api_prefix.as_str())
+                    .map_or("local", |e| e.api_prefix.as_str()),
+                m.external
+                    .as_ref()
+                    .and_then(|e| e.delivery_prefix.as_deref())
+                    .map(|d| format!(", delivered to {d}"))
+                    .unwrap_or_default()
             )
         })
     };
@@ -266,6 +281,10 @@ pub fn differences(
         "mirror_direct" => mirror_direct,
         "description" => description,
     );
+    let table = |c: &stream::Config| c.metadata.get(crate::acl::published::METADATA_KEY).cloned();
+    if table(have) != table(want) {
+        changed.push("ownership table".to_owned());
+    }
     Ok(changed)
 }
 
@@ -276,13 +295,9 @@ async fn source_config(
     site: &Site,
     mirror: &Mirror,
 ) -> Result<(stream::Config, &'static str), MirrorError> {
-    let leaf = jetstream::with_domain(hub.clone(), site.leaf_domain());
-    let reason = match leaf.get_stream(mirror.source_stream()).await {
-        Ok(mut s) => match s.info().await {
-            Ok(info) => return Ok((info.config.clone(), "the linked leaf")),
-            Err(e) => e.to_string(),
-        },
-        Err(e) => e.to_string(),
+    let reason = match leaf_stream_info(hub, site, &mirror.source_stream()).await {
+        Ok(info) => return Ok((info.config, "the linked leaf")),
+        Err(e) => e,
     };
     match local_source_config(site, mirror) {
         Some(c) => Ok((c, "the leaf's provisioned defaults")),
@@ -291,6 +306,39 @@ async fn source_config(
             source_stream: mirror.source_stream(),
             reason,
         }),
+    }
+}
+
+/// Stream info of `stream` on `site`'s leaf, asked by the hub's admin
+/// over the link (`$JS.leaf-<site>.API`), answered on an inbox of that
+/// site (`naming::leaf::admin_reply_prefix`): the hub lets each leaf
+/// answer there only.
+pub async fn leaf_stream_info(
+    hub: &async_nats::Client,
+    site: &Site,
+    stream: &str,
+) -> Result<stream::Info, String> {
+    use async_nats::jetstream::response::Response;
+    let subject = format!(
+        "{}.STREAM.INFO.{stream}",
+        naming::domain_api_prefix(&site.leaf_domain())
+    );
+    let inbox = format!(
+        "{}.{}",
+        naming::leaf::admin_reply_prefix(site),
+        crate::store::consumer_name(hub.clone(), "r")
+    );
+    let msg = hub
+        .send_request(
+            subject.clone(),
+            async_nats::Request::new().payload("".into()).inbox(inbox),
+        )
+        .await
+        .map_err(|e| format!("{subject}: {e}"))?;
+    match serde_json::from_slice::<Response<stream::Info>>(&msg.payload) {
+        Ok(Response::Ok(info)) => Ok(info),
+        Ok(Response::Err { error }) => Err(format!("{subject}: {error}")),
+        Err(e) => Err(format!("{subject}: unreadable answer: {e}")),
     }
 }
 

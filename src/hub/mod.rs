@@ -9,4 +9,5 @@
 
 pub mod catchup;
 pub mod health;
+pub mod link;
 pub mod mirrors;

@@ -19,6 +19,8 @@ pub enum IdentityError {
     NoPublicKey { path: PathBuf },
     #[error(transparent)]
     Access(#[from] crate::acl::access::AccessError),
+    #[error("cannot hash an MQTT password: {0}")]
+    Hash(String),
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -30,6 +32,7 @@ pub enum IdentityError {
 #[derive(Debug, Clone)]
 pub struct SiteIdentities {
     pub service_public: String,
+    pub operator_public: String,
     pub leafnode_public: String,
     pub simulator_password: String,
     pub daemon_mqtt_password: String,
@@ -88,10 +91,16 @@ fn ensure_password(path: &Path) -> Result<String, IdentityError> {
     Ok(p)
 }
 
-/// The access file of a site: the admin, the site's leafnode identity, and
-/// one service running ingest and engine, and the archiver when there is
-/// somewhere to archive to.
-pub fn access_file(admin: &str, leafnode: &str, service: &str, archiver: bool) -> String {
+/// The access file of a site: the admin, the site's leafnode identity, one
+/// service running ingest and engine, and the archiver when there is
+/// somewhere to archive to, and an operator that may send commands.
+pub fn access_file(
+    admin: &str,
+    leafnode: &str,
+    service: &str,
+    operator: &str,
+    archiver: bool,
+) -> String {
     let runs = if archiver {
         r#"["ingest", "engine", "archiver"]"#
     } else {
@@ -104,8 +113,14 @@ pub fn access_file(admin: &str, leafnode: &str, service: &str, archiver: bool) -
          \n\
          [services.{svc}]\n\
          nkey = \"{service}\"\n\
-         runs = {runs}\n",
-        svc = plan::SERVICE
+         runs = {runs}\n\
+         \n\
+         # An operator: `presenced cmd` (commands), and reads what it commands.\n\
+         [services.{op}]\n\
+         nkey = \"{operator}\"\n\
+         reads = [\"commands\", \"presence\", \"owners\", \"events\"]\n",
+        svc = plan::SERVICE,
+        op = plan::OPERATOR
     )
 }
 
@@ -147,6 +162,7 @@ pub fn mqtt_users(ids: &SiteIdentities) -> Vec<render::MqttUser> {
 fn site_identities(s: &SitePlan) -> Result<SiteIdentities, IdentityError> {
     Ok(SiteIdentities {
         service_public: ensure_seed(plan::SERVICE, &s.keys.service_seed)?,
+        operator_public: ensure_seed(plan::OPERATOR, &s.keys.operator_seed)?,
         leafnode_public: ensure_seed("leafnode", &s.keys.leafnode_seed)?,
         simulator_password: ensure_password(&s.keys.simulator_password)?,
         daemon_mqtt_password: ensure_password(&s.keys.daemon_mqtt_password)?,
@@ -165,6 +181,7 @@ pub fn ensure(plan: &Plan) -> Result<Identities, IdentityError> {
             &admin_public,
             &ids.leafnode_public,
             &ids.service_public,
+            &ids.operator_public,
             plan.s3.is_some(),
         );
         std::fs::write(&s.keys.access_file, &text).map_err(|source| IdentityError::Write {
@@ -172,11 +189,11 @@ pub fn ensure(plan: &Plan) -> Result<Identities, IdentityError> {
             source,
         })?;
         let access = Access::parse(&text, &s.keys.access_file.display().to_string())?;
-        // It holds the MQTT passwords.
-        write_private(
-            &s.leaf.authorization_path,
-            &render::render_with_mqtt(&access, &s.site, &mqtt_users(&ids)),
-        )?;
+        // MQTT passwords as bcrypt hashes; still private (the users and
+        // their allow lists are nobody else's business).
+        let text = render::render_with_mqtt(&access, &s.site, &mqtt_users(&ids))
+            .map_err(|e| IdentityError::Hash(e.to_string()))?;
+        write_private(&s.leaf.authorization_path, &text)?;
         let seed = identity::read_seed(&s.keys.leafnode_seed)?;
         write_private(
             &s.leaf.hub_nkey_include,
@@ -229,7 +246,9 @@ mod tests {
         let authz = std::fs::read_to_string(&p.sites[0].leaf.authorization_path).unwrap();
         assert!(authz.contains(&a.sites[0].service_public));
         assert!(authz.contains("allowed_connection_types: [\"MQTT\"]"));
-        assert!(authz.contains(&a.sites[0].daemon_mqtt_password));
+        // The password in plain text nowhere; its bcrypt hash there.
+        assert!(!authz.contains(&a.sites[0].daemon_mqtt_password));
+        assert!(authz.contains("password: \"$2a$11$"), "{authz}");
         let mode = std::fs::metadata(&p.sites[0].leaf.authorization_path)
             .unwrap()
             .permissions()

@@ -271,6 +271,7 @@ fn write_configs(plan: &Plan) -> Result<(), SandboxError> {
             &plan::admin_config(s, &plan.admin_seed, s3)?,
         )?;
         write_toml(&s.hub_admin_config, &plan::hub_admin_config(plan, s)?)?;
+        write_toml(&s.operator_config, &plan::operator_config(s, s3)?)?;
     }
     Ok(())
 }
@@ -432,6 +433,9 @@ fn provision(s: &SitePlan, exe: &Path, sup: &mut Supervisor) -> Result<(), Sandb
             OsStr::new("provision"),
             OsStr::new("--config"),
             s.admin_config.as_os_str(),
+            // The ownership table: stale flags and command replies.
+            OsStr::new("--access"),
+            s.keys.access_file.as_os_str(),
         ],
         &s.provision_log,
         READY_DEADLINE,
@@ -689,6 +693,18 @@ fn summary(
             "  {} on the hub:  {}",
             s.site,
             hub_watch(s, &exe.to_string())
+        );
+    }
+    if let Some(s) = plan.sites.first() {
+        let _ = writeln!(
+            o,
+            "Command a zone as the operator (the identity granted `commands`):\n  {exe} cmd override <zone> occupied --for 30m --config {}",
+            s.operator_config.display()
+        );
+        let _ = writeln!(
+            o,
+            "Hub mirror health as the service (through the site's link):\n  {exe} status --config {}",
+            s.daemon_config.display()
         );
     }
     let _ = writeln!(o);

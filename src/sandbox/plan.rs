@@ -23,6 +23,9 @@ pub const HUB_NODES: usize = 3;
 
 /// Name of the service (identity) running ingest and engine on each site.
 pub const SERVICE: &str = "presenced";
+/// The operator's identity: may send commands (`presenced cmd`) and read
+/// what it commands, nothing else.
+pub const OPERATOR: &str = "operator";
 
 /// MQTT user the simulator publishes as.
 pub const SIMULATOR_MQTT_USER: &str = "simulator";
@@ -98,6 +101,8 @@ impl LeafPlan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SiteKeys {
     pub service_seed: PathBuf,
+    /// The operator's seed (`presenced cmd`, `get`, `watch` by hand).
+    pub operator_seed: PathBuf,
     pub leafnode_seed: PathBuf,
     pub access_file: PathBuf,
     /// MQTT passwords, one file per user (0600).
@@ -121,6 +126,8 @@ pub struct SitePlan {
     pub admin_config: PathBuf,
     /// The admin config pointing at the hub: reading the site's mirrors.
     pub hub_admin_config: PathBuf,
+    /// The site config with the operator identity: `presenced cmd`.
+    pub operator_config: PathBuf,
     pub provision_log: PathBuf,
     pub simulator_log: PathBuf,
 }
@@ -270,6 +277,7 @@ impl Plan {
                 },
                 keys: SiteKeys {
                     service_seed: keys.join(format!("{SERVICE}.nk")),
+                    operator_seed: keys.join(format!("{OPERATOR}.nk")),
                     leafnode_seed: keys.join("leafnode.nk"),
                     access_file: sdir.join("access.toml"),
                     simulator_password: keys.join("mqtt-simulator.password"),
@@ -280,6 +288,7 @@ impl Plan {
                 daemon_log: logs.join(format!("{id}-presenced.log")),
                 admin_config: sdir.join("admin.toml"),
                 hub_admin_config: sdir.join("hub-admin.toml"),
+                operator_config: sdir.join("operator.toml"),
                 provision_log: logs.join(format!("{id}-provision.log")),
                 simulator_log: logs.join(format!("{id}-simulator.log")),
                 dir: sdir,
@@ -404,6 +413,19 @@ pub fn daemon_config(site: &SitePlan, s3: Option<&S3Plan>) -> Result<Config, Con
         mqtt.password_file = Some(site.keys.daemon_mqtt_password.clone());
     }
     cfg.archive = s3.map(|s3| archive_config(site, s3)).transpose()?;
+    // Hub mirror health and nudges, through the site's link under the
+    // generated hub ACL (docs/SECURITY.md).
+    cfg.hub = Some(crate::config::HubWatch::default());
+    Ok(cfg)
+}
+
+/// The site config with the operator identity: what `presenced cmd`
+/// runs as (the ownership map grants it `commands`).
+pub fn operator_config(site: &SitePlan, s3: Option<&S3Plan>) -> Result<Config, ConfigError> {
+    let mut cfg = daemon_config(site, s3)?;
+    cfg.service = OPERATOR.to_owned();
+    cfg.nats.nkey_seed_file = Some(site.keys.operator_seed.clone());
+    cfg.http.enabled = false;
     Ok(cfg)
 }
 

@@ -160,6 +160,18 @@ fn options(
         opts = opts.custom_inbox_prefix(crate::naming::inbox_prefix(service));
     }
     let sink = who.violations.clone();
+    if let (None, Some(sink)) = (&metrics, &sink) {
+        // A CLI: no metrics, but its refusals are named when it fails.
+        let sink = sink.clone();
+        opts = opts.event_callback(move |event| {
+            let sink = sink.clone();
+            async move {
+                if let Some(v) = crate::acl::violation::from_event(&event) {
+                    let _ = sink.send(v);
+                }
+            }
+        });
+    }
     if let Some(metrics) = metrics {
         let connected_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
         opts = opts.event_callback(move |event| {

@@ -159,12 +159,41 @@ pub fn owning_component(bucket: &str) -> Option<Component> {
 }
 
 /// The leases a client knows of, by owners key.
+///
+/// Which components a lease stands for comes from the ownership table
+/// stored at provisioning when there is one: the key is the service (the
+/// ACL lets each identity write `owners.<its service>` only), and the
+/// table says what that service runs. The lease body's `components` is
+/// the holder's own claim and counts only without a table (a site
+/// provisioned without `--access`, where no ACL stops anyone anyway).
 #[derive(Debug, Clone, Default)]
 pub struct Leases {
     by_key: BTreeMap<String, Lease>,
+    table: Option<crate::acl::published::Published>,
 }
 
 impl Leases {
+    /// No leases yet; components from `table` when given.
+    pub fn with_table(table: Option<crate::acl::published::Published>) -> Leases {
+        Leases {
+            by_key: BTreeMap::new(),
+            table,
+        }
+    }
+
+    /// The same table, no leases (a new snapshot of the bucket follows).
+    pub fn emptied(&self) -> Leases {
+        Leases::with_table(self.table.clone())
+    }
+
+    /// Whether the lease under `key` stands for `component`.
+    fn runs(&self, key: &str, lease: &Lease, component: Component) -> bool {
+        match &self.table {
+            Some(t) => t.runs(key, component),
+            None => lease.runs(component),
+        }
+    }
+
     /// Records a put (`Some`) or a delete, purge or expiry (`None`).
     pub fn apply(&mut self, key: &str, lease: Option<Lease>) {
         match lease {
@@ -184,8 +213,8 @@ impl Leases {
     /// Whether a live lease runs `component` at `now`.
     pub fn alive(&self, component: Component, now: Timestamp) -> bool {
         self.by_key
-            .values()
-            .any(|l| l.runs(component) && !l.run_out(now))
+            .iter()
+            .any(|(k, l)| self.runs(k, l, component) && !l.run_out(now))
     }
 
     /// Whether keys of `bucket` are stale at `now`: no live lease runs the
@@ -359,6 +388,48 @@ mod tests {
         leases.apply("core", None);
         assert!(leases.stale(naming::PRESENCE_BUCKET, now));
         assert!(!leases.stale(naming::OWNERS_BUCKET, now));
+    }
+
+    #[test]
+    fn with_a_table_a_lease_counts_for_what_its_service_runs_not_what_it_claims() {
+        use crate::acl::published::{Published, PublishedService};
+        let table = Published {
+            v: crate::acl::published::SCHEMA,
+            services: [
+                (
+                    "core".to_owned(),
+                    PublishedService {
+                        runs: vec!["engine".into()],
+                        commands: false,
+                    },
+                ),
+                (
+                    "dashboard".to_owned(),
+                    PublishedService {
+                        runs: vec![],
+                        commands: true,
+                    },
+                ),
+            ]
+            .into(),
+        };
+        let now = Timestamp(1_000);
+        let mut leases = Leases::with_table(Some(table));
+        // A forged lease: the dashboard claims the engine.
+        let forged = lease("dashboard", &[Component::Ingest, Component::Engine], 0, 60);
+        leases.apply("dashboard", Some(forged.clone()));
+        assert!(leases.stale(naming::PRESENCE_BUCKET, now));
+        // The same body under the engine's service key counts.
+        leases.apply("core", Some(lease("core", &[], 0, 60)));
+        assert!(!leases.stale(naming::PRESENCE_BUCKET, now));
+        let emptied = leases.emptied();
+        let mut again = emptied.clone();
+        again.apply("dashboard", Some(forged.clone()));
+        assert!(again.stale(naming::PRESENCE_BUCKET, now));
+        // Without a table the claim is all there is.
+        let mut open = Leases::default();
+        open.apply("dashboard", Some(forged));
+        assert!(!open.stale(naming::PRESENCE_BUCKET, now));
     }
 
     #[test]

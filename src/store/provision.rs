@@ -21,6 +21,8 @@ pub enum ProvisionError {
         name: String,
         source: async_nats::jetstream::context::CreateKeyValueError,
     },
+    #[error("{reason}")]
+    Table { reason: String },
     #[error("cannot create object store {name}: {source}")]
     ObjectStore {
         name: String,
@@ -155,13 +157,34 @@ pub fn object_store_configs() -> Vec<object_store::Config> {
     }]
 }
 
-/// Creates or updates every stream and bucket of the site.
+/// Creates or updates every stream and bucket of the site, keeping the
+/// ownership table already stored (see [`provision_with`]).
 pub async fn provision(
     client: &async_nats::Client,
     site: &Site,
 ) -> Result<Vec<Provisioned>, ProvisionError> {
+    provision_with(client, site, None).await
+}
+
+/// [`provision`], storing `table` (the access file's services, what
+/// they run and who may send commands) on KV `owners`' stream, where
+/// clients and the engine read it (`crate::acl::published`). Without a
+/// table, a stored one is kept: updating the bucket would otherwise drop
+/// it with the rest of the stream's metadata.
+pub async fn provision_with(
+    client: &async_nats::Client,
+    site: &Site,
+    table: Option<&crate::acl::published::Published>,
+) -> Result<Vec<Provisioned>, ProvisionError> {
+    use crate::acl::published;
     check_server_version(&client.server_info().version)?;
     let js = jetstream::new(client.clone());
+    let owners_stream = naming::kv_stream(naming::OWNERS_BUCKET);
+    let kept = match table {
+        Some(t) => Some(t.clone()),
+        // Missing bucket (first run): nothing to keep.
+        None => published::read(&js, &owners_stream).await.ok().flatten(),
+    };
     let mut done = Vec::new();
     for cfg in stream_configs(site) {
         let name = cfg.name.clone();
@@ -185,6 +208,15 @@ pub async fn provision(
                 source,
             })?;
         done.push(Provisioned { kind: "kv", name });
+    }
+    if let Some(t) = &kept {
+        published::store(&js, &owners_stream, t)
+            .await
+            .map_err(|reason| ProvisionError::Table { reason })?;
+        done.push(Provisioned {
+            kind: "ownership table on",
+            name: owners_stream.clone(),
+        });
     }
     for cfg in object_store_configs() {
         let name = cfg.bucket.clone();

@@ -270,6 +270,25 @@ in
     };
   };
 
+  # With the ownership map, provisioning stores it (`--access`): what the
+  # daemon's command replies and the clients' stale flags go by.
+  testProvisionStoresTheOwnershipTable = {
+    expr =
+      (stubs.eval [
+        module
+        {
+          services.nats.enable = true;
+          services.presenced = {
+            site = "home";
+            instances.main = { };
+            provision.nkeySeedFile = "/run/keys/admin.nk";
+            provision.accessFile = "/etc/presenced/access.toml";
+          };
+        }
+      ]).systemd.services.presenced-provision.serviceConfig.ExecStart;
+    expected = "${stubs.pkgs.presenced}/bin/presenced provision --config ${stubs.fakeFile "presenced-provision-checked.toml"} --access /etc/presenced/access.toml";
+  };
+
   testDisabledInstanceHasNoUnit = {
     expr =
       (eval {
