@@ -721,7 +721,7 @@ mod tests {
         let r = a.service("restore").unwrap();
         assert!(r.owns.is_empty(), "restore owns no keyspace: {r:?}");
         let site = Site::new("home").unwrap();
-        let p = service_permissions(r, &site);
+        let p = service_permissions(&a, r, &site);
         let allow: Vec<&str> = p.publish_allow.iter().map(|r| r.subject.as_str()).collect();
         for s in [
             "$KV.presence.>",
@@ -740,7 +740,10 @@ mod tests {
                 || s.starts_with("events.")),
             "{allow:?}"
         );
-        assert!(!p.allow_responses);
+        assert!(
+            !allow.iter().any(|s| s.starts_with("_INBOX.")),
+            "restore answers no one: {allow:?}"
+        );
     }
 
     #[test]
