@@ -24,6 +24,15 @@ pub struct Config {
     /// (`_INBOX.<service>`), audit subject and owners key derive from it.
     #[serde(default = "default_service")]
     pub service: String,
+    /// Components this instance runs (`ingest`, `engine`, `archiver`).
+    /// Absent: inferred from the file, as the NixOS module describes it
+    /// ([`Config::components`]): sources make an ingest, zones an engine,
+    /// `[archive]` an archiver.
+    #[serde(default)]
+    pub runs: Option<Vec<String>>,
+    /// What `/healthz` and `presenced status` count as degraded.
+    #[serde(default)]
+    pub health: HealthConfig,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
@@ -60,6 +69,39 @@ pub struct Config {
     /// tracks gets one by default ([`Config::add_preset_persons`]).
     #[serde(default)]
     pub persons: BTreeMap<String, ZoneConfig>,
+}
+
+/// Health thresholds (`[health]`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// A source whose link (MQTT connection, serial device) has been down
+    /// this long makes the daemon degraded (`/healthz` 503, `status` 1):
+    /// short enough to page before a zone goes wrong, long enough that a
+    /// broker restart does not.
+    #[serde(default = "default_source_grace", with = "humantime_serde")]
+    pub source_grace: Duration,
+    /// READY waits at most this long for each source's first connection:
+    /// a broker that is down at boot must not hold the unit in
+    /// `activating`; the source keeps retrying and health says so.
+    #[serde(default = "default_source_start_wait", with = "humantime_serde")]
+    pub source_start_wait: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            source_grace: default_source_grace(),
+            source_start_wait: default_source_start_wait(),
+        }
+    }
+}
+
+fn default_source_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_source_start_wait() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// The archiver (`[archive]`).
@@ -800,6 +842,34 @@ impl Config {
             entries.insert(naming::person_key(&id), z);
         }
         entries
+    }
+
+    /// The components this instance runs: `runs` when given (unknown
+    /// names are reported by [`Config::validate`] and skipped here), else
+    /// inferred: ingest when a source is configured, engine when a zone or
+    /// person is, archiver when `[archive]` is. A file with sources and
+    /// zones thus runs ingest and engine, as before `runs` existed.
+    pub fn components(&self) -> Vec<crate::acl::access::Component> {
+        use crate::acl::access::Component;
+        let mut c: Vec<Component> = match &self.runs {
+            Some(names) => names.iter().filter_map(|n| Component::parse(n)).collect(),
+            None => {
+                let mut c = Vec::new();
+                if !self.mqtt.is_empty() || !self.serial.is_empty() {
+                    c.push(Component::Ingest);
+                }
+                if !self.zones.is_empty() || !self.persons.is_empty() {
+                    c.push(Component::Engine);
+                }
+                if self.archive.is_some() {
+                    c.push(Component::Archiver);
+                }
+                c
+            }
+        };
+        c.sort();
+        c.dedup();
+        c
     }
 
     /// Reads and parses a config file, without checking its meaning.

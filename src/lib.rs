@@ -35,5 +35,6 @@ pub mod observation;
 pub mod sandbox;
 pub mod sources;
 pub mod store;
+pub mod supervise;
 pub mod systemd;
 pub mod time;

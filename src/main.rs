@@ -246,7 +246,7 @@ fn main() -> ExitCode {
         Command::Run { config } => load(&config).and_then(|cfg| {
             init_tracing(cfg.log.level.as_deref());
             tracing::info!(version = env!("CARGO_PKG_VERSION"), site = %cfg.site, config = %config.display(), "starting");
-            runtime()?.block_on(daemon::run(cfg))
+            runtime()?.block_on(daemon::run_file(cfg, Some(config.clone())))
         }),
         Command::Provision { config } => load(&config).and_then(|cfg| {
             init_tracing(cfg.log.level.as_deref());

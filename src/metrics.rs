@@ -58,6 +58,31 @@ pub struct Metrics {
     pub lease_held: AtomicBool,
     /// Hub mirror health, when `[hub]` is configured.
     pub mirrors: std::sync::RwLock<Mirrors>,
+    /// Every supervised component and its state.
+    pub components: std::sync::Arc<crate::supervise::Registry>,
+    /// Link state of each source, refreshed every second.
+    pub sources: std::sync::RwLock<Vec<SourceHealth>>,
+    /// The components this instance runs (`ingest`, `engine`, ...).
+    pub runs: std::sync::RwLock<Vec<String>>,
+}
+
+/// One source's link, as `/healthz` and `presenced status` show it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SourceHealth {
+    pub name: String,
+    /// `mqtt` or `serial`.
+    pub kind: String,
+    /// Connected to the broker / device open.
+    pub up: bool,
+    /// Seconds since the link went down (or since start, when it never
+    /// came up); absent while up.
+    pub down_seconds: Option<f64>,
+    /// Seconds since the last reading arrived; absent before the first.
+    pub last_reading_seconds: Option<f64>,
+    /// Readings received since start.
+    pub readings: u64,
+    /// Down longer than `health.source_grace`.
+    pub degraded: bool,
 }
 
 /// The last reading of the site's hub mirrors and what happened to them.
@@ -91,6 +116,62 @@ impl Metrics {
 
     pub fn set(gauge: &AtomicU64, v: u64) {
         gauge.store(v, Ordering::Relaxed);
+    }
+
+    /// A copy of the source links.
+    pub fn source_health(&self) -> Vec<SourceHealth> {
+        self.sources
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_source_health(&self, v: Vec<SourceHealth>) {
+        *self.sources.write().unwrap_or_else(|p| p.into_inner()) = v;
+    }
+
+    fn render_components(&self, out: &mut String) {
+        let comps = self.components.snapshot();
+        if !comps.is_empty() {
+            let name = "presenced_component_up";
+            let _ = writeln!(
+                out,
+                "# HELP {name} 1 while the component runs (0 starting, stopped or failed).\n# TYPE {name} gauge"
+            );
+            for (c, h) in &comps {
+                let up = u64::from(h.state == crate::supervise::State::Running);
+                let _ = writeln!(out, "{name}{{component=\"{c}\"}} {up}");
+            }
+            let name = "presenced_component_failures_total";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Unexpected ends of the component (also logged at ERROR).\n# TYPE {name} counter"
+            );
+            for (c, h) in &comps {
+                let _ = writeln!(out, "{name}{{component=\"{c}\"}} {}", h.failures);
+            }
+        }
+        let sources = self.source_health();
+        if !sources.is_empty() {
+            let name = "presenced_source_up";
+            let _ = writeln!(
+                out,
+                "# HELP {name} 1 while the source's link (broker connection, device) is up.\n# TYPE {name} gauge"
+            );
+            for s in &sources {
+                let _ = writeln!(out, "{name}{{source=\"{}\"}} {}", s.name, u64::from(s.up));
+            }
+            let name = "presenced_source_last_reading_age_seconds";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Seconds since the source's last reading.\n# TYPE {name} gauge"
+            );
+            for s in &sources {
+                if let Some(age) = s.last_reading_seconds {
+                    let _ = writeln!(out, "{name}{{source=\"{}\"}} {age:.1}", s.name);
+                }
+            }
+        }
     }
 
     fn mirrors_mut(&self) -> std::sync::RwLockWriteGuard<'_, Mirrors> {
@@ -399,7 +480,13 @@ impl Metrics {
                 get(&self.archive_last_upload_seconds),
             ),
         ];
+        // Families of a component this instance does not run are left out:
+        // a zero there would read as "configured and idle".
+        let archive = self.archive_enabled.load(Ordering::Relaxed);
         for &(name, kind, help, value) in rows {
+            if !archive && name.starts_with("presenced_archive_") {
+                continue;
+            }
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
@@ -417,6 +504,7 @@ impl Metrics {
             let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", kind.label(), get(n));
         }
         self.render_mirrors(&mut out);
+        self.render_components(&mut out);
         out
     }
 }

@@ -167,6 +167,17 @@ impl Runner {
                 },
             );
         }
+        let unconfigured: Vec<&String> = stored
+            .iter()
+            .filter(|(k, c)| c.value.is_some() && !model.zones.contains_key(*k))
+            .map(|(k, _)| k)
+            .collect();
+        if !unconfigured.is_empty() {
+            tracing::warn!(
+                zones = ?unconfigured,
+                "KV presence holds zones the config no longer has: `presenced watch` and `get` show them as unconfigured; remove each with `presenced forget-zone <zone>` as the admin"
+            );
+        }
         tracing::info!(
             zones = slots.len(),
             stored = stored.len(),
@@ -681,11 +692,41 @@ impl Runner {
 
     /// Consumes `SENSORS` and fires timers until `shutdown` turns true.
     pub async fn run(
+        self,
+        consumer: jetstream::consumer::Consumer<pull::Config>,
+        shutdown: watch::Receiver<bool>,
+        on_ready: impl FnMut(&Runner),
+    ) -> Result<(), RunnerError> {
+        let (_keep, models) = watch::channel(self.model.clone());
+        self.run_reloadable(consumer, shutdown, models, on_ready)
+            .await
+    }
+
+    /// Swaps in a model of the same zones (SIGHUP: thresholds, evidence,
+    /// debounce times changed); refuses one that adds or removes zones,
+    /// whose slots only a restart rehydrates.
+    pub fn set_model(&mut self, model: Arc<Model>) -> Result<(), String> {
+        if !model.zones.keys().eq(self.model.zones.keys()) {
+            return Err("the set of zones changed: a restart is needed".into());
+        }
+        self.model = model;
+        let zones: Vec<String> = self.slots.keys().cloned().collect();
+        for z in &zones {
+            self.reschedule(z);
+        }
+        Ok(())
+    }
+
+    /// [`Runner::run`], taking a new model from `models` whenever one is
+    /// sent (see [`Runner::set_model`]).
+    pub async fn run_reloadable(
         mut self,
         consumer: jetstream::consumer::Consumer<pull::Config>,
         mut shutdown: watch::Receiver<bool>,
+        mut models: watch::Receiver<Arc<Model>>,
         mut on_ready: impl FnMut(&Runner),
     ) -> Result<(), RunnerError> {
+        let mut models_open = true;
         let mut info = consumer.clone();
         let info = info
             .info()
@@ -737,6 +778,16 @@ impl Runner {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
+                r = models.changed(), if models_open => match r {
+                    Ok(()) => {
+                        let model = models.borrow_and_update().clone();
+                        match self.set_model(model) {
+                            Ok(()) => tracing::info!("zone and evidence configuration reloaded"),
+                            Err(e) => tracing::warn!(reason = %e, "new zone configuration not applied"),
+                        }
+                    }
+                    Err(_) => models_open = false,
+                },
                 // Before SENSORS: commands are rare, and a steady flood of
                 // observations must not starve them (the select is biased).
                 Some(msg) = commands.next() => self.command(&client, msg).await,

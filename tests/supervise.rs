@@ -1,0 +1,165 @@
+//! Supervised components, against the real binary and real servers: a
+//! source that cannot start stops the daemon before READY and names
+//! itself; a source link down past `health.source_grace` makes `/healthz`
+//! and `presenced status` say degraded, and both recover by themselves.
+
+mod common;
+mod support;
+
+use common::*;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
+
+const ZONES: &str = r#"
+[zones.lab]
+occupied_above = 0.6
+arrive_after = "0s"
+leave_after = "0s"
+[[zones.lab.evidence]]
+sensor = "lab_pir"
+p_true = 0.95
+p_false = 0.05
+"#;
+
+fn health(http: SocketAddr) -> Option<(u16, serde_json::Value)> {
+    let (code, body) = support::http_get(http, "/healthz")?;
+    Some((code, serde_json::from_str(&body).ok()?))
+}
+
+fn status(config: &std::path::Path) -> (i32, serde_json::Value, String) {
+    let out = support::daemon::run_presenced(
+        &["status", "--json", "--config", config.to_str().unwrap()],
+        &[],
+    );
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    (
+        out.status.code().unwrap_or(-1),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_missing_mqtt_password_file_stops_the_daemon_before_ready_and_names_why() {
+    let broker = Mosquitto::start();
+    let nats = NatsServer::start(NatsOptions::default());
+    let http_port = support::free_port();
+    let mapping = format!(
+        "username = \"sensor\"\npassword_file = \"/nonexistent/mqtt-password\"\n{}",
+        motion_mapping(true)
+    );
+    let cfg = daemon_config("test", &nats.url(), broker.port, http_port, &mapping, ZONES);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("presenced.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    provision(&path);
+    let mut d = Daemon::start_at(&path, &[]);
+    let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+    let start = Instant::now();
+    let status = loop {
+        if let Some((code, h)) = health(http) {
+            assert_ne!(code, 200, "healthy with a source that cannot start: {h:#}");
+        }
+        if let Some(s) = d.exit_status() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the daemon keeps running without its source; log:\n{}",
+            d.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "exit status {status:?}");
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("component failed"))
+        .unwrap_or_else(|| panic!("no ERROR line naming the component:\n{log}"));
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("source.mqtt.main"), "{line}");
+    assert!(line.contains("/nonexistent/mqtt-password"), "{line}");
+    assert!(line.contains("fatal=true"), "{line}");
+    assert!(!log.contains("daemon: ready"), "READY was reported:\n{log}");
+}
+
+#[test]
+fn a_source_link_down_past_its_grace_is_degraded_then_healthy_again() {
+    let mut broker = Mosquitto::start();
+    let nats = NatsServer::start(NatsOptions::default());
+    let http_port = support::free_port();
+    let cfg = format!(
+        "{}\n[health]\nsource_grace = \"2s\"\n",
+        daemon_config(
+            "test",
+            &nats.url(),
+            broker.port,
+            http_port,
+            &motion_mapping(true),
+            ZONES
+        )
+    );
+    let mut d = Daemon::start_provisioned(&cfg, http_port);
+    let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+    let config = d.config_path.clone();
+
+    // Healthy: everything the site has is in the report.
+    let (code, h) = health(http).unwrap();
+    assert_eq!(code, 200, "{h:#}");
+    assert_eq!(h["status"], "healthy", "{h:#}");
+    assert_eq!(h["runs"], serde_json::json!(["ingest", "engine"]), "{h:#}");
+    for c in ["engine", "ingest", "lease", "http", "source.mqtt.main"] {
+        assert_eq!(h["components"][c]["state"], "running", "{c}: {h:#}");
+    }
+    assert_eq!(h["sources"][0]["name"], "main", "{h:#}");
+    assert_eq!(h["sources"][0]["up"], true, "{h:#}");
+    assert!(h["ingest"]["buffer_capacity"].as_u64() > Some(0), "{h:#}");
+    assert!(h["engine"]["pending"].is_u64(), "{h:#}");
+    assert_eq!(h["lease"]["held"], true, "{h:#}");
+    assert!(
+        h.get("archive").is_none(),
+        "archive shown without [archive]: {h:#}"
+    );
+    let (code, st, err) = status(&config);
+    assert_eq!(code, 0, "status of a healthy site: {st:#} {err}");
+
+    // The broker goes away: within the grace nothing changes, past it the
+    // daemon is degraded and says which source.
+    broker.stop();
+    let down_at = Instant::now();
+    let mut seen = None;
+    while down_at.elapsed() < Duration::from_secs(15) {
+        if let Some((503, h)) = health(http) {
+            seen = Some(h);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let h = seen.unwrap_or_else(|| panic!("never degraded; log:\n{}", d.log_tail()));
+    assert!(
+        down_at.elapsed() >= Duration::from_secs(2),
+        "degraded before the grace ran out: {h:#}"
+    );
+    assert_eq!(h["status"], "degraded", "{h:#}");
+    let causes = h["causes"].to_string();
+    assert!(causes.contains("source main (mqtt) link down"), "{h:#}");
+    assert_eq!(h["sources"][0]["up"], false, "{h:#}");
+    let (_, metrics) = support::http_get(http, "/metrics").unwrap();
+    assert!(
+        metrics.contains("presenced_source_up{source=\"main\"} 0"),
+        "{metrics}"
+    );
+    let (code, st, err) = status(&config);
+    assert_eq!(code, 1, "status of a degraded site: {st:#} {err}");
+
+    // Back by itself.
+    broker.restart();
+    d.wait_healthy(http, Duration::from_secs(20));
+    assert!(d.is_running());
+
+    // The daemon gone: status says the site is down.
+    assert!(d.terminate().success());
+    let (code, st, err) = status(&config);
+    assert_eq!(code, 2, "status with the daemon stopped: {st:#} {err}");
+}
