@@ -256,6 +256,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         }
         drop(tx);
     }
+    let gauges_now;
     {
         let stop = sup.token(Stage::Work);
         let gauges = Gauges {
@@ -268,9 +269,18 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
             metrics: metrics.clone(),
             grace: config.health.source_grace,
         };
+        let gauges = Arc::new(gauges);
+        let track = Arc::new(std::sync::Mutex::new(gauges.track()));
+        gauges_now = Some((gauges.clone(), track.clone()));
         sup.spawn("gauges", Stage::Work, false, async move {
-            gauges.run(stop).await;
-            Ok(())
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = stop.cancelled() => return Ok(()),
+                }
+                gauges.refresh(&mut track.lock().unwrap_or_else(|p| p.into_inner()));
+            }
         });
         metrics.components.running("gauges");
     }
@@ -422,7 +432,21 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                     break Err(e.context(format!("component {} cannot run", exit.name)));
                 }
                 if exit.essential {
-                    break Err(e.context(format!("component {} failed", exit.name)));
+                    // One failure often ends others (a source that cannot
+                    // start closes ingest's input): name the root cause,
+                    // the fatal one, when it follows within moments.
+                    let mut cause = e.context(format!("component {} failed", exit.name));
+                    while let Ok(other) =
+                        tokio::time::timeout(Duration::from_millis(200), sup.next_exit()).await
+                    {
+                        if let Err(e) = other.result {
+                            if supervise::is_fatal(&e) {
+                                cause = e.context(format!("component {} cannot run", other.name));
+                                break;
+                            }
+                        }
+                    }
+                    break Err(cause);
                 }
                 tracing::warn!(component = %exit.name, "carrying on without it: health reports the daemon degraded until a restart");
             }
@@ -466,6 +490,9 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                             links.len()
                         )
                     });
+                    if let Some((g, t)) = &gauges_now {
+                        g.refresh(&mut t.lock().unwrap_or_else(|p| p.into_inner()));
+                    }
                     metrics.ready.store(true, Ordering::Relaxed);
                     tracing::info!(status = %line, "ready");
                     systemd::ready(&line);
@@ -589,71 +616,79 @@ struct Gauges {
     grace: Duration,
 }
 
+/// Per link: when it went down (start counts as down), and the reading
+/// count with the instant it last moved.
+struct LinkTrack {
+    down_since: Option<tokio::time::Instant>,
+    last: (u64, Option<tokio::time::Instant>),
+}
+
 impl Gauges {
-    async fn run(self, stop: tokio_util::sync::CancellationToken) {
-        use tokio::time::Instant;
-        let start = Instant::now();
-        // Per link: when it went down (start counts), last reading count
-        // and when it last moved.
-        let mut down_since: Vec<Option<Instant>> = vec![Some(start); self.links.len()];
-        let mut last: Vec<(u64, Option<Instant>)> = vec![(0, None); self.links.len()];
-        let mut every = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = every.tick() => {}
-                _ = stop.cancelled() => return,
+    /// Refreshes every gauge and the source links from the statuses;
+    /// called every second and once more just before READY, so health
+    /// never lags what READY claims.
+    fn refresh(&self, track: &mut [LinkTrack]) {
+        let now = tokio::time::Instant::now();
+        let mut health = Vec::with_capacity(self.links.len());
+        for ((name, kind, probe), t) in self.links.iter().zip(track.iter_mut()) {
+            let (up, _, readings) = probe();
+            match (up, t.down_since) {
+                (true, _) => t.down_since = None,
+                (false, None) => t.down_since = Some(now),
+                (false, Some(_)) => {}
             }
-            let now = Instant::now();
-            let mut health = Vec::with_capacity(self.links.len());
-            for (i, (name, kind, probe)) in self.links.iter().enumerate() {
-                let (up, _, readings) = probe();
-                match (up, down_since[i]) {
-                    (true, _) => down_since[i] = None,
-                    (false, None) => down_since[i] = Some(now),
-                    (false, Some(_)) => {}
-                }
-                if readings != last[i].0 {
-                    last[i] = (readings, Some(now));
-                }
-                let down = down_since[i].map(|t| now - t);
-                health.push(crate::metrics::SourceHealth {
-                    name: name.clone(),
-                    kind: (*kind).to_owned(),
-                    up,
-                    down_seconds: down.map(|d| d.as_secs_f64()),
-                    last_reading_seconds: last[i].1.map(|t| (now - t).as_secs_f64()),
-                    readings,
-                    degraded: down.is_some_and(|d| d >= self.grace),
-                });
+            if readings != t.last.0 {
+                t.last = (readings, Some(now));
             }
-            self.metrics.set_source_health(health);
-            let up = self
-                .mqtt
-                .iter()
-                .filter(|s| s.connected.load(Ordering::Relaxed))
-                .count();
-            Metrics::set(&self.metrics.mqtt_connected, up as u64);
-            let full: u64 = self
-                .mqtt
-                .iter()
-                .map(|s| s.buffer_full.load(Ordering::Relaxed))
-                .sum();
-            Metrics::set(&self.metrics.buffer_full, full);
-            let open = self
+            let down = t.down_since.map(|d| now - d);
+            health.push(crate::metrics::SourceHealth {
+                name: name.clone(),
+                kind: (*kind).to_owned(),
+                up,
+                down_seconds: down.map(|d| d.as_secs_f64()),
+                last_reading_seconds: t.last.1.map(|l| (now - l).as_secs_f64()),
+                readings,
+                degraded: down.is_some_and(|d| d >= self.grace),
+            });
+        }
+        self.metrics.set_source_health(health);
+        let up = self
+            .mqtt
+            .iter()
+            .filter(|s| s.connected.load(Ordering::Relaxed))
+            .count();
+        Metrics::set(&self.metrics.mqtt_connected, up as u64);
+        let full: u64 = self
+            .mqtt
+            .iter()
+            .map(|s| s.buffer_full.load(Ordering::Relaxed))
+            .sum();
+        Metrics::set(&self.metrics.buffer_full, full);
+        let open = self
+            .serial
+            .iter()
+            .filter(|s| s.connected.load(Ordering::Relaxed))
+            .count();
+        Metrics::set(&self.metrics.serial_connected, open as u64);
+        for (i, gauge) in self.metrics.serial_frame_rejects.iter().enumerate() {
+            let n = self
                 .serial
                 .iter()
-                .filter(|s| s.connected.load(Ordering::Relaxed))
-                .count();
-            Metrics::set(&self.metrics.serial_connected, open as u64);
-            for (i, gauge) in self.metrics.serial_frame_rejects.iter().enumerate() {
-                let n = self
-                    .serial
-                    .iter()
-                    .map(|s| s.frame_rejects[i].load(Ordering::Relaxed))
-                    .sum();
-                Metrics::set(gauge, n);
-            }
+                .map(|s| s.frame_rejects[i].load(Ordering::Relaxed))
+                .sum();
+            Metrics::set(gauge, n);
         }
+    }
+
+    fn track(&self) -> Vec<LinkTrack> {
+        let start = tokio::time::Instant::now();
+        self.links
+            .iter()
+            .map(|_| LinkTrack {
+                down_since: Some(start),
+                last: (0, None),
+            })
+            .collect()
     }
 }
 

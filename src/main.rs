@@ -55,7 +55,10 @@ enum Command {
         #[arg(long, requires = "hub")]
         site: Option<String>,
     },
-    /// Print the health of the site's hub mirrors: lag, last contact, stall.
+    /// Print the health of the whole site: the daemon's /healthz (components,
+    /// sources), leases, zones configured/stored/stale, the engine's backlog
+    /// and, with [hub], the hub mirrors. Exit code 0 healthy, 1 degraded,
+    /// 2 down (docs/OPERATIONS.md).
     Status {
         #[arg(long, short)]
         config: PathBuf,
@@ -302,15 +305,23 @@ fn main() -> ExitCode {
             init_tracing(Some("warn"));
             runtime()?.block_on(presenced::archive::cli::restore(cfg, snapshot, from_s3, force))
         }),
-        Command::Status { config, json } => load(&config).and_then(|cfg| {
-            init_tracing(Some("warn"));
-            runtime()?.block_on(async {
-                let client = connect_client(&cfg).await?;
-                let hub = cfg.hub.clone().unwrap_or_default();
-                presenced::hub::health::print_status(&client, &Site::new(&cfg.site)?, &hub, json).await;
-                Ok(())
-            })
-        }),
+        Command::Status { config, json } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("presenced: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_tracing(Some("error"));
+            return match runtime() {
+                Ok(rt) => ExitCode::from(rt.block_on(client::status::run(&cfg, json))),
+                Err(e) => {
+                    eprintln!("presenced: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Get { config, zone, json } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));
             runtime()?.block_on(async {

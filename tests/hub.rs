@@ -249,22 +249,22 @@ async fn provision_hub_is_idempotent_and_the_kv_mirror_serves_the_leafs_values()
     let config = t.config_path.to_str().unwrap();
     eventually("status shows every mirror current", DEADLINE, || async {
         let out = run_presenced(&["status", "--config", config, "--json"], &[]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let mirrors = report["hub"].as_array().cloned().unwrap_or_default();
         out.status.success()
-            && lines.len() == 4
-            && lines
+            && mirrors.len() == 4
+            && mirrors
                 .iter()
                 .all(|v| v["state"] == "current" && v["lag_messages"] == 0)
     })
     .await;
     let out = run_presenced(&["status", "--config", config], &[]);
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.starts_with("mirror "), "{table}");
-    assert!(table.contains("presence-home"), "{table}");
+    assert!(table.starts_with("site home: healthy"), "{table}");
+    assert!(
+        table.contains("hub mirror presence-home: current"),
+        "{table}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

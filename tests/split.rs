@@ -172,6 +172,19 @@ async fn ingest_engine_and_archiver_run_as_separate_instances_under_the_generate
     )
     .await;
 
+    // The ingest instance's health shows the reading on its source.
+    eventually(
+        "the ingest instance counts the reading",
+        Duration::from_secs(10),
+        || async {
+            support::http_get(http(ports[0]), "/healthz").is_some_and(|(_, b)| {
+                let h: serde_json::Value = serde_json::from_str(&b).unwrap_or_default();
+                h["sources"][0]["readings"] == 1
+            })
+        },
+    )
+    .await;
+
     // Each lease announces exactly what its instance runs.
     for (service, want) in [
         ("ingest", "ingest"),
@@ -216,6 +229,41 @@ async fn ingest_engine_and_archiver_run_as_separate_instances_under_the_generate
             d.log_tail()
         );
     }
+
+    // `presenced status` as the operator holds it: the admin identity, a
+    // file naming the whole site (sources and zones) and the engine
+    // daemon's listen address without binding it.
+    let operator = write(
+        d,
+        "operator.toml",
+        &format!(
+            "{}{}{ZONES}",
+            head("admin", &d.join("admin.seed"), &url, ports[1])
+                .replace("[http]\n", "[http]\nenabled = false\n"),
+            mqtt(broker.port)
+        ),
+    );
+    let status = |cfg: &Path| {
+        let out = support::daemon::run_presenced(
+            &["status", "--json", "--config", cfg.to_str().unwrap()],
+            &[],
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.code(), v)
+    };
+    let (code, v) = status(&operator);
+    assert_eq!(code, Some(0), "{v:#}");
+    assert_eq!(v["zones"]["configured"], 1, "{v:#}");
+    assert_eq!(v["zones"]["stored"], 1, "{v:#}");
+    assert_eq!(v["zones"]["stale"], 0, "{v:#}");
+    assert_eq!(v["backlog"]["sensors_pending"], 0, "{v:#}");
+    assert_eq!(v["daemon"]["status"], "healthy", "{v:#}");
+    // An identity that may not read the zones is told so, as a refusal.
+    let (code, v) = status(&ingest_cfg);
+    assert_eq!(code, Some(2), "{v:#}");
+    let causes = v["causes"].to_string();
+    assert!(causes.contains("refused"), "{v:#}");
+    assert!(!causes.contains("provision"), "{v:#}");
 }
 
 #[test]

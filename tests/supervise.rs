@@ -75,17 +75,25 @@ fn a_missing_mqtt_password_file_stops_the_daemon_before_ready_and_names_why() {
     let log = d.log();
     let line = log
         .lines()
-        .find(|l| l.contains("component failed"))
+        .find(|l| l.contains("component failed") && l.contains("source.mqtt.main"))
         .unwrap_or_else(|| panic!("no ERROR line naming the component:\n{log}"));
     assert!(line.contains("ERROR"), "{line}");
-    assert!(line.contains("source.mqtt.main"), "{line}");
     assert!(line.contains("/nonexistent/mqtt-password"), "{line}");
     assert!(line.contains("fatal=true"), "{line}");
     assert!(!log.contains("daemon: ready"), "READY was reported:\n{log}");
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("cannot carry on"))
+        .unwrap_or_default();
+    assert!(
+        last.contains("source.mqtt.main"),
+        "the exit names the source: {last}"
+    );
 }
 
-#[test]
-fn a_source_link_down_past_its_grace_is_degraded_then_healthy_again() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_link_down_past_its_grace_is_degraded_then_healthy_again() {
     let mut broker = Mosquitto::start();
     let nats = NatsServer::start(NatsOptions::default());
     let http_port = support::free_port();
@@ -123,6 +131,26 @@ fn a_source_link_down_past_its_grace_is_degraded_then_healthy_again() {
     );
     let (code, st, err) = status(&config);
     assert_eq!(code, 0, "status of a healthy site: {st:#} {err}");
+    assert_eq!(st["zones"]["configured"], 1, "{st:#}");
+
+    // A reading: the source's count and age move.
+    let mut p = Publisher::connect(broker.port, "supervise-pub").await;
+    p.publish(
+        "test/lab_pir",
+        format!(r#"{{"occupancy":true,"ts":{}}}"#, now_ms()),
+    )
+    .await;
+    p.flush(Duration::from_secs(5)).await;
+    eventually(
+        "the source's last reading shows",
+        Duration::from_secs(10),
+        || async {
+            health(http).is_some_and(|(_, h)| {
+                h["sources"][0]["readings"] == 1 && h["sources"][0]["last_reading_seconds"].is_f64()
+            })
+        },
+    )
+    .await;
 
     // The broker goes away: within the grace nothing changes, past it the
     // daemon is degraded and says which source.

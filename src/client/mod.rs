@@ -6,6 +6,7 @@
 //! - [`view`]: JSON lines and the readable table.
 
 pub mod follow;
+pub mod status;
 pub mod view;
 
 use crate::naming::{self, Site};
