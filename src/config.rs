@@ -1533,10 +1533,16 @@ secret_key_file = "k"
             r[0]
         );
 
+        // Zones without a source: an engine-only instance of a split
+        // site, whose sensors another instance reads.
         let text = "site = \"home\"\n[zones.z]\n[[zones.z.evidence]]\nsensor = \"s\"\np_true = 0.9\np_false = 0.1\n";
-        let r = reasons_at(text, "zones.z.evidence[0].sensor");
+        assert_eq!(paths(text), Vec::<String>::new());
+        // Unless it says it runs ingest too.
+        let text = format!("runs = [\"ingest\", \"engine\"]\n{text}");
+        let r = reasons_at(&text, "zones.z.evidence[0].sensor");
         assert_eq!(r.len(), 1);
         assert!(r[0].contains("no source is configured"), "{}", r[0]);
+        assert_eq!(reasons_at(&text, "runs").len(), 1);
 
         let bad = rule("").replace("sensor = \"s1\"\np_true", "sensor = \"S 1\"\np_true");
         assert_eq!(paths(&bad), ["zones.z.evidence[0].sensor"]);

@@ -283,7 +283,7 @@ fn main() -> ExitCode {
             };
             runtime()?.block_on(async {
                 let client = connect_client(&cfg).await?;
-                client::watch(client, source, &pattern, json).await
+                client::watch(client, source, &pattern, json, client::configured_zones(&cfg).as_ref()).await
             })
         }),
         Command::Cmd(args) => load(&args.common().config).and_then(|cfg| {
@@ -326,7 +326,7 @@ fn main() -> ExitCode {
             init_tracing(Some("warn"));
             runtime()?.block_on(async {
                 let client = connect_client(&cfg).await?;
-                client::get(client, &zone, json).await
+                client::get(client, &zone, json, client::configured_zones(&cfg).as_ref()).await
             })
         }),
     };

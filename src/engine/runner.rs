@@ -615,6 +615,9 @@ impl Runner {
     /// Validates and applies one command, makes the result durable, and
     /// builds the reply.
     async fn execute(&mut self, subject: &str, payload: &[u8]) -> Result<Reply, CommandError> {
+        if let Ok(Command::Forget { by }) = command::parse(payload) {
+            return self.forget(subject, &by).await;
+        }
         let zone = self
             .site
             .cmd_zone(subject)
@@ -641,6 +644,7 @@ impl Runner {
         let (changed, transitions) = match &command {
             Command::Override(request) => (true, set_override(zm, &mut slot.state, request, now)),
             Command::Clear { by } => clear_override(zm, &mut slot.state, by, now),
+            Command::Forget { .. } => (false, Vec::new()),
         };
         self.commit_with_retry(BTreeSet::from([zone.clone()]), transitions)
             .await;
@@ -661,11 +665,94 @@ impl Runner {
             Command::Clear { by } => {
                 tracing::info!(zone = %zone, by = %by, changed, state = slot.state.state.as_str(), "manual override cleared")
             }
+            Command::Forget { .. } => {}
         }
         Ok(Reply::done(&slot.state, changed, slot.presence_rev))
     }
 
     /// Answers one command message.
+    /// Removes an unconfigured zone from KV presence and debounce, the
+    /// removal first recorded in EVENTS (`{"removed": true, ...}` with the
+    /// last stored state), so the audit trail says who removed what when.
+    async fn forget(&mut self, subject: &str, by: &str) -> Result<Reply, CommandError> {
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| CommandError {
+            kind: ErrorKind::Unavailable,
+            message: format!("{what}: {e}"),
+        };
+        let zone = self
+            .site
+            .cmd_zone(subject)
+            .filter(|z| naming::is_presence_key(z))
+            .ok_or_else(|| CommandError {
+                kind: ErrorKind::UnknownZone,
+                message: format!("subject {subject:?} names no zone"),
+            })?
+            .to_owned();
+        if self.slots.contains_key(&zone) {
+            return Err(CommandError {
+                kind: ErrorKind::BadField,
+                message: format!(
+                    "zone {zone:?} is configured: remove it from the config and restart the engine first"
+                ),
+            });
+        }
+        let entry = self
+            .presence
+            .entry(&zone)
+            .await
+            .map_err(|e| unavailable("cannot read KV presence", &e))?
+            .filter(|e| e.operation == kv::Operation::Put)
+            .ok_or_else(|| CommandError {
+                kind: ErrorKind::UnknownZone,
+                message: format!("zone {zone:?} has no state in KV presence"),
+            })?;
+        let last: serde_json::Value =
+            serde_json::from_slice(&entry.value).unwrap_or(serde_json::Value::Null);
+        let record = serde_json::json!({
+            "v": super::STATE_SCHEMA,
+            "zone": zone,
+            "removed": true,
+            "at": Timestamp::now(),
+            "by": by,
+            "revision": entry.revision,
+            "last": last,
+        });
+        let msg = PublishMessage::build()
+            .payload(Bytes::from(record.to_string()))
+            .message_id(format!(
+                "{}.{}.removed.{}",
+                self.site.as_str(),
+                zone,
+                entry.revision
+            ));
+        self.js
+            .send_publish(self.site.events_subject(&zone), msg)
+            .await
+            .map_err(|e| unavailable("cannot record the removal in EVENTS", &e))?
+            .await
+            .map_err(|e| unavailable("cannot record the removal in EVENTS", &e))?;
+        self.presence
+            .purge(&zone)
+            .await
+            .map_err(|e| unavailable("cannot remove the key from KV presence", &e))?;
+        if let Err(e) = self.debounce.purge(&zone).await {
+            tracing::warn!(zone = %zone, error = %e, "cannot remove the key from KV debounce");
+        }
+        tracing::info!(zone = %zone, by = %by, revision = entry.revision, "unconfigured zone removed from KV presence (recorded in EVENTS)");
+        let mut reply = Reply::error(
+            Some(&zone),
+            CommandError {
+                kind: ErrorKind::Unavailable,
+                message: String::new(),
+            },
+        );
+        reply.ok = true;
+        reply.error = None;
+        reply.changed = Some(true);
+        reply.revision = Some(entry.revision);
+        Ok(reply)
+    }
+
     async fn command(&mut self, client: &async_nats::Client, msg: async_nats::Message) {
         let reply = match self.execute(&msg.subject, &msg.payload).await {
             Ok(reply) => reply,
