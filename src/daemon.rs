@@ -91,6 +91,12 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
     let metrics = Arc::new(Metrics::default());
     *metrics.runs.write().unwrap_or_else(|p| p.into_inner()) =
         runs.iter().map(|c| c.name().to_owned()).collect();
+    metrics
+        .mqtt_configured
+        .store(ingest_on && !config.mqtt.is_empty(), Ordering::Relaxed);
+    metrics
+        .serial_configured
+        .store(ingest_on && !config.serial.is_empty(), Ordering::Relaxed);
     let path = config_path.clone();
     let model = Arc::new(Model::from_config(&config));
     // The compiled model is all the engine needs; with thousands of zones

@@ -62,9 +62,37 @@ pub struct Metrics {
     pub components: std::sync::Arc<crate::supervise::Registry>,
     /// Link state of each source, refreshed every second.
     pub sources: std::sync::RwLock<Vec<SourceHealth>>,
-    /// The components this instance runs (`ingest`, `engine`, ...).
+    /// The components this instance runs (`ingest`, `engine`, ...); empty
+    /// when not set by a daemon (then every family is rendered).
     pub runs: std::sync::RwLock<Vec<String>>,
+    /// Whether MQTT / serial sources are configured: their families are
+    /// left out otherwise.
+    pub mqtt_configured: AtomicBool,
+    pub serial_configured: AtomicBool,
 }
+
+/// Families of the ingest component (sources included).
+const INGEST_FAMILIES: &[&str] = &[
+    "presenced_observations_received_total",
+    "presenced_observations_stored_total",
+    "presenced_rejects_total",
+    "presenced_publish_retries_total",
+    "presenced_ingest_buffer_full_total",
+    "presenced_ingest_buffer_depth",
+    "presenced_ingest_buffer_capacity",
+];
+
+/// Families of the engine component.
+const ENGINE_FAMILIES: &[&str] = &[
+    "presenced_engine_observations_total",
+    "presenced_engine_redeliveries_total",
+    "presenced_kv_writes_total",
+    "presenced_kv_conflicts_total",
+    "presenced_transitions_total",
+    "presenced_consumer_pending",
+    "presenced_zones",
+    "presenced_zones_occupied",
+];
 
 /// One source's link, as `/healthz` and `presenced status` show it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -483,8 +511,28 @@ impl Metrics {
         // Families of a component this instance does not run are left out:
         // a zero there would read as "configured and idle".
         let archive = self.archive_enabled.load(Ordering::Relaxed);
+        let runs = self.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let all = runs.is_empty();
+        let on = |c: &str| all || runs.iter().any(|r| r == c);
+        let mqtt = all || (on("ingest") && self.mqtt_configured.load(Ordering::Relaxed));
+        let serial = all || (on("ingest") && self.serial_configured.load(Ordering::Relaxed));
+        let shown = |name: &str| {
+            if name.starts_with("presenced_archive_") {
+                archive
+            } else if INGEST_FAMILIES.contains(&name) {
+                on("ingest")
+            } else if ENGINE_FAMILIES.contains(&name) {
+                on("engine")
+            } else if name == "presenced_mqtt_connected" {
+                mqtt
+            } else if name == "presenced_serial_connected" {
+                serial
+            } else {
+                true
+            }
+        };
         for &(name, kind, help, value) in rows {
-            if !archive && name.starts_with("presenced_archive_") {
+            if !shown(name) {
                 continue;
             }
             let _ = writeln!(
@@ -493,6 +541,11 @@ impl Metrics {
             );
         }
         let name = "presenced_serial_frame_rejects_total";
+        if !serial {
+            self.render_mirrors(&mut out);
+            self.render_components(&mut out);
+            return out;
+        }
         let _ = writeln!(
             out,
             "# HELP {name} LD2410 input rejected, by reason.\n# TYPE {name} counter"

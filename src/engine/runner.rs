@@ -100,6 +100,9 @@ pub struct Runner {
     scheduled: HashMap<String, Timestamp>,
     metrics: Arc<Metrics>,
     batch: usize,
+    /// Per zone, the highest transition number counted in
+    /// `presenced_transitions_total`.
+    counted: HashMap<String, u64>,
     /// Observations in SENSORS not yet delivered to us, as last reported;
     /// timers fire on the wall clock only when this is 0, so a backlog is
     /// applied in observation-time order first.
@@ -195,6 +198,7 @@ impl Runner {
             scheduled: HashMap::new(),
             metrics,
             batch: batch.max(1),
+            counted: HashMap::new(),
             backlog: 0,
         };
         let zones: Vec<String> = runner.slots.keys().cloned().collect();
@@ -404,7 +408,7 @@ impl Runner {
     }
 
     async fn publish_transitions(
-        &self,
+        &mut self,
         transitions: &[Transition],
     ) -> Result<(), async_nats::Error> {
         let mut messages = Vec::with_capacity(transitions.len());
@@ -415,10 +419,29 @@ impl Runner {
                 .message_id(naming::transition_msg_id(&self.site, &t.zone, t.number));
             messages.push((self.site.events_subject(&t.zone), msg));
         }
-        for ack in crate::store::publish::publish_all(&self.js, messages).await {
-            if !ack?.duplicate {
-                Metrics::inc(&self.metrics.transitions);
+        let acks = crate::store::publish::publish_all(&self.js, messages).await;
+        let mut first_error = None;
+        for (t, ack) in transitions.iter().zip(acks) {
+            match ack {
+                // Counted once per transition, when EVENTS first confirms
+                // holding it: a retry after a lost ack gets `duplicate`
+                // for a message this process has not counted yet, and a
+                // batch retried after a partial failure must not count
+                // the ones already confirmed again.
+                Ok(_) => {
+                    let counted = self.counted.entry(t.zone.clone()).or_insert(0);
+                    if t.number > *counted {
+                        *counted = t.number;
+                        Metrics::inc(&self.metrics.transitions);
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
+        }
+        if let Some(e) = first_error {
+            return Err(e.into());
         }
         for t in transitions {
             tracing::info!(zone = %t.zone, from = t.from.as_str(), to = t.to.as_str(), at = %t.at, confidence = t.confidence, number = t.number, "transition");
