@@ -27,6 +27,8 @@ pub struct Report {
     pub verdict: Verdict,
     pub json: Value,
     pub causes: Vec<String>,
+    /// The hub mirrors as the readable table, with `[hub]`.
+    pub hub_table: Option<String>,
 }
 
 struct Findings {
@@ -273,6 +275,9 @@ pub async fn collect(config: &Config) -> Report {
                 }
             }
             out["hub"] = json!(report);
+            let mut r = finish(out, f);
+            r.hub_table = Some(crate::hub::health::table(&report));
+            return r;
         }
     }
     finish(out, f)
@@ -309,6 +314,7 @@ fn finish(mut out: Value, f: Findings) -> Report {
         verdict,
         json: out,
         causes,
+        hub_table: None,
     }
 }
 
@@ -416,12 +422,8 @@ fn readable(r: &Report) -> String {
             ));
         }
     }
-    for h in j["hub"].as_array().into_iter().flatten() {
-        s.push_str(&format!(
-            "hub mirror {}: {}\n",
-            h["mirror"].as_str().unwrap_or("?"),
-            h["state"].as_str().unwrap_or("?")
-        ));
+    if let Some(t) = &r.hub_table {
+        s.push_str(t);
     }
     s
 }
