@@ -311,6 +311,30 @@ async fn the_sandbox_runs_zones_change_on_leaf_and_hub_and_ctrl_c_leaves_nothing
         );
     }
 
+    // `presenced status` with the admin file the sandbox gives an
+    // operator: the whole site healthy (exit 0), zones stored, the
+    // daemon's health read at its listen address.
+    for site in ["site-1", "site-2"] {
+        let admin = dir.join(site).join("admin.toml");
+        let out = Command::new(support::presenced_bin())
+            .args(["status", "--json", "--config"])
+            .arg(&admin)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{site}: {v:#} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            v["zones"]["stored"], v["zones"]["configured"],
+            "{site}: {v:#}"
+        );
+        assert_eq!(v["daemon"]["status"], "healthy", "{site}: {v:#}");
+    }
+
     sbx.signal(libc::SIGINT);
     let status = sbx.wait_exit(STOPPED);
     assert!(status.success(), "sandbox exited with {status}");
