@@ -465,7 +465,8 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                     continue;
                 }
                 // READY once every component that must be up is: the
-                // engine rehydrated and bound, the archiver started, and
+                // lease written, the engine rehydrated and bound, the
+                // archiver started, and
                 // each source connected once or running without failure
                 // for health.source_start_wait (a broker down at boot is
                 // reported by health, it does not hold the unit).
@@ -484,7 +485,14 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 let engine_line = engine_ready_rx.borrow().clone();
                 let archiver_started = !archiver_on
                     || metrics.components.snapshot().get("archiver").is_some_and(|c| c.state == supervise::State::Running);
-                if sources_started && archiver_started && (!engine_on || engine_line.is_some()) {
+                // The lease too: until it is written, clients would see
+                // this service's keys as stale.
+                let lease_held = metrics.lease_held.load(Ordering::Relaxed);
+                if sources_started
+                    && archiver_started
+                    && lease_held
+                    && (!engine_on || engine_line.is_some())
+                {
                     ready = true;
                     if engine_on {
                         metrics.components.running("engine");
