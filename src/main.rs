@@ -231,9 +231,13 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => match Config::load_valid(&file) {
             Ok(cfg) => {
                 println!(
-                    "{}: ok (site {}, {} zone(s), {} person(s), {} MQTT source(s), {} serial source(s))",
+                    "{}: ok (site {}, runs {}, {} zone(s), {} person(s), {} MQTT source(s), {} serial source(s))",
                     file.display(),
                     cfg.site,
+                    {
+                        let runs: Vec<&str> = cfg.components().iter().map(|c| c.name()).collect();
+                        if runs.is_empty() { "nothing".to_owned() } else { runs.join("+") }
+                    },
                     cfg.zones.len(),
                     cfg.persons.len(),
                     cfg.mqtt.len(),

@@ -46,7 +46,7 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     p
 }
 
-fn check_config(path: &Path) {
+fn check_config(path: &Path, runs: &str) {
     let out = support::daemon::run_presenced(&["check-config", path.to_str().unwrap()], &[]);
     assert!(
         out.status.success(),
@@ -54,6 +54,8 @@ fn check_config(path: &Path) {
         path.display(),
         String::from_utf8_lossy(&out.stderr)
     );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&format!("runs {runs},")), "{said}");
 }
 
 async fn lease_components(js: &async_nats::jetstream::Context, service: &str) -> serde_json::Value {
@@ -133,8 +135,12 @@ async fn ingest_engine_and_archiver_run_as_separate_instances_under_the_generate
             head("archiver", &d.join("archiver.seed"), &url, ports[2])
         ),
     );
-    for c in [&ingest_cfg, &engine_cfg, &archiver_cfg] {
-        check_config(c);
+    for (c, runs) in [
+        (&ingest_cfg, "ingest"),
+        (&engine_cfg, "engine"),
+        (&archiver_cfg, "archiver"),
+    ] {
+        check_config(c, runs);
     }
 
     let http = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
