@@ -297,6 +297,12 @@ impl Supervisor {
         let deadline = tokio::time::Instant::now() + timeout;
         for stage in Stage::ORDER {
             self.token(stage).cancel();
+            if stage == Stage::Sources {
+                // Ingest ends by itself once the sources have dropped
+                // their senders, possibly before its own stage comes up:
+                // that end is asked for too.
+                self.token(Stage::Ingest).cancel();
+            }
             while self.running.values().any(|(s, _)| *s == stage) {
                 match tokio::time::timeout_at(deadline, self.set.join_next()).await {
                     Ok(Some(joined)) => {

@@ -153,7 +153,13 @@ async fn sighup_applies_a_new_threshold_and_refuses_an_invalid_file() {
     .await;
     assert!(d.is_running());
     assert!(d.terminate().success());
-    assert!(d.log().contains("lease released"), "{}", d.log_tail());
+    let log = d.log();
+    assert!(log.contains("lease released"), "{}", d.log_tail());
+    assert!(log.contains("stopped cleanly"), "{}", d.log_tail());
+    assert!(
+        !log.contains("component failed"),
+        "a graceful stop reported a failure:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
