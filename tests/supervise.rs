@@ -191,3 +191,85 @@ async fn a_source_link_down_past_its_grace_is_degraded_then_healthy_again() {
     let (code, st, err) = status(&config);
     assert_eq!(code, 2, "status with the daemon stopped: {st:#} {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optional_component_that_fails_leaves_the_pipeline_running_degraded() {
+    let broker = Mosquitto::start();
+    let nats = NatsServer::start(NatsOptions::default());
+    let http_port = support::free_port();
+    let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+    // An ingest-only instance with Home Assistant output; KV presence is
+    // gone, so the output cannot start (not a problem of its own files:
+    // it is not fatal).
+    let cfg = format!(
+        "{}\n[homeassistant]\nhost = \"127.0.0.1\"\nport = {}\n",
+        daemon_config(
+            "test",
+            &nats.url(),
+            broker.port,
+            http_port,
+            &motion_mapping(true),
+            ""
+        ),
+        broker.port
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("presenced.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    provision(&path);
+    let js = jetstream(&nats.url()).await;
+    js.delete_key_value("presence").await.unwrap();
+    let mut d = Daemon::start_at(&path, &[]);
+    let mut last = None;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Some((code, h)) = health(http) {
+            if h["components"]["homeassistant"]["state"] == "failed" && h["ready"] == true {
+                last = Some((code, h));
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, h) =
+        last.unwrap_or_else(|| panic!("no failed homeassistant; log:\n{}", d.log_tail()));
+    assert_eq!(code, 503, "{h:#}");
+    assert_eq!(h["status"], "degraded", "{h:#}");
+    assert!(
+        h["causes"]
+            .to_string()
+            .contains("component homeassistant failed"),
+        "{h:#}"
+    );
+    assert_eq!(
+        h["components"]["homeassistant"]["essential"], false,
+        "{h:#}"
+    );
+    assert!(
+        d.log().contains("carrying on without it"),
+        "{}",
+        d.log_tail()
+    );
+    let (_, metrics) = support::http_get(http, "/metrics").unwrap();
+    assert!(
+        metrics.contains("presenced_component_up{component=\"homeassistant\"} 0")
+            && metrics
+                .contains("presenced_component_failures_total{component=\"homeassistant\"} 1"),
+        "{metrics}"
+    );
+
+    // The pipeline still works: a reading is stored.
+    let mut p = Publisher::connect(broker.port, "optional-pub").await;
+    p.publish(
+        "test/lab_pir",
+        format!(r#"{{"occupancy":true,"ts":{}}}"#, now_ms()),
+    )
+    .await;
+    p.flush(Duration::from_secs(5)).await;
+    eventually("the reading stored", Duration::from_secs(10), || async {
+        stream_messages(&js, "SENSORS").await == 1
+    })
+    .await;
+    assert!(d.is_running());
+    assert!(d.terminate().success());
+}
