@@ -269,3 +269,99 @@ async fn zones_dropped_from_the_config_are_reported_shown_unconfigured_and_forgo
     assert_eq!(removed[0]["zone"], "attic");
     assert!(d.is_running());
 }
+
+/// `cmd forget` as deployed: under the generated ACL, sent by an
+/// operator identity granted `commands`; the engine's own writes (EVENTS
+/// record, purges) draw no violation, and the admin, which may only use
+/// the JetStream API, cannot send it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_works_under_the_generated_acl_for_the_operator() {
+    use presenced::acl::identity;
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = |s: &str| identity::keygen(s, &d.join(format!("{s}.seed"))).unwrap();
+    let (admin, svc, op) = (key("admin"), key("presenced"), key("operator"));
+    let access = format!(
+        "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\"]\n[services.operator]\nnkey = \"{}\"\nreads = [\"commands\"]\n",
+        admin.public_key, svc.public_key, op.public_key
+    );
+    std::fs::write(d.join("access.toml"), access).unwrap();
+    let out = support::daemon::run_presenced(
+        &[
+            "acl",
+            "--access",
+            d.join("access.toml").to_str().unwrap(),
+            "--site",
+            "test",
+        ],
+        &[],
+    );
+    assert!(out.status.success());
+    let nats = NatsServer::start(NatsOptions {
+        extra: String::from_utf8(out.stdout).unwrap(),
+        ..Default::default()
+    });
+    let http_port = support::free_port();
+    let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+    let file = |service: &str, z: &str| {
+        daemon_config(
+            "test",
+            &nats.url(),
+            broker.port,
+            http_port,
+            &motion_mapping(true),
+            z,
+        )
+        .replace(
+            "[nats]\n",
+            &format!(
+                "service = \"{service}\"\n\n[nats]\nnkey_seed_file = \"{}\"\n",
+                d.join(format!("{service}.seed")).display()
+            ),
+        )
+    };
+    let write = |name: &str, text: String| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    provision(&write("admin.toml", file("admin", &zones(0.6, OLD_ZONE))));
+    let svc_cfg = write("presenced.toml", file("presenced", &zones(0.6, OLD_ZONE)));
+    let mut daemon = Daemon::start_at(&svc_cfg, &[]);
+    daemon.wait_healthy(http, Duration::from_secs(20));
+    let seed = identity::read_seed(&d.join("admin.seed")).unwrap();
+    let admin_js = async_nats::jetstream::new(
+        async_nats::ConnectOptions::new()
+            .nkey(seed)
+            .connect(nats.url())
+            .await
+            .unwrap(),
+    );
+    eventually("attic stored", Duration::from_secs(10), || async {
+        zone(&admin_js, "attic").await.is_some()
+    })
+    .await;
+    assert!(daemon.terminate().success());
+    std::fs::write(&svc_cfg, file("presenced", &zones(0.6, ""))).unwrap();
+    daemon.restart();
+    daemon.wait_healthy(http, Duration::from_secs(20));
+
+    let admin_cfg = write("admin2.toml", file("admin", &zones(0.6, "")));
+    let out = presenced(&["cmd", "forget", "attic", "--timeout", "2s"], &admin_cfg);
+    assert!(!out.status.success(), "the admin sent a command");
+    let op_cfg = write("operator.toml", file("operator", &zones(0.6, "")));
+    let out = presenced(&["cmd", "forget", "attic"], &op_cfg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(zone(&admin_js, "attic").await.is_none());
+    assert!(
+        !daemon.log().contains("permission violation"),
+        "{}",
+        daemon.log_tail()
+    );
+    assert!(daemon.is_running());
+}
