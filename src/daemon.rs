@@ -1,5 +1,7 @@
-//! `presenced run`: wires sources, ingest, engine, HTTP and systemd
-//! together and shuts them down in order.
+//! `presenced run`: starts the components the config enables (sources and
+//! ingest, engine, archiver, lease, Home Assistant output, hub watch,
+//! HTTP) under one [`Supervisor`], sends READY once they have started,
+//! reloads zones on SIGHUP, and shuts them down in order.
 
 use crate::config::Config;
 use crate::engine::runner::Runner;
