@@ -198,18 +198,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 sup.stop_flag(Stage::Sources),
             );
             sup.spawn(&component, Stage::Sources, true, async move {
-                fut.await.map_err(|e| {
-                    // Only a closed ingest can go away on its own; every
-                    // other end of a source is its configuration or a
-                    // secret file, which a retry cannot fix.
-                    let fatal = !matches!(e, sources::mqtt::MqttError::IngestClosed);
-                    let e = anyhow::Error::new(e);
-                    if fatal {
-                        supervise::fatal(e)
-                    } else {
-                        e
-                    }
-                })
+                fut.await.map_err(supervise::classify)
             });
             let s = status.clone();
             links.push(SourceLink {
@@ -237,15 +226,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 sup.stop_flag(Stage::Sources),
             );
             sup.spawn(&component, Stage::Sources, true, async move {
-                fut.await.map_err(|e| {
-                    let fatal = !matches!(e, sources::serial::SerialError::IngestClosed);
-                    let e = anyhow::Error::new(e);
-                    if fatal {
-                        supervise::fatal(e)
-                    } else {
-                        e
-                    }
-                })
+                fut.await.map_err(supervise::classify)
             });
             let s = status.clone();
             links.push(SourceLink {
@@ -308,12 +289,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         sup.spawn("engine", Stage::Work, true, async move {
             let runner = Runner::start(js.clone(), site, model, metrics.clone(), batch)
                 .await
-                .map_err(|e| match e {
-                    crate::engine::runner::RunnerError::NotProvisioned { .. } => {
-                        supervise::fatal(e)
-                    }
-                    e => anyhow::Error::new(e).context("engine start"),
-                })?;
+                .map_err(|e| supervise::classify(e).context("engine start"))?;
             release_startup_memory();
                 let consumer = js
                 .get_stream(naming::SENSORS_STREAM)
@@ -335,7 +311,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                     engine_ready_tx.send_replace(Some(r.status_line()));
                 })
                 .await
-                .map_err(|e| anyhow::Error::new(e).context("engine failed"))
+                .map_err(|e| supervise::classify(e).context("engine failed"))
         });
     }
 
@@ -373,12 +349,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
             sup.stop_flag(Stage::Work),
         );
         sup.spawn("homeassistant", Stage::Work, false, async move {
-            fut.await.map_err(|e| match e {
-                crate::homeassistant::HomeAssistantError::PasswordFile { .. } => {
-                    supervise::fatal(e)
-                }
-                e => anyhow::Error::new(e),
-            })
+            fut.await.map_err(supervise::classify)
         });
         metrics.components.running("homeassistant");
     }

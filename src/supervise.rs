@@ -48,6 +48,57 @@ pub fn is_fatal(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<Fatal>())
 }
 
+/// A component's error that can say whether a retry could help. Source,
+/// engine and output errors implement it (here, beside the supervisor, so
+/// a component only needs the impl); [`classify`] turns one into an
+/// `anyhow::Error`, wrapped in [`Fatal`] when it is.
+pub trait Failure: std::error::Error + Send + Sync + 'static {
+    /// True when retrying, or restarting with the same files, cannot fix
+    /// it: configuration, a missing secret file, missing provisioning.
+    fn is_fatal(&self) -> bool;
+}
+
+/// `e` as an `anyhow::Error`, marked [`Fatal`] when [`Failure::is_fatal`].
+pub fn classify<E: Failure>(e: E) -> anyhow::Error {
+    if e.is_fatal() {
+        fatal(e)
+    } else {
+        anyhow::Error::new(e)
+    }
+}
+
+impl Failure for crate::sources::mqtt::MqttError {
+    /// Only a closed ingest can go away on its own; every other end of a
+    /// source is its mapping, its options or its password file.
+    fn is_fatal(&self) -> bool {
+        !matches!(self, crate::sources::mqtt::MqttError::IngestClosed)
+    }
+}
+
+impl Failure for crate::sources::serial::SerialError {
+    fn is_fatal(&self) -> bool {
+        !matches!(self, crate::sources::serial::SerialError::IngestClosed)
+    }
+}
+
+impl Failure for crate::homeassistant::HomeAssistantError {
+    fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            crate::homeassistant::HomeAssistantError::PasswordFile { .. }
+        )
+    }
+}
+
+impl Failure for crate::engine::runner::RunnerError {
+    fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            crate::engine::runner::RunnerError::NotProvisioned { .. }
+        )
+    }
+}
+
 /// Shutdown order: each stage is stopped and awaited before the next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stage {
@@ -335,6 +386,17 @@ mod tests {
         assert!(is_fatal(&e));
         assert!(!is_fatal(&anyhow::anyhow!("broker down")));
         assert!(format!("{e:#}").contains("password file missing"));
+    }
+
+    #[test]
+    fn a_missing_secret_is_fatal_and_a_closed_ingest_is_not() {
+        use crate::sources::mqtt::MqttError;
+        let missing = MqttError::PasswordFile {
+            path: "/run/secret".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert!(is_fatal(&classify(missing)));
+        assert!(!is_fatal(&classify(MqttError::IngestClosed)));
     }
 
     #[tokio::test]
