@@ -273,3 +273,60 @@ async fn an_optional_component_that_fails_leaves_the_pipeline_running_degraded()
     assert!(d.is_running());
     assert!(d.terminate().success());
 }
+
+#[test]
+fn ready_waits_for_a_sources_first_connection_at_most_source_start_wait() {
+    let mut broker = Mosquitto::start();
+    broker.stop();
+    let nats = NatsServer::start(NatsOptions::default());
+    let http_port = support::free_port();
+    let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+    let cfg = format!(
+        "{}\n[health]\nsource_start_wait = \"3s\"\n",
+        daemon_config(
+            "test",
+            &nats.url(),
+            broker.port,
+            http_port,
+            &motion_mapping(true),
+            ZONES
+        )
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("presenced.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    provision(&path);
+    let d = Daemon::start_at(&path, &[]);
+    let start = Instant::now();
+    // Not ready while the source has neither connected nor waited out
+    // source_start_wait (the engine is ready within a second here).
+    let mut first_200 = None;
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Some((200, h)) = health(http) {
+            first_200 = Some((start.elapsed(), h));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let (at, h) = first_200.unwrap_or_else(|| panic!("never ready; log:\n{}", d.log_tail()));
+    assert!(at >= Duration::from_secs(3), "ready after {at:?}: {h:#}");
+    // Ready, healthy within the grace, and the link shown down.
+    assert_eq!(h["status"], "healthy", "{h:#}");
+    assert_eq!(h["sources"][0]["up"], false, "{h:#}");
+    assert_eq!(
+        h["components"]["source.mqtt.main"]["state"], "running",
+        "{h:#}"
+    );
+
+    // The broker comes: the link goes up by itself.
+    broker.restart();
+    let start = Instant::now();
+    while health(http).is_none_or(|(_, h)| h["sources"][0]["up"] != true) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "link never up; log:\n{}",
+            d.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
