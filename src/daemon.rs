@@ -80,6 +80,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     use crate::acl::access::Component;
     let original = config.clone();
+    // Listened for from the start: SIGHUP's default action would end the
+    // process without a drain.
+    let mut hup = hangups();
     let site = Site::new(&config.site)?;
     let runs = config.components();
     if runs.is_empty() {
@@ -388,7 +391,6 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         metrics.components.running("hub");
     }
 
-    let mut hup = hangups();
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut ready = false;
@@ -439,10 +441,10 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 }
                 // READY once every component that must be up is: the
                 // lease written, the engine rehydrated and bound, the
-                // archiver started, and
-                // each source connected once or running without failure
-                // for health.source_start_wait (a broker down at boot is
-                // reported by health, it does not hold the unit).
+                // archiver started, and each source connected once or
+                // running without failure for health.source_start_wait (a
+                // broker down at boot is reported by health, it does not
+                // hold the unit).
                 let waited = started.elapsed() >= config.health.source_start_wait;
                 let mut sources_started = true;
                 for l in &links {
