@@ -52,18 +52,30 @@ pub enum CmdArgs {
         #[command(flatten)]
         common: Common,
     },
+    /// Remove ZONE, which the config no longer has, from KV presence and
+    /// debounce; the engine records the removal in EVENTS. Refused for a
+    /// configured zone.
+    Forget {
+        zone: String,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 impl CmdArgs {
     pub fn common(&self) -> &Common {
         match self {
-            CmdArgs::Override { common, .. } | CmdArgs::Clear { common, .. } => common,
+            CmdArgs::Override { common, .. }
+            | CmdArgs::Clear { common, .. }
+            | CmdArgs::Forget { common, .. } => common,
         }
     }
 
     fn zone(&self) -> &str {
         match self {
-            CmdArgs::Override { zone, .. } | CmdArgs::Clear { zone, .. } => zone,
+            CmdArgs::Override { zone, .. }
+            | CmdArgs::Clear { zone, .. }
+            | CmdArgs::Forget { zone, .. } => zone,
         }
     }
 
@@ -87,6 +99,12 @@ impl CmdArgs {
             CmdArgs::Clear { .. } => Request {
                 v: COMMAND_SCHEMA,
                 op: "clear".into(),
+                by,
+                ..Request::default()
+            },
+            CmdArgs::Forget { .. } => Request {
+                v: COMMAND_SCHEMA,
+                op: "forget".into(),
                 by,
                 ..Request::default()
             },
@@ -188,7 +206,14 @@ pub async fn run(client: async_nats::Client, site: &str, args: &CmdArgs) -> anyh
         );
     }
     if !common.json {
-        println!("{}", describe(&reply));
+        if matches!(args, CmdArgs::Forget { .. }) {
+            println!(
+                "{zone}: removed from KV presence and debounce (recorded in EVENTS, rev {})",
+                reply.revision.unwrap_or(0)
+            );
+        } else {
+            println!("{}", describe(&reply));
+        }
     }
     Ok(())
 }

@@ -24,6 +24,15 @@ pub struct Config {
     /// (`_INBOX.<service>`), audit subject and owners key derive from it.
     #[serde(default = "default_service")]
     pub service: String,
+    /// Components this instance runs (`ingest`, `engine`, `archiver`).
+    /// Absent: inferred from the file, as the NixOS module describes it
+    /// ([`Config::components`]): sources make an ingest, zones an engine,
+    /// `[archive]` an archiver.
+    #[serde(default)]
+    pub runs: Option<Vec<String>>,
+    /// What `/healthz` and `presenced status` count as degraded.
+    #[serde(default)]
+    pub health: HealthConfig,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
@@ -60,6 +69,39 @@ pub struct Config {
     /// tracks gets one by default ([`Config::add_preset_persons`]).
     #[serde(default)]
     pub persons: BTreeMap<String, ZoneConfig>,
+}
+
+/// Health thresholds (`[health]`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// A source whose link (MQTT connection, serial device) has been down
+    /// this long makes the daemon degraded (`/healthz` 503, `status` 1):
+    /// short enough to page before a zone goes wrong, long enough that a
+    /// broker restart does not.
+    #[serde(default = "default_source_grace", with = "humantime_serde")]
+    pub source_grace: Duration,
+    /// READY waits at most this long for each source's first connection:
+    /// a broker that is down at boot must not hold the unit in
+    /// `activating`; the source keeps retrying and health says so.
+    #[serde(default = "default_source_start_wait", with = "humantime_serde")]
+    pub source_start_wait: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            source_grace: default_source_grace(),
+            source_start_wait: default_source_start_wait(),
+        }
+    }
+}
+
+fn default_source_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_source_start_wait() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// The archiver (`[archive]`).
@@ -824,6 +866,34 @@ impl Config {
         entries
     }
 
+    /// The components this instance runs: `runs` when given (unknown
+    /// names are reported by [`Config::validate`] and skipped here), else
+    /// inferred: ingest when a source is configured, engine when a zone or
+    /// person is, archiver when `[archive]` is. A file with sources and
+    /// zones thus runs ingest and engine, as before `runs` existed.
+    pub fn components(&self) -> Vec<crate::acl::access::Component> {
+        use crate::acl::access::Component;
+        let mut c: Vec<Component> = match &self.runs {
+            Some(names) => names.iter().filter_map(|n| Component::parse(n)).collect(),
+            None => {
+                let mut c = Vec::new();
+                if !self.mqtt.is_empty() || !self.serial.is_empty() {
+                    c.push(Component::Ingest);
+                }
+                if !self.zones.is_empty() || !self.persons.is_empty() {
+                    c.push(Component::Engine);
+                }
+                if self.archive.is_some() {
+                    c.push(Component::Archiver);
+                }
+                c
+            }
+        };
+        c.sort();
+        c.dedup();
+        c
+    }
+
     /// Reads and parses a config file, without checking its meaning.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -1489,10 +1559,16 @@ secret_key_file = "k"
             r[0]
         );
 
+        // Zones without a source: an engine-only instance of a split
+        // site, whose sensors another instance reads.
         let text = "site = \"home\"\n[zones.z]\n[[zones.z.evidence]]\nsensor = \"s\"\np_true = 0.9\np_false = 0.1\n";
-        let r = reasons_at(text, "zones.z.evidence[0].sensor");
+        assert_eq!(paths(text), Vec::<String>::new());
+        // Unless it says it runs ingest too.
+        let text = format!("runs = [\"ingest\", \"engine\"]\n{text}");
+        let r = reasons_at(&text, "zones.z.evidence[0].sensor");
         assert_eq!(r.len(), 1);
         assert!(r[0].contains("no source is configured"), "{}", r[0]);
+        assert_eq!(reasons_at(&text, "runs").len(), 1);
 
         let bad = rule("").replace("sensor = \"s1\"\np_true", "sensor = \"S 1\"\np_true");
         assert_eq!(paths(&bad), ["zones.z.evidence[0].sensor"]);

@@ -11,22 +11,121 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-/// 200 only when ready (state rehydrated, consumer bound) and connected
-/// to the leaf; the body says which part is missing.
-async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+/// Overall health: what `/healthz` answers and `presenced status` exits
+/// with (0, 1, 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Healthy,
+    /// Working, but something the site needs is missing: an optional
+    /// component failed, a source link is down past its grace, the lease
+    /// is not held.
+    Degraded,
+    /// Not doing its job: not ready, leaf unreachable, or a component it
+    /// runs failed.
+    Down,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Healthy => "healthy",
+            Verdict::Degraded => "degraded",
+            Verdict::Down => "down",
+        }
+    }
+}
+
+/// The whole health report, as JSON on `/healthz`: the verdict, every
+/// cause of a worse verdict by name, and the detail behind it.
+pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
+    use serde_json::json;
     let ready = m.ready.load(Ordering::Relaxed);
     let nats = m.nats_connected.load(Ordering::Relaxed);
-    let mut body = format!("ready: {ready}\nnats_connected: {nats}\n");
-    if m.archive_enabled.load(Ordering::Relaxed) {
-        // Detail only: a slow S3 does not make the daemon unhealthy.
-        body.push_str(&format!(
-            "archive_pending: {}\narchive_s3_ok: {}\n",
-            m.archive_pending.load(Ordering::Relaxed),
-            m.archive_s3_ok.load(Ordering::Relaxed)
+    let mut down = Vec::new();
+    let mut degraded = Vec::new();
+    if !ready {
+        down.push("not ready: starting, or state not rehydrated yet".to_owned());
+    }
+    if !nats {
+        down.push("not connected to the leaf nats-server".to_owned());
+    }
+    let components = m.components.snapshot();
+    for (name, c) in &components {
+        if c.state == crate::supervise::State::Failed {
+            let cause = format!(
+                "component {name} failed: {}",
+                c.cause.as_deref().unwrap_or("no cause recorded")
+            );
+            if c.essential {
+                down.push(cause);
+            } else {
+                degraded.push(cause);
+            }
+        }
+    }
+    let sources = m.source_health();
+    for s in sources.iter().filter(|s| s.degraded) {
+        degraded.push(format!(
+            "source {} ({}) link down for {:.0}s",
+            s.name,
+            s.kind,
+            s.down_seconds.unwrap_or(0.0)
         ));
     }
+    let lease = m.lease_held.load(Ordering::Relaxed);
+    if ready && !lease {
+        degraded
+            .push("lease in KV owners not held: clients see this service's keys as stale".into());
+    }
+    let verdict = if !down.is_empty() {
+        Verdict::Down
+    } else if !degraded.is_empty() {
+        Verdict::Degraded
+    } else {
+        Verdict::Healthy
+    };
+    let runs = m.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut body = json!({
+        "status": verdict.as_str(),
+        "ready": ready,
+        "nats_connected": nats,
+        "causes": down.iter().chain(&degraded).collect::<Vec<_>>(),
+        "runs": runs,
+        "components": components,
+        "sources": sources,
+        "lease": { "held": lease },
+    });
+    if runs.iter().any(|r| r == "ingest") {
+        body["ingest"] = json!({
+            "buffer_depth": get(&m.buffer_depth),
+            "buffer_capacity": get(&m.buffer_capacity),
+            "observations_stored": get(&m.observations_stored),
+            "rejects": get(&m.rejects),
+        });
+    }
+    if runs.iter().any(|r| r == "engine") {
+        body["engine"] = json!({
+            "pending": get(&m.consumer_pending),
+            "zones": get(&m.zones),
+            "zones_occupied": get(&m.zones_occupied),
+        });
+    }
+    if m.archive_enabled.load(Ordering::Relaxed) {
+        // Detail only: a slow S3 does not make the daemon unhealthy.
+        let secs = |v: u64| (v > 0).then_some(v);
+        body["archive"] = json!({
+            "pending": get(&m.archive_pending),
+            "s3_ok": m.archive_s3_ok.load(Ordering::Relaxed),
+            "last_snapshot_unix": secs(get(&m.archive_last_snapshot_seconds)),
+            "last_upload_unix": secs(get(&m.archive_last_upload_seconds)),
+            "snapshot_failures": get(&m.archive_snapshot_failures),
+            "upload_failures": get(&m.archive_upload_failures),
+        });
+    }
     // Hub mirrors are a detail, not the daemon's own health: a stalled
-    // mirror is reported here but does not turn the answer into 503.
+    // mirror is reported here but does not make the answer 503.
     let mirrors = m.mirrors();
     if mirrors.watched {
         let stalled = mirrors
@@ -34,28 +133,29 @@ async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
             .iter()
             .filter(|h| h.state == crate::hub::health::State::Stalled)
             .count();
-        body.push_str(&format!(
-            "hub_reachable: {}\nmirrors_stalled: {stalled}\n",
-            mirrors.hub_reachable
-        ));
-        for h in &mirrors.report {
-            body.push_str(&format!(
-                "mirror {}: {} lag_messages={} lag_seconds={} last_contact_seconds={}\n",
-                h.mirror,
-                h.state.as_str(),
-                h.lag_messages.map_or("-".into(), |v| v.to_string()),
-                h.lag_seconds.map_or("-".into(), |v| format!("{v:.1}")),
-                h.last_contact_seconds
-                    .map_or("-".into(), |v| format!("{v:.1}")),
-            ));
-        }
+        body["hub"] = json!({
+            "reachable": mirrors.hub_reachable,
+            "mirrors_stalled": stalled,
+            "mirrors": mirrors.report,
+        });
     }
-    let code = if ready && nats {
+    (verdict, body)
+}
+
+/// 200 only when healthy; otherwise 503 with the causes named. The body
+/// is JSON ([`report`]).
+async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    let (verdict, body) = report(&m);
+    let code = if verdict == Verdict::Healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, body)
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body:#}\n"),
+    )
 }
 
 async fn render_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {

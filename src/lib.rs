@@ -13,6 +13,8 @@
 //! - [`store`]: JetStream plumbing: provisioning, CAS writes, rehydration.
 //! - [`archive`]: snapshots into the object store, uploaded to S3, and
 //!   restore.
+//! - [`supervise`]: one cancellation token and join set for every task of
+//!   the daemon; failures named in health and metrics, fatal ones exit.
 //! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
 //! - [`client`], [`cmd`]: the state-first clients and the command sender.
 //! - [`sandbox`]: a whole deployment on loopback (`presenced sandbox`).
@@ -35,5 +37,6 @@ pub mod observation;
 pub mod sandbox;
 pub mod sources;
 pub mod store;
+pub mod supervise;
 pub mod systemd;
 pub mod time;

@@ -60,7 +60,10 @@ enum Command {
         #[arg(long, requires = "hub")]
         site: Option<String>,
     },
-    /// Print the health of the site's hub mirrors: lag, last contact, stall.
+    /// Print the health of the whole site: the daemon's /healthz (components,
+    /// sources), leases, zones configured/stored/stale, the engine's backlog
+    /// and, with [hub], the hub mirrors. Exit code 0 healthy, 1 degraded,
+    /// 2 down (docs/OPERATIONS.md).
     Status {
         #[arg(long, short)]
         config: PathBuf,
@@ -314,9 +317,13 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => match Config::load_valid(&file) {
             Ok(cfg) => {
                 println!(
-                    "{}: ok (site {}, {} zone(s), {} person(s), {} MQTT source(s), {} serial source(s))",
+                    "{}: ok (site {}, runs {}, {} zone(s), {} person(s), {} MQTT source(s), {} serial source(s))",
                     file.display(),
                     cfg.site,
+                    {
+                        let runs: Vec<&str> = cfg.components().iter().map(|c| c.name()).collect();
+                        if runs.is_empty() { "nothing".to_owned() } else { runs.join("+") }
+                    },
                     cfg.zones.len(),
                     cfg.persons.len(),
                     cfg.mqtt.len(),
@@ -332,7 +339,7 @@ fn main() -> ExitCode {
         Command::Run { config } => load(&config).and_then(|cfg| {
             init_tracing(cfg.log.level.as_deref());
             tracing::info!(version = env!("CARGO_PKG_VERSION"), site = %cfg.site, config = %config.display(), "starting");
-            runtime()?.block_on(daemon::run(cfg))
+            runtime()?.block_on(daemon::run_file(cfg, Some(config.clone())))
         }),
         Command::Provision { config, access } => load(&config).and_then(|cfg| {
             init_tracing(cfg.log.level.as_deref());
@@ -376,7 +383,8 @@ fn main() -> ExitCode {
             runtime()?.block_on(async {
                 let conn = connect_cli(&cfg).await?;
                 let client = conn.client.clone();
-                conn.run(false, client::watch(client, source, &pattern, json)).await
+                let configured = client::configured_zones(&cfg);
+                conn.run(false, client::watch(client, source, &pattern, json, configured.as_ref())).await
             })
         }),
         Command::Cmd(args) => load(&args.common().config).and_then(|cfg| {
@@ -410,27 +418,30 @@ fn main() -> ExitCode {
             };
             runtime()?.block_on(presenced::archive::cli::restore(cfg, args))
         }),
-        Command::Status { config, json } => load(&config).and_then(|cfg| {
-            init_tracing(Some("warn"));
-            runtime()?.block_on(async {
-                let mut conn = connect_cli(&cfg).await?;
-                let hub = cfg.hub.clone().unwrap_or_default();
-                presenced::hub::health::print_status(&conn.client, &Site::new(&cfg.site)?, &hub, json).await;
-                // The table shows each failed read; a refusal among them
-                // is said as one, with the grant that would allow it.
-                let _ = tokio::time::timeout(Duration::from_secs(2), conn.client.flush()).await;
-                match conn.refused.try_recv() {
-                    Ok(v) => Err(anyhow::anyhow!("{}", presenced::acl::explain::explain(&v, &conn.service))),
-                    Err(_) => Ok(()),
+        Command::Status { config, json } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("presenced: {e:#}");
+                    return ExitCode::from(2);
                 }
-            })
-        }),
+            };
+            init_tracing(Some("error"));
+            return match runtime() {
+                Ok(rt) => ExitCode::from(rt.block_on(client::status::run(&cfg, json))),
+                Err(e) => {
+                    eprintln!("presenced: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Get { config, zone, json } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));
             runtime()?.block_on(async {
                 let conn = connect_cli(&cfg).await?;
                 let client = conn.client.clone();
-                conn.run(false, client::get(client, &zone, json)).await
+                let configured = client::configured_zones(&cfg);
+                conn.run(false, client::get(client, &zone, json, configured.as_ref())).await
             })
         }),
     };

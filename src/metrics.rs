@@ -58,6 +58,59 @@ pub struct Metrics {
     pub lease_held: AtomicBool,
     /// Hub mirror health, when `[hub]` is configured.
     pub mirrors: std::sync::RwLock<Mirrors>,
+    /// Every supervised component and its state.
+    pub components: std::sync::Arc<crate::supervise::Registry>,
+    /// Link state of each source, refreshed every second.
+    pub sources: std::sync::RwLock<Vec<SourceHealth>>,
+    /// The components this instance runs (`ingest`, `engine`, ...); empty
+    /// when not set by a daemon (then every family is rendered).
+    pub runs: std::sync::RwLock<Vec<String>>,
+    /// Whether MQTT / serial sources are configured: their families are
+    /// left out otherwise.
+    pub mqtt_configured: AtomicBool,
+    pub serial_configured: AtomicBool,
+}
+
+/// Families of the ingest component (sources included).
+const INGEST_FAMILIES: &[&str] = &[
+    "presenced_observations_received_total",
+    "presenced_observations_stored_total",
+    "presenced_rejects_total",
+    "presenced_publish_retries_total",
+    "presenced_ingest_buffer_full_total",
+    "presenced_ingest_buffer_depth",
+    "presenced_ingest_buffer_capacity",
+];
+
+/// Families of the engine component.
+const ENGINE_FAMILIES: &[&str] = &[
+    "presenced_engine_observations_total",
+    "presenced_engine_redeliveries_total",
+    "presenced_kv_writes_total",
+    "presenced_kv_conflicts_total",
+    "presenced_transitions_total",
+    "presenced_consumer_pending",
+    "presenced_zones",
+    "presenced_zones_occupied",
+];
+
+/// One source's link, as `/healthz` and `presenced status` show it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SourceHealth {
+    pub name: String,
+    /// `mqtt` or `serial`.
+    pub kind: String,
+    /// Connected to the broker / device open.
+    pub up: bool,
+    /// Seconds since the link went down (or since start, when it never
+    /// came up); absent while up.
+    pub down_seconds: Option<f64>,
+    /// Seconds since the last reading arrived; absent before the first.
+    pub last_reading_seconds: Option<f64>,
+    /// Readings received since start.
+    pub readings: u64,
+    /// Down longer than `health.source_grace`.
+    pub degraded: bool,
 }
 
 /// The last reading of the site's hub mirrors and what happened to them.
@@ -91,6 +144,62 @@ impl Metrics {
 
     pub fn set(gauge: &AtomicU64, v: u64) {
         gauge.store(v, Ordering::Relaxed);
+    }
+
+    /// A copy of the source links.
+    pub fn source_health(&self) -> Vec<SourceHealth> {
+        self.sources
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_source_health(&self, v: Vec<SourceHealth>) {
+        *self.sources.write().unwrap_or_else(|p| p.into_inner()) = v;
+    }
+
+    fn render_components(&self, out: &mut String) {
+        let comps = self.components.snapshot();
+        if !comps.is_empty() {
+            let name = "presenced_component_up";
+            let _ = writeln!(
+                out,
+                "# HELP {name} 1 while the component runs (0 starting, stopped or failed).\n# TYPE {name} gauge"
+            );
+            for (c, h) in &comps {
+                let up = u64::from(h.state == crate::supervise::State::Running);
+                let _ = writeln!(out, "{name}{{component=\"{c}\"}} {up}");
+            }
+            let name = "presenced_component_failures_total";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Unexpected ends of the component (also logged at ERROR).\n# TYPE {name} counter"
+            );
+            for (c, h) in &comps {
+                let _ = writeln!(out, "{name}{{component=\"{c}\"}} {}", h.failures);
+            }
+        }
+        let sources = self.source_health();
+        if !sources.is_empty() {
+            let name = "presenced_source_up";
+            let _ = writeln!(
+                out,
+                "# HELP {name} 1 while the source's link (broker connection, device) is up.\n# TYPE {name} gauge"
+            );
+            for s in &sources {
+                let _ = writeln!(out, "{name}{{source=\"{}\"}} {}", s.name, u64::from(s.up));
+            }
+            let name = "presenced_source_last_reading_age_seconds";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Seconds since the source's last reading.\n# TYPE {name} gauge"
+            );
+            for s in &sources {
+                if let Some(age) = s.last_reading_seconds {
+                    let _ = writeln!(out, "{name}{{source=\"{}\"}} {age:.1}", s.name);
+                }
+            }
+        }
     }
 
     fn mirrors_mut(&self) -> std::sync::RwLockWriteGuard<'_, Mirrors> {
@@ -399,13 +508,44 @@ impl Metrics {
                 get(&self.archive_last_upload_seconds),
             ),
         ];
+        // Families of a component this instance does not run are left out:
+        // a zero there would read as "configured and idle".
+        let archive = self.archive_enabled.load(Ordering::Relaxed);
+        let runs = self.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let all = runs.is_empty();
+        let on = |c: &str| all || runs.iter().any(|r| r == c);
+        let mqtt = all || (on("ingest") && self.mqtt_configured.load(Ordering::Relaxed));
+        let serial = all || (on("ingest") && self.serial_configured.load(Ordering::Relaxed));
+        let shown = |name: &str| {
+            if name.starts_with("presenced_archive_") {
+                archive
+            } else if INGEST_FAMILIES.contains(&name) {
+                on("ingest")
+            } else if ENGINE_FAMILIES.contains(&name) {
+                on("engine")
+            } else if name == "presenced_mqtt_connected" {
+                mqtt
+            } else if name == "presenced_serial_connected" {
+                serial
+            } else {
+                true
+            }
+        };
         for &(name, kind, help, value) in rows {
+            if !shown(name) {
+                continue;
+            }
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
         let name = "presenced_serial_frame_rejects_total";
+        if !serial {
+            self.render_mirrors(&mut out);
+            self.render_components(&mut out);
+            return out;
+        }
         let _ = writeln!(
             out,
             "# HELP {name} LD2410 input rejected, by reason.\n# TYPE {name} counter"
@@ -417,6 +557,7 @@ impl Metrics {
             let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", kind.label(), get(n));
         }
         self.render_mirrors(&mut out);
+        self.render_components(&mut out);
         out
     }
 }

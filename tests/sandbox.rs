@@ -335,9 +335,9 @@ async fn the_sandbox_runs_zones_change_on_leaf_and_hub_and_ctrl_c_leaves_nothing
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let current = out.status.success()
-            && text.lines().count() == 4
-            && text.lines().all(|l| l.contains("\"state\":\"current\""));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let mirrors = v["hub"].as_array().cloned().unwrap_or_default();
+        let current = mirrors.len() == 4 && mirrors.iter().all(|m| m["state"] == "current");
         if current {
             break;
         }
@@ -355,6 +355,29 @@ async fn the_sandbox_runs_zones_change_on_leaf_and_hub_and_ctrl_c_leaves_nothing
             !log.contains("permission violation"),
             "{site}'s daemon was refused something:\n{log}"
         );
+    }
+    // `presenced status` with the admin file the sandbox gives an
+    // operator: the whole site healthy (exit 0), zones stored, the
+    // daemon's health read at its listen address.
+    for site in ["site-1", "site-2"] {
+        let admin = dir.join(site).join("admin.toml");
+        let out = Command::new(support::presenced_bin())
+            .args(["status", "--json", "--config"])
+            .arg(&admin)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{site}: {v:#} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            v["zones"]["stored"], v["zones"]["configured"],
+            "{site}: {v:#}"
+        );
+        assert_eq!(v["daemon"]["status"], "healthy", "{site}: {v:#}");
     }
 
     sbx.signal(libc::SIGINT);

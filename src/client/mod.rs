@@ -6,6 +6,14 @@
 //! - [`view`]: JSON lines and the readable table.
 
 pub mod follow;
+pub mod status;
+
+/// The zone keys of `config`, when it has any: what `watch` and `get`
+/// compare KV against to show unconfigured zones.
+pub fn configured_zones(config: &crate::config::Config) -> Option<BTreeSet<String>> {
+    let keys: BTreeSet<String> = config.presence_entries().map(|(k, _)| k).collect();
+    (!keys.is_empty()).then_some(keys)
+}
 pub mod view;
 
 use crate::naming::{self, Site};
@@ -13,7 +21,7 @@ use crate::store::lease::{self, Leases};
 use crate::time::Timestamp;
 use async_nats::jetstream;
 use follow::{Bucket, Entry, Event as Followed, Follower, Op};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::time::Duration;
 use view::{Event, View};
@@ -123,7 +131,14 @@ fn stale_of(leases: &Leases, known: bool) -> Option<bool> {
 }
 
 /// Prints one zone with its stale flag; an unknown zone is an error.
-pub async fn get(client: async_nats::Client, zone: &str, json: bool) -> anyhow::Result<()> {
+/// `configured` is the config's zone keys when it has any (an operator's
+/// or engine's file): keys outside it are shown unconfigured.
+pub async fn get(
+    client: async_nats::Client,
+    zone: &str,
+    json: bool,
+    configured: Option<&BTreeSet<String>>,
+) -> anyhow::Result<()> {
     if !naming::is_presence_key(zone) {
         anyhow::bail!(
             "{zone:?} is not a zone id ([a-z0-9_-], 1 to 64 characters) nor a person key (person.<id>)"
@@ -151,7 +166,7 @@ pub async fn get(client: async_nats::Client, zone: &str, json: bool) -> anyhow::
         op: Op::Put,
         value: entry.value,
     };
-    let view = View::new(Event::Snapshot, &entry, stale_of(&leases, known));
+    let view = View::new(Event::Snapshot, &entry, stale_of(&leases, known)).against(configured);
     if json {
         println!("{}", view.json());
     } else {
@@ -169,6 +184,7 @@ pub async fn watch(
     source: Source,
     pattern: &str,
     json: bool,
+    configured: Option<&BTreeSet<String>>,
 ) -> anyhow::Result<()> {
     check_pattern(pattern)?;
     let s = streams(&client, &source);
@@ -211,7 +227,7 @@ pub async fn watch(
             ev = presence.next() => match ev {
                 Followed::Entry(e) => {
                     let event = if in_snapshot { Event::Snapshot } else { Event::Change };
-                    let view = View::new(event, &e, stale);
+                    let view = View::new(event, &e, stale).against(configured);
                     match e.op {
                         Op::Put => { keys.insert(e.key.clone(), e); }
                         Op::Delete | Op::Purge => { keys.remove(&e.key); }
@@ -267,7 +283,11 @@ pub async fn watch(
             if now != stale {
                 stale = now;
                 for e in keys.values() {
-                    print(&mut out, &View::new(Event::Owner, e, stale), json)?;
+                    print(
+                        &mut out,
+                        &View::new(Event::Owner, e, stale).against(configured),
+                        json,
+                    )?;
                 }
             }
         }

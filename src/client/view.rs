@@ -29,6 +29,11 @@ pub struct View {
     /// the value is the last one it wrote. `null` when unknown (no lease
     /// information available).
     pub stale: Option<bool>,
+    /// The key is in KV but not in the config given to the client: no
+    /// engine keeps it, so it is also stale. Remove it with `presenced
+    /// cmd forget <zone>`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unconfigured: bool,
 }
 
 impl View {
@@ -49,7 +54,18 @@ impl View {
             op: e.op,
             value,
             stale,
+            unconfigured: false,
         }
+    }
+
+    /// Marks the view unconfigured (and stale) when `configured` is known
+    /// and lacks its key.
+    pub fn against(mut self, configured: Option<&std::collections::BTreeSet<String>>) -> View {
+        if configured.is_some_and(|c| !c.contains(&self.key)) {
+            self.unconfigured = true;
+            self.stale = Some(true);
+        }
+        self
     }
 
     pub fn json(&self) -> String {
@@ -69,6 +85,7 @@ impl View {
     /// confidence up or down.
     pub fn row(&self) -> String {
         let stale = match self.stale {
+            _ if self.unconfigured => "unconfigured",
             Some(true) => "yes",
             Some(false) => "no",
             None => "?",

@@ -28,7 +28,13 @@ const MAX_BATCH: usize = 100_000;
 pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
     let mut p = Problems::default();
     check_top(config, &mut p);
-    let producers = check_sources(config, &mut p);
+    check_runs(config, &mut p);
+    let mut producers = check_sources(config, &mut p);
+    // Without ingest the sensors come from another instance of the site
+    // (a split deployment): which ones is not this file's to know.
+    producers.elsewhere = !config
+        .components()
+        .contains(&crate::acl::access::Component::Ingest);
     if let Some(ha) = &config.homeassistant {
         check_homeassistant(ha, &mut p);
     }
@@ -281,6 +287,65 @@ fn check_hub(hub: &super::HubWatch, p: &mut Problems) {
     }
 }
 
+/// `runs` names known components once each, and agrees with the
+/// sections present: a source in an instance that runs no ingest, or
+/// `[archive]` without the archiver, would be silently ignored.
+fn check_runs(config: &Config, p: &mut Problems) {
+    use crate::acl::access::Component;
+    positive(p, "health.source_grace", config.health.source_grace);
+    let Some(names) = &config.runs else {
+        return;
+    };
+    let mut seen = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        match Component::parse(name) {
+            Some(c) if seen.contains(&c) => {
+                p.push(format!("runs[{i}]"), format!("{name:?} is listed twice"))
+            }
+            Some(c) => seen.push(c),
+            None => p.push(
+                format!("runs[{i}]"),
+                format!("unknown component {name:?}: use ingest, engine or archiver"),
+            ),
+        }
+    }
+    let has = |c| seen.contains(&c);
+    if names.is_empty() {
+        p.push(
+            "runs",
+            "is empty: list at least one of ingest, engine, archiver",
+        );
+    }
+    if has(Component::Ingest) && config.mqtt.is_empty() && config.serial.is_empty() {
+        p.push(
+            "runs",
+            "lists ingest but no source is configured: add an `[mqtt.<name>]` or `[serial.<name>]` source",
+        );
+    }
+    if !has(Component::Ingest) {
+        for name in config.mqtt.keys() {
+            p.push(
+                format!("mqtt.{name}"),
+                "is configured but `runs` does not list ingest: it would never be read",
+            );
+        }
+        for name in config.serial.keys() {
+            p.push(
+                format!("serial.{name}"),
+                "is configured but `runs` does not list ingest: it would never be read",
+            );
+        }
+    }
+    if has(Component::Archiver) != config.archive.is_some() {
+        let reason = if config.archive.is_some() {
+            "`[archive]` is configured but `runs` does not list archiver"
+        } else {
+            "lists archiver but `[archive]` is missing"
+        };
+        p.push("runs", reason);
+    }
+}
+
 fn positive(p: &mut Problems, path: impl Into<String>, d: Duration) {
     if d.is_zero() {
         p.push(path, "must be longer than 0s");
@@ -366,6 +431,8 @@ struct Producers {
     /// Parsed `{n}` templates with the path of their mapping.
     templates: Vec<(Vec<Segment>, String)>,
     any_source: bool,
+    /// Sensors are produced by another instance (this one runs no ingest).
+    elsewhere: bool,
 }
 
 fn check_sources(config: &Config, p: &mut Problems) -> Producers {
@@ -1077,6 +1144,8 @@ fn check_rule(at: &str, rule: &EvidenceRule, producers: &Producers, p: &mut Prob
             sensor_at,
             format!("sensor id {:?} is invalid: {TOKEN_FORM}", rule.sensor),
         );
+    } else if producers.elsewhere {
+        // Checked where the sensors are read.
     } else if !producers.any_source {
         p.push(
             sensor_at,

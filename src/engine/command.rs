@@ -59,7 +59,14 @@ pub struct OverrideRequest {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
     Override(OverrideRequest),
-    Clear { by: String },
+    Clear {
+        by: String,
+    },
+    /// Remove a zone the config no longer has from KV `presence` and
+    /// `debounce`, recorded in EVENTS (refused for a configured zone).
+    Forget {
+        by: String,
+    },
 }
 
 /// Every way a command can be refused; the `kind` of an error reply.
@@ -237,9 +244,20 @@ pub fn validate(request: &Request) -> Result<Command, CommandError> {
             }
             Ok(Command::Clear { by })
         }
+        "forget" => {
+            for (field, given) in [("state", &request.state), ("for", &request.duration)] {
+                if given.is_some() {
+                    return Err(refuse(
+                        ErrorKind::BadField,
+                        format!("field {field:?}: `forget` takes no {field}"),
+                    ));
+                }
+            }
+            Ok(Command::Forget { by })
+        }
         other => Err(refuse(
             ErrorKind::UnknownOp,
-            format!("field \"op\": {other:?} is not a command; use \"override\" or \"clear\""),
+            format!("field \"op\": {other:?} is not a command; use \"override\", \"clear\" or \"forget\""),
         )),
     }
 }

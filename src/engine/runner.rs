@@ -100,6 +100,9 @@ pub struct Runner {
     scheduled: HashMap<String, Timestamp>,
     metrics: Arc<Metrics>,
     batch: usize,
+    /// Per zone, the highest transition number counted in
+    /// `presenced_transitions_total`.
+    counted: HashMap<String, u64>,
     /// Observations in SENSORS not yet delivered to us, as last reported;
     /// timers fire on the wall clock only when this is 0, so a backlog is
     /// applied in observation-time order first.
@@ -171,6 +174,17 @@ impl Runner {
                 },
             );
         }
+        let unconfigured: Vec<&String> = stored
+            .iter()
+            .filter(|(k, c)| c.value.is_some() && !model.zones.contains_key(*k))
+            .map(|(k, _)| k)
+            .collect();
+        if !unconfigured.is_empty() {
+            tracing::warn!(
+                zones = ?unconfigured,
+                "KV presence holds zones the config no longer has: `presenced watch` and `get` show them as unconfigured; remove each with `presenced forget-zone <zone>` as the admin"
+            );
+        }
         tracing::info!(
             zones = slots.len(),
             stored = stored.len(),
@@ -188,6 +202,7 @@ impl Runner {
             scheduled: HashMap::new(),
             metrics,
             batch: batch.max(1),
+            counted: HashMap::new(),
             backlog: 0,
             replies: None,
             replies_read: None,
@@ -399,7 +414,7 @@ impl Runner {
     }
 
     async fn publish_transitions(
-        &self,
+        &mut self,
         transitions: &[Transition],
     ) -> Result<(), async_nats::Error> {
         let mut messages = Vec::with_capacity(transitions.len());
@@ -410,10 +425,29 @@ impl Runner {
                 .message_id(naming::transition_msg_id(&self.site, &t.zone, t.number));
             messages.push((self.site.events_subject(&t.zone), msg));
         }
-        for ack in crate::store::publish::publish_all(&self.js, messages).await {
-            if !ack?.duplicate {
-                Metrics::inc(&self.metrics.transitions);
+        let acks = crate::store::publish::publish_all(&self.js, messages).await;
+        let mut first_error = None;
+        for (t, ack) in transitions.iter().zip(acks) {
+            match ack {
+                // Counted once per transition, when EVENTS first confirms
+                // holding it: a retry after a lost ack gets `duplicate`
+                // for a message this process has not counted yet, and a
+                // batch retried after a partial failure must not count
+                // the ones already confirmed again.
+                Ok(_) => {
+                    let counted = self.counted.entry(t.zone.clone()).or_insert(0);
+                    if t.number > *counted {
+                        *counted = t.number;
+                        Metrics::inc(&self.metrics.transitions);
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
+        }
+        if let Some(e) = first_error {
+            return Err(e.into());
         }
         for t in transitions {
             tracing::info!(zone = %t.zone, from = t.from.as_str(), to = t.to.as_str(), at = %t.at, confidence = t.confidence, number = t.number, "transition");
@@ -616,6 +650,9 @@ impl Runner {
     /// Validates and applies one command, makes the result durable, and
     /// builds the reply.
     async fn execute(&mut self, subject: &str, payload: &[u8]) -> Result<Reply, CommandError> {
+        if let Ok(Command::Forget { by }) = command::parse(payload) {
+            return self.forget(subject, &by).await;
+        }
         let zone = self
             .site
             .cmd_zone(subject)
@@ -642,6 +679,7 @@ impl Runner {
         let (changed, transitions) = match &command {
             Command::Override(request) => (true, set_override(zm, &mut slot.state, request, now)),
             Command::Clear { by } => clear_override(zm, &mut slot.state, by, now),
+            Command::Forget { .. } => (false, Vec::new()),
         };
         self.commit_with_retry(BTreeSet::from([zone.clone()]), transitions)
             .await;
@@ -662,6 +700,7 @@ impl Runner {
             Command::Clear { by } => {
                 tracing::info!(zone = %zone, by = %by, changed, state = slot.state.state.as_str(), "manual override cleared")
             }
+            Command::Forget { .. } => {}
         }
         Ok(Reply::done(&slot.state, changed, slot.presence_rev))
     }
@@ -700,6 +739,88 @@ impl Runner {
     }
 
     /// Answers one command message.
+    /// Removes an unconfigured zone from KV presence and debounce, the
+    /// removal first recorded in EVENTS (`{"removed": true, ...}` with the
+    /// last stored state), so the audit trail says who removed what when.
+    async fn forget(&mut self, subject: &str, by: &str) -> Result<Reply, CommandError> {
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| CommandError {
+            kind: ErrorKind::Unavailable,
+            message: format!("{what}: {e}"),
+        };
+        let zone = self
+            .site
+            .cmd_zone(subject)
+            .filter(|z| naming::is_presence_key(z))
+            .ok_or_else(|| CommandError {
+                kind: ErrorKind::UnknownZone,
+                message: format!("subject {subject:?} names no zone"),
+            })?
+            .to_owned();
+        if self.slots.contains_key(&zone) {
+            return Err(CommandError {
+                kind: ErrorKind::BadField,
+                message: format!(
+                    "zone {zone:?} is configured: remove it from the config and restart the engine first"
+                ),
+            });
+        }
+        let entry = self
+            .presence
+            .entry(&zone)
+            .await
+            .map_err(|e| unavailable("cannot read KV presence", &e))?
+            .filter(|e| e.operation == kv::Operation::Put)
+            .ok_or_else(|| CommandError {
+                kind: ErrorKind::UnknownZone,
+                message: format!("zone {zone:?} has no state in KV presence"),
+            })?;
+        let last: serde_json::Value =
+            serde_json::from_slice(&entry.value).unwrap_or(serde_json::Value::Null);
+        let record = serde_json::json!({
+            "v": super::STATE_SCHEMA,
+            "zone": zone,
+            "removed": true,
+            "at": Timestamp::now(),
+            "by": by,
+            "revision": entry.revision,
+            "last": last,
+        });
+        let msg = PublishMessage::build()
+            .payload(Bytes::from(record.to_string()))
+            .message_id(format!(
+                "{}.{}.removed.{}",
+                self.site.as_str(),
+                zone,
+                entry.revision
+            ));
+        self.js
+            .send_publish(self.site.events_subject(&zone), msg)
+            .await
+            .map_err(|e| unavailable("cannot record the removal in EVENTS", &e))?
+            .await
+            .map_err(|e| unavailable("cannot record the removal in EVENTS", &e))?;
+        self.presence
+            .purge(&zone)
+            .await
+            .map_err(|e| unavailable("cannot remove the key from KV presence", &e))?;
+        if let Err(e) = self.debounce.purge(&zone).await {
+            tracing::warn!(zone = %zone, error = %e, "cannot remove the key from KV debounce");
+        }
+        tracing::info!(zone = %zone, by = %by, revision = entry.revision, "unconfigured zone removed from KV presence (recorded in EVENTS)");
+        let mut reply = Reply::error(
+            Some(&zone),
+            CommandError {
+                kind: ErrorKind::Unavailable,
+                message: String::new(),
+            },
+        );
+        reply.ok = true;
+        reply.error = None;
+        reply.changed = Some(true);
+        reply.revision = Some(entry.revision);
+        Ok(reply)
+    }
+
     async fn command(&mut self, client: &async_nats::Client, msg: async_nats::Message) {
         // A reply subject is where the engine will publish: never
         // anywhere but the inbox of an identity granted `commands`. The
@@ -736,11 +857,41 @@ impl Runner {
 
     /// Consumes `SENSORS` and fires timers until `shutdown` turns true.
     pub async fn run(
+        self,
+        consumer: jetstream::consumer::Consumer<pull::Config>,
+        shutdown: watch::Receiver<bool>,
+        on_ready: impl FnMut(&Runner),
+    ) -> Result<(), RunnerError> {
+        let (_keep, models) = watch::channel(self.model.clone());
+        self.run_reloadable(consumer, shutdown, models, on_ready)
+            .await
+    }
+
+    /// Swaps in a model of the same zones (SIGHUP: thresholds, evidence,
+    /// debounce times changed); refuses one that adds or removes zones,
+    /// whose slots only a restart rehydrates.
+    pub fn set_model(&mut self, model: Arc<Model>) -> Result<(), String> {
+        if !model.zones.keys().eq(self.model.zones.keys()) {
+            return Err("the set of zones changed: a restart is needed".into());
+        }
+        self.model = model;
+        let zones: Vec<String> = self.slots.keys().cloned().collect();
+        for z in &zones {
+            self.reschedule(z);
+        }
+        Ok(())
+    }
+
+    /// [`Runner::run`], taking a new model from `models` whenever one is
+    /// sent (see [`Runner::set_model`]).
+    pub async fn run_reloadable(
         mut self,
         consumer: jetstream::consumer::Consumer<pull::Config>,
         mut shutdown: watch::Receiver<bool>,
+        mut models: watch::Receiver<Arc<Model>>,
         mut on_ready: impl FnMut(&Runner),
     ) -> Result<(), RunnerError> {
+        let mut models_open = true;
         let mut info = consumer.clone();
         let info = info
             .info()
@@ -793,6 +944,16 @@ impl Runner {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
+                r = models.changed(), if models_open => match r {
+                    Ok(()) => {
+                        let model = models.borrow_and_update().clone();
+                        match self.set_model(model) {
+                            Ok(()) => tracing::info!("zone and evidence configuration reloaded"),
+                            Err(e) => tracing::warn!(reason = %e, "new zone configuration not applied"),
+                        }
+                    }
+                    Err(_) => models_open = false,
+                },
                 // Before SENSORS: commands are rare, and a steady flood of
                 // observations must not starve them (the select is biased).
                 Some(msg) = commands.next() => self.command(&client, msg).await,

@@ -378,21 +378,6 @@ pub fn table(report: &[Health]) -> String {
     out
 }
 
-/// `presenced status`: prints the table (or JSON lines) of every mirror.
-pub async fn print_status(client: &async_nats::Client, site: &Site, cfg: &HubWatch, json: bool) {
-    let report = status(client, site, cfg).await;
-    if json {
-        for h in &report {
-            println!(
-                "{}",
-                serde_json::to_string(h).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-            );
-        }
-    } else {
-        print!("{}", table(&report));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -710,6 +710,19 @@ fn summary(
     let _ = writeln!(o);
     let _ = writeln!(
         o,
+        "Health of a whole site (exit 0 healthy, 1 degraded, 2 down; --json for details):"
+    );
+    for s in &plan.sites {
+        let _ = writeln!(
+            o,
+            "  {}: {exe} status --config {}",
+            s.site,
+            s.admin_config.display()
+        );
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
         "Inspect with the nats CLI as the admin (reads everything, writes no keyspace); seed {}:",
         plan.admin_seed.display()
     );

@@ -241,11 +241,19 @@ pub fn parse(value: &[u8]) -> Result<Lease, String> {
     serde_json::from_slice::<Lease>(value).map_err(|e| e.to_string())
 }
 
-/// The host name for the lease value (`/proc/sys/kernel/hostname`).
+/// The host name for the lease value, from gethostname(2): the NixOS
+/// unit's `ProcSubset=pid` hides `/proc/sys/kernel/hostname`, and the
+/// kernel's uname data is what that file shows anyway.
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .ok()
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at
+    // most that many bytes and we read only up to the first NUL.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".to_owned();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".to_owned())
 }
@@ -352,6 +360,17 @@ pub async fn keep(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostname_is_the_kernels_not_unknown() {
+        let h = hostname();
+        assert_ne!(h, "unknown");
+        let uname = std::process::Command::new("uname")
+            .arg("-n")
+            .output()
+            .unwrap();
+        assert_eq!(h, String::from_utf8_lossy(&uname.stdout).trim());
+    }
 
     fn lease(service: &str, components: &[Component], renewed_ms: i64, ttl_s: u64) -> Lease {
         Lease::new(service, components, Timestamp(0))
