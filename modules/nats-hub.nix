@@ -67,28 +67,34 @@ let
     "${site}=${tomlFormat.generate "presenced-hub-${site}-access.toml" { leafnode.nkey = nkey; }}"
   ) cfg.leafNkeys;
   settingsFile = jsonFormat.generate "nats-hub-settings.json" config.services.nats.settings;
+  # `presenced acl-hub`, or the pre-rendered block when the build machine
+  # has no presenced to run (services.presenced.buildPackage = null).
+  authorizationFile =
+    if cfg.authorizationFile != null then
+      cfg.authorizationFile
+    else
+      pkgs.runCommand "nats-hub-authorization.conf"
+        { nativeBuildInputs = [ config.services.presenced.buildPackage ]; }
+        ''
+          presenced acl-hub ${
+            lib.escapeShellArgs (
+              lib.optionals (cfg.adminNkey != null) [
+                "--admin-nkey"
+                cfg.adminNkey
+              ]
+              ++ siteAccess
+            )
+          } > "$out"
+        '';
   # The server's config as a directory (includes resolve against it),
   # checked with `nats-server -t` at build time.
   confDir =
     pkgs.runCommand "nats-hub-${cfg.nodeName}-conf"
-      {
-        nativeBuildInputs = [
-          config.services.presenced.package
-          pkgs.nats-server
-        ];
-      }
+      { nativeBuildInputs = [ pkgs.buildPackages.nats-server ]; }
       ''
         mkdir "$out"
         cp ${settingsFile} "$out/settings.json"
-        presenced acl-hub ${
-          lib.escapeShellArgs (
-            lib.optionals (cfg.adminNkey != null) [
-              "--admin-nkey"
-              cfg.adminNkey
-            ]
-            ++ siteAccess
-          )
-        } > "$out/authorization.conf"
+        cp ${authorizationFile} "$out/authorization.conf"
         printf 'include "./settings.json"\ninclude "./authorization.conf"\n' > "$out/nats.conf"
         nats-server -c "$out/nats.conf" -t
       '';
@@ -171,6 +177,19 @@ in
       description = ''
         Public NKEY of each site's leaf, by site. When any key (or
         {option}`adminNkey`) is declared, only those identities may connect.
+      '';
+    };
+
+    authorizationFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      description = ''
+        The hub's authorization block, rendered beforehand with
+        `presenced acl-hub`, instead of rendering it from
+        {option}`leafNkeys` and {option}`adminNkey` at build time. For
+        builds whose machine cannot run presenced
+        ({option}`services.presenced.buildPackage` is null). Public keys
+        only: it lands in the store.
       '';
     };
 
@@ -291,6 +310,19 @@ in
         '';
       }
       {
+        assertion =
+          !generatedAuthorization
+          || cfg.authorizationFile != null
+          || config.services.presenced.buildPackage != null;
+        message = ''
+          services.presenced.hub.leafNkeys are declared, but there is no
+          presenced to render the authorization block at build time
+          (services.presenced.buildPackage is null): set buildPackage to the
+          build machine's presenced, or give the rendered block as
+          services.presenced.hub.authorizationFile.
+        '';
+      }
+      {
         assertion = !prov.enable || prov.sites != [ ];
         message = "services.presenced.hub.provision is enabled but provision.sites is empty.";
       }
@@ -376,7 +408,7 @@ in
     # --hub`.
     environment.systemPackages = [
       pkgs.natscli
-    ]
-    ++ lib.optional prov.enable config.services.presenced.package;
+      config.services.presenced.package
+    ];
   };
 }

@@ -50,12 +50,17 @@ let
   # Where the authorization block is produced: `presenced acl` turns the
   # ownership map (public keys and the services they belong to) into NKEY
   # users with allow lists, deny by default. Nothing here is secret.
+  # A pre-rendered file replaces the step when the build machine has no
+  # presenced to run (services.presenced.buildPackage = null).
   authorizationFile =
-    pkgs.runCommand "nats-leaf-${site}-authorization.conf"
-      { nativeBuildInputs = [ config.services.presenced.package ]; }
-      ''
-        presenced acl --access ${accessFile} --site ${site} > "$out"
-      '';
+    if cfg.authorization.file != null then
+      cfg.authorization.file
+    else
+      pkgs.runCommand "nats-leaf-${site}-authorization.conf"
+        { nativeBuildInputs = [ config.services.presenced.buildPackage ]; }
+        ''
+          presenced acl --access ${accessFile} --site ${site} > "$out"
+        '';
 
   topFile = pkgs.writeText "nats-leaf-${site}.conf" (
     ''
@@ -69,7 +74,8 @@ let
   # The assembled config checked with `nats-server -t` at build time, with
   # everything but the seed in place.
   checkedTopFile =
-    pkgs.runCommand "nats-leaf-${site}-checked.conf" { nativeBuildInputs = [ pkgs.nats-server ]; }
+    pkgs.runCommand "nats-leaf-${site}-checked.conf"
+      { nativeBuildInputs = [ pkgs.buildPackages.nats-server ]; }
       ''
         mkdir conf
         cp ${settingsFile} conf/settings.json
@@ -241,6 +247,19 @@ in
           the store. docs/SECURITY.md describes the format.
         '';
       };
+
+      file = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = literalExpression "./leaf-home-authorization.conf";
+        description = ''
+          The authorization block, rendered beforehand with
+          `presenced acl --access FILE --site SITE`, instead of rendering
+          {option}`access` at build time. For builds whose machine cannot
+          run presenced ({option}`services.presenced.buildPackage` is
+          null). Public keys only: it lands in the store.
+        '';
+      };
     };
   };
 
@@ -251,6 +270,18 @@ in
         message = ''
           services.presenced.leaf.hub.nkeySeedFile is in the Nix store, which
           every local user can read; keep the seed outside the store.
+        '';
+      }
+      {
+        assertion =
+          !cfg.authorization.enable
+          || cfg.authorization.file != null
+          || config.services.presenced.buildPackage != null;
+        message = ''
+          services.presenced.leaf.authorization is enabled, but there is no
+          presenced to render it at build time (services.presenced.buildPackage
+          is null): set buildPackage to the build machine's presenced, or
+          give the rendered block as services.presenced.leaf.authorization.file.
         '';
       }
       {
@@ -295,6 +326,11 @@ in
       allowedTCPPorts = [ cfg.port ];
     });
 
-    environment.systemPackages = [ pkgs.natscli ];
+    # `nats` and, for provisioning and `presenced watch --hub` by hand,
+    # `presenced`.
+    environment.systemPackages = [
+      pkgs.natscli
+      config.services.presenced.package
+    ];
   };
 }

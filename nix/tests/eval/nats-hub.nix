@@ -238,7 +238,11 @@ in
         stubs.pkgs.natscli
         stubs.pkgs.presenced
       ];
-      plain = [ stubs.pkgs.natscli ];
+      # `presenced watch --hub` and provision-hub by hand on every node.
+      plain = [
+        stubs.pkgs.natscli
+        stubs.pkgs.presenced
+      ];
     };
   };
 

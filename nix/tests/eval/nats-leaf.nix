@@ -42,6 +42,37 @@ let
     };
   };
 
+  # Cross build without a presenced for the build machine: the block must
+  # be given pre-rendered.
+  aclNoBuildPackage = stubs.eval [
+    module
+    {
+      services.presenced.site = "home";
+      services.presenced.buildPackage = null;
+      services.presenced.leaf = {
+        enable = true;
+        authorization = {
+          enable = true;
+          access.services.ingest.nkey = "UB";
+        };
+      };
+    }
+  ];
+  aclPrerendered = stubs.eval [
+    module
+    {
+      services.presenced.site = "home";
+      services.presenced.buildPackage = null;
+      services.presenced.leaf = {
+        enable = true;
+        authorization = {
+          enable = true;
+          file = "/etc/presenced/leaf-authorization.conf";
+        };
+      };
+    }
+  ];
+
   seedInStore = eval {
     enable = true;
     hub = {
@@ -211,5 +242,15 @@ in
   testSeedWithoutHubRefused = {
     expr = map (lib.hasInfix "hub.urls is empty") (stubs.failedAssertions seedWithoutHub);
     expected = [ true ];
+  };
+
+  testAclWithoutBuildPackageRefused = {
+    expr = lib.length (stubs.failedAssertions aclNoBuildPackage);
+    expected = 1;
+  };
+
+  testAclPrerenderedAccepted = {
+    expr = stubs.failedAssertions aclPrerendered;
+    expected = [ ];
   };
 }
