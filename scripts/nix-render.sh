@@ -22,15 +22,34 @@ threshold=20 # systemd-analyze's scale: 2.0 is 20
 command -v nix-build >/dev/null || { say "nix-build missing"; exit 1; }
 command -v systemd-analyze >/dev/null || { say "systemd-analyze missing (apt: systemd)"; exit 1; }
 
-if [ ! -x target/debug/presenced ]; then
+# shellcheck source=scripts/env.sh
+[ -f scripts/env.sh ] && source scripts/env.sh >/dev/null
+# PRESENCED names another build to render and check with.
+presenced="${PRESENCED:-target/debug/presenced}"
+if [ -z "${PRESENCED:-}" ] && [ ! -x "$presenced" ]; then
     say "building target/debug/presenced"
     cargo build --quiet --bin presenced
 fi
+presenced="$(readlink -f "$presenced")"
+
+# The nspawn system's identities, made once: seeds stay here, outside the
+# store; the public keys go into its authorization block.
+keys="$root/target/nix-render/keys"
+mkdir -p "$keys"
+chmod 0700 "$keys"
+for service in admin ingest engine; do
+    if [ ! -f "$keys/$service.nk.pub" ]; then
+        rm -f "$keys/$service.nk"
+        "$presenced" keygen --out "$keys/$service.nk" "$service" >"$keys/$service.nk.pub"
+    fi
+done
 nats="$(command -v nats-server || true)"
 [ -n "$nats" ] || { say "nats-server not on PATH (source scripts/env.sh)"; exit 1; }
 mosquitto="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 [ -x "$mosquitto" ] || { say "mosquitto missing"; exit 1; }
 mosquitto_passwd="$(command -v mosquitto_passwd || echo /usr/bin/mosquitto_passwd)"
+weed="$(command -v weed || true)"
+[ -n "$weed" ] || { say "weed not on PATH (source scripts/env.sh)"; exit 1; }
 
 start=$SECONDS
 mkdir -p target/nix-render
@@ -38,10 +57,12 @@ mkdir -p target/nix-render
 if ! nix-build --option substituters "" --keep-going \
     -o target/nix-render/units nix/tests/real \
     --arg subset "$subset" \
-    --argstr presenced "$(readlink -f target/debug/presenced)" \
+    --argstr presenced "$presenced" \
+    --argstr nspawnKeys "$keys" \
     --argstr natsServer "$(readlink -f "$nats")" \
     --argstr mosquitto "$(readlink -f "$mosquitto")" \
     --argstr mosquittoPasswd "$(readlink -f "$mosquitto_passwd")" \
+    --argstr weed "$(readlink -f "$weed")" \
     >target/nix-render/build.log 2>&1; then
     grep -v '^building \|^  /nix/store\|^these .* will be built' target/nix-render/build.log | tail -40
     say "build of the rendered systems failed (log: target/nix-render/build.log)"

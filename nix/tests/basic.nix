@@ -1,8 +1,12 @@
 # One VM: the leaf, Mosquitto and one presenced instance. A motion message
 # makes a zone occupied; a SIGKILL in the middle of a debounce still yields
 # exactly one transition to occupied; the unit is Type=notify with a
-# watchdog the daemon keeps feeding.
-{ ... }:
+# watchdog the daemon keeps feeding, and a frozen daemon (SIGSTOP) is
+# killed by it and restarted. As in the systemd-nspawn test
+# (scripts/nspawn-test.sh): the dynamic user writes its state directory
+# and nothing else, the lease names the host, and a serial port (a pty)
+# that appears after the daemon started is opened and read.
+{ pkgs, ... }:
 
 {
   name = "presenced-basic";
@@ -10,12 +14,32 @@
   nodes.machine = {
     imports = [ ./mosquitto.nix ];
 
+    environment.systemPackages = [ pkgs.socat ];
+
     services.presenced = {
       site = "basic";
       leaf.enable = true;
       instances.main = {
         watchdogSec = "10s";
+        # The test's port is a pty, made after the daemon started.
+        serialDevices = [ "/run/presenced-test/radar" ];
+        serialDeviceClasses = [ "pts" ];
         settings = {
+          serial.radar = {
+            device = "/run/presenced-test/radar";
+            framing = "json_lines";
+            sensors = [ "desk_radar" ];
+          };
+          zones.desk = {
+            arrive_after = "1s";
+            evidence = [
+              {
+                sensor = "desk_radar";
+                p_true = 0.95;
+                p_false = 0.02;
+              }
+            ];
+          };
           mqtt.z2m.zigbee2mqtt.devices = [
             {
               device = "hall_pir";
@@ -95,6 +119,50 @@
         machine.wait_until_succeeds(
             "nats kv get presence hall --raw | jq -e '.state == \"occupied\"'", timeout=60
         )
+
+    with subtest("the dynamic user writes its state directory and nothing else"):
+        pid = machine.succeed("systemctl show -P MainPID presenced-main").strip()
+        uid = machine.succeed(f"stat -c %u /proc/{pid}").strip()
+        gid = machine.succeed(f"stat -c %g /proc/{pid}").strip()
+        as_daemon = (
+            f"nsenter -t {pid} -m -- setpriv --reuid={uid} --regid={gid}"
+            " --clear-groups --no-new-privs"
+        )
+        machine.succeed(f"{as_daemon} touch /var/lib/presenced/main/probe")
+        for target in ["/etc/probe", "/var/lib/nats/probe", "/nix/store/probe", "/root/probe"]:
+            machine.fail(f"{as_daemon} touch {target}")
+
+    with subtest("the lease names the host"):
+        machine.wait_until_succeeds(
+            "nats kv get owners owners.main --raw | jq -e '.host == \"machine\"'", timeout=30
+        )
+
+    with subtest("a serial port that appears after start is opened and read"):
+        machine.succeed(
+            "mkdir -p /run/presenced-test && systemd-run --unit=radar socat -u"
+            " PIPE:/run/presenced-test/feed,ignoreeof"
+            " PTY,link=/run/presenced-test/radar,raw,echo=0,group=dialout,mode=0660"
+        )
+        machine.wait_until_succeeds("test -p /run/presenced-test/feed -a -L /run/presenced-test/radar")
+        # The daemon retries the absent port with a backoff capped at 30 s.
+        machine.wait_until_succeeds(
+            "printf '{\"sensor\":\"desk_radar\",\"value\":true}\\n' > /run/presenced-test/feed"
+            " && nats kv get presence desk --raw | jq -e '.state == \"occupied\"'",
+            timeout=90,
+        )
+
+    with subtest("the watchdog kills a frozen daemon and systemd restarts it"):
+        pid = machine.succeed("systemctl show -P MainPID presenced-main").strip()
+        restarts = int(machine.succeed("systemctl show -P NRestarts presenced-main"))
+        machine.succeed(f"kill -STOP {pid}")
+        # WatchdogSec (10 s) plus RestartSec (2 s) plus a start.
+        machine.wait_until_succeeds(
+            f"test \"$(systemctl show -P MainPID presenced-main)\" != {pid}"
+            " && systemctl is-active presenced-main",
+            timeout=40,
+        )
+        machine.succeed("journalctl -u presenced-main | grep -q 'Watchdog timeout'")
+        assert int(machine.succeed("systemctl show -P NRestarts presenced-main")) == restarts + 1
 
     with subtest("SIGKILL during a debounce: the transition happens, once"):
         before = events()

@@ -5,19 +5,24 @@
 # nats-server -t), and every unit file is rendered.
 #
 # Builds one directory, <system>/<unit file>, where a system is
-# `host-<name>`, `vm-<test>-<node>` or `<system>-container-<name>`.
+# `host-<name>`, `vm-<test>-<node>`, `nspawn-edge` (the edge example as the
+# nspawn boot test runs it) or `<system>-container-<name>`.
 # Evaluation fails, naming the system, on any failed assertion; warnings
 # are listed in <system>/WARNINGS.
 #
 # Usage (scripts/nix-check.sh): nix-build nix/tests/real --arg subset PATH
 #   --argstr presenced BIN --argstr natsServer BIN --argstr mosquitto BIN
-#   --argstr mosquittoPasswd BIN
+#   --argstr mosquittoPasswd BIN --argstr weed BIN --argstr nspawnKeys DIR
 {
   subset,
   presenced,
   natsServer,
   mosquitto,
   mosquittoPasswd,
+  weed,
+  # Directory of the NKEYs of the nspawn system (<service>.nk.pub, read at
+  # evaluation; the seeds beside them never enter the store).
+  nspawnKeys,
 }:
 
 let
@@ -29,6 +34,7 @@ let
       inherit presenced mosquitto;
       nats-server = natsServer;
       mosquitto_passwd = mosquittoPasswd;
+      inherit weed;
     };
   };
   evalNixos = import ./nixos.nix { inherit lib subset pkgs; };
@@ -68,8 +74,14 @@ let
     ) t.nodes
   );
 
+  # The system the systemd-nspawn boot test installs (nspawn-edge.nix).
+  nspawnEdge = (evalNixos [ (import ./nspawn-edge.nix { keys = nspawnKeys; }) ]).config;
+
   topLevel =
     lib.mapAttrs' (name: lib.nameValuePair "host-${name}") hosts
+    // {
+      nspawn-edge = nspawnEdge;
+    }
     // lib.concatMapAttrs (
       test: nodes: lib.mapAttrs' (node: lib.nameValuePair "vm-${test}-${node}") nodes
     ) vmTests;

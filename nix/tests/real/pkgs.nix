@@ -220,9 +220,9 @@ let
     jq = systemPackage "jq";
     curl = systemPackage "curl";
     systemd = systemPackage "systemd";
-    # Named by the test nodes' system packages only; nothing here runs them.
+    # Named by the test nodes' system packages only; nothing here runs it.
     natscli = systemPackage "natscli";
-    seaweedfs = systemPackage "seaweedfs";
+    seaweedfs = linkPackage "seaweedfs" { weed = tools.weed; };
   };
 in
 pkgs
