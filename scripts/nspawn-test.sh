@@ -243,6 +243,8 @@ zone_state() {
         jq -r '.state // .value.state // empty'
 }
 occupied() { [ "$(zone_state "$1")" = occupied ]; }
+# What `get` printed, for a failure message.
+zone_raw() { CREDENTIALS_DIRECTORY="$creds" net "$presenced" get --json --config "$engine_cfg" "$1" 2>&1 | tail -n3; }
 publish_motion() {
     net mosquitto_pub -h 127.0.0.1 -t zigbee2mqtt/hall_pir -m '{"occupancy":true}'
     occupied hall
@@ -250,7 +252,24 @@ publish_motion() {
 if wait_for 30 publish_motion; then
     pass "a reading published to Mosquitto made zone hall occupied in KV presence"
 else
-    fail "zone hall not occupied (state: $(zone_state hall))"
+    fail "zone hall not occupied: $(zone_raw hall)"
+fi
+
+# The device policy systemd applied. With cgroup v1 controllers that the
+# machine may write, the unit's devices.list shows it (ptys are major 136).
+# Where nspawn mounts them read-only (a host on the legacy hierarchy), the
+# policy cannot be applied in the machine at all: said, not failed; the
+# basic VM test checks it on a real NixOS.
+cg="$(show presenced-ingest.service ControlGroup)"
+devices="/proc/$ct/root/sys/fs/cgroup/devices$cg/devices.list"
+if [ -f "$devices" ]; then
+    if grep -q '^c 136:\* rw' "$devices" && ! grep -q '^a ' "$devices"; then
+        pass "presenced-ingest device policy: closed, plus char-pts ($(tr '\n' ' ' <"$devices"))"
+    else
+        fail "presenced-ingest device policy is not closed plus char-pts: $(tr '\n' ' ' <"$devices")"
+    fi
+else
+    say "NOT CHECKED here: DevicePolicy=closed/DeviceAllow= are not enforced in this machine (its devices cgroup controller is read-only); the basic VM test checks them"
 fi
 
 # 6. A serial port plugged in after the daemon started: a pty, root:dialout
@@ -259,20 +278,20 @@ in_ct mkdir -p /run/presenced-test
 in_ct systemd-run --quiet --unit=presenced-test-radar socat -u \
     PIPE:/run/presenced-test/feed,ignoreeof \
     PTY,link=/run/presenced-test/radar,raw,echo=0,group=dialout,mode=0660
-# socat makes the pipe and the pty; a write before would make a plain file.
-wait_for 10 in_ct test -p /run/presenced-test/feed -a -L /run/presenced-test/radar ||
-    fail "socat made no pty"
+# socat makes the pipe at once (a write before would make a plain file)
+# and the pty when the first line arrives.
+wait_for 10 in_ct test -p /run/presenced-test/feed || fail "socat made no pipe"
 pty_at=$SECONDS
 feed() {
     in_ct sh -c 'printf "{\"sensor\":\"desk_radar\",\"value\":true}\n" > /run/presenced-test/feed'
     occupied desk
 }
 # The daemon retries the absent port with a backoff capped at
-# reconnect_max (30 s).
-if wait_for 75 feed; then
+# reconnect_max (5 s here).
+if wait_for 60 feed; then
     pass "the pty that appeared after start was opened and read: zone desk occupied after $((SECONDS - pty_at)) s"
 else
-    fail "zone desk not occupied from the serial pty (state: $(zone_state desk))"
+    fail "zone desk not occupied from the serial pty: $(zone_raw desk)"
     in_ct journalctl --no-pager -u presenced-ingest | tail -20 || true
 fi
 
@@ -291,7 +310,10 @@ restarted() {
 if wait_for 60 restarted; then
     took=$((SECONDS - stopped))
     restarts="$(show presenced-ingest.service NRestarts)"
-    if in_ct journalctl --no-pager -u presenced-ingest | grep -q 'Watchdog timeout'; then
+    # Captured first: grep -q closing the pipe early would fail journalctl
+    # under pipefail.
+    journal="$(in_ct journalctl --no-pager -u presenced-ingest)"
+    if grep -q 'Watchdog timeout' <<<"$journal"; then
         pass "frozen presenced-ingest killed by the watchdog (WatchdogSec $watchdog_us) and active again after ${took} s (restarts $restarts_before -> $restarts)"
     else
         fail "presenced-ingest restarted, but not by the watchdog"

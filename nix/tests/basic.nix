@@ -29,6 +29,8 @@
             device = "/run/presenced-test/radar";
             framing = "json_lines";
             sensors = [ "desk_radar" ];
+            # Retry the absent port every 5 s at most (30 s by default).
+            reconnect_max = "5s";
           };
           zones.desk = {
             arrive_after = "1s";
@@ -143,13 +145,20 @@
             " PIPE:/run/presenced-test/feed,ignoreeof"
             " PTY,link=/run/presenced-test/radar,raw,echo=0,group=dialout,mode=0660"
         )
-        machine.wait_until_succeeds("test -p /run/presenced-test/feed -a -L /run/presenced-test/radar")
-        # The daemon retries the absent port with a backoff capped at 30 s.
+        # socat makes the pty when the first line arrives.
+        machine.wait_until_succeeds("test -p /run/presenced-test/feed")
         machine.wait_until_succeeds(
             "printf '{\"sensor\":\"desk_radar\",\"value\":true}\\n' > /run/presenced-test/feed"
             " && nats kv get presence desk --raw | jq -e '.state == \"occupied\"'",
-            timeout=90,
+            timeout=60,
         )
+
+    with subtest("the device policy is closed but for the allowed class"):
+        # A shell in the unit's cgroup: /dev/null (allowed by the closed
+        # policy) opens, /dev/ptmx (5:2, not allowed) does not.
+        cg = "/sys/fs/cgroup/system.slice/presenced-main.service/cgroup.procs"
+        machine.succeed(f"sh -c 'echo $$ > {cg} && exec true < /dev/null'")
+        machine.fail(f"sh -c 'echo $$ > {cg} && exec true < /dev/ptmx'")
 
     with subtest("the watchdog kills a frozen daemon and systemd restarts it"):
         pid = machine.succeed("systemctl show -P MainPID presenced-main").strip()

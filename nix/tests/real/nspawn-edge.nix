@@ -11,7 +11,8 @@
 #     the units by LoadCredential from /var/lib/secrets/presenced;
 #   - the serial port is a pty made after the daemons start
 #     (/run/presenced-test/radar), allowed by its class `pts` instead of
-#     ttyUSB/ttyACM, and printing JSON lines for zone `desk`;
+#     ttyUSB/ttyACM, and printing JSON lines for zone `desk` (retried
+#     every 5 s at most while absent, not 30 s);
 #   - the watchdog of the ingest daemon is 5 s, so the test waits less.
 { keys }:
 { lib, ... }:
@@ -60,6 +61,8 @@ in
           device = radar;
           framing = "json_lines";
           sensors = [ "desk_radar" ];
+          # Retry the absent port every 5 s at most (30 s by default).
+          reconnect_max = "5s";
         };
       };
     };
