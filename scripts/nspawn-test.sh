@@ -295,6 +295,38 @@ else
     in_ct journalctl --no-pager -u presenced-ingest | tail -20 || true
 fi
 
+# 6b. Replug: the port goes away and comes back as another pty node at the
+# same path; the daemon opens it again and reads on.
+old_node="$(in_ct readlink /run/presenced-test/radar || true)"
+in_ct systemctl stop presenced-test-radar
+in_ct rm -f /run/presenced-test/feed
+# Another pty takes the freed node, as another device would take ttyUSB0.
+in_ct systemd-run --quiet --unit=presenced-test-hold socat PTY,link=/run/presenced-test/hold \
+    SYSTEM:"sleep 600"
+wait_for 10 in_ct test -L /run/presenced-test/hold || fail "socat made no placeholder pty"
+in_ct systemd-run --quiet --unit=presenced-test-radar-2 socat -u \
+    PIPE:/run/presenced-test/feed,ignoreeof \
+    PTY,link=/run/presenced-test/radar,raw,echo=0,group=dialout,mode=0660
+wait_for 10 in_ct test -p /run/presenced-test/feed || fail "socat made no pipe after the replug"
+received() {
+    net curl -sf http://127.0.0.1:9464/metrics | sed -n 's/^presenced_observations_stored_total \([0-9]*\).*/\1/p'
+}
+before="$(received)"
+feed_more() {
+    in_ct sh -c 'printf "{\"sensor\":\"desk_radar\",\"value\":true}\n" > /run/presenced-test/feed'
+    [ "$(received)" -gt "$before" ]
+}
+if wait_for 30 feed_more; then
+    new_node="$(in_ct readlink /run/presenced-test/radar)"
+    if [ "$new_node" != "$old_node" ]; then
+        pass "replugged as $new_node (was $old_node): opened again and read"
+    else
+        fail "the replugged pty got the same node $new_node: the test shows nothing"
+    fi
+else
+    fail "nothing read after the replug (observations stored: $before -> $(received))"
+fi
+
 # 7. The watchdog.
 watchdog_us="$(show presenced-ingest.service WatchdogUSec)"
 restarts_before="$(show presenced-ingest.service NRestarts)"

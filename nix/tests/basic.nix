@@ -153,6 +153,28 @@
             timeout=60,
         )
 
+    with subtest("a replug under another node is opened again and read"):
+        old = machine.succeed("readlink /run/presenced-test/radar").strip()
+        machine.succeed("systemctl stop radar && rm -f /run/presenced-test/feed")
+        # Another pty takes the freed node, as another device would ttyUSB0.
+        machine.succeed(
+            "systemd-run --unit=hold socat PTY,link=/run/presenced-test/hold SYSTEM:'sleep 600'"
+        )
+        machine.wait_until_succeeds("test -L /run/presenced-test/hold")
+        machine.succeed(
+            "systemd-run --unit=radar2 socat -u PIPE:/run/presenced-test/feed,ignoreeof"
+            " PTY,link=/run/presenced-test/radar,raw,echo=0,group=dialout,mode=0660"
+        )
+        machine.wait_until_succeeds("test -p /run/presenced-test/feed")
+        stored = int(machine.succeed("nats stream info SENSORS --json | jq .state.messages"))
+        machine.wait_until_succeeds(
+            "printf '{\"sensor\":\"desk_radar\",\"value\":true}\\n' > /run/presenced-test/feed"
+            f" && test $(nats stream info SENSORS --json | jq .state.messages) -gt {stored}",
+            timeout=30,
+        )
+        new = machine.succeed("readlink /run/presenced-test/radar").strip()
+        assert new != old, f"the replug got the same node {new}"
+
     with subtest("the device policy is closed but for the allowed class"):
         # A shell in the unit's cgroup: /dev/null (allowed by the closed
         # policy) opens, /dev/ptmx (5:2, not allowed) does not.
