@@ -85,10 +85,17 @@ presenced="$(readlink -f "${PRESENCED:-target/debug/presenced}")"
 keys="$root/target/nix-render/keys"
 stage="$(mktemp -d /tmp/presenced-nspawn.XXXXXX)"
 nspawn_pid=""
+ct=""
 cleanup() {
     if [ -n "$nspawn_pid" ] && kill -0 "$nspawn_pid" 2>/dev/null; then
-        kill -TERM "$nspawn_pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do
+        # An orderly shutdown (the daemons drain), then no more waiting.
+        if [ -n "$ct" ]; then
+            nsenter -t "$ct" -m -u -i -n -p -- systemctl poweroff --no-block 2>/dev/null ||
+                kill -TERM "$nspawn_pid" 2>/dev/null || true
+        else
+            kill -TERM "$nspawn_pid" 2>/dev/null || true
+        fi
+        for _ in $(seq 1 100); do
             kill -0 "$nspawn_pid" 2>/dev/null || break
             sleep 0.2
         done
@@ -129,8 +136,8 @@ systemd-nspawn -D "$rootfs" -M "$machine" --boot --volatile=overlay \
     --bind-ro="$keys:/var/lib/secrets/presenced" \
     >"$stage/console.log" 2>&1 &
 nspawn_pid=$!
+disown "$nspawn_pid"
 
-ct=""
 for _ in $(seq 1 100); do
     for child in $(pgrep -P "$nspawn_pid" || true); do
         if [ "$(cat "/proc/$child/comm" 2>/dev/null)" = systemd ]; then ct="$child"; fi
