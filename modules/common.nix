@@ -35,11 +35,10 @@ in
         building for another platform (an aarch64 board from an x86_64
         machine), the target's binary cannot run on the build machine:
         give the build machine's presenced here (the flake's modules do,
-        from `packages.<build system>.default`), or set it to null, which
-        turns the config checks off and requires the pre-rendered files
-        {option}`services.presenced.leaf.authorization.file`,
-        {option}`services.presenced.leaf.configFile` and
-        {option}`services.presenced.hub.configDir` instead.
+        from `packages.<build system>.default`). Null turns the daemons'
+        config checks off; the leaf (whose config presenced renders)
+        then cannot be built, and a hub needs its authorization block
+        pre-rendered ({option}`services.presenced.hub.authorizationFile`).
         Use the same version as {option}`package`.
       '';
     };

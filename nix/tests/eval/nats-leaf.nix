@@ -18,6 +18,9 @@ let
 
   standalone = eval { enable = true; };
   nats = standalone.services.nats;
+  # What `presenced nats-config leaf` is given.
+  desc = standalone.services.presenced.leaf.description;
+  confDir = stubs.fakeFile "nats-leaf-home-conf";
 
   linked = eval {
     enable = true;
@@ -42,8 +45,8 @@ let
     };
   };
 
-  # Cross build without a presenced for the build machine: the block must
-  # be given pre-rendered.
+  # Without a presenced for the build machine nothing renders the leaf's
+  # config; a pre-rendered authorization block is accepted.
   aclNoBuildPackage = stubs.eval [
     module
     {
@@ -62,7 +65,6 @@ let
     module
     {
       services.presenced.site = "home";
-      services.presenced.buildPackage = null;
       services.presenced.leaf = {
         enable = true;
         authorization = {
@@ -97,7 +99,7 @@ let
       (eval {
         enable = true;
         jetstream.syncInterval = "sometimes";
-      }).services.nats.settings.jetstream
+      }).services.presenced.leaf.description.jetstream
       null
   );
 
@@ -114,34 +116,47 @@ in
     expected = true;
   };
 
-  testDomainFromSite = {
-    expr = nats.settings.jetstream.domain;
-    expected = "leaf-home";
+  testSiteAndStore = {
+    expr = {
+      inherit (desc) site;
+      inherit (desc.jetstream) store_dir;
+    };
+    expected = {
+      site = "home";
+      store_dir = "/var/lib/nats";
+    };
+  };
+
+  testNoNixRenderedSettings = {
+    expr = nats.settings;
+    expected = { };
   };
 
   testServerNameFromSite = {
-    expr = nats.serverName;
+    expr = desc.server_name;
     expected = "leaf-home";
   };
 
   testLoopbackByDefault = {
     expr = {
-      inherit (nats.settings) host http;
+      inherit (desc) listen monitor_port;
     };
     expected = {
-      host = "127.0.0.1";
-      http = "127.0.0.1:8222";
+      listen = "127.0.0.1:4222";
+      monitor_port = 8222;
     };
   };
 
   testNoRemoteWithoutHub = {
-    expr = nats.settings ? leafnodes;
+    expr = desc ? hub;
     expected = false;
   };
 
-  testStandaloneKeepsStockStart = {
+  testStandaloneStartsOnRenderedConfig = {
     expr = standalone.systemd.services.nats.serviceConfig;
-    expected = { };
+    expected = {
+      ExecStart = "${stubs.pkgs.nats-server}/bin/nats-server -c ${confDir}/nats.conf";
+    };
   };
 
   testNoFirewallByDefault = {
@@ -149,31 +164,30 @@ in
     expected = { };
   };
 
-  testRemoteUrlsWithoutSeed = {
-    expr = linked.services.nats.settings.leafnodes.remotes;
-    expected = [
-      {
-        urls = [
-          "nats-leaf://192.0.2.11:7422"
-          "nats-leaf://192.0.2.12:7422"
-        ];
-      }
-    ];
+  testRemoteUrlsAndSeedInclude = {
+    expr = linked.services.presenced.leaf.description.hub;
+    expected = {
+      urls = [
+        "nats-leaf://192.0.2.11:7422"
+        "nats-leaf://192.0.2.12:7422"
+      ];
+      nkey_include = "leaf-nkey.conf";
+    };
   };
 
   testSyncOneSecondByDefault = {
-    expr = nats.settings.jetstream.sync_interval;
+    expr = desc.jetstream.sync_interval;
     expected = "1s";
   };
 
   testSyncServerDefaultWhenNull = {
-    expr = serverDefaultSync.services.nats.settings.jetstream ? sync_interval;
-    expected = false;
+    expr = serverDefaultSync.services.presenced.leaf.description.jetstream.sync_interval;
+    expected = "server-default";
   };
 
   testSyncAlwaysRenamed = {
     expr = {
-      sync = oldSyncAlways.services.nats.settings.jetstream.sync_interval;
+      sync = oldSyncAlways.services.presenced.leaf.description.jetstream.sync_interval;
       warned = lib.any (lib.hasInfix "syncAlways") oldSyncAlways.warnings;
     };
     expected = {
@@ -188,7 +202,7 @@ in
   };
 
   testSyncAlways = {
-    expr = linked.services.nats.settings.jetstream.sync_interval;
+    expr = linked.services.presenced.leaf.description.jetstream.sync_interval;
     expected = "always";
   };
 
@@ -219,14 +233,20 @@ in
     };
   };
 
-  testAclUsesRuntimeConfig = {
-    expr = withAcl.systemd.services.nats.serviceConfig.ExecStart;
-    expected = "${stubs.pkgs.nats-server}/bin/nats-server -c /run/nats-leaf/nats.conf";
+  testAclIncludedFromStore = {
+    expr = {
+      inherit (withAcl.systemd.services.nats.serviceConfig) ExecStart;
+      include = withAcl.services.presenced.leaf.description.authorization_include;
+    };
+    expected = {
+      ExecStart = "${stubs.pkgs.nats-server}/bin/nats-server -c ${confDir}/nats.conf";
+      include = "authorization.conf";
+    };
   };
 
   testAclNeedsNoCredential = {
-    expr = withAcl.systemd.services.nats.serviceConfig.LoadCredential;
-    expected = [ ];
+    expr = withAcl.systemd.services.nats.serviceConfig ? LoadCredential;
+    expected = false;
   };
 
   testValidPasses = {
@@ -244,7 +264,7 @@ in
     expected = [ true ];
   };
 
-  testAclWithoutBuildPackageRefused = {
+  testNoBuildPackageRefused = {
     expr = lib.length (stubs.failedAssertions aclNoBuildPackage);
     expected = 1;
   };
