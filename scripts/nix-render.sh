@@ -37,7 +37,7 @@ presenced="$(readlink -f "$presenced")"
 keys="$root/target/nix-render/keys"
 mkdir -p "$keys"
 chmod 0700 "$keys"
-for service in admin ingest engine; do
+for service in admin ingest engine leaf; do
     if [ ! -f "$keys/$service.nk.pub" ]; then
         rm -f "$keys/$service.nk"
         "$presenced" keygen --out "$keys/$service.nk" "$service" >"$keys/$service.nk.pub"

@@ -191,6 +191,15 @@ for u in "${daemons[@]}" presenced-provision; do
         fail "$u: no credential nkey-seed"
     fi
 done
+# The leaf's seed, joined to its config at start in a private directory.
+leaf_nkey="/proc/$ct/root/run/nats-leaf/leaf-nkey.conf"
+if [ "$(stat -c %a "$leaf_nkey" 2>/dev/null)" = 600 ] &&
+    [ "$(in_ct stat -c %U /run/nats-leaf/leaf-nkey.conf)" = nats ] &&
+    grep -qF "nkey: \"$(cat "$keys/leaf.nk")\"" "$leaf_nkey"; then
+    pass "nats: the leaf seed written from its credential to /run/nats-leaf/leaf-nkey.conf (0600, nats)"
+else
+    fail "nats: /run/nats-leaf/leaf-nkey.conf missing, readable by others or without the seed"
+fi
 mapfile -t closure < <(nix-store -qR "$units")
 leaked=0
 for seed in "$keys"/*.nk; do

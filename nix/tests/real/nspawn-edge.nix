@@ -6,6 +6,8 @@
 #   - the containers' daemons reach the leaf and Mosquitto at 127.0.0.1
 #     (their private networks would need a bridge and addresses outside
 #     127.0.0.0/8), and the engine serves /healthz on its own port;
+#   - the leaf links to a hub at 127.0.0.1:7422 (nothing listens) with its
+#     seed as a credential;
 #   - the leaf enforces NKEY authorization with keys made for the test:
 #     seeds stay in the test's key directory, outside the store, and reach
 #     the units by LoadCredential from /var/lib/secrets/presenced;
@@ -29,6 +31,12 @@ in
 
   services.presenced.leaf = {
     host = lib.mkForce "127.0.0.1";
+    # A hub link, so the seed is joined to the config at start; nothing
+    # listens there (the site runs on its own, as during a hub outage).
+    hub = {
+      urls = [ "nats-leaf://127.0.0.1:7422" ];
+      nkeySeedFile = "${secrets}/leaf.nk";
+    };
     authorization = {
       enable = true;
       access = {
