@@ -159,6 +159,15 @@ in
     };
   };
 
+  # `presenced provision`, `watch` and `status` by hand on the leaf's host.
+  testLeafInstallsCommands = {
+    expr = standalone.environment.systemPackages;
+    expected = [
+      stubs.pkgs.natscli
+      stubs.pkgs.presenced
+    ];
+  };
+
   testNoFirewallByDefault = {
     expr = standalone.networking.firewall.interfaces;
     expected = { };
