@@ -36,9 +36,8 @@ in
         machine), the target's binary cannot run on the build machine:
         give the build machine's presenced here (the flake's modules do,
         from `packages.<build system>.default`). Null turns the daemons'
-        config checks off; the leaf (whose config presenced renders)
-        then cannot be built, and a hub needs its authorization block
-        pre-rendered ({option}`services.presenced.hub.authorizationFile`).
+        config checks off; a leaf or hub node, whose configs presenced
+        renders, then cannot be built (refused at evaluation).
         Use the same version as {option}`package`.
       '';
     };
