@@ -36,6 +36,14 @@
             { pkgs, ... }:
             {
               services.presenced.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+              # What runs at build time: the build machine's own package
+              # when building for another platform (cross).
+              services.presenced.buildPackage = lib.mkDefault (
+                if pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform then
+                  self.packages.${pkgs.stdenv.hostPlatform.system}.default
+                else
+                  self.packages.${pkgs.stdenv.buildPlatform.system}.default or null
+              );
             }
           )
         ];

@@ -18,6 +18,14 @@ let
   # container. Prefer a /dev/serial/by-id/ path on real hardware.
   serialDevice = "/dev/ttyUSB0";
 
+  # Device classes (kernel names in /proc/devices) of USB serial adapters.
+  # Allowed by class, not by path: systemd resolves a path in DeviceAllow=
+  # once, at start, so a port replugged as another ttyUSBn would be denied.
+  serialClasses = [
+    "ttyUSB"
+    "ttyACM"
+  ];
+
   # The host side of each container's veth pair; the leaf and Mosquitto
   # listen on all addresses and the firewall admits only the ve-* side.
   containerNet = {
@@ -114,12 +122,15 @@ in
       };
     }
     // {
-      allowedDevices = [
-        {
-          node = serialDevice;
-          modifier = "rw";
-        }
-      ];
+      allowedDevices = map (class: {
+        node = "char-${class}";
+        modifier = "rw";
+      }) serialClasses;
+      # The node itself is bound when the container starts: a port that
+      # appears later, or comes back under another node after a replug,
+      # reaches the container only when it restarts. Run the ingest
+      # instance on the host when that matters (its unit allows the whole
+      # class and opens the port again by path).
       bindMounts.${serialDevice} = {
         hostPath = serialDevice;
         isReadOnly = false;

@@ -1,7 +1,9 @@
 # services.presenced.hub: one node of the 3-node JetStream hub cluster
 # (domain `hub`) that the sites' leaf nodes link to and that mirrors every
-# site. Built on nixpkgs' services.nats; the same file configures every
-# node, only the node name differs.
+# site. Built on nixpkgs' services.nats (unit, user, sandbox); the server's
+# config is rendered at build time by `presenced nats-config hub`, the one
+# writer of nats-server configs. The same file configures every node, only
+# the node name differs.
 {
   config,
   lib,
@@ -16,6 +18,7 @@ let
     mkIf
     mkOption
     optionalAttrs
+    optionalString
     types
     ;
 
@@ -49,37 +52,48 @@ let
     _: address: "nats-route://${address}:${toString cfg.clusterPort}"
   ) peers;
 
-  # Leaves authenticate with their NKEY against the server's users; with
-  # no key declared the hub accepts any leaf (a lab setup).
-  users =
-    lib.mapAttrsToList (_: nkey: { inherit nkey; }) cfg.leafNkeys
-    ++ lib.optional (cfg.adminNkey != null) { nkey = cfg.adminNkey; };
-
-  # With leaf keys declared, the users and their permissions come from
-  # `presenced acl-hub`: each site's leafnode identity may connect as a
-  # leafnode only and reach only its own site's JetStream; the admin gets
-  # the hub's and the sites' APIs. Public keys only: it lives in the store.
-  generatedAuthorization = cfg.leafNkeys != { };
-  jsonFormat = pkgs.formats.json { };
+  # Leaves authenticate with their NKEY; with no key declared the hub
+  # accepts any leaf (a lab setup). With keys, the users and their
+  # permissions come from `presenced acl-hub`: each site's leafnode identity
+  # may connect as a leafnode only and reach only its own site's JetStream;
+  # the admin gets the hub's and the sites' APIs. Public keys only: it lives
+  # in the store.
+  authorization = cfg.leafNkeys != { };
+  presenced = config.services.presenced.buildPackage;
   tomlFormat = pkgs.formats.toml { };
   siteAccess = lib.mapAttrsToList (
     site: nkey:
     "${site}=${tomlFormat.generate "presenced-hub-${site}-access.toml" { leafnode.nkey = nkey; }}"
   ) cfg.leafNkeys;
-  settingsFile = jsonFormat.generate "nats-hub-settings.json" config.services.nats.settings;
-  # The server's config as a directory (includes resolve against it),
-  # checked with `nats-server -t` at build time.
-  confDir =
-    pkgs.runCommand "nats-hub-${cfg.nodeName}-conf"
-      {
-        nativeBuildInputs = [
-          config.services.presenced.package
-          pkgs.nats-server
-        ];
-      }
-      ''
-        mkdir "$out"
-        cp ${settingsFile} "$out/settings.json"
+
+  # The node as `presenced nats-config hub` reads it: the one renderer of
+  # nats-server configs (the sandbox and the tests use it too).
+  description = {
+    server_name = cfg.nodeName;
+    listen = "${cfg.host}:${toString cfg.port}";
+    monitor_port = cfg.monitorPort;
+    jetstream = {
+      store_dir = config.services.nats.dataDir;
+      sync_interval =
+        if cfg.jetstream.syncInterval == null then "server-default" else cfg.jetstream.syncInterval;
+    }
+    // optionalAttrs (cfg.jetstream.maxMemory != null) { max_memory = cfg.jetstream.maxMemory; }
+    // optionalAttrs (cfg.jetstream.maxFile != null) { max_file = cfg.jetstream.maxFile; };
+    cluster = {
+      name = cfg.clusterName;
+      listen = "0.0.0.0:${toString cfg.clusterPort}";
+      inherit routes;
+    };
+    leafnodes.listen = "0.0.0.0:${toString cfg.leafPort}";
+  }
+  // optionalAttrs authorization { authorization_include = "authorization.conf"; };
+
+  # `presenced acl-hub`, or the pre-rendered block.
+  authorizationFile =
+    if cfg.authorizationFile != null then
+      cfg.authorizationFile
+    else
+      pkgs.runCommand "nats-hub-authorization.conf" { nativeBuildInputs = [ presenced ]; } ''
         presenced acl-hub ${
           lib.escapeShellArgs (
             lib.optionals (cfg.adminNkey != null) [
@@ -88,8 +102,24 @@ let
             ]
             ++ siteAccess
           )
-        } > "$out/authorization.conf"
-        printf 'include "./settings.json"\ninclude "./authorization.conf"\n' > "$out/nats.conf"
+        } > "$out"
+      '';
+
+  # The server's config as a directory (includes resolve against it),
+  # rendered by `presenced nats-config hub` and checked with
+  # `nats-server -t` at build time.
+  configDir =
+    pkgs.runCommand "nats-hub-${cfg.nodeName}-conf"
+      {
+        nativeBuildInputs = [
+          presenced
+          pkgs.buildPackages.nats-server
+        ];
+      }
+      ''
+        mkdir "$out"
+        presenced nats-config hub ${tomlFormat.generate "nats-hub-${cfg.nodeName}.toml" description} > "$out/nats.conf"
+        ${optionalString authorization ''cp ${authorizationFile} "$out/authorization.conf"''}
         nats-server -c "$out/nats.conf" -t
       '';
 in
@@ -98,6 +128,20 @@ in
 
   options.services.presenced.hub = {
     enable = mkEnableOption "a node of presenced's JetStream hub cluster";
+
+    description = mkOption {
+      type = types.attrs;
+      readOnly = true;
+      internal = true;
+      description = "The node as handed to `presenced nats-config hub` (TOML).";
+    };
+
+    configDir = mkOption {
+      type = types.path;
+      readOnly = true;
+      internal = true;
+      description = "The rendered and checked config directory of the server.";
+    };
 
     nodeName = mkOption {
       type = types.str;
@@ -169,8 +213,22 @@ in
         home = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4";
       };
       description = ''
-        Public NKEY of each site's leaf, by site. When any key (or
-        {option}`adminNkey`) is declared, only those identities may connect.
+        Public NKEY of each site's leaf, by site. When any key is
+        declared, only these and {option}`adminNkey` may connect, each as
+        `presenced acl-hub` allows; with none, any leaf may (a lab setup).
+      '';
+    };
+
+    authorizationFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      description = ''
+        The hub's authorization block, rendered beforehand with
+        `presenced acl-hub`, instead of rendering it from
+        {option}`leafNkeys` and {option}`adminNkey` at build time. For
+        builds whose machine cannot run presenced
+        ({option}`services.presenced.buildPackage` is null). Public keys
+        only: it lands in the store.
       '';
     };
 
@@ -276,7 +334,7 @@ in
         '';
       }
       {
-        assertion = !prov.enable || users == [ ] || prov.nkeySeedFile != null;
+        assertion = !prov.enable || !authorization || prov.nkeySeedFile != null;
         message = ''
           services.presenced.hub.provision is enabled and the hub accepts
           declared identities only, but provision.nkeySeedFile is not set:
@@ -291,6 +349,23 @@ in
         '';
       }
       {
+        assertion = presenced != null;
+        message = ''
+          services.presenced.hub: the node's config is rendered at build time
+          by `presenced nats-config hub`, but services.presenced.buildPackage
+          is null: set it to a presenced the build machine can run (on a
+          cross build, the build machine's own).
+        '';
+      }
+      {
+        assertion = cfg.adminNkey == null || authorization;
+        message = ''
+          services.presenced.hub.adminNkey is set but no leafNkeys are: a hub
+          that declares identities admits only those, so no site's leaf
+          could link. Declare each site's leaf key in leafNkeys.
+        '';
+      }
+      {
         assertion = !prov.enable || prov.sites != [ ];
         message = "services.presenced.hub.provision is enabled but provision.sites is empty.";
       }
@@ -301,6 +376,11 @@ in
       hub's replicated (R3) streams need three.
     '';
 
+    services.presenced.hub = { inherit description configDir; };
+
+    # nixpkgs' services.nats brings the unit, its user and state directory
+    # and its sandbox; the config it would render from `settings` is not
+    # used: the server starts on the one `presenced nats-config` renders.
     services.nats = {
       enable = true;
       # Explicit: nixpkgs renders `"jetstream": {}` even when this is off,
@@ -308,34 +388,10 @@ in
       jetstream = true;
       serverName = cfg.nodeName;
       port = cfg.port;
-      settings = {
-        host = cfg.host;
-        http = "127.0.0.1:${toString cfg.monitorPort}";
-        jetstream = {
-          domain = "hub";
-        }
-        // optionalAttrs (cfg.jetstream.maxMemory != null) { max_mem = cfg.jetstream.maxMemory; }
-        // optionalAttrs (cfg.jetstream.maxFile != null) { max_file = cfg.jetstream.maxFile; }
-        // optionalAttrs (cfg.jetstream.syncInterval != null) {
-          sync_interval = cfg.jetstream.syncInterval;
-        };
-        cluster = {
-          name = cfg.clusterName;
-          listen = "0.0.0.0:${toString cfg.clusterPort}";
-          inherit routes;
-        };
-        leafnodes = {
-          listen = "0.0.0.0:${toString cfg.leafPort}";
-        };
-      }
-      // optionalAttrs (users != [ ] && !generatedAuthorization) {
-        authorization = { inherit users; };
-      };
     };
 
-    systemd.services.nats.serviceConfig.ExecStart = mkIf generatedAuthorization (
-      lib.mkForce "${pkgs.nats-server}/bin/nats-server -c ${confDir}/nats.conf"
-    );
+    systemd.services.nats.serviceConfig.ExecStart =
+      lib.mkForce "${pkgs.nats-server}/bin/nats-server -c ${configDir}/nats.conf";
 
     networking.firewall.allowedTCPPorts = lib.optionals cfg.openFirewall [
       cfg.clusterPort
@@ -376,7 +432,7 @@ in
     # --hub`.
     environment.systemPackages = [
       pkgs.natscli
-    ]
-    ++ lib.optional prov.enable config.services.presenced.package;
+      config.services.presenced.package
+    ];
   };
 }

@@ -3,8 +3,11 @@
 # `leaf-<site>`) and, when a hub is set, links to it as a leaf node so the
 # hub can mirror the site.
 #
+# The server's config is rendered at build time by `presenced nats-config
+# leaf` from the description below (the one writer of nats-server configs,
+# also used by the sandbox and the tests) and checked with `nats-server -t`.
 # Secrets never enter the store: the leafnode NKEY seed is a systemd
-# credential, merged into a copy of the config under /run/nats-leaf when
+# credential, written beside a copy of the config under /run/nats-leaf when
 # the server starts. The authorization block holds public keys only and is
 # rendered at build time by `presenced acl` from the declared access map.
 {
@@ -21,6 +24,7 @@ let
     mkEnableOption
     mkForce
     mkIf
+    mkMerge
     mkOption
     optionalAttrs
     optionalString
@@ -32,72 +36,84 @@ let
   site = cfg.site;
   domain = "leaf-${site}";
 
-  jsonFormat = pkgs.formats.json { };
   tomlFormat = pkgs.formats.toml { };
+  presenced = config.services.presenced.buildPackage;
 
   hasRemote = cfg.hub.urls != [ ];
   hasSeed = cfg.hub.nkeySeedFile != null;
-  # The server reads a config assembled at start whenever something in it
-  # cannot live in the store as is.
-  runtimeConfig = hasSeed || cfg.authorization.enable;
   runtimeDir = "/run/nats-leaf";
 
-  settingsFile = jsonFormat.generate "nats-leaf-settings.json" config.services.nats.settings;
+  # The leaf as `presenced nats-config leaf` reads it: the one renderer of
+  # nats-server configs (the sandbox and the tests use it too). Includes
+  # are relative to the rendered file's directory.
+  description = {
+    inherit site;
+    server_name = config.services.nats.serverName;
+    listen = "${cfg.host}:${toString cfg.port}";
+    monitor_port = cfg.monitorPort;
+    jetstream = {
+      store_dir = config.services.nats.dataDir;
+      sync_interval =
+        if cfg.jetstream.syncInterval == null then "server-default" else cfg.jetstream.syncInterval;
+    }
+    // optionalAttrs (cfg.jetstream.maxMemory != null) { max_memory = cfg.jetstream.maxMemory; }
+    // optionalAttrs (cfg.jetstream.maxFile != null) { max_file = cfg.jetstream.maxFile; };
+  }
+  // optionalAttrs hasRemote {
+    hub = {
+      inherit (cfg.hub) urls;
+    }
+    # Written from the credential when the server starts.
+    // optionalAttrs hasSeed { nkey_include = "leaf-nkey.conf"; };
+  }
+  // optionalAttrs cfg.authorization.enable { authorization_include = "authorization.conf"; };
 
   # The access map as `presenced acl` reads it.
   accessFile = tomlFormat.generate "presenced-access-${site}.toml" cfg.authorization.access;
 
   # Where the authorization block is produced: `presenced acl` turns the
   # ownership map (public keys and the services they belong to) into NKEY
-  # users with allow lists, deny by default. Nothing here is secret.
+  # users with allow lists, deny by default. Nothing here is secret. A
+  # pre-rendered file replaces the step when asked to.
   authorizationFile =
-    pkgs.runCommand "nats-leaf-${site}-authorization.conf"
-      { nativeBuildInputs = [ config.services.presenced.package ]; }
-      ''
+    if cfg.authorization.file != null then
+      cfg.authorization.file
+    else
+      pkgs.runCommand "nats-leaf-${site}-authorization.conf" { nativeBuildInputs = [ presenced ]; } ''
         presenced acl --access ${accessFile} --site ${site} > "$out"
       '';
 
-  topFile = pkgs.writeText "nats-leaf-${site}.conf" (
-    ''
-      include "./settings.json"
-    ''
-    + optionalString cfg.authorization.enable ''
-      include "./authorization.conf"
-    ''
-  );
-
-  # The assembled config checked with `nats-server -t` at build time, with
-  # everything but the seed in place.
-  checkedTopFile =
-    pkgs.runCommand "nats-leaf-${site}-checked.conf" { nativeBuildInputs = [ pkgs.nats-server ]; }
+  # The config directory: rendered by `presenced nats-config leaf`, with
+  # the authorization block beside it, and checked with `nats-server -t`
+  # (a throwaway seed stands in for the credential in the check only).
+  configDir =
+    pkgs.runCommand "nats-leaf-${site}-conf"
+      {
+        nativeBuildInputs = [
+          presenced
+          pkgs.buildPackages.nats-server
+        ];
+      }
       ''
-        mkdir conf
-        cp ${settingsFile} conf/settings.json
-        ${optionalString cfg.authorization.enable "cp ${authorizationFile} conf/authorization.conf"}
-        cp ${topFile} conf/nats.conf
-        nats-server -c conf/nats.conf -t
-        ln -s ${topFile} "$out"
+        mkdir "$out"
+        presenced nats-config leaf ${tomlFormat.generate "nats-leaf-${site}.toml" description} > "$out/nats.conf"
+        ${optionalString cfg.authorization.enable ''cp ${authorizationFile} "$out/authorization.conf"''}
+        mkdir check
+        cp "$out"/* check/
+        ${optionalString hasSeed ''
+          presenced keygen --out check/throwaway.nk leaf > /dev/null
+          printf 'nkey: "%s"\n' "$(cat check/throwaway.nk)" > check/leaf-nkey.conf
+        ''}
+        nats-server -c check/nats.conf -t
       '';
 
+  # The seed joins the config in a private runtime directory at start.
   assemble = pkgs.writeShellScript "nats-leaf-assemble-config" ''
     set -eu
     umask 0077
-    ${
-      if hasSeed then
-        ''
-          ${pkgs.jq}/bin/jq --rawfile seed "$CREDENTIALS_DIRECTORY/leaf-nkey-seed" \
-            '.leafnodes.remotes[0].nkey = ($seed | gsub("\\s+$"; ""))' \
-            ${settingsFile} > ${runtimeDir}/settings.json
-        ''
-      else
-        ''
-          ${pkgs.coreutils}/bin/cp ${settingsFile} ${runtimeDir}/settings.json
-        ''
-    }
-    ${optionalString cfg.authorization.enable ''
-      ${pkgs.coreutils}/bin/cp ${authorizationFile} ${runtimeDir}/authorization.conf
-    ''}
-    ${pkgs.coreutils}/bin/cp ${checkedTopFile} ${runtimeDir}/nats.conf
+    ${pkgs.coreutils}/bin/cp ${configDir}/* ${runtimeDir}/
+    seed="$(${pkgs.coreutils}/bin/tr -d '[:space:]' < "$CREDENTIALS_DIRECTORY/leaf-nkey-seed")"
+    printf 'nkey: "%s"\n' "$seed" > ${runtimeDir}/leaf-nkey.conf
   '';
 in
 {
@@ -112,6 +128,20 @@ in
 
   options.services.presenced.leaf = {
     enable = mkEnableOption "the site's leaf nats-server for presenced";
+
+    description = mkOption {
+      type = types.attrs;
+      readOnly = true;
+      internal = true;
+      description = "The leaf as handed to `presenced nats-config leaf` (TOML).";
+    };
+
+    configDir = mkOption {
+      type = types.path;
+      readOnly = true;
+      internal = true;
+      description = "The rendered and checked config directory of the server.";
+    };
 
     site = mkOption {
       type = types.strMatching "[a-z0-9-]{1,32}";
@@ -241,10 +271,24 @@ in
           the store. docs/SECURITY.md describes the format.
         '';
       };
+
+      file = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = literalExpression "./leaf-home-authorization.conf";
+        description = ''
+          The authorization block, rendered beforehand with
+          `presenced acl --access FILE --site SITE`, instead of rendering
+          {option}`access` at build time. Public keys only: it lands in
+          the store.
+        '';
+      };
     };
   };
 
   config = mkIf cfg.enable {
+    services.presenced.leaf = { inherit description configDir; };
+
     assertions = [
       {
         assertion = !hasSeed || !(lib.hasPrefix "${builtins.storeDir}/" (toString cfg.hub.nkeySeedFile));
@@ -254,11 +298,23 @@ in
         '';
       }
       {
+        assertion = presenced != null;
+        message = ''
+          services.presenced.leaf: the leaf's config is rendered at build time
+          by `presenced nats-config leaf`, but services.presenced.buildPackage
+          is null: set it to a presenced the build machine can run (on a
+          cross build, the build machine's own).
+        '';
+      }
+      {
         assertion = !hasSeed || hasRemote;
         message = "services.presenced.leaf.hub.nkeySeedFile is set but hub.urls is empty.";
       }
     ];
 
+    # nixpkgs' services.nats brings the unit, its user and state directory
+    # and its sandbox; the config it would render from `settings` is not
+    # used: the server starts on the one `presenced nats-config` renders.
     services.nats = {
       enable = true;
       # Explicit: nixpkgs renders `"jetstream": {}` even when this is off,
@@ -266,35 +322,31 @@ in
       jetstream = true;
       serverName = mkDefault domain;
       port = cfg.port;
-      settings = {
-        host = cfg.host;
-        http = "127.0.0.1:${toString cfg.monitorPort}";
-        jetstream = {
-          inherit domain;
-        }
-        // optionalAttrs (cfg.jetstream.maxMemory != null) { max_mem = cfg.jetstream.maxMemory; }
-        // optionalAttrs (cfg.jetstream.maxFile != null) { max_file = cfg.jetstream.maxFile; }
-        // optionalAttrs (cfg.jetstream.syncInterval != null) {
-          sync_interval = cfg.jetstream.syncInterval;
-        };
-      }
-      // optionalAttrs hasRemote {
-        leafnodes.remotes = [ { inherit (cfg.hub) urls; } ];
-      };
     };
 
-    systemd.services.nats.serviceConfig = mkIf runtimeConfig {
-      RuntimeDirectory = [ "nats-leaf" ];
-      RuntimeDirectoryMode = "0700";
-      LoadCredential = lib.optional hasSeed "leaf-nkey-seed:${toString cfg.hub.nkeySeedFile}";
-      ExecStartPre = [ assemble ];
-      ExecStart = mkForce "${pkgs.nats-server}/bin/nats-server -c ${runtimeDir}/nats.conf";
-    };
+    systemd.services.nats.serviceConfig = mkMerge [
+      {
+        ExecStart = mkForce "${pkgs.nats-server}/bin/nats-server -c ${
+          if hasSeed then runtimeDir else configDir
+        }/nats.conf";
+      }
+      (mkIf hasSeed {
+        RuntimeDirectory = [ "nats-leaf" ];
+        RuntimeDirectoryMode = "0700";
+        LoadCredential = [ "leaf-nkey-seed:${toString cfg.hub.nkeySeedFile}" ];
+        ExecStartPre = [ assemble ];
+      })
+    ];
 
     networking.firewall.interfaces = lib.genAttrs cfg.openFirewallOn (_: {
       allowedTCPPorts = [ cfg.port ];
     });
 
-    environment.systemPackages = [ pkgs.natscli ];
+    # `nats` and, for provisioning and `presenced watch --hub` by hand,
+    # `presenced`.
+    environment.systemPackages = [
+      pkgs.natscli
+      config.services.presenced.package
+    ];
   };
 }

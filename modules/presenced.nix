@@ -90,13 +90,15 @@ let
 
   # Renders the settings and, unless disabled, runs `presenced check-config`
   # on them, so a bad config fails `nixos-rebuild` instead of the unit.
+  # The check runs cfg.buildPackage, the presenced the build machine can
+  # run (common.nix).
   renderConfig =
-    name: package: check: settings:
+    name: check: settings:
     let
       raw = settingsFormat.generate "presenced-${name}.toml" settings;
     in
     if check then
-      pkgs.runCommand "presenced-${name}-checked.toml" { nativeBuildInputs = [ package ]; } ''
+      pkgs.runCommand "presenced-${name}-checked.toml" { nativeBuildInputs = [ cfg.buildPackage ]; } ''
         presenced check-config ${raw}
         ln -s ${raw} "$out"
       ''
@@ -183,9 +185,30 @@ let
           example = [ "/dev/serial/by-id/usb-1a86_USB_Serial-if00-port0" ];
           description = ''
             Serial ports this instance reads (mmWave radars, JSON-line
-            devices). Each is allowed with `DeviceAllow=` and the unit joins
-            the `dialout` group; `PrivateDevices=` and `PrivateUsers=` are
-            turned off for such an instance, as they would hide the ports.
+            devices). When any is listed, the unit may open every device of
+            {option}`serialDeviceClasses` and joins the `dialout` group;
+            `PrivateDevices=` and `PrivateUsers=` are turned off for such an
+            instance, as they would hide the ports.
+          '';
+        };
+
+        serialDeviceClasses = mkOption {
+          type = types.listOf (types.strMatching "[a-zA-Z0-9_/-]+");
+          default = [
+            "ttyUSB"
+            "ttyACM"
+          ];
+          example = [ "ttyS" ];
+          description = ''
+            Kernel device classes (names in `/proc/devices`) the unit may
+            open when {option}`serialDevices` is not empty, as
+            `DeviceAllow=char-<class> rw`. A class covers every device of
+            its major number, so a port plugged in after the unit started,
+            or replugged as another `ttyUSBn`, is still allowed; a path in
+            `DeviceAllow=` is resolved once, when the unit starts, and would
+            deny both. USB serial adapters are `ttyUSB` (FTDI, CH340,
+            CP210x) or `ttyACM` (CDC ACM); on-board UARTs are `ttyS` or
+            `ttyAMA`.
           '';
         };
 
@@ -200,11 +223,12 @@ let
 
         checkConfig = mkOption {
           type = types.bool;
-          default = true;
+          default = cfg.buildPackage != null;
+          defaultText = literalExpression "config.services.presenced.buildPackage != null";
           description = ''
-            Run `presenced check-config` on the rendered file at build time.
-            Turn off only when building for another platform whose binary
-            cannot run on the build machine.
+            Run `presenced check-config` (of
+            {option}`services.presenced.buildPackage`) on the rendered file
+            at build time.
           '';
         };
 
@@ -229,7 +253,7 @@ let
             archive.s3.secret_key_file = mkDefault (credentialPath "s3-secret-access-key");
           })
         ];
-        configFile = renderConfig name config.package config.checkConfig config.settings;
+        configFile = renderConfig name config.checkConfig config.settings;
       };
     };
 
@@ -260,7 +284,7 @@ let
         WorkingDirectory = "/var/lib/presenced/${name}";
         LoadCredential = loadCredential instance;
 
-        DeviceAllow = map (device: "${device} rw") instance.serialDevices;
+        DeviceAllow = lib.optionals serial (map (class: "char-${class} rw") instance.serialDeviceClasses);
         SupplementaryGroups = lib.optional serial "dialout";
         PrivateDevices = !serial;
         PrivateUsers = !serial;
@@ -335,7 +359,8 @@ in
 
       checkConfig = mkOption {
         type = types.bool;
-        default = true;
+        default = cfg.buildPackage != null;
+        defaultText = literalExpression "config.services.presenced.buildPackage != null";
         description = "Run `presenced check-config` on the provisioner's config at build time.";
       };
 
@@ -357,7 +382,7 @@ in
             nats.nkey_seed_file = credentialPath "nkey-seed";
           })
         ];
-        configFile = renderConfig "provision" cfg.package cfg.provision.checkConfig cfg.provision.settings;
+        configFile = renderConfig "provision" cfg.provision.checkConfig cfg.provision.settings;
       };
     }
 
@@ -373,6 +398,16 @@ in
                   services.presenced.instances.${name}: the name becomes unit
                   presenced-${name}; use [a-z0-9_-], starting with a letter or
                   digit, and not `provision`.
+                '';
+              }
+            ]
+            ++ [
+              {
+                assertion = !instance.checkConfig || cfg.buildPackage != null;
+                message = ''
+                  services.presenced.instances.${name}.checkConfig is on but
+                  services.presenced.buildPackage is null: give the build
+                  machine's presenced, or turn the check off.
                 '';
               }
             ]

@@ -6,12 +6,25 @@
 #   3. checks formatting with nixfmt (RFC 166 style) if it is installed or
 #      can be installed (cargo package nixfmt_rs); NIXFMT_INSTALL=0 skips
 #      the install,
-#   4. runs the evaluation tests in nix/tests/eval against nixpkgs' lib
-#      when NIXPKGS_LIB names a copy of it (a checkout of nixpkgs or of
-#      nixpkgs.lib, or its lib/ directory); skipped otherwise, since
-#      `nix flake check` runs them with the pinned nixpkgs.
+#   4. runs the evaluation tests in nix/tests/eval against nixpkgs' lib:
+#      NIXPKGS_LIB (a checkout of nixpkgs or of nixpkgs.lib, or its lib/),
+#      else the lib of the NixOS subset (below),
+#   5. the render tests (nix/tests/real): every host, VM test node and
+#      container evaluated against the real NixOS declarations of the NixOS
+#      subset (../shared/nixos-subset from the checkout, or NIXOS_SUBSET)
+#      and built with the local Nix, running every build step the modules
+#      define with target/debug/presenced and the nats-server of .tools;
+#      then `systemd-analyze verify` on every rendered unit and
+#      `systemd-analyze security --offline=yes` on every presenced unit,
+#      failing above an exposure of 2.0. The units are kept in
+#      target/nix-render/units,
+#   6. the systemd-nspawn boot test (scripts/nspawn-test.sh) on those
+#      units, unless NSPAWN=0.
+# Without the subset, steps 5 and 6 cannot run: said loudly, and a failure
+# when CI=true.
 #
-# Usage: [NIXPKGS_LIB=DIR] [NIXFMT_INSTALL=0] scripts/nix-check.sh
+# Usage: [NIXPKGS_LIB=DIR] [NIXOS_SUBSET=DIR] [NIXFMT_INSTALL=0] [NSPAWN=0]
+#        scripts/nix-check.sh
 # Exit status: 0 when every step that ran passed.
 set -euo pipefail
 
@@ -77,7 +90,17 @@ else
     say "nixfmt not available: format check skipped"
 fi
 
+subset="${NIXOS_SUBSET:-$root/../shared/nixos-subset}"
+if [ -d "$subset/nixos" ] && [ -d "$subset/nixpkgs-lib/lib" ]; then
+    subset="$(cd "$subset" && pwd)"
+else
+    subset=""
+fi
+
 # 4. Evaluation tests
+if [ -z "${NIXPKGS_LIB:-}" ] && [ -n "$subset" ]; then
+    NIXPKGS_LIB="$subset/nixpkgs-lib"
+fi
 if [ -n "${NIXPKGS_LIB:-}" ]; then
     lib="$NIXPKGS_LIB"
     if [ -f "$lib/lib/default.nix" ]; then lib="$lib/lib"; fi
@@ -104,6 +127,31 @@ if [ -n "${NIXPKGS_LIB:-}" ]; then
     fi
 else
     say "NIXPKGS_LIB not set: evaluation tests skipped (nix flake check runs them)"
+fi
+
+# 5. Render tests against the NixOS subset
+if [ -z "$subset" ]; then
+    say "!!! NixOS subset not found at ${NIXOS_SUBSET:-../shared/nixos-subset}:"
+    say "!!! render tests, systemd-analyze and the nspawn boot test NOT run"
+    if [ "${CI:-}" = true ]; then
+        failed=$((failed + 1))
+    fi
+else
+    if bash scripts/nix-render.sh "$subset"; then
+        passed=$((passed + 1))
+        # 6. The rendered units under a real systemd
+        if [ "${NSPAWN:-1}" = 0 ]; then
+            say "NSPAWN=0: nspawn boot test not run"
+        elif bash scripts/nspawn-test.sh target/nix-render/units; then
+            passed=$((passed + 1))
+        else
+            say "nspawn boot test failed"
+            failed=$((failed + 1))
+        fi
+    else
+        say "render tests failed"
+        failed=$((failed + 1))
+    fi
 fi
 
 echo "$passed passed, $failed failed"

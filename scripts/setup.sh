@@ -5,6 +5,10 @@
 #                        (the S3 server the archive tests upload to)
 #   mosquitto + clients  from apt, only if missing
 #   cargo-nextest        with cargo install, only if missing
+#   debootstrap, systemd-container (systemd-nspawn)
+#                        from apt, only if missing: the nspawn boot test
+#                        (scripts/nspawn-test.sh) builds a Debian root with
+#                        the first and boots it with the second
 # Anything already present at a good version is left alone. Starts no service.
 set -euo pipefail
 
@@ -171,6 +175,18 @@ install_mosquitto() {
     fi
 }
 
+install_nspawn_tools() {
+    local packages=()
+    command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || packages+=(debootstrap)
+    command -v systemd-nspawn >/dev/null 2>&1 || packages+=(systemd-container)
+    if [ "${#packages[@]}" -eq 0 ]; then
+        say "debootstrap, systemd-nspawn: present (kept)"
+        return
+    fi
+    say "apt: installing ${packages[*]}"
+    apt_install "${packages[@]}"
+}
+
 install_nextest() {
     if cargo nextest --version >/dev/null 2>&1; then
         say "cargo-nextest: $(cargo nextest --version | head -n1) (kept)"
@@ -185,5 +201,6 @@ command -v python3 >/dev/null 2>&1 || die "python3 not found"
 install_nats_server
 install_weed
 install_mosquitto
+install_nspawn_tools
 install_nextest
 say "done; run 'source scripts/env.sh' to use the tools in this shell"

@@ -99,6 +99,14 @@ in
     machine.wait_for_unit("presenced-provision.service")
     machine.wait_for_unit("presenced-ingest.service")
 
+    with subtest("LoadCredential hands the daemon its seed, which is not in its unit's closure"):
+        # (The engine exits at its first refusal, taking its credentials.)
+        machine.succeed("test -s /run/credentials/presenced-ingest.service/nkey-seed")
+        machine.fail(
+            "grep -rlF \"$(cat /run/keys/ingest.nk)\" $(nix-store -qR"
+            " $(dirname $(readlink -f /etc/systemd/system/presenced-ingest.service)))"
+        )
+
     with subtest("a client without a key is refused"):
         machine.fail("nats stream ls")
 

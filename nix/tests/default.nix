@@ -15,21 +15,8 @@ let
         })
       ];
       globalTimeout = 20 * 60;
-      defaults = {
-        imports = [ self.nixosModules.default ];
-        environment.systemPackages = [
-          pkgs.curl
-          pkgs.jq
-          pkgs.mosquitto
-          pkgs.natscli
-        ];
-      };
+      defaults = import ./defaults.nix { inherit pkgs self; };
     };
 in
-{
-  basic = runTest ./basic.nix;
-  containers = runTest ./containers.nix;
-  cluster = runTest ./cluster.nix;
-  archive = runTest ./archive.nix;
-  acl = runTest ./acl.nix;
-}
+# One test per file of files.nix (the render tests read the same list).
+pkgs.lib.genAttrs (import ./files.nix) (test: runTest (./. + "/${test}.nix"))

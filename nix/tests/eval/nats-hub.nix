@@ -28,6 +28,8 @@ let
     inherit nodes;
   };
   nats = hub2.services.nats;
+  # What `presenced nats-config hub` is given.
+  desc = hub2.services.presenced.hub.description;
 
   keyed = eval "hub-1" {
     enable = true;
@@ -82,12 +84,19 @@ let
 
   seedInStore = eval "hub-1" {
     enable = true;
+    leafNkeys.home = leafKey;
     inherit nodes;
     adminNkey = adminKey;
     provision = {
       sites = [ "home" ];
       nkeySeedFile = "${builtins.storeDir}/abc-admin.nk";
     };
+  };
+
+  adminOnly = eval "hub-1" {
+    enable = true;
+    inherit nodes;
+    adminNkey = adminKey;
   };
 
   small = eval "hub-1" {
@@ -102,22 +111,32 @@ in
   };
 
   testHubSyncOneSecond = {
-    expr = nats.settings.jetstream.sync_interval;
+    expr = desc.jetstream.sync_interval;
     expected = "1s";
   };
 
-  testHubDomain = {
-    expr = nats.settings.jetstream.domain;
-    expected = "hub";
+  testHubStore = {
+    expr = desc.jetstream.store_dir;
+    expected = "/var/lib/nats";
   };
 
   testServerNameIsNode = {
-    expr = nats.serverName;
+    expr = desc.server_name;
     expected = "hub-2";
   };
 
+  testNoNixRenderedSettings = {
+    expr = nats.settings;
+    expected = { };
+  };
+
+  testStartsOnRenderedConfig = {
+    expr = hub2.systemd.services.nats.serviceConfig.ExecStart;
+    expected = "${stubs.pkgs.nats-server}/bin/nats-server -c ${stubs.fakeFile "nats-hub-hub-2-conf"}/nats.conf";
+  };
+
   testRoutesToPeersOnly = {
-    expr = nats.settings.cluster.routes;
+    expr = desc.cluster.routes;
     expected = [
       "nats-route://192.0.2.11:6222"
       "nats-route://192.0.2.13:6222"
@@ -126,9 +145,9 @@ in
 
   testClusterAndLeafListen = {
     expr = {
-      cluster = nats.settings.cluster.listen;
-      leaf = nats.settings.leafnodes.listen;
-      name = nats.settings.cluster.name;
+      cluster = desc.cluster.listen;
+      leaf = desc.leafnodes.listen;
+      name = desc.cluster.name;
     };
     expected = {
       cluster = "0.0.0.0:6222";
@@ -139,11 +158,11 @@ in
 
   testMonitoringOnLoopback = {
     expr = {
-      inherit (nats.settings) http host;
+      inherit (desc) monitor_port listen;
     };
     expected = {
-      http = "127.0.0.1:8222";
-      host = "127.0.0.1";
+      monitor_port = 8222;
+      listen = "127.0.0.1:4222";
     };
   };
 
@@ -156,7 +175,7 @@ in
   };
 
   testOpenWithoutKeys = {
-    expr = nats.settings ? authorization;
+    expr = desc ? authorization_include;
     expected = false;
   };
 
@@ -164,11 +183,11 @@ in
   # `presenced acl-hub`, in a config directory the server starts from.
   testLeafKeysGoThroughAclHub = {
     expr = {
-      inSettings = keyed.services.nats.settings ? authorization;
+      include = keyed.services.presenced.hub.description.authorization_include;
       execStart = keyed.systemd.services.nats.serviceConfig.ExecStart;
     };
     expected = {
-      inSettings = false;
+      include = "authorization.conf";
       execStart = "${stubs.pkgs.nats-server}/bin/nats-server -c ${stubs.fakeFile "nats-hub-hub-1-conf"}/nats.conf";
     };
   };
@@ -224,8 +243,14 @@ in
   };
 
   testAdminKeyGoesThroughAclHub = {
-    expr = provisioning.services.nats.settings ? authorization;
-    expected = false;
+    expr = provisioning.services.presenced.hub.description.authorization_include;
+    expected = "authorization.conf";
+  };
+
+  # Declared identities only: without leaf keys no site could link.
+  testAdminWithoutLeafKeysRefused = {
+    expr = map (lib.hasInfix "no site's leaf") (stubs.failedAssertions adminOnly);
+    expected = [ true ];
   };
 
   testProvisionInstallsCommand = {
@@ -238,7 +263,11 @@ in
         stubs.pkgs.natscli
         stubs.pkgs.presenced
       ];
-      plain = [ stubs.pkgs.natscli ];
+      # `presenced watch --hub` and provision-hub by hand on every node.
+      plain = [
+        stubs.pkgs.natscli
+        stubs.pkgs.presenced
+      ];
     };
   };
 

@@ -18,6 +18,9 @@ let
 
   standalone = eval { enable = true; };
   nats = standalone.services.nats;
+  # What `presenced nats-config leaf` is given.
+  desc = standalone.services.presenced.leaf.description;
+  confDir = stubs.fakeFile "nats-leaf-home-conf";
 
   linked = eval {
     enable = true;
@@ -41,6 +44,36 @@ let
       access.services.ingest.nkey = "UB";
     };
   };
+
+  # Without a presenced for the build machine nothing renders the leaf's
+  # config; a pre-rendered authorization block is accepted.
+  aclNoBuildPackage = stubs.eval [
+    module
+    {
+      services.presenced.site = "home";
+      services.presenced.buildPackage = null;
+      services.presenced.leaf = {
+        enable = true;
+        authorization = {
+          enable = true;
+          access.services.ingest.nkey = "UB";
+        };
+      };
+    }
+  ];
+  aclPrerendered = stubs.eval [
+    module
+    {
+      services.presenced.site = "home";
+      services.presenced.leaf = {
+        enable = true;
+        authorization = {
+          enable = true;
+          file = "/etc/presenced/leaf-authorization.conf";
+        };
+      };
+    }
+  ];
 
   seedInStore = eval {
     enable = true;
@@ -66,7 +99,7 @@ let
       (eval {
         enable = true;
         jetstream.syncInterval = "sometimes";
-      }).services.nats.settings.jetstream
+      }).services.presenced.leaf.description.jetstream
       null
   );
 
@@ -83,34 +116,56 @@ in
     expected = true;
   };
 
-  testDomainFromSite = {
-    expr = nats.settings.jetstream.domain;
-    expected = "leaf-home";
+  testSiteAndStore = {
+    expr = {
+      inherit (desc) site;
+      inherit (desc.jetstream) store_dir;
+    };
+    expected = {
+      site = "home";
+      store_dir = "/var/lib/nats";
+    };
+  };
+
+  testNoNixRenderedSettings = {
+    expr = nats.settings;
+    expected = { };
   };
 
   testServerNameFromSite = {
-    expr = nats.serverName;
+    expr = desc.server_name;
     expected = "leaf-home";
   };
 
   testLoopbackByDefault = {
     expr = {
-      inherit (nats.settings) host http;
+      inherit (desc) listen monitor_port;
     };
     expected = {
-      host = "127.0.0.1";
-      http = "127.0.0.1:8222";
+      listen = "127.0.0.1:4222";
+      monitor_port = 8222;
     };
   };
 
   testNoRemoteWithoutHub = {
-    expr = nats.settings ? leafnodes;
+    expr = desc ? hub;
     expected = false;
   };
 
-  testStandaloneKeepsStockStart = {
+  testStandaloneStartsOnRenderedConfig = {
     expr = standalone.systemd.services.nats.serviceConfig;
-    expected = { };
+    expected = {
+      ExecStart = "${stubs.pkgs.nats-server}/bin/nats-server -c ${confDir}/nats.conf";
+    };
+  };
+
+  # `presenced provision`, `watch` and `status` by hand on the leaf's host.
+  testLeafInstallsCommands = {
+    expr = standalone.environment.systemPackages;
+    expected = [
+      stubs.pkgs.natscli
+      stubs.pkgs.presenced
+    ];
   };
 
   testNoFirewallByDefault = {
@@ -118,31 +173,30 @@ in
     expected = { };
   };
 
-  testRemoteUrlsWithoutSeed = {
-    expr = linked.services.nats.settings.leafnodes.remotes;
-    expected = [
-      {
-        urls = [
-          "nats-leaf://192.0.2.11:7422"
-          "nats-leaf://192.0.2.12:7422"
-        ];
-      }
-    ];
+  testRemoteUrlsAndSeedInclude = {
+    expr = linked.services.presenced.leaf.description.hub;
+    expected = {
+      urls = [
+        "nats-leaf://192.0.2.11:7422"
+        "nats-leaf://192.0.2.12:7422"
+      ];
+      nkey_include = "leaf-nkey.conf";
+    };
   };
 
   testSyncOneSecondByDefault = {
-    expr = nats.settings.jetstream.sync_interval;
+    expr = desc.jetstream.sync_interval;
     expected = "1s";
   };
 
   testSyncServerDefaultWhenNull = {
-    expr = serverDefaultSync.services.nats.settings.jetstream ? sync_interval;
-    expected = false;
+    expr = serverDefaultSync.services.presenced.leaf.description.jetstream.sync_interval;
+    expected = "server-default";
   };
 
   testSyncAlwaysRenamed = {
     expr = {
-      sync = oldSyncAlways.services.nats.settings.jetstream.sync_interval;
+      sync = oldSyncAlways.services.presenced.leaf.description.jetstream.sync_interval;
       warned = lib.any (lib.hasInfix "syncAlways") oldSyncAlways.warnings;
     };
     expected = {
@@ -157,7 +211,7 @@ in
   };
 
   testSyncAlways = {
-    expr = linked.services.nats.settings.jetstream.sync_interval;
+    expr = linked.services.presenced.leaf.description.jetstream.sync_interval;
     expected = "always";
   };
 
@@ -188,14 +242,20 @@ in
     };
   };
 
-  testAclUsesRuntimeConfig = {
-    expr = withAcl.systemd.services.nats.serviceConfig.ExecStart;
-    expected = "${stubs.pkgs.nats-server}/bin/nats-server -c /run/nats-leaf/nats.conf";
+  testAclIncludedFromStore = {
+    expr = {
+      inherit (withAcl.systemd.services.nats.serviceConfig) ExecStart;
+      include = withAcl.services.presenced.leaf.description.authorization_include;
+    };
+    expected = {
+      ExecStart = "${stubs.pkgs.nats-server}/bin/nats-server -c ${confDir}/nats.conf";
+      include = "authorization.conf";
+    };
   };
 
   testAclNeedsNoCredential = {
-    expr = withAcl.systemd.services.nats.serviceConfig.LoadCredential;
-    expected = [ ];
+    expr = withAcl.systemd.services.nats.serviceConfig ? LoadCredential;
+    expected = false;
   };
 
   testValidPasses = {
@@ -211,5 +271,15 @@ in
   testSeedWithoutHubRefused = {
     expr = map (lib.hasInfix "hub.urls is empty") (stubs.failedAssertions seedWithoutHub);
     expected = [ true ];
+  };
+
+  testNoBuildPackageRefused = {
+    expr = lib.length (stubs.failedAssertions aclNoBuildPackage);
+    expected = 1;
+  };
+
+  testAclPrerenderedAccepted = {
+    expr = stubs.failedAssertions aclPrerendered;
+    expected = [ ];
   };
 }

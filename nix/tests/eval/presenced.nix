@@ -41,6 +41,28 @@ let
     instances.ingest.serialDevices = [ "/dev/ttyUSB0" ];
   };
 
+  # An on-board UART instead of a USB adapter.
+  uart = eval {
+    site = "home";
+    instances.ingest = {
+      serialDevices = [ "/dev/ttyAMA0" ];
+      serialDeviceClasses = [ "ttyAMA" ];
+    };
+  };
+
+  # Building for a platform the build machine cannot run (cross): no
+  # presenced at build time.
+  noBuildPackage = eval {
+    site = "home";
+    buildPackage = null;
+    instances.main.settings.zones.hall.evidence = [ ];
+  };
+  forcedCheckWithoutBuildPackage = eval {
+    site = "home";
+    buildPackage = null;
+    instances.main.checkConfig = true;
+  };
+
   seedInStore = eval {
     site = "home";
     instances.ingest.nkeySeedFile = "${builtins.storeDir}/abc-seed/ingest.nk";
@@ -220,12 +242,50 @@ in
         ;
     };
     expected = {
-      DeviceAllow = [ "/dev/ttyUSB0 rw" ];
+      # By class, so a late plug or a replug as another node is allowed.
+      DeviceAllow = [
+        "char-ttyUSB rw"
+        "char-ttyACM rw"
+      ];
       SupplementaryGroups = [ "dialout" ];
       PrivateDevices = false;
       PrivateUsers = false;
       DevicePolicy = "closed";
     };
+  };
+
+  testSerialDeviceClassesConfigurable = {
+    expr = uart.systemd.services.presenced-ingest.serviceConfig.DeviceAllow;
+    expected = [ "char-ttyAMA rw" ];
+  };
+
+  testNoDevicesWithoutSerial = {
+    expr = {
+      inherit (sc) DeviceAllow PrivateDevices DevicePolicy;
+    };
+    expected = {
+      DeviceAllow = [ ];
+      PrivateDevices = true;
+      DevicePolicy = "closed";
+    };
+  };
+
+  testNoBuildPackageSkipsCheck = {
+    expr = {
+      check = noBuildPackage.services.presenced.instances.main.checkConfig;
+      file = noBuildPackage.services.presenced.instances.main.configFile;
+      failed = stubs.failedAssertions noBuildPackage;
+    };
+    expected = {
+      check = false;
+      file = stubs.fakeFile "presenced-main.toml";
+      failed = [ ];
+    };
+  };
+
+  testCheckWithoutBuildPackageRefused = {
+    expr = lib.length (stubs.failedAssertions forcedCheckWithoutBuildPackage);
+    expected = 1;
   };
 
   testNoProvisionWithoutLocalLeaf = {

@@ -37,7 +37,13 @@ let
     generate = name: _value: fakeFile name;
   };
 
-  pkgs = {
+  pkgs = rec {
+    stdenv = {
+      buildPlatform = lib.systems.elaborate "x86_64-linux";
+      hostPlatform = lib.systems.elaborate "x86_64-linux";
+    };
+    # The eval tests build nothing; build-time tools are the same stand-ins.
+    buildPackages = pkgs;
     formats = {
       toml = _: format;
       json = _: format;

@@ -1,0 +1,8 @@
+# The VM tests, by file name in this directory.
+[
+  "basic"
+  "containers"
+  "cluster"
+  "archive"
+  "acl"
+]
