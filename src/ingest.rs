@@ -340,7 +340,7 @@ impl StoredDeliveries {
 
     /// Delivery header -> `Nats-Msg-Id` of this source's messages stored
     /// in the last [`REDELIVERY_LOOKBACK`]. Reads headers only, through an
-    /// ordered consumer: what the owner's ACL grant on `SENSORS` allows.
+    /// named ordered consumer: what the owner's ACL grant on `SENSORS` allows.
     pub async fn recent(&self, source: &str) -> Result<HashMap<String, String>, String> {
         use futures::StreamExt as _;
         let stream = self
@@ -351,6 +351,12 @@ impl StoredDeliveries {
         let since = time::OffsetDateTime::now_utc() - REDELIVERY_LOOKBACK;
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                // Named: the ACL lets readers of SENSORS create named
+                // consumers only (that keeps them off the engine's durable).
+                name: Some(crate::store::consumer_name(
+                    self.js.client(),
+                    "ingest-redelivery",
+                )),
                 filter_subject: self.site.sensors_filter(),
                 deliver_policy: jetstream::consumer::DeliverPolicy::ByStartTime {
                     start_time: since,

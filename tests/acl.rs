@@ -452,11 +452,12 @@ fn expected(access: &Access, who: &str, keyspace: &str, op: Op) -> bool {
         return admin;
     }
     if keyspace.starts_with("mirror-") {
-        // Only through the hub's domain prefix, which the admin's local
-        // API grant does not cover.
-        return access
-            .service(who)
-            .is_some_and(|s| s.runs(Component::Engine));
+        // Only through the hub's domain prefix: the engine's `[hub]` and
+        // the admin's `presenced status`, each granted its site's mirrors.
+        return admin
+            || access
+                .service(who)
+                .is_some_and(|s| s.runs(Component::Engine));
     }
     let k = Keyspace::parse(keyspace).unwrap();
     let svc = access.service(who);

@@ -45,8 +45,14 @@ fn a_missing_mqtt_password_file_stops_the_daemon_before_ready_and_names_why() {
     let broker = Mosquitto::start();
     let nats = NatsServer::start(NatsOptions::default());
     let http_port = support::free_port();
+    // A credential the unit was meant to hand over and did not: the
+    // config names it under $CREDENTIALS_DIRECTORY, which is unset here.
+    // The file check at load leaves such paths to the start (check-config
+    // runs at build time, where no credential exists), so it is the
+    // source's start that fails, and the supervisor that must say so.
+    // (A plain path that is missing is refused at load: tests/cli.rs.)
     let mapping = format!(
-        "username = \"sensor\"\npassword_file = \"/nonexistent/mqtt-password\"\n{}",
+        "username = \"sensor\"\npassword_file = \"$CREDENTIALS_DIRECTORY/mqtt-password\"\n{}",
         motion_mapping(true)
     );
     let cfg = daemon_config("test", &nats.url(), broker.port, http_port, &mapping, ZONES);
@@ -78,7 +84,7 @@ fn a_missing_mqtt_password_file_stops_the_daemon_before_ready_and_names_why() {
         .find(|l| l.contains("component failed") && l.contains("source.mqtt.main"))
         .unwrap_or_else(|| panic!("no ERROR line naming the component:\n{log}"));
     assert!(line.contains("ERROR"), "{line}");
-    assert!(line.contains("/nonexistent/mqtt-password"), "{line}");
+    assert!(line.contains("mqtt-password"), "{line}");
     assert!(line.contains("fatal=true"), "{line}");
     assert!(!log.contains("daemon: ready"), "READY was reported:\n{log}");
     let last = log

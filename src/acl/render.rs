@@ -286,6 +286,20 @@ pub fn admin_permissions() -> Permissions {
     p
 }
 
+/// The leaf admin's permissions: [`admin_permissions`], plus the health
+/// of the site's own hub mirrors through the leaf link, so that one
+/// identity (the operator's `presenced status`) sees the whole site. The
+/// hub's ACL limits the link to the site's own mirrors in any case.
+fn leaf_admin_permissions(site: &Site) -> Permissions {
+    let mut p = admin_permissions();
+    let why = "presenced status: health of this site's hub mirrors through the leaf link";
+    for m in crate::hub::mirrors::mirrors(site) {
+        p.publish(js::hub_stream_info(&m.stream()), why);
+        p.publish(js::hub_stream_leader_stepdown(&m.stream()), why);
+    }
+    p
+}
+
 /// Every identity of the site, admin first, then services by name.
 pub fn users(access: &Access, site: &Site) -> Vec<User> {
     let mut out = Vec::new();
@@ -294,7 +308,7 @@ pub fn users(access: &Access, site: &Site) -> Vec<User> {
             label: "admin".to_owned(),
             summary: "provisioning and inspection; writes no keyspace".to_owned(),
             nkey: nkey.clone(),
-            permissions: admin_permissions(),
+            permissions: leaf_admin_permissions(site),
         });
     }
     for s in &access.services {

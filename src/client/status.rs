@@ -36,39 +36,47 @@ struct Findings {
     degraded: Vec<String>,
 }
 
-/// A failed read: refused by the ACL (named with its subject) or another
-/// error.
+/// A failed read: refused by the ACL (named with its subject and the
+/// grant that would allow it, as every CLI command names a refusal) or
+/// another error.
 fn describe(
     what: &str,
     e: impl std::fmt::Display,
     refused: &mut crate::acl::violation::Receiver,
+    service: &str,
 ) -> String {
-    let mut subjects = Vec::new();
-    while let Ok(v) = refused.try_recv() {
-        subjects.push(format!("{} {:?}", v.operation.as_str(), v.subject));
+    let e = e.to_string();
+    if e.starts_with(REFUSED) {
+        return format!("{what}: {e}");
     }
-    if subjects.is_empty() && !e.to_string().to_ascii_lowercase().contains("permission") {
-        format!("cannot read {what}: {e}")
+    let mut why = Vec::new();
+    while let Ok(v) = refused.try_recv() {
+        why.push(crate::acl::explain::explain(&v, service));
+    }
+    if !why.is_empty() {
+        format!("{what}: {REFUSED}{}", why.join("; "))
+    } else if e.to_ascii_lowercase().contains("permission") {
+        format!("{what}: {REFUSED}{e}")
     } else {
-        format!(
-            "refused: nats-server does not let this identity read {what} ({}); use an identity granted it in the ownership map (the admin reads everything)",
-            if subjects.is_empty() { e.to_string() } else { subjects.join(", ") }
-        )
+        format!("cannot read {what}: {e}")
     }
 }
+
+/// How a refusal starts in the report (and how [`describe`] knows one).
+const REFUSED: &str = "refused: ";
 
 /// `fut`, cut short by the first permission violation the connection
 /// reports: a refused request would otherwise wait for its timeout.
 async fn guarded<T>(
     fut: impl std::future::Future<Output = Result<T, String>>,
     refused: &mut crate::acl::violation::Receiver,
+    service: &str,
 ) -> Result<T, String> {
     tokio::select! {
         r = fut => r,
         Some(v) = refused.recv() => Err(format!(
-            "permissions violation for {} {:?}",
-            v.operation.as_str(),
-            v.subject
+            "{REFUSED}{}",
+            crate::acl::explain::explain(&v, service)
         )),
     }
 }
@@ -170,7 +178,13 @@ pub async fn collect(config: &Config) -> Report {
     let mut leases = Leases::default();
     let mut leases_known = false;
     let mut lease_rows = Vec::new();
-    match guarded(read_bucket(&js, naming::OWNERS_BUCKET), &mut refused).await {
+    match guarded(
+        read_bucket(&js, naming::OWNERS_BUCKET),
+        &mut refused,
+        &config.service,
+    )
+    .await
+    {
         Ok(entries) => {
             leases_known = true;
             for (key, value) in entries {
@@ -207,13 +221,24 @@ pub async fn collect(config: &Config) -> Report {
                 }
             }
         }
-        Err(e) => f.down.push(describe("KV owners (leases)", e, &mut refused)),
+        Err(e) => f.down.push(describe(
+            "KV owners (leases)",
+            e,
+            &mut refused,
+            &config.service,
+        )),
     }
     out["leases"] = json!(lease_rows);
 
     // Zones.
     let configured: BTreeSet<String> = config.presence_entries().map(|(k, _)| k).collect();
-    match guarded(read_bucket(&js, naming::PRESENCE_BUCKET), &mut refused).await {
+    match guarded(
+        read_bucket(&js, naming::PRESENCE_BUCKET),
+        &mut refused,
+        &config.service,
+    )
+    .await
+    {
         Ok(entries) => {
             let stored: BTreeSet<String> = entries.into_iter().map(|(k, _)| k).collect();
             let stale = leases_known && leases.stale(naming::PRESENCE_BUCKET, Timestamp::now());
@@ -233,9 +258,12 @@ pub async fn collect(config: &Config) -> Report {
                 "not_stored": missing,
             });
         }
-        Err(e) => f
-            .down
-            .push(describe("KV presence (zones)", e, &mut refused)),
+        Err(e) => f.down.push(describe(
+            "KV presence (zones)",
+            e,
+            &mut refused,
+            &config.service,
+        )),
     }
 
     // Engine backlog.
@@ -256,12 +284,13 @@ pub async fn collect(config: &Config) -> Report {
             .map(|i| i.num_pending)
             .map_err(|e| e.to_string())
     };
-    match guarded(backlog, &mut refused).await {
+    match guarded(backlog, &mut refused, &config.service).await {
         Ok(n) => out["backlog"] = json!({ "sensors_pending": n }),
         Err(e) => f.degraded.push(describe(
             "the SENSORS consumer `engine` (backlog)",
             e,
             &mut refused,
+            &config.service,
         )),
     }
 
@@ -347,6 +376,11 @@ async fn read_bucket(
 /// 0 healthy, 1 degraded, 2 down.
 pub async fn run(config: &Config, as_json: bool) -> u8 {
     let r = collect(config).await;
+    // Scripts read stdout; the reasons also go to stderr, where a
+    // monitoring check or a person at a terminal sees them anyway.
+    for c in &r.causes {
+        eprintln!("presenced status: {c}");
+    }
     if as_json {
         println!("{:#}", r.json);
     } else {

@@ -185,12 +185,13 @@ impl Daemon {
     pub fn wait_healthy(&self, http: SocketAddr, deadline: Duration) {
         let start = Instant::now();
         loop {
-            if let Some((200, _)) = http_get(http, "/healthz") {
+            let last = http_get(http, "/healthz");
+            if let Some((200, _)) = last {
                 return;
             }
             if start.elapsed() >= deadline {
                 panic!(
-                    "presenced not healthy on {http} after {deadline:?}; log tail:\n{}",
+                    "presenced not healthy on {http} after {deadline:?}; last /healthz: {last:?}; log tail:\n{}",
                     self.log_tail()
                 );
             }
