@@ -386,6 +386,214 @@ async fn a_missing_ack_is_reported_and_reports_still_flow() {
     run.stop().await;
 }
 
+// ---- Published captures (tests/fixtures/ld2410_captures.txt) ----
+
+/// One entry of the capture fixture.
+#[derive(Debug)]
+struct CaptureEntry {
+    name: String,
+    frame: Vec<u8>,
+    expect: ld2410::Event,
+}
+
+fn hex_bytes(text: &str) -> Vec<u8> {
+    text.split_whitespace()
+        .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|_| panic!("bad hex byte {b:?}")))
+        .collect()
+}
+
+/// Parses `expect: report target=.. moving=cm/energy still=cm/energy
+/// detect=cm engineering=yes|no [extra=..]` or `expect: ack command=..
+/// status=..` into the event the decoder must yield.
+fn expected_event(spec: &str) -> ld2410::Event {
+    let (kind, rest) = spec.split_once(' ').expect("expect: kind and fields");
+    let (fields, extra) = match rest.split_once(" extra=") {
+        Some((f, e)) => (f, hex_bytes(e)),
+        None => (rest, Vec::new()),
+    };
+    let get = |key: &str| {
+        fields
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key}= missing in {spec:?}"))
+    };
+    let pair = |key: &str| {
+        let (d, e) = get(key).split_once('/').expect("cm/energy");
+        (d.parse::<u16>().unwrap(), e.parse::<u8>().unwrap())
+    };
+    match kind {
+        "report" => {
+            let (md, me) = pair("moving");
+            let (sd, se) = pair("still");
+            ld2410::Event::Report(Report {
+                engineering: get("engineering") == "yes",
+                target: match get("target") {
+                    "none" => TargetState::None,
+                    "moving" => TargetState::Moving,
+                    "still" => TargetState::Still,
+                    "both" => TargetState::MovingAndStill,
+                    t => panic!("target {t:?}"),
+                },
+                moving_distance: md,
+                moving_energy: me,
+                still_distance: sd,
+                still_energy: se,
+                detection_distance: get("detect").parse().unwrap(),
+                extra,
+            })
+        }
+        "ack" => ld2410::Event::Ack(ld2410::CommandAck {
+            command: u16::from_str_radix(get("command"), 16).unwrap(),
+            status: get("status").parse().unwrap(),
+        }),
+        k => panic!("expect kind {k:?}"),
+    }
+}
+
+fn captures() -> Vec<CaptureEntry> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ld2410_captures.txt");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let lines: Vec<&str> = block
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .collect();
+        if lines.is_empty() {
+            continue;
+        }
+        let field = |key: &str| {
+            lines
+                .iter()
+                .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+                .unwrap_or_else(|| panic!("{key}: missing in {block:?}"))
+        };
+        // Every capture names where it was published.
+        assert!(field("source").len() > 10, "{block}");
+        field("firmware");
+        out.push(CaptureEntry {
+            name: field("name").to_owned(),
+            frame: hex_bytes(field("frame")),
+            expect: expected_event(field("expect")),
+        });
+    }
+    out
+}
+
+fn decode(chunks: &[&[u8]]) -> Vec<ld2410::Event> {
+    let mut d = ld2410::Decoder::new();
+    let mut out = Vec::new();
+    for c in chunks {
+        d.push(c);
+        out.extend(std::iter::from_fn(|| d.next_event()));
+    }
+    out
+}
+
+#[test]
+fn every_published_capture_decodes_as_the_radar_meant_it() {
+    let caps = captures();
+    assert!(caps.len() >= 14, "{} captures", caps.len());
+    for c in &caps {
+        assert_eq!(
+            decode(&[&c.frame]),
+            std::slice::from_ref(&c.expect),
+            "capture {}",
+            c.name
+        );
+    }
+    // Back to back, as a radar streams them, cut at every byte boundary.
+    let stream: Vec<u8> = caps.iter().flat_map(|c| c.frame.clone()).collect();
+    let want: Vec<ld2410::Event> = caps.iter().map(|c| c.expect.clone()).collect();
+    for cut in 0..=stream.len() {
+        assert_eq!(
+            decode(&[&stream[..cut], &stream[cut..]]),
+            want,
+            "cut at {cut}"
+        );
+    }
+    // The "no target" captures say so, whatever energies they carry.
+    for c in &caps {
+        if let ld2410::Event::Report(r) = &c.expect {
+            let present = ld2410::outputs(r)[0].1;
+            let want = Reading::Bool(r.target != TargetState::None);
+            assert_eq!(present, want, "capture {}", c.name);
+        }
+    }
+}
+
+/// Every capture through a pty and the serial source as deployed: each
+/// report becomes its readings (radar_present false for the "no target"
+/// frames), nothing is rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_captures_replayed_on_a_pty_give_their_readings() {
+    let caps = captures();
+    let reports: Vec<&Report> = caps
+        .iter()
+        .filter_map(|c| match &c.expect {
+            ld2410::Event::Report(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    let pty = Pty::open();
+    let mut run = start_source(radar_config(&pty.path, "changes_only = false"));
+    support::wait_until("device open", Duration::from_secs(5), || {
+        run.status.connected.load(Ordering::Relaxed)
+    });
+    let _sim = Sim::start(
+        pty.master(),
+        caps.iter().map(|c| c.frame.clone()).collect(),
+        false,
+        None,
+    );
+    let present = |items: &[Item]| -> Vec<bool> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Observation(o, _) if o.sensor == "radar_present" => match o.value {
+                    Reading::Bool(b) => Some(b),
+                    Reading::Number(_) => None,
+                },
+                _ => None,
+            })
+            .collect()
+    };
+    let mut items = Vec::new();
+    run.collect_until(
+        "a reading per captured report",
+        Duration::from_secs(15),
+        &mut items,
+        |items| {
+            items
+                .iter()
+                .filter(|i| matches!(i, Item::Observation(..)))
+                .count()
+                == reports.len() * ld2410::OUTPUTS.len()
+        },
+    )
+    .await;
+    let want: Vec<bool> = reports
+        .iter()
+        .map(|r| r.target != TargetState::None)
+        .collect();
+    assert_eq!(present(&items), want);
+    assert!(want.contains(&false) && want.contains(&true));
+    assert_eq!(rejects(&items), [], "no capture is rejected");
+    let still_energy: Vec<f64> = items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Observation(o, _) if o.sensor == "radar_still_energy" => match o.value {
+                Reading::Number(n) => Some(n),
+                Reading::Bool(_) => None,
+            },
+            _ => None,
+        })
+        .collect();
+    let want_energy: Vec<f64> = reports.iter().map(|r| f64::from(r.still_energy)).collect();
+    assert_eq!(still_energy, want_energy);
+    run.stop().await;
+}
+
 // ---- Through the real binary ----
 
 fn daemon_toml(nats_url: &str, http_port: u16, serial: &str, sensor: &str) -> String {
