@@ -49,7 +49,18 @@ struct Sim {
 }
 
 impl Sim {
-    fn start(mut master: File, script: Vec<Vec<u8>>, answer: bool, endless: Option<u16>) -> Sim {
+    fn start(master: File, script: Vec<Vec<u8>>, answer: bool, endless: Option<u16>) -> Sim {
+        Sim::start_every(master, script, answer, endless, TICK)
+    }
+
+    /// Like [`Sim::start`], one chunk every `tick`.
+    fn start_every(
+        mut master: File,
+        script: Vec<Vec<u8>>,
+        answer: bool,
+        endless: Option<u16>,
+        tick: Duration,
+    ) -> Sim {
         let stop = Arc::new(AtomicBool::new(false));
         let commands = Arc::new(Mutex::new(Vec::new()));
         let (s, c) = (stop.clone(), commands.clone());
@@ -58,7 +69,7 @@ impl Sim {
             let mut next = endless;
             let mut pending = Vec::new();
             while !s.load(Ordering::Relaxed) {
-                let deadline = Instant::now() + TICK;
+                let deadline = Instant::now() + tick;
                 while let Some(left) = deadline.checked_duration_since(Instant::now()) {
                     pending.extend(receive(&mut master, left));
                     for word in take_commands(&mut pending) {
@@ -383,6 +394,63 @@ async fn a_missing_ack_is_reported_and_reports_still_flow() {
     // distances rise by one per frame with no gap.
     let d = distances(&items);
     assert!(d.windows(2).all(|w| w[1] == w[0] + 1.0), "{d:?}");
+    run.stop().await;
+}
+
+/// The case: a radar streaming every 150 ms while the daemon waits
+/// a whole second for an ACK that never comes. Every frame read meanwhile
+/// is applied in order with the time it was read, so `min_interval` (here
+/// 100 ms) lets each one through; stamping them all when the wait ended
+/// let 1 of 7 through, a second late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_read_during_a_command_exchange_keep_their_own_times() {
+    let pty = Pty::open();
+    let mut cfg = radar_config(&pty.path, "engineering_mode = true");
+    cfg.min_interval = Duration::from_millis(100);
+    let mut run = start_source(cfg);
+    support::wait_until("device open", Duration::from_secs(5), || {
+        run.status.connected.load(Ordering::Relaxed)
+    });
+    let sim = Sim::start_every(
+        pty.master(),
+        vec![],
+        false,
+        Some(500),
+        Duration::from_millis(150),
+    );
+    let mut items = Vec::new();
+    let timed = |items: &[Item]| -> Vec<(f64, i64)> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Observation(o, _) if o.sensor == "radar_moving_distance" => match o.value {
+                    Reading::Number(n) => Some((n, o.observed_at.0)),
+                    Reading::Bool(_) => None,
+                },
+                _ => None,
+            })
+            .collect()
+    };
+    run.collect_until(
+        "ten frames, the first of them during the exchange",
+        Duration::from_secs(10),
+        &mut items,
+        |items| timed(items).len() >= 10,
+    )
+    .await;
+    assert_eq!(sim.commands(), [ld2410::CMD_ENABLE_CONFIG]);
+    assert_eq!(run.status.command_failures.load(Ordering::Relaxed), 1);
+    let got = timed(&items);
+    // One observation per frame, none skipped (distances rise by one per
+    // frame), each stamped about 150 ms after the one before.
+    assert!(got.windows(2).all(|w| w[1].0 == w[0].0 + 1.0), "{got:?}");
+    let gaps: Vec<i64> = got.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    assert!(gaps.iter().all(|g| (100..=400).contains(g)), "{gaps:?}");
+    // The first six or seven were read while the ACK was awaited (1 s at
+    // 150 ms a frame): the first ten span their real 1.35 s, where stamping
+    // them when the wait ended would have squeezed them together.
+    let span = got[9].1 - got[0].1;
+    assert!(span >= 1200, "{span} ms for ten frames");
     run.stop().await;
 }
 

@@ -432,18 +432,25 @@ impl Link {
         // Bytes fed to the decoder on this connection, for the offsets of
         // rejected input.
         let mut fed: u64 = 0;
+        // When the bytes the decoder holds were read: frames decoded later
+        // from them keep this time, not the time they are handled.
+        let mut read_at = Timestamp::now();
         if self.cfg.framing == SerialFraming::Ld2410 && self.cfg.engineering_mode {
-            let mut held = Vec::new();
-            let outcome = self
-                .enable_engineering(&mut port, &mut decoder, &mut held, &mut fed)
-                .await;
-            for (ev, offset) in held {
-                if let Some(end) = self.ld2410_event(ev, offset, shutdown).await? {
+            let mut io = Exchange {
+                port: &mut port,
+                decoder: &mut decoder,
+                fed: &mut fed,
+                read_at: &mut read_at,
+            };
+            if let Some(end) = self.enable_engineering(&mut io, shutdown).await? {
+                return Ok(end);
+            }
+            // Frames read with the last ACK but after it.
+            while let Some(ev) = decoder.next_event() {
+                let offset = event_offset(&ev, fed, &decoder);
+                if let Some(end) = self.ld2410_event(ev, offset, read_at, shutdown).await? {
                     return Ok(end);
                 }
-            }
-            if let Err(lost) = outcome {
-                return Ok(End::Lost(lost));
             }
         }
         let mut buf = vec![0u8; READ_CHUNK];
@@ -464,7 +471,9 @@ impl Link {
                     fed += n as u64;
                     while let Some(ev) = decoder.next_event() {
                         let offset = event_offset(&ev, fed, &decoder);
-                        if let Some(end) = self.ld2410_event(ev, offset, shutdown).await? {
+                        if let Some(end) =
+                            self.ld2410_event(ev, offset, received_at, shutdown).await?
+                        {
                             return Ok(end);
                         }
                     }
@@ -504,13 +513,16 @@ impl Link {
     }
 
     /// Handles one decoder event; `Some` ends the session.
+    /// `at` is when the bytes that completed the event were read: a frame
+    /// held back by a command exchange keeps its own time, so
+    /// `min_interval` sees the radar's real spacing.
     async fn ld2410_event(
         &mut self,
         ev: Event,
         offset: u64,
+        at: Timestamp,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<End>, SerialError> {
-        let at = Timestamp::now();
         let items: Vec<Item> = match ev {
             Event::Report(r) => {
                 self.status.frames.fetch_add(1, Ordering::Relaxed);
@@ -570,15 +582,15 @@ impl Link {
 
     /// Enable configuration, enable engineering mode, end configuration;
     /// each acknowledged before the next. Reports that arrive meanwhile are
-    /// kept in `held`. A missing or failed ACK is logged and counted and the
-    /// radar stays in basic mode; only a lost device is an `Err`.
+    /// handed to ingest as they are decoded, with the time they were read,
+    /// so none is delayed or dropped by `min_interval`. A missing or failed
+    /// ACK is logged and counted and the radar stays in basic mode; `Some`
+    /// ends the session (device lost, or shutdown).
     async fn enable_engineering(
         &mut self,
-        port: &mut SerialStream,
-        decoder: &mut Decoder,
-        held: &mut Vec<(Event, u64)>,
-        fed: &mut u64,
-    ) -> Result<(), String> {
+        io: &mut Exchange<'_>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<End>, SerialError> {
         let steps: [(u16, &[u8], &str); 3] = [
             (
                 ld2410::CMD_ENABLE_CONFIG,
@@ -594,23 +606,24 @@ impl Link {
         ];
         for (i, (command, value, what)) in steps.into_iter().enumerate() {
             let frame = ld2410::command_frame(command, value);
-            port.write_all(&frame)
-                .await
-                .map_err(|e| format!("write failed: {e}"))?;
-            match self.await_ack(port, decoder, held, fed, command).await? {
-                Some(0) => {
+            if let Err(e) = io.port.write_all(&frame).await {
+                return Ok(Some(End::Lost(format!("write failed: {e}"))));
+            }
+            match self.await_ack(io, command, shutdown).await? {
+                AckWait::End(end) => return Ok(Some(end)),
+                AckWait::Status(0) => {
                     self.status.acks.fetch_add(1, Ordering::Relaxed);
                     debug!(source = %self.source, command, "LD2410 command acknowledged");
                 }
-                Some(code) => {
+                AckWait::Status(code) => {
                     self.status.command_failures.fetch_add(1, Ordering::Relaxed);
                     warn!(source = %self.source, device = %self.device(), command = format!("0x{command:04X}"), status = code,
                         "LD2410 refused command ({what}); reports stay in basic mode");
                     if i == 0 {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
-                None => {
+                AckWait::Timeout => {
                     self.status.command_failures.fetch_add(1, Ordering::Relaxed);
                     warn!(
                         source = %self.source,
@@ -620,44 +633,71 @@ impl Link {
                         "LD2410 did not acknowledge command ({what}); check wiring (TX/RX crossed?) and baud; reports stay in basic mode"
                     );
                     if i == 0 {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
             }
         }
         info!(source = %self.source, device = %self.device(), "LD2410 switched to engineering mode");
-        Ok(())
+        Ok(None)
     }
 
-    /// The status of the ACK for `command`, or `None` on timeout.
+    /// Reads until the ACK for `command` (or the timeout), handling every
+    /// other event on the way in order, each with the time its bytes were
+    /// read.
     async fn await_ack(
-        &self,
-        port: &mut SerialStream,
-        decoder: &mut Decoder,
-        held: &mut Vec<(Event, u64)>,
-        fed: &mut u64,
+        &mut self,
+        io: &mut Exchange<'_>,
         command: u16,
-    ) -> Result<Option<u16>, String> {
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<AckWait, SerialError> {
         let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
         let mut buf = [0u8; 256];
         loop {
-            while let Some(ev) = decoder.next_event() {
-                let offset = event_offset(&ev, *fed, decoder);
+            while let Some(ev) = io.decoder.next_event() {
+                let offset = event_offset(&ev, *io.fed, io.decoder);
                 match ev {
-                    Event::Ack(a) if a.command == command => return Ok(Some(a.status)),
-                    other => held.push((other, offset)),
+                    Event::Ack(a) if a.command == command => return Ok(AckWait::Status(a.status)),
+                    other => {
+                        if let Some(end) = self
+                            .ld2410_event(other, offset, *io.read_at, shutdown)
+                            .await?
+                        {
+                            return Ok(AckWait::End(end));
+                        }
+                    }
                 }
             }
-            let n = match tokio::time::timeout_at(deadline, port.read(&mut buf)).await {
-                Err(_) => return Ok(None),
-                Ok(Ok(0)) => return Err("end of file (device gone)".into()),
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => return Err(format!("read failed: {e}")),
+            let n = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return Ok(AckWait::End(End::Stop)),
+                r = tokio::time::timeout_at(deadline, io.port.read(&mut buf)) => match r {
+                    Err(_) => return Ok(AckWait::Timeout),
+                    Ok(Ok(0)) => return Ok(AckWait::End(End::Lost("end of file (device gone)".into()))),
+                    Ok(Ok(n)) => n,
+                    Ok(Err(e)) => return Ok(AckWait::End(End::Lost(format!("read failed: {e}")))),
+                },
             };
-            decoder.push(&buf[..n]);
-            *fed += n as u64;
+            *io.read_at = Timestamp::now();
+            io.decoder.push(&buf[..n]);
+            *io.fed += n as u64;
         }
     }
+}
+
+/// The port and decoder state a command exchange reads through.
+struct Exchange<'a> {
+    port: &'a mut SerialStream,
+    decoder: &'a mut Decoder,
+    fed: &'a mut u64,
+    read_at: &'a mut Timestamp,
+}
+
+/// How waiting for an ACK ended.
+enum AckWait {
+    Status(u16),
+    Timeout,
+    End(End),
 }
 
 /// Where in the connection's byte stream a just-decoded rejection started:
