@@ -156,6 +156,11 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             status.clone(),
             sources_stop_rx.clone(),
         ));
+        metrics.add_serial_port(sources::serial::PortMetrics::new(
+            name,
+            &src.device,
+            &status,
+        ));
         serial_tasks.push((name.clone(), task, status));
     }
     drop(tx);

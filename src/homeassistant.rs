@@ -238,19 +238,33 @@ pub fn availability(lease_held: bool) -> &'static str {
     }
 }
 
-/// Publishes the availability each time the lease is won or lost.
+/// Publishes the availability each time the lease is won or lost. The
+/// lease task reports after every renewal (every `ttl / 3`, about 26,000
+/// times a day by default): a renewal that changes nothing is logged at
+/// debug and not republished (the retained message stands, and a broker
+/// reconnect republishes it); only a change is logged at info.
 async fn follow_lease(
     client: AsyncClient,
     topics: Topics,
     mut held: watch::Receiver<bool>,
     mut done: watch::Receiver<bool>,
 ) {
+    let mut last: Option<bool> = None;
     loop {
         tokio::select! {
             changed = held.changed() => if changed.is_err() { return },
             _ = done.wait_for(|d| *d) => return,
         }
         let now = *held.borrow_and_update();
+        if last == Some(now) {
+            debug!(
+                available = availability(now),
+                "homeassistant: engine lease still {}",
+                if now { "held" } else { "lost" }
+            );
+            continue;
+        }
+        last = Some(now);
         info!(
             available = availability(now),
             "homeassistant: engine lease {}",

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub lease_held: AtomicBool,
     /// Hub mirror health, when `[hub]` is configured.
     pub mirrors: std::sync::RwLock<Mirrors>,
+    /// Every serial source's own counters, rendered with `source` and
+    /// `device` labels (see `sources::serial::render_port_metrics`).
+    pub serial_ports: std::sync::RwLock<Vec<crate::sources::serial::PortMetrics>>,
 }
 
 /// The last reading of the site's hub mirrors and what happened to them.
@@ -121,6 +124,14 @@ impl Metrics {
         m.watched = true;
         m.hub_reachable = hub_reachable;
         m.report = report;
+    }
+
+    /// Registers a serial source so `/metrics` shows its port's counters.
+    pub fn add_serial_port(&self, port: crate::sources::serial::PortMetrics) {
+        self.serial_ports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(port);
     }
 
     fn render_mirrors(&self, out: &mut String) {
@@ -417,6 +428,10 @@ impl Metrics {
             let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", kind.label(), get(n));
         }
         self.render_mirrors(&mut out);
+        crate::sources::serial::render_port_metrics(
+            &self.serial_ports.read().unwrap_or_else(|p| p.into_inner()),
+            &mut out,
+        );
         out
     }
 }

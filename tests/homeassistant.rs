@@ -199,6 +199,32 @@ async fn availability_follows_the_engine_lease_while_the_daemon_runs() {
         availability(&seen).as_deref() == Some("online")
     })
     .await;
+    // Renewals (every second with this TTL) are not news: debug only, and
+    // availability is not republished; the change to held is info, once.
+    support::wait_until("three renewals seen", Duration::from_secs(10), || {
+        d.log().matches("engine lease still held").count() >= 3
+    });
+    let log = d.log();
+    let info_held: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("homeassistant: engine lease held"))
+        .collect();
+    assert_eq!(info_held.len(), 1, "{info_held:#?}");
+    assert!(info_held[0].contains("INFO"), "{}", info_held[0]);
+    assert!(log
+        .lines()
+        .filter(|l| l.contains("engine lease still held"))
+        .all(|l| l.contains("DEBUG")));
+    let online_publishes = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, p, _)| t == "presenced/test/availability" && p == "online")
+        .count();
+    assert_eq!(
+        online_publishes, 1,
+        "online is published once, not per renewal"
+    );
 
     // The leaf goes away: the daemon and its MQTT connection stay up, but
     // the lease cannot be renewed and runs out.

@@ -454,6 +454,13 @@ async fn frames_read_during_a_command_exchange_keep_their_own_times() {
     run.stop().await;
 }
 
+/// The value of the series `name` (with its labels) in a /metrics text.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in\n{text}"))
+}
+
 // ---- Published captures (tests/fixtures/ld2410_captures.txt) ----
 
 /// One entry of the capture fixture.
@@ -751,6 +758,28 @@ async fn unplug_and_replug_resumes_readings_and_logs_the_outage_once() {
         metrics.contains("presenced_serial_connected 1"),
         "{metrics}"
     );
+    // Per port: labelled with the source and the configured (stable) path.
+    let labels = format!("source=\"radar\",device=\"{}\"", link.display());
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!("presenced_serial_port_connected{{{labels}}}")
+        ),
+        1
+    );
+    assert!(
+        metric(
+            &metrics,
+            &format!("presenced_serial_port_frames_total{{{labels}}}")
+        ) >= 5
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!("presenced_serial_port_frame_rejects_total{{{labels},reason=\"footer\"}}")
+        ),
+        0
+    );
 
     // Unplug: the device disappears; the source retries several times.
     drop(sim);
@@ -763,6 +792,20 @@ async fn unplug_and_replug_resumes_readings_and_logs_the_outage_once() {
     assert!(
         metrics.contains("presenced_serial_connected 0"),
         "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!("presenced_serial_port_connected{{{labels}}}")
+        ),
+        0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!("presenced_serial_port_disconnects_total{{{labels}}}")
+        ),
+        1
     );
 
     // Replug: a new device node behind the same stable link.
@@ -868,4 +911,56 @@ async fn json_lines_good_lines_are_stored_and_bad_ones_rejected_with_line_number
     .await;
     let (_, metrics) = support::http_get(http, "/metrics").unwrap();
     assert!(metrics.contains("presenced_rejects_total 3"), "{metrics}");
+    let labels = format!("source=\"esp\",device=\"{dev}\"");
+    assert!(
+        metrics.contains(&format!("presenced_serial_port_lines_total{{{labels}}} 6")),
+        "{metrics}"
+    );
+
+    // The device disappears in the middle of a line: the line's bytes are
+    // kept in REJECTED, not silently dropped.
+    let bytes_before = metric(
+        &support::http_get(http, "/metrics").unwrap().1,
+        &format!("presenced_serial_port_bytes_total{{{labels}}}"),
+    );
+    send(&mut master, b"{\"sensor\":\"lux\",\"val");
+    // The bytes are in the source's hands before the unplug (a hangup
+    // discards what is still in the pty's buffer).
+    support::wait_until("the partial line read", Duration::from_secs(10), || {
+        let (_, m) = support::http_get(http, "/metrics").unwrap();
+        let v = metric(
+            &m,
+            &format!("presenced_serial_port_bytes_total{{{labels}}}"),
+        );
+        v == bytes_before + 20
+    });
+    drop(master);
+    drop(pty);
+    eventually(
+        "the cut-off line rejected",
+        Duration::from_secs(10),
+        || async { stream_messages(&js, "REJECTED").await == 4 },
+    )
+    .await;
+    let rejected = read_stream(&js, "REJECTED").await;
+    let cut = &rejected[3];
+    assert_eq!(&cut.payload[..], b"{\"sensor\":\"lux\",\"val");
+    assert_eq!(
+        header(cut, "Presenced-Origin"),
+        format!("serial {dev} line 7")
+    );
+    let reason = header(cut, "Presenced-Reason");
+    assert!(
+        reason.contains("line cut off after 20 byte(s) without a newline: the device disappeared"),
+        "{reason}"
+    );
+    let (_, metrics) = support::http_get(http, "/metrics").unwrap();
+    for want in [
+        format!("presenced_serial_port_cut_off_total{{{labels}}} 1"),
+        format!("presenced_serial_port_line_rejects_total{{{labels}}} 4"),
+        format!("presenced_serial_port_connected{{{labels}}} 0"),
+        format!("presenced_serial_port_disconnects_total{{{labels}}} 1"),
+    ] {
+        assert!(metrics.contains(&want), "{want} missing:\n{metrics}");
+    }
 }

@@ -46,6 +46,9 @@ const READ_CHUNK: usize = 1024;
 pub struct SerialStatus {
     /// Whether the device is open right now.
     pub connected: AtomicBool,
+    /// Bytes read from the device: tells "sends nothing" from "sends
+    /// nothing we understand" (wrong baud, wrong framing).
+    pub bytes: AtomicU64,
     /// Successful opens, the first one included.
     pub connects: AtomicU64,
     /// Times an open device was lost (read error or end of file).
@@ -64,6 +67,9 @@ pub struct SerialStatus {
     pub acks: AtomicU64,
     /// Commands not acknowledged in time, or acknowledged with an error.
     pub command_failures: AtomicU64,
+    /// Partial input (a JSON line without its newline) left when the
+    /// device disappeared; each is kept in REJECTED.
+    pub cut_off: AtomicU64,
 }
 
 impl SerialStatus {
@@ -75,6 +81,150 @@ impl SerialStatus {
     fn count_reject(&self, kind: RejectKind) {
         if let Some(i) = RejectKind::ALL.iter().position(|k| *k == kind) {
             self.frame_rejects[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One serial source's counters as `/metrics` labels them: a site with
+/// two radars must see which one is unplugged or noisy.
+#[derive(Debug, Clone)]
+pub struct PortMetrics {
+    pub source: String,
+    pub device: String,
+    pub status: Arc<SerialStatus>,
+}
+
+impl PortMetrics {
+    pub fn new(source: &str, device: &Path, status: &Arc<SerialStatus>) -> Self {
+        PortMetrics {
+            source: source.to_owned(),
+            device: device.display().to_string(),
+            status: status.clone(),
+        }
+    }
+
+    fn labels(&self) -> String {
+        format!(
+            "source=\"{}\",device=\"{}\"",
+            label_value(&self.source),
+            label_value(&self.device)
+        )
+    }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The per-port families, in Prometheus text format. The unlabelled
+/// `presenced_serial_connected` and `presenced_serial_frame_rejects_total`
+/// stay as site-wide sums.
+pub fn render_port_metrics(ports: &[PortMetrics], out: &mut String) {
+    use std::fmt::Write as _;
+    if ports.is_empty() {
+        return;
+    }
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    type Family = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&SerialStatus) -> &AtomicU64,
+    );
+    let families: [Family; 10] = [
+        (
+            "presenced_serial_port_bytes_total",
+            "counter",
+            "Bytes read from the port.",
+            |s| &s.bytes,
+        ),
+        (
+            "presenced_serial_port_connects_total",
+            "counter",
+            "Opens of the port, the first one included.",
+            |s| &s.connects,
+        ),
+        (
+            "presenced_serial_port_disconnects_total",
+            "counter",
+            "Times the open port was lost (unplugged, read error).",
+            |s| &s.disconnects,
+        ),
+        (
+            "presenced_serial_port_frames_total",
+            "counter",
+            "LD2410 report frames decoded.",
+            |s| &s.frames,
+        ),
+        (
+            "presenced_serial_port_lines_total",
+            "counter",
+            "JSON lines read, good or bad.",
+            |s| &s.lines,
+        ),
+        (
+            "presenced_serial_port_observations_total",
+            "counter",
+            "Observations handed to ingest.",
+            |s| &s.observations,
+        ),
+        (
+            "presenced_serial_port_line_rejects_total",
+            "counter",
+            "JSON lines rejected (cut-off lines included).",
+            |s| &s.line_rejects,
+        ),
+        (
+            "presenced_serial_port_acks_total",
+            "counter",
+            "LD2410 command ACKs with status 0.",
+            |s| &s.acks,
+        ),
+        (
+            "presenced_serial_port_command_failures_total",
+            "counter",
+            "LD2410 commands not acknowledged in time or refused.",
+            |s| &s.command_failures,
+        ),
+        (
+            "presenced_serial_port_cut_off_total",
+            "counter",
+            "Partial lines or frames left when the device disappeared.",
+            |s| &s.cut_off,
+        ),
+    ];
+    let name = "presenced_serial_port_connected";
+    let _ = writeln!(
+        out,
+        "# HELP {name} 1 while the port is open.\n# TYPE {name} gauge"
+    );
+    for p in ports {
+        let up = u64::from(p.status.connected.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{name}{{{}}} {up}", p.labels());
+    }
+    for (name, kind, help, field) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for p in ports {
+            let _ = writeln!(out, "{name}{{{}}} {}", p.labels(), get(field(&p.status)));
+        }
+    }
+    let name = "presenced_serial_port_frame_rejects_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} LD2410 input rejected, by port and reason.\n# TYPE {name} counter"
+    );
+    for p in ports {
+        for kind in RejectKind::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{{},reason=\"{}\"}} {}",
+                p.labels(),
+                kind.label(),
+                p.status.frame_rejects(kind)
+            );
         }
     }
 }
@@ -181,6 +331,19 @@ pub struct Line {
 }
 
 impl LineSplitter {
+    /// The bytes of a line still waiting for its newline, if any: what a
+    /// device that disappears mid-line leaves behind.
+    pub fn take_partial(&mut self) -> Option<Line> {
+        if self.buf.is_empty() && !self.overlong {
+            return None;
+        }
+        Some(Line {
+            number: self.line + 1,
+            bytes: std::mem::take(&mut self.buf),
+            overlong: std::mem::take(&mut self.overlong),
+        })
+    }
+
     pub fn push(&mut self, bytes: &[u8], out: &mut Vec<Line>) {
         for &b in bytes {
             if b == b'\n' {
@@ -459,12 +622,17 @@ impl Link {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => return Ok(End::Stop),
                 r = port.read(&mut buf) => match r {
-                    Ok(0) => return Ok(End::Lost("end of file (device gone)".into())),
-                    Ok(n) => n,
-                    Err(e) => return Ok(End::Lost(format!("read failed: {e}"))),
+                    Ok(0) => Err("end of file (device gone)".to_owned()),
+                    Ok(n) => Ok(n),
+                    Err(e) => Err(format!("read failed: {e}")),
                 },
             };
+            let n = match n {
+                Ok(n) => n,
+                Err(error) => return self.lost(&mut lines, error, shutdown).await,
+            };
             let received_at = Timestamp::now();
+            self.status.bytes.fetch_add(n as u64, Ordering::Relaxed);
             match self.cfg.framing {
                 SerialFraming::Ld2410 => {
                     decoder.push(&buf[..n]);
@@ -510,6 +678,45 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// The device went away: a JSON line it was in the middle of is kept
+    /// in REJECTED with its bytes (it would otherwise vanish without a
+    /// trace), then the session ends as lost.
+    async fn lost(
+        &mut self,
+        lines: &mut LineSplitter,
+        error: String,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<End, SerialError> {
+        if self.cfg.framing == SerialFraming::JsonLines {
+            if let Some(line) = lines.take_partial() {
+                self.status.cut_off.fetch_add(1, Ordering::Relaxed);
+                self.status.line_rejects.fetch_add(1, Ordering::Relaxed);
+                let origin = format!("serial {} line {}", self.device(), line.number);
+                let shown = if line.overlong { "more than " } else { "" };
+                let reason = format!(
+                    "line cut off after {shown}{} byte(s) without a newline: the device disappeared ({error})",
+                    line.bytes.len()
+                );
+                info!(source = %self.source, %origin, bytes = line.bytes.len(), "serial line cut off by the device disappearing; kept in REJECTED");
+                let rej = Rejected {
+                    source: self.source.clone(),
+                    origin,
+                    reason,
+                    payload: bytes::Bytes::from(line.bytes),
+                    received_at: Timestamp::now(),
+                    id: delivery_id(),
+                };
+                if self
+                    .forward(Item::Rejected(rej, Ack::none()), shutdown)
+                    .await?
+                {
+                    return Ok(End::Stop);
+                }
+            }
+        }
+        Ok(End::Lost(error))
     }
 
     /// Handles one decoder event; `Some` ends the session.
@@ -679,6 +886,7 @@ impl Link {
                 },
             };
             *io.read_at = Timestamp::now();
+            self.status.bytes.fetch_add(n as u64, Ordering::Relaxed);
             io.decoder.push(&buf[..n]);
             *io.fed += n as u64;
         }
@@ -905,6 +1113,21 @@ mod tests {
         assert_eq!(lines[0].bytes.len(), MAX_LINE);
         let r = dec(&lines[0], &[]).unwrap().unwrap_err();
         assert!(r.reason.contains("longer than"), "{}", r.reason);
+    }
+
+    #[test]
+    fn a_line_without_its_newline_is_taken_as_partial() {
+        let mut s = LineSplitter::default();
+        let mut out = Vec::new();
+        s.push(
+            b"{\"sensor\":\"a\",\"value\":1}\n{\"sensor\":\"a\",\"val",
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        let cut = s.take_partial().unwrap();
+        assert_eq!(cut.number, 2);
+        assert_eq!(cut.bytes, b"{\"sensor\":\"a\",\"val");
+        assert!(s.take_partial().is_none(), "taken once");
     }
 
     #[test]
