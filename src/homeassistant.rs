@@ -85,9 +85,17 @@ pub fn discovery(topics: &Topics, zones: &BTreeMap<String, ZoneConfig>) -> Vec<(
     });
     let mut out = Vec::new();
     for zone in zones.keys() {
-        let common = |what: &str| {
+        // Without `object_id` Home Assistant builds entity ids from the
+        // device and entity names (`binary_sensor.presenced_<site>_<zone>_occupancy`);
+        // with it they are the documented `binary_sensor.<zone>_occupancy`.
+        // Newer Home Assistant (2025.10 on) reads `default_entity_id`
+        // instead; older versions drop the key they do not know.
+        let common = |component: &str, what: &str| {
+            let id = format!("{}_{what}", object_id(zone));
             json!({
-                "unique_id": format!("presenced_{site}_{}_{what}", object_id(zone)),
+                "unique_id": format!("presenced_{site}_{id}"),
+                "object_id": id,
+                "default_entity_id": format!("{component}.{id}"),
                 "state_topic": topics.state(zone),
                 "availability_topic": topics.availability(),
                 "payload_available": "online",
@@ -95,7 +103,7 @@ pub fn discovery(topics: &Topics, zones: &BTreeMap<String, ZoneConfig>) -> Vec<(
                 "device": device,
             })
         };
-        let mut occupancy = common("occupancy");
+        let mut occupancy = common("binary_sensor", "occupancy");
         occupancy["name"] = json!(format!("{zone} occupancy"));
         occupancy["device_class"] = json!("occupancy");
         occupancy["value_template"] = json!("{{ value_json.occupancy }}");
@@ -105,7 +113,7 @@ pub fn discovery(topics: &Topics, zones: &BTreeMap<String, ZoneConfig>) -> Vec<(
             topics.config("binary_sensor", zone, "occupancy"),
             occupancy.to_string(),
         ));
-        let mut confidence = common("confidence");
+        let mut confidence = common("sensor", "confidence");
         confidence["name"] = json!(format!("{zone} presence confidence"));
         confidence["value_template"] = json!("{{ value_json.confidence }}");
         confidence["unit_of_measurement"] = json!("%");
@@ -463,12 +471,17 @@ mod tests {
         assert_eq!(v["state_topic"], "presenced/home-1/kitchen/state");
         assert_eq!(v["availability_topic"], "presenced/home-1/availability");
         assert_eq!(v["unique_id"], "presenced_home-1_kitchen_occupancy");
+        // Entity ids as documented: binary_sensor.<zone>_occupancy.
+        assert_eq!(v["object_id"], "kitchen_occupancy");
+        assert_eq!(v["default_entity_id"], "binary_sensor.kitchen_occupancy");
         assert_eq!(
             d[1].0,
             "homeassistant/sensor/presenced_home_1/kitchen_confidence/config"
         );
         let v: serde_json::Value = serde_json::from_str(&d[1].1).unwrap();
         assert_eq!(v["unit_of_measurement"], "%");
+        assert_eq!(v["object_id"], "kitchen_confidence");
+        assert_eq!(v["default_entity_id"], "sensor.kitchen_confidence");
 
         // A person's key has a dot, which object ids may not hold.
         let mut people = BTreeMap::new();
@@ -480,6 +493,13 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&d[0].1).unwrap();
         assert_eq!(v["unique_id"], "presenced_home-1_person_alice_occupancy");
+        assert_eq!(v["object_id"], "person_alice_occupancy");
+        assert_eq!(
+            v["default_entity_id"],
+            "binary_sensor.person_alice_occupancy"
+        );
+        let v: serde_json::Value = serde_json::from_str(&d[1].1).unwrap();
+        assert_eq!(v["default_entity_id"], "sensor.person_alice_confidence");
         assert_eq!(v["state_topic"], "presenced/home-1/person.alice/state");
     }
 

@@ -110,6 +110,9 @@ async fn zones_appear_in_home_assistant_and_follow_presence() {
     assert_eq!(c["state_topic"], "presenced/test/lab/state");
     assert_eq!(c["availability_topic"], "presenced/test/availability");
     assert_eq!(c["unique_id"], "presenced_test_lab_occupancy");
+    // The entity id Home Assistant gives it: binary_sensor.lab_occupancy.
+    assert_eq!(c["object_id"], "lab_occupancy");
+    assert_eq!(c["default_entity_id"], "binary_sensor.lab_occupancy");
     assert_eq!(c["payload_on"], "ON");
     assert_eq!(c["value_template"], "{{ value_json.occupancy }}");
     assert_eq!(c["device"]["identifiers"][0], "presenced_test");
@@ -119,6 +122,8 @@ async fn zones_appear_in_home_assistant_and_follow_presence() {
     let c: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(c["state_topic"], "presenced/test/lab/state");
     assert_eq!(c["unit_of_measurement"], "%");
+    assert_eq!(c["object_id"], "lab_confidence");
+    assert_eq!(c["default_entity_id"], "sensor.lab_confidence");
     // Online once the engine's lease is held (it may say offline for the
     // moment between the MQTT connection and the first lease write).
     eventually("availability online", Duration::from_secs(10), || async {
