@@ -134,6 +134,9 @@ pub fn state_payload(z: &ZoneState) -> String {
     json!({
         "occupancy": if on { "ON" } else { "OFF" },
         "state": z.state.as_str(),
+        // Home Assistant drops a `state` key from JSON attributes (it is
+        // reserved), so the four-state machine reaches it as `presence`.
+        "presence": z.state.as_str(),
         "confidence": (z.confidence * 1000.0).round() / 10.0,
         "since": z.since.to_string(),
     })
@@ -521,5 +524,6 @@ mod tests {
             (v["occupancy"].as_str(), v["state"].as_str()),
             (Some("OFF"), Some("arriving"))
         );
+        assert_eq!(v["presence"], "arriving");
     }
 }
