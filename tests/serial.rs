@@ -442,10 +442,10 @@ async fn frames_read_during_a_command_exchange_keep_their_own_times() {
     assert_eq!(run.status.command_failures.load(Ordering::Relaxed), 1);
     let got = timed(&items);
     // One observation per frame, none skipped (distances rise by one per
-    // frame), each stamped about 150 ms after the one before.
+    // frame), each stamped at least min_interval after the one before.
     assert!(got.windows(2).all(|w| w[1].0 == w[0].0 + 1.0), "{got:?}");
     let gaps: Vec<i64> = got.windows(2).map(|w| w[1].1 - w[0].1).collect();
-    assert!(gaps.iter().all(|g| (100..=400).contains(g)), "{gaps:?}");
+    assert!(gaps.iter().all(|g| *g >= 100), "{gaps:?}");
     // The first six or seven were read while the ACK was awaited (1 s at
     // 150 ms a frame): the first ten span their real 1.35 s, where stamping
     // them when the wait ended would have squeezed them together.
