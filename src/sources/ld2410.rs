@@ -3,10 +3,12 @@
 //!
 //! The radar streams report frames about ten times a second. They carry no
 //! checksum, so a frame is only trusted when its length, head, tail and
-//! footer all line up; anything else is rejected with a reason and the
-//! decoder resynchronises by searching for the next header *inside* the
-//! bytes it just gave up on, so a truncated frame never swallows the good
-//! frame that follows it.
+//! footer all line up; anything else is rejected with a reason. After
+//! any refused frame scanning restarts at the byte after its header start
+//! (a header, or the first 1 to 3 bytes of one at the end of a read, is
+//! never given up with it), and a frame whose claimed span holds another
+//! header is refused as truncated at once: a bad frame never swallows or
+//! delays the good frame that follows it.
 //!
 //! [`Decoder`] owns no I/O: feed it bytes in any split and pull
 //! [`Event`]s until it returns `None`.
