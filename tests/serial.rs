@@ -461,6 +461,60 @@ fn metric(text: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} not in\n{text}"))
 }
 
+/// A radar unplugged in the middle of a frame: the frame's first bytes go
+/// to REJECTED (as a `footer` reject: the frame never ended), not nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_cut_off_by_an_unplug_is_kept() {
+    let pty = Pty::open();
+    let mut run = start_source(radar_config(&pty.path, ""));
+    support::wait_until("device open", Duration::from_secs(5), || {
+        run.status.connected.load(Ordering::Relaxed)
+    });
+    let mut master = pty.master();
+    let whole = ld2410::report_frame(&report(120));
+    let half = &ld2410::report_frame(&report(130))[..11];
+    send(&mut master, &[whole.clone(), half.to_vec()].concat());
+    let sent = (whole.len() + half.len()) as u64;
+    support::wait_until("both read", Duration::from_secs(5), || {
+        run.status.bytes.load(Ordering::Relaxed) == sent
+    });
+    drop(master);
+    drop(pty);
+    let mut items = Vec::new();
+    run.collect_until(
+        "the cut-off frame rejected",
+        Duration::from_secs(10),
+        &mut items,
+        |items| !rejects(items).is_empty(),
+    )
+    .await;
+    assert_eq!(distances(&items), [120.0]);
+    let cut: Vec<&presenced::sources::Rejected> = items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Rejected(r, _) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cut.len(), 1);
+    assert_eq!(&cut[0].payload[..], half);
+    assert!(
+        cut[0]
+            .reason
+            .starts_with("LD2410 footer: frame cut off after 11 byte(s): the device disappeared"),
+        "{}",
+        cut[0].reason
+    );
+    assert!(
+        cut[0].origin.ends_with(&format!("byte {}", whole.len())),
+        "{}",
+        cut[0].origin
+    );
+    assert_eq!(run.status.cut_off.load(Ordering::Relaxed), 1);
+    assert_eq!(run.status.frame_rejects(RejectKind::Footer), 1);
+    run.stop().await;
+}
+
 // ---- Published captures (tests/fixtures/ld2410_captures.txt) ----
 
 /// One entry of the capture fixture.

@@ -208,6 +208,11 @@ pub struct Decoder {
     buf: Vec<u8>,
 }
 
+/// Whether `bytes` begin with a report or command header.
+pub fn starts_with_header(bytes: &[u8]) -> bool {
+    bytes.starts_with(&REPORT_HEADER) || bytes.starts_with(&COMMAND_HEADER)
+}
+
 fn find_header(buf: &[u8]) -> Option<usize> {
     buf.windows(4)
         .position(|w| w == REPORT_HEADER || w == COMMAND_HEADER)
@@ -248,6 +253,12 @@ impl Decoder {
     /// Bytes held waiting for the rest of a frame.
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Takes the bytes held (the start of a frame whose rest will never
+    /// come, when the device has gone).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
     }
 
     /// The next complete event, or `None` until more bytes arrive.

@@ -67,8 +67,9 @@ pub struct SerialStatus {
     pub acks: AtomicU64,
     /// Commands not acknowledged in time, or acknowledged with an error.
     pub command_failures: AtomicU64,
-    /// Partial input (a JSON line without its newline) left when the
-    /// device disappeared; each is kept in REJECTED.
+    /// Partial input (a JSON line without its newline, an LD2410 frame
+    /// without its end) left when the device disappeared; each is kept in
+    /// REJECTED.
     pub cut_off: AtomicU64,
 }
 
@@ -629,7 +630,11 @@ impl Link {
             };
             let n = match n {
                 Ok(n) => n,
-                Err(error) => return self.lost(&mut lines, error, shutdown).await,
+                Err(error) => {
+                    return self
+                        .lost(&mut lines, &mut decoder, fed, error, shutdown)
+                        .await
+                }
             };
             let received_at = Timestamp::now();
             self.status.bytes.fetch_add(n as u64, Ordering::Relaxed);
@@ -686,9 +691,40 @@ impl Link {
     async fn lost(
         &mut self,
         lines: &mut LineSplitter,
+        decoder: &mut Decoder,
+        fed: u64,
         error: String,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<End, SerialError> {
+        if self.cfg.framing == SerialFraming::Ld2410 {
+            let rest = decoder.take_buffered();
+            // A frame's beginning, not idle noise: a few stray bytes of no
+            // header are not worth a reject of their own.
+            if rest.len() >= 4 && ld2410::starts_with_header(&rest) {
+                self.status.cut_off.fetch_add(1, Ordering::Relaxed);
+                self.status.count_reject(RejectKind::Footer);
+                let offset = fed.saturating_sub(rest.len() as u64);
+                let reason = format!(
+                    "LD2410 footer: frame cut off after {} byte(s): the device disappeared ({error})",
+                    rest.len()
+                );
+                info!(source = %self.source, device = %self.device(), offset, bytes = rest.len(), "LD2410 frame cut off by the device disappearing; kept in REJECTED");
+                let rej = Rejected {
+                    source: self.source.clone(),
+                    origin: format!("serial {} byte {offset}", self.device()),
+                    reason,
+                    payload: bytes::Bytes::from(rest),
+                    received_at: Timestamp::now(),
+                    id: delivery_id(),
+                };
+                if self
+                    .forward(Item::Rejected(rej, Ack::none()), shutdown)
+                    .await?
+                {
+                    return Ok(End::Stop);
+                }
+            }
+        }
         if self.cfg.framing == SerialFraming::JsonLines {
             if let Some(line) = lines.take_partial() {
                 self.status.cut_off.fetch_add(1, Ordering::Relaxed);
