@@ -235,6 +235,11 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 status.clone(),
                 sup.stop_flag(Stage::Sources),
             );
+            metrics.add_serial_port(sources::serial::PortMetrics::new(
+                name,
+                &src.device,
+                &status,
+            ));
             sup.spawn(&component, Stage::Sources, true, async move {
                 fut.await.map_err(supervise::classify)
             });

@@ -85,9 +85,17 @@ pub fn discovery(topics: &Topics, zones: &BTreeMap<String, ZoneConfig>) -> Vec<(
     });
     let mut out = Vec::new();
     for zone in zones.keys() {
-        let common = |what: &str| {
+        // Without `object_id` Home Assistant builds entity ids from the
+        // device and entity names (`binary_sensor.presenced_<site>_<zone>_occupancy`);
+        // with it they are the documented `binary_sensor.<zone>_occupancy`.
+        // Newer Home Assistant (2025.10 on) reads `default_entity_id`
+        // instead; older versions drop the key they do not know.
+        let common = |component: &str, what: &str| {
+            let id = format!("{}_{what}", object_id(zone));
             json!({
-                "unique_id": format!("presenced_{site}_{}_{what}", object_id(zone)),
+                "unique_id": format!("presenced_{site}_{id}"),
+                "object_id": id,
+                "default_entity_id": format!("{component}.{id}"),
                 "state_topic": topics.state(zone),
                 "availability_topic": topics.availability(),
                 "payload_available": "online",
@@ -95,7 +103,7 @@ pub fn discovery(topics: &Topics, zones: &BTreeMap<String, ZoneConfig>) -> Vec<(
                 "device": device,
             })
         };
-        let mut occupancy = common("occupancy");
+        let mut occupancy = common("binary_sensor", "occupancy");
         occupancy["name"] = json!(format!("{zone} occupancy"));
         occupancy["device_class"] = json!("occupancy");
         occupancy["value_template"] = json!("{{ value_json.occupancy }}");
@@ -105,7 +113,7 @@ pub fn discovery(topics: &Topics, zones: &BTreeMap<String, ZoneConfig>) -> Vec<(
             topics.config("binary_sensor", zone, "occupancy"),
             occupancy.to_string(),
         ));
-        let mut confidence = common("confidence");
+        let mut confidence = common("sensor", "confidence");
         confidence["name"] = json!(format!("{zone} presence confidence"));
         confidence["value_template"] = json!("{{ value_json.confidence }}");
         confidence["unit_of_measurement"] = json!("%");
@@ -126,6 +134,9 @@ pub fn state_payload(z: &ZoneState) -> String {
     json!({
         "occupancy": if on { "ON" } else { "OFF" },
         "state": z.state.as_str(),
+        // Home Assistant drops a `state` key from JSON attributes (it is
+        // reserved), so the four-state machine reaches it as `presence`.
+        "presence": z.state.as_str(),
         "confidence": (z.confidence * 1000.0).round() / 10.0,
         "since": z.since.to_string(),
     })
@@ -238,19 +249,33 @@ pub fn availability(lease_held: bool) -> &'static str {
     }
 }
 
-/// Publishes the availability each time the lease is won or lost.
+/// Publishes the availability each time the lease is won or lost. The
+/// lease task reports after every renewal (every `ttl / 3`, about 26,000
+/// times a day by default): a renewal that changes nothing is logged at
+/// debug and not republished (the retained message stands, and a broker
+/// reconnect republishes it); only a change is logged at info.
 async fn follow_lease(
     client: AsyncClient,
     topics: Topics,
     mut held: watch::Receiver<bool>,
     mut done: watch::Receiver<bool>,
 ) {
+    let mut last: Option<bool> = None;
     loop {
         tokio::select! {
             changed = held.changed() => if changed.is_err() { return },
             _ = done.wait_for(|d| *d) => return,
         }
         let now = *held.borrow_and_update();
+        if last == Some(now) {
+            debug!(
+                available = availability(now),
+                "homeassistant: engine lease still {}",
+                if now { "held" } else { "lost" }
+            );
+            continue;
+        }
+        last = Some(now);
         info!(
             available = availability(now),
             "homeassistant: engine lease {}",
@@ -449,12 +474,17 @@ mod tests {
         assert_eq!(v["state_topic"], "presenced/home-1/kitchen/state");
         assert_eq!(v["availability_topic"], "presenced/home-1/availability");
         assert_eq!(v["unique_id"], "presenced_home-1_kitchen_occupancy");
+        // Entity ids as documented: binary_sensor.<zone>_occupancy.
+        assert_eq!(v["object_id"], "kitchen_occupancy");
+        assert_eq!(v["default_entity_id"], "binary_sensor.kitchen_occupancy");
         assert_eq!(
             d[1].0,
             "homeassistant/sensor/presenced_home_1/kitchen_confidence/config"
         );
         let v: serde_json::Value = serde_json::from_str(&d[1].1).unwrap();
         assert_eq!(v["unit_of_measurement"], "%");
+        assert_eq!(v["object_id"], "kitchen_confidence");
+        assert_eq!(v["default_entity_id"], "sensor.kitchen_confidence");
 
         // A person's key has a dot, which object ids may not hold.
         let mut people = BTreeMap::new();
@@ -466,6 +496,13 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&d[0].1).unwrap();
         assert_eq!(v["unique_id"], "presenced_home-1_person_alice_occupancy");
+        assert_eq!(v["object_id"], "person_alice_occupancy");
+        assert_eq!(
+            v["default_entity_id"],
+            "binary_sensor.person_alice_occupancy"
+        );
+        let v: serde_json::Value = serde_json::from_str(&d[1].1).unwrap();
+        assert_eq!(v["default_entity_id"], "sensor.person_alice_confidence");
         assert_eq!(v["state_topic"], "presenced/home-1/person.alice/state");
     }
 
@@ -487,5 +524,6 @@ mod tests {
             (v["occupancy"].as_str(), v["state"].as_str()),
             (Some("OFF"), Some("arriving"))
         );
+        assert_eq!(v["presence"], "arriving");
     }
 }

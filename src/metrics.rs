@@ -69,6 +69,9 @@ pub struct Metrics {
     /// left out otherwise.
     pub mqtt_configured: AtomicBool,
     pub serial_configured: AtomicBool,
+    /// Every serial source's own counters, rendered with `source` and
+    /// `device` labels (see `sources::serial::render_port_metrics`).
+    pub serial_ports: std::sync::RwLock<Vec<crate::sources::serial::PortMetrics>>,
 }
 
 /// Families of the ingest component (sources included).
@@ -230,6 +233,14 @@ impl Metrics {
         m.watched = true;
         m.hub_reachable = hub_reachable;
         m.report = report;
+    }
+
+    /// Registers a serial source so `/metrics` shows its port's counters.
+    pub fn add_serial_port(&self, port: crate::sources::serial::PortMetrics) {
+        self.serial_ports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(port);
     }
 
     fn render_mirrors(&self, out: &mut String) {
@@ -558,6 +569,10 @@ impl Metrics {
         }
         self.render_mirrors(&mut out);
         self.render_components(&mut out);
+        crate::sources::serial::render_port_metrics(
+            &self.serial_ports.read().unwrap_or_else(|p| p.into_inner()),
+            &mut out,
+        );
         out
     }
 }

@@ -110,6 +110,9 @@ async fn zones_appear_in_home_assistant_and_follow_presence() {
     assert_eq!(c["state_topic"], "presenced/test/lab/state");
     assert_eq!(c["availability_topic"], "presenced/test/availability");
     assert_eq!(c["unique_id"], "presenced_test_lab_occupancy");
+    // The entity id Home Assistant gives it: binary_sensor.lab_occupancy.
+    assert_eq!(c["object_id"], "lab_occupancy");
+    assert_eq!(c["default_entity_id"], "binary_sensor.lab_occupancy");
     assert_eq!(c["payload_on"], "ON");
     assert_eq!(c["value_template"], "{{ value_json.occupancy }}");
     assert_eq!(c["device"]["identifiers"][0], "presenced_test");
@@ -119,6 +122,8 @@ async fn zones_appear_in_home_assistant_and_follow_presence() {
     let c: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(c["state_topic"], "presenced/test/lab/state");
     assert_eq!(c["unit_of_measurement"], "%");
+    assert_eq!(c["object_id"], "lab_confidence");
+    assert_eq!(c["default_entity_id"], "sensor.lab_confidence");
     // Online once the engine's lease is held (it may say offline for the
     // moment between the MQTT connection and the first lease write).
     eventually("availability online", Duration::from_secs(10), || async {
@@ -199,6 +204,32 @@ async fn availability_follows_the_engine_lease_while_the_daemon_runs() {
         availability(&seen).as_deref() == Some("online")
     })
     .await;
+    // Renewals (every second with this TTL) are not news: debug only, and
+    // availability is not republished; the change to held is info, once.
+    support::wait_until("three renewals seen", Duration::from_secs(10), || {
+        d.log().matches("engine lease still held").count() >= 3
+    });
+    let log = d.log();
+    let info_held: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("homeassistant: engine lease held"))
+        .collect();
+    assert_eq!(info_held.len(), 1, "{info_held:#?}");
+    assert!(info_held[0].contains("INFO"), "{}", info_held[0]);
+    assert!(log
+        .lines()
+        .filter(|l| l.contains("engine lease still held"))
+        .all(|l| l.contains("DEBUG")));
+    let online_publishes = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, p, _)| t == "presenced/test/availability" && p == "online")
+        .count();
+    assert_eq!(
+        online_publishes, 1,
+        "online is published once, not per renewal"
+    );
 
     // The leaf goes away: the daemon and its MQTT connection stay up, but
     // the lease cannot be renewed and runs out.

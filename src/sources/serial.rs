@@ -46,6 +46,9 @@ const READ_CHUNK: usize = 1024;
 pub struct SerialStatus {
     /// Whether the device is open right now.
     pub connected: AtomicBool,
+    /// Bytes read from the device: tells "sends nothing" from "sends
+    /// nothing we understand" (wrong baud, wrong framing).
+    pub bytes: AtomicU64,
     /// Successful opens, the first one included.
     pub connects: AtomicU64,
     /// Times an open device was lost (read error or end of file).
@@ -64,6 +67,10 @@ pub struct SerialStatus {
     pub acks: AtomicU64,
     /// Commands not acknowledged in time, or acknowledged with an error.
     pub command_failures: AtomicU64,
+    /// Partial input (a JSON line without its newline, an LD2410 frame
+    /// without its end) left when the device disappeared; each is kept in
+    /// REJECTED.
+    pub cut_off: AtomicU64,
 }
 
 impl SerialStatus {
@@ -75,6 +82,150 @@ impl SerialStatus {
     fn count_reject(&self, kind: RejectKind) {
         if let Some(i) = RejectKind::ALL.iter().position(|k| *k == kind) {
             self.frame_rejects[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One serial source's counters as `/metrics` labels them: a site with
+/// two radars must see which one is unplugged or noisy.
+#[derive(Debug, Clone)]
+pub struct PortMetrics {
+    pub source: String,
+    pub device: String,
+    pub status: Arc<SerialStatus>,
+}
+
+impl PortMetrics {
+    pub fn new(source: &str, device: &Path, status: &Arc<SerialStatus>) -> Self {
+        PortMetrics {
+            source: source.to_owned(),
+            device: device.display().to_string(),
+            status: status.clone(),
+        }
+    }
+
+    fn labels(&self) -> String {
+        format!(
+            "source=\"{}\",device=\"{}\"",
+            label_value(&self.source),
+            label_value(&self.device)
+        )
+    }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The per-port families, in Prometheus text format. The unlabelled
+/// `presenced_serial_connected` and `presenced_serial_frame_rejects_total`
+/// stay as site-wide sums.
+pub fn render_port_metrics(ports: &[PortMetrics], out: &mut String) {
+    use std::fmt::Write as _;
+    if ports.is_empty() {
+        return;
+    }
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    type Family = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&SerialStatus) -> &AtomicU64,
+    );
+    let families: [Family; 10] = [
+        (
+            "presenced_serial_port_bytes_total",
+            "counter",
+            "Bytes read from the port.",
+            |s| &s.bytes,
+        ),
+        (
+            "presenced_serial_port_connects_total",
+            "counter",
+            "Opens of the port, the first one included.",
+            |s| &s.connects,
+        ),
+        (
+            "presenced_serial_port_disconnects_total",
+            "counter",
+            "Times the open port was lost (unplugged, read error).",
+            |s| &s.disconnects,
+        ),
+        (
+            "presenced_serial_port_frames_total",
+            "counter",
+            "LD2410 report frames decoded.",
+            |s| &s.frames,
+        ),
+        (
+            "presenced_serial_port_lines_total",
+            "counter",
+            "JSON lines read, good or bad.",
+            |s| &s.lines,
+        ),
+        (
+            "presenced_serial_port_observations_total",
+            "counter",
+            "Observations handed to ingest.",
+            |s| &s.observations,
+        ),
+        (
+            "presenced_serial_port_line_rejects_total",
+            "counter",
+            "JSON lines rejected (cut-off lines included).",
+            |s| &s.line_rejects,
+        ),
+        (
+            "presenced_serial_port_acks_total",
+            "counter",
+            "LD2410 command ACKs with status 0.",
+            |s| &s.acks,
+        ),
+        (
+            "presenced_serial_port_command_failures_total",
+            "counter",
+            "LD2410 commands not acknowledged in time or refused.",
+            |s| &s.command_failures,
+        ),
+        (
+            "presenced_serial_port_cut_off_total",
+            "counter",
+            "Partial lines or frames left when the device disappeared.",
+            |s| &s.cut_off,
+        ),
+    ];
+    let name = "presenced_serial_port_connected";
+    let _ = writeln!(
+        out,
+        "# HELP {name} 1 while the port is open.\n# TYPE {name} gauge"
+    );
+    for p in ports {
+        let up = u64::from(p.status.connected.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{name}{{{}}} {up}", p.labels());
+    }
+    for (name, kind, help, field) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for p in ports {
+            let _ = writeln!(out, "{name}{{{}}} {}", p.labels(), get(field(&p.status)));
+        }
+    }
+    let name = "presenced_serial_port_frame_rejects_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} LD2410 input rejected, by port and reason.\n# TYPE {name} counter"
+    );
+    for p in ports {
+        for kind in RejectKind::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{{},reason=\"{}\"}} {}",
+                p.labels(),
+                kind.label(),
+                p.status.frame_rejects(kind)
+            );
         }
     }
 }
@@ -181,6 +332,19 @@ pub struct Line {
 }
 
 impl LineSplitter {
+    /// The bytes of a line still waiting for its newline, if any: what a
+    /// device that disappears mid-line leaves behind.
+    pub fn take_partial(&mut self) -> Option<Line> {
+        if self.buf.is_empty() && !self.overlong {
+            return None;
+        }
+        Some(Line {
+            number: self.line + 1,
+            bytes: std::mem::take(&mut self.buf),
+            overlong: std::mem::take(&mut self.overlong),
+        })
+    }
+
     pub fn push(&mut self, bytes: &[u8], out: &mut Vec<Line>) {
         for &b in bytes {
             if b == b'\n' {
@@ -432,18 +596,25 @@ impl Link {
         // Bytes fed to the decoder on this connection, for the offsets of
         // rejected input.
         let mut fed: u64 = 0;
+        // When the bytes the decoder holds were read: frames decoded later
+        // from them keep this time, not the time they are handled.
+        let mut read_at = Timestamp::now();
         if self.cfg.framing == SerialFraming::Ld2410 && self.cfg.engineering_mode {
-            let mut held = Vec::new();
-            let outcome = self
-                .enable_engineering(&mut port, &mut decoder, &mut held, &mut fed)
-                .await;
-            for (ev, offset) in held {
-                if let Some(end) = self.ld2410_event(ev, offset, shutdown).await? {
+            let mut io = Exchange {
+                port: &mut port,
+                decoder: &mut decoder,
+                fed: &mut fed,
+                read_at: &mut read_at,
+            };
+            if let Some(end) = self.enable_engineering(&mut io, shutdown).await? {
+                return Ok(end);
+            }
+            // Frames read with the last ACK but after it.
+            while let Some(ev) = decoder.next_event() {
+                let offset = event_offset(&ev, fed, &decoder);
+                if let Some(end) = self.ld2410_event(ev, offset, read_at, shutdown).await? {
                     return Ok(end);
                 }
-            }
-            if let Err(lost) = outcome {
-                return Ok(End::Lost(lost));
             }
         }
         let mut buf = vec![0u8; READ_CHUNK];
@@ -452,19 +623,30 @@ impl Link {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => return Ok(End::Stop),
                 r = port.read(&mut buf) => match r {
-                    Ok(0) => return Ok(End::Lost("end of file (device gone)".into())),
-                    Ok(n) => n,
-                    Err(e) => return Ok(End::Lost(format!("read failed: {e}"))),
+                    Ok(0) => Err("end of file (device gone)".to_owned()),
+                    Ok(n) => Ok(n),
+                    Err(e) => Err(format!("read failed: {e}")),
                 },
             };
+            let n = match n {
+                Ok(n) => n,
+                Err(error) => {
+                    return self
+                        .lost(&mut lines, &mut decoder, fed, error, shutdown)
+                        .await
+                }
+            };
             let received_at = Timestamp::now();
+            self.status.bytes.fetch_add(n as u64, Ordering::Relaxed);
             match self.cfg.framing {
                 SerialFraming::Ld2410 => {
                     decoder.push(&buf[..n]);
                     fed += n as u64;
                     while let Some(ev) = decoder.next_event() {
                         let offset = event_offset(&ev, fed, &decoder);
-                        if let Some(end) = self.ld2410_event(ev, offset, shutdown).await? {
+                        if let Some(end) =
+                            self.ld2410_event(ev, offset, received_at, shutdown).await?
+                        {
                             return Ok(end);
                         }
                     }
@@ -503,14 +685,87 @@ impl Link {
         }
     }
 
+    /// The device went away: a JSON line it was in the middle of is kept
+    /// in REJECTED with its bytes (it would otherwise vanish without a
+    /// trace), then the session ends as lost.
+    async fn lost(
+        &mut self,
+        lines: &mut LineSplitter,
+        decoder: &mut Decoder,
+        fed: u64,
+        error: String,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<End, SerialError> {
+        if self.cfg.framing == SerialFraming::Ld2410 {
+            let rest = decoder.take_buffered();
+            // A frame's beginning, not idle noise: a few stray bytes of no
+            // header are not worth a reject of their own.
+            if rest.len() >= 4 && ld2410::starts_with_header(&rest) {
+                self.status.cut_off.fetch_add(1, Ordering::Relaxed);
+                self.status.count_reject(RejectKind::Footer);
+                let offset = fed.saturating_sub(rest.len() as u64);
+                let reason = format!(
+                    "LD2410 footer: frame cut off after {} byte(s): the device disappeared ({error})",
+                    rest.len()
+                );
+                info!(source = %self.source, device = %self.device(), offset, bytes = rest.len(), "LD2410 frame cut off by the device disappearing; kept in REJECTED");
+                let rej = Rejected {
+                    source: self.source.clone(),
+                    origin: format!("serial {} byte {offset}", self.device()),
+                    reason,
+                    payload: bytes::Bytes::from(rest),
+                    received_at: Timestamp::now(),
+                    id: delivery_id(),
+                };
+                if self
+                    .forward(Item::Rejected(rej, Ack::none()), shutdown)
+                    .await?
+                {
+                    return Ok(End::Stop);
+                }
+            }
+        }
+        if self.cfg.framing == SerialFraming::JsonLines {
+            if let Some(line) = lines.take_partial() {
+                self.status.cut_off.fetch_add(1, Ordering::Relaxed);
+                self.status.line_rejects.fetch_add(1, Ordering::Relaxed);
+                let origin = format!("serial {} line {}", self.device(), line.number);
+                let shown = if line.overlong { "more than " } else { "" };
+                let reason = format!(
+                    "line cut off after {shown}{} byte(s) without a newline: the device disappeared ({error})",
+                    line.bytes.len()
+                );
+                info!(source = %self.source, %origin, bytes = line.bytes.len(), "serial line cut off by the device disappearing; kept in REJECTED");
+                let rej = Rejected {
+                    source: self.source.clone(),
+                    origin,
+                    reason,
+                    payload: bytes::Bytes::from(line.bytes),
+                    received_at: Timestamp::now(),
+                    id: delivery_id(),
+                };
+                if self
+                    .forward(Item::Rejected(rej, Ack::none()), shutdown)
+                    .await?
+                {
+                    return Ok(End::Stop);
+                }
+            }
+        }
+        Ok(End::Lost(error))
+    }
+
     /// Handles one decoder event; `Some` ends the session.
+    /// `at` is when the bytes that completed the event were read: a frame
+    /// held back by a command exchange keeps its own time, so
+    /// `min_interval` sees the radar's real spacing.
     async fn ld2410_event(
         &mut self,
         ev: Event,
         offset: u64,
+        at: Timestamp,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<End>, SerialError> {
-        let at = Timestamp::now();
         let items: Vec<Item> = match ev {
             Event::Report(r) => {
                 self.status.frames.fetch_add(1, Ordering::Relaxed);
@@ -570,15 +825,15 @@ impl Link {
 
     /// Enable configuration, enable engineering mode, end configuration;
     /// each acknowledged before the next. Reports that arrive meanwhile are
-    /// kept in `held`. A missing or failed ACK is logged and counted and the
-    /// radar stays in basic mode; only a lost device is an `Err`.
+    /// handed to ingest as they are decoded, with the time they were read,
+    /// so none is delayed or dropped by `min_interval`. A missing or failed
+    /// ACK is logged and counted and the radar stays in basic mode; `Some`
+    /// ends the session (device lost, or shutdown).
     async fn enable_engineering(
         &mut self,
-        port: &mut SerialStream,
-        decoder: &mut Decoder,
-        held: &mut Vec<(Event, u64)>,
-        fed: &mut u64,
-    ) -> Result<(), String> {
+        io: &mut Exchange<'_>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<End>, SerialError> {
         let steps: [(u16, &[u8], &str); 3] = [
             (
                 ld2410::CMD_ENABLE_CONFIG,
@@ -594,23 +849,24 @@ impl Link {
         ];
         for (i, (command, value, what)) in steps.into_iter().enumerate() {
             let frame = ld2410::command_frame(command, value);
-            port.write_all(&frame)
-                .await
-                .map_err(|e| format!("write failed: {e}"))?;
-            match self.await_ack(port, decoder, held, fed, command).await? {
-                Some(0) => {
+            if let Err(e) = io.port.write_all(&frame).await {
+                return Ok(Some(End::Lost(format!("write failed: {e}"))));
+            }
+            match self.await_ack(io, command, shutdown).await? {
+                AckWait::End(end) => return Ok(Some(end)),
+                AckWait::Status(0) => {
                     self.status.acks.fetch_add(1, Ordering::Relaxed);
                     debug!(source = %self.source, command, "LD2410 command acknowledged");
                 }
-                Some(code) => {
+                AckWait::Status(code) => {
                     self.status.command_failures.fetch_add(1, Ordering::Relaxed);
                     warn!(source = %self.source, device = %self.device(), command = format!("0x{command:04X}"), status = code,
                         "LD2410 refused command ({what}); reports stay in basic mode");
                     if i == 0 {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
-                None => {
+                AckWait::Timeout => {
                     self.status.command_failures.fetch_add(1, Ordering::Relaxed);
                     warn!(
                         source = %self.source,
@@ -620,44 +876,72 @@ impl Link {
                         "LD2410 did not acknowledge command ({what}); check wiring (TX/RX crossed?) and baud; reports stay in basic mode"
                     );
                     if i == 0 {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
             }
         }
         info!(source = %self.source, device = %self.device(), "LD2410 switched to engineering mode");
-        Ok(())
+        Ok(None)
     }
 
-    /// The status of the ACK for `command`, or `None` on timeout.
+    /// Reads until the ACK for `command` (or the timeout), handling every
+    /// other event on the way in order, each with the time its bytes were
+    /// read.
     async fn await_ack(
-        &self,
-        port: &mut SerialStream,
-        decoder: &mut Decoder,
-        held: &mut Vec<(Event, u64)>,
-        fed: &mut u64,
+        &mut self,
+        io: &mut Exchange<'_>,
         command: u16,
-    ) -> Result<Option<u16>, String> {
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<AckWait, SerialError> {
         let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
         let mut buf = [0u8; 256];
         loop {
-            while let Some(ev) = decoder.next_event() {
-                let offset = event_offset(&ev, *fed, decoder);
+            while let Some(ev) = io.decoder.next_event() {
+                let offset = event_offset(&ev, *io.fed, io.decoder);
                 match ev {
-                    Event::Ack(a) if a.command == command => return Ok(Some(a.status)),
-                    other => held.push((other, offset)),
+                    Event::Ack(a) if a.command == command => return Ok(AckWait::Status(a.status)),
+                    other => {
+                        if let Some(end) = self
+                            .ld2410_event(other, offset, *io.read_at, shutdown)
+                            .await?
+                        {
+                            return Ok(AckWait::End(end));
+                        }
+                    }
                 }
             }
-            let n = match tokio::time::timeout_at(deadline, port.read(&mut buf)).await {
-                Err(_) => return Ok(None),
-                Ok(Ok(0)) => return Err("end of file (device gone)".into()),
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => return Err(format!("read failed: {e}")),
+            let n = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return Ok(AckWait::End(End::Stop)),
+                r = tokio::time::timeout_at(deadline, io.port.read(&mut buf)) => match r {
+                    Err(_) => return Ok(AckWait::Timeout),
+                    Ok(Ok(0)) => return Ok(AckWait::End(End::Lost("end of file (device gone)".into()))),
+                    Ok(Ok(n)) => n,
+                    Ok(Err(e)) => return Ok(AckWait::End(End::Lost(format!("read failed: {e}")))),
+                },
             };
-            decoder.push(&buf[..n]);
-            *fed += n as u64;
+            *io.read_at = Timestamp::now();
+            self.status.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            io.decoder.push(&buf[..n]);
+            *io.fed += n as u64;
         }
     }
+}
+
+/// The port and decoder state a command exchange reads through.
+struct Exchange<'a> {
+    port: &'a mut SerialStream,
+    decoder: &'a mut Decoder,
+    fed: &'a mut u64,
+    read_at: &'a mut Timestamp,
+}
+
+/// How waiting for an ACK ended.
+enum AckWait {
+    Status(u16),
+    Timeout,
+    End(End),
 }
 
 /// Where in the connection's byte stream a just-decoded rejection started:
@@ -865,6 +1149,21 @@ mod tests {
         assert_eq!(lines[0].bytes.len(), MAX_LINE);
         let r = dec(&lines[0], &[]).unwrap().unwrap_err();
         assert!(r.reason.contains("longer than"), "{}", r.reason);
+    }
+
+    #[test]
+    fn a_line_without_its_newline_is_taken_as_partial() {
+        let mut s = LineSplitter::default();
+        let mut out = Vec::new();
+        s.push(
+            b"{\"sensor\":\"a\",\"value\":1}\n{\"sensor\":\"a\",\"val",
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        let cut = s.take_partial().unwrap();
+        assert_eq!(cut.number, 2);
+        assert_eq!(cut.bytes, b"{\"sensor\":\"a\",\"val");
+        assert!(s.take_partial().is_none(), "taken once");
     }
 
     #[test]
