@@ -13,7 +13,7 @@
 #      container evaluated against the real NixOS declarations of the NixOS
 #      subset (../shared/nixos-subset from the checkout, or NIXOS_SUBSET)
 #      and built with the local Nix, running every build step the modules
-#      define with target/debug/presenced and the nats-server of .tools;
+#      define with target/debug/presenced and the nats-server of the tools cache;
 #      then `systemd-analyze verify` on every rendered unit and
 #      `systemd-analyze security --offline=yes` on every presenced unit,
 #      failing above an exposure of 2.0. The units are kept in

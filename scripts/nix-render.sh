@@ -2,7 +2,7 @@
 # The render tests (nix/tests/real): builds every host, VM test node and
 # container of the repository against the real NixOS declarations of the
 # NixOS subset, with the local Nix and the binaries of this checkout
-# (target/debug/presenced, the nats-server of .tools, the system's
+# (target/debug/presenced, the nats-server of the tools cache, the system's
 # Mosquitto). Every build step the modules define runs: check-config,
 # presenced acl/acl-hub, nats-server -t. Then:
 #   - systemd-analyze verify on every rendered unit (any complaint fails),

@@ -22,7 +22,7 @@
 # The store paths the units name are this machine's /nix/store, bound
 # read-only into the machine at the same path; they link to the binaries
 # of this checkout (target/debug/presenced or $PRESENCED, the nats-server
-# of .tools), bound read-only at their own paths too. ExecStart lines are
+# of the tools cache), bound read-only at their own paths too. ExecStart lines are
 # not rewritten. Mosquitto is Debian's (2.0, its own localhost-only
 # config): the NixOS module's config needs Mosquitto 2.1's plugins. The
 # machine has its own network namespace with loopback only.

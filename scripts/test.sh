@@ -28,7 +28,6 @@ step clippy cargo clippy --all-targets -- -D warnings
 # Benchmarks are compiled by clippy above and run on demand only
 # (cargo bench --bench e2e); they are not tests.
 step tests cargo nextest run --lib --bins --tests --no-fail-fast
-step home-assistant bash scripts/test-ha.sh
 step nix bash scripts/nix-check.sh
 step doctests cargo test --doc
 

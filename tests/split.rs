@@ -269,7 +269,14 @@ async fn ingest_engine_and_archiver_run_as_separate_instances_under_the_generate
     assert_eq!(code, Some(2), "{v:#}");
     let causes = v["causes"].to_string();
     assert!(causes.contains("refused"), "{v:#}");
-    assert!(!causes.contains("provision"), "{v:#}");
+    assert!(
+        causes.contains("not a missing stream or bucket") && causes.contains("[services.ingest]"),
+        "the refusal names itself and the grant: {v:#}"
+    );
+    assert!(
+        !causes.contains("is missing") && !causes.contains("is not there"),
+        "{v:#}"
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@
 # module defines (check-config, acl, acl-hub, nats-server -t, unit files)
 # really runs. Packages are store paths whose bin/ links to binaries built
 # or installed on this machine (the presenced cargo built, the nats-server
-# of .tools, the system's Mosquitto); each records the hash of the binary,
+# of the tools cache, the system's Mosquitto); each records the hash of the binary,
 # so a new build of it gives a new store path.
 {
   lib,
