@@ -1,0 +1,428 @@
+//! The fault campaign: real servers, the real binary, one fault per row.
+//!
+//! Every row starts a site (leaf nats-server, Mosquitto, the daemon, a
+//! zone fed by one MQTT motion sensor, or a serial device), injects one
+//! fault, and then holds the site to the same four promises:
+//!
+//! 1. the daemon is alive, or it exited non-zero with the cause in its log
+//!    and was started again here as systemd's `Restart=on-failure` would;
+//! 2. `/healthz` named the fault while it lasted (503 with a cause naming
+//!    the component or source, or the detail field that covers it);
+//! 3. no good reading was lost: every QoS 1 reading published before,
+//!    during and after the fault is in `SENSORS` exactly once and the
+//!    engine applied it to KV `presence` (QoS 0 readings count only from
+//!    when the broker is back: a broker keeps no QoS 0 message);
+//! 4. it recovered by itself: `/healthz` 200 again and readings flow.
+//!
+//! One test function per row, so nextest runs them side by side; the rows
+//! that need exclusive resources say so in `.config/nextest.toml`.
+//! docs/OPERATIONS.md "Failure modes" names the row behind each line.
+
+mod common;
+mod support;
+
+use async_nats::jetstream;
+use common::*;
+use presenced::engine::Presence;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
+
+const ZONES: &str = r#"
+[zones.lab]
+occupied_above = 0.6
+arrive_after = "0s"
+leave_after = "0s"
+[[zones.lab.evidence]]
+sensor = "lab_pir"
+p_true = 0.95
+p_false = 0.05
+"#;
+
+/// How long a source link may be down before `/healthz` says degraded:
+/// short, so rows see the fault named within seconds.
+const GRACE: &str = "2s";
+
+fn health(http: SocketAddr) -> Option<(u16, serde_json::Value)> {
+    let (code, body) = support::http_get(http, "/healthz")?;
+    Some((code, serde_json::from_str(&body).ok()?))
+}
+
+/// An MQTT publisher that may send messages up to MQTT's maximum size and
+/// counts the broker's PUBACKs; it keeps its session and queues publishes
+/// while the broker is away, as a well-behaved sensor gateway does.
+struct Pub {
+    client: AsyncClient,
+    acked: Arc<AtomicU64>,
+    sent: u64,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Pub {
+    fn connect(port: u16) -> Pub {
+        let mut opts = MqttOptions::new("fault-pub", "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_clean_session(false);
+        opts.set_inflight(1000);
+        opts.set_max_packet_size(300 << 20, 300 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+        let acked = Arc::new(AtomicU64::new(0));
+        let a = acked.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        a.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Pub {
+            client,
+            acked,
+            sent: 0,
+            task,
+        }
+    }
+
+    async fn publish(&mut self, qos: QoS, payload: Vec<u8>) {
+        self.client
+            .publish("test/lab_pir", qos, false, payload)
+            .await
+            .expect("queue MQTT publish");
+        if qos == QoS::AtLeastOnce {
+            self.sent += 1;
+        }
+    }
+
+    async fn flush(&self, deadline: Duration) {
+        eventually("the broker acked every publish", deadline, || async {
+            self.acked.load(Ordering::Relaxed) >= self.sent
+        })
+        .await;
+    }
+}
+
+impl Drop for Pub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a row changes in the standard site.
+#[derive(Default)]
+struct Setup {
+    nats: NatsOptions,
+    /// Mosquitto config lines (see [`Mosquitto::start_with`]).
+    mosquitto: String,
+    /// Lines added to `[mqtt.main]`.
+    source_extra: String,
+    /// Raw TOML appended to the daemon config.
+    daemon_extra: String,
+    /// Environment of the daemon process.
+    env: Vec<(String, String)>,
+    /// Called with the stopped leaf's store dir before it starts for good.
+    prepare_store: Option<Box<dyn FnOnce(&Path)>>,
+}
+
+/// One site under test, and the bookkeeping of what must be kept.
+struct Site {
+    nats: NatsServer,
+    mqtt: Mosquitto,
+    http: SocketAddr,
+    daemon: Daemon,
+    js: jetstream::Context,
+    publisher: Pub,
+    /// The value of the last good reading published.
+    last: bool,
+    /// QoS 0 good readings published while the broker was up.
+    qos0: u64,
+    /// Exits the "supervisor" saw and restarted from.
+    restarts: Vec<String>,
+}
+
+impl Site {
+    async fn start(setup: Setup) -> Site {
+        let mut nats = NatsServer::start(setup.nats);
+        if let Some(prepare) = setup.prepare_store {
+            nats.stop();
+            prepare(&nats.store_dir);
+            nats.start_again();
+        }
+        let mqtt = Mosquitto::start_with(&setup.mosquitto);
+        let http_port = support::free_port();
+        let cfg = format!(
+            "{}\n[health]\nsource_grace = \"{GRACE}\"\n\n{}",
+            daemon_config(
+                "test",
+                &nats.url(),
+                mqtt.port,
+                http_port,
+                &format!("{}\n{}", setup.source_extra, motion_mapping(false)),
+                ZONES
+            ),
+            setup.daemon_extra
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("presenced.toml");
+        std::fs::write(&path, cfg).expect("write config");
+        provision(&path);
+        let env: Vec<(&str, &str)> = setup
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let daemon = Daemon::start_at(&path, &env);
+        // The config must outlive the daemon's restarts: keep its dir.
+        std::mem::forget(dir);
+        let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+        daemon.wait_healthy(http, Duration::from_secs(20));
+        let js = jetstream(&nats.url()).await;
+        let publisher = Pub::connect(mqtt.port);
+        let mut site = Site {
+            nats,
+            mqtt,
+            http,
+            daemon,
+            js,
+            publisher,
+            last: false,
+            qos0: 0,
+            restarts: Vec::new(),
+        };
+        // The daemon has subscribed once a reading comes through.
+        site.reading().await;
+        site.all_kept(Duration::from_secs(15)).await;
+        site
+    }
+
+    /// One good QoS 1 reading, the opposite of the last.
+    async fn reading(&mut self) {
+        self.last = !self.last;
+        let payload = format!(r#"{{"occupancy":{}}}"#, self.last);
+        self.publisher
+            .publish(QoS::AtLeastOnce, payload.into_bytes())
+            .await;
+    }
+
+    /// One good QoS 0 reading, the opposite of the last.
+    async fn reading_qos0(&mut self) {
+        self.last = !self.last;
+        let payload = format!(r#"{{"occupancy":{}}}"#, self.last);
+        self.publisher
+            .publish(QoS::AtMostOnce, payload.into_bytes())
+            .await;
+        self.qos0 += 1;
+    }
+
+    /// Restart=on-failure: a daemon that exited non-zero is started again
+    /// (its cause must be in the log); one that exited 0 is a failure of
+    /// the row, since systemd would leave it stopped.
+    fn supervise(&mut self, cause: &str) {
+        if let Some(status) = self.daemon.exit_status() {
+            assert!(
+                !status.success(),
+                "the daemon exited 0 during a fault: systemd would not restart it; log:\n{}",
+                self.daemon.log_tail()
+            );
+            let log = self.daemon.log();
+            let line = log
+                .lines()
+                .rev()
+                .find(|l| l.contains("cannot carry on") || l.contains("component failed"))
+                .unwrap_or_else(|| panic!("exit {status} without a cause logged:\n{log}"))
+                .to_owned();
+            assert!(
+                line.contains(cause),
+                "the exit line does not name {cause:?}: {line}"
+            );
+            self.restarts.push(line);
+            self.daemon.restart();
+        }
+    }
+
+    /// Waits until `/healthz` answers 503 with a cause containing `cause`
+    /// (or, with `field`, until that JSON pointer equals `value`), while
+    /// supervising; returns the health body that named the fault.
+    fn fault_named(
+        &mut self,
+        cause: &str,
+        field: Option<(&str, serde_json::Value)>,
+        deadline: Duration,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            self.supervise(cause);
+            if let Some((code, h)) = health(self.http) {
+                let named = match &field {
+                    Some((pointer, value)) => h.pointer(pointer) == Some(value),
+                    None => code == 503 && h["causes"].to_string().contains(cause),
+                };
+                if named {
+                    return h;
+                }
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "/healthz never named {cause:?} within {deadline:?}: {:?}; log:\n{}",
+                health(self.http),
+                self.daemon.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `/healthz` is 200 again, supervising meanwhile.
+    fn healthy_again(&mut self, cause: &str, deadline: Duration) {
+        let start = Instant::now();
+        loop {
+            self.supervise(cause);
+            if let Some((200, _)) = health(self.http) {
+                return;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "not healthy again within {deadline:?}: {:?}; log:\n{}",
+                health(self.http),
+                self.daemon.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every good reading is in SENSORS exactly once and applied to KV
+    /// `presence`: the count matches what the broker acknowledged (plus
+    /// the QoS 0 readings that count), the engine consumer has nothing
+    /// pending, and the zone shows the last reading.
+    async fn all_kept(&self, deadline: Duration) {
+        self.publisher.flush(deadline).await;
+        let want = self.publisher.sent + self.qos0;
+        let start = Instant::now();
+        loop {
+            let stored = stream_messages(&self.js, "SENSORS").await;
+            assert!(
+                stored <= want,
+                "{stored} readings in SENSORS, only {want} published: duplicates"
+            );
+            let zone = zone(&self.js, "lab").await;
+            let want_state = if self.last {
+                Presence::Occupied
+            } else {
+                Presence::Vacant
+            };
+            if stored == want
+                && engine_caught_up(&self.js, want).await
+                && zone
+                    .as_ref()
+                    .is_some_and(|z| z.state == want_state && z.last_seq == want)
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "{stored} of {want} readings in SENSORS, zone {zone:?} (want {want_state:?} at seq {want}); log:\n{}",
+                self.daemon.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Promise 4: healthy, and a fresh reading goes all the way.
+    async fn recovered(&mut self, cause: &str) {
+        self.healthy_again(cause, Duration::from_secs(60));
+        self.reading().await;
+        self.all_kept(Duration::from_secs(30)).await;
+        assert!(
+            !self.daemon.log().contains("panicked"),
+            "{}",
+            self.daemon.log_tail()
+        );
+    }
+}
+
+/// Row 1: oversized MQTT payloads. tests/bad_input.rs runs the whole
+/// matrix (1, 2 and 16 MiB at QoS 0 and 1, what REJECTED keeps); here the
+/// two cheapest sizes ride along with readings to show nothing good is
+/// lost around them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row1_oversized_payloads_are_rejected_and_nothing_good_is_lost() {
+    let mut s = Site::start(Setup::default()).await;
+    s.reading().await;
+    s.publisher
+        .publish(QoS::AtMostOnce, vec![b'{'; 1 << 20])
+        .await;
+    s.reading_qos0().await;
+    s.publisher
+        .publish(QoS::AtLeastOnce, vec![b'{'; 2 << 20])
+        .await;
+    // The oversized QoS 1 message is acknowledged but not a reading.
+    s.publisher.sent -= 1;
+    s.reading().await;
+    // Acked count includes the oversized one: wait for all three PUBACKs.
+    eventually("the broker acked the QoS 1 ones", Duration::from_secs(30), || async {
+        s.publisher.acked.load(Ordering::Relaxed) >= s.publisher.sent + 1
+    })
+    .await;
+    eventually("two records in REJECTED", Duration::from_secs(30), || async {
+        stream_messages(&s.js, "REJECTED").await == 2
+    })
+    .await;
+    let h = s.fault_named(
+        "rejects",
+        Some(("/ingest/rejects", serde_json::json!(2))),
+        Duration::from_secs(5),
+    );
+    assert_eq!(h["status"], "healthy", "bad input is not a fault of the site: {h:#}");
+    assert!(s.daemon.is_running());
+    s.all_kept(Duration::from_secs(30)).await;
+    s.recovered("-").await;
+}
+
+/// Row 2: the broker killed (SIGKILL) and started again. Mosquitto runs
+/// with persistence, as a deployed broker should, so the daemon's
+/// persistent session (and its subscription) survives the crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row2_mqtt_broker_killed_and_restarted() {
+    let store = tempfile::tempdir().unwrap();
+    let mut s = Site::start(Setup {
+        mosquitto: format!(
+            "persistence true\npersistence_location {}/\nautosave_interval 1\n",
+            store.path().display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    // Let the broker save the daemon's session before the crash.
+    std::thread::sleep(Duration::from_millis(1500));
+    s.mqtt.kill();
+    // Readings while the broker is away stay with the publisher.
+    s.reading().await;
+    s.reading().await;
+    s.fault_named(
+        "source main (mqtt) link down",
+        None,
+        Duration::from_secs(15),
+    );
+    assert!(s.daemon.is_running(), "{}", s.daemon.log_tail());
+    s.mqtt.restart();
+    s.reading().await;
+    s.recovered("source.mqtt.main").await;
+    // QoS 0 readings count from when the broker is back and the daemon
+    // is subscribed (healthy) again.
+    s.reading_qos0().await;
+    s.reading().await;
+    s.all_kept(Duration::from_secs(30)).await;
+    assert!(s.restarts.is_empty(), "{:?}", s.restarts);
+    let log = s.daemon.log();
+    assert_eq!(
+        log.matches("MQTT broker unreachable; retrying").count(),
+        1,
+        "one warning per outage:\n{log}"
+    );
+}
