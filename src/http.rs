@@ -36,6 +36,10 @@ impl Verdict {
     }
 }
 
+/// How long ingest may retry before `/healthz` says so: one retried
+/// publish during a leader change is not an outage.
+const INGEST_STALL_GRACE: f64 = 2.0;
+
 /// The whole health report, as JSON on `/healthz`: the verdict, every
 /// cause of a worse verdict by name, and the detail behind it.
 pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
@@ -49,6 +53,17 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
     }
     if !nats {
         down.push("not connected to the leaf nats-server".to_owned());
+    }
+    let stalled = m
+        .ingest_stalled
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|(since, error)| (since.elapsed().as_secs_f64(), error.clone()));
+    if let Some((secs, error)) = stalled.as_ref().filter(|(s, _)| *s >= INGEST_STALL_GRACE) {
+        down.push(format!(
+            "ingest cannot store input in SENSORS for {secs:.0}s (holding it and retrying): {error}"
+        ));
     }
     let components = m.components.snapshot();
     for (name, c) in &components {
@@ -103,6 +118,7 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             "buffer_capacity": get(&m.buffer_capacity),
             "observations_stored": get(&m.observations_stored),
             "rejects": get(&m.rejects),
+            "stalled_seconds": stalled.as_ref().map(|(s, _)| *s),
         });
     }
     if runs.iter().any(|r| r == "engine") {

@@ -17,6 +17,10 @@ pub struct Metrics {
     pub buffer_full: AtomicU64,
     pub buffer_depth: AtomicU64,
     pub buffer_capacity: AtomicU64,
+    /// Since when ingest has been retrying input the leaf does not store
+    /// (timeouts, a frozen or full server), and the last error: a hung
+    /// leaf keeps its TCP connection, so `nats_connected` alone misses it.
+    pub ingest_stalled: std::sync::Mutex<Option<(std::time::Instant, String)>>,
     pub engine_observations: AtomicU64,
     pub engine_redeliveries: AtomicU64,
     pub kv_writes: AtomicU64,

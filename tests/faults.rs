@@ -27,6 +27,7 @@ use presenced::engine::Presence;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -127,13 +128,15 @@ struct Setup {
     daemon_extra: String,
     /// Environment of the daemon process.
     env: Vec<(String, String)>,
-    /// Called with the stopped leaf's store dir before it starts for good.
-    prepare_store: Option<Box<dyn FnOnce(&Path)>>,
+    /// Size of a tmpfs mounted as the leaf's JetStream store (`16m`).
+    store_tmpfs: Option<&'static str>,
 }
 
 /// One site under test, and the bookkeeping of what must be kept.
 struct Site {
     nats: NatsServer,
+    /// Unmounted after the leaf is gone (fields drop in order).
+    _tmpfs: Option<Tmpfs>,
     mqtt: Mosquitto,
     http: SocketAddr,
     daemon: Daemon,
@@ -150,11 +153,12 @@ struct Site {
 impl Site {
     async fn start(setup: Setup) -> Site {
         let mut nats = NatsServer::start(setup.nats);
-        if let Some(prepare) = setup.prepare_store {
+        let tmpfs = setup.store_tmpfs.map(|size| {
             nats.stop();
-            prepare(&nats.store_dir);
+            let t = Tmpfs::mount(&nats.store_dir, size);
             nats.start_again();
-        }
+            t
+        });
         let mqtt = Mosquitto::start_with(&setup.mosquitto);
         let http_port = support::free_port();
         let cfg = format!(
@@ -187,6 +191,7 @@ impl Site {
         let publisher = Pub::connect(mqtt.port);
         let mut site = Site {
             nats,
+            _tmpfs: tmpfs,
             mqtt,
             http,
             daemon,
@@ -365,20 +370,27 @@ async fn row1_oversized_payloads_are_rejected_and_nothing_good_is_lost() {
     s.publisher.sent -= 1;
     s.reading().await;
     // Acked count includes the oversized one: wait for all three PUBACKs.
-    eventually("the broker acked the QoS 1 ones", Duration::from_secs(30), || async {
-        s.publisher.acked.load(Ordering::Relaxed) >= s.publisher.sent + 1
-    })
+    eventually(
+        "the broker acked the QoS 1 ones",
+        Duration::from_secs(30),
+        || async { s.publisher.acked.load(Ordering::Relaxed) > s.publisher.sent },
+    )
     .await;
-    eventually("two records in REJECTED", Duration::from_secs(30), || async {
-        stream_messages(&s.js, "REJECTED").await == 2
-    })
+    eventually(
+        "two records in REJECTED",
+        Duration::from_secs(30),
+        || async { stream_messages(&s.js, "REJECTED").await == 2 },
+    )
     .await;
     let h = s.fault_named(
         "rejects",
         Some(("/ingest/rejects", serde_json::json!(2))),
         Duration::from_secs(5),
     );
-    assert_eq!(h["status"], "healthy", "bad input is not a fault of the site: {h:#}");
+    assert_eq!(
+        h["status"], "healthy",
+        "bad input is not a fault of the site: {h:#}"
+    );
     assert!(s.daemon.is_running());
     s.all_kept(Duration::from_secs(30)).await;
     s.recovered("-").await;
@@ -425,4 +437,99 @@ async fn row2_mqtt_broker_killed_and_restarted() {
         1,
         "one warning per outage:\n{log}"
     );
+}
+
+/// A tmpfs of a fixed size mounted on a directory; unmounted (and the
+/// directory removed) on `Drop`.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("create the mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs (the row needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+    }
+}
+
+/// Sends SIGCONT to a stopped process when dropped, so a failing row never
+/// leaves a frozen server behind.
+struct Frozen(libc::pid_t);
+
+impl Frozen {
+    fn freeze(pid: u32) -> Frozen {
+        let pid = libc::pid_t::try_from(pid).expect("a pid");
+        // SAFETY: kill(2) on our own child; no memory is touched.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(self.0, libc::SIGCONT);
+        }
+    }
+}
+
+/// Row 3: the leaf frozen with SIGSTOP for 30 s (a hung server: the TCP
+/// connection stays open, nothing answers), then SIGCONT. Readings keep
+/// coming once a second throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row3_leaf_frozen_30s_then_continued() {
+    let mut s = Site::start(Setup::default()).await;
+    let frozen = Frozen::freeze(s.nats.pid());
+    let start = Instant::now();
+    let mut named = None;
+    while start.elapsed() < Duration::from_secs(30) {
+        s.reading().await;
+        s.supervise("-");
+        if let Some((503, h)) = health(s.http) {
+            if named.is_none()
+                && h["causes"]
+                    .to_string()
+                    .contains("ingest cannot store input in SENSORS")
+            {
+                named = Some((start.elapsed(), h));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (after, h) = named.unwrap_or_else(|| {
+        panic!(
+            "/healthz never named the stalled ingest: {:?}",
+            health(s.http)
+        )
+    });
+    assert!(
+        after < Duration::from_secs(10),
+        "named only after {after:?}"
+    );
+    assert_eq!(h["status"], "down", "{h:#}");
+    assert!(h["ingest"]["buffer_depth"].is_u64(), "{h:#}");
+    assert!(s.daemon.is_running(), "{}", s.daemon.log_tail());
+    drop(frozen);
+    s.recovered("-").await;
+    assert!(s.restarts.is_empty(), "{:?}", s.restarts);
+    let log = s.daemon.log();
+    assert!(log.contains("stream SENSORS reachable again"), "{log}");
 }
