@@ -64,8 +64,11 @@ struct Pub {
 }
 
 impl Pub {
-    fn connect(port: u16) -> Pub {
+    fn connect(port: u16, login: Option<(&str, &str)>) -> Pub {
         let mut opts = MqttOptions::new("fault-pub", "127.0.0.1", port);
+        if let Some((user, password)) = login {
+            opts.set_credentials(user, password);
+        }
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_clean_session(false);
         opts.set_inflight(1000);
@@ -128,6 +131,9 @@ struct Setup {
     daemon_extra: String,
     /// Environment of the daemon process.
     env: Vec<(String, String)>,
+    /// The broker requires a login; the daemon reads its password from
+    /// `password_file` ([`Site::secret`]).
+    mqtt_login: bool,
     /// Size of a tmpfs mounted as the leaf's JetStream store (`16m`).
     store_tmpfs: Option<&'static str>,
 }
@@ -148,6 +154,10 @@ struct Site {
     qos0: u64,
     /// Exits the "supervisor" saw and restarted from.
     restarts: Vec<String>,
+    /// The daemon's MQTT password file (with [`Setup::mqtt_login`]).
+    secret: PathBuf,
+    /// Config, secrets; outlives the daemon's restarts.
+    _dir: tempfile::TempDir,
 }
 
 impl Site {
@@ -159,7 +169,30 @@ impl Site {
             nats.start_again();
             t
         });
-        let mqtt = Mosquitto::start_with(&setup.mosquitto);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let secret = dir.path().join("mqtt-password");
+        let mut mosquitto = setup.mosquitto.clone();
+        let mut source_extra = setup.source_extra.clone();
+        if setup.mqtt_login {
+            let users = dir.path().join("mosquitto-users");
+            let out = Command::new("mosquitto_passwd")
+                .args(["-b", "-c"])
+                .arg(&users)
+                .args(["presenced", "s3cret-pw"])
+                .output()
+                .expect("run mosquitto_passwd");
+            assert!(out.status.success(), "{out:?}");
+            std::fs::write(&secret, "s3cret-pw\n").expect("write the password file");
+            mosquitto.push_str(&format!(
+                "allow_anonymous false\npassword_file {}\n",
+                users.display()
+            ));
+            source_extra.push_str(&format!(
+                "username = \"presenced\"\npassword_file = {:?}\n",
+                secret.display().to_string()
+            ));
+        }
+        let mqtt = Mosquitto::start_with(&mosquitto);
         let http_port = support::free_port();
         let cfg = format!(
             "{}\n[health]\nsource_grace = \"{GRACE}\"\n\n{}",
@@ -168,12 +201,11 @@ impl Site {
                 &nats.url(),
                 mqtt.port,
                 http_port,
-                &format!("{}\n{}", setup.source_extra, motion_mapping(false)),
+                &format!("{source_extra}\n{}", motion_mapping(false)),
                 ZONES
             ),
             setup.daemon_extra
         );
-        let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("presenced.toml");
         std::fs::write(&path, cfg).expect("write config");
         provision(&path);
@@ -183,12 +215,13 @@ impl Site {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         let daemon = Daemon::start_at(&path, &env);
-        // The config must outlive the daemon's restarts: keep its dir.
-        std::mem::forget(dir);
         let http = SocketAddr::from(([127, 0, 0, 1], http_port));
         daemon.wait_healthy(http, Duration::from_secs(20));
         let js = jetstream(&nats.url()).await;
-        let publisher = Pub::connect(mqtt.port);
+        let publisher = Pub::connect(
+            mqtt.port,
+            setup.mqtt_login.then_some(("presenced", "s3cret-pw")),
+        );
         let mut site = Site {
             nats,
             _tmpfs: tmpfs,
@@ -200,6 +233,8 @@ impl Site {
             last: false,
             qos0: 0,
             restarts: Vec::new(),
+            secret,
+            _dir: dir,
         };
         // The daemon has subscribed once a reading comes through.
         site.reading().await;
@@ -236,16 +271,17 @@ impl Site {
                 "the daemon exited 0 during a fault: systemd would not restart it; log:\n{}",
                 self.daemon.log_tail()
             );
-            let log = self.daemon.log();
-            let line = log
+            // The cause is in what this run logged last.
+            let tail = self.daemon.log_tail();
+            let line = tail
                 .lines()
                 .rev()
-                .find(|l| l.contains("cannot carry on") || l.contains("component failed"))
-                .unwrap_or_else(|| panic!("exit {status} without a cause logged:\n{log}"))
+                .find(|l| l.contains("ERROR") || l.contains("Error"))
+                .unwrap_or_else(|| panic!("exit {status} without an error logged:\n{tail}"))
                 .to_owned();
             assert!(
-                line.contains(cause),
-                "the exit line does not name {cause:?}: {line}"
+                tail.contains(cause),
+                "the log of the exit does not name {cause:?}:\n{tail}"
             );
             self.restarts.push(line);
             self.daemon.restart();
@@ -403,10 +439,7 @@ async fn row1_oversized_payloads_are_rejected_and_nothing_good_is_lost() {
 async fn row2_mqtt_broker_killed_and_restarted() {
     let store = tempfile::tempdir().unwrap();
     let mut s = Site::start(Setup {
-        mosquitto: format!(
-            "persistence true\npersistence_location {}/\nautosave_interval 1\n",
-            store.path().display()
-        ),
+        mosquitto: persistent_broker(store.path()),
         ..Default::default()
     })
     .await;
@@ -532,4 +565,77 @@ async fn row3_leaf_frozen_30s_then_continued() {
     assert!(s.restarts.is_empty(), "{:?}", s.restarts);
     let log = s.daemon.log();
     assert!(log.contains("stream SENSORS reachable again"), "{log}");
+}
+
+/// Mosquitto lines for a broker that keeps sessions across a crash, as a
+/// deployed one should (saved every second).
+fn persistent_broker(dir: &Path) -> String {
+    format!(
+        "persistence true\npersistence_location {}/\nautosave_interval 1\n",
+        dir.display()
+    )
+}
+
+/// Row 8: the MQTT password file removed while the daemon runs, then a
+/// reconnect forced (the broker restarted). Decided behaviour: secrets are
+/// read once, at start; the running daemon keeps the credential it read
+/// and reconnects with it. The next start (a reboot, a crash) fails loudly
+/// naming the file, exits non-zero, and is healthy again as soon as the
+/// file is back; the broker's session holds the readings meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row8_secret_file_removed_while_running() {
+    let store = tempfile::tempdir().unwrap();
+    let mut s = Site::start(Setup {
+        mqtt_login: true,
+        mosquitto: persistent_broker(store.path()),
+        ..Default::default()
+    })
+    .await;
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::remove_file(&s.secret).unwrap();
+    s.mqtt.stop();
+    s.reading().await;
+    s.fault_named(
+        "source main (mqtt) link down",
+        None,
+        Duration::from_secs(15),
+    );
+    s.mqtt.restart();
+    s.recovered("-").await;
+    assert!(s.restarts.is_empty(), "{:?}", s.restarts);
+    assert!(s.daemon.is_running());
+
+    // The next start cannot read the secret: it says so and exits
+    // non-zero, never healthy; systemd would retry it.
+    s.daemon.restart();
+    let start = Instant::now();
+    let status = loop {
+        if let Some((code, h)) = health(s.http) {
+            assert_ne!(code, 200, "healthy without its secret: {h:#}");
+        }
+        if let Some(status) = s.daemon.exit_status() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{}",
+            s.daemon.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "{status:?}");
+    let tail = s.daemon.log_tail();
+    let want = format!(
+        "mqtt.main.password_file: cannot read {}",
+        s.secret.display()
+    );
+    assert!(tail.contains(&want), "{tail}");
+    // Readings meanwhile wait in the broker's session.
+    s.reading().await;
+    s.reading().await;
+
+    // The file back: the next restart is healthy and nothing was lost.
+    std::fs::write(&s.secret, "s3cret-pw\n").unwrap();
+    s.daemon.restart();
+    s.recovered("-").await;
 }
