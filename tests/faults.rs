@@ -152,6 +152,8 @@ struct Site {
     last: bool,
     /// QoS 0 good readings published while the broker was up.
     qos0: u64,
+    /// Good readings sent by a serial device while it was plugged in.
+    serial: u64,
     /// Exits the "supervisor" saw and restarted from.
     restarts: Vec<String>,
     /// The daemon's MQTT password file (with [`Setup::mqtt_login`]).
@@ -232,6 +234,7 @@ impl Site {
             publisher,
             last: false,
             qos0: 0,
+            serial: 0,
             restarts: Vec::new(),
             secret,
             _dir: dir,
@@ -259,6 +262,15 @@ impl Site {
             .publish(QoS::AtMostOnce, payload.into_bytes())
             .await;
         self.qos0 += 1;
+    }
+
+    /// One good reading from a serial device (JSON lines), the opposite of
+    /// the last.
+    fn serial_reading(&mut self, master: &mut std::fs::File) {
+        self.last = !self.last;
+        let line = format!("{{\"sensor\":\"lab_pir\",\"value\":{}}}\r\n", self.last);
+        support::pty::send(master, line.as_bytes());
+        self.serial += 1;
     }
 
     /// Restart=on-failure: a daemon that exited non-zero is started again
@@ -343,7 +355,7 @@ impl Site {
     /// pending, and the zone shows the last reading.
     async fn all_kept(&self, deadline: Duration) {
         self.publisher.flush(deadline).await;
-        let want = self.publisher.sent + self.qos0;
+        let want = self.publisher.sent + self.qos0 + self.serial;
         let start = Instant::now();
         loop {
             let stored = stream_messages(&self.js, "SENSORS").await;
@@ -638,4 +650,56 @@ async fn row8_secret_file_removed_while_running() {
     std::fs::write(&s.secret, "s3cret-pw\n").unwrap();
     s.daemon.restart();
     s.recovered("-").await;
+}
+
+/// Row 7: a serial device unplugged (the pty closed and its stable link
+/// removed, as udev does) and replugged (a new pty behind the same link).
+/// The MQTT source goes on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row7_serial_device_unplugged_and_replugged() {
+    let links = tempfile::tempdir().unwrap();
+    let link = links.path().join("usb-Espressif_ESP32-if00");
+    let first = support::pty::Pty::open();
+    first.link_at(&link);
+    let mut s = Site::start(Setup {
+        daemon_extra: format!(
+            "[serial.esp]\ndevice = {:?}\nframing = \"json_lines\"\nreconnect_max = \"200ms\"\n",
+            link.display().to_string()
+        ),
+        ..Default::default()
+    })
+    .await;
+    s.daemon
+        .wait_for_log("serial device open", Duration::from_secs(10));
+    let mut master = first.master();
+    s.serial_reading(&mut master);
+    s.all_kept(Duration::from_secs(15)).await;
+
+    // Unplug.
+    drop(master);
+    drop(first);
+    std::fs::remove_file(&link).unwrap();
+    let h = s.fault_named(
+        "source esp (serial) link down",
+        None,
+        Duration::from_secs(15),
+    );
+    assert_eq!(h["status"], "degraded", "{h:#}");
+    // The other source is unaffected.
+    s.reading().await;
+    s.all_kept(Duration::from_secs(15)).await;
+    assert!(s.daemon.is_running());
+
+    // Replug behind the same link.
+    let second = support::pty::Pty::open();
+    second.link_at(&link);
+    s.daemon
+        .wait_for_log("serial device back", Duration::from_secs(15));
+    s.healthy_again("-", Duration::from_secs(15));
+    let mut master = second.master();
+    s.serial_reading(&mut master);
+    s.all_kept(Duration::from_secs(15)).await;
+    s.recovered("-").await;
+    assert!(s.restarts.is_empty(), "{:?}", s.restarts);
+    assert_eq!(stream_messages(&s.js, "REJECTED").await, 0);
 }
