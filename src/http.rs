@@ -36,9 +36,9 @@ impl Verdict {
     }
 }
 
-/// How long ingest may retry before `/healthz` says so: one retried
-/// publish during a leader change is not an outage.
-const INGEST_STALL_GRACE: f64 = 2.0;
+/// How long ingest or the engine may retry writes before `/healthz` says
+/// so: one retried publish during a leader change is not an outage.
+const STALL_GRACE: f64 = 2.0;
 
 /// The whole health report, as JSON on `/healthz`: the verdict, every
 /// cause of a worse verdict by name, and the detail behind it.
@@ -54,15 +54,16 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
     if !nats {
         down.push("not connected to the leaf nats-server".to_owned());
     }
-    let stalled = m
-        .ingest_stalled
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .map(|(since, error)| (since.elapsed().as_secs_f64(), error.clone()));
-    if let Some((secs, error)) = stalled.as_ref().filter(|(s, _)| *s >= INGEST_STALL_GRACE) {
+    let stalled = crate::metrics::stall_of(&m.ingest_stalled);
+    if let Some((secs, error)) = stalled.as_ref().filter(|(s, _)| *s >= STALL_GRACE) {
         down.push(format!(
             "ingest cannot store input in SENSORS for {secs:.0}s (holding it and retrying): {error}"
+        ));
+    }
+    let engine_stalled = crate::metrics::stall_of(&m.engine_stalled);
+    if let Some((secs, error)) = engine_stalled.as_ref().filter(|(s, _)| *s >= STALL_GRACE) {
+        down.push(format!(
+            "engine cannot commit transitions and zone states for {secs:.0}s (retrying): {error}"
         ));
     }
     let components = m.components.snapshot();
@@ -126,6 +127,7 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             "pending": get(&m.consumer_pending),
             "zones": get(&m.zones),
             "zones_occupied": get(&m.zones_occupied),
+            "stalled_seconds": engine_stalled.as_ref().map(|(s, _)| *s),
         });
     }
     if m.archive_enabled.load(Ordering::Relaxed) {

@@ -292,22 +292,15 @@ async fn store_chunk(
         if failed.is_empty() {
             if outage_logged {
                 tracing::info!("stream SENSORS reachable again; buffered input stored");
-                *metrics
-                    .ingest_stalled
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = None;
+                crate::metrics::unstalled(&metrics.ingest_stalled);
             }
             return refused;
         }
         Metrics::add(&metrics.publish_retries, failed.len() as u64);
-        {
-            let mut stalled = metrics
-                .ingest_stalled
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let since = stalled.as_ref().map_or_else(Instant::now, |(t, _)| *t);
-            *stalled = Some((since, last_error.clone().unwrap_or_default()));
-        }
+        crate::metrics::stalled(
+            &metrics.ingest_stalled,
+            last_error.clone().unwrap_or_default(),
+        );
         if !outage_logged {
             tracing::warn!(
                 failed = failed.len(),

@@ -20,7 +20,11 @@ pub struct Metrics {
     /// Since when ingest has been retrying input the leaf does not store
     /// (timeouts, a frozen or full server), and the last error: a hung
     /// leaf keeps its TCP connection, so `nats_connected` alone misses it.
-    pub ingest_stalled: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    pub ingest_stalled: Stall,
+    /// Since when the engine has been retrying a commit (transitions to
+    /// EVENTS, zone states to KV) the leaf does not take, and why: a full
+    /// store refuses writes while the connection stays up.
+    pub engine_stalled: Stall,
     pub engine_observations: AtomicU64,
     pub engine_redeliveries: AtomicU64,
     pub kv_writes: AtomicU64,
@@ -73,6 +77,31 @@ pub struct Metrics {
     /// left out otherwise.
     pub mqtt_configured: AtomicBool,
     pub serial_configured: AtomicBool,
+}
+
+/// Since when a component has been retrying writes the leaf does not
+/// take, and the last error; `None` while writes go through.
+pub type Stall = std::sync::Mutex<Option<(std::time::Instant, String)>>;
+
+/// Records a failed write in `stall`, keeping the start of the outage.
+pub fn stalled(stall: &Stall, error: String) {
+    let mut s = stall.lock().unwrap_or_else(|p| p.into_inner());
+    let since = s.as_ref().map_or_else(std::time::Instant::now, |(t, _)| *t);
+    *s = Some((since, error));
+}
+
+/// Ends the outage recorded in `stall`.
+pub fn unstalled(stall: &Stall) {
+    *stall.lock().unwrap_or_else(|p| p.into_inner()) = None;
+}
+
+/// Seconds since the outage in `stall` began, and its last error.
+pub fn stall_of(stall: &Stall) -> Option<(f64, String)> {
+    stall
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|(since, error)| (since.elapsed().as_secs_f64(), error.clone()))
 }
 
 /// Families of the ingest component (sources included).

@@ -315,7 +315,12 @@ impl Site {
             if let Some((code, h)) = health(self.http) {
                 let named = match &field {
                     Some((pointer, value)) => h.pointer(pointer) == Some(value),
-                    None => code == 503 && h["causes"].to_string().contains(cause),
+                    None => {
+                        code == 503
+                            && cause
+                                .split('|')
+                                .any(|c| h["causes"].to_string().contains(c))
+                    }
                 };
                 if named {
                     return h;
@@ -702,4 +707,68 @@ async fn row7_serial_device_unplugged_and_replugged() {
     s.recovered("-").await;
     assert!(s.restarts.is_empty(), "{:?}", s.restarts);
     assert_eq!(stream_messages(&s.js, "REJECTED").await, 0);
+}
+
+/// Row 4: the leaf's JetStream store runs out of space (an 8 MiB tmpfs
+/// as its store dir, filled by another writer), while readings keep
+/// coming. nats-server keeps a stream's write error after space is freed
+/// (seen with 2.15.1: `no space left on device` on every write until a
+/// restart), so the operator frees space and restarts the leaf; the daemon
+/// needs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row4_leaf_store_out_of_space() {
+    let mut s = Site::start(Setup {
+        store_tmpfs: Some("8m"),
+        ..Default::default()
+    })
+    .await;
+    let filler = s.nats.store_dir.join("filler");
+    // dd stops with ENOSPC once the tmpfs is full: that is the point.
+    let _ = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", filler.display()))
+        .arg("bs=64k")
+        .output()
+        .expect("run dd");
+    // Readings until the full store shows (the first few still fit in
+    // pages the streams' files already hold).
+    let start = Instant::now();
+    let h = loop {
+        s.reading().await;
+        s.supervise("-");
+        if let Some((503, h)) = health(s.http) {
+            break h;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never unhealthy with a full store: {:?}",
+            health(s.http)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let causes = h["causes"].to_string();
+    assert!(
+        causes.contains("engine cannot commit transitions")
+            || causes.contains("ingest cannot store input in SENSORS"),
+        "{h:#}"
+    );
+    assert_eq!(h["status"], "down", "{h:#}");
+    assert!(s.nats.log().contains("no space left on device"));
+    // Both writers stall and say so; readings keep coming meanwhile.
+    for _ in 0..5 {
+        s.reading().await;
+    }
+    s.fault_named("engine cannot commit", None, Duration::from_secs(20));
+    s.fault_named(
+        "ingest cannot store input in SENSORS",
+        None,
+        Duration::from_secs(20),
+    );
+    assert!(s.daemon.is_running(), "{}", s.daemon.log_tail());
+
+    // The operator frees space and restarts the leaf.
+    std::fs::remove_file(&filler).unwrap();
+    s.nats.restart();
+    s.recovered("-").await;
+    assert!(s.restarts.is_empty(), "{:?}", s.restarts);
 }

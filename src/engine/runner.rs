@@ -387,6 +387,7 @@ impl Runner {
         loop {
             crate::systemd::watchdog();
             if let Err(e) = self.publish_transitions(&events).await {
+                crate::metrics::stalled(&self.metrics.engine_stalled, format!("EVENTS: {e}"));
                 if !logged {
                     tracing::warn!(error = %e, "cannot publish transitions to EVENTS; retrying");
                     logged = true;
@@ -399,6 +400,13 @@ impl Runner {
             match self.write_states(&dirty).await {
                 Ok(()) => break,
                 Err(remaining) => {
+                    crate::metrics::stalled(
+                        &self.metrics.engine_stalled,
+                        format!(
+                            "KV presence or debounce: {} zone(s) not written",
+                            remaining.len()
+                        ),
+                    );
                     dirty = remaining;
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
@@ -408,6 +416,7 @@ impl Runner {
         if logged {
             tracing::info!("EVENTS reachable again");
         }
+        crate::metrics::unstalled(&self.metrics.engine_stalled);
         for z in &touched {
             self.reschedule(z);
         }
