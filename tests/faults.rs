@@ -772,3 +772,127 @@ async fn row4_leaf_store_out_of_space() {
     s.recovered("-").await;
     assert!(s.restarts.is_empty(), "{:?}", s.restarts);
 }
+
+/// Polls `/healthz` until the JSON pointer `field` satisfies `check`,
+/// with the daemon still running.
+fn health_field(
+    s: &mut Site,
+    field: &str,
+    what: &str,
+    deadline: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        s.supervise("-");
+        if let Some((_, h)) = health(s.http) {
+            if h.pointer(field).is_some_and(&check) {
+                return h;
+            }
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{what}: {field} never did within {deadline:?}: {:?}; log:\n{}",
+            health(s.http),
+            s.daemon.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Row 6: the S3 endpoint stalls (a proxy in front of SeaweedFS accepts
+/// and never answers), then returns errors (SeaweedFS stopped), then
+/// comes back. Snapshots are taken every 2 s; S3 timeout 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row6_s3_endpoint_stalls_then_fails() {
+    let mut weed = support::Seaweed::start();
+    let proxy = support::Proxy::start(
+        weed.endpoint()
+            .trim_start_matches("http://")
+            .parse()
+            .expect("a socket address"),
+    );
+    let keys = tempfile::tempdir().unwrap();
+    let s3 = weed
+        .config_section(keys.path(), "faults")
+        .replace(
+            &weed.endpoint(),
+            &format!("http://127.0.0.1:{}", proxy.port),
+        )
+        .replace("timeout = \"10s\"", "timeout = \"2s\"");
+    let mut s = Site::start(Setup {
+        daemon_extra: format!(
+            "[archive]\nevery = \"2s\"\nretry_initial = \"200ms\"\nretry_max = \"1s\"\n{s3}"
+        ),
+        ..Default::default()
+    })
+    .await;
+    let uploaded = |h: &serde_json::Value| h.as_u64().unwrap_or(0);
+    let first = health_field(
+        &mut s,
+        "/archive/last_upload_unix",
+        "a first upload",
+        Duration::from_secs(30),
+        |v| uploaded(v) > 0,
+    );
+    assert_eq!(first["archive"]["s3_ok"], true, "{first:#}");
+
+    for (fault, inject) in [("stall", 0), ("errors", 1)] {
+        if inject == 0 {
+            proxy.stall();
+        } else {
+            weed.stop();
+        }
+        let h = health_field(
+            &mut s,
+            "/archive/s3_ok",
+            fault,
+            Duration::from_secs(30),
+            |v| v == false,
+        );
+        let failures = h["archive"]["upload_failures"].as_u64().unwrap_or(0);
+        assert!(failures > 0, "{h:#}");
+        // The pipeline does not wait for S3.
+        assert_eq!(
+            h["status"], "healthy",
+            "S3 is detail, not the site's health: {h:#}"
+        );
+        s.reading().await;
+        s.all_kept(Duration::from_secs(15)).await;
+        let pending = health_field(
+            &mut s,
+            "/archive/pending",
+            "snapshots wait",
+            Duration::from_secs(15),
+            |v| v.as_u64() > Some(0),
+        );
+        assert!(s.daemon.is_running());
+        // Back.
+        let before = uploaded(&pending["archive"]["last_upload_unix"]);
+        if inject == 0 {
+            proxy.restore();
+        } else {
+            weed.restart();
+        }
+        health_field(
+            &mut s,
+            "/archive/s3_ok",
+            "S3 back",
+            Duration::from_secs(60),
+            |v| v == true,
+        );
+        let h = health_field(
+            &mut s,
+            "/archive/pending",
+            "backlog uploaded",
+            Duration::from_secs(60),
+            |v| v.as_u64() == Some(0),
+        );
+        assert!(
+            uploaded(&h["archive"]["last_upload_unix"]) >= before,
+            "{h:#}"
+        );
+    }
+    s.recovered("-").await;
+    assert!(s.restarts.is_empty(), "{:?}", s.restarts);
+}
