@@ -40,6 +40,14 @@ impl Verdict {
 /// so: one retried publish during a leader change is not an outage.
 const STALL_GRACE: f64 = 2.0;
 
+/// Least lead of a zone clock over the system clock reported as a step
+/// back, whatever `ingest.max_clock_skew` says.
+const CLOCK_AHEAD_MIN_MS: i64 = 5_000;
+
+fn get_u64(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
 /// The whole health report, as JSON on `/healthz`: the verdict, every
 /// cause of a worse verdict by name, and the detail behind it.
 pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
@@ -64,6 +72,16 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
     if let Some((secs, error)) = engine_stalled.as_ref().filter(|(s, _)| *s >= STALL_GRACE) {
         down.push(format!(
             "engine cannot commit transitions and zone states for {secs:.0}s (retrying): {error}"
+        ));
+    }
+    let newest_zone_ms = get_u64(&m.zone_clock_max_ms) as i64;
+    let ahead_ms = newest_zone_ms - crate::time::Timestamp::now().0;
+    if newest_zone_ms > 0
+        && ahead_ms > (get_u64(&m.clock_ahead_ok_ms) as i64).max(CLOCK_AHEAD_MIN_MS)
+    {
+        degraded.push(format!(
+            "zone clock {:.0}s ahead of the system clock (was it stepped back?): debounce timers and overrides fire that much late",
+            ahead_ms as f64 / 1000.0
         ));
     }
     let components = m.components.snapshot();

@@ -25,6 +25,14 @@ pub struct Metrics {
     /// EVENTS, zone states to KV) the leaf does not take, and why: a full
     /// store refuses writes while the connection stays up.
     pub engine_stalled: Stall,
+    /// The newest zone clock (unix ms, 0 before the engine runs). Ahead
+    /// of the system clock by more than [`Metrics::clock_ahead_ok_ms`]
+    /// means the clock was stepped back: zones keep their clock (time
+    /// never runs backwards for a zone), so their timers fire late.
+    pub zone_clock_max_ms: AtomicU64,
+    /// How far ahead a zone clock may legitimately be: readings may carry
+    /// device times up to `ingest.max_clock_skew` ahead.
+    pub clock_ahead_ok_ms: AtomicU64,
     pub engine_observations: AtomicU64,
     pub engine_redeliveries: AtomicU64,
     pub kv_writes: AtomicU64,

@@ -42,6 +42,15 @@ leave_after = "0s"
 sensor = "lab_pir"
 p_true = 0.95
 p_false = 0.05
+
+[zones.hall]
+occupied_above = 0.6
+arrive_after = "0s"
+leave_after = "2s"
+[[zones.hall.evidence]]
+sensor = "hall_pir"
+p_true = 0.95
+p_false = 0.05
 "#;
 
 /// How long a source link may be down before `/healthz` says degraded:
@@ -96,8 +105,12 @@ impl Pub {
     }
 
     async fn publish(&mut self, qos: QoS, payload: Vec<u8>) {
+        self.publish_to("test/lab_pir", qos, payload).await;
+    }
+
+    async fn publish_to(&mut self, topic: &str, qos: QoS, payload: Vec<u8>) {
         self.client
-            .publish("test/lab_pir", qos, false, payload)
+            .publish(topic, qos, false, payload)
             .await
             .expect("queue MQTT publish");
         if qos == QoS::AtLeastOnce {
@@ -127,6 +140,8 @@ struct Setup {
     mosquitto: String,
     /// Lines added to `[mqtt.main]`.
     source_extra: String,
+    /// Lines added to `[ingest]`.
+    ingest_extra: String,
     /// Raw TOML appended to the daemon config.
     daemon_extra: String,
     /// Environment of the daemon process.
@@ -207,6 +222,10 @@ impl Site {
                 ZONES
             ),
             setup.daemon_extra
+        )
+        .replace(
+            "reject_log_every = \"1s\"\n",
+            &format!("reject_log_every = \"1s\"\n{}\n", setup.ingest_extra),
         );
         let path = dir.path().join("presenced.toml");
         std::fs::write(&path, cfg).expect("write config");
@@ -893,6 +912,132 @@ async fn row6_s3_endpoint_stalls_then_fails() {
             "{h:#}"
         );
     }
+    s.recovered("-").await;
+    assert!(s.restarts.is_empty(), "{:?}", s.restarts);
+}
+
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// The daemon's own clock, stepped through libfaketime: its
+/// `FAKETIME_TIMESTAMP_FILE` holds an offset from the real clock that
+/// every `clock_gettime(CLOCK_REALTIME)` of the daemon re-reads
+/// (`FAKETIME_NO_CACHE=1`); `CLOCK_MONOTONIC` stays real
+/// (`FAKETIME_DONT_FAKE_MONOTONIC=1`), as in a real step of the system
+/// clock. Nothing else on the machine sees the change.
+struct FakeClock {
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeClock {
+    fn new() -> FakeClock {
+        assert!(
+            Path::new(LIBFAKETIME).exists(),
+            "{LIBFAKETIME} missing: apt-get install faketime"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("faketime");
+        std::fs::write(&file, "+0\n").unwrap();
+        FakeClock { file, _dir: dir }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+            (
+                "FAKETIME_TIMESTAMP_FILE".into(),
+                self.file.display().to_string(),
+            ),
+            ("FAKETIME_NO_CACHE".into(), "1".into()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ]
+    }
+
+    /// Sets the daemon's clock to real time plus `offset` (`+1d`, `-1h`).
+    fn step(&self, offset: &str) {
+        std::fs::write(&self.file, format!("{offset}\n")).unwrap();
+    }
+}
+
+/// Row 5: the system clock stepped, as the daemon sees it (libfaketime;
+/// the machine's clock is not touched, nats-server and the test keep real
+/// time): a day forward, then 20 s back. Readings carry no device time
+/// (the daemon stamps them), as most Zigbee2MQTT and Home Assistant
+/// sensors. Zone `hall` leaves after a 2 s debounce. `/healthz` names a
+/// step back once zone clocks lead the system clock by more than
+/// `ingest.max_clock_skew` (device times may lead that much): 10 s here,
+/// 5 min by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row5_clock_stepped_forward_then_back() {
+    let clock = FakeClock::new();
+    let mut s = Site::start(Setup {
+        env: clock.env(),
+        ingest_extra: "max_clock_skew = \"10s\"".into(),
+        ..Default::default()
+    })
+    .await;
+
+    // A day forward: readings are stamped a day ahead; zones follow.
+    clock.step("+86400s");
+    s.daemon
+        .wait_for_log("the system clock was stepped", Duration::from_secs(15));
+    let hall = |on: bool| format!(r#"{{"occupancy":{on}}}"#).into_bytes();
+    s.publisher
+        .publish_to("test/hall_pir", QoS::AtLeastOnce, hall(false))
+        .await;
+    s.reading().await;
+    s.reading().await;
+    s.all_kept(Duration::from_secs(15)).await;
+    let (code, h) = health(s.http).unwrap();
+    assert_eq!(code, 200, "{h:#}");
+
+    // 20 s back: zone clocks stay ahead of the system clock; health says
+    // so while it lasts.
+    clock.step("+86380s");
+    let h = s.fault_named("zone clock", None, Duration::from_secs(15));
+    assert_eq!(h["status"], "degraded", "{h:#}");
+    assert!(
+        h["causes"]
+            .to_string()
+            .contains("ahead of the system clock"),
+        "{h:#}"
+    );
+    // Readings are still applied (at the zone's clock), none is lost.
+    s.reading().await;
+    s.reading().await;
+    s.all_kept(Duration::from_secs(15)).await;
+    // A debounce timer set now fires late by what the clock lost.
+    s.publisher
+        .publish_to("test/hall_pir", QoS::AtLeastOnce, hall(true))
+        .await;
+    s.publisher
+        .publish_to("test/hall_pir", QoS::AtLeastOnce, hall(false))
+        .await;
+    s.reading().await;
+    s.all_kept(Duration::from_secs(15)).await;
+    let left_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let h = zone(&s.js, "hall").await.unwrap();
+    assert_eq!(
+        h.state,
+        Presence::Leaving,
+        "a 2 s debounce fired on time: {h:?}"
+    );
+
+    // The system clock catches up: healthy again by itself, the timer
+    // fired, readings flow.
+    s.healthy_again("-", Duration::from_secs(40));
+    eventually("hall vacant", Duration::from_secs(30), || async {
+        zone(&s.js, "hall")
+            .await
+            .is_some_and(|z| z.state == Presence::Vacant)
+    })
+    .await;
+    assert!(
+        left_at.elapsed() > Duration::from_secs(10),
+        "the debounce fired after {:?}",
+        left_at.elapsed()
+    );
     s.recovered("-").await;
     assert!(s.restarts.is_empty(), "{:?}", s.restarts);
 }
