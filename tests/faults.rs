@@ -916,7 +916,20 @@ async fn row6_s3_endpoint_stalls_then_fails() {
     assert!(s.restarts.is_empty(), "{:?}", s.restarts);
 }
 
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+/// `$LIBFAKETIME`, else the multi-threaded libfaketime that Debian's
+/// `faketime` package installs under `/usr/lib/<triplet>/faketime/`.
+fn libfaketime() -> PathBuf {
+    if let Some(path) = std::env::var_os("LIBFAKETIME") {
+        return PathBuf::from(path);
+    }
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("libfaketime not found: run scripts/setup.sh (apt faketime)"))
+}
 
 /// The daemon's own clock, stepped through libfaketime: its
 /// `FAKETIME_TIMESTAMP_FILE` holds an offset from the real clock that
@@ -925,25 +938,26 @@ const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1
 /// (`FAKETIME_DONT_FAKE_MONOTONIC=1`), as in a real step of the system
 /// clock. Nothing else on the machine sees the change.
 struct FakeClock {
+    lib: PathBuf,
     file: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl FakeClock {
     fn new() -> FakeClock {
-        assert!(
-            Path::new(LIBFAKETIME).exists(),
-            "{LIBFAKETIME} missing: apt-get install faketime"
-        );
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("faketime");
         std::fs::write(&file, "+0\n").unwrap();
-        FakeClock { file, _dir: dir }
+        FakeClock {
+            lib: libfaketime(),
+            file,
+            _dir: dir,
+        }
     }
 
     fn env(&self) -> Vec<(String, String)> {
         vec![
-            ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+            ("LD_PRELOAD".into(), self.lib.display().to_string()),
             (
                 "FAKETIME_TIMESTAMP_FILE".into(),
                 self.file.display().to_string(),
