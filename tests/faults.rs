@@ -53,6 +53,10 @@ p_true = 0.95
 p_false = 0.05
 "#;
 
+/// The `cause` of [`Site::supervise`] in rows where the daemon must not
+/// exit at all: no log names it, so any exit fails the row.
+const NO_EXIT: &str = "<the daemon was expected to keep running>";
+
 /// How long a source link may be down before `/healthz` says degraded:
 /// short, so rows see the fault named within seconds.
 const GRACE: &str = "2s";
@@ -465,7 +469,7 @@ async fn row1_oversized_payloads_are_rejected_and_nothing_good_is_lost() {
     );
     assert!(s.daemon.is_running());
     s.all_kept(Duration::from_secs(30)).await;
-    s.recovered("-").await;
+    s.recovered(NO_EXIT).await;
 }
 
 /// Row 2: the broker killed (SIGKILL) and started again. Mosquitto runs
@@ -571,7 +575,7 @@ async fn row3_leaf_frozen_30s_then_continued() {
     let mut named = None;
     while start.elapsed() < Duration::from_secs(30) {
         s.reading().await;
-        s.supervise("-");
+        s.supervise(NO_EXIT);
         if let Some((503, h)) = health(s.http) {
             if named.is_none()
                 && h["causes"]
@@ -597,7 +601,7 @@ async fn row3_leaf_frozen_30s_then_continued() {
     assert!(h["ingest"]["buffer_depth"].is_u64(), "{h:#}");
     assert!(s.daemon.is_running(), "{}", s.daemon.log_tail());
     drop(frozen);
-    s.recovered("-").await;
+    s.recovered(NO_EXIT).await;
     assert!(s.restarts.is_empty(), "{:?}", s.restarts);
     let log = s.daemon.log();
     assert!(log.contains("stream SENSORS reachable again"), "{log}");
@@ -637,7 +641,7 @@ async fn row8_secret_file_removed_while_running() {
         Duration::from_secs(15),
     );
     s.mqtt.restart();
-    s.recovered("-").await;
+    s.recovered(NO_EXIT).await;
     assert!(s.restarts.is_empty(), "{:?}", s.restarts);
     assert!(s.daemon.is_running());
 
@@ -673,7 +677,7 @@ async fn row8_secret_file_removed_while_running() {
     // The file back: the next restart is healthy and nothing was lost.
     std::fs::write(&s.secret, "s3cret-pw\n").unwrap();
     s.daemon.restart();
-    s.recovered("-").await;
+    s.recovered(NO_EXIT).await;
 }
 
 /// Row 7: a serial device unplugged (the pty closed and its stable link
@@ -719,11 +723,11 @@ async fn row7_serial_device_unplugged_and_replugged() {
     second.link_at(&link);
     s.daemon
         .wait_for_log("serial device back", Duration::from_secs(15));
-    s.healthy_again("-", Duration::from_secs(15));
+    s.healthy_again(NO_EXIT, Duration::from_secs(15));
     let mut master = second.master();
     s.serial_reading(&mut master);
     s.all_kept(Duration::from_secs(15)).await;
-    s.recovered("-").await;
+    s.recovered(NO_EXIT).await;
     assert!(s.restarts.is_empty(), "{:?}", s.restarts);
     assert_eq!(stream_messages(&s.js, "REJECTED").await, 0);
 }
@@ -754,7 +758,7 @@ async fn row4_leaf_store_out_of_space() {
     let start = Instant::now();
     let h = loop {
         s.reading().await;
-        s.supervise("-");
+        s.supervise(NO_EXIT);
         if let Some((503, h)) = health(s.http) {
             break h;
         }
@@ -788,7 +792,7 @@ async fn row4_leaf_store_out_of_space() {
     // The operator frees space and restarts the leaf.
     std::fs::remove_file(&filler).unwrap();
     s.nats.restart();
-    s.recovered("-").await;
+    s.recovered(NO_EXIT).await;
     assert!(s.restarts.is_empty(), "{:?}", s.restarts);
 }
 
@@ -803,7 +807,7 @@ fn health_field(
 ) -> serde_json::Value {
     let start = Instant::now();
     loop {
-        s.supervise("-");
+        s.supervise(NO_EXIT);
         if let Some((_, h)) = health(s.http) {
             if h.pointer(field).is_some_and(&check) {
                 return h;
@@ -912,7 +916,7 @@ async fn row6_s3_endpoint_stalls_then_fails() {
             "{h:#}"
         );
     }
-    s.recovered("-").await;
+    s.recovered(NO_EXIT).await;
     assert!(s.restarts.is_empty(), "{:?}", s.restarts);
 }
 
@@ -1040,7 +1044,7 @@ async fn row5_clock_stepped_forward_then_back() {
 
     // The system clock catches up: healthy again by itself, the timer
     // fired, readings flow.
-    s.healthy_again("-", Duration::from_secs(40));
+    s.healthy_again(NO_EXIT, Duration::from_secs(40));
     eventually("hall vacant", Duration::from_secs(30), || async {
         zone(&s.js, "hall")
             .await
@@ -1052,6 +1056,6 @@ async fn row5_clock_stepped_forward_then_back() {
         "the debounce fired after {:?}",
         left_at.elapsed()
     );
-    s.recovered("-").await;
+    s.recovered(NO_EXIT).await;
     assert!(s.restarts.is_empty(), "{:?}", s.restarts);
 }
