@@ -597,11 +597,18 @@ async fn row3_leaf_frozen_30s_then_continued() {
         after < Duration::from_secs(10),
         "named only after {after:?}"
     );
+    eprintln!("row 3: /healthz named the stalled ingest {after:?} into the freeze");
     assert_eq!(h["status"], "down", "{h:#}");
     assert!(h["ingest"]["buffer_depth"].is_u64(), "{h:#}");
     assert!(s.daemon.is_running(), "{}", s.daemon.log_tail());
     drop(frozen);
+    let continued = Instant::now();
     s.recovered(NO_EXIT).await;
+    eprintln!(
+        "row 3: {} readings kept; healthy and caught up {:?} after SIGCONT",
+        s.publisher.sent,
+        continued.elapsed()
+    );
     assert!(s.restarts.is_empty(), "{:?}", s.restarts);
     let log = s.daemon.log();
     assert!(log.contains("stream SENSORS reachable again"), "{log}");
@@ -1054,6 +1061,10 @@ async fn row5_clock_stepped_forward_then_back() {
     assert!(
         left_at.elapsed() > Duration::from_secs(10),
         "the debounce fired after {:?}",
+        left_at.elapsed()
+    );
+    eprintln!(
+        "row 5: a 2 s debounce set after a 20 s step back fired within {:?}",
         left_at.elapsed()
     );
     s.recovered(NO_EXIT).await;
