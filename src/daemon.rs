@@ -94,6 +94,10 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
     let engine_on = runs.contains(&Component::Engine);
     let archiver_on = runs.contains(&Component::Archiver);
     let metrics = Arc::new(Metrics::default());
+    Metrics::set(
+        &metrics.clock_ahead_ok_ms,
+        config.ingest.max_clock_skew.as_millis() as u64,
+    );
     *metrics.runs.write().unwrap_or_else(|p| p.into_inner()) =
         runs.iter().map(|c| c.name().to_owned()).collect();
     metrics

@@ -36,6 +36,18 @@ impl Verdict {
     }
 }
 
+/// How long ingest or the engine may retry writes before `/healthz` says
+/// so: one retried publish during a leader change is not an outage.
+const STALL_GRACE: f64 = 2.0;
+
+/// Least lead of a zone clock over the system clock reported as a step
+/// back, whatever `ingest.max_clock_skew` says.
+const CLOCK_AHEAD_MIN_MS: i64 = 5_000;
+
+fn get_u64(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
 /// The whole health report, as JSON on `/healthz`: the verdict, every
 /// cause of a worse verdict by name, and the detail behind it.
 pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
@@ -49,6 +61,28 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
     }
     if !nats {
         down.push("not connected to the leaf nats-server".to_owned());
+    }
+    let stalled = crate::metrics::stall_of(&m.ingest_stalled);
+    if let Some((secs, error)) = stalled.as_ref().filter(|(s, _)| *s >= STALL_GRACE) {
+        down.push(format!(
+            "ingest cannot store input in SENSORS for {secs:.0}s (holding it and retrying): {error}"
+        ));
+    }
+    let engine_stalled = crate::metrics::stall_of(&m.engine_stalled);
+    if let Some((secs, error)) = engine_stalled.as_ref().filter(|(s, _)| *s >= STALL_GRACE) {
+        down.push(format!(
+            "engine cannot commit transitions and zone states for {secs:.0}s (retrying): {error}"
+        ));
+    }
+    let newest_zone_ms = get_u64(&m.zone_clock_max_ms) as i64;
+    let ahead_ms = newest_zone_ms - crate::time::Timestamp::now().0;
+    if newest_zone_ms > 0
+        && ahead_ms > (get_u64(&m.clock_ahead_ok_ms) as i64).max(CLOCK_AHEAD_MIN_MS)
+    {
+        degraded.push(format!(
+            "zone clock {:.0}s ahead of the system clock (was it stepped back?): debounce timers and overrides fire that much late",
+            ahead_ms as f64 / 1000.0
+        ));
     }
     let components = m.components.snapshot();
     for (name, c) in &components {
@@ -103,6 +137,7 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             "buffer_capacity": get(&m.buffer_capacity),
             "observations_stored": get(&m.observations_stored),
             "rejects": get(&m.rejects),
+            "stalled_seconds": stalled.as_ref().map(|(s, _)| *s),
         });
     }
     if runs.iter().any(|r| r == "engine") {
@@ -110,6 +145,7 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             "pending": get(&m.consumer_pending),
             "zones": get(&m.zones),
             "zones_occupied": get(&m.zones_occupied),
+            "stalled_seconds": engine_stalled.as_ref().map(|(s, _)| *s),
         });
     }
     if m.archive_enabled.load(Ordering::Relaxed) {

@@ -292,10 +292,15 @@ async fn store_chunk(
         if failed.is_empty() {
             if outage_logged {
                 tracing::info!("stream SENSORS reachable again; buffered input stored");
+                crate::metrics::unstalled(&metrics.ingest_stalled);
             }
             return refused;
         }
         Metrics::add(&metrics.publish_retries, failed.len() as u64);
+        crate::metrics::stalled(
+            &metrics.ingest_stalled,
+            last_error.clone().unwrap_or_default(),
+        );
         if !outage_logged {
             tracing::warn!(
                 failed = failed.len(),

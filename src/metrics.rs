@@ -17,6 +17,22 @@ pub struct Metrics {
     pub buffer_full: AtomicU64,
     pub buffer_depth: AtomicU64,
     pub buffer_capacity: AtomicU64,
+    /// Since when ingest has been retrying input the leaf does not store
+    /// (timeouts, a frozen or full server), and the last error: a hung
+    /// leaf keeps its TCP connection, so `nats_connected` alone misses it.
+    pub ingest_stalled: Stall,
+    /// Since when the engine has been retrying a commit (transitions to
+    /// EVENTS, zone states to KV) the leaf does not take, and why: a full
+    /// store refuses writes while the connection stays up.
+    pub engine_stalled: Stall,
+    /// The newest zone clock (unix ms, 0 before the engine runs). Ahead
+    /// of the system clock by more than [`Metrics::clock_ahead_ok_ms`]
+    /// means the clock was stepped back: zones keep their clock (time
+    /// never runs backwards for a zone), so their timers fire late.
+    pub zone_clock_max_ms: AtomicU64,
+    /// How far ahead a zone clock may legitimately be: readings may carry
+    /// device times up to `ingest.max_clock_skew` ahead.
+    pub clock_ahead_ok_ms: AtomicU64,
     pub engine_observations: AtomicU64,
     pub engine_redeliveries: AtomicU64,
     pub kv_writes: AtomicU64,
@@ -72,6 +88,31 @@ pub struct Metrics {
     /// Every serial source's own counters, rendered with `source` and
     /// `device` labels (see `sources::serial::render_port_metrics`).
     pub serial_ports: std::sync::RwLock<Vec<crate::sources::serial::PortMetrics>>,
+}
+
+/// Since when a component has been retrying writes the leaf does not
+/// take, and the last error; `None` while writes go through.
+pub type Stall = std::sync::Mutex<Option<(std::time::Instant, String)>>;
+
+/// Records a failed write in `stall`, keeping the start of the outage.
+pub fn stalled(stall: &Stall, error: String) {
+    let mut s = stall.lock().unwrap_or_else(|p| p.into_inner());
+    let since = s.as_ref().map_or_else(std::time::Instant::now, |(t, _)| *t);
+    *s = Some((since, error));
+}
+
+/// Ends the outage recorded in `stall`.
+pub fn unstalled(stall: &Stall) {
+    *stall.lock().unwrap_or_else(|p| p.into_inner()) = None;
+}
+
+/// Seconds since the outage in `stall` began, and its last error.
+pub fn stall_of(stall: &Stall) -> Option<(f64, String)> {
+    stall
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|(since, error)| (since.elapsed().as_secs_f64(), error.clone()))
 }
 
 /// Families of the ingest component (sources included).

@@ -23,6 +23,11 @@ use super::{
     Model, Pending, Presence, Transition, ZoneState,
 };
 use crate::metrics::Metrics;
+
+/// A difference between the system clock's and the monotonic clock's
+/// elapsed time over one engine beat at least this large is logged as a
+/// clock step (NTP slews far slower than this).
+const CLOCK_STEP_MS: i64 = 2_000;
 use crate::naming::{self, Site};
 use crate::observation::Observation;
 use crate::store::kv::{self as kvstore, CasWrite};
@@ -254,6 +259,11 @@ impl Runner {
         Metrics::set(&self.metrics.zones_occupied, occupied as u64);
         Metrics::set(&self.metrics.zones, self.slots.len() as u64);
         Metrics::set(&self.metrics.consumer_pending, self.backlog);
+        let newest = self.slots.values().map(|s| s.state.clock.0).max();
+        Metrics::set(
+            &self.metrics.zone_clock_max_ms,
+            newest.unwrap_or(0).max(0) as u64,
+        );
     }
 
     /// One-line summary for systemd's STATUS=.
@@ -387,6 +397,7 @@ impl Runner {
         loop {
             crate::systemd::watchdog();
             if let Err(e) = self.publish_transitions(&events).await {
+                crate::metrics::stalled(&self.metrics.engine_stalled, format!("EVENTS: {e}"));
                 if !logged {
                     tracing::warn!(error = %e, "cannot publish transitions to EVENTS; retrying");
                     logged = true;
@@ -399,6 +410,13 @@ impl Runner {
             match self.write_states(&dirty).await {
                 Ok(()) => break,
                 Err(remaining) => {
+                    crate::metrics::stalled(
+                        &self.metrics.engine_stalled,
+                        format!(
+                            "KV presence or debounce: {} zone(s) not written",
+                            remaining.len()
+                        ),
+                    );
                     dirty = remaining;
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
@@ -408,6 +426,7 @@ impl Runner {
         if logged {
             tracing::info!("EVENTS reachable again");
         }
+        crate::metrics::unstalled(&self.metrics.engine_stalled);
         for z in &touched {
             self.reschedule(z);
         }
@@ -930,6 +949,9 @@ impl Runner {
         let mut heartbeat = tokio::time::interval(beat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_status = tokio::time::Instant::now();
+        // The system clock against the monotonic one, once per beat: a
+        // step shows as a difference between their elapsed times.
+        let mut last_beat = (std::time::Instant::now(), Timestamp::now());
         loop {
             let next = if self.backlog == 0 {
                 self.timers.first().map(|(d, _)| *d)
@@ -977,6 +999,16 @@ impl Runner {
                 },
                 _ = tokio::time::sleep(sleep_for) => self.tick(Timestamp::now()).await,
                 _ = heartbeat.tick() => {
+                    let beat_at = (std::time::Instant::now(), Timestamp::now());
+                    let step_ms = (beat_at.1 .0 - last_beat.1 .0)
+                        - beat_at.0.duration_since(last_beat.0).as_millis() as i64;
+                    if step_ms.abs() >= CLOCK_STEP_MS {
+                        tracing::warn!(
+                            step_ms,
+                            "the system clock was stepped; zone clocks never run backwards, so after a step back debounce timers and overrides fire that much late"
+                        );
+                    }
+                    last_beat = beat_at;
                     if last_status.elapsed() >= status_period {
                         crate::systemd::status(&self.status_line());
                         last_status = tokio::time::Instant::now();

@@ -1,5 +1,6 @@
-//! A loopback TCP proxy that can cut and restore the link it carries: how
-//! tests take a leaf's link to the hub away without touching either server.
+//! A loopback TCP proxy that can cut, stall and restore the link it
+//! carries: how tests take a leaf's link to the hub away, or make an S3
+//! endpoint hang, without touching either server.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -13,6 +14,11 @@ struct Shared {
     /// Bytes from clients to the target are read and dropped, as a link
     /// that loses one direction does.
     mute_upstream: AtomicBool,
+    /// New connections are accepted and never answered; bytes on open
+    /// ones are dropped both ways: a peer that hangs.
+    stall: AtomicBool,
+    /// Connections accepted while stalled, held open until restored.
+    held: Mutex<Vec<TcpStream>>,
     stop: AtomicBool,
     live: Mutex<Vec<TcpStream>>,
 }
@@ -34,6 +40,8 @@ impl Proxy {
         let shared = Arc::new(Shared {
             cut: AtomicBool::new(false),
             mute_upstream: AtomicBool::new(false),
+            stall: AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             live: Mutex::new(Vec::new()),
         });
@@ -45,6 +53,10 @@ impl Proxy {
                         if s.cut.load(Ordering::SeqCst) {
                             // Refused as a dead link refuses: closed at once.
                             drop(client);
+                            continue;
+                        }
+                        if s.stall.load(Ordering::SeqCst) {
+                            s.held.lock().unwrap().push(client);
                             continue;
                         }
                         let _ = client.set_nonblocking(false);
@@ -61,9 +73,10 @@ impl Proxy {
                         pipe(
                             client.try_clone().unwrap(),
                             server.try_clone().unwrap(),
-                            Some(s.clone()),
+                            s.clone(),
+                            true,
                         );
-                        pipe(server, client, None);
+                        pipe(server, client, s.clone(), false);
                     }
                     Err(_) => thread::sleep(Duration::from_millis(10)),
                 }
@@ -90,10 +103,21 @@ impl Proxy {
         }
     }
 
-    /// Lets connections through again (both directions).
+    /// Lets connections through again (both directions); connections
+    /// held by [`Proxy::stall`] are closed.
     pub fn restore(&self) {
         self.shared.cut.store(false, Ordering::SeqCst);
         self.shared.mute_upstream.store(false, Ordering::SeqCst);
+        self.shared.stall.store(false, Ordering::SeqCst);
+        for stream in self.shared.held.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Hangs the link: new connections are accepted and never answered,
+    /// bytes on open ones go nowhere, until [`Proxy::restore`].
+    pub fn stall(&self) {
+        self.shared.stall.store(true, Ordering::SeqCst);
     }
 
     /// Drops everything clients send to the target from now on, while the
@@ -104,18 +128,18 @@ impl Proxy {
     }
 }
 
-/// Copies `from` to `to`; `upstream` is the proxy's state when this is
-/// the client-to-target direction (which [`Proxy::mute_upstream`] drops).
-fn pipe(mut from: TcpStream, mut to: TcpStream, upstream: Option<Arc<Shared>>) {
+/// Copies `from` to `to`; `upstream` is true for the client-to-target
+/// direction (which [`Proxy::mute_upstream`] drops). While stalled,
+/// nothing is copied either way.
+fn pipe(mut from: TcpStream, mut to: TcpStream, shared: Arc<Shared>, upstream: bool) {
     thread::spawn(move || {
         let mut buf = [0u8; 64 * 1024];
         loop {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if upstream
-                        .as_ref()
-                        .is_some_and(|s| s.mute_upstream.load(Ordering::SeqCst))
+                    if (upstream && shared.mute_upstream.load(Ordering::SeqCst))
+                        || shared.stall.load(Ordering::SeqCst)
                     {
                         continue;
                     }
@@ -132,6 +156,7 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, upstream: Option<Arc<Shared>>) {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        self.restore();
         self.cut();
         self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.accept.take() {
