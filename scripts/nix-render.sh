@@ -51,6 +51,21 @@ mosquitto_passwd="$(command -v mosquitto_passwd || echo /usr/bin/mosquitto_passw
 weed="$(command -v weed || true)"
 [ -n "$weed" ] || { say "weed not on PATH (source scripts/env.sh)"; exit 1; }
 
+# The tools cache may sit in a home directory that Nix's build users (and
+# the nspawn machine's service users) cannot enter: the store's packages
+# link to copies inside the checkout instead.
+copies="$root/target/nix-render/tools"
+mkdir -p "$copies"
+copy_tool() {
+    local src dst
+    src="$(readlink -f "$1")"
+    dst="$copies/$(basename "$1")"
+    cmp -s "$src" "$dst" 2>/dev/null || install -m 0755 "$src" "$dst"
+    printf '%s\n' "$dst"
+}
+nats="$(copy_tool "$nats")"
+weed="$(copy_tool "$weed")"
+
 start=$SECONDS
 mkdir -p target/nix-render
 # The store here has no binary cache to ask: nothing is substituted.
@@ -59,10 +74,10 @@ if ! nix-build --option substituters "" --keep-going \
     --arg subset "$subset" \
     --argstr presenced "$presenced" \
     --argstr nspawnKeys "$keys" \
-    --argstr natsServer "$(readlink -f "$nats")" \
+    --argstr natsServer "$nats" \
     --argstr mosquitto "$(readlink -f "$mosquitto")" \
     --argstr mosquittoPasswd "$(readlink -f "$mosquitto_passwd")" \
-    --argstr weed "$(readlink -f "$weed")" \
+    --argstr weed "$weed" \
     >target/nix-render/build.log 2>&1; then
     grep -v '^building \|^  /nix/store\|^these .* will be built' target/nix-render/build.log | tail -40
     say "build of the rendered systems failed (log: target/nix-render/build.log)"

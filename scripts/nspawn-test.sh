@@ -123,7 +123,8 @@ printf 'u nats - "NATS daemon user" /var/lib/nats\n' >"$stage/sysusers.conf"
 
 # Binaries the store's package links point at.
 binds=(--bind-ro=/nix/store --bind-ro="$root")
-for bin in "$presenced" "$(readlink -f "$(command -v nats-server)")"; do
+# (nats-server: the copy scripts/nix-render.sh made inside the checkout.)
+for bin in "$presenced" "$root/target/nix-render/tools/nats-server"; do
     case "$bin" in "$root"/*) ;; *) binds+=(--bind-ro="$(dirname "$bin")") ;; esac
 done
 
