@@ -26,6 +26,6 @@ fi
 if ! command -v mosquitto >/dev/null 2>&1 && [ -x /usr/sbin/mosquitto ]; then
     export MOSQUITTO=/usr/sbin/mosquitto
 fi
-# Home Assistant Core for tests/homeassistant_real.rs (scripts/setup-ha.sh).
+# Home Assistant Core for tests/it/homeassistant_real.rs (scripts/setup-ha.sh).
 export PRESENCED_HA_PYTHON="$PRESENCED_TOOLS/ha/bin/python"
 export PRESENCED_ROOT

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs a real Home Assistant Core for tests/homeassistant_real.rs into
+# Installs a real Home Assistant Core for tests/it/homeassistant_real.rs into
 # the tools cache (<tools>/ha, a Python virtualenv; see setup.sh), idempotently. Kept apart from setup.sh:
 # it is a ~400 MB install that takes about five minutes the first time.
 #

@@ -218,7 +218,7 @@ install_mosquitto
 install_nspawn_tools
 install_faketime
 install_nextest
-# Home Assistant Core for tests/homeassistant_real.rs: its own script (a
+# Home Assistant Core for tests/it/homeassistant_real.rs: its own script (a
 # ~400 MB install, about five minutes the first time, kept in the cache).
 bash "$ROOT/scripts/setup-ha.sh"
 say "done; run 'source scripts/env.sh' to use the tools in this shell"

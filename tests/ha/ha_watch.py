@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Runs a real Home Assistant Core against an MQTT broker and reports what
-it shows, for tests/homeassistant_real.rs.
+it shows, for tests/it/homeassistant_real.rs.
 
 Usage: ha_watch.py <config_dir> <mqtt_port>
 
