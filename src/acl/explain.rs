@@ -52,7 +52,7 @@ pub fn grant(subject: &str, service: &str) -> Option<String> {
     let tokens: Vec<&str> = subject.split('.').collect();
     match tokens.as_slice() {
         ["$JS", "hub", "API", "STREAM", "INFO" | "LEADER", ..] => Some(format!(
-            "runs = [\"engine\"] in [services.{service}] ([hub] and `presenced status` go with the engine's identity)"
+            "runs = [\"engine\"] in [services.{service}] (the engine's `[hub]` reads its hub mirrors; `presenced status` reads them as the engine's service or as the site's admin)"
         )),
         ["$JS", "API", "STREAM", "INFO", s] | ["$JS", "FC", s, ..] => {
             stream_keyspace(s).and_then(reads)
