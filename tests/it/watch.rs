@@ -334,13 +334,22 @@ async fn sigkilled_leaf_under_a_daemon_and_a_watch_no_gap_no_duplicate() {
 
     // The daemon recovers: it is healthy and applies everything.
     d.wait_healthy(http, Duration::from_secs(30));
-    let total = stream_messages(&js, "SENSORS").await;
+    // Readings held while the leaf was down are stored after it is back, so
+    // wait for the count to reach what was published, then check that it
+    // stays there (no reading stored twice).
+    eventually(
+        "every reading stored after the restart",
+        Duration::from_secs(30),
+        || async { stream_messages(&js, "SENSORS").await as usize >= i },
+    )
+    .await;
     eventually(
         "engine caught up after the restart",
         Duration::from_secs(30),
         || async { engine_caught_up(&js, stream_messages(&js, "SENSORS").await).await },
     )
     .await;
+    let total = stream_messages(&js, "SENSORS").await;
     assert_eq!(total as usize, i, "every reading stored once");
 
     // The watch recovers: it reaches the bucket's last revision.
