@@ -547,8 +547,8 @@ pub struct HubWatch {
     /// before it counts as stalled (WARN log, metric, `/healthz`).
     #[serde(default = "default_stall_after", with = "humantime_serde")]
     pub stall_after: Duration,
-    /// Ask the hub to restart a mirror that is behind and has not heard
-    /// from its source for `nudge_after` (its leader steps down; the new
+    /// Ask the hub to restart a mirror that is behind and has neither heard
+    /// from its source nor moved for `nudge_after` (its leader steps down; the new
     /// leader resumes at once instead of on the server's retry backoff).
     #[serde(default = "yes")]
     pub nudge: bool,

@@ -9,7 +9,9 @@
 //! up at once, usually 0.2-0.3 s after the step-down. Not always: a
 //! step-down right after the link's return was once followed by the
 //! server's backoff anyway (11 s), so [`super::health`] repeats it every
-//! `nudge_after` while the mirror stays out of contact. This module asks
+//! `nudge_after` while the mirror stays behind without progress (contact
+//! alone is not enough: a new leader can be in contact and still wait out
+//! the backoff). This module asks
 //! for one step-down; [`super::health`] decides when.
 
 use super::link::HubLink;

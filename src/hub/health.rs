@@ -95,7 +95,8 @@ pub struct Health {
 pub enum Event {
     StallStarted,
     StallEnded,
-    /// Behind and out of contact: ask the hub to restart the mirror.
+    /// Behind and out of contact or not moving: ask the hub to restart the
+    /// mirror.
     Nudge,
 }
 
@@ -191,14 +192,19 @@ impl Tracker {
             });
             self.stalled = stalled;
         }
-        // A nudge needs the hub reachable now, a mirror behind and without
-        // contact for a while, and none in the last nudge_after.
+        // A nudge needs the hub reachable now, a mirror behind and either
+        // without contact or without progress for nudge_after, and none in
+        // the last nudge_after. Progress counts, not contact alone: after a
+        // step-down the new leader may report contact with the leaf and
+        // still wait out the server's retry backoff before it copies
+        // anything, and that wait is what the nudge exists to cut short.
         if let (Some(after), Ok(m)) = (self.nudge_after, &sample.mirror) {
             let out_of_contact = m.last_contact.is_none_or(|c| c >= after);
+            let no_progress = stuck_for.is_some_and(|d| d >= after);
             let cooled = self
                 .last_nudge
                 .is_none_or(|t| now.saturating_duration_since(t) >= after);
-            if behind && !progressed && out_of_contact && cooled {
+            if behind && !progressed && (out_of_contact || no_progress) && cooled {
                 self.last_nudge = Some(now);
                 events.push(Event::Nudge);
             }
@@ -277,7 +283,7 @@ pub fn contexts(
 
 /// Polls every mirror of `site` until `stop`: updates `metrics`, logs a
 /// stall at WARN once when it starts and at INFO when it ends, and nudges
-/// mirrors that are behind and out of contact (when enabled).
+/// mirrors that are behind and out of contact or not moving (when enabled).
 pub async fn run(
     client: async_nats::Client,
     site: Site,
@@ -326,7 +332,7 @@ pub async fn run(
                                 mirror = %mirror.name,
                                 last_contact_s = ?health.last_contact_seconds,
                                 lag_messages = ?health.lag_messages,
-                                "hub mirror behind and out of contact: asked the hub to restart it"
+                                "hub mirror behind and not moving: asked the hub to restart it"
                             );
                         }
                         Err(e) => {
@@ -483,6 +489,21 @@ mod tests {
         assert_eq!(ev, [Event::Nudge]);
         // Moving again: no nudge.
         let (_, ev) = t.observe(&ok(60, 40, 0), start + Duration::from_secs(15));
+        assert!(ev.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_contact_but_not_moving_is_nudged_too() {
+        let mut t = Tracker::new("m", STALL, Some(NUDGE));
+        let start = Instant::now();
+        t.observe(&ok(10, 10, 0), start);
+        // The hub reports fresh contact, yet the mirror copies nothing.
+        let (_, ev) = t.observe(&ok(50, 10, 0), start + Duration::from_millis(100));
+        assert!(ev.is_empty(), "just fell behind: no nudge yet");
+        let (_, ev) = t.observe(&ok(50, 10, 0), start + NUDGE + Duration::from_millis(100));
+        assert_eq!(ev, [Event::Nudge]);
+        // Progress clears it.
+        let (_, ev) = t.observe(&ok(60, 55, 0), start + NUDGE * 3);
         assert!(ev.is_empty());
     }
 

@@ -17,10 +17,17 @@ use support::{http_get, leaf_of, wait_until, Daemon, Hub, LinkProxies, Mosquitto
 
 const SITE: &str = "home";
 const DEADLINE: Duration = Duration::from_secs(60);
+/// How long the link-cut test keeps the link down. After 20 s the server's
+/// own retry backoff resumes a mirror only 30-40 s after the link's return
+/// (docs/PERFORMANCE.md), far beyond [`CATCH_UP_BOUND`], so the bound holds
+/// only when the daemon's nudge works.
+const CUT: Duration = Duration::from_secs(20);
 /// How soon after the link's return the hub must hold everything the leaf
-/// wrote while it was cut: the goal is about 2 s (one poll of the daemon
-/// plus the leader step-down); the rest is slack for a loaded machine.
-const CATCH_UP_BOUND: Duration = Duration::from_secs(5);
+/// wrote while it was cut: about 1-2 s when idle (one poll of the daemon
+/// plus the leader step-down, measured in `benches/topology.rs`); the rest
+/// is slack for a loaded machine. Not a speed test: it separates "nudged"
+/// from "left to the server's backoff".
+const CATCH_UP_BOUND: Duration = Duration::from_secs(12);
 
 const ZONES: &str = r#"
 [zones.hall]
@@ -286,7 +293,7 @@ async fn link_cut_every_reading_of_the_window_reaches_the_hub_once_and_fast() {
     let before = last_seq(&leaf_js, naming::SENSORS_STREAM).await.unwrap();
     t.link.cut();
     wait_until("the link is down", DEADLINE, || t.hub.leafnode_count() == 0);
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    tokio::time::sleep(CUT).await;
     let during = last_seq(&hub_js, &mirror).await.unwrap();
     let written = last_seq(&leaf_js, naming::SENSORS_STREAM).await.unwrap();
     assert!(
@@ -305,7 +312,7 @@ async fn link_cut_every_reading_of_the_window_reaches_the_hub_once_and_fast() {
     .await;
     let caught_up = restored.elapsed();
     println!(
-        "link cut 10 s: hub caught up {caught_up:?} after the link's return ({} readings behind)",
+        "link cut {CUT:?}: hub caught up {caught_up:?} after the link's return ({} readings behind)",
         written - during
     );
 
