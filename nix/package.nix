@@ -2,8 +2,8 @@
 # (nats-server, Mosquitto and SeaweedFS as the S3 server, from nixpkgs),
 # which listen on 127.0.0.1: the build sandbox has a loopback interface.
 #
-# The binary is built in the release profile (fat LTO, for a small edge
-# board); the tests are built in the dev profile and run as CI runs them
+# The binary is built in the `dist` profile (fat LTO, for a small edge
+# board; Cargo.toml); the tests are built in the dev profile and run as CI runs them
 # (scripts/test.sh): `cargo nextest run --lib --bins --tests` with
 # .config/nextest.toml, then the doc tests. Linking every test binary with
 # fat LTO would take hours on a small builder and test another build than
@@ -41,6 +41,9 @@ rustPlatform.buildRustPackage {
   };
 
   cargoLock.lockFile = ../Cargo.lock;
+
+  # Cargo.toml's shipping profile; `release` is the quick local build.
+  buildType = "dist";
 
   nativeCheckInputs = [
     cargo-nextest

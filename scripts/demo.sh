@@ -33,11 +33,18 @@ bash scripts/setup.sh
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
 
-printf 'demo: building presenced (%s)\n' "$profile"
-if [ "$profile" = release ]; then
-    cargo build --release --quiet
+# The release profile is the quick optimised build (no fat LTO: that is
+# the `dist` profile the Nix package ships). Cargo's own progress shows;
+# a first build fetches and compiles every dependency.
+if [ -x "target/$profile/presenced" ]; then
+    printf 'demo: updating the %s build of presenced\n' "$profile"
 else
-    cargo build --quiet
+    printf 'demo: building presenced (%s profile), a few minutes the first time\n' "$profile"
+fi
+if [ "$profile" = release ]; then
+    cargo build --release --bin presenced
+else
+    cargo build --bin presenced
 fi
 
 exec "$ROOT/target/$profile/presenced" sandbox --dir "$ROOT/.sandbox" "${args[@]}"
