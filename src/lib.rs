@@ -16,13 +16,15 @@
 //! - [`supervise`]: one cancellation token and join set for every task of
 //!   the daemon; failures named in health and metrics, fatal ones exit.
 //! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
-//! - [`client`], [`cmd`]: the state-first clients and the command sender.
+//! - [`client`]: the state-first clients (`watch`, `get`, `status`).
 //! - [`sandbox`]: a whole deployment on loopback (`presenced sandbox`).
+//!
+//! The command line is not here: the binary's `src/cli/` holds one file
+//! per subcommand (its clap arguments and a thin call into this library).
 
 pub mod acl;
 pub mod archive;
 pub mod client;
-pub mod cmd;
 pub mod config;
 pub mod daemon;
 pub mod engine;

@@ -111,28 +111,3 @@ impl HubNode {
         Ok(render::hub(self))
     }
 }
-
-/// Which server `presenced nats-config` renders.
-#[derive(Debug, Clone, clap::Subcommand)]
-pub enum Kind {
-    /// A site's leaf node (JetStream domain `leaf-<site>`).
-    Leaf {
-        /// TOML description of the leaf (see docs/OPERATIONS.md).
-        file: std::path::PathBuf,
-    },
-    /// One node of the hub cluster (JetStream domain `hub`).
-    Hub {
-        /// TOML description of the hub node (see docs/OPERATIONS.md).
-        file: std::path::PathBuf,
-    },
-}
-
-/// `presenced nats-config`: the rendered config on stdout.
-pub fn run(kind: &Kind) -> Result<(), NatsConfError> {
-    let text = match kind {
-        Kind::Leaf { file } => Leaf::load(file)?.render()?,
-        Kind::Hub { file } => HubNode::load(file)?.render()?,
-    };
-    print!("{text}");
-    Ok(())
-}
