@@ -10,7 +10,10 @@
 //! - [`model`]: the descriptions and their defaults.
 //! - [`check`]: what makes a description unusable, by field path.
 //! - [`render`]: description to config text, deterministic.
+//! - [`auth`]: the `authorization` block (`presenced acl`, `acl-hub`),
+//!   written by the same writer.
 
+pub mod auth;
 pub mod check;
 pub mod model;
 pub mod render;

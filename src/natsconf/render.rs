@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// A config string literal; nats-server accepts JSON escaping.
-fn quote(text: &str) -> String {
+pub(super) fn quote(text: &str) -> String {
     serde_json::to_string(text).unwrap_or_else(|_| String::from("\"\""))
 }
 
@@ -27,15 +27,17 @@ pub fn go_duration(d: Duration) -> String {
     }
 }
 
-/// Lines of config text with the current indentation.
+/// Lines of config text with the current indentation: the one writer
+/// of nats-server config text (server configs here, authorization blocks
+/// in [`super::auth`]).
 #[derive(Default)]
-struct Text {
-    out: String,
-    indent: usize,
+pub(super) struct Text {
+    pub(super) out: String,
+    pub(super) indent: usize,
 }
 
 impl Text {
-    fn line(&mut self, line: &str) {
+    pub(super) fn line(&mut self, line: &str) {
         for _ in 0..self.indent {
             self.out.push_str("  ");
         }
@@ -43,18 +45,18 @@ impl Text {
         self.out.push('\n');
     }
 
-    fn comment(&mut self, text: &str) {
+    pub(super) fn comment(&mut self, text: &str) {
         for line in text.lines() {
             self.line(&format!("# {line}"));
         }
     }
 
-    fn open(&mut self, head: &str) {
+    pub(super) fn open(&mut self, head: &str) {
         self.line(&format!("{head} {{"));
         self.indent += 1;
     }
 
-    fn close(&mut self) {
+    pub(super) fn close(&mut self) {
         self.indent = self.indent.saturating_sub(1);
         self.line("}");
     }
