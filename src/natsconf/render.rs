@@ -112,6 +112,7 @@ fn common(
     tls: Option<&ServerTls>,
     monitor_port: u16,
     log: Option<&Path>,
+    ports_file_dir: Option<&Path>,
 ) {
     t.comment("Unique among every server the hub sees; MQTT and clustering need one.");
     t.line(&format!("server_name: {}", quote(server_name)));
@@ -121,9 +122,17 @@ fn common(
         server_tls(t, tls);
     }
     t.comment("Monitoring (/healthz, /jsz, /leafz) on loopback only.");
-    t.line(&format!("http: \"127.0.0.1:{monitor_port}\""));
+    if monitor_port == 0 {
+        t.line("http: \"127.0.0.1:-1\"");
+    } else {
+        t.line(&format!("http: \"127.0.0.1:{monitor_port}\""));
+    }
     if let Some(log) = log {
         t.line(&format!("log_file: {}", quote_path(log)));
+    }
+    if let Some(dir) = ports_file_dir {
+        t.comment("The ports this server listens on, for whoever started it.");
+        t.line(&format!("ports_file_dir: {}", quote_path(dir)));
     }
     t.blank();
 }
@@ -220,6 +229,7 @@ pub fn leaf(leaf: &Leaf) -> String {
         leaf.tls.as_ref(),
         leaf.monitor_port,
         leaf.log_file.as_deref(),
+        leaf.ports_file_dir.as_deref(),
     );
     jetstream(
         &mut t,
@@ -255,6 +265,7 @@ pub fn hub(hub: &HubNode) -> String {
         hub.tls.as_ref(),
         hub.monitor_port,
         hub.log_file.as_deref(),
+        hub.ports_file_dir.as_deref(),
     );
     jetstream(
         &mut t,
