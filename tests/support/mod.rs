@@ -16,7 +16,8 @@
 //! - [`wait`]: polling with deadlines instead of sleeps.
 //! - [`http`]: a tiny HTTP/1.0 client for health and monitoring endpoints.
 //! - [`seaweed`]: a SeaweedFS S3 gateway that signs requests, stoppable.
-//! - [`process`]: signals, graceful stop and log tails shared by the above.
+//! - [`process`]: [`process::Supervised`], the one child-process type of
+//!   every wrapper above (start, graceful stop, kill, restart, log tail).
 #![allow(dead_code, unused_imports)]
 
 pub mod daemon;

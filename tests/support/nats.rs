@@ -10,7 +10,7 @@ use super::process::{self, log_tail};
 use std::env;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -154,7 +154,7 @@ pub struct NatsServer {
     pub leafnode_port: Option<u16>,
     /// JetStream store; kept across [`NatsServer::restart`].
     pub store_dir: PathBuf,
-    child: Option<Child>,
+    process: process::Supervised,
     config_path: PathBuf,
     log_path: PathBuf,
     // Last field: removed after the server is gone.
@@ -205,7 +205,7 @@ impl NatsServer {
             monitor_port: 0,
             leafnode_port: None,
             store_dir,
-            child: None,
+            process: process::Supervised::new("nats-server", log_path.clone()),
             config_path,
             log_path,
             dir,
@@ -290,23 +290,15 @@ impl NatsServer {
     }
 
     fn fail_if_exited(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                panic!(
-                    "nats-server exited during startup ({status}); config {}; log tail:\n{}",
-                    self.config_path.display(),
-                    log_tail(&self.log_path)
-                );
-            }
-        }
+        let during = format!("during startup (config {})", self.config_path.display());
+        self.process.panic_if_exited(&during);
     }
 
     /// Client URL.
     /// Process id of the running server (0 when stopped), for /proc
     /// readings in benchmarks.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, |c| c.id())
+        self.process.pid()
     }
 
     pub fn url(&self) -> String {
@@ -331,16 +323,12 @@ impl NatsServer {
 
     /// Graceful stop: SIGTERM, then SIGKILL after 5 s.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            process::terminate(&mut child, STOP_GRACE);
-        }
+        self.process.stop(STOP_GRACE);
     }
 
     /// Abrupt stop, as a crash or power loss of the server process.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            process::kill(&mut child);
-        }
+        self.process.kill();
     }
 
     /// Stops (if running) and starts again with the same ports, config and
@@ -354,21 +342,19 @@ impl NatsServer {
     /// [`NatsServer::stop`]: same ports, config and store, waiting until
     /// ready.
     pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "nats-server is still running");
+        assert!(!self.process.is_running(), "nats-server is still running");
+        self.process.kill();
         self.spawn();
     }
 
     /// Whether the server process is still alive.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.process.is_running()
     }
 
     /// The server log so far (all runs of this `NatsServer`).
     pub fn log(&self) -> String {
-        process::read_log(&self.log_path)
+        self.process.log()
     }
 
     fn spawn(&mut self) {
@@ -377,15 +363,10 @@ impl NatsServer {
     }
 
     fn spawn_child(&mut self) {
-        let child = Command::new(nats_server_bin())
-            .arg("-c")
-            .arg(&self.config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot start nats-server: {error}"));
-        self.child = Some(child);
+        let mut command = Command::new(nats_server_bin());
+        command.arg("-c").arg(&self.config_path);
+        // It writes its own log (log_file in the config).
+        self.process.spawn(command, false);
     }
 
     fn wait_ready(&mut self) {
@@ -395,16 +376,7 @@ impl NatsServer {
             if let Some((200, _)) = http_get(addr, "/healthz?js-enabled-only=true") {
                 return;
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    panic!(
-                        "nats-server exited during startup ({status}); config {}; log tail:\n{}",
-                        self.config_path.display(),
-                        log_tail(&self.log_path)
-                    );
-                }
-            }
+            self.fail_if_exited();
             if start.elapsed() >= READY_DEADLINE {
                 panic!(
                     "nats-server on port {} not ready after {READY_DEADLINE:?}; log tail:\n{}",
