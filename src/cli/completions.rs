@@ -13,6 +13,10 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut cmd = super::Cli::command();
-    clap_complete::generate(args.shell, &mut cmd, "presenced", &mut std::io::stdout());
+    // Into memory first: the generator panics on a failed write (a reader
+    // such as `head` that stops early).
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut cmd, "presenced", &mut script);
+    super::print_bytes(&script)?;
     Ok(ExitCode::SUCCESS)
 }

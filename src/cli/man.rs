@@ -23,7 +23,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             clap_mangen::generate_to(cmd, &dir)
                 .with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
         }
-        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut page)?;
+            super::print_bytes(&page)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -212,6 +212,19 @@ impl Context {
     }
 }
 
+/// Writes `bytes` to stdout; a reader that stops early (`| head`) is not
+/// an error.
+pub fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to stdout"))
+        }
+        _ => Ok(()),
+    }
+}
+
 pub fn init_tracing(level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("RUST_LOG")

@@ -142,6 +142,29 @@ fn completions_and_man_pages_cover_every_subcommand() {
     }
     let main = std::fs::read_to_string(dir.path().join("presenced-watch.1")).unwrap();
     assert!(main.contains("PRESENCED_CONFIG"), "{main}");
+    // A reader that stops early (`| head`) is no failure, and no panic:
+    // the read end is closed before the program has started up, so its
+    // write meets a closed pipe.
+    for args in [&["completions", "zsh"][..], &["man"][..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_presenced"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]
