@@ -244,10 +244,13 @@ pub async fn provision_with(
     check_server_version(&client.server_info().version)?;
     let js = jetstream::new(client.clone());
     let owners_stream = naming::kv_stream(naming::OWNERS_BUCKET);
+    // Read before the buckets are updated: updating KV `owners` drops the
+    // table with the rest of its stream's metadata.
+    // Missing bucket (first run): nothing stored.
+    let stored = published::read(&js, &owners_stream).await.ok().flatten();
     let kept = match table {
         Some(t) => Some(t.clone()),
-        // Missing bucket (first run): nothing to keep.
-        None => published::read(&js, &owners_stream).await.ok().flatten(),
+        None => stored.clone(),
     };
     let mut done = Vec::new();
     // What the server has before and after each step says whether the
@@ -289,7 +292,6 @@ pub async fn provision_with(
         });
     }
     if let Some(t) = &kept {
-        let stored = published::read(&js, &owners_stream).await.ok().flatten();
         published::store(&js, &owners_stream, t)
             .await
             .map_err(|reason| ProvisionError::Table { reason })?;

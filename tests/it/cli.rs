@@ -317,6 +317,48 @@ async fn provision_is_idempotent_and_get_and_watch_show_state() {
             assert!(report.contains(thing), "{thing:?} missing in:\n{report}");
         }
     }
+    // With the ownership map: the table is created once, then unchanged,
+    // though updating KV owners drops it from the stream's metadata.
+    let access = dir.path().join("access.toml");
+    let key = || nkeys::KeyPair::new_user().public_key();
+    std::fs::write(
+        &access,
+        format!(
+            "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\"]\n",
+            key(),
+            key()
+        ),
+    )
+    .unwrap();
+    let with_access = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_presenced"))
+            .args([
+                "provision",
+                "-c",
+                path.to_str().unwrap(),
+                "--access",
+                access.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for word in ["created", "unchanged"] {
+        let report = with_access();
+        assert!(
+            report.contains(&format!("ownership table on KV_owners: {word}\n")),
+            "{report}"
+        );
+        let others = report.lines().filter(|l| !l.starts_with("ownership table"));
+        for line in others {
+            assert!(line.ends_with(": unchanged"), "{line:?} in:\n{report}");
+        }
+    }
     assert_eq!(after.subjects, vec!["sensors.cli.>".to_string()]);
 
     let missing = presenced(&["get", "--config", path.to_str().unwrap(), "hall"]);
