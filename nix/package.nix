@@ -10,7 +10,9 @@
 # CI does.
 {
   lib,
+  stdenv,
   rustPlatform,
+  installShellFiles,
   cargo-nextest,
   nats-server,
   mosquitto,
@@ -44,6 +46,20 @@ rustPlatform.buildRustPackage {
 
   # Cargo.toml's shipping profile; `release` is the quick local build.
   buildType = "dist";
+
+  nativeBuildInputs = [ installShellFiles ];
+
+  # Completions and man pages come from the binary's own clap definitions
+  # (`presenced completions`, `presenced man`), so they match the command
+  # line; a cross build cannot run the binary and goes without.
+  postInstall = lib.optionalString (stdenv.buildPlatform.canExecute stdenv.hostPlatform) ''
+    installShellCompletion --cmd presenced \
+      --bash <($out/bin/presenced completions bash) \
+      --fish <($out/bin/presenced completions fish) \
+      --zsh <($out/bin/presenced completions zsh)
+    $out/bin/presenced man --out-dir man
+    installManPage man/*.1
+  '';
 
   nativeCheckInputs = [
     cargo-nextest

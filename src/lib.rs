@@ -16,13 +16,20 @@
 //! - [`supervise`]: one cancellation token and join set for every task of
 //!   the daemon; failures named in health and metrics, fatal ones exit.
 //! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
-//! - [`client`], [`cmd`]: the state-first clients and the command sender.
+//! - [`client`]: the state-first clients (`watch`, `get`, `status`).
 //! - [`sandbox`]: a whole deployment on loopback (`presenced sandbox`).
+//! - [`acl`]: the ownership map (access file), NKEY identities, the
+//!   permissions generated from them, and the server's refusals explained.
+//! - [`hub`]: the hub's mirrors of each site, their provisioning and health.
+//! - [`natsconf`]: the one writer of nats-server config: leaf, hub node
+//!   and the `authorization` blocks [`acl`] describes.
+//!
+//! The command line is not here: the binary's `src/cli/` holds one file
+//! per subcommand (its clap arguments and a thin call into this library).
 
 pub mod acl;
 pub mod archive;
 pub mod client;
-pub mod cmd;
 pub mod config;
 pub mod daemon;
 pub mod engine;

@@ -7,14 +7,10 @@
 
 use super::access::{Access, Component, Keyspace, Service};
 use crate::naming::{self, js, Site};
-use std::fmt::Write as _;
+use crate::natsconf::auth::{self, Authorization, Credential};
 
 /// One allow or deny entry with why it is there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    pub subject: String,
-    pub why: String,
-}
+pub use crate::natsconf::auth::Rule;
 
 /// The permissions of one identity.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -400,30 +396,6 @@ pub fn leafnode_permissions(site: &Site) -> Permissions {
     p
 }
 
-fn quote(s: &str) -> String {
-    // Subjects and keys are ASCII without quotes or backslashes.
-    format!("\"{s}\"")
-}
-
-fn rules(out: &mut String, indent: &str, key: &str, rules: &[Rule]) {
-    if rules.is_empty() && key == "allow" {
-        // nats-server reads an empty allow list as "no restriction".
-        let _ = writeln!(out, "{indent}# nothing is allowed");
-        let _ = writeln!(out, "{indent}deny: [\">\"]");
-        return;
-    }
-    let _ = writeln!(out, "{indent}{key}: [");
-    let mut last_why = "";
-    for r in rules {
-        if r.why != last_why {
-            let _ = writeln!(out, "{indent}  # {}", r.why);
-            last_why = &r.why;
-        }
-        let _ = writeln!(out, "{indent}  {}", quote(&r.subject));
-    }
-    let _ = writeln!(out, "{indent}]");
-}
-
 /// The `authorization { users = [...] }` block; the same input gives the
 /// same bytes.
 pub fn render(access: &Access, site: &Site) -> String {
@@ -475,73 +447,47 @@ pub fn render_with_mqtt(
     site: &Site,
     mqtt: &[MqttUser],
 ) -> Result<String, bcrypt::BcryptError> {
-    let mut out = render(access, site);
-    if mqtt.is_empty() {
-        return Ok(out);
-    }
-    // The NKEY users end with "  ]\n}\n"; the MQTT users join that list.
-    let tail = "  ]\n}\n";
-    if out.ends_with(tail) {
-        out.truncate(out.len() - tail.len());
-    }
+    let mut auth = authorization(&users(access, site), site, access.leafnode.as_deref());
     for m in mqtt {
-        let publish: Vec<Rule> = m
-            .publish
-            .iter()
-            .map(|s| Rule {
-                subject: s.clone(),
-                why: "MQTT topics it publishes".to_owned(),
-            })
-            .collect();
-        let subscribe: Vec<Rule> = m
-            .subscribe
-            .iter()
-            .map(|s| Rule {
-                subject: s.clone(),
-                why: "MQTT topics it subscribes to".to_owned(),
-            })
-            .collect();
-        let _ = writeln!(out, "    # MQTT user {}: {}", m.user, m.summary);
-        let _ = writeln!(out, "    {{");
-        let _ = writeln!(out, "      user: {}", quote(&m.user));
-        let _ = writeln!(
-            out,
-            "      password: {}",
-            quote(&password_hash(&m.password)?)
-        );
-        let _ = writeln!(out, "      allowed_connection_types: [\"MQTT\"]");
-        let _ = writeln!(out, "      permissions: {{");
-        let _ = writeln!(out, "        publish: {{");
-        rules(&mut out, "          ", "allow", &publish);
-        let _ = writeln!(out, "        }}");
-        let _ = writeln!(out, "        subscribe: {{");
-        rules(&mut out, "          ", "allow", &subscribe);
-        let _ = writeln!(out, "        }}");
-        let _ = writeln!(out, "      }}");
-        let _ = writeln!(out, "    }}");
+        let rules = |subjects: &[String], why: &str| -> Vec<Rule> {
+            subjects
+                .iter()
+                .map(|s| Rule {
+                    subject: s.clone(),
+                    why: why.to_owned(),
+                })
+                .collect()
+        };
+        auth.users.push(auth::User {
+            comment: format!("MQTT user {}: {}", m.user, m.summary),
+            credential: Credential::Password {
+                user: m.user.clone(),
+                bcrypt: password_hash(&m.password)?,
+            },
+            connection_types: vec!["MQTT".to_owned()],
+            publish_allow: rules(&m.publish, "MQTT topics it publishes"),
+            publish_deny: Vec::new(),
+            subscribe_allow: rules(&m.subscribe, "MQTT topics it subscribes to"),
+        });
     }
-    out.push_str(tail);
-    Ok(out)
+    Ok(auth::render(&auth))
 }
 
 /// One user of the hub's block: allow lists only (deny by default);
 /// `leafnode_only` admits the key on leafnode connections alone.
-fn hub_user(out: &mut String, comment: &str, nkey: &str, leafnode_only: bool, p: &Permissions) {
-    let _ = writeln!(out, "    # {comment}");
-    let _ = writeln!(out, "    {{");
-    let _ = writeln!(out, "      nkey: {}", quote(nkey));
-    if leafnode_only {
-        let _ = writeln!(out, "      allowed_connection_types: [\"LEAFNODE\"]");
+fn hub_user(comment: &str, nkey: &str, leafnode_only: bool, p: Permissions) -> auth::User {
+    auth::User {
+        comment: comment.to_owned(),
+        credential: Credential::Nkey(nkey.to_owned()),
+        connection_types: if leafnode_only {
+            vec!["LEAFNODE".to_owned()]
+        } else {
+            Vec::new()
+        },
+        publish_allow: p.publish_allow,
+        publish_deny: Vec::new(),
+        subscribe_allow: p.subscribe_allow,
     }
-    let _ = writeln!(out, "      permissions: {{");
-    let _ = writeln!(out, "        publish: {{");
-    rules(out, "          ", "allow", &p.publish_allow);
-    let _ = writeln!(out, "        }}");
-    let _ = writeln!(out, "        subscribe: {{");
-    rules(out, "          ", "allow", &p.subscribe_allow);
-    let _ = writeln!(out, "        }}");
-    let _ = writeln!(out, "      }}");
-    let _ = writeln!(out, "    }}");
 }
 
 /// The hub's `authorization` block: the admin (provisions the mirrors,
@@ -549,13 +495,10 @@ fn hub_user(out: &mut String, comment: &str, nkey: &str, leafnode_only: bool, p:
 /// leafnode only. Without it anyone reaching the hub's leafnode port could
 /// join as a site.
 pub fn render_hub(admin: Option<&str>, leafnodes: &[(Site, String)]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# nats-server authorization of the hub, generated by presenced."
-    );
-    let _ = writeln!(out, "authorization {{");
-    let _ = writeln!(out, "  users = [");
+    let mut auth = Authorization {
+        header: vec!["nats-server authorization of the hub, generated by presenced.".to_owned()],
+        users: Vec::new(),
+    };
     if let Some(admin) = admin {
         let mut p = admin_permissions();
         p.publish(
@@ -568,77 +511,58 @@ pub fn render_hub(admin: Option<&str>, leafnodes: &[(Site, String)]) -> String {
                 "each site's JetStream over its leafnode link (provision-hub reads the mirror sources)",
             );
         }
-        hub_user(
-            &mut out,
+        auth.users.push(hub_user(
             "admin: provisions the hub mirrors, inspects; writes no keyspace",
             admin,
             false,
-            &p,
-        );
+            p,
+        ));
     }
     for (site, nkey) in leafnodes {
-        hub_user(
-            &mut out,
+        auth.users.push(hub_user(
             &format!("leafnode of site {site}: hub mirrors of this site only"),
             nkey,
             true,
-            &leafnode_permissions(site),
-        );
+            leafnode_permissions(site),
+        ));
     }
-    let _ = writeln!(out, "  ]");
-    let _ = writeln!(out, "}}");
-    out
+    auth::render(&auth)
 }
 
 /// Renders given users (the test that proves each rule necessary renders
 /// variants with one rule removed).
 pub fn render_users(users: &[User], site: &Site, leafnode: Option<&str>) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# nats-server authorization of site {site}, generated by `presenced acl`."
-    );
-    let _ = writeln!(
-        out,
-        "# Deny by default: an identity may publish and subscribe only where listed."
-    );
-    let _ = writeln!(
-        out,
-        "# Each keyspace has one writer; reads beyond a service's own are granted in the access file."
-    );
-    let _ = writeln!(
-        out,
-        "# Services connect with inbox prefix _INBOX.<service>, so none can read another's replies."
-    );
+    auth::render(&authorization(users, site, leafnode))
+}
+
+/// The site's block as a description, for [`render_users`] and
+/// [`render_with_mqtt`] (which adds its MQTT users before rendering).
+fn authorization(users: &[User], site: &Site, leafnode: Option<&str>) -> Authorization {
+    let mut header = vec![
+        format!("nats-server authorization of site {site}, generated by `presenced acl`."),
+        "Deny by default: an identity may publish and subscribe only where listed.".to_owned(),
+        "Each keyspace has one writer; reads beyond a service's own are granted in the access file.".to_owned(),
+        "Services connect with inbox prefix _INBOX.<service>, so none can read another's replies.".to_owned(),
+    ];
     if let Some(leaf) = leafnode {
-        let _ = writeln!(
-            out,
-            "# Leafnode identity of this site (accepted by the hub's leafnodes.authorization): {leaf}"
-        );
+        header.push(format!(
+            "Leafnode identity of this site (accepted by the hub's leafnodes.authorization): {leaf}"
+        ));
     }
-    let _ = writeln!(out, "authorization {{");
-    let _ = writeln!(out, "  users = [");
-    for u in users {
-        let p = &u.permissions;
-        let _ = writeln!(out, "    # {}: {}", u.label, u.summary);
-        let _ = writeln!(out, "    {{");
-        let _ = writeln!(out, "      nkey: {}", quote(&u.nkey));
-        let _ = writeln!(out, "      permissions: {{");
-        let _ = writeln!(out, "        publish: {{");
-        rules(&mut out, "          ", "allow", &p.publish_allow);
-        if !p.publish_deny.is_empty() {
-            rules(&mut out, "          ", "deny", &p.publish_deny);
-        }
-        let _ = writeln!(out, "        }}");
-        let _ = writeln!(out, "        subscribe: {{");
-        rules(&mut out, "          ", "allow", &p.subscribe_allow);
-        let _ = writeln!(out, "        }}");
-        let _ = writeln!(out, "      }}");
-        let _ = writeln!(out, "    }}");
+    Authorization {
+        header,
+        users: users
+            .iter()
+            .map(|u| auth::User {
+                comment: format!("{}: {}", u.label, u.summary),
+                credential: Credential::Nkey(u.nkey.clone()),
+                connection_types: Vec::new(),
+                publish_allow: u.permissions.publish_allow.clone(),
+                publish_deny: u.permissions.publish_deny.clone(),
+                subscribe_allow: u.permissions.subscribe_allow.clone(),
+            })
+            .collect(),
     }
-    let _ = writeln!(out, "  ]");
-    let _ = writeln!(out, "}}");
-    out
 }
 
 #[cfg(test)]

@@ -144,14 +144,8 @@ pub fn mirror_config(
     }
 }
 
-/// What provisioning did to one mirror.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    Created,
-    /// Updated in place; the settings that changed.
-    Updated(Vec<String>),
-    Unchanged,
-}
+/// What provisioning did to one mirror: the words `provision` uses too.
+pub use crate::store::provision::Action;
 
 /// The outcome for one mirror.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,14 +158,11 @@ pub struct Outcome {
 
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.action {
-            Action::Created => write!(f, "mirror {}: created", self.mirror)?,
-            Action::Unchanged => write!(f, "mirror {}: unchanged", self.mirror)?,
-            Action::Updated(what) => {
-                write!(f, "mirror {}: updated ({})", self.mirror, what.join(", "))?
-            }
-        }
-        write!(f, " (limits from {})", self.limits_from)
+        write!(
+            f,
+            "mirror {}: {} (limits from {})",
+            self.mirror, self.action, self.limits_from
+        )
     }
 }
 
@@ -513,72 +504,4 @@ mod tests {
         assert!(err.contains("cannot be changed in place"), "{err}");
         assert!(err.contains("SENSORS-home"), "{err}");
     }
-}
-
-/// `presenced provision-hub`: the arguments.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ProvisionHubArgs {
-    /// Client URL(s) of the hub, comma separated.
-    #[arg(long)]
-    pub server: String,
-    /// Site to create mirrors for; repeat for several sites.
-    #[arg(long = "site", required = true)]
-    pub sites: Vec<String>,
-    /// Replicas of each mirror (3 on the 3-node hub).
-    #[arg(long, default_value_t = 3)]
-    pub replicas: usize,
-    /// NKEY seed file of the hub's admin identity.
-    #[arg(long)]
-    pub nkey_seed_file: Option<std::path::PathBuf>,
-}
-
-/// Why `presenced provision-hub` failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ProvisionHubError {
-    #[error(transparent)]
-    Site(#[from] naming::NameError),
-    #[error("hub: {0}")]
-    Connect(#[from] crate::store::ConnectError),
-    #[error(transparent)]
-    Mirror(#[from] MirrorError),
-    #[error("{0} mirror(s) could not be provisioned (see above)")]
-    Failed(usize),
-}
-
-/// `presenced provision-hub`: one line per mirror on stdout, problems on
-/// stderr; fails if any mirror failed.
-pub async fn provision_hub_cli(args: &ProvisionHubArgs) -> Result<(), ProvisionHubError> {
-    let sites = args
-        .sites
-        .iter()
-        .map(|s| Site::new(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let cfg = crate::config::NatsConfig {
-        url: args.server.clone(),
-        nkey_seed_file: args.nkey_seed_file.clone(),
-        ..Default::default()
-    };
-    let hub = crate::store::connect(
-        &cfg,
-        "presenced-provision-hub",
-        None,
-        Some(std::time::Duration::from_secs(10)),
-    )
-    .await?;
-    let results = provision(&hub, &sites, args.replicas).await?;
-    let mut failed = 0;
-    for r in results {
-        match r {
-            Ok(outcome) => println!("{outcome}"),
-            Err(e) => {
-                failed += 1;
-                eprintln!("presenced: {e}");
-            }
-        }
-    }
-    let _ = hub.flush().await;
-    if failed > 0 {
-        return Err(ProvisionHubError::Failed(failed));
-    }
-    Ok(())
 }

@@ -35,7 +35,6 @@ pub fn leaf(leaf: &Leaf) -> Vec<Problem> {
     if let Some(tls) = &leaf.tls {
         server_tls(&mut p, "tls", tls);
     }
-    monitor_port(&mut p, leaf.monitor_port);
     jetstream(&mut p, &leaf.jetstream);
     if let Some(hub) = &leaf.hub {
         hub_link(&mut p, hub);
@@ -57,7 +56,6 @@ pub fn hub(hub: &HubNode) -> Vec<Problem> {
     if let Some(tls) = &hub.tls {
         server_tls(&mut p, "tls", tls);
     }
-    monitor_port(&mut p, hub.monitor_port);
     jetstream(&mut p, &hub.jetstream);
     listen(&mut p, "leafnodes.listen", &hub.leafnodes.listen);
     if let Some(tls) = &hub.leafnodes.tls {
@@ -122,18 +120,16 @@ fn include(p: &mut Problems, at: &str, path: &std::path::Path) {
     }
 }
 
+/// `IP:PORT`, or `IP:-1` for any free port (nats-server picks one).
 fn listen(p: &mut Problems, at: &str, addr: &str) {
-    if addr.parse::<SocketAddr>().is_err() {
+    let any_port = addr
+        .strip_suffix(":-1")
+        .is_some_and(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+    if !any_port && addr.parse::<SocketAddr>().is_err() {
         p.push(
             at,
-            format!("{addr:?} is not an address to listen on: use IP:PORT, e.g. 127.0.0.1:4222"),
+            format!("{addr:?} is not an address to listen on: use IP:PORT, e.g. 127.0.0.1:4222 (IP:-1 for any free port)"),
         );
-    }
-}
-
-fn monitor_port(p: &mut Problems, port: u16) {
-    if port == 0 {
-        p.push("monitor_port", "0 is not a port");
     }
 }
 

@@ -10,7 +10,10 @@
 //! - [`model`]: the descriptions and their defaults.
 //! - [`check`]: what makes a description unusable, by field path.
 //! - [`render`]: description to config text, deterministic.
+//! - [`auth`]: the `authorization` block (`presenced acl`, `acl-hub`),
+//!   written by the same writer.
 
+pub mod auth;
 pub mod check;
 pub mod model;
 pub mod render;
@@ -110,29 +113,4 @@ impl HubNode {
         valid("hub node description", check::hub(self))?;
         Ok(render::hub(self))
     }
-}
-
-/// Which server `presenced nats-config` renders.
-#[derive(Debug, Clone, clap::Subcommand)]
-pub enum Kind {
-    /// A site's leaf node (JetStream domain `leaf-<site>`).
-    Leaf {
-        /// TOML description of the leaf (see docs/OPERATIONS.md).
-        file: std::path::PathBuf,
-    },
-    /// One node of the hub cluster (JetStream domain `hub`).
-    Hub {
-        /// TOML description of the hub node (see docs/OPERATIONS.md).
-        file: std::path::PathBuf,
-    },
-}
-
-/// `presenced nats-config`: the rendered config on stdout.
-pub fn run(kind: &Kind) -> Result<(), NatsConfError> {
-    let text = match kind {
-        Kind::Leaf { file } => Leaf::load(file)?.render()?,
-        Kind::Hub { file } => HubNode::load(file)?.render()?,
-    };
-    print!("{text}");
-    Ok(())
 }

@@ -28,9 +28,17 @@ pub struct Leaf {
     #[serde(default)]
     pub tls: Option<ServerTls>,
     /// HTTP monitoring port, always bound to 127.0.0.1 (`/healthz`,
-    /// `/jsz`, `/leafz` are not for the open network).
+    /// `/jsz`, `/leafz` are not for the open network). 0: any free port,
+    /// chosen by nats-server (see `ports_file_dir`).
     #[serde(default = "default_monitor_port")]
     pub monitor_port: u16,
+    /// Where nats-server writes the client and monitoring URLs it listens
+    /// on (`nats-server_<pid>.ports`): how a harness learns the ports of
+    /// listeners given port `-1` (any free port: client, leafnode, MQTT)
+    /// or `monitor_port = 0`, without picking ports that something else
+    /// may take first.
+    #[serde(default)]
+    pub ports_file_dir: Option<PathBuf>,
     /// Log file; default: the server logs to stderr (the journal).
     #[serde(default)]
     pub log_file: Option<PathBuf>,
@@ -215,9 +223,13 @@ pub struct HubNode {
     /// TLS on the client port.
     #[serde(default)]
     pub tls: Option<ServerTls>,
-    /// HTTP monitoring port, always bound to 127.0.0.1.
+    /// HTTP monitoring port, always bound to 127.0.0.1. 0: any free
+    /// port, chosen by nats-server (see `ports_file_dir`).
     #[serde(default = "default_monitor_port")]
     pub monitor_port: u16,
+    /// As [`Leaf::ports_file_dir`].
+    #[serde(default)]
+    pub ports_file_dir: Option<PathBuf>,
     #[serde(default)]
     pub log_file: Option<PathBuf>,
     pub jetstream: JetStream,
@@ -302,6 +314,7 @@ impl Leaf {
             listen: default_client_listen(),
             tls: None,
             monitor_port: default_monitor_port(),
+            ports_file_dir: None,
             log_file: None,
             jetstream: JetStream::new(store_dir),
             hub: None,
@@ -351,6 +364,7 @@ impl HubNode {
             listen: default_client_listen(),
             tls: None,
             monitor_port: default_monitor_port(),
+            ports_file_dir: None,
             log_file: None,
             jetstream: JetStream::new(store_dir),
             cluster: None,

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// A config string literal; nats-server accepts JSON escaping.
-fn quote(text: &str) -> String {
+pub(super) fn quote(text: &str) -> String {
     serde_json::to_string(text).unwrap_or_else(|_| String::from("\"\""))
 }
 
@@ -27,15 +27,17 @@ pub fn go_duration(d: Duration) -> String {
     }
 }
 
-/// Lines of config text with the current indentation.
+/// Lines of config text with the current indentation: the one writer
+/// of nats-server config text (server configs here, authorization blocks
+/// in [`super::auth`]).
 #[derive(Default)]
-struct Text {
-    out: String,
-    indent: usize,
+pub(super) struct Text {
+    pub(super) out: String,
+    pub(super) indent: usize,
 }
 
 impl Text {
-    fn line(&mut self, line: &str) {
+    pub(super) fn line(&mut self, line: &str) {
         for _ in 0..self.indent {
             self.out.push_str("  ");
         }
@@ -43,18 +45,18 @@ impl Text {
         self.out.push('\n');
     }
 
-    fn comment(&mut self, text: &str) {
+    pub(super) fn comment(&mut self, text: &str) {
         for line in text.lines() {
             self.line(&format!("# {line}"));
         }
     }
 
-    fn open(&mut self, head: &str) {
+    pub(super) fn open(&mut self, head: &str) {
         self.line(&format!("{head} {{"));
         self.indent += 1;
     }
 
-    fn close(&mut self) {
+    pub(super) fn close(&mut self) {
         self.indent = self.indent.saturating_sub(1);
         self.line("}");
     }
@@ -110,6 +112,7 @@ fn common(
     tls: Option<&ServerTls>,
     monitor_port: u16,
     log: Option<&Path>,
+    ports_file_dir: Option<&Path>,
 ) {
     t.comment("Unique among every server the hub sees; MQTT and clustering need one.");
     t.line(&format!("server_name: {}", quote(server_name)));
@@ -119,9 +122,17 @@ fn common(
         server_tls(t, tls);
     }
     t.comment("Monitoring (/healthz, /jsz, /leafz) on loopback only.");
-    t.line(&format!("http: \"127.0.0.1:{monitor_port}\""));
+    if monitor_port == 0 {
+        t.line("http: \"127.0.0.1:-1\"");
+    } else {
+        t.line(&format!("http: \"127.0.0.1:{monitor_port}\""));
+    }
     if let Some(log) = log {
         t.line(&format!("log_file: {}", quote_path(log)));
+    }
+    if let Some(dir) = ports_file_dir {
+        t.comment("The ports this server listens on, for whoever started it.");
+        t.line(&format!("ports_file_dir: {}", quote_path(dir)));
     }
     t.blank();
 }
@@ -218,6 +229,7 @@ pub fn leaf(leaf: &Leaf) -> String {
         leaf.tls.as_ref(),
         leaf.monitor_port,
         leaf.log_file.as_deref(),
+        leaf.ports_file_dir.as_deref(),
     );
     jetstream(
         &mut t,
@@ -253,6 +265,7 @@ pub fn hub(hub: &HubNode) -> String {
         hub.tls.as_ref(),
         hub.monitor_port,
         hub.log_file.as_deref(),
+        hub.ports_file_dir.as_deref(),
     );
     jetstream(
         &mut t,

@@ -86,6 +86,41 @@ pub enum SandboxError {
     CurrentExe(std::io::Error),
 }
 
+/// Starts tried before giving up when a port the sandbox picked was taken
+/// by another program before its server bound it.
+const START_ATTEMPTS: usize = 3;
+
+/// Test hook: comma-separated ports for the first start, so that a test
+/// can hand the sandbox a port it holds and see it start again elsewhere.
+const FIRST_PORTS_ENV: &str = "PRESENCED_SANDBOX_FIRST_PORTS";
+
+fn first_ports(sites: usize) -> Option<Vec<u16>> {
+    let text = std::env::var(FIRST_PORTS_ENV).ok()?;
+    let ports: Vec<u16> = text
+        .split(',')
+        .map(|p| p.trim().parse().ok())
+        .collect::<Option<_>>()?;
+    (ports.len() >= plan::ports_needed(sites)).then_some(ports)
+}
+
+impl SandboxError {
+    /// When a child stopped because a port it was to listen on was taken
+    /// (Go's and Rust's wording), so that fresh ports may help: which child
+    /// and the log line that says so.
+    fn port_taken(&self) -> Option<String> {
+        let (what, tail) = match self {
+            SandboxError::Exited { what, tail, .. } | SandboxError::NotReady { what, tail, .. } => {
+                (what, tail)
+            }
+            _ => return None,
+        };
+        let line = tail
+            .lines()
+            .find(|l| l.to_ascii_lowercase().contains("address already in use"))?;
+        Some(format!("{what}: {}", line.trim()))
+    }
+}
+
 /// How long servers get to come up on a loaded machine.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a child gets to stop after SIGTERM before SIGKILL.
@@ -111,33 +146,53 @@ pub fn run(opts: Options) -> Result<(), SandboxError> {
             .unwrap_or_else(|| PathBuf::from(".sandbox")),
     )?;
     prepare_dir(&dir, opts.fresh)?;
-    let ports = probe::free_ports(plan::ports_needed(opts.sites)).map_err(SandboxError::Ports)?;
-    let mut plan = Plan::new(
-        &Input {
-            sites: opts.sites,
-            dir: dir.clone(),
-        },
-        &ports,
-    )?;
     let weed = tools::weed();
-    if weed.is_some() {
-        let s3_ports = probe::free_ports(plan::S3_PORTS).map_err(SandboxError::Ports)?;
-        plan = plan.with_s3(&s3_ports)?;
-    }
-    for d in plan.directories() {
-        std::fs::create_dir_all(&d).map_err(|source| SandboxError::Write { path: d, source })?;
-    }
-    let ids = identities::ensure(&plan)?;
-    write_configs(&plan)?;
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(SandboxError::Runtime)?;
-    let mut sup = Supervisor::new(plan.pids_file.clone());
+    let pids_file = dir.join("pids");
+    let mut sup = Supervisor::new(pids_file);
     let started = Instant::now();
-    let result = start_all(&plan, &nats.path, weed.as_deref(), &exe, &mut sup);
+    // The ports are the kernel's free ones a moment before the servers
+    // bind them; another program can take one in between (and a JetStream
+    // cluster needs its route ports before any node starts, so they cannot
+    // all be left to the servers). A start that fails on a taken port is
+    // stopped and tried again on fresh ones.
+    let mut attempt = 1;
+    let (plan, ids, result) = loop {
+        let ports = match (attempt, first_ports(opts.sites)) {
+            (1, Some(ports)) => ports,
+            _ => probe::free_ports(plan::ports_needed(opts.sites)).map_err(SandboxError::Ports)?,
+        };
+        let mut plan = Plan::new(
+            &Input {
+                sites: opts.sites,
+                dir: dir.clone(),
+            },
+            &ports,
+        )?;
+        if weed.is_some() {
+            let s3_ports = probe::free_ports(plan::S3_PORTS).map_err(SandboxError::Ports)?;
+            plan = plan.with_s3(&s3_ports)?;
+        }
+        for d in plan.directories() {
+            std::fs::create_dir_all(&d)
+                .map_err(|source| SandboxError::Write { path: d, source })?;
+        }
+        let ids = identities::ensure(&plan)?;
+        write_configs(&plan)?;
+        let result = start_all(&plan, &nats.path, weed.as_deref(), &exe, &mut sup);
+        match result.as_ref().err().and_then(SandboxError::port_taken) {
+            Some(why) if attempt < START_ATTEMPTS => {
+                println!("sandbox: a port was taken ({why}); starting again on fresh ports");
+                sup.stop_all(STOP_GRACE);
+                attempt += 1;
+            }
+            _ => break (plan, ids, result),
+        }
+    };
     let result = result.and_then(|()| {
         let sims: Vec<_> = plan
             .sites

@@ -53,11 +53,75 @@ pub fn check_server_version(found: &str) -> Result<(), ProvisionError> {
     }
 }
 
+/// What provisioning did to one thing. Every provisioning command
+/// (`provision`, `provision-hub`) reports in these words, so a rerun that
+/// changes nothing reads `unchanged` everywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Created,
+    /// Updated in place; the settings that changed.
+    Updated(Vec<String>),
+    Unchanged,
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Created => f.write_str("created"),
+            Action::Unchanged => f.write_str("unchanged"),
+            Action::Updated(what) => write!(f, "updated ({})", what.join(", ")),
+        }
+    }
+}
+
 /// What provisioning did to one stream or bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provisioned {
     pub kind: &'static str,
     pub name: String,
+    pub action: Action,
+}
+
+impl std::fmt::Display for Provisioned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.name, self.action)
+    }
+}
+
+/// The action that turned the server's config `before` (None: there was
+/// none) into `after`: the top-level settings that differ. `metadata` is
+/// left out: presenced sets none besides the ownership table (reported on
+/// its own line), and the server keeps its own `_nats.*` entries there.
+pub fn action_between<T: serde::Serialize>(before: Option<&T>, after: &T) -> Action {
+    let Some(before) = before else {
+        return Action::Created;
+    };
+    let (Ok(serde_json::Value::Object(b)), Ok(serde_json::Value::Object(a))) =
+        (serde_json::to_value(before), serde_json::to_value(after))
+    else {
+        return Action::Unchanged;
+    };
+    let mut changed: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| k.as_str() != "metadata" && a.get(*k) != b.get(*k))
+        .cloned()
+        .collect();
+    changed.sort();
+    changed.dedup();
+    if changed.is_empty() {
+        Action::Unchanged
+    } else {
+        Action::Updated(changed)
+    }
+}
+
+/// The config of stream `name` as the server has it; None when there is
+/// no such stream (or it cannot be read: then the create that follows
+/// reports the real error).
+async fn server_config(js: &jetstream::Context, name: &str) -> Option<stream::Config> {
+    let stream = js.get_stream(name).await.ok()?;
+    Some(stream.cached_info().config.clone())
 }
 
 /// The stream configs of a site's leaf, from the naming convention.
@@ -180,34 +244,52 @@ pub async fn provision_with(
     check_server_version(&client.server_info().version)?;
     let js = jetstream::new(client.clone());
     let owners_stream = naming::kv_stream(naming::OWNERS_BUCKET);
+    // Read before the buckets are updated: updating KV `owners` drops the
+    // table with the rest of its stream's metadata.
+    // Missing bucket (first run): nothing stored.
+    let stored = published::read(&js, &owners_stream).await.ok().flatten();
     let kept = match table {
         Some(t) => Some(t.clone()),
-        // Missing bucket (first run): nothing to keep.
-        None => published::read(&js, &owners_stream).await.ok().flatten(),
+        None => stored.clone(),
     };
     let mut done = Vec::new();
+    // What the server has before and after each step says whether the
+    // step created, updated or left the thing as it was.
+    let settled = |name: String| {
+        let js = js.clone();
+        async move { server_config(&js, &name).await }
+    };
     for cfg in stream_configs(site) {
         let name = cfg.name.clone();
-        js.create_or_update_stream(cfg)
-            .await
-            .map_err(|source| ProvisionError::Stream {
-                name: name.clone(),
-                source,
-            })?;
+        let before = settled(name.clone()).await;
+        let info =
+            js.create_or_update_stream(cfg)
+                .await
+                .map_err(|source| ProvisionError::Stream {
+                    name: name.clone(),
+                    source,
+                })?;
         done.push(Provisioned {
             kind: "stream",
+            action: action_between(before.as_ref(), &info.config),
             name,
         });
     }
     for cfg in bucket_configs() {
         let name = cfg.bucket.clone();
+        let before = settled(naming::kv_stream(&name)).await;
         js.create_or_update_key_value(cfg)
             .await
             .map_err(|source| ProvisionError::Bucket {
                 name: name.clone(),
                 source,
             })?;
-        done.push(Provisioned { kind: "kv", name });
+        let after = settled(naming::kv_stream(&name)).await;
+        done.push(Provisioned {
+            kind: "kv",
+            action: after.map_or(Action::Created, |a| action_between(before.as_ref(), &a)),
+            name,
+        });
     }
     if let Some(t) = &kept {
         published::store(&js, &owners_stream, t)
@@ -216,10 +298,17 @@ pub async fn provision_with(
         done.push(Provisioned {
             kind: "ownership table on",
             name: owners_stream.clone(),
+            action: match stored {
+                None => Action::Created,
+                Some(s) if &s == t => Action::Unchanged,
+                Some(_) => Action::Updated(vec!["services".to_owned()]),
+            },
         });
     }
     for cfg in object_store_configs() {
         let name = cfg.bucket.clone();
+        let stream = naming::obj_stream(&name);
+        let before = settled(stream.clone()).await;
         // Creating with an unchanged config is a no-op on the server.
         js.create_object_store(cfg)
             .await
@@ -227,8 +316,10 @@ pub async fn provision_with(
                 name: name.clone(),
                 source,
             })?;
+        let after = settled(stream).await;
         done.push(Provisioned {
             kind: "object store",
+            action: after.map_or(Action::Created, |a| action_between(before.as_ref(), &a)),
             name,
         });
     }
@@ -238,6 +329,28 @@ pub async fn provision_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn action_names_the_settings_that_changed() {
+        let site = Site::new("home").unwrap();
+        let have = stream_configs(&site).remove(0);
+        assert_eq!(action_between(None, &have), Action::Created);
+        assert_eq!(action_between(Some(&have), &have), Action::Unchanged);
+        let mut want = have.clone();
+        want.max_age = Duration::from_secs(60);
+        want.metadata.insert("_nats.ver".into(), "2.12.0".into());
+        assert_eq!(
+            action_between(Some(&have), &want),
+            Action::Updated(vec!["max_age".into()]),
+            "the server's own metadata is no change of presenced's"
+        );
+        let line = Provisioned {
+            kind: "stream",
+            name: "SENSORS".into(),
+            action: Action::Updated(vec!["max_age".into()]),
+        };
+        assert_eq!(line.to_string(), "stream SENSORS: updated (max_age)");
+    }
 
     #[test]
     fn versions() {

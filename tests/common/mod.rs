@@ -62,8 +62,8 @@ pub async fn jetstream(url: &str) -> jetstream::Context {
     jetstream::new(client)
 }
 
-/// Runs `presenced provision` against the config file.
-pub fn provision(config_path: &std::path::Path) {
+/// Runs `presenced provision` against the config file; its report.
+pub fn provision(config_path: &std::path::Path) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_presenced"))
         .args(["provision", "--config"])
         .arg(config_path)
@@ -75,6 +75,7 @@ pub fn provision(config_path: &std::path::Path) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 pub async fn zone(js: &jetstream::Context, zone: &str) -> Option<ZoneState> {

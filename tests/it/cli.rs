@@ -55,6 +55,118 @@ p_false = 0.1
     }
 }
 
+/// `check-config` takes its file the way every other command does
+/// (`--config`/`-c`, `$PRESENCED_CONFIG`) and, as before, positionally.
+#[test]
+fn check_config_reads_the_config_like_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "site = \"home\"\n[zones.hall]\n[[zones.hall.evidence]]\nsensor = \"pir\"\np_true = 0.9\np_false = 0.1\n").unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "site = \"Bad Site\"\n").unwrap();
+    let good = good.to_str().unwrap();
+    let bad = bad.to_str().unwrap();
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_presenced"));
+        cmd.args(args).env_remove("PRESENCED_CONFIG");
+        if let Some(v) = env {
+            cmd.env("PRESENCED_CONFIG", v);
+        }
+        cmd.output().expect("run presenced")
+    };
+    for (args, env) in [
+        (vec!["check-config", good], None),
+        (vec!["check-config", "--config", good], None),
+        (vec!["check-config", "-c", good], None),
+        (vec!["check-config"], Some(good)),
+        // The positional file wins over the environment.
+        (vec!["check-config", good], Some(bad)),
+    ] {
+        let out = run(&args, env);
+        assert!(
+            out.status.success(),
+            "{args:?} {env:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.starts_with(&format!("{good}: ok")),
+            "{args:?}: {stdout}"
+        );
+    }
+    for (args, env) in [
+        (vec!["check-config", "-c", bad], None),
+        (vec!["check-config"], Some(bad)),
+    ] {
+        let out = run(&args, env);
+        assert_eq!(out.status.code(), Some(1), "{args:?} {env:?}");
+    }
+    // Nothing named: the documented default path, said in the error.
+    let out = run(&["check-config"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/etc/presenced/presenced.toml"), "{err}");
+    // A usage error is exit code 2.
+    assert_eq!(
+        run(&["check-config", "--no-such-flag"], None).status.code(),
+        Some(2)
+    );
+}
+
+/// Completions and man pages come from the same clap definitions as the
+/// command line, every subcommand in them.
+#[test]
+fn completions_and_man_pages_cover_every_subcommand() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = presenced(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for sub in ["check-config", "provision-hub", "watch", "completions"] {
+            assert!(text.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = presenced(&["man", "--out-dir", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "presenced.1",
+        "presenced-check-config.1",
+        "presenced-cmd-override.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap_or_default();
+        assert!(text.contains(".TH"), "{page}: {text}");
+    }
+    let main = std::fs::read_to_string(dir.path().join("presenced-watch.1")).unwrap();
+    assert!(main.contains("PRESENCED_CONFIG"), "{main}");
+    // A reader that stops early (`| head`) is no failure, and no panic:
+    // the read end is closed before the program has started up, so its
+    // write meets a closed pipe.
+    for args in [&["completions", "zsh"][..], &["man"][..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_presenced"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn check_config_names_an_unknown_field() {
     let dir = tempfile::tempdir().unwrap();
@@ -179,12 +291,74 @@ async fn provision_is_idempotent_and_get_and_watch_show_state() {
         common::daemon_config("cli", &nats.url(), 1, 0, &common::motion_mapping(false), "[zones.hall]\n[[zones.hall.evidence]]\nsensor = \"pir\"\np_true = 0.9\np_false = 0.1\n"),
     )
     .unwrap();
-    common::provision(&path);
+    let first = common::provision(&path);
     let js = common::jetstream(&nats.url()).await;
     let before = common::sensors_config(&js).await;
-    common::provision(&path);
+    let second = common::provision(&path);
     let after = common::sensors_config(&js).await;
     assert_eq!(before, after, "second provision changes nothing");
+    // The same report as provision-hub: created, then unchanged, for the
+    // four streams, four buckets, the object store and the consumer.
+    for (report, word) in [(&first, "created"), (&second, "unchanged")] {
+        let lines: Vec<&str> = report.lines().collect();
+        assert_eq!(lines.len(), 10, "{report}");
+        for line in &lines {
+            assert!(
+                line.ends_with(&format!(": {word}")),
+                "{line:?} in:\n{report}"
+            );
+        }
+        for thing in [
+            "stream SENSORS:",
+            "kv owners:",
+            "object store snapshots:",
+            "consumer engine on SENSORS:",
+        ] {
+            assert!(report.contains(thing), "{thing:?} missing in:\n{report}");
+        }
+    }
+    // With the ownership map: the table is created once, then unchanged,
+    // though updating KV owners drops it from the stream's metadata.
+    let access = dir.path().join("access.toml");
+    let key = || nkeys::KeyPair::new_user().public_key();
+    std::fs::write(
+        &access,
+        format!(
+            "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\"]\n",
+            key(),
+            key()
+        ),
+    )
+    .unwrap();
+    let with_access = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_presenced"))
+            .args([
+                "provision",
+                "-c",
+                path.to_str().unwrap(),
+                "--access",
+                access.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for word in ["created", "unchanged"] {
+        let report = with_access();
+        assert!(
+            report.contains(&format!("ownership table on KV_owners: {word}\n")),
+            "{report}"
+        );
+        let others = report.lines().filter(|l| !l.starts_with("ownership table"));
+        for line in others {
+            assert!(line.ends_with(": unchanged"), "{line:?} in:\n{report}");
+        }
+    }
     assert_eq!(after.subjects, vec!["sensors.cli.>".to_string()]);
 
     let missing = presenced(&["get", "--config", path.to_str().unwrap(), "hall"]);

@@ -189,6 +189,57 @@ async fn nats_mqtt_listener_acks_qos1_publish() {
     assert!(acked.is_ok(), "no PubAck; log:\n{}", server.log());
 }
 
+/// nats-server binds its client, monitoring, MQTT and leafnode ports
+/// itself (port -1), so no other test can take one between a pick and
+/// the bind; the harness reads them back, and a restart keeps them.
+#[tokio::test]
+async fn nats_server_picks_its_own_ports_and_keeps_them_on_restart() {
+    let mut server = NatsServer::start(NatsOptions {
+        domain: Some("hub".into()),
+        mqtt: false,
+        leafnode_listen: true,
+        ..Default::default()
+    });
+    let mut leaf = NatsServer::start(NatsOptions {
+        mqtt: true,
+        ..Default::default()
+    });
+    let first = std::fs::read_to_string(leaf.config_path()).unwrap();
+    assert!(
+        !first.contains(":-1"),
+        "the config names the ports chosen:\n{first}"
+    );
+    for port in [
+        server.port,
+        server.monitor_port,
+        server.leafnode_port.unwrap(),
+        leaf.port,
+        leaf.monitor_port,
+        leaf.mqtt_port.unwrap(),
+    ] {
+        assert_ne!(port, 0);
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            "nothing listens on {port}"
+        );
+    }
+    let varz = |s: &NatsServer| http_get(s.monitor_addr(), "/varz").unwrap().1;
+    let v: serde_json::Value = serde_json::from_str(&varz(&leaf)).unwrap();
+    assert_eq!(v["port"].as_u64(), Some(u64::from(leaf.port)));
+    assert_eq!(v["mqtt"]["port"].as_u64(), leaf.mqtt_port.map(u64::from));
+    let v: serde_json::Value = serde_json::from_str(&varz(&server)).unwrap();
+    assert_eq!(
+        v["leaf"]["port"].as_u64(),
+        server.leafnode_port.map(u64::from)
+    );
+    let before = (leaf.port, leaf.monitor_port, leaf.mqtt_port);
+    leaf.restart();
+    assert_eq!((leaf.port, leaf.monitor_port, leaf.mqtt_port), before);
+    let v: serde_json::Value = serde_json::from_str(&varz(&leaf)).unwrap();
+    assert_eq!(v["mqtt"]["port"].as_u64(), leaf.mqtt_port.map(u64::from));
+    server.stop();
+}
+
 #[tokio::test]
 async fn leaf_connects_to_hub() {
     let hub = NatsServer::start(NatsOptions {

@@ -2,10 +2,9 @@
 
 use super::http_get;
 use super::process::{self, log_tail};
-use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
@@ -32,7 +31,7 @@ pub fn run_presenced(args: &[&str], extra_env: &[(&str, &str)]) -> Output {
 pub struct Daemon {
     /// The config the daemon runs with; reused by [`Daemon::restart`].
     pub config_path: PathBuf,
-    child: Option<Child>,
+    process: process::Supervised,
     log_path: PathBuf,
     env: Vec<(String, String)>,
     // Last field: removed after the daemon is gone.
@@ -78,10 +77,11 @@ impl Daemon {
     }
 
     fn launch(dir: TempDir, config_path: PathBuf, extra_env: &[(&str, &str)]) -> Daemon {
+        let log_path = dir.path().join("presenced.log");
         let mut daemon = Daemon {
             config_path,
-            child: None,
-            log_path: dir.path().join("presenced.log"),
+            process: process::Supervised::new("presenced", log_path.clone()),
+            log_path,
             env: extra_env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -93,50 +93,32 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("open the daemon log");
-        let log_err = log.try_clone().expect("clone the daemon log handle");
         let mut command = Command::new(presenced_bin());
-        command
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err));
+        command.arg("run").arg("--config").arg(&self.config_path);
         let env: Vec<(&str, &str)> = self
             .env
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         apply_env(&mut command, &env);
-        let child = command
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot start presenced: {error}"));
-        self.child = Some(child);
+        self.process.spawn(command, true);
     }
 
     /// SIGKILL and reap: a crash at an arbitrary instant.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            process::kill(&mut child);
-        }
+        self.process.kill();
     }
 
     /// SIGTERM and wait for the exit (a graceful shutdown); panics with the
     /// log tail if the daemon is still running after 15 s.
     pub fn terminate(&mut self) -> ExitStatus {
-        let Some(mut child) = self.child.take() else {
+        if self.process.pid() == 0 {
             panic!("presenced is not running; log tail:\n{}", self.log_tail());
-        };
-        process::signal(&child, libc::SIGTERM);
-        match process::wait_for_exit(&mut child, TERMINATE_DEADLINE) {
+        }
+        match self.process.terminate_within(TERMINATE_DEADLINE) {
             Some(status) => status,
             None => {
-                process::kill(&mut child);
+                self.process.kill();
                 panic!(
                     "presenced still running {TERMINATE_DEADLINE:?} after SIGTERM; log tail:\n{}",
                     self.log_tail()
@@ -154,30 +136,27 @@ impl Daemon {
 
     /// The daemon's process id (for /proc readings in benchmarks).
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, |c| c.id())
+        self.process.pid()
     }
 
     /// Whether the process is alive (false once it exited by itself).
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.process.is_running()
     }
 
     /// The exit status if the daemon exited by itself.
     pub fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|child| child.try_wait().ok()?)
+        self.process.exit_status()
     }
 
     /// Everything the daemon wrote to stdout and stderr so far.
     pub fn log(&self) -> String {
-        process::read_log(&self.log_path)
+        self.process.log()
     }
 
     /// The last lines of the log, for panic messages.
     pub fn log_tail(&self) -> String {
-        log_tail(&self.log_path)
+        self.process.log_tail()
     }
 
     /// Polls `GET /healthz` on `http` until it answers 200; panics with the

@@ -1,12 +1,14 @@
-//! Test support: real servers and the real daemon, started on free loopback
-//! ports in temporary directories and torn down on `Drop`.
+//! Test support: real servers and the real daemon, on loopback ports in
+//! temporary directories, torn down on `Drop`. nats-server picks its own
+//! ports (port -1, read back); Mosquitto, SeaweedFS and the daemon, which
+//! cannot report a port they chose, get [`free_port`]s.
 //!
 //! Every integration test (and the benches, through `#[path]`) includes this
 //! module; each crate uses only part of it, hence the blanket
 //! `dead_code` allowance.
 //!
 //! - [`nats`]: `nats-server` with JetStream (and optionally MQTT), its
-//!   config rendered by `presenced::natsconf`.
+//!   config rendered by `presenced::natsconf`, on ports it chose itself.
 //! - [`hub`]: a 3-node hub cluster and a site's leaf linked to it.
 //! - [`proxy`]: a loopback TCP proxy that cuts and restores a link.
 //! - [`mosquitto`]: a Mosquitto broker configured as the daemon expects.
@@ -14,7 +16,8 @@
 //! - [`wait`]: polling with deadlines instead of sleeps.
 //! - [`http`]: a tiny HTTP/1.0 client for health and monitoring endpoints.
 //! - [`seaweed`]: a SeaweedFS S3 gateway that signs requests, stoppable.
-//! - [`process`]: signals, graceful stop and log tails shared by the above.
+//! - [`process`]: [`process::Supervised`], the one child-process type of
+//!   every wrapper above (start, graceful stop, kill, restart, log tail).
 #![allow(dead_code, unused_imports)]
 
 pub mod daemon;

@@ -7,7 +7,7 @@ use super::process::{self, log_tail};
 use std::env;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
@@ -27,7 +27,7 @@ pub fn mosquitto_bin() -> PathBuf {
 pub struct Mosquitto {
     /// Listener port on 127.0.0.1.
     pub port: u16,
-    child: Option<Child>,
+    process: process::Supervised,
     config_path: PathBuf,
     log_path: PathBuf,
     // Last field: removed after the broker is gone.
@@ -56,7 +56,7 @@ impl Mosquitto {
         std::fs::write(&config_path, config).expect("write mosquitto config");
         let mut broker = Mosquitto {
             port,
-            child: None,
+            process: process::Supervised::new("mosquitto", log_path.clone()),
             config_path,
             log_path,
             dir,
@@ -69,7 +69,7 @@ impl Mosquitto {
     /// Process id of the running server (0 when stopped), for /proc
     /// readings in benchmarks.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, |c| c.id())
+        self.process.pid()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -83,16 +83,12 @@ impl Mosquitto {
 
     /// Graceful stop: SIGTERM, then SIGKILL after 5 s.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            process::terminate(&mut child, STOP_GRACE);
-        }
+        self.process.stop(STOP_GRACE);
     }
 
     /// Abrupt stop.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            process::kill(&mut child);
-        }
+        self.process.kill();
     }
 
     /// Stops (if running) and starts again on the same port. Sessions are
@@ -104,33 +100,25 @@ impl Mosquitto {
 
     /// Whether the broker process is still alive.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.process.is_running()
     }
 
     /// The broker log so far (all runs).
     pub fn log(&self) -> String {
-        process::read_log(&self.log_path)
+        self.process.log()
     }
 
     fn spawn(&mut self) {
         let bin = mosquitto_bin();
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&self.config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| {
-                panic!(
-                    "cannot start {}: {error} (run scripts/setup.sh, or set MOSQUITTO)",
-                    bin.display()
-                )
-            });
-        self.child = Some(child);
+        assert!(
+            bin.exists(),
+            "{} not found (run scripts/setup.sh, or set MOSQUITTO)",
+            bin.display()
+        );
+        let mut command = Command::new(&bin);
+        command.arg("-c").arg(&self.config_path);
+        // It writes its own log (log_dest file in the config).
+        self.process.spawn(command, false);
         self.wait_ready();
     }
 
@@ -141,15 +129,7 @@ impl Mosquitto {
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return;
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    panic!(
-                        "mosquitto exited during startup ({status}); log tail:\n{}",
-                        log_tail(&self.log_path)
-                    );
-                }
-            }
+            self.process.panic_if_exited("during startup");
             if start.elapsed() >= READY_DEADLINE {
                 panic!(
                     "mosquitto on port {} not accepting after {READY_DEADLINE:?}; log tail:\n{}",

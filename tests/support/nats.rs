@@ -1,12 +1,16 @@
-//! `nats-server` with JetStream on free loopback ports, its store in a
-//! temporary directory that survives restarts of the same `NatsServer`.
+//! `nats-server` with JetStream on loopback ports it picks itself (port
+//! `-1`: no port is chosen here that another test could take first), its
+//! store in a temporary directory that survives restarts of the same
+//! `NatsServer`. The ports it chose are read back once (the ports file for
+//! the client and monitoring ports, `/varz` for the leafnode and MQTT
+//! ports) and written into its config, so a restart keeps them.
 
+use super::http_get;
 use super::process::{self, log_tail};
-use super::{free_port, http_get};
 use std::env;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -150,7 +154,7 @@ pub struct NatsServer {
     pub leafnode_port: Option<u16>,
     /// JetStream store; kept across [`NatsServer::restart`].
     pub store_dir: PathBuf,
-    child: Option<Child>,
+    process: process::Supervised,
     config_path: PathBuf,
     log_path: PathBuf,
     // Last field: removed after the server is gone.
@@ -165,42 +169,136 @@ impl NatsServer {
             .prefix("nats-test-")
             .tempdir()
             .expect("create a temp dir for nats-server");
-        let port = free_port();
-        let monitor_port = free_port();
-        let mqtt_port = opts.mqtt.then(free_port);
         let hub = opts.domain.as_deref() == Some(presenced::naming::HUB_DOMAIN);
-        let leafnode_port = (opts.leafnode_listen || hub).then(free_port);
         let store_dir = dir.path().join("jetstream");
         let log_path = dir.path().join("nats-server.log");
         let config_path = dir.path().join("nats-server.conf");
-        let ports = Ports {
-            port,
-            monitor_port,
-            mqtt_port,
-            leafnode_port,
+        let ports_dir = dir.path().join("ports");
+        std::fs::create_dir_all(&ports_dir).expect("create the ports file directory");
+        // Any free port, chosen by the server as it binds.
+        let any = Ports {
+            port: 0,
+            monitor_port: 0,
+            mqtt_port: opts.mqtt.then_some(0),
+            leafnode_port: (opts.leafnode_listen || hub).then_some(0),
         };
-        let config = render_config(&opts, &ports, &store_dir, &log_path);
-        std::fs::write(&config_path, config).expect("write nats-server config");
+        // A name unique among the servers a test runs, known before the port.
+        let unique = dir
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("nats-test-"))
+            .unwrap_or("server")
+            .to_owned();
+        let first = render_config(
+            &opts,
+            &any,
+            &unique,
+            &store_dir,
+            &log_path,
+            Some(&ports_dir),
+        );
+        std::fs::write(&config_path, first).expect("write nats-server config");
         let mut server = NatsServer {
-            port,
-            mqtt_port,
-            monitor_port,
-            leafnode_port,
+            port: 0,
+            mqtt_port: None,
+            monitor_port: 0,
+            leafnode_port: None,
             store_dir,
-            child: None,
+            process: process::Supervised::new("nats-server", log_path.clone()),
             config_path,
             log_path,
             dir,
         };
-        server.spawn();
+        server.spawn_child();
+        let ports = server.read_ports(&ports_dir, &any);
+        server.port = ports.port;
+        server.monitor_port = ports.monitor_port;
+        server.mqtt_port = ports.mqtt_port;
+        server.leafnode_port = ports.leafnode_port;
+        server.wait_ready();
+        // Restarts keep the ports (clients reconnect to the same URLs).
+        let config = render_config(
+            &opts,
+            &ports,
+            &unique,
+            &server.store_dir,
+            &server.log_path,
+            None,
+        );
+        std::fs::write(&server.config_path, config).expect("write nats-server config");
         server
+    }
+
+    /// The ports the server chose: client and monitoring from its ports
+    /// file, leafnode and MQTT from `/varz`.
+    fn read_ports(&mut self, dir: &Path, wanted: &Ports) -> Ports {
+        let start = Instant::now();
+        let urls = loop {
+            let found = std::fs::read_dir(dir)
+                .ok()
+                .and_then(|mut entries| entries.next())
+                .and_then(|e| e.ok())
+                .and_then(|e| std::fs::read_to_string(e.path()).ok())
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+            if let Some(urls) = found {
+                break urls;
+            }
+            self.fail_if_exited();
+            assert!(
+                start.elapsed() < READY_DEADLINE,
+                "nats-server wrote no ports file within {READY_DEADLINE:?}; log tail:\n{}",
+                log_tail(&self.log_path)
+            );
+            std::thread::sleep(super::wait::POLL);
+        };
+        let port_of = |key: &str| -> u16 {
+            urls[key][0]
+                .as_str()
+                .and_then(|u| u.rsplit(':').next())
+                .and_then(|p| p.trim_end_matches('/').parse().ok())
+                .unwrap_or_else(|| panic!("no {key} URL in the ports file: {urls}"))
+        };
+        let monitor_port = port_of("monitoring");
+        let varz = loop {
+            if let Some((200, body)) =
+                http_get(SocketAddr::from(([127, 0, 0, 1], monitor_port)), "/varz")
+            {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
+                    break v;
+                }
+            }
+            self.fail_if_exited();
+            assert!(
+                start.elapsed() < READY_DEADLINE,
+                "no /varz within {READY_DEADLINE:?}"
+            );
+            std::thread::sleep(super::wait::POLL);
+        };
+        let listener = |key: &str| -> u16 {
+            varz[key]["port"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or_else(|| panic!("no {key}.port in /varz: {varz}"))
+        };
+        Ports {
+            port: port_of("nats"),
+            monitor_port,
+            mqtt_port: wanted.mqtt_port.map(|_| listener("mqtt")),
+            leafnode_port: wanted.leafnode_port.map(|_| listener("leaf")),
+        }
+    }
+
+    fn fail_if_exited(&mut self) {
+        let during = format!("during startup (config {})", self.config_path.display());
+        self.process.panic_if_exited(&during);
     }
 
     /// Client URL.
     /// Process id of the running server (0 when stopped), for /proc
     /// readings in benchmarks.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, |c| c.id())
+        self.process.pid()
     }
 
     pub fn url(&self) -> String {
@@ -225,16 +323,12 @@ impl NatsServer {
 
     /// Graceful stop: SIGTERM, then SIGKILL after 5 s.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            process::terminate(&mut child, STOP_GRACE);
-        }
+        self.process.stop(STOP_GRACE);
     }
 
     /// Abrupt stop, as a crash or power loss of the server process.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            process::kill(&mut child);
-        }
+        self.process.kill();
     }
 
     /// Stops (if running) and starts again with the same ports, config and
@@ -248,34 +342,31 @@ impl NatsServer {
     /// [`NatsServer::stop`]: same ports, config and store, waiting until
     /// ready.
     pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "nats-server is still running");
+        assert!(!self.process.is_running(), "nats-server is still running");
+        self.process.kill();
         self.spawn();
     }
 
     /// Whether the server process is still alive.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.process.is_running()
     }
 
     /// The server log so far (all runs of this `NatsServer`).
     pub fn log(&self) -> String {
-        process::read_log(&self.log_path)
+        self.process.log()
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(nats_server_bin())
-            .arg("-c")
-            .arg(&self.config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot start nats-server: {error}"));
-        self.child = Some(child);
+        self.spawn_child();
         self.wait_ready();
+    }
+
+    fn spawn_child(&mut self) {
+        let mut command = Command::new(nats_server_bin());
+        command.arg("-c").arg(&self.config_path);
+        // It writes its own log (log_file in the config).
+        self.process.spawn(command, false);
     }
 
     fn wait_ready(&mut self) {
@@ -285,16 +376,7 @@ impl NatsServer {
             if let Some((200, _)) = http_get(addr, "/healthz?js-enabled-only=true") {
                 return;
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    panic!(
-                        "nats-server exited during startup ({status}); config {}; log tail:\n{}",
-                        self.config_path.display(),
-                        log_tail(&self.log_path)
-                    );
-                }
-            }
+            self.fail_if_exited();
             if start.elapsed() >= READY_DEADLINE {
                 panic!(
                     "nats-server on port {} not ready after {READY_DEADLINE:?}; log tail:\n{}",
@@ -325,13 +407,25 @@ struct Ports {
 /// for domain `hub`, else the leaf of site `<site>` for domain
 /// `leaf-<site>` (site `test` when no domain is given). `opts.extra` is
 /// appended as is.
-fn render_config(opts: &NatsOptions, ports: &Ports, store_dir: &Path, log_path: &Path) -> String {
+fn render_config(
+    opts: &NatsOptions,
+    ports: &Ports,
+    unique: &str,
+    store_dir: &Path,
+    log_path: &Path,
+    ports_file_dir: Option<&Path>,
+) -> String {
     use presenced::natsconf::{self, SyncInterval};
     let name = opts
         .server_name
         .clone()
-        .unwrap_or_else(|| format!("test-{}", ports.port));
-    let listen = format!("127.0.0.1:{}", ports.port);
+        .unwrap_or_else(|| format!("test-{unique}"));
+    // Port 0 here: any free port (`-1` in nats-server's terms).
+    let addr = |port: u16| match port {
+        0 => "127.0.0.1:-1".to_owned(),
+        port => format!("127.0.0.1:{port}"),
+    };
+    let listen = addr(ports.port);
     let sync = |js: &mut natsconf::JetStream| {
         if let Some(interval) = opts.sync_interval {
             js.sync_interval = interval;
@@ -346,12 +440,13 @@ fn render_config(opts: &NatsOptions, ports: &Ports, store_dir: &Path, log_path: 
         hub.tls = opts.tls.clone();
         hub.leafnodes.tls = opts.leafnode_tls.clone();
         hub.monitor_port = ports.monitor_port;
+        hub.ports_file_dir = ports_file_dir.map(Path::to_path_buf);
         hub.log_file = Some(log_path.to_path_buf());
         sync(&mut hub.jetstream);
         let leaf_port = ports
             .leafnode_port
             .expect("a hub node always gets a leafnode port");
-        hub.leafnodes.listen = format!("127.0.0.1:{leaf_port}");
+        hub.leafnodes.listen = addr(leaf_port);
         // Leaves dial only what they list, so a test can put a proxy in
         // the link and cut it.
         hub.leafnodes.no_advertise = true;
@@ -380,6 +475,7 @@ fn render_config(opts: &NatsOptions, ports: &Ports, store_dir: &Path, log_path: 
         leaf.listen = listen;
         leaf.tls = opts.tls.clone();
         leaf.monitor_port = ports.monitor_port;
+        leaf.ports_file_dir = ports_file_dir.map(Path::to_path_buf);
         leaf.log_file = Some(log_path.to_path_buf());
         sync(&mut leaf.jetstream);
         if !opts.leaf_remotes.is_empty() {
@@ -388,9 +484,9 @@ fn render_config(opts: &NatsOptions, ports: &Ports, store_dir: &Path, log_path: 
                 ..natsconf::HubLink::new(opts.leaf_remotes.clone())
             });
         }
-        leaf.mqtt = ports.mqtt_port.map(|port| natsconf::Mqtt {
-            listen: format!("127.0.0.1:{port}"),
-        });
+        leaf.mqtt = ports
+            .mqtt_port
+            .map(|port| natsconf::Mqtt { listen: addr(port) });
         assert!(
             ports.leafnode_port.is_none(),
             "only hub nodes (domain `hub`) accept leafnode connections"

@@ -7,7 +7,7 @@
 use super::free_port;
 use super::process::{self, log_tail};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The `weed` binary: `$WEED`, else `weed` on PATH (scripts/setup.sh
@@ -46,7 +46,7 @@ fn newer_s3_flags() -> Vec<&'static str> {
 }
 
 pub struct Seaweed {
-    child: Option<Child>,
+    process: process::Supervised,
     dir: tempfile::TempDir,
     pub s3_port: u16,
     ports: [u16; 7],
@@ -67,8 +67,9 @@ impl Seaweed {
         );
         std::fs::write(dir.path().join("s3.json"), config).expect("write s3.json");
         std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
+        let log = dir.path().join("weed.log");
         let mut s = Seaweed {
-            child: None,
+            process: process::Supervised::new("weed", log.clone()),
             s3_port: free_port(),
             ports: [
                 free_port(),
@@ -79,7 +80,7 @@ impl Seaweed {
                 free_port(),
                 free_port(),
             ],
-            log: dir.path().join("weed.log"),
+            log,
             dir,
             access_key,
             secret_key,
@@ -92,12 +93,8 @@ impl Seaweed {
     fn spawn(&mut self) {
         let d = self.dir.path();
         let [master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc] = self.ports;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open weed.log");
-        let child = Command::new(weed_bin())
+        let mut command = Command::new(weed_bin());
+        command
             .arg("server")
             .arg(format!("-dir={}", d.join("data").display()))
             .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
@@ -122,23 +119,11 @@ impl Seaweed {
             .args(newer_s3_flags())
             .arg(format!("-s3.localSocket={}", d.join("s3.sock").display()))
             .arg(format!("-s3.config={}", d.join("s3.json").display()))
-            .current_dir(d)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", weed_bin().display()));
-        self.child = Some(child);
+            .current_dir(d);
+        self.process.spawn(command, true);
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.s3_port)).is_err() {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!(
-                        "weed exited with {status} before serving S3:\n{}",
-                        log_tail(&self.log)
-                    );
-                }
-            }
+            self.process.panic_if_exited("before serving S3");
             if start.elapsed() > Duration::from_secs(60) {
                 panic!(
                     "weed did not open the S3 port within 60s:\n{}",
@@ -154,14 +139,12 @@ impl Seaweed {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        Some(self.process.pid()).filter(|&p| p != 0)
     }
 
     /// Stops the server (SIGTERM, then SIGKILL after 5 s): S3 is down.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            process::terminate(&mut c, Duration::from_secs(5));
-        }
+        self.process.stop(Duration::from_secs(5));
     }
 
     /// Starts it again on the same ports and data.
@@ -192,14 +175,12 @@ impl Seaweed {
     }
 
     pub fn log(&self) -> String {
-        process::read_log(&self.log)
+        self.process.log()
     }
 }
 
 impl Drop for Seaweed {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            process::kill(&mut c);
-        }
+        self.process.kill();
     }
 }

@@ -5,18 +5,18 @@
 //! typo is caught before it travels; the engine checks again (other
 //! clients, e.g. `nats req`, send raw JSON).
 
-use crate::engine::command::{self, Reply, Request, COMMAND_SCHEMA};
-use crate::naming::{self, Site};
+use super::{ConfigArg, Context};
 use anyhow::Context as _;
-use std::path::PathBuf;
+use presenced::engine::command::{self, Reply, Request, COMMAND_SCHEMA};
+use presenced::naming::{self, Site};
+use std::process::ExitCode;
 use std::time::Duration;
 
 /// Options every command takes.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Common {
-    /// The site's config (nats connection, identity, site id).
-    #[arg(long, short)]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArg,
     /// Print the engine's reply as JSON.
     #[arg(long)]
     pub json: bool,
@@ -34,6 +34,7 @@ pub enum CmdArgs {
     /// Hold ZONE occupied or vacant for a while, whatever the sensors say;
     /// then the sensors decide again, through the normal debounce.
     Override {
+        /// The zone (or `person.<id>` key) the command is for.
         zone: String,
         /// `occupied` or `vacant`.
         state: String,
@@ -48,6 +49,7 @@ pub enum CmdArgs {
     },
     /// End ZONE's override now; the sensors decide again.
     Clear {
+        /// The zone (or `person.<id>` key) the command is for.
         zone: String,
         #[command(flatten)]
         common: Common,
@@ -56,6 +58,7 @@ pub enum CmdArgs {
     /// debounce; the engine records the removal in EVENTS. Refused for a
     /// configured zone.
     Forget {
+        /// The zone (or `person.<id>` key) the command is for.
         zone: String,
         #[command(flatten)]
         common: Common,
@@ -182,8 +185,25 @@ pub fn describe(reply: &Reply) -> String {
     )
 }
 
-/// `presenced cmd`: validate, send, print; an error reply is an error.
-pub async fn run(client: async_nats::Client, site: &str, args: &CmdArgs) -> anyhow::Result<()> {
+/// `presenced cmd`: connects, then [`send_and_print`]; the first refusal
+/// by the server ends it (nothing answers a refused request).
+pub fn run(args: CmdArgs) -> anyhow::Result<ExitCode> {
+    let ctx = Context::load(&args.common().config, Some("warn"))?;
+    ctx.block_on(async {
+        let conn = ctx.connect().await?;
+        let client = conn.client.clone();
+        conn.run(true, send_and_print(client, &ctx.config.site, &args))
+            .await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Validates, sends, prints; an error reply is an error.
+async fn send_and_print(
+    client: async_nats::Client,
+    site: &str,
+    args: &CmdArgs,
+) -> anyhow::Result<()> {
     let site = Site::new(site)?;
     let zone = args.zone();
     if !naming::is_presence_key(zone) {
