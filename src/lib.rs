@@ -17,6 +17,8 @@
 //!   the daemon; failures named in health and metrics, fatal ones exit.
 //! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
 //! - [`client`], [`cmd`]: the state-first clients and the command sender.
+//! - [`replay`]: the pure engine over recorded readings, offline: replay a
+//!   candidate config, tune likelihoods from labelled time, the HTML report.
 //! - [`sandbox`]: a whole deployment on loopback (`presenced sandbox`).
 
 pub mod acl;
@@ -34,6 +36,7 @@ pub mod metrics;
 pub mod naming;
 pub mod natsconf;
 pub mod observation;
+pub mod replay;
 pub mod sandbox;
 pub mod sources;
 pub mod store;

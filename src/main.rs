@@ -188,6 +188,8 @@ enum Command {
     /// Send a command to the site's engine (manual override of a zone).
     #[command(subcommand)]
     Cmd(presenced::cmd::CmdArgs),
+    /// Replay recorded readings through the engine with a (candidate) config, offline.
+    Replay(presenced::replay::cli::ReplayArgs),
     /// Print the version.
     Version,
 }
@@ -294,6 +296,10 @@ fn main() -> ExitCode {
             presenced::sandbox::run(presenced::sandbox::Options { sites, dir, seconds, fresh, people })
                 .map_err(Into::into)
         }
+        Command::Replay(args) => (|| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(presenced::replay::cli::replay(args))
+        })(),
         Command::Version => {
             println!("presenced {}", env!("CARGO_PKG_VERSION"));
             Ok(())

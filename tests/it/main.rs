@@ -40,6 +40,7 @@ mod metrics;
 mod mqtt_source;
 mod natsconf;
 mod redteam;
+mod replay;
 mod sandbox;
 mod serial;
 mod split;

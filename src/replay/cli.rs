@@ -1,0 +1,365 @@
+//! `presenced replay`, `tune` and `report`: argument parsing and output,
+//! thin over [`super::run`], the tuning and report modules.
+
+use super::source::{self, Range};
+use super::{Manual, Options, Outcome, Record};
+use crate::config::Config;
+use crate::engine::{Model, Transition};
+use crate::naming::Site;
+use crate::time::Timestamp;
+use anyhow::{bail, Context as _};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which readings to replay, shared by replay, tune and report.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RangeArgs {
+    /// The reader's config: site and NATS identity (a service granted
+    /// `reads = ["sensors", "events"]`); its zones are replayed unless
+    /// `--candidate` is given.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// A candidate config whose zones and evidence are replayed instead;
+    /// it must pass `presenced check-config`.
+    #[arg(long)]
+    pub candidate: Option<PathBuf>,
+    /// Replay the readings stored in this last span (e.g. `7d`, `24h`).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with_all = ["from", "to", "from_seq", "to_seq"])]
+    pub since: Option<Duration>,
+    /// Start of the range (RFC 3339).
+    #[arg(long, value_parser = parse_time, conflicts_with_all = ["from_seq", "to_seq"])]
+    pub from: Option<Timestamp>,
+    /// End of the range (RFC 3339); default now.
+    #[arg(long, value_parser = parse_time)]
+    pub to: Option<Timestamp>,
+    /// First SENSORS sequence to replay.
+    #[arg(long)]
+    pub from_seq: Option<u64>,
+    /// Last SENSORS sequence to replay.
+    #[arg(long)]
+    pub to_seq: Option<u64>,
+    /// An occupied period shorter than this counts as a flap.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub flap_below: Duration,
+    /// Do not feed the manual overrides recorded in EVENTS back in.
+    #[arg(long)]
+    pub no_overrides: bool,
+}
+
+fn parse_time(s: &str) -> Result<Timestamp, String> {
+    Timestamp::parse_rfc3339(s)
+        .map_err(|e| format!("{e} (want RFC 3339, e.g. 2026-12-01T08:00:00Z)"))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub range: RangeArgs,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// List every transition that differs from what EVENTS recorded.
+    #[arg(long)]
+    pub diff: bool,
+}
+
+/// Everything read for a range, with the model to replay.
+pub struct Loaded {
+    pub site: Site,
+    pub model: Model,
+    pub config: Config,
+    pub config_name: String,
+    pub records: Vec<Record>,
+    pub events: Vec<Transition>,
+    pub manual: Vec<Manual>,
+    pub options: Options,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+/// Validates the configs, then reads the range. A candidate that fails
+/// `check-config` is refused before anything is read; a range without
+/// readings is an error that says so.
+pub async fn load(args: &RangeArgs, trace: bool) -> anyhow::Result<Loaded> {
+    let reader = Config::load_valid(&args.config)?;
+    let (zones_cfg, config_name) = match &args.candidate {
+        Some(path) => (
+            Config::load_valid(path)
+                .context("the candidate config fails check-config; nothing was read")?,
+            path.display().to_string(),
+        ),
+        None => (reader.clone(), args.config.display().to_string()),
+    };
+    let model = Model::from_config(&zones_cfg);
+    if model.zones.is_empty() {
+        bail!("{config_name} configures no zone to replay (give a --candidate with [zones])");
+    }
+    let site = Site::new(&reader.site)?;
+    let now = Timestamp::now();
+    let range = match (args.since, args.from, args.from_seq) {
+        (Some(d), _, _) => Range::Time {
+            from: Timestamp(now.0 - d.as_millis() as i64),
+            to: now,
+        },
+        (None, Some(from), _) => Range::Time {
+            from,
+            to: args.to.unwrap_or(now),
+        },
+        (None, None, Some(from)) => Range::Seq {
+            from,
+            to: args.to_seq,
+        },
+        (None, None, None) => match args.to_seq {
+            Some(to) => Range::Seq {
+                from: 1,
+                to: Some(to),
+            },
+            None => Range::Time {
+                from: Timestamp(now.0 - 24 * 3600 * 1000),
+                to: args.to.unwrap_or(now),
+            },
+        },
+    };
+    let who = crate::store::connect::As {
+        service: Some(reader.service.clone()),
+        violations: None,
+    };
+    let client = crate::store::connect_as(
+        &reader.nats,
+        "presenced-replay",
+        None,
+        Some(Duration::from_secs(10)),
+        &who,
+    )
+    .await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let read = source::read_sensors(&js, &site, &range).await?;
+    let (from, to) = match &range {
+        Range::Time { from, to } => (*from, *to),
+        Range::Seq { .. } => match (read.records.first(), read.records.last()) {
+            (Some(a), Some(b)) => (a.at, b.at),
+            _ => (now, now),
+        },
+    };
+    if read.records.is_empty() {
+        match &range {
+            Range::Time { from, to } => bail!(
+                "no readings in SENSORS of site {site} between {from} and {to}: nothing to replay"
+            ),
+            Range::Seq { from, to } => bail!(
+                "no readings in SENSORS of site {site} from sequence {from}{}: nothing to replay",
+                to.map(|t| format!(" to {t}")).unwrap_or_default()
+            ),
+        }
+    }
+    let events: Vec<Transition> = source::read_events(&js, &site, from)
+        .await?
+        .into_iter()
+        .filter(|t| t.at >= from && t.at <= to)
+        .collect();
+    let manual = if args.no_overrides {
+        Vec::new()
+    } else {
+        source::manual_of(&events)
+    };
+    let _ = client.drain().await;
+    let first_seq = read.records.first().map_or(0, |r| r.seq);
+    Ok(Loaded {
+        site,
+        model,
+        config: zones_cfg,
+        config_name,
+        options: Options {
+            from,
+            to,
+            flap_below: args.flap_below,
+            trace,
+        },
+        first_seq,
+        last_seq: read.last_seq,
+        records: read.records,
+        events,
+        manual,
+    })
+}
+
+/// The JSON of `replay --json`.
+#[derive(Serialize)]
+struct ReplayJson<'a> {
+    site: &'a str,
+    config: &'a str,
+    from: Timestamp,
+    to: Timestamp,
+    readings: u64,
+    first_seq: u64,
+    last_seq: u64,
+    zones: std::collections::BTreeMap<&'a str, ZoneJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    diff: Option<Vec<super::DiffLine>>,
+}
+
+#[derive(Serialize)]
+struct ZoneJson<'a> {
+    readings: u64,
+    transitions: &'a [Transition],
+    occupied_ms: i64,
+    flaps: u64,
+    detection: Detection,
+}
+
+/// Detection delays of a zone, in milliseconds.
+#[derive(Serialize)]
+pub struct Detection {
+    pub count: usize,
+    pub median_ms: Option<i64>,
+    pub max_ms: Option<i64>,
+}
+
+impl Detection {
+    pub fn of(values: &[i64]) -> Detection {
+        Detection {
+            count: values.len(),
+            median_ms: super::median_ms(values),
+            max_ms: values.iter().copied().max(),
+        }
+    }
+}
+
+/// A span of milliseconds, short and stable (`1h 2m 3s`, `450ms`).
+pub fn span(ms: i64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    humantime::format_duration(Duration::from_secs((ms / 1000) as u64)).to_string()
+}
+
+/// Renders the outcome of a replay (text or JSON): same input, same bytes.
+pub fn render(
+    loaded: &Loaded,
+    outcome: &Outcome,
+    json: bool,
+    diff: bool,
+) -> anyhow::Result<String> {
+    let replayed = outcome.transitions();
+    let differences = diff.then(|| super::diff(&replayed, &loaded.events));
+    if json {
+        let doc = ReplayJson {
+            site: loaded.site.as_str(),
+            config: &loaded.config_name,
+            from: outcome.from,
+            to: outcome.to,
+            readings: outcome.readings,
+            first_seq: loaded.first_seq,
+            last_seq: loaded.last_seq,
+            zones: outcome
+                .zones
+                .iter()
+                .map(|(name, z)| {
+                    (
+                        name.as_str(),
+                        ZoneJson {
+                            readings: z.readings,
+                            transitions: &z.transitions,
+                            occupied_ms: z.occupied_ms,
+                            flaps: z.flaps,
+                            detection: Detection::of(&z.detection_ms),
+                        },
+                    )
+                })
+                .collect(),
+            diff: differences,
+        };
+        let mut s = serde_json::to_string_pretty(&doc)?;
+        s.push('\n');
+        return Ok(s);
+    }
+    let mut s = String::new();
+    writeln!(
+        s,
+        "replay of site {} with {}: {} to {}, {} reading(s) (SENSORS {}..{})",
+        loaded.site,
+        loaded.config_name,
+        outcome.from,
+        outcome.to,
+        outcome.readings,
+        loaded.first_seq,
+        loaded.last_seq
+    )?;
+    for (name, z) in &outcome.zones {
+        let d = Detection::of(&z.detection_ms);
+        writeln!(
+            s,
+            "zone {name}: {} transition(s), occupied {}, {} flap(s) (< {}), detection {}",
+            z.transitions.len(),
+            span(z.occupied_ms),
+            z.flaps,
+            humantime::format_duration(loaded.options.flap_below),
+            match (d.median_ms, d.max_ms) {
+                (Some(m), Some(x)) =>
+                    format!("median {} max {} ({} arrivals)", span(m), span(x), d.count),
+                _ => "none measured".to_owned(),
+            }
+        )?;
+        for t in &z.transitions {
+            writeln!(
+                s,
+                "  {}  #{} {} -> {}  confidence {:.3}{}",
+                t.at,
+                t.number,
+                t.from.as_str(),
+                t.to.as_str(),
+                t.confidence,
+                match (&t.seq, &t.cause) {
+                    (_, Some(c)) => format!("  ({})", cause_text(c)),
+                    (Some(seq), None) => format!("  (reading {seq})"),
+                    (None, None) => "  (timer)".to_owned(),
+                }
+            )?;
+        }
+    }
+    if let Some(lines) = differences {
+        if lines.is_empty() {
+            writeln!(
+                s,
+                "diff against EVENTS: identical ({} transition(s))",
+                loaded.events.len()
+            )?;
+        } else {
+            writeln!(s, "diff against EVENTS: {} difference(s)", lines.len())?;
+            for l in lines {
+                let sign = if l.only_in == "replay" { '+' } else { '-' };
+                writeln!(
+                    s,
+                    "{sign} {}  {} {} -> {}  (only in {})",
+                    l.at, l.zone, l.from, l.to, l.only_in
+                )?;
+            }
+        }
+    }
+    Ok(s)
+}
+
+fn cause_text(c: &crate::engine::Cause) -> String {
+    match c {
+        crate::engine::Cause::Override { by, until, .. } => {
+            format!("override by {by} until {until}")
+        }
+        crate::engine::Cause::OverrideExpired => "override expired".to_owned(),
+        crate::engine::Cause::OverrideCleared { by } => format!("override cleared by {by}"),
+    }
+}
+
+/// `presenced replay`.
+pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let loaded = load(&args.range, false).await?;
+    let outcome = super::run(
+        &loaded.model,
+        &loaded.records,
+        &loaded.manual,
+        &loaded.options,
+    );
+    print!("{}", render(&loaded, &outcome, args.json, args.diff)?);
+    Ok(())
+}
