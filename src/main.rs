@@ -190,6 +190,8 @@ enum Command {
     Cmd(presenced::cmd::CmdArgs),
     /// Replay recorded readings through the engine with a (candidate) config, offline.
     Replay(presenced::replay::cli::ReplayArgs),
+    /// Learn each evidence rule's p_true/p_false and each zone's prior from labelled time.
+    Tune(presenced::replay::cli::TuneArgs),
     /// Print the version.
     Version,
 }
@@ -299,6 +301,10 @@ fn main() -> ExitCode {
         Command::Replay(args) => (|| {
             init_tracing(Some("warn"));
             runtime()?.block_on(presenced::replay::cli::replay(args))
+        })(),
+        Command::Tune(args) => (|| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(presenced::replay::cli::tune(args))
         })(),
         Command::Version => {
             println!("presenced {}", env!("CARGO_PKG_VERSION"));

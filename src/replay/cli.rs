@@ -363,3 +363,240 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     print!("{}", render(&loaded, &outcome, args.json, args.diff)?);
     Ok(())
 }
+
+/// Where `tune` takes its labels from.
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct LabelSource {
+    /// A CSV file: `zone,start,end,occupied|vacant` per line (RFC 3339).
+    #[arg(long, value_name = "FILE")]
+    pub labels: Option<PathBuf>,
+    /// The manual overrides recorded in EVENTS: the zone was what the
+    /// person said, for as long as the override lasted.
+    #[arg(long)]
+    pub from_overrides: bool,
+    /// A sensor trusted as the truth for a zone, `ZONE=SENSOR`
+    /// (repeatable), e.g. an LD2410 radar zone.
+    #[arg(long, value_name = "ZONE=SENSOR")]
+    pub reference: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TuneArgs {
+    #[command(flatten)]
+    pub range: RangeArgs,
+    #[command(flatten)]
+    pub source: LabelSource,
+    /// Labelled hours a number needs before a value is suggested.
+    #[arg(long, default_value_t = 2.0)]
+    pub min_hours: f64,
+    /// How often each rule is looked at inside labelled time.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    pub sample_every: Duration,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Labels from a file, checked against the zones before anything is read.
+pub fn labels_file(
+    path: &std::path::Path,
+    model: &Model,
+) -> anyhow::Result<Vec<super::labels::Label>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read labels file {}", path.display()))?;
+    let zones = model.zones.keys().cloned().collect();
+    Ok(super::labels::parse_csv(
+        &path.display().to_string(),
+        &text,
+        &zones,
+    )?)
+}
+
+/// The parsed `--reference` pairs, checked against the model.
+fn references(pairs: &[String], model: &Model) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for p in pairs {
+        let Some((zone, sensor)) = p.split_once('=') else {
+            bail!("--reference {p:?}: want ZONE=SENSOR");
+        };
+        if !model.zones.contains_key(zone) {
+            bail!("--reference {p:?}: no zone {zone:?} in the config");
+        }
+        out.push((zone.to_owned(), sensor.to_owned()));
+    }
+    Ok(out)
+}
+
+/// The labels `args` name, from what was read.
+pub fn collect_labels(
+    source: &LabelSource,
+    loaded: &Loaded,
+    file_labels: Option<Vec<super::labels::Label>>,
+) -> anyhow::Result<Vec<super::labels::Label>> {
+    if let Some(l) = file_labels {
+        return Ok(l);
+    }
+    if source.from_overrides {
+        let manual = source::manual_of(&loaded.events);
+        return Ok(super::labels::from_overrides(&manual, loaded.options.to));
+    }
+    let mut out = Vec::new();
+    for (zone, sensor) in references(&source.reference, &loaded.model)? {
+        out.extend(super::labels::from_reference(
+            &zone,
+            &sensor,
+            &loaded.records,
+            loaded.options.to,
+        ));
+    }
+    Ok(out)
+}
+
+#[derive(Serialize)]
+struct TuneJson<'a> {
+    site: &'a str,
+    config: &'a str,
+    from: Timestamp,
+    to: Timestamp,
+    zones: &'a std::collections::BTreeMap<String, super::tune::ZoneEstimate>,
+    before: &'a std::collections::BTreeMap<String, super::tune::Effect>,
+    after: &'a std::collections::BTreeMap<String, super::tune::Effect>,
+    diff: &'a str,
+}
+
+/// `presenced tune`.
+pub async fn tune(args: TuneArgs) -> anyhow::Result<()> {
+    use super::tune as t;
+    // Check everything local first: a bad labels file or reference is
+    // refused before anything is read from the site.
+    let precheck = load_model(&args.range)?;
+    let file_labels = match &args.source.labels {
+        Some(path) => Some(labels_file(path, &precheck)?),
+        None => None,
+    };
+    references(&args.source.reference, &precheck)?;
+    let mut loaded = load(&args.range, false).await?;
+    let labels = collect_labels(&args.source, &loaded, file_labels)?;
+    if labels.is_empty() {
+        bail!("no labelled time in the range: nothing to learn from");
+    }
+    // Overrides are labels here, not inputs: the engine's own readings
+    // are what is measured.
+    loaded.manual.clear();
+    let opts = t::TuneOptions {
+        sample_every: args.sample_every,
+        min_hours: args.min_hours,
+        ..t::TuneOptions::default()
+    };
+    let est = t::estimate_all(&loaded.model, &loaded.records, &labels, &opts);
+    let suggested = t::suggested_config(&loaded.config, &est);
+    let problems = suggested.validate();
+    if !problems.is_empty() {
+        let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        bail!(
+            "the suggested values do not pass check-config ({}); label more time",
+            list.join("; ")
+        );
+    }
+    let flap = args.range.flap_below;
+    let before = t::replay_effect(&loaded.model, &loaded.records, &labels, flap);
+    let after = t::replay_effect(
+        &Model::from_config(&suggested),
+        &loaded.records,
+        &labels,
+        flap,
+    );
+    let diff = t::toml_diff(&loaded.config, &est, opts.level);
+    if args.json {
+        let doc = TuneJson {
+            site: loaded.site.as_str(),
+            config: &loaded.config_name,
+            from: loaded.options.from,
+            to: loaded.options.to,
+            zones: &est,
+            before: &before,
+            after: &after,
+            diff: &diff,
+        };
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    print!("{}", render_tune(&loaded, &est, &before, &after, &diff)?);
+    Ok(())
+}
+
+/// The text of `presenced tune`.
+pub fn render_tune(
+    loaded: &Loaded,
+    est: &std::collections::BTreeMap<String, super::tune::ZoneEstimate>,
+    before: &std::collections::BTreeMap<String, super::tune::Effect>,
+    after: &std::collections::BTreeMap<String, super::tune::Effect>,
+    diff: &str,
+) -> anyhow::Result<String> {
+    let mut s = String::new();
+    writeln!(
+        s,
+        "tune of site {} with {}: {} to {}",
+        loaded.site, loaded.config_name, loaded.options.from, loaded.options.to
+    )?;
+    for (zone, e) in est {
+        writeln!(
+            s,
+            "zone {zone}: {} h labelled occupied, {} h vacant",
+            e.occupied_hours, e.vacant_hours
+        )?;
+        let show = |name: &str, x: &super::tune::Estimate| match x.suggested {
+            Some(p) => format!(
+                "{name} {} -> {p} (90% {}..{}, {} h)",
+                x.current, x.low, x.high, x.hours
+            ),
+            None => format!(
+                "{name} {} kept (needs {} more hours)",
+                x.current,
+                x.needs_hours.unwrap_or_default()
+            ),
+        };
+        writeln!(s, "  {}", show("prior", &e.prior))?;
+        for r in &e.rules {
+            writeln!(
+                s,
+                "  evidence[{}] {}: {}; {}",
+                r.index,
+                r.sensor,
+                show("p_true", &r.p_true),
+                show("p_false", &r.p_false)
+            )?;
+        }
+    }
+    writeln!(s, "\nsuggested change (TOML diff):")?;
+    s.push_str(diff);
+    writeln!(
+        s,
+        "\nreplayed over the labelled time, current -> suggested:"
+    )?;
+    for (zone, b) in before {
+        let a = after.get(zone).cloned().unwrap_or_default();
+        let ms = |x: Option<i64>| x.map_or("-".to_owned(), span);
+        writeln!(
+            s,
+            "  {zone}: flaps {} -> {}, false vacant {} -> {}, false occupied {} -> {}, detection median {} -> {}",
+            b.flaps,
+            a.flaps,
+            span(b.false_vacant_ms),
+            span(a.false_vacant_ms),
+            span(b.false_occupied_ms),
+            span(a.false_occupied_ms),
+            ms(b.detection_median_ms),
+            ms(a.detection_median_ms)
+        )?;
+    }
+    Ok(s)
+}
+
+/// The model of the config `args` replays, without reading anything.
+pub fn load_model(args: &RangeArgs) -> anyhow::Result<Model> {
+    let path = args.candidate.as_ref().unwrap_or(&args.config);
+    let cfg = Config::load_valid(path)?;
+    Ok(Model::from_config(&cfg))
+}

@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod labels;
 pub mod source;
+pub mod tune;
 
 use crate::engine::command::OverrideRequest;
 use crate::engine::{self, Cause, Input, Model, Presence, Transition, ZoneState};

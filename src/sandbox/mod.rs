@@ -20,6 +20,7 @@ pub mod servers;
 pub mod simulator;
 pub mod supervisor;
 pub mod tools;
+pub mod truth;
 
 use plan::{Input, Plan, SitePlan};
 use std::ffi::OsStr;
