@@ -192,6 +192,8 @@ enum Command {
     Replay(presenced::replay::cli::ReplayArgs),
     /// Learn each evidence rule's p_true/p_false and each zone's prior from labelled time.
     Tune(presenced::replay::cli::TuneArgs),
+    /// Write one self-contained HTML file with a picture of every zone over a replayed range.
+    Report(presenced::replay::cli::ReportArgs),
     /// Print the version.
     Version,
 }
@@ -305,6 +307,10 @@ fn main() -> ExitCode {
         Command::Tune(args) => (|| {
             init_tracing(Some("warn"));
             runtime()?.block_on(presenced::replay::cli::tune(args))
+        })(),
+        Command::Report(args) => (|| {
+            init_tracing(Some("warn"));
+            runtime()?.block_on(presenced::replay::cli::report(args))
         })(),
         Command::Version => {
             println!("presenced {}", env!("CARGO_PKG_VERSION"));

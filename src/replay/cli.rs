@@ -1,5 +1,5 @@
 //! `presenced replay`, `tune` and `report`: argument parsing and output,
-//! thin over [`super::run`], the tuning and report modules.
+//! thin over [`super::run`], [`super::tune`] and [`super::report`].
 
 use super::source::{self, Range};
 use super::{Manual, Options, Outcome, Record};
@@ -599,4 +599,80 @@ pub fn load_model(args: &RangeArgs) -> anyhow::Result<Model> {
     let path = args.candidate.as_ref().unwrap_or(&args.config);
     let cfg = Config::load_valid(path)?;
     Ok(Model::from_config(&cfg))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub range: RangeArgs,
+    /// Where to write the HTML file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A labels CSV: drawn above each zone, and the tune suggestions are
+    /// shown beside it.
+    #[arg(long, value_name = "FILE")]
+    pub labels: Option<PathBuf>,
+    /// Labelled hours a number needs before a value is suggested.
+    #[arg(long, default_value_t = 2.0)]
+    pub min_hours: f64,
+    /// How often each rule is looked at inside labelled time.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    pub sample_every: Duration,
+}
+
+/// `presenced report`.
+pub async fn report(args: ReportArgs) -> anyhow::Result<()> {
+    use super::tune as t;
+    let precheck = load_model(&args.range)?;
+    let labels = match &args.labels {
+        Some(path) => labels_file(path, &precheck)?,
+        None => Vec::new(),
+    };
+    let loaded = load(&args.range, true).await?;
+    let outcome = super::run(
+        &loaded.model,
+        &loaded.records,
+        &loaded.manual,
+        &loaded.options,
+    );
+    let tuned = (!labels.is_empty()).then(|| {
+        let opts = t::TuneOptions {
+            sample_every: args.sample_every,
+            min_hours: args.min_hours,
+            ..t::TuneOptions::default()
+        };
+        let est = t::estimate_all(&loaded.model, &loaded.records, &labels, &opts);
+        let suggested = t::suggested_config(&loaded.config, &est);
+        let flap = args.range.flap_below;
+        let before = t::replay_effect(&loaded.model, &loaded.records, &labels, flap);
+        let after = t::replay_effect(
+            &Model::from_config(&suggested),
+            &loaded.records,
+            &labels,
+            flap,
+        );
+        let diff = t::toml_diff(&loaded.config, &est, opts.level);
+        (est, before, after, diff)
+    });
+    let extras = super::report::Extras {
+        site: loaded.site.as_str(),
+        config_name: &loaded.config_name,
+        labels: &labels,
+        estimates: tuned.as_ref().map(|x| &x.0),
+        before: tuned.as_ref().map(|x| &x.1),
+        after: tuned.as_ref().map(|x| &x.2),
+        diff: tuned.as_ref().map(|x| x.3.as_str()),
+    };
+    let html = super::report::render(&loaded.model, &outcome, &extras);
+    std::fs::write(&args.out, html)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!(
+        "{}: report of {} zone(s), {} reading(s), {} to {}",
+        args.out.display(),
+        outcome.zones.len(),
+        outcome.readings,
+        outcome.from,
+        outcome.to
+    );
+    Ok(())
 }

@@ -11,10 +11,12 @@
 //! at their instants, as the daemon applied them.
 //!
 //! Nothing here does I/O: [`source`] reads the site's streams, [`cli`] is
-//! the command-line glue.
+//! the command-line glue, [`tune`] learns likelihoods from labelled time and
+//! [`report`] draws the outcome.
 
 pub mod cli;
 pub mod labels;
+pub mod report;
 pub mod source;
 pub mod tune;
 

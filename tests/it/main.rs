@@ -47,5 +47,6 @@ mod split;
 mod supervise;
 mod systemd;
 mod tls;
+mod tune;
 mod watch;
 mod watch_hub;

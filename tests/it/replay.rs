@@ -46,7 +46,7 @@ p_false = 0.02
 "#;
 
 /// `base` with this service's name and seed file.
-fn as_service(base: &str, service: &str, seed: &Path) -> String {
+pub(crate) fn as_service(base: &str, service: &str, seed: &Path) -> String {
     base.replace(
         "[nats]\n",
         &format!(
@@ -58,7 +58,7 @@ fn as_service(base: &str, service: &str, seed: &Path) -> String {
 
 /// Last sequence and message count of every stream of the server: any
 /// write (a KV put, a purge, a publish) changes one of them.
-async fn sequences(js: &async_nats::jetstream::Context) -> BTreeMap<String, (u64, u64)> {
+pub(crate) async fn sequences(js: &async_nats::jetstream::Context) -> BTreeMap<String, (u64, u64)> {
     let mut out = BTreeMap::new();
     let mut names = js.stream_names();
     while let Some(name) = names.next().await {
@@ -70,22 +70,22 @@ async fn sequences(js: &async_nats::jetstream::Context) -> BTreeMap<String, (u64
     out
 }
 
-struct Site {
+pub(crate) struct Site {
     _nats: NatsServer,
-    dir: tempfile::TempDir,
-    admin_js: async_nats::jetstream::Context,
-    base: String,
-    http_port: u16,
-    url: String,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) admin_js: async_nats::jetstream::Context,
+    pub(crate) base: String,
+    pub(crate) http_port: u16,
+    pub(crate) url: String,
 }
 
 impl Site {
-    fn file(&self, name: &str, text: &str) -> PathBuf {
+    pub(crate) fn file(&self, name: &str, text: &str) -> PathBuf {
         let p = self.dir.path().join(name);
         std::fs::write(&p, text).unwrap();
         p
     }
-    fn seed(&self, service: &str) -> PathBuf {
+    pub(crate) fn seed(&self, service: &str) -> PathBuf {
         self.dir.path().join(format!("{service}.seed"))
     }
 }
@@ -93,7 +93,12 @@ impl Site {
 /// A nats-server under the ACL `presenced acl` generates for a daemon
 /// (ingest + engine), an analyst that reads SENSORS and EVENTS only, and
 /// an operator granted commands; provisioned by the admin.
-async fn site(mqtt: &Mosquitto) -> Site {
+pub(crate) async fn site(mqtt: &Mosquitto) -> Site {
+    site_with(mqtt, ZONES).await
+}
+
+/// [`site`] with other zones.
+pub(crate) async fn site_with(mqtt: &Mosquitto, zones: &str) -> Site {
     let dir = tempfile::tempdir().unwrap();
     let key = |s: &str| {
         identity::keygen(s, &dir.path().join(format!("{s}.seed")))
@@ -135,7 +140,7 @@ async fn site(mqtt: &Mosquitto) -> Site {
         mqtt.port,
         http_port,
         &motion_mapping(true),
-        ZONES,
+        zones,
     );
     let admin_cfg = dir.path().join("admin.toml");
     std::fs::write(
@@ -171,7 +176,7 @@ async fn settled(js: &async_nats::jetstream::Context, zones: &[&str]) -> bool {
     true
 }
 
-fn run(args: &[&str]) -> std::process::Output {
+pub(crate) fn run(args: &[&str]) -> std::process::Output {
     support::daemon::run_presenced(args, &[])
 }
 
