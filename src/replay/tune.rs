@@ -313,7 +313,7 @@ pub fn toml_diff(
                 let _ = writeln!(s, "-{key} = {}", e.current);
                 let _ = writeln!(
                     s,
-                    "+{key} = {p}  # {pct}% {}..{}, {} h of {what} labels",
+                    "+{key} = {p}  # {pct}% {}..{}, {} h of {what}",
                     e.low, e.high, e.hours
                 );
             }
@@ -327,7 +327,7 @@ pub fn toml_diff(
             (None, Some(n)) => {
                 let _ = writeln!(
                     s,
-                    " {key} = {}  # kept: needs {n} more hours of {what} labels (has {} h)",
+                    " {key} = {}  # kept: needs {n} more hours of {what} (has {} h)",
                     e.current, e.hours
                 );
             }
@@ -336,15 +336,15 @@ pub fn toml_diff(
     for (name, est) in estimates {
         let table = section(config, name);
         let _ = writeln!(s, " [{table}]");
-        line(&mut s, "prior", &est.prior, "labelled");
+        line(&mut s, "prior", &est.prior, "labels");
         for r in &est.rules {
             let _ = writeln!(
                 s,
                 " [[{table}.evidence]]  # evidence[{}], sensor {:?}",
                 r.index, r.sensor
             );
-            line(&mut s, "p_true", &r.p_true, "occupied");
-            line(&mut s, "p_false", &r.p_false, "vacant");
+            line(&mut s, "p_true", &r.p_true, "occupied labels");
+            line(&mut s, "p_false", &r.p_false, "vacant labels");
         }
     }
     s
