@@ -631,9 +631,10 @@ fn summary(
         );
         let _ = writeln!(
             o,
-            "  simulator (in the sandbox process): {people} people, MQTT to 127.0.0.1:{}, log {}",
+            "  simulator (in the sandbox process): {people} people, MQTT to 127.0.0.1:{}, log {}, true occupancy (labels for presenced tune) {}",
             s.leaf.mqtt_port,
-            s.simulator_log.display()
+            s.simulator_log.display(),
+            simulator::labels_path(&s.simulator_log).display()
         );
         let _ = writeln!(
             o,

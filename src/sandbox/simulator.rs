@@ -317,12 +317,19 @@ pub async fn run(target: Target) {
         target.people,
         target.seed,
     );
+    let mut labels = TruthLabels::open(
+        &labels_path(&target.log),
+        &target.rooms,
+        crate::time::Timestamp::now(),
+    );
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let readings = world.step();
-        let places = world.occupied().join(",");
+        let occupied = world.occupied();
+        labels.record(&occupied, crate::time::Timestamp::now());
+        let places = occupied.join(",");
         for r in readings {
             if let Some(f) = log.as_mut() {
                 let _ = writeln!(
@@ -343,6 +350,56 @@ pub async fn run(target: Target) {
             {
                 tracing::debug!("simulator queue full; reading dropped");
             }
+        }
+    }
+}
+
+/// Where the simulator writes the true occupancy of its rooms: beside its
+/// log, as a labels file `presenced tune --labels` reads.
+pub fn labels_path(log: &std::path::Path) -> PathBuf {
+    log.with_extension("labels.csv")
+}
+
+/// The true occupancy of every room, written as labels: one line per
+/// closed interval (an open one is written when it ends), so the file is
+/// always valid and a restarted sandbox appends after it.
+struct TruthLabels {
+    file: Option<std::fs::File>,
+    rooms: Vec<(String, bool, crate::time::Timestamp)>,
+}
+
+impl TruthLabels {
+    fn open(path: &std::path::Path, rooms: &[String], now: crate::time::Timestamp) -> TruthLabels {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|error| tracing::warn!(path = %path.display(), %error, "cannot open the simulator's labels file"))
+            .ok();
+        let mut labels = TruthLabels {
+            file,
+            rooms: rooms.iter().map(|r| (r.clone(), false, now)).collect(),
+        };
+        if let Some(f) = labels.file.as_mut() {
+            if f.metadata().map(|m| m.len() == 0).unwrap_or(false) {
+                let _ = writeln!(f, "zone,start,end,state");
+            }
+        }
+        labels
+    }
+
+    fn record(&mut self, occupied: &[String], now: crate::time::Timestamp) {
+        for (room, was, since) in &mut self.rooms {
+            let is = occupied.contains(room);
+            if is == *was {
+                continue;
+            }
+            if let Some(f) = self.file.as_mut() {
+                let state = if *was { "occupied" } else { "vacant" };
+                let _ = writeln!(f, "{room},{since},{now},{state}");
+            }
+            *was = is;
+            *since = now;
         }
     }
 }
@@ -460,6 +517,27 @@ mod tests {
         }
         assert!(!last.is_empty());
         assert!(last.values().all(|v| !v), "{last:?}");
+    }
+
+    #[test]
+    fn true_occupancy_is_written_as_labels_tune_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = labels_path(&dir.path().join("simulator.log"));
+        let rooms = vec!["hall".to_owned(), "kitchen".to_owned()];
+        let mut w = world(5);
+        let mut labels = TruthLabels::open(&path, &rooms, crate::time::Timestamp(999_000));
+        for s in 0..600 {
+            w.step();
+            labels.record(&w.occupied(), crate::time::Timestamp(1_000_000 + s * 1000));
+        }
+        drop(labels);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let zones = rooms.iter().cloned().collect();
+        let parsed = crate::replay::labels::parse_csv("labels", &text, &zones).unwrap();
+        assert!(
+            parsed.iter().any(|l| l.occupied) && parsed.iter().any(|l| !l.occupied),
+            "{text}"
+        );
     }
 
     #[test]
