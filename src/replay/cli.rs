@@ -26,6 +26,7 @@ pub struct RangeArgs {
     #[arg(long)]
     pub candidate: Option<PathBuf>,
     /// Replay the readings stored in this last span (e.g. `7d`, `24h`).
+    /// Without any range option: the last 24 hours.
     #[arg(long, value_parser = humantime::parse_duration, conflicts_with_all = ["from", "to", "from_seq", "to_seq"])]
     pub since: Option<Duration>,
     /// Start of the range (RFC 3339).

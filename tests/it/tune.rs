@@ -281,6 +281,45 @@ async fn tune_learns_a_simulated_day_and_the_report_renders_in_chromium() {
     );
     assert!(!text.contains("\n+p_true"), "{text}");
 
+    // A reference sensor as the truth: the radar, judged against itself,
+    // is perfect (clamped to 0.99/0.01); the PIR is judged against it.
+    let out = run(&[
+        "tune",
+        "--config",
+        analyst.to_str().unwrap(),
+        "--from-seq",
+        "1",
+        "--reference",
+        "kitchen=kitchen_radar",
+        "--sample-every",
+        "30s",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rules = doc["zones"]["kitchen"]["rules"].as_array().unwrap();
+    assert_eq!(rules[1]["sensor"], "kitchen_radar");
+    assert_eq!(rules[1]["p_true"]["suggested"], 0.99);
+    assert_eq!(rules[1]["p_false"]["suggested"], 0.01);
+    assert!(rules[0]["p_true"]["hours"].as_f64().unwrap() > 2.0);
+    assert!(doc["zones"]["office"].is_null(), "office had no reference");
+    // Overrides as labels: there are none in this range, and it says so.
+    let out = run(&[
+        "tune",
+        "--config",
+        analyst.to_str().unwrap(),
+        "--from-seq",
+        "1",
+        "--from-overrides",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no labelled time in the range"), "{err}");
+
     // A bad labels file: every problem with its line, before any read
     // (the reader's server is unreachable here, and the answer is quick).
     let bad = s.file(
