@@ -169,7 +169,13 @@ struct Tracker {
     out: ZoneOutcome,
     occupied_since: Option<Timestamp>,
     trigger: Option<Timestamp>,
+    /// The trace's current slice and where its points start.
+    bucket: Option<(i64, usize)>,
 }
+
+/// Slices of the range in which the report's trace keeps at most three
+/// points: about four per pixel column of the plot.
+pub const TRACE_BUCKETS: i64 = 4000;
 
 impl Tracker {
     fn record(&mut self, transitions: Vec<Transition>, opts: &Options) {
@@ -202,14 +208,49 @@ impl Tracker {
         }
     }
 
+    /// Records the zone's state for the report, thinned: within one of
+    /// [`TRACE_BUCKETS`] slices of the range only the lowest, the highest
+    /// and the last point are kept (what a plot of that slice shows), so a
+    /// week of readings costs a few thousand points per zone, not millions.
     fn trace(&mut self, opts: &Options) {
-        if opts.trace {
-            self.out.trace.push(TracePoint {
-                at: self.state.clock,
-                confidence: self.state.confidence,
-                state: self.state.state,
-                lr: self.state.evidence.iter().map(|e| e.lr).collect(),
-            });
+        if !opts.trace {
+            return;
+        }
+        let point = TracePoint {
+            at: self.state.clock,
+            confidence: self.state.confidence,
+            state: self.state.state,
+            lr: self.state.evidence.iter().map(|e| e.lr).collect(),
+        };
+        let width = ((opts.to.0 - opts.from.0) / TRACE_BUCKETS).max(1);
+        let bucket = (point.at.0 - opts.from.0).div_euclid(width);
+        match self.bucket {
+            Some((b, start)) if b == bucket && self.out.trace.len() >= start + 3 => {
+                let mut kept: Vec<TracePoint> = self.out.trace.drain(start..).collect();
+                kept.push(point);
+                let lowest = kept
+                    .iter()
+                    .enumerate()
+                    .min_by(|a, b| a.1.confidence.total_cmp(&b.1.confidence))
+                    .map_or(0, |(i, _)| i);
+                let highest = kept
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.confidence.total_cmp(&b.1.confidence))
+                    .map_or(0, |(i, _)| i);
+                let last = kept.len() - 1;
+                let mut keep = vec![lowest, highest, last];
+                keep.sort_unstable();
+                keep.dedup();
+                for i in keep {
+                    self.out.trace.push(kept[i].clone());
+                }
+            }
+            Some((b, _)) if b == bucket => self.out.trace.push(point),
+            _ => {
+                self.bucket = Some((bucket, self.out.trace.len()));
+                self.out.trace.push(point);
+            }
         }
     }
 }
@@ -229,6 +270,7 @@ pub fn run(model: &Model, records: &[Record], manual: &[Manual], opts: &Options)
                 out: ZoneOutcome::default(),
                 occupied_since: None,
                 trigger: None,
+                bucket: None,
             };
             // A prior above the threshold settles at the start of the range.
             let first = engine::advance(zm, &mut t.state, opts.from);

@@ -136,3 +136,22 @@ fn diff_names_what_only_one_side_has() {
     assert_eq!(d[1].only_in, "events");
     assert_eq!(median_ms(&[5, 1, 3]), Some(3));
 }
+
+#[test]
+fn the_trace_is_thinned_but_keeps_its_extremes() {
+    let m = model(CONFIG);
+    // 200,000 readings over ~23 days: a motion blip every 1,000.
+    let records: Vec<Record> = (0..200_000)
+        .map(|i| rec(i + 1, i as i64 * 10, i % 1000 == 500))
+        .collect();
+    let out = run(&m, &records, &[], &opts(2_000_000));
+    let trace = &out.zones["kitchen"].trace;
+    assert!(
+        trace.len() <= 3 * TRACE_BUCKETS as usize + 10,
+        "{}",
+        trace.len()
+    );
+    let blips = trace.iter().filter(|p| p.confidence > 0.6).count();
+    assert!(blips >= 150, "spikes lost: {blips}");
+    assert!(trace.windows(2).all(|w| w[0].at <= w[1].at));
+}
