@@ -166,7 +166,12 @@ fn artifacts() -> PathBuf {
 }
 
 fn chromium(args: &[&str], profile: &Path) -> std::process::Output {
-    let out = std::process::Command::new("chromium")
+    // $CHROMIUM names the binary (the Nix build does), else PATH's.
+    let bin = std::env::var_os("CHROMIUM").unwrap_or_else(|| "chromium".into());
+    let out = std::process::Command::new(bin)
+        // Chromium writes crash and cache files under HOME; a build
+        // sandbox's HOME may not be writable.
+        .env("HOME", profile)
         .args([
             "--headless",
             "--no-sandbox",
