@@ -86,11 +86,7 @@ pub struct Loaded {
 pub async fn load(args: &RangeArgs, trace: bool) -> anyhow::Result<Loaded> {
     let reader = Config::load_valid(&args.config)?;
     let (zones_cfg, config_name) = match &args.candidate {
-        Some(path) => (
-            Config::load_valid(path)
-                .context("the candidate config fails check-config; nothing was read")?,
-            path.display().to_string(),
-        ),
+        Some(path) => (candidate(path)?, path.display().to_string()),
         None => (reader.clone(), args.config.display().to_string()),
     };
     let model = Model::from_config(&zones_cfg);
@@ -597,9 +593,29 @@ pub fn render_tune(
 
 /// The model of the config `args` replays, without reading anything.
 pub fn load_model(args: &RangeArgs) -> anyhow::Result<Model> {
-    let path = args.candidate.as_ref().unwrap_or(&args.config);
-    let cfg = Config::load_valid(path)?;
+    let cfg = match &args.candidate {
+        Some(path) => candidate(path)?,
+        None => Config::load_valid(&args.config)?,
+    };
     Ok(Model::from_config(&cfg))
+}
+
+/// A candidate config, checked as `check-config` checks meaning (every
+/// problem with its field path). Its secret files are not read: only its
+/// zones are used, and a copy of the daemon's config names seed and
+/// password files the reader may not open.
+pub fn candidate(path: &std::path::Path) -> anyhow::Result<Config> {
+    let cfg =
+        Config::load(path).context("the candidate config fails check-config; nothing was read")?;
+    let problems = cfg.validate();
+    if !problems.is_empty() {
+        return Err(anyhow::Error::new(crate::config::ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+        .context("the candidate config fails check-config; nothing was read"));
+    }
+    Ok(cfg)
 }
 
 #[derive(clap::Args, Debug)]
