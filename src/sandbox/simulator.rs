@@ -74,6 +74,28 @@ struct Room {
     lights_on: bool,
 }
 
+/// How the simulated motion sensors err, explicitly, so that what
+/// `presenced tune` learns can be held against the numbers that made the
+/// data (see also `sandbox::truth`, whose sensors report a heartbeat).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SensorErrors {
+    /// Per second, P(no trigger | someone in the room).
+    pub motion_miss: f64,
+    /// Per second, P(trigger | nobody in the room): a pet, the heating.
+    pub motion_false_trigger: f64,
+}
+
+impl Default for SensorErrors {
+    /// What the sandbox has always simulated: a PIR that catches moving
+    /// people seven seconds in ten and never fires on its own.
+    fn default() -> Self {
+        SensorErrors {
+            motion_miss: 0.3,
+            motion_false_trigger: 0.0,
+        }
+    }
+}
+
 /// Rooms, people, and the sensor readings they cause.
 #[derive(Debug, Clone)]
 pub struct World {
@@ -86,6 +108,7 @@ pub struct World {
     /// Index of the room people enter and leave through (the first with a
     /// door, else the first).
     entrance: usize,
+    errors: SensorErrors,
 }
 
 /// Seconds a PIR takes to clear after its last trigger.
@@ -126,7 +149,14 @@ impl World {
             rng,
             clock: 0,
             entrance,
+            errors: SensorErrors::default(),
         }
+    }
+
+    /// The same world with motion sensors that err as `errors` says.
+    pub fn with_errors(mut self, errors: SensorErrors) -> World {
+        self.errors = errors;
+        self
     }
 
     /// Where each person is.
@@ -217,7 +247,14 @@ impl World {
         // trigger.
         for r in 0..self.rooms.len() {
             let present = self.people.iter().any(|p| p.place == Place::Room(r));
-            let triggered = present && self.rng.chance(0.7);
+            // No draw where the probability is zero, so the default
+            // errors give the same world for a seed as before they existed.
+            let triggered = if present {
+                self.rng.chance(1.0 - self.errors.motion_miss)
+            } else {
+                self.errors.motion_false_trigger > 0.0
+                    && self.rng.chance(self.errors.motion_false_trigger)
+            };
             let room = &mut self.rooms[r];
             if triggered {
                 room.quiet = 0;
@@ -538,6 +575,35 @@ mod tests {
             parsed.iter().any(|l| l.occupied) && parsed.iter().any(|l| !l.occupied),
             "{text}"
         );
+    }
+
+    #[test]
+    fn motion_errs_as_its_explicit_model_says() {
+        let errors = SensorErrors {
+            motion_miss: 0.3,
+            motion_false_trigger: 0.05,
+        };
+        let mut w = world(9).with_errors(errors);
+        // Seconds in which a room's PIR triggered, by whether someone was there.
+        let (mut occ, mut occ_hits, mut vac, mut vac_hits) = (0u32, 0u32, 0u32, 0u32);
+        for _ in 0..20_000 {
+            w.step();
+            let here = w.occupied();
+            for room in &w.rooms {
+                // `quiet` is 0 exactly after a second with a trigger.
+                let hit = room.quiet == 0;
+                if here.contains(&room.name) {
+                    occ += 1;
+                    occ_hits += u32::from(hit);
+                } else {
+                    vac += 1;
+                    vac_hits += u32::from(hit);
+                }
+            }
+        }
+        let (p_true, p_false) = (occ_hits as f64 / occ as f64, vac_hits as f64 / vac as f64);
+        assert!((p_true - 0.7).abs() < 0.03, "{p_true}");
+        assert!((p_false - 0.05).abs() < 0.01, "{p_false}");
     }
 
     #[test]
