@@ -100,10 +100,15 @@ pub async fn load(args: &RangeArgs, trace: bool) -> anyhow::Result<Loaded> {
             from: Timestamp(now.0 - d.as_millis() as i64),
             to: now,
         },
-        (None, Some(from), _) => Range::Time {
-            from,
-            to: args.to.unwrap_or(now),
-        },
+        (None, Some(from), _) => {
+            // Deadlines after now have not happened: the replay stops at
+            // the present, as the daemon has.
+            let to = args.to.unwrap_or(now).min(now);
+            if to <= from {
+                bail!("--from {from} is not before --to {to} (or now)");
+            }
+            Range::Time { from, to }
+        }
         (None, None, Some(from)) => Range::Seq {
             from,
             to: args.to_seq,
@@ -135,10 +140,11 @@ pub async fn load(args: &RangeArgs, trace: bool) -> anyhow::Result<Loaded> {
     let read = source::read_sensors(&js, &site, &range).await?;
     let (from, to) = match &range {
         Range::Time { from, to } => (*from, *to),
-        Range::Seq { .. } => match (read.records.first(), read.records.last()) {
-            (Some(a), Some(b)) => (a.at, b.at),
-            _ => (now, now),
-        },
+        // Readings are in stream order; their own times need not be.
+        Range::Seq { .. } => (
+            read.records.iter().map(|r| r.at).min().unwrap_or(now),
+            read.records.iter().map(|r| r.at).max().unwrap_or(now),
+        ),
     };
     if read.records.is_empty() {
         match &range {
