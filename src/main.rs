@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+// Laid out as the command line is becoming (src/cli/, one file per
+// subcommand): its `super` is this file's `init_tracing` and `runtime`.
+#[path = "cli/replay.rs"]
+mod cli_replay;
+
 #[derive(Parser)]
 #[command(
     name = "presenced",
@@ -189,11 +194,11 @@ enum Command {
     #[command(subcommand)]
     Cmd(presenced::cmd::CmdArgs),
     /// Replay recorded readings through the engine with a (candidate) config, offline.
-    Replay(presenced::replay::cli::ReplayArgs),
+    Replay(cli_replay::ReplayArgs),
     /// Learn each evidence rule's p_true/p_false and each zone's prior from labelled time.
-    Tune(presenced::replay::cli::TuneArgs),
+    Tune(cli_replay::TuneArgs),
     /// Write one self-contained HTML file with a picture of every zone over a replayed range.
-    Report(presenced::replay::cli::ReportArgs),
+    Report(cli_replay::ReportArgs),
     /// Print the version.
     Version,
 }
@@ -300,18 +305,9 @@ fn main() -> ExitCode {
             presenced::sandbox::run(presenced::sandbox::Options { sites, dir, seconds, fresh, people })
                 .map_err(Into::into)
         }
-        Command::Replay(args) => (|| {
-            init_tracing(Some("warn"));
-            runtime()?.block_on(presenced::replay::cli::replay(args))
-        })(),
-        Command::Tune(args) => (|| {
-            init_tracing(Some("warn"));
-            runtime()?.block_on(presenced::replay::cli::tune(args))
-        })(),
-        Command::Report(args) => (|| {
-            init_tracing(Some("warn"));
-            runtime()?.block_on(presenced::replay::cli::report(args))
-        })(),
+        Command::Replay(args) => cli_replay::replay(args).map(drop),
+        Command::Tune(args) => cli_replay::tune(args).map(drop),
+        Command::Report(args) => cli_replay::report(args).map(drop),
         Command::Version => {
             println!("presenced {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -22,7 +22,8 @@ pub struct RangeArgs {
     #[arg(long, short)]
     pub config: PathBuf,
     /// A candidate config whose zones and evidence are replayed instead;
-    /// it must pass `presenced check-config`.
+    /// refused with every problem `presenced check-config` would name (its
+    /// secret files are not read: only its zones are used).
     #[arg(long)]
     pub candidate: Option<PathBuf>,
     /// Replay the readings stored in this last span (e.g. `7d`, `24h`).
