@@ -1,5 +1,6 @@
 # The presenced package. Its tests run in checkPhase against real servers
-# (nats-server, Mosquitto and SeaweedFS as the S3 server, from nixpkgs),
+# (nats-server, Mosquitto and SeaweedFS as the S3 server, from nixpkgs;
+# Chromium for the report test),
 # which listen on 127.0.0.1: the build sandbox has a loopback interface.
 #
 # The binary is built in the `dist` profile (fat LTO, for a small edge
@@ -17,6 +18,7 @@
   nats-server,
   mosquitto,
   seaweedfs,
+  chromium,
 }:
 
 let
@@ -66,6 +68,8 @@ rustPlatform.buildRustPackage {
     nats-server
     mosquitto
     seaweedfs
+    # The report test renders `presenced report` in headless Chromium.
+    chromium
   ];
 
   # The test harness finds the servers on PATH; name them anyway, so a
@@ -74,6 +78,7 @@ rustPlatform.buildRustPackage {
     export NATS_SERVER=${nats-server}/bin/nats-server
     export MOSQUITTO=${mosquitto}/bin/mosquitto
     export WEED=${seaweedfs}/bin/weed
+    export CHROMIUM=${chromium}/bin/chromium
   '';
 
   # The same test list as CI, in the dev profile. No test is skipped: every

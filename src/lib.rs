@@ -17,6 +17,8 @@
 //!   the daemon; failures named in health and metrics, fatal ones exit.
 //! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
 //! - [`client`]: the state-first clients (`watch`, `get`, `status`).
+//! - [`replay`]: the pure engine over recorded readings, offline: replay a
+//!   candidate config, tune likelihoods from labelled time, the HTML report.
 //! - [`sandbox`]: a whole deployment on loopback (`presenced sandbox`).
 //! - [`acl`]: the ownership map (access file), NKEY identities, the
 //!   permissions generated from them, and the server's refusals explained.
@@ -41,6 +43,7 @@ pub mod metrics;
 pub mod naming;
 pub mod natsconf;
 pub mod observation;
+pub mod replay;
 pub mod sandbox;
 pub mod sources;
 pub mod store;

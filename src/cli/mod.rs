@@ -14,6 +14,7 @@ pub mod man;
 pub mod nats_config;
 pub mod provision;
 pub mod provision_hub;
+pub mod replay;
 pub mod restore;
 pub mod run;
 pub mod sandbox;
@@ -102,6 +103,15 @@ pub enum Command {
     /// Send a command to the site's engine (manual override of a zone).
     #[command(subcommand)]
     Cmd(cmd::CmdArgs),
+    /// Replay recorded readings through the engine with a (candidate)
+    /// config, offline and read-only.
+    Replay(replay::ReplayArgs),
+    /// Learn each evidence rule's p_true/p_false and each zone's prior
+    /// from labelled time.
+    Tune(replay::TuneArgs),
+    /// Write one self-contained HTML file with a picture of every zone
+    /// over a replayed range.
+    Report(replay::ReportArgs),
     /// Print a shell completion script for presenced.
     Completions(completions::Args),
     /// Write presenced's man pages (one per subcommand), or print the
@@ -131,6 +141,9 @@ pub fn main() -> ExitCode {
         Command::Restore(a) => restore::run(a),
         Command::NatsConfig(a) => nats_config::run(a),
         Command::Cmd(a) => cmd::run(a),
+        Command::Replay(a) => replay::replay(a),
+        Command::Tune(a) => replay::tune(a),
+        Command::Report(a) => replay::report(a),
         Command::Completions(a) => completions::run(a),
         Command::Man(a) => man::run(a),
         Command::Version => {
@@ -376,7 +389,8 @@ mod tests {
         let mut seen = 0;
         walk(&Cli::command(), &mut seen);
         // run, check-config, provision, watch, status, get, snapshot,
-        // snapshots, restore, cmd override/clear/forget.
-        assert_eq!(seen, 12);
+        // snapshots, restore, cmd override/clear/forget, replay, tune,
+        // report.
+        assert_eq!(seen, 15);
     }
 }

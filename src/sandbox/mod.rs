@@ -20,6 +20,7 @@ pub mod servers;
 pub mod simulator;
 pub mod supervisor;
 pub mod tools;
+pub mod truth;
 
 use plan::{Input, Plan, SitePlan};
 use std::ffi::OsStr;
@@ -685,9 +686,10 @@ fn summary(
         );
         let _ = writeln!(
             o,
-            "  simulator (in the sandbox process): {people} people, MQTT to 127.0.0.1:{}, log {}",
+            "  simulator (in the sandbox process): {people} people, MQTT to 127.0.0.1:{}, log {}, true occupancy (labels for presenced tune) {}",
             s.leaf.mqtt_port,
-            s.simulator_log.display()
+            s.simulator_log.display(),
+            simulator::labels_path(&s.simulator_log).display()
         );
         let _ = writeln!(
             o,

@@ -74,6 +74,28 @@ struct Room {
     lights_on: bool,
 }
 
+/// How the simulated motion sensors err, explicitly, so that what
+/// `presenced tune` learns can be held against the numbers that made the
+/// data (see also `sandbox::truth`, whose sensors report a heartbeat).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SensorErrors {
+    /// Per second, P(no trigger | someone in the room).
+    pub motion_miss: f64,
+    /// Per second, P(trigger | nobody in the room): a pet, the heating.
+    pub motion_false_trigger: f64,
+}
+
+impl Default for SensorErrors {
+    /// What the sandbox has always simulated: a PIR that catches moving
+    /// people seven seconds in ten and never fires on its own.
+    fn default() -> Self {
+        SensorErrors {
+            motion_miss: 0.3,
+            motion_false_trigger: 0.0,
+        }
+    }
+}
+
 /// Rooms, people, and the sensor readings they cause.
 #[derive(Debug, Clone)]
 pub struct World {
@@ -86,6 +108,7 @@ pub struct World {
     /// Index of the room people enter and leave through (the first with a
     /// door, else the first).
     entrance: usize,
+    errors: SensorErrors,
 }
 
 /// Seconds a PIR takes to clear after its last trigger.
@@ -126,7 +149,14 @@ impl World {
             rng,
             clock: 0,
             entrance,
+            errors: SensorErrors::default(),
         }
+    }
+
+    /// The same world with motion sensors that err as `errors` says.
+    pub fn with_errors(mut self, errors: SensorErrors) -> World {
+        self.errors = errors;
+        self
     }
 
     /// Where each person is.
@@ -217,7 +247,14 @@ impl World {
         // trigger.
         for r in 0..self.rooms.len() {
             let present = self.people.iter().any(|p| p.place == Place::Room(r));
-            let triggered = present && self.rng.chance(0.7);
+            // No draw where the probability is zero, so the default
+            // errors give the same world for a seed as before they existed.
+            let triggered = if present {
+                self.rng.chance(1.0 - self.errors.motion_miss)
+            } else {
+                self.errors.motion_false_trigger > 0.0
+                    && self.rng.chance(self.errors.motion_false_trigger)
+            };
             let room = &mut self.rooms[r];
             if triggered {
                 room.quiet = 0;
@@ -317,12 +354,19 @@ pub async fn run(target: Target) {
         target.people,
         target.seed,
     );
+    let mut labels = TruthLabels::open(
+        &labels_path(&target.log),
+        &target.rooms,
+        crate::time::Timestamp::now(),
+    );
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let readings = world.step();
-        let places = world.occupied().join(",");
+        let occupied = world.occupied();
+        labels.record(&occupied, crate::time::Timestamp::now());
+        let places = occupied.join(",");
         for r in readings {
             if let Some(f) = log.as_mut() {
                 let _ = writeln!(
@@ -343,6 +387,56 @@ pub async fn run(target: Target) {
             {
                 tracing::debug!("simulator queue full; reading dropped");
             }
+        }
+    }
+}
+
+/// Where the simulator writes the true occupancy of its rooms: beside its
+/// log, as a labels file `presenced tune --labels` reads.
+pub fn labels_path(log: &std::path::Path) -> PathBuf {
+    log.with_extension("labels.csv")
+}
+
+/// The true occupancy of every room, written as labels: one line per
+/// closed interval (an open one is written when it ends), so the file is
+/// always valid and a restarted sandbox appends after it.
+struct TruthLabels {
+    file: Option<std::fs::File>,
+    rooms: Vec<(String, bool, crate::time::Timestamp)>,
+}
+
+impl TruthLabels {
+    fn open(path: &std::path::Path, rooms: &[String], now: crate::time::Timestamp) -> TruthLabels {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|error| tracing::warn!(path = %path.display(), %error, "cannot open the simulator's labels file"))
+            .ok();
+        let mut labels = TruthLabels {
+            file,
+            rooms: rooms.iter().map(|r| (r.clone(), false, now)).collect(),
+        };
+        if let Some(f) = labels.file.as_mut() {
+            if f.metadata().map(|m| m.len() == 0).unwrap_or(false) {
+                let _ = writeln!(f, "zone,start,end,state");
+            }
+        }
+        labels
+    }
+
+    fn record(&mut self, occupied: &[String], now: crate::time::Timestamp) {
+        for (room, was, since) in &mut self.rooms {
+            let is = occupied.contains(room);
+            if is == *was {
+                continue;
+            }
+            if let Some(f) = self.file.as_mut() {
+                let state = if *was { "occupied" } else { "vacant" };
+                let _ = writeln!(f, "{room},{since},{now},{state}");
+            }
+            *was = is;
+            *since = now;
         }
     }
 }
@@ -460,6 +554,56 @@ mod tests {
         }
         assert!(!last.is_empty());
         assert!(last.values().all(|v| !v), "{last:?}");
+    }
+
+    #[test]
+    fn true_occupancy_is_written_as_labels_tune_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = labels_path(&dir.path().join("simulator.log"));
+        let rooms = vec!["hall".to_owned(), "kitchen".to_owned()];
+        let mut w = world(5);
+        let mut labels = TruthLabels::open(&path, &rooms, crate::time::Timestamp(999_000));
+        for s in 0..600 {
+            w.step();
+            labels.record(&w.occupied(), crate::time::Timestamp(1_000_000 + s * 1000));
+        }
+        drop(labels);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let zones = rooms.iter().cloned().collect();
+        let parsed = crate::replay::labels::parse_csv("labels", &text, &zones).unwrap();
+        assert!(
+            parsed.iter().any(|l| l.occupied) && parsed.iter().any(|l| !l.occupied),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn motion_errs_as_its_explicit_model_says() {
+        let errors = SensorErrors {
+            motion_miss: 0.3,
+            motion_false_trigger: 0.05,
+        };
+        let mut w = world(9).with_errors(errors);
+        // Seconds in which a room's PIR triggered, by whether someone was there.
+        let (mut occ, mut occ_hits, mut vac, mut vac_hits) = (0u32, 0u32, 0u32, 0u32);
+        for _ in 0..20_000 {
+            w.step();
+            let here = w.occupied();
+            for room in &w.rooms {
+                // `quiet` is 0 exactly after a second with a trigger.
+                let hit = room.quiet == 0;
+                if here.contains(&room.name) {
+                    occ += 1;
+                    occ_hits += u32::from(hit);
+                } else {
+                    vac += 1;
+                    vac_hits += u32::from(hit);
+                }
+            }
+        }
+        let (p_true, p_false) = (occ_hits as f64 / occ as f64, vac_hits as f64 / vac as f64);
+        assert!((p_true - 0.7).abs() < 0.03, "{p_true}");
+        assert!((p_false - 0.05).abs() < 0.01, "{p_false}");
     }
 
     #[test]

@@ -283,6 +283,26 @@ async fn the_sandbox_runs_zones_change_on_leaf_and_hub_and_ctrl_c_leaves_nothing
         zones_change(&hub, &mirror, &zones),
     );
 
+    // The simulator writes each room's true occupancy as a labels file
+    // that `presenced tune --labels` accepts.
+    let labels = dir.join("logs/site-1-simulator.labels.csv");
+    let known: BTreeSet<String> = zones.iter().cloned().collect();
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&labels).unwrap_or_default();
+        let parsed = presenced::replay::labels::parse_csv("labels", &text, &known)
+            .unwrap_or_else(|e| panic!("{e}"));
+        if parsed.iter().any(|l| l.occupied) {
+            break;
+        }
+        assert!(
+            start.elapsed() < CHANGES,
+            "no occupied interval in {}: {text}",
+            labels.display()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
     // Each site's archiver snapshots at start and uploads to the sandbox's
     // S3 server; `snapshots` lists it as uploaded and verified remotely.
     for site in ["site-1", "site-2"] {
