@@ -1,4 +1,5 @@
-//! `/healthz` and `/metrics` over HTTP, on loopback by default.
+//! `/healthz` and `/metrics` over HTTP, on loopback by default; the
+//! status page (`crate::page`) is merged in beside them.
 
 use crate::metrics::Metrics;
 use axum::extract::State;
@@ -214,12 +215,15 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
+/// `extra` adds routes beside `/healthz` and `/metrics` (the status page
+/// and its 404 fallback).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    extra: Router,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let app = router(metrics);
+    let app = router(metrics).merge(extra);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|s| *s).await;

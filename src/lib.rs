@@ -15,7 +15,8 @@
 //!   restore.
 //! - [`supervise`]: one cancellation token and join set for every task of
 //!   the daemon; failures named in health and metrics, fatal ones exit.
-//! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
+//! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face;
+//!   [`page`]: the live status page on the HTTP listener.
 //! - [`client`], [`cmd`]: the state-first clients and the command sender.
 //! - [`sandbox`]: a whole deployment on loopback (`presenced sandbox`).
 
@@ -34,6 +35,7 @@ pub mod metrics;
 pub mod naming;
 pub mod natsconf;
 pub mod observation;
+pub mod page;
 pub mod sandbox;
 pub mod sources;
 pub mod store;

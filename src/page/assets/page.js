@@ -1,0 +1,59 @@
+// Live updates for the status page: server-sent events replace the
+// pieces the server re-renders; a local one-second tick moves the
+// "time in state" and countdown figures. No polling of the server.
+"use strict";
+(function () {
+  var root = document.documentElement;
+  var skew = (+root.dataset.now || Date.now()) - Date.now();
+  var link = document.getElementById("link");
+  function fmt(s) {
+    s = Math.max(0, Math.floor(s));
+    if (s < 60) return s + "s";
+    if (s < 3600) return Math.floor(s / 60) + "m " + (s % 60) + "s";
+    if (s < 86400) return Math.floor(s / 3600) + "h " + Math.floor((s % 3600) / 60) + "m";
+    return Math.floor(s / 86400) + "d " + Math.floor((s % 86400) / 3600) + "h";
+  }
+  function tick() {
+    var now = Date.now() + skew, i, t;
+    t = document.querySelectorAll("[data-since]");
+    for (i = 0; i < t.length; i++) t[i].textContent = fmt((now - +t[i].dataset.since) / 1000);
+    t = document.querySelectorAll("[data-until]");
+    for (i = 0; i < t.length; i++) t[i].textContent = fmt((+t[i].dataset.until - now) / 1000);
+  }
+  function setLink(state) {
+    link.textContent = state;
+    link.className = state;
+    root.dataset.link = state;
+  }
+  tick();
+  setInterval(tick, 1000);
+  if (!window.EventSource) return;
+  var es = new EventSource("events");
+  es.addEventListener("link", function (e) {
+    var d = JSON.parse(e.data);
+    skew = d.now - Date.now();
+    setLink(d.state);
+  });
+  es.addEventListener("zone", function (e) {
+    var d = JSON.parse(e.data), old = document.getElementById(d.id);
+    if (old) {
+      // Catch-up after a reconnect resends what the page has: keep the newer.
+      if (+old.dataset.rev >= d.rev) return;
+      old.outerHTML = d.html;
+    } else {
+      var list = document.getElementById(d.list);
+      if (list) list.insertAdjacentHTML("beforeend", d.html);
+    }
+    tick();
+  });
+  es.addEventListener("gone", function (e) {
+    var d = JSON.parse(e.data), old = document.getElementById(d.id);
+    if (old && +old.dataset.rev < d.rev) old.remove();
+  });
+  es.addEventListener("health", function (e) {
+    var old = document.getElementById("health");
+    if (old) old.outerHTML = e.data;
+    tick();
+  });
+  es.onerror = function () { setLink("reconnecting"); };
+})();
