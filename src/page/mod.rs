@@ -56,6 +56,8 @@ enum Update {
     },
     Health(Arc<str>),
     Link,
+    /// The bucket starts over (recreated): pages load afresh.
+    Reset,
 }
 
 /// What is known of one key of KV `presence`.
@@ -212,7 +214,7 @@ impl Page {
                     }
                 }
             }
-            page.watch(js).await;
+            page.watch(client, js).await;
         };
         tokio::select! {
             _ = health => {}
@@ -221,60 +223,72 @@ impl Page {
         }
     }
 
-    /// Follows KV `presence` forever: a watch that ends or fails is
-    /// started again (snapshot then deltas), and only revisions newer
-    /// than the ones held are applied and pushed.
-    async fn watch(&self, js: async_nats::jetstream::Context) {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match self.watch_once(&js).await {
-                Ok(()) => tracing::debug!("status page: presence watch ended; starting again"),
+    /// Follows KV `presence` for as long as the daemon runs, with the
+    /// clients' own follower ([`crate::client::follow`]): it recovers from
+    /// a nats-server restart by resuming after the last revision seen,
+    /// and never needs a grant beyond reading the bucket (async-nats' KV
+    /// watcher deletes its old consumer on recovery, which the generated
+    /// ACL refuses and which would stop the daemon).
+    async fn watch(&self, client: async_nats::Client, js: async_nats::jetstream::Context) {
+        use crate::client::follow::{Bucket, Event as Followed, Follower};
+        let stream = naming::kv_stream(naming::PRESENCE_BUCKET);
+        let bucket = loop {
+            match Bucket::find(&js, &stream).await {
+                Ok(b) => break b,
                 Err(error) => {
-                    tracing::debug!(%error, "status page: presence watch failed; starting again")
+                    tracing::debug!(%error, "status page: KV presence not there yet");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-            if self.watching.swap(false, Ordering::Relaxed) {
-                let _ = self.tx.send(Update::Link);
+        };
+        let mut f = Follower::new(client, js, bucket, ">", false);
+        // A snapshot after a reset replaces everything: keys not in it are
+        // gone, and revisions may start over (a recreated bucket).
+        let mut fresh: Option<std::collections::BTreeSet<String>> = None;
+        loop {
+            match f.next().await {
+                Followed::Entry(e) => {
+                    if let Some(seen) = fresh.as_mut() {
+                        seen.insert(e.key.clone());
+                    }
+                    self.apply(e, fresh.is_some());
+                }
+                Followed::Reset => {
+                    fresh = Some(Default::default());
+                    self.zones
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .values_mut()
+                        .for_each(|e| e.revision = 0);
+                    let _ = self.tx.send(Update::Reset);
+                }
+                Followed::SnapshotDone => {
+                    if let Some(seen) = fresh.take() {
+                        self.zones
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .retain(|k, _| seen.contains(k));
+                    }
+                    if !self.watching.swap(true, Ordering::Relaxed) {
+                        let _ = self.tx.send(Update::Link);
+                    }
+                }
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 
-    async fn watch_once(&self, js: &async_nats::jetstream::Context) -> Result<(), String> {
-        let kv = js
-            .get_key_value(naming::PRESENCE_BUCKET)
-            .await
-            .map_err(|e| format!("KV presence: {e}"))?;
-        let mut w = kv
-            .watch_with_history(">")
-            .await
-            .map_err(|e| format!("watch KV presence: {e}"))?;
-        // An empty bucket has no snapshot to end.
-        let empty = kv.status().await.map(|s| s.values() == 0).unwrap_or(false);
-        if empty {
-            self.watching.store(true, Ordering::Relaxed);
-            let _ = self.tx.send(Update::Link);
-        }
-        while let Some(entry) = w.next().await {
-            let entry = entry.map_err(|e| format!("watch KV presence: {e}"))?;
-            self.apply(entry);
-        }
-        Ok(())
-    }
-
-    fn apply(&self, entry: async_nats::jetstream::kv::Entry) {
-        use async_nats::jetstream::kv::Operation;
+    fn apply(&self, entry: crate::client::follow::Entry, resetting: bool) {
+        use crate::client::follow::Op;
         let key = entry.key.clone();
         let revision = entry.revision;
         let update = {
             let mut zones = self.zones.write().unwrap_or_else(|p| p.into_inner());
             let held = zones.get(&key).map_or(0, |e| e.revision);
-            if revision <= held {
+            if revision <= held && !resetting {
                 None
             } else {
-                match entry.operation {
-                    Operation::Put => match serde_json::from_slice::<ZoneState>(&entry.value) {
+                match entry.op {
+                    Op::Put => match serde_json::from_slice::<ZoneState>(&entry.value) {
                         Ok(state) => {
                             let e = Entry { revision, state };
                             let html = self.card(&key, &e, Timestamp::now());
@@ -290,7 +304,7 @@ impl Page {
                             None
                         }
                     },
-                    Operation::Delete | Operation::Purge => {
+                    Op::Delete | Op::Purge => {
                         zones.remove(&key);
                         Some(Update::Gone { key, revision })
                     }
@@ -299,9 +313,6 @@ impl Page {
         };
         if let Some(u) = update {
             let _ = self.tx.send(u);
-        }
-        if entry.delta == 0 && !self.watching.swap(true, Ordering::Relaxed) {
-            let _ = self.tx.send(Update::Link);
         }
     }
 
@@ -340,6 +351,7 @@ impl Page {
             ),
             Update::Health(html) => Event::default().event("health").data(&**html),
             Update::Link => self.link_event(),
+            Update::Reset => Event::default().event("reset").data("{}"),
         }
     }
 

@@ -14,9 +14,11 @@
 //! - [`wait`]: polling with deadlines instead of sleeps.
 //! - [`http`]: a tiny HTTP/1.0 client for health and monitoring endpoints.
 //! - [`seaweed`]: a SeaweedFS S3 gateway that signs requests, stoppable.
+//! - [`browser`]: headless Chromium over WebDriver, for the status page.
 //! - [`process`]: signals, graceful stop and log tails shared by the above.
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
 pub mod daemon;
 pub mod http;
 pub mod hub;

@@ -55,5 +55,7 @@
     if (old) old.outerHTML = e.data;
     tick();
   });
+  // The bucket was recreated: revisions start over, load afresh.
+  es.addEventListener("reset", function () { location.reload(); });
   es.onerror = function () { setLink("reconnecting"); };
 })();

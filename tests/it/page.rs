@@ -1,0 +1,502 @@
+//! The status page in a real browser: headless Chromium over WebDriver
+//! against the real daemon, nats-server and Mosquitto under the ACL
+//! `presenced acl` generates. Each test saves a screenshot under
+//! `target/page-tests/` as its artifact.
+
+use crate::common;
+use crate::support;
+
+use common::*;
+use presenced::acl::identity;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use support::browser::Browser;
+use support::{http_get, Daemon, Mosquitto, NatsOptions, NatsServer};
+
+const ZONES: &str = r#"
+[zones.lab]
+occupied_above = 0.6
+vacant_below = 0.3
+arrive_after = "0s"
+leave_after = "0s"
+[[zones.lab.evidence]]
+sensor = "lab_pir"
+p_true = 0.95
+p_false = 0.05
+"#;
+
+/// How the site is deployed: one instance running everything, or the
+/// page on an ingest-only instance whose identity may send commands.
+#[derive(PartialEq)]
+enum Layout {
+    Single,
+    Split,
+}
+
+struct World {
+    broker: Mosquitto,
+    nats: NatsServer,
+    dir: tempfile::TempDir,
+    js: async_nats::jetstream::Context,
+    page: SocketAddr,
+    /// The instance serving the page; then the engine one, when split.
+    _daemons: Vec<Daemon>,
+}
+
+fn head(service: &str, seed: &Path, nats: &str, http: u16) -> String {
+    format!(
+        "site = \"test\"\nservice = \"{service}\"\n\n[nats]\nurl = \"{nats}\"\nrequest_timeout = \"2s\"\nnkey_seed_file = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\npage_commands = true\n\n[health]\nsource_grace = \"1s\"\n\n[engine]\ndrain_timeout = \"5s\"\n",
+        seed.display()
+    )
+}
+
+fn mqtt(port: u16) -> String {
+    format!(
+        "[mqtt.main]\nhost = \"127.0.0.1\"\nport = {port}\nkeep_alive = \"5s\"\nreconnect_max = \"1s\"\n{}",
+        motion_mapping(true)
+    )
+}
+
+async fn world(layout: Layout) -> World {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = |s: &str| identity::keygen(s, &d.join(format!("{s}.seed"))).unwrap();
+    let (admin, presenced, engine) = (key("admin"), key("presenced"), key("engine"));
+    let services = match layout {
+        Layout::Single => format!(
+            "[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\"]\n",
+            presenced.public_key
+        ),
+        Layout::Split => format!(
+            "[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\"]\nreads = [\"commands\", \"presence\"]\n[services.engine]\nnkey = \"{}\"\nruns = [\"engine\"]\n",
+            presenced.public_key, engine.public_key
+        ),
+    };
+    let access = format!("admin = {{ nkey = \"{}\" }}\n{services}", admin.public_key);
+    let access_path = d.join("access.toml");
+    std::fs::write(&access_path, access).unwrap();
+    let out = support::daemon::run_presenced(
+        &[
+            "acl",
+            "--access",
+            access_path.to_str().unwrap(),
+            "--site",
+            "test",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nats = NatsServer::start(NatsOptions {
+        extra: String::from_utf8(out.stdout).unwrap(),
+        ..Default::default()
+    });
+    let url = nats.url();
+    let admin_cfg = d.join("admin.toml");
+    std::fs::write(
+        &admin_cfg,
+        format!(
+            "{}{ZONES}",
+            head("admin", &d.join("admin.seed"), &url, support::free_port())
+        ),
+    )
+    .unwrap();
+    let out = support::daemon::run_presenced(
+        &[
+            "provision",
+            "--config",
+            admin_cfg.to_str().unwrap(),
+            "--access",
+            access_path.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "provision: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = support::free_port();
+    let page = SocketAddr::from(([127, 0, 0, 1], port));
+    let seed = d.join("presenced.seed");
+    let mut daemons = Vec::new();
+    match layout {
+        Layout::Single => {
+            let cfg = d.join("presenced.toml");
+            let text = format!(
+                "{}{}{ZONES}",
+                head("presenced", &seed, &url, port),
+                mqtt(broker.port)
+            );
+            std::fs::write(&cfg, text).unwrap();
+            daemons.push(Daemon::start_at(&cfg, &[]));
+        }
+        Layout::Split => {
+            let cfg = d.join("presenced.toml");
+            let text = format!(
+                "{}{}",
+                head("presenced", &seed, &url, port),
+                mqtt(broker.port)
+            );
+            std::fs::write(&cfg, text).unwrap();
+            let engine_port = support::free_port();
+            let ecfg = d.join("engine.toml");
+            let text = format!(
+                "{}{ZONES}",
+                head("engine", &d.join("engine.seed"), &url, engine_port)
+            );
+            std::fs::write(&ecfg, text).unwrap();
+            daemons.push(Daemon::start_at(&cfg, &[]));
+            daemons.push(Daemon::start_at(&ecfg, &[]));
+            daemons[1].wait_healthy(
+                SocketAddr::from(([127, 0, 0, 1], engine_port)),
+                Duration::from_secs(20),
+            );
+        }
+    }
+    daemons[0].wait_healthy(page, Duration::from_secs(20));
+    let client = async_nats::ConnectOptions::new()
+        .nkey(identity::read_seed(&d.join("admin.seed")).unwrap())
+        .connect(&url)
+        .await
+        .unwrap();
+    World {
+        broker,
+        nats,
+        dir,
+        js: async_nats::jetstream::new(client),
+        page,
+        _daemons: daemons,
+    }
+}
+
+impl World {
+    fn url(&self) -> String {
+        format!("http://{}/", self.page)
+    }
+
+    async fn pir(&self, id: &str, on: bool) {
+        let mut p = Publisher::connect(self.broker.port, id).await;
+        p.publish(
+            "test/lab_pir",
+            format!(r#"{{"occupancy":{on},"ts":{}}}"#, now_ms()),
+        )
+        .await;
+        p.flush(Duration::from_secs(5)).await;
+    }
+
+    /// Opens the page and waits until the stream is live and the zone
+    /// card is shown; marks the window so a reload would be noticed.
+    fn open(&self, b: &Browser) {
+        b.goto(&self.url());
+        b.wait_for(
+            "the event stream live",
+            Duration::from_secs(10),
+            "return document.documentElement.dataset.link === 'live'",
+        );
+        b.eval("window.__notReloaded = true; return 1", json!([]));
+    }
+}
+
+fn shot(b: &Browser, name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/page-tests")
+        .join(format!("{name}.png"));
+    b.screenshot(&path);
+    path
+}
+
+/// The state the lab card shows (an expression; `undefined` without one).
+const LAB: &str = "(document.getElementById('z-lab') || { dataset: {} }).dataset.state";
+
+/// The text of the element `css` as the DOM holds it.
+fn content(b: &Browser, css: &str) -> String {
+    b.eval(
+        "var e = document.querySelector(arguments[0]); return e ? e.textContent : ''",
+        json!([css]),
+    )
+    .as_str()
+    .unwrap_or_default()
+    .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_loads_and_a_reading_over_mqtt_changes_the_zone_within_a_second_without_reload() {
+    let w = world(Layout::Single).await;
+    // The page as served: self-contained, small, with its parts named.
+    let (code, html) = http_get(w.page, "/").expect("GET /");
+    assert_eq!(code, 200);
+    assert!(html.len() < 100 * 1024, "page is {} bytes", html.len());
+    for bad in [
+        "src=\"http",
+        "href=\"http",
+        "src=\"//",
+        "href=\"//",
+        "@import",
+    ] {
+        assert!(!html.contains(bad), "external asset ({bad}) in {html}");
+    }
+    let (_, js) = http_get(w.page, "/page.js").unwrap();
+    let (_, css) = http_get(w.page, "/page.css").unwrap();
+    assert!(html.len() + js.len() + css.len() < 100 * 1024);
+    assert!(html.contains("<html lang=\"en\""), "{html}");
+    // Not granted commands in this layout: read-only.
+    assert!(html.contains("id=\"readonly\""), "{html}");
+    let (code, body) = http_get(w.page, "/no/such/page").unwrap();
+    assert_eq!(code, 404);
+    assert!(
+        body.contains("not found: /no/such/page") && body.len() < 200,
+        "{body}"
+    );
+
+    let b = Browser::start();
+    w.pir("page-pub-0", false).await;
+    eventually("lab vacant in KV", Duration::from_secs(15), || async {
+        zone(&w.js, "lab")
+            .await
+            .is_some_and(|z| z.state == presenced::engine::Presence::Vacant)
+    })
+    .await;
+    w.open(&b);
+    b.wait_for(
+        "lab shown vacant",
+        Duration::from_secs(5),
+        &format!("return {LAB} === 'vacant'"),
+    );
+    assert_eq!(content(&b, "h1"), "presenced · site test");
+    assert!(
+        content(&b, "#z-lab").contains("lab_pir: false"),
+        "{}",
+        content(&b, "#z-lab")
+    );
+    assert!(b.find("#z-lab meter").is_some(), "confidence bar");
+    assert!(b.find("#src-main").is_some(), "source row");
+
+    let start = Instant::now();
+    w.pir("page-pub-1", true).await;
+    b.wait_for(
+        "lab shown occupied",
+        Duration::from_secs(5),
+        &format!("return {LAB} === 'occupied'"),
+    );
+    let took = start.elapsed();
+    assert_eq!(
+        b.eval("return window.__notReloaded === true", json!([])),
+        json!(true),
+        "the page was reloaded"
+    );
+    eprintln!("MQTT reading to the page: {took:?}");
+    let path = shot(&b, "site-occupied");
+    assert!(
+        took < Duration::from_secs(1),
+        "MQTT reading to page took {took:?} (screenshot {})",
+        path.display()
+    );
+    assert!(
+        content(&b, "#z-lab").contains("×19.00 towards occupied"),
+        "{}",
+        content(&b, "#z-lab")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_override_from_the_form_applies_and_shows_who_and_until() {
+    let w = world(Layout::Split).await;
+    w.pir("page-ovr-0", false).await;
+    eventually("lab in KV", Duration::from_secs(15), || async {
+        zone(&w.js, "lab").await.is_some()
+    })
+    .await;
+    let b = Browser::start();
+    w.open(&b);
+    b.wait_for(
+        "the form (this identity is granted commands)",
+        Duration::from_secs(10),
+        "return !!document.getElementById('override')",
+    );
+    b.fill("input[name=by]", "alice");
+    b.fill("input[name=reason]", "cleaning");
+    b.fill("input[name=for]", "45m");
+    b.click("button[value=override]");
+    b.wait_for(
+        "override shown",
+        Duration::from_secs(10),
+        "var o = document.querySelector('#z-lab .by'); return o ? o.textContent : null",
+    );
+    let text = content(&b, "#z-lab");
+    assert!(
+        text.contains("held occupied by alice (cleaning) until"),
+        "{text}"
+    );
+    assert_eq!(
+        b.eval(&format!("return {LAB}"), json!([])),
+        json!("occupied"),
+        "the held state"
+    );
+    let until = b.eval(
+        "return document.querySelector('#z-lab .until').getAttribute('datetime')",
+        json!([]),
+    );
+    shot(&b, "site-override");
+    // The real effect: the engine holds the zone, as `presenced cmd` would.
+    let z = zone(&w.js, "lab").await.expect("lab");
+    let o = z.manual.expect("override in KV presence");
+    assert_eq!(o.by, "alice");
+    assert_eq!(o.reason.as_deref(), Some("cleaning"));
+    assert_eq!(json!(o.until.to_string()), until);
+    let left = o.until.millis() - now_ms();
+    assert!(
+        (44 * 60_000..=45 * 60_000).contains(&left),
+        "{left} ms left"
+    );
+
+    // Bad input: a field named, a foreign origin and a big body refused.
+    let post = |body: &str, origin: &str, length: Option<usize>| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(w.page).unwrap();
+        let len = length.unwrap_or(body.len());
+        let req = format!(
+            "POST /override HTTP/1.1\r\nHost: {}\r\nOrigin: {origin}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{body}",
+            w.page
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut raw = String::new();
+        let _ = s.read_to_string(&mut raw);
+        support::http::parse_response(&raw).unwrap()
+    };
+    let token = b.eval(
+        "return document.querySelector('input[name=csrf]').value",
+        json!([]),
+    );
+    let token = token.as_str().unwrap();
+    let ours = format!("http://{}", w.page);
+    let (code, body) = post(
+        &format!("csrf={token}&zone=lab&state=occupied&for=soon&by=x"),
+        &ours,
+        None,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("field for"), "{body}");
+    let (code, body) = post(
+        &format!("csrf={token}&zone=lab&state=occupied&for=1m"),
+        &ours,
+        None,
+    );
+    assert_eq!((code, body.contains("field by")), (400, true), "{body}");
+    let (code, body) = post(
+        &format!("csrf={token}&zone=lab&state=occupied&for=1m&by=x"),
+        "http://evil.example",
+        None,
+    );
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = post(
+        "zone=lab&state=occupied&for=1m&by=x&csrf=wrong",
+        &ours,
+        None,
+    );
+    assert_eq!(code, 403, "{body}");
+    // Announced as 1 MB, nothing sent: refused on the header alone.
+    let (code, body) = post("", &ours, Some(1 << 20));
+    assert_eq!(code, 413, "{body}");
+    let z = zone(&w.js, "lab").await.expect("lab");
+    assert_eq!(
+        z.manual.map(|o| o.by),
+        Some("alice".to_owned()),
+        "bad posts changed nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_source_shows_as_down() {
+    let mut w = world(Layout::Single).await;
+    let b = Browser::start();
+    w.open(&b);
+    let up = "var r = document.getElementById('src-main'); return r ? r.dataset.up : null";
+    b.wait_for(
+        "source main up",
+        Duration::from_secs(10),
+        &format!("return (function(){{{up}}})() === 'true'"),
+    );
+    w.broker.stop();
+    b.wait_for(
+        "source main down",
+        Duration::from_secs(15),
+        &format!("return (function(){{{up}}})() === 'false'"),
+    );
+    let text = content(&b, "#src-main");
+    assert!(text.contains("down"), "{text}");
+    b.wait_for(
+        "health degraded",
+        Duration::from_secs(10),
+        "return document.querySelector('#health-h').textContent.indexOf('degraded') >= 0",
+    );
+    assert_eq!(
+        b.eval("return window.__notReloaded === true", json!([])),
+        json!(true)
+    );
+    shot(&b, "site-source-down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_says_reconnecting_while_nats_is_down_then_catches_up_without_duplicates() {
+    let mut w = world(Layout::Single).await;
+    w.pir("page-nats-0", false).await;
+    eventually("lab in KV", Duration::from_secs(15), || async {
+        zone(&w.js, "lab").await.is_some()
+    })
+    .await;
+    let b = Browser::start();
+    w.open(&b);
+    b.wait_for(
+        "lab shown",
+        Duration::from_secs(5),
+        &format!("return {LAB} !== undefined"),
+    );
+    w.nats.stop();
+    b.wait_for(
+        "reconnecting shown",
+        Duration::from_secs(10),
+        "return document.getElementById('link').textContent === 'reconnecting'",
+    );
+    shot(&b, "site-reconnecting");
+    w.nats.start_again();
+    let back = Instant::now() + Duration::from_secs(30);
+    while http_get(w.page, "/healthz").map(|(c, _)| c) != Some(200) {
+        assert!(
+            Instant::now() < back,
+            "daemon not healthy after nats-server came back: {:?}\n{}",
+            http_get(w.page, "/healthz"),
+            w._daemons[0].log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.wait_for(
+        "live again",
+        Duration::from_secs(30),
+        "return document.getElementById('link').textContent === 'live'",
+    );
+    // Readings taken while the page was reconnecting show once applied.
+    w.pir("page-nats-1", true).await;
+    b.wait_for(
+        "lab occupied after the restart",
+        Duration::from_secs(15),
+        &format!("return {LAB} === 'occupied'"),
+    );
+    let cards = b.eval(
+        "return document.querySelectorAll('#zones > li').length + ':' + document.querySelectorAll('[id=z-lab]').length",
+        json!([]),
+    );
+    assert_eq!(cards, json!("1:1"), "one card per zone, no duplicate");
+    assert_eq!(
+        b.eval("return window.__notReloaded === true", json!([])),
+        json!(true)
+    );
+    let _ = &w.dir;
+    shot(&b, "site-after-restart");
+}
