@@ -138,6 +138,7 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             "buffer_capacity": get(&m.buffer_capacity),
             "observations_stored": get(&m.observations_stored),
             "rejects": get(&m.rejects),
+            "last_reject": *m.last_reject.read().unwrap_or_else(|p| p.into_inner()),
             "stalled_seconds": stalled.as_ref().map(|(s, _)| *s),
         });
     }

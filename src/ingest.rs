@@ -213,6 +213,7 @@ pub async fn run(
                 }
                 (Item::Rejected(rej, ack), None) => {
                     Metrics::inc(&metrics.rejects);
+                    metrics.note_reject(&rej);
                     log.note(&rej);
                     ack.fire();
                 }
@@ -227,6 +228,7 @@ pub async fn run(
                     .await;
                     if kept.is_empty() {
                         Metrics::inc(&metrics.rejects);
+                        metrics.note_reject(&rej);
                         log.note(&rej);
                     } else {
                         tracing::error!(source = %obs.source, sensor = %obs.sensor, %error, "observation refused by SENSORS and cannot be kept in REJECTED either; dropped");

@@ -249,12 +249,24 @@ pub fn health(report: &Value, now: Timestamp) -> String {
     if i.is_object() {
         let _ = write!(
             h,
-            "<dt>ingest backlog</dt><dd>{} of {} buffered; {} stored</dd><dt>rejects</dt><dd>{} since start</dd>",
+            "<dt>ingest backlog</dt><dd>{} of {} buffered; {} stored</dd><dt>rejects</dt><dd id=\"rejects\">{} since start",
             cell(&i["buffer_depth"]),
             cell(&i["buffer_capacity"]),
             cell(&i["observations_stored"]),
             cell(&i["rejects"])
         );
+        let r = &i["last_reject"];
+        if r.is_object() {
+            let _ = write!(
+                h,
+                "; last {} ago from {} ({}): {}",
+                span((now.millis() - r["at_ms"].as_i64().unwrap_or(0)) / 1000),
+                cell(&r["source"]),
+                cell(&r["origin"]),
+                cell(&r["reason"])
+            );
+        }
+        h.push_str("</dd>");
     }
     let e = &report["engine"];
     if e.is_object() {

@@ -298,6 +298,19 @@ async fn the_page_loads_and_a_reading_over_mqtt_changes_the_zone_within_a_second
         "MQTT reading to page took {took:?} (screenshot {})",
         path.display()
     );
+    // Rejected input shows with its reason, pushed like the rest.
+    let mut p = Publisher::connect(w.broker.port, "page-pub-2").await;
+    p.publish("test/lab_pir", "not json").await;
+    p.flush(Duration::from_secs(5)).await;
+    let rejects = b.wait_for(
+        "the reject shown with its reason",
+        Duration::from_secs(10),
+        "var r = document.getElementById('rejects'); return r && r.textContent.indexOf('test/lab_pir') >= 0 ? r.textContent : null",
+    );
+    assert!(
+        rejects.as_str().unwrap().starts_with("1 since start; last"),
+        "{rejects}"
+    );
     assert!(
         content(&b, "#z-lab").contains("×19.00 towards occupied"),
         "{}",
