@@ -43,6 +43,9 @@ enum Command {
     },
     /// Create or update the hub mirrors of one or more sites (hub admin).
     ProvisionHub(presenced::hub::mirrors::ProvisionHubArgs),
+    /// Serve the fleet page: every site the hub mirrors, its zones from
+    /// the mirror (docs/OPERATIONS.md, "Fleet page").
+    Dashboard(presenced::page::fleet::DashboardArgs),
     /// Print the presence of matching zones, then every change.
     Watch {
         #[arg(long, short)]
@@ -374,6 +377,10 @@ fn main() -> ExitCode {
             init_tracing(Some("warn"));
             Ok(runtime()?.block_on(presenced::hub::mirrors::provision_hub_cli(&args))?)
         })(),
+        Command::Dashboard(args) => load(&args.config).and_then(|cfg| {
+            init_tracing(cfg.log.level.as_deref());
+            runtime()?.block_on(presenced::page::fleet::run(cfg, args))
+        }),
         Command::Watch { config, pattern, json, hub, site } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));
             let source = match hub {

@@ -9,6 +9,7 @@
 //! carries its revision so nothing older replaces something newer and
 //! nothing is shown twice. See docs/OPERATIONS.md "Status page".
 
+pub mod fleet;
 pub mod form;
 pub mod render;
 

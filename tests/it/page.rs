@@ -513,3 +513,186 @@ async fn the_stream_says_reconnecting_while_nats_is_down_then_catches_up_without
     let _ = &w.dir;
     shot(&b, "site-after-restart");
 }
+
+/// `presenced dashboard`, killed on drop.
+struct Dashboard(std::process::Child);
+
+impl Drop for Dashboard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_page_lists_sites_from_the_hub_mirrors_live_and_opens_a_sites_zones() {
+    use presenced::naming;
+    let broker = Mosquitto::start();
+    let hub = NatsServer::start(NatsOptions {
+        domain: Some(naming::HUB_DOMAIN.into()),
+        leafnode_listen: true,
+        server_name: Some("hub-1".into()),
+        ..Default::default()
+    });
+    let leaf = |site: &str| {
+        NatsServer::start(NatsOptions {
+            domain: Some(format!("leaf-{site}")),
+            leaf_remotes: vec![hub.leafnode_url().unwrap()],
+            server_name: Some(format!("leaf-{site}")),
+            ..Default::default()
+        })
+    };
+    let leaf_a = leaf("a");
+    let mut leaf_b = leaf("b");
+    let dir = tempfile::tempdir().unwrap();
+    let http_a = support::free_port();
+    let cfg_a = dir.path().join("a.toml");
+    std::fs::write(
+        &cfg_a,
+        daemon_config(
+            "a",
+            &leaf_a.url(),
+            broker.port,
+            http_a,
+            &motion_mapping(true),
+            ZONES,
+        ),
+    )
+    .unwrap();
+    let cfg_b = dir.path().join("b.toml");
+    std::fs::write(
+        &cfg_b,
+        daemon_config(
+            "b",
+            &leaf_b.url(),
+            broker.port,
+            support::free_port(),
+            &motion_mapping(true),
+            "",
+        ),
+    )
+    .unwrap();
+    provision(&cfg_a);
+    provision(&cfg_b);
+    let out = support::daemon::run_presenced(
+        &[
+            "provision-hub",
+            "--server",
+            &hub.url(),
+            "--site",
+            "a",
+            "--site",
+            "b",
+            "--replicas",
+            "1",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "provision-hub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = Daemon::start_at(&cfg_a, &[]);
+    d.wait_healthy(
+        SocketAddr::from(([127, 0, 0, 1], http_a)),
+        Duration::from_secs(20),
+    );
+
+    // The dashboard reads the hub directly; sites found from the mirrors.
+    let cfg_hub = dir.path().join("hub.toml");
+    std::fs::write(
+        &cfg_hub,
+        daemon_config(
+            "a",
+            &hub.url(),
+            broker.port,
+            support::free_port(),
+            &motion_mapping(true),
+            "",
+        ),
+    )
+    .unwrap();
+    let port = support::free_port();
+    let log = std::fs::File::create(dir.path().join("dashboard.log")).unwrap();
+    let _dash = Dashboard(
+        std::process::Command::new(support::presenced_bin())
+            .args(["dashboard", "--config", cfg_hub.to_str().unwrap()])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--stale-after",
+                "3s",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    support::wait_until("the dashboard answers", Duration::from_secs(10), || {
+        http_get(addr, "/").is_some_and(|(c, _)| c == 200)
+    });
+    let b = Browser::start();
+    b.goto(&format!("http://{addr}/"));
+    let row = |site: &str| {
+        format!("var r = document.getElementById('site-row-{site}'); return r ? r.textContent : ''")
+    };
+    for site in ["a", "b"] {
+        b.wait_for(
+            &format!("site {site} reachable"),
+            Duration::from_secs(20),
+            &format!(
+                "return (function(){{{}}})().indexOf('reachable') >= 0",
+                row(site)
+            ),
+        );
+    }
+    b.eval("window.__notReloaded = true; return 1", json!([]));
+
+    // A reading on site a reaches the fleet page through the mirror.
+    let mut p = Publisher::connect(broker.port, "fleet-pub").await;
+    p.publish(
+        "test/lab_pir",
+        format!(r#"{{"occupancy":true,"ts":{}}}"#, now_ms()),
+    )
+    .await;
+    p.flush(Duration::from_secs(5)).await;
+    let text = b.wait_for(
+        "site a: 1 of 1 occupied and its last transition",
+        Duration::from_secs(15),
+        &format!(
+            "var t = (function(){{{}}})(); return t.indexOf('1 of 1') >= 0 && t.indexOf('→ occupied') >= 0 ? t : null",
+            row("a")
+        ),
+    );
+    assert!(text.as_str().unwrap().contains("lab"), "{text}");
+
+    // Site b's leaf goes away: its hub copy turns stale.
+    leaf_b.stop();
+    b.wait_for(
+        "site b stale",
+        Duration::from_secs(30),
+        &format!(
+            "return (function(){{{}}})().indexOf('stale') >= 0",
+            row("b")
+        ),
+    );
+    assert_eq!(
+        b.eval("return window.__notReloaded === true", json!([])),
+        json!(true)
+    );
+    shot(&b, "fleet");
+
+    // A click opens site a's zones, read from its mirror.
+    b.click("#site-row-a a");
+    b.wait_for(
+        "site a's zones from the hub",
+        Duration::from_secs(10),
+        &format!("return {LAB} === 'occupied'"),
+    );
+    assert!(content(&b, "h1").contains("site a"));
+    shot(&b, "fleet-site-a");
+    let (code, body) = http_get(addr, "/site/nope").unwrap();
+    assert_eq!(code, 404, "{body}");
+}

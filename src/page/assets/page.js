@@ -28,7 +28,8 @@
   tick();
   setInterval(tick, 1000);
   if (!window.EventSource) return;
-  var es = new EventSource("events");
+  var me = document.currentScript;
+  var es = new EventSource((me && me.dataset.events) || "events");
   es.addEventListener("link", function (e) {
     var d = JSON.parse(e.data);
     skew = d.now - Date.now();
@@ -53,6 +54,12 @@
   es.addEventListener("health", function (e) {
     var old = document.getElementById("health");
     if (old) old.outerHTML = e.data;
+    tick();
+  });
+  // The fleet page: a whole section re-rendered (the table, a site's zones).
+  es.addEventListener("section", function (e) {
+    var d = JSON.parse(e.data), old = document.getElementById(d.id);
+    if (old) old.outerHTML = d.html;
     tick();
   });
   // The bucket was recreated: revisions start over, load afresh.
