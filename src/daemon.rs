@@ -120,6 +120,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         metrics.clone(),
         model.clone(),
         config.http.page_commands,
+        sup.stop_flag(Stage::Http),
     );
 
     if config.http.enabled {

@@ -67,6 +67,9 @@ struct Fleet {
     /// Section id → last HTML sent, so only changes are pushed.
     sent: Mutex<HashMap<String, Arc<str>>>,
     tx: broadcast::Sender<(String, Arc<str>)>,
+    /// Cancelled on Ctrl-C/SIGTERM: open event streams end, so the
+    /// graceful shutdown does not wait for every open page.
+    closing: tokio_util::sync::CancellationToken,
 }
 
 impl Fleet {
@@ -344,6 +347,7 @@ async fn events(State(f): State<Arc<Fleet>>) -> impl IntoResponse {
     .map(section);
     let stream = futures::stream::iter(std::iter::once(link).chain(first.into_iter().map(section)))
         .chain(rest)
+        .take_until(f.closing.clone().cancelled_owned())
         .map(Ok::<_, Infallible>);
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
@@ -383,6 +387,20 @@ fn router(f: Arc<Fleet>) -> Router {
         .with_state(f)
 }
 
+/// Resolves on SIGTERM or Ctrl-C.
+async fn terminated() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 /// `presenced dashboard`: serves the fleet page until SIGTERM or Ctrl-C.
 pub async fn run(cfg: crate::config::Config, args: DashboardArgs) -> anyhow::Result<()> {
     let named = args
@@ -408,6 +426,7 @@ pub async fn run(cfg: crate::config::Config, args: DashboardArgs) -> anyhow::Res
         sites: RwLock::new(BTreeMap::new()),
         sent: Mutex::new(HashMap::new()),
         tx,
+        closing: tokio_util::sync::CancellationToken::new(),
     });
     tracing::info!(listen = %args.listen, "serving the fleet page");
     let f = fleet.clone();
@@ -431,9 +450,11 @@ pub async fn run(cfg: crate::config::Config, args: DashboardArgs) -> anyhow::Res
         }
     };
     tokio::spawn(work);
+    let closing = fleet.closing.clone();
     axum::serve(listener, router(fleet))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
+        .with_graceful_shutdown(async move {
+            terminated().await;
+            closing.cancel();
         })
         .await?;
     Ok(())

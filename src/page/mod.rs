@@ -97,18 +97,31 @@ pub struct Page {
     nats: OnceLock<Nats>,
     tx: broadcast::Sender<Update>,
     health: RwLock<Arc<str>>,
+    /// Cancelled when the daemon stops: open event streams end then, or
+    /// the HTTP server's graceful shutdown would wait for every open page
+    /// until the drain timeout.
+    closing: tokio_util::sync::CancellationToken,
 }
 
 impl Page {
+    /// `stop` turning true ends every open event stream.
     pub fn new(
         site: Site,
         service: String,
         metrics: Arc<Metrics>,
         model: Arc<Model>,
         commands_configured: bool,
+        mut stop: watch::Receiver<bool>,
     ) -> Arc<Page> {
         let (tx, _) = broadcast::channel(CHANNEL);
+        let closing = tokio_util::sync::CancellationToken::new();
+        let token = closing.clone();
+        tokio::spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            token.cancel();
+        });
         Arc::new(Page {
+            closing,
             site,
             service,
             metrics,
@@ -562,6 +575,7 @@ async fn events(State(p): State<Arc<Page>>) -> impl IntoResponse {
     .flat_map(futures::stream::iter);
     let stream = futures::stream::iter(first)
         .chain(rest)
+        .take_until(p.closing.clone().cancelled_owned())
         .map(Ok::<_, Infallible>);
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
