@@ -40,6 +40,9 @@ const JS: &str = include_str!("assets/page.js");
 /// sent everything again).
 const CHANNEL: usize = 1024;
 
+/// Longest wait of the first page for the zones to be read.
+const FIRST_LOAD_WAIT: Duration = Duration::from_secs(2);
+
 /// Longest wait for the engine's reply to a command from the form.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -101,6 +104,12 @@ pub struct Page {
     /// the HTTP server's graceful shutdown would wait for every open page
     /// until the drain timeout.
     closing: tokio_util::sync::CancellationToken,
+    /// Set by the first page request: until then nothing is followed, so
+    /// an appliance nobody looks at pays nothing for its page.
+    wanted: tokio::sync::Notify,
+    /// True once the first snapshot of KV `presence` is in: the first
+    /// page waits for it (briefly) so that it is complete, form included.
+    loaded: watch::Sender<bool>,
 }
 
 impl Page {
@@ -122,6 +131,8 @@ impl Page {
         });
         Arc::new(Page {
             closing,
+            wanted: tokio::sync::Notify::new(),
+            loaded: watch::Sender::new(false),
             site,
             service,
             metrics,
@@ -138,15 +149,22 @@ impl Page {
     }
 
     /// `live` while the watch follows KV `presence` over a connected
-    /// client, else `reconnecting`.
+    /// client, `loading` until its first snapshot is in, else
+    /// `reconnecting`.
     fn link(&self) -> &'static str {
-        if self.watching.load(Ordering::Relaxed)
-            && self.metrics.nats_connected.load(Ordering::Relaxed)
-        {
+        if !self.metrics.nats_connected.load(Ordering::Relaxed) {
+            "reconnecting"
+        } else if self.watching.load(Ordering::Relaxed) {
             "live"
         } else {
-            "reconnecting"
+            "loading"
         }
+    }
+
+    /// A page was asked for: start following (once; a stored permit
+    /// covers a request made before the follower waits).
+    fn want(&self) {
+        self.wanted.notify_one();
     }
 
     fn commands_on(&self) -> bool {
@@ -181,6 +199,15 @@ impl Page {
             let mut link = "";
             loop {
                 every.tick().await;
+                if page.tx.receiver_count() == 0 {
+                    // No page open: nothing to refresh.
+                    link = "";
+                    page.health
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone_from(&Arc::from(""));
+                    continue;
+                }
                 let html: Arc<str> = Arc::from(page.render_health(Timestamp::now()));
                 let changed = {
                     let mut h = page.health.write().unwrap_or_else(|p| p.into_inner());
@@ -228,6 +255,7 @@ impl Page {
                     }
                 }
             }
+            page.wanted.notified().await;
             page.watch(client, js).await;
         };
         tokio::select! {
@@ -283,6 +311,7 @@ impl Page {
                             .unwrap_or_else(|p| p.into_inner())
                             .retain(|k, _| seen.contains(k));
                     }
+                    self.loaded.send_replace(true);
                     if !self.watching.swap(true, Ordering::Relaxed) {
                         let _ = self.tx.send(Update::Link);
                     }
@@ -305,13 +334,15 @@ impl Page {
                     Op::Put => match serde_json::from_slice::<ZoneState>(&entry.value) {
                         Ok(state) => {
                             let e = Entry { revision, state };
-                            let html = self.card(&key, &e, Timestamp::now());
-                            zones.insert(key.clone(), e);
-                            Some(Update::Zone {
-                                key,
+                            // Rendered only for open pages: with none, a
+                            // burst costs the JSON parse alone.
+                            let update = (self.tx.receiver_count() > 0).then(|| Update::Zone {
+                                key: key.clone(),
                                 revision,
-                                html: Arc::from(html),
-                            })
+                                html: Arc::from(self.card(&key, &e, Timestamp::now())),
+                            });
+                            zones.insert(key, e);
+                            update
                         }
                         Err(error) => {
                             tracing::warn!(%key, revision, %error, "status page: unreadable value in KV presence; not shown");
@@ -530,6 +561,11 @@ fn text(code: StatusCode, body: String) -> Response {
 }
 
 async fn index(State(p): State<Arc<Page>>) -> Response {
+    p.want();
+    // The first page after a start waits for the zones (milliseconds);
+    // a leaf that is away does not hold it longer than this.
+    let mut loaded = p.loaded.subscribe();
+    let _ = tokio::time::timeout(FIRST_LOAD_WAIT, loaded.wait_for(|l| *l)).await;
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -561,6 +597,7 @@ async fn js() -> impl IntoResponse {
 /// that falls behind gets everything again (its revisions drop what it
 /// already shows).
 async fn events(State(p): State<Arc<Page>>) -> impl IntoResponse {
+    p.want();
     let rx = p.tx.subscribe();
     let first = p.snapshot();
     let page = p.clone();

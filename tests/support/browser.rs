@@ -263,10 +263,16 @@ impl Browser {
             if truthy {
                 return v;
             }
-            assert!(
-                Instant::now() < end,
-                "{what}: not within {deadline:?} (last: {v})"
-            );
+            if Instant::now() >= end {
+                let page = self.eval(
+                    "return location.href + '\\n' + document.body.innerText",
+                    json!([]),
+                );
+                panic!(
+                    "{what}: not within {deadline:?} (last: {v}); the page:\n{}",
+                    page.as_str().unwrap_or_default()
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
