@@ -1,7 +1,9 @@
 //! The status page in a real browser: headless Chromium over WebDriver
 //! against the real daemon, nats-server and Mosquitto under the ACL
-//! `presenced acl` generates. Each test saves a screenshot under
-//! `target/page-tests/` as its artifact.
+//! `presenced acl` generates; and the fleet page (`presenced dashboard`)
+//! against the real 3-node hub with two sites' leaves (no ACL there: the
+//! hub's generated authorization admits leafnodes and the admin only).
+//! Each test saves a screenshot under `target/page-tests/` as its artifact.
 
 use crate::common;
 use crate::support;
@@ -537,23 +539,12 @@ impl Drop for Dashboard {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_fleet_page_lists_sites_from_the_hub_mirrors_live_and_opens_a_sites_zones() {
-    use presenced::naming;
+async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_a_sites_zones() {
+    use presenced::naming::Site;
     let broker = Mosquitto::start();
-    let hub = NatsServer::start(NatsOptions {
-        domain: Some(naming::HUB_DOMAIN.into()),
-        leafnode_listen: true,
-        server_name: Some("hub-1".into()),
-        ..Default::default()
-    });
-    let leaf = |site: &str| {
-        NatsServer::start(NatsOptions {
-            domain: Some(format!("leaf-{site}")),
-            leaf_remotes: vec![hub.leafnode_url().unwrap()],
-            server_name: Some(format!("leaf-{site}")),
-            ..Default::default()
-        })
-    };
+    // The real 3-node hub (R3 mirrors), each site's leaf linked to every node.
+    let hub = support::Hub::start();
+    let leaf = |site: &str| support::leaf_of(&Site::new(site).unwrap(), hub.leafnode_urls());
     let leaf_a = leaf("a");
     let mut leaf_b = leaf("b");
     let dir = tempfile::tempdir().unwrap();
@@ -590,13 +581,11 @@ async fn the_fleet_page_lists_sites_from_the_hub_mirrors_live_and_opens_a_sites_
         &[
             "provision-hub",
             "--server",
-            &hub.url(),
+            &hub.client_urls().join(","),
             "--site",
             "a",
             "--site",
             "b",
-            "--replicas",
-            "1",
         ],
         &[],
     );
@@ -617,7 +606,7 @@ async fn the_fleet_page_lists_sites_from_the_hub_mirrors_live_and_opens_a_sites_
         &cfg_hub,
         daemon_config(
             "a",
-            &hub.url(),
+            &hub.client_urls().join(","),
             broker.port,
             support::free_port(),
             &motion_mapping(true),
