@@ -146,7 +146,7 @@ impl Fleet {
         let now = Timestamp::now();
         let mut h = format!("<ul id=\"site-{}\" class=\"grid\">", esc(site));
         for (key, (rev, z)) in &v.zones {
-            h.push_str(&render::zone_card(key, z, *rev, None, now));
+            h.push_str(&render::zone_card(key, z, *rev, None, now, ""));
         }
         h.push_str("</ul>");
         Some(h)

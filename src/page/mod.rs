@@ -12,6 +12,7 @@
 pub mod fleet;
 pub mod form;
 pub mod render;
+pub mod timeline;
 
 use crate::engine::command::{self, Request, COMMAND_SCHEMA};
 use crate::engine::{Model, ZoneState};
@@ -110,6 +111,8 @@ pub struct Page {
     /// True once the first snapshot of KV `presence` is in: the first
     /// page waits for it (briefly) so that it is complete, form included.
     loaded: watch::Sender<bool>,
+    /// The last hour of each zone ([`timeline`]).
+    timelines: RwLock<std::collections::HashMap<String, timeline::History>>,
 }
 
 impl Page {
@@ -133,6 +136,7 @@ impl Page {
             closing,
             wanted: tokio::sync::Notify::new(),
             loaded: watch::Sender::new(false),
+            timelines: RwLock::new(Default::default()),
             site,
             service,
             metrics,
@@ -174,7 +178,21 @@ impl Page {
     }
 
     fn card(&self, key: &str, e: &Entry, now: Timestamp) -> String {
-        render::zone_card(key, &e.state, e.revision, self.model.zones.get(key), now)
+        let bar = self
+            .timelines
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .map(|h| timeline::svg(h, now))
+            .unwrap_or_default();
+        render::zone_card(
+            key,
+            &e.state,
+            e.revision,
+            self.model.zones.get(key),
+            now,
+            &bar,
+        )
     }
 
     fn render_health(&self, now: Timestamp) -> String {
@@ -283,6 +301,25 @@ impl Page {
                 }
             }
         };
+        // The last hour from EVENTS, where this instance owns the stream.
+        let runs_engine = self
+            .metrics
+            .runs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|r| r == "engine");
+        if runs_engine {
+            match timeline::read(&js, &self.site, Timestamp::now()).await {
+                Ok(seeded) => {
+                    let mut t = self.timelines.write().unwrap_or_else(|p| p.into_inner());
+                    t.extend(seeded);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "status page: cannot read the last hour of EVENTS; timelines start now")
+                }
+            }
+        }
         let mut f = Follower::new(client, js, bucket, ">", false);
         // A snapshot after a reset replaces everything: keys not in it are
         // gone, and revisions may start over (a recreated bucket).
@@ -333,6 +370,16 @@ impl Page {
                 match entry.op {
                     Op::Put => match serde_json::from_slice::<ZoneState>(&entry.value) {
                         Ok(state) => {
+                            timeline::record(
+                                self.timelines
+                                    .write()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .entry(key.clone())
+                                    .or_default(),
+                                state.since,
+                                state.state,
+                                Timestamp::now(),
+                            );
                             let e = Entry { revision, state };
                             // Rendered only for open pages: with none, a
                             // burst costs the JSON parse alone.

@@ -63,6 +63,7 @@ pub fn zone_card(
     revision: u64,
     model: Option<&ZoneModel>,
     now: Timestamp,
+    timeline: &str,
 ) -> String {
     let mut h = String::with_capacity(1024);
     let name = key
@@ -132,6 +133,9 @@ pub fn zone_card(
             o.until.millis(),
             span((o.until.millis() - now.millis()) / 1000)
         );
+    }
+    if !timeline.is_empty() {
+        let _ = write!(h, "<dt>last hour</dt><dd>{timeline}</dd>");
     }
     if !z.evidence.is_empty() {
         h.push_str("<dt>evidence</dt><dd><ul class=\"ev\">");

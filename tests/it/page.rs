@@ -314,6 +314,10 @@ async fn the_page_loads_and_a_reading_over_mqtt_changes_the_zone_within_a_second
         "{rejects}"
     );
     assert!(
+        b.find("#z-lab svg.tl rect.s-occupied").is_some(),
+        "the last-hour bar shows the occupied spell"
+    );
+    assert!(
         content(&b, "#z-lab").contains("×19.00 towards occupied"),
         "{}",
         content(&b, "#z-lab")
@@ -430,8 +434,31 @@ async fn an_override_from_the_form_applies_and_shows_who_and_until() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_source_shows_as_down() {
     let mut w = world(Layout::Single).await;
+    // Occupied, then vacant again, before any page is open: the page's
+    // last-hour bar can only know the occupied spell from EVENTS.
+    for (i, on, want) in [
+        (1, true, presenced::engine::Presence::Occupied),
+        (2, false, presenced::engine::Presence::Vacant),
+    ] {
+        w.pir(&format!("page-src-{i}"), on).await;
+        eventually("lab moved", Duration::from_secs(15), || async {
+            zone(&w.js, "lab").await.is_some_and(|z| z.state == want)
+        })
+        .await;
+    }
     let b = Browser::start();
     w.open(&b);
+    b.wait_for(
+        "lab shown vacant",
+        Duration::from_secs(5),
+        &format!("return {LAB} === 'vacant'"),
+    );
+    assert!(
+        b.find("#z-lab svg.tl rect.s-occupied").is_some()
+            && b.find("#z-lab svg.tl rect.s-vacant").is_some(),
+        "the last hour from EVENTS: {}",
+        content(&b, "#z-lab")
+    );
     let up = "var r = document.getElementById('src-main'); return r ? r.dataset.up : null";
     b.wait_for(
         "source main up",
