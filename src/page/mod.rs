@@ -432,6 +432,7 @@ impl Page {
             } => Event::default().event("zone").data(
                 serde_json::json!({
                     "id": render::card_id(key),
+                    "key": key,
                     "list": Self::list_of(key),
                     "rev": revision,
                     "html": &**html,

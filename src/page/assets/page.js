@@ -44,6 +44,11 @@
     } else {
       var list = document.getElementById(d.list);
       if (list) list.insertAdjacentHTML("beforeend", d.html);
+      // A zone new to this page can be held from the form too.
+      var sel = document.querySelector("#override select[name=zone]");
+      if (sel && d.key && !Array.prototype.some.call(sel.options, function (o) { return o.value === d.key; })) {
+        sel.add(new Option(d.key, d.key));
+      }
     }
     tick();
   });
