@@ -171,6 +171,24 @@ impl Page {
         self.wanted.notify_one();
     }
 
+    /// Whether this instance may read KV `presence` for the page: a read
+    /// the ACL refuses would stop the daemon, and only two cases are
+    /// known to be granted: the engine owns the bucket, and an instance
+    /// set up for overrides from the page is granted `presence` with
+    /// `commands` (docs/OPERATIONS.md, "Overrides from the page").
+    fn shows_zones(&self) -> bool {
+        self.runs("engine") || self.commands_configured
+    }
+
+    fn runs(&self, component: &str) -> bool {
+        self.metrics
+            .runs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|r| r == component)
+    }
+
     fn commands_on(&self) -> bool {
         self.commands_configured
             && self.may_command.load(Ordering::Relaxed) == MAY_YES
@@ -274,7 +292,15 @@ impl Page {
                 }
             }
             page.wanted.notified().await;
-            page.watch(client, js).await;
+            if page.shows_zones() {
+                page.watch(client, js).await;
+            } else {
+                // Health only: nothing to follow, nothing to wait for.
+                page.loaded.send_replace(true);
+                page.watching.store(true, Ordering::Relaxed);
+                let _ = page.tx.send(Update::Link);
+                std::future::pending::<()>().await;
+            }
         };
         tokio::select! {
             _ = health => {}
@@ -302,13 +328,7 @@ impl Page {
             }
         };
         // The last hour from EVENTS, where this instance owns the stream.
-        let runs_engine = self
-            .metrics
-            .runs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|r| r == "engine");
+        let runs_engine = self.runs("engine");
         if runs_engine {
             match timeline::read(&js, &self.site, Timestamp::now()).await {
                 Ok(seeded) => {
@@ -491,6 +511,9 @@ impl Page {
         let site = render::esc(self.site.as_str());
         let link = self.link();
         let form = self.form_html(&keys);
+        if !self.shows_zones() {
+            zones = "<li class=\"note\" id=\"no-zones\">This instance does not run the engine: its page shows its own health; the zones are on the page of the instance that runs the engine.</li>".into();
+        }
         format!(
             "<!doctype html>\n<html lang=\"en\" data-now=\"{now_ms}\" data-link=\"{link}\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>presenced · {site}</title><link rel=\"stylesheet\" href=\"page.css\"></head><body><a href=\"#zones-h\" class=\"note\">skip to zones</a><header><h1>presenced · site {site}</h1><p>stream: <span id=\"link\" class=\"{link}\" role=\"status\" aria-live=\"polite\">{link}</span></p></header><main><section aria-labelledby=\"zones-h\"><h2 id=\"zones-h\">Zones</h2><ul id=\"zones\" class=\"grid\">{zones}</ul></section><section aria-labelledby=\"persons-h\"><h2 id=\"persons-h\">People</h2><ul id=\"persons\" class=\"grid\">{persons}</ul></section>{health}{form}</main><script src=\"page.js\"></script></body></html>\n",
             now_ms = now.millis(),

@@ -35,6 +35,9 @@ p_false = 0.05
 enum Layout {
     Single,
     Split,
+    /// The page on an ingest-only instance granted nothing beyond ingest,
+    /// without `page_commands`.
+    SplitPlain,
 }
 
 struct World {
@@ -49,8 +52,9 @@ struct World {
 
 fn head(service: &str, seed: &Path, nats: &str, http: u16) -> String {
     format!(
-        "site = \"test\"\nservice = \"{service}\"\n\n[nats]\nurl = \"{nats}\"\nrequest_timeout = \"2s\"\nnkey_seed_file = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\npage_commands = true\n\n[health]\nsource_grace = \"1s\"\n\n[engine]\ndrain_timeout = \"5s\"\n",
-        seed.display()
+        "site = \"test\"\nservice = \"{service}\"\n\n[nats]\nurl = \"{nats}\"\nrequest_timeout = \"2s\"\nnkey_seed_file = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\npage_commands = {}\n\n[health]\nsource_grace = \"1s\"\n\n[engine]\ndrain_timeout = \"5s\"\n",
+        seed.display(),
+        service != "plain"
     )
 }
 
@@ -74,6 +78,10 @@ async fn world(layout: Layout) -> World {
         ),
         Layout::Split => format!(
             "[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\"]\nreads = [\"commands\", \"presence\"]\n[services.engine]\nnkey = \"{}\"\nruns = [\"engine\"]\n",
+            presenced.public_key, engine.public_key
+        ),
+        Layout::SplitPlain => format!(
+            "[services.plain]\nnkey = \"{}\"\nruns = [\"ingest\"]\n[services.engine]\nnkey = \"{}\"\nruns = [\"engine\"]\n",
             presenced.public_key, engine.public_key
         ),
     };
@@ -139,13 +147,14 @@ async fn world(layout: Layout) -> World {
             std::fs::write(&cfg, text).unwrap();
             daemons.push(Daemon::start_at(&cfg, &[]));
         }
-        Layout::Split => {
+        Layout::Split | Layout::SplitPlain => {
+            let service = if layout == Layout::Split {
+                "presenced"
+            } else {
+                "plain"
+            };
             let cfg = d.join("presenced.toml");
-            let text = format!(
-                "{}{}",
-                head("presenced", &seed, &url, port),
-                mqtt(broker.port)
-            );
+            let text = format!("{}{}", head(service, &seed, &url, port), mqtt(broker.port));
             std::fs::write(&cfg, text).unwrap();
             let engine_port = support::free_port();
             let ecfg = d.join("engine.toml");
@@ -723,4 +732,31 @@ async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_
     shot(&b, "fleet-site-a");
     let (code, body) = http_get(addr, "/site/nope").unwrap();
     assert_eq!(code, 404, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_on_an_instance_not_granted_the_zones_shows_its_health_and_reads_nothing_refused() {
+    let w = world(Layout::SplitPlain).await;
+    w.pir("page-plain-0", true).await;
+    eventually(
+        "lab decided by the engine instance",
+        Duration::from_secs(15),
+        || async { zone(&w.js, "lab").await.is_some() },
+    )
+    .await;
+    let b = Browser::start();
+    w.open(&b);
+    assert!(b.find("#no-zones").is_some(), "{}", content(&b, "main"));
+    assert!(b.find("#z-lab").is_none(), "no zone read without a grant");
+    assert!(b.find("#src-main").is_some(), "its own sources are shown");
+    assert!(b.find("#readonly").is_some(), "read-only");
+    shot(&b, "site-plain");
+    // Opening the page asked nats-server for nothing this identity lacks:
+    // a refusal would have stopped the daemon.
+    b.goto(&w.url());
+    support::wait_until("health still answered", Duration::from_secs(5), || {
+        http_get(w.page, "/healthz").is_some_and(|(c, _)| c == 200)
+    });
+    let log = w._daemons[0].log();
+    assert!(!log.contains("permission violation"), "{log}");
 }
