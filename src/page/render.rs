@@ -362,4 +362,68 @@ mod tests {
         assert_eq!(card_id("person.alice"), "z-person--alice");
         assert_eq!(card_id("living"), "z-living");
     }
+
+    #[test]
+    fn health_names_what_the_report_says() {
+        let now = Timestamp(1_800_000_000_000);
+        let report = serde_json::json!({
+            "status": "degraded",
+            "causes": ["source main (mqtt) link down for 40s"],
+            "nats_connected": true,
+            "lease": { "held": true },
+            "sources": [{ "name": "main", "kind": "mqtt", "up": false, "down_seconds": 40.0,
+                          "last_reading_seconds": 65.0, "readings": 3, "degraded": true }],
+            "ingest": { "buffer_depth": 0, "buffer_capacity": 10, "observations_stored": 3,
+                        "rejects": 1, "last_reject": { "source": "main", "origin": "t/<x>",
+                        "reason": "not JSON", "at_ms": now.millis() - 5000 } },
+            "hub": { "reachable": false, "mirrors": [{ "mirror": "presence-home", "state": "stalled",
+                     "lag_messages": 7, "lag_seconds": 12.0, "last_contact_seconds": 90.0 }] },
+        });
+        let h = health(&report, now);
+        assert!(
+            h.contains("<span class=\"degraded\">degraded</span>"),
+            "{h}"
+        );
+        assert!(h.contains("link down for 40s"), "{h}");
+        assert!(h.contains("data-up=\"false\""), "{h}");
+        assert!(
+            h.contains("<span class=\"down\">down</span> for 40s"),
+            "{h}"
+        );
+        assert!(h.contains("1m 5s ago"), "{h}");
+        assert!(
+            h.contains("last 5s ago from main (t/&lt;x&gt;): not JSON"),
+            "{h}"
+        );
+        assert!(h.contains("<span class=\"down\">unreachable</span>"), "{h}");
+        assert!(
+            h.contains("7 messages, 12s") && h.contains("1m 30s ago"),
+            "{h}"
+        );
+    }
+
+    #[test]
+    fn a_person_card_is_named_without_its_prefix_and_escapes_the_override() {
+        let now = Timestamp(1_800_000_000_000);
+        let z: ZoneState = serde_json::from_value(serde_json::json!({
+            "v": 1, "zone": "person.alice", "state": "occupied", "since": now.to_string(),
+            "confidence": 0.9, "clock": now.to_string(), "last_seq": 1, "transitions": 1,
+            "pending": { "to": "vacant", "deadline": Timestamp(now.0 + 90_000).to_string() },
+            "override": { "state": "occupied", "since": now.to_string(),
+                          "until": Timestamp(now.0 + 60_000).to_string(), "by": "<b>", "reason": "x&y" },
+            "evidence": [],
+        }))
+        .unwrap();
+        let h = zone_card("person.alice", &z, 4, None, now, "");
+        assert!(
+            h.starts_with("<li class=\"zone\" id=\"z-person--alice\" data-rev=\"4\""),
+            "{h}"
+        );
+        assert!(h.contains("<h3>alice "), "{h}");
+        assert!(h.contains("<dt>leaving</dt><dd>vacant in"), "{h}");
+        assert!(
+            h.contains("by <b class=\"by\">&lt;b&gt;</b> (x&amp;y)"),
+            "{h}"
+        );
+    }
 }
