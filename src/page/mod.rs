@@ -111,6 +111,8 @@ pub struct Page {
     /// True once the first snapshot of KV `presence` is in: the first
     /// page waits for it (briefly) so that it is complete, form included.
     loaded: watch::Sender<bool>,
+    /// (when, rejects counter) over the last minute.
+    reject_samples: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
     /// The last hour of each zone ([`timeline`]).
     timelines: RwLock<std::collections::HashMap<String, timeline::History>>,
 }
@@ -137,6 +139,7 @@ impl Page {
             wanted: tokio::sync::Notify::new(),
             loaded: watch::Sender::new(false),
             timelines: RwLock::new(Default::default()),
+            reject_samples: Default::default(),
             site,
             service,
             metrics,
@@ -214,8 +217,38 @@ impl Page {
     }
 
     fn render_health(&self, now: Timestamp) -> String {
-        let (_, report) = crate::http::report(&self.metrics);
+        let (_, mut report) = crate::http::report(&self.metrics);
+        if report["ingest"].is_object() {
+            report["ingest"]["rejects_last_minute"] = self.rejects_last_minute().into();
+        }
         render::health(&report, now)
+    }
+
+    /// Rejects in the last minute, from the counter sampled each time
+    /// health is rendered (every second while a page is open); `None`
+    /// until a minute of samples is held.
+    fn rejects_last_minute(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let count = self.metrics.rejects.load(Ordering::Relaxed);
+        let mut samples = self
+            .reject_samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if samples
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_millis(900))
+        {
+            samples.push_back((now, count));
+        }
+        while samples.len() > 1
+            && samples
+                .get(1)
+                .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            samples.pop_front();
+        }
+        let (t0, c0) = *samples.front()?;
+        (now.duration_since(t0) >= Duration::from_secs(59)).then(|| count.saturating_sub(c0))
     }
 
     /// Starts following KV `presence` and refreshing health, once the

@@ -259,6 +259,9 @@ pub fn health(report: &Value, now: Timestamp) -> String {
             cell(&i["observations_stored"]),
             cell(&i["rejects"])
         );
+        if let Some(n) = i["rejects_last_minute"].as_u64() {
+            let _ = write!(h, ", {n} in the last minute");
+        }
         let r = &i["last_reject"];
         if r.is_object() {
             let _ = write!(
@@ -374,7 +377,7 @@ mod tests {
             "sources": [{ "name": "main", "kind": "mqtt", "up": false, "down_seconds": 40.0,
                           "last_reading_seconds": 65.0, "readings": 3, "degraded": true }],
             "ingest": { "buffer_depth": 0, "buffer_capacity": 10, "observations_stored": 3,
-                        "rejects": 1, "last_reject": { "source": "main", "origin": "t/<x>",
+                        "rejects": 1, "rejects_last_minute": 1, "last_reject": { "source": "main", "origin": "t/<x>",
                         "reason": "not JSON", "at_ms": now.millis() - 5000 } },
             "hub": { "reachable": false, "mirrors": [{ "mirror": "presence-home", "state": "stalled",
                      "lag_messages": 7, "lag_seconds": 12.0, "last_contact_seconds": 90.0 }] },
