@@ -234,6 +234,28 @@ pub fn health(report: &Value, now: Timestamp) -> String {
         }
         h.push_str("</tbody></table></div>");
     }
+    if let Some(live) = report["live"].as_array().filter(|l| !l.is_empty()) {
+        h.push_str("<h3>Live readings</h3><div class=\"scroll\"><table><thead><tr><th scope=\"col\">sensor</th><th scope=\"col\">value</th><th scope=\"col\">taken</th><th scope=\"col\">source</th></tr></thead><tbody>");
+        for r in live {
+            let sensor = r["sensor"].as_str().unwrap_or("?");
+            let taken = r["observed_at"]
+                .as_str()
+                .and_then(|t| Timestamp::parse_rfc3339(t).ok())
+                .map(|t| format!("{} ago", span((now.millis() - t.millis()) / 1000)))
+                .unwrap_or_else(|| "–".into());
+            let _ = write!(
+                h,
+                "<tr id=\"live-{id}\"><th scope=\"row\">{id}</th><td class=\"value\">{}</td><td>{taken}</td><td>{}</td></tr>",
+                match &r["value"] {
+                    Value::Bool(b) => b.to_string(),
+                    v => cell(v),
+                },
+                cell(&r["source"]),
+                id = esc(sensor),
+            );
+        }
+        h.push_str("</tbody></table></div>");
+    }
     h.push_str("<h3>Pipeline</h3><dl class=\"pipe\">");
     let _ = write!(
         h,

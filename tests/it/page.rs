@@ -309,6 +309,12 @@ async fn the_page_loads_and_a_reading_over_mqtt_changes_the_zone_within_a_second
         "MQTT reading to page took {took:?} (screenshot {})",
         path.display()
     );
+    // The reading itself, as it arrived (live.<site>.<sensor>).
+    b.wait_for(
+        "the live reading of lab_pir",
+        Duration::from_secs(5),
+        "var v = document.querySelector('#live-lab_pir .value'); return v && v.textContent === 'true'",
+    );
     // Rejected input shows with its reason, pushed like the rest.
     let mut p = Publisher::connect(w.broker.port, "page-pub-2").await;
     p.publish("test/lab_pir", "not json").await;
