@@ -62,6 +62,10 @@ enum Command {
         /// Site whose hub mirror to read (default: the config's site).
         #[arg(long, requires = "hub")]
         site: Option<String>,
+        /// Print each accepted reading as it arrives (`live.<site>.<sensor>`;
+        /// PATTERN matches sensors) instead of the zones.
+        #[arg(long, conflicts_with = "hub")]
+        live: bool,
     },
     /// Print the health of the whole site: the daemon's /healthz (components,
     /// sources), leases, zones configured/stored/stale, the engine's backlog
@@ -381,8 +385,16 @@ fn main() -> ExitCode {
             init_tracing(cfg.log.level.as_deref());
             runtime()?.block_on(presenced::page::fleet::run(cfg, args))
         }),
-        Command::Watch { config, pattern, json, hub, site } => load(&config).and_then(|cfg| {
+        Command::Watch { config, pattern, json, hub, site, live } => load(&config).and_then(|cfg| {
             init_tracing(Some("warn"));
+            if live {
+                let site = Site::new(&cfg.site)?;
+                return runtime()?.block_on(async {
+                    let conn = connect_cli(&cfg).await?;
+                    let client = conn.client.clone();
+                    conn.run(false, client::live::watch_live(client, &site, &pattern, json)).await
+                });
+            }
             let source = match hub {
                 false => client::Source::Leaf,
                 true => client::Source::Hub(Site::new(site.as_deref().unwrap_or(&cfg.site))?),

@@ -6,6 +6,7 @@
 //! - [`view`]: JSON lines and the readable table.
 
 pub mod follow;
+pub mod live;
 pub mod status;
 
 /// The zone keys of `config`, when it has any: what `watch` and `get`

@@ -772,3 +772,50 @@ async fn a_page_on_an_instance_not_granted_the_zones_shows_its_health_and_reads_
     let log = w._daemons[0].log();
     assert!(!log.contains("permission violation"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_live_prints_each_accepted_reading_under_the_generated_acl() {
+    let w = world(Layout::Single).await;
+    let cfg = w.dir.path().join("presenced.toml");
+    let watch = common::watch::Watch::start(&cfg, &["--live"]);
+    // The header is printed once the subscription is in place.
+    support::wait_until("watch --live subscribed", Duration::from_secs(10), || {
+        watch.text().iter().any(|l| l.starts_with("sensor"))
+    });
+    w.pir("page-live-0", true).await;
+    support::wait_until("the reading printed", Duration::from_secs(10), || {
+        watch.text().iter().any(|l| l.starts_with("lab_pir"))
+    });
+    let line = watch
+        .text()
+        .into_iter()
+        .find(|l| l.starts_with("lab_pir"))
+        .unwrap();
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!((cols[1], cols[3]), ("true", "main"), "{line}");
+    assert!(cols[2].ends_with('Z'), "{line}");
+    // A rejected payload is not a reading: nothing more is printed for it.
+    let mut p = Publisher::connect(w.broker.port, "page-live-1").await;
+    p.publish("test/lab_pir", "not json").await;
+    p.flush(Duration::from_secs(5)).await;
+    w.pir("page-live-2", false).await;
+    support::wait_until("the second reading", Duration::from_secs(10), || {
+        watch
+            .text()
+            .iter()
+            .filter(|l| l.starts_with("lab_pir"))
+            .count()
+            >= 2
+    });
+    let lines: Vec<String> = watch
+        .text()
+        .into_iter()
+        .filter(|l| l.starts_with("lab_pir"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].split_whitespace().nth(1) == Some("false"),
+        "{lines:?}"
+    );
+    assert!(!w._daemons[0].log().contains("permission violation"));
+}
