@@ -147,12 +147,21 @@ impl Browser {
                 )
             });
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let log_path = dir.path().join("chromedriver.log");
+        let profile = dir.path().join("profile");
+        // Owned from here: a panic below still stops chromedriver (Drop).
+        let mut browser = Browser {
+            addr,
+            session: String::new(),
+            child,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while call(addr, "GET", "/status", None).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "chromedriver did not answer on {addr} within 20 s: {}",
-                process::log_tail(&dir.path().join("chromedriver.log"))
+                process::log_tail(&log_path)
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -165,16 +174,10 @@ impl Browser {
                     "--headless=new", "--no-sandbox", "--disable-gpu",
                     "--disable-dev-shm-usage", "--no-first-run",
                     "--window-size=420,1400",
-                    format!("--user-data-dir={}", dir.path().join("profile").display()),
+                    format!("--user-data-dir={}", profile.display()),
                 ]
             }
         }}});
-        let mut browser = Browser {
-            addr,
-            session: String::new(),
-            child,
-            _dir: dir,
-        };
         let v = call(addr, "POST", "/session", Some(&caps))
             .unwrap_or_else(|e| panic!("cannot open a Chromium session: {e}"));
         browser.session = v["sessionId"].as_str().expect("sessionId").to_owned();
