@@ -256,6 +256,12 @@ async fn the_page_loads_and_a_reading_over_mqtt_changes_the_zone_within_a_second
     let (_, js) = http_get(w.page, "/page.js").unwrap();
     let (_, css) = http_get(w.page, "/page.css").unwrap();
     assert!(html.len() + js.len() + css.len() < 100 * 1024);
+    eprintln!(
+        "page: {} bytes of HTML (no zone stored yet), {} of script, {} of style",
+        html.len(),
+        js.len(),
+        css.len()
+    );
     assert!(html.contains("<html lang=\"en\""), "{html}");
     // Not granted commands in this layout: read-only.
     assert!(html.contains("id=\"readonly\""), "{html}");
