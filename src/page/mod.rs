@@ -535,11 +535,13 @@ impl Page {
     }
 
     /// Everything a page needs to be current: the link, every zone, health.
-    fn snapshot(&self) -> Vec<Event> {
+    /// Zones newer than revision `after` (what the page was rendered
+    /// with: KV revisions grow across all keys), the link and health.
+    fn snapshot(&self, after: u64) -> Vec<Event> {
         let now = Timestamp::now();
         let mut out = vec![self.link_event()];
         let zones = self.zones.read().unwrap_or_else(|p| p.into_inner());
-        for (key, e) in zones.iter() {
+        for (key, e) in zones.iter().filter(|(_, e)| e.revision > after) {
             out.push(self.event_of(&Update::Zone {
                 key: key.clone(),
                 revision: e.revision,
@@ -556,9 +558,11 @@ impl Page {
         let mut zones = String::new();
         let mut persons = String::new();
         let mut keys = Vec::new();
+        let mut newest = 0;
         {
             let held = self.zones.read().unwrap_or_else(|p| p.into_inner());
             for (key, e) in held.iter() {
+                newest = newest.max(e.revision);
                 let list = if Self::list_of(key) == "persons" {
                     &mut persons
                 } else {
@@ -581,7 +585,7 @@ impl Page {
             zones = "<li class=\"note\" id=\"no-zones\">This instance does not run the engine: its page shows its own health; the zones are on the page of the instance that runs the engine.</li>".into();
         }
         format!(
-            "<!doctype html>\n<html lang=\"en\" data-now=\"{now_ms}\" data-link=\"{link}\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>presenced · {site}</title><link rel=\"stylesheet\" href=\"page.css\"></head><body><a href=\"#zones-h\" class=\"note\">skip to zones</a><header><h1>presenced · site {site}</h1><p>stream: <span id=\"link\" class=\"{link}\" role=\"status\" aria-live=\"polite\">{link}</span></p></header><main><section aria-labelledby=\"zones-h\"><h2 id=\"zones-h\">Zones</h2><ul id=\"zones\" class=\"grid\">{zones}</ul></section><section aria-labelledby=\"persons-h\"><h2 id=\"persons-h\">People</h2><ul id=\"persons\" class=\"grid\">{persons}</ul></section>{health}{form}</main><script src=\"page.js\"></script></body></html>\n",
+            "<!doctype html>\n<html lang=\"en\" data-now=\"{now_ms}\" data-link=\"{link}\" data-rev=\"{newest}\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>presenced · {site}</title><link rel=\"stylesheet\" href=\"page.css\"></head><body><a href=\"#zones-h\" class=\"note\">skip to zones</a><header><h1>presenced · site {site}</h1><p>stream: <span id=\"link\" class=\"{link}\" role=\"status\" aria-live=\"polite\">{link}</span></p></header><main><section aria-labelledby=\"zones-h\"><h2 id=\"zones-h\">Zones</h2><ul id=\"zones\" class=\"grid\">{zones}</ul></section><section aria-labelledby=\"persons-h\"><h2 id=\"persons-h\">People</h2><ul id=\"persons\" class=\"grid\">{persons}</ul></section>{health}{form}</main><script src=\"page.js\"></script></body></html>\n",
             now_ms = now.millis(),
             health = self.render_health(now),
         )
@@ -697,13 +701,14 @@ fn text(code: StatusCode, body: String) -> Response {
         .into_response()
 }
 
-async fn index(State(p): State<Arc<Page>>) -> Response {
+async fn index(State(p): State<Arc<Page>>, headers: HeaderMap) -> Response {
     p.want();
     // The first page after a start waits for the zones (milliseconds);
     // a leaf that is away does not hold it longer than this.
     let mut loaded = p.loaded.subscribe();
     let _ = tokio::time::timeout(FIRST_LOAD_WAIT, loaded.wait_for(|l| *l)).await;
-    (
+    let body = p.index();
+    let mut response = (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-store"),
@@ -713,10 +718,47 @@ async fn index(State(p): State<Arc<Page>>) -> Response {
                 "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
             ),
             (header::X_FRAME_OPTIONS, "DENY"),
+            (header::VARY, "Accept-Encoding"),
         ],
-        p.index(),
+        body.clone(),
     )
-        .into_response()
+        .into_response();
+    // A site with many zones has a long page of near-identical cards:
+    // gzip takes it well under a tenth (every browser asks for it).
+    if body.len() >= GZIP_ABOVE && accepts_gzip(&headers) {
+        if let Some(z) = gzip(body.as_bytes()) {
+            *response.body_mut() = axum::body::Body::from(z);
+            response.headers_mut().insert(
+                header::CONTENT_ENCODING,
+                axum::http::HeaderValue::from_static("gzip"),
+            );
+        }
+    }
+    response
+}
+
+/// Pages shorter than this are sent as they are.
+const GZIP_ABOVE: usize = 16 * 1024;
+
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|e| {
+            let mut parts = e.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|q| q.trim().replace(' ', "") == "q=0");
+            name.eq_ignore_ascii_case("gzip") && !refused
+        })
+}
+
+fn gzip(data: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write as _;
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    z.write_all(data).ok()?;
+    z.finish().ok()
 }
 
 async fn css() -> impl IntoResponse {
@@ -733,15 +775,25 @@ async fn js() -> impl IntoResponse {
 /// The event stream: everything current first, then each change. A page
 /// that falls behind gets everything again (its revisions drop what it
 /// already shows).
-async fn events(State(p): State<Arc<Page>>) -> impl IntoResponse {
+async fn events(State(p): State<Arc<Page>>, uri: Uri) -> impl IntoResponse {
     p.want();
+    // `after`: the newest revision the page was rendered with; only what
+    // changed since is sent again (a page of 1,000 zones is not resent
+    // whole to every new page).
+    let after = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("after="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
     let rx = p.tx.subscribe();
-    let first = p.snapshot();
+    let first = p.snapshot(after);
     let page = p.clone();
     let rest = futures::stream::unfold((rx, page), |(mut rx, page)| async move {
         let ev = match rx.recv().await {
             Ok(u) => vec![page.event_of(&u)],
-            Err(broadcast::error::RecvError::Lagged(_)) => page.snapshot(),
+            Err(broadcast::error::RecvError::Lagged(_)) => page.snapshot(0),
             Err(broadcast::error::RecvError::Closed) => return None,
         };
         Some((ev, (rx, page)))
@@ -826,4 +878,29 @@ pub fn router(page: Arc<Page>) -> Router {
         )
         .fallback(not_found)
         .with_state(page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gzip_only_when_asked_for_and_not_refused() {
+        let h = |v: &'static str| {
+            let mut m = HeaderMap::new();
+            m.insert(
+                header::ACCEPT_ENCODING,
+                axum::http::HeaderValue::from_static(v),
+            );
+            m
+        };
+        assert!(accepts_gzip(&h("gzip, deflate, br, zstd")));
+        assert!(accepts_gzip(&h("br;q=1.0, GZIP;q=0.5")));
+        assert!(!accepts_gzip(&h("gzip;q=0, br")));
+        assert!(!accepts_gzip(&h("identity")));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+        let text = "<li>zone</li>".repeat(1000);
+        let z = gzip(text.as_bytes()).unwrap();
+        assert!(z.len() * 10 < text.len(), "{} of {}", z.len(), text.len());
+    }
 }

@@ -66,6 +66,11 @@ fn mqtt(port: u16) -> String {
 }
 
 async fn world(layout: Layout) -> World {
+    world_with(layout, ZONES).await
+}
+
+/// [`world`] with other zones (TOML) in the engine's config.
+async fn world_with(layout: Layout, zones: &str) -> World {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -112,7 +117,7 @@ async fn world(layout: Layout) -> World {
     std::fs::write(
         &admin_cfg,
         format!(
-            "{}{ZONES}",
+            "{}{zones}",
             head("admin", &d.join("admin.seed"), &url, support::free_port())
         ),
     )
@@ -140,7 +145,7 @@ async fn world(layout: Layout) -> World {
         Layout::Single => {
             let cfg = d.join("presenced.toml");
             let text = format!(
-                "{}{}{ZONES}",
+                "{}{}{zones}",
                 head("presenced", &seed, &url, port),
                 mqtt(broker.port)
             );
@@ -159,7 +164,7 @@ async fn world(layout: Layout) -> World {
             let engine_port = support::free_port();
             let ecfg = d.join("engine.toml");
             let text = format!(
-                "{}{ZONES}",
+                "{}{zones}",
                 head("engine", &d.join("engine.seed"), &url, engine_port)
             );
             std::fs::write(&ecfg, text).unwrap();
@@ -824,4 +829,128 @@ async fn watch_live_prints_each_accepted_reading_under_the_generated_acl() {
         "{lines:?}"
     );
     assert!(!w._daemons[0].log().contains("permission violation"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_of_a_thousand_zones_loads_in_under_100_kb() {
+    use std::io::{Read, Write};
+    let zones: String = (0..1000)
+        .map(|i| {
+            format!(
+                "[zones.room-{i:04}]\noccupied_above = 0.6\narrive_after = \"0s\"\nleave_after = \"0s\"\n[[zones.room-{i:04}.evidence]]\nsensor = \"room-{i:04}_pir\"\np_true = 0.95\np_false = 0.05\n"
+            )
+        })
+        .collect();
+    let w = world_with(Layout::Single, &zones).await;
+    // One reading per zone, a third of them occupied.
+    let mut p = Publisher::connect(w.broker.port, "page-1000").await;
+    for i in 0..1000 {
+        p.publish(
+            &format!("test/room-{i:04}_pir"),
+            format!(r#"{{"occupancy":{},"ts":{}}}"#, i % 3 == 0, now_ms()),
+        )
+        .await;
+    }
+    p.flush(Duration::from_secs(20)).await;
+    // As a browser asks for it.
+    let fetch = || {
+        let mut s = std::net::TcpStream::connect(w.page).unwrap();
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: {}\r\nAccept-Encoding: gzip, deflate, br\r\nConnection: close\r\n\r\n",
+            w.page
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        (head, raw[split + 4..].to_vec())
+    };
+    let revision_of = |page: &str| -> u64 {
+        page.split("data-rev=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|r| r.parse().ok())
+            .expect("data-rev on the page")
+    };
+    // Until every zone is listed and the engine has settled (the newest
+    // revision the same twice in a row, half a second apart).
+    let mut page = String::new();
+    let mut sent;
+    let mut last_rev = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the page never listed 1000 settled zones"
+        );
+        let (head, body) = fetch();
+        assert!(head.contains("content-encoding: gzip"), "{head}");
+        sent = body.len();
+        page.clear();
+        flate2::read::GzDecoder::new(&body[..])
+            .read_to_string(&mut page)
+            .unwrap();
+        let rev = revision_of(&page);
+        if page.matches("class=\"zone\"").count() >= 1000 && last_rev == Some(rev) {
+            break;
+        }
+        last_rev = Some(rev);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("1000 zones: {} bytes of HTML, {sent} sent", page.len());
+    assert!(sent < 100 * 1024, "{sent} bytes sent for 1000 zones");
+    // The page's event stream starts after the revisions it was rendered
+    // with: the 1,000 cards are not sent a second time.
+    let rev = revision_of(&page);
+    let first_burst = |after: u64| {
+        let mut s = std::net::TcpStream::connect(w.page).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let req = format!(
+            "GET /events?after={after} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            w.page
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        // The stream never ends (health follows every second): read what
+        // comes in the first 1.5 s.
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 65536];
+        let end = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < end {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        String::from_utf8_lossy(&raw).matches("event: zone").count()
+    };
+    assert_eq!(
+        first_burst(rev),
+        0,
+        "nothing changed since the page was rendered"
+    );
+    assert!(
+        first_burst(0) >= 1000,
+        "a page with nothing asks for everything"
+    );
+    // And in the browser: every card there, the whole load under 100 KB.
+    let b = Browser::start();
+    w.open(&b);
+    let n = b.eval(
+        "return document.querySelectorAll('#zones > li').length",
+        json!([]),
+    );
+    assert!(n.as_u64().unwrap() >= 1000, "{n}");
+    let weight = b.eval(
+        "return performance.getEntries().reduce(function (s, e) { return s + (e.transferSize || 0); }, 0)",
+        json!([]),
+    );
+    assert!(
+        weight.as_u64().unwrap() < 100 * 1024,
+        "page, script and style: {weight} bytes"
+    );
+    eprintln!("1000 zones in Chromium: {weight} bytes transferred");
+    shot(&b, "site-1000-zones");
 }

@@ -29,7 +29,8 @@
   setInterval(tick, 1000);
   if (!window.EventSource) return;
   var me = document.currentScript;
-  var es = new EventSource((me && me.dataset.events) || "events");
+  // Only what changed after the revisions this page was rendered with.
+  var es = new EventSource((me && me.dataset.events) || ("events?after=" + (root.dataset.rev || 0)));
   es.addEventListener("link", function (e) {
     var d = JSON.parse(e.data);
     skew = d.now - Date.now();
