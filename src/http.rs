@@ -1,4 +1,5 @@
-//! `/healthz` and `/metrics` over HTTP, on loopback by default.
+//! `/healthz` and `/metrics` over HTTP, on loopback by default; the
+//! status page (`crate::page`) is merged in beside them.
 
 use crate::metrics::Metrics;
 use axum::extract::State;
@@ -137,6 +138,7 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             "buffer_capacity": get(&m.buffer_capacity),
             "observations_stored": get(&m.observations_stored),
             "rejects": get(&m.rejects),
+            "last_reject": *m.last_reject.read().unwrap_or_else(|p| p.into_inner()),
             "stalled_seconds": stalled.as_ref().map(|(s, _)| *s),
         });
     }
@@ -214,12 +216,15 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
+/// `extra` adds routes beside `/healthz` and `/metrics` (the status page
+/// and its 404 fallback).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    extra: Router,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let app = router(metrics);
+    let app = router(metrics).merge(extra);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|s| *s).await;

@@ -191,6 +191,7 @@ pub async fn run(
         last: HashMap::new(),
     };
     let mut chunk: Vec<Item> = Vec::with_capacity(max_in_flight);
+    let core = js.client();
     loop {
         chunk.clear();
         if rx.recv_many(&mut chunk, max_in_flight.max(1)).await == 0 {
@@ -207,12 +208,14 @@ pub async fn run(
         for (i, item) in chunk.drain(..).enumerate() {
             let refusal = refused.get(&i);
             match (item, refusal) {
-                (Item::Observation(_, ack), None) => {
+                (Item::Observation(obs, ack), None) => {
                     Metrics::inc(&metrics.observations_stored);
                     ack.fire();
+                    publish_live(&core, &site, &obs).await;
                 }
                 (Item::Rejected(rej, ack), None) => {
                     Metrics::inc(&metrics.rejects);
+                    metrics.note_reject(&rej);
                     log.note(&rej);
                     ack.fire();
                 }
@@ -227,6 +230,7 @@ pub async fn run(
                     .await;
                     if kept.is_empty() {
                         Metrics::inc(&metrics.rejects);
+                        metrics.note_reject(&rej);
                         log.note(&rej);
                     } else {
                         tracing::error!(source = %obs.source, sensor = %obs.sensor, %error, "observation refused by SENSORS and cannot be kept in REJECTED either; dropped");
@@ -258,6 +262,27 @@ fn refused_observation(obs: &Observation, error: &str) -> Rejected {
 /// (same message id, so a publish that was stored but whose ack was lost
 /// is not stored twice) with jittered capped backoff until all are stored
 /// or refused for good. Returns the refused ones: index and error.
+/// Sends an accepted reading on `live.<site>.<sensor>` (core NATS, no
+/// persistence, nobody acks): the status page and `watch`ers see readings
+/// as they arrive. Best effort: a failed send is not the pipeline's
+/// problem, the reading is in SENSORS.
+async fn publish_live(
+    core: &async_nats::Client,
+    site: &Site,
+    obs: &crate::observation::Observation,
+) {
+    let body = serde_json::json!({
+        "v": crate::observation::OBSERVATION_SCHEMA,
+        "sensor": obs.sensor,
+        "value": obs.value,
+        "observed_at": obs.observed_at,
+        "source": obs.source,
+    });
+    let _ = core
+        .publish(site.live_subject(&obs.sensor), body.to_string().into())
+        .await;
+}
+
 async fn store_chunk(
     js: &jetstream::Context,
     site: &Site,

@@ -15,7 +15,8 @@
 //!   restore.
 //! - [`supervise`]: one cancellation token and join set for every task of
 //!   the daemon; failures named in health and metrics, fatal ones exit.
-//! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
+//! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face;
+//!   [`page`]: the live status page on the HTTP listener.
 //! - [`client`]: the state-first clients (`watch`, `get`, `status`).
 //! - [`replay`]: the pure engine over recorded readings, offline: replay a
 //!   candidate config, tune likelihoods from labelled time, the HTML report.
@@ -43,6 +44,7 @@ pub mod metrics;
 pub mod naming;
 pub mod natsconf;
 pub mod observation;
+pub mod page;
 pub mod replay;
 pub mod sandbox;
 pub mod sources;

@@ -81,6 +81,9 @@ pub struct Metrics {
     /// The components this instance runs (`ingest`, `engine`, ...); empty
     /// when not set by a daemon (then every family is rendered).
     pub runs: std::sync::RwLock<Vec<String>>,
+    /// The last input ingest rejected (kept in REJECTED): `/healthz` and
+    /// the status page name its reason.
+    pub last_reject: std::sync::RwLock<Option<LastReject>>,
     /// Whether MQTT / serial sources are configured: their families are
     /// left out otherwise.
     pub mqtt_configured: AtomicBool,
@@ -155,6 +158,28 @@ pub struct SourceHealth {
     pub readings: u64,
     /// Down longer than `health.source_grace`.
     pub degraded: bool,
+}
+
+/// The last rejected input, as health reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LastReject {
+    pub source: String,
+    pub origin: String,
+    pub reason: String,
+    /// When it was received, Unix milliseconds.
+    pub at_ms: i64,
+}
+
+impl Metrics {
+    /// Records a reject for health (the counter is counted apart).
+    pub fn note_reject(&self, r: &crate::sources::Rejected) {
+        *self.last_reject.write().unwrap_or_else(|p| p.into_inner()) = Some(LastReject {
+            source: r.source.clone(),
+            origin: r.origin.clone(),
+            reason: r.reason.clone(),
+            at_ms: r.received_at.millis(),
+        });
+    }
 }
 
 /// The last reading of the site's hub mirrors and what happened to them.

@@ -8,6 +8,7 @@ pub mod acl_hub;
 pub mod check_config;
 pub mod cmd;
 pub mod completions;
+pub mod dashboard;
 pub mod get;
 pub mod keygen;
 pub mod man;
@@ -103,6 +104,11 @@ pub enum Command {
     /// Send a command to the site's engine (manual override of a zone).
     #[command(subcommand)]
     Cmd(cmd::CmdArgs),
+    /// Serve the fleet page: every site the hub mirrors, its zones from
+    /// the mirror (docs/OPERATIONS.md, "Fleet page"). The config reaches
+    /// the hub (a site's leaf or a hub server) as an identity that may
+    /// read the mirrors.
+    Dashboard(dashboard::Args),
     /// Replay recorded readings through the engine with a (candidate)
     /// config, offline and read-only.
     Replay(replay::ReplayArgs),
@@ -141,6 +147,7 @@ pub fn main() -> ExitCode {
         Command::Restore(a) => restore::run(a),
         Command::NatsConfig(a) => nats_config::run(a),
         Command::Cmd(a) => cmd::run(a),
+        Command::Dashboard(a) => dashboard::run(a),
         Command::Replay(a) => replay::replay(a),
         Command::Tune(a) => replay::tune(a),
         Command::Report(a) => replay::report(a),
@@ -390,7 +397,7 @@ mod tests {
         walk(&Cli::command(), &mut seen);
         // run, check-config, provision, watch, status, get, snapshot,
         // snapshots, restore, cmd override/clear/forget, replay, tune,
-        // report.
-        assert_eq!(seen, 15);
+        // report, dashboard.
+        assert_eq!(seen, 16);
     }
 }

@@ -22,10 +22,27 @@ pub struct Args {
     /// Site whose hub mirror to read (default: the config's site).
     #[arg(long, requires = "hub")]
     pub site: Option<String>,
+    /// Print each accepted reading as it arrives (`live.<site>.<sensor>`;
+    /// PATTERN matches sensors) instead of the zones.
+    #[arg(long, conflicts_with = "hub")]
+    pub live: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let ctx = Context::load(&args.config, Some("warn"))?;
+    if args.live {
+        let site = Site::new(&ctx.config.site)?;
+        ctx.block_on(async {
+            let conn = ctx.connect().await?;
+            let client = conn.client.clone();
+            conn.run(
+                false,
+                client::live::watch_live(client, &site, &args.pattern, args.json),
+            )
+            .await
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let source = match args.hub {
         false => client::Source::Leaf,
         true => client::Source::Hub(Site::new(args.site.as_deref().unwrap_or(&ctx.config.site))?),

@@ -5,7 +5,9 @@
 //!   link cuts, resuming after the last revision it handed out.
 //! - [`view`]: JSON lines and the readable table.
 
+pub mod command;
 pub mod follow;
+pub mod live;
 pub mod status;
 
 /// The zone keys of `config`, when it has any: what `watch` and `get`

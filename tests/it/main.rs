@@ -39,6 +39,7 @@ mod lifecycle;
 mod metrics;
 mod mqtt_source;
 mod natsconf;
+mod page;
 mod redteam;
 mod replay;
 mod sandbox;

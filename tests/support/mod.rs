@@ -16,10 +16,12 @@
 //! - [`wait`]: polling with deadlines instead of sleeps.
 //! - [`http`]: a tiny HTTP/1.0 client for health and monitoring endpoints.
 //! - [`seaweed`]: a SeaweedFS S3 gateway that signs requests, stoppable.
+//! - [`browser`]: headless Chromium over WebDriver, for the status page.
 //! - [`process`]: [`process::Supervised`], the one child-process type of
 //!   every wrapper above (start, graceful stop, kill, restart, log tail).
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
 pub mod daemon;
 pub mod http;
 pub mod hub;

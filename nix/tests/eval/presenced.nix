@@ -98,6 +98,21 @@ let
     }
   ];
 
+  # The status page on the LAN, its port opened on one interface.
+  pageOnLan = eval {
+    site = "home";
+    instances.main.page = {
+      listen = "192.168.1.10:9464";
+      openFirewallOn = [ "eth0" ];
+      commands = true;
+    };
+  };
+
+  pageFirewallWithoutListen = eval {
+    site = "home";
+    instances.main.page.openFirewallOn = [ "eth0" ];
+  };
+
   inContainer = eval {
     site = "home";
     instances.engine.settings.nats.url = "nats://10.231.1.1:4222";
@@ -223,6 +238,43 @@ in
 
   testSeedInStoreRefused = {
     expr = map (m: lib.hasInfix "credential `nkey-seed`" m) (stubs.failedAssertions seedInStore);
+    expected = [ true ];
+  };
+
+  testPageListenAndCommandsRendered = {
+    expr = {
+      inherit (pageOnLan.services.presenced.instances.main.settings.http) listen page_commands;
+    };
+    expected = {
+      listen = "192.168.1.10:9464";
+      page_commands = true;
+    };
+  };
+
+  testPagePortOpenedOnItsInterfaceOnly = {
+    expr = {
+      inherit (pageOnLan.networking.firewall) allowedTCPPorts;
+      eth0 = pageOnLan.networking.firewall.interfaces.eth0.allowedTCPPorts;
+    };
+    expected = {
+      allowedTCPPorts = [ ];
+      eth0 = [ 9464 ];
+    };
+  };
+
+  testPageClosedByDefault = {
+    expr = {
+      interfaces = simple.networking.firewall.interfaces;
+      http = simple.services.presenced.instances.main.settings ? http;
+    };
+    expected = {
+      interfaces = { };
+      http = false;
+    };
+  };
+
+  testPageFirewallNeedsAListenAddress = {
+    expr = map (lib.hasInfix "page.openFirewallOn") (stubs.failedAssertions pageFirewallWithoutListen);
     expected = [ true ];
   };
 

@@ -1,0 +1,907 @@
+//! The live status page on the daemon's HTTP listener: `/` renders every
+//! zone and person and the daemon's health; `/events` pushes changes as
+//! server-sent events; `/override` takes the override form.
+//!
+//! Zones come from a watch on KV `presence` (snapshot, then deltas, each
+//! with its revision), health from [`crate::http::report`], the very
+//! report `/healthz` answers. A page that reconnects, or a watch that is
+//! restarted after nats-server comes back, sends zones again; every card
+//! carries its revision so nothing older replaces something newer and
+//! nothing is shown twice. See docs/OPERATIONS.md "Status page".
+
+pub mod fleet;
+pub mod form;
+pub mod render;
+pub mod timeline;
+
+use crate::engine::command::{self, Request, COMMAND_SCHEMA};
+use crate::engine::{Model, ZoneState};
+use crate::metrics::Metrics;
+use crate::naming::{self, Site};
+use crate::time::Timestamp;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+use tokio::sync::{broadcast, watch};
+
+const CSS: &str = include_str!("assets/page.css");
+const JS: &str = include_str!("assets/page.js");
+
+/// Updates queued per open page before it is counted as lagging (and
+/// sent everything again).
+const CHANNEL: usize = 1024;
+
+/// Longest wait of the first page for the zones to be read.
+const FIRST_LOAD_WAIT: Duration = Duration::from_secs(2);
+
+/// Longest wait for the engine's reply to a command from the form.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One change pushed to every open page.
+#[derive(Clone, Debug)]
+enum Update {
+    Zone {
+        key: String,
+        revision: u64,
+        html: Arc<str>,
+    },
+    Gone {
+        key: String,
+        revision: u64,
+    },
+    Health(Arc<str>),
+    Link,
+    /// The bucket starts over (recreated): pages load afresh.
+    Reset,
+}
+
+/// What is known of one key of KV `presence`.
+struct Entry {
+    revision: u64,
+    state: ZoneState,
+}
+
+/// The NATS side, once the daemon has connected.
+struct Nats {
+    client: async_nats::Client,
+}
+
+/// May the form send commands? Unknown until the ownership table is read.
+const MAY_UNKNOWN: u8 = 0;
+const MAY_YES: u8 = 1;
+const MAY_NO: u8 = 2;
+
+/// The page's state, shared by the HTTP handlers and the watch task.
+pub struct Page {
+    site: Site,
+    service: String,
+    metrics: Arc<Metrics>,
+    /// Thresholds per zone; a zone the local config lacks (another
+    /// instance's) is shown without them.
+    model: Arc<Model>,
+    /// `http.page_commands`: the operator allows the form on this listener.
+    commands_configured: bool,
+    /// The ownership table grants this identity `commands` (or there is
+    /// no table: a site without ACLs).
+    may_command: AtomicU8,
+    csrf: String,
+    zones: RwLock<BTreeMap<String, Entry>>,
+    /// The watch has delivered the whole snapshot and is following.
+    watching: AtomicBool,
+    nats: OnceLock<Nats>,
+    tx: broadcast::Sender<Update>,
+    health: RwLock<Arc<str>>,
+    /// Cancelled when the daemon stops: open event streams end then, or
+    /// the HTTP server's graceful shutdown would wait for every open page
+    /// until the drain timeout.
+    closing: tokio_util::sync::CancellationToken,
+    /// Set by the first page request: until then nothing is followed, so
+    /// an appliance nobody looks at pays nothing for its page.
+    wanted: tokio::sync::Notify,
+    /// True once the first snapshot of KV `presence` is in: the first
+    /// page waits for it (briefly) so that it is complete, form included.
+    loaded: watch::Sender<bool>,
+    /// The last live reading of each sensor (`live.<site>.<sensor>`), as
+    /// JSON, since the page started following.
+    live: RwLock<BTreeMap<String, serde_json::Value>>,
+    /// (when, rejects counter) over the last minute.
+    reject_samples: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
+    /// The last hour of each zone ([`timeline`]).
+    timelines: RwLock<std::collections::HashMap<String, timeline::History>>,
+}
+
+impl Page {
+    /// `stop` turning true ends every open event stream.
+    pub fn new(
+        site: Site,
+        service: String,
+        metrics: Arc<Metrics>,
+        model: Arc<Model>,
+        commands_configured: bool,
+        mut stop: watch::Receiver<bool>,
+    ) -> Arc<Page> {
+        let (tx, _) = broadcast::channel(CHANNEL);
+        let closing = tokio_util::sync::CancellationToken::new();
+        let token = closing.clone();
+        tokio::spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            token.cancel();
+        });
+        Arc::new(Page {
+            closing,
+            wanted: tokio::sync::Notify::new(),
+            loaded: watch::Sender::new(false),
+            timelines: RwLock::new(Default::default()),
+            reject_samples: Default::default(),
+            live: Default::default(),
+            site,
+            service,
+            metrics,
+            model,
+            commands_configured,
+            may_command: AtomicU8::new(MAY_UNKNOWN),
+            csrf: form::new_token(),
+            zones: RwLock::new(BTreeMap::new()),
+            watching: AtomicBool::new(false),
+            nats: OnceLock::new(),
+            tx,
+            health: RwLock::new(Arc::from("")),
+        })
+    }
+
+    /// `live` while the watch follows KV `presence` over a connected
+    /// client, `loading` until its first snapshot is in, else
+    /// `reconnecting`.
+    fn link(&self) -> &'static str {
+        if !self.metrics.nats_connected.load(Ordering::Relaxed) {
+            "reconnecting"
+        } else if self.watching.load(Ordering::Relaxed) {
+            "live"
+        } else {
+            "loading"
+        }
+    }
+
+    /// A page was asked for: start following (once; a stored permit
+    /// covers a request made before the follower waits).
+    fn want(&self) {
+        self.wanted.notify_one();
+    }
+
+    /// Whether this instance may read KV `presence` for the page: a read
+    /// the ACL refuses would stop the daemon, and only two cases are
+    /// known to be granted: the engine owns the bucket, and an instance
+    /// set up for overrides from the page is granted `presence` with
+    /// `commands` (docs/OPERATIONS.md, "Overrides from the page").
+    fn shows_zones(&self) -> bool {
+        self.runs("engine") || self.commands_configured
+    }
+
+    fn runs(&self, component: &str) -> bool {
+        self.metrics
+            .runs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|r| r == component)
+    }
+
+    fn commands_on(&self) -> bool {
+        self.commands_configured
+            && self.may_command.load(Ordering::Relaxed) == MAY_YES
+            && self.nats.get().is_some()
+    }
+
+    fn card(&self, key: &str, e: &Entry, now: Timestamp) -> String {
+        let bar = self
+            .timelines
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .map(|h| timeline::svg(h, now))
+            .unwrap_or_default();
+        render::zone_card(
+            key,
+            &e.state,
+            e.revision,
+            self.model.zones.get(key),
+            now,
+            &bar,
+        )
+    }
+
+    fn render_health(&self, now: Timestamp) -> String {
+        let (_, mut report) = crate::http::report(&self.metrics);
+        if report["ingest"].is_object() {
+            report["ingest"]["rejects_last_minute"] = self.rejects_last_minute().into();
+            let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+            report["live"] = live.values().cloned().collect::<Vec<_>>().into();
+        }
+        render::health(&report, now)
+    }
+
+    /// Rejects in the last minute, from the counter sampled each time
+    /// health is rendered (every second while a page is open); `None`
+    /// until a minute of samples is held.
+    fn rejects_last_minute(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let count = self.metrics.rejects.load(Ordering::Relaxed);
+        let mut samples = self
+            .reject_samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if samples
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_millis(900))
+        {
+            samples.push_back((now, count));
+        }
+        while samples.len() > 1
+            && samples
+                .get(1)
+                .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            samples.pop_front();
+        }
+        let (t0, c0) = *samples.front()?;
+        (now.duration_since(t0) >= Duration::from_secs(59)).then(|| count.saturating_sub(c0))
+    }
+
+    /// Starts following KV `presence` and refreshing health, once the
+    /// daemon is connected; ends when `stop` turns true.
+    pub async fn follow(
+        self: Arc<Self>,
+        client: async_nats::Client,
+        js: async_nats::jetstream::Context,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let _ = self.nats.set(Nats {
+            client: client.clone(),
+        });
+        let page = self.clone();
+        let health = async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            let mut link = "";
+            loop {
+                every.tick().await;
+                if page.tx.receiver_count() == 0 {
+                    // No page open: nothing to refresh.
+                    link = "";
+                    page.health
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone_from(&Arc::from(""));
+                    continue;
+                }
+                let html: Arc<str> = Arc::from(page.render_health(Timestamp::now()));
+                let changed = {
+                    let mut h = page.health.write().unwrap_or_else(|p| p.into_inner());
+                    let changed = **h != *html;
+                    *h = html.clone();
+                    changed
+                };
+                if changed {
+                    let _ = page.tx.send(Update::Health(html));
+                }
+                let now = page.link();
+                if now != link {
+                    link = now;
+                    let _ = page.tx.send(Update::Link);
+                }
+            }
+        };
+        let page = self.clone();
+        let table = async move {
+            // The ownership table decides whether the form may send
+            // commands; read again until an answer comes.
+            loop {
+                let stream = naming::kv_stream(naming::OWNERS_BUCKET);
+                match crate::acl::published::read(&js, &stream).await {
+                    Ok(t) => {
+                        let may = t.is_none_or(|t| {
+                            t.services.get(&page.service).is_some_and(|s| s.commands)
+                        });
+                        page.may_command
+                            .store(if may { MAY_YES } else { MAY_NO }, Ordering::Relaxed);
+                        tracing::info!(
+                            commands = may,
+                            "status page: override form {}",
+                            if may {
+                                "allowed by the ownership table"
+                            } else {
+                                "read-only: this identity is not granted commands"
+                            }
+                        );
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "status page: cannot read the ownership table yet");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+            }
+            page.wanted.notified().await;
+            if page.runs("ingest") {
+                // This instance publishes them, so may read them.
+                tokio::spawn(page.clone().follow_live(client.clone()));
+            }
+            if page.shows_zones() {
+                page.watch(client, js).await;
+            } else {
+                // Health only: nothing to follow, nothing to wait for.
+                page.loaded.send_replace(true);
+                page.watching.store(true, Ordering::Relaxed);
+                let _ = page.tx.send(Update::Link);
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = health => {}
+            _ = table => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    }
+
+    /// Keeps the last live reading of each sensor; health (rendered every
+    /// second while a page is open) shows them.
+    async fn follow_live(self: Arc<Self>, client: async_nats::Client) {
+        let subject = self.site.live_filter();
+        let mut sub = match client.subscribe(subject.clone()).await {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::warn!(%subject, %error, "status page: cannot follow live readings");
+                return;
+            }
+        };
+        while let Some(m) = sub.next().await {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
+                if let Some(sensor) = v["sensor"].as_str() {
+                    self.live
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(sensor.to_owned(), v);
+                }
+            }
+        }
+    }
+
+    /// Follows KV `presence` for as long as the daemon runs, with the
+    /// clients' own follower ([`crate::client::follow`]): it recovers from
+    /// a nats-server restart by resuming after the last revision seen,
+    /// and never needs a grant beyond reading the bucket (async-nats' KV
+    /// watcher deletes its old consumer on recovery, which the generated
+    /// ACL refuses and which would stop the daemon).
+    async fn watch(&self, client: async_nats::Client, js: async_nats::jetstream::Context) {
+        use crate::client::follow::{Bucket, Event as Followed, Follower};
+        let stream = naming::kv_stream(naming::PRESENCE_BUCKET);
+        let bucket = loop {
+            match Bucket::find(&js, &stream).await {
+                Ok(b) => break b,
+                Err(error) => {
+                    tracing::debug!(%error, "status page: KV presence not there yet");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        // The last hour from EVENTS, where this instance owns the stream.
+        let runs_engine = self.runs("engine");
+        if runs_engine {
+            match timeline::read(&js, &self.site, Timestamp::now()).await {
+                Ok(seeded) => {
+                    let mut t = self.timelines.write().unwrap_or_else(|p| p.into_inner());
+                    t.extend(seeded);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "status page: cannot read the last hour of EVENTS; timelines start now")
+                }
+            }
+        }
+        let mut f = Follower::new(client, js, bucket, ">", false);
+        // A snapshot after a reset replaces everything: keys not in it are
+        // gone, and revisions may start over (a recreated bucket).
+        let mut fresh: Option<std::collections::BTreeSet<String>> = None;
+        loop {
+            match f.next().await {
+                Followed::Entry(e) => {
+                    if let Some(seen) = fresh.as_mut() {
+                        seen.insert(e.key.clone());
+                    }
+                    self.apply(e, fresh.is_some());
+                }
+                Followed::Reset => {
+                    fresh = Some(Default::default());
+                    self.zones
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .values_mut()
+                        .for_each(|e| e.revision = 0);
+                    let _ = self.tx.send(Update::Reset);
+                }
+                Followed::SnapshotDone => {
+                    if let Some(seen) = fresh.take() {
+                        self.zones
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .retain(|k, _| seen.contains(k));
+                    }
+                    self.loaded.send_replace(true);
+                    if !self.watching.swap(true, Ordering::Relaxed) {
+                        let _ = self.tx.send(Update::Link);
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&self, entry: crate::client::follow::Entry, resetting: bool) {
+        use crate::client::follow::Op;
+        let key = entry.key.clone();
+        let revision = entry.revision;
+        let update = {
+            let mut zones = self.zones.write().unwrap_or_else(|p| p.into_inner());
+            let held = zones.get(&key).map_or(0, |e| e.revision);
+            if revision <= held && !resetting {
+                None
+            } else {
+                match entry.op {
+                    Op::Put => match serde_json::from_slice::<ZoneState>(&entry.value) {
+                        Ok(state) => {
+                            timeline::record(
+                                self.timelines
+                                    .write()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .entry(key.clone())
+                                    .or_default(),
+                                state.since,
+                                state.state,
+                                Timestamp::now(),
+                            );
+                            let e = Entry { revision, state };
+                            // Rendered only for open pages: with none, a
+                            // burst costs the JSON parse alone.
+                            let update = (self.tx.receiver_count() > 0).then(|| Update::Zone {
+                                key: key.clone(),
+                                revision,
+                                html: Arc::from(self.card(&key, &e, Timestamp::now())),
+                            });
+                            zones.insert(key, e);
+                            update
+                        }
+                        Err(error) => {
+                            tracing::warn!(%key, revision, %error, "status page: unreadable value in KV presence; not shown");
+                            None
+                        }
+                    },
+                    Op::Delete | Op::Purge => {
+                        zones.remove(&key);
+                        Some(Update::Gone { key, revision })
+                    }
+                }
+            }
+        };
+        if let Some(u) = update {
+            let _ = self.tx.send(u);
+        }
+    }
+
+    fn list_of(key: &str) -> &'static str {
+        if key.starts_with(naming::PERSON_KEY_PREFIX) {
+            "persons"
+        } else {
+            "zones"
+        }
+    }
+
+    fn link_event(&self) -> Event {
+        Event::default().event("link").data(
+            serde_json::json!({ "state": self.link(), "now": Timestamp::now().millis() })
+                .to_string(),
+        )
+    }
+
+    fn event_of(&self, u: &Update) -> Event {
+        match u {
+            Update::Zone {
+                key,
+                revision,
+                html,
+            } => Event::default().event("zone").data(
+                serde_json::json!({
+                    "id": render::card_id(key),
+                    "key": key,
+                    "list": Self::list_of(key),
+                    "rev": revision,
+                    "html": &**html,
+                })
+                .to_string(),
+            ),
+            Update::Gone { key, revision } => Event::default().event("gone").data(
+                serde_json::json!({ "id": render::card_id(key), "rev": revision }).to_string(),
+            ),
+            Update::Health(html) => Event::default().event("health").data(&**html),
+            Update::Link => self.link_event(),
+            Update::Reset => Event::default().event("reset").data("{}"),
+        }
+    }
+
+    /// Everything a page needs to be current: the link, every zone, health.
+    /// Zones newer than revision `after` (what the page was rendered
+    /// with: KV revisions grow across all keys), the link and health.
+    fn snapshot(&self, after: u64) -> Vec<Event> {
+        let now = Timestamp::now();
+        let mut out = vec![self.link_event()];
+        let zones = self.zones.read().unwrap_or_else(|p| p.into_inner());
+        for (key, e) in zones.iter().filter(|(_, e)| e.revision > after) {
+            out.push(self.event_of(&Update::Zone {
+                key: key.clone(),
+                revision: e.revision,
+                html: Arc::from(self.card(key, e, now)),
+            }));
+        }
+        drop(zones);
+        out.push(self.event_of(&Update::Health(Arc::from(self.render_health(now)))));
+        out
+    }
+
+    fn index(&self) -> String {
+        let now = Timestamp::now();
+        let mut zones = String::new();
+        let mut persons = String::new();
+        let mut keys = Vec::new();
+        let mut newest = 0;
+        {
+            let held = self.zones.read().unwrap_or_else(|p| p.into_inner());
+            for (key, e) in held.iter() {
+                newest = newest.max(e.revision);
+                let list = if Self::list_of(key) == "persons" {
+                    &mut persons
+                } else {
+                    &mut zones
+                };
+                list.push_str(&self.card(key, e, now));
+                keys.push(key.clone());
+            }
+        }
+        for key in self.model.zones.keys() {
+            if !keys.contains(key) {
+                keys.push(key.clone());
+            }
+        }
+        keys.sort();
+        let site = render::esc(self.site.as_str());
+        let link = self.link();
+        let form = self.form_html(&keys);
+        if !self.shows_zones() {
+            zones = "<li class=\"note\" id=\"no-zones\">This instance does not run the engine: its page shows its own health; the zones are on the page of the instance that runs the engine.</li>".into();
+        }
+        format!(
+            "<!doctype html>\n<html lang=\"en\" data-now=\"{now_ms}\" data-link=\"{link}\" data-rev=\"{newest}\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>presenced · {site}</title><link rel=\"stylesheet\" href=\"page.css\"></head><body><a href=\"#zones-h\" class=\"note\">skip to zones</a><header><h1>presenced · site {site}</h1><p>stream: <span id=\"link\" class=\"{link}\" role=\"status\" aria-live=\"polite\">{link}</span></p></header><main><section aria-labelledby=\"zones-h\"><h2 id=\"zones-h\">Zones</h2><ul id=\"zones\" class=\"grid\">{zones}</ul></section><section aria-labelledby=\"persons-h\"><h2 id=\"persons-h\">People</h2><ul id=\"persons\" class=\"grid\">{persons}</ul></section>{health}{form}</main><script src=\"page.js\"></script></body></html>\n",
+            now_ms = now.millis(),
+            health = self.render_health(now),
+        )
+    }
+
+    fn form_html(&self, keys: &[String]) -> String {
+        if !self.commands_on() {
+            return "<section aria-labelledby=\"ovr-h\"><h2 id=\"ovr-h\">Override</h2><p class=\"note\" id=\"readonly\">Read-only: overrides are sent with <code>presenced cmd</code>. The form appears when <code>http.page_commands</code> is set and this daemon's identity is granted <code>commands</code>.</p></section>".into();
+        }
+        let options: String = keys
+            .iter()
+            .map(|k| format!("<option>{}</option>", render::esc(k)))
+            .collect();
+        format!(
+            "<section aria-labelledby=\"ovr-h\"><h2 id=\"ovr-h\">Override</h2><form method=\"post\" action=\"override\" id=\"override\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><label>zone <select name=\"zone\" required>{options}</select></label><fieldset><legend>hold</legend><label><input type=\"radio\" name=\"state\" value=\"occupied\" checked> occupied</label><label><input type=\"radio\" name=\"state\" value=\"vacant\"> vacant</label></fieldset><label>for <input name=\"for\" value=\"30m\" required aria-describedby=\"for-note\"></label><span class=\"note\" id=\"for-note\">e.g. 30m, 2h (at most 30 days)</span><label>by <input name=\"by\" required autocomplete=\"username\"></label><label>why <input name=\"reason\"></label><div><button name=\"op\" value=\"override\">hold</button> <button name=\"op\" value=\"clear\" formnovalidate>clear override</button></div></form></section>",
+            csrf = self.csrf
+        )
+    }
+
+    /// Validates the form and sends the command `presenced cmd` sends.
+    async fn command(
+        &self,
+        fields: BTreeMap<String, String>,
+    ) -> Result<String, (StatusCode, String)> {
+        let bad = |field: &'static str, problem: String| {
+            (
+                StatusCode::BAD_REQUEST,
+                form::FormError::Field { field, problem }.to_string(),
+            )
+        };
+        let given = fields.get("csrf").map(String::as_str).unwrap_or("");
+        if !form::token_matches(&self.csrf, given) {
+            return Err((
+                StatusCode::FORBIDDEN,
+                "refused: the form's token is missing or stale; reload the page".into(),
+            ));
+        }
+        let field = |k: &str| fields.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let zone = field("zone").ok_or_else(|| bad("zone", "required".into()))?;
+        if !naming::is_presence_key(zone) {
+            return Err(bad(
+                "zone",
+                format!("{zone:?} is not a zone id nor a person key"),
+            ));
+        }
+        let by = field("by").ok_or_else(|| bad("by", "required: who holds the zone".into()))?;
+        let op = field("op").unwrap_or("override");
+        let request = match op {
+            "override" => Request {
+                v: COMMAND_SCHEMA,
+                op: "override".into(),
+                state: Some(
+                    field("state")
+                        .ok_or_else(|| bad("state", "required: occupied or vacant".into()))?
+                        .to_owned(),
+                ),
+                duration: Some(
+                    field("for")
+                        .ok_or_else(|| bad("for", "required, e.g. 30m".into()))?
+                        .to_owned(),
+                ),
+                by: Some(by.to_owned()),
+                reason: field("reason").map(str::to_owned),
+            },
+            "clear" => Request {
+                v: COMMAND_SCHEMA,
+                op: "clear".into(),
+                by: Some(by.to_owned()),
+                ..Request::default()
+            },
+            other => return Err(bad("op", format!("{other:?} is not override or clear"))),
+        };
+        if let Err(e) = command::validate(&request) {
+            let f = match e.kind {
+                command::ErrorKind::BadState => "state",
+                command::ErrorKind::BadDuration
+                | command::ErrorKind::ZeroDuration
+                | command::ErrorKind::DurationTooLong => "for",
+                _ => "by or reason",
+            };
+            return Err(bad(f, e.to_string()));
+        }
+        let nats = self.nats.get().ok_or_else(|| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not connected to nats-server yet".to_owned(),
+            )
+        })?;
+        let reply =
+            crate::client::command::send(&nats.client, &self.site, zone, &request, COMMAND_TIMEOUT)
+                .await
+                .map_err(|e| (StatusCode::BAD_GATEWAY, format!("{e:#}")))?;
+        if let Some(e) = &reply.error {
+            return Err((
+                StatusCode::CONFLICT,
+                format!(
+                    "the engine refused the command ({}): {}",
+                    e.kind.as_str(),
+                    e.message
+                ),
+            ));
+        }
+        tracing::info!(zone, by, op, "status page: command applied");
+        Ok(crate::client::command::describe(&reply))
+    }
+}
+
+fn text(code: StatusCode, body: String) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body + "\n",
+    )
+        .into_response()
+}
+
+async fn index(State(p): State<Arc<Page>>, headers: HeaderMap) -> Response {
+    p.want();
+    // The first page after a start waits for the zones (milliseconds);
+    // a leaf that is away does not hold it longer than this.
+    let mut loaded = p.loaded.subscribe();
+    let _ = tokio::time::timeout(FIRST_LOAD_WAIT, loaded.wait_for(|l| *l)).await;
+    let body = p.index();
+    let mut response = (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            // Nothing on the page comes from elsewhere, and nothing may.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
+            ),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::VARY, "Accept-Encoding"),
+        ],
+        body.clone(),
+    )
+        .into_response();
+    // A site with many zones has a long page of near-identical cards:
+    // gzip takes it well under a tenth (every browser asks for it).
+    if body.len() >= GZIP_ABOVE && accepts_gzip(&headers) {
+        if let Some(z) = gzip(body.as_bytes()) {
+            *response.body_mut() = axum::body::Body::from(z);
+            response.headers_mut().insert(
+                header::CONTENT_ENCODING,
+                axum::http::HeaderValue::from_static("gzip"),
+            );
+        }
+    }
+    response
+}
+
+/// Pages shorter than this are sent as they are.
+const GZIP_ABOVE: usize = 16 * 1024;
+
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|e| {
+            let mut parts = e.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|q| q.trim().replace(' ', "") == "q=0");
+            name.eq_ignore_ascii_case("gzip") && !refused
+        })
+}
+
+fn gzip(data: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write as _;
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    z.write_all(data).ok()?;
+    z.finish().ok()
+}
+
+async fn css() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], CSS)
+}
+
+async fn js() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        JS,
+    )
+}
+
+/// The event stream: everything current first, then each change. A page
+/// that falls behind gets everything again (its revisions drop what it
+/// already shows).
+async fn events(State(p): State<Arc<Page>>, uri: Uri) -> impl IntoResponse {
+    p.want();
+    // `after`: the newest revision the page was rendered with; only what
+    // changed since is sent again (a page of 1,000 zones is not resent
+    // whole to every new page).
+    let after = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("after="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let rx = p.tx.subscribe();
+    let first = p.snapshot(after);
+    let page = p.clone();
+    let rest = futures::stream::unfold((rx, page), |(mut rx, page)| async move {
+        let ev = match rx.recv().await {
+            Ok(u) => vec![page.event_of(&u)],
+            Err(broadcast::error::RecvError::Lagged(_)) => page.snapshot(0),
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((ev, (rx, page)))
+    })
+    .flat_map(futures::stream::iter);
+    let stream = futures::stream::iter(first)
+        .chain(rest)
+        .take_until(p.closing.clone().cancelled_owned())
+        .map(Ok::<_, Infallible>);
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn override_post(
+    State(p): State<Arc<Page>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    if let Err(e) = form::check_length(&headers) {
+        let code = if headers.contains_key(header::CONTENT_LENGTH) {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::LENGTH_REQUIRED
+        };
+        return text(code, e.to_string());
+    }
+    if !p.commands_on() {
+        return text(
+            StatusCode::FORBIDDEN,
+            "refused: this page is read-only (http.page_commands is off, or this identity is not granted commands)".into(),
+        );
+    }
+    if let Err(e) = form::check_origin(&headers) {
+        return text(StatusCode::FORBIDDEN, e.to_string());
+    }
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !is_form {
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "expected application/x-www-form-urlencoded".into(),
+        );
+    }
+    let bytes: Bytes = match axum::body::to_bytes(body, form::MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("form body refused: {e}"),
+            )
+        }
+    };
+    let fields = match form::parse(&bytes) {
+        Ok(f) => f,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match p.command(fields).await {
+        Ok(_) => (StatusCode::SEE_OTHER, [(header::LOCATION, "./")]).into_response(),
+        Err((code, msg)) => text(code, msg),
+    }
+}
+
+async fn not_found(uri: Uri) -> Response {
+    text(
+        StatusCode::NOT_FOUND,
+        format!("not found: {} (try / , /healthz or /metrics)", uri.path()),
+    )
+}
+
+/// The page's routes, to merge into the HTTP listener's router; the
+/// fallback answers every other path with a short 404.
+pub fn router(page: Arc<Page>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/page.css", get(css))
+        .route("/page.js", get(js))
+        .route("/events", get(events))
+        .route(
+            "/override",
+            post(override_post).layer(DefaultBodyLimit::max(form::MAX_BODY)),
+        )
+        .fallback(not_found)
+        .with_state(page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gzip_only_when_asked_for_and_not_refused() {
+        let h = |v: &'static str| {
+            let mut m = HeaderMap::new();
+            m.insert(
+                header::ACCEPT_ENCODING,
+                axum::http::HeaderValue::from_static(v),
+            );
+            m
+        };
+        assert!(accepts_gzip(&h("gzip, deflate, br, zstd")));
+        assert!(accepts_gzip(&h("br;q=1.0, GZIP;q=0.5")));
+        assert!(!accepts_gzip(&h("gzip;q=0, br")));
+        assert!(!accepts_gzip(&h("identity")));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+        let text = "<li>zone</li>".repeat(1000);
+        let z = gzip(text.as_bytes()).unwrap();
+        assert!(z.len() * 10 < text.len(), "{} of {}", z.len(), text.len());
+    }
+}
