@@ -484,7 +484,7 @@ async fn row2_mqtt_broker_killed_and_restarted() {
     })
     .await;
     // Let the broker save the daemon's session before the crash.
-    std::thread::sleep(Duration::from_millis(1500));
+    broker_saved_session(store.path());
     s.mqtt.kill();
     // Readings while the broker is away stay with the publisher.
     s.reading().await;
@@ -616,6 +616,32 @@ async fn row3_leaf_frozen_30s_then_continued() {
 
 /// Mosquitto lines for a broker that keeps sessions across a crash, as a
 /// deployed one should (saved every second).
+/// Waits until Mosquitto has written its persistence file twice after
+/// this call, so the daemon's session (subscribed before the call) is on
+/// disk. A fixed sleep is not enough on a loaded machine: a broker killed
+/// before its autosave comes back without the session, and the readings
+/// sent before the daemon subscribes again are dropped by the broker.
+fn broker_saved_session(dir: &Path) {
+    let db = dir.join("mosquitto.db");
+    let modified = || std::fs::metadata(&db).and_then(|m| m.modified()).ok();
+    let mut seen = modified();
+    let mut saves = 0;
+    let start = Instant::now();
+    while saves < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "Mosquitto did not save {} twice within 20 s",
+            db.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        let now = modified();
+        if now.is_some() && now != seen {
+            saves += 1;
+            seen = now;
+        }
+    }
+}
+
 fn persistent_broker(dir: &Path) -> String {
     format!(
         "persistence true\npersistence_location {}/\nautosave_interval 1\n",
@@ -638,7 +664,7 @@ async fn row8_secret_file_removed_while_running() {
         ..Default::default()
     })
     .await;
-    std::thread::sleep(Duration::from_millis(1500));
+    broker_saved_session(store.path());
     std::fs::remove_file(&s.secret).unwrap();
     s.mqtt.stop();
     s.reading().await;
