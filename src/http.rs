@@ -164,11 +164,7 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
     // mirror is reported here but does not make the answer 503.
     let mirrors = m.mirrors();
     if mirrors.watched {
-        let stalled = mirrors
-            .report
-            .iter()
-            .filter(|h| h.state == crate::hub::health::State::Stalled)
-            .count();
+        let stalled = mirrors.report.iter().filter(|h| h.is_stalled()).count();
         body["hub"] = json!({
             "reachable": mirrors.hub_reachable,
             "mirrors_stalled": stalled,

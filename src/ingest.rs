@@ -16,10 +16,11 @@
 //! are cut to fit the server's max payload before they are sent (header
 //! [`TRUNCATED_HEADER`] says how much was kept).
 
+use crate::base::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::naming::Site;
 use crate::observation::{Observation, DELIVERY_HEADER};
-use crate::sources::{Ack, Backoff, Item, Rejected};
+use crate::sources::{Ack, Item, Rejected};
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
@@ -310,7 +311,7 @@ async fn store_chunk(
             outage_logged = true;
         }
         todo = failed;
-        tokio::time::sleep(backoff.next()).await;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
     refused
 }
@@ -341,6 +342,14 @@ pub struct StoredDeliveries {
 impl StoredDeliveries {
     pub fn new(js: jetstream::Context, site: Site) -> Self {
         StoredDeliveries { js, site }
+    }
+
+    /// [`recent`](Self::recent) as the MQTT source takes it.
+    pub fn lookup(self) -> crate::sources::mqtt::StoredLookup {
+        std::sync::Arc::new(move |source: String| {
+            let this = self.clone();
+            Box::pin(async move { this.recent(&source).await })
+        })
     }
 
     /// Delivery header -> `Nats-Msg-Id` of this source's messages stored

@@ -3,24 +3,39 @@
 //!
 //! # Layout
 //!
-//! - [`naming`]: the only place subjects, streams, buckets and domains are
-//!   spelled (the contract behind the ACLs).
-//! - [`config`]: the TOML config and its validation.
-//! - [`sources`]: MQTT (and later serial) input, turned into observations.
+//! Top-level modules import each other in one direction only (the test
+//! `layout` in `tests/it/` fails on a cycle). From the bottom up:
+//!
+//! - [`base`]: the leaf layer, importing nothing from the crate: [`naming`]
+//!   (the only place subjects, streams, buckets and domains are spelled),
+//!   ownership (keyspaces, components, lease bounds), secrets, the one
+//!   backoff policy, [`time`].
+//! - [`observation`], [`supervise`] (one cancellation token and join set
+//!   for every task; failures named in health and metrics, fatal ones
+//!   exit), [`systemd`], [`natsconf`] (nats-server configuration).
+//! - [`metrics`]: counters and gauges in plain values; components hand it
+//!   readings or register a collector.
+//! - [`sources`]: MQTT, serial and ESPresense input turned into
+//!   observations, with their config sections (`sources::config`).
+//! - [`config`]: the TOML config (holding the sources' sections) and its
+//!   validation.
+//! - [`store`]: JetStream plumbing: connecting (with an event hook),
+//!   provisioning, CAS writes, leases, the published ownership table.
+//! - [`hub`]: the hub's mirrors of this site and their health.
+//! - [`acl`]: the access file, the nats-server `authorization` it renders,
+//!   permission violations (wired into the connection's event hook).
 //! - [`ingest`]: observations into stream `SENSORS`, rejects into `REJECTED`.
 //! - [`engine`]: pure evidence fusion, debounce and state machine, plus the
 //!   runner that consumes `SENSORS` and writes KV `presence`/`debounce`.
-//! - [`store`]: JetStream plumbing: provisioning, CAS writes, rehydration.
-//! - [`archive`]: snapshots into the object store, uploaded to S3, and
-//!   restore.
-//! - [`supervise`]: one cancellation token and join set for every task of
-//!   the daemon; failures named in health and metrics, fatal ones exit.
-//! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face.
-//! - [`client`], [`cmd`]: the state-first clients and the command sender.
-//! - [`sandbox`]: a whole deployment on loopback (`presenced sandbox`).
+//! - [`homeassistant`], [`http`], [`archive`] (snapshots into the object
+//!   store, uploaded to S3, and restore).
+//! - [`client`], [`cmd`]: the state-first clients and the command sender;
+//!   [`sandbox`]: a whole deployment on loopback (`presenced sandbox`).
+//! - [`daemon`]: starts the configured components.
 
 pub mod acl;
 pub mod archive;
+pub mod base;
 pub mod client;
 pub mod cmd;
 pub mod config;
@@ -31,7 +46,6 @@ pub mod http;
 pub mod hub;
 pub mod ingest;
 pub mod metrics;
-pub mod naming;
 pub mod natsconf;
 pub mod observation;
 pub mod sandbox;
@@ -39,4 +53,6 @@ pub mod sources;
 pub mod store;
 pub mod supervise;
 pub mod systemd;
-pub mod time;
+
+// The leaf modules every other module uses, at their old paths.
+pub use base::{naming, time};

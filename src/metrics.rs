@@ -48,9 +48,6 @@ pub struct Metrics {
     pub mqtt_connected: AtomicU64,
     /// Serial sources whose device is open.
     pub serial_connected: AtomicU64,
-    /// LD2410 input rejected, by reason (indexed like
-    /// `sources::ld2410::RejectKind::ALL`).
-    pub serial_frame_rejects: [AtomicU64; 6],
     pub ready: AtomicBool,
     /// The archiver runs (`[archive]` configured).
     pub archive_enabled: AtomicBool,
@@ -85,9 +82,9 @@ pub struct Metrics {
     /// left out otherwise.
     pub mqtt_configured: AtomicBool,
     pub serial_configured: AtomicBool,
-    /// Every serial source's own counters, rendered with `source` and
-    /// `device` labels (see `sources::serial::render_port_metrics`).
-    pub serial_ports: std::sync::RwLock<Vec<crate::sources::serial::PortMetrics>>,
+    /// Families components render themselves (the serial ports' counters
+    /// with `source` and `device` labels, LD2410 rejects by reason).
+    pub collectors: std::sync::RwLock<Vec<std::sync::Arc<dyn Collector>>>,
 }
 
 /// Since when a component has been retrying writes the leaf does not
@@ -164,10 +161,43 @@ pub struct Mirrors {
     pub watched: bool,
     /// Whether the last poll reached the hub through the leaf link.
     pub hub_reachable: bool,
-    pub report: Vec<crate::hub::health::Health>,
+    pub report: Vec<MirrorReading>,
     /// Stalls and nudges per mirror, since start.
     pub stalls: std::collections::BTreeMap<String, u64>,
     pub nudges: std::collections::BTreeMap<String, u64>,
+}
+
+/// One hub mirror as last judged (the hub health tracker's report, in
+/// plain values: metrics knows no domain type). Serialized as `/healthz`
+/// shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MirrorReading {
+    pub mirror: String,
+    /// `current`, `catching_up`, `stalled` or `unknown`.
+    pub state: &'static str,
+    /// Messages the source has and the mirror lacks.
+    pub lag_messages: Option<u64>,
+    /// Age difference between the source's newest message and the
+    /// mirror's newest, when behind.
+    pub lag_seconds: Option<f64>,
+    /// Time since the hub last heard from the source.
+    pub last_contact_seconds: Option<f64>,
+    /// Why a reading failed, if one did.
+    pub error: Option<String>,
+}
+
+impl MirrorReading {
+    pub fn is_stalled(&self) -> bool {
+        self.state == "stalled"
+    }
+}
+
+/// Families a component renders itself, with its own labels (each serial
+/// port's counters, say), so that this module needs none of its types.
+pub trait Collector: Send + Sync + std::fmt::Debug {
+    /// Appends whole families (HELP, TYPE, samples) in Prometheus text
+    /// format.
+    fn render(&self, out: &mut String);
 }
 
 /// Things that happen to a hub mirror and are counted.
@@ -269,19 +299,19 @@ impl Metrics {
     }
 
     /// Stores the latest reading of every mirror.
-    pub fn set_mirrors(&self, hub_reachable: bool, report: Vec<crate::hub::health::Health>) {
+    pub fn set_mirrors(&self, hub_reachable: bool, report: Vec<MirrorReading>) {
         let mut m = self.mirrors_mut();
         m.watched = true;
         m.hub_reachable = hub_reachable;
         m.report = report;
     }
 
-    /// Registers a serial source so `/metrics` shows its port's counters.
-    pub fn add_serial_port(&self, port: crate::sources::serial::PortMetrics) {
-        self.serial_ports
+    /// Registers families a component renders itself (rendered last).
+    pub fn add_collector(&self, collector: std::sync::Arc<dyn Collector>) {
+        self.collectors
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .push(port);
+            .push(collector);
     }
 
     fn render_mirrors(&self, out: &mut String) {
@@ -294,7 +324,7 @@ impl Metrics {
             "# HELP presenced_hub_reachable 1 if the last poll reached the hub through the leaf link.\n# TYPE presenced_hub_reachable gauge\npresenced_hub_reachable {}",
             u64::from(m.hub_reachable)
         );
-        type Row = fn(&crate::hub::health::Health) -> Option<u64>;
+        type Row = fn(&MirrorReading) -> Option<u64>;
         let gauges: [(&str, &str, Row); 4] = [
             (
                 "presenced_mirror_lag_messages",
@@ -314,7 +344,7 @@ impl Metrics {
             (
                 "presenced_mirror_stalled",
                 "1 while the mirror makes no progress and the leaf has more.",
-                |h| Some(u64::from(h.state == crate::hub::health::State::Stalled)),
+                |h| Some(u64::from(h.is_stalled())),
             ),
         ];
         for (name, help, value) in gauges {
@@ -592,28 +622,16 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
-        let name = "presenced_serial_frame_rejects_total";
-        if !serial {
-            self.render_mirrors(&mut out);
-            self.render_components(&mut out);
-            return out;
-        }
-        let _ = writeln!(
-            out,
-            "# HELP {name} LD2410 input rejected, by reason.\n# TYPE {name} counter"
-        );
-        for (kind, n) in crate::sources::ld2410::RejectKind::ALL
-            .iter()
-            .zip(&self.serial_frame_rejects)
-        {
-            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", kind.label(), get(n));
-        }
         self.render_mirrors(&mut out);
         self.render_components(&mut out);
-        crate::sources::serial::render_port_metrics(
-            &self.serial_ports.read().unwrap_or_else(|p| p.into_inner()),
-            &mut out,
-        );
+        for c in self
+            .collectors
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            c.render(&mut out);
+        }
         out
     }
 }
@@ -624,14 +642,13 @@ mod tests {
 
     #[test]
     fn renders_hub_mirrors_only_when_watched() {
-        use crate::hub::health::{Health, State};
         let m = Metrics::default();
         assert!(!m.render().contains("presenced_mirror"));
         m.set_mirrors(
             true,
-            vec![Health {
+            vec![MirrorReading {
                 mirror: "SENSORS-home".into(),
-                state: State::Stalled,
+                state: "stalled",
                 lag_messages: Some(12),
                 lag_seconds: Some(1.5),
                 last_contact_seconds: None,

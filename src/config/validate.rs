@@ -34,7 +34,7 @@ pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
     // (a split deployment): which ones is not this file's to know.
     producers.elsewhere = !config
         .components()
-        .contains(&crate::acl::access::Component::Ingest);
+        .contains(&crate::base::ownership::Component::Ingest);
     if let Some(ha) = &config.homeassistant {
         check_homeassistant(ha, &mut p);
     }
@@ -129,13 +129,13 @@ fn check_top(config: &Config, p: &mut Problems) {
     positive(p, "engine.drain_timeout", config.engine.drain_timeout);
 
     let ttl = config.lease.ttl;
-    if ttl.subsec_nanos() != 0 || ttl < crate::store::lease::MIN_TTL {
+    if ttl.subsec_nanos() != 0 || ttl < crate::base::ownership::MIN_TTL {
         p.push(
             "lease.ttl",
             format!(
                 "{} is not allowed: use whole seconds, at least {}s (the server expires leases on a 1 s tick and the lease is renewed every third of it)",
                 humantime::format_duration(ttl),
-                crate::store::lease::MIN_TTL.as_secs()
+                crate::base::ownership::MIN_TTL.as_secs()
             ),
         );
     }
@@ -291,7 +291,7 @@ fn check_hub(hub: &super::HubWatch, p: &mut Problems) {
 /// sections present: a source in an instance that runs no ingest, or
 /// `[archive]` without the archiver, would be silently ignored.
 fn check_runs(config: &Config, p: &mut Problems) {
-    use crate::acl::access::Component;
+    use crate::base::ownership::Component;
     positive(p, "health.source_grace", config.health.source_grace);
     let Some(names) = &config.runs else {
         return;
@@ -709,10 +709,10 @@ pub(super) fn secrets(config: &Config) -> Vec<ConfigProblem> {
         let Some(path) = &source.password_file else {
             continue;
         };
-        if super::resolve_secret_path(path).is_err() {
+        if crate::base::secrets::resolve_secret_path(path).is_err() {
             continue;
         }
-        if let Err(e) = crate::store::connect::read_secret(path) {
+        if let Err(e) = crate::base::secrets::read_secret(path) {
             p.push(
                 format!("mqtt.{name}.password_file"),
                 format!("cannot read {}: {e}", path.display()),

@@ -90,6 +90,20 @@ pub struct Health {
     pub error: Option<String>,
 }
 
+impl Health {
+    /// The report as `/metrics` and `/healthz` store it.
+    pub fn reading(&self) -> crate::metrics::MirrorReading {
+        crate::metrics::MirrorReading {
+            mirror: self.mirror.clone(),
+            state: self.state.as_str(),
+            lag_messages: self.lag_messages,
+            lag_seconds: self.lag_seconds,
+            last_contact_seconds: self.last_contact_seconds,
+            error: self.error.clone(),
+        }
+    }
+}
+
 /// What the poller should do after a sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -338,7 +352,7 @@ pub async fn run(
             report.push(health);
         }
         let reachable = samples.iter().any(|s| s.mirror.is_ok());
-        metrics.set_mirrors(reachable, report);
+        metrics.set_mirrors(reachable, report.iter().map(Health::reading).collect());
     }
 }
 

@@ -14,11 +14,12 @@
 //! one stored reading; nothing here can be delivered twice, so nothing
 //! needs a content-derived id.
 
-use crate::config::{SerialFraming, SerialSource};
+use crate::base::backoff::Backoff;
 use crate::observation::{delivery_id, Observation, Reading, OBSERVATION_SCHEMA};
+use crate::sources::config::{SerialFraming, SerialSource};
 use crate::sources::ld2410::{self, Decoder, Event, RejectKind, Report};
 use crate::sources::payload::{check_device_time, extract_timestamp, extract_value, ValueSelector};
-use crate::sources::{Ack, Backoff, Item, Rejected};
+use crate::sources::{Ack, Item, Rejected};
 use crate::time::Timestamp;
 use std::collections::HashMap;
 use std::path::Path;
@@ -120,10 +121,40 @@ fn label_value(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The serial sources' own `/metrics` families: LD2410 rejects by reason
+/// summed over the site's ports, then each port's counters by `source`
+/// and `device`.
+#[derive(Debug, Default)]
+pub struct Ports(std::sync::RwLock<Vec<PortMetrics>>);
+
+impl Ports {
+    /// Registers a serial source so `/metrics` shows its port's counters.
+    pub fn add(&self, port: PortMetrics) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).push(port);
+    }
+}
+
+impl crate::metrics::Collector for Ports {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let ports = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let name = "presenced_serial_frame_rejects_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} LD2410 input rejected, by reason.\n# TYPE {name} counter"
+        );
+        for kind in RejectKind::ALL {
+            let n: u64 = ports.iter().map(|p| p.status.frame_rejects(kind)).sum();
+            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {n}", kind.label());
+        }
+        render_port_metrics(&ports, out);
+    }
+}
+
 /// The per-port families, in Prometheus text format. The unlabelled
 /// `presenced_serial_connected` and `presenced_serial_frame_rejects_total`
 /// stay as site-wide sums.
-pub fn render_port_metrics(ports: &[PortMetrics], out: &mut String) {
+fn render_port_metrics(ports: &[PortMetrics], out: &mut String) {
     use std::fmt::Write as _;
     if ports.is_empty() {
         return;
@@ -539,7 +570,7 @@ impl Link {
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                _ = tokio::time::sleep(backoff.next()) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
     }
@@ -952,6 +983,13 @@ fn event_offset(ev: &Event, fed: u64, decoder: &Decoder) -> u64 {
         _ => 0,
     };
     fed.saturating_sub(decoder.buffered() as u64 + len)
+}
+
+/// The supervisor asks the source itself (see [`SerialError::is_fatal`]).
+impl crate::supervise::Failure for SerialError {
+    fn is_fatal(&self) -> bool {
+        SerialError::is_fatal(self)
+    }
 }
 
 #[cfg(test)]

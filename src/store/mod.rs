@@ -6,6 +6,7 @@ pub mod kv;
 pub mod lease;
 pub mod provision;
 pub mod publish;
+pub mod published;
 
 pub use connect::{connect, connect_as, ConnectError};
 
@@ -18,4 +19,17 @@ pub fn consumer_name(client: async_nats::Client, purpose: &str) -> String {
     let inbox = client.new_inbox();
     let unique = inbox.rsplit('.').next().unwrap_or_default();
     format!("{purpose}-{unique}")
+}
+
+/// JetStream context of the daemon and the commands that write like it:
+/// enough acks in flight for pipelined batches, and a bounded wait for
+/// each.
+pub fn jetstream_context(
+    client: async_nats::Client,
+    nats: &crate::config::NatsConfig,
+) -> async_nats::jetstream::Context {
+    async_nats::jetstream::ContextBuilder::new()
+        .timeout(nats.request_timeout)
+        .max_ack_inflight(publish::CONTEXT_INFLIGHT)
+        .build(client)
 }
