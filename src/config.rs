@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod parse;
 mod validate;
 
 // The sources' sections live with the sources (each component owns its
@@ -600,9 +601,13 @@ impl Config {
     /// Parses a config without checking its meaning; `path` only labels
     /// errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config = parse::parse(text).map_err(|problems| ConfigError::Parse {
             path: path.to_owned(),
-            message: parse_message(text, &e),
+            message: problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
         })?;
         config.add_preset_persons();
         Ok(config)
@@ -725,66 +730,6 @@ impl Config {
     pub fn validate(&self) -> Vec<ConfigProblem> {
         validate::all(self)
     }
-}
-
-/// Turns toml's multi-line, caret-drawing error into one line with the
-/// position and message, plus the offending line: short enough for a
-/// journal entry, still enough to find the spot.
-fn parse_message(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim().replace('\n', " ");
-    let Some(span) = error.span() else {
-        return message;
-    };
-    let start = span.start.min(text.len());
-    let before = text.get(..start).unwrap_or("");
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let column = text
-        .get(line_start..start)
-        .map_or(1, |s| s.chars().count() + 1);
-    let content = text
-        .get(line_start..)
-        .and_then(|rest| rest.lines().next())
-        .unwrap_or("")
-        .trim_end();
-    let key = value_key(before, content, column)
-        .map(|k| format!("`{k}`: "))
-        .unwrap_or_default();
-    if content.is_empty() {
-        format!("line {line}, column {column}: {key}{message}")
-    } else {
-        format!("line {line}, column {column}: {key}{message}\n    {line} | {content}")
-    }
-}
-
-/// The dotted key whose value an error points at (`nats.connect_timeout`),
-/// when the error is in the value part of a `key = value` line: toml names
-/// unknown and missing keys itself, but not the key of a bad value.
-fn value_key(before: &str, content: &str, column: usize) -> Option<String> {
-    let eq = content.find('=')?;
-    if column <= content.get(..eq)?.chars().count() + 1 {
-        return None;
-    }
-    let key = content.get(..eq)?.trim();
-    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
-        return None;
-    }
-    let table = before
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(|h| {
-            h.trim_start_matches('[')
-                .split(']')
-                .next()
-                .unwrap_or("")
-                .trim()
-        });
-    Some(match table {
-        Some(t) if !t.is_empty() => format!("{t}.{key}"),
-        _ => key.to_owned(),
-    })
 }
 
 pub use crate::base::secrets::{resolve_secret_path, CREDENTIALS_PREFIX};
@@ -1082,7 +1027,7 @@ stale_after = "1m"
     fn bad_duration_is_rejected() {
         let msg = parse_error("site = \"home\"\n[nats]\nconnect_timeout = \"5 parsecs\"\n");
         assert!(
-            msg.starts_with("line 3, column 19: `nats.connect_timeout`: invalid value"),
+            msg.starts_with("line 3, column 19: `nats.connect_timeout`: expected a duration like \"30s\", \"5m\""),
             "{msg}"
         );
     }
@@ -1091,7 +1036,7 @@ stale_after = "1m"
     fn wrong_type_and_syntax_errors_are_parse_errors() {
         let msg = parse_error("site = 5\n");
         assert!(msg.starts_with("line 1, column 8: `site`:"), "{msg}");
-        assert!(msg.contains("invalid type"), "{msg}");
+        assert!(msg.contains("expected a string in quotes"), "{msg}");
         let msg = parse_error("site = \"home\"\n[zones\n");
         assert!(msg.starts_with("line 2,"), "{msg}");
         let err = Config::from_toml("site = 5\n", Path::new("p.toml")).unwrap_err();
@@ -1123,6 +1068,67 @@ p_false = 0.1
     #[test]
     fn base_is_valid() {
         assert_eq!(paths(&base("")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_config_with_sources_and_no_zone_is_refused() {
+        let text =
+            "site = \"home\"\n[mqtt.m]\n[[mqtt.m.topics]]\nfilter = \"t/1\"\nsensor = \"s1\"\n";
+        let reasons = reasons_at(text, "zones");
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
+        assert!(reasons[0].contains("no zone is configured"), "{reasons:?}");
+        assert!(
+            reasons[0].contains("runs = [\"ingest\"]"),
+            "names the way out: {reasons:?}"
+        );
+        // An ingest-only instance says so, and passes.
+        let ingest_only = format!("runs = [\"ingest\"]\n{text}");
+        assert_eq!(paths(&ingest_only), Vec::<String>::new());
+        // An engine with nothing to decide is refused too.
+        let engine = "site = \"home\"\nruns = [\"engine\"]\n";
+        assert!(
+            reasons_at(engine, "zones")[0].contains("lists engine"),
+            "{:?}",
+            paths(engine)
+        );
+        // An admin's or a client's file (no sources, no zones) needs none.
+        assert_eq!(
+            paths("site = \"home\"\n[nats]\nurl = \"nats://127.0.0.1:4222\"\n"),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_rule_on_a_numeric_sensor_needs_a_threshold() {
+        let text = |rule: &str| {
+            format!(
+                "site = \"home\"\n[mqtt.m.zigbee2mqtt]\ndevices = [{{ device = \"hall_lux\", kind = \"illuminance\" }}]\n[serial.radar]\ndevice = \"/dev/ttyUSB0\"\nframing = \"ld2410\"\nsensor_prefix = \"desk\"\n[zones.z]\n[[zones.z.evidence]]\n{rule}p_true = 0.9\np_false = 0.1\n"
+            )
+        };
+        for sensor in ["hall_lux", "desk_moving_distance", "desk_still_energy"] {
+            let reasons = reasons_at(
+                &text(&format!("sensor = \"{sensor}\"\n")),
+                "zones.z.evidence[0]",
+            );
+            assert_eq!(reasons.len(), 1, "{sensor}: {reasons:?}");
+            assert!(
+                reasons[0].contains("needs a threshold: set `above`"),
+                "{reasons:?}"
+            );
+            assert_eq!(
+                paths(&text(&format!("sensor = \"{sensor}\"\nabove = 50.0\n"))),
+                Vec::<String>::new()
+            );
+            assert_eq!(
+                paths(&text(&format!("sensor = \"{sensor}\"\nbelow = 5.0\n"))),
+                Vec::<String>::new()
+            );
+        }
+        // Yes/no outputs need none.
+        assert_eq!(
+            paths(&text("sensor = \"desk_present\"\n")),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

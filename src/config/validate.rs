@@ -50,7 +50,31 @@ pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
     if let Some(archive) = &config.archive {
         check_archive(archive, &mut p);
     }
+    check_has_zones(config, &mut p);
     p.0
+}
+
+/// A config whose engine would decide nothing is refused: without `runs`
+/// a file with sources and no zone would quietly run ingest only, which is
+/// what a forgotten `[zones.*]` looks like. A file with neither sources nor
+/// zones (an admin's or a client's: `provision`, `watch`) needs none.
+fn check_has_zones(config: &Config, p: &mut Problems) {
+    use crate::base::ownership::Component;
+    if !config.zones.is_empty() || !config.persons.is_empty() {
+        return;
+    }
+    let sources = !config.mqtt.is_empty() || !config.serial.is_empty();
+    match &config.runs {
+        None if sources => p.push(
+            "zones",
+            "no zone is configured, so presence is never decided: add a `[zones.<id>]` table with `[[zones.<id>.evidence]]` rules (see examples/), or set `runs = [\"ingest\"]` for an instance that only stores readings",
+        ),
+        Some(names) if names.iter().any(|n| Component::parse(n) == Some(Component::Engine)) => p.push(
+            "zones",
+            "`runs` lists engine but no zone or person is configured: the engine would decide nothing; add a `[zones.<id>]` table",
+        ),
+        _ => {}
+    }
 }
 
 #[derive(Default)]
@@ -433,6 +457,9 @@ struct Producers {
     any_source: bool,
     /// Sensors are produced by another instance (this one runs no ingest).
     elsewhere: bool,
+    /// Static sensors known to report numbers (a Zigbee2MQTT illuminance,
+    /// an LD2410's distances and energies), with what they are.
+    numeric: BTreeMap<String, &'static str>,
 }
 
 fn check_sources(config: &Config, p: &mut Problems) -> Producers {
@@ -633,12 +660,13 @@ fn check_serial(name: &str, source: &SerialSource, producers: &mut Producers, p:
                 return;
             }
             for out in crate::sources::ld2410::OUTPUTS {
-                add_static(
-                    producers,
-                    &format!("{prefix}_{out}"),
-                    format!("{at}.sensor_prefix"),
-                    p,
-                );
+                let sensor = format!("{prefix}_{out}");
+                if out.ends_with("_distance") || out.ends_with("_energy") {
+                    producers
+                        .numeric
+                        .insert(sensor.clone(), "an LD2410 distance or energy");
+                }
+                add_static(producers, &sensor, format!("{at}.sensor_prefix"), p);
             }
         }
         SerialFraming::JsonLines => {
@@ -893,6 +921,12 @@ fn check_zigbee2mqtt(at: &str, z2m: &Zigbee2Mqtt, producers: &mut Producers, p: 
                     "{name:?} is not a friendly name: non-empty, no MQTT wildcards `+`/`#` or NUL"
                 ),
             );
+        }
+        let id = device.sensor.clone().unwrap_or_else(|| name.clone());
+        if device.kind == Zigbee2MqttKind::Illuminance {
+            producers
+                .numeric
+                .insert(id, "a Zigbee2MQTT illuminance (lux)");
         }
         match &device.sensor {
             Some(sensor) if naming::is_token(sensor) => {
@@ -1177,6 +1211,17 @@ fn check_rule(at: &str, rule: &EvidenceRule, producers: &Producers, p: &mut Prob
             format!(
                 "equals p_true ({}): the likelihood ratio is 1, so the rule never moves the confidence",
                 rule.p_true
+            ),
+        );
+    }
+
+    if let (Some(what), None, None) = (producers.numeric.get(&rule.sensor), rule.above, rule.below)
+    {
+        p.push(
+            at.to_owned(),
+            format!(
+                "sensor {:?} reports numbers ({what}), so the rule needs a threshold: set `above` (e.g. `above = 50`), `below`, or both for a band",
+                rule.sensor
             ),
         );
     }
