@@ -7,6 +7,7 @@ use super::{
     ConfigProblem, EspresenseConfig, HomeAssistant, SerialFraming, SerialSource, Zigbee2MqttKind,
 };
 use crate::naming;
+use crate::sources::topic::{SensorTemplate, TopicFilter};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -390,59 +391,35 @@ fn check_nats_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// One server of `nats.url`, read by the NATS client's own address type
+/// (what `connect` will parse), plus what the client would accept and the
+/// deployment must not have: credentials in a world-readable file, a
+/// websocket scheme, port 0, a path.
 fn check_nats_server(server: &str) -> Result<(), String> {
-    let rest = match server.split_once("://") {
-        Some(("nats" | "tls", rest)) => rest,
-        Some((scheme, _)) => {
-            return Err(format!(
-                "unknown scheme `{scheme}://`, use `nats://host:port`, `tls://host:port` or `host:port`"
-            ))
-        }
-        None => server,
-    };
-    if rest.contains('@') {
+    const FORMS: &str = "use `nats://host:port`, `tls://host:port` or `host:port`";
+    let addr: async_nats::ServerAddr = server
+        .parse()
+        .map_err(|e: std::io::Error| format!("{e}: {FORMS}"))?;
+    if addr.is_websocket() {
+        return Err(format!("a websocket address is not supported: {FORMS}"));
+    }
+    let url = addr.clone().into_inner();
+    if addr.has_user_pass() || url.password().is_some() {
         return Err(
             "holds credentials: the config is world-readable, give the NKEY seed as a file instead"
                 .into(),
         );
     }
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (host, after) = v6
-            .split_once(']')
-            .ok_or("an IPv6 address needs its closing `]`")?;
-        if host.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(format!("`{host}` is not an IPv6 address"));
-        }
-        match after {
-            "" => (host, None),
-            _ => (
-                host,
-                Some(
-                    after
-                        .strip_prefix(':')
-                        .ok_or("expected `:port` after `]`")?,
-                ),
-            ),
-        }
-    } else {
-        match rest.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (rest, None),
-        }
-    };
-    let host_ok = rest.starts_with('[')
-        || !host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
-    if !host_ok {
-        return Err(format!("`{host}` is not a host name or address"));
+    if addr.host().is_empty() {
+        return Err(format!("names no host: {FORMS}"));
     }
-    if let Some(port) = port {
-        match port.parse::<u16>() {
-            Ok(0) | Err(_) => return Err(format!("`{port}` is not a port (1 to 65535)")),
-            Ok(_) => {}
-        }
+    if url.port() == Some(0) {
+        return Err("port 0 is not a port (1 to 65535)".into());
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "has a path or query, which a NATS server address has not: {FORMS}"
+        ));
     }
     Ok(())
 }
@@ -452,8 +429,8 @@ fn check_nats_server(server: &str) -> Result<(), String> {
 struct Producers {
     /// Static sensor id to the path of the mapping that produces it.
     statics: BTreeMap<String, String>,
-    /// Parsed `{n}` templates with the path of their mapping.
-    templates: Vec<(Vec<Segment>, String)>,
+    /// `{n}` templates with the path of their mapping.
+    templates: Vec<(SensorTemplate, String)>,
     any_source: bool,
     /// Sensors are produced by another instance (this one runs no ingest).
     elsewhere: bool,
@@ -549,13 +526,9 @@ fn check_espresense(at: &str, es: &EspresenseConfig, producers: &mut Producers, 
             format!("{pat}.person"),
             p,
         );
-        producers.templates.push((
-            vec![
-                Segment::Literal(format!("{}_in_", person.person)),
-                Segment::Capture(1),
-            ],
-            format!("{pat}.person"),
-        ));
+        if let Ok(t) = SensorTemplate::parse(&format!("{}_in_{{1}}", person.person), 1) {
+            producers.templates.push((t, format!("{pat}.person")));
+        }
     }
 }
 
@@ -680,9 +653,9 @@ fn check_serial(name: &str, source: &SerialSource, producers: &mut Producers, p:
             }
             if source.sensors.is_empty() {
                 // Any id the device prints: one capture matches them all.
-                producers
-                    .templates
-                    .push((vec![Segment::Capture(1)], format!("{at}.sensors")));
+                if let Ok(any) = SensorTemplate::parse("{1}", 1) {
+                    producers.templates.push((any, format!("{at}.sensors")));
+                }
             }
             for (i, sensor) in source.sensors.iter().enumerate() {
                 if naming::is_token(sensor) {
@@ -820,65 +793,22 @@ fn check_mqtt_fields(name: &str, source: &MqttSource, producers: &mut Producers,
 }
 
 fn check_mapping(at: &str, mapping: &TopicMapping, producers: &mut Producers, p: &mut Problems) {
-    let wildcards = match check_filter(&mapping.filter) {
-        Ok(n) => Some(n),
-        Err(why) => {
-            p.push(
-                format!("{at}.filter"),
-                format!("{:?} {why}", mapping.filter),
-            );
+    // The grammar of filters and templates is the source's own
+    // (sources::topic), so the check and the running source cannot differ.
+    let wildcards = match TopicFilter::parse(&mapping.filter) {
+        Ok(f) => Some(f.wildcards()),
+        Err(e) => {
+            p.push(format!("{at}.filter"), e.to_string());
             None
         }
     };
-
     let sensor_at = format!("{at}.sensor");
-    match parse_template(&mapping.sensor) {
-        Err(why) => p.push(sensor_at, format!("{:?}: {why}", mapping.sensor)),
-        Ok(segments) if segments.iter().all(|s| matches!(s, Segment::Literal(_))) => {
-            if naming::is_token(&mapping.sensor) {
-                add_static(producers, &mapping.sensor, sensor_at, p);
-            } else {
-                p.push(
-                    sensor_at,
-                    format!("sensor id {:?} is invalid: {TOKEN_FORM}", mapping.sensor),
-                );
-            }
-        }
-        Ok(segments) => {
-            let mut ok = true;
-            for seg in &segments {
-                match seg {
-                    Segment::Literal(text) if !text.bytes().all(is_token_byte) => {
-                        ok = false;
-                        p.push(
-                            sensor_at.clone(),
-                            format!(
-                                "the fixed part {text:?} of {:?} cannot be in a sensor id: {TOKEN_FORM}",
-                                mapping.sensor
-                            ),
-                        );
-                    }
-                    Segment::Capture(n) => {
-                        if let Some(count) = wildcards {
-                            if *n > count {
-                                ok = false;
-                                p.push(
-                                    sensor_at.clone(),
-                                    format!(
-                                        "`{{{n}}}` refers to wildcard {n}, but filter {:?} has {count} (`+` and `#` levels count from 1)",
-                                        mapping.filter
-                                    ),
-                                );
-                            }
-                        }
-                    }
-                    Segment::Literal(_) => {}
-                }
-            }
-            if ok {
-                producers.templates.push((segments, sensor_at));
-            }
-        }
+    // With a bad filter the count of captures is unknown: only the
+    // template's own grammar is checked.
+    match SensorTemplate::parse(&mapping.sensor, wildcards.unwrap_or(usize::MAX)) {
+        Err(e) => p.push(sensor_at, e.to_string()),
+        Ok(t) if t.is_static() => add_static(producers, &mapping.sensor, sensor_at, p),
+        Ok(t) => producers.templates.push((t, sensor_at)),
     }
 
     if let Some(value) = &mapping.value {
@@ -986,108 +916,6 @@ fn add_static(producers: &mut Producers, sensor: &str, at: String, p: &mut Probl
     }
 }
 
-fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
-}
-
-/// Checks an MQTT topic filter and returns how many wildcard levels it has
-/// (the `{n}` captures it offers).
-fn check_filter(filter: &str) -> Result<usize, String> {
-    if filter.is_empty() {
-        return Err("is empty: a filter needs at least one level".into());
-    }
-    if filter.len() > MAX_MQTT_STRING {
-        return Err(format!("is longer than {MAX_MQTT_STRING} bytes"));
-    }
-    if filter.contains('\0') {
-        return Err("contains a NUL character".into());
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
-    let mut wildcards = 0;
-    for (i, level) in levels.iter().enumerate() {
-        match *level {
-            "#" if i + 1 == levels.len() => wildcards += 1,
-            "#" => return Err("has `#` before the last level: `#` may only end a filter".into()),
-            "+" => wildcards += 1,
-            l if l.contains('#') => {
-                return Err(format!(
-                    "has `#` inside level {l:?}: it must be a level of its own"
-                ))
-            }
-            l if l.contains('+') => {
-                return Err(format!(
-                    "has `+` inside level {l:?}: it must be a level of its own"
-                ))
-            }
-            _ => {}
-        }
-    }
-    Ok(wildcards)
-}
-
-/// A piece of a sensor template.
-#[derive(Clone, Debug, PartialEq)]
-enum Segment {
-    Literal(String),
-    /// 1-based wildcard position of the filter.
-    Capture(usize),
-}
-
-fn parse_template(s: &str) -> Result<Vec<Segment>, String> {
-    let mut out = Vec::new();
-    let mut literal = String::new();
-    let mut rest = s;
-    while let Some(c) = rest.chars().next() {
-        match c {
-            '{' => {
-                let close = rest
-                    .find('}')
-                    .ok_or("has `{` without a closing `}`: write captures as `{1}`, `{2}`, ...")?;
-                let inner = &rest[1..close];
-                let n: usize = inner
-                    .parse()
-                    .ok()
-                    .filter(|n| *n >= 1 && inner.bytes().all(|b| b.is_ascii_digit()))
-                    .ok_or_else(|| {
-                        format!(
-                            "`{{{inner}}}` is not a capture: use `{{1}}`, `{{2}}`, ... (1-based)"
-                        )
-                    })?;
-                if !literal.is_empty() {
-                    out.push(Segment::Literal(std::mem::take(&mut literal)));
-                }
-                out.push(Segment::Capture(n));
-                rest = &rest[close + 1..];
-            }
-            '}' => return Err("has `}` without an opening `{`".into()),
-            c => {
-                literal.push(c);
-                rest = &rest[c.len_utf8()..];
-            }
-        }
-    }
-    if !literal.is_empty() || out.is_empty() {
-        out.push(Segment::Literal(literal));
-    }
-    Ok(out)
-}
-
-/// Whether a template can produce `sensor`, each capture standing for one
-/// or more id characters.
-fn template_matches(segments: &[Segment], sensor: &str) -> bool {
-    match segments.split_first() {
-        None => sensor.is_empty(),
-        Some((Segment::Literal(text), rest)) => sensor
-            .strip_prefix(text.as_str())
-            .is_some_and(|tail| template_matches(rest, tail)),
-        Some((Segment::Capture(_), rest)) => (1..=sensor.len()).any(|n| {
-            sensor.is_char_boundary(n)
-                && sensor[..n].bytes().all(is_token_byte)
-                && template_matches(rest, &sensor[n..])
-        }),
-    }
-}
-
 /// `value`/`timestamp`: a JSON pointer (`/a/b`, with `~0`/`~1` escapes) or
 /// a top-level field name.
 fn check_locator(s: &str) -> Result<(), String> {
@@ -1192,7 +1020,7 @@ fn check_rule(at: &str, rule: &EvidenceRule, producers: &Producers, p: &mut Prob
         && !producers
             .templates
             .iter()
-            .any(|(t, _)| template_matches(t, &rule.sensor))
+            .any(|(t, _)| t.can_produce(&rule.sensor))
     {
         p.push(
             sensor_at,
@@ -1354,53 +1182,6 @@ evidence = [{ sensor = "a_motion", p_true = 0.9, p_false = 0.1 }]
             problems_of(&text),
             ["ingest.max_clock_skew: must be longer than 0s"]
         );
-    }
-
-    #[test]
-    fn filters() {
-        assert_eq!(check_filter("a/+/b"), Ok(1));
-        assert_eq!(check_filter("+/+/#"), Ok(3));
-        assert_eq!(check_filter("#"), Ok(1));
-        assert_eq!(check_filter("a/b"), Ok(0));
-        assert_eq!(check_filter("/"), Ok(0));
-        assert!(check_filter("").is_err());
-        assert!(check_filter("a/#/b").is_err());
-        assert!(check_filter("a/b#").is_err());
-        assert!(check_filter("a/x+/b").is_err());
-        assert!(check_filter("a\0").is_err());
-    }
-
-    #[test]
-    fn templates() {
-        assert_eq!(
-            parse_template("{1}_motion"),
-            Ok(vec![
-                Segment::Capture(1),
-                Segment::Literal("_motion".into())
-            ])
-        );
-        assert_eq!(
-            parse_template("pir"),
-            Ok(vec![Segment::Literal("pir".into())])
-        );
-        assert!(parse_template("{0}").is_err());
-        assert!(parse_template("{x}").is_err());
-        assert!(parse_template("{}").is_err());
-        assert!(parse_template("{1").is_err());
-        assert!(parse_template("a}").is_err());
-        assert!(parse_template("{+1}").is_err());
-    }
-
-    #[test]
-    fn template_shapes() {
-        let t = parse_template("{1}_motion").unwrap();
-        assert!(template_matches(&t, "hall_motion"));
-        assert!(template_matches(&t, "a_b_motion"));
-        assert!(!template_matches(&t, "_motion"), "a capture is never empty");
-        assert!(!template_matches(&t, "hall_temp"));
-        let t = parse_template("{1}-{2}").unwrap();
-        assert!(template_matches(&t, "a-b"));
-        assert!(!template_matches(&t, "ab"));
     }
 
     #[test]
