@@ -192,7 +192,7 @@ async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 
 async fn render_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         m.render(),
     )
 }

@@ -548,8 +548,8 @@ impl Runner {
             }
         }
         for (bucket, key) in conflicts {
-            Metrics::inc(&self.metrics.kv_conflicts);
-            tracing::error!(bucket, key = %key, "compare-and-set conflict: the key changed behind the engine's back; reloading it");
+            self.metrics
+                .emit(crate::metrics::Event::KvConflict { bucket, key: &key });
             self.reload(bucket, &key).await;
             retry.insert(key);
         }

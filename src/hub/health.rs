@@ -320,29 +320,21 @@ pub async fn run(
             let (health, events) = tracker.observe(s, now);
             for event in events {
                 match event {
-                    Event::StallStarted => {
-                        metrics.mirror_event(&mirror.name, crate::metrics::MirrorEvent::Stall);
-                        tracing::warn!(
-                            mirror = %mirror.name,
-                            lag_messages = ?health.lag_messages,
-                            last_contact_s = ?health.last_contact_seconds,
-                            error = ?health.error,
-                            "hub mirror stalled: no progress while the leaf has more"
-                        );
-                    }
+                    Event::StallStarted => metrics.emit(crate::metrics::Event::MirrorStalled {
+                        mirror: &mirror.name,
+                        lag_messages: health.lag_messages,
+                        last_contact_seconds: health.last_contact_seconds,
+                        error: health.error.as_deref(),
+                    }),
                     Event::StallEnded => {
                         tracing::info!(mirror = %mirror.name, "hub mirror moving again")
                     }
                     Event::Nudge => match catchup::nudge(&hub, &mirror.stream()).await {
-                        Ok(()) => {
-                            metrics.mirror_event(&mirror.name, crate::metrics::MirrorEvent::Nudge);
-                            tracing::info!(
-                                mirror = %mirror.name,
-                                last_contact_s = ?health.last_contact_seconds,
-                                lag_messages = ?health.lag_messages,
-                                "hub mirror behind and out of contact: asked the hub to restart it"
-                            );
-                        }
+                        Ok(()) => metrics.emit(crate::metrics::Event::MirrorNudged {
+                            mirror: &mirror.name,
+                            lag_messages: health.lag_messages,
+                            last_contact_seconds: health.last_contact_seconds,
+                        }),
                         Err(e) => {
                             tracing::debug!(mirror = %mirror.name, error = %e, "nudge not accepted")
                         }

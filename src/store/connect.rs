@@ -219,8 +219,7 @@ fn options<H: EventHook>(
                     Event::Connected => {
                         metrics.nats_connected.store(true, Ordering::Relaxed);
                         if connected_once.swap(true, Ordering::Relaxed) {
-                            Metrics::inc(&metrics.nats_reconnects);
-                            tracing::info!("reconnected to nats-server");
+                            metrics.emit(crate::metrics::Event::NatsReconnected);
                         }
                     }
                     Event::Disconnected => {
