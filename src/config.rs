@@ -42,14 +42,19 @@ pub struct Config {
     /// What `/healthz` and `presenced status` count as degraded.
     #[serde(default)]
     pub health: HealthConfig,
+    /// Log level (`[log]`); `RUST_LOG` overrides it.
     #[serde(default)]
     pub log: LogConfig,
+    /// The leaf nats-server this instance talks to, and as whom.
     #[serde(default)]
     pub nats: NatsConfig,
+    /// Where `/healthz` and `/metrics` are served.
     #[serde(default)]
     pub http: HttpConfig,
+    /// How observations are buffered and stored in `SENSORS`.
     #[serde(default)]
     pub ingest: IngestConfig,
+    /// How the engine consumes `SENSORS` and drains on shutdown.
     #[serde(default)]
     pub engine: EngineConfig,
     /// The liveness lease this service keeps in KV `owners`.
@@ -143,6 +148,7 @@ pub struct ArchiveConfig {
     /// jitter, up to `retry_max`. Attempts never stop.
     #[serde(default = "default_retry_initial", with = "humantime_serde")]
     pub retry_initial: Duration,
+    /// Longest delay between two upload attempts (the backoff's cap).
     #[serde(default = "default_retry_max", with = "humantime_serde")]
     pub retry_max: Duration,
     /// Where snapshots are uploaded; without it they stay local.
@@ -207,7 +213,9 @@ fn default_retry_max() -> Duration {
 pub struct S3Config {
     /// `https://s3.<region>.wasabisys.com` for Wasabi.
     pub endpoint: String,
+    /// The bucket's region (`us-east-1`, ...); signed into each request.
     pub region: String,
+    /// The bucket snapshots go to.
     pub bucket: String,
     /// Key prefix before the snapshot id, e.g. `presenced/`.
     #[serde(default)]
@@ -219,6 +227,7 @@ pub struct S3Config {
     /// Files with the access key id and secret (systemd credentials in
     /// production); never the keys themselves in the config.
     pub access_key_file: PathBuf,
+    /// See `access_key_file`.
     pub secret_key_file: PathBuf,
     /// Snapshots larger than this go up in multipart uploads of parts this
     /// size (S3 needs at least 5 MiB).
@@ -338,11 +347,16 @@ fn default_http_listen() -> SocketAddr {
 #[serde(deny_unknown_fields)]
 pub struct IngestConfig {
     /// Observations held in memory while the leaf is unreachable. When
-    /// full, MQTT input is no longer acknowledged (the broker keeps it) and
-    /// readings that cannot wait (serial) are dropped and counted.
+    /// full, sources wait for room: MQTT input is not acknowledged
+    /// meanwhile (the broker keeps it; each wait counts in
+    /// `presenced_ingest_buffer_full_total`), a serial port is not read
+    /// (the device's and the kernel's buffers hold what arrives).
     #[serde(default = "default_buffer")]
     pub buffer: usize,
-    /// Publishes to `SENSORS` awaiting their ack at once.
+    /// Most observations taken from the buffer as one batch: the batch is
+    /// published to `SENSORS` and every ack of it awaited before the next
+    /// batch (and before the sources' own acks fire). Acks outstanding on
+    /// the wire are bounded separately, by a fixed window of 1024.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// Reject (into `REJECTED`) messages on subscribed topics that no
@@ -488,14 +502,20 @@ fn default_nudge_after() -> Duration {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HomeAssistant {
+    /// The broker Home Assistant reads (often the one the sensors use).
     #[serde(default = "default_mqtt_host")]
     pub host: String,
+    /// The broker's port (1883 for plain MQTT).
     #[serde(default = "default_mqtt_port")]
     pub port: u16,
     /// Default `presenced-<site>-homeassistant`.
     pub client_id: Option<String>,
+    /// Broker user, when the broker requires one.
     pub username: Option<String>,
+    /// File holding the broker password (a systemd credential in
+    /// production); never the password itself in the config.
     pub password_file: Option<PathBuf>,
+    /// MQTT keep-alive: how soon a dead broker connection is noticed.
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
     /// Home Assistant's discovery prefix.
@@ -533,6 +553,8 @@ pub struct ZoneConfig {
     /// How long confidence must stay low before `leaving` becomes `vacant`.
     #[serde(default = "default_leave_after", with = "humantime_serde")]
     pub leave_after: Duration,
+    /// The sensors that have a say, each with its likelihoods; a zone
+    /// without any stays at its prior.
     pub evidence: Vec<EvidenceRule>,
 }
 
@@ -553,6 +575,8 @@ fn default_leave_after() -> Duration {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvidenceRule {
+    /// Sensor id; some source must produce it (checked unless another
+    /// instance runs ingest).
     pub sensor: String,
     /// P(evidence true | zone occupied).
     pub p_true: f64,
@@ -577,6 +601,7 @@ pub struct EvidenceRule {
 pub struct ConfigProblem {
     /// Field path, e.g. `zones.kitchen.evidence[2].p_true`.
     pub path: String,
+    /// What is wrong and, where it helps, the fix.
     pub reason: String,
 }
 

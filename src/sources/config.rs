@@ -11,18 +11,22 @@ use std::time::Duration;
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSource {
+    /// The broker's host name or address.
     #[serde(default = "default_mqtt_host")]
     pub host: String,
+    /// The broker's port (1883 for plain MQTT).
     #[serde(default = "default_mqtt_port")]
     pub port: u16,
     /// Client id; stable, because the broker keeps the session (and the
     /// unacknowledged QoS 1 messages) under it across restarts. Default
     /// `presenced-<site>-<source>`.
     pub client_id: Option<String>,
+    /// Broker user, when the broker requires one.
     pub username: Option<String>,
     /// File holding the password (a systemd credential in production);
     /// never the password itself in the config.
     pub password_file: Option<PathBuf>,
+    /// MQTT keep-alive: how soon a dead broker connection is noticed.
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
     /// Upper bound of the reconnect backoff.
@@ -127,6 +131,7 @@ pub struct SerialSource {
     /// Device path; prefer the stable `/dev/serial/by-id/...` link, which
     /// survives replugging into another port.
     pub device: PathBuf,
+    /// How the device's bytes are cut into readings.
     pub framing: SerialFraming,
     /// Default: 256000 for `ld2410` (its factory rate), 115200 otherwise.
     pub baud: Option<u32>,
@@ -187,8 +192,11 @@ pub struct TopicMapping {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Zigbee2Mqtt {
+    /// Zigbee2MQTT's MQTT base topic; devices report on
+    /// `<base_topic>/<friendly name>`.
     #[serde(default = "default_z2m_base")]
     pub base_topic: String,
+    /// The devices read, each expanded into a topic mapping.
     pub devices: Vec<Zigbee2MqttDevice>,
 }
 
