@@ -595,15 +595,7 @@ pub struct EvidenceRule {
     pub below: Option<f64>,
 }
 
-/// One problem found in a config: where and what.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{path}: {reason}")]
-pub struct ConfigProblem {
-    /// Field path, e.g. `zones.kitchen.evidence[2].p_true`.
-    pub path: String,
-    /// What is wrong and, where it helps, the fix.
-    pub reason: String,
-}
+pub use crate::base::problems::ConfigProblem;
 
 /// Why a config could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -738,7 +730,7 @@ impl Config {
         let config = Config::load(path)?;
         let mut problems = config.validate();
         if problems.is_empty() {
-            problems = validate::secrets(&config);
+            problems = crate::sources::check::secrets(&config.mqtt);
         }
         if problems.is_empty() {
             Ok(config)

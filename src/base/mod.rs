@@ -5,6 +5,7 @@
 //! - [`naming`]: the only place subjects, streams, buckets and domains are
 //!   spelled.
 //! - [`ownership`]: keyspaces, the components that own them, lease bounds.
+//! - [`problems`]: problems found in a config, gathered all at once.
 //! - [`secrets`]: secret file paths, reading them, NKEY seeds.
 //! - [`backoff`]: the one retry policy (capped exponential, with jitter).
 //! - [`time`]: timestamps as stored.
@@ -12,5 +13,6 @@
 pub mod backoff;
 pub mod naming;
 pub mod ownership;
+pub mod problems;
 pub mod secrets;
 pub mod time;

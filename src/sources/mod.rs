@@ -5,6 +5,7 @@
 //! PUBACK) that ingest fires only once the item is durable in JetStream, so
 //! a crash in between makes the broker redeliver instead of losing it.
 
+pub mod check;
 pub mod config;
 pub mod espresense;
 pub mod ld2410;
