@@ -18,10 +18,13 @@ mod validate;
 // The sources' sections live with the sources (each component owns its
 // config); the top config holds them under `[mqtt.*]` and `[serial.*]`.
 use crate::sources::config::{default_keep_alive, default_mqtt_host, default_mqtt_port};
+// The connection's section is the store's, the hub watch's the hub's.
+pub use crate::hub::config::HubWatch;
 pub use crate::sources::config::{
     EspresenseConfig, EspresensePerson, MqttSource, SerialFraming, SerialSource, TopicMapping,
     Zigbee2Mqtt, Zigbee2MqttDevice, Zigbee2MqttKind,
 };
+pub use crate::store::config::{NatsConfig, NatsTls};
 
 /// Top level of `presenced.toml`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -259,65 +262,6 @@ pub struct LogConfig {
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct NatsConfig {
-    /// The site's leaf nats-server.
-    #[serde(default = "default_nats_url")]
-    pub url: String,
-    /// How long one connection attempt may take.
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// How long a JetStream request (publish ack, KV write) may take before
-    /// it counts as failed and is retried.
-    #[serde(default = "default_request_timeout", with = "humantime_serde")]
-    pub request_timeout: Duration,
-    /// File with this instance's NKEY user seed (`SU...`). A leading
-    /// `$CREDENTIALS_DIRECTORY/` is resolved against systemd's credentials
-    /// directory, so the seed never has to enter the Nix store.
-    pub nkey_seed_file: Option<PathBuf>,
-    /// TLS to the leaf (`[nats.tls]`); when present, the connection must
-    /// be TLS.
-    pub tls: Option<NatsTls>,
-}
-
-/// `[nats.tls]`: the CA that signed the server's certificate, and an
-/// optional client certificate for servers that verify clients. Paths are
-/// resolved like other secret paths (a leading `$CREDENTIALS_DIRECTORY/`).
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct NatsTls {
-    /// PEM file with the CA certificate(s) the server's certificate must
-    /// chain to; without it, the system's trusted roots.
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate (chain), for a server with `verify: true`.
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key of `cert_file`.
-    pub key_file: Option<PathBuf>,
-}
-
-impl Default for NatsConfig {
-    fn default() -> Self {
-        NatsConfig {
-            url: default_nats_url(),
-            connect_timeout: default_connect_timeout(),
-            request_timeout: default_request_timeout(),
-            nkey_seed_file: None,
-            tls: None,
-        }
-    }
-}
-
-fn default_nats_url() -> String {
-    "nats://127.0.0.1:4222".into()
-}
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_request_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Serve `/healthz` and `/metrics`.
     #[serde(default = "yes")]
@@ -452,50 +396,6 @@ impl Default for LeaseConfig {
 
 fn default_lease_ttl() -> Duration {
     Duration::from_secs(10)
-}
-
-/// Health of the site's hub mirrors, read through the leafnode link
-/// (`[hub]`): lag, last contact, stalls, and the nudge after the link
-/// comes back (docs/OPERATIONS.md, "Hub mirrors").
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HubWatch {
-    /// How often each mirror and its source are read.
-    #[serde(default = "default_hub_poll", with = "humantime_serde")]
-    pub poll_interval: Duration,
-    /// How long a mirror may make no progress while its source has moved on
-    /// before it counts as stalled (WARN log, metric, `/healthz`).
-    #[serde(default = "default_stall_after", with = "humantime_serde")]
-    pub stall_after: Duration,
-    /// Ask the hub to restart a mirror that is behind and has not heard
-    /// from its source for `nudge_after` (its leader steps down; the new
-    /// leader resumes at once instead of on the server's retry backoff).
-    #[serde(default = "yes")]
-    pub nudge: bool,
-    /// See `nudge`; also the least time between two nudges of a mirror.
-    #[serde(default = "default_nudge_after", with = "humantime_serde")]
-    pub nudge_after: Duration,
-}
-
-impl Default for HubWatch {
-    fn default() -> Self {
-        HubWatch {
-            poll_interval: default_hub_poll(),
-            stall_after: default_stall_after(),
-            nudge: true,
-            nudge_after: default_nudge_after(),
-        }
-    }
-}
-
-fn default_hub_poll() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_stall_after() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_nudge_after() -> Duration {
-    Duration::from_secs(2)
 }
 
 /// Home Assistant MQTT discovery output (`[homeassistant]`).

@@ -16,12 +16,15 @@
 //! - [`metrics`]: counters and gauges in plain values; components hand it
 //!   readings or register a collector.
 //! - [`sources`]: MQTT, serial and ESPresense input turned into
-//!   observations, with their config sections (`sources::config`).
-//! - [`config`]: the TOML config (holding the sources' sections) and its
-//!   validation.
-//! - [`store`]: JetStream plumbing: connecting (with an event hook),
-//!   provisioning, CAS writes, leases, the published ownership table.
-//! - [`hub`]: the hub's mirrors of this site and their health.
+//!   observations, with their config sections and checks
+//!   (`sources::config`, `sources::check`).
+//! - [`store`]: JetStream plumbing: connecting (with an event hook, and
+//!   its `[nats]` section), provisioning, CAS writes, leases, the
+//!   published ownership table.
+//! - [`hub`]: the hub's mirrors of this site and their health (with its
+//!   `[hub]` section).
+//! - [`config`]: the top TOML config, holding the components' sections,
+//!   parsed with every problem at once, and the checks that span sections.
 //! - [`acl`]: the access file, the nats-server `authorization` it renders,
 //!   permission violations (wired into the connection's event hook).
 //! - [`ingest`]: observations into stream `SENSORS`, rejects into `REJECTED`.

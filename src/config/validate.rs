@@ -25,7 +25,7 @@ pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
         check_homeassistant(ha, &mut p);
     }
     if let Some(hub) = &config.hub {
-        check_hub(hub, &mut p);
+        crate::hub::config::check(hub, &mut p);
     }
     for (name, zone) in &config.zones {
         check_zone("zones", name, zone, &producers, &mut p);
@@ -98,14 +98,7 @@ fn check_top(config: &Config, p: &mut Problems) {
         }
     }
 
-    if let Err(reason) = check_nats_url(&config.nats.url) {
-        p.push("nats.url", reason);
-    }
-    positive(p, "nats.connect_timeout", config.nats.connect_timeout);
-    positive(p, "nats.request_timeout", config.nats.request_timeout);
-    if let Some(tls) = &config.nats.tls {
-        check_tls(tls, p);
-    }
+    crate::store::config::check(&config.nats, p);
 
     if config.ingest.buffer < 1 {
         p.push("ingest.buffer", "must be at least 1, got 0");
@@ -136,29 +129,6 @@ fn check_top(config: &Config, p: &mut Problems) {
                 crate::base::ownership::MIN_TTL.as_secs()
             ),
         );
-    }
-}
-
-fn check_tls(tls: &crate::config::NatsTls, p: &mut Problems) {
-    match (&tls.cert_file, &tls.key_file) {
-        (Some(_), None) => p.push(
-            "nats.tls.key_file",
-            "is missing: a client certificate (cert_file) needs its private key",
-        ),
-        (None, Some(_)) => p.push(
-            "nats.tls.cert_file",
-            "is missing: a private key (key_file) needs its client certificate",
-        ),
-        _ => {}
-    }
-    for (field, path) in [
-        ("nats.tls.ca_file", &tls.ca_file),
-        ("nats.tls.cert_file", &tls.cert_file),
-        ("nats.tls.key_file", &tls.key_file),
-    ] {
-        if path.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
-            p.push(field, "is empty: give a file path or leave it out");
-        }
     }
 }
 
@@ -263,28 +233,6 @@ fn check_archive(a: &ArchiveConfig, p: &mut Problems) {
     }
 }
 
-fn check_hub(hub: &super::HubWatch, p: &mut Problems) {
-    positive(p, "hub.poll_interval", hub.poll_interval);
-    if hub.stall_after < hub.poll_interval * 2 {
-        p.push(
-            "hub.stall_after",
-            format!(
-                "must be at least twice hub.poll_interval ({}): a stall is seen across polls",
-                humantime::format_duration(hub.poll_interval)
-            ),
-        );
-    }
-    if hub.nudge_after < hub.poll_interval {
-        p.push(
-            "hub.nudge_after",
-            format!(
-                "must be at least hub.poll_interval ({})",
-                humantime::format_duration(hub.poll_interval)
-            ),
-        );
-    }
-}
-
 /// `runs` names known components once each, and agrees with the
 /// sections present: a source in an instance that runs no ingest, or
 /// `[archive]` without the archiver, would be silently ignored.
@@ -346,53 +294,6 @@ fn check_runs(config: &Config, p: &mut Problems) {
 
 fn positive(p: &mut Problems, path: impl Into<String>, d: Duration) {
     p.positive(path, d);
-}
-
-/// Accepts what async-nats accepts for a server: `nats://`, `tls://` or no
-/// scheme, a host and an optional port (4222 when absent), several
-/// separated by commas. Credentials in the URL are refused: the config is
-/// world-readable in the Nix store.
-fn check_nats_url(url: &str) -> Result<(), String> {
-    if url.trim().is_empty() {
-        return Err("is empty: give the leaf server, e.g. `nats://127.0.0.1:4222`".into());
-    }
-    for server in url.split(',').map(str::trim) {
-        check_nats_server(server).map_err(|why| format!("{server:?}: {why}"))?;
-    }
-    Ok(())
-}
-
-/// One server of `nats.url`, read by the NATS client's own address type
-/// (what `connect` will parse), plus what the client would accept and the
-/// deployment must not have: credentials in a world-readable file, a
-/// websocket scheme, port 0, a path.
-fn check_nats_server(server: &str) -> Result<(), String> {
-    const FORMS: &str = "use `nats://host:port`, `tls://host:port` or `host:port`";
-    let addr: async_nats::ServerAddr = server
-        .parse()
-        .map_err(|e: std::io::Error| format!("{e}: {FORMS}"))?;
-    if addr.is_websocket() {
-        return Err(format!("a websocket address is not supported: {FORMS}"));
-    }
-    let url = addr.clone().into_inner();
-    if addr.has_user_pass() || url.password().is_some() {
-        return Err(
-            "holds credentials: the config is world-readable, give the NKEY seed as a file instead"
-                .into(),
-        );
-    }
-    if addr.host().is_empty() {
-        return Err(format!("names no host: {FORMS}"));
-    }
-    if url.port() == Some(0) {
-        return Err("port 0 is not a port (1 to 65535)".into());
-    }
-    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
-        return Err(format!(
-            "has a path or query, which a NATS server address has not: {FORMS}"
-        ));
-    }
-    Ok(())
 }
 
 fn check_homeassistant(ha: &HomeAssistant, p: &mut Problems) {
@@ -684,31 +585,5 @@ evidence = [{ sensor = "a_motion", p_true = 0.9, p_false = 0.1 }]
             problems_of(&text),
             ["ingest.max_clock_skew: must be longer than 0s"]
         );
-    }
-
-    #[test]
-    fn nats_urls() {
-        for ok in [
-            "nats://127.0.0.1:4222",
-            "tls://leaf.example:4443",
-            "127.0.0.1:4222",
-            "localhost",
-            "nats://[::1]:4222",
-            "nats://a:4222, nats://b:4222",
-        ] {
-            assert_eq!(check_nats_url(ok), Ok(()), "{ok}");
-        }
-        for bad in [
-            "",
-            "http://127.0.0.1:4222",
-            "nats://user:pw@127.0.0.1:4222",
-            "nats://127.0.0.1:0",
-            "nats://127.0.0.1:99999",
-            "nats://:4222",
-            "nats://[::1",
-            "nats://host/path",
-        ] {
-            assert!(check_nats_url(bad).is_err(), "{bad:?} should be refused");
-        }
     }
 }

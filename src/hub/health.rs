@@ -8,9 +8,9 @@
 //! minus the mirror's (mirrors keep the source's sequence numbers).
 
 use super::catchup;
+use super::config::HubWatch;
 use super::link::HubLink;
 use super::mirrors::{self, Mirror};
-use crate::config::HubWatch;
 use crate::metrics::Metrics;
 use crate::naming::Site;
 use async_nats::jetstream;

@@ -557,7 +557,7 @@ pub async fn provision_hub_cli(args: &ProvisionHubArgs) -> Result<(), ProvisionH
         .iter()
         .map(|s| Site::new(s))
         .collect::<Result<Vec<_>, _>>()?;
-    let cfg = crate::config::NatsConfig {
+    let cfg = crate::store::config::NatsConfig {
         url: args.server.clone(),
         nkey_seed_file: args.nkey_seed_file.clone(),
         ..Default::default()

@@ -1,7 +1,7 @@
 //! Connecting to the site's leaf nats-server.
 
+use super::config::NatsConfig;
 use crate::base::backoff::Backoff;
-use crate::config::NatsConfig;
 use crate::metrics::Metrics;
 use async_nats::{ConnectOptions, Event};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! JetStream plumbing: connecting to the leaf, provisioning streams and
 //! buckets, compare-and-set KV writes and rehydration, liveness leases.
 
+pub mod config;
 pub mod connect;
 pub mod kv;
 pub mod lease;
@@ -26,7 +27,7 @@ pub fn consumer_name(client: async_nats::Client, purpose: &str) -> String {
 /// each.
 pub fn jetstream_context(
     client: async_nats::Client,
-    nats: &crate::config::NatsConfig,
+    nats: &config::NatsConfig,
 ) -> async_nats::jetstream::Context {
     async_nats::jetstream::ContextBuilder::new()
         .timeout(nats.request_timeout)
