@@ -19,6 +19,8 @@ mod validate;
 // config); the top config holds them under `[mqtt.*]` and `[serial.*]`.
 use crate::sources::config::{default_keep_alive, default_mqtt_host, default_mqtt_port};
 // The connection's section is the store's, the hub watch's the hub's.
+use crate::engine::config::{default_occupied_above, default_vacant_below};
+pub use crate::engine::config::{EvidenceRule, ZoneConfig};
 pub use crate::hub::config::HubWatch;
 pub use crate::sources::config::{
     EspresenseConfig, EspresensePerson, MqttSource, SerialFraming, SerialSource, TopicMapping,
@@ -433,69 +435,16 @@ fn default_ha_base() -> String {
     "presenced".into()
 }
 
-/// A zone: a prior, evidence rules, thresholds and debounce.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ZoneConfig {
-    /// Probability the zone is occupied with no evidence at all.
-    #[serde(default = "default_prior")]
-    pub prior: f64,
-    /// Confidence at or above which a vacant zone starts arriving.
-    #[serde(default = "default_occupied_above")]
-    pub occupied_above: f64,
-    /// Confidence at or below which an occupied zone starts leaving.
-    #[serde(default = "default_vacant_below")]
-    pub vacant_below: f64,
-    /// How long confidence must stay high before `arriving` becomes
-    /// `occupied`.
-    #[serde(default, with = "humantime_serde")]
-    pub arrive_after: Duration,
-    /// How long confidence must stay low before `leaving` becomes `vacant`.
-    #[serde(default = "default_leave_after", with = "humantime_serde")]
-    pub leave_after: Duration,
-    /// The sensors that have a say, each with its likelihoods; a zone
-    /// without any stays at its prior.
-    pub evidence: Vec<EvidenceRule>,
-}
-
-fn default_prior() -> f64 {
-    0.1
-}
-fn default_occupied_above() -> f64 {
-    0.7
-}
-fn default_vacant_below() -> f64 {
-    0.3
-}
-fn default_leave_after() -> Duration {
-    Duration::from_secs(60)
-}
-
-/// One sensor's say in a zone, as likelihoods.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct EvidenceRule {
-    /// Sensor id; some source must produce it (checked unless another
-    /// instance runs ingest).
-    pub sensor: String,
-    /// P(evidence true | zone occupied).
-    pub p_true: f64,
-    /// P(evidence true | zone vacant).
-    pub p_false: f64,
-    /// For momentary sensors (motion): a true reading counts as true for
-    /// this long after it, then as false, whatever arrives in between.
-    #[serde(default, with = "humantime_serde")]
-    pub hold: Option<Duration>,
-    /// A sensor silent for longer than this counts as neutral (no say).
-    #[serde(default, with = "humantime_serde")]
-    pub stale_after: Option<Duration>,
-    /// For numeric sensors: evidence is true when the value is above this.
-    pub above: Option<f64>,
-    /// For numeric sensors: evidence is true when the value is below this.
-    pub below: Option<f64>,
-}
-
 pub use crate::base::problems::ConfigProblem;
+
+impl crate::engine::Model {
+    /// The model of every entry of KV `presence` the config has (zones
+    /// and persons). Here rather than in the engine, which knows its own
+    /// section only.
+    pub fn from_config(cfg: &Config) -> Self {
+        Self::from_entries(cfg.presence_entries())
+    }
+}
 
 /// Why a config could not be used.
 #[derive(Debug, thiserror::Error)]

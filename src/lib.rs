@@ -23,13 +23,14 @@
 //!   published ownership table.
 //! - [`hub`]: the hub's mirrors of this site and their health (with its
 //!   `[hub]` section).
-//! - [`config`]: the top TOML config, holding the components' sections,
-//!   parsed with every problem at once, and the checks that span sections.
 //! - [`acl`]: the access file, the nats-server `authorization` it renders,
 //!   permission violations (wired into the connection's event hook).
 //! - [`ingest`]: observations into stream `SENSORS`, rejects into `REJECTED`.
 //! - [`engine`]: pure evidence fusion, debounce and state machine, plus the
-//!   runner that consumes `SENSORS` and writes KV `presence`/`debounce`.
+//!   runner that consumes `SENSORS` and writes KV `presence`/`debounce`,
+//!   and the zones' config section (`engine::config`).
+//! - [`config`]: the top TOML config, holding the components' sections,
+//!   parsed with every problem at once, and the checks that span sections.
 //! - [`homeassistant`], [`http`], [`archive`] (snapshots into the object
 //!   store, uploaded to S3, and restore).
 //! - [`client`], [`cmd`]: the state-first clients and the command sender;

@@ -2,7 +2,7 @@
 //! format through the `prometheus-client` library.
 //!
 //! Each scalar metric is declared once, in the table of
-//! [`declare_metrics!`] below: its field, name, help, and the component
+//! `declare_metrics!` below: its field, name, help, and the component
 //! whose families it belongs to. The fields are plain atomics behind a
 //! shared handle, so every hot path only pays a relaxed increment and the
 //! call sites read like atomics (`Metrics::inc(&m.rejects)`). Families

@@ -1,12 +1,12 @@
 //! The meaning checks behind [`Config::validate`]: each one pushes a
 //! [`ConfigProblem`] and carries on, so one run lists everything to fix.
 
+use super::Config;
 use super::{ArchiveConfig, Keep};
-use super::{Config, EvidenceRule, ZoneConfig};
 use super::{ConfigProblem, HomeAssistant};
-use crate::base::problems::{Problems, TOKEN_FORM};
+use crate::base::problems::Problems;
 use crate::naming;
-use crate::sources::check::{Producers, MAX_KEEP_ALIVE, MIN_KEEP_ALIVE};
+use crate::sources::check::{MAX_KEEP_ALIVE, MIN_KEEP_ALIVE};
 use std::time::Duration;
 
 const MAX_BATCH: usize = 100_000;
@@ -28,10 +28,10 @@ pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
         crate::hub::config::check(hub, &mut p);
     }
     for (name, zone) in &config.zones {
-        check_zone("zones", name, zone, &producers, &mut p);
+        crate::engine::config::check_zone("zones", name, zone, &producers, &mut p);
     }
     for (name, person) in &config.persons {
-        check_zone("persons", name, person, &producers, &mut p);
+        crate::engine::config::check_zone("persons", name, person, &producers, &mut p);
     }
     if let Some(archive) = &config.archive {
         check_archive(archive, &mut p);
@@ -338,160 +338,6 @@ fn check_homeassistant(ha: &HomeAssistant, p: &mut Problems) {
             p.push(
                 format!("{at}.{field}"),
                 format!("{value:?} must be a topic prefix: non-empty, no `+` or `#`, no leading or trailing `/`"),
-            );
-        }
-    }
-}
-
-/// Checks a zone (`section` = "zones") or a person ("persons"): both are
-/// entries of KV `presence` with the same state machine.
-fn check_zone(
-    section: &str,
-    name: &str,
-    zone: &ZoneConfig,
-    producers: &Producers,
-    p: &mut Problems,
-) {
-    let at = format!("{section}.{name}");
-    if !naming::is_token(name) {
-        let kind = if section == "persons" {
-            "person id"
-        } else {
-            "zone name"
-        };
-        p.push(
-            at.clone(),
-            format!(
-                "{kind} {name:?} is invalid (it is part of a KV key and subject): {TOKEN_FORM}"
-            ),
-        );
-    }
-    probability(p, format!("{at}.prior"), zone.prior);
-    let above_ok = probability(p, format!("{at}.occupied_above"), zone.occupied_above);
-    let below_ok = probability(p, format!("{at}.vacant_below"), zone.vacant_below);
-    if above_ok && below_ok && zone.vacant_below >= zone.occupied_above {
-        p.push(
-            format!("{at}.vacant_below"),
-            format!(
-                "must be below occupied_above ({}), got {}: the gap between them is the hysteresis",
-                zone.occupied_above, zone.vacant_below
-            ),
-        );
-    }
-    if zone.evidence.is_empty() {
-        p.push(
-            format!("{at}.evidence"),
-            "is empty: a zone without evidence stays at its prior forever",
-        );
-    }
-    for (i, rule) in zone.evidence.iter().enumerate() {
-        check_rule(&format!("{at}.evidence[{i}]"), rule, producers, p);
-    }
-}
-
-/// Pushes a problem unless `v` is a finite number strictly inside (0, 1);
-/// returns whether it is.
-fn probability(p: &mut Problems, path: String, v: f64) -> bool {
-    let ok = v.is_finite() && v > 0.0 && v < 1.0;
-    if !ok {
-        p.push(path, format!("must be strictly between 0 and 1, got {v}"));
-    }
-    ok
-}
-
-fn check_rule(at: &str, rule: &EvidenceRule, producers: &Producers, p: &mut Problems) {
-    let sensor_at = format!("{at}.sensor");
-    if !naming::is_token(&rule.sensor) {
-        p.push(
-            sensor_at,
-            format!("sensor id {:?} is invalid: {TOKEN_FORM}", rule.sensor),
-        );
-    } else if producers.elsewhere {
-        // Checked where the sensors are read.
-    } else if !producers.any_source {
-        p.push(
-            sensor_at,
-            format!(
-                "no source is configured, so nothing produces sensor {:?}: add an `[mqtt.<name>]` or `[serial.<name>]` source",
-                rule.sensor
-            ),
-        );
-    } else if !producers.statics.contains_key(&rule.sensor)
-        && !producers
-            .templates
-            .iter()
-            .any(|(t, _)| t.can_produce(&rule.sensor))
-    {
-        p.push(
-            sensor_at,
-            format!(
-                "no source produces sensor {:?}: map it in `mqtt.<name>.topics`, `zigbee2mqtt.devices` or a `[serial.<name>]` source",
-                rule.sensor
-            ),
-        );
-    }
-
-    let t_ok = probability(p, format!("{at}.p_true"), rule.p_true);
-    let f_ok = probability(p, format!("{at}.p_false"), rule.p_false);
-    if t_ok && f_ok && rule.p_true == rule.p_false {
-        p.push(
-            format!("{at}.p_false"),
-            format!(
-                "equals p_true ({}): the likelihood ratio is 1, so the rule never moves the confidence",
-                rule.p_true
-            ),
-        );
-    }
-
-    if let (Some(what), None, None) = (producers.numeric.get(&rule.sensor), rule.above, rule.below)
-    {
-        p.push(
-            at.to_owned(),
-            format!(
-                "sensor {:?} reports numbers ({what}), so the rule needs a threshold: set `above` (e.g. `above = 50`), `below`, or both for a band",
-                rule.sensor
-            ),
-        );
-    }
-
-    let mut bounds_ok = true;
-    for (field, v) in [("above", rule.above), ("below", rule.below)] {
-        if let Some(v) = v {
-            if !v.is_finite() {
-                bounds_ok = false;
-                p.push(
-                    format!("{at}.{field}"),
-                    format!("must be a finite number, got {v}"),
-                );
-            }
-        }
-    }
-    if let (true, Some(above), Some(below)) = (bounds_ok, rule.above, rule.below) {
-        if above >= below {
-            p.push(
-                format!("{at}.below"),
-                format!(
-                    "with both set the rule is a band (above < value < below), so below must exceed above ({above}), got {below}"
-                ),
-            );
-        }
-    }
-
-    if let Some(hold) = rule.hold {
-        positive(p, format!("{at}.hold"), hold);
-    }
-    if let Some(stale) = rule.stale_after {
-        positive(p, format!("{at}.stale_after"), stale);
-    }
-    if let (Some(hold), Some(stale)) = (rule.hold, rule.stale_after) {
-        if !stale.is_zero() && stale < hold {
-            p.push(
-                format!("{at}.stale_after"),
-                format!(
-                    "is shorter than hold ({}), got {}: a true reading would turn neutral before its hold ends",
-                    humantime::format_duration(hold),
-                    humantime::format_duration(stale)
-                ),
             );
         }
     }
