@@ -17,10 +17,10 @@ mod validate;
 
 // The sources' sections live with the sources (each component owns its
 // config); the top config holds them under `[mqtt.*]` and `[serial.*]`.
-use crate::sources::config::{default_keep_alive, default_mqtt_host, default_mqtt_port};
 // The connection's section is the store's, the hub watch's the hub's.
 use crate::engine::config::{default_occupied_above, default_vacant_below};
 pub use crate::engine::config::{EvidenceRule, ZoneConfig};
+pub use crate::homeassistant::config::HomeAssistant;
 pub use crate::hub::config::HubWatch;
 pub use crate::sources::config::{
     EspresenseConfig, EspresensePerson, MqttSource, SerialFraming, SerialSource, TopicMapping,
@@ -398,41 +398,6 @@ impl Default for LeaseConfig {
 
 fn default_lease_ttl() -> Duration {
     Duration::from_secs(10)
-}
-
-/// Home Assistant MQTT discovery output (`[homeassistant]`).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HomeAssistant {
-    /// The broker Home Assistant reads (often the one the sensors use).
-    #[serde(default = "default_mqtt_host")]
-    pub host: String,
-    /// The broker's port (1883 for plain MQTT).
-    #[serde(default = "default_mqtt_port")]
-    pub port: u16,
-    /// Default `presenced-<site>-homeassistant`.
-    pub client_id: Option<String>,
-    /// Broker user, when the broker requires one.
-    pub username: Option<String>,
-    /// File holding the broker password (a systemd credential in
-    /// production); never the password itself in the config.
-    pub password_file: Option<PathBuf>,
-    /// MQTT keep-alive: how soon a dead broker connection is noticed.
-    #[serde(default = "default_keep_alive", with = "humantime_serde")]
-    pub keep_alive: Duration,
-    /// Home Assistant's discovery prefix.
-    #[serde(default = "default_discovery_prefix")]
-    pub discovery_prefix: String,
-    /// State and availability topics live under `<base_topic>/<site>/`.
-    #[serde(default = "default_ha_base")]
-    pub base_topic: String,
-}
-
-fn default_discovery_prefix() -> String {
-    "homeassistant".into()
-}
-fn default_ha_base() -> String {
-    "presenced".into()
 }
 
 pub use crate::base::problems::ConfigProblem;

@@ -2,11 +2,10 @@
 //! [`ConfigProblem`] and carries on, so one run lists everything to fix.
 
 use super::Config;
+use super::ConfigProblem;
 use super::{ArchiveConfig, Keep};
-use super::{ConfigProblem, HomeAssistant};
 use crate::base::problems::Problems;
 use crate::naming;
-use crate::sources::check::{MAX_KEEP_ALIVE, MIN_KEEP_ALIVE};
 use std::time::Duration;
 
 const MAX_BATCH: usize = 100_000;
@@ -22,7 +21,7 @@ pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
         .components()
         .contains(&crate::base::ownership::Component::Ingest);
     if let Some(ha) = &config.homeassistant {
-        check_homeassistant(ha, &mut p);
+        crate::homeassistant::config::check(ha, &mut p);
     }
     if let Some(hub) = &config.hub {
         crate::hub::config::check(hub, &mut p);
@@ -294,53 +293,6 @@ fn check_runs(config: &Config, p: &mut Problems) {
 
 fn positive(p: &mut Problems, path: impl Into<String>, d: Duration) {
     p.positive(path, d);
-}
-
-fn check_homeassistant(ha: &HomeAssistant, p: &mut Problems) {
-    let at = "homeassistant";
-    if ha.host.trim().is_empty() {
-        p.push(format!("{at}.host"), "is empty");
-    }
-    if ha.port == 0 {
-        p.push(format!("{at}.port"), "must be 1 to 65535, got 0");
-    }
-    if ha.client_id.as_deref() == Some("") {
-        p.push(
-            format!("{at}.client_id"),
-            "is empty: leave it out for `presenced-<site>-homeassistant`",
-        );
-    }
-    let ka = ha.keep_alive;
-    if ka < MIN_KEEP_ALIVE || ka > MAX_KEEP_ALIVE || ka.subsec_nanos() != 0 {
-        p.push(
-            format!("{at}.keep_alive"),
-            format!(
-                "must be whole seconds from 1s to {MAX_KEEP_ALIVE:?}, got {}",
-                humantime::format_duration(ka)
-            ),
-        );
-    }
-    if ha.password_file.is_some() && ha.username.is_none() {
-        p.push(
-            format!("{at}.password_file"),
-            "is set but `username` is not; MQTT sends a password only with a user name",
-        );
-    }
-    for (field, value) in [
-        ("discovery_prefix", &ha.discovery_prefix),
-        ("base_topic", &ha.base_topic),
-    ] {
-        if value.is_empty()
-            || value.contains(['+', '#'])
-            || value.starts_with('/')
-            || value.ends_with('/')
-        {
-            p.push(
-                format!("{at}.{field}"),
-                format!("{value:?} must be a topic prefix: non-empty, no `+` or `#`, no leading or trailing `/`"),
-            );
-        }
-    }
 }
 
 #[cfg(test)]

@@ -9,11 +9,14 @@
 //! (renewals failing for a TTL) or released on a clean stop; the broker
 //! publishes `offline` (the MQTT will) when the daemon dies without one.
 
+pub mod config;
+
 use crate::base::backoff::Backoff;
-use crate::config::{HomeAssistant, ZoneConfig};
+use crate::engine::config::ZoneConfig;
 use crate::engine::{Presence, ZoneState};
 use crate::naming::{self, Site};
 use async_nats::jetstream::kv;
+use config::HomeAssistant;
 use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use serde_json::json;
