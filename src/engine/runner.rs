@@ -951,6 +951,8 @@ impl Runner {
         // The system clock against the monotonic one, once per beat: a
         // step shows as a difference between their elapsed times.
         let mut last_beat = (std::time::Instant::now(), Timestamp::now());
+        // Waits after a consumer error, reset by the next message.
+        let mut consume_retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         loop {
             let next = if self.backlog == 0 {
                 self.timers.first().map(|(d, _)| *d)
@@ -980,6 +982,7 @@ impl Runner {
                 Some(msg) = commands.next() => self.command(&client, msg).await,
                 m = messages.next() => match m {
                     Some(Ok(first)) => {
+                        consume_retry.reset();
                         let mut batch = vec![first];
                         while batch.len() < self.batch {
                             match messages.next().now_or_never() {
@@ -992,7 +995,7 @@ impl Runner {
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "SENSORS consumer: waiting for the server");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tokio::time::sleep(consume_retry.next_delay()).await;
                     }
                     None => return Err(RunnerError::Consume("SENSORS consumer stream ended".into())),
                 },
