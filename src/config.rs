@@ -19,14 +19,14 @@ mod validate;
 // config); the top config holds them under `[mqtt.*]` and `[serial.*]`.
 // The connection's section is the store's, the hub watch's the hub's.
 use crate::engine::config::{default_occupied_above, default_vacant_below};
-pub use crate::engine::config::{EvidenceRule, ZoneConfig};
+pub use crate::engine::config::{EngineConfig, EvidenceRule, ZoneConfig};
 pub use crate::homeassistant::config::HomeAssistant;
 pub use crate::hub::config::HubWatch;
 pub use crate::sources::config::{
     EspresenseConfig, EspresensePerson, MqttSource, SerialFraming, SerialSource, TopicMapping,
     Zigbee2Mqtt, Zigbee2MqttDevice, Zigbee2MqttKind,
 };
-pub use crate::store::config::{NatsConfig, NatsTls};
+pub use crate::store::config::{LeaseConfig, NatsConfig, NatsTls};
 
 /// Top level of `presenced.toml`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -345,59 +345,6 @@ fn default_reject_log_every() -> Duration {
 }
 fn default_max_clock_skew() -> Duration {
     Duration::from_secs(300)
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct EngineConfig {
-    /// Most observations applied per batch; KV writes are coalesced per
-    /// zone within a batch.
-    #[serde(default = "default_batch")]
-    pub batch: usize,
-    /// Longest wait for in-flight work on SIGTERM before exiting.
-    #[serde(default = "default_drain", with = "humantime_serde")]
-    pub drain_timeout: Duration,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            batch: default_batch(),
-            drain_timeout: default_drain(),
-        }
-    }
-}
-
-fn default_batch() -> usize {
-    1000
-}
-fn default_drain() -> Duration {
-    Duration::from_secs(10)
-}
-
-/// The service's lease `owners.<service>`: clients mark the keys of a
-/// service whose lease is gone as stale.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct LeaseConfig {
-    /// How long the lease outlives the last renewal (per-message TTL of
-    /// the lease key): after a crash, clients see this service's keys as
-    /// stale within this time (plus up to 1 s of server expiry tick).
-    /// Whole seconds, at least 3s; renewed every third of it.
-    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
-    pub ttl: Duration,
-}
-
-impl Default for LeaseConfig {
-    fn default() -> Self {
-        LeaseConfig {
-            ttl: default_lease_ttl(),
-        }
-    }
-}
-
-fn default_lease_ttl() -> Duration {
-    Duration::from_secs(10)
 }
 
 pub use crate::base::problems::ConfigProblem;

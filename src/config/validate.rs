@@ -8,8 +8,6 @@ use crate::base::problems::Problems;
 use crate::naming;
 use std::time::Duration;
 
-const MAX_BATCH: usize = 100_000;
-
 pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
     let mut p = Problems::default();
     check_top(config, &mut p);
@@ -107,28 +105,9 @@ fn check_top(config: &Config, p: &mut Problems) {
         p.push("ingest.max_in_flight", "must be at least 1, got 0");
     }
 
-    if !(1..=MAX_BATCH).contains(&config.engine.batch) {
-        p.push(
-            "engine.batch",
-            format!(
-                "must be between 1 and {MAX_BATCH}, got {}",
-                config.engine.batch
-            ),
-        );
-    }
-    positive(p, "engine.drain_timeout", config.engine.drain_timeout);
+    crate::engine::config::check_engine(&config.engine, p);
 
-    let ttl = config.lease.ttl;
-    if ttl.subsec_nanos() != 0 || ttl < crate::base::ownership::MIN_TTL {
-        p.push(
-            "lease.ttl",
-            format!(
-                "{} is not allowed: use whole seconds, at least {}s (the server expires leases on a 1 s tick and the lease is renewed every third of it)",
-                humantime::format_duration(ttl),
-                crate::base::ownership::MIN_TTL.as_secs()
-            ),
-        );
-    }
+    crate::store::config::check_lease(&config.lease, p);
 }
 
 /// Buckets a snapshot may hold.

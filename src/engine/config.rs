@@ -222,3 +222,45 @@ fn check_rule(at: &str, rule: &EvidenceRule, producers: &Producers, p: &mut Prob
         }
     }
 }
+
+/// The most observations one batch may apply.
+const MAX_BATCH: usize = 100_000;
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Most observations applied per batch; KV writes are coalesced per
+    /// zone within a batch.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// Longest wait for in-flight work on SIGTERM before exiting.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            batch: default_batch(),
+            drain_timeout: default_drain(),
+        }
+    }
+}
+
+fn default_batch() -> usize {
+    1000
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Checks `[engine]`, pushing every problem found.
+pub fn check_engine(engine: &EngineConfig, p: &mut Problems) {
+    if !(1..=MAX_BATCH).contains(&engine.batch) {
+        p.push(
+            "engine.batch",
+            format!("must be between 1 and {MAX_BATCH}, got {}", engine.batch),
+        );
+    }
+    p.positive("engine.drain_timeout", engine.drain_timeout);
+}

@@ -1,5 +1,6 @@
-//! The `[nats]` section: which leaf nats-server, as whom, over what,
-//! and its checks. The store owns it: it is what `connect` reads.
+//! The `[nats]` section (which leaf nats-server, as whom, over what) and
+//! the `[lease]` section, with their checks. The store owns them: it is
+//! what `connect` and the lease keeper read.
 
 use crate::base::problems::Problems;
 use serde::{Deserialize, Serialize};
@@ -145,6 +146,46 @@ fn check_nats_server(server: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The service's lease `owners.<service>`: clients mark the keys of a
+/// service whose lease is gone as stale.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// How long the lease outlives the last renewal (per-message TTL of
+    /// the lease key): after a crash, clients see this service's keys as
+    /// stale within this time (plus up to 1 s of server expiry tick).
+    /// Whole seconds, at least 3s; renewed every third of it.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            ttl: default_lease_ttl(),
+        }
+    }
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Checks `[lease]`, pushing every problem found.
+pub fn check_lease(lease: &LeaseConfig, p: &mut Problems) {
+    let ttl = lease.ttl;
+    if ttl.subsec_nanos() != 0 || ttl < crate::base::ownership::MIN_TTL {
+        p.push(
+            "lease.ttl",
+            format!(
+                "{} is not allowed: use whole seconds, at least {}s (the server expires leases on a 1 s tick and the lease is renewed every third of it)",
+                humantime::format_duration(ttl),
+                crate::base::ownership::MIN_TTL.as_secs()
+            ),
+        );
+    }
 }
 
 #[cfg(test)]
