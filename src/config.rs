@@ -22,6 +22,7 @@ use crate::engine::config::{default_occupied_above, default_vacant_below};
 pub use crate::engine::config::{EngineConfig, EvidenceRule, ZoneConfig};
 pub use crate::homeassistant::config::HomeAssistant;
 pub use crate::hub::config::HubWatch;
+pub use crate::ingest::IngestConfig;
 pub use crate::sources::config::{
     EspresenseConfig, EspresensePerson, MqttSource, SerialFraming, SerialSource, TopicMapping,
     Zigbee2Mqtt, Zigbee2MqttDevice, Zigbee2MqttKind,
@@ -287,64 +288,6 @@ fn yes() -> bool {
 }
 fn default_http_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9464))
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct IngestConfig {
-    /// Observations held in memory while the leaf is unreachable. When
-    /// full, sources wait for room: MQTT input is not acknowledged
-    /// meanwhile (the broker keeps it; each wait counts in
-    /// `presenced_ingest_buffer_full_total`), a serial port is not read
-    /// (the device's and the kernel's buffers hold what arrives).
-    #[serde(default = "default_buffer")]
-    pub buffer: usize,
-    /// Most observations taken from the buffer as one batch: the batch is
-    /// published to `SENSORS` and every ack of it awaited before the next
-    /// batch (and before the sources' own acks fire). Acks outstanding on
-    /// the wire are bounded separately, by a fixed window of 1024.
-    #[serde(default = "default_max_in_flight")]
-    pub max_in_flight: usize,
-    /// Reject (into `REJECTED`) messages on subscribed topics that no
-    /// mapping claims, instead of ignoring them.
-    #[serde(default)]
-    pub strict_topics: bool,
-    /// Least time between two rejection WARN lines of one source; the
-    /// rest are counted, and all are kept in `REJECTED`.
-    #[serde(default = "default_reject_log_every", with = "humantime_serde")]
-    pub reject_log_every: Duration,
-    /// How far ahead of the receive time a device's own timestamp may be.
-    /// Beyond it (or before 2000-01-01) the reading is rejected into
-    /// `REJECTED`: a reading from the future would move its zone's clock
-    /// forward. Default 5 minutes: NTP-synced devices are within a second,
-    /// a drifting RTC within a few.
-    #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
-    pub max_clock_skew: Duration,
-}
-
-impl Default for IngestConfig {
-    fn default() -> Self {
-        IngestConfig {
-            buffer: default_buffer(),
-            max_in_flight: default_max_in_flight(),
-            strict_topics: false,
-            reject_log_every: default_reject_log_every(),
-            max_clock_skew: default_max_clock_skew(),
-        }
-    }
-}
-
-fn default_buffer() -> usize {
-    100_000
-}
-fn default_max_in_flight() -> usize {
-    1024
-}
-fn default_reject_log_every() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_max_clock_skew() -> Duration {
-    Duration::from_secs(300)
 }
 
 pub use crate::base::problems::ConfigProblem;

@@ -97,13 +97,7 @@ fn check_top(config: &Config, p: &mut Problems) {
 
     crate::store::config::check(&config.nats, p);
 
-    if config.ingest.buffer < 1 {
-        p.push("ingest.buffer", "must be at least 1, got 0");
-    }
-    positive(p, "ingest.max_clock_skew", config.ingest.max_clock_skew);
-    if config.ingest.max_in_flight < 1 {
-        p.push("ingest.max_in_flight", "must be at least 1, got 0");
-    }
+    crate::ingest::check_config(&config.ingest, p);
 
     crate::engine::config::check_engine(&config.engine, p);
 
