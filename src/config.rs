@@ -12,7 +12,22 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod parse;
 mod validate;
+
+// The sources' sections live with the sources (each component owns its
+// config); the top config holds them under `[mqtt.*]` and `[serial.*]`.
+// The connection's section is the store's, the hub watch's the hub's.
+use crate::engine::config::{default_occupied_above, default_vacant_below};
+pub use crate::engine::config::{EngineConfig, EvidenceRule, ZoneConfig};
+pub use crate::homeassistant::config::HomeAssistant;
+pub use crate::hub::config::HubWatch;
+pub use crate::ingest::IngestConfig;
+pub use crate::sources::config::{
+    EspresenseConfig, EspresensePerson, MqttSource, SerialFraming, SerialSource, TopicMapping,
+    Zigbee2Mqtt, Zigbee2MqttDevice, Zigbee2MqttKind,
+};
+pub use crate::store::config::{LeaseConfig, NatsConfig, NatsTls};
 
 /// Top level of `presenced.toml`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -33,14 +48,19 @@ pub struct Config {
     /// What `/healthz` and `presenced status` count as degraded.
     #[serde(default)]
     pub health: HealthConfig,
+    /// Log level (`[log]`); `RUST_LOG` overrides it.
     #[serde(default)]
     pub log: LogConfig,
+    /// The leaf nats-server this instance talks to, and as whom.
     #[serde(default)]
     pub nats: NatsConfig,
+    /// Where `/healthz` and `/metrics` are served.
     #[serde(default)]
     pub http: HttpConfig,
+    /// How observations are buffered and stored in `SENSORS`.
     #[serde(default)]
     pub ingest: IngestConfig,
+    /// How the engine consumes `SENSORS` and drains on shutdown.
     #[serde(default)]
     pub engine: EngineConfig,
     /// The liveness lease this service keeps in KV `owners`.
@@ -134,6 +154,7 @@ pub struct ArchiveConfig {
     /// jitter, up to `retry_max`. Attempts never stop.
     #[serde(default = "default_retry_initial", with = "humantime_serde")]
     pub retry_initial: Duration,
+    /// Longest delay between two upload attempts (the backoff's cap).
     #[serde(default = "default_retry_max", with = "humantime_serde")]
     pub retry_max: Duration,
     /// Where snapshots are uploaded; without it they stay local.
@@ -198,7 +219,9 @@ fn default_retry_max() -> Duration {
 pub struct S3Config {
     /// `https://s3.<region>.wasabisys.com` for Wasabi.
     pub endpoint: String,
+    /// The bucket's region (`us-east-1`, ...); signed into each request.
     pub region: String,
+    /// The bucket snapshots go to.
     pub bucket: String,
     /// Key prefix before the snapshot id, e.g. `presenced/`.
     #[serde(default)]
@@ -210,6 +233,7 @@ pub struct S3Config {
     /// Files with the access key id and secret (systemd credentials in
     /// production); never the keys themselves in the config.
     pub access_key_file: PathBuf,
+    /// See `access_key_file`.
     pub secret_key_file: PathBuf,
     /// Snapshots larger than this go up in multipart uploads of parts this
     /// size (S3 needs at least 5 MiB).
@@ -237,65 +261,6 @@ pub struct LogConfig {
     /// `error`, `warn`, `info`, `debug`, `trace` or a tracing filter
     /// directive; `RUST_LOG` wins when set.
     pub level: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct NatsConfig {
-    /// The site's leaf nats-server.
-    #[serde(default = "default_nats_url")]
-    pub url: String,
-    /// How long one connection attempt may take.
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// How long a JetStream request (publish ack, KV write) may take before
-    /// it counts as failed and is retried.
-    #[serde(default = "default_request_timeout", with = "humantime_serde")]
-    pub request_timeout: Duration,
-    /// File with this instance's NKEY user seed (`SU...`). A leading
-    /// `$CREDENTIALS_DIRECTORY/` is resolved against systemd's credentials
-    /// directory, so the seed never has to enter the Nix store.
-    pub nkey_seed_file: Option<PathBuf>,
-    /// TLS to the leaf (`[nats.tls]`); when present, the connection must
-    /// be TLS.
-    pub tls: Option<NatsTls>,
-}
-
-/// `[nats.tls]`: the CA that signed the server's certificate, and an
-/// optional client certificate for servers that verify clients. Paths are
-/// resolved like other secret paths (a leading `$CREDENTIALS_DIRECTORY/`).
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct NatsTls {
-    /// PEM file with the CA certificate(s) the server's certificate must
-    /// chain to; without it, the system's trusted roots.
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate (chain), for a server with `verify: true`.
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key of `cert_file`.
-    pub key_file: Option<PathBuf>,
-}
-
-impl Default for NatsConfig {
-    fn default() -> Self {
-        NatsConfig {
-            url: default_nats_url(),
-            connect_timeout: default_connect_timeout(),
-            request_timeout: default_request_timeout(),
-            nkey_seed_file: None,
-            tls: None,
-        }
-    }
-}
-
-fn default_nats_url() -> String {
-    "nats://127.0.0.1:4222".into()
-}
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_request_timeout() -> Duration {
-    Duration::from_secs(5)
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -332,461 +297,15 @@ fn default_http_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct IngestConfig {
-    /// Observations held in memory while the leaf is unreachable. When
-    /// full, MQTT input is no longer acknowledged (the broker keeps it) and
-    /// readings that cannot wait (serial) are dropped and counted.
-    #[serde(default = "default_buffer")]
-    pub buffer: usize,
-    /// Publishes to `SENSORS` awaiting their ack at once.
-    #[serde(default = "default_max_in_flight")]
-    pub max_in_flight: usize,
-    /// Reject (into `REJECTED`) messages on subscribed topics that no
-    /// mapping claims, instead of ignoring them.
-    #[serde(default)]
-    pub strict_topics: bool,
-    /// Least time between two rejection WARN lines of one source; the
-    /// rest are counted, and all are kept in `REJECTED`.
-    #[serde(default = "default_reject_log_every", with = "humantime_serde")]
-    pub reject_log_every: Duration,
-    /// How far ahead of the receive time a device's own timestamp may be.
-    /// Beyond it (or before 2000-01-01) the reading is rejected into
-    /// `REJECTED`: a reading from the future would move its zone's clock
-    /// forward. Default 5 minutes: NTP-synced devices are within a second,
-    /// a drifting RTC within a few.
-    #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
-    pub max_clock_skew: Duration,
-}
+pub use crate::base::problems::ConfigProblem;
 
-impl Default for IngestConfig {
-    fn default() -> Self {
-        IngestConfig {
-            buffer: default_buffer(),
-            max_in_flight: default_max_in_flight(),
-            strict_topics: false,
-            reject_log_every: default_reject_log_every(),
-            max_clock_skew: default_max_clock_skew(),
-        }
+impl crate::engine::Model {
+    /// The model of every entry of KV `presence` the config has (zones
+    /// and persons). Here rather than in the engine, which knows its own
+    /// section only.
+    pub fn from_config(cfg: &Config) -> Self {
+        Self::from_entries(cfg.presence_entries())
     }
-}
-
-fn default_buffer() -> usize {
-    100_000
-}
-fn default_max_in_flight() -> usize {
-    1024
-}
-fn default_reject_log_every() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_max_clock_skew() -> Duration {
-    Duration::from_secs(300)
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct EngineConfig {
-    /// Most observations applied per batch; KV writes are coalesced per
-    /// zone within a batch.
-    #[serde(default = "default_batch")]
-    pub batch: usize,
-    /// Longest wait for in-flight work on SIGTERM before exiting.
-    #[serde(default = "default_drain", with = "humantime_serde")]
-    pub drain_timeout: Duration,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            batch: default_batch(),
-            drain_timeout: default_drain(),
-        }
-    }
-}
-
-fn default_batch() -> usize {
-    1000
-}
-fn default_drain() -> Duration {
-    Duration::from_secs(10)
-}
-
-/// The service's lease `owners.<service>`: clients mark the keys of a
-/// service whose lease is gone as stale.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct LeaseConfig {
-    /// How long the lease outlives the last renewal (per-message TTL of
-    /// the lease key): after a crash, clients see this service's keys as
-    /// stale within this time (plus up to 1 s of server expiry tick).
-    /// Whole seconds, at least 3s; renewed every third of it.
-    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
-    pub ttl: Duration,
-}
-
-impl Default for LeaseConfig {
-    fn default() -> Self {
-        LeaseConfig {
-            ttl: default_lease_ttl(),
-        }
-    }
-}
-
-fn default_lease_ttl() -> Duration {
-    Duration::from_secs(10)
-}
-
-/// One MQTT broker and the topics read from it.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct MqttSource {
-    #[serde(default = "default_mqtt_host")]
-    pub host: String,
-    #[serde(default = "default_mqtt_port")]
-    pub port: u16,
-    /// Client id; stable, because the broker keeps the session (and the
-    /// unacknowledged QoS 1 messages) under it across restarts. Default
-    /// `presenced-<site>-<source>`.
-    pub client_id: Option<String>,
-    pub username: Option<String>,
-    /// File holding the password (a systemd credential in production);
-    /// never the password itself in the config.
-    pub password_file: Option<PathBuf>,
-    #[serde(default = "default_keep_alive", with = "humantime_serde")]
-    pub keep_alive: Duration,
-    /// Upper bound of the reconnect backoff.
-    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
-    pub reconnect_max: Duration,
-    /// Largest payload (bytes) read as a reading. A larger message is
-    /// acknowledged and kept in `REJECTED` (topic, size, reason and its
-    /// first bytes), and the connection stays up. Default 64 KiB: sensor
-    /// reports are under 2 KiB. Messages up to MQTT's own limit (256 MiB)
-    /// are received whatever this says, so no size the broker accepts can
-    /// drop the connection.
-    #[serde(default = "default_max_payload")]
-    pub max_payload: usize,
-    /// Explicit topic mappings.
-    #[serde(default)]
-    pub topics: Vec<TopicMapping>,
-    /// Zigbee2MQTT devices, expanded into topic mappings.
-    pub zigbee2mqtt: Option<Zigbee2Mqtt>,
-    /// ESPresense people: which room each person is in.
-    pub espresense: Option<EspresenseConfig>,
-}
-
-/// ESPresense preset (`[mqtt.<name>.espresense]`).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct EspresenseConfig {
-    /// ESPresense's MQTT prefix; reports come on `<base_topic>/devices/<device>/<room>`.
-    #[serde(default = "default_espresense_base")]
-    pub base_topic: String,
-    /// Metres a room must be nearer than the current one to take over.
-    #[serde(default = "default_margin")]
-    pub margin: f64,
-    /// How long it must stay nearer by the margin before the switch.
-    #[serde(default = "default_dwell", with = "humantime_serde")]
-    pub dwell: Duration,
-    /// Readings farther than this (metres) are not reliable.
-    #[serde(default = "default_max_distance")]
-    pub max_distance: f64,
-    /// Readings older than this are not reliable.
-    #[serde(default = "default_espresense_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Tracked devices and whose they are.
-    #[serde(default)]
-    pub people: Vec<EspresensePerson>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct EspresensePerson {
-    /// ESPresense device id (`irk:...`, `phone:alice`, ...).
-    pub device: String,
-    /// Person id: sensors are `<person>_in_<room>` and `<person>_home`.
-    pub person: String,
-}
-
-fn default_espresense_base() -> String {
-    "espresense".into()
-}
-fn default_margin() -> f64 {
-    1.0
-}
-fn default_dwell() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_max_distance() -> f64 {
-    8.0
-}
-fn default_espresense_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-
-fn default_max_payload() -> usize {
-    64 * 1024
-}
-fn default_mqtt_host() -> String {
-    "127.0.0.1".into()
-}
-fn default_mqtt_port() -> u16 {
-    1883
-}
-fn default_keep_alive() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_reconnect_max() -> Duration {
-    Duration::from_secs(30)
-}
-
-/// Health of the site's hub mirrors, read through the leafnode link
-/// (`[hub]`): lag, last contact, stalls, and the nudge after the link
-/// comes back (docs/OPERATIONS.md, "Hub mirrors").
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HubWatch {
-    /// How often each mirror and its source are read.
-    #[serde(default = "default_hub_poll", with = "humantime_serde")]
-    pub poll_interval: Duration,
-    /// How long a mirror may make no progress while its source has moved on
-    /// before it counts as stalled (WARN log, metric, `/healthz`).
-    #[serde(default = "default_stall_after", with = "humantime_serde")]
-    pub stall_after: Duration,
-    /// Ask the hub to restart a mirror that is behind and has neither heard
-    /// from its source nor moved for `nudge_after` (its leader steps down; the new
-    /// leader resumes at once instead of on the server's retry backoff).
-    #[serde(default = "yes")]
-    pub nudge: bool,
-    /// See `nudge`; also the least time between two nudges of a mirror.
-    #[serde(default = "default_nudge_after", with = "humantime_serde")]
-    pub nudge_after: Duration,
-}
-
-impl Default for HubWatch {
-    fn default() -> Self {
-        HubWatch {
-            poll_interval: default_hub_poll(),
-            stall_after: default_stall_after(),
-            nudge: true,
-            nudge_after: default_nudge_after(),
-        }
-    }
-}
-
-fn default_hub_poll() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_stall_after() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_nudge_after() -> Duration {
-    Duration::from_secs(2)
-}
-
-/// Home Assistant MQTT discovery output (`[homeassistant]`).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HomeAssistant {
-    #[serde(default = "default_mqtt_host")]
-    pub host: String,
-    #[serde(default = "default_mqtt_port")]
-    pub port: u16,
-    /// Default `presenced-<site>-homeassistant`.
-    pub client_id: Option<String>,
-    pub username: Option<String>,
-    pub password_file: Option<PathBuf>,
-    #[serde(default = "default_keep_alive", with = "humantime_serde")]
-    pub keep_alive: Duration,
-    /// Home Assistant's discovery prefix.
-    #[serde(default = "default_discovery_prefix")]
-    pub discovery_prefix: String,
-    /// State and availability topics live under `<base_topic>/<site>/`.
-    #[serde(default = "default_ha_base")]
-    pub base_topic: String,
-}
-
-fn default_discovery_prefix() -> String {
-    "homeassistant".into()
-}
-fn default_ha_base() -> String {
-    "presenced".into()
-}
-
-/// How the bytes of a serial device are cut into readings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SerialFraming {
-    /// HLK-LD2410 mmWave radar report frames.
-    Ld2410,
-    /// One JSON object per line: `{"sensor": "...", "value": ...}`.
-    JsonLines,
-}
-
-/// One serial device (`[serial.<name>]`).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SerialSource {
-    /// Device path; prefer the stable `/dev/serial/by-id/...` link, which
-    /// survives replugging into another port.
-    pub device: PathBuf,
-    pub framing: SerialFraming,
-    /// Default: 256000 for `ld2410` (its factory rate), 115200 otherwise.
-    pub baud: Option<u32>,
-    /// `ld2410`: outputs are named `<sensor_prefix>_present`, `_moving`,
-    /// `_still`, `_moving_distance`, ... Required for `ld2410`.
-    pub sensor_prefix: Option<String>,
-    /// `ld2410`: at most one observation per output in this interval.
-    #[serde(default = "default_min_interval", with = "humantime_serde")]
-    pub min_interval: Duration,
-    /// `ld2410`: whether an unchanged value is dropped (true) or repeated
-    /// once per `min_interval` as a refresh (false).
-    #[serde(default = "yes")]
-    pub changes_only: bool,
-    /// `ld2410`: switch the radar to engineering mode on every connect
-    /// (acknowledgement checked).
-    #[serde(default)]
-    pub engineering_mode: bool,
-    /// `json_lines`: the sensors the device prints; lines naming any other
-    /// are rejected. Empty accepts every valid sensor id.
-    #[serde(default)]
-    pub sensors: Vec<String>,
-    /// Upper bound of the reopen backoff after an unplug.
-    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
-    pub reconnect_max: Duration,
-}
-
-impl SerialSource {
-    pub fn baud_rate(&self) -> u32 {
-        self.baud.unwrap_or(match self.framing {
-            SerialFraming::Ld2410 => crate::sources::ld2410::DEFAULT_BAUD,
-            SerialFraming::JsonLines => 115_200,
-        })
-    }
-}
-
-fn default_min_interval() -> Duration {
-    Duration::from_secs(1)
-}
-
-/// Maps MQTT topics to a sensor and says where the value is.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TopicMapping {
-    /// MQTT topic filter, `+` and `#` allowed.
-    pub filter: String,
-    /// Sensor id; `{1}`, `{2}`, ... insert the topic levels matched by the
-    /// filter's wildcards, so one mapping can serve many devices.
-    pub sensor: String,
-    /// Where the value is: absent for a bare payload (`true`, `OFF`, `21.5`),
-    /// a JSON pointer (`/occupancy`) or a top-level field name.
-    pub value: Option<String>,
-    /// JSON pointer or field of the device's own timestamp (RFC 3339 string
-    /// or Unix milliseconds); absent means the receive time.
-    pub timestamp: Option<String>,
-}
-
-/// Zigbee2MQTT preset: devices by friendly name under a base topic.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Zigbee2Mqtt {
-    #[serde(default = "default_z2m_base")]
-    pub base_topic: String,
-    pub devices: Vec<Zigbee2MqttDevice>,
-}
-
-fn default_z2m_base() -> String {
-    "zigbee2mqtt".into()
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Zigbee2MqttDevice {
-    /// The device's friendly name in Zigbee2MQTT (its topic level).
-    pub device: String,
-    /// Which exposed property to read.
-    pub kind: Zigbee2MqttKind,
-    /// Sensor id; default: the friendly name, if it is a valid id.
-    pub sensor: Option<String>,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Zigbee2MqttKind {
-    /// Motion sensors: `occupancy` (boolean).
-    Occupancy,
-    /// Door and window sensors: `contact` (true when closed).
-    Contact,
-    /// Light sensors: `illuminance` (number).
-    Illuminance,
-}
-
-/// A zone: a prior, evidence rules, thresholds and debounce.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ZoneConfig {
-    /// Probability the zone is occupied with no evidence at all.
-    #[serde(default = "default_prior")]
-    pub prior: f64,
-    /// Confidence at or above which a vacant zone starts arriving.
-    #[serde(default = "default_occupied_above")]
-    pub occupied_above: f64,
-    /// Confidence at or below which an occupied zone starts leaving.
-    #[serde(default = "default_vacant_below")]
-    pub vacant_below: f64,
-    /// How long confidence must stay high before `arriving` becomes
-    /// `occupied`.
-    #[serde(default, with = "humantime_serde")]
-    pub arrive_after: Duration,
-    /// How long confidence must stay low before `leaving` becomes `vacant`.
-    #[serde(default = "default_leave_after", with = "humantime_serde")]
-    pub leave_after: Duration,
-    pub evidence: Vec<EvidenceRule>,
-}
-
-fn default_prior() -> f64 {
-    0.1
-}
-fn default_occupied_above() -> f64 {
-    0.7
-}
-fn default_vacant_below() -> f64 {
-    0.3
-}
-fn default_leave_after() -> Duration {
-    Duration::from_secs(60)
-}
-
-/// One sensor's say in a zone, as likelihoods.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct EvidenceRule {
-    pub sensor: String,
-    /// P(evidence true | zone occupied).
-    pub p_true: f64,
-    /// P(evidence true | zone vacant).
-    pub p_false: f64,
-    /// For momentary sensors (motion): a true reading counts as true for
-    /// this long after it, then as false, whatever arrives in between.
-    #[serde(default, with = "humantime_serde")]
-    pub hold: Option<Duration>,
-    /// A sensor silent for longer than this counts as neutral (no say).
-    #[serde(default, with = "humantime_serde")]
-    pub stale_after: Option<Duration>,
-    /// For numeric sensors: evidence is true when the value is above this.
-    pub above: Option<f64>,
-    /// For numeric sensors: evidence is true when the value is below this.
-    pub below: Option<f64>,
-}
-
-/// One problem found in a config: where and what.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{path}: {reason}")]
-pub struct ConfigProblem {
-    /// Field path, e.g. `zones.kitchen.evidence[2].p_true`.
-    pub path: String,
-    pub reason: String,
 }
 
 /// Why a config could not be used.
@@ -810,9 +329,13 @@ impl Config {
     /// Parses a config without checking its meaning; `path` only labels
     /// errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config = parse::parse(text).map_err(|problems| ConfigError::Parse {
             path: path.to_owned(),
-            message: parse_message(text, &e),
+            message: problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
         })?;
         config.add_preset_persons();
         Ok(config)
@@ -878,8 +401,8 @@ impl Config {
     /// inferred: ingest when a source is configured, engine when a zone or
     /// person is, archiver when `[archive]` is. A file with sources and
     /// zones thus runs ingest and engine, as before `runs` existed.
-    pub fn components(&self) -> Vec<crate::acl::access::Component> {
-        use crate::acl::access::Component;
+    pub fn components(&self) -> Vec<crate::base::ownership::Component> {
+        use crate::base::ownership::Component;
         let mut c: Vec<Component> = match &self.runs {
             Some(names) => names.iter().filter_map(|n| Component::parse(n)).collect(),
             None => {
@@ -918,7 +441,7 @@ impl Config {
         let config = Config::load(path)?;
         let mut problems = config.validate();
         if problems.is_empty() {
-            problems = validate::secrets(&config);
+            problems = crate::sources::check::secrets(&config.mqtt);
         }
         if problems.is_empty() {
             Ok(config)
@@ -937,118 +460,10 @@ impl Config {
     }
 }
 
-/// Turns toml's multi-line, caret-drawing error into one line with the
-/// position and message, plus the offending line: short enough for a
-/// journal entry, still enough to find the spot.
-fn parse_message(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim().replace('\n', " ");
-    let Some(span) = error.span() else {
-        return message;
-    };
-    let start = span.start.min(text.len());
-    let before = text.get(..start).unwrap_or("");
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let column = text
-        .get(line_start..start)
-        .map_or(1, |s| s.chars().count() + 1);
-    let content = text
-        .get(line_start..)
-        .and_then(|rest| rest.lines().next())
-        .unwrap_or("")
-        .trim_end();
-    let key = value_key(before, content, column)
-        .map(|k| format!("`{k}`: "))
-        .unwrap_or_default();
-    if content.is_empty() {
-        format!("line {line}, column {column}: {key}{message}")
-    } else {
-        format!("line {line}, column {column}: {key}{message}\n    {line} | {content}")
-    }
-}
-
-/// The dotted key whose value an error points at (`nats.connect_timeout`),
-/// when the error is in the value part of a `key = value` line: toml names
-/// unknown and missing keys itself, but not the key of a bad value.
-fn value_key(before: &str, content: &str, column: usize) -> Option<String> {
-    let eq = content.find('=')?;
-    if column <= content.get(..eq)?.chars().count() + 1 {
-        return None;
-    }
-    let key = content.get(..eq)?.trim();
-    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
-        return None;
-    }
-    let table = before
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(|h| {
-            h.trim_start_matches('[')
-                .split(']')
-                .next()
-                .unwrap_or("")
-                .trim()
-        });
-    Some(match table {
-        Some(t) if !t.is_empty() => format!("{t}.{key}"),
-        _ => key.to_owned(),
-    })
-}
-
-/// Prefix of secret paths that live in systemd's credentials directory.
-pub const CREDENTIALS_PREFIX: &str = "$CREDENTIALS_DIRECTORY/";
-
-/// Resolves a secret file path: a leading `$CREDENTIALS_DIRECTORY/` is
-/// replaced by the directory systemd passes in that variable (set by
-/// `LoadCredential=`), so a config in the world-readable Nix store can name
-/// a secret without containing it. Other paths are returned unchanged.
-pub fn resolve_secret_path(path: &Path) -> Result<PathBuf, String> {
-    resolve_secret_path_in(path, std::env::var_os("CREDENTIALS_DIRECTORY"))
-}
-
-fn resolve_secret_path_in(
-    path: &Path,
-    credentials_dir: Option<std::ffi::OsString>,
-) -> Result<PathBuf, String> {
-    let Some(rest) = path
-        .to_str()
-        .and_then(|s| s.strip_prefix(CREDENTIALS_PREFIX))
-    else {
-        return Ok(path.to_owned());
-    };
-    match credentials_dir {
-        Some(dir) => Ok(PathBuf::from(dir).join(rest)),
-        None => Err(format!(
-            "{} names systemd's credentials directory, but CREDENTIALS_DIRECTORY is not set (is LoadCredential= configured?)",
-            path.display()
-        )),
-    }
-}
+pub use crate::base::secrets::{resolve_secret_path, CREDENTIALS_PREFIX};
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn secret_paths_resolve_against_the_credentials_directory() {
-        use super::resolve_secret_path_in as r;
-        use std::path::Path;
-        assert_eq!(
-            r(Path::new("/etc/seed"), None).unwrap(),
-            Path::new("/etc/seed")
-        );
-        assert_eq!(
-            r(
-                Path::new("$CREDENTIALS_DIRECTORY/nkey-seed"),
-                Some("/run/credentials/x".into())
-            )
-            .unwrap(),
-            Path::new("/run/credentials/x/nkey-seed")
-        );
-        let e = r(Path::new("$CREDENTIALS_DIRECTORY/nkey-seed"), None).unwrap_err();
-        assert!(e.contains("CREDENTIALS_DIRECTORY is not set"), "{e}");
-    }
-
     use super::*;
 
     fn parse(text: &str) -> Config {
@@ -1340,7 +755,7 @@ stale_after = "1m"
     fn bad_duration_is_rejected() {
         let msg = parse_error("site = \"home\"\n[nats]\nconnect_timeout = \"5 parsecs\"\n");
         assert!(
-            msg.starts_with("line 3, column 19: `nats.connect_timeout`: invalid value"),
+            msg.starts_with("line 3, column 19: `nats.connect_timeout`: expected a duration like \"30s\", \"5m\""),
             "{msg}"
         );
     }
@@ -1349,7 +764,7 @@ stale_after = "1m"
     fn wrong_type_and_syntax_errors_are_parse_errors() {
         let msg = parse_error("site = 5\n");
         assert!(msg.starts_with("line 1, column 8: `site`:"), "{msg}");
-        assert!(msg.contains("invalid type"), "{msg}");
+        assert!(msg.contains("expected a string in quotes"), "{msg}");
         let msg = parse_error("site = \"home\"\n[zones\n");
         assert!(msg.starts_with("line 2,"), "{msg}");
         let err = Config::from_toml("site = 5\n", Path::new("p.toml")).unwrap_err();
@@ -1381,6 +796,67 @@ p_false = 0.1
     #[test]
     fn base_is_valid() {
         assert_eq!(paths(&base("")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_config_with_sources_and_no_zone_is_refused() {
+        let text =
+            "site = \"home\"\n[mqtt.m]\n[[mqtt.m.topics]]\nfilter = \"t/1\"\nsensor = \"s1\"\n";
+        let reasons = reasons_at(text, "zones");
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
+        assert!(reasons[0].contains("no zone is configured"), "{reasons:?}");
+        assert!(
+            reasons[0].contains("runs = [\"ingest\"]"),
+            "names the way out: {reasons:?}"
+        );
+        // An ingest-only instance says so, and passes.
+        let ingest_only = format!("runs = [\"ingest\"]\n{text}");
+        assert_eq!(paths(&ingest_only), Vec::<String>::new());
+        // An engine with nothing to decide is refused too.
+        let engine = "site = \"home\"\nruns = [\"engine\"]\n";
+        assert!(
+            reasons_at(engine, "zones")[0].contains("lists engine"),
+            "{:?}",
+            paths(engine)
+        );
+        // An admin's or a client's file (no sources, no zones) needs none.
+        assert_eq!(
+            paths("site = \"home\"\n[nats]\nurl = \"nats://127.0.0.1:4222\"\n"),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_rule_on_a_numeric_sensor_needs_a_threshold() {
+        let text = |rule: &str| {
+            format!(
+                "site = \"home\"\n[mqtt.m.zigbee2mqtt]\ndevices = [{{ device = \"hall_lux\", kind = \"illuminance\" }}]\n[serial.radar]\ndevice = \"/dev/ttyUSB0\"\nframing = \"ld2410\"\nsensor_prefix = \"desk\"\n[zones.z]\n[[zones.z.evidence]]\n{rule}p_true = 0.9\np_false = 0.1\n"
+            )
+        };
+        for sensor in ["hall_lux", "desk_moving_distance", "desk_still_energy"] {
+            let reasons = reasons_at(
+                &text(&format!("sensor = \"{sensor}\"\n")),
+                "zones.z.evidence[0]",
+            );
+            assert_eq!(reasons.len(), 1, "{sensor}: {reasons:?}");
+            assert!(
+                reasons[0].contains("needs a threshold: set `above`"),
+                "{reasons:?}"
+            );
+            assert_eq!(
+                paths(&text(&format!("sensor = \"{sensor}\"\nabove = 50.0\n"))),
+                Vec::<String>::new()
+            );
+            assert_eq!(
+                paths(&text(&format!("sensor = \"{sensor}\"\nbelow = 5.0\n"))),
+                Vec::<String>::new()
+            );
+        }
+        // Yes/no outputs need none.
+        assert_eq!(
+            paths(&text("sensor = \"desk_present\"\n")),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

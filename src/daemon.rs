@@ -42,13 +42,9 @@ async fn termination() {
     }
 }
 
-/// JetStream context for the daemon: enough acks in flight for pipelined
-/// batches, and a bounded wait for each.
+/// JetStream context for the daemon (see [`store::jetstream_context`]).
 pub fn jetstream_context(client: async_nats::Client, config: &Config) -> jetstream::Context {
-    jetstream::ContextBuilder::new()
-        .timeout(config.nats.request_timeout)
-        .max_ack_inflight(store::publish::CONTEXT_INFLIGHT)
-        .build(client)
+    store::jetstream_context(client, &config.nats)
 }
 
 /// Name of a source's component: `source.<kind>.<name>`.
@@ -217,7 +213,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                         strict: config.ingest.strict_topics,
                         max_clock_skew: config.ingest.max_clock_skew,
                     },
-                    stored: Some(ingest::StoredDeliveries::new(js.clone(), site.clone())),
+                    stored: Some(ingest::StoredDeliveries::new(js.clone(), site.clone()).lookup()),
                 },
                 tx.clone(),
                 status.clone(),
@@ -241,6 +237,10 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
             });
             mqtt_statuses.push(status);
         }
+        let ports = Arc::new(sources::serial::Ports::default());
+        if !config.serial.is_empty() {
+            metrics.add_collector(ports.clone());
+        }
         for (name, src) in &config.serial {
             let status = Arc::new(sources::serial::SerialStatus::default());
             let component = source_component("serial", name);
@@ -252,7 +252,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 status.clone(),
                 sup.stop_flag(Stage::Sources),
             );
-            metrics.add_serial_port(sources::serial::PortMetrics::new(
+            ports.add(sources::serial::PortMetrics::new(
                 name,
                 &src.device,
                 &status,
@@ -694,14 +694,6 @@ impl Gauges {
             .filter(|s| s.connected.load(Ordering::Relaxed))
             .count();
         Metrics::set(&self.metrics.serial_connected, open as u64);
-        for (i, gauge) in self.metrics.serial_frame_rejects.iter().enumerate() {
-            let n = self
-                .serial
-                .iter()
-                .map(|s| s.frame_rejects[i].load(Ordering::Relaxed))
-                .sum();
-            Metrics::set(gauge, n);
-        }
     }
 
     fn track(&self) -> Vec<LinkTrack> {

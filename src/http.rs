@@ -166,11 +166,7 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
     // mirror is reported here but does not make the answer 503.
     let mirrors = m.mirrors();
     if mirrors.watched {
-        let stalled = mirrors
-            .report
-            .iter()
-            .filter(|h| h.state == crate::hub::health::State::Stalled)
-            .count();
+        let stalled = mirrors.report.iter().filter(|h| h.is_stalled()).count();
         body["hub"] = json!({
             "reachable": mirrors.hub_reachable,
             "mirrors_stalled": stalled,
@@ -198,7 +194,7 @@ async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 
 async fn render_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         m.render(),
     )
 }

@@ -16,10 +16,11 @@
 //! are cut to fit the server's max payload before they are sent (header
 //! [`TRUNCATED_HEADER`] says how much was kept).
 
+use crate::base::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::naming::Site;
 use crate::observation::{Observation, DELIVERY_HEADER};
-use crate::sources::{Ack, Backoff, Item, Rejected};
+use crate::sources::{Ack, Item, Rejected};
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
@@ -215,7 +216,7 @@ pub async fn run(
                 }
                 (Item::Rejected(rej, ack), None) => {
                     Metrics::inc(&metrics.rejects);
-                    metrics.note_reject(&rej);
+                    metrics.note_reject(last_reject(&rej));
                     log.note(&rej);
                     ack.fire();
                 }
@@ -230,7 +231,7 @@ pub async fn run(
                     .await;
                     if kept.is_empty() {
                         Metrics::inc(&metrics.rejects);
-                        metrics.note_reject(&rej);
+                        metrics.note_reject(last_reject(&rej));
                         log.note(&rej);
                     } else {
                         tracing::error!(source = %obs.source, sensor = %obs.sensor, %error, "observation refused by SENSORS and cannot be kept in REJECTED either; dropped");
@@ -335,7 +336,7 @@ async fn store_chunk(
             outage_logged = true;
         }
         todo = failed;
-        tokio::time::sleep(backoff.next()).await;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
     refused
 }
@@ -366,6 +367,14 @@ pub struct StoredDeliveries {
 impl StoredDeliveries {
     pub fn new(js: jetstream::Context, site: Site) -> Self {
         StoredDeliveries { js, site }
+    }
+
+    /// [`recent`](Self::recent) as the MQTT source takes it.
+    pub fn lookup(self) -> crate::sources::mqtt::StoredLookup {
+        std::sync::Arc::new(move |source: String| {
+            let this = self.clone();
+            Box::pin(async move { this.recent(&source).await })
+        })
     }
 
     /// Delivery header -> `Nats-Msg-Id` of this source's messages stored
@@ -426,6 +435,87 @@ impl StoredDeliveries {
                 return Ok(found);
             }
         }
+    }
+}
+
+/// The `[ingest]` section: how observations are buffered and stored.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Observations held in memory while the leaf is unreachable. When
+    /// full, sources wait for room: MQTT input is not acknowledged
+    /// meanwhile (the broker keeps it; each wait counts in
+    /// `presenced_ingest_buffer_full_total`), a serial port is not read
+    /// (the device's and the kernel's buffers hold what arrives).
+    #[serde(default = "default_buffer")]
+    pub buffer: usize,
+    /// Most observations taken from the buffer as one batch: the batch is
+    /// published to `SENSORS` and every ack of it awaited before the next
+    /// batch (and before the sources' own acks fire). Acks outstanding on
+    /// the wire are bounded separately, by a fixed window of 1024.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Reject (into `REJECTED`) messages on subscribed topics that no
+    /// mapping claims, instead of ignoring them.
+    #[serde(default)]
+    pub strict_topics: bool,
+    /// Least time between two rejection WARN lines of one source; the
+    /// rest are counted, and all are kept in `REJECTED`.
+    #[serde(default = "default_reject_log_every", with = "humantime_serde")]
+    pub reject_log_every: Duration,
+    /// How far ahead of the receive time a device's own timestamp may be.
+    /// Beyond it (or before 2000-01-01) the reading is rejected into
+    /// `REJECTED`: a reading from the future would move its zone's clock
+    /// forward. Default 5 minutes: NTP-synced devices are within a second,
+    /// a drifting RTC within a few.
+    #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            buffer: default_buffer(),
+            max_in_flight: default_max_in_flight(),
+            strict_topics: false,
+            reject_log_every: default_reject_log_every(),
+            max_clock_skew: default_max_clock_skew(),
+        }
+    }
+}
+
+fn default_buffer() -> usize {
+    100_000
+}
+fn default_max_in_flight() -> usize {
+    1024
+}
+fn default_reject_log_every() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_clock_skew() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// Checks `[ingest]`, pushing every problem found.
+pub fn check_config(ingest: &IngestConfig, p: &mut crate::base::problems::Problems) {
+    if ingest.buffer < 1 {
+        p.push("ingest.buffer", "must be at least 1, got 0");
+    }
+    p.positive("ingest.max_clock_skew", ingest.max_clock_skew);
+    if ingest.max_in_flight < 1 {
+        p.push("ingest.max_in_flight", "must be at least 1, got 0");
+    }
+}
+
+/// What health shows of a reject: plain values, so metrics knows no
+/// source type.
+fn last_reject(r: &crate::sources::Rejected) -> crate::metrics::LastReject {
+    crate::metrics::LastReject {
+        source: r.source.clone(),
+        origin: r.origin.clone(),
+        reason: r.reason.clone(),
+        at_ms: r.received_at.millis(),
     }
 }
 

@@ -3,35 +3,51 @@
 //!
 //! # Layout
 //!
-//! - [`naming`]: the only place subjects, streams, buckets and domains are
-//!   spelled (the contract behind the ACLs).
-//! - [`config`]: the TOML config and its validation.
-//! - [`sources`]: MQTT (and later serial) input, turned into observations.
+//! Top-level modules import each other in one direction only (the test
+//! `layout` in `tests/it/` fails on a cycle). From the bottom up:
+//!
+//! - [`base`]: the leaf layer, importing nothing from the crate: [`naming`]
+//!   (the only place subjects, streams, buckets and domains are spelled),
+//!   ownership (keyspaces, components, lease bounds), secrets, the one
+//!   backoff policy, [`time`].
+//! - [`observation`], [`supervise`] (one cancellation token and join set
+//!   for every task; failures named in health and metrics, fatal ones
+//!   exit), [`systemd`], [`natsconf`] (nats-server configuration).
+//! - [`metrics`]: counters and gauges in plain values; components hand it
+//!   readings or register a collector.
+//! - [`sources`]: MQTT, serial and ESPresense input turned into
+//!   observations, with their config sections and checks
+//!   (`sources::config`, `sources::check`).
+//! - [`store`]: JetStream plumbing: connecting (with an event hook, and
+//!   its `[nats]` section), provisioning, CAS writes, leases, the
+//!   published ownership table.
+//! - [`hub`]: the hub's mirrors of this site and their health (with its
+//!   `[hub]` section).
+//! - [`acl`]: the access file, the nats-server `authorization` it renders,
+//!   permission violations (wired into the connection's event hook).
 //! - [`ingest`]: observations into stream `SENSORS`, rejects into `REJECTED`.
 //! - [`engine`]: pure evidence fusion, debounce and state machine, plus the
-//!   runner that consumes `SENSORS` and writes KV `presence`/`debounce`.
-//! - [`store`]: JetStream plumbing: provisioning, CAS writes, rehydration.
-//! - [`archive`]: snapshots into the object store, uploaded to S3, and
-//!   restore.
-//! - [`supervise`]: one cancellation token and join set for every task of
-//!   the daemon; failures named in health and metrics, fatal ones exit.
-//! - [`http`], [`metrics`], [`systemd`]: the daemon's outward face;
-//!   [`page`]: the live status page on the HTTP listener.
-//! - [`client`]: the state-first clients (`watch`, `get`, `status`).
+//!   runner that consumes `SENSORS` and writes KV `presence`/`debounce`,
+//!   and the zones' config section (`engine::config`).
+//! - [`config`]: the top TOML config, holding the components' sections,
+//!   parsed with every problem at once, and the checks that span sections.
+//! - [`homeassistant`], [`http`], [`archive`] (snapshots into the object
+//!   store, uploaded to S3, and restore).
+//! - [`client`]: the state-first clients (`watch`, `get`, `status`) and
+//!   the command sender; [`sandbox`]: a whole deployment on loopback
+//!   (`presenced sandbox`).
+//! - [`page`]: the live status page on the HTTP listener and the fleet
+//!   page.
 //! - [`replay`]: the pure engine over recorded readings, offline: replay a
 //!   candidate config, tune likelihoods from labelled time, the HTML report.
-//! - [`sandbox`]: a whole deployment on loopback (`presenced sandbox`).
-//! - [`acl`]: the ownership map (access file), NKEY identities, the
-//!   permissions generated from them, and the server's refusals explained.
-//! - [`hub`]: the hub's mirrors of each site, their provisioning and health.
-//! - [`natsconf`]: the one writer of nats-server config: leaf, hub node
-//!   and the `authorization` blocks [`acl`] describes.
+//! - [`daemon`]: starts the configured components.
 //!
 //! The command line is not here: the binary's `src/cli/` holds one file
 //! per subcommand (its clap arguments and a thin call into this library).
 
 pub mod acl;
 pub mod archive;
+pub mod base;
 pub mod client;
 pub mod config;
 pub mod daemon;
@@ -41,7 +57,6 @@ pub mod http;
 pub mod hub;
 pub mod ingest;
 pub mod metrics;
-pub mod naming;
 pub mod natsconf;
 pub mod observation;
 pub mod page;
@@ -51,4 +66,6 @@ pub mod sources;
 pub mod store;
 pub mod supervise;
 pub mod systemd;
-pub mod time;
+
+// The leaf modules every other module uses, at their old paths.
+pub use base::{naming, time};

@@ -1,96 +1,253 @@
-//! Counters and gauges of the daemon, rendered in Prometheus text format.
+//! Counters and gauges of the daemon, exported in the OpenMetrics text
+//! format through the `prometheus-client` library.
 //!
-//! Plain atomics in one struct rather than a metrics framework: the set is
-//! small and fixed, and every hot path only pays a relaxed increment.
+//! Each scalar metric is declared once, in the table of
+//! `declare_metrics!` below: its field, name, help, and the component
+//! whose families it belongs to. The fields are plain atomics behind a
+//! shared handle, so every hot path only pays a relaxed increment and the
+//! call sites read like atomics (`Metrics::inc(&m.rejects)`). Families
+//! with labels (components, sources, hub mirrors, serial ports) are built
+//! from their current readings at each scrape.
+//!
+//! This module knows no domain type: components hand it plain values
+//! ([`SourceHealth`], [`MirrorReading`]) or register a [`Collector`].
 
-use std::fmt::Write as _;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
-/// Everything `/metrics` reports. Shared as `Arc<Metrics>`.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    pub observations_in: AtomicU64,
-    pub observations_stored: AtomicU64,
-    pub rejects: AtomicU64,
-    pub publish_retries: AtomicU64,
-    /// Times a source found the ingest buffer full and had to wait.
-    pub buffer_full: AtomicU64,
-    pub buffer_depth: AtomicU64,
-    pub buffer_capacity: AtomicU64,
-    /// Since when ingest has been retrying input the leaf does not store
-    /// (timeouts, a frozen or full server), and the last error: a hung
-    /// leaf keeps its TCP connection, so `nats_connected` alone misses it.
-    pub ingest_stalled: Stall,
-    /// Since when the engine has been retrying a commit (transitions to
-    /// EVENTS, zone states to KV) the leaf does not take, and why: a full
-    /// store refuses writes while the connection stays up.
-    pub engine_stalled: Stall,
-    /// The newest zone clock (unix ms, 0 before the engine runs). Ahead
-    /// of the system clock by more than [`Metrics::clock_ahead_ok_ms`]
-    /// means the clock was stepped back: zones keep their clock (time
-    /// never runs backwards for a zone), so their timers fire late.
-    pub zone_clock_max_ms: AtomicU64,
-    /// How far ahead a zone clock may legitimately be: readings may carry
-    /// device times up to `ingest.max_clock_skew` ahead.
-    pub clock_ahead_ok_ms: AtomicU64,
-    pub engine_observations: AtomicU64,
-    pub engine_redeliveries: AtomicU64,
-    pub kv_writes: AtomicU64,
-    pub kv_conflicts: AtomicU64,
-    pub transitions: AtomicU64,
-    pub consumer_pending: AtomicU64,
-    pub zones_occupied: AtomicU64,
-    pub zones: AtomicU64,
-    pub nats_connected: AtomicBool,
-    pub nats_reconnects: AtomicU64,
-    /// Operations nats-server refused for lack of permission.
-    pub permission_violations: AtomicU64,
-    pub mqtt_connected: AtomicU64,
-    /// Serial sources whose device is open.
-    pub serial_connected: AtomicU64,
-    /// LD2410 input rejected, by reason (indexed like
-    /// `sources::ld2410::RejectKind::ALL`).
-    pub serial_frame_rejects: [AtomicU64; 6],
-    pub ready: AtomicBool,
-    /// The archiver runs (`[archive]` configured).
-    pub archive_enabled: AtomicBool,
-    pub archive_snapshots: AtomicU64,
-    pub archive_snapshot_failures: AtomicU64,
-    pub archive_uploads: AtomicU64,
-    pub archive_uploaded_bytes: AtomicU64,
-    pub archive_upload_failures: AtomicU64,
-    pub archive_verify_failures: AtomicU64,
-    /// Snapshots whose upload is not yet verified.
-    pub archive_pending: AtomicU64,
-    /// False after an upload failed for a reason other than verification,
-    /// true again after one succeeds.
-    pub archive_s3_ok: AtomicBool,
-    pub archive_pruned_local: AtomicU64,
-    pub archive_pruned_remote: AtomicU64,
-    /// Unix seconds of the newest snapshot and the last verified upload.
-    pub archive_last_snapshot_seconds: AtomicU64,
-    pub archive_last_upload_seconds: AtomicU64,
-    /// The holder's view of its lease in KV `owners`.
-    pub lease_held: AtomicBool,
-    /// Hub mirror health, when `[hub]` is configured.
-    pub mirrors: std::sync::RwLock<Mirrors>,
-    /// Every supervised component and its state.
-    pub components: std::sync::Arc<crate::supervise::Registry>,
-    /// Link state of each source, refreshed every second.
-    pub sources: std::sync::RwLock<Vec<SourceHealth>>,
-    /// The components this instance runs (`ingest`, `engine`, ...); empty
-    /// when not set by a daemon (then every family is rendered).
-    pub runs: std::sync::RwLock<Vec<String>>,
-    /// The last input ingest rejected (kept in REJECTED): `/healthz` and
-    /// the status page name its reason.
-    pub last_reject: std::sync::RwLock<Option<LastReject>>,
-    /// Whether MQTT / serial sources are configured: their families are
-    /// left out otherwise.
-    pub mqtt_configured: AtomicBool,
-    pub serial_configured: AtomicBool,
-    /// Every serial source's own counters, rendered with `source` and
-    /// `device` labels (see `sources::serial::render_port_metrics`).
-    pub serial_ports: std::sync::RwLock<Vec<crate::sources::serial::PortMetrics>>,
+/// A counter kept in an atomic (`_total` is added to its name on export).
+#[derive(Debug, Default, Clone)]
+pub struct Count(Arc<AtomicU64>);
+
+/// A gauge of whole numbers kept in an atomic.
+#[derive(Debug, Default, Clone)]
+pub struct Level(Arc<AtomicU64>);
+
+/// A 0/1 gauge kept in an atomic boolean.
+#[derive(Debug, Default, Clone)]
+pub struct Flag(Arc<AtomicBool>);
+
+impl Deref for Count {
+    type Target = AtomicU64;
+    fn deref(&self) -> &AtomicU64 {
+        &self.0
+    }
+}
+
+impl Deref for Level {
+    type Target = AtomicU64;
+    fn deref(&self) -> &AtomicU64 {
+        &self.0
+    }
+}
+
+impl Deref for Flag {
+    type Target = AtomicBool;
+    fn deref(&self) -> &AtomicBool {
+        &self.0
+    }
+}
+
+impl TypedMetric for Count {
+    const TYPE: MetricType = MetricType::Counter;
+}
+impl TypedMetric for Level {
+    const TYPE: MetricType = MetricType::Gauge;
+}
+impl TypedMetric for Flag {
+    const TYPE: MetricType = MetricType::Gauge;
+}
+
+impl EncodeMetric for Count {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, u64, u64>(&self.0.load(Ordering::Relaxed), None)
+    }
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+impl EncodeMetric for Level {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&self.0.load(Ordering::Relaxed))
+    }
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+impl EncodeMetric for Flag {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&u64::from(self.0.load(Ordering::Relaxed)))
+    }
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// Which component a family belongs to: families of a component this
+/// instance does not run are left out (a zero there would read as
+/// "configured and idle").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The daemon itself (connection, readiness, lease).
+    Daemon,
+    /// Ingest, its sources included.
+    Ingest,
+    Engine,
+    /// Only with `[archive]`.
+    Archive,
+    /// Only with an MQTT source.
+    Mqtt,
+    /// Only with a serial source.
+    Serial,
+}
+
+/// Declares the scalar metrics once: each line gives the field (and its
+/// doc), its type, the exported name, the help text, and its [`Part`].
+macro_rules! declare_metrics {
+    (
+        scalars { $( $(#[$doc:meta])* $field:ident : $ty:ident = ($name:literal, $help:literal, $part:ident), )* }
+        $(#[$sdoc:meta])*
+        pub struct Metrics { $( $(#[$odoc:meta])* pub $ofield:ident : $oty:ty, )* }
+    ) => {
+        $(#[$sdoc])*
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $( $(#[$doc])* pub $field: $ty, )*
+            $( $(#[$odoc])* pub $ofield: $oty, )*
+        }
+
+        impl Metrics {
+            /// Every scalar metric: exported name, help, part, and a
+            /// handle on its value.
+            fn scalars(&self) -> Vec<(&'static str, &'static str, Part, Scalar)> {
+                vec![ $( ($name, $help, Part::$part, Scalar::$ty(self.$field.clone())), )* ]
+            }
+        }
+    };
+}
+
+/// A handle on one scalar metric, for registration.
+#[derive(Debug)]
+enum Scalar {
+    Count(Count),
+    Level(Level),
+    Flag(Flag),
+}
+
+declare_metrics! {
+    scalars {
+        observations_in: Count = ("presenced_observations_received_total", "Observations received from sources.", Ingest),
+        observations_stored: Count = ("presenced_observations_stored_total", "Observations acknowledged by stream SENSORS.", Ingest),
+        rejects: Count = ("presenced_rejects_total", "Inputs rejected into stream REJECTED.", Ingest),
+        publish_retries: Count = ("presenced_publish_retries_total", "JetStream publishes retried after a failure.", Ingest),
+        /// Times a source found the ingest buffer full and had to wait.
+        buffer_full: Count = ("presenced_ingest_buffer_full_total", "Times a source waited because the ingest buffer was full.", Ingest),
+        buffer_depth: Level = ("presenced_ingest_buffer_depth", "Observations waiting in the ingest buffer.", Ingest),
+        buffer_capacity: Level = ("presenced_ingest_buffer_capacity", "Size of the ingest buffer.", Ingest),
+        engine_observations: Count = ("presenced_engine_observations_total", "Observations applied by the engine.", Engine),
+        engine_redeliveries: Count = ("presenced_engine_redeliveries_total", "Redelivered observations skipped as already applied.", Engine),
+        kv_writes: Count = ("presenced_kv_writes_total", "Compare-and-set writes to KV presence and debounce.", Engine),
+        kv_conflicts: Count = ("presenced_kv_conflicts_total", "KV writes refused for a stale revision.", Engine),
+        transitions: Count = ("presenced_transitions_total", "Zone state transitions published to EVENTS.", Engine),
+        consumer_pending: Level = ("presenced_consumer_pending", "Observations in SENSORS not yet applied by the engine.", Engine),
+        zones: Level = ("presenced_zones", "Zones configured.", Engine),
+        zones_occupied: Level = ("presenced_zones_occupied", "Zones currently occupied or leaving.", Engine),
+        nats_connected: Flag = ("presenced_nats_connected", "1 while connected to the leaf nats-server.", Daemon),
+        nats_reconnects: Count = ("presenced_nats_reconnects_total", "Connections to the leaf nats-server after the first.", Daemon),
+        /// Operations nats-server refused for lack of permission.
+        permission_violations: Count = ("presenced_permission_violations_total", "Publishes and subscriptions nats-server refused for lack of permission.", Daemon),
+        mqtt_connected: Level = ("presenced_mqtt_connected", "MQTT sources currently connected.", Mqtt),
+        /// Serial sources whose device is open.
+        serial_connected: Level = ("presenced_serial_connected", "Serial sources whose device is open.", Serial),
+        /// The holder's view of its lease in KV `owners`.
+        lease_held: Flag = ("presenced_lease_held", "1 while this service's lease in KV owners is held (last renewal younger than lease.ttl).", Daemon),
+        ready: Flag = ("presenced_ready", "1 once state is rehydrated and the consumer is bound.", Daemon),
+        archive_snapshots: Count = ("presenced_archive_snapshots_total", "Snapshots written to object store snapshots.", Archive),
+        archive_snapshot_failures: Count = ("presenced_archive_snapshot_failures_total", "Scheduled snapshots that failed.", Archive),
+        archive_uploads: Count = ("presenced_archive_uploads_total", "Snapshots PUT to S3 and verified.", Archive),
+        archive_uploaded_bytes: Count = ("presenced_archive_uploaded_bytes_total", "Bytes of snapshots PUT to S3 and verified.", Archive),
+        archive_upload_failures: Count = ("presenced_archive_upload_failures_total", "Upload attempts that failed (retried with backoff).", Archive),
+        archive_verify_failures: Count = ("presenced_archive_verify_failures_total", "Remote copies whose size or sha256 did not match.", Archive),
+        /// Snapshots whose upload is not yet verified.
+        archive_pending: Level = ("presenced_archive_pending", "Snapshots waiting for a verified upload.", Archive),
+        /// False after an upload failed for a reason other than
+        /// verification, true again after one succeeds.
+        archive_s3_ok: Flag = ("presenced_archive_s3_ok", "0 while uploads fail for reasons other than verification.", Archive),
+        archive_pruned_local: Count = ("presenced_archive_pruned_local_total", "Snapshots pruned from the object store.", Archive),
+        archive_pruned_remote: Count = ("presenced_archive_pruned_remote_total", "Snapshots pruned from S3.", Archive),
+        /// Unix seconds of the newest snapshot.
+        archive_last_snapshot_seconds: Level = ("presenced_archive_last_snapshot_timestamp_seconds", "Unix time of the newest snapshot.", Archive),
+        /// Unix seconds of the last verified upload.
+        archive_last_upload_seconds: Level = ("presenced_archive_last_upload_timestamp_seconds", "Unix time of the last verified upload.", Archive),
+    }
+    /// Everything `/metrics` reports. Shared as `Arc<Metrics>`.
+    pub struct Metrics {
+        /// Since when ingest has been retrying input the leaf does not
+        /// store (timeouts, a frozen or full server), and the last error:
+        /// a hung leaf keeps its TCP connection, so `nats_connected` alone
+        /// misses it.
+        pub ingest_stalled: Stall,
+        /// Since when the engine has been retrying a commit (transitions
+        /// to EVENTS, zone states to KV) the leaf does not take, and why: a
+        /// full store refuses writes while the connection stays up.
+        pub engine_stalled: Stall,
+        /// The newest zone clock (unix ms, 0 before the engine runs). Ahead
+        /// of the system clock by more than [`Metrics::clock_ahead_ok_ms`]
+        /// means the clock was stepped back: zones keep their clock (time
+        /// never runs backwards for a zone), so their timers fire late.
+        pub zone_clock_max_ms: AtomicU64,
+        /// How far ahead a zone clock may legitimately be: readings may
+        /// carry device times up to `ingest.max_clock_skew` ahead.
+        pub clock_ahead_ok_ms: AtomicU64,
+        /// The archiver runs (`[archive]` configured).
+        pub archive_enabled: AtomicBool,
+        /// Hub mirror health, when `[hub]` is configured.
+        pub mirrors: std::sync::RwLock<Mirrors>,
+        /// Every supervised component and its state.
+        pub components: std::sync::Arc<crate::supervise::Registry>,
+        /// Link state of each source, refreshed every second.
+        pub sources: std::sync::RwLock<Vec<SourceHealth>>,
+        /// The components this instance runs (`ingest`, `engine`, ...);
+        /// empty when not set by a daemon (then every family is exported).
+        pub runs: std::sync::RwLock<Vec<String>>,
+        /// The last input ingest rejected (kept in REJECTED): `/healthz`
+        /// and the status page name its reason.
+        pub last_reject: std::sync::RwLock<Option<LastReject>>,
+        /// Whether MQTT / serial sources are configured: their families
+        /// are left out otherwise.
+        pub mqtt_configured: AtomicBool,
+        pub serial_configured: AtomicBool,
+        /// Families components export themselves (the serial ports'
+        /// counters with `source` and `device` labels, LD2410 rejects by
+        /// reason).
+        pub collectors: std::sync::RwLock<Vec<std::sync::Arc<dyn Collector>>>,
+    }
+}
+
+/// The last rejected input, as health reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LastReject {
+    pub source: String,
+    pub origin: String,
+    pub reason: String,
+    /// When it was received, Unix milliseconds.
+    pub at_ms: i64,
+}
+
+impl Metrics {
+    /// Records a reject for health (the counter is counted apart).
+    pub fn note_reject(&self, reject: LastReject) {
+        *self.last_reject.write().unwrap_or_else(|p| p.into_inner()) = Some(reject);
+    }
 }
 
 /// Since when a component has been retrying writes the leaf does not
@@ -118,29 +275,6 @@ pub fn stall_of(stall: &Stall) -> Option<(f64, String)> {
         .map(|(since, error)| (since.elapsed().as_secs_f64(), error.clone()))
 }
 
-/// Families of the ingest component (sources included).
-const INGEST_FAMILIES: &[&str] = &[
-    "presenced_observations_received_total",
-    "presenced_observations_stored_total",
-    "presenced_rejects_total",
-    "presenced_publish_retries_total",
-    "presenced_ingest_buffer_full_total",
-    "presenced_ingest_buffer_depth",
-    "presenced_ingest_buffer_capacity",
-];
-
-/// Families of the engine component.
-const ENGINE_FAMILIES: &[&str] = &[
-    "presenced_engine_observations_total",
-    "presenced_engine_redeliveries_total",
-    "presenced_kv_writes_total",
-    "presenced_kv_conflicts_total",
-    "presenced_transitions_total",
-    "presenced_consumer_pending",
-    "presenced_zones",
-    "presenced_zones_occupied",
-];
-
 /// One source's link, as `/healthz` and `presenced status` show it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SourceHealth {
@@ -160,28 +294,6 @@ pub struct SourceHealth {
     pub degraded: bool,
 }
 
-/// The last rejected input, as health reports it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LastReject {
-    pub source: String,
-    pub origin: String,
-    pub reason: String,
-    /// When it was received, Unix milliseconds.
-    pub at_ms: i64,
-}
-
-impl Metrics {
-    /// Records a reject for health (the counter is counted apart).
-    pub fn note_reject(&self, r: &crate::sources::Rejected) {
-        *self.last_reject.write().unwrap_or_else(|p| p.into_inner()) = Some(LastReject {
-            source: r.source.clone(),
-            origin: r.origin.clone(),
-            reason: r.reason.clone(),
-            at_ms: r.received_at.millis(),
-        });
-    }
-}
-
 /// The last reading of the site's hub mirrors and what happened to them.
 #[derive(Debug, Default, Clone)]
 pub struct Mirrors {
@@ -189,10 +301,43 @@ pub struct Mirrors {
     pub watched: bool,
     /// Whether the last poll reached the hub through the leaf link.
     pub hub_reachable: bool,
-    pub report: Vec<crate::hub::health::Health>,
+    pub report: Vec<MirrorReading>,
     /// Stalls and nudges per mirror, since start.
     pub stalls: std::collections::BTreeMap<String, u64>,
     pub nudges: std::collections::BTreeMap<String, u64>,
+}
+
+/// One hub mirror as last judged (the hub health tracker's report, in
+/// plain values: metrics knows no domain type). Serialized as `/healthz`
+/// shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MirrorReading {
+    pub mirror: String,
+    /// `current`, `catching_up`, `stalled` or `unknown`.
+    pub state: &'static str,
+    /// Messages the source has and the mirror lacks.
+    pub lag_messages: Option<u64>,
+    /// Age difference between the source's newest message and the
+    /// mirror's newest, when behind.
+    pub lag_seconds: Option<f64>,
+    /// Time since the hub last heard from the source.
+    pub last_contact_seconds: Option<f64>,
+    /// Why a reading failed, if one did.
+    pub error: Option<String>,
+}
+
+impl MirrorReading {
+    pub fn is_stalled(&self) -> bool {
+        self.state == "stalled"
+    }
+}
+
+/// Families a component exports itself, with its own labels (each serial
+/// port's counters, say), so that this module needs none of its types.
+pub trait Collector: Send + Sync + std::fmt::Debug {
+    /// Registers the component's families, filled with their current
+    /// values, for one scrape.
+    fn collect(&self, registry: &mut Registry);
 }
 
 /// Things that happen to a hub mirror and are counted.
@@ -227,50 +372,6 @@ impl Metrics {
         *self.sources.write().unwrap_or_else(|p| p.into_inner()) = v;
     }
 
-    fn render_components(&self, out: &mut String) {
-        let comps = self.components.snapshot();
-        if !comps.is_empty() {
-            let name = "presenced_component_up";
-            let _ = writeln!(
-                out,
-                "# HELP {name} 1 while the component runs (0 starting, stopped or failed).\n# TYPE {name} gauge"
-            );
-            for (c, h) in &comps {
-                let up = u64::from(h.state == crate::supervise::State::Running);
-                let _ = writeln!(out, "{name}{{component=\"{c}\"}} {up}");
-            }
-            let name = "presenced_component_failures_total";
-            let _ = writeln!(
-                out,
-                "# HELP {name} Unexpected ends of the component (also logged at ERROR).\n# TYPE {name} counter"
-            );
-            for (c, h) in &comps {
-                let _ = writeln!(out, "{name}{{component=\"{c}\"}} {}", h.failures);
-            }
-        }
-        let sources = self.source_health();
-        if !sources.is_empty() {
-            let name = "presenced_source_up";
-            let _ = writeln!(
-                out,
-                "# HELP {name} 1 while the source's link (broker connection, device) is up.\n# TYPE {name} gauge"
-            );
-            for s in &sources {
-                let _ = writeln!(out, "{name}{{source=\"{}\"}} {}", s.name, u64::from(s.up));
-            }
-            let name = "presenced_source_last_reading_age_seconds";
-            let _ = writeln!(
-                out,
-                "# HELP {name} Seconds since the source's last reading.\n# TYPE {name} gauge"
-            );
-            for s in &sources {
-                if let Some(age) = s.last_reading_seconds {
-                    let _ = writeln!(out, "{name}{{source=\"{}\"}} {age:.1}", s.name);
-                }
-            }
-        }
-    }
-
     fn mirrors_mut(&self) -> std::sync::RwLockWriteGuard<'_, Mirrors> {
         self.mirrors.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -294,32 +395,76 @@ impl Metrics {
     }
 
     /// Stores the latest reading of every mirror.
-    pub fn set_mirrors(&self, hub_reachable: bool, report: Vec<crate::hub::health::Health>) {
+    pub fn set_mirrors(&self, hub_reachable: bool, report: Vec<MirrorReading>) {
         let mut m = self.mirrors_mut();
         m.watched = true;
         m.hub_reachable = hub_reachable;
         m.report = report;
     }
 
-    /// Registers a serial source so `/metrics` shows its port's counters.
-    pub fn add_serial_port(&self, port: crate::sources::serial::PortMetrics) {
-        self.serial_ports
+    /// Registers families a component exports itself (exported last).
+    pub fn add_collector(&self, collector: std::sync::Arc<dyn Collector>) {
+        self.collectors
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .push(port);
+            .push(collector);
     }
 
-    fn render_mirrors(&self, out: &mut String) {
+    /// Whether the families of `part` are exported by this instance.
+    fn shows(&self, part: Part) -> bool {
+        let runs = self.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let all = runs.is_empty();
+        let on = |c: &str| all || runs.iter().any(|r| r == c);
+        match part {
+            Part::Daemon => true,
+            Part::Ingest => on("ingest"),
+            Part::Engine => on("engine"),
+            Part::Archive => self.archive_enabled.load(Ordering::Relaxed),
+            Part::Mqtt => all || (on("ingest") && self.mqtt_configured.load(Ordering::Relaxed)),
+            Part::Serial => all || (on("ingest") && self.serial_configured.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// The registry of one scrape: the scalars this instance exports, then
+    /// hub mirrors, components and sources, then what components collect.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::default();
+        for (name, help, part, scalar) in self.scalars() {
+            if !self.shows(part) {
+                continue;
+            }
+            match scalar {
+                Scalar::Count(c) => r.register(counter_name(name), help, c),
+                Scalar::Level(l) => r.register(name, help, l),
+                Scalar::Flag(f) => r.register(name, help, f),
+            }
+        }
+        self.register_mirrors(&mut r);
+        self.register_components(&mut r);
+        for c in self
+            .collectors
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            c.collect(&mut r);
+        }
+        r
+    }
+
+    fn register_mirrors(&self, r: &mut Registry) {
         let m = self.mirrors();
         if !m.watched {
             return;
         }
-        let _ = writeln!(
-            out,
-            "# HELP presenced_hub_reachable 1 if the last poll reached the hub through the leaf link.\n# TYPE presenced_hub_reachable gauge\npresenced_hub_reachable {}",
-            u64::from(m.hub_reachable)
+        let reachable = Flag::default();
+        reachable.store(m.hub_reachable, Ordering::Relaxed);
+        r.register(
+            "presenced_hub_reachable",
+            "1 if the last poll reached the hub through the leaf link.",
+            reachable,
         );
-        type Row = fn(&crate::hub::health::Health) -> Option<u64>;
+        type Row = fn(&MirrorReading) -> Option<u64>;
         let gauges: [(&str, &str, Row); 4] = [
             (
                 "presenced_mirror_lag_messages",
@@ -339,16 +484,19 @@ impl Metrics {
             (
                 "presenced_mirror_stalled",
                 "1 while the mirror makes no progress and the leaf has more.",
-                |h| Some(u64::from(h.state == crate::hub::health::State::Stalled)),
+                |h| Some(u64::from(h.is_stalled())),
             ),
         ];
         for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            let family = gauge_family();
             for h in &m.report {
                 if let Some(v) = value(h) {
-                    let _ = writeln!(out, "{name}{{mirror=\"{}\"}} {v}", h.mirror);
+                    family
+                        .get_or_create(&labels(&[("mirror", &h.mirror)]))
+                        .set(as_i64(v));
                 }
             }
+            r.register(name, help, family);
         }
         for (name, help, map) in [
             (
@@ -362,285 +510,192 @@ impl Metrics {
                 &m.nudges,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let family = counter_family();
             for h in &m.report {
-                let _ = writeln!(
-                    out,
-                    "{name}{{mirror=\"{}\"}} {}",
-                    h.mirror,
-                    map.get(&h.mirror).copied().unwrap_or(0)
-                );
+                family
+                    .get_or_create(&labels(&[("mirror", &h.mirror)]))
+                    .inc_by(map.get(&h.mirror).copied().unwrap_or(0));
             }
+            r.register(counter_name(name), help, family);
         }
     }
 
-    /// Prometheus text exposition format, version 0.0.4.
-    pub fn render(&self) -> String {
-        let mut out = String::with_capacity(2048);
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let flag = |a: &AtomicBool| u64::from(a.load(Ordering::Relaxed));
-        let rows: &[(&str, &str, &str, u64)] = &[
-            (
-                "presenced_observations_received_total",
-                "counter",
-                "Observations received from sources.",
-                get(&self.observations_in),
-            ),
-            (
-                "presenced_observations_stored_total",
-                "counter",
-                "Observations acknowledged by stream SENSORS.",
-                get(&self.observations_stored),
-            ),
-            (
-                "presenced_rejects_total",
-                "counter",
-                "Inputs rejected into stream REJECTED.",
-                get(&self.rejects),
-            ),
-            (
-                "presenced_publish_retries_total",
-                "counter",
-                "JetStream publishes retried after a failure.",
-                get(&self.publish_retries),
-            ),
-            (
-                "presenced_ingest_buffer_full_total",
-                "counter",
-                "Times a source waited because the ingest buffer was full.",
-                get(&self.buffer_full),
-            ),
-            (
-                "presenced_ingest_buffer_depth",
-                "gauge",
-                "Observations waiting in the ingest buffer.",
-                get(&self.buffer_depth),
-            ),
-            (
-                "presenced_ingest_buffer_capacity",
-                "gauge",
-                "Size of the ingest buffer.",
-                get(&self.buffer_capacity),
-            ),
-            (
-                "presenced_engine_observations_total",
-                "counter",
-                "Observations applied by the engine.",
-                get(&self.engine_observations),
-            ),
-            (
-                "presenced_engine_redeliveries_total",
-                "counter",
-                "Redelivered observations skipped as already applied.",
-                get(&self.engine_redeliveries),
-            ),
-            (
-                "presenced_kv_writes_total",
-                "counter",
-                "Compare-and-set writes to KV presence and debounce.",
-                get(&self.kv_writes),
-            ),
-            (
-                "presenced_kv_conflicts_total",
-                "counter",
-                "KV writes refused for a stale revision.",
-                get(&self.kv_conflicts),
-            ),
-            (
-                "presenced_transitions_total",
-                "counter",
-                "Zone state transitions published to EVENTS.",
-                get(&self.transitions),
-            ),
-            (
-                "presenced_consumer_pending",
-                "gauge",
-                "Observations in SENSORS not yet applied by the engine.",
-                get(&self.consumer_pending),
-            ),
-            (
-                "presenced_zones",
-                "gauge",
-                "Zones configured.",
-                get(&self.zones),
-            ),
-            (
-                "presenced_zones_occupied",
-                "gauge",
-                "Zones currently occupied or leaving.",
-                get(&self.zones_occupied),
-            ),
-            (
-                "presenced_nats_connected",
-                "gauge",
-                "1 while connected to the leaf nats-server.",
-                flag(&self.nats_connected),
-            ),
-            (
-                "presenced_nats_reconnects_total",
-                "counter",
-                "Connections to the leaf nats-server after the first.",
-                get(&self.nats_reconnects),
-            ),
-            (
-                "presenced_permission_violations_total",
-                "counter",
-                "Publishes and subscriptions nats-server refused for lack of permission.",
-                get(&self.permission_violations),
-            ),
-            (
-                "presenced_mqtt_connected",
-                "gauge",
-                "MQTT sources currently connected.",
-                get(&self.mqtt_connected),
-            ),
-            (
-                "presenced_serial_connected",
-                "gauge",
-                "Serial sources whose device is open.",
-                get(&self.serial_connected),
-            ),
-            (
-                "presenced_lease_held",
-                "gauge",
-                "1 while this service's lease in KV owners is held (last renewal younger than lease.ttl).",
-                flag(&self.lease_held),
-            ),
-            (
-                "presenced_ready",
-                "gauge",
-                "1 once state is rehydrated and the consumer is bound.",
-                flag(&self.ready),
-            ),
-            (
-                "presenced_archive_snapshots_total",
-                "counter",
-                "Snapshots written to object store snapshots.",
-                get(&self.archive_snapshots),
-            ),
-            (
-                "presenced_archive_snapshot_failures_total",
-                "counter",
-                "Scheduled snapshots that failed.",
-                get(&self.archive_snapshot_failures),
-            ),
-            (
-                "presenced_archive_uploads_total",
-                "counter",
-                "Snapshots PUT to S3 and verified.",
-                get(&self.archive_uploads),
-            ),
-            (
-                "presenced_archive_uploaded_bytes_total",
-                "counter",
-                "Bytes of snapshots PUT to S3 and verified.",
-                get(&self.archive_uploaded_bytes),
-            ),
-            (
-                "presenced_archive_upload_failures_total",
-                "counter",
-                "Upload attempts that failed (retried with backoff).",
-                get(&self.archive_upload_failures),
-            ),
-            (
-                "presenced_archive_verify_failures_total",
-                "counter",
-                "Remote copies whose size or sha256 did not match.",
-                get(&self.archive_verify_failures),
-            ),
-            (
-                "presenced_archive_pending",
-                "gauge",
-                "Snapshots waiting for a verified upload.",
-                get(&self.archive_pending),
-            ),
-            (
-                "presenced_archive_s3_ok",
-                "gauge",
-                "0 while uploads fail for reasons other than verification.",
-                flag(&self.archive_s3_ok),
-            ),
-            (
-                "presenced_archive_pruned_local_total",
-                "counter",
-                "Snapshots pruned from the object store.",
-                get(&self.archive_pruned_local),
-            ),
-            (
-                "presenced_archive_pruned_remote_total",
-                "counter",
-                "Snapshots pruned from S3.",
-                get(&self.archive_pruned_remote),
-            ),
-            (
-                "presenced_archive_last_snapshot_timestamp_seconds",
-                "gauge",
-                "Unix time of the newest snapshot.",
-                get(&self.archive_last_snapshot_seconds),
-            ),
-            (
-                "presenced_archive_last_upload_timestamp_seconds",
-                "gauge",
-                "Unix time of the last verified upload.",
-                get(&self.archive_last_upload_seconds),
-            ),
-        ];
-        // Families of a component this instance does not run are left out:
-        // a zero there would read as "configured and idle".
-        let archive = self.archive_enabled.load(Ordering::Relaxed);
-        let runs = self.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let all = runs.is_empty();
-        let on = |c: &str| all || runs.iter().any(|r| r == c);
-        let mqtt = all || (on("ingest") && self.mqtt_configured.load(Ordering::Relaxed));
-        let serial = all || (on("ingest") && self.serial_configured.load(Ordering::Relaxed));
-        let shown = |name: &str| {
-            if name.starts_with("presenced_archive_") {
-                archive
-            } else if INGEST_FAMILIES.contains(&name) {
-                on("ingest")
-            } else if ENGINE_FAMILIES.contains(&name) {
-                on("engine")
-            } else if name == "presenced_mqtt_connected" {
-                mqtt
-            } else if name == "presenced_serial_connected" {
-                serial
-            } else {
-                true
+    fn register_components(&self, r: &mut Registry) {
+        let comps = self.components.snapshot();
+        if !comps.is_empty() {
+            let up = gauge_family();
+            let failures = counter_family();
+            for (c, h) in &comps {
+                let l = labels(&[("component", c)]);
+                up.get_or_create(&l)
+                    .set(i64::from(h.state == crate::supervise::State::Running));
+                failures.get_or_create(&l).inc_by(h.failures);
             }
-        };
-        for &(name, kind, help, value) in rows {
-            if !shown(name) {
-                continue;
-            }
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            r.register(
+                "presenced_component_up",
+                "1 while the component runs (0 starting, stopped or failed).",
+                up,
+            );
+            r.register(
+                counter_name("presenced_component_failures_total"),
+                "Unexpected ends of the component (also logged at ERROR).",
+                failures,
             );
         }
-        let name = "presenced_serial_frame_rejects_total";
-        if !serial {
-            self.render_mirrors(&mut out);
-            self.render_components(&mut out);
-            return out;
+        let sources = self.source_health();
+        if !sources.is_empty() {
+            let up = gauge_family();
+            let age = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+            for s in &sources {
+                let l = labels(&[("source", &s.name)]);
+                up.get_or_create(&l).set(i64::from(s.up));
+                if let Some(a) = s.last_reading_seconds {
+                    age.get_or_create(&l).set((a * 10.0).round() / 10.0);
+                }
+            }
+            r.register(
+                "presenced_source_up",
+                "1 while the source's link (broker connection, device) is up.",
+                up,
+            );
+            // Exported before the first reading too (then with no
+            // sample), as the family of a configured source.
+            r.register(
+                "presenced_source_last_reading_age_seconds",
+                "Seconds since the source's last reading.",
+                Always(age),
+            );
         }
-        let _ = writeln!(
-            out,
-            "# HELP {name} LD2410 input rejected, by reason.\n# TYPE {name} counter"
-        );
-        for (kind, n) in crate::sources::ld2410::RejectKind::ALL
-            .iter()
-            .zip(&self.serial_frame_rejects)
-        {
-            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", kind.label(), get(n));
-        }
-        self.render_mirrors(&mut out);
-        self.render_components(&mut out);
-        crate::sources::serial::render_port_metrics(
-            &self.serial_ports.read().unwrap_or_else(|p| p.into_inner()),
-            &mut out,
-        );
+    }
+
+    /// The OpenMetrics text exposition (`# EOF` last).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry());
         out
     }
+}
+
+/// Things that happen to the daemon that are both logged and counted: one
+/// call does both, so a log line and its counter cannot drift apart. The
+/// fields are plain values (this module knows no domain type).
+#[derive(Debug, Clone)]
+pub enum Event<'a> {
+    /// A hub mirror stopped making progress while the leaf has more.
+    MirrorStalled {
+        mirror: &'a str,
+        lag_messages: Option<u64>,
+        last_contact_seconds: Option<f64>,
+        error: Option<&'a str>,
+    },
+    /// A hub mirror behind and out of contact was restarted on request.
+    MirrorNudged {
+        mirror: &'a str,
+        lag_messages: Option<u64>,
+        last_contact_seconds: Option<f64>,
+    },
+    /// A compare-and-set write found the key changed behind the engine.
+    KvConflict { bucket: &'a str, key: &'a str },
+    /// The connection to the leaf came back after a loss.
+    NatsReconnected,
+}
+
+impl Metrics {
+    /// Logs `event` and counts it.
+    pub fn emit(&self, event: Event<'_>) {
+        match event {
+            Event::MirrorStalled {
+                mirror,
+                lag_messages,
+                last_contact_seconds,
+                error,
+            } => {
+                self.mirror_event(mirror, MirrorEvent::Stall);
+                tracing::warn!(
+                    mirror = %mirror,
+                    lag_messages = ?lag_messages,
+                    last_contact_s = ?last_contact_seconds,
+                    error = ?error,
+                    "hub mirror stalled: no progress while the leaf has more"
+                );
+            }
+            Event::MirrorNudged {
+                mirror,
+                lag_messages,
+                last_contact_seconds,
+            } => {
+                self.mirror_event(mirror, MirrorEvent::Nudge);
+                tracing::info!(
+                    mirror = %mirror,
+                    last_contact_s = ?last_contact_seconds,
+                    lag_messages = ?lag_messages,
+                    "hub mirror behind and out of contact: asked the hub to restart it"
+                );
+            }
+            Event::KvConflict { bucket, key } => {
+                Metrics::inc(&self.kv_conflicts);
+                tracing::error!(
+                    bucket,
+                    key = %key,
+                    "compare-and-set conflict: the key changed behind the engine's back; reloading it"
+                );
+            }
+            Event::NatsReconnected => {
+                Metrics::inc(&self.nats_reconnects);
+                tracing::info!("reconnected to nats-server");
+            }
+        }
+    }
+}
+
+/// A family exported even while it has no sample.
+#[derive(Debug)]
+struct Always<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Always<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+}
+
+/// The content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Label pairs of a family, in the order they are written.
+pub type Labels = Vec<(String, String)>;
+
+/// `[("source", name)]` as [`Labels`].
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// A labelled gauge family, filled at each scrape.
+pub fn gauge_family() -> Family<Labels, Gauge> {
+    Family::default()
+}
+
+/// A labelled counter family, filled at each scrape.
+pub fn counter_family() -> Family<Labels, Counter> {
+    Family::default()
+}
+
+/// The name a counter is registered under: the library adds `_total`, so
+/// the table's full sample name loses it here.
+pub fn counter_name(sample: &str) -> &str {
+    sample.strip_suffix("_total").unwrap_or(sample)
+}
+
+/// A gauge value of the library's type (counts above `i64::MAX` do not
+/// happen; they are clamped rather than wrapped).
+pub fn as_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -649,14 +704,13 @@ mod tests {
 
     #[test]
     fn renders_hub_mirrors_only_when_watched() {
-        use crate::hub::health::{Health, State};
         let m = Metrics::default();
         assert!(!m.render().contains("presenced_mirror"));
         m.set_mirrors(
             true,
-            vec![Health {
+            vec![MirrorReading {
                 mirror: "SENSORS-home".into(),
-                state: State::Stalled,
+                state: "stalled",
                 lag_messages: Some(12),
                 lag_seconds: Some(1.5),
                 last_contact_seconds: None,
@@ -682,12 +736,17 @@ mod tests {
     }
 
     #[test]
-    fn renders_prometheus_text() {
+    fn renders_openmetrics_text_with_the_same_sample_names() {
         let m = Metrics::default();
         Metrics::add(&m.observations_in, 3);
+        m.ready.store(true, Ordering::Relaxed);
         let text = m.render();
-        assert!(text.contains("# TYPE presenced_observations_received_total counter\npresenced_observations_received_total 3\n"));
-        assert!(text.contains("presenced_ready 0\n"));
+        assert!(
+            text.contains("# TYPE presenced_observations_received counter\npresenced_observations_received_total 3\n"),
+            "{text}"
+        );
+        assert!(text.contains("presenced_ready 1\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let mut parts = line.split(' ');
             let name = parts.next().unwrap();
@@ -695,7 +754,76 @@ mod tests {
             if name.contains('{') {
                 assert!(name.ends_with("\"}"), "{line}");
             }
-            assert!(parts.next().unwrap().parse::<u64>().is_ok(), "{line}");
+            assert!(parts.next().unwrap().parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    /// Every scalar of the table is exported once, under its declared
+    /// sample name, when its component runs.
+    #[test]
+    fn every_declared_scalar_is_exported_once() {
+        let m = Metrics::default();
+        m.archive_enabled.store(true, Ordering::Relaxed);
+        let text = m.render();
+        for (name, _, _, _) in m.scalars() {
+            let samples = text
+                .lines()
+                .filter(|l| l.split(' ').next() == Some(name))
+                .count();
+            assert_eq!(samples, 1, "{name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn families_of_components_not_run_are_left_out() {
+        let m = Metrics::default();
+        *m.runs.write().unwrap() = vec!["engine".to_owned()];
+        let text = m.render();
+        assert!(text.contains("presenced_kv_writes_total 0\n"), "{text}");
+        for absent in [
+            "presenced_rejects_total",
+            "presenced_archive_",
+            "presenced_mqtt_connected",
+        ] {
+            assert!(!text.contains(absent), "{absent} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn an_event_is_counted_where_it_is_logged() {
+        let m = Metrics::default();
+        m.emit(Event::KvConflict {
+            bucket: "presence",
+            key: "hall",
+        });
+        m.emit(Event::MirrorStalled {
+            mirror: "SENSORS-home",
+            lag_messages: Some(3),
+            last_contact_seconds: None,
+            error: None,
+        });
+        m.emit(Event::NatsReconnected);
+        assert_eq!(m.kv_conflicts.load(Ordering::Relaxed), 1);
+        assert_eq!(m.nats_reconnects.load(Ordering::Relaxed), 1);
+        assert_eq!(m.mirrors().stalls.get("SENSORS-home"), Some(&1));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::default();
+        m.set_source_health(vec![SourceHealth {
+            name: "a\"b".into(),
+            kind: "mqtt".into(),
+            up: true,
+            down_seconds: None,
+            last_reading_seconds: Some(1.25),
+            readings: 1,
+            degraded: false,
+        }]);
+        let text = m.render();
+        assert!(
+            text.contains("presenced_source_up{source=\"a\\\"b\"} 1\n"),
+            "{text}"
+        );
     }
 }

@@ -49,8 +49,8 @@ pub fn is_fatal(e: &anyhow::Error) -> bool {
 }
 
 /// A component's error that can say whether a retry could help. Source,
-/// engine and output errors implement it (here, beside the supervisor, so
-/// a component only needs the impl); [`classify`] turns one into an
+/// engine and output errors implement it, each beside its error type (the
+/// supervisor knows no component); [`classify`] turns one into an
 /// `anyhow::Error`, wrapped in [`Fatal`] when it is.
 pub trait Failure: std::error::Error + Send + Sync + 'static {
     /// True when retrying, or restarting with the same files, cannot fix
@@ -64,37 +64,6 @@ pub fn classify<E: Failure>(e: E) -> anyhow::Error {
         fatal(e)
     } else {
         anyhow::Error::new(e)
-    }
-}
-
-/// The sources decide for themselves (their `is_fatal` says why).
-impl Failure for crate::sources::mqtt::MqttError {
-    fn is_fatal(&self) -> bool {
-        crate::sources::mqtt::MqttError::is_fatal(self)
-    }
-}
-
-impl Failure for crate::sources::serial::SerialError {
-    fn is_fatal(&self) -> bool {
-        crate::sources::serial::SerialError::is_fatal(self)
-    }
-}
-
-impl Failure for crate::homeassistant::HomeAssistantError {
-    fn is_fatal(&self) -> bool {
-        matches!(
-            self,
-            crate::homeassistant::HomeAssistantError::PasswordFile { .. }
-        )
-    }
-}
-
-impl Failure for crate::engine::runner::RunnerError {
-    fn is_fatal(&self) -> bool {
-        matches!(
-            self,
-            crate::engine::runner::RunnerError::NotProvisioned { .. }
-        )
     }
 }
 
@@ -385,18 +354,6 @@ mod tests {
         assert!(is_fatal(&e));
         assert!(!is_fatal(&anyhow::anyhow!("broker down")));
         assert!(format!("{e:#}").contains("password file missing"));
-    }
-
-    #[test]
-    fn a_missing_secret_is_fatal_and_a_closed_ingest_is_not() {
-        use crate::sources::mqtt::MqttError;
-        let missing = MqttError::PasswordFile {
-            source_name: "home".into(),
-            path: "/run/secret".into(),
-            error: std::io::Error::from(std::io::ErrorKind::NotFound),
-        };
-        assert!(is_fatal(&classify(missing)));
-        assert!(!is_fatal(&classify(MqttError::IngestClosed)));
     }
 
     #[tokio::test]

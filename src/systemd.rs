@@ -2,8 +2,9 @@
 //!
 //! Every call is a no-op when `NOTIFY_SOCKET` is not set (not under
 //! systemd), so the daemon behaves the same in a terminal and in tests.
-//! Watchdog pings are rate-limited to half of `WATCHDOG_USEC`, so callers
-//! can ping from every loop iteration and every retry loop without cost.
+//! Watchdog pings are rate-limited to a quarter of `WATCHDOG_USEC`, so
+//! callers can ping from every loop iteration and every retry loop without
+//! cost; a loop must call at least every [`watchdog_period`] (half of it).
 
 use sd_notify::NotifyState;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -6,7 +6,8 @@ pub mod access;
 pub mod audit_limit;
 pub mod explain;
 pub mod hub;
-pub mod identity;
+/// NKEY identities live with the other secrets in the leaf layer.
+pub use crate::base::secrets as identity;
 pub mod published;
 pub mod render;
 pub mod violation;

@@ -119,6 +119,25 @@ pub fn channel() -> (Sender, Receiver) {
     mpsc::unbounded_channel()
 }
 
+/// The daemon and the CLI wire this sender into their NATS connection
+/// (`store::connect::As::violations`): a refusal reported by the server is
+/// counted and sent to the audit task (the daemon), or only sent (a CLI,
+/// which names its refusals when it fails).
+impl crate::store::connect::EventHook for Sender {
+    fn on_event(&self, event: &async_nats::Event, metrics: Option<&Metrics>) -> bool {
+        let Some(v) = from_event(event) else {
+            return false;
+        };
+        match metrics {
+            Some(m) => report(v, Some(m), Some(self)),
+            None => {
+                let _ = self.send(v);
+            }
+        }
+        true
+    }
+}
+
 const LOG_LINE: &str = "permission violation: nats-server refused this operation; the ACL does not grant it to this service (see docs/SECURITY.md)";
 
 /// Counts and reports one violation (called from the event callback).

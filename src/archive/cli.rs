@@ -39,7 +39,7 @@ async fn connect(config: &Config) -> anyhow::Result<(async_nats::jetstream::Cont
     )
     .await?;
     Ok((
-        crate::daemon::jetstream_context(client, config),
+        crate::store::jetstream_context(client, &config.nats),
         Refusals::new(&config.service, Some(rx)),
     ))
 }

@@ -171,11 +171,11 @@ impl Entry {
 
 /// Delay before attempt `attempts + 1`: `initial · 2^(attempts-1)` capped at
 /// `max`, then scaled into `[d/2, d]` by `jitter` in `[0, 1)` so that
-/// many sites do not retry in step after a shared outage.
+/// many sites do not retry in step after a shared outage (the crate's one
+/// policy, [`crate::base::backoff`], with the attempt count the outbox keeps).
 pub fn retry_delay(attempts: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {
-    let exp = attempts.saturating_sub(1).min(30);
-    let d = initial.saturating_mul(1u32 << exp).min(max);
-    d.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    let nominal = crate::base::backoff::Backoff::new(initial, max).nominal(attempts);
+    crate::base::backoff::jittered(nominal, jitter)
 }
 
 /// KV `archive`.

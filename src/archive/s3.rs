@@ -31,7 +31,7 @@ pub struct Remote {
 }
 
 fn read_key_file(field: &str, path: &std::path::Path) -> Result<String, ArchiveError> {
-    let text = crate::store::connect::read_secret(path).map_err(|e| {
+    let text = crate::base::secrets::read_secret(path).map_err(|e| {
         ArchiveError::Credentials(format!("{field}: cannot read {}: {e}", path.display()))
     })?;
     let key = text.trim();

@@ -6,18 +6,18 @@
 //! restart resumes: entries not yet uploaded are retried at once, and the
 //! next snapshot is due `every` after the newest existing one.
 
-use super::outbox::{retry_delay, Entry, Outbox};
+use super::outbox::{Entry, Outbox};
 use super::s3::Remote;
 use super::snapshot::{self, LocalSnapshot, Plan};
 use super::verify::{verify_remote, Digested};
 use super::{meta, retention, ArchiveError, SnapshotMeta};
+use crate::base::backoff::Backoff;
 use crate::config::ArchiveConfig;
 use crate::metrics::Metrics;
 use crate::naming::Site;
 use async_nats::jetstream::{self, kv, object_store::ObjectStore};
 use futures::StreamExt;
 use std::collections::{BTreeMap, BTreeSet};
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -40,18 +40,6 @@ pub struct Archiver {
 
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
-}
-
-/// A number in `[0, 1)` that differs between calls and processes.
-fn jitter() -> f64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
@@ -325,12 +313,8 @@ impl Archiver {
                     self.metrics.archive_s3_ok.store(false, Ordering::Relaxed);
                 }
                 Metrics::inc(&self.metrics.archive_upload_failures);
-                let delay = retry_delay(
-                    uploading.attempts,
-                    self.cfg.retry_initial,
-                    self.cfg.retry_max,
-                    jitter(),
-                );
+                let delay = Backoff::new(self.cfg.retry_initial, self.cfg.retry_max)
+                    .delay_after(uploading.attempts);
                 let msg = e.to_string();
                 if let Ok(failed) = uploading.failed(&msg, put, &now) {
                     if let Err(e2) = self.outbox.update(&failed, rev).await {

@@ -10,6 +10,7 @@
 //! follower drop the consumer and create a new one from the last stream
 //! sequence it handed out plus one (or a fresh snapshot, when asked).
 
+use crate::base::backoff::Backoff;
 use async_nats::jetstream::{self, consumer};
 use async_nats::{HeaderMap, StatusCode};
 use bytes::Bytes;
@@ -138,7 +139,8 @@ pub struct Follower {
     recreated: bool,
     /// An outage was logged and not yet its end.
     outage: bool,
-    retry: Duration,
+    /// Delays between attempts to re-create the consumer.
+    retry: Backoff,
 }
 
 impl Follower {
@@ -163,7 +165,7 @@ impl Follower {
             queued: Default::default(),
             recreated: false,
             outage: false,
-            retry: RETRY_MIN,
+            retry: Backoff::new(RETRY_MIN, RETRY_MAX),
         }
     }
 
@@ -268,15 +270,14 @@ impl Follower {
                             tracing::info!(stream = %self.bucket.stream, resume_after = ?self.last_seen, "following again");
                         }
                         self.outage = false;
-                        self.retry = RETRY_MIN;
+                        self.retry.reset();
                     }
                     Err(e) => {
                         if !self.outage {
                             tracing::warn!(stream = %self.bucket.stream, error = %e, "cannot follow the bucket; retrying");
                             self.outage = true;
                         }
-                        tokio::time::sleep(self.retry + jitter()).await;
-                        self.retry = (self.retry * 2).min(RETRY_MAX);
+                        tokio::time::sleep(self.retry.next_delay()).await;
                     }
                 }
                 continue;
@@ -356,16 +357,6 @@ impl Follower {
         tracing::debug!(stream = %self.bucket.stream, why, "re-creating the consumer");
         self.sub = None;
     }
-}
-
-/// Up to 100 ms, so many clients of one restarted server do not all
-/// retry at the same instant.
-fn jitter() -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    Duration::from_millis(u64::from(nanos % 100))
 }
 
 #[cfg(test)]

@@ -85,7 +85,7 @@ async fn leases_now(client: &async_nats::Client, s: &Streams) -> (Option<Followe
     };
     // What each service runs: the ownership table stored at provisioning,
     // never what a lease claims about itself (see `Leases`).
-    let table = match crate::acl::published::read(&s.js, &s.owners).await {
+    let table = match crate::store::published::read(&s.js, &s.owners).await {
         Ok(t) => t,
         Err(e) => {
             eprintln!(

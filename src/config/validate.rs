@@ -1,67 +1,62 @@
 //! The meaning checks behind [`Config::validate`]: each one pushes a
 //! [`ConfigProblem`] and carries on, so one run lists everything to fix.
 
+use super::Config;
+use super::ConfigProblem;
 use super::{ArchiveConfig, Keep};
-use super::{Config, EvidenceRule, MqttSource, TopicMapping, Zigbee2Mqtt, ZoneConfig};
-use super::{
-    ConfigProblem, EspresenseConfig, HomeAssistant, SerialFraming, SerialSource, Zigbee2MqttKind,
-};
+use crate::base::problems::Problems;
 use crate::naming;
-use std::collections::BTreeMap;
 use std::time::Duration;
-
-/// How the allowed form of an id is explained in problems.
-const TOKEN_FORM: &str =
-    "use 1 to 64 of [a-z0-9_-] (lowercase letters, digits, `_`, `-`; no dots or spaces)";
-
-/// rumqttc panics on a non-zero keep-alive under one second and sends the
-/// keep-alive as whole seconds in a u16, so anything else either crashes
-/// the source or silently becomes another interval.
-const MIN_KEEP_ALIVE: Duration = Duration::from_secs(1);
-const MAX_KEEP_ALIVE: Duration = Duration::from_secs(u16::MAX as u64);
-
-/// MQTT strings (client ids, topics) carry a u16 length.
-const MAX_MQTT_STRING: usize = u16::MAX as usize;
-
-const MAX_BATCH: usize = 100_000;
 
 pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
     let mut p = Problems::default();
     check_top(config, &mut p);
     check_runs(config, &mut p);
-    let mut producers = check_sources(config, &mut p);
+    let mut producers = crate::sources::check::check(&config.mqtt, &config.serial, &mut p);
     // Without ingest the sensors come from another instance of the site
     // (a split deployment): which ones is not this file's to know.
     producers.elsewhere = !config
         .components()
-        .contains(&crate::acl::access::Component::Ingest);
+        .contains(&crate::base::ownership::Component::Ingest);
     if let Some(ha) = &config.homeassistant {
-        check_homeassistant(ha, &mut p);
+        crate::homeassistant::config::check(ha, &mut p);
     }
     if let Some(hub) = &config.hub {
-        check_hub(hub, &mut p);
+        crate::hub::config::check(hub, &mut p);
     }
     for (name, zone) in &config.zones {
-        check_zone("zones", name, zone, &producers, &mut p);
+        crate::engine::config::check_zone("zones", name, zone, &producers, &mut p);
     }
     for (name, person) in &config.persons {
-        check_zone("persons", name, person, &producers, &mut p);
+        crate::engine::config::check_zone("persons", name, person, &producers, &mut p);
     }
     if let Some(archive) = &config.archive {
         check_archive(archive, &mut p);
     }
+    check_has_zones(config, &mut p);
     p.0
 }
 
-#[derive(Default)]
-struct Problems(Vec<ConfigProblem>);
-
-impl Problems {
-    fn push(&mut self, path: impl Into<String>, reason: impl Into<String>) {
-        self.0.push(ConfigProblem {
-            path: path.into(),
-            reason: reason.into(),
-        });
+/// A config whose engine would decide nothing is refused: without `runs`
+/// a file with sources and no zone would quietly run ingest only, which is
+/// what a forgotten `[zones.*]` looks like. A file with neither sources nor
+/// zones (an admin's or a client's: `provision`, `watch`) needs none.
+fn check_has_zones(config: &Config, p: &mut Problems) {
+    use crate::base::ownership::Component;
+    if !config.zones.is_empty() || !config.persons.is_empty() {
+        return;
+    }
+    let sources = !config.mqtt.is_empty() || !config.serial.is_empty();
+    match &config.runs {
+        None if sources => p.push(
+            "zones",
+            "no zone is configured, so presence is never decided: add a `[zones.<id>]` table with `[[zones.<id>.evidence]]` rules (see examples/), or set `runs = [\"ingest\"]` for an instance that only stores readings",
+        ),
+        Some(names) if names.iter().any(|n| Component::parse(n) == Some(Component::Engine)) => p.push(
+            "zones",
+            "`runs` lists engine but no zone or person is configured: the engine would decide nothing; add a `[zones.<id>]` table",
+        ),
+        _ => {}
     }
 }
 
@@ -100,68 +95,13 @@ fn check_top(config: &Config, p: &mut Problems) {
         }
     }
 
-    if let Err(reason) = check_nats_url(&config.nats.url) {
-        p.push("nats.url", reason);
-    }
-    positive(p, "nats.connect_timeout", config.nats.connect_timeout);
-    positive(p, "nats.request_timeout", config.nats.request_timeout);
-    if let Some(tls) = &config.nats.tls {
-        check_tls(tls, p);
-    }
+    crate::store::config::check(&config.nats, p);
 
-    if config.ingest.buffer < 1 {
-        p.push("ingest.buffer", "must be at least 1, got 0");
-    }
-    positive(p, "ingest.max_clock_skew", config.ingest.max_clock_skew);
-    if config.ingest.max_in_flight < 1 {
-        p.push("ingest.max_in_flight", "must be at least 1, got 0");
-    }
+    crate::ingest::check_config(&config.ingest, p);
 
-    if !(1..=MAX_BATCH).contains(&config.engine.batch) {
-        p.push(
-            "engine.batch",
-            format!(
-                "must be between 1 and {MAX_BATCH}, got {}",
-                config.engine.batch
-            ),
-        );
-    }
-    positive(p, "engine.drain_timeout", config.engine.drain_timeout);
+    crate::engine::config::check_engine(&config.engine, p);
 
-    let ttl = config.lease.ttl;
-    if ttl.subsec_nanos() != 0 || ttl < crate::store::lease::MIN_TTL {
-        p.push(
-            "lease.ttl",
-            format!(
-                "{} is not allowed: use whole seconds, at least {}s (the server expires leases on a 1 s tick and the lease is renewed every third of it)",
-                humantime::format_duration(ttl),
-                crate::store::lease::MIN_TTL.as_secs()
-            ),
-        );
-    }
-}
-
-fn check_tls(tls: &crate::config::NatsTls, p: &mut Problems) {
-    match (&tls.cert_file, &tls.key_file) {
-        (Some(_), None) => p.push(
-            "nats.tls.key_file",
-            "is missing: a client certificate (cert_file) needs its private key",
-        ),
-        (None, Some(_)) => p.push(
-            "nats.tls.cert_file",
-            "is missing: a private key (key_file) needs its client certificate",
-        ),
-        _ => {}
-    }
-    for (field, path) in [
-        ("nats.tls.ca_file", &tls.ca_file),
-        ("nats.tls.cert_file", &tls.cert_file),
-        ("nats.tls.key_file", &tls.key_file),
-    ] {
-        if path.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
-            p.push(field, "is empty: give a file path or leave it out");
-        }
-    }
+    crate::store::config::check_lease(&config.lease, p);
 }
 
 /// Buckets a snapshot may hold.
@@ -265,33 +205,11 @@ fn check_archive(a: &ArchiveConfig, p: &mut Problems) {
     }
 }
 
-fn check_hub(hub: &super::HubWatch, p: &mut Problems) {
-    positive(p, "hub.poll_interval", hub.poll_interval);
-    if hub.stall_after < hub.poll_interval * 2 {
-        p.push(
-            "hub.stall_after",
-            format!(
-                "must be at least twice hub.poll_interval ({}): a stall is seen across polls",
-                humantime::format_duration(hub.poll_interval)
-            ),
-        );
-    }
-    if hub.nudge_after < hub.poll_interval {
-        p.push(
-            "hub.nudge_after",
-            format!(
-                "must be at least hub.poll_interval ({})",
-                humantime::format_duration(hub.poll_interval)
-            ),
-        );
-    }
-}
-
 /// `runs` names known components once each, and agrees with the
 /// sections present: a source in an instance that runs no ingest, or
 /// `[archive]` without the archiver, would be silently ignored.
 fn check_runs(config: &Config, p: &mut Problems) {
-    use crate::acl::access::Component;
+    use crate::base::ownership::Component;
     positive(p, "health.source_grace", config.health.source_grace);
     let Some(names) = &config.runs else {
         return;
@@ -347,881 +265,7 @@ fn check_runs(config: &Config, p: &mut Problems) {
 }
 
 fn positive(p: &mut Problems, path: impl Into<String>, d: Duration) {
-    if d.is_zero() {
-        p.push(path, "must be longer than 0s");
-    }
-}
-
-/// Accepts what async-nats accepts for a server: `nats://`, `tls://` or no
-/// scheme, a host and an optional port (4222 when absent), several
-/// separated by commas. Credentials in the URL are refused: the config is
-/// world-readable in the Nix store.
-fn check_nats_url(url: &str) -> Result<(), String> {
-    if url.trim().is_empty() {
-        return Err("is empty: give the leaf server, e.g. `nats://127.0.0.1:4222`".into());
-    }
-    for server in url.split(',').map(str::trim) {
-        check_nats_server(server).map_err(|why| format!("{server:?}: {why}"))?;
-    }
-    Ok(())
-}
-
-fn check_nats_server(server: &str) -> Result<(), String> {
-    let rest = match server.split_once("://") {
-        Some(("nats" | "tls", rest)) => rest,
-        Some((scheme, _)) => {
-            return Err(format!(
-                "unknown scheme `{scheme}://`, use `nats://host:port`, `tls://host:port` or `host:port`"
-            ))
-        }
-        None => server,
-    };
-    if rest.contains('@') {
-        return Err(
-            "holds credentials: the config is world-readable, give the NKEY seed as a file instead"
-                .into(),
-        );
-    }
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (host, after) = v6
-            .split_once(']')
-            .ok_or("an IPv6 address needs its closing `]`")?;
-        if host.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(format!("`{host}` is not an IPv6 address"));
-        }
-        match after {
-            "" => (host, None),
-            _ => (
-                host,
-                Some(
-                    after
-                        .strip_prefix(':')
-                        .ok_or("expected `:port` after `]`")?,
-                ),
-            ),
-        }
-    } else {
-        match rest.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (rest, None),
-        }
-    };
-    let host_ok = rest.starts_with('[')
-        || !host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
-    if !host_ok {
-        return Err(format!("`{host}` is not a host name or address"));
-    }
-    if let Some(port) = port {
-        match port.parse::<u16>() {
-            Ok(0) | Err(_) => return Err(format!("`{port}` is not a port (1 to 65535)")),
-            Ok(_) => {}
-        }
-    }
-    Ok(())
-}
-
-/// Which sensors the sources can produce, for checking evidence rules.
-#[derive(Default)]
-struct Producers {
-    /// Static sensor id to the path of the mapping that produces it.
-    statics: BTreeMap<String, String>,
-    /// Parsed `{n}` templates with the path of their mapping.
-    templates: Vec<(Vec<Segment>, String)>,
-    any_source: bool,
-    /// Sensors are produced by another instance (this one runs no ingest).
-    elsewhere: bool,
-}
-
-fn check_sources(config: &Config, p: &mut Problems) -> Producers {
-    let mut producers = Producers {
-        any_source: !config.mqtt.is_empty() || !config.serial.is_empty(),
-        ..Producers::default()
-    };
-    for (name, source) in &config.mqtt {
-        check_mqtt(name, source, &mut producers, p);
-    }
-    for (name, source) in &config.serial {
-        if config.mqtt.contains_key(name) {
-            p.push(
-                format!("serial.{name}"),
-                format!("source name {name:?} is also an `[mqtt.{name}]` source: names share stream REJECTED, so they must differ"),
-            );
-        }
-        check_serial(name, source, &mut producers, p);
-    }
-    producers
-}
-
-fn check_espresense(at: &str, es: &EspresenseConfig, producers: &mut Producers, p: &mut Problems) {
-    if es.base_topic.is_empty()
-        || es.base_topic.contains(['+', '#'])
-        || es.base_topic.starts_with('/')
-        || es.base_topic.ends_with('/')
-    {
-        p.push(
-            format!("{at}.base_topic"),
-            format!(
-                "{:?} must be non-empty, without `+`, `#` or a leading or trailing `/`",
-                es.base_topic
-            ),
-        );
-    }
-    if !es.margin.is_finite() || es.margin < 0.0 {
-        p.push(
-            format!("{at}.margin"),
-            format!("must be 0 or more metres, got {}", es.margin),
-        );
-    }
-    if !es.max_distance.is_finite() || es.max_distance <= 0.0 {
-        p.push(
-            format!("{at}.max_distance"),
-            format!("must be more than 0 metres, got {}", es.max_distance),
-        );
-    }
-    positive(p, format!("{at}.timeout"), es.timeout);
-    if es.people.is_empty() {
-        p.push(
-            format!("{at}.people"),
-            "is empty: list the devices to track and whose they are",
-        );
-    }
-    let mut devices = BTreeMap::new();
-    for (i, person) in es.people.iter().enumerate() {
-        let pat = format!("{at}.people[{i}]");
-        if person.device.is_empty() || person.device.contains(['+', '#', '/']) {
-            p.push(
-                format!("{pat}.device"),
-                format!(
-                    "{:?} must be an ESPresense device id: non-empty, no `+`, `#` or `/`",
-                    person.device
-                ),
-            );
-        } else if let Some(first) = devices.insert(person.device.clone(), pat.clone()) {
-            p.push(
-                format!("{pat}.device"),
-                format!("device {:?} is already tracked by {first}", person.device),
-            );
-        }
-        // `<person>_in_<room>` must leave room for a room name.
-        if !naming::is_token(&person.person) || person.person.len() > 48 {
-            p.push(
-                format!("{pat}.person"),
-                format!(
-                    "person id {:?} is invalid: {TOKEN_FORM}, at most 48 characters",
-                    person.person
-                ),
-            );
-            continue;
-        }
-        add_static(
-            producers,
-            &format!("{}_home", person.person),
-            format!("{pat}.person"),
-            p,
-        );
-        producers.templates.push((
-            vec![
-                Segment::Literal(format!("{}_in_", person.person)),
-                Segment::Capture(1),
-            ],
-            format!("{pat}.person"),
-        ));
-    }
-}
-
-fn check_homeassistant(ha: &HomeAssistant, p: &mut Problems) {
-    let at = "homeassistant";
-    if ha.host.trim().is_empty() {
-        p.push(format!("{at}.host"), "is empty");
-    }
-    if ha.port == 0 {
-        p.push(format!("{at}.port"), "must be 1 to 65535, got 0");
-    }
-    if ha.client_id.as_deref() == Some("") {
-        p.push(
-            format!("{at}.client_id"),
-            "is empty: leave it out for `presenced-<site>-homeassistant`",
-        );
-    }
-    let ka = ha.keep_alive;
-    if ka < MIN_KEEP_ALIVE || ka > MAX_KEEP_ALIVE || ka.subsec_nanos() != 0 {
-        p.push(
-            format!("{at}.keep_alive"),
-            format!(
-                "must be whole seconds from 1s to {MAX_KEEP_ALIVE:?}, got {}",
-                humantime::format_duration(ka)
-            ),
-        );
-    }
-    if ha.password_file.is_some() && ha.username.is_none() {
-        p.push(
-            format!("{at}.password_file"),
-            "is set but `username` is not; MQTT sends a password only with a user name",
-        );
-    }
-    for (field, value) in [
-        ("discovery_prefix", &ha.discovery_prefix),
-        ("base_topic", &ha.base_topic),
-    ] {
-        if value.is_empty()
-            || value.contains(['+', '#'])
-            || value.starts_with('/')
-            || value.ends_with('/')
-        {
-            p.push(
-                format!("{at}.{field}"),
-                format!("{value:?} must be a topic prefix: non-empty, no `+` or `#`, no leading or trailing `/`"),
-            );
-        }
-    }
-}
-
-fn check_serial(name: &str, source: &SerialSource, producers: &mut Producers, p: &mut Problems) {
-    let at = format!("serial.{name}");
-    if !naming::is_token(name) {
-        p.push(
-            at.clone(),
-            format!("source name {name:?} is invalid (it is a subject token of `REJECTED`): {TOKEN_FORM}"),
-        );
-    }
-    if source.device.as_os_str().is_empty() {
-        p.push(format!("{at}.device"), "is empty");
-    } else if !source.device.is_absolute() {
-        p.push(
-            format!("{at}.device"),
-            format!(
-                "{:?} is not an absolute path: use a stable link such as /dev/serial/by-id/...",
-                source.device
-            ),
-        );
-    }
-    if source.baud == Some(0) {
-        p.push(format!("{at}.baud"), "must be above 0");
-    }
-    positive(p, format!("{at}.reconnect_max"), source.reconnect_max);
-    match source.framing {
-        SerialFraming::Ld2410 => {
-            if !source.sensors.is_empty() {
-                p.push(
-                    format!("{at}.sensors"),
-                    "is for `json_lines`; an LD2410's sensors are named by `sensor_prefix`",
-                );
-            }
-            let Some(prefix) = &source.sensor_prefix else {
-                p.push(
-                    format!("{at}.sensor_prefix"),
-                    "is required for `ld2410`: outputs are named `<sensor_prefix>_present`, `_moving`, ...",
-                );
-                return;
-            };
-            let longest = crate::sources::ld2410::OUTPUTS
-                .iter()
-                .map(|o| o.len() + 1)
-                .max()
-                .unwrap_or(0);
-            if !naming::is_token(prefix) || prefix.len() + longest > 64 {
-                p.push(
-                    format!("{at}.sensor_prefix"),
-                    format!(
-                        "{prefix:?} is invalid: {TOKEN_FORM}, and at most {} characters so that `{prefix}_detection_distance` fits",
-                        64 - longest
-                    ),
-                );
-                return;
-            }
-            for out in crate::sources::ld2410::OUTPUTS {
-                add_static(
-                    producers,
-                    &format!("{prefix}_{out}"),
-                    format!("{at}.sensor_prefix"),
-                    p,
-                );
-            }
-        }
-        SerialFraming::JsonLines => {
-            for (field, set) in [
-                ("sensor_prefix", source.sensor_prefix.is_some()),
-                ("engineering_mode", source.engineering_mode),
-            ] {
-                if set {
-                    p.push(format!("{at}.{field}"), "is for `ld2410` framing only");
-                }
-            }
-            if source.sensors.is_empty() {
-                // Any id the device prints: one capture matches them all.
-                producers
-                    .templates
-                    .push((vec![Segment::Capture(1)], format!("{at}.sensors")));
-            }
-            for (i, sensor) in source.sensors.iter().enumerate() {
-                if naming::is_token(sensor) {
-                    add_static(producers, sensor, format!("{at}.sensors[{i}]"), p);
-                } else {
-                    p.push(
-                        format!("{at}.sensors[{i}]"),
-                        format!("sensor id {sensor:?} is invalid: {TOKEN_FORM}"),
-                    );
-                }
-            }
-        }
-    }
-}
-
-fn check_mqtt(name: &str, source: &MqttSource, producers: &mut Producers, p: &mut Problems) {
-    let before = p.0.len();
-    check_mqtt_fields(name, source, producers, p);
-    if p.0.len() == before {
-        check_mqtt_compiles(name, source, p);
-    }
-}
-
-/// Runs what the MQTT source runs at start (mapping compilation, client
-/// options, reading the password file), so that whatever would stop the
-/// source stops `check-config` first. Only when the field checks passed:
-/// they say the same things with more precise paths.
-fn check_mqtt_compiles(name: &str, source: &MqttSource, p: &mut Problems) {
-    use crate::sources::mqtt::{compile_mappings, options};
-    let at = format!("mqtt.{name}");
-    if let Err(e) = compile_mappings(source) {
-        p.push(at.clone(), format!("mapping {e}"));
-    }
-    // The password file is read by [`secrets`], not here: this stays a
-    // pure function of the text.
-    let mut source = source.clone();
-    source.password_file = None;
-    if let Err(e) = options(name, &source, "check-config") {
-        p.push(at, e.to_string());
-    }
-}
-
-/// Reads every secret file the sources read at start (MQTT password
-/// files), so a missing one fails `check-config` and the daemon's start
-/// with the field that names it, instead of stopping the source later.
-/// A path under `$CREDENTIALS_DIRECTORY/` is skipped when that variable is
-/// unset (a build-time check outside the unit: systemd itself refuses to
-/// start a unit whose credential is missing).
-pub(super) fn secrets(config: &Config) -> Vec<ConfigProblem> {
-    let mut p = Problems::default();
-    for (name, source) in &config.mqtt {
-        let Some(path) = &source.password_file else {
-            continue;
-        };
-        if super::resolve_secret_path(path).is_err() {
-            continue;
-        }
-        if let Err(e) = crate::store::connect::read_secret(path) {
-            p.push(
-                format!("mqtt.{name}.password_file"),
-                format!("cannot read {}: {e}", path.display()),
-            );
-        }
-    }
-    p.0
-}
-
-fn check_mqtt_fields(name: &str, source: &MqttSource, producers: &mut Producers, p: &mut Problems) {
-    let at = format!("mqtt.{name}");
-    if !naming::is_token(name) {
-        p.push(
-            at.clone(),
-            format!("source name {name:?} is invalid (it is a subject token of `REJECTED`): {TOKEN_FORM}"),
-        );
-    }
-    if source.host.trim().is_empty() {
-        p.push(format!("{at}.host"), "is empty");
-    }
-    if source.port == 0 {
-        p.push(format!("{at}.port"), "must be 1 to 65535, got 0");
-    }
-    if let Some(id) = &source.client_id {
-        if id.is_empty() {
-            p.push(
-                format!("{at}.client_id"),
-                "is empty: the broker keeps the session under this id, leave it out for `presenced-<site>-<source>`",
-            );
-        } else if id.len() > MAX_MQTT_STRING {
-            p.push(
-                format!("{at}.client_id"),
-                format!(
-                    "is {} bytes, MQTT allows at most {MAX_MQTT_STRING}",
-                    id.len()
-                ),
-            );
-        }
-    }
-    let ka = source.keep_alive;
-    if ka < MIN_KEEP_ALIVE || ka > MAX_KEEP_ALIVE || ka.subsec_nanos() != 0 {
-        p.push(
-            format!("{at}.keep_alive"),
-            format!(
-                "must be whole seconds from 1s to {MAX_KEEP_ALIVE:?} (MQTT sends it in seconds), got {}",
-                humantime::format_duration(ka)
-            ),
-        );
-    }
-    positive(p, format!("{at}.reconnect_max"), source.reconnect_max);
-    if source.max_payload == 0 || source.max_payload > crate::sources::mqtt::MQTT_MAX_PACKET {
-        p.push(
-            format!("{at}.max_payload"),
-            format!(
-                "must be 1 to {} bytes (MQTT's largest message), got {}",
-                crate::sources::mqtt::MQTT_MAX_PACKET,
-                source.max_payload
-            ),
-        );
-    }
-
-    if source.topics.is_empty() && source.zigbee2mqtt.is_none() && source.espresense.is_none() {
-        p.push(
-            at.clone(),
-            "reads nothing: add `topics`, a `zigbee2mqtt` or an `espresense` section",
-        );
-    }
-    if let Some(es) = &source.espresense {
-        check_espresense(&format!("{at}.espresense"), es, producers, p);
-    }
-    for (i, mapping) in source.topics.iter().enumerate() {
-        check_mapping(&format!("{at}.topics[{i}]"), mapping, producers, p);
-    }
-    if let Some(z2m) = &source.zigbee2mqtt {
-        check_zigbee2mqtt(&format!("{at}.zigbee2mqtt"), z2m, producers, p);
-    }
-}
-
-fn check_mapping(at: &str, mapping: &TopicMapping, producers: &mut Producers, p: &mut Problems) {
-    let wildcards = match check_filter(&mapping.filter) {
-        Ok(n) => Some(n),
-        Err(why) => {
-            p.push(
-                format!("{at}.filter"),
-                format!("{:?} {why}", mapping.filter),
-            );
-            None
-        }
-    };
-
-    let sensor_at = format!("{at}.sensor");
-    match parse_template(&mapping.sensor) {
-        Err(why) => p.push(sensor_at, format!("{:?}: {why}", mapping.sensor)),
-        Ok(segments) if segments.iter().all(|s| matches!(s, Segment::Literal(_))) => {
-            if naming::is_token(&mapping.sensor) {
-                add_static(producers, &mapping.sensor, sensor_at, p);
-            } else {
-                p.push(
-                    sensor_at,
-                    format!("sensor id {:?} is invalid: {TOKEN_FORM}", mapping.sensor),
-                );
-            }
-        }
-        Ok(segments) => {
-            let mut ok = true;
-            for seg in &segments {
-                match seg {
-                    Segment::Literal(text) if !text.bytes().all(is_token_byte) => {
-                        ok = false;
-                        p.push(
-                            sensor_at.clone(),
-                            format!(
-                                "the fixed part {text:?} of {:?} cannot be in a sensor id: {TOKEN_FORM}",
-                                mapping.sensor
-                            ),
-                        );
-                    }
-                    Segment::Capture(n) => {
-                        if let Some(count) = wildcards {
-                            if *n > count {
-                                ok = false;
-                                p.push(
-                                    sensor_at.clone(),
-                                    format!(
-                                        "`{{{n}}}` refers to wildcard {n}, but filter {:?} has {count} (`+` and `#` levels count from 1)",
-                                        mapping.filter
-                                    ),
-                                );
-                            }
-                        }
-                    }
-                    Segment::Literal(_) => {}
-                }
-            }
-            if ok {
-                producers.templates.push((segments, sensor_at));
-            }
-        }
-    }
-
-    if let Some(value) = &mapping.value {
-        if let Err(why) = check_locator(value) {
-            p.push(format!("{at}.value"), why);
-        }
-    }
-    if let Some(ts) = &mapping.timestamp {
-        if let Err(why) = check_locator(ts) {
-            p.push(format!("{at}.timestamp"), why);
-        }
-    }
-}
-
-fn check_zigbee2mqtt(at: &str, z2m: &Zigbee2Mqtt, producers: &mut Producers, p: &mut Problems) {
-    let base = &z2m.base_topic;
-    if base.is_empty()
-        || base.contains(['+', '#', '\0'])
-        || base.starts_with('/')
-        || base.ends_with('/')
-    {
-        p.push(
-            format!("{at}.base_topic"),
-            format!("{base:?} is not a base topic: non-empty, no `+`, `#` or NUL, no leading or trailing `/`"),
-        );
-    }
-    if z2m.devices.is_empty() {
-        p.push(
-            format!("{at}.devices"),
-            "is empty: list devices or remove the section",
-        );
-    }
-    for (i, device) in z2m.devices.iter().enumerate() {
-        let dat = format!("{at}.devices[{i}]");
-        let name = &device.device;
-        if name.is_empty() || name.contains(['+', '#', '\0']) {
-            p.push(
-                format!("{dat}.device"),
-                format!(
-                    "{name:?} is not a friendly name: non-empty, no MQTT wildcards `+`/`#` or NUL"
-                ),
-            );
-        }
-        match &device.sensor {
-            Some(sensor) if naming::is_token(sensor) => {
-                add_static(producers, sensor, format!("{dat}.sensor"), p)
-            }
-            Some(sensor) => p.push(
-                format!("{dat}.sensor"),
-                format!("sensor id {sensor:?} is invalid: {TOKEN_FORM}"),
-            ),
-            None if naming::is_token(name) => add_static(producers, name, format!("{dat}.device"), p),
-            None if name.is_empty() => {}
-            None => p.push(
-                format!("{dat}.sensor"),
-                format!(
-                    "missing: the friendly name {name:?} is not a valid sensor id, so set `sensor` ({TOKEN_FORM}), e.g. {:?}",
-                    suggest_token(name, device.kind)
-                ),
-            ),
-        }
-    }
-}
-
-/// A sensor id derived from a friendly name, for the problem text.
-fn suggest_token(name: &str, kind: Zigbee2MqttKind) -> String {
-    let mut s: String = name
-        .chars()
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if s.trim_matches('_').is_empty() {
-        s = match kind {
-            Zigbee2MqttKind::Occupancy => "motion",
-            Zigbee2MqttKind::Contact => "contact",
-            Zigbee2MqttKind::Illuminance => "illuminance",
-        }
-        .into();
-    }
-    s.chars().take(64).collect()
-}
-
-/// Records a static sensor; a second producer of one id would interleave
-/// two devices' readings under one name, so it is refused where it occurs.
-fn add_static(producers: &mut Producers, sensor: &str, at: String, p: &mut Problems) {
-    if let Some(first) = producers.statics.get(sensor) {
-        p.push(
-            at,
-            format!("sensor {sensor:?} is already produced by {first}: each sensor id needs exactly one mapping"),
-        );
-    } else {
-        producers.statics.insert(sensor.to_owned(), at);
-    }
-}
-
-fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
-}
-
-/// Checks an MQTT topic filter and returns how many wildcard levels it has
-/// (the `{n}` captures it offers).
-fn check_filter(filter: &str) -> Result<usize, String> {
-    if filter.is_empty() {
-        return Err("is empty: a filter needs at least one level".into());
-    }
-    if filter.len() > MAX_MQTT_STRING {
-        return Err(format!("is longer than {MAX_MQTT_STRING} bytes"));
-    }
-    if filter.contains('\0') {
-        return Err("contains a NUL character".into());
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
-    let mut wildcards = 0;
-    for (i, level) in levels.iter().enumerate() {
-        match *level {
-            "#" if i + 1 == levels.len() => wildcards += 1,
-            "#" => return Err("has `#` before the last level: `#` may only end a filter".into()),
-            "+" => wildcards += 1,
-            l if l.contains('#') => {
-                return Err(format!(
-                    "has `#` inside level {l:?}: it must be a level of its own"
-                ))
-            }
-            l if l.contains('+') => {
-                return Err(format!(
-                    "has `+` inside level {l:?}: it must be a level of its own"
-                ))
-            }
-            _ => {}
-        }
-    }
-    Ok(wildcards)
-}
-
-/// A piece of a sensor template.
-#[derive(Clone, Debug, PartialEq)]
-enum Segment {
-    Literal(String),
-    /// 1-based wildcard position of the filter.
-    Capture(usize),
-}
-
-fn parse_template(s: &str) -> Result<Vec<Segment>, String> {
-    let mut out = Vec::new();
-    let mut literal = String::new();
-    let mut rest = s;
-    while let Some(c) = rest.chars().next() {
-        match c {
-            '{' => {
-                let close = rest
-                    .find('}')
-                    .ok_or("has `{` without a closing `}`: write captures as `{1}`, `{2}`, ...")?;
-                let inner = &rest[1..close];
-                let n: usize = inner
-                    .parse()
-                    .ok()
-                    .filter(|n| *n >= 1 && inner.bytes().all(|b| b.is_ascii_digit()))
-                    .ok_or_else(|| {
-                        format!(
-                            "`{{{inner}}}` is not a capture: use `{{1}}`, `{{2}}`, ... (1-based)"
-                        )
-                    })?;
-                if !literal.is_empty() {
-                    out.push(Segment::Literal(std::mem::take(&mut literal)));
-                }
-                out.push(Segment::Capture(n));
-                rest = &rest[close + 1..];
-            }
-            '}' => return Err("has `}` without an opening `{`".into()),
-            c => {
-                literal.push(c);
-                rest = &rest[c.len_utf8()..];
-            }
-        }
-    }
-    if !literal.is_empty() || out.is_empty() {
-        out.push(Segment::Literal(literal));
-    }
-    Ok(out)
-}
-
-/// Whether a template can produce `sensor`, each capture standing for one
-/// or more id characters.
-fn template_matches(segments: &[Segment], sensor: &str) -> bool {
-    match segments.split_first() {
-        None => sensor.is_empty(),
-        Some((Segment::Literal(text), rest)) => sensor
-            .strip_prefix(text.as_str())
-            .is_some_and(|tail| template_matches(rest, tail)),
-        Some((Segment::Capture(_), rest)) => (1..=sensor.len()).any(|n| {
-            sensor.is_char_boundary(n)
-                && sensor[..n].bytes().all(is_token_byte)
-                && template_matches(rest, &sensor[n..])
-        }),
-    }
-}
-
-/// `value`/`timestamp`: a JSON pointer (`/a/b`, with `~0`/`~1` escapes) or
-/// a top-level field name.
-fn check_locator(s: &str) -> Result<(), String> {
-    if s.is_empty() {
-        return Err(
-            "is empty: leave it out for a bare payload, or give a JSON pointer (`/occupancy`) or a field name".into(),
-        );
-    }
-    if let Some(pointer) = s.strip_prefix('/') {
-        let mut chars = pointer.chars();
-        while let Some(c) = chars.next() {
-            if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
-                return Err(format!(
-                    "{s:?} is not a JSON pointer: `~` must be followed by 0 (for `~`) or 1 (for `/`)"
-                ));
-            }
-        }
-        Ok(())
-    } else if s.chars().any(char::is_whitespace) {
-        Err(format!(
-            "{s:?} is not a field name (no whitespace) nor a JSON pointer (starts with `/`)"
-        ))
-    } else {
-        Ok(())
-    }
-}
-
-/// Checks a zone (`section` = "zones") or a person ("persons"): both are
-/// entries of KV `presence` with the same state machine.
-fn check_zone(
-    section: &str,
-    name: &str,
-    zone: &ZoneConfig,
-    producers: &Producers,
-    p: &mut Problems,
-) {
-    let at = format!("{section}.{name}");
-    if !naming::is_token(name) {
-        let kind = if section == "persons" {
-            "person id"
-        } else {
-            "zone name"
-        };
-        p.push(
-            at.clone(),
-            format!(
-                "{kind} {name:?} is invalid (it is part of a KV key and subject): {TOKEN_FORM}"
-            ),
-        );
-    }
-    probability(p, format!("{at}.prior"), zone.prior);
-    let above_ok = probability(p, format!("{at}.occupied_above"), zone.occupied_above);
-    let below_ok = probability(p, format!("{at}.vacant_below"), zone.vacant_below);
-    if above_ok && below_ok && zone.vacant_below >= zone.occupied_above {
-        p.push(
-            format!("{at}.vacant_below"),
-            format!(
-                "must be below occupied_above ({}), got {}: the gap between them is the hysteresis",
-                zone.occupied_above, zone.vacant_below
-            ),
-        );
-    }
-    if zone.evidence.is_empty() {
-        p.push(
-            format!("{at}.evidence"),
-            "is empty: a zone without evidence stays at its prior forever",
-        );
-    }
-    for (i, rule) in zone.evidence.iter().enumerate() {
-        check_rule(&format!("{at}.evidence[{i}]"), rule, producers, p);
-    }
-}
-
-/// Pushes a problem unless `v` is a finite number strictly inside (0, 1);
-/// returns whether it is.
-fn probability(p: &mut Problems, path: String, v: f64) -> bool {
-    let ok = v.is_finite() && v > 0.0 && v < 1.0;
-    if !ok {
-        p.push(path, format!("must be strictly between 0 and 1, got {v}"));
-    }
-    ok
-}
-
-fn check_rule(at: &str, rule: &EvidenceRule, producers: &Producers, p: &mut Problems) {
-    let sensor_at = format!("{at}.sensor");
-    if !naming::is_token(&rule.sensor) {
-        p.push(
-            sensor_at,
-            format!("sensor id {:?} is invalid: {TOKEN_FORM}", rule.sensor),
-        );
-    } else if producers.elsewhere {
-        // Checked where the sensors are read.
-    } else if !producers.any_source {
-        p.push(
-            sensor_at,
-            format!(
-                "no source is configured, so nothing produces sensor {:?}: add an `[mqtt.<name>]` or `[serial.<name>]` source",
-                rule.sensor
-            ),
-        );
-    } else if !producers.statics.contains_key(&rule.sensor)
-        && !producers
-            .templates
-            .iter()
-            .any(|(t, _)| template_matches(t, &rule.sensor))
-    {
-        p.push(
-            sensor_at,
-            format!(
-                "no source produces sensor {:?}: map it in `mqtt.<name>.topics`, `zigbee2mqtt.devices` or a `[serial.<name>]` source",
-                rule.sensor
-            ),
-        );
-    }
-
-    let t_ok = probability(p, format!("{at}.p_true"), rule.p_true);
-    let f_ok = probability(p, format!("{at}.p_false"), rule.p_false);
-    if t_ok && f_ok && rule.p_true == rule.p_false {
-        p.push(
-            format!("{at}.p_false"),
-            format!(
-                "equals p_true ({}): the likelihood ratio is 1, so the rule never moves the confidence",
-                rule.p_true
-            ),
-        );
-    }
-
-    let mut bounds_ok = true;
-    for (field, v) in [("above", rule.above), ("below", rule.below)] {
-        if let Some(v) = v {
-            if !v.is_finite() {
-                bounds_ok = false;
-                p.push(
-                    format!("{at}.{field}"),
-                    format!("must be a finite number, got {v}"),
-                );
-            }
-        }
-    }
-    if let (true, Some(above), Some(below)) = (bounds_ok, rule.above, rule.below) {
-        if above >= below {
-            p.push(
-                format!("{at}.below"),
-                format!(
-                    "with both set the rule is a band (above < value < below), so below must exceed above ({above}), got {below}"
-                ),
-            );
-        }
-    }
-
-    if let Some(hold) = rule.hold {
-        positive(p, format!("{at}.hold"), hold);
-    }
-    if let Some(stale) = rule.stale_after {
-        positive(p, format!("{at}.stale_after"), stale);
-    }
-    if let (Some(hold), Some(stale)) = (rule.hold, rule.stale_after) {
-        if !stale.is_zero() && stale < hold {
-            p.push(
-                format!("{at}.stale_after"),
-                format!(
-                    "is shorter than hold ({}), got {}: a true reading would turn neutral before its hold ends",
-                    humantime::format_duration(hold),
-                    humantime::format_duration(stale)
-                ),
-            );
-        }
-    }
+    p.positive(path, d);
 }
 
 #[cfg(test)]
@@ -1277,7 +321,10 @@ evidence = [{ sensor = "a_motion", p_true = 0.9, p_false = 0.1 }]
         );
         let c = Config::from_toml(&text, std::path::Path::new("t.toml")).unwrap();
         assert!(all(&c).is_empty(), "validation itself reads no files");
-        let problems: Vec<String> = secrets(&c).iter().map(|p| p.to_string()).collect();
+        let problems: Vec<String> = crate::sources::check::secrets(&c.mqtt)
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
             problems[0].starts_with("mqtt.main.password_file: cannot read ")
@@ -1285,7 +332,7 @@ evidence = [{ sensor = "a_motion", p_true = 0.9, p_false = 0.1 }]
             "{problems:?}"
         );
         std::fs::write(&missing, "secret\n").unwrap();
-        assert!(secrets(&c).is_empty());
+        assert!(crate::sources::check::secrets(&c.mqtt).is_empty());
         // Under systemd's credentials directory: checked in the unit, not here.
         let text = MQTT_BASE.replace(
             "username = \"presenced\"",
@@ -1293,7 +340,7 @@ evidence = [{ sensor = "a_motion", p_true = 0.9, p_false = 0.1 }]
         );
         let c = Config::from_toml(&text, std::path::Path::new("t.toml")).unwrap();
         if std::env::var_os("CREDENTIALS_DIRECTORY").is_none() {
-            assert!(secrets(&c).is_empty());
+            assert!(crate::sources::check::secrets(&c.mqtt).is_empty());
         }
     }
 
@@ -1309,89 +356,5 @@ evidence = [{ sensor = "a_motion", p_true = 0.9, p_false = 0.1 }]
             problems_of(&text),
             ["ingest.max_clock_skew: must be longer than 0s"]
         );
-    }
-
-    #[test]
-    fn filters() {
-        assert_eq!(check_filter("a/+/b"), Ok(1));
-        assert_eq!(check_filter("+/+/#"), Ok(3));
-        assert_eq!(check_filter("#"), Ok(1));
-        assert_eq!(check_filter("a/b"), Ok(0));
-        assert_eq!(check_filter("/"), Ok(0));
-        assert!(check_filter("").is_err());
-        assert!(check_filter("a/#/b").is_err());
-        assert!(check_filter("a/b#").is_err());
-        assert!(check_filter("a/x+/b").is_err());
-        assert!(check_filter("a\0").is_err());
-    }
-
-    #[test]
-    fn templates() {
-        assert_eq!(
-            parse_template("{1}_motion"),
-            Ok(vec![
-                Segment::Capture(1),
-                Segment::Literal("_motion".into())
-            ])
-        );
-        assert_eq!(
-            parse_template("pir"),
-            Ok(vec![Segment::Literal("pir".into())])
-        );
-        assert!(parse_template("{0}").is_err());
-        assert!(parse_template("{x}").is_err());
-        assert!(parse_template("{}").is_err());
-        assert!(parse_template("{1").is_err());
-        assert!(parse_template("a}").is_err());
-        assert!(parse_template("{+1}").is_err());
-    }
-
-    #[test]
-    fn template_shapes() {
-        let t = parse_template("{1}_motion").unwrap();
-        assert!(template_matches(&t, "hall_motion"));
-        assert!(template_matches(&t, "a_b_motion"));
-        assert!(!template_matches(&t, "_motion"), "a capture is never empty");
-        assert!(!template_matches(&t, "hall_temp"));
-        let t = parse_template("{1}-{2}").unwrap();
-        assert!(template_matches(&t, "a-b"));
-        assert!(!template_matches(&t, "ab"));
-    }
-
-    #[test]
-    fn nats_urls() {
-        for ok in [
-            "nats://127.0.0.1:4222",
-            "tls://leaf.example:4443",
-            "127.0.0.1:4222",
-            "localhost",
-            "nats://[::1]:4222",
-            "nats://a:4222, nats://b:4222",
-        ] {
-            assert_eq!(check_nats_url(ok), Ok(()), "{ok}");
-        }
-        for bad in [
-            "",
-            "http://127.0.0.1:4222",
-            "nats://user:pw@127.0.0.1:4222",
-            "nats://127.0.0.1:0",
-            "nats://127.0.0.1:99999",
-            "nats://:4222",
-            "nats://[::1",
-            "nats://host/path",
-        ] {
-            assert!(check_nats_url(bad).is_err(), "{bad:?} should be refused");
-        }
-    }
-
-    #[test]
-    fn locators() {
-        assert!(check_locator("/occupancy").is_ok());
-        assert!(check_locator("/a~1b/~0c").is_ok());
-        assert!(check_locator("occupancy").is_ok());
-        assert!(check_locator("").is_err());
-        assert!(check_locator("/a~2").is_err());
-        assert!(check_locator("/a~").is_err());
-        assert!(check_locator("two words").is_err());
     }
 }

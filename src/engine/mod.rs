@@ -7,6 +7,7 @@
 //! the KV bucket and nothing else is remembered.
 
 pub mod command;
+pub mod config;
 pub mod core;
 pub mod model;
 pub mod runner;

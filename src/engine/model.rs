@@ -1,7 +1,7 @@
 //! The zones of a config, compiled for the core: validated numbers, rules
 //! indexed by sensor.
 
-use crate::config::{Config, EvidenceRule, ZoneConfig};
+use super::config::{EvidenceRule, ZoneConfig};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -74,9 +74,10 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn from_config(cfg: &Config) -> Model {
-        let zones: BTreeMap<String, ZoneModel> = cfg
-            .presence_entries()
+    /// The model of `entries` (KV `presence` key, its section); a whole
+    /// config's is `Model::from_config` (in `config`).
+    pub fn from_entries<'a>(entries: impl Iterator<Item = (String, &'a ZoneConfig)>) -> Model {
+        let zones: BTreeMap<String, ZoneModel> = entries
             .map(|(key, z)| {
                 let model = ZoneModel::from_config(&key, z);
                 (key, model)
@@ -110,8 +111,18 @@ impl Model {
 mod tests {
     use super::*;
 
+    /// The zones' section of a config file.
+    #[derive(serde::Deserialize)]
+    struct Zones {
+        zones: BTreeMap<String, ZoneConfig>,
+    }
+
+    fn model() -> Model {
+        let z: Zones = toml::from_str(CONFIG).unwrap();
+        Model::from_entries(z.zones.iter().map(|(k, v)| (k.clone(), v)))
+    }
+
     const CONFIG: &str = r#"
-site = "home"
 
 [zones.kitchen]
 arrive_after = "2s"
@@ -130,8 +141,7 @@ evidence = [{ sensor = "door", p_true = 0.8, p_false = 0.4, stale_after = "10m" 
 
     #[test]
     fn by_sensor_is_sorted_and_deduped() {
-        let cfg: Config = toml::from_str(CONFIG).unwrap();
-        let model = Model::from_config(&cfg);
+        let model = model();
         assert_eq!(model.zones_for("pir"), ["hall", "kitchen"]);
         assert_eq!(model.zones_for("lux"), ["kitchen"]);
         assert_eq!(model.zones_for("door"), ["bath"]);
@@ -140,8 +150,7 @@ evidence = [{ sensor = "door", p_true = 0.8, p_false = 0.4, stale_after = "10m" 
 
     #[test]
     fn zone_numbers_are_carried_over() {
-        let cfg: Config = toml::from_str(CONFIG).unwrap();
-        let model = Model::from_config(&cfg);
+        let model = model();
         let kitchen = &model.zones["kitchen"];
         assert_eq!(kitchen.zone, "kitchen");
         assert_eq!(kitchen.arrive_after, Duration::from_secs(2));

@@ -22,6 +22,7 @@ use super::{
     advance, apply, clear_override, initial_state, next_deadline, reconcile, set_override, Input,
     Model, Pending, Presence, Transition, ZoneState,
 };
+use crate::base::backoff::Backoff;
 use crate::metrics::Metrics;
 
 /// A difference between the system clock's and the monotonic clock's
@@ -114,7 +115,7 @@ pub struct Runner {
     backlog: u64,
     /// Who may get command replies: the ownership table stored at
     /// provisioning, and when it was last read.
-    replies: Option<crate::acl::published::Published>,
+    replies: Option<crate::store::published::Published>,
     replies_read: Option<tokio::time::Instant>,
 }
 
@@ -391,7 +392,7 @@ impl Runner {
         transitions: Vec<Transition>,
     ) {
         let touched = dirty.clone();
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         let mut events = transitions;
         let mut logged = false;
         loop {
@@ -402,8 +403,7 @@ impl Runner {
                     tracing::warn!(error = %e, "cannot publish transitions to EVENTS; retrying");
                     logged = true;
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
             events.clear();
@@ -418,8 +418,7 @@ impl Runner {
                         ),
                     );
                     dirty = remaining;
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }
@@ -549,8 +548,8 @@ impl Runner {
             }
         }
         for (bucket, key) in conflicts {
-            Metrics::inc(&self.metrics.kv_conflicts);
-            tracing::error!(bucket, key = %key, "compare-and-set conflict: the key changed behind the engine's back; reloading it");
+            self.metrics
+                .emit(crate::metrics::Event::KvConflict { bucket, key: &key });
             self.reload(bucket, &key).await;
             retry.insert(key);
         }
@@ -738,7 +737,7 @@ impl Runner {
         }
         self.replies_read = Some(now);
         let stream = naming::kv_stream(naming::OWNERS_BUCKET);
-        match crate::acl::published::read(&self.js, &stream).await {
+        match crate::store::published::read(&self.js, &stream).await {
             Ok(table) => self.replies = table,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the ownership table; keeping the last one read")
@@ -749,7 +748,7 @@ impl Runner {
     /// Whether `reply` may receive a command's answer, per the ownership
     /// table (read again once when it says no).
     async fn reply_allowed(&mut self, reply: &str) -> bool {
-        use crate::acl::published::reply_allowed;
+        use crate::store::published::reply_allowed;
         if reply_allowed(reply, self.replies.as_ref()) {
             return true;
         }
@@ -952,6 +951,8 @@ impl Runner {
         // The system clock against the monotonic one, once per beat: a
         // step shows as a difference between their elapsed times.
         let mut last_beat = (std::time::Instant::now(), Timestamp::now());
+        // Waits after a consumer error, reset by the next message.
+        let mut consume_retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         loop {
             let next = if self.backlog == 0 {
                 self.timers.first().map(|(d, _)| *d)
@@ -981,6 +982,7 @@ impl Runner {
                 Some(msg) = commands.next() => self.command(&client, msg).await,
                 m = messages.next() => match m {
                     Some(Ok(first)) => {
+                        consume_retry.reset();
                         let mut batch = vec![first];
                         while batch.len() < self.batch {
                             match messages.next().now_or_never() {
@@ -993,7 +995,7 @@ impl Runner {
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "SENSORS consumer: waiting for the server");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tokio::time::sleep(consume_retry.next_delay()).await;
                     }
                     None => return Err(RunnerError::Consume("SENSORS consumer stream ended".into())),
                 },
@@ -1029,4 +1031,11 @@ fn zone_list<'a>(zones: impl Iterator<Item = &'a String>) -> String {
         names.push("...");
     }
     names.join(", ")
+}
+
+/// Missing provisioning is fixed by an operator, not by a restart.
+impl crate::supervise::Failure for RunnerError {
+    fn is_fatal(&self) -> bool {
+        matches!(self, RunnerError::NotProvisioned { .. })
+    }
 }

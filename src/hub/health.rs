@@ -8,9 +8,9 @@
 //! minus the mirror's (mirrors keep the source's sequence numbers).
 
 use super::catchup;
+use super::config::HubWatch;
 use super::link::HubLink;
 use super::mirrors::{self, Mirror};
-use crate::config::HubWatch;
 use crate::metrics::Metrics;
 use crate::naming::Site;
 use async_nats::jetstream;
@@ -88,6 +88,20 @@ pub struct Health {
     pub last_contact_seconds: Option<f64>,
     /// Why a reading failed, if one did.
     pub error: Option<String>,
+}
+
+impl Health {
+    /// The report as `/metrics` and `/healthz` store it.
+    pub fn reading(&self) -> crate::metrics::MirrorReading {
+        crate::metrics::MirrorReading {
+            mirror: self.mirror.clone(),
+            state: self.state.as_str(),
+            lag_messages: self.lag_messages,
+            lag_seconds: self.lag_seconds,
+            last_contact_seconds: self.last_contact_seconds,
+            error: self.error.clone(),
+        }
+    }
 }
 
 /// What the poller should do after a sample.
@@ -312,29 +326,21 @@ pub async fn run(
             let (health, events) = tracker.observe(s, now);
             for event in events {
                 match event {
-                    Event::StallStarted => {
-                        metrics.mirror_event(&mirror.name, crate::metrics::MirrorEvent::Stall);
-                        tracing::warn!(
-                            mirror = %mirror.name,
-                            lag_messages = ?health.lag_messages,
-                            last_contact_s = ?health.last_contact_seconds,
-                            error = ?health.error,
-                            "hub mirror stalled: no progress while the leaf has more"
-                        );
-                    }
+                    Event::StallStarted => metrics.emit(crate::metrics::Event::MirrorStalled {
+                        mirror: &mirror.name,
+                        lag_messages: health.lag_messages,
+                        last_contact_seconds: health.last_contact_seconds,
+                        error: health.error.as_deref(),
+                    }),
                     Event::StallEnded => {
                         tracing::info!(mirror = %mirror.name, "hub mirror moving again")
                     }
                     Event::Nudge => match catchup::nudge(&hub, &mirror.stream()).await {
-                        Ok(()) => {
-                            metrics.mirror_event(&mirror.name, crate::metrics::MirrorEvent::Nudge);
-                            tracing::info!(
-                                mirror = %mirror.name,
-                                last_contact_s = ?health.last_contact_seconds,
-                                lag_messages = ?health.lag_messages,
-                                "hub mirror behind and not moving: asked the hub to restart it"
-                            );
-                        }
+                        Ok(()) => metrics.emit(crate::metrics::Event::MirrorNudged {
+                            mirror: &mirror.name,
+                            lag_messages: health.lag_messages,
+                            last_contact_seconds: health.last_contact_seconds,
+                        }),
                         Err(e) => {
                             tracing::debug!(mirror = %mirror.name, error = %e, "nudge not accepted")
                         }
@@ -344,7 +350,7 @@ pub async fn run(
             report.push(health);
         }
         let reachable = samples.iter().any(|s| s.mirror.is_ok());
-        metrics.set_mirrors(reachable, report);
+        metrics.set_mirrors(reachable, report.iter().map(Health::reading).collect());
     }
 }
 

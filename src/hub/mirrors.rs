@@ -132,7 +132,7 @@ pub fn mirror_config(
         metadata: source
             .metadata
             .iter()
-            .filter(|(k, _)| k.as_str() == crate::acl::published::METADATA_KEY)
+            .filter(|(k, _)| k.as_str() == crate::store::published::METADATA_KEY)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         discard: if kv {
@@ -272,7 +272,11 @@ pub fn differences(
         "mirror_direct" => mirror_direct,
         "description" => description,
     );
-    let table = |c: &stream::Config| c.metadata.get(crate::acl::published::METADATA_KEY).cloned();
+    let table = |c: &stream::Config| {
+        c.metadata
+            .get(crate::store::published::METADATA_KEY)
+            .cloned()
+    };
     if table(have) != table(want) {
         changed.push("ownership table".to_owned());
     }

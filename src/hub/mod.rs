@@ -6,8 +6,10 @@
 //! - [`health`]: lag, last contact and stall of each mirror (pure), plus
 //!   the poller that reads them through the leaf link.
 //! - [`catchup`]: the nudge after a link's return.
+//! - [`config`]: the `[hub]` section and its checks.
 
 pub mod catchup;
+pub mod config;
 pub mod health;
 pub mod link;
 pub mod mirrors;

@@ -407,7 +407,7 @@ pub async fn run(cfg: crate::config::Config, args: DashboardArgs) -> anyhow::Res
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
-    let who = crate::store::connect::As {
+    let who: crate::store::connect::As = crate::store::connect::As {
         service: Some(cfg.service.clone()),
         violations: None,
     };

@@ -133,7 +133,7 @@ pub async fn load(args: &RangeArgs, trace: bool) -> anyhow::Result<Loaded> {
             },
         },
     };
-    let who = crate::store::connect::As {
+    let who: crate::store::connect::As = crate::store::connect::As {
         service: Some(reader.service.clone()),
         violations: None,
     };

@@ -4,6 +4,7 @@
 //! (`World::step`, seeded, unit-tested); [`run`] publishes its readings
 //! over MQTT to a leaf's listener.
 
+use crate::base::backoff::Backoff;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -331,18 +332,17 @@ pub async fn run(target: Target) {
     // between reconnects, so this loop does.
     let site = target.site.clone();
     let _driver = AbortOnDrop(tokio::spawn(async move {
-        let mut delay = Duration::from_millis(200);
+        let mut retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    delay = Duration::from_millis(200);
+                    retry.reset();
                     tracing::debug!(site = %site, "simulator connected to the leaf's MQTT listener");
                 }
                 Ok(_) => {}
                 Err(error) => {
                     tracing::debug!(site = %site, %error, "simulator MQTT connection lost; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    tokio::time::sleep(retry.next_delay()).await;
                 }
             }
         }

@@ -13,8 +13,8 @@
 //! leaving) and `<person>_home` (in any room). Zones use them like any
 //! other sensor.
 
-use crate::config::EspresenseConfig;
 use crate::observation::{Observation, Reading, OBSERVATION_SCHEMA};
+use crate::sources::config::EspresenseConfig;
 use crate::time::Timestamp;
 use std::collections::BTreeMap;
 use std::time::Duration;

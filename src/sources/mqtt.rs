@@ -34,14 +34,15 @@
 //! [`decode`] is the pure part (topic and payload to observations or
 //! rejections); [`run`] is the connection loop around it.
 
-use crate::config::{MqttSource, Zigbee2MqttKind};
+use crate::base::backoff::Backoff;
 use crate::observation::{input_id, Observation, OBSERVATION_SCHEMA};
+use crate::sources::config::{MqttSource, Zigbee2MqttKind};
 use crate::sources::espresense::{Espresense, Outcome};
 use crate::sources::payload::{
     check_device_time, extract_timestamp, extract_value, PayloadError, ValueSelector,
 };
 use crate::sources::topic::{SensorTemplate, TopicError, TopicFilter};
-use crate::sources::{Ack, Backoff, Item, Rejected};
+use crate::sources::{Ack, Item, Rejected};
 use crate::time::Timestamp;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
@@ -373,6 +374,15 @@ impl MqttError {
     }
 }
 
+/// Looks up the QoS 1 deliveries of a source (by name) stored in `SENSORS`:
+/// delivery header -> `Nats-Msg-Id`. Ingest provides it (it owns the
+/// stream); the source only calls it.
+pub type StoredLookup = std::sync::Arc<
+    dyn Fn(String) -> futures::future::BoxFuture<'static, Result<HashMap<String, String>, String>>
+        + Send
+        + Sync,
+>;
+
 /// What the source needs beyond its own section of the config.
 #[derive(Clone)]
 pub struct RunOptions {
@@ -380,7 +390,7 @@ pub struct RunOptions {
     /// Where redeliveries of QoS 1 messages stored by an earlier process
     /// are looked up; `None` turns that off (every delivery unknown to this
     /// process gets a new id).
-    pub stored: Option<crate::ingest::StoredDeliveries>,
+    pub stored: Option<StoredLookup>,
 }
 
 /// Reads the broker until `shutdown` turns true (or its sender is gone),
@@ -466,7 +476,7 @@ pub fn options(source: &str, cfg: &MqttSource, client_id: &str) -> Result<MqttOp
         .set_max_packet_size(MQTT_MAX_PACKET, OUTGOING_MAX_PACKET);
     let password = match &cfg.password_file {
         None => None,
-        Some(path) => Some(crate::store::connect::read_secret(path).map_err(|error| {
+        Some(path) => Some(crate::base::secrets::read_secret(path).map_err(|error| {
             MqttError::PasswordFile {
                 source_name: source.to_owned(),
                 path: path.clone(),
@@ -559,7 +569,7 @@ impl Connection {
                     {
                         backoff.reset();
                     }
-                    let delay = backoff.next();
+                    let delay = backoff.next_delay();
                     tokio::select! {
                         biased;
                         _ = shutdown.wait_for(|s| *s) => Ok(Flow::Stop),
@@ -988,7 +998,7 @@ struct Deliveries {
     by_pkid: HashMap<u16, (String, Vec<String>)>,
     /// Stream `SENSORS`, for redeliveries of what an earlier process
     /// stored before a crash.
-    stored: Option<crate::ingest::StoredDeliveries>,
+    stored: Option<StoredLookup>,
     /// What the look-up found, for the connection (generation) it ran on:
     /// a broker redelivers a session's unacknowledged messages right after
     /// it resumes, so one look-up serves them all.
@@ -996,7 +1006,7 @@ struct Deliveries {
 }
 
 impl Deliveries {
-    fn new(stored: Option<crate::ingest::StoredDeliveries>) -> Self {
+    fn new(stored: Option<StoredLookup>) -> Self {
         Deliveries {
             by_pkid: HashMap::new(),
             stored,
@@ -1024,7 +1034,7 @@ impl Deliveries {
         let store = self.stored.as_ref()?;
         if self.scanned.as_ref().is_none_or(|(g, _)| *g != generation) {
             let started = Instant::now();
-            let found = match tokio::time::timeout(SCAN_TIMEOUT, store.recent(source)).await {
+            let found = match tokio::time::timeout(SCAN_TIMEOUT, store(source.to_owned())).await {
                 Ok(Ok(found)) => found,
                 Ok(Err(error)) => {
                     warn!(source = %source, %error, "cannot look up stored MQTT deliveries; a redelivered message may be stored twice");
@@ -1085,11 +1095,18 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// The supervisor asks the source itself (see [`MqttError::is_fatal`]).
+impl crate::supervise::Failure for MqttError {
+    fn is_fatal(&self) -> bool {
+        MqttError::is_fatal(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{TopicMapping, Zigbee2Mqtt, Zigbee2MqttDevice};
     use crate::observation::Reading;
+    use crate::sources::config::{TopicMapping, Zigbee2Mqtt, Zigbee2MqttDevice};
 
     fn source(topics: Vec<TopicMapping>, devices: Vec<Zigbee2MqttDevice>) -> MqttSource {
         let toml = "";
@@ -1150,6 +1167,18 @@ mod tests {
             assert_eq!(v.len(), 1, "{v:?}");
             v.remove(0)
         })
+    }
+
+    #[test]
+    fn a_missing_secret_is_fatal_and_a_closed_ingest_is_not() {
+        use crate::supervise::{classify, is_fatal};
+        let missing = MqttError::PasswordFile {
+            source_name: "home".into(),
+            path: "/run/secret".into(),
+            error: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert!(is_fatal(&classify(missing)));
+        assert!(!is_fatal(&classify(MqttError::IngestClosed)));
     }
 
     #[test]

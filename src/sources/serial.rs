@@ -14,11 +14,12 @@
 //! one stored reading; nothing here can be delivered twice, so nothing
 //! needs a content-derived id.
 
-use crate::config::{SerialFraming, SerialSource};
+use crate::base::backoff::Backoff;
 use crate::observation::{delivery_id, Observation, Reading, OBSERVATION_SCHEMA};
+use crate::sources::config::{SerialFraming, SerialSource};
 use crate::sources::ld2410::{self, Decoder, Event, RejectKind, Report};
 use crate::sources::payload::{check_device_time, extract_timestamp, extract_value, ValueSelector};
-use crate::sources::{Ack, Backoff, Item, Rejected};
+use crate::sources::{Ack, Item, Rejected};
 use crate::time::Timestamp;
 use std::collections::HashMap;
 use std::path::Path;
@@ -103,130 +104,128 @@ impl PortMetrics {
             status: status.clone(),
         }
     }
+}
 
-    fn labels(&self) -> String {
-        format!(
-            "source=\"{}\",device=\"{}\"",
-            label_value(&self.source),
-            label_value(&self.device)
-        )
+/// The serial sources' own `/metrics` families: LD2410 rejects by reason
+/// summed over the site's ports, then each port's counters by `source`
+/// and `device`.
+#[derive(Debug, Default)]
+pub struct Ports(std::sync::RwLock<Vec<PortMetrics>>);
+
+impl Ports {
+    /// Registers a serial source so `/metrics` shows its port's counters.
+    pub fn add(&self, port: PortMetrics) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).push(port);
     }
 }
 
-/// A Prometheus label value: backslash, quote and newline escaped.
-fn label_value(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// The per-port families, in Prometheus text format. The unlabelled
-/// `presenced_serial_connected` and `presenced_serial_frame_rejects_total`
-/// stay as site-wide sums.
-pub fn render_port_metrics(ports: &[PortMetrics], out: &mut String) {
-    use std::fmt::Write as _;
-    if ports.is_empty() {
-        return;
-    }
-    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    type Family = (
-        &'static str,
-        &'static str,
-        &'static str,
-        fn(&SerialStatus) -> &AtomicU64,
-    );
-    let families: [Family; 10] = [
-        (
-            "presenced_serial_port_bytes_total",
-            "counter",
-            "Bytes read from the port.",
-            |s| &s.bytes,
-        ),
-        (
-            "presenced_serial_port_connects_total",
-            "counter",
-            "Opens of the port, the first one included.",
-            |s| &s.connects,
-        ),
-        (
-            "presenced_serial_port_disconnects_total",
-            "counter",
-            "Times the open port was lost (unplugged, read error).",
-            |s| &s.disconnects,
-        ),
-        (
-            "presenced_serial_port_frames_total",
-            "counter",
-            "LD2410 report frames decoded.",
-            |s| &s.frames,
-        ),
-        (
-            "presenced_serial_port_lines_total",
-            "counter",
-            "JSON lines read, good or bad.",
-            |s| &s.lines,
-        ),
-        (
-            "presenced_serial_port_observations_total",
-            "counter",
-            "Observations handed to ingest.",
-            |s| &s.observations,
-        ),
-        (
-            "presenced_serial_port_line_rejects_total",
-            "counter",
-            "JSON lines rejected (cut-off lines included).",
-            |s| &s.line_rejects,
-        ),
-        (
-            "presenced_serial_port_acks_total",
-            "counter",
-            "LD2410 command ACKs with status 0.",
-            |s| &s.acks,
-        ),
-        (
-            "presenced_serial_port_command_failures_total",
-            "counter",
-            "LD2410 commands not acknowledged in time or refused.",
-            |s| &s.command_failures,
-        ),
-        (
-            "presenced_serial_port_cut_off_total",
-            "counter",
-            "Partial lines or frames left when the device disappeared.",
-            |s| &s.cut_off,
-        ),
-    ];
-    let name = "presenced_serial_port_connected";
-    let _ = writeln!(
-        out,
-        "# HELP {name} 1 while the port is open.\n# TYPE {name} gauge"
-    );
-    for p in ports {
-        let up = u64::from(p.status.connected.load(Ordering::Relaxed));
-        let _ = writeln!(out, "{name}{{{}}} {up}", p.labels());
-    }
-    for (name, kind, help, field) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for p in ports {
-            let _ = writeln!(out, "{name}{{{}}} {}", p.labels(), get(field(&p.status)));
-        }
-    }
-    let name = "presenced_serial_port_frame_rejects_total";
-    let _ = writeln!(
-        out,
-        "# HELP {name} LD2410 input rejected, by port and reason.\n# TYPE {name} counter"
-    );
-    for p in ports {
+impl crate::metrics::Collector for Ports {
+    fn collect(&self, r: &mut prometheus_client::registry::Registry) {
+        use crate::metrics::{counter_family, counter_name, gauge_family, labels};
+        let ports = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let rejects = counter_family();
         for kind in RejectKind::ALL {
-            let _ = writeln!(
-                out,
-                "{name}{{{},reason=\"{}\"}} {}",
-                p.labels(),
-                kind.label(),
-                p.status.frame_rejects(kind)
-            );
+            let n: u64 = ports.iter().map(|p| p.status.frame_rejects(kind)).sum();
+            rejects
+                .get_or_create(&labels(&[("reason", kind.label())]))
+                .inc_by(n);
         }
+        r.register(
+            counter_name("presenced_serial_frame_rejects_total"),
+            "LD2410 input rejected, by reason.",
+            rejects,
+        );
+        if ports.is_empty() {
+            return;
+        }
+        let port = |p: &PortMetrics| labels(&[("source", &p.source), ("device", &p.device)]);
+        let connected = gauge_family();
+        for p in ports.iter() {
+            connected
+                .get_or_create(&port(p))
+                .set(i64::from(p.status.connected.load(Ordering::Relaxed)));
+        }
+        r.register(
+            "presenced_serial_port_connected",
+            "1 while the port is open.",
+            connected,
+        );
+        type Field = fn(&SerialStatus) -> &AtomicU64;
+        let counters: [(&str, &str, Field); 10] = [
+            (
+                "presenced_serial_port_bytes_total",
+                "Bytes read from the port.",
+                |s| &s.bytes,
+            ),
+            (
+                "presenced_serial_port_connects_total",
+                "Opens of the port, the first one included.",
+                |s| &s.connects,
+            ),
+            (
+                "presenced_serial_port_disconnects_total",
+                "Times the open port was lost (unplugged, read error).",
+                |s| &s.disconnects,
+            ),
+            (
+                "presenced_serial_port_frames_total",
+                "LD2410 report frames decoded.",
+                |s| &s.frames,
+            ),
+            (
+                "presenced_serial_port_lines_total",
+                "JSON lines read, good or bad.",
+                |s| &s.lines,
+            ),
+            (
+                "presenced_serial_port_observations_total",
+                "Observations handed to ingest.",
+                |s| &s.observations,
+            ),
+            (
+                "presenced_serial_port_line_rejects_total",
+                "JSON lines rejected (cut-off lines included).",
+                |s| &s.line_rejects,
+            ),
+            (
+                "presenced_serial_port_acks_total",
+                "LD2410 command ACKs with status 0.",
+                |s| &s.acks,
+            ),
+            (
+                "presenced_serial_port_command_failures_total",
+                "LD2410 commands not acknowledged in time or refused.",
+                |s| &s.command_failures,
+            ),
+            (
+                "presenced_serial_port_cut_off_total",
+                "Partial lines or frames left when the device disappeared.",
+                |s| &s.cut_off,
+            ),
+        ];
+        for (name, help, field) in counters {
+            let family = counter_family();
+            for p in ports.iter() {
+                family.get_or_create(&port(p)).inc_by(get(field(&p.status)));
+            }
+            r.register(counter_name(name), help, family);
+        }
+        let by_reason = counter_family();
+        for p in ports.iter() {
+            for kind in RejectKind::ALL {
+                let mut l = port(p);
+                l.push(("reason".to_owned(), kind.label().to_owned()));
+                by_reason
+                    .get_or_create(&l)
+                    .inc_by(p.status.frame_rejects(kind));
+            }
+        }
+        r.register(
+            counter_name("presenced_serial_port_frame_rejects_total"),
+            "LD2410 input rejected, by port and reason.",
+            by_reason,
+        );
     }
 }
 
@@ -539,7 +538,7 @@ impl Link {
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                _ = tokio::time::sleep(backoff.next()) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
     }
@@ -952,6 +951,13 @@ fn event_offset(ev: &Event, fed: u64, decoder: &Decoder) -> u64 {
         _ => 0,
     };
     fed.saturating_sub(decoder.buffered() as u64 + len)
+}
+
+/// The supervisor asks the source itself (see [`SerialError::is_fatal`]).
+impl crate::supervise::Failure for SerialError {
+    fn is_fatal(&self) -> bool {
+        SerialError::is_fatal(self)
+    }
 }
 
 #[cfg(test)]

@@ -239,6 +239,26 @@ impl SensorTemplate {
         &self.text
     }
 
+    /// Whether rendering could give `sensor`, each capture standing for
+    /// one or more id characters: how config checks see that some mapping
+    /// produces the sensor an evidence rule names.
+    pub fn can_produce(&self, sensor: &str) -> bool {
+        fn matches(pieces: &[Piece], sensor: &str) -> bool {
+            match pieces.split_first() {
+                None => sensor.is_empty(),
+                Some((Piece::Text(text), rest)) => sensor
+                    .strip_prefix(text.as_str())
+                    .is_some_and(|tail| matches(rest, tail)),
+                Some((Piece::Capture(_), rest)) => (1..=sensor.len()).any(|n| {
+                    sensor.is_char_boundary(n)
+                        && naming::is_token(&sensor[..n])
+                        && matches(rest, &sensor[n..])
+                }),
+            }
+        }
+        matches(&self.pieces, sensor)
+    }
+
     /// True when the template has no placeholders: every message of the
     /// mapping goes to the same sensor.
     pub fn is_static(&self) -> bool {
@@ -285,6 +305,21 @@ impl fmt::Display for SensorTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn templates_know_which_sensors_they_can_produce() {
+        let t = SensorTemplate::parse("{1}_motion", 1).unwrap();
+        assert!(t.can_produce("hall_motion"));
+        assert!(t.can_produce("a_b_motion"));
+        assert!(!t.can_produce("_motion"), "a capture is never empty");
+        assert!(!t.can_produce("hall_temp"));
+        let t = SensorTemplate::parse("{1}-{2}", 2).unwrap();
+        assert!(t.can_produce("a-b"));
+        assert!(!t.can_produce("ab"));
+        assert!(!t.can_produce("A-b"), "captures are id characters");
+        let t = SensorTemplate::parse("pir", 0).unwrap();
+        assert!(t.can_produce("pir") && !t.can_produce("pir2"));
+    }
 
     fn caps(filter: &str, topic: &str) -> Option<Vec<String>> {
         TopicFilter::parse(filter)

@@ -1,6 +1,7 @@
 //! Connecting to the site's leaf nats-server.
 
-use crate::config::NatsConfig;
+use super::config::NatsConfig;
+use crate::base::backoff::Backoff;
 use crate::metrics::Metrics;
 use async_nats::{ConnectOptions, Event};
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ pub enum ConnectError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Identity(#[from] crate::acl::identity::IdentityError),
+    Identity(#[from] crate::base::secrets::IdentityError),
     #[error("cannot connect to {url}: {source}")]
     Connect {
         url: String,
@@ -43,7 +44,7 @@ fn tls_file(field: &'static str, path: &Path, marker: &str) -> Result<PathBuf, C
         path: path.display().to_string(),
         reason,
     };
-    let resolved = crate::config::resolve_secret_path(path).map_err(fail)?;
+    let resolved = crate::base::secrets::resolve_secret_path(path).map_err(fail)?;
     let text = std::fs::read_to_string(&resolved)
         .map_err(|e| fail(format!("cannot read {}: {e}", resolved.display())))?;
     if !text.contains(marker) {
@@ -113,19 +114,49 @@ fn tls_problem(cfg: &NatsConfig, e: &async_nats::ConnectError) -> Option<String>
     Some(format!("{why} ({r})"))
 }
 
-/// Who connects: the service name (inbox prefix, audit subject) and where
-/// permission violations go.
-#[derive(Clone, Default)]
-pub struct As {
+/// Who connects: the service name (inbox prefix, audit subject) and the
+/// hook that sees the connection's events, where permission violations go.
+#[derive(Clone)]
+pub struct As<H = NoHook> {
     pub service: Option<String>,
-    pub violations: Option<crate::acl::violation::Sender>,
+    /// The daemon and the CLI pass the violation reporter's sender
+    /// (`acl::violation::Sender` implements [`EventHook`]).
+    pub violations: Option<H>,
 }
 
-fn options(
+impl<H> Default for As<H> {
+    fn default() -> Self {
+        As {
+            service: None,
+            violations: None,
+        }
+    }
+}
+
+/// Sees every event of the connection before it is logged. The store knows
+/// nothing of what an event means to the ACL: the permission-violation
+/// reporter (`acl::violation`) is wired here by whoever connects.
+pub trait EventHook: Clone + Send + Sync + 'static {
+    /// True when the hook handled the event (then it is not logged again).
+    /// `metrics` is the daemon's; `None` for a command-line connection.
+    fn on_event(&self, event: &Event, metrics: Option<&Metrics>) -> bool;
+}
+
+/// No hook: events are only logged and counted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoHook;
+
+impl EventHook for NoHook {
+    fn on_event(&self, _: &Event, _: Option<&Metrics>) -> bool {
+        false
+    }
+}
+
+fn options<H: EventHook>(
     cfg: &NatsConfig,
     name: &str,
     metrics: Option<Arc<Metrics>>,
-    who: &As,
+    who: &As<H>,
 ) -> Result<ConnectOptions, ConnectError> {
     let mut opts = ConnectOptions::new()
         .name(name)
@@ -135,12 +166,13 @@ fn options(
         // would turn a nats-server restart into a daemon restart.
         .max_reconnects(None)
         .reconnect_delay_callback(|attempt| {
-            Duration::from_millis((50u64 << attempt.min(6) as u64).min(2_000))
+            Backoff::new(Duration::from_millis(50), Duration::from_secs(2))
+                .delay_after(u32::try_from(attempt).unwrap_or(u32::MAX))
         })
         .client_capacity(65_536)
         .subscription_capacity(65_536);
     if let Some(path) = &cfg.nkey_seed_file {
-        let seed = crate::acl::identity::read_seed(path)?;
+        let seed = crate::base::secrets::read_seed(path)?;
         opts = opts.nkey(seed);
     }
     if let Some(tls) = &cfg.tls {
@@ -159,16 +191,14 @@ fn options(
         // The ACL grants each service its own inbox prefix only.
         opts = opts.custom_inbox_prefix(crate::naming::inbox_prefix(service));
     }
-    let sink = who.violations.clone();
-    if let (None, Some(sink)) = (&metrics, &sink) {
+    let hook = who.violations.clone();
+    if let (None, Some(hook)) = (&metrics, &hook) {
         // A CLI: no metrics, but its refusals are named when it fails.
-        let sink = sink.clone();
+        let hook = hook.clone();
         opts = opts.event_callback(move |event| {
-            let sink = sink.clone();
+            let hook = hook.clone();
             async move {
-                if let Some(v) = crate::acl::violation::from_event(&event) {
-                    let _ = sink.send(v);
-                }
+                hook.on_event(&event, None);
             }
         });
     }
@@ -177,18 +207,19 @@ fn options(
         opts = opts.event_callback(move |event| {
             let metrics = metrics.clone();
             let connected_once = connected_once.clone();
-            let sink = sink.clone();
+            let hook = hook.clone();
             async move {
-                if let Some(v) = crate::acl::violation::from_event(&event) {
-                    crate::acl::violation::report(v, Some(&metrics), sink.as_ref());
+                if hook
+                    .as_ref()
+                    .is_some_and(|h| h.on_event(&event, Some(&metrics)))
+                {
                     return;
                 }
                 match event {
                     Event::Connected => {
                         metrics.nats_connected.store(true, Ordering::Relaxed);
                         if connected_once.swap(true, Ordering::Relaxed) {
-                            Metrics::inc(&metrics.nats_reconnects);
-                            tracing::info!("reconnected to nats-server");
+                            metrics.emit(crate::metrics::Event::NatsReconnected);
                         }
                     }
                     Event::Disconnected => {
@@ -210,13 +241,7 @@ fn options(
     Ok(opts)
 }
 
-/// Reads a secret file (see [`crate::config::resolve_secret_path`]),
-/// trimming one trailing newline (editors add one).
-pub fn read_secret(path: &Path) -> std::io::Result<String> {
-    let path = crate::config::resolve_secret_path(path).map_err(std::io::Error::other)?;
-    let text = std::fs::read_to_string(path)?;
-    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
-}
+pub use crate::base::secrets::read_secret;
 
 /// Connects, retrying with capped backoff until `deadline` (None: forever).
 /// The daemon uses this so that it can start before its nats-server and
@@ -227,20 +252,20 @@ pub async fn connect(
     metrics: Option<Arc<Metrics>>,
     deadline: Option<Duration>,
 ) -> Result<async_nats::Client, ConnectError> {
-    connect_as(cfg, name, metrics, deadline, &As::default()).await
+    connect_as(cfg, name, metrics, deadline, &As::<NoHook>::default()).await
 }
 
 /// [`connect`] as a named service of the ownership map: its own inbox
 /// prefix, and permission violations reported to `who.violations`.
-pub async fn connect_as(
+pub async fn connect_as<H: EventHook>(
     cfg: &NatsConfig,
     name: &str,
     metrics: Option<Arc<Metrics>>,
     deadline: Option<Duration>,
-    who: &As,
+    who: &As<H>,
 ) -> Result<async_nats::Client, ConnectError> {
     let start = tokio::time::Instant::now();
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut warned = false;
     loop {
         let opts = options(cfg, name, metrics.clone(), who)?;
@@ -279,8 +304,7 @@ pub async fn connect_as(
                     }
                     warned = true;
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }

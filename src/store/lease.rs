@@ -12,7 +12,7 @@
 //! lease owns a bucket, whether a lease has run out) are pure functions
 //! below; [`keep`] is the I/O shell the daemon runs.
 
-use crate::acl::access::{Component, Keyspace};
+use crate::base::ownership::{Component, Keyspace};
 use crate::naming;
 use crate::time::Timestamp;
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -21,9 +21,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Shortest lease TTL: the server expires per-message TTLs on a one-second
-/// tick, and the holder renews three times per TTL.
-pub const MIN_TTL: Duration = Duration::from_secs(3);
+pub use crate::base::ownership::MIN_TTL;
 
 /// How long the server keeps the delete marker of a lapsed lease. Long
 /// enough for a watcher to see it after a short outage; a watcher that
@@ -169,12 +167,12 @@ pub fn owning_component(bucket: &str) -> Option<Component> {
 #[derive(Debug, Clone, Default)]
 pub struct Leases {
     by_key: BTreeMap<String, Lease>,
-    table: Option<crate::acl::published::Published>,
+    table: Option<crate::store::published::Published>,
 }
 
 impl Leases {
     /// No leases yet; components from `table` when given.
-    pub fn with_table(table: Option<crate::acl::published::Published>) -> Leases {
+    pub fn with_table(table: Option<crate::store::published::Published>) -> Leases {
         Leases {
             by_key: BTreeMap::new(),
             table,
@@ -411,9 +409,9 @@ mod tests {
 
     #[test]
     fn with_a_table_a_lease_counts_for_what_its_service_runs_not_what_it_claims() {
-        use crate::acl::published::{Published, PublishedService};
+        use crate::store::published::{Published, PublishedService};
         let table = Published {
-            v: crate::acl::published::SCHEMA,
+            v: crate::store::published::SCHEMA,
             services: [
                 (
                     "core".to_owned(),

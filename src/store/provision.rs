@@ -232,15 +232,15 @@ pub async fn provision(
 
 /// [`provision`], storing `table` (the access file's services, what
 /// they run and who may send commands) on KV `owners`' stream, where
-/// clients and the engine read it (`crate::acl::published`). Without a
+/// clients and the engine read it (`crate::store::published`). Without a
 /// table, a stored one is kept: updating the bucket would otherwise drop
 /// it with the rest of the stream's metadata.
 pub async fn provision_with(
     client: &async_nats::Client,
     site: &Site,
-    table: Option<&crate::acl::published::Published>,
+    table: Option<&crate::store::published::Published>,
 ) -> Result<Vec<Provisioned>, ProvisionError> {
-    use crate::acl::published;
+    use crate::store::published;
     check_server_version(&client.server_info().version)?;
     let js = jetstream::new(client.clone());
     let owners_stream = naming::kv_stream(naming::OWNERS_BUCKET);

@@ -47,6 +47,12 @@ reconnect_max = "1s"
     )
 }
 
+/// A client's or an admin's config: the site and its leaf, no sources and
+/// no zones (`provision`, `watch`, `get`).
+pub fn client_config(site: &str, nats_url: &str) -> String {
+    format!("site = \"{site}\"\n\n[nats]\nurl = \"{nats_url}\"\nrequest_timeout = \"2s\"\n")
+}
+
 /// Mapping `test/<sensor>` → sensor, value `/occupancy`, optional `/ts`.
 pub fn motion_mapping(with_ts: bool) -> String {
     let ts = if with_ts { "timestamp = \"/ts\"\n" } else { "" };

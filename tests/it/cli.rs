@@ -182,6 +182,56 @@ fn check_config_names_an_unknown_field() {
     assert!(err.contains("urll"), "{err}");
 }
 
+/// Every syntax, type and unknown-field problem at once, in file order,
+/// each with its line, column and exact field path, in the operator's
+/// words; the second `[[zones.x.evidence]]` table is `evidence[1]`.
+#[test]
+fn check_config_reports_every_parse_problem_at_once_in_file_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typos.toml");
+    std::fs::write(
+        &path,
+        r#"site = "home"
+[nats]
+urll = "nats://127.0.0.1:4222"
+connect_timeout = "5 parsecs"
+[mqtt.main]
+[[mqtt.main.topics]]
+filter = "t/+"
+sensor = "{1}"
+[zones.kitchen]
+prior = "high"
+[[zones.kitchen.evidence]]
+sensor = "a"
+p_true = 0.9
+p_false = 0.1
+[[zones.kitchen.evidence]]
+sensor = "b"
+p_true = "0.8"
+p_false = 0.1
+"#,
+    )
+    .unwrap();
+    let out = presenced(&["check-config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let wanted = [
+        "line 3, column 1: `nats.urll`: unknown field `urll`",
+        "line 4, column 19: `nats.connect_timeout`: expected a duration like \"30s\", \"5m\"",
+        "line 10, column 9: `zones.kitchen.prior`: expected a number like 0.8, got string \"high\"",
+        "line 17, column 10: `zones.kitchen.evidence[1].p_true`: expected a number like 0.8",
+    ];
+    let mut last = 0;
+    for w in wanted {
+        let at = err
+            .find(w)
+            .unwrap_or_else(|| panic!("missing {w:?} in:\n{err}"));
+        assert!(at >= last, "{w:?} out of file order in:\n{err}");
+        last = at;
+    }
+    assert!(!err.contains("expected f64"), "serde's words leak:\n{err}");
+}
+
 /// What only the MQTT source's own compilation refuses (the same filter
 /// and sensor template twice) is refused by `check-config` too: it runs
 /// the daemon's compile path.

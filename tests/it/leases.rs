@@ -186,11 +186,7 @@ async fn a_lapsed_lease_gets_a_delete_marker_within_ttl_plus_one_second() {
     let nats = NatsServer::start(NatsOptions::default());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("presenced.toml");
-    std::fs::write(
-        &path,
-        daemon_config("test", &nats.url(), 1, 0, &motion_mapping(false), ""),
-    )
-    .unwrap();
+    std::fs::write(&path, crate::common::client_config("test", &nats.url())).unwrap();
     provision(&path);
     let js = jetstream(&nats.url()).await;
     let owners = js.get_key_value("owners").await.unwrap();

@@ -34,6 +34,7 @@ mod homeassistant_real;
 mod hostname;
 mod hub;
 mod ingest;
+mod layout;
 mod leases;
 mod lifecycle;
 mod metrics;

@@ -25,11 +25,17 @@ fn scrape(http: SocketAddr) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// The families of `/metrics` by the name of their samples (OpenMetrics
+/// names a counter family without the `_total` its samples carry).
 fn families(http: SocketAddr) -> Vec<String> {
     let (_, body) = support::http_get(http, "/metrics").expect("/metrics answers");
     body.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [name, "counter"] => Some(format!("{name}_total")),
+            [name, _] => Some(name.to_owned()),
+            _ => None,
+        })
         .collect()
 }
 

@@ -114,7 +114,9 @@ async fn ingest_engine_and_archiver_run_as_separate_instances_under_the_generate
         d,
         "ingest.toml",
         &format!(
-            "{}{}",
+            // An instance without zones says it runs ingest only:
+            // check-config refuses sources without zones otherwise.
+            "runs = [\"ingest\"]\n{}{}",
             head("ingest", &d.join("ingest.seed"), &url, ports[0]),
             mqtt(broker.port)
         ),

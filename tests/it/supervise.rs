@@ -208,7 +208,7 @@ async fn an_optional_component_that_fails_leaves_the_pipeline_running_degraded()
     // gone, so the output cannot start (not a problem of its own files:
     // it is not fatal).
     let cfg = format!(
-        "{}\n[homeassistant]\nhost = \"127.0.0.1\"\nport = {}\n",
+        "runs = [\"ingest\"]\n{}\n[homeassistant]\nhost = \"127.0.0.1\"\nport = {}\n",
         daemon_config(
             "test",
             &nats.url(),

@@ -43,11 +43,7 @@ fn leaf() -> (NatsServer, PathBuf, tempfile::TempDir) {
     });
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("presenced.toml");
-    std::fs::write(
-        &path,
-        daemon_config("test", &nats.url(), 1, 0, &motion_mapping(false), ""),
-    )
-    .unwrap();
+    std::fs::write(&path, crate::common::client_config("test", &nats.url())).unwrap();
     provision(&path);
     (nats, path, dir)
 }

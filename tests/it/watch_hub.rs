@@ -48,11 +48,7 @@ async fn hub_watch_reads_the_mirror_with_stale_flags_and_survives_a_hub_restart(
     });
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("presenced.toml");
-    std::fs::write(
-        &path,
-        daemon_config("test", &leaf.url(), 1, 0, &motion_mapping(false), ""),
-    )
-    .unwrap();
+    std::fs::write(&path, crate::common::client_config("test", &leaf.url())).unwrap();
     provision(&path);
     let leaf_js = jetstream(&leaf.url()).await;
     let hub_js = jetstream(&hub.url()).await;

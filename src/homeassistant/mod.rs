@@ -9,10 +9,14 @@
 //! (renewals failing for a TTL) or released on a clean stop; the broker
 //! publishes `offline` (the MQTT will) when the daemon dies without one.
 
-use crate::config::{HomeAssistant, ZoneConfig};
+pub mod config;
+
+use crate::base::backoff::Backoff;
+use crate::engine::config::ZoneConfig;
 use crate::engine::{Presence, ZoneState};
 use crate::naming::{self, Site};
 use async_nats::jetstream::kv;
+use config::HomeAssistant;
 use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use serde_json::json;
@@ -25,6 +29,9 @@ use tracing::{debug, info, warn};
 /// Publishes queued while the broker is away: discovery for every zone
 /// plus one state per zone fits many times over.
 const REQUEST_CAPACITY: usize = 1024;
+/// Retry delays of the broker connection and the KV watch: from
+/// `RETRY_START` doubling (jittered) up to `RETRY`.
+const RETRY_START: Duration = Duration::from_millis(250);
 const RETRY: Duration = Duration::from_secs(2);
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -175,7 +182,7 @@ fn options(
     if let Some(user) = &cfg.username {
         let password = match &cfg.password_file {
             None => String::new(),
-            Some(path) => crate::store::connect::read_secret(path).map_err(|source| {
+            Some(path) => crate::base::secrets::read_secret(path).map_err(|source| {
                 HomeAssistantError::PasswordFile {
                     path: path.clone(),
                     source,
@@ -326,14 +333,18 @@ async fn follow(
         .get_key_value(naming::PRESENCE_BUCKET)
         .await
         .map_err(|e| HomeAssistantError::Kv(e.to_string()))?;
+    let mut backoff = Backoff::new(RETRY_START, RETRY);
     loop {
         let mut entries = match store.watch_with_history(">").await {
-            Ok(w) => w,
+            Ok(w) => {
+                backoff.reset();
+                w
+            }
             Err(e) => {
                 warn!(error = %e, "homeassistant: cannot watch KV presence; retrying");
                 tokio::select! {
                     _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                    _ = tokio::time::sleep(RETRY) => continue,
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
                 }
             }
         };
@@ -390,6 +401,7 @@ async fn pump(
     broker: String,
     mut done: watch::Receiver<bool>,
 ) {
+    let mut backoff = Backoff::new(RETRY_START, RETRY);
     let Retained {
         configs,
         states,
@@ -399,6 +411,7 @@ async fn pump(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff.reset();
                 if outage_logged {
                     info!(%broker, "homeassistant: MQTT broker reachable again");
                 } else {
@@ -439,10 +452,17 @@ async fn pump(
                 }
                 tokio::select! {
                     _ = done.wait_for(|d| *d) => return,
-                    _ = tokio::time::sleep(RETRY) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                 }
             }
         }
+    }
+}
+
+/// A password file that cannot be read stays unreadable on a restart.
+impl crate::supervise::Failure for HomeAssistantError {
+    fn is_fatal(&self) -> bool {
+        matches!(self, HomeAssistantError::PasswordFile { .. })
     }
 }
 

@@ -1,4 +1,8 @@
-//! NKEY identities: creating a service's seed and checking one before use.
+//! Secrets: where a secret file is (systemd's credentials directory), how
+//! it is read, and NKEY identities (creating a service's seed and checking
+//! one before use). One module for every reader of a secret: the NATS
+//! connection, the MQTT and Home Assistant passwords, the S3 keys and the
+//! config checks resolve and read them the same way.
 //!
 //! A seed is the service's password. It is written once, readable by its
 //! owner only, and the daemon refuses a seed others could have read: a
@@ -7,6 +11,44 @@
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+
+/// Prefix of secret paths that live in systemd's credentials directory.
+pub const CREDENTIALS_PREFIX: &str = "$CREDENTIALS_DIRECTORY/";
+
+/// Resolves a secret file path: a leading `$CREDENTIALS_DIRECTORY/` is
+/// replaced by the directory systemd passes in that variable (set by
+/// `LoadCredential=`), so a config in the world-readable Nix store can name
+/// a secret without containing it. Other paths are returned unchanged.
+pub fn resolve_secret_path(path: &Path) -> Result<PathBuf, String> {
+    resolve_secret_path_in(path, std::env::var_os("CREDENTIALS_DIRECTORY"))
+}
+
+fn resolve_secret_path_in(
+    path: &Path,
+    credentials_dir: Option<std::ffi::OsString>,
+) -> Result<PathBuf, String> {
+    let Some(rest) = path
+        .to_str()
+        .and_then(|s| s.strip_prefix(CREDENTIALS_PREFIX))
+    else {
+        return Ok(path.to_owned());
+    };
+    match credentials_dir {
+        Some(dir) => Ok(PathBuf::from(dir).join(rest)),
+        None => Err(format!(
+            "{} names systemd's credentials directory, but CREDENTIALS_DIRECTORY is not set (is LoadCredential= configured?)",
+            path.display()
+        )),
+    }
+}
+
+/// Reads a secret file (see [`resolve_secret_path`]), trimming one
+/// trailing newline (editors add one).
+pub fn read_secret(path: &Path) -> std::io::Result<String> {
+    let path = resolve_secret_path(path).map_err(std::io::Error::other)?;
+    let text = std::fs::read_to_string(path)?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -47,7 +89,7 @@ pub struct Generated {
 /// Writes a new user seed to `out` (mode 0600, never over an existing
 /// file) and returns its public key.
 pub fn keygen(service: &str, out: &Path) -> Result<Generated, IdentityError> {
-    crate::naming::check_token("service", service)
+    crate::base::naming::check_token("service", service)
         .map_err(|_| IdentityError::Service(service.to_owned()))?;
     let pair = nkeys::KeyPair::new_user();
     let seed = pair.seed().map_err(|e| IdentityError::Write {
@@ -86,7 +128,7 @@ pub fn keygen(service: &str, out: &Path) -> Result<Generated, IdentityError> {
 /// Reads a seed file the way the daemon must: present, private to its
 /// owner, and holding a user seed. Returns the seed text.
 pub fn read_seed(path: &Path) -> Result<String, IdentityError> {
-    let resolved = crate::config::resolve_secret_path(path).map_err(|e| IdentityError::Read {
+    let resolved = resolve_secret_path(path).map_err(|e| IdentityError::Read {
         path: path.to_owned(),
         source: std::io::Error::other(e),
     })?;
@@ -109,7 +151,7 @@ pub fn read_seed(path: &Path) -> Result<String, IdentityError> {
             mode,
         });
     }
-    let seed = crate::store::connect::read_secret(path).map_err(|source| IdentityError::Read {
+    let seed = read_secret(path).map_err(|source| IdentityError::Read {
         path: resolved.clone(),
         source,
     })?;
@@ -154,6 +196,26 @@ pub fn check_public_key(key: &str) -> Result<(), IdentityError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn secret_paths_resolve_against_the_credentials_directory() {
+        use super::resolve_secret_path_in as r;
+        use std::path::Path;
+        assert_eq!(
+            r(Path::new("/etc/seed"), None).unwrap(),
+            Path::new("/etc/seed")
+        );
+        assert_eq!(
+            r(
+                Path::new("$CREDENTIALS_DIRECTORY/nkey-seed"),
+                Some("/run/credentials/x".into())
+            )
+            .unwrap(),
+            Path::new("/run/credentials/x/nkey-seed")
+        );
+        let e = r(Path::new("$CREDENTIALS_DIRECTORY/nkey-seed"), None).unwrap_err();
+        assert!(e.contains("CREDENTIALS_DIRECTORY is not set"), "{e}");
+    }
+
     use super::*;
 
     #[test]
