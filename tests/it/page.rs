@@ -159,7 +159,12 @@ async fn world_with(layout: Layout, zones: &str) -> World {
                 "plain"
             };
             let cfg = d.join("presenced.toml");
-            let text = format!("{}{}", head(service, &seed, &url, port), mqtt(broker.port));
+            // The ingest-only half: sources, no zones.
+            let text = format!(
+                "runs = [\"ingest\"]\n{}{}",
+                head(service, &seed, &url, port),
+                mqtt(broker.port)
+            );
             std::fs::write(&cfg, text).unwrap();
             let engine_port = support::free_port();
             let ecfg = d.join("engine.toml");
@@ -622,16 +627,18 @@ async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_
     )
     .unwrap();
     let cfg_b = dir.path().join("b.toml");
+    // Site b has no zones: an ingest-only instance.
     std::fs::write(
         &cfg_b,
-        daemon_config(
-            "b",
-            &leaf_b.url(),
-            broker.port,
-            support::free_port(),
-            &motion_mapping(true),
-            "",
-        ),
+        "runs = [\"ingest\"]\n".to_owned()
+            + &daemon_config(
+                "b",
+                &leaf_b.url(),
+                broker.port,
+                support::free_port(),
+                &motion_mapping(true),
+                "",
+            ),
     )
     .unwrap();
     provision(&cfg_a);
@@ -661,18 +668,7 @@ async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_
 
     // The dashboard reads the hub directly; sites found from the mirrors.
     let cfg_hub = dir.path().join("hub.toml");
-    std::fs::write(
-        &cfg_hub,
-        daemon_config(
-            "a",
-            &hub.client_urls().join(","),
-            broker.port,
-            support::free_port(),
-            &motion_mapping(true),
-            "",
-        ),
-    )
-    .unwrap();
+    std::fs::write(&cfg_hub, client_config("a", &hub.client_urls().join(","))).unwrap();
     let port = support::free_port();
     let log = std::fs::File::create(dir.path().join("dashboard.log")).unwrap();
     let _dash = Dashboard(
