@@ -106,6 +106,8 @@ in
     container "ingest" {
       services.presenced.instances.ingest = {
         serialDevices = [ serialDevice ];
+        # Sources and no zones: say so, or check-config refuses the file.
+        settings.runs = [ "ingest" ];
         settings.mqtt.z2m = {
           host = containerNet.ingest.hostAddress;
           zigbee2mqtt.devices = [

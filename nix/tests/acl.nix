@@ -69,6 +69,7 @@ in
       provision.nkeySeedFile = "/run/keys/admin.nk";
       instances.ingest = {
         nkeySeedFile = "/run/keys/ingest.nk";
+        settings.runs = [ "ingest" ];
         settings.mqtt.z2m.zigbee2mqtt.devices = [
           {
             device = "hall_pir";
