@@ -72,6 +72,11 @@ pub struct Metrics {
     pub archive_last_upload_seconds: AtomicU64,
     /// The holder's view of its lease in KV `owners`.
     pub lease_held: AtomicBool,
+    /// The engine's leader lease (store::leader): active or standby,
+    /// since when, who holds it; and how often this instance took it.
+    pub engine_role: std::sync::RwLock<Option<crate::store::leader::Role>>,
+    pub engine_active: AtomicBool,
+    pub engine_takeovers: AtomicU64,
     /// Hub mirror health, when `[hub]` is configured.
     pub mirrors: std::sync::RwLock<Mirrors>,
     /// Every supervised component and its state.
@@ -132,6 +137,8 @@ const ENGINE_FAMILIES: &[&str] = &[
     "presenced_engine_redeliveries_total",
     "presenced_kv_writes_total",
     "presenced_kv_conflicts_total",
+    "presenced_engine_active",
+    "presenced_engine_takeovers_total",
     "presenced_transitions_total",
     "presenced_consumer_pending",
     "presenced_zones",
@@ -420,6 +427,18 @@ impl Metrics {
                 "counter",
                 "KV writes refused for a stale revision.",
                 get(&self.kv_conflicts),
+            ),
+            (
+                "presenced_engine_active",
+                "gauge",
+                "1 while this instance holds the engine's leader lease and runs the engine; 0 on a standby.",
+                flag(&self.engine_active),
+            ),
+            (
+                "presenced_engine_takeovers_total",
+                "counter",
+                "Times this instance took the engine's leader lease.",
+                get(&self.engine_takeovers),
             ),
             (
                 "presenced_transitions_total",

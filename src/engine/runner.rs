@@ -116,6 +116,12 @@ pub struct Runner {
     /// provisioning, and when it was last read.
     replies: Option<crate::acl::published::Published>,
     replies_read: Option<tokio::time::Instant>,
+    /// The leader lease's permission to write (several engines per site);
+    /// once it closes nothing more is written and the run loop returns.
+    fence: Option<crate::store::leader::Fence>,
+    /// Set when a write was refused by the fence or a compare-and-set
+    /// showed another writer: the run loop returns.
+    fenced: bool,
 }
 
 fn missing(what: &str, source: impl Into<async_nats::Error>) -> RunnerError {
@@ -134,6 +140,21 @@ impl Runner {
         model: Arc<Model>,
         metrics: Arc<Metrics>,
         batch: usize,
+    ) -> Result<Runner, RunnerError> {
+        Runner::start_fenced(js, site, model, metrics, batch, None).await
+    }
+
+    /// [`Runner::start`] for the holder of the leader lease: every write
+    /// asks `fence` first, and every zone's presence key is rewritten
+    /// at once (same value, new revision), so a former holder's
+    /// compare-and-set writes expect revisions that no longer exist.
+    pub async fn start_fenced(
+        js: jetstream::Context,
+        site: Site,
+        model: Arc<Model>,
+        metrics: Arc<Metrics>,
+        batch: usize,
+        fence: Option<crate::store::leader::Fence>,
     ) -> Result<Runner, RunnerError> {
         let presence = js
             .get_key_value(naming::PRESENCE_BUCKET)
@@ -211,6 +232,8 @@ impl Runner {
             backlog: 0,
             replies: None,
             replies_read: None,
+            fenced: false,
+            fence,
         };
         let zones: Vec<String> = runner.slots.keys().cloned().collect();
         for z in &zones {
@@ -221,7 +244,9 @@ impl Runner {
         let dirty: BTreeSet<String> = runner
             .slots
             .iter()
-            .filter(|(_, s)| s.presence_rev == 0 || s.debounce != s.state.pending)
+            .filter(|(_, s)| {
+                runner.fence.is_some() || s.presence_rev == 0 || s.debounce != s.state.pending
+            })
             .map(|(z, _)| z.clone())
             .collect();
         runner.commit_with_retry(dirty, Vec::new()).await;
@@ -313,6 +338,11 @@ impl Runner {
     async fn process(&mut self, messages: Vec<jetstream::Message>) {
         let inputs = self.decode(&messages);
         self.apply_inputs(inputs).await;
+        if self.fenced {
+            // Not durable here: the new holder applies these (its
+            // catch-up reads from the consumer's ack floor).
+            return;
+        }
         if let Some(last) = messages.last() {
             if let Err(e) = last.ack().await {
                 // The batch is durable; a lost ack only means redelivery,
@@ -353,6 +383,18 @@ impl Runner {
             }
         }
         self.commit_with_retry(dirty, transitions).await;
+    }
+
+    /// Whether writes may go out: always without a leader lease; with one,
+    /// while its fence is valid. Records a refusal in `fenced`.
+    fn may_write(&mut self) -> bool {
+        if self.fenced {
+            return false;
+        }
+        if self.fence.as_ref().is_some_and(|f| !f.valid()) {
+            self.fenced = true;
+        }
+        !self.fenced
     }
 
     /// Fires every timer due by `now` (in deadline order across zones).
@@ -396,6 +438,14 @@ impl Runner {
         let mut logged = false;
         loop {
             crate::systemd::watchdog();
+            if !self.may_write() {
+                tracing::warn!(
+                    zones = dirty.len(),
+                    transitions = events.len(),
+                    "not written: this instance no longer holds the engine's leader lease (fenced); the new holder applies these readings"
+                );
+                return;
+            }
             if let Err(e) = self.publish_transitions(&events).await {
                 crate::metrics::stalled(&self.metrics.engine_stalled, format!("EVENTS: {e}"));
                 if !logged {
@@ -546,6 +596,22 @@ impl Runner {
                     tracing::warn!(bucket, error = %e, "KV write failed; retrying");
                     retry.insert(r.key);
                 }
+            }
+        }
+        if !conflicts.is_empty() {
+            if let Some(fence) = &self.fence {
+                // With a leader lease the engine is the one writer: a
+                // changed revision means another holder wrote (it
+                // rewrites every zone at takeover). Stop writing.
+                Metrics::add(&self.metrics.kv_conflicts, conflicts.len() as u64);
+                tracing::warn!(
+                    conflicts = conflicts.len(),
+                    first = ?conflicts.first(),
+                    "compare-and-set refused: another engine holds the leader lease and wrote these keys; this instance stops writing and stands by"
+                );
+                fence.revoke();
+                self.fenced = true;
+                return Ok(());
             }
         }
         for (bucket, key) in conflicts {
@@ -703,6 +769,12 @@ impl Runner {
         self.commit_with_retry(BTreeSet::from([zone.clone()]), transitions)
             .await;
         self.update_gauges();
+        if self.fenced {
+            return Err(CommandError {
+                kind: ErrorKind::Unavailable,
+                message: "this engine lost its leader lease before the command was durable; not applied here".into(),
+            });
+        }
         let slot = self.slots.get(&zone).ok_or_else(|| CommandError {
             kind: ErrorKind::Unavailable,
             message: format!("zone {zone:?} vanished while committing"),
@@ -841,6 +913,12 @@ impl Runner {
     }
 
     async fn command(&mut self, client: &async_nats::Client, msg: async_nats::Message) {
+        if !self.may_write() {
+            // The holder answers (commands are plain subscriptions, every
+            // engine sees them): a refusal from here would race its reply.
+            tracing::info!(subject = %msg.subject, "command not answered: this instance no longer holds the engine's leader lease");
+            return;
+        }
         // A reply subject is where the engine will publish: never
         // anywhere but the inbox of an identity granted `commands`. The
         // command is refused before it changes anything, and not
@@ -952,7 +1030,14 @@ impl Runner {
         // The system clock against the monotonic one, once per beat: a
         // step shows as a difference between their elapsed times.
         let mut last_beat = (std::time::Instant::now(), Timestamp::now());
+        let mut fence_check = tokio::time::interval(crate::store::leader::POLL);
+        fence_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let fenced_mode = self.fence.is_some();
         loop {
+            if !self.may_write() {
+                tracing::warn!("engine stopped: this instance no longer holds the leader lease; nothing more is written or acknowledged");
+                break;
+            }
             let next = if self.backlog == 0 {
                 self.timers.first().map(|(d, _)| *d)
             } else {
@@ -998,6 +1083,7 @@ impl Runner {
                     None => return Err(RunnerError::Consume("SENSORS consumer stream ended".into())),
                 },
                 _ = tokio::time::sleep(sleep_for) => self.tick(Timestamp::now()).await,
+                _ = fence_check.tick(), if fenced_mode => {}
                 _ = heartbeat.tick() => {
                     let beat_at = (std::time::Instant::now(), Timestamp::now());
                     let step_ms = (beat_at.1 .0 - last_beat.1 .0)

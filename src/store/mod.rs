@@ -3,6 +3,7 @@
 
 pub mod connect;
 pub mod kv;
+pub mod leader;
 pub mod lease;
 pub mod provision;
 pub mod publish;
