@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// How often a standby looks at the lease.
-pub const POLL: Duration = Duration::from_millis(250);
+pub const POLL: Duration = Duration::from_millis(100);
 
 /// The fence closes this long before the holder's own view of its lease
 /// runs out: a write checked just before the limit still lands before

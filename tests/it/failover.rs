@@ -1,0 +1,315 @@
+//! Engine failover through the real binary under the generated ACL: one
+//! ingest instance and two instances of the engine service on one leaf.
+//! The one holding the leader lease (`owners.engine`) runs the engine, the
+//! other stands by; SIGKILL or freeze the active one while readings flow,
+//! and the standby takes over within the lease TTL plus a second. EVENTS
+//! and KV presence end up exactly as the pure core computes them from the
+//! readings in SENSORS: no transition lost, duplicated or renumbered.
+
+use crate::common;
+use crate::support;
+
+use common::*;
+use presenced::acl::identity;
+use presenced::engine::{self, Model, Transition};
+use presenced::time::Timestamp;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
+
+const TTL: Duration = Duration::from_secs(3);
+const ZONE_COUNT: usize = 8;
+
+fn zones() -> String {
+    let mut out = String::new();
+    for i in 0..ZONE_COUNT {
+        out.push_str(&format!(
+            "[zones.z{i}]\nprior = 0.1\noccupied_above = 0.6\nvacant_below = 0.3\narrive_after = \"0s\"\nleave_after = \"0s\"\n[[zones.z{i}.evidence]]\nsensor = \"s{i}\"\np_true = 0.95\np_false = 0.05\n\n"
+        ));
+    }
+    out
+}
+
+fn head(service: &str, seed: &Path, nats: &str, http: u16) -> String {
+    format!(
+        "site = \"test\"\nservice = \"{service}\"\n\n[nats]\nurl = \"{nats}\"\nrequest_timeout = \"2s\"\nnkey_seed_file = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\n\n[engine]\ndrain_timeout = \"5s\"\n\n[lease]\nttl = \"{}s\"\n",
+        seed.display(),
+        TTL.as_secs()
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+struct Site {
+    nats: NatsServer,
+    broker: Mosquitto,
+    dir: tempfile::TempDir,
+    admin: async_nats::jetstream::Context,
+    engine_cfg: [PathBuf; 2],
+    engine_http: [SocketAddr; 2],
+    _ingest: Daemon,
+}
+
+/// The ACL `presenced acl` generates for an `ingest` and an `engine`
+/// service, provisioned by the admin, with the ingest instance running.
+async fn site() -> Site {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = |s: &str| identity::keygen(s, &d.join(format!("{s}.seed"))).unwrap();
+    let (admin, ingest, engine) = (key("admin"), key("ingest"), key("engine"));
+    let access = format!(
+        "admin = {{ nkey = \"{}\" }}\n[services.ingest]\nnkey = \"{}\"\nruns = [\"ingest\"]\n[services.engine]\nnkey = \"{}\"\nruns = [\"engine\"]\n",
+        admin.public_key, ingest.public_key, engine.public_key
+    );
+    let access_path = write(d, "access.toml", &access);
+    let out = support::daemon::run_presenced(
+        &[
+            "acl",
+            "--access",
+            access_path.to_str().unwrap(),
+            "--site",
+            "test",
+        ],
+        &[],
+    );
+    assert!(out.status.success());
+    let nats = NatsServer::start(NatsOptions {
+        extra: String::from_utf8(out.stdout).unwrap(),
+        ..Default::default()
+    });
+    let url = nats.url();
+    let admin_cfg = write(
+        d,
+        "admin.toml",
+        &format!(
+            "{}{}",
+            head("admin", &d.join("admin.seed"), &url, support::free_port()),
+            zones()
+        ),
+    );
+    provision(&admin_cfg);
+    let ingest_http = support::free_port();
+    let ingest_cfg = write(
+        d,
+        "ingest.toml",
+        &format!(
+            "{}[mqtt.main]\nhost = \"127.0.0.1\"\nport = {}\nkeep_alive = \"5s\"\nreconnect_max = \"1s\"\n{}",
+            head("ingest", &d.join("ingest.seed"), &url, ingest_http),
+            broker.port,
+            motion_mapping(true)
+        ),
+    );
+    let ingest_daemon = Daemon::start_at(&ingest_cfg, &[]);
+    ingest_daemon.wait_healthy(
+        SocketAddr::from(([127, 0, 0, 1], ingest_http)),
+        Duration::from_secs(20),
+    );
+    let ports = [support::free_port(), support::free_port()];
+    let engine_cfg = [0, 1].map(|i| {
+        write(
+            d,
+            &format!("engine-{i}.toml"),
+            &format!(
+                "{}{}",
+                head("engine", &d.join("engine.seed"), &url, ports[i]),
+                zones()
+            ),
+        )
+    });
+    let seed = identity::read_seed(&d.join("admin.seed")).unwrap();
+    let client = async_nats::ConnectOptions::new()
+        .nkey(seed)
+        .connect(url)
+        .await
+        .unwrap();
+    Site {
+        nats,
+        broker,
+        dir,
+        admin: async_nats::jetstream::new(client),
+        engine_cfg,
+        engine_http: ports.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+        _ingest: ingest_daemon,
+    }
+}
+
+/// The `engine` part of an instance's /healthz.
+fn engine_health(http: SocketAddr) -> serde_json::Value {
+    support::http_get(http, "/healthz")
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .map(|v| v["engine"].clone())
+        .unwrap_or_default()
+}
+
+fn wait_role(http: SocketAddr, role: &str, deadline: Duration) -> Instant {
+    let start = Instant::now();
+    loop {
+        if engine_health(http)["role"] == role {
+            return Instant::now();
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{http} not {role} within {deadline:?}: {}",
+            engine_health(http)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Publishes `count` readings (QoS 0, as sensors do) at 100 per second
+/// across the zones' sensors; each zone alternates true and false.
+fn readings(port: u16, count: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut p = Publisher::connect(port, "failover-pub").await;
+        let base = now_ms();
+        for i in 0..count {
+            let z = i % ZONE_COUNT;
+            let v = (i / ZONE_COUNT) % 2 == 0;
+            p.publish_qos0(
+                &format!("test/s{z}"),
+                format!(r#"{{"occupancy":{v},"ts":{}}}"#, base + i as i64),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        p.flush(Duration::from_secs(10)).await;
+    })
+}
+
+/// The transitions and final states the pure core computes from what
+/// SENSORS holds, in stream order: what an uninterrupted engine writes.
+async fn expected(
+    js: &async_nats::jetstream::Context,
+    config: &Path,
+) -> (Vec<Transition>, Vec<engine::ZoneState>) {
+    let cfg = presenced::config::Config::load(config).unwrap();
+    let model = Model::from_config(&cfg);
+    let mut states: std::collections::BTreeMap<String, engine::ZoneState> = model
+        .zones
+        .iter()
+        .map(|(z, zm)| (z.clone(), engine::initial_state(zm, Timestamp(0))))
+        .collect();
+    let mut out = Vec::new();
+    for m in read_stream(js, "SENSORS").await {
+        let seq = m.info().unwrap().stream_sequence;
+        let o: presenced::observation::Observation = serde_json::from_slice(&m.payload).unwrap();
+        for z in model.by_sensor.get(&o.sensor).into_iter().flatten() {
+            let input = engine::Input {
+                seq,
+                sensor: &o.sensor,
+                value: o.value,
+                at: o.observed_at,
+            };
+            out.extend(engine::apply(
+                &model.zones[z],
+                states.get_mut(z).unwrap(),
+                &input,
+            ));
+        }
+    }
+    (out, states.into_values().collect())
+}
+
+fn key(t: &Transition) -> (String, u64, String, String, i64) {
+    (
+        t.zone.clone(),
+        t.number,
+        t.from.as_str().to_owned(),
+        t.to.as_str().to_owned(),
+        t.at.millis(),
+    )
+}
+
+/// EVENTS and KV presence equal the pure core's run over SENSORS.
+async fn assert_trajectory(s: &Site, total: u64) {
+    let js = &s.admin;
+    eventually("every reading stored", Duration::from_secs(20), || async {
+        stream_messages(js, "SENSORS").await >= total
+    })
+    .await;
+    assert_eq!(
+        stream_messages(js, "SENSORS").await,
+        total,
+        "no reading stored twice"
+    );
+    eventually(
+        "the engine applied everything",
+        Duration::from_secs(30),
+        || async { engine_caught_up(js, total).await },
+    )
+    .await;
+    let (want, states) = expected(js, &s.engine_cfg[0]).await;
+    assert!(
+        want.len() > 100,
+        "the readings make transitions: {}",
+        want.len()
+    );
+    let got = events(js).await;
+    let got_keys: Vec<_> = got.iter().map(key).collect();
+    let want_keys: Vec<_> = want.iter().map(key).collect();
+    let mut sorted_got = got_keys.clone();
+    sorted_got.sort();
+    let mut sorted_want = want_keys.clone();
+    sorted_want.sort();
+    assert_eq!(
+        sorted_got.len(),
+        sorted_want.len(),
+        "as many transitions in EVENTS as the uninterrupted trajectory"
+    );
+    assert_eq!(
+        sorted_got, sorted_want,
+        "EVENTS holds exactly the uninterrupted trajectory"
+    );
+    for want in states {
+        let stored = zone(js, &want.zone).await.expect("zone stored");
+        assert_eq!(stored.state, want.state, "{}", want.zone);
+        assert_eq!(stored.transitions, want.transitions, "{}", want.zone);
+        assert_eq!(stored.last_seq, want.last_seq, "{}", want.zone);
+    }
+}
+
+fn start_engine(s: &Site, i: usize) -> Daemon {
+    let d = Daemon::start_at(&s.engine_cfg[i], &[]);
+    d.wait_healthy(s.engine_http[i], Duration::from_secs(20));
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_within_ttl_plus_one_second_after_a_sigkill_and_loses_nothing() {
+    let s = site().await;
+    let mut a = start_engine(&s, 0);
+    wait_role(s.engine_http[0], "active", Duration::from_secs(10));
+    let b = start_engine(&s, 1);
+    wait_role(s.engine_http[1], "standby", Duration::from_secs(10));
+    assert_eq!(engine_health(s.engine_http[0])["role"], "active");
+
+    let total = 1200;
+    let publisher = readings(s.broker.port, total);
+    eventually("readings flowing", Duration::from_secs(10), || async {
+        stream_messages(&s.admin, "SENSORS").await > 200
+    })
+    .await;
+    a.kill9();
+    let killed = Instant::now();
+    let took = wait_role(s.engine_http[1], "active", TTL + Duration::from_secs(5)) - killed;
+    eprintln!("takeover {took:?} after SIGKILL (TTL {TTL:?})");
+    assert!(
+        took <= TTL + Duration::from_secs(1),
+        "standby active {took:?} after the SIGKILL, more than TTL + 1 s"
+    );
+    publisher.await.unwrap();
+    assert_trajectory(&s, total as u64).await;
+    let h = engine_health(s.engine_http[1]);
+    assert_eq!(h["takeovers"], 1, "{h}");
+    let log = b.log();
+    assert!(log.contains("leader lease taken"), "{log}");
+    assert!(!log.contains("Permissions Violation"), "{log}");
+    let _ = &s.nats;
+    let _ = s.dir.path();
+}
