@@ -122,6 +122,10 @@ pub struct Runner {
     /// Set when a write was refused by the fence or a compare-and-set
     /// showed another writer: the run loop returns.
     fenced: bool,
+    /// (consumer sequence, stream sequence) of the last delivery this
+    /// runner got from the durable consumer; a jump in the consumer
+    /// sequence means deliveries went to another puller.
+    last_delivery: Option<(u64, u64)>,
 }
 
 fn missing(what: &str, source: impl Into<async_nats::Error>) -> RunnerError {
@@ -234,6 +238,7 @@ impl Runner {
             replies_read: None,
             fenced: false,
             fence,
+            last_delivery: None,
         };
         let zones: Vec<String> = runner.slots.keys().cloned().collect();
         for z in &zones {
@@ -335,8 +340,48 @@ impl Runner {
     }
 
     /// Applies a batch of messages from `SENSORS` and acks it once durable.
+    ///
+    /// A delivery whose consumer sequence jumps past the last one this
+    /// runner got means the consumer gave messages to another puller in
+    /// between: a former engine instance whose pull requests outlived its
+    /// lease (frozen, or cut from the leaf). It will never apply or ack
+    /// them, and acking past them (ack policy "all") would drop them; so
+    /// that stretch of the stream is read directly and applied in order
+    /// first.
     async fn process(&mut self, messages: Vec<jetstream::Message>) {
-        let inputs = self.decode(&messages);
+        let mut segment_start = 0;
+        for i in 0..messages.len() {
+            let Ok(info) = messages[i].info() else {
+                continue;
+            };
+            let (cseq, sseq) = (info.consumer_sequence, info.stream_sequence);
+            let gap = self
+                .last_delivery
+                .filter(|(c, s)| cseq > c + 1 && sseq > s + 1)
+                .map(|(_, s)| (s, sseq - 1));
+            self.last_delivery = Some(match self.last_delivery {
+                Some((c, s)) => (c.max(cseq), s.max(sseq)),
+                None => (cseq, sseq),
+            });
+            if let Some((after, to)) = gap {
+                let inputs = self.decode(&messages[segment_start..i]);
+                self.apply_inputs(inputs).await;
+                segment_start = i;
+                tracing::warn!(
+                    from = after + 1,
+                    to,
+                    "deliveries of the engine consumer went to another puller (a former engine instance); reading them from SENSORS before acknowledging past them"
+                );
+                if let Err(e) = self.catch_up(after, to).await {
+                    tracing::warn!(error = %e, "cannot read the deliveries another puller got; not acknowledging, the consumer redelivers them");
+                    return;
+                }
+                if self.fenced {
+                    return;
+                }
+            }
+        }
+        let inputs = self.decode(&messages[segment_start..]);
         self.apply_inputs(inputs).await;
         if self.fenced {
             // Not durable here: the new holder applies these (its
@@ -999,6 +1044,10 @@ impl Runner {
             info.delivered.stream_sequence,
         )
         .await?;
+        self.last_delivery = Some((
+            info.delivered.consumer_sequence,
+            info.delivered.stream_sequence,
+        ));
         self.backlog = info.num_pending;
         let client = self.js.client();
         self.refresh_replies().await;

@@ -285,6 +285,7 @@ pub async fn keep(
     let mut logged_unreadable: Option<u64> = None;
     // Some(revision of our last write) while active.
     let mut mine: Option<u64> = None;
+    let mut first = true;
     loop {
         if *stop.borrow() {
             break;
@@ -303,6 +304,14 @@ pub async fn keep(
                     }
                 }
                 let seen = match &stream {
+                    // The first try assumes no key: a compare-and-set
+                    // expecting none is refused if there is one, so it is
+                    // as safe as reading first, and a fresh site's engine
+                    // starts in one round trip.
+                    Some(_) if first => {
+                        first = false;
+                        Ok(Seen::Absent)
+                    }
                     Some(s) => look(s, &service).await,
                     None => Err(LeaderError::Read {
                         key: service.clone(),
@@ -366,7 +375,7 @@ pub async fn keep(
                                         super::lease::renew_every(ttl)
                                     }
                                     Cas::Conflict(e) => {
-                                        tracing::info!(service = %service, expected, error = %e, "leader lease: another instance took it first; standing by");
+                                        tracing::info!(service = %service, expected, error = %e, "leader lease: held by another instance (compare-and-set refused); standing by");
                                         POLL
                                     }
                                     Cas::Failed(e) => {

@@ -313,3 +313,84 @@ async fn a_standby_takes_over_within_ttl_plus_one_second_after_a_sigkill_and_los
     let _ = &s.nats;
     let _ = s.dir.path();
 }
+
+fn signal(d: &Daemon, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(d.pid()).unwrap();
+    // SAFETY: a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+}
+
+/// The highest stream sequence any zone in KV presence has applied.
+async fn applied(js: &async_nats::jetstream::Context) -> u64 {
+    let mut max = 0;
+    for i in 0..ZONE_COUNT {
+        if let Some(z) = zone(js, &format!("z{i}")).await {
+            max = max.max(z.last_seq);
+        }
+    }
+    max
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_frozen_past_its_lease_is_fenced_when_it_wakes_and_stands_by() {
+    let s = site().await;
+    let a = start_engine(&s, 0);
+    wait_role(s.engine_http[0], "active", Duration::from_secs(10));
+    let b = start_engine(&s, 1);
+    wait_role(s.engine_http[1], "standby", Duration::from_secs(10));
+
+    let total = 1500;
+    let publisher = readings(s.broker.port, total);
+    eventually("readings flowing", Duration::from_secs(10), || async {
+        stream_messages(&s.admin, "SENSORS").await > 200
+    })
+    .await;
+    signal(&a, libc::SIGSTOP);
+    let frozen = Instant::now();
+    let took = wait_role(s.engine_http[1], "active", TTL + Duration::from_secs(5)) - frozen;
+    eprintln!("takeover {took:?} after SIGSTOP (TTL {TTL:?})");
+    assert!(
+        took <= TTL + Duration::from_secs(1),
+        "standby active {took:?} after the freeze, more than TTL + 1 s"
+    );
+    // The new holder applies readings while the old one is still frozen.
+    let stored = stream_messages(&s.admin, "SENSORS").await;
+    eventually(
+        "the new holder applies readings",
+        Duration::from_secs(10),
+        || async { applied(&s.admin).await > stored + 50 },
+    )
+    .await;
+    let log_before = a.log().len();
+    signal(&a, libc::SIGCONT);
+    // The old holder notices at once, writes nothing, and stands by,
+    // while readings keep flowing.
+    a.wait_for_log("stepped down, writes are fenced", Duration::from_secs(5));
+    wait_role(s.engine_http[0], "standby", Duration::from_secs(5));
+    assert!(
+        stream_messages(&s.admin, "SENSORS").await < total as u64,
+        "readings were still flowing when the old holder woke up"
+    );
+    publisher.await.unwrap();
+    assert_trajectory(&s, total as u64).await;
+    let after = a.log()[log_before..].to_owned();
+    assert!(
+        !after.contains("\"transition\"") && !after.contains(" transition "),
+        "the thawed holder published no transition: {after}"
+    );
+    assert_eq!(engine_health(s.engine_http[0])["role"], "standby");
+    assert_eq!(engine_health(s.engine_http[1])["role"], "active");
+    let blog = b.log();
+    assert!(
+        !blog.contains("another engine holds the leader lease and wrote these keys"),
+        "the new holder never met another writer: {blog}"
+    );
+    eprintln!("old holder after SIGCONT:\n{after}");
+    eprintln!(
+        "stretches the new holder read past the old one's pulls: {}",
+        blog.matches("went to another puller").count()
+    );
+    for log in [a.log(), blog] {
+        assert!(!log.contains("Permissions Violation"), "{log}");
+    }
+}
