@@ -394,3 +394,111 @@ async fn a_leader_frozen_past_its_lease_is_fenced_when_it_wakes_and_stands_by() 
         assert!(!log.contains("Permissions Violation"), "{log}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_deleted_by_hand_moves_the_engine_to_one_writer_and_loses_nothing() {
+    let s = site().await;
+    let a = start_engine(&s, 0);
+    wait_role(s.engine_http[0], "active", Duration::from_secs(10));
+    let b = start_engine(&s, 1);
+    wait_role(s.engine_http[1], "standby", Duration::from_secs(10));
+    let total = 1000;
+    let publisher = readings(s.broker.port, total);
+    eventually("readings flowing", Duration::from_secs(10), || async {
+        stream_messages(&s.admin, "SENSORS").await > 200
+    })
+    .await;
+    let owners = by_hand(&s).await;
+    owners.delete("engine").await.unwrap();
+    // The standby takes the free lease; the holder's next renewal (or
+    // write) is refused and it stands by: one writer again.
+    wait_role(s.engine_http[1], "active", Duration::from_secs(3));
+    a.wait_for_log("stepped down", Duration::from_secs(3));
+    wait_role(s.engine_http[0], "standby", Duration::from_secs(3));
+    publisher.await.unwrap();
+    assert_trajectory(&s, total as u64).await;
+    let alog = a.log();
+    assert!(
+        alog.contains("renewal refused") || alog.contains("another engine holds the leader lease"),
+        "the old holder says why it stepped down: {alog}"
+    );
+    assert_eq!(engine_health(s.engine_http[0])["role"], "standby");
+    assert_eq!(engine_health(s.engine_http[1])["role"], "active");
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_lease_value_is_taken_by_one_instance_only_once_it_stays_unchanged_past_the_ttl(
+) {
+    let s = site().await;
+    let owners = by_hand(&s).await;
+    owners.put("engine", "not a lease".into()).await.unwrap();
+    let started = Instant::now();
+    let a = Daemon::start_at(&s.engine_cfg[0], &[]);
+    let b = Daemon::start_at(&s.engine_cfg[1], &[]);
+    a.wait_for_log("is not a lease", Duration::from_secs(10));
+    b.wait_for_log("is not a lease", Duration::from_secs(10));
+    // Nobody runs the engine while the value may be someone's.
+    let first = eventually_role_any(&s, Duration::from_secs(15));
+    let waited = first - started;
+    eprintln!("unreadable lease taken {waited:?} after the start");
+    assert!(
+        waited > TTL + presenced::store::lease::CLOCK_SKEW,
+        "taken after {waited:?}: before the value stayed unchanged for TTL + skew"
+    );
+    // Exactly one of the two took it.
+    std::thread::sleep(Duration::from_secs(1));
+    let roles: Vec<_> = s
+        .engine_http
+        .iter()
+        .map(|h| engine_health(*h)["role"].clone())
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| *r == "active").count(),
+        1,
+        "one writer: {roles:?}"
+    );
+    assert_eq!(
+        roles.iter().filter(|r| *r == "standby").count(),
+        1,
+        "{roles:?}"
+    );
+    let taken = a
+        .log()
+        .contains("an unreadable lease value unchanged for longer than the TTL")
+        || b.log()
+            .contains("an unreadable lease value unchanged for longer than the TTL");
+    assert!(taken, "the taker says what it did");
+}
+
+/// KV `owners` as a person at the site reaches it with the engine
+/// service's credentials (under the generated ACL nobody else may write
+/// `owners.engine`, the admin included).
+async fn by_hand(s: &Site) -> async_nats::jetstream::kv::Store {
+    let seed = identity::read_seed(&s.dir.path().join("engine.seed")).unwrap();
+    let client = async_nats::ConnectOptions::new()
+        .nkey(seed)
+        .custom_inbox_prefix(presenced::naming::inbox_prefix("engine"))
+        .connect(s.nats.url())
+        .await
+        .unwrap();
+    async_nats::jetstream::new(client)
+        .get_key_value("owners")
+        .await
+        .unwrap()
+}
+
+/// When either engine instance first reports itself active.
+fn eventually_role_any(s: &Site, deadline: Duration) -> Instant {
+    let start = Instant::now();
+    loop {
+        if s.engine_http
+            .iter()
+            .any(|h| engine_health(*h)["role"] == "active")
+        {
+            return Instant::now();
+        }
+        assert!(start.elapsed() < deadline, "no instance took the lease");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
