@@ -374,6 +374,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         let mut held = held_rx.clone();
         let mut role = role_rx.clone();
         let fence = fence.clone();
+        let audit = site.audit_subject(&config.service);
         sup.spawn("lease", Stage::Lease, true, async move {
             let watcher = async {
                 while held.changed().await.is_ok() {
@@ -407,7 +408,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                     }
                 };
                 tokio::join!(
-                    store::leader::keep(js, lease, ttl, fence, stop, role_tx),
+                    store::leader::keep(js, lease, ttl, fence, audit, stop, role_tx),
                     roles,
                     watcher
                 );

@@ -257,6 +257,47 @@ async fn cas(
     }
 }
 
+/// The record of one takeover, on the service's own `AUDIT` subject:
+/// who held the lease before (when known), who holds it now, and why it
+/// was taken.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TakeoverRecord {
+    pub v: u32,
+    /// Always `engine_takeover`.
+    pub kind: String,
+    pub service: String,
+    /// The previous holder as `host/pid`, when this instance saw one.
+    pub from: Option<String>,
+    pub to: String,
+    pub reason: String,
+    /// The lease's revision after the take.
+    pub revision: u64,
+    pub time: Timestamp,
+}
+
+async fn record_takeover(js: &jetstream::Context, subject: &str, record: &TakeoverRecord) {
+    let body = match serde_json::to_vec(record) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot encode the takeover record");
+            return;
+        }
+    };
+    let sent = async {
+        js.publish(subject.to_owned(), body.into())
+            .await?
+            .await
+            .map_err(async_nats::Error::from)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), sent).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(subject, error = %e, "cannot record the takeover in AUDIT (the log line above says it)")
+        }
+        Err(_) => tracing::warn!(subject, "recording the takeover in AUDIT timed out"),
+    }
+}
+
 fn holder_name(lease: &Lease) -> String {
     format!("{}/{}", lease.host, lease.pid)
 }
@@ -272,6 +313,7 @@ pub async fn keep(
     lease: Lease,
     ttl: Duration,
     fence: Fence,
+    audit_subject: String,
     mut stop: watch::Receiver<bool>,
     role: watch::Sender<Role>,
 ) {
@@ -366,6 +408,17 @@ pub async fn keep(
                                         mine = Some(revision);
                                         let me = holder_name(&fresh);
                                         tracing::info!(service = %service, revision, expected, reason = why, previous = ?last_holder, "leader lease taken: this instance runs the engine");
+                                        let record = TakeoverRecord {
+                                            v: 1,
+                                            kind: "engine_takeover".into(),
+                                            service: service.clone(),
+                                            from: last_holder.clone().filter(|h| *h != me),
+                                            to: me.clone(),
+                                            reason: why.into(),
+                                            revision,
+                                            time: started,
+                                        };
+                                        record_takeover(&js, &audit_subject, &record).await;
                                         last_holder = Some(me.clone());
                                         role.send_replace(Role {
                                             active: true,
@@ -419,7 +472,7 @@ pub async fn keep(
                         continue;
                     }
                     Cas::Failed(e) => {
-                        tracing::warn!(service = %service, error = %e, "leader lease: cannot renew; retrying within the TTL");
+                        tracing::warn!(service = %service, error = %e, "leader lease: cannot renew the lease; retrying within the TTL (writes stop when it runs out)");
                         Duration::from_secs(1).min(super::lease::renew_every(ttl))
                     }
                 }

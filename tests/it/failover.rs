@@ -295,6 +295,7 @@ async fn a_standby_takes_over_within_ttl_plus_one_second_after_a_sigkill_and_los
         stream_messages(&s.admin, "SENSORS").await > 200
     })
     .await;
+    let a_pid = a.pid();
     a.kill9();
     let killed = Instant::now();
     let took = wait_role(s.engine_http[1], "active", TTL + Duration::from_secs(5)) - killed;
@@ -307,6 +308,50 @@ async fn a_standby_takes_over_within_ttl_plus_one_second_after_a_sigkill_and_los
     assert_trajectory(&s, total as u64).await;
     let h = engine_health(s.engine_http[1]);
     assert_eq!(h["takeovers"], 1, "{h}");
+    assert!(
+        h["holder"]
+            .as_str()
+            .is_some_and(|x| x.ends_with(&format!("/{}", b.pid()))),
+        "{h}"
+    );
+    let (_, metrics) = support::http_get(s.engine_http[1], "/metrics").unwrap();
+    assert!(metrics.contains("presenced_engine_active 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("presenced_engine_takeovers_total 1\n"),
+        "{metrics}"
+    );
+    // The takeover is on record, old and new holder.
+    let audit = s
+        .admin
+        .get_stream("AUDIT")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(
+            &presenced::naming::Site::new("test")
+                .unwrap()
+                .audit_subject("engine"),
+        )
+        .await
+        .expect("a takeover record in AUDIT");
+    let record: presenced::store::leader::TakeoverRecord =
+        serde_json::from_slice(&audit.payload).unwrap();
+    assert_eq!(record.kind, "engine_takeover");
+    assert!(record.to.ends_with(&format!("/{}", b.pid())), "{record:?}");
+    assert!(
+        record
+            .from
+            .as_deref()
+            .is_some_and(|f| f.ends_with(&format!("/{a_pid}"))),
+        "{record:?}"
+    );
+    // Both instances run on this host in one PID namespace: the standby
+    // sees that the holder's process is gone and takes the lease without
+    // waiting for its TTL. (Across hosts or PID namespaces it waits for
+    // the lapse: the freeze test shows that path.)
+    assert_eq!(
+        record.reason,
+        "the holder was a process of this host that no longer exists"
+    );
     let log = b.log();
     assert!(log.contains("leader lease taken"), "{log}");
     assert!(!log.contains("Permissions Violation"), "{log}");
