@@ -386,7 +386,6 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 }
             };
             if engine_on {
-                let tx = held_tx;
                 let metrics = metrics.clone();
                 let roles = async move {
                     let mut seen = false;
@@ -396,7 +395,6 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                             Metrics::inc(&metrics.engine_takeovers);
                         }
                         metrics.engine_active.store(r.active, Ordering::Relaxed);
-                        tx.send_replace(r.active);
                         if !seen {
                             seen = true;
                             metrics.components.running("lease");
@@ -408,7 +406,18 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                     }
                 };
                 tokio::join!(
-                    store::leader::keep(js, lease, ttl, fence, audit, stop, role_tx),
+                    store::leader::keep(
+                        js,
+                        lease,
+                        ttl,
+                        fence,
+                        audit,
+                        stop,
+                        store::leader::Reports {
+                            role: role_tx,
+                            held: held_tx,
+                        },
+                    ),
                     roles,
                     watcher
                 );

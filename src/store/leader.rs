@@ -302,6 +302,15 @@ fn holder_name(lease: &Lease) -> String {
     format!("{}/{}", lease.host, lease.pid)
 }
 
+/// What [`keep`] reports as it goes.
+pub struct Reports {
+    /// Active or standby, since when, who holds the lease.
+    pub role: watch::Sender<Role>,
+    /// The holder's view of the lease, as [`super::lease::keep`] reports
+    /// it: sent every round while active.
+    pub held: watch::Sender<bool>,
+}
+
 /// Runs the leader election for `lease.service` until `stop`: stands by,
 /// takes the lease when it is free, renews it every third of the TTL by
 /// compare-and-set, and steps down when a renewal is refused or has not
@@ -315,8 +324,9 @@ pub async fn keep(
     fence: Fence,
     audit_subject: String,
     mut stop: watch::Receiver<bool>,
-    role: watch::Sender<Role>,
+    out: Reports,
 ) {
+    let Reports { role, held } = out;
     let service = lease.service.clone();
     let stream_name = naming::kv_stream(naming::OWNERS_BUCKET);
     let mut stream = None;
@@ -478,11 +488,18 @@ pub async fn keep(
                 }
             }
         };
+        // Every round while active (Home Assistant availability and
+        // `presenced_lease_held` follow it, as for any lease); only
+        // changes while standing by.
+        if mine.is_some() || *held.borrow() {
+            held.send_replace(mine.is_some() && fence.valid());
+        }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => break,
         }
     }
+    held.send_replace(false);
     if let Some(revision) = mine {
         fence.lost();
         role.send_replace(Role::default());
