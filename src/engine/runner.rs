@@ -28,6 +28,9 @@ use crate::metrics::Metrics;
 /// elapsed time over one engine beat at least this large is logged as a
 /// clock step (NTP slews far slower than this).
 const CLOCK_STEP_MS: i64 = 2_000;
+
+/// Command replies remembered for retries, at most.
+const MAX_ANSWERED: usize = 10_000;
 use crate::naming::{self, Site};
 use crate::observation::Observation;
 use crate::store::kv::{self as kvstore, CasWrite};
@@ -126,6 +129,9 @@ pub struct Runner {
     /// runner got from the durable consumer; a jump in the consumer
     /// sequence means deliveries went to another puller.
     last_delivery: Option<(u64, u64)>,
+    /// Replies to commands that carried an id, by (subject, id), for
+    /// [`command::RETRY_WINDOW`]: a retry gets the original reply.
+    answered: HashMap<(String, String), (tokio::time::Instant, Bytes)>,
 }
 
 fn missing(what: &str, source: impl Into<async_nats::Error>) -> RunnerError {
@@ -239,6 +245,7 @@ impl Runner {
             fenced: false,
             fence,
             last_delivery: None,
+            answered: HashMap::new(),
         };
         let zones: Vec<String> = runner.slots.keys().cloned().collect();
         for z in &zones {
@@ -974,6 +981,21 @@ impl Runner {
                 return;
             }
         }
+        let id = command::command_id(&msg.payload).map(|id| (msg.subject.to_string(), id));
+        let now = tokio::time::Instant::now();
+        self.answered
+            .retain(|_, (at, _)| now.duration_since(*at) < command::RETRY_WINDOW);
+        if let Some(key) = &id {
+            if let Some((_, body)) = self.answered.get(key) {
+                tracing::info!(subject = %msg.subject, id = %key.1, "command retried within the window: answered with the original reply, not applied again");
+                if let Some(reply_to) = msg.reply {
+                    if let Err(e) = client.publish(reply_to, body.clone()).await {
+                        tracing::warn!(subject = %msg.subject, error = %e, "cannot send a command reply");
+                    }
+                }
+                return;
+            }
+        }
         let reply = match self.execute(&msg.subject, &msg.payload).await {
             Ok(reply) => reply,
             Err(e) => {
@@ -986,13 +1008,27 @@ impl Runner {
             return;
         };
         let body = match serde_json::to_vec(&reply) {
-            Ok(b) => b,
+            Ok(b) => Bytes::from(b),
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode a command reply");
                 return;
             }
         };
-        if let Err(e) = client.publish(reply_to, Bytes::from(body)).await {
+        if let Some(key) = id.filter(|_| !self.fenced) {
+            // Bounded: a flood of distinct ids forgets the oldest first.
+            if self.answered.len() >= MAX_ANSWERED {
+                if let Some(oldest) = self
+                    .answered
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(k, _)| k.clone())
+                {
+                    self.answered.remove(&oldest);
+                }
+            }
+            self.answered.insert(key, (now, body.clone()));
+        }
+        if let Err(e) = client.publish(reply_to, body).await {
             tracing::warn!(subject = %msg.subject, error = %e, "cannot send a command reply");
         }
     }
