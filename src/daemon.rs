@@ -313,6 +313,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         let (fence, mut role) = (fence.clone(), role_rx.clone());
         sup.spawn("engine", Stage::Work, true, async move {
             let ready = Arc::new(engine_ready_tx);
+            let mut started_once = false;
             loop {
                 // Stand by until this instance holds the lease.
                 let mut waiting = stop.clone();
@@ -320,7 +321,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                     r = role.wait_for(|r| r.active) => if r.is_err() { return Ok(()) },
                     _ = waiting.wait_for(|s| *s) => return Ok(()),
                 }
-                let runner = Runner::start_fenced(
+                let runner = match Runner::start_fenced(
                     js.clone(),
                     site.clone(),
                     model.clone(),
@@ -329,7 +330,22 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                     Some(fence.clone()),
                 )
                 .await
-                .map_err(|e| supervise::classify(e).context("engine start"))?;
+                {
+                    Ok(r) => r,
+                    Err(e) if !started_once => {
+                        return Err(supervise::classify(e).context("engine start"))
+                    }
+                    Err(e) => {
+                        // A takeover during a flaky leaf: give the lease
+                        // back rather than hold it without running.
+                        tracing::warn!(error = %e, "engine start after a takeover failed; stepping down and trying again");
+                        fence.revoke();
+                        let _ = role.wait_for(|r| !r.active).await;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                started_once = true;
                 release_startup_memory();
                 let consumer = js
                     .get_stream(naming::SENSORS_STREAM)
