@@ -547,3 +547,45 @@ fn eventually_role_any(s: &Site, deadline: Duration) -> Instant {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The active instance in a PID namespace of its own (another container
+/// or host, as far as the standby can tell): after its SIGKILL the
+/// standby cannot see that the process is gone and takes over when the
+/// lease lapses, within the TTL plus a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_pid_namespaces_a_standby_takes_over_when_the_lease_lapses_within_ttl_plus_one_second(
+) {
+    let s = site().await;
+    let mut a = Daemon::start_in_own_pid_namespace(&s.engine_cfg[0]);
+    a.wait_healthy(s.engine_http[0], Duration::from_secs(20));
+    wait_role(s.engine_http[0], "active", Duration::from_secs(10));
+    let b = start_engine(&s, 1);
+    wait_role(s.engine_http[1], "standby", Duration::from_secs(10));
+
+    let total = 1200;
+    let publisher = readings(s.broker.port, total);
+    eventually("readings flowing", Duration::from_secs(10), || async {
+        stream_messages(&s.admin, "SENSORS").await > 200
+    })
+    .await;
+    a.kill9();
+    let killed = Instant::now();
+    let took = wait_role(s.engine_http[1], "active", TTL + Duration::from_secs(5)) - killed;
+    eprintln!("takeover {took:?} after SIGKILL in another PID namespace (TTL {TTL:?})");
+    assert!(
+        took <= TTL + Duration::from_secs(1),
+        "standby active {took:?} after the SIGKILL, more than TTL + 1 s"
+    );
+    assert!(
+        took >= Duration::from_secs(1),
+        "taken {took:?} after the kill: before the lease could have lapsed"
+    );
+    publisher.await.unwrap();
+    assert_trajectory(&s, total as u64).await;
+    let log = b.log();
+    assert!(
+        log.contains("the lease was released or ran out"),
+        "taken on the lapse: {log}"
+    );
+    assert!(!log.contains("Permissions Violation"), "{log}");
+}
