@@ -589,3 +589,56 @@ async fn across_pid_namespaces_a_standby_takes_over_when_the_lease_lapses_within
     );
     assert!(!log.contains("Permissions Violation"), "{log}");
 }
+
+/// The active instance cut from the leaf (its connection hangs: bytes go
+/// nowhere, nothing is closed) while readings flow: the standby takes over
+/// within the TTL plus a second; when the link comes back the former
+/// holder stands by, and nothing is lost or written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_instance_cut_from_the_leaf_is_replaced_and_stands_by_when_the_link_returns() {
+    let s = site().await;
+    let nats_addr: SocketAddr = s.nats.url().trim_start_matches("nats://").parse().unwrap();
+    let proxy = support::Proxy::start(nats_addr);
+    let via_proxy = std::fs::read_to_string(&s.engine_cfg[0])
+        .unwrap()
+        .replace(&s.nats.url(), &format!("nats://127.0.0.1:{}", proxy.port));
+    let a_cfg = write(s.dir.path(), "engine-proxied.toml", &via_proxy);
+    let a = Daemon::start_at(&a_cfg, &[]);
+    a.wait_healthy(s.engine_http[0], Duration::from_secs(20));
+    wait_role(s.engine_http[0], "active", Duration::from_secs(10));
+    let b = start_engine(&s, 1);
+    wait_role(s.engine_http[1], "standby", Duration::from_secs(10));
+
+    let total = 1500;
+    let publisher = readings(s.broker.port, total);
+    eventually("readings flowing", Duration::from_secs(10), || async {
+        stream_messages(&s.admin, "SENSORS").await > 200
+    })
+    .await;
+    proxy.stall();
+    let cut = Instant::now();
+    let took = wait_role(s.engine_http[1], "active", TTL + Duration::from_secs(5)) - cut;
+    eprintln!("takeover {took:?} after the cut (TTL {TTL:?})");
+    assert!(
+        took <= TTL + Duration::from_secs(1),
+        "standby active {took:?} after the cut, more than TTL + 1 s"
+    );
+    // The cut-off holder has stopped writing by itself (its fence closed).
+    a.wait_for_log("stepped down, writes are fenced", Duration::from_secs(5));
+    proxy.restore();
+    a.wait_for_log(
+        "standby: another instance runs the engine",
+        Duration::from_secs(15),
+    );
+    assert_eq!(engine_health(s.engine_http[0])["role"], "standby");
+    publisher.await.unwrap();
+    assert_trajectory(&s, total as u64).await;
+    assert_eq!(engine_health(s.engine_http[1])["role"], "active");
+    for log in [a.log(), b.log()] {
+        assert!(!log.contains("Permissions Violation"), "{log}");
+    }
+    eprintln!(
+        "stretches the new holder read past the old one's pulls: {}",
+        b.log().matches("went to another puller").count()
+    );
+}
