@@ -370,10 +370,22 @@ impl Runner {
                 Some((c, s)) => (c.max(cseq), s.max(sseq)),
                 None => (cseq, sseq),
             });
-            if let Some((after, to)) = gap {
+            if let Some((after, _)) = gap {
                 let inputs = self.decode(&messages[segment_start..i]);
                 self.apply_inputs(inputs).await;
-                segment_start = i;
+                // One read for the rest of the batch, our own deliveries
+                // included (they are then skipped by sequence): a hung
+                // puller gets every other delivery, and a read per gap
+                // would be one reader per message.
+                let rest: Vec<_> = messages[i..].iter().filter_map(|m| m.info().ok()).collect();
+                let to = rest.iter().map(|r| r.stream_sequence).max().unwrap_or(sseq);
+                if let Some(last) = rest.last() {
+                    self.backlog = last.pending;
+                }
+                self.last_delivery = rest.iter().fold(self.last_delivery, |acc, r| {
+                    acc.map(|(c, s)| (c.max(r.consumer_sequence), s.max(r.stream_sequence)))
+                });
+                segment_start = messages.len();
                 tracing::warn!(
                     from = after + 1,
                     to,
@@ -386,6 +398,7 @@ impl Runner {
                 if self.fenced {
                     return;
                 }
+                break;
             }
         }
         let inputs = self.decode(&messages[segment_start..]);
