@@ -306,9 +306,14 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         metrics.components.running("gauges");
     }
 
-    // Engine: rehydrate, bind the consumer, then say it is ready.
+    // Engine: rehydrate, bind the consumer, then say it is ready. With
+    // the engine, the lease is the leader lease (store::leader): the
+    // engine runs only while this instance holds it, and stands by
+    // otherwise.
     let (engine_ready_tx, engine_ready_rx) = watch::channel::<Option<String>>(None);
     let (model_tx, model_rx) = watch::channel(model.clone());
+    let fence = store::leader::Fence::new(config.lease.ttl);
+    let (role_tx, role_rx) = watch::channel(store::leader::Role::default());
     if engine_on {
         let (js, site, metrics, batch) = (
             js.clone(),
@@ -318,43 +323,87 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         );
         let stop = sup.stop_flag(Stage::Work);
         let model = model.clone();
+        let (fence, mut role) = (fence.clone(), role_rx.clone());
         sup.spawn("engine", Stage::Work, true, async move {
-            let runner = Runner::start(js.clone(), site, model, metrics.clone(), batch)
+            let ready = Arc::new(engine_ready_tx);
+            let mut started_once = false;
+            loop {
+                // Stand by until this instance holds the lease.
+                let mut waiting = stop.clone();
+                tokio::select! {
+                    r = role.wait_for(|r| r.active) => if r.is_err() { return Ok(()) },
+                    _ = waiting.wait_for(|s| *s) => return Ok(()),
+                }
+                let runner = match Runner::start_fenced(
+                    js.clone(),
+                    site.clone(),
+                    model.clone(),
+                    metrics.clone(),
+                    batch,
+                    Some(fence.clone()),
+                )
                 .await
-                .map_err(|e| supervise::classify(e).context("engine start"))?;
-            release_startup_memory();
+                {
+                    Ok(r) => r,
+                    Err(e) if !started_once => {
+                        return Err(supervise::classify(e).context("engine start"))
+                    }
+                    Err(e) => {
+                        // A takeover during a flaky leaf: give the lease
+                        // back rather than hold it without running.
+                        tracing::warn!(error = %e, "engine start after a takeover failed; stepping down and trying again");
+                        fence.revoke();
+                        let _ = role.wait_for(|r| !r.active).await;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                started_once = true;
+                release_startup_memory();
                 let consumer = js
-                .get_stream(naming::SENSORS_STREAM)
-                .await
-                .map_err(|e| {
-                    supervise::fatal(anyhow::anyhow!(
-                        "stream SENSORS is missing on the leaf ({e}): run `presenced provision` first"
-                    ))
-                })?
-                .get_consumer::<jetstream::consumer::pull::Config>(naming::ENGINE_CONSUMER)
-                .await
-                .map_err(|e| {
-                    supervise::fatal(anyhow::anyhow!(
-                        "consumer `engine` on SENSORS is missing ({e}): run `presenced provision` first"
-                    ))
-                })?;
-            runner
-                .run_reloadable(consumer, stop, model_rx, move |r: &Runner| {
-                    engine_ready_tx.send_replace(Some(r.status_line()));
-                })
-                .await
-                .map_err(|e| supervise::classify(e).context("engine failed"))
+                    .get_stream(naming::SENSORS_STREAM)
+                    .await
+                    .map_err(|e| {
+                        supervise::fatal(anyhow::anyhow!(
+                            "stream SENSORS is missing on the leaf ({e}): run `presenced provision` first"
+                        ))
+                    })?
+                    .get_consumer::<jetstream::consumer::pull::Config>(naming::ENGINE_CONSUMER)
+                    .await
+                    .map_err(|e| {
+                        supervise::fatal(anyhow::anyhow!(
+                            "consumer `engine` on SENSORS is missing ({e}): run `presenced provision` first"
+                        ))
+                    })?;
+                let ready = ready.clone();
+                runner
+                    .run_reloadable(consumer, stop.clone(), model_rx.clone(), move |r: &Runner| {
+                        ready.send_replace(Some(r.status_line()));
+                    })
+                    .await
+                    .map_err(|e| supervise::classify(e).context("engine failed"))?;
+                if *stop.borrow() {
+                    return Ok(());
+                }
+                // Fenced: wait for the keeper to step down before looking
+                // at the role again.
+                let _ = role.wait_for(|r| !r.active).await;
+                tracing::warn!("engine stopped writing: the leader lease is lost; this instance stands by");
+            }
         });
     }
 
     // The lease says this service runs; clients mark its keyspaces stale
-    // once it is gone.
+    // once it is gone. With the engine it is also the leader lease.
     let (held_tx, held_rx) = watch::channel(false);
     {
         let lease = store::lease::Lease::new(&config.service, &runs, crate::time::Timestamp::now());
         let (js, ttl, metrics) = (js.clone(), config.lease.ttl, metrics.clone());
         let stop = sup.stop_flag(Stage::Lease);
         let mut held = held_rx.clone();
+        let mut role = role_rx.clone();
+        let fence = fence.clone();
+        let audit = site.audit_subject(&config.service);
         sup.spawn("lease", Stage::Lease, true, async move {
             let watcher = async {
                 while held.changed().await.is_ok() {
@@ -365,7 +414,46 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                     }
                 }
             };
-            tokio::join!(store::lease::keep(js, lease, ttl, stop, held_tx), watcher);
+            if engine_on {
+                let metrics = metrics.clone();
+                let roles = async move {
+                    let mut seen = false;
+                    while role.changed().await.is_ok() {
+                        let r = role.borrow_and_update().clone();
+                        if r.active {
+                            Metrics::inc(&metrics.engine_takeovers);
+                        }
+                        metrics.engine_active.store(r.active, Ordering::Relaxed);
+                        if !seen {
+                            seen = true;
+                            metrics.components.running("lease");
+                        }
+                        *metrics
+                            .engine_role
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(r);
+                    }
+                };
+                tokio::join!(
+                    store::leader::keep(
+                        js,
+                        lease,
+                        ttl,
+                        fence,
+                        audit,
+                        stop,
+                        store::leader::Reports {
+                            role: role_tx,
+                            held: held_tx,
+                        },
+                    ),
+                    roles,
+                    watcher
+                );
+            } else {
+                drop((role_tx, fence));
+                tokio::join!(store::lease::keep(js, lease, ttl, stop, held_tx), watcher);
+            }
             Ok(())
         });
     }
@@ -497,7 +585,12 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                     || metrics.components.snapshot().get("archiver").is_some_and(|c| c.state == supervise::State::Running);
                 // The lease too: until it is written, clients would see
                 // this service's keys as stale.
-                let lease_held = metrics.lease_held.load(Ordering::Relaxed);
+                // A standby holds no lease and runs no engine by design.
+                let standby = engine_on && !role_rx.borrow().active && role_rx.borrow().since.is_some();
+                let lease_held = metrics.lease_held.load(Ordering::Relaxed) || standby;
+                let engine_line = engine_line.or_else(|| standby.then(|| {
+                    format!("standby: the engine runs on {}", role_rx.borrow().holder.clone().unwrap_or_else(|| "another instance".into()))
+                }));
                 if sources_started
                     && archiver_started
                     && lease_held

@@ -109,7 +109,14 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
         ));
     }
     let lease = m.lease_held.load(Ordering::Relaxed);
-    if ready && !lease {
+    let role = m
+        .engine_role
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    // A standby holds no lease by design (the active instance does).
+    let standby = role.as_ref().is_some_and(|r| !r.active);
+    if ready && !lease && !standby {
         degraded
             .push("lease in KV owners not held: clients see this service's keys as stale".into());
     }
@@ -149,6 +156,12 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             "zones_occupied": get(&m.zones_occupied),
             "stalled_seconds": engine_stalled.as_ref().map(|(s, _)| *s),
         });
+        if let Some(r) = &role {
+            body["engine"]["role"] = json!(if r.active { "active" } else { "standby" });
+            body["engine"]["since"] = json!(r.since);
+            body["engine"]["holder"] = json!(r.holder);
+            body["engine"]["takeovers"] = json!(get(&m.engine_takeovers));
+        }
     }
     if m.archive_enabled.load(Ordering::Relaxed) {
         // Detail only: a slow S3 does not make the daemon unhealthy.

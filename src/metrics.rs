@@ -157,6 +157,8 @@ declare_metrics! {
         engine_redeliveries: Count = ("presenced_engine_redeliveries_total", "Redelivered observations skipped as already applied.", Engine),
         kv_writes: Count = ("presenced_kv_writes_total", "Compare-and-set writes to KV presence and debounce.", Engine),
         kv_conflicts: Count = ("presenced_kv_conflicts_total", "KV writes refused for a stale revision.", Engine),
+        engine_active: Flag = ("presenced_engine_active", "1 while this instance holds the engine's leader lease and runs the engine; 0 on a standby.", Engine),
+        engine_takeovers: Count = ("presenced_engine_takeovers_total", "Times this instance took the engine's leader lease.", Engine),
         transitions: Count = ("presenced_transitions_total", "Zone state transitions published to EVENTS.", Engine),
         consumer_pending: Level = ("presenced_consumer_pending", "Observations in SENSORS not yet applied by the engine.", Engine),
         zones: Level = ("presenced_zones", "Zones configured.", Engine),
@@ -210,6 +212,9 @@ declare_metrics! {
         pub clock_ahead_ok_ms: AtomicU64,
         /// The archiver runs (`[archive]` configured).
         pub archive_enabled: AtomicBool,
+        /// The engine's leader lease (store::leader): active or standby,
+        /// since when, who holds it.
+        pub engine_role: std::sync::RwLock<Option<crate::base::ownership::Role>>,
         /// Hub mirror health, when `[hub]` is configured.
         pub mirrors: std::sync::RwLock<Mirrors>,
         /// Every supervised component and its state.

@@ -203,6 +203,18 @@ pub fn service_permissions(access: &Access, service: &Service, site: &Site) -> P
         js::stream_info(&naming::kv_stream(naming::OWNERS_BUCKET)),
         "owners: bind the bucket to write its own key",
     );
+    if service.runs(Component::Engine) {
+        // The leader lease (store::leader): a standby reads the key to
+        // take it by compare-and-set on its revision. Its own key only.
+        p.publish(
+            format!(
+                "$JS.API.DIRECT.GET.{}.{}",
+                naming::kv_stream(naming::OWNERS_BUCKET),
+                naming::kv_subject(naming::OWNERS_BUCKET, &service.name)
+            ),
+            "owners: read its own key (the engine's leader lease)",
+        );
+    }
     for &k in &service.owns {
         read(&mut p, k, site, true);
     }

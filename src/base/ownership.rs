@@ -152,3 +152,17 @@ impl Component {
         }
     }
 }
+
+/// Which instance of a service runs its engine, for status and metrics:
+/// several instances may share a service and its engine's leader lease
+/// (`store::leader`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Role {
+    /// True while this instance holds the lease.
+    pub active: bool,
+    /// When this instance last took the lease (active) or last saw
+    /// another holder take it (standby).
+    pub since: Option<super::time::Timestamp>,
+    /// The holder as `host/pid`, when known.
+    pub holder: Option<String>,
+}

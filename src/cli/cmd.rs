@@ -98,6 +98,7 @@ impl CmdArgs {
                 duration: Some(duration.clone()),
                 by,
                 reason: reason.clone(),
+                id: None,
             },
             CmdArgs::Clear { .. } => Request {
                 v: COMMAND_SCHEMA,

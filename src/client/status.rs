@@ -196,6 +196,7 @@ pub async fn collect(config: &Config) -> Report {
                             "components": l.components,
                             "host": l.host,
                             "pid": l.pid,
+                            "started": l.started,
                             "expires": l.expires,
                             "expired": expired,
                         }));
@@ -425,11 +426,12 @@ fn readable(r: &Report) -> String {
     }
     for l in j["leases"].as_array().into_iter().flatten() {
         s.push_str(&format!(
-            "lease {}: {} on {} (pid {}){}\n",
+            "lease {}: {} on {} (pid {}) since {}{}\n",
             l["service"].as_str().unwrap_or("?"),
             l["components"],
             l["host"].as_str().unwrap_or("?"),
             l["pid"],
+            l["started"].as_str().unwrap_or("?"),
             if l["expired"] == true { " EXPIRED" } else { "" }
         ));
     }

@@ -44,6 +44,22 @@ pub struct Request {
     /// Why (recorded as given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The sender's id for this command: a retry with the same id on the
+    /// same subject within [`RETRY_WINDOW`] gets the original reply and
+    /// changes nothing again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// How long the engine remembers a command id and its reply.
+pub const RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The id of a request, if it has a usable one (a request whose id is
+/// not usable is refused by [`parse`]).
+pub fn command_id(payload: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let id = value.get("id")?.as_str()?;
+    text("id", Some(id)).ok().flatten()
 }
 
 /// A validated override.
@@ -226,6 +242,7 @@ pub fn parse(payload: &[u8]) -> Result<Command, CommandError> {
 pub fn validate(request: &Request) -> Result<Command, CommandError> {
     let by = text("by", request.by.as_deref())?.unwrap_or_else(|| UNKNOWN_SENDER.to_owned());
     let reason = text("reason", request.reason.as_deref())?;
+    text("id", request.id.as_deref())?;
     match request.op.as_str() {
         "override" => Ok(Command::Override(OverrideRequest {
             state: override_state(request.state.as_deref())?,

@@ -29,6 +29,9 @@ use crate::metrics::Metrics;
 /// elapsed time over one engine beat at least this large is logged as a
 /// clock step (NTP slews far slower than this).
 const CLOCK_STEP_MS: i64 = 2_000;
+
+/// Command replies remembered for retries, at most.
+const MAX_ANSWERED: usize = 10_000;
 use crate::naming::{self, Site};
 use crate::observation::Observation;
 use crate::store::kv::{self as kvstore, CasWrite};
@@ -117,6 +120,19 @@ pub struct Runner {
     /// provisioning, and when it was last read.
     replies: Option<crate::store::published::Published>,
     replies_read: Option<tokio::time::Instant>,
+    /// The leader lease's permission to write (several engines per site);
+    /// once it closes nothing more is written and the run loop returns.
+    fence: Option<crate::store::leader::Fence>,
+    /// Set when a write was refused by the fence or a compare-and-set
+    /// showed another writer: the run loop returns.
+    fenced: bool,
+    /// (consumer sequence, stream sequence) of the last delivery this
+    /// runner got from the durable consumer; a jump in the consumer
+    /// sequence means deliveries went to another puller.
+    last_delivery: Option<(u64, u64)>,
+    /// Replies to commands that carried an id, by (subject, id), for
+    /// [`command::RETRY_WINDOW`]: a retry gets the original reply.
+    answered: HashMap<(String, String), (tokio::time::Instant, Bytes)>,
 }
 
 fn missing(what: &str, source: impl Into<async_nats::Error>) -> RunnerError {
@@ -135,6 +151,21 @@ impl Runner {
         model: Arc<Model>,
         metrics: Arc<Metrics>,
         batch: usize,
+    ) -> Result<Runner, RunnerError> {
+        Runner::start_fenced(js, site, model, metrics, batch, None).await
+    }
+
+    /// [`Runner::start`] for the holder of the leader lease: every write
+    /// asks `fence` first, and every zone's presence key is rewritten
+    /// at once (same value, new revision), so a former holder's
+    /// compare-and-set writes expect revisions that no longer exist.
+    pub async fn start_fenced(
+        js: jetstream::Context,
+        site: Site,
+        model: Arc<Model>,
+        metrics: Arc<Metrics>,
+        batch: usize,
+        fence: Option<crate::store::leader::Fence>,
     ) -> Result<Runner, RunnerError> {
         let presence = js
             .get_key_value(naming::PRESENCE_BUCKET)
@@ -212,6 +243,10 @@ impl Runner {
             backlog: 0,
             replies: None,
             replies_read: None,
+            fenced: false,
+            fence,
+            last_delivery: None,
+            answered: HashMap::new(),
         };
         let zones: Vec<String> = runner.slots.keys().cloned().collect();
         for z in &zones {
@@ -222,7 +257,9 @@ impl Runner {
         let dirty: BTreeSet<String> = runner
             .slots
             .iter()
-            .filter(|(_, s)| s.presence_rev == 0 || s.debounce != s.state.pending)
+            .filter(|(_, s)| {
+                runner.fence.is_some() || s.presence_rev == 0 || s.debounce != s.state.pending
+            })
             .map(|(z, _)| z.clone())
             .collect();
         runner.commit_with_retry(dirty, Vec::new()).await;
@@ -311,9 +348,67 @@ impl Runner {
     }
 
     /// Applies a batch of messages from `SENSORS` and acks it once durable.
+    ///
+    /// A delivery whose consumer sequence jumps past the last one this
+    /// runner got means the consumer gave messages to another puller in
+    /// between: a former engine instance whose pull requests outlived its
+    /// lease (frozen, or cut from the leaf). It will never apply or ack
+    /// them, and acking past them (ack policy "all") would drop them; so
+    /// that stretch of the stream is read directly and applied in order
+    /// first.
     async fn process(&mut self, messages: Vec<jetstream::Message>) {
-        let inputs = self.decode(&messages);
+        let mut segment_start = 0;
+        for i in 0..messages.len() {
+            let Ok(info) = messages[i].info() else {
+                continue;
+            };
+            let (cseq, sseq) = (info.consumer_sequence, info.stream_sequence);
+            let gap = self
+                .last_delivery
+                .filter(|(c, s)| cseq > c + 1 && sseq > s + 1)
+                .map(|(_, s)| (s, sseq - 1));
+            self.last_delivery = Some(match self.last_delivery {
+                Some((c, s)) => (c.max(cseq), s.max(sseq)),
+                None => (cseq, sseq),
+            });
+            if let Some((after, _)) = gap {
+                let inputs = self.decode(&messages[segment_start..i]);
+                self.apply_inputs(inputs).await;
+                // One read for the rest of the batch, our own deliveries
+                // included (they are then skipped by sequence): a hung
+                // puller gets every other delivery, and a read per gap
+                // would be one reader per message.
+                let rest: Vec<_> = messages[i..].iter().filter_map(|m| m.info().ok()).collect();
+                let to = rest.iter().map(|r| r.stream_sequence).max().unwrap_or(sseq);
+                if let Some(last) = rest.last() {
+                    self.backlog = last.pending;
+                }
+                self.last_delivery = rest.iter().fold(self.last_delivery, |acc, r| {
+                    acc.map(|(c, s)| (c.max(r.consumer_sequence), s.max(r.stream_sequence)))
+                });
+                segment_start = messages.len();
+                tracing::warn!(
+                    from = after + 1,
+                    to,
+                    "deliveries of the engine consumer went to another puller (a former engine instance); reading them from SENSORS before acknowledging past them"
+                );
+                if let Err(e) = self.catch_up(after, to).await {
+                    tracing::warn!(error = %e, "cannot read the deliveries another puller got; not acknowledging, the consumer redelivers them");
+                    return;
+                }
+                if self.fenced {
+                    return;
+                }
+                break;
+            }
+        }
+        let inputs = self.decode(&messages[segment_start..]);
         self.apply_inputs(inputs).await;
+        if self.fenced {
+            // Not durable here: the new holder applies these (its
+            // catch-up reads from the consumer's ack floor).
+            return;
+        }
         if let Some(last) = messages.last() {
             if let Err(e) = last.ack().await {
                 // The batch is durable; a lost ack only means redelivery,
@@ -354,6 +449,18 @@ impl Runner {
             }
         }
         self.commit_with_retry(dirty, transitions).await;
+    }
+
+    /// Whether writes may go out: always without a leader lease; with one,
+    /// while its fence is valid. Records a refusal in `fenced`.
+    fn may_write(&mut self) -> bool {
+        if self.fenced {
+            return false;
+        }
+        if self.fence.as_ref().is_some_and(|f| !f.valid()) {
+            self.fenced = true;
+        }
+        !self.fenced
     }
 
     /// Fires every timer due by `now` (in deadline order across zones).
@@ -397,6 +504,14 @@ impl Runner {
         let mut logged = false;
         loop {
             crate::systemd::watchdog();
+            if !self.may_write() {
+                tracing::warn!(
+                    zones = dirty.len(),
+                    transitions = events.len(),
+                    "not written: this instance no longer holds the engine's leader lease (fenced); the new holder applies these readings"
+                );
+                return;
+            }
             if let Err(e) = self.publish_transitions(&events).await {
                 crate::metrics::stalled(&self.metrics.engine_stalled, format!("EVENTS: {e}"));
                 if !logged {
@@ -545,6 +660,22 @@ impl Runner {
                     tracing::warn!(bucket, error = %e, "KV write failed; retrying");
                     retry.insert(r.key);
                 }
+            }
+        }
+        if !conflicts.is_empty() {
+            if let Some(fence) = &self.fence {
+                // With a leader lease the engine is the one writer: a
+                // changed revision means another holder wrote (it
+                // rewrites every zone at takeover). Stop writing.
+                Metrics::add(&self.metrics.kv_conflicts, conflicts.len() as u64);
+                tracing::warn!(
+                    conflicts = conflicts.len(),
+                    first = ?conflicts.first(),
+                    "compare-and-set refused: another engine holds the leader lease and wrote these keys; this instance stops writing and stands by"
+                );
+                fence.revoke();
+                self.fenced = true;
+                return Ok(());
             }
         }
         for (bucket, key) in conflicts {
@@ -702,6 +833,12 @@ impl Runner {
         self.commit_with_retry(BTreeSet::from([zone.clone()]), transitions)
             .await;
         self.update_gauges();
+        if self.fenced {
+            return Err(CommandError {
+                kind: ErrorKind::Unavailable,
+                message: "this engine lost its leader lease before the command was durable; not applied here".into(),
+            });
+        }
         let slot = self.slots.get(&zone).ok_or_else(|| CommandError {
             kind: ErrorKind::Unavailable,
             message: format!("zone {zone:?} vanished while committing"),
@@ -840,6 +977,12 @@ impl Runner {
     }
 
     async fn command(&mut self, client: &async_nats::Client, msg: async_nats::Message) {
+        if !self.may_write() {
+            // The holder answers (commands are plain subscriptions, every
+            // engine sees them): a refusal from here would race its reply.
+            tracing::info!(subject = %msg.subject, "command not answered: this instance no longer holds the engine's leader lease");
+            return;
+        }
         // A reply subject is where the engine will publish: never
         // anywhere but the inbox of an identity granted `commands`. The
         // command is refused before it changes anything, and not
@@ -847,6 +990,21 @@ impl Runner {
         if let Some(reply_to) = &msg.reply {
             if !self.reply_allowed(reply_to.as_str()).await {
                 tracing::warn!(subject = %msg.subject, reply = %reply_to, "command refused: its reply subject is not the inbox of an identity granted commands in the ownership map; not applied, not answered");
+                return;
+            }
+        }
+        let id = command::command_id(&msg.payload).map(|id| (msg.subject.to_string(), id));
+        let now = tokio::time::Instant::now();
+        self.answered
+            .retain(|_, (at, _)| now.duration_since(*at) < command::RETRY_WINDOW);
+        if let Some(key) = &id {
+            if let Some((_, body)) = self.answered.get(key) {
+                tracing::info!(subject = %msg.subject, id = %key.1, "command retried within the window: answered with the original reply, not applied again");
+                if let Some(reply_to) = msg.reply {
+                    if let Err(e) = client.publish(reply_to, body.clone()).await {
+                        tracing::warn!(subject = %msg.subject, error = %e, "cannot send a command reply");
+                    }
+                }
                 return;
             }
         }
@@ -862,13 +1020,27 @@ impl Runner {
             return;
         };
         let body = match serde_json::to_vec(&reply) {
-            Ok(b) => b,
+            Ok(b) => Bytes::from(b),
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode a command reply");
                 return;
             }
         };
-        if let Err(e) = client.publish(reply_to, Bytes::from(body)).await {
+        if let Some(key) = id.filter(|_| !self.fenced) {
+            // Bounded: a flood of distinct ids forgets the oldest first.
+            if self.answered.len() >= MAX_ANSWERED {
+                if let Some(oldest) = self
+                    .answered
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(k, _)| k.clone())
+                {
+                    self.answered.remove(&oldest);
+                }
+            }
+            self.answered.insert(key, (now, body.clone()));
+        }
+        if let Err(e) = client.publish(reply_to, body).await {
             tracing::warn!(subject = %msg.subject, error = %e, "cannot send a command reply");
         }
     }
@@ -920,6 +1092,10 @@ impl Runner {
             info.delivered.stream_sequence,
         )
         .await?;
+        self.last_delivery = Some((
+            info.delivered.consumer_sequence,
+            info.delivered.stream_sequence,
+        ));
         self.backlog = info.num_pending;
         let client = self.js.client();
         self.refresh_replies().await;
@@ -953,7 +1129,14 @@ impl Runner {
         let mut last_beat = (std::time::Instant::now(), Timestamp::now());
         // Waits after a consumer error, reset by the next message.
         let mut consume_retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        let mut fence_check = tokio::time::interval(crate::store::leader::POLL);
+        fence_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let fenced_mode = self.fence.is_some();
         loop {
+            if !self.may_write() {
+                tracing::warn!("engine stopped: this instance no longer holds the leader lease; nothing more is written or acknowledged");
+                break;
+            }
             let next = if self.backlog == 0 {
                 self.timers.first().map(|(d, _)| *d)
             } else {
@@ -1000,6 +1183,7 @@ impl Runner {
                     None => return Err(RunnerError::Consume("SENSORS consumer stream ended".into())),
                 },
                 _ = tokio::time::sleep(sleep_for) => self.tick(Timestamp::now()).await,
+                _ = fence_check.tick(), if fenced_mode => {}
                 _ = heartbeat.tick() => {
                     let beat_at = (std::time::Instant::now(), Timestamp::now());
                     let step_ms = (beat_at.1 .0 - last_beat.1 .0)

@@ -649,6 +649,7 @@ impl Page {
                 ),
                 by: Some(by.to_owned()),
                 reason: field("reason").map(str::to_owned),
+                ..Request::default()
             },
             "clear" => Request {
                 v: COMMAND_SCHEMA,

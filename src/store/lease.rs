@@ -51,6 +51,11 @@ pub struct Lease {
     pub writes: Vec<String>,
     pub host: String,
     pub pid: u32,
+    /// The holder's PID namespace (`pid:[inode]`), so that an instance on
+    /// the same host can tell that `pid` is gone for certain (the engine's
+    /// leader lease, [`super::leader`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_ns: Option<String>,
     pub started: Timestamp,
     pub renewed: Timestamp,
     /// `renewed` plus the TTL: when the server drops the lease unless it is
@@ -71,6 +76,9 @@ impl Lease {
                 .collect(),
             host: hostname(),
             pid: std::process::id(),
+            pid_ns: std::fs::read_link("/proc/self/ns/pid")
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned()),
             started,
             renewed: started,
             expires: started,

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod connect;
 pub mod kv;
+pub mod leader;
 pub mod lease;
 pub mod provision;
 pub mod publish;

@@ -462,3 +462,60 @@ async fn a_command_is_answered_during_a_burst_and_the_burst_does_not_move_the_he
     assert_eq!(after.state, Presence::Vacant, "held as commanded");
     assert_eq!(after.manual.map(|m| m.by), Some("ann".to_owned()));
 }
+
+/// A command with an id, retried (its reply lost, say): the retry gets the
+/// original reply, byte for byte, and changes nothing again; a new id is a
+/// new command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_command_with_the_same_id_gets_the_original_reply_and_is_applied_once() {
+    let s = site();
+    let d = start(&s);
+    let js = jetstream(&s.nats.url()).await;
+    wait_state(&js, Presence::Vacant, Duration::from_secs(10)).await;
+    let client = async_nats::connect(s.nats.url()).await.unwrap();
+    let hall = "cmd.test.presence.hall";
+    let send = |body: &'static str| {
+        let client = client.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                client.request(hall.to_owned(), body.into()),
+            )
+            .await
+            .expect("a reply")
+            .unwrap()
+            .payload
+        }
+    };
+    let body = r#"{"v":1,"op":"override","state":"occupied","for":"1m","by":"ann","id":"req-1"}"#;
+    let first = send(body).await;
+    let reply: Reply = serde_json::from_slice(&first).unwrap();
+    assert!(reply.ok, "{reply:?}");
+    let revision = presence_revision(&js).await;
+    let events = stream_messages(&js, "EVENTS").await;
+    let manual = zone(&js, "hall").await.unwrap().manual.unwrap();
+
+    let again = send(body).await;
+    assert_eq!(again, first, "the retry gets the original reply");
+    assert_eq!(
+        presence_revision(&js).await,
+        revision,
+        "nothing written again"
+    );
+    assert_eq!(stream_messages(&js, "EVENTS").await, events);
+    assert_eq!(zone(&js, "hall").await.unwrap().manual.unwrap(), manual);
+    d.wait_for_log("answered with the original reply", Duration::from_secs(2));
+
+    // Another id is another command: applied (a new override, new since).
+    let other =
+        send(r#"{"v":1,"op":"override","state":"occupied","for":"1m","by":"ann","id":"req-2"}"#)
+            .await;
+    let other: Reply = serde_json::from_slice(&other).unwrap();
+    assert!(other.ok, "{other:?}");
+    assert!(presence_revision(&js).await > revision, "applied");
+
+    // An id that is no usable text is refused like any bad field.
+    let bad = send(r#"{"v":1,"op":"clear","id":""}"#).await;
+    let bad: Reply = serde_json::from_slice(&bad).unwrap();
+    assert_eq!(bad.error.expect("refused").kind, ErrorKind::BadField);
+}

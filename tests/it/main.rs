@@ -27,6 +27,7 @@ mod commands;
 mod daemon;
 mod espresense;
 mod examples;
+mod failover;
 mod faults;
 mod harness;
 mod homeassistant;

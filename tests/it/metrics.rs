@@ -83,6 +83,8 @@ async fn every_exported_family_is_there_and_moves_when_caused() {
         "presenced_engine_redeliveries_total",
         "presenced_kv_writes_total",
         "presenced_kv_conflicts_total",
+        "presenced_engine_active",
+        "presenced_engine_takeovers_total",
         "presenced_transitions_total",
         "presenced_consumer_pending",
         "presenced_zones",
@@ -119,6 +121,9 @@ async fn every_exported_family_is_there_and_moves_when_caused() {
     assert_eq!(get(&before, "presenced_nats_connected"), 1.0);
     assert_eq!(get(&before, "presenced_mqtt_connected"), 1.0);
     assert_eq!(get(&before, "presenced_lease_held"), 1.0);
+    // A lone engine instance holds the leader lease: active, taken once.
+    assert_eq!(get(&before, "presenced_engine_active"), 1.0);
+    assert_eq!(get(&before, "presenced_engine_takeovers_total"), 1.0);
     assert_eq!(get(&before, "presenced_zones"), 1.0);
     assert_eq!(get(&before, "presenced_ingest_buffer_capacity"), 100_000.0);
     assert_eq!(get(&before, "presenced_source_up{source=\"main\"}"), 1.0);

@@ -34,6 +34,8 @@ pub struct Daemon {
     process: process::Supervised,
     log_path: PathBuf,
     env: Vec<(String, String)>,
+    /// Run under `unshare` (see [`Daemon::start_in_own_pid_namespace`]).
+    wrapper: bool,
     // Last field: removed after the daemon is gone.
     dir: TempDir,
 }
@@ -76,7 +78,27 @@ impl Daemon {
         Daemon::launch(new_dir(), config_path.to_path_buf(), extra_env)
     }
 
+    /// [`Daemon::start_at`] in a PID namespace of its own (`unshare
+    /// --pid --fork --kill-child`, as root): another container, as far as
+    /// the process can tell. [`Daemon::kill9`] kills `unshare`, which
+    /// takes the daemon with it.
+    pub fn start_in_own_pid_namespace(config_path: &Path) -> Daemon {
+        let mut d = Daemon::launch_with(new_dir(), config_path.to_path_buf(), &[], false);
+        d.wrapper = true;
+        d.spawn();
+        d
+    }
+
     fn launch(dir: TempDir, config_path: PathBuf, extra_env: &[(&str, &str)]) -> Daemon {
+        Daemon::launch_with(dir, config_path, extra_env, true)
+    }
+
+    fn launch_with(
+        dir: TempDir,
+        config_path: PathBuf,
+        extra_env: &[(&str, &str)],
+        spawn: bool,
+    ) -> Daemon {
         let log_path = dir.path().join("presenced.log");
         let mut daemon = Daemon {
             config_path,
@@ -86,14 +108,24 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrapper: false,
             dir,
         };
-        daemon.spawn();
+        if spawn {
+            daemon.spawn();
+        }
         daemon
     }
 
     fn spawn(&mut self) {
-        let mut command = Command::new(presenced_bin());
+        let mut command = if self.wrapper {
+            let mut c = Command::new("unshare");
+            c.args(["--pid", "--fork", "--kill-child"])
+                .arg(presenced_bin());
+            c
+        } else {
+            Command::new(presenced_bin())
+        };
         command.arg("run").arg("--config").arg(&self.config_path);
         let env: Vec<(&str, &str)> = self
             .env

@@ -1,0 +1,644 @@
+//! Engine failover through the real binary under the generated ACL: one
+//! ingest instance and two instances of the engine service on one leaf.
+//! The one holding the leader lease (`owners.engine`) runs the engine, the
+//! other stands by; SIGKILL or freeze the active one while readings flow,
+//! and the standby takes over within the lease TTL plus a second. EVENTS
+//! and KV presence end up exactly as the pure core computes them from the
+//! readings in SENSORS: no transition lost, duplicated or renumbered.
+
+use crate::common;
+use crate::support;
+
+use common::*;
+use presenced::acl::identity;
+use presenced::engine::{self, Model, Transition};
+use presenced::time::Timestamp;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
+
+const TTL: Duration = Duration::from_secs(3);
+const ZONE_COUNT: usize = 8;
+
+fn zones() -> String {
+    let mut out = String::new();
+    for i in 0..ZONE_COUNT {
+        out.push_str(&format!(
+            "[zones.z{i}]\nprior = 0.1\noccupied_above = 0.6\nvacant_below = 0.3\narrive_after = \"0s\"\nleave_after = \"0s\"\n[[zones.z{i}.evidence]]\nsensor = \"s{i}\"\np_true = 0.95\np_false = 0.05\n\n"
+        ));
+    }
+    out
+}
+
+fn head(service: &str, seed: &Path, nats: &str, http: u16) -> String {
+    format!(
+        "site = \"test\"\nservice = \"{service}\"\n\n[nats]\nurl = \"{nats}\"\nrequest_timeout = \"2s\"\nnkey_seed_file = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\n\n[engine]\ndrain_timeout = \"5s\"\n\n[lease]\nttl = \"{}s\"\n",
+        seed.display(),
+        TTL.as_secs()
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+struct Site {
+    nats: NatsServer,
+    broker: Mosquitto,
+    dir: tempfile::TempDir,
+    admin: async_nats::jetstream::Context,
+    engine_cfg: [PathBuf; 2],
+    engine_http: [SocketAddr; 2],
+    _ingest: Daemon,
+}
+
+/// The ACL `presenced acl` generates for an `ingest` and an `engine`
+/// service, provisioned by the admin, with the ingest instance running.
+async fn site() -> Site {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = |s: &str| identity::keygen(s, &d.join(format!("{s}.seed"))).unwrap();
+    let (admin, ingest, engine) = (key("admin"), key("ingest"), key("engine"));
+    let access = format!(
+        "admin = {{ nkey = \"{}\" }}\n[services.ingest]\nnkey = \"{}\"\nruns = [\"ingest\"]\n[services.engine]\nnkey = \"{}\"\nruns = [\"engine\"]\n",
+        admin.public_key, ingest.public_key, engine.public_key
+    );
+    let access_path = write(d, "access.toml", &access);
+    let out = support::daemon::run_presenced(
+        &[
+            "acl",
+            "--access",
+            access_path.to_str().unwrap(),
+            "--site",
+            "test",
+        ],
+        &[],
+    );
+    assert!(out.status.success());
+    let nats = NatsServer::start(NatsOptions {
+        extra: String::from_utf8(out.stdout).unwrap(),
+        ..Default::default()
+    });
+    let url = nats.url();
+    let admin_cfg = write(
+        d,
+        "admin.toml",
+        &format!(
+            "{}{}",
+            head("admin", &d.join("admin.seed"), &url, support::free_port()),
+            zones()
+        ),
+    );
+    provision(&admin_cfg);
+    let ingest_http = support::free_port();
+    let ingest_cfg = write(
+        d,
+        "ingest.toml",
+        &format!(
+            "{}[mqtt.main]\nhost = \"127.0.0.1\"\nport = {}\nkeep_alive = \"5s\"\nreconnect_max = \"1s\"\n{}",
+            head("ingest", &d.join("ingest.seed"), &url, ingest_http),
+            broker.port,
+            motion_mapping(true)
+        ),
+    );
+    let ingest_daemon = Daemon::start_at(&ingest_cfg, &[]);
+    ingest_daemon.wait_healthy(
+        SocketAddr::from(([127, 0, 0, 1], ingest_http)),
+        Duration::from_secs(20),
+    );
+    let ports = [support::free_port(), support::free_port()];
+    let engine_cfg = [0, 1].map(|i| {
+        write(
+            d,
+            &format!("engine-{i}.toml"),
+            &format!(
+                "{}{}",
+                head("engine", &d.join("engine.seed"), &url, ports[i]),
+                zones()
+            ),
+        )
+    });
+    let seed = identity::read_seed(&d.join("admin.seed")).unwrap();
+    let client = async_nats::ConnectOptions::new()
+        .nkey(seed)
+        .connect(url)
+        .await
+        .unwrap();
+    Site {
+        nats,
+        broker,
+        dir,
+        admin: async_nats::jetstream::new(client),
+        engine_cfg,
+        engine_http: ports.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+        _ingest: ingest_daemon,
+    }
+}
+
+/// The `engine` part of an instance's /healthz.
+fn engine_health(http: SocketAddr) -> serde_json::Value {
+    support::http_get(http, "/healthz")
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .map(|v| v["engine"].clone())
+        .unwrap_or_default()
+}
+
+fn wait_role(http: SocketAddr, role: &str, deadline: Duration) -> Instant {
+    let start = Instant::now();
+    loop {
+        if engine_health(http)["role"] == role {
+            return Instant::now();
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{http} not {role} within {deadline:?}: {}",
+            engine_health(http)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Publishes `count` readings (QoS 0, as sensors do) at 100 per second
+/// across the zones' sensors; each zone alternates true and false.
+fn readings(port: u16, count: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut p = Publisher::connect(port, "failover-pub").await;
+        let base = now_ms();
+        for i in 0..count {
+            let z = i % ZONE_COUNT;
+            let v = (i / ZONE_COUNT) % 2 == 0;
+            p.publish_qos0(
+                &format!("test/s{z}"),
+                format!(r#"{{"occupancy":{v},"ts":{}}}"#, base + i as i64),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        p.flush(Duration::from_secs(10)).await;
+    })
+}
+
+/// The transitions and final states the pure core computes from what
+/// SENSORS holds, in stream order: what an uninterrupted engine writes.
+async fn expected(
+    js: &async_nats::jetstream::Context,
+    config: &Path,
+) -> (Vec<Transition>, Vec<engine::ZoneState>) {
+    let cfg = presenced::config::Config::load(config).unwrap();
+    let model = Model::from_config(&cfg);
+    let mut states: std::collections::BTreeMap<String, engine::ZoneState> = model
+        .zones
+        .iter()
+        .map(|(z, zm)| (z.clone(), engine::initial_state(zm, Timestamp(0))))
+        .collect();
+    let mut out = Vec::new();
+    for m in read_stream(js, "SENSORS").await {
+        let seq = m.info().unwrap().stream_sequence;
+        let o: presenced::observation::Observation = serde_json::from_slice(&m.payload).unwrap();
+        for z in model.by_sensor.get(&o.sensor).into_iter().flatten() {
+            let input = engine::Input {
+                seq,
+                sensor: &o.sensor,
+                value: o.value,
+                at: o.observed_at,
+            };
+            out.extend(engine::apply(
+                &model.zones[z],
+                states.get_mut(z).unwrap(),
+                &input,
+            ));
+        }
+    }
+    (out, states.into_values().collect())
+}
+
+fn key(t: &Transition) -> (String, u64, String, String, i64) {
+    (
+        t.zone.clone(),
+        t.number,
+        t.from.as_str().to_owned(),
+        t.to.as_str().to_owned(),
+        t.at.millis(),
+    )
+}
+
+/// EVENTS and KV presence equal the pure core's run over SENSORS.
+async fn assert_trajectory(s: &Site, total: u64) {
+    let js = &s.admin;
+    eventually("every reading stored", Duration::from_secs(20), || async {
+        stream_messages(js, "SENSORS").await >= total
+    })
+    .await;
+    assert_eq!(
+        stream_messages(js, "SENSORS").await,
+        total,
+        "no reading stored twice"
+    );
+    eventually(
+        "the engine applied everything",
+        Duration::from_secs(30),
+        || async { engine_caught_up(js, total).await },
+    )
+    .await;
+    let (want, states) = expected(js, &s.engine_cfg[0]).await;
+    assert!(
+        want.len() > 100,
+        "the readings make transitions: {}",
+        want.len()
+    );
+    let got = events(js).await;
+    let got_keys: Vec<_> = got.iter().map(key).collect();
+    let want_keys: Vec<_> = want.iter().map(key).collect();
+    let mut sorted_got = got_keys.clone();
+    sorted_got.sort();
+    let mut sorted_want = want_keys.clone();
+    sorted_want.sort();
+    assert_eq!(
+        sorted_got.len(),
+        sorted_want.len(),
+        "as many transitions in EVENTS as the uninterrupted trajectory"
+    );
+    assert_eq!(
+        sorted_got, sorted_want,
+        "EVENTS holds exactly the uninterrupted trajectory"
+    );
+    for want in states {
+        let stored = zone(js, &want.zone).await.expect("zone stored");
+        assert_eq!(stored.state, want.state, "{}", want.zone);
+        assert_eq!(stored.transitions, want.transitions, "{}", want.zone);
+        assert_eq!(stored.last_seq, want.last_seq, "{}", want.zone);
+    }
+}
+
+fn start_engine(s: &Site, i: usize) -> Daemon {
+    let d = Daemon::start_at(&s.engine_cfg[i], &[]);
+    d.wait_healthy(s.engine_http[i], Duration::from_secs(20));
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_within_ttl_plus_one_second_after_a_sigkill_and_loses_nothing() {
+    let s = site().await;
+    let mut a = start_engine(&s, 0);
+    wait_role(s.engine_http[0], "active", Duration::from_secs(10));
+    let b = start_engine(&s, 1);
+    wait_role(s.engine_http[1], "standby", Duration::from_secs(10));
+    assert_eq!(engine_health(s.engine_http[0])["role"], "active");
+
+    let total = 1200;
+    let publisher = readings(s.broker.port, total);
+    eventually("readings flowing", Duration::from_secs(10), || async {
+        stream_messages(&s.admin, "SENSORS").await > 200
+    })
+    .await;
+    let a_pid = a.pid();
+    a.kill9();
+    let killed = Instant::now();
+    let took = wait_role(s.engine_http[1], "active", TTL + Duration::from_secs(5)) - killed;
+    eprintln!("takeover {took:?} after SIGKILL (TTL {TTL:?})");
+    assert!(
+        took <= TTL + Duration::from_secs(1),
+        "standby active {took:?} after the SIGKILL, more than TTL + 1 s"
+    );
+    publisher.await.unwrap();
+    assert_trajectory(&s, total as u64).await;
+    let h = engine_health(s.engine_http[1]);
+    assert_eq!(h["takeovers"], 1, "{h}");
+    assert!(
+        h["holder"]
+            .as_str()
+            .is_some_and(|x| x.ends_with(&format!("/{}", b.pid()))),
+        "{h}"
+    );
+    let (_, metrics) = support::http_get(s.engine_http[1], "/metrics").unwrap();
+    assert!(metrics.contains("presenced_engine_active 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("presenced_engine_takeovers_total 1\n"),
+        "{metrics}"
+    );
+    // The takeover is on record, old and new holder.
+    let audit = s
+        .admin
+        .get_stream("AUDIT")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(
+            &presenced::naming::Site::new("test")
+                .unwrap()
+                .audit_subject("engine"),
+        )
+        .await
+        .expect("a takeover record in AUDIT");
+    let record: presenced::store::leader::TakeoverRecord =
+        serde_json::from_slice(&audit.payload).unwrap();
+    assert_eq!(record.kind, "engine_takeover");
+    assert!(record.to.ends_with(&format!("/{}", b.pid())), "{record:?}");
+    assert!(
+        record
+            .from
+            .as_deref()
+            .is_some_and(|f| f.ends_with(&format!("/{a_pid}"))),
+        "{record:?}"
+    );
+    // Both instances run on this host in one PID namespace: the standby
+    // sees that the holder's process is gone and takes the lease without
+    // waiting for its TTL. (Across hosts or PID namespaces it waits for
+    // the lapse: the freeze test shows that path.)
+    assert_eq!(
+        record.reason,
+        "the holder was a process of this host that no longer exists"
+    );
+    let log = b.log();
+    assert!(log.contains("leader lease taken"), "{log}");
+    assert!(!log.contains("Permissions Violation"), "{log}");
+    let _ = &s.nats;
+    let _ = s.dir.path();
+}
+
+fn signal(d: &Daemon, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(d.pid()).unwrap();
+    // SAFETY: a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+}
+
+/// The highest stream sequence any zone in KV presence has applied.
+async fn applied(js: &async_nats::jetstream::Context) -> u64 {
+    let mut max = 0;
+    for i in 0..ZONE_COUNT {
+        if let Some(z) = zone(js, &format!("z{i}")).await {
+            max = max.max(z.last_seq);
+        }
+    }
+    max
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_frozen_past_its_lease_is_fenced_when_it_wakes_and_stands_by() {
+    let s = site().await;
+    let a = start_engine(&s, 0);
+    wait_role(s.engine_http[0], "active", Duration::from_secs(10));
+    let b = start_engine(&s, 1);
+    wait_role(s.engine_http[1], "standby", Duration::from_secs(10));
+
+    let total = 1500;
+    let publisher = readings(s.broker.port, total);
+    eventually("readings flowing", Duration::from_secs(10), || async {
+        stream_messages(&s.admin, "SENSORS").await > 200
+    })
+    .await;
+    signal(&a, libc::SIGSTOP);
+    let frozen = Instant::now();
+    let took = wait_role(s.engine_http[1], "active", TTL + Duration::from_secs(5)) - frozen;
+    eprintln!("takeover {took:?} after SIGSTOP (TTL {TTL:?})");
+    assert!(
+        took <= TTL + Duration::from_secs(1),
+        "standby active {took:?} after the freeze, more than TTL + 1 s"
+    );
+    // The new holder applies readings while the old one is still frozen.
+    let stored = stream_messages(&s.admin, "SENSORS").await;
+    eventually(
+        "the new holder applies readings",
+        Duration::from_secs(10),
+        || async { applied(&s.admin).await > stored + 50 },
+    )
+    .await;
+    let log_before = a.log().len();
+    signal(&a, libc::SIGCONT);
+    // The old holder notices at once, writes nothing, and stands by,
+    // while readings keep flowing.
+    a.wait_for_log("stepped down, writes are fenced", Duration::from_secs(5));
+    wait_role(s.engine_http[0], "standby", Duration::from_secs(5));
+    assert!(
+        stream_messages(&s.admin, "SENSORS").await < total as u64,
+        "readings were still flowing when the old holder woke up"
+    );
+    publisher.await.unwrap();
+    assert_trajectory(&s, total as u64).await;
+    let after = a.log()[log_before..].to_owned();
+    assert!(
+        !after.contains("\"transition\"") && !after.contains(" transition "),
+        "the thawed holder published no transition: {after}"
+    );
+    assert_eq!(engine_health(s.engine_http[0])["role"], "standby");
+    assert_eq!(engine_health(s.engine_http[1])["role"], "active");
+    let blog = b.log();
+    assert!(
+        !blog.contains("another engine holds the leader lease and wrote these keys"),
+        "the new holder never met another writer: {blog}"
+    );
+    eprintln!("old holder after SIGCONT:\n{after}");
+    eprintln!(
+        "stretches the new holder read past the old one's pulls: {}",
+        blog.matches("went to another puller").count()
+    );
+    for log in [a.log(), blog] {
+        assert!(!log.contains("Permissions Violation"), "{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_deleted_by_hand_moves_the_engine_to_one_writer_and_loses_nothing() {
+    let s = site().await;
+    let a = start_engine(&s, 0);
+    wait_role(s.engine_http[0], "active", Duration::from_secs(10));
+    let b = start_engine(&s, 1);
+    wait_role(s.engine_http[1], "standby", Duration::from_secs(10));
+    let total = 1000;
+    let publisher = readings(s.broker.port, total);
+    eventually("readings flowing", Duration::from_secs(10), || async {
+        stream_messages(&s.admin, "SENSORS").await > 200
+    })
+    .await;
+    let owners = by_hand(&s).await;
+    owners.delete("engine").await.unwrap();
+    // The standby takes the free lease; the holder's next renewal (or
+    // write) is refused and it stands by: one writer again.
+    wait_role(s.engine_http[1], "active", Duration::from_secs(3));
+    a.wait_for_log("stepped down", Duration::from_secs(3));
+    wait_role(s.engine_http[0], "standby", Duration::from_secs(3));
+    publisher.await.unwrap();
+    assert_trajectory(&s, total as u64).await;
+    let alog = a.log();
+    assert!(
+        alog.contains("renewal refused") || alog.contains("another engine holds the leader lease"),
+        "the old holder says why it stepped down: {alog}"
+    );
+    assert_eq!(engine_health(s.engine_http[0])["role"], "standby");
+    assert_eq!(engine_health(s.engine_http[1])["role"], "active");
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_lease_value_is_taken_by_one_instance_only_once_it_stays_unchanged_past_the_ttl(
+) {
+    let s = site().await;
+    let owners = by_hand(&s).await;
+    owners.put("engine", "not a lease".into()).await.unwrap();
+    let started = Instant::now();
+    let a = Daemon::start_at(&s.engine_cfg[0], &[]);
+    let b = Daemon::start_at(&s.engine_cfg[1], &[]);
+    a.wait_for_log("is not a lease", Duration::from_secs(10));
+    b.wait_for_log("is not a lease", Duration::from_secs(10));
+    // Nobody runs the engine while the value may be someone's.
+    let first = eventually_role_any(&s, Duration::from_secs(15));
+    let waited = first - started;
+    eprintln!("unreadable lease taken {waited:?} after the start");
+    assert!(
+        waited > TTL + presenced::store::lease::CLOCK_SKEW,
+        "taken after {waited:?}: before the value stayed unchanged for TTL + skew"
+    );
+    // Exactly one of the two took it.
+    std::thread::sleep(Duration::from_secs(1));
+    let roles: Vec<_> = s
+        .engine_http
+        .iter()
+        .map(|h| engine_health(*h)["role"].clone())
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| *r == "active").count(),
+        1,
+        "one writer: {roles:?}"
+    );
+    assert_eq!(
+        roles.iter().filter(|r| *r == "standby").count(),
+        1,
+        "{roles:?}"
+    );
+    let taken = a
+        .log()
+        .contains("an unreadable lease value unchanged for longer than the TTL")
+        || b.log()
+            .contains("an unreadable lease value unchanged for longer than the TTL");
+    assert!(taken, "the taker says what it did");
+}
+
+/// KV `owners` as a person at the site reaches it with the engine
+/// service's credentials (under the generated ACL nobody else may write
+/// `owners.engine`, the admin included).
+async fn by_hand(s: &Site) -> async_nats::jetstream::kv::Store {
+    let seed = identity::read_seed(&s.dir.path().join("engine.seed")).unwrap();
+    let client = async_nats::ConnectOptions::new()
+        .nkey(seed)
+        .custom_inbox_prefix(presenced::naming::inbox_prefix("engine"))
+        .connect(s.nats.url())
+        .await
+        .unwrap();
+    async_nats::jetstream::new(client)
+        .get_key_value("owners")
+        .await
+        .unwrap()
+}
+
+/// When either engine instance first reports itself active.
+fn eventually_role_any(s: &Site, deadline: Duration) -> Instant {
+    let start = Instant::now();
+    loop {
+        if s.engine_http
+            .iter()
+            .any(|h| engine_health(*h)["role"] == "active")
+        {
+            return Instant::now();
+        }
+        assert!(start.elapsed() < deadline, "no instance took the lease");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The active instance in a PID namespace of its own (another container
+/// or host, as far as the standby can tell): after its SIGKILL the
+/// standby cannot see that the process is gone and takes over when the
+/// lease lapses, within the TTL plus a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_pid_namespaces_a_standby_takes_over_when_the_lease_lapses_within_ttl_plus_one_second(
+) {
+    let s = site().await;
+    let mut a = Daemon::start_in_own_pid_namespace(&s.engine_cfg[0]);
+    a.wait_healthy(s.engine_http[0], Duration::from_secs(20));
+    wait_role(s.engine_http[0], "active", Duration::from_secs(10));
+    let b = start_engine(&s, 1);
+    wait_role(s.engine_http[1], "standby", Duration::from_secs(10));
+
+    let total = 1200;
+    let publisher = readings(s.broker.port, total);
+    eventually("readings flowing", Duration::from_secs(10), || async {
+        stream_messages(&s.admin, "SENSORS").await > 200
+    })
+    .await;
+    a.kill9();
+    let killed = Instant::now();
+    let took = wait_role(s.engine_http[1], "active", TTL + Duration::from_secs(5)) - killed;
+    eprintln!("takeover {took:?} after SIGKILL in another PID namespace (TTL {TTL:?})");
+    assert!(
+        took <= TTL + Duration::from_secs(1),
+        "standby active {took:?} after the SIGKILL, more than TTL + 1 s"
+    );
+    assert!(
+        took >= Duration::from_secs(1),
+        "taken {took:?} after the kill: before the lease could have lapsed"
+    );
+    publisher.await.unwrap();
+    assert_trajectory(&s, total as u64).await;
+    let log = b.log();
+    assert!(
+        log.contains("the lease was released or ran out"),
+        "taken on the lapse: {log}"
+    );
+    assert!(!log.contains("Permissions Violation"), "{log}");
+}
+
+/// The active instance cut from the leaf (its connection hangs: bytes go
+/// nowhere, nothing is closed) while readings flow: the standby takes over
+/// within the TTL plus a second; when the link comes back the former
+/// holder stands by, and nothing is lost or written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_instance_cut_from_the_leaf_is_replaced_and_stands_by_when_the_link_returns() {
+    let s = site().await;
+    let nats_addr: SocketAddr = s.nats.url().trim_start_matches("nats://").parse().unwrap();
+    let proxy = support::Proxy::start(nats_addr);
+    let via_proxy = std::fs::read_to_string(&s.engine_cfg[0])
+        .unwrap()
+        .replace(&s.nats.url(), &format!("nats://127.0.0.1:{}", proxy.port));
+    let a_cfg = write(s.dir.path(), "engine-proxied.toml", &via_proxy);
+    let a = Daemon::start_at(&a_cfg, &[]);
+    a.wait_healthy(s.engine_http[0], Duration::from_secs(20));
+    wait_role(s.engine_http[0], "active", Duration::from_secs(10));
+    let b = start_engine(&s, 1);
+    wait_role(s.engine_http[1], "standby", Duration::from_secs(10));
+
+    let total = 1500;
+    let publisher = readings(s.broker.port, total);
+    eventually("readings flowing", Duration::from_secs(10), || async {
+        stream_messages(&s.admin, "SENSORS").await > 200
+    })
+    .await;
+    proxy.stall();
+    let cut = Instant::now();
+    let took = wait_role(s.engine_http[1], "active", TTL + Duration::from_secs(5)) - cut;
+    eprintln!("takeover {took:?} after the cut (TTL {TTL:?})");
+    assert!(
+        took <= TTL + Duration::from_secs(1),
+        "standby active {took:?} after the cut, more than TTL + 1 s"
+    );
+    // The cut-off holder has stopped writing by itself (its fence closed).
+    a.wait_for_log("stepped down, writes are fenced", Duration::from_secs(5));
+    proxy.restore();
+    a.wait_for_log(
+        "standby: another instance runs the engine",
+        Duration::from_secs(15),
+    );
+    assert_eq!(engine_health(s.engine_http[0])["role"], "standby");
+    publisher.await.unwrap();
+    assert_trajectory(&s, total as u64).await;
+    assert_eq!(engine_health(s.engine_http[1])["role"], "active");
+    for log in [a.log(), b.log()] {
+        assert!(!log.contains("Permissions Violation"), "{log}");
+    }
+    eprintln!(
+        "stretches the new holder read past the old one's pulls: {}",
+        b.log().matches("went to another puller").count()
+    );
+}
