@@ -531,7 +531,7 @@ fn step_down(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::acl::access::Component;
+    use crate::base::ownership::Component;
 
     const TTL: Duration = Duration::from_secs(3);
 

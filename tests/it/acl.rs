@@ -474,6 +474,11 @@ fn expected(access: &Access, who: &str, keyspace: &str, op: Op) -> bool {
         (Keyspace::Live, Subscribe) => svc.is_some_and(|s| s.reads(k)),
         (Keyspace::Commands, Request) => svc.is_some_and(|s| s.reads(k) && !s.owns(k)),
         (Keyspace::Commands, Serve) => owns,
+        // The engine reads its own lease back (the leader lease of
+        // store::leader is a compare-and-set on its revision).
+        (Keyspace::Owners, Get | DirectGet) => {
+            reads || (who == read_key("owners") && svc.is_some_and(|s| s.runs(Component::Engine)))
+        }
         (
             _,
             Get | DirectGet | Watch | WatchLarge | Keys | KvPull | Read | ObjGet | ObjGetLarge

@@ -99,7 +99,7 @@ async fn site() -> Site {
         d,
         "ingest.toml",
         &format!(
-            "{}[mqtt.main]\nhost = \"127.0.0.1\"\nport = {}\nkeep_alive = \"5s\"\nreconnect_max = \"1s\"\n{}",
+            "runs = [\"ingest\"]\n{}[mqtt.main]\nhost = \"127.0.0.1\"\nport = {}\nkeep_alive = \"5s\"\nreconnect_max = \"1s\"\n{}",
             head("ingest", &d.join("ingest.seed"), &url, ingest_http),
             broker.port,
             motion_mapping(true)

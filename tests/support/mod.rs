@@ -47,9 +47,26 @@ pub use wait::{wait_until, wait_until_async};
 
 use std::net::TcpListener;
 
-/// A port the kernel just handed out on 127.0.0.1; free the moment this
-/// returns, so a server started right after will almost surely get it.
+/// A free port on 127.0.0.1 for a server that cannot choose its own,
+/// taken below the kernel's ephemeral range (ip_local_port_range,
+/// 32768-60999 by default). Ports from inside that range are also what
+/// every outgoing connection and every `port: -1` listener gets, so one
+/// picked there could be taken before its server binds it (seen as a hub
+/// node's route port "address already in use"). Below it, only other
+/// pickers compete: the start is random per call and the port is checked
+/// free by binding it.
 pub fn free_port() -> u16 {
+    use rand::Rng as _;
+    const LOW: u16 = 20_000;
+    const HIGH: u16 = 32_767;
+    let span = u32::from(HIGH - LOW) + 1;
+    let start = rand::thread_rng().gen_range(0..span);
+    for i in 0..span {
+        let port = LOW + ((start + i) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 for a free port");
     listener
         .local_addr()
