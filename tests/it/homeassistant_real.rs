@@ -180,14 +180,18 @@ async fn home_assistant_shows_the_documented_entities_and_follows_them() {
     let mut d = Daemon::start_provisioned(&cfg, http_port);
 
     // Each entity under the documented id, with presenced's unique id,
-    // available and vacant.
+    // available and with a state (availability and state are separate
+    // messages: an entity is `unknown` between the two).
     home.wait(
-        "all four entities, available",
+        "all four entities, available and with a state",
         Duration::from_secs(120),
         |e| {
             ENTITIES.iter().all(|(id, _)| {
-                e.get(*id)
-                    .is_some_and(|v| v["state"].as_str().is_some_and(|s| s != "unavailable"))
+                e.get(*id).is_some_and(|v| {
+                    v["state"]
+                        .as_str()
+                        .is_some_and(|s| s != "unavailable" && s != "unknown")
+                })
             })
         },
     );
