@@ -1,5 +1,6 @@
 //! `/healthz` and `/metrics` over HTTP, on loopback by default; the
-//! status page (`crate::page`) is merged in beside them.
+//! status page (module `page`, handed in as extra routes) is served
+//! beside them.
 
 use crate::metrics::Metrics;
 use axum::extract::State;

@@ -1,6 +1,6 @@
 //! The sources' sections of the config (`[mqtt.<name>]`,
 //! `[serial.<name>]`): owned by the sources that read them, held by the
-//! top config ([`crate::config::Config`]), checked in
+//! top config (`config::Config`, which imports this module), checked in
 //! `config::validate`.
 
 use serde::{Deserialize, Serialize};
