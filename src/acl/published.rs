@@ -21,6 +21,7 @@ impl Published {
                         PublishedService {
                             runs: s.runs.iter().map(|c| c.name().to_owned()).collect(),
                             commands: s.reads.contains(&Keyspace::Commands),
+                            reads: s.reads.iter().map(|k| k.name().to_owned()).collect(),
                         },
                     )
                 })

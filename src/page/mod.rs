@@ -94,6 +94,9 @@ pub struct Page {
     /// The ownership table grants this identity `commands` (or there is
     /// no table: a site without ACLs).
     may_command: AtomicU8,
+    /// The ownership table grants this identity reads of KV `presence`
+    /// (or there is no table); known before the page follows anything.
+    may_read_zones: AtomicU8,
     csrf: String,
     zones: RwLock<BTreeMap<String, Entry>>,
     /// The watch has delivered the whole snapshot and is following.
@@ -150,6 +153,7 @@ impl Page {
             model,
             commands_configured,
             may_command: AtomicU8::new(MAY_UNKNOWN),
+            may_read_zones: AtomicU8::new(MAY_UNKNOWN),
             csrf: form::new_token(),
             zones: RwLock::new(BTreeMap::new()),
             watching: AtomicBool::new(false),
@@ -179,12 +183,12 @@ impl Page {
     }
 
     /// Whether this instance may read KV `presence` for the page: a read
-    /// the ACL refuses would stop the daemon, and only two cases are
-    /// known to be granted: the engine owns the bucket, and an instance
-    /// set up for overrides from the page is granted `presence` with
-    /// `commands` (docs/OPERATIONS.md, "Overrides from the page").
+    /// the ACL refuses would stop the daemon, so only where it is known
+    /// to be granted: the engine owns the bucket; any other identity only
+    /// when the stored ownership table lists `presence` in its reads (or
+    /// no table is stored: a site without ACLs).
     fn shows_zones(&self) -> bool {
-        self.runs("engine") || self.commands_configured
+        self.runs("engine") || self.may_read_zones.load(Ordering::Relaxed) == MAY_YES
     }
 
     fn runs(&self, component: &str) -> bool {
@@ -308,9 +312,15 @@ impl Page {
                 let stream = naming::kv_stream(naming::OWNERS_BUCKET);
                 match crate::acl::published::read(&js, &stream).await {
                     Ok(t) => {
-                        let may = t.is_none_or(|t| {
-                            t.services.get(&page.service).is_some_and(|s| s.commands)
-                        });
+                        let granted =
+                            |f: &dyn Fn(&crate::store::published::PublishedService) -> bool| {
+                                t.as_ref()
+                                    .is_none_or(|t| t.services.get(&page.service).is_some_and(f))
+                            };
+                        let may = granted(&|s| s.commands);
+                        let reads = granted(&|s| s.reads.iter().any(|r| r == "presence"));
+                        page.may_read_zones
+                            .store(if reads { MAY_YES } else { MAY_NO }, Ordering::Relaxed);
                         page.may_command
                             .store(if may { MAY_YES } else { MAY_NO }, Ordering::Relaxed);
                         tracing::info!(

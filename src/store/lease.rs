@@ -426,6 +426,7 @@ mod tests {
                     PublishedService {
                         runs: vec!["engine".into()],
                         commands: false,
+                        reads: vec![],
                     },
                 ),
                 (
@@ -433,6 +434,7 @@ mod tests {
                     PublishedService {
                         runs: vec![],
                         commands: true,
+                        reads: vec![],
                     },
                 ),
             ]

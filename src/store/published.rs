@@ -36,6 +36,13 @@ pub struct PublishedService {
     /// engine's replies on its inbox prefix.
     #[serde(default)]
     pub commands: bool,
+    /// The keyspaces it is granted to read beyond its own (`presence`,
+    /// `events`, ...), as in the access file: a component that reads on
+    /// an identity's behalf (the status page) asks here first, since a
+    /// read the ACL refuses is a permission violation, and those stop the
+    /// daemon. Absent in tables stored before it was added.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reads: Vec<String>,
 }
 
 /// The stored table.

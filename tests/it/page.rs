@@ -31,13 +31,16 @@ p_false = 0.05
 
 /// How the site is deployed: one instance running everything, or the
 /// page on an ingest-only instance whose identity may send commands.
-#[derive(PartialEq)]
+#[derive(PartialEq, Debug, Clone, Copy)]
 enum Layout {
     Single,
     Split,
     /// The page on an ingest-only instance granted nothing beyond ingest,
     /// without `page_commands`.
     SplitPlain,
+    /// The page on an ingest-only instance granted `commands` but not
+    /// `presence`, with `page_commands` on.
+    SplitCommandsOnly,
 }
 
 struct World {
@@ -83,6 +86,10 @@ async fn world_with(layout: Layout, zones: &str) -> World {
         ),
         Layout::Split => format!(
             "[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\"]\nreads = [\"commands\", \"presence\"]\n[services.engine]\nnkey = \"{}\"\nruns = [\"engine\"]\n",
+            presenced.public_key, engine.public_key
+        ),
+        Layout::SplitCommandsOnly => format!(
+            "[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\"]\nreads = [\"commands\"]\n[services.engine]\nnkey = \"{}\"\nruns = [\"engine\"]\n",
             presenced.public_key, engine.public_key
         ),
         Layout::SplitPlain => format!(
@@ -152,11 +159,11 @@ async fn world_with(layout: Layout, zones: &str) -> World {
             std::fs::write(&cfg, text).unwrap();
             daemons.push(Daemon::start_at(&cfg, &[]));
         }
-        Layout::Split | Layout::SplitPlain => {
-            let service = if layout == Layout::Split {
-                "presenced"
-            } else {
+        Layout::Split | Layout::SplitPlain | Layout::SplitCommandsOnly => {
+            let service = if layout == Layout::SplitPlain {
                 "plain"
+            } else {
+                "presenced"
             };
             let cfg = d.join("presenced.toml");
             // The ingest-only half: sources, no zones.
@@ -755,7 +762,18 @@ async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_on_an_instance_not_granted_the_zones_shows_its_health_and_reads_nothing_refused() {
-    let w = world(Layout::SplitPlain).await;
+    not_granted_the_zones(Layout::SplitPlain, true).await;
+}
+
+/// `page_commands` on and `commands` granted, but not `presence`: the page
+/// must not read the zones either (a refused read stops the daemon).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_allowed_commands_but_not_the_zones_reads_nothing_refused() {
+    not_granted_the_zones(Layout::SplitCommandsOnly, false).await;
+}
+
+async fn not_granted_the_zones(layout: Layout, read_only: bool) {
+    let w = world(layout).await;
     w.pir("page-plain-0", true).await;
     eventually(
         "lab decided by the engine instance",
@@ -768,8 +786,8 @@ async fn a_page_on_an_instance_not_granted_the_zones_shows_its_health_and_reads_
     assert!(b.find("#no-zones").is_some(), "{}", content(&b, "main"));
     assert!(b.find("#z-lab").is_none(), "no zone read without a grant");
     assert!(b.find("#src-main").is_some(), "its own sources are shown");
-    assert!(b.find("#readonly").is_some(), "read-only");
-    shot(&b, "site-plain");
+    assert_eq!(b.find("#readonly").is_some(), read_only, "read-only");
+    shot(&b, &format!("site-{layout:?}"));
     // Opening the page asked nats-server for nothing this identity lacks:
     // a refusal would have stopped the daemon.
     b.goto(&w.url());
