@@ -7,11 +7,10 @@
 #   chromium, chromium-driver
 #                        from apt, only if missing: the status page tests
 #                        (tests/it/page.rs) drive headless Chromium over
-#                        WebDriver
+#                        WebDriver; the report test renders `presenced
+#                        report` in it
 #   libfaketime          from apt (package faketime), only if missing: the
 #                        fault campaign steps the daemon's clock with it
-#   chromium             from apt, only if missing: the report test renders
-#                        `presenced report` in headless Chromium
 #   cargo-nextest        with cargo install, only if missing
 #   Home Assistant Core  from PyPI into <tools>/ha (scripts/setup-ha.sh)
 #   debootstrap, systemd-container (systemd-nspawn)
@@ -219,15 +218,6 @@ install_faketime() {
     apt_install faketime
 }
 
-install_chromium() {
-    if command -v chromium >/dev/null 2>&1; then
-        say "chromium: present (kept)"
-        return
-    fi
-    say "apt: installing chromium"
-    apt_install chromium
-}
-
 install_nextest() {
     if cargo nextest --version >/dev/null 2>&1; then
         say "cargo-nextest: $(cargo nextest --version | head -n1) (kept)"
@@ -245,7 +235,6 @@ install_mosquitto
 install_nspawn_tools
 install_chromium
 install_faketime
-install_chromium
 install_nextest
 # Home Assistant Core for tests/it/homeassistant_real.rs: its own script (a
 # ~400 MB install, about five minutes the first time, kept in the cache).
