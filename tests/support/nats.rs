@@ -6,7 +6,7 @@
 //! ports) and written into its config, so a restart keeps them.
 
 use super::http_get;
-use super::process::{self, log_tail};
+use super::process::{self, log_tail, Harnessed as _};
 use std::env;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -366,25 +366,23 @@ impl NatsServer {
         let mut command = Command::new(nats_server_bin());
         command.arg("-c").arg(&self.config_path);
         // It writes its own log (log_file in the config).
-        self.process.spawn(command, false);
+        self.process.start(command, false);
     }
 
     fn wait_ready(&mut self) {
-        let start = Instant::now();
         let addr = self.monitor_addr();
-        loop {
-            if let Some((200, _)) = http_get(addr, "/healthz?js-enabled-only=true") {
-                return;
-            }
-            self.fail_if_exited();
-            if start.elapsed() >= READY_DEADLINE {
-                panic!(
-                    "nats-server on port {} not ready after {READY_DEADLINE:?}; log tail:\n{}",
-                    self.port,
-                    log_tail(&self.log_path)
-                );
-            }
-            std::thread::sleep(super::wait::POLL);
+        let ready = self.process.wait_ready(READY_DEADLINE, |_| {
+            matches!(
+                http_get(addr, "/healthz?js-enabled-only=true"),
+                Some((200, _))
+            )
+        });
+        if let Err(error) = ready {
+            panic!(
+                "nats-server on port {} (config {}): {error}",
+                self.port,
+                self.config_path.display()
+            );
         }
     }
 }

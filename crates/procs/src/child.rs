@@ -266,19 +266,20 @@ impl Supervised {
         })
     }
 
-    /// Polls `ready` until it holds, up to `deadline`; fails early, with
-    /// the log tail, when the child exits (a port taken, a bad config).
+    /// Polls `ready` (given the child, e.g. to read this run's log) until
+    /// it holds, up to `deadline`; fails early, with the log tail, when the
+    /// child exits (a port taken, a bad config).
     /// `ready` is checked before the exit, and the exit once more after:
     /// a probe another program answered on a port the child could not
     /// take does not count.
     pub fn wait_ready(
         &mut self,
         deadline: Duration,
-        mut ready: impl FnMut() -> bool,
+        mut ready: impl FnMut(&Supervised) -> bool,
     ) -> Result<(), ProcError> {
         let start = Instant::now();
         loop {
-            let ok = ready();
+            let ok = ready(self);
             if let Some(error) = self.exited() {
                 return Err(error);
             }
@@ -450,15 +451,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut p = Supervised::new("sh", dir.path().join("log"));
         let pid = p.spawn(sh("echo hello; exec sleep 30"), true).unwrap();
-        p.wait_ready(Duration::from_secs(10), || p_log(&dir).contains("hello"))
+        p.wait_ready(Duration::from_secs(10), |p| p.log().contains("hello"))
             .unwrap();
         assert!(p.is_running());
         drop(p);
         assert!(!alive(pid));
-    }
-
-    fn p_log(dir: &tempfile::TempDir) -> String {
-        read_log(&dir.path().join("log"))
     }
 
     #[test]
@@ -471,7 +468,9 @@ mod tests {
         )
         .unwrap();
         let start = Instant::now();
-        let error = p.wait_ready(Duration::from_secs(30), || false).unwrap_err();
+        let error = p
+            .wait_ready(Duration::from_secs(30), |_| false)
+            .unwrap_err();
         assert!(start.elapsed() < Duration::from_secs(10));
         assert!(matches!(error, ProcError::Exited { .. }), "{error}");
         assert_eq!(
@@ -481,7 +480,9 @@ mod tests {
         // A second run that does not say so is not a taken port: only
         // this run's lines count.
         p.spawn(sh("echo other; exit 1"), true).unwrap();
-        let error = p.wait_ready(Duration::from_secs(30), || false).unwrap_err();
+        let error = p
+            .wait_ready(Duration::from_secs(30), |_| false)
+            .unwrap_err();
         assert_eq!(error.port_taken(), None, "{error}");
     }
 
@@ -493,14 +494,14 @@ mod tests {
         c.env("X", "x1");
         let first = p.spawn(c, true).unwrap();
         let error = p
-            .wait_ready(Duration::from_millis(100), || false)
+            .wait_ready(Duration::from_millis(100), |_| false)
             .unwrap_err();
         assert!(matches!(error, ProcError::NotReady { .. }), "{error}");
         let second = p.restart(Duration::from_secs(5)).unwrap();
         assert_ne!(first, second);
         assert!(!alive(first));
-        p.wait_ready(Duration::from_secs(10), || {
-            p_log(&dir).matches("run x1").count() == 2
+        p.wait_ready(Duration::from_secs(10), |p| {
+            p.log().matches("run x1").count() == 2
         })
         .unwrap();
         assert!(p.log_of_this_run().starts_with("run x1"));
