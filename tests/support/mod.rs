@@ -10,6 +10,8 @@
 //!
 //! - [`nats`]: `nats-server` with JetStream (and optionally MQTT), its
 //!   config rendered by `presenced::natsconf`, on ports it chose itself.
+//! - [`acl_site`]: a site under the ACL `presenced acl` generates (seeds,
+//!   access file, leaf, provisioned by the admin).
 //! - [`hub`]: a 3-node hub cluster and a site's leaf linked to it.
 //! - [`proxy`]: a loopback TCP proxy that cuts and restores a link.
 //! - [`mosquitto`]: a Mosquitto broker configured as the daemon expects.
@@ -23,6 +25,7 @@
 //!   wrapper above (start, readiness wait, stop, kill, restart, log tail).
 #![allow(dead_code, unused_imports)]
 
+pub mod acl_site;
 pub mod browser;
 pub mod daemon;
 pub mod http;
@@ -35,6 +38,7 @@ pub mod pty;
 pub mod seaweed;
 pub mod wait;
 
+pub use acl_site::AclSite;
 pub use daemon::{presenced_bin, Daemon};
 pub use http::http_get;
 pub use hub::{leaf_of, Hub, LinkProxies};
