@@ -92,7 +92,9 @@ pub enum SandboxError {
 }
 
 /// Test hook: comma-separated ports for the first start, so that a test
-/// can hand the sandbox a port it holds and see it start again elsewhere.
+/// can hand the sandbox a port it holds and see it start again elsewhere:
+/// [`plan::ports_needed`] of them for the servers, then optionally
+/// [`plan::S3_PORTS`] more for SeaweedFS (the S3 port first).
 const FIRST_PORTS_ENV: &str = "PRESENCED_SANDBOX_FIRST_PORTS";
 
 fn first_ports(sites: usize) -> Option<Vec<u16>> {
@@ -161,10 +163,16 @@ pub fn run(opts: Options) -> Result<(), SandboxError> {
     // tried again on fresh ones.
     let outcome = presenced_procs::retry_on_taken_port(
         |attempt| {
-            let ports = match (attempt, first_ports(opts.sites)) {
-                (1, Some(ports)) => ports,
-                _ => presenced_procs::free_ports(plan::ports_needed(opts.sites))
-                    .map_err(SandboxError::Ports)?,
+            let needed = plan::ports_needed(opts.sites);
+            let (ports, s3_first) = match (attempt, first_ports(opts.sites)) {
+                (1, Some(mut ports)) => {
+                    let s3 = ports.split_off(needed);
+                    (ports, Some(s3).filter(|s3| s3.len() >= plan::S3_PORTS))
+                }
+                _ => (
+                    presenced_procs::free_ports(needed).map_err(SandboxError::Ports)?,
+                    None,
+                ),
             };
             let mut plan = Plan::new(
                 &Input {
@@ -174,8 +182,12 @@ pub fn run(opts: Options) -> Result<(), SandboxError> {
                 &ports,
             )?;
             if weed.is_some() {
-                let s3_ports =
-                    presenced_procs::free_ports(plan::S3_PORTS).map_err(SandboxError::Ports)?;
+                let s3_ports = match s3_first {
+                    Some(ports) => ports,
+                    None => {
+                        presenced_procs::free_ports(plan::S3_PORTS).map_err(SandboxError::Ports)?
+                    }
+                };
                 plan = plan.with_s3(&s3_ports)?;
             }
             for d in plan.directories() {
@@ -470,9 +482,11 @@ fn start_s3(s3: &plan::S3Plan, weed: &Path, sup: &mut Supervisor) -> Result<(), 
     // SeaweedFS waits 15 s for its internal gRPC streams on SIGTERM; every
     // upload it acknowledged is already verified, so it gets 3 s.
     sup.set_stop_grace(pid, S3_STOP_GRACE);
+    // An HTTP answer (anonymous requests are refused, which is one): a
+    // bare connect could reach another program holding the port.
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], s3.s3_port));
     wait_ready(sup, "S3 server (SeaweedFS)", &s3.log_file, || {
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+        probe::http_get(addr, "/").is_some()
     })
 }
 
