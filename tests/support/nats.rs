@@ -59,20 +59,7 @@ pub fn check_nats_version(output: &str) -> Result<(u32, u32, u32), String> {
     Ok(found)
 }
 
-/// Finds an executable called `name` on `PATH`.
-pub fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
+pub use presenced_procs::find_on_path;
 
 /// The `nats-server` to test against: `$NATS_SERVER`, else `PATH`.
 /// Checked once per test process; panics if missing or too old, since no

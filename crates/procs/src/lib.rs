@@ -18,3 +18,23 @@ pub mod ports;
 pub use child::{log_tail, read_log, ProcError, Supervised, TAIL_LINES};
 pub use http::{http_get, http_status};
 pub use ports::{free_port, free_ports, port_taken_in, retry_on_taken_port};
+
+use std::path::{Path, PathBuf};
+
+/// Finds an executable called `name` on `PATH` (servers are found the same
+/// way by the sandbox and by the tests: `$NATS_SERVER`, `$WEED`, ... first,
+/// then this).
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+/// Whether `path` is a file someone may execute.
+pub fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
