@@ -5,7 +5,7 @@
 #
 # The binary is built in the `dist` profile (fat LTO, for a small edge
 # board; Cargo.toml); the tests are built in the dev profile and run as CI runs them
-# (scripts/test.sh): `cargo nextest run --lib --bins --tests` with
+# (scripts/test.sh): `cargo nextest run --workspace --lib --bins --tests` with
 # .config/nextest.toml, then the doc tests. Linking every test binary with
 # fat LTO would take hours on a small builder and test another build than
 # CI does.
@@ -35,6 +35,8 @@ rustPlatform.buildRustPackage {
       ../Cargo.toml
       ../Cargo.lock
       ../src
+      # Workspace members (the supervised-process crate the sandbox uses).
+      ../crates
       # The test runner's profile (timeouts, no retries), as in CI.
       ../.config/nextest.toml
       (lib.fileset.maybeMissing ../tests)
@@ -85,9 +87,9 @@ rustPlatform.buildRustPackage {
   # test talks to servers it starts on 127.0.0.1.
   checkPhase = ''
     runHook preCheck
-    cargo nextest run --frozen --offline --cargo-profile dev \
+    cargo nextest run --workspace --frozen --offline --cargo-profile dev \
       --lib --bins --tests --no-fail-fast -j "$NIX_BUILD_CORES"
-    cargo test --frozen --offline --profile dev --doc
+    cargo test --workspace --frozen --offline --profile dev --doc
     runHook postCheck
   '';
 

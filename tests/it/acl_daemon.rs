@@ -11,7 +11,8 @@ use presenced::naming::Site;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
-use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
+use support::acl_site::as_service;
+use support::{AclSite, Daemon, Mosquitto};
 
 const ZONES: &str = r#"
 [zones.lab]
@@ -24,20 +25,8 @@ p_true = 0.95
 p_false = 0.05
 "#;
 
-/// A config for `service` with its seed file.
-fn config(base: &str, service: &str, seed: &Path) -> String {
-    base.replace(
-        "[nats]\n",
-        &format!(
-            "service = \"{service}\"\n\n[nats]\nnkey_seed_file = \"{}\"\n",
-            seed.display()
-        ),
-    )
-}
-
 struct Site1 {
-    nats: NatsServer,
-    dir: tempfile::TempDir,
+    acl: AclSite,
     admin_js: async_nats::jetstream::Context,
     base: String,
     http_port: u16,
@@ -45,57 +34,23 @@ struct Site1 {
 
 /// A nats-server with the ACL generated for `runs`, provisioned by admin.
 async fn site(mqtt: &Mosquitto, runs: &str) -> Site1 {
-    let dir = tempfile::tempdir().unwrap();
-    let admin = identity::keygen("admin", &dir.path().join("admin.seed")).unwrap();
-    let svc = identity::keygen("presenced", &dir.path().join("presenced.seed")).unwrap();
-    let operator = identity::keygen("operator", &dir.path().join("operator.seed")).unwrap();
-    let access = format!(
-        "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = {runs}\n[services.operator]\nnkey = \"{}\"\nreads = [\"commands\"]\n",
-        admin.public_key, svc.public_key, operator.public_key
-    );
-    let access_path = dir.path().join("access.toml");
-    std::fs::write(&access_path, access).unwrap();
-    let out = support::daemon::run_presenced(
-        &[
-            "acl",
-            "--access",
-            access_path.to_str().unwrap(),
-            "--site",
-            "test",
-        ],
-        &[],
-    );
-    assert!(out.status.success());
-    let nats = NatsServer::start(NatsOptions {
-        extra: String::from_utf8(out.stdout).unwrap(),
-        ..Default::default()
-    });
+    let acl = AclSite::start(&[
+        ("presenced", &format!("runs = {runs}")),
+        ("operator", r#"reads = ["commands"]"#),
+    ]);
     let http_port = support::free_port();
     let base = daemon_config(
         "test",
-        &nats.url(),
+        &acl.url(),
         mqtt.port,
         http_port,
         &motion_mapping(true),
         ZONES,
     );
-    let admin_cfg = dir.path().join("admin.toml");
-    std::fs::write(
-        &admin_cfg,
-        config(&base, "admin", &dir.path().join("admin.seed")),
-    )
-    .unwrap();
-    provision(&admin_cfg);
-    let seed = identity::read_seed(&dir.path().join("admin.seed")).unwrap();
-    let client = async_nats::ConnectOptions::new()
-        .nkey(seed)
-        .connect(nats.url())
-        .await
-        .unwrap();
+    acl.provision(&base);
     Site1 {
-        nats,
-        admin_js: async_nats::jetstream::new(client),
-        dir,
+        admin_js: acl.js("admin").await,
+        acl,
         base,
         http_port,
     }
@@ -105,7 +60,7 @@ async fn site(mqtt: &Mosquitto, runs: &str) -> Site1 {
 async fn the_pipeline_runs_under_the_generated_acl_without_violation() {
     let mqtt = Mosquitto::start();
     let s = site(&mqtt, r#"["ingest", "engine"]"#).await;
-    let cfg = config(&s.base, "presenced", &s.dir.path().join("presenced.seed"));
+    let cfg = s.acl.as_identity(&s.base, "presenced");
     let d = Daemon::start(&cfg, &[]);
     let http = SocketAddr::from(([127, 0, 0, 1], s.http_port));
     d.wait_healthy(http, Duration::from_secs(20));
@@ -124,12 +79,7 @@ async fn the_pipeline_runs_under_the_generated_acl_without_violation() {
     .await;
     // A command from an identity granted `commands` is answered; the
     // engine's own identity may answer but not ask.
-    let op_cfg = s.dir.path().join("operator.toml");
-    std::fs::write(
-        &op_cfg,
-        config(&s.base, "operator", &s.dir.path().join("operator.seed")),
-    )
-    .unwrap();
+    let op_cfg = s.acl.config_file(&s.base, "operator");
     let cmd = |config: &Path| {
         support::daemon::run_presenced(
             &[
@@ -154,8 +104,7 @@ async fn the_pipeline_runs_under_the_generated_acl_without_violation() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("lab: vacant, held until"));
-    let svc_cfg = s.dir.path().join("presenced.toml");
-    std::fs::write(&svc_cfg, &cfg).unwrap();
+    let svc_cfg = s.acl.file("presenced.toml", &cfg);
     let out = cmd(&svc_cfg);
     assert!(
         !out.status.success(),
@@ -187,8 +136,7 @@ async fn the_pipeline_runs_under_the_generated_acl_without_violation() {
     );
     // `get` as the service: its identity may not read owners, so the stale
     // flag is unknown, said once, and the value is still shown.
-    let cfg_path = s.dir.path().join("service.toml");
-    std::fs::write(&cfg_path, &cfg).unwrap();
+    let cfg_path = s.acl.file("service.toml", &cfg);
     let out = support::daemon::run_presenced(
         &[
             "get",
@@ -223,7 +171,7 @@ async fn the_pipeline_runs_under_the_generated_acl_without_violation() {
         "{}",
         d.log_tail()
     );
-    drop(s.nats);
+    drop(s.acl);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,7 +179,7 @@ async fn a_missing_grant_is_logged_audited_and_stops_the_daemon() {
     let mqtt = Mosquitto::start();
     // The service runs ingest only, but its config runs the engine too.
     let s = site(&mqtt, r#"["ingest"]"#).await;
-    let cfg = config(&s.base, "presenced", &s.dir.path().join("presenced.seed"));
+    let cfg = s.acl.as_identity(&s.base, "presenced");
     let mut d = Daemon::start(&cfg, &[]);
     support::wait_until("daemon exits", Duration::from_secs(20), || {
         d.exit_status().is_some()
@@ -280,7 +228,7 @@ fn a_seed_readable_by_others_is_refused_with_a_clear_message() {
         ZONES,
     );
     let path = dir.path().join("presenced.toml");
-    std::fs::write(&path, config(&base, "presenced", &seed)).unwrap();
+    std::fs::write(&path, as_service(&base, "presenced", &seed)).unwrap();
     let out = support::daemon::run_presenced(&["run", "--config", path.to_str().unwrap()], &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -317,7 +265,7 @@ async fn a_redelivery_after_sigkill_is_recognised_under_the_generated_acl() {
         &format!("port = {}\n", mqtt.port),
         &format!("port = {}\n", proxy.port),
     );
-    let cfg = config(&base, "presenced", &s.dir.path().join("presenced.seed"));
+    let cfg = s.acl.as_identity(&base, "presenced");
     let mut d = Daemon::start(&cfg, &[]);
     let http = SocketAddr::from(([127, 0, 0, 1], s.http_port));
     d.wait_healthy(http, Duration::from_secs(20));

@@ -201,7 +201,7 @@ fn s3_client(sw: &Seaweed) -> AmazonS3 {
 
 /// Waits until S3 answers signed requests, creating the bucket (the
 /// first signed PUT does).
-async fn s3_ready(sw: &Seaweed) -> AmazonS3 {
+pub(crate) async fn s3_ready(sw: &Seaweed) -> AmazonS3 {
     let s3 = s3_client(sw);
     let probe = S3Path::from("probe");
     let start = std::time::Instant::now();

@@ -336,3 +336,48 @@ fn mosquitto_default_config_never_drops_queued_messages() {
     assert!(config.contains("max_queued_messages 0\n"), "{config}");
     assert!(config.contains("persistence false\n"), "{config}");
 }
+
+/// Holds a port from the range the harness picks from and hands it to
+/// Mosquitto as its first choice: Mosquitto cannot take it, says so and
+/// exits, and the harness starts it on a fresh port that carries MQTT.
+/// (A bare connect to the held port would succeed: readiness must come
+/// from the broker itself.)
+#[tokio::test]
+async fn mosquitto_starts_on_a_fresh_port_when_the_one_picked_is_taken() {
+    let held = TcpListener::bind(("127.0.0.1", support::free_port())).unwrap();
+    let taken = held.local_addr().unwrap().port();
+    let broker = Mosquitto::start_first_on("", Some(taken));
+    assert_ne!(broker.port, taken);
+    let log = broker.log();
+    assert!(log.contains("Address already in use"), "{log}");
+    assert!(
+        log.contains(&format!("listen socket on port {taken}")),
+        "{log}"
+    );
+    mqtt_round_trip(broker.port, "harness-mosq-taken", "harness/taken").await;
+    drop(held);
+}
+
+/// The same for SeaweedFS: its S3 port held, it exits on `address already
+/// in use` and starts again on fresh ports, answering signed S3 requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seaweedfs_starts_on_fresh_ports_when_the_s3_port_picked_is_taken() {
+    use object_store::ObjectStore as _;
+    let held = TcpListener::bind(("127.0.0.1", support::free_port())).unwrap();
+    let taken = held.local_addr().unwrap().port();
+    let sw = support::Seaweed::start_first_on(Some(taken));
+    assert_ne!(sw.s3_port, taken);
+    let log = sw.log();
+    assert!(
+        log.contains(&format!("127.0.0.1:{taken}: bind: address already in use")),
+        "{log}"
+    );
+    let s3 = crate::archive::s3_ready(&sw).await;
+    let key = object_store::path::Path::from("after-a-taken-port");
+    s3.put(&key, object_store::PutPayload::from_static(b"ok"))
+        .await
+        .unwrap();
+    let body = s3.get(&key).await.unwrap().bytes().await.unwrap();
+    assert_eq!(&body[..], b"ok");
+    drop(held);
+}

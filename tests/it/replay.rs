@@ -9,13 +9,12 @@ use crate::support;
 
 use common::*;
 use futures::StreamExt as _;
-use presenced::acl::identity;
 use presenced::engine::{Presence, Transition};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+
 use std::time::Duration;
-use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
+use support::{AclSite, Daemon, Mosquitto};
 
 /// Two zones: debounce and hold deadlines fire between readings, and the
 /// hall gets an override that runs out.
@@ -45,17 +44,6 @@ p_true = 0.95
 p_false = 0.02
 "#;
 
-/// `base` with this service's name and seed file.
-pub(crate) fn as_service(base: &str, service: &str, seed: &Path) -> String {
-    base.replace(
-        "[nats]\n",
-        &format!(
-            "service = \"{service}\"\n\n[nats]\nnkey_seed_file = \"{}\"\n",
-            seed.display()
-        ),
-    )
-}
-
 /// Last sequence and message count of every stream of the server: any
 /// write (a KV put, a purge, a publish) changes one of them.
 pub(crate) async fn sequences(js: &async_nats::jetstream::Context) -> BTreeMap<String, (u64, u64)> {
@@ -70,23 +58,20 @@ pub(crate) async fn sequences(js: &async_nats::jetstream::Context) -> BTreeMap<S
     out
 }
 
+/// The site of [`site_with`]: an [`AclSite`] (seeds, files, server) with
+/// the admin's JetStream context and the daemon's base config.
 pub(crate) struct Site {
-    _nats: NatsServer,
-    pub(crate) dir: tempfile::TempDir,
+    acl: AclSite,
     pub(crate) admin_js: async_nats::jetstream::Context,
     pub(crate) base: String,
     pub(crate) http_port: u16,
     pub(crate) url: String,
 }
 
-impl Site {
-    pub(crate) fn file(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-    pub(crate) fn seed(&self, service: &str) -> PathBuf {
-        self.dir.path().join(format!("{service}.seed"))
+impl std::ops::Deref for Site {
+    type Target = AclSite;
+    fn deref(&self) -> &AclSite {
+        &self.acl
     }
 }
 
@@ -99,67 +84,25 @@ pub(crate) async fn site(mqtt: &Mosquitto) -> Site {
 
 /// [`site`] with other zones.
 pub(crate) async fn site_with(mqtt: &Mosquitto, zones: &str) -> Site {
-    let dir = tempfile::tempdir().unwrap();
-    let key = |s: &str| {
-        identity::keygen(s, &dir.path().join(format!("{s}.seed")))
-            .unwrap()
-            .public_key
-    };
-    let access = format!(
-        "admin = {{ nkey = \"{}\" }}\n[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\"]\n[services.analyst]\nnkey = \"{}\"\nreads = [\"sensors\", \"events\"]\n[services.operator]\nnkey = \"{}\"\nreads = [\"commands\"]\n",
-        key("admin"),
-        key("presenced"),
-        key("analyst"),
-        key("operator")
-    );
-    let access_path = dir.path().join("access.toml");
-    std::fs::write(&access_path, access).unwrap();
-    let out = support::daemon::run_presenced(
-        &[
-            "acl",
-            "--access",
-            access_path.to_str().unwrap(),
-            "--site",
-            "test",
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let nats = NatsServer::start(NatsOptions {
-        extra: String::from_utf8(out.stdout).unwrap(),
-        ..Default::default()
-    });
+    let acl = AclSite::start(&[
+        ("presenced", r#"runs = ["ingest", "engine"]"#),
+        ("analyst", r#"reads = ["sensors", "events"]"#),
+        ("operator", r#"reads = ["commands"]"#),
+    ]);
     let http_port = support::free_port();
     let base = daemon_config(
         "test",
-        &nats.url(),
+        &acl.url(),
         mqtt.port,
         http_port,
         &motion_mapping(true),
         zones,
     );
-    let admin_cfg = dir.path().join("admin.toml");
-    std::fs::write(
-        &admin_cfg,
-        as_service(&base, "admin", &dir.path().join("admin.seed")),
-    )
-    .unwrap();
-    provision(&admin_cfg);
-    let seed = identity::read_seed(&dir.path().join("admin.seed")).unwrap();
-    let client = async_nats::ConnectOptions::new()
-        .nkey(seed)
-        .connect(nats.url())
-        .await
-        .unwrap();
+    acl.provision(&base);
     Site {
-        url: nats.url(),
-        _nats: nats,
-        admin_js: async_nats::jetstream::new(client),
-        dir,
+        url: acl.url(),
+        admin_js: acl.js("admin").await,
+        acl,
         base,
         http_port,
     }
@@ -184,7 +127,7 @@ pub(crate) fn run(args: &[&str]) -> std::process::Output {
 async fn replaying_with_the_daemons_config_gives_exactly_the_transitions_in_events() {
     let mqtt = Mosquitto::start();
     let s = site(&mqtt).await;
-    let daemon_cfg = as_service(&s.base, "presenced", &s.seed("presenced"));
+    let daemon_cfg = s.as_identity(&s.base, "presenced");
     let mut d = Daemon::start(&daemon_cfg, &[]);
     d.wait_healthy(
         SocketAddr::from(([127, 0, 0, 1], s.http_port)),
@@ -238,10 +181,7 @@ async fn replaying_with_the_daemons_config_gives_exactly_the_transitions_in_even
             .is_some_and(|z| z.state == Presence::Vacant)
     })
     .await;
-    let op_cfg = s.file(
-        "operator.toml",
-        &as_service(&s.base, "operator", &s.seed("operator")),
-    );
+    let op_cfg = s.file("operator.toml", &s.as_identity(&s.base, "operator"));
     let out = run(&[
         "cmd",
         "override",
@@ -294,10 +234,7 @@ async fn replaying_with_the_daemons_config_gives_exactly_the_transitions_in_even
     let before = sequences(js).await;
 
     // The analyst replays with the daemon's config, as its own identity.
-    let analyst = s.file(
-        "analyst.toml",
-        &as_service(&s.base, "analyst", &s.seed("analyst")),
-    );
+    let analyst = s.file("analyst.toml", &s.as_identity(&s.base, "analyst"));
     let to = presenced::time::Timestamp::now();
     let (from_s, to_s) = (from.to_string(), to.to_string());
     let args = [
@@ -407,17 +344,14 @@ async fn replaying_with_the_daemons_config_gives_exactly_the_transitions_in_even
 async fn bad_candidates_and_empty_ranges_are_refused_with_a_reason() {
     let mqtt = Mosquitto::start();
     let s = site(&mqtt).await;
-    let analyst = s.file(
-        "analyst.toml",
-        &as_service(&s.base, "analyst", &s.seed("analyst")),
-    );
+    let analyst = s.file("analyst.toml", &s.as_identity(&s.base, "analyst"));
     let before = sequences(&s.admin_js).await;
     // A candidate failing check-config: refused, naming the problem,
     // before any connection (the server's URL is not even reachable).
     let bad = s.file("bad.toml", &s.base.replace("p_true = 0.95", "p_true = 1.7"));
     let unreachable = s.file(
         "unreachable.toml",
-        &as_service(&s.base, "analyst", &s.seed("analyst")).replace(
+        &s.as_identity(&s.base, "analyst").replace(
             &s.url,
             &format!("nats://127.0.0.1:{}", support::free_port()),
         ),

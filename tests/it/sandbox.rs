@@ -511,6 +511,45 @@ fn a_port_taken_before_its_server_binds_it_is_replaced() {
     drop(held);
 }
 
+/// The same for SeaweedFS, which cannot listen on port 0 either: its S3
+/// port held by another program, it exits on `address already in use`
+/// (followed by Go's stack dump) and the sandbox starts again with S3 on a
+/// fresh port.
+#[test]
+fn an_s3_port_taken_before_seaweedfs_binds_it_is_replaced() {
+    use presenced::sandbox::plan::{ports_needed, S3_PORTS};
+    let held = std::net::TcpListener::bind(("127.0.0.1", support::free_port())).unwrap();
+    let taken = held.local_addr().unwrap().port();
+    let needed = ports_needed(1);
+    // Free ports, checked by binding: the held one is not among them.
+    let others = presenced_procs::free_ports(needed + S3_PORTS - 1).unwrap();
+    let ports: Vec<String> = others[..needed]
+        .iter()
+        .chain(std::iter::once(&taken))
+        .chain(&others[needed..])
+        .map(|p| p.to_string())
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = run_with(
+        &tmp.path().join("sbx"),
+        1,
+        &[],
+        &[("PRESENCED_SANDBOX_FIRST_PORTS", ports.join(","))],
+    );
+    assert!(
+        text.contains("sandbox: a port was taken (s3: ")
+            && text.contains(&format!("127.0.0.1:{taken}: bind: address already in use"))
+            && text.contains("starting again on fresh ports"),
+        "{text}"
+    );
+    assert!(
+        text.contains("archive: S3 (SeaweedFS")
+            && !text.contains(&format!("at http://127.0.0.1:{taken},")),
+        "the summary names S3's fresh port, not the taken one:\n{text}"
+    );
+    drop(held);
+}
+
 #[test]
 fn a_second_run_keeps_keys_and_state_and_fresh_starts_over() {
     let tmp = tempfile::tempdir().unwrap();

@@ -7,12 +7,11 @@ use crate::common;
 use crate::support;
 
 use common::*;
-use presenced::acl::identity;
 use presenced::naming;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
-use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
+use support::{AclSite, Daemon, Mosquitto};
 
 const ZONES: &str = r#"
 [zones.lab]
@@ -25,11 +24,11 @@ p_true = 0.95
 p_false = 0.05
 "#;
 
-/// The common head of every instance's file.
-fn head(service: &str, seed: &Path, nats: &str, http: u16) -> String {
+/// The common head of every instance's file (its service and seed are
+/// added by [`AclSite::as_identity`]).
+fn head(nats: &str, http: u16) -> String {
     format!(
-        "site = \"test\"\nservice = \"{service}\"\n\n[nats]\nurl = \"{nats}\"\nrequest_timeout = \"2s\"\nnkey_seed_file = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\n\n[engine]\ndrain_timeout = \"5s\"\n\n[lease]\nttl = \"3s\"\n",
-        seed.display()
+        "site = \"test\"\n\n[nats]\nurl = \"{nats}\"\nrequest_timeout = \"2s\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\n\n[engine]\ndrain_timeout = \"5s\"\n\n[lease]\nttl = \"3s\"\n"
     )
 }
 
@@ -67,75 +66,35 @@ async fn lease_components(js: &async_nats::jetstream::Context, service: &str) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_engine_and_archiver_run_as_separate_instances_under_the_generated_acl() {
     let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let key = |s: &str| identity::keygen(s, &d.join(format!("{s}.seed"))).unwrap();
-    let (admin, ingest, engine, archiver) =
-        (key("admin"), key("ingest"), key("engine"), key("archiver"));
-    let access = format!(
-        "admin = {{ nkey = \"{}\" }}\n[services.ingest]\nnkey = \"{}\"\nruns = [\"ingest\"]\n[services.engine]\nnkey = \"{}\"\nruns = [\"engine\"]\n[services.archiver]\nnkey = \"{}\"\nruns = [\"archiver\"]\n",
-        admin.public_key, ingest.public_key, engine.public_key, archiver.public_key
-    );
-    let access_path = write(d, "access.toml", &access);
-    let out = support::daemon::run_presenced(
-        &[
-            "acl",
-            "--access",
-            access_path.to_str().unwrap(),
-            "--site",
-            "test",
-        ],
-        &[],
-    );
-    assert!(out.status.success());
-    let nats = NatsServer::start(NatsOptions {
-        extra: String::from_utf8(out.stdout).unwrap(),
-        ..Default::default()
-    });
-    let url = nats.url();
+    let site = AclSite::start(&[
+        ("ingest", r#"runs = ["ingest"]"#),
+        ("engine", r#"runs = ["engine"]"#),
+        ("archiver", r#"runs = ["archiver"]"#),
+    ]);
+    let url = site.url();
     let ports = [
         support::free_port(),
         support::free_port(),
         support::free_port(),
     ];
-    let admin_cfg = write(
-        d,
-        "admin.toml",
-        &format!(
-            "{}{ZONES}",
-            head("admin", &d.join("admin.seed"), &url, support::free_port())
-        ),
-    );
-    provision(&admin_cfg);
+    site.provision(&format!("{}{ZONES}", head(&url, support::free_port())));
 
     // Each instance's file has only its own part: no zones in the ingest,
     // no source in the engine, only [archive] in the archiver.
-    let ingest_cfg = write(
-        d,
-        "ingest.toml",
+    let ingest_cfg = site.config_file(
+        // An instance without zones says it runs ingest only:
+        // check-config refuses sources without zones otherwise.
         &format!(
-            // An instance without zones says it runs ingest only:
-            // check-config refuses sources without zones otherwise.
             "runs = [\"ingest\"]\n{}{}",
-            head("ingest", &d.join("ingest.seed"), &url, ports[0]),
+            head(&url, ports[0]),
             mqtt(broker.port)
         ),
+        "ingest",
     );
-    let engine_cfg = write(
-        d,
-        "engine.toml",
-        &format!(
-            "{}{ZONES}",
-            head("engine", &d.join("engine.seed"), &url, ports[1])
-        ),
-    );
-    let archiver_cfg = write(
-        d,
-        "archiver.toml",
-        &format!(
-            "{}[archive]\nevery = \"1s\"\n",
-            head("archiver", &d.join("archiver.seed"), &url, ports[2])
-        ),
+    let engine_cfg = site.config_file(&format!("{}{ZONES}", head(&url, ports[1])), "engine");
+    let archiver_cfg = site.config_file(
+        &format!("{}[archive]\nevery = \"1s\"\n", head(&url, ports[2])),
+        "archiver",
     );
     for (c, runs) in [
         (&ingest_cfg, "ingest"),
@@ -153,13 +112,7 @@ async fn ingest_engine_and_archiver_run_as_separate_instances_under_the_generate
     de.wait_healthy(http(ports[1]), Duration::from_secs(20));
     da.wait_healthy(http(ports[2]), Duration::from_secs(20));
 
-    let seed = identity::read_seed(&d.join("admin.seed")).unwrap();
-    let client = async_nats::ConnectOptions::new()
-        .nkey(seed)
-        .connect(&url)
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = site.js("admin").await;
 
     // A reading read by the ingest instance is decided by the engine one.
     let mut p = Publisher::connect(broker.port, "split-pub").await;
@@ -241,14 +194,15 @@ async fn ingest_engine_and_archiver_run_as_separate_instances_under_the_generate
     // `presenced status` as the operator holds it: the admin identity, a
     // file naming the whole site (sources and zones) and the engine
     // daemon's listen address without binding it.
-    let operator = write(
-        d,
+    let operator = site.file(
         "operator.toml",
-        &format!(
-            "{}{}{ZONES}",
-            head("admin", &d.join("admin.seed"), &url, ports[1])
-                .replace("[http]\n", "[http]\nenabled = false\n"),
-            mqtt(broker.port)
+        &site.as_identity(
+            &format!(
+                "{}{}{ZONES}",
+                head(&url, ports[1]).replace("[http]\n", "[http]\nenabled = false\n"),
+                mqtt(broker.port)
+            ),
+            "admin",
         ),
     );
     let status = |cfg: &Path| {

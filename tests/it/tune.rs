@@ -2,10 +2,9 @@
 //! real SENSORS under the generated ACL, read as a reader identity; the
 //! report rendered by headless Chromium and checked as rendered.
 
-use crate::replay::{as_service, run, sequences, site_with};
+use crate::replay::{run, sequences, site_with};
 use crate::support;
 
-use presenced::acl::identity;
 use presenced::observation::{Observation, OBSERVATION_SCHEMA};
 use presenced::sandbox::truth::{self, Habits, SensorModel};
 use presenced::time::Timestamp;
@@ -49,15 +48,7 @@ fn models() -> Vec<SensorModel> {
 
 /// Stores a simulated day in SENSORS as the ingest identity would (the
 /// readings' own times are yesterday's; the stream's are now).
-async fn store_day(url: &str, seed_file: &Path, day: &truth::Day) {
-    let seed = identity::read_seed(seed_file).unwrap();
-    let client = async_nats::ConnectOptions::new()
-        .nkey(seed)
-        .custom_inbox_prefix(presenced::naming::inbox_prefix("presenced"))
-        .connect(url)
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(client);
+async fn store_day(js: &async_nats::jetstream::Context, day: &truth::Day) {
     for chunk in day.records.chunks(500) {
         let mut acks = Vec::new();
         for r in chunk {
@@ -203,12 +194,9 @@ async fn tune_learns_a_simulated_day_and_the_report_renders_in_chromium() {
         Duration::from_secs(24 * 3600),
         11,
     );
-    store_day(&s.url, &s.seed("presenced"), &day).await;
+    store_day(&s.js("presenced").await, &day).await;
     let labels = s.file("labels.csv", &truth::labels_csv(&day.labels));
-    let analyst = s.file(
-        "analyst.toml",
-        &as_service(&s.base, "analyst", &s.seed("analyst")),
-    );
+    let analyst = s.file("analyst.toml", &s.as_identity(&s.base, "analyst"));
     let before = sequences(&s.admin_js).await;
 
     let out = run(&[
@@ -333,7 +321,7 @@ async fn tune_learns_a_simulated_day_and_the_report_renders_in_chromium() {
     );
     let unreachable = s.file(
         "unreachable.toml",
-        &as_service(&s.base, "analyst", &s.seed("analyst")).replace(
+        &s.as_identity(&s.base, "analyst").replace(
             &s.url,
             &format!("nats://127.0.0.1:{}", support::free_port()),
         ),

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
@@ -30,7 +30,7 @@ fn bin(var: &str, names: &[&str], fallback: &str) -> PathBuf {
 pub struct Browser {
     addr: SocketAddr,
     session: String,
-    child: Child,
+    child: process::Supervised,
     _dir: TempDir,
 }
 
@@ -134,20 +134,14 @@ impl Browser {
             &["chromedriver", "chromium-driver"],
             "/usr/bin/chromedriver",
         );
-        let log = std::fs::File::create(dir.path().join("chromedriver.log")).expect("log file");
-        let child = Command::new(&driver)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {} ({e}): install chromium and chromium-driver (scripts/setup.sh)",
-                    driver.display()
-                )
-            });
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log_path = dir.path().join("chromedriver.log");
+        let mut child = process::Supervised::new("chromedriver", log_path.clone());
+        let mut command = Command::new(&driver);
+        command.arg(format!("--port={port}"));
+        if let Err(e) = child.spawn(command, true) {
+            panic!("{e}: install chromium and chromium-driver (scripts/setup.sh)");
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let profile = dir.path().join("profile");
         // Owned from here: a panic below still stops chromedriver (Drop).
         let mut browser = Browser {
@@ -300,7 +294,6 @@ impl Drop for Browser {
             let path = format!("/session/{}", self.session);
             let _ = call(self.addr, "DELETE", &path, None);
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
     }
 }

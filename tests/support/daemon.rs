@@ -1,7 +1,7 @@
 //! The `presenced` binary under test, run as an operator would run it.
 
 use super::http_get;
-use super::process::{self, log_tail};
+use super::process::{self, Harnessed as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
@@ -133,7 +133,7 @@ impl Daemon {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         apply_env(&mut command, &env);
-        self.process.spawn(command, true);
+        self.process.start(command, true);
     }
 
     /// SIGKILL and reap: a crash at an arbitrary instant.

