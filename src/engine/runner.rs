@@ -35,6 +35,7 @@ const MAX_ANSWERED: usize = 10_000;
 use crate::naming::{self, Site};
 use crate::observation::Observation;
 use crate::store::kv::{self as kvstore, CasWrite};
+use crate::store::leader::TakeoverRecord;
 use crate::time::Timestamp;
 use async_nats::jetstream::{self, consumer::pull, kv, message::PublishMessage};
 use bytes::Bytes;
@@ -226,6 +227,7 @@ impl Runner {
             zones = slots.len(),
             stored = stored.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
+            elapsed_us = started.elapsed().as_micros() as u64,
             "state rehydrated"
         );
         let mut runner = Runner {
@@ -263,8 +265,55 @@ impl Runner {
             .map(|(z, _)| z.clone())
             .collect();
         runner.commit_with_retry(dirty, Vec::new()).await;
+        if let Some(record) = runner.fence.as_ref().and_then(|f| f.tenure()) {
+            runner.record_takeover(&record).await;
+        }
         runner.update_gauges();
         Ok(runner)
+    }
+
+    /// Writes the record of this tenure's take to `EVENTS`
+    /// (`events.<site>.takeover.<service>`), after the zones are fenced
+    /// and before any transition of this holder, so the stream reads:
+    /// the old holder's transitions, the takeover, the new holder's.
+    /// Retried until stored or fenced; the id makes a retry a duplicate.
+    async fn record_takeover(&mut self, record: &TakeoverRecord) {
+        let subject = self.site.takeover_subject(&record.service);
+        let id = naming::takeover_msg_id(&self.site, &record.service, record.revision);
+        let body = match serde_json::to_vec(record) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode the takeover record");
+                return;
+            }
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        loop {
+            if !self.may_write() {
+                tracing::warn!("takeover record not written: the leader lease was lost first");
+                return;
+            }
+            let msg = PublishMessage::build()
+                .payload(body.clone())
+                .message_id(id.clone());
+            let sent = async {
+                self.js
+                    .send_publish(subject.clone(), msg)
+                    .await?
+                    .await
+                    .map_err(async_nats::Error::from)
+            };
+            match sent.await {
+                Ok(_) => {
+                    tracing::info!(subject = %subject, from = ?record.from, to = %record.to, revision = record.revision, "takeover recorded in EVENTS");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(subject = %subject, error = %e, "cannot record the takeover in EVENTS; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
     }
 
     fn reschedule(&mut self, zone: &str) {
