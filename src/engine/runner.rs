@@ -153,13 +153,15 @@ impl Runner {
         metrics: Arc<Metrics>,
         batch: usize,
     ) -> Result<Runner, RunnerError> {
-        Runner::start_fenced(js, site, model, metrics, batch, None).await
+        Runner::start_fenced(js, site, model, metrics, batch, None, None).await
     }
 
     /// [`Runner::start`] for the holder of the leader lease: every write
     /// asks `fence` first, and every zone's presence key is rewritten
     /// at once (same value, new revision), so a former holder's
     /// compare-and-set writes expect revisions that no longer exist.
+    /// `warm` is a standby's followed state ([`super::standby`]): used
+    /// when it has caught up with the buckets, else they are read in full.
     pub async fn start_fenced(
         js: jetstream::Context,
         site: Site,
@@ -167,6 +169,7 @@ impl Runner {
         metrics: Arc<Metrics>,
         batch: usize,
         fence: Option<crate::store::leader::Fence>,
+        warm: Option<super::standby::Warm>,
     ) -> Result<Runner, RunnerError> {
         let presence = js
             .get_key_value(naming::PRESENCE_BUCKET)
@@ -177,8 +180,18 @@ impl Runner {
             .await
             .map_err(|e| missing("KV bucket debounce", e))?;
         let started = std::time::Instant::now();
-        let stored = kvstore::load_all(&presence, naming::PRESENCE_BUCKET).await?;
-        let stored_debounce = kvstore::load_all(&debounce, naming::DEBOUNCE_BUCKET).await?;
+        let followed = match warm {
+            Some(w) => w.take(&presence, &debounce, super::standby::CATCH_UP).await,
+            None => None,
+        };
+        let was_warm = followed.is_some();
+        let (stored, stored_debounce) = match followed {
+            Some(r) => (r.presence, r.debounce),
+            None => (
+                kvstore::load_all(&presence, naming::PRESENCE_BUCKET).await?,
+                kvstore::load_all(&debounce, naming::DEBOUNCE_BUCKET).await?,
+            ),
+        };
         let now = Timestamp::now();
         let mut slots = BTreeMap::new();
         for (zone, zm) in &model.zones {
@@ -226,6 +239,7 @@ impl Runner {
         tracing::info!(
             zones = slots.len(),
             stored = stored.len(),
+            warm = was_warm,
             elapsed_ms = started.elapsed().as_millis() as u64,
             elapsed_us = started.elapsed().as_micros() as u64,
             "state rehydrated"

@@ -305,8 +305,8 @@ async fn a_standby_takes_over_within_ttl_plus_one_second_after_a_sigkill_and_los
         took <= TTL + Duration::from_secs(1),
         "standby active {took:?} after the SIGKILL, more than TTL + 1 s"
     );
-    // The new holder was writing (zones fenced, takeover recorded) soon
-    // after.
+    // The standby followed the state: it started from it, warm, and was
+    // writing (zones fenced, takeover recorded) soon after.
     b.wait_for_log("takeover recorded in EVENTS", Duration::from_secs(5));
     let log = b.log();
     let rehydrated = log_line(&log, "state rehydrated");
@@ -314,6 +314,7 @@ async fn a_standby_takes_over_within_ttl_plus_one_second_after_a_sigkill_and_los
         "new holder writing {} ms after SIGKILL; {rehydrated}",
         log_time(&log, "takeover recorded in EVENTS").0 - killed_at.0
     );
+    assert!(rehydrated.contains("warm=true"), "{rehydrated}");
     publisher.await.unwrap();
     assert_trajectory(&s, total as u64).await;
     let h = engine_health(s.engine_http[1]);
