@@ -730,3 +730,74 @@ async fn an_active_instance_cut_from_the_leaf_is_replaced_and_stands_by_when_the
         b.log().matches("went to another puller").count()
     );
 }
+
+/// Several SIGKILLs of the active instance in a row while readings flow,
+/// the killed one restarted as the standby each time: EVENTS and KV
+/// presence equal an uninterrupted run of the pure core over SENSORS, and
+/// EVENTS holds one takeover record per acquisition, each taking over
+/// from the holder before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_sigkill_takeovers_in_a_row_lose_and_duplicate_nothing() {
+    const KILLS: usize = 4;
+    let s = site().await;
+    let mut instances = [Some(start_engine(&s, 0)), None];
+    wait_role(s.engine_http[0], "active", Duration::from_secs(10));
+    instances[1] = Some(start_engine(&s, 1));
+    wait_role(s.engine_http[1], "standby", Duration::from_secs(10));
+
+    let total = 2000;
+    let publisher = readings(s.broker.port, total);
+    let mut active = 0;
+    let mut holders = vec![instances[0].as_ref().unwrap().pid()];
+    for k in 0..KILLS {
+        // Let the holder apply some readings first.
+        let stored = stream_messages(&s.admin, "SENSORS").await;
+        eventually("readings applied", Duration::from_secs(10), || async {
+            applied(&s.admin).await > stored + 40
+        })
+        .await;
+        let mut victim = instances[active].take().unwrap();
+        victim.kill9();
+        let killed = Instant::now();
+        let standby = 1 - active;
+        let took = wait_role(
+            s.engine_http[standby],
+            "active",
+            TTL + Duration::from_secs(5),
+        ) - killed;
+        eprintln!("takeover {} after SIGKILL: {took:?}", k + 1);
+        assert!(took <= TTL + Duration::from_secs(1), "{took:?}");
+        holders.push(instances[standby].as_ref().unwrap().pid());
+        drop(victim);
+        instances[active] = Some(start_engine(&s, active));
+        wait_role(s.engine_http[active], "standby", Duration::from_secs(10));
+        active = standby;
+    }
+    assert!(
+        stream_messages(&s.admin, "SENSORS").await < total as u64,
+        "readings were still flowing at the last takeover"
+    );
+    publisher.await.unwrap();
+    assert_trajectory(&s, total as u64).await;
+    let records = takeover_records(&s.admin).await;
+    assert_eq!(records.len(), KILLS + 1, "{records:?}");
+    assert_eq!(records[0].from, None, "{records:?}");
+    for (i, r) in records.iter().enumerate() {
+        assert!(
+            r.to.ends_with(&format!("/{}", holders[i])),
+            "{i}: {records:?}"
+        );
+        if i > 0 {
+            assert_eq!(
+                r.from.as_deref(),
+                Some(records[i - 1].to.as_str()),
+                "{records:?}"
+            );
+            assert!(r.revision > records[i - 1].revision, "{records:?}");
+        }
+    }
+    for d in instances.iter().flatten() {
+        let log = d.log();
+        assert!(!log.contains("Permissions Violation"), "{log}");
+    }
+}
