@@ -37,6 +37,7 @@ use crate::observation::Observation;
 use crate::store::kv::{self as kvstore, CasWrite};
 use crate::store::leader::TakeoverRecord;
 use crate::time::Timestamp;
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, consumer::pull, kv, message::PublishMessage};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
@@ -131,6 +132,12 @@ pub struct Runner {
     /// runner got from the durable consumer; a jump in the consumer
     /// sequence means deliveries went to another puller.
     last_delivery: Option<(u64, u64)>,
+    /// The `EVENTS` sequence of this tenure's takeover record: every
+    /// `EVENTS` publish expects it to be the last message under
+    /// `events.<site>.takeover.<service>`, so once a new holder has
+    /// recorded its takeover the server refuses this one's (the instant
+    /// between the fence check and the publish). `None` without a lease.
+    events_fence: Option<(String, u64)>,
     /// Replies to commands that carried an id, by (subject, id), for
     /// [`command::RETRY_WINDOW`]: a retry gets the original reply.
     answered: HashMap<(String, String), (tokio::time::Instant, Bytes)>,
@@ -179,6 +186,19 @@ impl Runner {
             .get_key_value(naming::DEBOUNCE_BUCKET)
             .await
             .map_err(|e| missing("KV bucket debounce", e))?;
+        // The takeover goes on record first: from here on the former
+        // holder's EVENTS publishes are refused by the server, and as it
+        // publishes before it writes KV, the state read below is one
+        // whose transitions are all in EVENTS.
+        let events_fence = match fence.as_ref() {
+            Some(f) => match f.tenure() {
+                Some(record) => record_takeover(&js, &site, f, &record)
+                    .await
+                    .map(|seq| (site.takeover_subject(&record.service), seq)),
+                None => None,
+            },
+            None => None,
+        };
         let started = std::time::Instant::now();
         let followed = match warm {
             Some(w) => w.take(&presence, &debounce, super::standby::CATCH_UP).await,
@@ -263,6 +283,7 @@ impl Runner {
             fence,
             last_delivery: None,
             answered: HashMap::new(),
+            events_fence,
         };
         let zones: Vec<String> = runner.slots.keys().cloned().collect();
         for z in &zones {
@@ -278,54 +299,69 @@ impl Runner {
             })
             .map(|(z, _)| z.clone())
             .collect();
-        runner.commit_with_retry(dirty, Vec::new()).await;
-        if let Some(record) = runner.fence.as_ref().and_then(|f| f.tenure()) {
-            runner.record_takeover(&record).await;
+        if runner.fence.is_some() && runner.events_fence.is_none() {
+            // The lease was lost before the takeover was on record.
+            runner.fenced = true;
         }
+        runner.commit_with_retry(dirty, Vec::new()).await;
         runner.update_gauges();
         Ok(runner)
     }
 
-    /// Writes the record of this tenure's take to `EVENTS`
-    /// (`events.<site>.takeover.<service>`), after the zones are fenced
-    /// and before any transition of this holder, so the stream reads:
-    /// the old holder's transitions, the takeover, the new holder's.
-    /// Retried until stored or fenced; the id makes a retry a duplicate.
-    async fn record_takeover(&mut self, record: &TakeoverRecord) {
-        let subject = self.site.takeover_subject(&record.service);
-        let id = naming::takeover_msg_id(&self.site, &record.service, record.revision);
-        let body = match serde_json::to_vec(record) {
+    /// An `EVENTS` message of this holder: with the takeover record's
+    /// sequence as the expected last one under the takeover subject.
+    fn events_message(&self, payload: Bytes, id: String) -> PublishMessage {
+        let msg = PublishMessage::build().payload(payload).message_id(id);
+        match &self.events_fence {
+            Some((subject, seq)) => msg
+                .expected_last_subject_sequence(*seq)
+                .header(EXPECTED_SUBJECT, subject.as_str()),
+            None => msg,
+        }
+    }
+
+    /// `EVENTS` refused a publish for its expected takeover sequence:
+    /// another holder recorded a takeover after ours (stop writing), or
+    /// our record is gone (aged out after `EVENTS`' max age, or purged by
+    /// hand), then it is recorded again, on the condition that the
+    /// takeover subject is empty, so a new holder's record still wins.
+    async fn events_fence_refused(&mut self) {
+        let Some((subject, seq)) = self.events_fence.clone() else {
+            return;
+        };
+        let Some(record) = self.fence.as_ref().and_then(|f| f.tenure()) else {
+            return;
+        };
+        let body = match serde_json::to_vec(&record) {
             Ok(b) => Bytes::from(b),
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode the takeover record");
                 return;
             }
         };
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-        loop {
-            if !self.may_write() {
-                tracing::warn!("takeover record not written: the leader lease was lost first");
-                return;
+        let id = format!(
+            "{}.again.{seq}",
+            naming::takeover_msg_id(&self.site, &record.service, record.revision)
+        );
+        let msg = PublishMessage::build()
+            .payload(body)
+            .message_id(id)
+            .expected_last_subject_sequence(0);
+        let ack = async { self.js.send_publish(subject.clone(), msg).await?.await };
+        match ack.await {
+            Ok(ack) => {
+                tracing::warn!(subject = %subject, was = seq, now = ack.sequence, "this holder's takeover record is gone from EVENTS (aged out or purged): recorded again");
+                self.events_fence = Some((subject, ack.sequence));
             }
-            let msg = PublishMessage::build()
-                .payload(body.clone())
-                .message_id(id.clone());
-            let sent = async {
-                self.js
-                    .send_publish(subject.clone(), msg)
-                    .await?
-                    .await
-                    .map_err(async_nats::Error::from)
-            };
-            match sent.await {
-                Ok(_) => {
-                    tracing::info!(subject = %subject, from = ?record.from, to = %record.to, revision = record.revision, "takeover recorded in EVENTS");
-                    return;
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                tracing::warn!(subject = %subject, expected = seq, "EVENTS refused a publish: another engine recorded a takeover after this one; this instance stops writing and stands by");
+                if let Some(f) = &self.fence {
+                    f.revoke();
                 }
-                Err(e) => {
-                    tracing::warn!(subject = %subject, error = %e, "cannot record the takeover in EVENTS; retrying");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
+                self.fenced = true;
+            }
+            Err(e) => {
+                tracing::warn!(subject = %subject, error = %e, "cannot check the takeover record in EVENTS; retrying");
             }
         }
     }
@@ -616,9 +652,10 @@ impl Runner {
         let mut messages = Vec::with_capacity(transitions.len());
         for t in transitions {
             let payload = serde_json::to_vec(t)?;
-            let msg = PublishMessage::build()
-                .payload(Bytes::from(payload))
-                .message_id(naming::transition_msg_id(&self.site, &t.zone, t.number));
+            let msg = self.events_message(
+                Bytes::from(payload),
+                naming::transition_msg_id(&self.site, &t.zone, t.number),
+            );
             messages.push((self.site.events_subject(&t.zone), msg));
         }
         let acks = crate::store::publish::publish_all(&self.js, messages).await;
@@ -643,6 +680,9 @@ impl Runner {
             }
         }
         if let Some(e) = first_error {
+            if e.kind() == PublishErrorKind::WrongLastSequence && self.events_fence.is_some() {
+                self.events_fence_refused().await;
+            }
             return Err(e.into());
         }
         for t in transitions {
@@ -1003,20 +1043,22 @@ impl Runner {
             "revision": entry.revision,
             "last": last,
         });
-        let msg = PublishMessage::build()
-            .payload(Bytes::from(record.to_string()))
-            .message_id(format!(
-                "{}.{}.removed.{}",
-                self.site.as_str(),
-                zone,
-                entry.revision
-            ));
-        self.js
-            .send_publish(self.site.events_subject(&zone), msg)
-            .await
-            .map_err(|e| unavailable("cannot record the removal in EVENTS", &e))?
-            .await
-            .map_err(|e| unavailable("cannot record the removal in EVENTS", &e))?;
+        let msg = self.events_message(
+            Bytes::from(record.to_string()),
+            format!("{}.{}.removed.{}", self.site.as_str(), zone, entry.revision),
+        );
+        let stored = async {
+            self.js
+                .send_publish(self.site.events_subject(&zone), msg)
+                .await?
+                .await
+        };
+        if let Err(e) = stored.await {
+            if e.kind() == PublishErrorKind::WrongLastSequence {
+                self.events_fence_refused().await;
+            }
+            return Err(unavailable("cannot record the removal in EVENTS", &e));
+        }
         self.presence
             .purge(&zone)
             .await
@@ -1267,6 +1309,54 @@ impl Runner {
             crate::systemd::watchdog();
         }
         Ok(())
+    }
+}
+
+/// `Nats-Expected-Last-Subject-Sequence` checks the last sequence under
+/// this subject instead of the published one (nats-server 2.11 and later).
+const EXPECTED_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
+
+/// Writes the record of a tenure's take to `EVENTS`
+/// (`events.<site>.takeover.<service>`) before the new holder reads any
+/// state, so the stream reads: the old holder's transitions, the
+/// takeover, the new holder's. Retried until stored or the lease is
+/// lost; the id makes a retry a duplicate (whose ack carries the first
+/// copy's sequence). Returns the record's sequence.
+async fn record_takeover(
+    js: &jetstream::Context,
+    site: &Site,
+    fence: &crate::store::leader::Fence,
+    record: &TakeoverRecord,
+) -> Option<u64> {
+    let subject = site.takeover_subject(&record.service);
+    let id = naming::takeover_msg_id(site, &record.service, record.revision);
+    let body = match serde_json::to_vec(record) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode the takeover record");
+            return None;
+        }
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    loop {
+        if !fence.valid() {
+            tracing::warn!("takeover record not written: the leader lease was lost first");
+            return None;
+        }
+        let msg = PublishMessage::build()
+            .payload(body.clone())
+            .message_id(id.clone());
+        let sent = async { js.send_publish(subject.clone(), msg).await?.await };
+        match sent.await {
+            Ok(ack) => {
+                tracing::info!(subject = %subject, sequence = ack.sequence, from = ?record.from, to = %record.to, revision = record.revision, "takeover recorded in EVENTS");
+                return Some(ack.sequence);
+            }
+            Err(e) => {
+                tracing::warn!(subject = %subject, error = %e, "cannot record the takeover in EVENTS; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
     }
 }
 

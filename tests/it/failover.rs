@@ -305,14 +305,15 @@ async fn a_standby_takes_over_within_ttl_plus_one_second_after_a_sigkill_and_los
         took <= TTL + Duration::from_secs(1),
         "standby active {took:?} after the SIGKILL, more than TTL + 1 s"
     );
-    // The standby followed the state: it started from it, warm, and was
-    // writing (zones fenced, takeover recorded) soon after.
-    b.wait_for_log("takeover recorded in EVENTS", Duration::from_secs(5));
+    // The standby followed the state: it started from it, warm, soon
+    // after recording the takeover.
+    b.wait_for_log("state rehydrated", Duration::from_secs(5));
     let log = b.log();
     let rehydrated = log_line(&log, "state rehydrated");
     eprintln!(
-        "new holder writing {} ms after SIGKILL; {rehydrated}",
-        log_time(&log, "takeover recorded in EVENTS").0 - killed_at.0
+        "takeover recorded in EVENTS {} ms after SIGKILL, state rehydrated {} ms after; {rehydrated}",
+        log_time(&log, "takeover recorded in EVENTS").0 - killed_at.0,
+        log_time(&log, "state rehydrated").0 - killed_at.0
     );
     assert!(rehydrated.contains("warm=true"), "{rehydrated}");
     publisher.await.unwrap();
@@ -526,6 +527,74 @@ async fn a_leader_frozen_past_its_lease_is_fenced_when_it_wakes_and_stands_by() 
     for log in [a.log(), blog] {
         assert!(!log.contains("Permissions Violation"), "{log}");
     }
+    // The server-side fence of EVENTS: a publish as the thawed holder
+    // would send it had it been frozen between its fence check and the
+    // publish (the engine's identity, the old tenure's takeover record as
+    // the expected last one) is refused; the new tenure's is accepted.
+    let records = takeover_sequences(&s.admin).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(records[0].1.to.ends_with(&format!("/{}", a.pid())));
+    assert!(records[1].1.to.ends_with(&format!("/{}", b.pid())));
+    let engine = engine_js(&s).await;
+    let stale = fenced_publish(&engine, "events.test.presence.z0", records[0].0).await;
+    assert!(
+        matches!(&stale, Err(e) if e.kind() == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence),
+        "a publish of the old tenure is refused: {stale:?}"
+    );
+    let current = fenced_publish(&engine, "events.test.probe", records[1].0).await;
+    assert!(current.is_ok(), "the new tenure's is stored: {current:?}");
+    assert_eq!(
+        events(&s.admin).await.len(),
+        expected(&s.admin, &s.engine_cfg[0]).await.0.len(),
+        "nothing of the old tenure reached the zones' subjects"
+    );
+}
+
+/// The engine service's JetStream context (its identity and inboxes).
+async fn engine_js(s: &Site) -> async_nats::jetstream::Context {
+    let seed = identity::read_seed(&s.dir.path().join("engine.seed")).unwrap();
+    let client = async_nats::ConnectOptions::new()
+        .nkey(seed)
+        .custom_inbox_prefix(presenced::naming::inbox_prefix("engine"))
+        .connect(s.nats.url())
+        .await
+        .unwrap();
+    async_nats::jetstream::new(client)
+}
+
+/// Publishes to `subject` expecting `seq` as the last message under the
+/// takeover subject, as the engine fences its EVENTS publishes.
+async fn fenced_publish(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    seq: u64,
+) -> Result<async_nats::jetstream::publish::PublishAck, async_nats::jetstream::context::PublishError>
+{
+    let msg = async_nats::jetstream::message::PublishMessage::build()
+        .payload(r#"{"probe":true}"#.into())
+        .expected_last_subject_sequence(seq)
+        .header(
+            "Nats-Expected-Last-Subject-Sequence-Subject",
+            "events.test.takeover.engine",
+        );
+    js.send_publish(subject.to_owned(), msg).await?.await
+}
+
+/// The takeover records in EVENTS with their stream sequences.
+async fn takeover_sequences(
+    js: &async_nats::jetstream::Context,
+) -> Vec<(u64, presenced::store::leader::TakeoverRecord)> {
+    read_stream(js, "EVENTS")
+        .await
+        .iter()
+        .filter(|m| m.subject.as_str() == "events.test.takeover.engine")
+        .map(|m| {
+            (
+                m.info().unwrap().stream_sequence,
+                serde_json::from_slice(&m.payload).unwrap(),
+            )
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -551,8 +620,13 @@ async fn a_lease_deleted_by_hand_moves_the_engine_to_one_writer_and_loses_nothin
     publisher.await.unwrap();
     assert_trajectory(&s, total as u64).await;
     let alog = a.log();
+    // Whichever of its writes met the new holder first: the lease
+    // renewal, a zone's compare-and-set, or EVENTS' server-side fence
+    // (the new holder's takeover record is newer than its own).
     assert!(
-        alog.contains("renewal refused") || alog.contains("another engine holds the leader lease"),
+        alog.contains("renewal refused")
+            || alog.contains("another engine holds the leader lease")
+            || alog.contains("EVENTS refused a publish"),
         "the old holder says why it stepped down: {alog}"
     );
     assert_eq!(engine_health(s.engine_http[0])["role"], "standby");
