@@ -9,6 +9,7 @@
 pub mod command;
 pub mod config;
 pub mod core;
+mod fencing;
 pub mod model;
 pub mod runner;
 pub mod standby;

@@ -32,13 +32,12 @@ const CLOCK_STEP_MS: i64 = 2_000;
 
 /// Command replies remembered for retries, at most.
 const MAX_ANSWERED: usize = 10_000;
+use super::fencing::Fencing;
 use crate::naming::{self, Site};
 use crate::observation::Observation;
 use crate::store::kv::{self as kvstore, CasWrite};
-use crate::store::leader::TakeoverRecord;
 use crate::time::Timestamp;
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::{self, consumer::pull, kv, message::PublishMessage};
+use async_nats::jetstream::{self, consumer::pull, kv};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -122,22 +121,14 @@ pub struct Runner {
     /// provisioning, and when it was last read.
     replies: Option<crate::store::published::Published>,
     replies_read: Option<tokio::time::Instant>,
-    /// The leader lease's permission to write (several engines per site);
-    /// once it closes nothing more is written and the run loop returns.
-    fence: Option<crate::store::leader::Fence>,
-    /// Set when a write was refused by the fence or a compare-and-set
-    /// showed another writer: the run loop returns.
-    fenced: bool,
+    /// The permission to write under a leader lease (several engines per
+    /// site, [`super::fencing`]); once closed nothing more is written and
+    /// the run loop returns.
+    fencing: Fencing,
     /// (consumer sequence, stream sequence) of the last delivery this
     /// runner got from the durable consumer; a jump in the consumer
     /// sequence means deliveries went to another puller.
     last_delivery: Option<(u64, u64)>,
-    /// The `EVENTS` sequence of this tenure's takeover record: every
-    /// `EVENTS` publish expects it to be the last message under
-    /// `events.<site>.takeover.<service>`, so once a new holder has
-    /// recorded its takeover the server refuses this one's (the instant
-    /// between the fence check and the publish). `None` without a lease.
-    events_fence: Option<(String, u64)>,
     /// Replies to commands that carried an id, by (subject, id), for
     /// [`command::RETRY_WINDOW`]: a retry gets the original reply.
     answered: HashMap<(String, String), (tokio::time::Instant, Bytes)>,
@@ -190,15 +181,8 @@ impl Runner {
         // holder's EVENTS publishes are refused by the server, and as it
         // publishes before it writes KV, the state read below is one
         // whose transitions are all in EVENTS.
-        let events_fence = match fence.as_ref() {
-            Some(f) => match f.tenure() {
-                Some(record) => record_takeover(&js, &site, f, &record)
-                    .await
-                    .map(|seq| (site.takeover_subject(&record.service), seq)),
-                None => None,
-            },
-            None => None,
-        };
+        let mut fencing = Fencing::new(fence);
+        fencing.begin(&js, &site).await;
         let started = std::time::Instant::now();
         let followed = match warm {
             Some(w) => w.take(&presence, &debounce, super::standby::CATCH_UP).await,
@@ -279,11 +263,9 @@ impl Runner {
             backlog: 0,
             replies: None,
             replies_read: None,
-            fenced: false,
-            fence,
+            fencing,
             last_delivery: None,
             answered: HashMap::new(),
-            events_fence,
         };
         let zones: Vec<String> = runner.slots.keys().cloned().collect();
         for z in &zones {
@@ -295,75 +277,13 @@ impl Runner {
             .slots
             .iter()
             .filter(|(_, s)| {
-                runner.fence.is_some() || s.presence_rev == 0 || s.debounce != s.state.pending
+                runner.fencing.leased() || s.presence_rev == 0 || s.debounce != s.state.pending
             })
             .map(|(z, _)| z.clone())
             .collect();
-        if runner.fence.is_some() && runner.events_fence.is_none() {
-            // The lease was lost before the takeover was on record.
-            runner.fenced = true;
-        }
         runner.commit_with_retry(dirty, Vec::new()).await;
         runner.update_gauges();
         Ok(runner)
-    }
-
-    /// An `EVENTS` message of this holder: with the takeover record's
-    /// sequence as the expected last one under the takeover subject.
-    fn events_message(&self, payload: Bytes, id: String) -> PublishMessage {
-        let msg = PublishMessage::build().payload(payload).message_id(id);
-        match &self.events_fence {
-            Some((subject, seq)) => msg
-                .expected_last_subject_sequence(*seq)
-                .header(EXPECTED_SUBJECT, subject.as_str()),
-            None => msg,
-        }
-    }
-
-    /// `EVENTS` refused a publish for its expected takeover sequence:
-    /// another holder recorded a takeover after ours (stop writing), or
-    /// our record is gone (aged out after `EVENTS`' max age, or purged by
-    /// hand), then it is recorded again, on the condition that the
-    /// takeover subject is empty, so a new holder's record still wins.
-    async fn events_fence_refused(&mut self) {
-        let Some((subject, seq)) = self.events_fence.clone() else {
-            return;
-        };
-        let Some(record) = self.fence.as_ref().and_then(|f| f.tenure()) else {
-            return;
-        };
-        let body = match serde_json::to_vec(&record) {
-            Ok(b) => Bytes::from(b),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode the takeover record");
-                return;
-            }
-        };
-        let id = format!(
-            "{}.again.{seq}",
-            naming::takeover_msg_id(&self.site, &record.service, record.revision)
-        );
-        let msg = PublishMessage::build()
-            .payload(body)
-            .message_id(id)
-            .expected_last_subject_sequence(0);
-        let ack = async { self.js.send_publish(subject.clone(), msg).await?.await };
-        match ack.await {
-            Ok(ack) => {
-                tracing::warn!(subject = %subject, was = seq, now = ack.sequence, "this holder's takeover record is gone from EVENTS (aged out or purged): recorded again");
-                self.events_fence = Some((subject, ack.sequence));
-            }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                tracing::warn!(subject = %subject, expected = seq, "EVENTS refused a publish: another engine recorded a takeover after this one; this instance stops writing and stands by");
-                if let Some(f) = &self.fence {
-                    f.revoke();
-                }
-                self.fenced = true;
-            }
-            Err(e) => {
-                tracing::warn!(subject = %subject, error = %e, "cannot check the takeover record in EVENTS; retrying");
-            }
-        }
     }
 
     fn reschedule(&mut self, zone: &str) {
@@ -495,7 +415,7 @@ impl Runner {
                     tracing::warn!(error = %e, "cannot read the deliveries another puller got; not acknowledging, the consumer redelivers them");
                     return;
                 }
-                if self.fenced {
+                if self.fencing.is_fenced() {
                     return;
                 }
                 break;
@@ -503,7 +423,7 @@ impl Runner {
         }
         let inputs = self.decode(&messages[segment_start..]);
         self.apply_inputs(inputs).await;
-        if self.fenced {
+        if self.fencing.is_fenced() {
             // Not durable here: the new holder applies these (its
             // catch-up reads from the consumer's ack floor).
             return;
@@ -551,15 +471,9 @@ impl Runner {
     }
 
     /// Whether writes may go out: always without a leader lease; with one,
-    /// while its fence is valid. Records a refusal in `fenced`.
+    /// while its fence is valid ([`Fencing::may_write`]).
     fn may_write(&mut self) -> bool {
-        if self.fenced {
-            return false;
-        }
-        if self.fence.as_ref().is_some_and(|f| !f.valid()) {
-            self.fenced = true;
-        }
-        !self.fenced
+        self.fencing.may_write()
     }
 
     /// Fires every timer due by `now` (in deadline order across zones).
@@ -652,7 +566,7 @@ impl Runner {
         let mut messages = Vec::with_capacity(transitions.len());
         for t in transitions {
             let payload = serde_json::to_vec(t)?;
-            let msg = self.events_message(
+            let msg = self.fencing.events_message(
                 Bytes::from(payload),
                 naming::transition_msg_id(&self.site, &t.zone, t.number),
             );
@@ -680,8 +594,8 @@ impl Runner {
             }
         }
         if let Some(e) = first_error {
-            if e.kind() == PublishErrorKind::WrongLastSequence && self.events_fence.is_some() {
-                self.events_fence_refused().await;
+            if self.fencing.is_fence_refusal(e.kind()) {
+                self.fencing.events_refused(&self.js, &self.site).await;
             }
             return Err(e.into());
         }
@@ -765,21 +679,18 @@ impl Runner {
                 }
             }
         }
-        if !conflicts.is_empty() {
-            if let Some(fence) = &self.fence {
-                // With a leader lease the engine is the one writer: a
-                // changed revision means another holder wrote (it
-                // rewrites every zone at takeover). Stop writing.
-                Metrics::add(&self.metrics.kv_conflicts, conflicts.len() as u64);
-                tracing::warn!(
-                    conflicts = conflicts.len(),
-                    first = ?conflicts.first(),
-                    "compare-and-set refused: another engine holds the leader lease and wrote these keys; this instance stops writing and stands by"
-                );
-                fence.revoke();
-                self.fenced = true;
-                return Ok(());
-            }
+        if !conflicts.is_empty() && self.fencing.leased() {
+            // With a leader lease the engine is the one writer: a
+            // changed revision means another holder wrote (it rewrites
+            // every zone at takeover). Stop writing.
+            Metrics::add(&self.metrics.kv_conflicts, conflicts.len() as u64);
+            tracing::warn!(
+                conflicts = conflicts.len(),
+                first = ?conflicts.first(),
+                "compare-and-set refused: another engine holds the leader lease and wrote these keys; this instance stops writing and stands by"
+            );
+            self.fencing.stop();
+            return Ok(());
         }
         for (bucket, key) in conflicts {
             self.metrics
@@ -936,7 +847,7 @@ impl Runner {
         self.commit_with_retry(BTreeSet::from([zone.clone()]), transitions)
             .await;
         self.update_gauges();
-        if self.fenced {
+        if self.fencing.is_fenced() {
             return Err(CommandError {
                 kind: ErrorKind::Unavailable,
                 message: "this engine lost its leader lease before the command was durable; not applied here".into(),
@@ -1043,7 +954,7 @@ impl Runner {
             "revision": entry.revision,
             "last": last,
         });
-        let msg = self.events_message(
+        let msg = self.fencing.events_message(
             Bytes::from(record.to_string()),
             format!("{}.{}.removed.{}", self.site.as_str(), zone, entry.revision),
         );
@@ -1054,8 +965,8 @@ impl Runner {
                 .await
         };
         if let Err(e) = stored.await {
-            if e.kind() == PublishErrorKind::WrongLastSequence {
-                self.events_fence_refused().await;
+            if self.fencing.is_fence_refusal(e.kind()) {
+                self.fencing.events_refused(&self.js, &self.site).await;
             }
             return Err(unavailable("cannot record the removal in EVENTS", &e));
         }
@@ -1131,7 +1042,7 @@ impl Runner {
                 return;
             }
         };
-        if let Some(key) = id.filter(|_| !self.fenced) {
+        if let Some(key) = id.filter(|_| !self.fencing.is_fenced()) {
             // Bounded: a flood of distinct ids forgets the oldest first.
             if self.answered.len() >= MAX_ANSWERED {
                 if let Some(oldest) = self
@@ -1236,7 +1147,7 @@ impl Runner {
         let mut consume_retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         let mut fence_check = tokio::time::interval(crate::store::leader::POLL);
         fence_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let fenced_mode = self.fence.is_some();
+        let fenced_mode = self.fencing.leased();
         loop {
             if !self.may_write() {
                 tracing::warn!("engine stopped: this instance no longer holds the leader lease; nothing more is written or acknowledged");
@@ -1309,54 +1220,6 @@ impl Runner {
             crate::systemd::watchdog();
         }
         Ok(())
-    }
-}
-
-/// `Nats-Expected-Last-Subject-Sequence` checks the last sequence under
-/// this subject instead of the published one (nats-server 2.11 and later).
-const EXPECTED_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
-
-/// Writes the record of a tenure's take to `EVENTS`
-/// (`events.<site>.takeover.<service>`) before the new holder reads any
-/// state, so the stream reads: the old holder's transitions, the
-/// takeover, the new holder's. Retried until stored or the lease is
-/// lost; the id makes a retry a duplicate (whose ack carries the first
-/// copy's sequence). Returns the record's sequence.
-async fn record_takeover(
-    js: &jetstream::Context,
-    site: &Site,
-    fence: &crate::store::leader::Fence,
-    record: &TakeoverRecord,
-) -> Option<u64> {
-    let subject = site.takeover_subject(&record.service);
-    let id = naming::takeover_msg_id(site, &record.service, record.revision);
-    let body = match serde_json::to_vec(record) {
-        Ok(b) => Bytes::from(b),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot encode the takeover record");
-            return None;
-        }
-    };
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-    loop {
-        if !fence.valid() {
-            tracing::warn!("takeover record not written: the leader lease was lost first");
-            return None;
-        }
-        let msg = PublishMessage::build()
-            .payload(body.clone())
-            .message_id(id.clone());
-        let sent = async { js.send_publish(subject.clone(), msg).await?.await };
-        match sent.await {
-            Ok(ack) => {
-                tracing::info!(subject = %subject, sequence = ack.sequence, from = ?record.from, to = %record.to, revision = record.revision, "takeover recorded in EVENTS");
-                return Some(ack.sequence);
-            }
-            Err(e) => {
-                tracing::warn!(subject = %subject, error = %e, "cannot record the takeover in EVENTS; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-        }
     }
 }
 
