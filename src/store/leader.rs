@@ -137,8 +137,8 @@ pub struct Fence {
     inner: Arc<Mutex<Holder>>,
     ttl: Duration,
     /// The record of the current tenure's take, set before the role says
-    /// active: the engine writes it to `EVENTS` once it has fenced the
-    /// zones, and fences its own `EVENTS` publishes on it.
+    /// active: the engine writes it to `EVENTS` before it reads any state,
+    /// and fences its own `EVENTS` publishes on it (`engine::fencing`).
     tenure: Arc<Mutex<Option<TakeoverRecord>>>,
 }
 
@@ -268,8 +268,8 @@ async fn cas(
 }
 
 /// The record of one takeover (every acquisition of the lease), on the
-/// service's own `AUDIT` subject and, written by the engine once it has
-/// fenced the zones, on `events.<site>.takeover.<service>` in `EVENTS`:
+/// service's own `AUDIT` subject and, written by the engine as its first
+/// write, on `events.<site>.takeover.<service>` in `EVENTS`:
 /// who held the lease before (when known), who holds it now, and why it
 /// was taken. Not a transition: readers of transitions read only the
 /// zones' subjects.
