@@ -24,6 +24,7 @@
         "cluster"
         "archive"
         "acl"
+        "failover"
       ];
 
       # Makes this flake's package the default of services.presenced.package.

@@ -122,8 +122,30 @@ let
       inherit description;
     };
 
+  # The settings a standby takes from its primary on the same host: what
+  # the engine needs, not the sources (a second ingest would store every
+  # reading twice) nor the HTTP listener.
+  standbyCopies = [
+    "site"
+    "nats"
+    "engine"
+    "lease"
+    "health"
+    "log"
+    "zones"
+    "persons"
+  ];
+
   instanceModule =
     { name, config, ... }:
+    let
+      # The instance this one stands by for, when declared on this host.
+      primary =
+        if config.standbyOf != null && config.standbyOf != name && cfg.instances ? ${config.standbyOf} then
+          cfg.instances.${config.standbyOf}
+        else
+          null;
+    in
     {
       options = {
         enable = mkEnableOption "this presenced instance" // {
@@ -257,6 +279,30 @@ let
           };
         };
 
+        standbyOf = mkOption {
+          type = types.nullOr (types.strMatching "[a-z0-9_-]{1,64}");
+          default = null;
+          example = "engine";
+          description = ''
+            Run this instance as a standby of the engine of service
+            `<name>` (docs/OPERATIONS.md, "Engine failover"):
+            {option}`settings.service` becomes that name, so both share the
+            service's identity and its leader lease `owners.<name>`; the
+            instance holding the lease runs the engine, the other follows
+            its state and takes over within the lease's TTL plus about a
+            second when it dies, freezes or loses the leaf. Only the engine
+            runs here (`runs = [ "engine" ]`): two ingest instances on one
+            broker would store every reading twice.
+
+            When an instance of that name is declared on this host, its
+            `site`, `nats`, `engine`, `lease`, `health`, `log`, `zones` and
+            `persons` settings and its {option}`nkeySeedFile` are this
+            instance's defaults; give the standby its own
+            {option}`page.listen`. On another host or container, give the
+            same settings and seed by hand.
+          '';
+        };
+
         checkConfig = mkOption {
           type = types.bool;
           default = cfg.buildPackage != null;
@@ -276,10 +322,21 @@ let
       };
 
       config = {
+        nkeySeedFile = mkIf (primary != null) (mkDefault primary.nkeySeedFile);
         settings = mkMerge [
           { site = mkIf (cfg.site != null) (mkDefault cfg.site); }
           # The instance's name is its identity in the ownership map.
           { service = mkDefault name; }
+          (mkIf (config.standbyOf != null) {
+            service = config.standbyOf;
+            runs = mkDefault [ "engine" ];
+          })
+          # Above this instance's own defaults, below what it sets.
+          (mkIf (primary != null) (
+            lib.mapAttrsRecursive (_: lib.mkOverride 900) (
+              lib.getAttrs (lib.filter (k: primary.settings ? ${k}) standbyCopies) primary.settings
+            )
+          ))
           { nats.url = mkDefault "nats://127.0.0.1:4222"; }
           (mkIf (config.nkeySeedFile != null) { nats.nkey_seed_file = credentialPath "nkey-seed"; })
           (mkIf (config.page.listen != null) { http.listen = config.page.listen; })
@@ -446,6 +503,16 @@ in
                   services.presenced.instances.${name}.checkConfig is on but
                   services.presenced.buildPackage is null: give the build
                   machine's presenced, or turn the check off.
+                '';
+              }
+            ]
+            ++ [
+              {
+                assertion = instance.standbyOf != name;
+                message = ''
+                  services.presenced.instances.${name}.standbyOf names the
+                  instance itself: name the instance (service) whose engine
+                  it stands by for.
                 '';
               }
             ]

@@ -328,7 +328,9 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
             let ready = Arc::new(engine_ready_tx);
             let mut started_once = false;
             loop {
-                // Stand by until this instance holds the lease.
+                // Stand by until this instance holds the lease, following
+                // the state meanwhile (engine::standby).
+                let warm = crate::engine::standby::Warm::start(js.clone());
                 let mut waiting = stop.clone();
                 tokio::select! {
                     r = role.wait_for(|r| r.active) => if r.is_err() { return Ok(()) },
@@ -341,6 +343,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                     metrics.clone(),
                     batch,
                     Some(fence.clone()),
+                    Some(warm),
                 )
                 .await
                 {

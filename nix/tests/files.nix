@@ -5,4 +5,5 @@
   "cluster"
   "archive"
   "acl"
+  "failover"
 ]

@@ -9,7 +9,8 @@ use std::fmt;
 
 /// Stream of observations, subjects `sensors.<site>.<sensor>`.
 pub const SENSORS_STREAM: &str = "SENSORS";
-/// Stream of presence transitions, subjects `events.<site>.presence.<zone>`.
+/// Stream of presence transitions, subjects `events.<site>.presence.<zone>`,
+/// and of the engine's takeover records, `events.<site>.takeover.<service>`.
 pub const EVENTS_STREAM: &str = "EVENTS";
 /// Stream of audit records, subjects `audit.events.<site>.<service>`.
 pub const AUDIT_STREAM: &str = "AUDIT";
@@ -112,9 +113,40 @@ impl Site {
         format!("events.{}.presence.{}", self.0, zone)
     }
 
-    /// Every transition subject of this site.
+    /// Every subject of this site's `EVENTS`: transitions and takeover
+    /// records.
     pub fn events_filter(&self) -> String {
         format!("events.{}.>", self.0)
+    }
+
+    /// Every transition subject of this site (no takeover records): what
+    /// readers that count or replay transitions consume.
+    pub fn transitions_filter(&self) -> String {
+        format!("events.{}.presence.>", self.0)
+    }
+
+    /// Subject of the engine service's takeover records in `EVENTS`: one
+    /// per acquisition of its leader lease, with the old and new holder.
+    /// Beside the zones' subjects, never one of them, so no reader takes a
+    /// takeover for a transition.
+    pub fn takeover_subject(&self, service: &str) -> String {
+        format!("events.{}.takeover.{}", self.0, service)
+    }
+
+    /// Every takeover subject of this site (the server-side fence of
+    /// `EVENTS` checks the last sequence under it).
+    pub fn takeover_filter(&self) -> String {
+        format!("events.{}.takeover.>", self.0)
+    }
+
+    /// Whether an `EVENTS` subject holds a transition (and not a takeover
+    /// record or anything newer).
+    pub fn is_transition_subject(&self, subject: &str) -> bool {
+        subject
+            .strip_prefix("events.")
+            .and_then(|r| r.strip_prefix(self.0.as_str()))
+            .and_then(|r| r.strip_prefix(".presence."))
+            .is_some_and(|zone| !zone.is_empty())
     }
 
     /// Subject of the rejected input of one source.
@@ -394,6 +426,14 @@ pub fn transition_msg_id(site: &Site, zone: &str, number: u64) -> String {
     format!("{}.{}.{}", site.as_str(), zone, number)
 }
 
+/// `Nats-Msg-Id` of a takeover record: the lease revision the take
+/// wrote is unique per acquisition, so a retried publish is a duplicate.
+/// Four dot-separated tokens, where a transition's id has three (zone
+/// ids hold no dots), so the two never collide.
+pub fn takeover_msg_id(site: &Site, service: &str, lease_revision: u64) -> String {
+    format!("{}.takeover.{}.{}", site.as_str(), service, lease_revision)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,6 +467,11 @@ mod tests {
         assert_eq!(s.leaf_domain(), "leaf-home");
         assert_eq!(s.sensors_subject("pir"), "sensors.home.pir");
         assert_eq!(s.events_subject("hall"), "events.home.presence.hall");
+        assert_eq!(s.takeover_subject("engine"), "events.home.takeover.engine");
+        assert!(s.is_transition_subject(&s.events_subject("hall")));
+        assert!(!s.is_transition_subject(&s.takeover_subject("engine")));
+        assert!(!s.is_transition_subject("events.homer.presence.hall"));
+        assert!(!s.is_transition_subject("events.home.presence."));
         assert_eq!(s.rejected_subject("mqtt-main"), "rejected.home.mqtt-main");
         assert_eq!(s.audit_subject("engine"), "audit.events.home.engine");
         assert_eq!(s.cmd_subject("hall"), "cmd.home.presence.hall");

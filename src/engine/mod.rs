@@ -9,8 +9,10 @@
 pub mod command;
 pub mod config;
 pub mod core;
+mod fencing;
 pub mod model;
 pub mod runner;
+pub mod standby;
 #[cfg(test)]
 mod tests;
 

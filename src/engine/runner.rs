@@ -32,11 +32,12 @@ const CLOCK_STEP_MS: i64 = 2_000;
 
 /// Command replies remembered for retries, at most.
 const MAX_ANSWERED: usize = 10_000;
+use super::fencing::Fencing;
 use crate::naming::{self, Site};
 use crate::observation::Observation;
 use crate::store::kv::{self as kvstore, CasWrite};
 use crate::time::Timestamp;
-use async_nats::jetstream::{self, consumer::pull, kv, message::PublishMessage};
+use async_nats::jetstream::{self, consumer::pull, kv};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -120,12 +121,10 @@ pub struct Runner {
     /// provisioning, and when it was last read.
     replies: Option<crate::store::published::Published>,
     replies_read: Option<tokio::time::Instant>,
-    /// The leader lease's permission to write (several engines per site);
-    /// once it closes nothing more is written and the run loop returns.
-    fence: Option<crate::store::leader::Fence>,
-    /// Set when a write was refused by the fence or a compare-and-set
-    /// showed another writer: the run loop returns.
-    fenced: bool,
+    /// The permission to write under a leader lease (several engines per
+    /// site, [`super::fencing`]); once closed nothing more is written and
+    /// the run loop returns.
+    fencing: Fencing,
     /// (consumer sequence, stream sequence) of the last delivery this
     /// runner got from the durable consumer; a jump in the consumer
     /// sequence means deliveries went to another puller.
@@ -152,13 +151,15 @@ impl Runner {
         metrics: Arc<Metrics>,
         batch: usize,
     ) -> Result<Runner, RunnerError> {
-        Runner::start_fenced(js, site, model, metrics, batch, None).await
+        Runner::start_fenced(js, site, model, metrics, batch, None, None).await
     }
 
     /// [`Runner::start`] for the holder of the leader lease: every write
     /// asks `fence` first, and every zone's presence key is rewritten
     /// at once (same value, new revision), so a former holder's
     /// compare-and-set writes expect revisions that no longer exist.
+    /// `warm` is a standby's followed state ([`super::standby`]): used
+    /// when it has caught up with the buckets, else they are read in full.
     pub async fn start_fenced(
         js: jetstream::Context,
         site: Site,
@@ -166,6 +167,7 @@ impl Runner {
         metrics: Arc<Metrics>,
         batch: usize,
         fence: Option<crate::store::leader::Fence>,
+        warm: Option<super::standby::Warm>,
     ) -> Result<Runner, RunnerError> {
         let presence = js
             .get_key_value(naming::PRESENCE_BUCKET)
@@ -175,9 +177,25 @@ impl Runner {
             .get_key_value(naming::DEBOUNCE_BUCKET)
             .await
             .map_err(|e| missing("KV bucket debounce", e))?;
+        // The takeover goes on record first: from here on the former
+        // holder's EVENTS publishes are refused by the server, and as it
+        // publishes before it writes KV, the state read below is one
+        // whose transitions are all in EVENTS.
+        let mut fencing = Fencing::new(fence);
+        fencing.begin(&js, &site).await;
         let started = std::time::Instant::now();
-        let stored = kvstore::load_all(&presence, naming::PRESENCE_BUCKET).await?;
-        let stored_debounce = kvstore::load_all(&debounce, naming::DEBOUNCE_BUCKET).await?;
+        let followed = match warm {
+            Some(w) => w.take(&presence, &debounce, super::standby::CATCH_UP).await,
+            None => None,
+        };
+        let was_warm = followed.is_some();
+        let (stored, stored_debounce) = match followed {
+            Some(r) => (r.presence, r.debounce),
+            None => (
+                kvstore::load_all(&presence, naming::PRESENCE_BUCKET).await?,
+                kvstore::load_all(&debounce, naming::DEBOUNCE_BUCKET).await?,
+            ),
+        };
         let now = Timestamp::now();
         let mut slots = BTreeMap::new();
         for (zone, zm) in &model.zones {
@@ -225,7 +243,9 @@ impl Runner {
         tracing::info!(
             zones = slots.len(),
             stored = stored.len(),
+            warm = was_warm,
             elapsed_ms = started.elapsed().as_millis() as u64,
+            elapsed_us = started.elapsed().as_micros() as u64,
             "state rehydrated"
         );
         let mut runner = Runner {
@@ -243,8 +263,7 @@ impl Runner {
             backlog: 0,
             replies: None,
             replies_read: None,
-            fenced: false,
-            fence,
+            fencing,
             last_delivery: None,
             answered: HashMap::new(),
         };
@@ -258,7 +277,7 @@ impl Runner {
             .slots
             .iter()
             .filter(|(_, s)| {
-                runner.fence.is_some() || s.presence_rev == 0 || s.debounce != s.state.pending
+                runner.fencing.leased() || s.presence_rev == 0 || s.debounce != s.state.pending
             })
             .map(|(z, _)| z.clone())
             .collect();
@@ -396,7 +415,7 @@ impl Runner {
                     tracing::warn!(error = %e, "cannot read the deliveries another puller got; not acknowledging, the consumer redelivers them");
                     return;
                 }
-                if self.fenced {
+                if self.fencing.is_fenced() {
                     return;
                 }
                 break;
@@ -404,7 +423,7 @@ impl Runner {
         }
         let inputs = self.decode(&messages[segment_start..]);
         self.apply_inputs(inputs).await;
-        if self.fenced {
+        if self.fencing.is_fenced() {
             // Not durable here: the new holder applies these (its
             // catch-up reads from the consumer's ack floor).
             return;
@@ -452,15 +471,9 @@ impl Runner {
     }
 
     /// Whether writes may go out: always without a leader lease; with one,
-    /// while its fence is valid. Records a refusal in `fenced`.
+    /// while its fence is valid ([`Fencing::may_write`]).
     fn may_write(&mut self) -> bool {
-        if self.fenced {
-            return false;
-        }
-        if self.fence.as_ref().is_some_and(|f| !f.valid()) {
-            self.fenced = true;
-        }
-        !self.fenced
+        self.fencing.may_write()
     }
 
     /// Fires every timer due by `now` (in deadline order across zones).
@@ -553,9 +566,10 @@ impl Runner {
         let mut messages = Vec::with_capacity(transitions.len());
         for t in transitions {
             let payload = serde_json::to_vec(t)?;
-            let msg = PublishMessage::build()
-                .payload(Bytes::from(payload))
-                .message_id(naming::transition_msg_id(&self.site, &t.zone, t.number));
+            let msg = self.fencing.events_message(
+                Bytes::from(payload),
+                naming::transition_msg_id(&self.site, &t.zone, t.number),
+            );
             messages.push((self.site.events_subject(&t.zone), msg));
         }
         let acks = crate::store::publish::publish_all(&self.js, messages).await;
@@ -580,6 +594,9 @@ impl Runner {
             }
         }
         if let Some(e) = first_error {
+            if self.fencing.is_fence_refusal(e.kind()) {
+                self.fencing.events_refused(&self.js, &self.site).await;
+            }
             return Err(e.into());
         }
         for t in transitions {
@@ -662,21 +679,18 @@ impl Runner {
                 }
             }
         }
-        if !conflicts.is_empty() {
-            if let Some(fence) = &self.fence {
-                // With a leader lease the engine is the one writer: a
-                // changed revision means another holder wrote (it
-                // rewrites every zone at takeover). Stop writing.
-                Metrics::add(&self.metrics.kv_conflicts, conflicts.len() as u64);
-                tracing::warn!(
-                    conflicts = conflicts.len(),
-                    first = ?conflicts.first(),
-                    "compare-and-set refused: another engine holds the leader lease and wrote these keys; this instance stops writing and stands by"
-                );
-                fence.revoke();
-                self.fenced = true;
-                return Ok(());
-            }
+        if !conflicts.is_empty() && self.fencing.leased() {
+            // With a leader lease the engine is the one writer: a
+            // changed revision means another holder wrote (it rewrites
+            // every zone at takeover). Stop writing.
+            Metrics::add(&self.metrics.kv_conflicts, conflicts.len() as u64);
+            tracing::warn!(
+                conflicts = conflicts.len(),
+                first = ?conflicts.first(),
+                "compare-and-set refused: another engine holds the leader lease and wrote these keys; this instance stops writing and stands by"
+            );
+            self.fencing.stop();
+            return Ok(());
         }
         for (bucket, key) in conflicts {
             self.metrics
@@ -833,7 +847,7 @@ impl Runner {
         self.commit_with_retry(BTreeSet::from([zone.clone()]), transitions)
             .await;
         self.update_gauges();
-        if self.fenced {
+        if self.fencing.is_fenced() {
             return Err(CommandError {
                 kind: ErrorKind::Unavailable,
                 message: "this engine lost its leader lease before the command was durable; not applied here".into(),
@@ -940,20 +954,22 @@ impl Runner {
             "revision": entry.revision,
             "last": last,
         });
-        let msg = PublishMessage::build()
-            .payload(Bytes::from(record.to_string()))
-            .message_id(format!(
-                "{}.{}.removed.{}",
-                self.site.as_str(),
-                zone,
-                entry.revision
-            ));
-        self.js
-            .send_publish(self.site.events_subject(&zone), msg)
-            .await
-            .map_err(|e| unavailable("cannot record the removal in EVENTS", &e))?
-            .await
-            .map_err(|e| unavailable("cannot record the removal in EVENTS", &e))?;
+        let msg = self.fencing.events_message(
+            Bytes::from(record.to_string()),
+            format!("{}.{}.removed.{}", self.site.as_str(), zone, entry.revision),
+        );
+        let stored = async {
+            self.js
+                .send_publish(self.site.events_subject(&zone), msg)
+                .await?
+                .await
+        };
+        if let Err(e) = stored.await {
+            if self.fencing.is_fence_refusal(e.kind()) {
+                self.fencing.events_refused(&self.js, &self.site).await;
+            }
+            return Err(unavailable("cannot record the removal in EVENTS", &e));
+        }
         self.presence
             .purge(&zone)
             .await
@@ -1026,7 +1042,7 @@ impl Runner {
                 return;
             }
         };
-        if let Some(key) = id.filter(|_| !self.fenced) {
+        if let Some(key) = id.filter(|_| !self.fencing.is_fenced()) {
             // Bounded: a flood of distinct ids forgets the oldest first.
             if self.answered.len() >= MAX_ANSWERED {
                 if let Some(oldest) = self
@@ -1131,7 +1147,7 @@ impl Runner {
         let mut consume_retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         let mut fence_check = tokio::time::interval(crate::store::leader::POLL);
         fence_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let fenced_mode = self.fence.is_some();
+        let fenced_mode = self.fencing.leased();
         loop {
             if !self.may_write() {
                 tracing::warn!("engine stopped: this instance no longer holds the leader lease; nothing more is written or acknowledged");

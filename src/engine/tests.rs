@@ -384,3 +384,241 @@ proptest! {
         }
     }
 }
+
+// Crash equivalence across failover: the same readings split across any
+// number of engine holders, each taking over from the state the previous
+// one left in KV, give the transitions and final state of a run that never
+// changed hands. The old holder of each takeover is caught with a batch
+// applied in memory: its compare-and-set write of the zone is refused (the
+// new holder rewrote the key at takeover), and some of the batch's
+// transitions may still reach EVENTS (frozen between its fence check and
+// the publish), where the `Nats-Msg-Id` keeps the first copy of each.
+
+/// The zone's KV key: its revision and its JSON.
+struct Kv {
+    revision: u64,
+    value: Vec<u8>,
+}
+
+impl Kv {
+    /// A compare-and-set write: the new revision, or `None` (nothing
+    /// written) when the key is no longer at `expected`.
+    fn cas(&mut self, expected: u64, state: &ZoneState) -> Result<Option<u64>, TestCaseError> {
+        if expected != self.revision {
+            return Ok(None);
+        }
+        self.value = serde_json::to_vec(state).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        self.revision += 1;
+        Ok(Some(self.revision))
+    }
+
+    /// The holder's write, expecting the revision it last saw.
+    fn commit(&mut self, state: &ZoneState) -> Result<(), TestCaseError> {
+        let expected = self.revision;
+        prop_assert!(self.cas(expected, state)?.is_some());
+        Ok(())
+    }
+
+    fn load(&self) -> Result<ZoneState, TestCaseError> {
+        serde_json::from_slice(&self.value).map_err(|e| TestCaseError::fail(e.to_string()))
+    }
+}
+
+/// EVENTS as the stream keeps it for one zone: one message per
+/// transition number (a second publish with the same id is a duplicate,
+/// and must then say the same thing: an id that meant two different
+/// transitions would be a lost one).
+fn publish(events: &mut Vec<Transition>, ts: &[Transition]) -> Result<(), TestCaseError> {
+    for t in ts {
+        let n = t.number as usize;
+        prop_assert!(
+            n >= 1 && n <= events.len() + 1,
+            "number {} after {}",
+            n,
+            events.len()
+        );
+        if n <= events.len() {
+            prop_assert_eq!(&events[n - 1], t, "duplicate id, other content");
+        } else {
+            events.push(t.clone());
+        }
+    }
+    Ok(())
+}
+
+/// A takeover just before an observation (and its command, if any).
+#[derive(Clone, Debug)]
+struct Takeover {
+    /// Observations the old holder had applied in memory, uncommitted,
+    /// when its fence closed (its batch; cut short at the next command,
+    /// which the runner commits on its own).
+    in_flight: usize,
+    /// How many of that batch's transitions still reached EVENTS.
+    published: prop::sample::Index,
+    /// Applied observations the consumer delivers again to the new holder.
+    redeliver: Vec<prop::sample::Index>,
+    /// When the new holder runs its first timers, per mille of the gap
+    /// since the last observation.
+    wake: u16,
+}
+
+fn takeover() -> impl Strategy<Value = Takeover> {
+    (
+        0..5usize,
+        any::<prop::sample::Index>(),
+        prop::collection::vec(any::<prop::sample::Index>(), 0..3),
+        0..=1000u16,
+    )
+        .prop_map(|(in_flight, published, redeliver, wake)| Takeover {
+            in_flight,
+            published,
+            redeliver,
+            wake,
+        })
+}
+
+/// One takeover before observation `i` (`obs.len()`: after the last):
+/// the old holder's in-flight batch, its refused write and what of it
+/// reached EVENTS; then the new holder's start from KV.
+#[allow(clippy::too_many_arguments)]
+fn hand_over(
+    model: &ZoneModel,
+    obs: &[Obs],
+    at: &[Timestamp],
+    kv: &mut Kv,
+    events: &mut Vec<Transition>,
+    t: &Takeover,
+    i: usize,
+    (from, until): (Timestamp, Timestamp),
+) -> Result<ZoneState, TestCaseError> {
+    // The old holder's batch, from the state it last committed.
+    let old_revision = kv.revision;
+    let mut ghost = kv.load()?;
+    let mut ghost_out = Vec::new();
+    let batch_end = (i..obs.len())
+        .take(t.in_flight)
+        .take_while(|j| obs[*j].cmd.is_none())
+        .last()
+        .map_or(i, |j| j + 1);
+    for j in i..batch_end {
+        ghost_out.extend(advance(model, &mut ghost, at[j]));
+        if listens(model, SENSORS[obs[j].sensor]) {
+            ghost_out.extend(apply(model, &mut ghost, &input(obs, at, j)));
+        }
+    }
+    // The new holder: loads the zone and rewrites it (same value, new
+    // revision), which is what fences the old one out.
+    let mut state = kv.load()?;
+    super::reconcile(model, &mut state);
+    kv.commit(&state)?;
+    prop_assert!(kv.revision > old_revision);
+    // The old holder wakes: its write is refused, but transitions it sent
+    // before its fence check reach EVENTS.
+    prop_assert!(
+        kv.cas(old_revision, &ghost)?.is_none(),
+        "a fenced write landed"
+    );
+    if !ghost_out.is_empty() {
+        let n = t.published.index(ghost_out.len() + 1);
+        publish(events, &ghost_out[..n])?;
+    }
+    // The consumer redelivers what the old holder had (skipped by
+    // sequence), and the new holder's timers run when it wakes.
+    for pick in &t.redeliver {
+        if i > 0 {
+            let j = pick.index(i);
+            if listens(model, SENSORS[obs[j].sensor]) {
+                let again = apply(model, &mut state, &input(obs, at, j));
+                prop_assert!(again.is_empty(), "redelivery of {} emitted {:?}", j, again);
+            }
+        }
+    }
+    let woke = advance(model, &mut state, between(from, until, t.wake));
+    publish(events, &woke)?;
+    kv.commit(&state)?;
+    check(&state)?;
+    Ok(state)
+}
+
+fn failing_over(
+    model: &ZoneModel,
+    obs: &[(Obs, Option<Takeover>)],
+    at: &[Timestamp],
+    end: Timestamp,
+    last: Option<&Takeover>,
+) -> Result<(Vec<Transition>, ZoneState, usize), TestCaseError> {
+    let plain: Vec<Obs> = obs.iter().map(|(o, _)| o.clone()).collect();
+    let mut state = initial_state(model, Timestamp(T0));
+    let mut kv = Kv {
+        revision: 0,
+        value: Vec::new(),
+    };
+    kv.commit(&state)?;
+    let mut events = Vec::new();
+    let mut holders = 1;
+    let mut prev = Timestamp(T0);
+    for (i, (o, t)) in obs.iter().enumerate() {
+        if let Some(t) = t {
+            state = hand_over(model, &plain, at, &mut kv, &mut events, t, i, (prev, at[i]))?;
+            holders += 1;
+        }
+        // One commit per observation (and per command): EVENTS, then KV.
+        let mut out = advance(model, &mut state, at[i]);
+        if let Some(c) = &o.cmd {
+            out.extend(command(model, &mut state, c, at[i]));
+        }
+        if listens(model, SENSORS[o.sensor]) {
+            out.extend(apply(model, &mut state, &input(&plain, at, i)));
+        }
+        publish(&mut events, &out)?;
+        kv.commit(&state)?;
+        check(&state)?;
+        prev = at[i];
+    }
+    if let Some(t) = last {
+        state = hand_over(
+            model,
+            &plain,
+            at,
+            &mut kv,
+            &mut events,
+            t,
+            obs.len(),
+            (prev, end),
+        )?;
+        holders += 1;
+    }
+    let out = advance(model, &mut state, end);
+    publish(&mut events, &out)?;
+    kv.commit(&state)?;
+    prop_assert_eq!(&kv.load()?, &state, "KV holds the final state");
+    Ok((events, state, holders))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn any_number_of_takeovers_change_nothing(
+        zones in (zone("z0"), zone("z1")),
+        obs in prop::collection::vec(
+            (obs(), prop::option::weighted(0.25, takeover())),
+            1..40,
+        ),
+        last in prop::option::of(takeover()),
+        tail in 0..20_000i64,
+    ) {
+        let plain: Vec<Obs> = obs.iter().map(|(o, _)| o.clone()).collect();
+        let at = times(&plain);
+        let latest = at.iter().copied().max().unwrap_or(Timestamp(T0));
+        let end = Timestamp(latest.0.max(T0) + tail);
+        for model in [&zones.0, &zones.1] {
+            let (ref_out, ref_state) = reference(model, &plain, &at, end)?;
+            let (events, state, holders) = failing_over(model, &obs, &at, end, last.as_ref())?;
+            prop_assert!(holders >= 1);
+            check_chain(&events, &state)?;
+            prop_assert_eq!(&ref_out, &events);
+            prop_assert_eq!(&ref_state, &state);
+        }
+    }
+}

@@ -226,7 +226,13 @@ impl Fleet {
                 let seq = info.state.last_sequence;
                 if info.state.messages > 0 {
                     if let Ok(m) = s.get_raw_message(seq).await {
-                        last = serde_json::from_slice::<Transition>(&m.payload).ok();
+                        // A takeover record is no transition: the site
+                        // keeps the last one shown.
+                        let transition = Site::new(site)
+                            .is_ok_and(|st| st.is_transition_subject(m.subject.as_str()));
+                        if transition {
+                            last = serde_json::from_slice::<Transition>(&m.payload).ok();
+                        }
                     }
                 }
             }

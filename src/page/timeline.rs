@@ -97,7 +97,8 @@ pub async fn read(
         .create_consumer(pull::Config {
             deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
             ack_policy: consumer::AckPolicy::None,
-            filter_subject: site.events_filter(),
+            // Transitions only: a takeover record changes no zone.
+            filter_subject: site.transitions_filter(),
             inactive_threshold: Duration::from_secs(30),
             memory_storage: true,
             ..Default::default()

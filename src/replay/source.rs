@@ -131,8 +131,10 @@ pub async fn read_sensors(
 }
 
 /// Reads this site's `EVENTS` stored from `from` on: the transitions (and
-/// the manual commands behind some of them). Removal records of
-/// `forget-zone` are not transitions and are skipped.
+/// the manual commands behind some of them). Only the zones' subjects are
+/// read: the engine's takeover records (`events.<site>.takeover.<service>`)
+/// are no transitions, so `--diff` never sees them. Removal records of
+/// `forget-zone` are not transitions either and are skipped.
 pub async fn read_events(
     js: &jetstream::Context,
     site: &Site,
@@ -142,7 +144,7 @@ pub async fn read_events(
     let stream = js.get_stream(S).await.map_err(|e| nats(S, e))?;
     let c = stream
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: site.events_filter(),
+            filter_subject: site.transitions_filter(),
             deliver_policy: consumer::DeliverPolicy::ByStartTime {
                 start_time: to_offset(from),
             },

@@ -136,6 +136,10 @@ pub fn holder_gone(lease: &Lease, me: &Lease) -> bool {
 pub struct Fence {
     inner: Arc<Mutex<Holder>>,
     ttl: Duration,
+    /// The record of the current tenure's take, set before the role says
+    /// active: the engine writes it to `EVENTS` before it reads any state,
+    /// and fences its own `EVENTS` publishes on it (`engine::fencing`).
+    tenure: Arc<Mutex<Option<TakeoverRecord>>>,
 }
 
 impl Fence {
@@ -143,7 +147,21 @@ impl Fence {
         Fence {
             inner: Arc::new(Mutex::new(Holder::new(ttl))),
             ttl,
+            tenure: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// The take that began this instance's current tenure, if it holds
+    /// the lease (or held it last).
+    pub fn tenure(&self) -> Option<TakeoverRecord> {
+        self.tenure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn begin(&self, record: TakeoverRecord) {
+        *self.tenure.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Holder) -> T) -> T {
@@ -249,9 +267,12 @@ async fn cas(
     }
 }
 
-/// The record of one takeover, on the service's own `AUDIT` subject:
+/// The record of one takeover (every acquisition of the lease), on the
+/// service's own `AUDIT` subject and, written by the engine as its first
+/// write, on `events.<site>.takeover.<service>` in `EVENTS`:
 /// who held the lease before (when known), who holds it now, and why it
-/// was taken.
+/// was taken. Not a transition: readers of transitions read only the
+/// zones' subjects.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TakeoverRecord {
     pub v: u32,
@@ -420,6 +441,7 @@ pub async fn keep(
                                             revision,
                                             time: started,
                                         };
+                                        fence.begin(record.clone());
                                         record_takeover(&js, &audit_subject, &record).await;
                                         last_holder = Some(me.clone());
                                         role.send_replace(Role {

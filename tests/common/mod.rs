@@ -129,10 +129,13 @@ pub async fn read_stream(
     out
 }
 
+/// The transitions in EVENTS (the zones' subjects; takeover records under
+/// `events.<site>.takeover.<service>` are not transitions).
 pub async fn events(js: &jetstream::Context) -> Vec<Transition> {
     read_stream(js, "EVENTS")
         .await
         .iter()
+        .filter(|m| m.subject.split('.').nth(2) == Some("presence"))
         .map(|m| serde_json::from_slice(&m.payload).expect("transition JSON"))
         .collect()
 }

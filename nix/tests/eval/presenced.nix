@@ -81,6 +81,41 @@ let
     instances.archiver.settings.http.enabled = false;
   };
 
+  # An engine and its standby on one host.
+  withStandby = eval {
+    site = "home";
+    instances.engine = {
+      nkeySeedFile = "/run/keys/engine.nk";
+      settings = {
+        nats.url = "nats://10.0.0.1:4222";
+        lease.ttl = "3s";
+        mqtt.z2m.zigbee2mqtt.devices = [
+          {
+            device = "hall_pir";
+            kind = "occupancy";
+          }
+        ];
+        zones.hall.evidence = [
+          {
+            sensor = "hall_pir";
+            p_true = 0.9;
+            p_false = 0.05;
+          }
+        ];
+      };
+    };
+    instances.engine-standby = {
+      standbyOf = "engine";
+      page.listen = "127.0.0.1:9465";
+    };
+  };
+  standby = withStandby.services.presenced.instances.engine-standby;
+
+  standbyOfItself = eval {
+    site = "home";
+    instances.engine.standbyOf = "engine";
+  };
+
   badName = eval {
     site = "home";
     instances."Bad.Name" = { };
@@ -419,6 +454,51 @@ in
   testOwnHttpListenPasses = {
     expr = stubs.failedAssertions twoOnOwnPorts;
     expected = [ ];
+  };
+
+  testStandbySharesTheService = {
+    expr = {
+      inherit (standby.settings) service runs;
+      inherit (standby) nkeySeedFile;
+    };
+    expected = {
+      service = "engine";
+      runs = [ "engine" ];
+      nkeySeedFile = "/run/keys/engine.nk";
+    };
+  };
+
+  testStandbyTakesTheEngineSettingsNotTheSources = {
+    expr = {
+      inherit (standby.settings) zones lease;
+      url = standby.settings.nats.url;
+      seed = standby.settings.nats.nkey_seed_file;
+      listen = standby.settings.http.listen;
+      mqtt = standby.settings ? mqtt;
+    };
+    expected = {
+      inherit (withStandby.services.presenced.instances.engine.settings) zones lease;
+      url = "nats://10.0.0.1:4222";
+      seed = "$CREDENTIALS_DIRECTORY/nkey-seed";
+      listen = "127.0.0.1:9465";
+      mqtt = false;
+    };
+  };
+
+  testStandbyUnitAndNoAssertion = {
+    expr = {
+      unit = withStandby.systemd.services ? presenced-engine-standby;
+      failed = stubs.failedAssertions withStandby;
+    };
+    expected = {
+      unit = true;
+      failed = [ ];
+    };
+  };
+
+  testStandbyOfItselfRefused = {
+    expr = map (lib.hasInfix "instance itself") (stubs.failedAssertions standbyOfItself);
+    expected = [ true ];
   };
 
   testCommandInstalled = {
