@@ -10,13 +10,12 @@ use crate::common;
 use crate::support;
 
 use common::*;
-use presenced::acl::identity;
 use presenced::engine::{self, Model, Transition};
 use presenced::time::Timestamp;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
+use support::{AclSite, Daemon, Mosquitto};
 
 const TTL: Duration = Duration::from_secs(3);
 const ZONE_COUNT: usize = 8;
@@ -39,16 +38,9 @@ fn head(service: &str, seed: &Path, nats: &str, http: u16) -> String {
     )
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
 struct Site {
-    nats: NatsServer,
+    acl: AclSite,
     broker: Mosquitto,
-    dir: tempfile::TempDir,
     admin: async_nats::jetstream::Context,
     engine_cfg: [PathBuf; 2],
     engine_http: [SocketAddr; 2],
@@ -59,48 +51,26 @@ struct Site {
 /// service, provisioned by the admin, with the ingest instance running.
 async fn site() -> Site {
     let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let key = |s: &str| identity::keygen(s, &d.join(format!("{s}.seed"))).unwrap();
-    let (admin, ingest, engine) = (key("admin"), key("ingest"), key("engine"));
-    let access = format!(
-        "admin = {{ nkey = \"{}\" }}\n[services.ingest]\nnkey = \"{}\"\nruns = [\"ingest\"]\n[services.engine]\nnkey = \"{}\"\nruns = [\"engine\"]\n",
-        admin.public_key, ingest.public_key, engine.public_key
-    );
-    let access_path = write(d, "access.toml", &access);
-    let out = support::daemon::run_presenced(
-        &[
-            "acl",
-            "--access",
-            access_path.to_str().unwrap(),
-            "--site",
-            "test",
-        ],
-        &[],
-    );
-    assert!(out.status.success());
-    let nats = NatsServer::start(NatsOptions {
-        extra: String::from_utf8(out.stdout).unwrap(),
-        ..Default::default()
-    });
-    let url = nats.url();
-    let admin_cfg = write(
-        d,
+    let acl = AclSite::start(&[
+        ("ingest", "runs = [\"ingest\"]"),
+        ("engine", "runs = [\"engine\"]"),
+    ]);
+    let url = acl.url();
+    let admin_cfg = acl.file(
         "admin.toml",
         &format!(
             "{}{}",
-            head("admin", &d.join("admin.seed"), &url, support::free_port()),
+            head("admin", &acl.seed("admin"), &url, support::free_port()),
             zones()
         ),
     );
     provision(&admin_cfg);
     let ingest_http = support::free_port();
-    let ingest_cfg = write(
-        d,
+    let ingest_cfg = acl.file(
         "ingest.toml",
         &format!(
             "runs = [\"ingest\"]\n{}[mqtt.main]\nhost = \"127.0.0.1\"\nport = {}\nkeep_alive = \"5s\"\nreconnect_max = \"1s\"\n{}",
-            head("ingest", &d.join("ingest.seed"), &url, ingest_http),
+            head("ingest", &acl.seed("ingest"), &url, ingest_http),
             broker.port,
             motion_mapping(true)
         ),
@@ -112,34 +82,26 @@ async fn site() -> Site {
     );
     let ports = [support::free_port(), support::free_port()];
     let engine_cfg = [0, 1].map(|i| {
-        write(
-            d,
+        acl.file(
             &format!("engine-{i}.toml"),
             &format!(
                 "{}{}",
-                head("engine", &d.join("engine.seed"), &url, ports[i]),
+                head("engine", &acl.seed("engine"), &url, ports[i]),
                 zones()
             ),
         )
     });
-    let seed = identity::read_seed(&d.join("admin.seed")).unwrap();
-    let client = async_nats::ConnectOptions::new()
-        .nkey(seed)
-        .connect(url)
-        .await
-        .unwrap();
+    let admin = acl.js("admin").await;
     Site {
-        nats,
+        acl,
         broker,
-        dir,
-        admin: async_nats::jetstream::new(client),
+        admin,
         engine_cfg,
         engine_http: ports.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
         _ingest: ingest_daemon,
     }
 }
 
-/// The `engine` part of an instance's /healthz.
 fn engine_health(http: SocketAddr) -> serde_json::Value {
     support::http_get(http, "/healthz")
         .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
@@ -396,7 +358,7 @@ async fn a_standby_takes_over_within_ttl_plus_one_second_after_a_sigkill_and_los
         &[
             "replay",
             "--config",
-            s.dir.path().join("admin.toml").to_str().unwrap(),
+            s.acl.dir.path().join("admin.toml").to_str().unwrap(),
             "--from-seq",
             "1",
             "--diff",
@@ -414,7 +376,6 @@ async fn a_standby_takes_over_within_ttl_plus_one_second_after_a_sigkill_and_los
     assert!(log.contains("leader lease taken"), "{log}");
     assert!(log.contains("takeover recorded in EVENTS"), "{log}");
     assert!(!log.contains("Permissions Violation"), "{log}");
-    let _ = &s.nats;
 }
 
 /// The first line of a daemon log that contains `needle`.
@@ -552,14 +513,7 @@ async fn a_leader_frozen_past_its_lease_is_fenced_when_it_wakes_and_stands_by() 
 
 /// The engine service's JetStream context (its identity and inboxes).
 async fn engine_js(s: &Site) -> async_nats::jetstream::Context {
-    let seed = identity::read_seed(&s.dir.path().join("engine.seed")).unwrap();
-    let client = async_nats::ConnectOptions::new()
-        .nkey(seed)
-        .custom_inbox_prefix(presenced::naming::inbox_prefix("engine"))
-        .connect(s.nats.url())
-        .await
-        .unwrap();
-    async_nats::jetstream::new(client)
+    s.acl.js("engine").await
 }
 
 /// Publishes to `subject` expecting `seq` as the last message under the
@@ -682,14 +636,9 @@ async fn an_unreadable_lease_value_is_taken_by_one_instance_only_once_it_stays_u
 /// service's credentials (under the generated ACL nobody else may write
 /// `owners.engine`, the admin included).
 async fn by_hand(s: &Site) -> async_nats::jetstream::kv::Store {
-    let seed = identity::read_seed(&s.dir.path().join("engine.seed")).unwrap();
-    let client = async_nats::ConnectOptions::new()
-        .nkey(seed)
-        .custom_inbox_prefix(presenced::naming::inbox_prefix("engine"))
-        .connect(s.nats.url())
+    s.acl
+        .js("engine")
         .await
-        .unwrap();
-    async_nats::jetstream::new(client)
         .get_key_value("owners")
         .await
         .unwrap()
@@ -759,12 +708,12 @@ async fn across_pid_namespaces_a_standby_takes_over_when_the_lease_lapses_within
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_active_instance_cut_from_the_leaf_is_replaced_and_stands_by_when_the_link_returns() {
     let s = site().await;
-    let nats_addr: SocketAddr = s.nats.url().trim_start_matches("nats://").parse().unwrap();
+    let nats_addr: SocketAddr = s.acl.url().trim_start_matches("nats://").parse().unwrap();
     let proxy = support::Proxy::start(nats_addr);
     let via_proxy = std::fs::read_to_string(&s.engine_cfg[0])
         .unwrap()
-        .replace(&s.nats.url(), &format!("nats://127.0.0.1:{}", proxy.port));
-    let a_cfg = write(s.dir.path(), "engine-proxied.toml", &via_proxy);
+        .replace(&s.acl.url(), &format!("nats://127.0.0.1:{}", proxy.port));
+    let a_cfg = s.acl.file("engine-proxied.toml", &via_proxy);
     let a = Daemon::start_at(&a_cfg, &[]);
     a.wait_healthy(s.engine_http[0], Duration::from_secs(20));
     wait_role(s.engine_http[0], "active", Duration::from_secs(10));
