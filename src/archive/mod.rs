@@ -2,6 +2,7 @@
 //! `snapshots`, uploaded to S3 (Wasabi) through the durable outbox in KV
 //! `archive`, verified, pruned, and restored on demand.
 //!
+//! - [`config`]: the `[archive]` section and its checks.
 //! - [`format`]: the versioned, compressed snapshot format (pure).
 //! - [`snapshot`]: streams buckets into the object store.
 //! - [`outbox`]: the upload state of each snapshot (pure transitions + KV).
@@ -12,11 +13,13 @@
 //! - [`retention`]: which snapshots to prune (pure) and pruning.
 //! - [`restore`]: rebuilds buckets from a snapshot.
 //! - [`worker`]: the archiver inside the daemon (schedule, uploads).
-//! - [`cli`]: `presenced snapshot`, `snapshots`, `restore`.
+//! - [`commands`]: what `presenced snapshot`, `snapshots` and `restore`
+//!   do; they return values, the binary's `cli/` prints them.
 //!
 //! See docs/ARCHIVE.md for the operator's view.
 
-pub mod cli;
+pub mod commands;
+pub mod config;
 pub mod format;
 pub mod outbox;
 pub mod refusal;

@@ -6,13 +6,13 @@
 //! restart resumes: entries not yet uploaded are retried at once, and the
 //! next snapshot is due `every` after the newest existing one.
 
+use super::config::ArchiveConfig;
 use super::outbox::{Entry, Outbox};
 use super::s3::Remote;
 use super::snapshot::{self, LocalSnapshot, Plan};
 use super::verify::{verify_remote, Digested};
 use super::{meta, retention, ArchiveError, SnapshotMeta};
 use crate::base::backoff::Backoff;
-use crate::config::ArchiveConfig;
 use crate::metrics::Metrics;
 use crate::naming::Site;
 use async_nats::jetstream::{self, kv, object_store::ObjectStore};
