@@ -8,7 +8,6 @@
 use crate::naming;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,13 +21,16 @@ pub use crate::archive::config::{ArchiveConfig, Keep, S3Config};
 use crate::engine::config::{default_occupied_above, default_vacant_below};
 pub use crate::engine::config::{EngineConfig, EvidenceRule, ZoneConfig};
 pub use crate::homeassistant::config::HomeAssistant;
+pub use crate::http::config::HttpConfig;
 pub use crate::hub::config::HubWatch;
 pub use crate::ingest::IngestConfig;
+pub use crate::logging::LogConfig;
 pub use crate::sources::config::{
     EspresenseConfig, EspresensePerson, MqttSource, SerialFraming, SerialSource, TopicMapping,
     Zigbee2Mqtt, Zigbee2MqttDevice, Zigbee2MqttKind,
 };
 pub use crate::store::config::{LeaseConfig, NatsConfig, NatsTls};
+pub use crate::supervise::config::HealthConfig;
 
 /// Top level of `presenced.toml`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -92,83 +94,8 @@ pub struct Config {
     pub persons: BTreeMap<String, ZoneConfig>,
 }
 
-/// Health thresholds (`[health]`).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthConfig {
-    /// A source whose link (MQTT connection, serial device) has been down
-    /// this long makes the daemon degraded (`/healthz` 503, `status` 1):
-    /// short enough to page before a zone goes wrong, long enough that a
-    /// broker restart does not.
-    #[serde(default = "default_source_grace", with = "humantime_serde")]
-    pub source_grace: Duration,
-    /// READY waits at most this long for each source's first connection:
-    /// a broker that is down at boot must not hold the unit in
-    /// `activating`; the source keeps retrying and health says so.
-    #[serde(default = "default_source_start_wait", with = "humantime_serde")]
-    pub source_start_wait: Duration,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        HealthConfig {
-            source_grace: default_source_grace(),
-            source_start_wait: default_source_start_wait(),
-        }
-    }
-}
-
-fn default_source_grace() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_source_start_wait() -> Duration {
-    Duration::from_secs(5)
-}
-
 fn default_service() -> String {
     "presenced".to_owned()
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    /// `error`, `warn`, `info`, `debug`, `trace` or a tracing filter
-    /// directive; `RUST_LOG` wins when set.
-    pub level: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Serve `/healthz` and `/metrics`.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// Loopback by default: metrics are not for the open network.
-    #[serde(default = "default_http_listen")]
-    pub listen: SocketAddr,
-    /// Let the status page at `/` send overrides (the same command as
-    /// `presenced cmd`). Off by default: a listener opened to a network
-    /// would otherwise hand it the zones. Also needs this identity to be
-    /// granted `commands` (docs/OPERATIONS.md "Status page").
-    #[serde(default)]
-    pub page_commands: bool,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            enabled: true,
-            listen: default_http_listen(),
-            page_commands: false,
-        }
-    }
-}
-
-fn yes() -> bool {
-    true
-}
-fn default_http_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
 pub use crate::base::problems::ConfigProblem;

@@ -56,6 +56,7 @@ pub mod homeassistant;
 pub mod http;
 pub mod hub;
 pub mod ingest;
+pub mod logging;
 pub mod metrics;
 pub mod natsconf;
 pub mod observation;

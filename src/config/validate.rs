@@ -5,7 +5,6 @@ use super::Config;
 use super::ConfigProblem;
 use crate::base::problems::Problems;
 use crate::naming;
-use std::time::Duration;
 
 pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
     let mut p = Problems::default();
@@ -80,19 +79,7 @@ fn check_top(config: &Config, p: &mut Problems) {
         );
     }
 
-    if let Some(level) = &config.log.level {
-        if level.trim().is_empty() {
-            p.push(
-                "log.level",
-                "is empty: leave it out for the default, or say e.g. `info`",
-            );
-        } else if let Err(e) = tracing_subscriber::EnvFilter::try_new(level) {
-            p.push(
-                "log.level",
-                format!("{level:?} is not a tracing filter directive (e.g. `info` or `presenced=debug,info`): {e}"),
-            );
-        }
-    }
+    crate::logging::check(&config.log, p);
 
     crate::store::config::check(&config.nats, p);
 
@@ -108,7 +95,7 @@ fn check_top(config: &Config, p: &mut Problems) {
 /// `[archive]` without the archiver, would be silently ignored.
 fn check_runs(config: &Config, p: &mut Problems) {
     use crate::base::ownership::Component;
-    positive(p, "health.source_grace", config.health.source_grace);
+    crate::supervise::config::check(&config.health, p);
     let Some(names) = &config.runs else {
         return;
     };
@@ -160,10 +147,6 @@ fn check_runs(config: &Config, p: &mut Problems) {
         };
         p.push("runs", reason);
     }
-}
-
-fn positive(p: &mut Problems, path: impl Into<String>, d: Duration) {
-    p.positive(path, d);
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! status page (module `page`, handed in as extra routes) is served
 //! beside them.
 
+pub mod config;
+
 use crate::metrics::Metrics;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
