@@ -226,6 +226,28 @@ pub fn name_stamp(rfc3339: &str) -> String {
     rfc3339.chars().filter(|c| *c != '-' && *c != ':').collect()
 }
 
+/// Starts the archiver (component `archiver`, essential): snapshots and
+/// uploads. A missing bucket or credential file fails its start, which a
+/// retry cannot fix; it counts as running once started.
+pub fn start(
+    ctx: &mut crate::component::Ctx<'_>,
+    cfg: config::ArchiveConfig,
+    seed_file: Option<std::path::PathBuf>,
+) {
+    use crate::supervise::{self, Stage};
+    let (js, site, metrics) = (ctx.js.clone(), ctx.site.clone(), ctx.metrics.clone());
+    let stop = ctx.sup.stop_flag(Stage::Work);
+    ctx.sup.spawn("archiver", Stage::Work, true, async move {
+        let archiver =
+            worker::Archiver::start(js, site, cfg, metrics.clone(), seed_file.as_deref())
+                .await
+                .map_err(|e| supervise::fatal(anyhow::Error::new(e).context("archive")))?;
+        metrics.components.running("archiver");
+        archiver.run(stop).await;
+        Ok(())
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

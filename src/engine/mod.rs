@@ -11,6 +11,7 @@ pub mod config;
 pub mod core;
 pub mod model;
 pub mod runner;
+pub mod start;
 #[cfg(test)]
 mod tests;
 

@@ -228,6 +228,39 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
+/// Starts the HTTP listener of `[http]` (component `http`, essential),
+/// serving `/healthz`, `/metrics` and `extra` (the status page). It
+/// starts before the connection to the leaf, so that health can say the
+/// leaf is unreachable: it takes the supervisor and metrics rather than a
+/// whole [`crate::component::Ctx`]. A listen address that cannot be bound
+/// is fatal. Nothing is started when `enabled` is false.
+pub async fn start(
+    sup: &mut crate::supervise::Supervisor,
+    metrics: &Arc<Metrics>,
+    cfg: &config::HttpConfig,
+    extra: Router,
+) -> anyhow::Result<()> {
+    use crate::supervise::{self, Stage};
+    if !cfg.enabled {
+        return Ok(());
+    }
+    let listener = bind(cfg.listen).await.map_err(|e| {
+        supervise::fatal(anyhow::anyhow!(
+            "cannot listen on http.listen = {}: {e}",
+            cfg.listen
+        ))
+    })?;
+    tracing::info!(listen = %cfg.listen, "serving /healthz, /metrics and the status page");
+    let stop = sup.stop_flag(Stage::Http);
+    let m = metrics.clone();
+    sup.spawn("http", Stage::Http, true, async move {
+        serve(listener, m, extra, stop).await;
+        Ok(())
+    });
+    metrics.components.running("http");
+    Ok(())
+}
+
 /// `extra` adds routes beside `/healthz` and `/metrics` (the status page
 /// and its 404 fallback).
 pub async fn serve(

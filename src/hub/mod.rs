@@ -13,3 +13,22 @@ pub mod config;
 pub mod health;
 pub mod link;
 pub mod mirrors;
+
+/// Starts the hub watch (component `hub`, not essential): the health of
+/// this site's hub mirrors, read through the leaf's link, into metrics
+/// and `/healthz`.
+pub fn start(ctx: &mut crate::component::Ctx<'_>, cfg: config::HubWatch) {
+    use crate::supervise::Stage;
+    let fut = health::run(
+        ctx.client.clone(),
+        ctx.site.clone(),
+        cfg,
+        ctx.metrics.clone(),
+        ctx.sup.stop_flag(Stage::Work),
+    );
+    ctx.sup.spawn("hub", Stage::Work, false, async move {
+        fut.await;
+        Ok(())
+    });
+    ctx.metrics.components.running("hub");
+}
