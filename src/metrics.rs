@@ -1,13 +1,21 @@
 //! Counters and gauges of the daemon, exported in the OpenMetrics text
 //! format through the `prometheus-client` library.
 //!
-//! Each scalar metric is declared once, in the table of
-//! `declare_metrics!` below: its field, name, help, and the component
-//! whose families it belongs to. The fields are plain atomics behind a
-//! shared handle, so every hot path only pays a relaxed increment and the
-//! call sites read like atomics (`Metrics::inc(&m.rejects)`). Families
-//! with labels (components, sources, hub mirrors, serial ports) are built
-//! from their current readings at each scrape.
+//! This module keeps the registry of one scrape, its rendering, and the
+//! shared helpers ([`Count`], [`Level`], [`Flag`], label families). A
+//! component that owns its metrics declares them beside its code and
+//! registers a [`Collector`] at its start, with its `/healthz` section if
+//! it has one (the archiver: `archive::metrics`; each serial port:
+//! `sources::serial::Ports`); they are exported after the rest.
+//!
+//! The daemon's own scalars, and those of ingest and the engine whose hot
+//! paths still reach them through [`Metrics`], are declared once, in the
+//! table of `declare_metrics!` below: field, name, help, and the
+//! component whose families they belong to. The fields are plain atomics
+//! behind a shared handle, so every hot path only pays a relaxed
+//! increment (`Metrics::inc(&m.rejects)`). Families with labels
+//! (components, sources, hub mirrors) are built from their current
+//! readings at each scrape.
 //!
 //! This module knows no domain type: components hand it plain values
 //! ([`SourceHealth`], [`MirrorReading`]) or register a [`Collector`].
@@ -102,8 +110,6 @@ pub enum Part {
     /// Ingest, its sources included.
     Ingest,
     Engine,
-    /// Only with `[archive]`.
-    Archive,
     /// Only with an MQTT source.
     Mqtt,
     /// Only with a serial source.
@@ -173,23 +179,6 @@ declare_metrics! {
         /// The holder's view of its lease in KV `owners`.
         lease_held: Flag = ("presenced_lease_held", "1 while this service's lease in KV owners is held (last renewal younger than lease.ttl).", Daemon),
         ready: Flag = ("presenced_ready", "1 once state is rehydrated and the consumer is bound.", Daemon),
-        archive_snapshots: Count = ("presenced_archive_snapshots_total", "Snapshots written to object store snapshots.", Archive),
-        archive_snapshot_failures: Count = ("presenced_archive_snapshot_failures_total", "Scheduled snapshots that failed.", Archive),
-        archive_uploads: Count = ("presenced_archive_uploads_total", "Snapshots PUT to S3 and verified.", Archive),
-        archive_uploaded_bytes: Count = ("presenced_archive_uploaded_bytes_total", "Bytes of snapshots PUT to S3 and verified.", Archive),
-        archive_upload_failures: Count = ("presenced_archive_upload_failures_total", "Upload attempts that failed (retried with backoff).", Archive),
-        archive_verify_failures: Count = ("presenced_archive_verify_failures_total", "Remote copies whose size or sha256 did not match.", Archive),
-        /// Snapshots whose upload is not yet verified.
-        archive_pending: Level = ("presenced_archive_pending", "Snapshots waiting for a verified upload.", Archive),
-        /// False after an upload failed for a reason other than
-        /// verification, true again after one succeeds.
-        archive_s3_ok: Flag = ("presenced_archive_s3_ok", "0 while uploads fail for reasons other than verification.", Archive),
-        archive_pruned_local: Count = ("presenced_archive_pruned_local_total", "Snapshots pruned from the object store.", Archive),
-        archive_pruned_remote: Count = ("presenced_archive_pruned_remote_total", "Snapshots pruned from S3.", Archive),
-        /// Unix seconds of the newest snapshot.
-        archive_last_snapshot_seconds: Level = ("presenced_archive_last_snapshot_timestamp_seconds", "Unix time of the newest snapshot.", Archive),
-        /// Unix seconds of the last verified upload.
-        archive_last_upload_seconds: Level = ("presenced_archive_last_upload_timestamp_seconds", "Unix time of the last verified upload.", Archive),
     }
     /// Everything `/metrics` reports. Shared as `Arc<Metrics>`.
     pub struct Metrics {
@@ -210,8 +199,6 @@ declare_metrics! {
         /// How far ahead a zone clock may legitimately be: readings may
         /// carry device times up to `ingest.max_clock_skew` ahead.
         pub clock_ahead_ok_ms: AtomicU64,
-        /// The archiver runs (`[archive]` configured).
-        pub archive_enabled: AtomicBool,
         /// The engine's leader lease (store::leader): active or standby,
         /// since when, who holds it.
         pub engine_role: std::sync::RwLock<Option<crate::base::ownership::Role>>,
@@ -343,6 +330,12 @@ pub trait Collector: Send + Sync + std::fmt::Debug {
     /// Registers the component's families, filled with their current
     /// values, for one scrape.
     fn collect(&self, registry: &mut Registry);
+
+    /// The component's section of `/healthz` (its name and detail), if
+    /// it has one.
+    fn health(&self) -> Option<(&'static str, serde_json::Value)> {
+        None
+    }
 }
 
 /// Things that happen to a hub mirror and are counted.
@@ -415,6 +408,17 @@ impl Metrics {
             .push(collector);
     }
 
+    /// The `/healthz` sections of the components that registered a
+    /// collector, in registration order.
+    pub fn health_sections(&self) -> Vec<(&'static str, serde_json::Value)> {
+        self.collectors
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|c| c.health())
+            .collect()
+    }
+
     /// Whether the families of `part` are exported by this instance.
     fn shows(&self, part: Part) -> bool {
         let runs = self.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -424,7 +428,6 @@ impl Metrics {
             Part::Daemon => true,
             Part::Ingest => on("ingest"),
             Part::Engine => on("engine"),
-            Part::Archive => self.archive_enabled.load(Ordering::Relaxed),
             Part::Mqtt => all || (on("ingest") && self.mqtt_configured.load(Ordering::Relaxed)),
             Part::Serial => all || (on("ingest") && self.serial_configured.load(Ordering::Relaxed)),
         }
@@ -768,7 +771,6 @@ mod tests {
     #[test]
     fn every_declared_scalar_is_exported_once() {
         let m = Metrics::default();
-        m.archive_enabled.store(true, Ordering::Relaxed);
         let text = m.render();
         for (name, _, _, _) in m.scalars() {
             let samples = text

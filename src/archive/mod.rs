@@ -3,6 +3,7 @@
 //! `archive`, verified, pruned, and restored on demand.
 //!
 //! - [`config`]: the `[archive]` section and its checks.
+//! - [`metrics`]: the archiver's metrics and `/healthz` section.
 //! - [`format`]: the versioned, compressed snapshot format (pure).
 //! - [`snapshot`]: streams buckets into the object store.
 //! - [`outbox`]: the upload state of each snapshot (pure transitions + KV).
@@ -21,6 +22,7 @@
 pub mod commands;
 pub mod config;
 pub mod format;
+pub mod metrics;
 pub mod outbox;
 pub mod refusal;
 pub mod restore;
@@ -238,10 +240,9 @@ pub fn start(
     let (js, site, metrics) = (ctx.js.clone(), ctx.site.clone(), ctx.metrics.clone());
     let stop = ctx.sup.stop_flag(Stage::Work);
     ctx.sup.spawn("archiver", Stage::Work, true, async move {
-        let archiver =
-            worker::Archiver::start(js, site, cfg, metrics.clone(), seed_file.as_deref())
-                .await
-                .map_err(|e| supervise::fatal(anyhow::Error::new(e).context("archive")))?;
+        let archiver = worker::Archiver::start(js, site, cfg, &metrics, seed_file.as_deref())
+            .await
+            .map_err(|e| supervise::fatal(anyhow::Error::new(e).context("archive")))?;
         metrics.components.running("archiver");
         archiver.run(stop).await;
         Ok(())

@@ -166,17 +166,9 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             body["engine"]["takeovers"] = json!(get(&m.engine_takeovers));
         }
     }
-    if m.archive_enabled.load(Ordering::Relaxed) {
-        // Detail only: a slow S3 does not make the daemon unhealthy.
-        let secs = |v: u64| (v > 0).then_some(v);
-        body["archive"] = json!({
-            "pending": get(&m.archive_pending),
-            "s3_ok": m.archive_s3_ok.load(Ordering::Relaxed),
-            "last_snapshot_unix": secs(get(&m.archive_last_snapshot_seconds)),
-            "last_upload_unix": secs(get(&m.archive_last_upload_seconds)),
-            "snapshot_failures": get(&m.archive_snapshot_failures),
-            "upload_failures": get(&m.archive_upload_failures),
-        });
+    // Components' own sections (the archiver's): detail only.
+    for (name, section) in m.health_sections() {
+        body[name] = section;
     }
     // Hub mirrors are a detail, not the daemon's own health: a stalled
     // mirror is reported here but does not make the answer 503.
