@@ -5,7 +5,8 @@
 //! shared helpers ([`Count`], [`Level`], [`Flag`], label families). A
 //! component that owns its metrics declares them beside its code and
 //! registers a [`Collector`] at its start, with its `/healthz` section if
-//! it has one (the archiver: `archive::metrics`; each serial port:
+//! it has one (the archiver: `archive::metrics`; the hub watch:
+//! `hub::metrics`; each serial port:
 //! `sources::serial::Ports`); they are exported after the rest.
 //!
 //! The daemon's own scalars, and those of ingest and the engine whose hot
@@ -14,11 +15,11 @@
 //! component whose families they belong to. The fields are plain atomics
 //! behind a shared handle, so every hot path only pays a relaxed
 //! increment (`Metrics::inc(&m.rejects)`). Families with labels
-//! (components, sources, hub mirrors) are built from their current
+//! (components, sources) are built from their current
 //! readings at each scrape.
 //!
 //! This module knows no domain type: components hand it plain values
-//! ([`SourceHealth`], [`MirrorReading`]) or register a [`Collector`].
+//! ([`SourceHealth`]) or register a [`Collector`].
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -202,8 +203,6 @@ declare_metrics! {
         /// The engine's leader lease (store::leader): active or standby,
         /// since when, who holds it.
         pub engine_role: std::sync::RwLock<Option<crate::base::ownership::Role>>,
-        /// Hub mirror health, when `[hub]` is configured.
-        pub mirrors: std::sync::RwLock<Mirrors>,
         /// Every supervised component and its state.
         pub components: std::sync::Arc<crate::supervise::Registry>,
         /// Link state of each source, refreshed every second.
@@ -286,44 +285,6 @@ pub struct SourceHealth {
     pub degraded: bool,
 }
 
-/// The last reading of the site's hub mirrors and what happened to them.
-#[derive(Debug, Default, Clone)]
-pub struct Mirrors {
-    /// Whether `[hub]` is configured (nothing is rendered otherwise).
-    pub watched: bool,
-    /// Whether the last poll reached the hub through the leaf link.
-    pub hub_reachable: bool,
-    pub report: Vec<MirrorReading>,
-    /// Stalls and nudges per mirror, since start.
-    pub stalls: std::collections::BTreeMap<String, u64>,
-    pub nudges: std::collections::BTreeMap<String, u64>,
-}
-
-/// One hub mirror as last judged (the hub health tracker's report, in
-/// plain values: metrics knows no domain type). Serialized as `/healthz`
-/// shows it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct MirrorReading {
-    pub mirror: String,
-    /// `current`, `catching_up`, `stalled` or `unknown`.
-    pub state: &'static str,
-    /// Messages the source has and the mirror lacks.
-    pub lag_messages: Option<u64>,
-    /// Age difference between the source's newest message and the
-    /// mirror's newest, when behind.
-    pub lag_seconds: Option<f64>,
-    /// Time since the hub last heard from the source.
-    pub last_contact_seconds: Option<f64>,
-    /// Why a reading failed, if one did.
-    pub error: Option<String>,
-}
-
-impl MirrorReading {
-    pub fn is_stalled(&self) -> bool {
-        self.state == "stalled"
-    }
-}
-
 /// Families a component exports itself, with its own labels (each serial
 /// port's counters, say), so that this module needs none of its types.
 pub trait Collector: Send + Sync + std::fmt::Debug {
@@ -336,13 +297,6 @@ pub trait Collector: Send + Sync + std::fmt::Debug {
     fn health(&self) -> Option<(&'static str, serde_json::Value)> {
         None
     }
-}
-
-/// Things that happen to a hub mirror and are counted.
-#[derive(Debug, Clone, Copy)]
-pub enum MirrorEvent {
-    Stall,
-    Nudge,
 }
 
 impl Metrics {
@@ -368,36 +322,6 @@ impl Metrics {
 
     pub fn set_source_health(&self, v: Vec<SourceHealth>) {
         *self.sources.write().unwrap_or_else(|p| p.into_inner()) = v;
-    }
-
-    fn mirrors_mut(&self) -> std::sync::RwLockWriteGuard<'_, Mirrors> {
-        self.mirrors.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A copy of the hub mirror health.
-    pub fn mirrors(&self) -> Mirrors {
-        self.mirrors
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Counts a stall or nudge of `mirror`.
-    pub fn mirror_event(&self, mirror: &str, event: MirrorEvent) {
-        let mut m = self.mirrors_mut();
-        let map = match event {
-            MirrorEvent::Stall => &mut m.stalls,
-            MirrorEvent::Nudge => &mut m.nudges,
-        };
-        *map.entry(mirror.to_owned()).or_default() += 1;
-    }
-
-    /// Stores the latest reading of every mirror.
-    pub fn set_mirrors(&self, hub_reachable: bool, report: Vec<MirrorReading>) {
-        let mut m = self.mirrors_mut();
-        m.watched = true;
-        m.hub_reachable = hub_reachable;
-        m.report = report;
     }
 
     /// Registers families a component exports itself (exported last).
@@ -434,7 +358,7 @@ impl Metrics {
     }
 
     /// The registry of one scrape: the scalars this instance exports, then
-    /// hub mirrors, components and sources, then what components collect.
+    /// components and sources, then what components collect.
     pub fn registry(&self) -> Registry {
         let mut r = Registry::default();
         for (name, help, part, scalar) in self.scalars() {
@@ -447,7 +371,6 @@ impl Metrics {
                 Scalar::Flag(f) => r.register(name, help, f),
             }
         }
-        self.register_mirrors(&mut r);
         self.register_components(&mut r);
         for c in self
             .collectors
@@ -458,74 +381,6 @@ impl Metrics {
             c.collect(&mut r);
         }
         r
-    }
-
-    fn register_mirrors(&self, r: &mut Registry) {
-        let m = self.mirrors();
-        if !m.watched {
-            return;
-        }
-        let reachable = Flag::default();
-        reachable.store(m.hub_reachable, Ordering::Relaxed);
-        r.register(
-            "presenced_hub_reachable",
-            "1 if the last poll reached the hub through the leaf link.",
-            reachable,
-        );
-        type Row = fn(&MirrorReading) -> Option<u64>;
-        let gauges: [(&str, &str, Row); 4] = [
-            (
-                "presenced_mirror_lag_messages",
-                "Messages the leaf holds that the hub mirror lacks.",
-                |h| h.lag_messages,
-            ),
-            (
-                "presenced_mirror_lag_milliseconds",
-                "Age of the leaf's newest message minus the mirror's newest, when behind.",
-                |h| h.lag_seconds.map(|s| (s * 1000.0) as u64),
-            ),
-            (
-                "presenced_mirror_last_contact_milliseconds",
-                "Time since the hub last heard from the mirror's source.",
-                |h| h.last_contact_seconds.map(|s| (s * 1000.0) as u64),
-            ),
-            (
-                "presenced_mirror_stalled",
-                "1 while the mirror makes no progress and the leaf has more.",
-                |h| Some(u64::from(h.is_stalled())),
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let family = gauge_family();
-            for h in &m.report {
-                if let Some(v) = value(h) {
-                    family
-                        .get_or_create(&labels(&[("mirror", &h.mirror)]))
-                        .set(as_i64(v));
-                }
-            }
-            r.register(name, help, family);
-        }
-        for (name, help, map) in [
-            (
-                "presenced_mirror_stalls_total",
-                "Stalls of each hub mirror (also logged at WARN).",
-                &m.stalls,
-            ),
-            (
-                "presenced_mirror_nudges_total",
-                "Times the hub was asked to restart a mirror after its link came back.",
-                &m.nudges,
-            ),
-        ] {
-            let family = counter_family();
-            for h in &m.report {
-                family
-                    .get_or_create(&labels(&[("mirror", &h.mirror)]))
-                    .inc_by(map.get(&h.mirror).copied().unwrap_or(0));
-            }
-            r.register(counter_name(name), help, family);
-        }
     }
 
     fn register_components(&self, r: &mut Registry) {
@@ -590,19 +445,6 @@ impl Metrics {
 /// fields are plain values (this module knows no domain type).
 #[derive(Debug, Clone)]
 pub enum Event<'a> {
-    /// A hub mirror stopped making progress while the leaf has more.
-    MirrorStalled {
-        mirror: &'a str,
-        lag_messages: Option<u64>,
-        last_contact_seconds: Option<f64>,
-        error: Option<&'a str>,
-    },
-    /// A hub mirror behind and out of contact was restarted on request.
-    MirrorNudged {
-        mirror: &'a str,
-        lag_messages: Option<u64>,
-        last_contact_seconds: Option<f64>,
-    },
     /// A compare-and-set write found the key changed behind the engine.
     KvConflict { bucket: &'a str, key: &'a str },
     /// The connection to the leaf came back after a loss.
@@ -613,34 +455,6 @@ impl Metrics {
     /// Logs `event` and counts it.
     pub fn emit(&self, event: Event<'_>) {
         match event {
-            Event::MirrorStalled {
-                mirror,
-                lag_messages,
-                last_contact_seconds,
-                error,
-            } => {
-                self.mirror_event(mirror, MirrorEvent::Stall);
-                tracing::warn!(
-                    mirror = %mirror,
-                    lag_messages = ?lag_messages,
-                    last_contact_s = ?last_contact_seconds,
-                    error = ?error,
-                    "hub mirror stalled: no progress while the leaf has more"
-                );
-            }
-            Event::MirrorNudged {
-                mirror,
-                lag_messages,
-                last_contact_seconds,
-            } => {
-                self.mirror_event(mirror, MirrorEvent::Nudge);
-                tracing::info!(
-                    mirror = %mirror,
-                    last_contact_s = ?last_contact_seconds,
-                    lag_messages = ?lag_messages,
-                    "hub mirror behind and out of contact: asked the hub to restart it"
-                );
-            }
             Event::KvConflict { bucket, key } => {
                 Metrics::inc(&self.kv_conflicts);
                 tracing::error!(
@@ -711,39 +525,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_hub_mirrors_only_when_watched() {
-        let m = Metrics::default();
-        assert!(!m.render().contains("presenced_mirror"));
-        m.set_mirrors(
-            true,
-            vec![MirrorReading {
-                mirror: "SENSORS-home".into(),
-                state: "stalled",
-                lag_messages: Some(12),
-                lag_seconds: Some(1.5),
-                last_contact_seconds: None,
-                error: Some("hub: timed out".into()),
-            }],
-        );
-        m.mirror_event("SENSORS-home", MirrorEvent::Stall);
-        let text = m.render();
-        for line in [
-            "presenced_hub_reachable 1\n",
-            "presenced_mirror_lag_messages{mirror=\"SENSORS-home\"} 12\n",
-            "presenced_mirror_lag_milliseconds{mirror=\"SENSORS-home\"} 1500\n",
-            "presenced_mirror_stalled{mirror=\"SENSORS-home\"} 1\n",
-            "presenced_mirror_stalls_total{mirror=\"SENSORS-home\"} 1\n",
-            "presenced_mirror_nudges_total{mirror=\"SENSORS-home\"} 0\n",
-        ] {
-            assert!(text.contains(line), "missing {line:?} in\n{text}");
-        }
-        assert!(
-            !text.contains("last_contact_milliseconds{"),
-            "unknown values are left out"
-        );
-    }
-
-    #[test]
     fn renders_openmetrics_text_with_the_same_sample_names() {
         let m = Metrics::default();
         Metrics::add(&m.observations_in, 3);
@@ -803,16 +584,9 @@ mod tests {
             bucket: "presence",
             key: "hall",
         });
-        m.emit(Event::MirrorStalled {
-            mirror: "SENSORS-home",
-            lag_messages: Some(3),
-            last_contact_seconds: None,
-            error: None,
-        });
         m.emit(Event::NatsReconnected);
         assert_eq!(m.kv_conflicts.load(Ordering::Relaxed), 1);
         assert_eq!(m.nats_reconnects.load(Ordering::Relaxed), 1);
-        assert_eq!(m.mirrors().stalls.get("SENSORS-home"), Some(&1));
     }
 
     #[test]

@@ -166,20 +166,10 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             body["engine"]["takeovers"] = json!(get(&m.engine_takeovers));
         }
     }
-    // Components' own sections (the archiver's): detail only.
+    // Components' own sections (the archiver's, the hub mirrors'):
+    // detail only, they do not make the answer 503.
     for (name, section) in m.health_sections() {
         body[name] = section;
-    }
-    // Hub mirrors are a detail, not the daemon's own health: a stalled
-    // mirror is reported here but does not make the answer 503.
-    let mirrors = m.mirrors();
-    if mirrors.watched {
-        let stalled = mirrors.report.iter().filter(|h| h.is_stalled()).count();
-        body["hub"] = json!({
-            "reachable": mirrors.hub_reachable,
-            "mirrors_stalled": stalled,
-            "mirrors": mirrors.report,
-        });
     }
     (verdict, body)
 }
