@@ -6,7 +6,7 @@
 //! component that owns its metrics declares them beside its code and
 //! registers a [`Collector`] at its start, with its `/healthz` section if
 //! it has one (the archiver: `archive::metrics`; the hub watch:
-//! `hub::metrics`; each serial port:
+//! `hub::metrics`; the sources' gauges: `ingest::start`; each serial port:
 //! `sources::serial::Ports`); they are exported after the rest.
 //!
 //! The daemon's own scalars, and those of ingest and the engine whose hot
@@ -111,10 +111,6 @@ pub enum Part {
     /// Ingest, its sources included.
     Ingest,
     Engine,
-    /// Only with an MQTT source.
-    Mqtt,
-    /// Only with a serial source.
-    Serial,
 }
 
 /// Declares the scalar metrics once: each line gives the field (and its
@@ -156,8 +152,6 @@ declare_metrics! {
         observations_stored: Count = ("presenced_observations_stored_total", "Observations acknowledged by stream SENSORS.", Ingest),
         rejects: Count = ("presenced_rejects_total", "Inputs rejected into stream REJECTED.", Ingest),
         publish_retries: Count = ("presenced_publish_retries_total", "JetStream publishes retried after a failure.", Ingest),
-        /// Times a source found the ingest buffer full and had to wait.
-        buffer_full: Count = ("presenced_ingest_buffer_full_total", "Times a source waited because the ingest buffer was full.", Ingest),
         buffer_depth: Level = ("presenced_ingest_buffer_depth", "Observations waiting in the ingest buffer.", Ingest),
         buffer_capacity: Level = ("presenced_ingest_buffer_capacity", "Size of the ingest buffer.", Ingest),
         engine_observations: Count = ("presenced_engine_observations_total", "Observations applied by the engine.", Engine),
@@ -174,9 +168,6 @@ declare_metrics! {
         nats_reconnects: Count = ("presenced_nats_reconnects_total", "Connections to the leaf nats-server after the first.", Daemon),
         /// Operations nats-server refused for lack of permission.
         permission_violations: Count = ("presenced_permission_violations_total", "Publishes and subscriptions nats-server refused for lack of permission.", Daemon),
-        mqtt_connected: Level = ("presenced_mqtt_connected", "MQTT sources currently connected.", Mqtt),
-        /// Serial sources whose device is open.
-        serial_connected: Level = ("presenced_serial_connected", "Serial sources whose device is open.", Serial),
         /// The holder's view of its lease in KV `owners`.
         lease_held: Flag = ("presenced_lease_held", "1 while this service's lease in KV owners is held (last renewal younger than lease.ttl).", Daemon),
         ready: Flag = ("presenced_ready", "1 once state is rehydrated and the consumer is bound.", Daemon),
@@ -213,10 +204,6 @@ declare_metrics! {
         /// The last input ingest rejected (kept in REJECTED): `/healthz`
         /// and the status page name its reason.
         pub last_reject: std::sync::RwLock<Option<LastReject>>,
-        /// Whether MQTT / serial sources are configured: their families
-        /// are left out otherwise.
-        pub mqtt_configured: AtomicBool,
-        pub serial_configured: AtomicBool,
         /// Families components export themselves (the serial ports'
         /// counters with `source` and `device` labels, LD2410 rejects by
         /// reason).
@@ -352,8 +339,6 @@ impl Metrics {
             Part::Daemon => true,
             Part::Ingest => on("ingest"),
             Part::Engine => on("engine"),
-            Part::Mqtt => all || (on("ingest") && self.mqtt_configured.load(Ordering::Relaxed)),
-            Part::Serial => all || (on("ingest") && self.serial_configured.load(Ordering::Relaxed)),
         }
     }
 

@@ -5,11 +5,12 @@
 
 use super::IngestConfig;
 use crate::component::Ctx;
-use crate::metrics::Metrics;
+use crate::metrics::{counter_name, Collector, Count, Level, Metrics};
 use crate::sources::config::{MqttSource, SerialSource};
 use crate::sources::{self, Item};
 use crate::supervise::config::HealthConfig;
 use crate::supervise::{self, Stage, Supervisor};
+use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,41 @@ pub struct Sections<'a> {
     pub mqtt: &'a BTreeMap<String, MqttSource>,
     pub serial: &'a BTreeMap<String, SerialSource>,
     pub health: &'a HealthConfig,
+}
+
+/// The sources' own gauges, registered by [`start`] when ingest runs: the
+/// MQTT and serial families only when such a source is configured (a zero
+/// there would read as "configured and down").
+#[derive(Debug)]
+struct SourceGauges {
+    mqtt: Option<Level>,
+    serial: Option<Level>,
+    /// Times a source found the ingest buffer full and had to wait.
+    buffer_full: Count,
+}
+
+impl Collector for SourceGauges {
+    fn collect(&self, r: &mut Registry) {
+        r.register(
+            counter_name("presenced_ingest_buffer_full_total"),
+            "Times a source waited because the ingest buffer was full.",
+            self.buffer_full.clone(),
+        );
+        if let Some(g) = &self.mqtt {
+            r.register(
+                "presenced_mqtt_connected",
+                "MQTT sources currently connected.",
+                g.clone(),
+            );
+        }
+        if let Some(g) = &self.serial {
+            r.register(
+                "presenced_serial_connected",
+                "Serial sources whose device is open.",
+                g.clone(),
+            );
+        }
+    }
 }
 
 /// Name of a source's component: `source.<kind>.<name>`.
@@ -90,12 +126,14 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
         &metrics.clock_ahead_ok_ms,
         s.ingest.max_clock_skew.as_millis() as u64,
     );
-    metrics
-        .mqtt_configured
-        .store(on && !s.mqtt.is_empty(), Ordering::Relaxed);
-    metrics
-        .serial_configured
-        .store(on && !s.serial.is_empty(), Ordering::Relaxed);
+    let own = Arc::new(SourceGauges {
+        mqtt: (!s.mqtt.is_empty()).then(Level::default),
+        serial: (!s.serial.is_empty()).then(Level::default),
+        buffer_full: Count::default(),
+    });
+    if on {
+        metrics.add_collector(own.clone());
+    }
     let mut links: Vec<SourceLink> = Vec::new();
     let mut mqtt_statuses = Vec::new();
     let mut serial_statuses = Vec::new();
@@ -204,6 +242,7 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
         mqtt: mqtt_statuses,
         serial: serial_statuses,
         metrics: metrics.clone(),
+        own,
         grace: s.health.source_grace,
     });
     let track = Arc::new(Mutex::new(gauges.track()));
@@ -235,6 +274,7 @@ struct Gauges {
     mqtt: Vec<Arc<sources::mqtt::MqttStatus>>,
     serial: Vec<Arc<sources::serial::SerialStatus>>,
     metrics: Arc<Metrics>,
+    own: Arc<SourceGauges>,
     grace: Duration,
 }
 
@@ -279,19 +319,23 @@ impl Gauges {
             .iter()
             .filter(|s| s.connected.load(Ordering::Relaxed))
             .count();
-        Metrics::set(&self.metrics.mqtt_connected, up as u64);
+        if let Some(g) = &self.own.mqtt {
+            Metrics::set(g, up as u64);
+        }
         let full: u64 = self
             .mqtt
             .iter()
             .map(|s| s.buffer_full.load(Ordering::Relaxed))
             .sum();
-        Metrics::set(&self.metrics.buffer_full, full);
+        Metrics::set(&self.own.buffer_full, full);
         let open = self
             .serial
             .iter()
             .filter(|s| s.connected.load(Ordering::Relaxed))
             .count();
-        Metrics::set(&self.metrics.serial_connected, open as u64);
+        if let Some(g) = &self.own.serial {
+            Metrics::set(g, open as u64);
+        }
     }
 
     fn track(&self) -> Vec<LinkTrack> {
