@@ -26,7 +26,7 @@
 //!   its `[nats]` section), provisioning, CAS writes, leases (started by
 //!   `store::keeper`), the published ownership table.
 //! - [`hub`]: the hub's mirrors of this site and their health (with its
-//!   `[hub]` section).
+//!   `[hub]` section, its metrics, and `hub::start`).
 //! - [`acl`]: the access file, the nats-server `authorization` it renders,
 //!   permission violations (wired into the connection's event hook).
 //! - [`ingest`]: observations into stream `SENSORS`, rejects into

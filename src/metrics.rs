@@ -204,9 +204,10 @@ declare_metrics! {
         /// The last input ingest rejected (kept in REJECTED): `/healthz`
         /// and the status page name its reason.
         pub last_reject: std::sync::RwLock<Option<LastReject>>,
-        /// Families components export themselves (the serial ports'
-        /// counters with `source` and `device` labels, LD2410 rejects by
-        /// reason).
+        /// Families components export themselves (the archiver's, the hub
+        /// mirrors', the sources' gauges, the serial ports' counters with
+        /// `source` and `device` labels and LD2410 rejects by reason),
+        /// with their `/healthz` sections.
         pub collectors: std::sync::RwLock<Vec<std::sync::Arc<dyn Collector>>>,
     }
 }
