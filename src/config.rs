@@ -8,7 +8,6 @@
 use crate::naming;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,16 +17,20 @@ mod validate;
 // The sources' sections live with the sources (each component owns its
 // config); the top config holds them under `[mqtt.*]` and `[serial.*]`.
 // The connection's section is the store's, the hub watch's the hub's.
+pub use crate::archive::config::{ArchiveConfig, Keep, S3Config};
 use crate::engine::config::{default_occupied_above, default_vacant_below};
 pub use crate::engine::config::{EngineConfig, EvidenceRule, ZoneConfig};
 pub use crate::homeassistant::config::HomeAssistant;
+pub use crate::http::config::HttpConfig;
 pub use crate::hub::config::HubWatch;
 pub use crate::ingest::IngestConfig;
+pub use crate::logging::LogConfig;
 pub use crate::sources::config::{
     EspresenseConfig, EspresensePerson, MqttSource, SerialFraming, SerialSource, TopicMapping,
     Zigbee2Mqtt, Zigbee2MqttDevice, Zigbee2MqttKind,
 };
 pub use crate::store::config::{LeaseConfig, NatsConfig, NatsTls};
+pub use crate::supervise::config::HealthConfig;
 
 /// Top level of `presenced.toml`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -91,210 +94,8 @@ pub struct Config {
     pub persons: BTreeMap<String, ZoneConfig>,
 }
 
-/// Health thresholds (`[health]`).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthConfig {
-    /// A source whose link (MQTT connection, serial device) has been down
-    /// this long makes the daemon degraded (`/healthz` 503, `status` 1):
-    /// short enough to page before a zone goes wrong, long enough that a
-    /// broker restart does not.
-    #[serde(default = "default_source_grace", with = "humantime_serde")]
-    pub source_grace: Duration,
-    /// READY waits at most this long for each source's first connection:
-    /// a broker that is down at boot must not hold the unit in
-    /// `activating`; the source keeps retrying and health says so.
-    #[serde(default = "default_source_start_wait", with = "humantime_serde")]
-    pub source_start_wait: Duration,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        HealthConfig {
-            source_grace: default_source_grace(),
-            source_start_wait: default_source_start_wait(),
-        }
-    }
-}
-
-fn default_source_grace() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_source_start_wait() -> Duration {
-    Duration::from_secs(5)
-}
-
-/// The archiver (`[archive]`).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ArchiveConfig {
-    /// Time between scheduled snapshots, counted from the newest one (a
-    /// restart does not take an extra snapshot).
-    #[serde(with = "humantime_serde")]
-    pub every: Duration,
-    /// KV buckets a snapshot holds (`presence`, `debounce`, `owners`).
-    #[serde(default = "default_archive_buckets")]
-    pub buckets: Vec<String>,
-    /// Also hold the transitions of stream EVENTS of this last window.
-    #[serde(default, with = "humantime_serde")]
-    pub events: Option<Duration>,
-    /// Snapshots kept in the object store: a count (`24`) or an age
-    /// (`"7d"`). A snapshot not yet uploaded is never pruned locally.
-    #[serde(default = "default_keep_local")]
-    pub keep_local: Keep,
-    /// Snapshots kept in S3, pruned only when `delete_remote` is true.
-    #[serde(default = "default_keep_remote")]
-    pub keep_remote: Keep,
-    /// Delete remote snapshots beyond `keep_remote`. Off by default:
-    /// Wasabi bills a minimum storage duration anyway, and a bucket with
-    /// object lock refuses the deletes.
-    #[serde(default)]
-    pub delete_remote: bool,
-    /// First delay before an upload is retried; doubled per attempt, with
-    /// jitter, up to `retry_max`. Attempts never stop.
-    #[serde(default = "default_retry_initial", with = "humantime_serde")]
-    pub retry_initial: Duration,
-    /// Longest delay between two upload attempts (the backoff's cap).
-    #[serde(default = "default_retry_max", with = "humantime_serde")]
-    pub retry_max: Duration,
-    /// Where snapshots are uploaded; without it they stay local.
-    pub s3: Option<S3Config>,
-}
-
-/// How many snapshots to keep: the newest N, or those younger than an age.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(try_from = "KeepRepr", into = "KeepRepr")]
-pub enum Keep {
-    Count(u64),
-    Age(Duration),
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(untagged)]
-enum KeepRepr {
-    Count(u64),
-    Age(String),
-}
-
-impl TryFrom<KeepRepr> for Keep {
-    type Error = String;
-    fn try_from(r: KeepRepr) -> Result<Keep, String> {
-        match r {
-            KeepRepr::Count(n) => Ok(Keep::Count(n)),
-            KeepRepr::Age(s) => humantime::parse_duration(&s)
-                .map(Keep::Age)
-                .map_err(|e| format!("{s:?} is neither a count (24) nor a duration (\"7d\"): {e}")),
-        }
-    }
-}
-
-impl From<Keep> for KeepRepr {
-    fn from(k: Keep) -> KeepRepr {
-        match k {
-            Keep::Count(n) => KeepRepr::Count(n),
-            Keep::Age(d) => KeepRepr::Age(humantime::format_duration(d).to_string()),
-        }
-    }
-}
-
-fn default_archive_buckets() -> Vec<String> {
-    vec!["presence".into(), "debounce".into(), "owners".into()]
-}
-fn default_keep_local() -> Keep {
-    Keep::Count(24)
-}
-fn default_keep_remote() -> Keep {
-    Keep::Age(Duration::from_secs(90 * 86_400))
-}
-fn default_retry_initial() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_retry_max() -> Duration {
-    Duration::from_secs(300)
-}
-
-/// An S3-compatible target (`[archive.s3]`), Wasabi or any other.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct S3Config {
-    /// `https://s3.<region>.wasabisys.com` for Wasabi.
-    pub endpoint: String,
-    /// The bucket's region (`us-east-1`, ...); signed into each request.
-    pub region: String,
-    /// The bucket snapshots go to.
-    pub bucket: String,
-    /// Key prefix before the snapshot id, e.g. `presenced/`.
-    #[serde(default)]
-    pub prefix: String,
-    /// Path-style requests (`<endpoint>/<bucket>/<key>`) instead of
-    /// virtual-hosted style (`<bucket>.<endpoint host>/<key>`).
-    #[serde(default)]
-    pub path_style: bool,
-    /// Files with the access key id and secret (systemd credentials in
-    /// production); never the keys themselves in the config.
-    pub access_key_file: PathBuf,
-    /// See `access_key_file`.
-    pub secret_key_file: PathBuf,
-    /// Snapshots larger than this go up in multipart uploads of parts this
-    /// size (S3 needs at least 5 MiB).
-    #[serde(default = "default_part_size")]
-    pub part_size: u64,
-    /// How long one S3 request may take.
-    #[serde(default = "default_s3_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-fn default_part_size() -> u64 {
-    8 << 20
-}
-fn default_s3_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-
 fn default_service() -> String {
     "presenced".to_owned()
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    /// `error`, `warn`, `info`, `debug`, `trace` or a tracing filter
-    /// directive; `RUST_LOG` wins when set.
-    pub level: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Serve `/healthz` and `/metrics`.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// Loopback by default: metrics are not for the open network.
-    #[serde(default = "default_http_listen")]
-    pub listen: SocketAddr,
-    /// Let the status page at `/` send overrides (the same command as
-    /// `presenced cmd`). Off by default: a listener opened to a network
-    /// would otherwise hand it the zones. Also needs this identity to be
-    /// granted `commands` (docs/OPERATIONS.md "Status page").
-    #[serde(default)]
-    pub page_commands: bool,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            enabled: true,
-            listen: default_http_listen(),
-            page_commands: false,
-        }
-    }
-}
-
-fn yes() -> bool {
-    true
-}
-fn default_http_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
 pub use crate::base::problems::ConfigProblem;

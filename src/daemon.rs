@@ -3,14 +3,13 @@
 //! HTTP) under one [`Supervisor`], sends READY once they have started,
 //! reloads zones on SIGHUP, and shuts them down in order.
 
+use crate::component::Ctx;
 use crate::config::Config;
-use crate::engine::runner::Runner;
 use crate::engine::Model;
 use crate::metrics::Metrics;
-use crate::naming::{self, Site};
-use crate::sources::{self, Item};
+use crate::naming::Site;
 use crate::supervise::{self, Stage, Supervisor};
-use crate::{http, ingest, store, systemd};
+use crate::{engine, http, ingest, store, systemd};
 use async_nats::jetstream;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -47,22 +46,6 @@ pub fn jetstream_context(client: async_nats::Client, config: &Config) -> jetstre
     store::jetstream_context(client, &config.nats)
 }
 
-/// Name of a source's component: `source.<kind>.<name>`.
-fn source_component(kind: &str, name: &str) -> String {
-    format!("source.{kind}.{name}")
-}
-
-/// One source as the supervisor and the gauge task see it.
-struct SourceLink {
-    name: String,
-    kind: &'static str,
-    component: String,
-    connected: Probe,
-}
-
-/// Reads a source's status: (link up, connections so far, readings so far).
-type Probe = Arc<dyn Fn() -> (bool, u64, u64) + Send + Sync>;
-
 /// Runs the components the config enables under one [`Supervisor`] until
 /// SIGTERM/SIGINT (then drains in order and returns `Ok`) or until a
 /// component fails in a way the daemon cannot carry on from (then drains
@@ -90,18 +73,8 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
     let engine_on = runs.contains(&Component::Engine);
     let archiver_on = runs.contains(&Component::Archiver);
     let metrics = Arc::new(Metrics::default());
-    Metrics::set(
-        &metrics.clock_ahead_ok_ms,
-        config.ingest.max_clock_skew.as_millis() as u64,
-    );
     *metrics.runs.write().unwrap_or_else(|p| p.into_inner()) =
         runs.iter().map(|c| c.name().to_owned()).collect();
-    metrics
-        .mqtt_configured
-        .store(ingest_on && !config.mqtt.is_empty(), Ordering::Relaxed);
-    metrics
-        .serial_configured
-        .store(ingest_on && !config.serial.is_empty(), Ordering::Relaxed);
     let path = config_path.clone();
     let model = Arc::new(Model::from_config(&config));
     // The compiled model is all the engine needs; with thousands of zones
@@ -119,23 +92,8 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         sup.stop_flag(Stage::Http),
     );
 
-    if config.http.enabled {
-        let listener = http::bind(config.http.listen).await.map_err(|e| {
-            supervise::fatal(anyhow::anyhow!(
-                "cannot listen on http.listen = {}: {e}",
-                config.http.listen
-            ))
-        })?;
-        tracing::info!(listen = %config.http.listen, "serving /healthz, /metrics and the status page");
-        let stop = sup.stop_flag(Stage::Http);
-        let m = metrics.clone();
-        let extra = crate::page::router(page.clone());
-        sup.spawn("http", Stage::Http, true, async move {
-            http::serve(listener, m, extra, stop).await;
-            Ok(())
-        });
-        metrics.components.running("http");
-    }
+    let routes = crate::page::router(page.clone());
+    http::start(&mut sup, &metrics, &config.http, routes).await?;
 
     let term = termination();
     tokio::pin!(term);
@@ -179,342 +137,43 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         ))
     };
 
-    // Sources → bounded buffer → ingest → SENSORS.
-    let mut links: Vec<SourceLink> = Vec::new();
-    let mut mqtt_statuses = Vec::new();
-    let mut serial_statuses = Vec::new();
-    if ingest_on {
-        Metrics::set(&metrics.buffer_capacity, config.ingest.buffer as u64);
-        let (tx, rx) = mpsc::channel::<Item>(config.ingest.buffer.max(1));
-        {
-            let (js, site, m) = (js.clone(), site.clone(), metrics.clone());
-            let (max, every) = (config.ingest.max_in_flight, config.ingest.reject_log_every);
-            // Ingest ends when every source has dropped its sender: it is
-            // stopped by the sources stage, not by a token of its own.
-            sup.spawn("ingest", Stage::Ingest, true, async move {
-                ingest::run(js, site, max, every, rx, m).await;
-                Ok(())
-            });
-            metrics.components.running("ingest");
-        }
-        for (name, src) in &config.mqtt {
-            let status = Arc::new(sources::mqtt::MqttStatus::default());
-            let client_id = src
-                .client_id
-                .clone()
-                .unwrap_or_else(|| format!("presenced-{site}-{name}"));
-            let component = source_component("mqtt", name);
-            let fut = sources::mqtt::run(
-                name.clone(),
-                src.clone(),
-                client_id,
-                sources::mqtt::RunOptions {
-                    rules: sources::mqtt::DecodeRules {
-                        strict: config.ingest.strict_topics,
-                        max_clock_skew: config.ingest.max_clock_skew,
-                    },
-                    stored: Some(ingest::StoredDeliveries::new(js.clone(), site.clone()).lookup()),
-                },
-                tx.clone(),
-                status.clone(),
-                sup.stop_flag(Stage::Sources),
-            );
-            sup.spawn(&component, Stage::Sources, true, async move {
-                fut.await.map_err(supervise::classify)
-            });
-            let s = status.clone();
-            links.push(SourceLink {
-                name: name.clone(),
-                kind: "mqtt",
-                component,
-                connected: Arc::new(move || {
-                    (
-                        s.connected.load(Ordering::Relaxed),
-                        s.connects.load(Ordering::Relaxed),
-                        s.received.load(Ordering::Relaxed),
-                    )
-                }),
-            });
-            mqtt_statuses.push(status);
-        }
-        let ports = Arc::new(sources::serial::Ports::default());
-        if !config.serial.is_empty() {
-            metrics.add_collector(ports.clone());
-        }
-        for (name, src) in &config.serial {
-            let status = Arc::new(sources::serial::SerialStatus::default());
-            let component = source_component("serial", name);
-            let fut = sources::serial::run(
-                name.clone(),
-                src.clone(),
-                config.ingest.max_clock_skew,
-                tx.clone(),
-                status.clone(),
-                sup.stop_flag(Stage::Sources),
-            );
-            ports.add(sources::serial::PortMetrics::new(
-                name,
-                &src.device,
-                &status,
-            ));
-            sup.spawn(&component, Stage::Sources, true, async move {
-                fut.await.map_err(supervise::classify)
-            });
-            let s = status.clone();
-            links.push(SourceLink {
-                name: name.clone(),
-                kind: "serial",
-                component,
-                connected: Arc::new(move || {
-                    (
-                        s.connected.load(Ordering::Relaxed),
-                        s.connects.load(Ordering::Relaxed),
-                        s.observations.load(Ordering::Relaxed),
-                    )
-                }),
-            });
-            serial_statuses.push(status);
-        }
-        drop(tx);
-    }
-    let gauges_now;
-    {
-        let stop = sup.token(Stage::Work);
-        let gauges = Gauges {
-            links: links
-                .iter()
-                .map(|l| (l.name.clone(), l.kind, l.connected.clone()))
-                .collect(),
-            mqtt: mqtt_statuses,
-            serial: serial_statuses,
-            metrics: metrics.clone(),
-            grace: config.health.source_grace,
-        };
-        let gauges = Arc::new(gauges);
-        let track = Arc::new(std::sync::Mutex::new(gauges.track()));
-        gauges_now = Some((gauges.clone(), track.clone()));
-        sup.spawn("gauges", Stage::Work, false, async move {
-            let mut every = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = every.tick() => {}
-                    _ = stop.cancelled() => return Ok(()),
-                }
-                gauges.refresh(&mut track.lock().unwrap_or_else(|p| p.into_inner()));
-            }
-        });
-        metrics.components.running("gauges");
-    }
-
-    // Engine: rehydrate, bind the consumer, then say it is ready. With
-    // the engine, the lease is the leader lease (store::leader): the
+    // Each component's start: its task under the supervisor, its
+    // metrics, and what the components after it need.
+    let mut ctx = Ctx {
+        site: &site,
+        service: &config.service,
+        client: &client,
+        js: &js,
+        metrics: &metrics,
+        sup: &mut sup,
+    };
+    let sections = ingest::start::Sections {
+        ingest: &config.ingest,
+        mqtt: &config.mqtt,
+        serial: &config.serial,
+        health: &config.health,
+    };
+    let inputs = ingest::start::start(&mut ctx, sections, ingest_on);
+    // With the engine, the lease is the leader lease (store::leader): the
     // engine runs only while this instance holds it, and stands by
     // otherwise.
-    let (engine_ready_tx, engine_ready_rx) = watch::channel::<Option<String>>(None);
-    let (model_tx, model_rx) = watch::channel(model.clone());
     let fence = store::leader::Fence::new(config.lease.ttl);
     let (role_tx, role_rx) = watch::channel(store::leader::Role::default());
-    if engine_on {
-        let (js, site, metrics, batch) = (
-            js.clone(),
-            site.clone(),
-            metrics.clone(),
-            config.engine.batch,
-        );
-        let stop = sup.stop_flag(Stage::Work);
-        let model = model.clone();
-        let (fence, mut role) = (fence.clone(), role_rx.clone());
-        sup.spawn("engine", Stage::Work, true, async move {
-            let ready = Arc::new(engine_ready_tx);
-            let mut started_once = false;
-            loop {
-                // Stand by until this instance holds the lease, following
-                // the state meanwhile (engine::standby).
-                let warm = crate::engine::standby::Warm::start(js.clone());
-                let mut waiting = stop.clone();
-                tokio::select! {
-                    r = role.wait_for(|r| r.active) => if r.is_err() { return Ok(()) },
-                    _ = waiting.wait_for(|s| *s) => return Ok(()),
-                }
-                let runner = match Runner::start_fenced(
-                    js.clone(),
-                    site.clone(),
-                    model.clone(),
-                    metrics.clone(),
-                    batch,
-                    Some(fence.clone()),
-                    Some(warm),
-                )
-                .await
-                {
-                    Ok(r) => r,
-                    Err(e) if !started_once => {
-                        return Err(supervise::classify(e).context("engine start"))
-                    }
-                    Err(e) => {
-                        // A takeover during a flaky leaf: give the lease
-                        // back rather than hold it without running.
-                        tracing::warn!(error = %e, "engine start after a takeover failed; stepping down and trying again");
-                        fence.revoke();
-                        let _ = role.wait_for(|r| !r.active).await;
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                };
-                started_once = true;
-                release_startup_memory();
-                let consumer = js
-                    .get_stream(naming::SENSORS_STREAM)
-                    .await
-                    .map_err(|e| {
-                        supervise::fatal(anyhow::anyhow!(
-                            "stream SENSORS is missing on the leaf ({e}): run `presenced provision` first"
-                        ))
-                    })?
-                    .get_consumer::<jetstream::consumer::pull::Config>(naming::ENGINE_CONSUMER)
-                    .await
-                    .map_err(|e| {
-                        supervise::fatal(anyhow::anyhow!(
-                            "consumer `engine` on SENSORS is missing ({e}): run `presenced provision` first"
-                        ))
-                    })?;
-                let ready = ready.clone();
-                runner
-                    .run_reloadable(consumer, stop.clone(), model_rx.clone(), move |r: &Runner| {
-                        ready.send_replace(Some(r.status_line()));
-                    })
-                    .await
-                    .map_err(|e| supervise::classify(e).context("engine failed"))?;
-                if *stop.borrow() {
-                    return Ok(());
-                }
-                // Fenced: wait for the keeper to step down before looking
-                // at the role again.
-                let _ = role.wait_for(|r| !r.active).await;
-                tracing::warn!("engine stopped writing: the leader lease is lost; this instance stands by");
-            }
-        });
-    }
-
-    // The lease says this service runs; clients mark its keyspaces stale
-    // once it is gone. With the engine it is also the leader lease.
-    let (held_tx, held_rx) = watch::channel(false);
-    {
-        let lease = store::lease::Lease::new(&config.service, &runs, crate::time::Timestamp::now());
-        let (js, ttl, metrics) = (js.clone(), config.lease.ttl, metrics.clone());
-        let stop = sup.stop_flag(Stage::Lease);
-        let mut held = held_rx.clone();
-        let mut role = role_rx.clone();
-        let fence = fence.clone();
-        let audit = site.audit_subject(&config.service);
-        sup.spawn("lease", Stage::Lease, true, async move {
-            let watcher = async {
-                while held.changed().await.is_ok() {
-                    let now = *held.borrow_and_update();
-                    metrics.lease_held.store(now, Ordering::Relaxed);
-                    if now {
-                        metrics.components.running("lease");
-                    }
-                }
-            };
-            if engine_on {
-                let metrics = metrics.clone();
-                let roles = async move {
-                    let mut seen = false;
-                    while role.changed().await.is_ok() {
-                        let r = role.borrow_and_update().clone();
-                        if r.active {
-                            Metrics::inc(&metrics.engine_takeovers);
-                        }
-                        metrics.engine_active.store(r.active, Ordering::Relaxed);
-                        if !seen {
-                            seen = true;
-                            metrics.components.running("lease");
-                        }
-                        *metrics
-                            .engine_role
-                            .write()
-                            .unwrap_or_else(|p| p.into_inner()) = Some(r);
-                    }
-                };
-                tokio::join!(
-                    store::leader::keep(
-                        js,
-                        lease,
-                        ttl,
-                        fence,
-                        audit,
-                        stop,
-                        store::leader::Reports {
-                            role: role_tx,
-                            held: held_tx,
-                        },
-                    ),
-                    roles,
-                    watcher
-                );
-            } else {
-                drop((role_tx, fence));
-                tokio::join!(store::lease::keep(js, lease, ttl, stop, held_tx), watcher);
-            }
-            Ok(())
-        });
-    }
-
-    // Home Assistant follows KV presence; started once the engine owns it.
+    let (model_tx, model_rx) = watch::channel(model.clone());
+    let engine_ready_rx = engine_on.then(|| {
+        let (model, fence, role) = (model.clone(), fence.clone(), role_rx.clone());
+        engine::start::start(&mut ctx, &config.engine, model, model_rx, fence, role)
+    });
+    let leader = engine_on.then_some((fence, role_tx));
+    let held_rx = store::keeper::start(&mut ctx, &config.lease, &runs, leader, role_rx.clone());
     if let Some((ha, zones)) = config.homeassistant.clone().zip(ha_zones) {
-        let fut = crate::homeassistant::run(
-            ha,
-            site.clone(),
-            zones,
-            js.clone(),
-            held_rx.clone(),
-            sup.stop_flag(Stage::Work),
-        );
-        sup.spawn("homeassistant", Stage::Work, false, async move {
-            fut.await.map_err(supervise::classify)
-        });
-        metrics.components.running("homeassistant");
+        crate::homeassistant::start(&mut ctx, ha, zones, held_rx);
     }
-
-    // The archiver: snapshots and uploads; a missing bucket or credential
-    // file fails its start, which a retry cannot fix.
-    if archiver_on {
-        if let Some(cfg) = config.archive.clone() {
-            let (js, site, metrics) = (js.clone(), site.clone(), metrics.clone());
-            let seed = config.nats.nkey_seed_file.clone();
-            let stop = sup.stop_flag(Stage::Work);
-            sup.spawn("archiver", Stage::Work, true, async move {
-                let archiver = crate::archive::worker::Archiver::start(
-                    js,
-                    site,
-                    cfg,
-                    metrics.clone(),
-                    seed.as_deref(),
-                )
-                .await
-                .map_err(|e| supervise::fatal(anyhow::Error::new(e).context("archive")))?;
-                metrics.components.running("archiver");
-                archiver.run(stop).await;
-                Ok(())
-            });
-        }
+    if let Some(cfg) = config.archive.clone().filter(|_| archiver_on) {
+        crate::archive::start(&mut ctx, cfg, config.nats.nkey_seed_file.clone());
     }
-
-    // Hub mirror health through the leaf link, when a hub is configured.
     if let Some(cfg) = config.hub.clone() {
-        let fut = crate::hub::health::run(
-            client.clone(),
-            site.clone(),
-            cfg,
-            metrics.clone(),
-            sup.stop_flag(Stage::Work),
-        );
-        sup.spawn("hub", Stage::Work, false, async move {
-            fut.await;
-            Ok(())
-        });
-        metrics.components.running("hub");
+        crate::hub::start(&mut ctx, cfg);
     }
 
     let started = tokio::time::Instant::now();
@@ -572,18 +231,8 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 // broker down at boot is reported by health, it does not
                 // hold the unit).
                 let waited = started.elapsed() >= config.health.source_start_wait;
-                let mut sources_started = true;
-                for l in &links {
-                    let (_, connects, _) = (l.connected)();
-                    if !sup.is_running(&l.component) {
-                        sources_started = false;
-                    } else if connects > 0 || waited {
-                        metrics.components.running(&l.component);
-                    } else {
-                        sources_started = false;
-                    }
-                }
-                let engine_line = engine_ready_rx.borrow().clone();
+                let sources_started = inputs.started(&sup, &metrics, waited);
+                let engine_line = engine_ready_rx.as_ref().and_then(|r| r.borrow().clone());
                 let archiver_started = !archiver_on
                     || metrics.components.snapshot().get("archiver").is_some_and(|c| c.state == supervise::State::Running);
                 // The lease too: until it is written, clients would see
@@ -607,12 +256,10 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                         format!(
                             "running {}; {} source(s)",
                             runs.iter().map(|c| c.name()).collect::<Vec<_>>().join(", "),
-                            links.len()
+                            inputs.sources()
                         )
                     });
-                    if let Some((g, t)) = &gauges_now {
-                        g.refresh(&mut t.lock().unwrap_or_else(|p| p.into_inner()));
-                    }
+                    inputs.refresh();
                     metrics.ready.store(true, Ordering::Relaxed);
                     tracing::info!(status = %line, "ready");
                     systemd::ready(&line);
@@ -724,93 +371,4 @@ fn fields_needing_restart(old: &Config, new: &Config) -> Vec<String> {
         .filter(|k| a.get(*k) != b.get(*k))
         .cloned()
         .collect()
-}
-
-/// The once-a-second gauges: MQTT/serial counts, buffer waits, LD2410
-/// rejects, and each source's link state for health.
-struct Gauges {
-    links: Vec<(String, &'static str, Probe)>,
-    mqtt: Vec<Arc<sources::mqtt::MqttStatus>>,
-    serial: Vec<Arc<sources::serial::SerialStatus>>,
-    metrics: Arc<Metrics>,
-    grace: Duration,
-}
-
-/// Per link: when it went down (start counts as down), and the reading
-/// count with the instant it last moved.
-struct LinkTrack {
-    down_since: Option<tokio::time::Instant>,
-    last: (u64, Option<tokio::time::Instant>),
-}
-
-impl Gauges {
-    /// Refreshes every gauge and the source links from the statuses;
-    /// called every second and once more just before READY, so health
-    /// never lags what READY claims.
-    fn refresh(&self, track: &mut [LinkTrack]) {
-        let now = tokio::time::Instant::now();
-        let mut health = Vec::with_capacity(self.links.len());
-        for ((name, kind, probe), t) in self.links.iter().zip(track.iter_mut()) {
-            let (up, _, readings) = probe();
-            match (up, t.down_since) {
-                (true, _) => t.down_since = None,
-                (false, None) => t.down_since = Some(now),
-                (false, Some(_)) => {}
-            }
-            if readings != t.last.0 {
-                t.last = (readings, Some(now));
-            }
-            let down = t.down_since.map(|d| now - d);
-            health.push(crate::metrics::SourceHealth {
-                name: name.clone(),
-                kind: (*kind).to_owned(),
-                up,
-                down_seconds: down.map(|d| d.as_secs_f64()),
-                last_reading_seconds: t.last.1.map(|l| (now - l).as_secs_f64()),
-                readings,
-                degraded: down.is_some_and(|d| d >= self.grace),
-            });
-        }
-        self.metrics.set_source_health(health);
-        let up = self
-            .mqtt
-            .iter()
-            .filter(|s| s.connected.load(Ordering::Relaxed))
-            .count();
-        Metrics::set(&self.metrics.mqtt_connected, up as u64);
-        let full: u64 = self
-            .mqtt
-            .iter()
-            .map(|s| s.buffer_full.load(Ordering::Relaxed))
-            .sum();
-        Metrics::set(&self.metrics.buffer_full, full);
-        let open = self
-            .serial
-            .iter()
-            .filter(|s| s.connected.load(Ordering::Relaxed))
-            .count();
-        Metrics::set(&self.metrics.serial_connected, open as u64);
-    }
-
-    fn track(&self) -> Vec<LinkTrack> {
-        let start = tokio::time::Instant::now();
-        self.links
-            .iter()
-            .map(|_| LinkTrack {
-                down_since: Some(start),
-                last: (0, None),
-            })
-            .collect()
-    }
-}
-
-/// Rehydration reads every zone at once; glibc keeps that peak mapped
-/// unless asked, and an edge host's daemon runs for months at its idle
-/// size, not its start-up peak.
-fn release_startup_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }

@@ -12,27 +12,36 @@
 //!   backoff policy, [`time`].
 //! - [`observation`], [`supervise`] (one cancellation token and join set
 //!   for every task; failures named in health and metrics, fatal ones
-//!   exit), [`systemd`], [`natsconf`] (nats-server configuration).
-//! - [`metrics`]: counters and gauges in plain values; components hand it
-//!   readings or register a collector.
+//!   exit; the `[health]` section), [`systemd`], [`natsconf`] (nats-server
+//!   configuration).
+//! - [`metrics`]: the registry and its rendering, in plain values;
+//!   components hand it readings or register a collector.
+//! - [`component`]: the context every component's `start` takes (site,
+//!   service, NATS client, metrics, supervisor); [`logging`]: the `[log]`
+//!   section and the tracing subscriber.
 //! - [`sources`]: MQTT, serial and ESPresense input turned into
 //!   observations, with their config sections and checks
 //!   (`sources::config`, `sources::check`).
 //! - [`store`]: JetStream plumbing: connecting (with an event hook, and
-//!   its `[nats]` section), provisioning, CAS writes, leases, the
-//!   published ownership table.
+//!   its `[nats]` section), provisioning, CAS writes, leases (started by
+//!   `store::keeper`), the published ownership table.
 //! - [`hub`]: the hub's mirrors of this site and their health (with its
-//!   `[hub]` section).
+//!   `[hub]` section, its metrics, and `hub::start`).
 //! - [`acl`]: the access file, the nats-server `authorization` it renders,
 //!   permission violations (wired into the connection's event hook).
-//! - [`ingest`]: observations into stream `SENSORS`, rejects into `REJECTED`.
+//! - [`ingest`]: observations into stream `SENSORS`, rejects into
+//!   `REJECTED`; `ingest::start` starts the sources, ingest and the
+//!   sources' gauges.
 //! - [`engine`]: pure evidence fusion, debounce and state machine, plus the
-//!   runner that consumes `SENSORS` and writes KV `presence`/`debounce`,
-//!   and the zones' config section (`engine::config`).
+//!   runner that consumes `SENSORS` and writes KV `presence`/`debounce`
+//!   (started under the leader lease by `engine::start`), and the zones'
+//!   config section (`engine::config`).
 //! - [`config`]: the top TOML config, holding the components' sections,
 //!   parsed with every problem at once, and the checks that span sections.
-//! - [`homeassistant`], [`http`], [`archive`] (snapshots into the object
-//!   store, uploaded to S3, and restore).
+//! - [`homeassistant`], [`http`] (`/healthz`, `/metrics`, the `[http]`
+//!   section), [`archive`] (snapshots into the object store, uploaded to
+//!   S3, and restore; the `[archive]` section; the archive commands,
+//!   returning values for the CLI to print). Each has a `start`.
 //! - [`client`]: the state-first clients (`watch`, `get`, `status`) and
 //!   the command sender; [`sandbox`]: a whole deployment on loopback
 //!   (`presenced sandbox`).
@@ -40,7 +49,9 @@
 //!   page.
 //! - [`replay`]: the pure engine over recorded readings, offline: replay a
 //!   candidate config, tune likelihoods from labelled time, the HTML report.
-//! - [`daemon`]: starts the configured components.
+//! - [`daemon`]: starts the configured components, one `start` call each
+//!   (docs/ARCHITECTURE.md, "Adding a component"), sends READY, reloads
+//!   on SIGHUP, drains on shutdown.
 //!
 //! The command line is not here: the binary's `src/cli/` holds one file
 //! per subcommand (its clap arguments and a thin call into this library).
@@ -49,6 +60,7 @@ pub mod acl;
 pub mod archive;
 pub mod base;
 pub mod client;
+pub mod component;
 pub mod config;
 pub mod daemon;
 pub mod engine;
@@ -56,6 +68,7 @@ pub mod homeassistant;
 pub mod http;
 pub mod hub;
 pub mod ingest;
+pub mod logging;
 pub mod metrics;
 pub mod natsconf;
 pub mod observation;

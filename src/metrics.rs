@@ -1,16 +1,25 @@
 //! Counters and gauges of the daemon, exported in the OpenMetrics text
 //! format through the `prometheus-client` library.
 //!
-//! Each scalar metric is declared once, in the table of
-//! `declare_metrics!` below: its field, name, help, and the component
-//! whose families it belongs to. The fields are plain atomics behind a
-//! shared handle, so every hot path only pays a relaxed increment and the
-//! call sites read like atomics (`Metrics::inc(&m.rejects)`). Families
-//! with labels (components, sources, hub mirrors, serial ports) are built
-//! from their current readings at each scrape.
+//! This module keeps the registry of one scrape, its rendering, and the
+//! shared helpers ([`Count`], [`Level`], [`Flag`], label families). A
+//! component that owns its metrics declares them beside its code and
+//! registers a [`Collector`] at its start, with its `/healthz` section if
+//! it has one (the archiver: `archive::metrics`; the hub watch:
+//! `hub::metrics`; the sources' gauges: `ingest::start`; each serial port:
+//! `sources::serial::Ports`); they are exported after the rest.
+//!
+//! The daemon's own scalars, and those of ingest and the engine whose hot
+//! paths still reach them through [`Metrics`], are declared once, in the
+//! table of `declare_metrics!` below: field, name, help, and the
+//! component whose families they belong to. The fields are plain atomics
+//! behind a shared handle, so every hot path only pays a relaxed
+//! increment (`Metrics::inc(&m.rejects)`). Families with labels
+//! (components, sources) are built from their current
+//! readings at each scrape.
 //!
 //! This module knows no domain type: components hand it plain values
-//! ([`SourceHealth`], [`MirrorReading`]) or register a [`Collector`].
+//! ([`SourceHealth`]) or register a [`Collector`].
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -102,12 +111,6 @@ pub enum Part {
     /// Ingest, its sources included.
     Ingest,
     Engine,
-    /// Only with `[archive]`.
-    Archive,
-    /// Only with an MQTT source.
-    Mqtt,
-    /// Only with a serial source.
-    Serial,
 }
 
 /// Declares the scalar metrics once: each line gives the field (and its
@@ -149,8 +152,6 @@ declare_metrics! {
         observations_stored: Count = ("presenced_observations_stored_total", "Observations acknowledged by stream SENSORS.", Ingest),
         rejects: Count = ("presenced_rejects_total", "Inputs rejected into stream REJECTED.", Ingest),
         publish_retries: Count = ("presenced_publish_retries_total", "JetStream publishes retried after a failure.", Ingest),
-        /// Times a source found the ingest buffer full and had to wait.
-        buffer_full: Count = ("presenced_ingest_buffer_full_total", "Times a source waited because the ingest buffer was full.", Ingest),
         buffer_depth: Level = ("presenced_ingest_buffer_depth", "Observations waiting in the ingest buffer.", Ingest),
         buffer_capacity: Level = ("presenced_ingest_buffer_capacity", "Size of the ingest buffer.", Ingest),
         engine_observations: Count = ("presenced_engine_observations_total", "Observations applied by the engine.", Engine),
@@ -167,29 +168,9 @@ declare_metrics! {
         nats_reconnects: Count = ("presenced_nats_reconnects_total", "Connections to the leaf nats-server after the first.", Daemon),
         /// Operations nats-server refused for lack of permission.
         permission_violations: Count = ("presenced_permission_violations_total", "Publishes and subscriptions nats-server refused for lack of permission.", Daemon),
-        mqtt_connected: Level = ("presenced_mqtt_connected", "MQTT sources currently connected.", Mqtt),
-        /// Serial sources whose device is open.
-        serial_connected: Level = ("presenced_serial_connected", "Serial sources whose device is open.", Serial),
         /// The holder's view of its lease in KV `owners`.
         lease_held: Flag = ("presenced_lease_held", "1 while this service's lease in KV owners is held (last renewal younger than lease.ttl).", Daemon),
         ready: Flag = ("presenced_ready", "1 once state is rehydrated and the consumer is bound.", Daemon),
-        archive_snapshots: Count = ("presenced_archive_snapshots_total", "Snapshots written to object store snapshots.", Archive),
-        archive_snapshot_failures: Count = ("presenced_archive_snapshot_failures_total", "Scheduled snapshots that failed.", Archive),
-        archive_uploads: Count = ("presenced_archive_uploads_total", "Snapshots PUT to S3 and verified.", Archive),
-        archive_uploaded_bytes: Count = ("presenced_archive_uploaded_bytes_total", "Bytes of snapshots PUT to S3 and verified.", Archive),
-        archive_upload_failures: Count = ("presenced_archive_upload_failures_total", "Upload attempts that failed (retried with backoff).", Archive),
-        archive_verify_failures: Count = ("presenced_archive_verify_failures_total", "Remote copies whose size or sha256 did not match.", Archive),
-        /// Snapshots whose upload is not yet verified.
-        archive_pending: Level = ("presenced_archive_pending", "Snapshots waiting for a verified upload.", Archive),
-        /// False after an upload failed for a reason other than
-        /// verification, true again after one succeeds.
-        archive_s3_ok: Flag = ("presenced_archive_s3_ok", "0 while uploads fail for reasons other than verification.", Archive),
-        archive_pruned_local: Count = ("presenced_archive_pruned_local_total", "Snapshots pruned from the object store.", Archive),
-        archive_pruned_remote: Count = ("presenced_archive_pruned_remote_total", "Snapshots pruned from S3.", Archive),
-        /// Unix seconds of the newest snapshot.
-        archive_last_snapshot_seconds: Level = ("presenced_archive_last_snapshot_timestamp_seconds", "Unix time of the newest snapshot.", Archive),
-        /// Unix seconds of the last verified upload.
-        archive_last_upload_seconds: Level = ("presenced_archive_last_upload_timestamp_seconds", "Unix time of the last verified upload.", Archive),
     }
     /// Everything `/metrics` reports. Shared as `Arc<Metrics>`.
     pub struct Metrics {
@@ -210,13 +191,9 @@ declare_metrics! {
         /// How far ahead a zone clock may legitimately be: readings may
         /// carry device times up to `ingest.max_clock_skew` ahead.
         pub clock_ahead_ok_ms: AtomicU64,
-        /// The archiver runs (`[archive]` configured).
-        pub archive_enabled: AtomicBool,
         /// The engine's leader lease (store::leader): active or standby,
         /// since when, who holds it.
         pub engine_role: std::sync::RwLock<Option<crate::base::ownership::Role>>,
-        /// Hub mirror health, when `[hub]` is configured.
-        pub mirrors: std::sync::RwLock<Mirrors>,
         /// Every supervised component and its state.
         pub components: std::sync::Arc<crate::supervise::Registry>,
         /// Link state of each source, refreshed every second.
@@ -227,13 +204,10 @@ declare_metrics! {
         /// The last input ingest rejected (kept in REJECTED): `/healthz`
         /// and the status page name its reason.
         pub last_reject: std::sync::RwLock<Option<LastReject>>,
-        /// Whether MQTT / serial sources are configured: their families
-        /// are left out otherwise.
-        pub mqtt_configured: AtomicBool,
-        pub serial_configured: AtomicBool,
-        /// Families components export themselves (the serial ports'
-        /// counters with `source` and `device` labels, LD2410 rejects by
-        /// reason).
+        /// Families components export themselves (the archiver's, the hub
+        /// mirrors', the sources' gauges, the serial ports' counters with
+        /// `source` and `device` labels and LD2410 rejects by reason),
+        /// with their `/healthz` sections.
         pub collectors: std::sync::RwLock<Vec<std::sync::Arc<dyn Collector>>>,
     }
 }
@@ -299,57 +273,18 @@ pub struct SourceHealth {
     pub degraded: bool,
 }
 
-/// The last reading of the site's hub mirrors and what happened to them.
-#[derive(Debug, Default, Clone)]
-pub struct Mirrors {
-    /// Whether `[hub]` is configured (nothing is rendered otherwise).
-    pub watched: bool,
-    /// Whether the last poll reached the hub through the leaf link.
-    pub hub_reachable: bool,
-    pub report: Vec<MirrorReading>,
-    /// Stalls and nudges per mirror, since start.
-    pub stalls: std::collections::BTreeMap<String, u64>,
-    pub nudges: std::collections::BTreeMap<String, u64>,
-}
-
-/// One hub mirror as last judged (the hub health tracker's report, in
-/// plain values: metrics knows no domain type). Serialized as `/healthz`
-/// shows it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct MirrorReading {
-    pub mirror: String,
-    /// `current`, `catching_up`, `stalled` or `unknown`.
-    pub state: &'static str,
-    /// Messages the source has and the mirror lacks.
-    pub lag_messages: Option<u64>,
-    /// Age difference between the source's newest message and the
-    /// mirror's newest, when behind.
-    pub lag_seconds: Option<f64>,
-    /// Time since the hub last heard from the source.
-    pub last_contact_seconds: Option<f64>,
-    /// Why a reading failed, if one did.
-    pub error: Option<String>,
-}
-
-impl MirrorReading {
-    pub fn is_stalled(&self) -> bool {
-        self.state == "stalled"
-    }
-}
-
 /// Families a component exports itself, with its own labels (each serial
 /// port's counters, say), so that this module needs none of its types.
 pub trait Collector: Send + Sync + std::fmt::Debug {
     /// Registers the component's families, filled with their current
     /// values, for one scrape.
     fn collect(&self, registry: &mut Registry);
-}
 
-/// Things that happen to a hub mirror and are counted.
-#[derive(Debug, Clone, Copy)]
-pub enum MirrorEvent {
-    Stall,
-    Nudge,
+    /// The component's section of `/healthz` (its name and detail), if
+    /// it has one.
+    fn health(&self) -> Option<(&'static str, serde_json::Value)> {
+        None
+    }
 }
 
 impl Metrics {
@@ -377,42 +312,23 @@ impl Metrics {
         *self.sources.write().unwrap_or_else(|p| p.into_inner()) = v;
     }
 
-    fn mirrors_mut(&self) -> std::sync::RwLockWriteGuard<'_, Mirrors> {
-        self.mirrors.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A copy of the hub mirror health.
-    pub fn mirrors(&self) -> Mirrors {
-        self.mirrors
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Counts a stall or nudge of `mirror`.
-    pub fn mirror_event(&self, mirror: &str, event: MirrorEvent) {
-        let mut m = self.mirrors_mut();
-        let map = match event {
-            MirrorEvent::Stall => &mut m.stalls,
-            MirrorEvent::Nudge => &mut m.nudges,
-        };
-        *map.entry(mirror.to_owned()).or_default() += 1;
-    }
-
-    /// Stores the latest reading of every mirror.
-    pub fn set_mirrors(&self, hub_reachable: bool, report: Vec<MirrorReading>) {
-        let mut m = self.mirrors_mut();
-        m.watched = true;
-        m.hub_reachable = hub_reachable;
-        m.report = report;
-    }
-
     /// Registers families a component exports itself (exported last).
     pub fn add_collector(&self, collector: std::sync::Arc<dyn Collector>) {
         self.collectors
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .push(collector);
+    }
+
+    /// The `/healthz` sections of the components that registered a
+    /// collector, in registration order.
+    pub fn health_sections(&self) -> Vec<(&'static str, serde_json::Value)> {
+        self.collectors
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|c| c.health())
+            .collect()
     }
 
     /// Whether the families of `part` are exported by this instance.
@@ -424,14 +340,11 @@ impl Metrics {
             Part::Daemon => true,
             Part::Ingest => on("ingest"),
             Part::Engine => on("engine"),
-            Part::Archive => self.archive_enabled.load(Ordering::Relaxed),
-            Part::Mqtt => all || (on("ingest") && self.mqtt_configured.load(Ordering::Relaxed)),
-            Part::Serial => all || (on("ingest") && self.serial_configured.load(Ordering::Relaxed)),
         }
     }
 
     /// The registry of one scrape: the scalars this instance exports, then
-    /// hub mirrors, components and sources, then what components collect.
+    /// components and sources, then what components collect.
     pub fn registry(&self) -> Registry {
         let mut r = Registry::default();
         for (name, help, part, scalar) in self.scalars() {
@@ -444,7 +357,6 @@ impl Metrics {
                 Scalar::Flag(f) => r.register(name, help, f),
             }
         }
-        self.register_mirrors(&mut r);
         self.register_components(&mut r);
         for c in self
             .collectors
@@ -455,74 +367,6 @@ impl Metrics {
             c.collect(&mut r);
         }
         r
-    }
-
-    fn register_mirrors(&self, r: &mut Registry) {
-        let m = self.mirrors();
-        if !m.watched {
-            return;
-        }
-        let reachable = Flag::default();
-        reachable.store(m.hub_reachable, Ordering::Relaxed);
-        r.register(
-            "presenced_hub_reachable",
-            "1 if the last poll reached the hub through the leaf link.",
-            reachable,
-        );
-        type Row = fn(&MirrorReading) -> Option<u64>;
-        let gauges: [(&str, &str, Row); 4] = [
-            (
-                "presenced_mirror_lag_messages",
-                "Messages the leaf holds that the hub mirror lacks.",
-                |h| h.lag_messages,
-            ),
-            (
-                "presenced_mirror_lag_milliseconds",
-                "Age of the leaf's newest message minus the mirror's newest, when behind.",
-                |h| h.lag_seconds.map(|s| (s * 1000.0) as u64),
-            ),
-            (
-                "presenced_mirror_last_contact_milliseconds",
-                "Time since the hub last heard from the mirror's source.",
-                |h| h.last_contact_seconds.map(|s| (s * 1000.0) as u64),
-            ),
-            (
-                "presenced_mirror_stalled",
-                "1 while the mirror makes no progress and the leaf has more.",
-                |h| Some(u64::from(h.is_stalled())),
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let family = gauge_family();
-            for h in &m.report {
-                if let Some(v) = value(h) {
-                    family
-                        .get_or_create(&labels(&[("mirror", &h.mirror)]))
-                        .set(as_i64(v));
-                }
-            }
-            r.register(name, help, family);
-        }
-        for (name, help, map) in [
-            (
-                "presenced_mirror_stalls_total",
-                "Stalls of each hub mirror (also logged at WARN).",
-                &m.stalls,
-            ),
-            (
-                "presenced_mirror_nudges_total",
-                "Times the hub was asked to restart a mirror after its link came back.",
-                &m.nudges,
-            ),
-        ] {
-            let family = counter_family();
-            for h in &m.report {
-                family
-                    .get_or_create(&labels(&[("mirror", &h.mirror)]))
-                    .inc_by(map.get(&h.mirror).copied().unwrap_or(0));
-            }
-            r.register(counter_name(name), help, family);
-        }
     }
 
     fn register_components(&self, r: &mut Registry) {
@@ -587,19 +431,6 @@ impl Metrics {
 /// fields are plain values (this module knows no domain type).
 #[derive(Debug, Clone)]
 pub enum Event<'a> {
-    /// A hub mirror stopped making progress while the leaf has more.
-    MirrorStalled {
-        mirror: &'a str,
-        lag_messages: Option<u64>,
-        last_contact_seconds: Option<f64>,
-        error: Option<&'a str>,
-    },
-    /// A hub mirror behind and out of contact was restarted on request.
-    MirrorNudged {
-        mirror: &'a str,
-        lag_messages: Option<u64>,
-        last_contact_seconds: Option<f64>,
-    },
     /// A compare-and-set write found the key changed behind the engine.
     KvConflict { bucket: &'a str, key: &'a str },
     /// The connection to the leaf came back after a loss.
@@ -610,34 +441,6 @@ impl Metrics {
     /// Logs `event` and counts it.
     pub fn emit(&self, event: Event<'_>) {
         match event {
-            Event::MirrorStalled {
-                mirror,
-                lag_messages,
-                last_contact_seconds,
-                error,
-            } => {
-                self.mirror_event(mirror, MirrorEvent::Stall);
-                tracing::warn!(
-                    mirror = %mirror,
-                    lag_messages = ?lag_messages,
-                    last_contact_s = ?last_contact_seconds,
-                    error = ?error,
-                    "hub mirror stalled: no progress while the leaf has more"
-                );
-            }
-            Event::MirrorNudged {
-                mirror,
-                lag_messages,
-                last_contact_seconds,
-            } => {
-                self.mirror_event(mirror, MirrorEvent::Nudge);
-                tracing::info!(
-                    mirror = %mirror,
-                    last_contact_s = ?last_contact_seconds,
-                    lag_messages = ?lag_messages,
-                    "hub mirror behind and out of contact: asked the hub to restart it"
-                );
-            }
             Event::KvConflict { bucket, key } => {
                 Metrics::inc(&self.kv_conflicts);
                 tracing::error!(
@@ -708,39 +511,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_hub_mirrors_only_when_watched() {
-        let m = Metrics::default();
-        assert!(!m.render().contains("presenced_mirror"));
-        m.set_mirrors(
-            true,
-            vec![MirrorReading {
-                mirror: "SENSORS-home".into(),
-                state: "stalled",
-                lag_messages: Some(12),
-                lag_seconds: Some(1.5),
-                last_contact_seconds: None,
-                error: Some("hub: timed out".into()),
-            }],
-        );
-        m.mirror_event("SENSORS-home", MirrorEvent::Stall);
-        let text = m.render();
-        for line in [
-            "presenced_hub_reachable 1\n",
-            "presenced_mirror_lag_messages{mirror=\"SENSORS-home\"} 12\n",
-            "presenced_mirror_lag_milliseconds{mirror=\"SENSORS-home\"} 1500\n",
-            "presenced_mirror_stalled{mirror=\"SENSORS-home\"} 1\n",
-            "presenced_mirror_stalls_total{mirror=\"SENSORS-home\"} 1\n",
-            "presenced_mirror_nudges_total{mirror=\"SENSORS-home\"} 0\n",
-        ] {
-            assert!(text.contains(line), "missing {line:?} in\n{text}");
-        }
-        assert!(
-            !text.contains("last_contact_milliseconds{"),
-            "unknown values are left out"
-        );
-    }
-
-    #[test]
     fn renders_openmetrics_text_with_the_same_sample_names() {
         let m = Metrics::default();
         Metrics::add(&m.observations_in, 3);
@@ -768,7 +538,6 @@ mod tests {
     #[test]
     fn every_declared_scalar_is_exported_once() {
         let m = Metrics::default();
-        m.archive_enabled.store(true, Ordering::Relaxed);
         let text = m.render();
         for (name, _, _, _) in m.scalars() {
             let samples = text
@@ -801,16 +570,9 @@ mod tests {
             bucket: "presence",
             key: "hall",
         });
-        m.emit(Event::MirrorStalled {
-            mirror: "SENSORS-home",
-            lag_messages: Some(3),
-            last_contact_seconds: None,
-            error: None,
-        });
         m.emit(Event::NatsReconnected);
         assert_eq!(m.kv_conflicts.load(Ordering::Relaxed), 1);
         assert_eq!(m.nats_reconnects.load(Ordering::Relaxed), 1);
-        assert_eq!(m.mirrors().stalls.get("SENSORS-home"), Some(&1));
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct AccessFile {
     pub admin: Option<Identity>,
     /// Identity a site's leafnode uses to connect to the hub.
     pub leafnode: Option<Identity>,
+    /// Each service (`[services.<name>]`, the config's `service`): its
+    /// key, the components it runs and what it reads; its grants derive
+    /// from these.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceEntry>,
 }
@@ -28,12 +31,15 @@ pub struct AccessFile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Identity {
+    /// The identity's public NKEY (`U...`, from `presenced keygen`).
     pub nkey: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceEntry {
+    /// The service's public NKEY (`U...`); the archiver's also checks
+    /// snapshot signatures.
     pub nkey: String,
     /// Components the service runs (`ingest`, `engine`, `archiver`,
     /// `restore`).

@@ -2,6 +2,8 @@
 //! `snapshots`, uploaded to S3 (Wasabi) through the durable outbox in KV
 //! `archive`, verified, pruned, and restored on demand.
 //!
+//! - [`config`]: the `[archive]` section and its checks.
+//! - [`metrics`]: the archiver's metrics and `/healthz` section.
 //! - [`format`]: the versioned, compressed snapshot format (pure).
 //! - [`snapshot`]: streams buckets into the object store.
 //! - [`outbox`]: the upload state of each snapshot (pure transitions + KV).
@@ -12,12 +14,15 @@
 //! - [`retention`]: which snapshots to prune (pure) and pruning.
 //! - [`restore`]: rebuilds buckets from a snapshot.
 //! - [`worker`]: the archiver inside the daemon (schedule, uploads).
-//! - [`cli`]: `presenced snapshot`, `snapshots`, `restore`.
+//! - [`commands`]: what `presenced snapshot`, `snapshots` and `restore`
+//!   do; they return values, the binary's `cli/` prints them.
 //!
 //! See docs/ARCHIVE.md for the operator's view.
 
-pub mod cli;
+pub mod commands;
+pub mod config;
 pub mod format;
+pub mod metrics;
 pub mod outbox;
 pub mod refusal;
 pub mod restore;
@@ -221,6 +226,27 @@ pub fn hex(bytes: &[u8]) -> String {
 /// snapshot names.
 pub fn name_stamp(rfc3339: &str) -> String {
     rfc3339.chars().filter(|c| *c != '-' && *c != ':').collect()
+}
+
+/// Starts the archiver (component `archiver`, essential): snapshots and
+/// uploads. A missing bucket or credential file fails its start, which a
+/// retry cannot fix; it counts as running once started.
+pub fn start(
+    ctx: &mut crate::component::Ctx<'_>,
+    cfg: config::ArchiveConfig,
+    seed_file: Option<std::path::PathBuf>,
+) {
+    use crate::supervise::{self, Stage};
+    let (js, site, metrics) = (ctx.js.clone(), ctx.site.clone(), ctx.metrics.clone());
+    let stop = ctx.sup.stop_flag(Stage::Work);
+    ctx.sup.spawn("archiver", Stage::Work, true, async move {
+        let archiver = worker::Archiver::start(js, site, cfg, &metrics, seed_file.as_deref())
+            .await
+            .map_err(|e| supervise::fatal(anyhow::Error::new(e).context("archive")))?;
+        metrics.components.running("archiver");
+        archiver.run(stop).await;
+        Ok(())
+    });
 }
 
 #[cfg(test)]

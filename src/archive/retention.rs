@@ -9,11 +9,11 @@
 //! writing them) are removed once they are older than
 //! [`INCOMPLETE_GRACE`].
 
+use super::config::Keep;
 use super::outbox::Outbox;
 use super::s3::Remote;
 use super::snapshot::LocalSnapshot;
 use super::ArchiveError;
-use crate::config::Keep;
 use async_nats::jetstream::object_store::ObjectStore;
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};

@@ -5,8 +5,8 @@
 //! retries forever with its own backoff, and a long hidden retry loop
 //! would only delay the report that S3 is down.
 
+use super::config::S3Config;
 use super::{ArchiveError, SnapshotMeta};
-use crate::config::S3Config;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;

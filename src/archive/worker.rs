@@ -6,13 +6,14 @@
 //! restart resumes: entries not yet uploaded are retried at once, and the
 //! next snapshot is due `every` after the newest existing one.
 
+use super::config::ArchiveConfig;
+use super::metrics::ArchiveMetrics;
 use super::outbox::{Entry, Outbox};
 use super::s3::Remote;
 use super::snapshot::{self, LocalSnapshot, Plan};
 use super::verify::{verify_remote, Digested};
 use super::{meta, retention, ArchiveError, SnapshotMeta};
 use crate::base::backoff::Backoff;
-use crate::config::ArchiveConfig;
 use crate::metrics::Metrics;
 use crate::naming::Site;
 use async_nats::jetstream::{self, kv, object_store::ObjectStore};
@@ -32,7 +33,7 @@ pub struct Archiver {
     store: ObjectStore,
     outbox: Outbox,
     remote: Option<Remote>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ArchiveMetrics>,
     /// The archiver's NKEY, which signs every snapshot; `None` when the
     /// leaf has no authorization (snapshots are then unsigned).
     signer: Option<super::sign::Signer>,
@@ -64,7 +65,7 @@ impl Archiver {
         js: jetstream::Context,
         site: Site,
         cfg: ArchiveConfig,
-        metrics: Arc<Metrics>,
+        metrics: &Metrics,
         seed_file: Option<&std::path::Path>,
     ) -> Result<Archiver, ArchiveError> {
         let signer = seed_file
@@ -76,11 +77,13 @@ impl Archiver {
         let store = snapshot::snapshots_store(&js).await?;
         let outbox = Outbox::open(&js).await?;
         let remote = cfg.s3.as_ref().map(Remote::from_config).transpose()?;
-        metrics.archive_enabled.store(true, Ordering::Relaxed);
         // Assumed reachable until an upload says otherwise.
-        metrics
-            .archive_s3_ok
-            .store(remote.is_some(), Ordering::Relaxed);
+        let own = Arc::new(ArchiveMetrics::default());
+        own.s3_ok.store(remote.is_some(), Ordering::Relaxed);
+        // Registered once the start succeeded: the archiver's families
+        // and its `/healthz` section appear only when it runs.
+        metrics.add_collector(own.clone());
+        let metrics = own;
         Ok(Archiver {
             plan: plan(&site, &cfg),
             js,
@@ -105,7 +108,7 @@ impl Archiver {
                         .unwrap_or_default();
                     next_snapshot += self.cfg.every.saturating_sub(age);
                     Metrics::set(
-                        &self.metrics.archive_last_snapshot_seconds,
+                        &self.metrics.last_snapshot_seconds,
                         unix_secs(newest.created),
                     );
                 }
@@ -196,7 +199,7 @@ impl Archiver {
     }
 
     fn set_pending(&self, due: &BTreeMap<String, Instant>) {
-        Metrics::set(&self.metrics.archive_pending, due.len() as u64);
+        Metrics::set(&self.metrics.pending, due.len() as u64);
     }
 
     async fn snapshot_cycle(&self, due: &mut BTreeMap<String, Instant>) -> Result<(), ()> {
@@ -204,14 +207,14 @@ impl Archiver {
         let taken = match snapshot::take(&self.js, &self.plan, self.signer.as_ref()).await {
             Ok(m) => m,
             Err(e) => {
-                Metrics::inc(&self.metrics.archive_snapshot_failures);
+                Metrics::inc(&self.metrics.snapshot_failures);
                 tracing::error!(error = %e, "archive: snapshot failed");
                 return Err(());
             }
         };
-        Metrics::inc(&self.metrics.archive_snapshots);
+        Metrics::inc(&self.metrics.snapshots);
         Metrics::set(
-            &self.metrics.archive_last_snapshot_seconds,
+            &self.metrics.last_snapshot_seconds,
             unix_secs(SystemTime::now()),
         );
         tracing::info!(
@@ -284,13 +287,13 @@ impl Archiver {
                     return;
                 }
                 due.remove(id);
-                self.metrics.archive_s3_ok.store(true, Ordering::Relaxed);
+                self.metrics.s3_ok.store(true, Ordering::Relaxed);
                 if put {
-                    Metrics::inc(&self.metrics.archive_uploads);
-                    Metrics::add(&self.metrics.archive_uploaded_bytes, expected.size);
+                    Metrics::inc(&self.metrics.uploads);
+                    Metrics::add(&self.metrics.uploaded_bytes, expected.size);
                 }
                 Metrics::set(
-                    &self.metrics.archive_last_upload_seconds,
+                    &self.metrics.last_upload_seconds,
                     unix_secs(SystemTime::now()),
                 );
                 tracing::info!(
@@ -308,11 +311,11 @@ impl Archiver {
             Err(e) => {
                 let verify = matches!(e, ArchiveError::Verify { .. });
                 if verify {
-                    Metrics::inc(&self.metrics.archive_verify_failures);
+                    Metrics::inc(&self.metrics.verify_failures);
                 } else {
-                    self.metrics.archive_s3_ok.store(false, Ordering::Relaxed);
+                    self.metrics.s3_ok.store(false, Ordering::Relaxed);
                 }
-                Metrics::inc(&self.metrics.archive_upload_failures);
+                Metrics::inc(&self.metrics.upload_failures);
                 let delay = Backoff::new(self.cfg.retry_initial, self.cfg.retry_max)
                     .delay_after(uploading.attempts);
                 let msg = e.to_string();
@@ -419,7 +422,7 @@ impl Archiver {
                 for id in &gone {
                     tracing::info!(snapshot = %id, "archive: pruned from the object store");
                 }
-                Metrics::add(&self.metrics.archive_pruned_local, gone.len() as u64);
+                Metrics::add(&self.metrics.pruned_local, gone.len() as u64);
             }
             Err(e) => tracing::warn!(error = %e, "archive: local pruning failed"),
         }
@@ -437,7 +440,7 @@ impl Archiver {
                     for id in &gone {
                         tracing::info!(snapshot = %id, "archive: pruned from S3");
                     }
-                    Metrics::add(&self.metrics.archive_pruned_remote, gone.len() as u64);
+                    Metrics::add(&self.metrics.pruned_remote, gone.len() as u64);
                 }
                 Err(e) => tracing::warn!(error = %e, "archive: remote pruning failed"),
             }

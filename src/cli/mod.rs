@@ -28,7 +28,6 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use presenced::config::Config;
 use presenced::store;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -245,20 +244,9 @@ pub fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
     }
 }
 
+/// See [`presenced::logging::init`].
 pub fn init_tracing(level: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| EnvFilter::try_new(v).ok())
-        .or_else(|| level.and_then(|l| EnvFilter::try_new(l).ok()))
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    // journald adds its own timestamps and does not render ANSI colours.
-    let tty = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(tty)
-        .with_writer(std::io::stderr)
-        .init();
+    presenced::logging::init(level);
 }
 
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

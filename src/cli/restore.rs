@@ -1,6 +1,8 @@
 //! `presenced restore`: a snapshot's buckets rebuilt on this leaf.
 
 use super::{ConfigArg, Context};
+use presenced::archive::commands;
+use presenced::archive::sign::Checked;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -38,17 +40,37 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let ctx = Context::load(&args.config, Some("warn"))?;
-    let restore = presenced::archive::cli::RestoreArgs {
+    let restore = commands::RestoreArgs {
         id: args.snapshot,
         from_s3: args.from_s3,
         from_file: args.from_file,
         force: args.force,
-        trust: presenced::archive::cli::trust(args.access.as_deref(), args.allow_unsigned)?,
+        trust: commands::trust(args.access.as_deref(), args.allow_unsigned)?,
         backup_dir: args.backup_dir,
     };
-    ctx.block_on(presenced::archive::cli::restore(
-        ctx.config.clone(),
+    let report = ctx.block_on(commands::restore(
+        super::snapshot::target(&ctx.config),
         restore,
     ))?;
+    match &report.signature {
+        Checked::Signed { signer } => println!("{}: signature of {signer} verified", report.id),
+        Checked::Unchecked(why) => println!(
+            "{}: SIGNATURE NOT CHECKED (--allow-unsigned): {why}",
+            report.id
+        ),
+    }
+    if let Some(b) = &report.backup {
+        println!("previous contents saved to {}", b.display());
+    }
+    for b in &report.purged {
+        println!("{b}: purged and replaced (--force)");
+    }
+    for (b, n) in &report.buckets {
+        println!("{b}: {n} keys restored");
+    }
+    println!(
+        "{}: restored (sha256 {} verified)",
+        report.id, report.sha256
+    );
     Ok(ExitCode::SUCCESS)
 }

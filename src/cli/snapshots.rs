@@ -1,8 +1,10 @@
 //! `presenced snapshots`: local and remote snapshots.
 
 use super::{ConfigArg, Context};
+use presenced::archive::commands::{self, Listing};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,12 +30,77 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let ctx = Context::load(&args.config, Some("warn"))?;
     let trust = args
         .verify
-        .then(|| presenced::archive::cli::trust(args.access.as_deref(), args.allow_unsigned))
+        .then(|| commands::trust(args.access.as_deref(), args.allow_unsigned))
         .transpose()?;
-    ctx.block_on(presenced::archive::cli::list(
-        ctx.config.clone(),
-        trust,
-        args.json,
-    ))?;
+    let listing = ctx.block_on(commands::list(super::snapshot::target(&ctx.config), trust))?;
+    print(&listing, args.json)?;
+    if !listing.corrupt.is_empty() {
+        anyhow::bail!(
+            "{} corrupt or refused cop(y/ies):\n  {}",
+            listing.corrupt.len(),
+            listing.corrupt.join("\n  ")
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The listing as a table, or as JSON lines.
+fn print(listing: &Listing, json: bool) -> anyhow::Result<()> {
+    for e in &listing.unreadable {
+        eprintln!("presenced: {e}");
+    }
+    if json {
+        for r in &listing.rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<58} {:>10} {:>10} {:>10} {:>8}  {:<12} {:<8} {:<8}",
+        "SNAPSHOT", "LOCAL", "STATE", "REMOTE", "AGE", "SHA256", "L-OK", "R-OK"
+    );
+    for r in &listing.rows {
+        let size = |s: Option<u64>| s.map_or("-".to_owned(), |n| n.to_string());
+        let short = |v: &Option<String>| {
+            v.as_deref().map_or("-".to_owned(), |s| {
+                s.split(':').next().unwrap_or(s).to_owned()
+            })
+        };
+        println!(
+            "{:<58} {:>10} {:>10} {:>10} {:>8}  {:<12} {:<8} {:<8}",
+            r.id,
+            if r.local.as_deref() == Some("incomplete") {
+                "partial".to_owned()
+            } else {
+                size(r.local_size)
+            },
+            r.state.as_deref().unwrap_or("-"),
+            size(r.remote_size),
+            r.age_seconds.map_or("-".to_owned(), |s| {
+                humantime::format_duration(Duration::from_secs(s))
+                    .to_string()
+                    .split(' ')
+                    .next()
+                    .unwrap_or("-")
+                    .to_owned()
+            }),
+            r.sha256
+                .as_deref()
+                .map_or("-", |s| s.get(..12).unwrap_or(s)),
+            short(&r.local_verified),
+            short(&r.remote_verified),
+        );
+        if let Some(e) = &r.last_error {
+            println!("    last error: {e}");
+        }
+        for (copy, sig) in [
+            ("local", &r.local_signature),
+            ("remote", &r.remote_signature),
+        ] {
+            if let Some(s) = sig.as_deref().filter(|s| !s.starts_with("signed by")) {
+                println!("    {copy} signature: {s}");
+            }
+        }
+    }
+    Ok(())
 }

@@ -3,10 +3,8 @@
 
 use super::Config;
 use super::ConfigProblem;
-use super::{ArchiveConfig, Keep};
 use crate::base::problems::Problems;
 use crate::naming;
-use std::time::Duration;
 
 pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
     let mut p = Problems::default();
@@ -31,7 +29,7 @@ pub(super) fn all(config: &Config) -> Vec<ConfigProblem> {
         crate::engine::config::check_zone("persons", name, person, &producers, &mut p);
     }
     if let Some(archive) = &config.archive {
-        check_archive(archive, &mut p);
+        crate::archive::config::check(archive, &mut p);
     }
     check_has_zones(config, &mut p);
     p.0
@@ -81,19 +79,7 @@ fn check_top(config: &Config, p: &mut Problems) {
         );
     }
 
-    if let Some(level) = &config.log.level {
-        if level.trim().is_empty() {
-            p.push(
-                "log.level",
-                "is empty: leave it out for the default, or say e.g. `info`",
-            );
-        } else if let Err(e) = tracing_subscriber::EnvFilter::try_new(level) {
-            p.push(
-                "log.level",
-                format!("{level:?} is not a tracing filter directive (e.g. `info` or `presenced=debug,info`): {e}"),
-            );
-        }
-    }
+    crate::logging::check(&config.log, p);
 
     crate::store::config::check(&config.nats, p);
 
@@ -104,113 +90,12 @@ fn check_top(config: &Config, p: &mut Problems) {
     crate::store::config::check_lease(&config.lease, p);
 }
 
-/// Buckets a snapshot may hold.
-pub const ARCHIVE_BUCKETS: [&str; 3] = [
-    naming::PRESENCE_BUCKET,
-    naming::DEBOUNCE_BUCKET,
-    naming::OWNERS_BUCKET,
-];
-
-/// S3 refuses multipart parts under 5 MiB (except the last).
-const MIN_PART_SIZE: u64 = 5 << 20;
-
-fn check_archive(a: &ArchiveConfig, p: &mut Problems) {
-    if a.every < Duration::from_secs(1) {
-        p.push("archive.every", "must be at least 1s");
-    }
-    if a.buckets.is_empty() {
-        p.push(
-            "archive.buckets",
-            "is empty: list what a snapshot holds, e.g. [\"presence\", \"debounce\", \"owners\"]",
-        );
-    }
-    for (i, b) in a.buckets.iter().enumerate() {
-        if !ARCHIVE_BUCKETS.contains(&b.as_str()) {
-            p.push(
-                format!("archive.buckets[{i}]"),
-                format!(
-                    "{b:?} is not a state bucket (known: {})",
-                    ARCHIVE_BUCKETS.join(", ")
-                ),
-            );
-        } else if a.buckets[..i].contains(b) {
-            p.push(
-                format!("archive.buckets[{i}]"),
-                format!("{b:?} is listed twice"),
-            );
-        }
-    }
-    if let Some(w) = a.events {
-        positive(p, "archive.events", w);
-    }
-    for (field, keep) in [
-        ("archive.keep_local", a.keep_local),
-        ("archive.keep_remote", a.keep_remote),
-    ] {
-        match keep {
-            Keep::Count(0) => p.push(field, "must keep at least 1 snapshot"),
-            Keep::Age(d) if d.is_zero() => p.push(field, "must be longer than 0s"),
-            _ => {}
-        }
-    }
-    positive(p, "archive.retry_initial", a.retry_initial);
-    if a.retry_max < a.retry_initial {
-        p.push(
-            "archive.retry_max",
-            format!(
-                "{} is shorter than retry_initial ({})",
-                humantime::format_duration(a.retry_max),
-                humantime::format_duration(a.retry_initial)
-            ),
-        );
-    }
-    if let Some(s3) = &a.s3 {
-        match s3.endpoint.split_once("://") {
-            Some(("http" | "https", host)) if !host.is_empty() => {}
-            _ => p.push(
-                "archive.s3.endpoint",
-                format!(
-                    "{:?} is not an http(s) URL, e.g. \"https://s3.eu-central-2.wasabisys.com\"",
-                    s3.endpoint
-                ),
-            ),
-        }
-        if s3.region.trim().is_empty() {
-            p.push("archive.s3.region", "is empty: e.g. \"eu-central-2\"");
-        }
-        if s3.bucket.trim().is_empty() {
-            p.push("archive.s3.bucket", "is empty");
-        }
-        if s3.prefix.starts_with('/') {
-            p.push("archive.s3.prefix", "must not start with `/`");
-        }
-        if s3.part_size < MIN_PART_SIZE {
-            p.push(
-                "archive.s3.part_size",
-                format!(
-                    "{} bytes is under S3's minimum part of {MIN_PART_SIZE}",
-                    s3.part_size
-                ),
-            );
-        }
-        positive(p, "archive.s3.timeout", s3.timeout);
-        for (field, path) in [
-            ("archive.s3.access_key_file", &s3.access_key_file),
-            ("archive.s3.secret_key_file", &s3.secret_key_file),
-        ] {
-            if path.as_os_str().is_empty() {
-                p.push(field, "is empty: name the file holding the key");
-            }
-        }
-    }
-}
-
 /// `runs` names known components once each, and agrees with the
 /// sections present: a source in an instance that runs no ingest, or
 /// `[archive]` without the archiver, would be silently ignored.
 fn check_runs(config: &Config, p: &mut Problems) {
     use crate::base::ownership::Component;
-    positive(p, "health.source_grace", config.health.source_grace);
+    crate::supervise::config::check(&config.health, p);
     let Some(names) = &config.runs else {
         return;
     };
@@ -262,10 +147,6 @@ fn check_runs(config: &Config, p: &mut Problems) {
         };
         p.push("runs", reason);
     }
-}
-
-fn positive(p: &mut Problems, path: impl Into<String>, d: Duration) {
-    p.positive(path, d);
 }
 
 #[cfg(test)]

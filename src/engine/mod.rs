@@ -13,6 +13,7 @@ mod fencing;
 pub mod model;
 pub mod runner;
 pub mod standby;
+pub mod start;
 #[cfg(test)]
 mod tests;
 

@@ -466,6 +466,31 @@ impl crate::supervise::Failure for HomeAssistantError {
     }
 }
 
+/// Starts the Home Assistant output (component `homeassistant`, not
+/// essential): it follows KV presence for `zones` once `lease_held` says
+/// the engine owns it.
+pub fn start(
+    ctx: &mut crate::component::Ctx<'_>,
+    cfg: HomeAssistant,
+    zones: BTreeMap<String, ZoneConfig>,
+    lease_held: watch::Receiver<bool>,
+) {
+    use crate::supervise::{self, Stage};
+    let fut = run(
+        cfg,
+        ctx.site.clone(),
+        zones,
+        ctx.js.clone(),
+        lease_held,
+        ctx.sup.stop_flag(Stage::Work),
+    );
+    ctx.sup
+        .spawn("homeassistant", Stage::Work, false, async move {
+            fut.await.map_err(supervise::classify)
+        });
+    ctx.metrics.components.running("homeassistant");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,8 @@
 use super::catchup;
 use super::config::HubWatch;
 use super::link::HubLink;
+use super::metrics::HubMetrics;
 use super::mirrors::{self, Mirror};
-use crate::metrics::Metrics;
 use crate::naming::Site;
 use async_nats::jetstream;
 use std::sync::Arc;
@@ -92,8 +92,8 @@ pub struct Health {
 
 impl Health {
     /// The report as `/metrics` and `/healthz` store it.
-    pub fn reading(&self) -> crate::metrics::MirrorReading {
-        crate::metrics::MirrorReading {
+    pub fn reading(&self) -> super::metrics::MirrorReading {
+        super::metrics::MirrorReading {
             mirror: self.mirror.clone(),
             state: self.state.as_str(),
             lag_messages: self.lag_messages,
@@ -302,7 +302,7 @@ pub async fn run(
     client: async_nats::Client,
     site: Site,
     cfg: HubWatch,
-    metrics: Arc<Metrics>,
+    metrics: Arc<HubMetrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     let (leaf, hub) = contexts(&client, &site, cfg.poll_interval);
@@ -326,7 +326,7 @@ pub async fn run(
             let (health, events) = tracker.observe(s, now);
             for event in events {
                 match event {
-                    Event::StallStarted => metrics.emit(crate::metrics::Event::MirrorStalled {
+                    Event::StallStarted => metrics.emit(super::metrics::Event::MirrorStalled {
                         mirror: &mirror.name,
                         lag_messages: health.lag_messages,
                         last_contact_seconds: health.last_contact_seconds,
@@ -336,7 +336,7 @@ pub async fn run(
                         tracing::info!(mirror = %mirror.name, "hub mirror moving again")
                     }
                     Event::Nudge => match catchup::nudge(&hub, &mirror.stream()).await {
-                        Ok(()) => metrics.emit(crate::metrics::Event::MirrorNudged {
+                        Ok(()) => metrics.emit(super::metrics::Event::MirrorNudged {
                             mirror: &mirror.name,
                             lag_messages: health.lag_messages,
                             last_contact_seconds: health.last_contact_seconds,

@@ -42,6 +42,7 @@ pub struct Leaf {
     /// Log file; default: the server logs to stderr (the journal).
     #[serde(default)]
     pub log_file: Option<PathBuf>,
+    /// Where JetStream keeps its files and how much it may use.
     pub jetstream: JetStream,
     /// The link to the hub; absent, the site runs on its own.
     #[serde(default)]
@@ -230,8 +231,10 @@ pub struct HubNode {
     /// As [`Leaf::ports_file_dir`].
     #[serde(default)]
     pub ports_file_dir: Option<PathBuf>,
+    /// As [`Leaf::log_file`].
     #[serde(default)]
     pub log_file: Option<PathBuf>,
+    /// As [`Leaf::jetstream`].
     pub jetstream: JetStream,
     /// Routes to the other nodes; absent, a single-node hub (a lab setup:
     /// the hub mirrors then cannot be replicated three times).
@@ -263,6 +266,7 @@ pub struct Cluster {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LeafListen {
+    /// Listen address for the sites' leafnode connections.
     #[serde(default = "default_leaf_listen")]
     pub listen: String,
     /// Do not tell leaves the other nodes' leafnode addresses, so a leaf

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod connect;
+pub mod keeper;
 pub mod kv;
 pub mod leader;
 pub mod lease;

@@ -2,6 +2,8 @@
 //! status page (module `page`, handed in as extra routes) is served
 //! beside them.
 
+pub mod config;
+
 use crate::metrics::Metrics;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -164,28 +166,10 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             body["engine"]["takeovers"] = json!(get(&m.engine_takeovers));
         }
     }
-    if m.archive_enabled.load(Ordering::Relaxed) {
-        // Detail only: a slow S3 does not make the daemon unhealthy.
-        let secs = |v: u64| (v > 0).then_some(v);
-        body["archive"] = json!({
-            "pending": get(&m.archive_pending),
-            "s3_ok": m.archive_s3_ok.load(Ordering::Relaxed),
-            "last_snapshot_unix": secs(get(&m.archive_last_snapshot_seconds)),
-            "last_upload_unix": secs(get(&m.archive_last_upload_seconds)),
-            "snapshot_failures": get(&m.archive_snapshot_failures),
-            "upload_failures": get(&m.archive_upload_failures),
-        });
-    }
-    // Hub mirrors are a detail, not the daemon's own health: a stalled
-    // mirror is reported here but does not make the answer 503.
-    let mirrors = m.mirrors();
-    if mirrors.watched {
-        let stalled = mirrors.report.iter().filter(|h| h.is_stalled()).count();
-        body["hub"] = json!({
-            "reachable": mirrors.hub_reachable,
-            "mirrors_stalled": stalled,
-            "mirrors": mirrors.report,
-        });
+    // Components' own sections (the archiver's, the hub mirrors'):
+    // detail only, they do not make the answer 503.
+    for (name, section) in m.health_sections() {
+        body[name] = section;
     }
     (verdict, body)
 }
@@ -224,6 +208,39 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
 /// `shutdown` turns true.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+/// Starts the HTTP listener of `[http]` (component `http`, essential),
+/// serving `/healthz`, `/metrics` and `extra` (the status page). It
+/// starts before the connection to the leaf, so that health can say the
+/// leaf is unreachable: it takes the supervisor and metrics rather than a
+/// whole [`crate::component::Ctx`]. A listen address that cannot be bound
+/// is fatal. Nothing is started when `enabled` is false.
+pub async fn start(
+    sup: &mut crate::supervise::Supervisor,
+    metrics: &Arc<Metrics>,
+    cfg: &config::HttpConfig,
+    extra: Router,
+) -> anyhow::Result<()> {
+    use crate::supervise::{self, Stage};
+    if !cfg.enabled {
+        return Ok(());
+    }
+    let listener = bind(cfg.listen).await.map_err(|e| {
+        supervise::fatal(anyhow::anyhow!(
+            "cannot listen on http.listen = {}: {e}",
+            cfg.listen
+        ))
+    })?;
+    tracing::info!(listen = %cfg.listen, "serving /healthz, /metrics and the status page");
+    let stop = sup.stop_flag(Stage::Http);
+    let m = metrics.clone();
+    sup.spawn("http", Stage::Http, true, async move {
+        serve(listener, m, extra, stop).await;
+        Ok(())
+    });
+    metrics.components.running("http");
+    Ok(())
 }
 
 /// `extra` adds routes beside `/healthz` and `/metrics` (the status page

@@ -1,5 +1,7 @@
-//! `presenced snapshot`, `presenced snapshots` and `presenced restore`.
+//! What `presenced snapshot`, `presenced snapshots` and `presenced
+//! restore` do, returning what they found: the binary's `cli/` prints it.
 
+use super::config::ArchiveConfig;
 use super::outbox::{Entry, Outbox, State};
 use super::refusal::Refusals;
 use super::restore::{self, Source};
@@ -8,30 +10,41 @@ use super::sign::{Checked, Signer, Trust};
 use super::snapshot;
 use super::verify::{compare, digest_local, verify_remote, Digested};
 use super::{ArchiveError, SnapshotMeta};
-use crate::config::{ArchiveConfig, Config};
 use crate::naming::Site;
+use crate::store::config::NatsConfig;
 use anyhow::Context as _;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-fn archive_section(config: &Config) -> anyhow::Result<&ArchiveConfig> {
+/// The parts of the config an archive command reads: the site, who it
+/// connects as and where, and the `[archive]` section.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub site: &'a str,
+    pub service: &'a str,
+    pub nats: &'a NatsConfig,
+    pub archive: Option<&'a ArchiveConfig>,
+}
+
+fn archive_section<'a>(config: &Target<'a>) -> anyhow::Result<&'a ArchiveConfig> {
     config
         .archive
-        .as_ref()
         .context("the config has no [archive] section (see docs/CONFIG.md)")
 }
 
 /// Connects as the config's service, catching the server's refusals so
 /// that an error can name them.
-async fn connect(config: &Config) -> anyhow::Result<(async_nats::jetstream::Context, Refusals)> {
+async fn connect(
+    config: &Target<'_>,
+) -> anyhow::Result<(async_nats::jetstream::Context, Refusals)> {
     let (tx, rx) = crate::acl::violation::channel();
     let who = crate::store::connect::As {
-        service: Some(config.service.clone()),
+        service: Some(config.service.to_owned()),
         violations: Some(tx),
     };
     let client = crate::store::connect_as(
-        &config.nats,
+        config.nats,
         "presenced-cli",
         Some(std::sync::Arc::new(crate::metrics::Metrics::default())),
         Some(Duration::from_secs(10)),
@@ -39,8 +52,8 @@ async fn connect(config: &Config) -> anyhow::Result<(async_nats::jetstream::Cont
     )
     .await?;
     Ok((
-        crate::store::jetstream_context(client, &config.nats),
-        Refusals::new(&config.service, Some(rx)),
+        crate::store::jetstream_context(client, config.nats),
+        Refusals::new(config.service, Some(rx)),
     ))
 }
 
@@ -87,11 +100,19 @@ fn signature_text(c: &Result<Checked, ArchiveError>) -> String {
     }
 }
 
+/// A snapshot taken by `presenced snapshot`.
+#[derive(Debug)]
+pub struct Taken {
+    pub meta: SnapshotMeta,
+    /// Queued in the outbox for upload (an `[archive.s3]` is configured).
+    pub queued: bool,
+}
+
 /// Takes a snapshot now and queues it for upload (the running archiver
 /// uploads it).
-pub async fn snapshot(config: Config) -> anyhow::Result<()> {
+pub async fn snapshot(config: Target<'_>) -> anyhow::Result<Taken> {
     let archive = archive_section(&config)?;
-    let site = Site::new(&config.site)?;
+    let site = Site::new(config.site)?;
     let (js, mut refusals) = connect(&config).await?;
     let signer = config
         .nats
@@ -104,19 +125,15 @@ pub async fn snapshot(config: Config) -> anyhow::Result<()> {
         r = snapshot::take(&js, &plan, signer.as_ref()) => r.map_err(|e| named(e, &mut refusals))?,
         v = refusals.next() => anyhow::bail!(refusals.named(&v)),
     };
-    println!(
-        "{}: {} bytes, {} records, sha256 {}",
-        meta.id, meta.size, meta.records, meta.sha256
-    );
-    if archive.s3.is_some() {
+    let queued = archive.s3.is_some();
+    if queued {
         let outbox = Outbox::open(&js).await?;
         let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         outbox
             .add(&Entry::new(&meta.id, meta.size, &meta.sha256, &now))
             .await?;
-        println!("{}: queued for upload", meta.id);
     }
-    Ok(())
+    Ok(Taken { meta, queued })
 }
 
 /// One row of `presenced snapshots`.
@@ -144,28 +161,39 @@ pub struct Row {
     pub remote_signature: Option<String>,
 }
 
+/// What `presenced snapshots` found: a row per snapshot, the outbox
+/// entries that could not be read, and every corrupt or refused copy.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub rows: Vec<Row>,
+    /// Outbox entries that could not be read (printed as warnings).
+    pub unreadable: Vec<String>,
+    /// Copies found corrupt or wrongly signed (with `verify`).
+    pub corrupt: Vec<String>,
+}
+
 /// Lists local and remote snapshots with their state. With `verify`,
 /// checks every copy's signature against `trust` and reads it to check
 /// its sha256; a corrupt or wrongly signed remote copy of an uploaded
 /// snapshot is put back to `failed` so the archiver uploads it again.
-/// Fails (after printing) when any copy is corrupt or refused.
-pub async fn list(config: Config, verify: Option<Trust>, json: bool) -> anyhow::Result<()> {
+/// Corrupt or refused copies are in [`Listing::corrupt`]: the caller
+/// prints the rows and then fails.
+pub async fn list(config: Target<'_>, verify: Option<Trust>) -> anyhow::Result<Listing> {
     let (js, mut refusals) = connect(&config).await?;
     // A refusal ends the listing at once, named (the request it stopped
     // would only time out).
     let result = tokio::select! {
-        r = list_on(&config, &js, verify, json) => r,
+        r = list_on(&config, &js, verify) => r,
         v = refusals.next() => Err(anyhow::anyhow!(refusals.named(&v))),
     };
     result.map_err(|e| named(e, &mut refusals))
 }
 
 async fn list_on(
-    config: &Config,
+    config: &Target<'_>,
     js: &async_nats::jetstream::Context,
     verify: Option<Trust>,
-    json: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Listing> {
     let archive = archive_section(config)?;
     let js = js.clone();
     let store = snapshot::snapshots_store(&js).await?;
@@ -191,9 +219,7 @@ async fn list_on(
     }
     let outbox = Outbox::open(&js).await?;
     let (entries, bad) = outbox.all().await?;
-    for e in bad {
-        eprintln!("presenced: {e}");
-    }
+    let unreadable = bad.iter().map(ToString::to_string).collect();
     let mut revisions: BTreeMap<String, (Entry, u64)> = BTreeMap::new();
     for (e, rev) in entries {
         let r = rows.entry(e.snapshot.clone()).or_insert_with(|| Row {
@@ -213,7 +239,7 @@ async fn list_on(
         revisions.insert(e.snapshot.clone(), (e, rev));
     }
     if let Some(remote) = &remote {
-        for m in remote.list(&config.site).await? {
+        for m in remote.list(config.site).await? {
             let Some(id) = remote.id_of(&m.location) else {
                 continue;
             };
@@ -327,67 +353,11 @@ async fn list_on(
             }
         }
     }
-    if json {
-        for r in rows.values() {
-            println!("{}", serde_json::to_string(r)?);
-        }
-    } else {
-        println!(
-            "{:<58} {:>10} {:>10} {:>10} {:>8}  {:<12} {:<8} {:<8}",
-            "SNAPSHOT", "LOCAL", "STATE", "REMOTE", "AGE", "SHA256", "L-OK", "R-OK"
-        );
-        for r in rows.values() {
-            let size = |s: Option<u64>| s.map_or("-".to_owned(), |n| n.to_string());
-            let short = |v: &Option<String>| {
-                v.as_deref().map_or("-".to_owned(), |s| {
-                    s.split(':').next().unwrap_or(s).to_owned()
-                })
-            };
-            println!(
-                "{:<58} {:>10} {:>10} {:>10} {:>8}  {:<12} {:<8} {:<8}",
-                r.id,
-                if r.local.as_deref() == Some("incomplete") {
-                    "partial".to_owned()
-                } else {
-                    size(r.local_size)
-                },
-                r.state.as_deref().unwrap_or("-"),
-                size(r.remote_size),
-                r.age_seconds.map_or("-".to_owned(), |s| {
-                    humantime::format_duration(Duration::from_secs(s))
-                        .to_string()
-                        .split(' ')
-                        .next()
-                        .unwrap_or("-")
-                        .to_owned()
-                }),
-                r.sha256
-                    .as_deref()
-                    .map_or("-", |s| s.get(..12).unwrap_or(s)),
-                short(&r.local_verified),
-                short(&r.remote_verified),
-            );
-            if let Some(e) = &r.last_error {
-                println!("    last error: {e}");
-            }
-            for (copy, sig) in [
-                ("local", &r.local_signature),
-                ("remote", &r.remote_signature),
-            ] {
-                if let Some(s) = sig.as_deref().filter(|s| !s.starts_with("signed by")) {
-                    println!("    {copy} signature: {s}");
-                }
-            }
-        }
-    }
-    if !corrupt.is_empty() {
-        anyhow::bail!(
-            "{} corrupt or refused cop(y/ies):\n  {}",
-            corrupt.len(),
-            corrupt.join("\n  ")
-        );
-    }
-    Ok(())
+    Ok(Listing {
+        rows: rows.into_values().collect(),
+        unreadable,
+        corrupt,
+    })
 }
 
 /// What `presenced restore` was asked.
@@ -403,8 +373,8 @@ pub struct RestoreArgs {
 }
 
 /// Restores a snapshot into the leaf of `config`.
-pub async fn restore(config: Config, args: RestoreArgs) -> anyhow::Result<()> {
-    let site = Site::new(&config.site)?;
+pub async fn restore(config: Target<'_>, args: RestoreArgs) -> anyhow::Result<restore::Report> {
+    let site = Site::new(config.site)?;
     let (source, id) = match (&args.from_file, &args.id, args.from_s3) {
         (Some(f), None, false) => (Source::File(f.clone()), f.display().to_string()),
         (None, Some(id), true) => {
@@ -427,28 +397,7 @@ pub async fn restore(config: Config, args: RestoreArgs) -> anyhow::Result<()> {
         site,
         backup_dir: args.backup_dir.unwrap_or_else(std::env::temp_dir),
     };
-    let report = restore::restore(&js, &source, &id, &opts, &mut refusals)
+    restore::restore(&js, &source, &id, &opts, &mut refusals)
         .await
-        .map_err(|e| named(e, &mut refusals))?;
-    match &report.signature {
-        Checked::Signed { signer } => println!("{}: signature of {signer} verified", report.id),
-        Checked::Unchecked(why) => println!(
-            "{}: SIGNATURE NOT CHECKED (--allow-unsigned): {why}",
-            report.id
-        ),
-    }
-    if let Some(b) = &report.backup {
-        println!("previous contents saved to {}", b.display());
-    }
-    for b in &report.purged {
-        println!("{b}: purged and replaced (--force)");
-    }
-    for (b, n) in &report.buckets {
-        println!("{b}: {n} keys restored");
-    }
-    println!(
-        "{}: restored (sha256 {} verified)",
-        report.id, report.sha256
-    );
-    Ok(())
+        .map_err(|e| named(e, &mut refusals))
 }

@@ -16,6 +16,8 @@
 //! are cut to fit the server's max payload before they are sent (header
 //! [`TRUNCATED_HEADER`] says how much was kept).
 
+pub mod start;
+
 use crate::base::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::naming::Site;

@@ -16,6 +16,8 @@
 //! file, a permission refused. The daemon then exits non-zero at once so
 //! systemd restarts it and the journal shows why.
 
+pub mod config;
+
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -1,0 +1,351 @@
+//! The start of the input side inside the daemon: every configured
+//! source, the bounded buffer, ingest into `SENSORS`, and the
+//! once-a-second gauges that turn the sources' statuses into metrics and
+//! health.
+
+use super::IngestConfig;
+use crate::component::Ctx;
+use crate::metrics::{counter_name, Collector, Count, Level, Metrics};
+use crate::sources::config::{MqttSource, SerialSource};
+use crate::sources::{self, Item};
+use crate::supervise::config::HealthConfig;
+use crate::supervise::{self, Stage, Supervisor};
+use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// The sections the input side reads.
+pub struct Sections<'a> {
+    pub ingest: &'a IngestConfig,
+    pub mqtt: &'a BTreeMap<String, MqttSource>,
+    pub serial: &'a BTreeMap<String, SerialSource>,
+    pub health: &'a HealthConfig,
+}
+
+/// The sources' own gauges, registered by [`start`] when ingest runs: the
+/// MQTT and serial families only when such a source is configured (a zero
+/// there would read as "configured and down").
+#[derive(Debug)]
+struct SourceGauges {
+    mqtt: Option<Level>,
+    serial: Option<Level>,
+    /// Times a source found the ingest buffer full and had to wait.
+    buffer_full: Count,
+}
+
+impl Collector for SourceGauges {
+    fn collect(&self, r: &mut Registry) {
+        r.register(
+            counter_name("presenced_ingest_buffer_full_total"),
+            "Times a source waited because the ingest buffer was full.",
+            self.buffer_full.clone(),
+        );
+        if let Some(g) = &self.mqtt {
+            r.register(
+                "presenced_mqtt_connected",
+                "MQTT sources currently connected.",
+                g.clone(),
+            );
+        }
+        if let Some(g) = &self.serial {
+            r.register(
+                "presenced_serial_connected",
+                "Serial sources whose device is open.",
+                g.clone(),
+            );
+        }
+    }
+}
+
+/// Name of a source's component: `source.<kind>.<name>`.
+fn source_component(kind: &str, name: &str) -> String {
+    format!("source.{kind}.{name}")
+}
+
+/// One source as the supervisor and the gauge task see it.
+struct SourceLink {
+    name: String,
+    kind: &'static str,
+    component: String,
+    connected: Probe,
+}
+
+/// Reads a source's status: (link up, connections so far, readings so far).
+type Probe = Arc<dyn Fn() -> (bool, u64, u64) + Send + Sync>;
+
+/// The started input side, as READY sees it.
+pub struct Inputs {
+    links: Vec<SourceLink>,
+    gauges: Arc<Gauges>,
+    track: Arc<Mutex<Vec<LinkTrack>>>,
+}
+
+impl Inputs {
+    /// Whether every source has started: connected once, or running
+    /// without failure once `waited` (`health.source_start_wait` passed:
+    /// a broker down at boot is reported by health, it does not hold the
+    /// unit). A source that has started is marked running.
+    pub fn started(&self, sup: &Supervisor, metrics: &Metrics, waited: bool) -> bool {
+        let mut started = true;
+        for l in &self.links {
+            let (_, connects, _) = (l.connected)();
+            if !sup.is_running(&l.component) {
+                started = false;
+            } else if connects > 0 || waited {
+                metrics.components.running(&l.component);
+            } else {
+                started = false;
+            }
+        }
+        started
+    }
+
+    /// Refreshes the gauges now (just before READY, so health never lags
+    /// what READY claims).
+    pub fn refresh(&self) {
+        self.gauges
+            .refresh(&mut self.track.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// How many sources run.
+    pub fn sources(&self) -> usize {
+        self.links.len()
+    }
+}
+
+/// Starts ingest (component `ingest`) and every source of `s` (components
+/// `source.<kind>.<name>`, all essential) when `on`, and the gauge task
+/// (component `gauges`) in any case; registers their metrics. Sources →
+/// bounded buffer → ingest → `SENSORS`.
+pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
+    let metrics = ctx.metrics.clone();
+    Metrics::set(
+        &metrics.clock_ahead_ok_ms,
+        s.ingest.max_clock_skew.as_millis() as u64,
+    );
+    let own = Arc::new(SourceGauges {
+        mqtt: (!s.mqtt.is_empty()).then(Level::default),
+        serial: (!s.serial.is_empty()).then(Level::default),
+        buffer_full: Count::default(),
+    });
+    if on {
+        metrics.add_collector(own.clone());
+    }
+    let mut links: Vec<SourceLink> = Vec::new();
+    let mut mqtt_statuses = Vec::new();
+    let mut serial_statuses = Vec::new();
+    if on {
+        Metrics::set(&metrics.buffer_capacity, s.ingest.buffer as u64);
+        let (tx, rx) = mpsc::channel::<Item>(s.ingest.buffer.max(1));
+        {
+            let (js, site, m) = (ctx.js.clone(), ctx.site.clone(), metrics.clone());
+            let (max, every) = (s.ingest.max_in_flight, s.ingest.reject_log_every);
+            // Ingest ends when every source has dropped its sender: it is
+            // stopped by the sources stage, not by a token of its own.
+            ctx.sup.spawn("ingest", Stage::Ingest, true, async move {
+                super::run(js, site, max, every, rx, m).await;
+                Ok(())
+            });
+            metrics.components.running("ingest");
+        }
+        for (name, src) in s.mqtt {
+            let status = Arc::new(sources::mqtt::MqttStatus::default());
+            let client_id = src
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("presenced-{}-{name}", ctx.site));
+            let component = source_component("mqtt", name);
+            let fut = sources::mqtt::run(
+                name.clone(),
+                src.clone(),
+                client_id,
+                sources::mqtt::RunOptions {
+                    rules: sources::mqtt::DecodeRules {
+                        strict: s.ingest.strict_topics,
+                        max_clock_skew: s.ingest.max_clock_skew,
+                    },
+                    stored: Some(
+                        super::StoredDeliveries::new(ctx.js.clone(), ctx.site.clone()).lookup(),
+                    ),
+                },
+                tx.clone(),
+                status.clone(),
+                ctx.sup.stop_flag(Stage::Sources),
+            );
+            ctx.sup.spawn(&component, Stage::Sources, true, async move {
+                fut.await.map_err(supervise::classify)
+            });
+            let st = status.clone();
+            links.push(SourceLink {
+                name: name.clone(),
+                kind: "mqtt",
+                component,
+                connected: Arc::new(move || {
+                    (
+                        st.connected.load(Ordering::Relaxed),
+                        st.connects.load(Ordering::Relaxed),
+                        st.received.load(Ordering::Relaxed),
+                    )
+                }),
+            });
+            mqtt_statuses.push(status);
+        }
+        let ports = Arc::new(sources::serial::Ports::default());
+        if !s.serial.is_empty() {
+            metrics.add_collector(ports.clone());
+        }
+        for (name, src) in s.serial {
+            let status = Arc::new(sources::serial::SerialStatus::default());
+            let component = source_component("serial", name);
+            let fut = sources::serial::run(
+                name.clone(),
+                src.clone(),
+                s.ingest.max_clock_skew,
+                tx.clone(),
+                status.clone(),
+                ctx.sup.stop_flag(Stage::Sources),
+            );
+            ports.add(sources::serial::PortMetrics::new(
+                name,
+                &src.device,
+                &status,
+            ));
+            ctx.sup.spawn(&component, Stage::Sources, true, async move {
+                fut.await.map_err(supervise::classify)
+            });
+            let st = status.clone();
+            links.push(SourceLink {
+                name: name.clone(),
+                kind: "serial",
+                component,
+                connected: Arc::new(move || {
+                    (
+                        st.connected.load(Ordering::Relaxed),
+                        st.connects.load(Ordering::Relaxed),
+                        st.observations.load(Ordering::Relaxed),
+                    )
+                }),
+            });
+            serial_statuses.push(status);
+        }
+        drop(tx);
+    }
+    let stop = ctx.sup.token(Stage::Work);
+    let gauges = Arc::new(Gauges {
+        links: links
+            .iter()
+            .map(|l| (l.name.clone(), l.kind, l.connected.clone()))
+            .collect(),
+        mqtt: mqtt_statuses,
+        serial: serial_statuses,
+        metrics: metrics.clone(),
+        own,
+        grace: s.health.source_grace,
+    });
+    let track = Arc::new(Mutex::new(gauges.track()));
+    {
+        let (gauges, track) = (gauges.clone(), track.clone());
+        ctx.sup.spawn("gauges", Stage::Work, false, async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = stop.cancelled() => return Ok(()),
+                }
+                gauges.refresh(&mut track.lock().unwrap_or_else(|p| p.into_inner()));
+            }
+        });
+    }
+    metrics.components.running("gauges");
+    Inputs {
+        links,
+        gauges,
+        track,
+    }
+}
+
+/// The once-a-second gauges: MQTT/serial counts, buffer waits, LD2410
+/// rejects, and each source's link state for health.
+struct Gauges {
+    links: Vec<(String, &'static str, Probe)>,
+    mqtt: Vec<Arc<sources::mqtt::MqttStatus>>,
+    serial: Vec<Arc<sources::serial::SerialStatus>>,
+    metrics: Arc<Metrics>,
+    own: Arc<SourceGauges>,
+    grace: Duration,
+}
+
+/// Per link: when it went down (start counts as down), and the reading
+/// count with the instant it last moved.
+struct LinkTrack {
+    down_since: Option<tokio::time::Instant>,
+    last: (u64, Option<tokio::time::Instant>),
+}
+
+impl Gauges {
+    /// Refreshes every gauge and the source links from the statuses;
+    /// called every second and once more just before READY, so health
+    /// never lags what READY claims.
+    fn refresh(&self, track: &mut [LinkTrack]) {
+        let now = tokio::time::Instant::now();
+        let mut health = Vec::with_capacity(self.links.len());
+        for ((name, kind, probe), t) in self.links.iter().zip(track.iter_mut()) {
+            let (up, _, readings) = probe();
+            match (up, t.down_since) {
+                (true, _) => t.down_since = None,
+                (false, None) => t.down_since = Some(now),
+                (false, Some(_)) => {}
+            }
+            if readings != t.last.0 {
+                t.last = (readings, Some(now));
+            }
+            let down = t.down_since.map(|d| now - d);
+            health.push(crate::metrics::SourceHealth {
+                name: name.clone(),
+                kind: (*kind).to_owned(),
+                up,
+                down_seconds: down.map(|d| d.as_secs_f64()),
+                last_reading_seconds: t.last.1.map(|l| (now - l).as_secs_f64()),
+                readings,
+                degraded: down.is_some_and(|d| d >= self.grace),
+            });
+        }
+        self.metrics.set_source_health(health);
+        let up = self
+            .mqtt
+            .iter()
+            .filter(|s| s.connected.load(Ordering::Relaxed))
+            .count();
+        if let Some(g) = &self.own.mqtt {
+            Metrics::set(g, up as u64);
+        }
+        let full: u64 = self
+            .mqtt
+            .iter()
+            .map(|s| s.buffer_full.load(Ordering::Relaxed))
+            .sum();
+        Metrics::set(&self.own.buffer_full, full);
+        let open = self
+            .serial
+            .iter()
+            .filter(|s| s.connected.load(Ordering::Relaxed))
+            .count();
+        if let Some(g) = &self.own.serial {
+            Metrics::set(g, open as u64);
+        }
+    }
+
+    fn track(&self) -> Vec<LinkTrack> {
+        let start = tokio::time::Instant::now();
+        self.links
+            .iter()
+            .map(|_| LinkTrack {
+                down_since: Some(start),
+                last: (0, None),
+            })
+            .collect()
+    }
+}

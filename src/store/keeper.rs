@@ -1,0 +1,84 @@
+//! The lease's start inside the daemon: this service's key in KV
+//! `owners`, kept while it runs; with the engine, also the leader lease.
+
+use super::config::LeaseConfig;
+use super::leader::{self, Fence, Role};
+use super::lease::{self, Lease};
+use crate::base::ownership::Component;
+use crate::component::Ctx;
+use crate::supervise::Stage;
+use std::sync::atomic::Ordering;
+use tokio::sync::watch;
+
+/// Starts the lease (component `lease`, essential) for a service running
+/// `runs`. With `leader` (the engine's fence and where its role is
+/// reported), it is the leader lease ([`leader::keep`]); without, the
+/// plain liveness lease. Returns whether the lease is held, which Home
+/// Assistant waits for; metrics and `/healthz` show it too.
+pub fn start(
+    ctx: &mut Ctx<'_>,
+    cfg: &LeaseConfig,
+    runs: &[Component],
+    leader: Option<(Fence, watch::Sender<Role>)>,
+    role_rx: watch::Receiver<Role>,
+) -> watch::Receiver<bool> {
+    let (held_tx, held_rx) = watch::channel(false);
+    let lease = Lease::new(ctx.service, runs, crate::time::Timestamp::now());
+    let (js, ttl, metrics) = (ctx.js.clone(), cfg.ttl, ctx.metrics.clone());
+    let stop = ctx.sup.stop_flag(Stage::Lease);
+    let mut held = held_rx.clone();
+    let mut role = role_rx;
+    let audit = ctx.site.audit_subject(ctx.service);
+    ctx.sup.spawn("lease", Stage::Lease, true, async move {
+        let watcher = async {
+            while held.changed().await.is_ok() {
+                let now = *held.borrow_and_update();
+                metrics.lease_held.store(now, Ordering::Relaxed);
+                if now {
+                    metrics.components.running("lease");
+                }
+            }
+        };
+        if let Some((fence, role_tx)) = leader {
+            let metrics = metrics.clone();
+            let roles = async move {
+                let mut seen = false;
+                while role.changed().await.is_ok() {
+                    let r = role.borrow_and_update().clone();
+                    if r.active {
+                        crate::metrics::Metrics::inc(&metrics.engine_takeovers);
+                    }
+                    metrics.engine_active.store(r.active, Ordering::Relaxed);
+                    if !seen {
+                        seen = true;
+                        metrics.components.running("lease");
+                    }
+                    *metrics
+                        .engine_role
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(r);
+                }
+            };
+            tokio::join!(
+                leader::keep(
+                    js,
+                    lease,
+                    ttl,
+                    fence,
+                    audit,
+                    stop,
+                    leader::Reports {
+                        role: role_tx,
+                        held: held_tx,
+                    },
+                ),
+                roles,
+                watcher
+            );
+        } else {
+            tokio::join!(lease::keep(js, lease, ttl, stop, held_tx), watcher);
+        }
+        Ok(())
+    });
+    held_rx
+}
