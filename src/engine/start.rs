@@ -44,9 +44,18 @@ pub fn start(
             // the state meanwhile (engine::standby).
             let warm = super::standby::Warm::start(js.clone());
             let mut waiting = stop.clone();
-            tokio::select! {
-                r = role.wait_for(|r| r.active) => if r.is_err() { return Ok(()) },
+            let keeper_gone = tokio::select! {
+                r = role.wait_for(|r| r.active) => r.is_err(),
                 _ = waiting.wait_for(|s| *s) => return Ok(()),
+            };
+            if keeper_gone {
+                // The lease keeper has ended: the daemon is draining (the
+                // lease goes first) or about to stop for the keeper's
+                // failure. Either way the engine ends with its own stage,
+                // not before: an earlier end reads as a component that
+                // stopped unexpectedly.
+                let _ = waiting.wait_for(|s| *s).await;
+                return Ok(());
             }
             let runner = match Runner::start_fenced(
                 js.clone(),

@@ -465,6 +465,9 @@ fn start_s3(s3: &plan::S3Plan, weed: &Path, sup: &mut Supervisor) -> Result<(), 
         format!("-volume.port={volume}"),
         format!("-volume.port.grpc={volume_grpc}"),
         "-volume.max=30".into(),
+        // The default (1% of the disk) turns every volume read-only on a
+        // big, nearly full disk, and uploads hang; the sandbox writes little.
+        "-volume.minFreeSpace=256MiB".into(),
         "-filer".into(),
         format!("-filer.port={filer}"),
         format!("-filer.port.grpc={filer_grpc}"),

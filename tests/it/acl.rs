@@ -7,7 +7,7 @@ use crate::support;
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use presenced::acl::access::{Access, Component, Keyspace};
-use presenced::acl::violation::{self, AuditRecord, Operation, Violation};
+use presenced::acl::violation::{self, Operation, Violation};
 use presenced::naming::{self, Site};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -1564,7 +1564,7 @@ async fn every_identity_keyspace_and_operation_is_allowed_exactly_where_the_map_
         let mut records = Vec::new();
         let deadline = tokio::time::Instant::now() + SETTLE_DEADLINE;
         while records.len() < reported.len() && tokio::time::Instant::now() < deadline {
-            records = audit_records(admin_js, &subject).await;
+            records = support::audit::violation_records(admin_js, &subject).await;
         }
         let got: Vec<(String, Operation)> = records
             .iter()
@@ -1604,28 +1604,6 @@ async fn every_identity_keyspace_and_operation_is_allowed_exactly_where_the_map_
             reported.len()
         );
     }
-}
-
-/// The permission-violation records on `subject` of AUDIT, in order.
-async fn audit_records(js: &jetstream::Context, subject: &str) -> Vec<AuditRecord> {
-    let stream = js.get_stream(naming::AUDIT_STREAM).await.unwrap();
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subject.to_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    let mut out = Vec::new();
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
-        let m = m.unwrap();
-        // The matrix also publishes plain "{}" there (the Publish rows).
-        if let Ok(r) = serde_json::from_slice::<AuditRecord>(&m.payload) {
-            out.push(r);
-        }
-    }
-    out
 }
 
 /// Captures the test's log (the audit task's ERROR lines).
@@ -1698,7 +1676,7 @@ async fn a_flood_of_refusals_is_audited_bounded_without_losing_the_count() {
     let audit_subject = site.audit_subject("ingest");
     let deadline = tokio::time::Instant::now() + SETTLE_DEADLINE;
     let records = loop {
-        let records = audit_records(&admin.js, &audit_subject).await;
+        let records = support::audit::violation_records(&admin.js, &audit_subject).await;
         let total: u64 = records.iter().map(|r| r.count).sum();
         if total >= FLOOD as u64 || tokio::time::Instant::now() >= deadline {
             break records;

@@ -26,6 +26,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod acl_site;
+pub mod audit;
 pub mod browser;
 pub mod daemon;
 pub mod http;

@@ -175,6 +175,10 @@ fn command(d: &Path, s3_port: u16, ports: [u16; 7]) -> Command {
         .arg(format!("-volume.port={volume}"))
         .arg(format!("-volume.port.grpc={volume_grpc}"))
         .arg("-volume.max=30")
+        // The default (1% of the disk) marks every volume read-only on a
+        // big, nearly full disk, and uploads then hang instead of failing;
+        // a test writes a few megabytes.
+        .arg("-volume.minFreeSpace=256MiB")
         .arg("-filer")
         .arg(format!("-filer.port={filer}"))
         .arg(format!("-filer.port.grpc={filer_grpc}"))
