@@ -28,7 +28,8 @@
 //!   of its drain;
 //! - `PRESENCED_BENCH_HOUSE_READINGS` [60000]: readings of the house run;
 //! - `PRESENCED_BENCH_CEILING` [100000]: messages of each ceiling;
-//! - `PRESENCED_BENCH_PAGES` [10]: status pages of the page run (0: none);
+//! - `PRESENCED_BENCH_PAGES` [10]: status pages of the second 1,000-zone
+//!   run (0: none, the two runs then show the noise between two runs);
 //! - `PRESENCED_BENCH_LATENCY` [10000]: readings of the latency run;
 //! - `PRESENCED_BENCH_REHYD_ZONES` [10000]: zones of the rehydration run;
 //! - `PRESENCED_BENCH_RUNS` [all]: which runs, comma-separated, of
@@ -596,6 +597,18 @@ async fn main() {
 
     // Spread over every spread zone without, then with, status pages open.
     if on("pages") {
+        // A first run warms the daemon up on these zones (its heap grew by
+        // about 5 MB from one run to the next otherwise), then the two
+        // runs compared.
+        let w = spread_workload(zones, readings, base);
+        base += readings as i64;
+        let sat = saturate(&js, &mut p, pid, others, &w).await;
+        run(
+            format!("readings spread over {zones} zones, warm-up"),
+            sat,
+            &mut rss_load,
+            &mut load_line,
+        );
         let w = spread_workload(zones, readings, base);
         base += readings as i64;
         let rss_before = proc_usage(pid).0;
@@ -607,7 +620,10 @@ async fn main() {
             &mut rss_load,
             &mut load_line,
         );
-        if pages > 0 {
+        // With PRESENCED_BENCH_PAGES=0 the second run has no page either:
+        // the difference between two runs in a row without pages, the
+        // noise floor of the comparison.
+        {
             let page_bytes = Arc::new(AtomicU64::new(0));
             tokio::time::sleep(Duration::from_secs(1)).await;
             let rss_pages_before = proc_usage(pid).0;
