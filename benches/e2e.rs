@@ -1,23 +1,72 @@
 //! End-to-end benchmark of the real daemon against a real nats-server and
-//! Mosquitto, each figure printed next to the raw limit measured in the same
-//! run. Run with `cargo bench --bench e2e` (see docs/PERFORMANCE.md).
+//! Mosquitto, each figure printed next to the ceilings measured in the same
+//! run: Mosquitto's QoS 1 delivery rate to one subscriber, and the raw
+//! pipelined KV put and JetStream publish rates of the same nats-server.
+//!
+//! `cargo bench --bench e2e` (see docs/PERFORMANCE.md). Workloads, each at
+//! saturation (published as fast as the broker takes QoS 1 messages):
+//!
+//! - spread: readings round robin over 100, then 1,000 zones (one sensor
+//!   each, JSON payloads): few readings cause a transition;
+//! - flip: 10 zones x 3 sensors, bare `ON`/`OFF` payloads that flip every
+//!   zone every few readings (issue 17's comparison workload);
+//! - house: 30 zones with motion, door and light sensors in
+//!   Zigbee2MQTT's JSON, a few readings per zone per (simulated) second
+//!   with bursts;
+//! - pages: the 1,000-zone spread again with status pages open (each
+//!   reading `/events`), beside the run without, and the daemon's RSS;
+//! - drain: the engine applying a stored backlog (no publisher) of the
+//!   flip and the spread workloads;
+//! - latency at a fixed 1,000 readings/s, and rehydration of 10,000 zones.
+//!
+//! Sizes come from the environment so a small run checks the bench
+//! itself (defaults in brackets):
+//!
+//! - `PRESENCED_BENCH_READINGS` [200000]: readings per spread run;
+//! - `PRESENCED_BENCH_ZONES` [1000]: zones of the wide spread and page runs;
+//! - `PRESENCED_BENCH_FLIP_READINGS` [20000]: readings of the flip run and
+//!   of its drain;
+//! - `PRESENCED_BENCH_HOUSE_READINGS` [60000]: readings of the house run;
+//! - `PRESENCED_BENCH_CEILING` [100000]: messages of each ceiling;
+//! - `PRESENCED_BENCH_PAGES` [10]: status pages of the second 1,000-zone
+//!   run (0: none, the two runs then show the noise between two runs);
+//! - `PRESENCED_BENCH_LATENCY` [10000]: readings of the latency run;
+//! - `PRESENCED_BENCH_REHYD_ZONES` [10000]: zones of the rehydration run;
+//! - `PRESENCED_BENCH_RUNS` [all]: which runs, comma-separated, of
+//!   `spread,flip,house,latency,pages,drain,rehyd` (the ceilings always
+//!   run), e.g. `flip,drain` to profile the engine on the flip workload.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use common::*;
 use futures::StreamExt;
 use presenced::engine::ZoneState;
+use presenced::naming::Site;
+use presenced::observation::{Observation, Reading, OBSERVATION_SCHEMA};
+use presenced::sandbox::simulator::Rng;
 use presenced::store::publish::publish_all;
+use presenced::time::Timestamp;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
 
-fn zones_toml(n: usize) -> String {
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+/// The spread zones: one sensor each, `s<i>` on `test/s<i>`.
+fn spread_toml(n: usize) -> String {
     let mut out = String::with_capacity(n * 160);
     for i in 0..n {
         out.push_str(&format!(
@@ -25,6 +74,160 @@ fn zones_toml(n: usize) -> String {
         ));
     }
     out
+}
+
+/// Zones of the flip workload: three bare ON/OFF sensors each, at an even
+/// prior so that two sensors of three decide: every zone crosses both
+/// thresholds each time its sensors turn, with no debounce.
+const FLIP_ZONES: usize = 10;
+/// Zones of the house workload.
+const HOUSE_ZONES: usize = 30;
+
+fn flip_toml() -> String {
+    let mut out = String::new();
+    for z in 0..FLIP_ZONES {
+        out.push_str(&format!(
+            "[zones.flip{z}]\nprior = 0.5\narrive_after = \"0s\"\nleave_after = \"0s\"\nevidence = [\n  {{ sensor = \"flip{z}_a\", p_true = 0.95, p_false = 0.05 }},\n  {{ sensor = \"flip{z}_b\", p_true = 0.95, p_false = 0.05 }},\n  {{ sensor = \"flip{z}_c\", p_true = 0.95, p_false = 0.05 }},\n]\n"
+        ));
+    }
+    out
+}
+
+/// A house: per room a held motion sensor, a door contact that goes stale
+/// and a light level with a threshold, with a short arrive and a longer
+/// leave debounce.
+fn house_toml() -> String {
+    let mut out = String::new();
+    for z in 0..HOUSE_ZONES {
+        out.push_str(&format!(
+            "[zones.room{z:02}]\narrive_after = \"2s\"\nleave_after = \"30s\"\nevidence = [\n  {{ sensor = \"room{z:02}_motion\", p_true = 0.9, p_false = 0.05, hold = \"20s\" }},\n  {{ sensor = \"room{z:02}_door\", p_true = 0.6, p_false = 0.4, stale_after = \"10m\" }},\n  {{ sensor = \"room{z:02}_lux\", p_true = 0.7, p_false = 0.2, above = 100.0 }},\n]\n"
+        ));
+    }
+    out
+}
+
+/// The mappings of all workloads: spread (`test/<sensor>`, JSON with a
+/// timestamp), flip (`flip/<sensor>`, bare payload) and house
+/// (`house/<room>/<kind>`, Zigbee2MQTT's JSON with a timestamp).
+fn mappings() -> String {
+    let mut m = motion_mapping(true);
+    m.push_str("\n[[mqtt.main.topics]]\nfilter = \"flip/+\"\nsensor = \"{1}\"\n");
+    for (kind, sensor, value) in [
+        ("motion", "motion", "/occupancy"),
+        ("door", "door", "/contact"),
+        ("light", "lux", "/illuminance"),
+    ] {
+        m.push_str(&format!(
+            "\n[[mqtt.main.topics]]\nfilter = \"house/+/{kind}\"\nsensor = \"{{1}}_{sensor}\"\nvalue = \"{value}\"\ntimestamp = \"/ts\"\n"
+        ));
+    }
+    m
+}
+
+/// One MQTT message of a workload: topic, payload.
+type Msg = (String, Vec<u8>);
+
+/// `n` readings round robin over `spread` zones; each zone turns every
+/// time round.
+fn spread_workload(spread: usize, n: u64, base: i64) -> Vec<Msg> {
+    (0..n as i64)
+        .map(|i| {
+            let z = i as usize % spread;
+            let on = (i / spread as i64) % 2 == 0;
+            (
+                format!("test/s{z:05}"),
+                format!(r#"{{"occupancy":{on},"ts":{}}}"#, base + i).into_bytes(),
+            )
+        })
+        .collect()
+}
+
+/// The flip workload as (sensor, value): zone after zone, its three
+/// sensors in turn, all ON one round and all OFF the next, so each zone
+/// moves (vacant → arriving → occupied, or occupied → leaving → vacant) on
+/// every second reading of its round.
+fn flip_readings(n: u64) -> Vec<(String, bool)> {
+    (0..n)
+        .map(|i| {
+            let zone = (i / 3) as usize % FLIP_ZONES;
+            let sensor = ["a", "b", "c"][(i % 3) as usize];
+            let on = (i / (3 * FLIP_ZONES as u64)) % 2 == 0;
+            (format!("flip{zone}_{sensor}"), on)
+        })
+        .collect()
+}
+
+fn flip_workload(n: u64) -> Vec<Msg> {
+    flip_readings(n)
+        .into_iter()
+        .map(|(s, on)| (format!("flip/{s}"), if on { "ON" } else { "OFF" }.into()))
+        .collect()
+}
+
+/// A house in simulated time from `base`: every room reports a few times
+/// per second (motion while someone is in, the light level, now and then
+/// the door), someone moves from room to room, and a room sometimes bursts
+/// (a dozen readings within 100 ms, as a chatty sensor or a person passing
+/// several sensors does).
+fn house_workload(n: u64, base: i64) -> Vec<Msg> {
+    let mut rng = Rng::new(17);
+    let mut out = Vec::with_capacity(n as usize);
+    let mut occupied = [false; HOUSE_ZONES];
+    let mut t = base;
+    let push = |out: &mut Vec<Msg>, rng: &mut Rng, room: usize, occupied: bool, t: i64| {
+        let (kind, payload) = match rng.range(0, 9) {
+            0..=4 => (
+                "motion",
+                format!(
+                    r#"{{"occupancy":{},"battery":97,"linkquality":120,"ts":{t}}}"#,
+                    occupied && rng.chance(0.8)
+                ),
+            ),
+            5..=8 => (
+                "light",
+                format!(
+                    r#"{{"illuminance":{},"linkquality":98,"ts":{t}}}"#,
+                    if occupied { 250 } else { 20 } + rng.range(0, 60)
+                ),
+            ),
+            _ => (
+                "door",
+                format!(
+                    r#"{{"contact":{},"battery":88,"ts":{t}}}"#,
+                    !rng.chance(0.2)
+                ),
+            ),
+        };
+        out.push((format!("house/room{room:02}/{kind}"), payload.into_bytes()));
+    };
+    while (out.len() as u64) < n {
+        // One simulated 100 ms step: each room reports with probability
+        // 0.3 (three readings per room per second on average).
+        t += 100;
+        if rng.chance(0.05) {
+            let room = rng.range(0, HOUSE_ZONES as u64 - 1) as usize;
+            occupied[room] = !occupied[room];
+        }
+        for (room, &occ) in occupied.iter().enumerate() {
+            if rng.chance(0.3) {
+                push(&mut out, &mut rng, room, occ, t);
+            }
+        }
+        if rng.chance(0.02) {
+            let room = rng.range(0, HOUSE_ZONES as u64 - 1) as usize;
+            for k in 0..12 {
+                push(&mut out, &mut rng, room, occupied[room], t + k * 8);
+            }
+        }
+    }
+    out.truncate(n as usize);
+    out
+}
+
+/// Milliseconds of simulated time `n` house readings span (about 9 per
+/// 100 ms step), with room to spare.
+fn house_span(n: u64) -> i64 {
+    (n as i64 / 9 + 100) * 100 * 2
 }
 
 /// (RSS in KiB, CPU seconds used so far) of a process, from /proc.
@@ -59,7 +262,31 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-async fn raw_kv(js: &jetstream::Context) -> (f64, f64, f64) {
+/// The ceilings every figure is read against, measured in the same run.
+struct Ceilings {
+    /// Mosquitto's QoS 1 delivery rate to one subscriber.
+    broker: f64,
+    /// The publisher's side of that run.
+    broker_publish: f64,
+    /// Raw pipelined KV put rate.
+    kv: f64,
+    /// Raw pipelined JetStream publish rate.
+    js: f64,
+}
+
+impl Ceilings {
+    fn ratios(&self, rate: f64) -> String {
+        format!(
+            "= {:>3.0}% of broker QoS 1 delivery, {:>3.0}% of raw KV put, {:>3.0}% of raw JS publish",
+            rate / self.broker * 100.0,
+            rate / self.kv * 100.0,
+            rate / self.js * 100.0
+        )
+    }
+}
+
+/// Raw pipelined KV put, and one put at a time with its p99.
+async fn raw_kv(js: &jetstream::Context, n: u64) -> (f64, f64, f64) {
     let store = js
         .create_key_value(kv::Config {
             bucket: "bench".into(),
@@ -69,7 +296,6 @@ async fn raw_kv(js: &jetstream::Context) -> (f64, f64, f64) {
         .await
         .expect("bench bucket");
     // Pipelined: the same windowed publisher the daemon uses.
-    let n = 100_000;
     let msgs: Vec<_> = (0..n)
         .map(|i| {
             (
@@ -83,23 +309,116 @@ async fn raw_kv(js: &jetstream::Context) -> (f64, f64, f64) {
     let results = publish_all(js, msgs).await;
     let pipelined = n as f64 / t.elapsed().as_secs_f64();
     assert!(results.iter().all(|r| r.is_ok()));
-    // One at a time.
-    let mut lat = Vec::with_capacity(5000);
+    let serial_n = (n / 20).max(100);
+    let mut lat = Vec::with_capacity(serial_n as usize);
     let t = Instant::now();
-    for i in 0..5000 {
+    for i in 0..serial_n {
         let s = Instant::now();
         store.put(format!("k{i}"), "x".into()).await.expect("put");
         lat.push(s.elapsed().as_secs_f64() * 1000.0);
     }
-    let serial = 5000.0 / t.elapsed().as_secs_f64();
+    let serial = serial_n as f64 / t.elapsed().as_secs_f64();
     lat.sort_by(|a, b| a.total_cmp(b));
     (pipelined, serial, percentile(&lat, 0.99))
+}
+
+/// Raw pipelined JetStream publish of observation-sized messages into a
+/// plain file stream (what ingest's `SENSORS` publish is, without
+/// presenced).
+async fn raw_js(js: &jetstream::Context, n: u64) -> f64 {
+    js.create_stream(stream::Config {
+        name: "BENCHJS".into(),
+        subjects: vec!["benchjs.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("bench stream");
+    let msgs: Vec<_> = (0..n)
+        .map(|i| {
+            (
+                format!("benchjs.s{:05}", i % 1000),
+                jetstream::message::PublishMessage::build().payload(
+                    format!(
+                        r#"{{"v":1,"sensor":"s{:05}","value":true,"observed_at":1700000000000,"id":"mqtt:{i}","source":"main"}}"#,
+                        i % 1000
+                    )
+                    .into(),
+                ),
+            )
+        })
+        .collect();
+    let t = Instant::now();
+    let results = publish_all(js, msgs).await;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    assert!(results.iter().all(|r| r.is_ok()));
+    rate
+}
+
+/// Mosquitto's QoS 1 delivery rate to one subscriber that acknowledges on
+/// receipt: `n` messages from the same kind of publisher as the workloads,
+/// from the first publish until the subscriber has the last. Returns
+/// (delivery rate, publisher-side rate).
+async fn raw_broker(port: u16, n: u64) -> (f64, f64) {
+    let mut opts = MqttOptions::new("bench-ceiling-sub", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_clean_session(true);
+    opts.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+    client
+        .subscribe("ceiling/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::SubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("ceiling subscriber: {e}"),
+        }
+    }
+    let got = Arc::new(AtomicU64::new(0));
+    let got2 = got.clone();
+    let sub = tokio::spawn(async move {
+        while got2.load(Ordering::Relaxed) < n {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(_))) => {
+                    got2.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => panic!("ceiling subscriber: {e}"),
+            }
+        }
+        // Keeps the connection (and its acknowledgements) going.
+        eventloop
+    });
+    let mut p = Publisher::connect(port, "bench-ceiling-pub").await;
+    let t = Instant::now();
+    for i in 0..n {
+        p.publish(
+            &format!("ceiling/s{:05}", i % 1000),
+            format!(
+                r#"{{"occupancy":{},"ts":{}}}"#,
+                i % 2 == 0,
+                1_700_000_000_000u64 + i
+            ),
+        )
+        .await;
+    }
+    p.flush(Duration::from_secs(300)).await;
+    let publish = n as f64 / t.elapsed().as_secs_f64();
+    let eventloop = tokio::time::timeout(Duration::from_secs(300), sub)
+        .await
+        .expect("subscriber got every message")
+        .expect("subscriber task");
+    let delivery = n as f64 / t.elapsed().as_secs_f64();
+    drop(eventloop);
+    let _ = client.disconnect().await;
+    (delivery, publish)
 }
 
 /// One open status page: `/` once, then `/events` read until the daemon
 /// closes it, counting the bytes (a thread, like a browser's own
 /// process: it does not compete with the benchmark's runtime).
-fn open_page(http: SocketAddr, bytes: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+fn open_page(http: SocketAddr, bytes: Arc<AtomicU64>) {
     use std::io::{Read, Write};
     let _ = support::http_get(http, "/");
     std::thread::spawn(move || {
@@ -116,178 +435,309 @@ fn open_page(http: SocketAddr, bytes: std::sync::Arc<std::sync::atomic::AtomicU6
             if n == 0 {
                 break;
             }
-            bytes.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            bytes.fetch_add(n as u64, Ordering::Relaxed);
         }
     });
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let zones = 1000;
+    let readings = env("PRESENCED_BENCH_READINGS", 200_000);
+    let zones = env("PRESENCED_BENCH_ZONES", 1000).max(100) as usize;
+    let flip_n = env("PRESENCED_BENCH_FLIP_READINGS", 20_000);
+    let house_n = env("PRESENCED_BENCH_HOUSE_READINGS", 60_000);
+    let ceiling_n = env("PRESENCED_BENCH_CEILING", 100_000);
+    let pages = env("PRESENCED_BENCH_PAGES", 10) as usize;
+    let latency_n = env("PRESENCED_BENCH_LATENCY", 10_000) as i64;
+    let rehyd_zones = env("PRESENCED_BENCH_REHYD_ZONES", 10_000) as usize;
+    let runs = std::env::var("PRESENCED_BENCH_RUNS")
+        .unwrap_or_else(|_| "spread,flip,house,latency,pages,drain,rehyd".into());
+    let on = |run: &str| runs.split(',').any(|r| r.trim() == run);
+
     let nats = NatsServer::start(NatsOptions::default());
     let mqtt = Mosquitto::start();
     let js = jetstream(&nats.url()).await;
 
     println!("presenced end-to-end benchmark (nats-server and Mosquitto on this host)\n");
-    let (raw_pipelined, raw_serial, raw_p99) = raw_kv(&js).await;
+    println!("--    ceilings, same servers, same run");
+    let (broker, broker_publish) = raw_broker(mqtt.port, ceiling_n).await;
+    println!(
+        "raw   Mosquitto QoS 1 delivery to one subscriber: {broker:>9.0} /s   (publisher side {broker_publish:.0} /s; {ceiling_n} messages)"
+    );
+    let (raw_pipelined, raw_serial, raw_p99) = raw_kv(&js, ceiling_n).await;
     println!(
         "raw   KV put, pipelined (window {}):  {raw_pipelined:>9.0} /s",
         presenced::store::publish::WINDOW
     );
     println!("raw   KV put, one at a time:          {raw_serial:>9.0} /s   p99 {raw_p99:.2} ms");
+    let raw_publish = raw_js(&js, ceiling_n).await;
+    println!("raw   JetStream publish, pipelined:   {raw_publish:>9.0} /s");
+    let ceil = Ceilings {
+        broker,
+        broker_publish,
+        kv: raw_pipelined,
+        js: raw_publish,
+    };
 
     let http_port = support::free_port();
     let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+    let all_zones = format!("{}{}{}", spread_toml(zones), flip_toml(), house_toml());
     let cfg = daemon_config(
         "bench",
         &nats.url(),
         mqtt.port,
         http_port,
-        &motion_mapping(true),
-        &zones_toml(zones),
+        &mappings(),
+        &all_zones,
     );
+    // Readings carry their own timestamps, run after run ahead of the
+    // clock (the house's simulated minutes pass in seconds): allowed an
+    // hour's lead instead of the default five minutes.
+    let cfg = cfg.replace("[ingest]\n", "[ingest]\nmax_clock_skew = \"1h\"\n");
     let cfg_dir = tempfile::tempdir().unwrap();
     let cfg_path = cfg_dir.path().join("presenced.toml");
     std::fs::write(&cfg_path, &cfg).unwrap();
     provision(&cfg_path);
-    let daemon = Daemon::start(&cfg, &[("RUST_LOG", "warn")]);
+    let mut daemon = Daemon::start(&cfg, &[("RUST_LOG", "warn")]);
     daemon.wait_healthy(http, Duration::from_secs(30));
     let pid = daemon.pid();
-    // Status pages open during the whole run (PRESENCED_BENCH_PAGES=10):
-    // each loads `/` and then reads `/events` as a browser would.
-    let pages: usize = std::env::var("PRESENCED_BENCH_PAGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let page_bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    for _ in 0..pages {
-        open_page(http, page_bytes.clone());
-    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (_, cpu0) = proc_usage(pid);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (rss_idle, cpu1) = proc_usage(pid);
     let idle_cpu = (cpu1 - cpu0) / 5.0 * 100.0;
+    println!(
+        "\nthe daemon: {} zones ({zones} spread, {FLIP_ZONES} flip, {HOUSE_ZONES} house)",
+        zones + FLIP_ZONES + HOUSE_ZONES
+    );
 
-    // (b) saturation: as fast as the broker takes QoS 1 messages.
-    let n: i64 = 200_000;
-    let base = now_ms() + 3_600_000;
     let mut p = Publisher::connect(mqtt.port, "bench-pub").await;
-    // A site has tens of zones; 1,000 is the stress case where a batch
-    // touches most zones and KV writes barely coalesce.
+    // Each run's readings are stamped after the last run's, so no zone's
+    // clock runs backwards between runs.
+    let mut base = now_ms();
     let mut rss_load = 0;
     let mut load_line = String::new();
-    for (phase, spread) in [(0i64, 100usize), (1, zones)] {
-        let sat = saturate(
-            &js,
-            &mut p,
-            pid,
-            [nats.pid(), mqtt.pid()],
-            spread,
-            n,
-            base + phase * n,
-        )
-        .await;
-        rss_load = rss_load.max(sat.rss_max);
-        println!("--    readings spread over {spread} zones");
+    let run = |name: String, sat: Saturation, rss_load: &mut u64, load_line: &mut String| {
+        *rss_load = (*rss_load).max(sat.rss_max);
+        println!("--    {name}");
         println!(
             "mqtt  QoS 1 publish into Mosquitto:   {:>9.0} /s   (publisher side, same run)",
             sat.mqtt_rate
         );
         println!(
             "ingest MQTT in → stored in SENSORS:   {:>9.0} /s   (all stored after {:.1} s, all applied after {:.1} s)",
-            n as f64 / sat.stored_at, sat.stored_at, sat.elapsed
+            sat.n as f64 / sat.stored_at,
+            sat.stored_at,
+            sat.elapsed
         );
         println!(
-            "e2e   MQTT in → presence KV written:   {:>9.0} /s   = {:.0}% of raw pipelined KV put  ({n} readings)",
+            "e2e   MQTT in → presence KV written:   {:>9.0} /s   {}  ({} readings, {} transitions)",
             sat.e2e,
-            sat.e2e / raw_pipelined * 100.0
+            ceil.ratios(sat.e2e),
+            sat.n,
+            sat.transitions
         );
-        load_line = format!(
-            "under saturation {:.0}% (of one core); nats-server {:.0}%, mosquitto {:.0}% in the same window",
+        *load_line = format!(
+            "under saturation ({name}) {:.0}% (of one core); nats-server {:.0}%, mosquitto {:.0}% in the same window",
             sat.cpu[0], sat.cpu[1], sat.cpu[2]
         );
-    }
-    let base = base + 2 * n;
+        sat.e2e
+    };
+    let others = [nats.pid(), mqtt.pid()];
 
-    // (c) latency at a moderate fixed rate: 1,000/s over 100 zones.
-    let kvp = js.get_key_value("presence").await.unwrap();
-    let mut watch = kvp.watch_all().await.unwrap();
-    let sent: std::sync::Arc<std::sync::Mutex<HashMap<(String, i64), Instant>>> =
-        Default::default();
-    let sent2 = sent.clone();
-    let rate_n = 10_000i64;
-    let base2 = base + 1000;
-    let pubber = tokio::spawn(async move {
-        let mut p = Publisher::connect(mqtt.port, "bench-lat").await;
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        for i in 0..rate_n {
-            tick.tick().await;
-            let z = (i % 100) as usize;
-            let ts = base2 + i;
-            sent2
-                .lock()
-                .unwrap()
-                .insert((format!("z{z:05}"), ts), Instant::now());
-            p.publish(
-                &format!("test/s{z:05}"),
-                format!(r#"{{"occupancy":{},"ts":{ts}}}"#, i % 7 < 3),
-            )
-            .await;
-        }
-        p.flush(Duration::from_secs(30)).await;
-        mqtt
-    });
-    let mut lat = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while Instant::now() < deadline && (lat.len() as i64) < rate_n {
-        let Ok(Some(Ok(entry))) = tokio::time::timeout(Duration::from_secs(3), watch.next()).await
-        else {
-            break;
-        };
-        let seen = Instant::now();
-        let Ok(z) = serde_json::from_slice::<ZoneState>(&entry.value) else {
-            continue;
-        };
-        let Some(at) = z.evidence.first().and_then(|e| e.observed_at) else {
-            continue;
-        };
-        if let Some(s) = sent.lock().unwrap().get(&(entry.key.clone(), at.0)) {
-            lat.push(seen.duration_since(*s).as_secs_f64() * 1000.0);
-        }
-    }
-    let _mqtt = pubber.await.unwrap();
-    lat.sort_by(|a, b| a.total_cmp(b));
-    println!(
-        "lat   MQTT publish → KV update @1k/s:  p50 {:.2} ms  p99 {:.2} ms  ({} samples; raw KV put p99 {raw_p99:.2} ms)",
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-        lat.len()
-    );
-    println!("cpu   daemon idle {idle_cpu:.1}%  {load_line}");
-    if pages > 0 {
-        println!(
-            "page  {pages} status pages open throughout: {:.1} MB of events received",
-            page_bytes.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+    // Spread over 100 zones: few readings cause a transition.
+    if on("spread") {
+        let w = spread_workload(100, readings, base);
+        base += readings as i64;
+        let sat = saturate(&js, &mut p, pid, others, &w).await;
+        run(
+            "readings spread over 100 zones".into(),
+            sat,
+            &mut rss_load,
+            &mut load_line,
         );
     }
-    println!(
-        "rss   daemon idle {:.1} MB  under saturation {:.1} MB  ({zones} zones)",
-        rss_idle as f64 / 1024.0,
-        rss_load as f64 / 1024.0
-    );
-    drop(daemon);
 
-    // (e) rehydration of 10,000 zones, and memory with them.
+    // Flip: every zone moves every few readings.
+    if on("flip") {
+        let w = flip_workload(flip_n);
+        let sat = saturate(&js, &mut p, pid, others, &w).await;
+        run(
+            format!("flip: {FLIP_ZONES} zones x 3 sensors, bare ON/OFF, every zone turning"),
+            sat,
+            &mut rss_load,
+            &mut load_line,
+        );
+    }
+
+    // A house in Zigbee2MQTT's JSON, with bursts.
+    if on("house") {
+        let w = house_workload(house_n, base);
+        base += house_span(house_n);
+        let sat = saturate(&js, &mut p, pid, others, &w).await;
+        run(
+            format!("house: {HOUSE_ZONES} rooms, motion/door/light, ~3 readings per room per simulated second, bursts"),
+            sat,
+            &mut rss_load,
+            &mut load_line,
+        );
+    }
+
+    // Latency at a moderate fixed rate: 1,000/s over 100 zones.
+    if on("latency") {
+        let lat = latency(&js, mqtt.port, latency_n, base).await;
+        base += latency_n + 1000;
+        println!(
+            "lat   MQTT publish → KV update @1k/s:  p50 {:.2} ms  p99 {:.2} ms  ({} samples; raw KV put p99 {raw_p99:.2} ms)",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            lat.len()
+        );
+    }
+
+    // Spread over every spread zone without, then with, status pages open.
+    if on("pages") {
+        // A first run warms the daemon up on these zones (its heap grew by
+        // about 5 MB from one run to the next otherwise), then the two
+        // runs compared.
+        let w = spread_workload(zones, readings, base);
+        base += readings as i64;
+        let sat = saturate(&js, &mut p, pid, others, &w).await;
+        run(
+            format!("readings spread over {zones} zones, warm-up"),
+            sat,
+            &mut rss_load,
+            &mut load_line,
+        );
+        let w = spread_workload(zones, readings, base);
+        base += readings as i64;
+        let rss_before = proc_usage(pid).0;
+        let sat = saturate(&js, &mut p, pid, others, &w).await;
+        let rss_no_pages = sat.rss_max;
+        let no_pages = run(
+            format!("readings spread over {zones} zones, no status page open"),
+            sat,
+            &mut rss_load,
+            &mut load_line,
+        );
+        // With PRESENCED_BENCH_PAGES=0 the second run has no page either:
+        // the difference between two runs in a row without pages, the
+        // noise floor of the comparison.
+        {
+            let page_bytes = Arc::new(AtomicU64::new(0));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let rss_pages_before = proc_usage(pid).0;
+            for _ in 0..pages {
+                open_page(http, page_bytes.clone());
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let rss_pages_open = proc_usage(pid).0;
+            let w = spread_workload(zones, readings, base);
+            base += readings as i64;
+            let sat = saturate(&js, &mut p, pid, others, &w).await;
+            let rss_with_pages = sat.rss_max;
+            let with_pages = run(
+                format!("readings spread over {zones} zones, {pages} status pages open on /events"),
+                sat,
+                &mut rss_load,
+                &mut load_line,
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let rss_pages_after = proc_usage(pid).0;
+            println!(
+                "page  {pages} pages: e2e {with_pages:.0} /s against {no_pages:.0} /s without = {:.1}% ({:+.1}%); {:.1} MB of events received",
+                with_pages / no_pages * 100.0,
+                (with_pages / no_pages - 1.0) * 100.0,
+                page_bytes.load(Ordering::Relaxed) as f64 / 1e6
+            );
+            println!(
+                "page  RSS: before the runs {:.1} MB; peak without pages {:.1} MB, with pages {:.1} MB (growth {:+.1} MB); idle before opening {:.1} MB, opened {:.1} MB, after the run {:.1} MB (growth {:+.1} MB)",
+                rss_before as f64 / 1024.0,
+                rss_no_pages as f64 / 1024.0,
+                rss_with_pages as f64 / 1024.0,
+                (rss_with_pages as f64 - rss_no_pages as f64) / 1024.0,
+                rss_pages_before as f64 / 1024.0,
+                rss_pages_open as f64 / 1024.0,
+                rss_pages_after as f64 / 1024.0,
+                (rss_pages_after as f64 - rss_pages_before as f64) / 1024.0,
+            );
+        }
+    }
+    println!("cpu   daemon idle {idle_cpu:.1}%  {load_line}");
+    println!(
+        "rss   daemon idle {:.1} MB  under saturation {:.1} MB  ({} zones)",
+        rss_idle as f64 / 1024.0,
+        rss_load as f64 / 1024.0,
+        zones + FLIP_ZONES + HOUSE_ZONES
+    );
+    drop(p);
+
+    // The engine draining a stored backlog, no publisher: the daemon is
+    // stopped, the readings are stored in SENSORS as ingest stores them,
+    // and the daemon is started again.
+    if on("drain") {
+        drain_runs(&js, &mut daemon, &ceil, base, flip_n, readings, zones).await;
+    }
+    drop(daemon);
+    let _ = ceil.broker_publish;
+
+    if on("rehyd") {
+        rehydration(&nats.url(), rehyd_zones).await;
+    }
+}
+
+async fn drain_runs(
+    js: &jetstream::Context,
+    daemon: &mut Daemon,
+    ceil: &Ceilings,
+    base: i64,
+    flip_n: u64,
+    readings: u64,
+    zones: usize,
+) {
+    let site = Site::new("bench").expect("site");
+    let mut at = base;
+    let flip_obs: Vec<(String, Reading)> = flip_readings(flip_n)
+        .into_iter()
+        .map(|(s, on)| (s, Reading::Bool(on)))
+        .collect();
+    let d = drain(js, &site, daemon, &flip_obs, &mut at).await;
+    println!("--    backlog drained by the engine (no publisher)");
+    println!(
+        "drain flip ({flip_n} readings, {} transitions):     {:>9.0} /s   = {:.1}% of raw KV put, {:.1}% of raw JS publish",
+        d.1,
+        d.0,
+        d.0 / ceil.kv * 100.0,
+        d.0 / ceil.js * 100.0
+    );
+    let spread_obs: Vec<(String, Reading)> = (0..readings)
+        .map(|i| {
+            let z = i as usize % zones;
+            let on = (i / zones as u64) % 2 == 0;
+            (format!("s{z:05}"), Reading::Bool(on))
+        })
+        .collect();
+    let d = drain(js, &site, daemon, &spread_obs, &mut at).await;
+    println!(
+        "drain spread over {zones} zones ({readings} readings, {} transitions): {:>9.0} /s   = {:.1}% of raw KV put, {:.1}% of raw JS publish",
+        d.1,
+        d.0,
+        d.0 / ceil.kv * 100.0,
+        d.0 / ceil.js * 100.0
+    );
+}
+
+/// Rehydration of many zones, and memory with them.
+async fn rehydration(nats_url: &str, rehyd_zones: usize) {
     let http_port = support::free_port();
     let http = SocketAddr::from(([127, 0, 0, 1], http_port));
     let cfg = daemon_config(
         "bench",
-        &nats.url(),
+        nats_url,
         1,
         http_port,
         &motion_mapping(true),
-        &zones_toml(10_000),
+        &spread_toml(rehyd_zones),
     );
     let mut d = Daemon::start(&cfg, &[("RUST_LOG", "info")]);
     d.wait_healthy(http, Duration::from_secs(60));
@@ -306,55 +756,100 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(f64::NAN);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss10k, _) = proc_usage(d.pid());
-    println!("rehyd 10,000 zones from KV:           {ms:>9.0} ms");
+    let (rss_many, _) = proc_usage(d.pid());
+    println!("rehyd {rehyd_zones} zones from KV:            {ms:>9.0} ms");
     println!(
-        "rss   daemon idle with 10,000 zones:  {:>9.1} MB",
-        rss10k as f64 / 1024.0
+        "rss   daemon idle with {rehyd_zones} zones:   {:>9.1} MB",
+        rss_many as f64 / 1024.0
     );
 }
 
+/// Publishes at a fixed 1,000 readings/s over 100 zones and returns the
+/// sorted latencies (ms) from publish to the KV update seen by a watcher.
+async fn latency(js: &jetstream::Context, port: u16, n: i64, base: i64) -> Vec<f64> {
+    let kvp = js.get_key_value("presence").await.unwrap();
+    let mut watch = kvp.watch_all().await.unwrap();
+    let sent: Arc<std::sync::Mutex<HashMap<(String, i64), Instant>>> = Default::default();
+    let sent2 = sent.clone();
+    let pubber = tokio::spawn(async move {
+        let mut p = Publisher::connect(port, "bench-lat").await;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        for i in 0..n {
+            tick.tick().await;
+            let z = (i % 100) as usize;
+            let ts = base + i;
+            sent2
+                .lock()
+                .unwrap()
+                .insert((format!("z{z:05}"), ts), Instant::now());
+            p.publish(
+                &format!("test/s{z:05}"),
+                format!(r#"{{"occupancy":{},"ts":{ts}}}"#, i % 7 < 3),
+            )
+            .await;
+        }
+        p.flush(Duration::from_secs(30)).await;
+    });
+    let mut lat = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(40 + n as u64 / 1000);
+    while Instant::now() < deadline && (lat.len() as i64) < n {
+        let Ok(Some(Ok(entry))) = tokio::time::timeout(Duration::from_secs(3), watch.next()).await
+        else {
+            break;
+        };
+        let seen = Instant::now();
+        let Ok(z) = serde_json::from_slice::<ZoneState>(&entry.value) else {
+            continue;
+        };
+        let Some(at) = z.evidence.first().and_then(|e| e.observed_at) else {
+            continue;
+        };
+        if let Some(s) = sent.lock().unwrap().get(&(entry.key.clone(), at.0)) {
+            lat.push(seen.duration_since(*s).as_secs_f64() * 1000.0);
+        }
+    }
+    pubber.await.unwrap();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    lat
+}
+
 struct Saturation {
+    n: u64,
     mqtt_rate: f64,
     stored_at: f64,
     elapsed: f64,
     e2e: f64,
+    /// Transitions the run caused (messages added to EVENTS).
+    transitions: u64,
     /// CPU % of one core: daemon, then the other processes given.
     cpu: [f64; 3],
     rss_max: u64,
 }
 
-/// Publishes `n` readings as fast as the broker takes them, round-robin
-/// over `spread` sensors (one zone each), and waits until the engine has
-/// applied and acknowledged them all.
+/// Publishes `msgs` as fast as the broker takes them and waits until the
+/// engine has applied and acknowledged them all.
 async fn saturate(
     js: &jetstream::Context,
     p: &mut Publisher,
     pid: u32,
     others: [u32; 2],
-    spread: usize,
-    n: i64,
-    base: i64,
+    msgs: &[Msg],
 ) -> Saturation {
+    let n = msgs.len() as u64;
     let sensors0 = stream_messages(js, "SENSORS").await;
+    let events0 = stream_messages(js, "EVENTS").await;
     let cpu_a = [
         proc_usage(pid).1,
         proc_usage(others[0]).1,
         proc_usage(others[1]).1,
     ];
     let t = Instant::now();
-    for i in 0..n {
-        let z = i as usize % spread;
-        let on = (i / spread as i64) % 2 == 0;
-        p.publish(
-            &format!("test/s{z:05}"),
-            format!(r#"{{"occupancy":{on},"ts":{}}}"#, base + i),
-        )
-        .await;
+    for (topic, payload) in msgs {
+        p.publish(topic, payload.clone()).await;
     }
     p.flush(Duration::from_secs(300)).await;
     let mqtt_rate = n as f64 / t.elapsed().as_secs_f64();
-    let total = sensors0 + n as u64;
+    let total = sensors0 + n;
     let mut stored_at = None;
     let mut rss_max = 0;
     loop {
@@ -382,11 +877,88 @@ async fn saturate(
         cpu[i] = (cpu_b[i] - cpu_a[i]) / elapsed * 100.0;
     }
     Saturation {
+        n,
         mqtt_rate,
         stored_at: stored_at.unwrap_or(elapsed),
         elapsed,
         e2e: n as f64 / elapsed,
+        transitions: stream_messages(js, "EVENTS").await - events0,
         cpu,
         rss_max,
     }
+}
+
+/// Stops the daemon, stores `readings` in SENSORS as ingest would (one
+/// observation each, stamped a millisecond apart from `*at`), starts the
+/// daemon again and measures the engine from its first acknowledgement
+/// of the backlog to its last. Returns (readings/s, transitions).
+async fn drain(
+    js: &jetstream::Context,
+    site: &Site,
+    daemon: &mut Daemon,
+    readings: &[(String, Reading)],
+    at: &mut i64,
+) -> (f64, u64) {
+    daemon.kill9();
+    let floor0 = engine_floor(js).await;
+    let events0 = stream_messages(js, "EVENTS").await;
+    let msgs: Vec<_> = readings
+        .iter()
+        .map(|(sensor, value)| {
+            *at += 1;
+            let obs = Observation {
+                v: OBSERVATION_SCHEMA,
+                sensor: sensor.clone(),
+                value: *value,
+                observed_at: Timestamp(*at),
+                id: format!("drain-{}", *at),
+                source: "bench".into(),
+                delivery: None,
+            };
+            (
+                site.sensors_subject(sensor),
+                jetstream::message::PublishMessage::build()
+                    .payload(serde_json::to_vec(&obs).expect("observation JSON").into()),
+            )
+        })
+        .collect();
+    for r in publish_all(js, msgs).await {
+        r.expect("stored in SENSORS");
+    }
+    let total = stream_messages(js, "SENSORS").await;
+    daemon.restart();
+    let wait = Instant::now();
+    // The first acknowledgement past the backlog's start: from here the
+    // engine is running (rehydration and start-up are not counted).
+    let (t0, floor1) = loop {
+        let f = engine_floor(js).await;
+        if f > floor0 {
+            break (Instant::now(), f);
+        }
+        assert!(
+            wait.elapsed() < Duration::from_secs(120),
+            "engine did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    while !engine_caught_up(js, total).await {
+        assert!(
+            wait.elapsed() < Duration::from_secs(600),
+            "engine did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = (total - floor1) as f64 / t0.elapsed().as_secs_f64();
+    (rate, stream_messages(js, "EVENTS").await - events0)
+}
+
+/// Stream sequence of the engine consumer's ack floor.
+async fn engine_floor(js: &jetstream::Context) -> u64 {
+    let Ok(stream) = js.get_stream("SENSORS").await else {
+        return 0;
+    };
+    let Ok(mut c) = stream.get_consumer::<pull::Config>("engine").await else {
+        return 0;
+    };
+    c.info().await.map_or(0, |i| i.ack_floor.stream_sequence)
 }

@@ -6,7 +6,10 @@
 //! `cargo bench --bench replay`; the size comes from the environment so a
 //! small run checks the bench itself: `PRESENCED_BENCH_REPLAY_READINGS`
 //! (default 5,000,000) and `PRESENCED_BENCH_REPLAY_ZONES` (default 30).
-//! See docs/PERFORMANCE.md.
+//! `PRESENCED_BENCH_REPLAY_SERVER=0` stops after the pure engine (no
+//! nats-server: what a profiler of the engine alone wants). The week is
+//! stored pipelined (JSON encoded beside the publishing) and the time it
+//! took is printed. See docs/PERFORMANCE.md.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -82,6 +85,48 @@ fn week(zones: u64, n: u64, start: Timestamp) -> Vec<Record> {
         .collect()
 }
 
+/// Stores `records` in `SENSORS` as ingest does (one observation each), in
+/// order on one connection: JSON is encoded by a task of its own while
+/// the previous chunk is published with the daemon's windowed publisher,
+/// so storing runs at the server's pipelined rate. (Four connections,
+/// each zone on one of them, were slower on two cores.)
+async fn store(js: &jetstream::Context, site: &Site, records: Vec<Record>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+    let site = site.clone();
+    let encoder = tokio::task::spawn_blocking(move || {
+        for chunk in records.chunks(20_000) {
+            let msgs: Vec<_> = chunk
+                .iter()
+                .map(|r| {
+                    let obs = Observation {
+                        v: OBSERVATION_SCHEMA,
+                        sensor: r.sensor.clone(),
+                        value: r.value,
+                        observed_at: r.at,
+                        id: format!("b{}", r.seq),
+                        source: "bench".into(),
+                        delivery: None,
+                    };
+                    (
+                        site.sensors_subject(&r.sensor),
+                        jetstream::message::PublishMessage::build()
+                            .payload(serde_json::to_vec(&obs).expect("JSON").into()),
+                    )
+                })
+                .collect();
+            if tx.blocking_send(msgs).is_err() {
+                return;
+            }
+        }
+    });
+    while let Some(msgs) = rx.recv().await {
+        for ack in presenced::store::publish::publish_all(js, msgs).await {
+            ack.expect("stored");
+        }
+    }
+    encoder.await.expect("encoder");
+}
+
 fn rate(n: u64, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -113,6 +158,11 @@ async fn main() {
         pure.as_secs_f64()
     );
 
+    if env("PRESENCED_BENCH_REPLAY_SERVER", 1) == 0 {
+        // The pure engine alone (for a profiler): no server, no store.
+        return;
+    }
+
     // Store the week in a real SENSORS.
     let server = NatsServer::start(NatsOptions::default());
     let client = async_nats::connect(server.url()).await.expect("connect");
@@ -122,33 +172,12 @@ async fn main() {
         .expect("provision");
     let js = jetstream::new(client.clone());
     let t = Instant::now();
-    for chunk in records.chunks(50_000) {
-        let msgs = chunk
-            .iter()
-            .map(|r| {
-                let obs = Observation {
-                    v: OBSERVATION_SCHEMA,
-                    sensor: r.sensor.clone(),
-                    value: r.value,
-                    observed_at: r.at,
-                    id: format!("b{}", r.seq),
-                    source: "bench".into(),
-                    delivery: None,
-                };
-                (
-                    site.sensors_subject(&r.sensor),
-                    jetstream::message::PublishMessage::build()
-                        .payload(serde_json::to_vec(&obs).unwrap().into()),
-                )
-            })
-            .collect();
-        for ack in presenced::store::publish::publish_all(&js, msgs).await {
-            ack.expect("stored");
-        }
-    }
+    store(&js, &site, records).await;
+    let stored = t.elapsed();
     println!(
-        "stored in SENSORS:                 {:>10.0} readings/s (setup, not a result)",
-        rate(n, t.elapsed())
+        "stored in SENSORS:                 {:>10.0} readings/s ({:.1}s; setup, not a result)",
+        rate(n, stored),
+        stored.as_secs_f64()
     );
 
     // Raw: an ordered consumer over SENSORS, counting messages.

@@ -6,11 +6,39 @@ use sha2::{Digest, Sha256};
 
 /// A sensor's value: motion, contact and presence flags are booleans;
 /// illuminance, distance and energy are numbers.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Reading {
     Bool(bool),
     Number(f64),
+}
+
+/// Accepts exactly what `#[serde(untagged)]` on the two variants accepted
+/// (a boolean, or any JSON number as `f64`), without buffering the value
+/// first: replay and the engine decode millions of these (docs/PERFORMANCE.md).
+impl<'de> Deserialize<'de> for Reading {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Reading;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a boolean or a number")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Reading, E> {
+                Ok(Reading::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Reading, E> {
+                Ok(Reading::Number(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Reading, E> {
+                Ok(Reading::Number(v as f64))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Reading, E> {
+                Ok(Reading::Number(v))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// Schema version of [`Observation`] payloads in `SENSORS`.

@@ -72,11 +72,23 @@ impl Serialize for Timestamp {
 
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        if let Some(ms) = s.strip_suffix("ms") {
-            return ms.parse().map(Timestamp).map_err(serde::de::Error::custom);
+        // A visitor rather than `String::deserialize`: the text is parsed
+        // where it lies, with no allocation per value (replay and the
+        // engine decode millions; docs/PERFORMANCE.md).
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Timestamp;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Timestamp, E> {
+                if let Some(ms) = s.strip_suffix("ms") {
+                    return ms.parse().map(Timestamp).map_err(E::custom);
+                }
+                Timestamp::parse_rfc3339(s).map_err(E::custom)
+            }
         }
-        Timestamp::parse_rfc3339(&s).map_err(serde::de::Error::custom)
+        d.deserialize_str(Visitor)
     }
 }
 

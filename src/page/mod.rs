@@ -47,13 +47,31 @@ const FIRST_LOAD_WAIT: Duration = Duration::from_secs(2);
 /// Longest wait for the engine's reply to a command from the form.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Shortest time between two cards of one zone sent to the open pages. A
+/// zone's first change after a quiet spell goes out at once; changes
+/// within this interval wait and only the newest is sent (the page shows
+/// the newest state either way). Without it every KV write was rendered,
+/// encoded and sent to every page: ten pages on 1,000 busy zones cost a
+/// quarter of the daemon's rate (docs/PERFORMANCE.md).
+const CARD_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often waiting cards are looked at.
+const CARD_TICK: Duration = Duration::from_millis(100);
+
+/// When each zone's card last went out, and the zones with a newer state
+/// waiting for [`CARD_INTERVAL`] to pass.
+#[derive(Default)]
+struct Cards {
+    last: std::collections::HashMap<String, std::time::Instant>,
+    waiting: std::collections::BTreeSet<String>,
+}
+
 /// One change pushed to every open page.
 #[derive(Clone, Debug)]
 enum Update {
+    /// `data`: the event's JSON, encoded once for every page.
     Zone {
-        key: String,
-        revision: u64,
-        html: Arc<str>,
+        data: Arc<str>,
     },
     Gone {
         key: String,
@@ -121,6 +139,7 @@ pub struct Page {
     reject_samples: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
     /// The last hour of each zone ([`timeline`]).
     timelines: RwLock<std::collections::HashMap<String, timeline::History>>,
+    cards: std::sync::Mutex<Cards>,
 }
 
 impl Page {
@@ -145,6 +164,7 @@ impl Page {
             wanted: tokio::sync::Notify::new(),
             loaded: watch::Sender::new(false),
             timelines: RwLock::new(Default::default()),
+            cards: Default::default(),
             reject_samples: Default::default(),
             live: Default::default(),
             site,
@@ -355,8 +375,18 @@ impl Page {
                 std::future::pending::<()>().await;
             }
         };
+        let page = self.clone();
+        let cards = async move {
+            let mut every = tokio::time::interval(CARD_TICK);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                page.flush_cards();
+            }
+        };
         tokio::select! {
             _ = health => {}
+            _ = cards => {}
             _ = table => {}
             _ = stop.wait_for(|s| *s) => {}
         }
@@ -479,11 +509,8 @@ impl Page {
                             let e = Entry { revision, state };
                             // Rendered only for open pages: with none, a
                             // burst costs the JSON parse alone.
-                            let update = (self.tx.receiver_count() > 0).then(|| Update::Zone {
-                                key: key.clone(),
-                                revision,
-                                html: Arc::from(self.card(&key, &e, Timestamp::now())),
-                            });
+                            let update = (self.tx.receiver_count() > 0 && self.card_due(&key))
+                                .then(|| self.zone_update(&key, &e, Timestamp::now()));
                             zones.insert(key, e);
                             update
                         }
@@ -500,6 +527,79 @@ impl Page {
             }
         };
         if let Some(u) = update {
+            let _ = self.tx.send(u);
+        }
+    }
+
+    /// A zone's card as an update for the open pages.
+    fn zone_update(&self, key: &str, e: &Entry, now: Timestamp) -> Update {
+        let data = serde_json::json!({
+            "id": render::card_id(key),
+            "key": key,
+            "list": Self::list_of(key),
+            "rev": e.revision,
+            "html": self.card(key, e, now),
+        })
+        .to_string();
+        Update::Zone {
+            data: Arc::from(data),
+        }
+    }
+
+    /// Whether `key`'s card may go out now; if not, it is marked waiting
+    /// and [`Page::flush_cards`] sends its newest state later.
+    fn card_due(&self, key: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut cards = self.cards.lock().unwrap_or_else(|p| p.into_inner());
+        match cards.last.get(key) {
+            Some(t) if now.duration_since(*t) < CARD_INTERVAL => {
+                cards.waiting.insert(key.to_owned());
+                false
+            }
+            _ => {
+                cards.last.insert(key.to_owned(), now);
+                cards.waiting.remove(key);
+                true
+            }
+        }
+    }
+
+    /// Sends the waiting cards whose interval has passed, each with the
+    /// zone's newest state.
+    fn flush_cards(&self) {
+        let now = std::time::Instant::now();
+        let due: Vec<String> = {
+            let mut cards = self.cards.lock().unwrap_or_else(|p| p.into_inner());
+            if self.tx.receiver_count() == 0 {
+                cards.waiting.clear();
+                return;
+            }
+            let Cards { last, waiting } = &mut *cards;
+            let due: Vec<String> = waiting
+                .iter()
+                .filter(|k| {
+                    last.get(*k)
+                        .is_none_or(|t| now.duration_since(*t) >= CARD_INTERVAL)
+                })
+                .cloned()
+                .collect();
+            for k in &due {
+                waiting.remove(k);
+                last.insert(k.clone(), now);
+            }
+            due
+        };
+        if due.is_empty() {
+            return;
+        }
+        let at = Timestamp::now();
+        let updates: Vec<Update> = {
+            let zones = self.zones.read().unwrap_or_else(|p| p.into_inner());
+            due.iter()
+                .filter_map(|k| zones.get(k).map(|e| self.zone_update(k, e, at)))
+                .collect()
+        };
+        for u in updates {
             let _ = self.tx.send(u);
         }
     }
@@ -521,20 +621,7 @@ impl Page {
 
     fn event_of(&self, u: &Update) -> Event {
         match u {
-            Update::Zone {
-                key,
-                revision,
-                html,
-            } => Event::default().event("zone").data(
-                serde_json::json!({
-                    "id": render::card_id(key),
-                    "key": key,
-                    "list": Self::list_of(key),
-                    "rev": revision,
-                    "html": &**html,
-                })
-                .to_string(),
-            ),
+            Update::Zone { data } => Event::default().event("zone").data(&**data),
             Update::Gone { key, revision } => Event::default().event("gone").data(
                 serde_json::json!({ "id": render::card_id(key), "rev": revision }).to_string(),
             ),
@@ -552,11 +639,7 @@ impl Page {
         let mut out = vec![self.link_event()];
         let zones = self.zones.read().unwrap_or_else(|p| p.into_inner());
         for (key, e) in zones.iter().filter(|(_, e)| e.revision > after) {
-            out.push(self.event_of(&Update::Zone {
-                key: key.clone(),
-                revision: e.revision,
-                html: Arc::from(self.card(key, e, now)),
-            }));
+            out.push(self.event_of(&self.zone_update(key, e, now)));
         }
         drop(zones);
         out.push(self.event_of(&Update::Health(Arc::from(self.render_health(now)))));
@@ -914,5 +997,67 @@ mod tests {
         let text = "<li>zone</li>".repeat(1000);
         let z = gzip(text.as_bytes()).unwrap();
         assert!(z.len() * 10 < text.len(), "{} of {}", z.len(), text.len());
+    }
+
+    /// A zone's first change goes to the open pages at once; changes
+    /// within [`CARD_INTERVAL`] wait, and only the newest is sent.
+    #[tokio::test]
+    async fn a_busy_zone_sends_its_first_card_at_once_then_only_its_newest() {
+        let (_stop_tx, stop) = watch::channel(false);
+        let page = Page::new(
+            Site::new("home").unwrap(),
+            "presenced".into(),
+            Arc::new(Metrics::default()),
+            Arc::new(Model::default()),
+            false,
+            stop,
+        );
+        let mut rx = page.tx.subscribe();
+        let put = |revision: u64, confidence: f64| {
+            let model = crate::engine::ZoneModel {
+                zone: "hall".into(),
+                prior: 0.1,
+                occupied_above: 0.7,
+                vacant_below: 0.3,
+                arrive_after: Duration::ZERO,
+                leave_after: Duration::ZERO,
+                rules: Vec::new(),
+            };
+            let mut state = crate::engine::initial_state(&model, Timestamp(1_000));
+            state.confidence = confidence;
+            crate::client::follow::Entry {
+                key: "hall".into(),
+                revision,
+                op: crate::client::follow::Op::Put,
+                value: serde_json::to_vec(&state).unwrap().into(),
+            }
+        };
+        let rev = |u: Update| match u {
+            Update::Zone { data } => serde_json::from_str::<serde_json::Value>(&data).unwrap()
+                ["rev"]
+                .as_u64()
+                .unwrap(),
+            other => panic!("not a zone: {other:?}"),
+        };
+        page.apply(put(1, 0.2), false);
+        assert_eq!(rev(rx.try_recv().expect("first card at once")), 1);
+        page.apply(put(2, 0.4), false);
+        page.apply(put(3, 0.6), false);
+        page.flush_cards();
+        assert!(rx.try_recv().is_err(), "a card within the interval");
+        tokio::time::sleep(CARD_INTERVAL).await;
+        page.flush_cards();
+        assert_eq!(rev(rx.try_recv().expect("the newest card")), 3);
+        assert!(rx.try_recv().is_err(), "one card for two changes");
+        // Waiting cards wait for pages: with none open they are dropped.
+        page.apply(put(4, 0.8), false);
+        drop(rx);
+        page.flush_cards();
+        assert!(page
+            .cards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .waiting
+            .is_empty());
     }
 }

@@ -5,7 +5,6 @@
 use super::{Manual, Record};
 use crate::engine::Transition;
 use crate::naming::{self, Site};
-use crate::observation::Observation;
 use crate::time::Timestamp;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt as _;
@@ -52,6 +51,43 @@ pub struct Read {
 fn to_offset(t: Timestamp) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.0) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+/// An [`crate::observation::Observation`] as stored, decoded as strictly (the same fields,
+/// of the same types, nothing else) but without copying the strings
+/// replay does not keep: decoding was most of a replay's time.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stored<'a> {
+    #[serde(rename = "v")]
+    _v: u32,
+    #[serde(borrow)]
+    sensor: std::borrow::Cow<'a, str>,
+    value: crate::observation::Reading,
+    observed_at: Timestamp,
+    #[serde(rename = "id")]
+    _id: Text,
+    #[serde(rename = "source")]
+    _source: Text,
+}
+
+/// A JSON string, checked and dropped.
+struct Text;
+
+impl<'de> serde::Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Text, E> {
+                Ok(Text)
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
 }
 
 /// Reads `range` of this site's `SENSORS` in stream order.
@@ -114,10 +150,10 @@ pub async fn read_sensors(
             break;
         }
         read.last_seq = seq;
-        match serde_json::from_slice::<Observation>(&m.payload) {
+        match serde_json::from_slice::<Stored<'_>>(&m.payload) {
             Ok(obs) => read.records.push(Record {
                 seq,
-                sensor: obs.sensor,
+                sensor: obs.sensor.into_owned(),
                 value: obs.value,
                 at: obs.observed_at,
             }),
