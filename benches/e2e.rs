@@ -17,7 +17,12 @@
 //!   reading `/events`), beside the run without, and the daemon's RSS;
 //! - drain: the engine applying a stored backlog (no publisher) of the
 //!   flip and the spread workloads;
-//! - latency at a fixed 1,000 readings/s, and rehydration of 10,000 zones.
+//! - latency at a fixed 1,000 readings/s, and rehydration of 10,000 zones;
+//! - paths: the flip and 100-zone spread workloads through Mosquitto, then
+//!   through the leaf nats-server's own MQTT listener (no broker process),
+//!   same nats-server, zones and workloads, each against its own broker's
+//!   QoS 1 delivery rate, and every reading counted in `SENSORS` (stored
+//!   exactly once, or the path loses or duplicates).
 //!
 //! Sizes come from the environment so a small run checks the bench
 //! itself (defaults in brackets):
@@ -33,8 +38,9 @@
 //! - `PRESENCED_BENCH_LATENCY` [10000]: readings of the latency run;
 //! - `PRESENCED_BENCH_REHYD_ZONES` [10000]: zones of the rehydration run;
 //! - `PRESENCED_BENCH_RUNS` [all]: which runs, comma-separated, of
-//!   `spread,flip,house,latency,pages,drain,rehyd` (the ceilings always
-//!   run), e.g. `flip,drain` to profile the engine on the flip workload.
+//!   `spread,flip,house,latency,pages,drain,rehyd,paths` (the ceilings
+//!   always run), e.g. `flip,drain` to profile the engine on the flip
+//!   workload.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -451,7 +457,7 @@ async fn main() {
     let latency_n = env("PRESENCED_BENCH_LATENCY", 10_000) as i64;
     let rehyd_zones = env("PRESENCED_BENCH_REHYD_ZONES", 10_000) as usize;
     let runs = std::env::var("PRESENCED_BENCH_RUNS")
-        .unwrap_or_else(|_| "spread,flip,house,latency,pages,drain,rehyd".into());
+        .unwrap_or_else(|_| "spread,flip,house,latency,pages,drain,rehyd,paths".into());
     let on = |run: &str| runs.split(',').any(|r| r.trim() == run);
 
     let nats = NatsServer::start(NatsOptions::default());
@@ -683,6 +689,75 @@ async fn main() {
 
     if on("rehyd") {
         rehydration(&nats.url(), rehyd_zones).await;
+    }
+    drop(mqtt);
+    drop(nats);
+
+    if on("paths") {
+        paths(ceiling_n, readings.min(100_000), flip_n).await;
+    }
+}
+
+/// How sensors reach the daemon: through a separate broker (Mosquitto),
+/// or straight into the leaf nats-server's MQTT listener, with the daemon
+/// an MQTT client of either. One fresh nats-server with its MQTT listener
+/// on and one Mosquitto, the same zones and workloads through each path in
+/// turn, the daemon started again for each; each path's figures against
+/// its own broker's QoS 1 delivery rate measured in the same run.
+async fn paths(ceiling_n: u64, spread_n: u64, flip_n: u64) {
+    let nats = NatsServer::start(NatsOptions {
+        mqtt: true,
+        ..Default::default()
+    });
+    let leaf_mqtt = nats.mqtt_port.expect("the leaf's MQTT port");
+    let mosquitto = Mosquitto::start();
+    let js = jetstream(&nats.url()).await;
+    println!(
+        "\n--    paths: sensors → Mosquitto → daemon, and sensors → the leaf's own MQTT listener → daemon"
+    );
+    let (via_broker, _) = raw_broker(mosquitto.port, ceiling_n).await;
+    println!("raw   Mosquitto QoS 1 delivery to one subscriber:        {via_broker:>9.0} /s");
+    let (via_leaf, _) = raw_broker(leaf_mqtt, ceiling_n).await;
+    println!("raw   leaf MQTT listener QoS 1 delivery to one subscriber: {via_leaf:>9.0} /s");
+    let zones = format!("{}{}", spread_toml(100), flip_toml());
+    let mut base = now_ms();
+    for (path, port, ceiling) in [
+        ("mosquitto", mosquitto.port, via_broker),
+        ("leaf-mqtt", leaf_mqtt, via_leaf),
+    ] {
+        let http_port = support::free_port();
+        let cfg = daemon_config("bench", &nats.url(), port, http_port, &mappings(), &zones)
+            .replace("[ingest]\n", "[ingest]\nmax_clock_skew = \"1h\"\n");
+        let cfg_dir = tempfile::tempdir().expect("config dir");
+        let cfg_path = cfg_dir.path().join("presenced.toml");
+        std::fs::write(&cfg_path, &cfg).expect("write config");
+        provision(&cfg_path);
+        let daemon = Daemon::start(&cfg, &[("RUST_LOG", "warn")]);
+        daemon.wait_healthy(
+            SocketAddr::from(([127, 0, 0, 1], http_port)),
+            Duration::from_secs(30),
+        );
+        let mut p = Publisher::connect(port, &format!("bench-path-{path}")).await;
+        let others = [nats.pid(), mosquitto.pid()];
+        let spread = spread_workload(100, spread_n, base);
+        base += spread_n as i64;
+        for (name, w) in [("flip", flip_workload(flip_n)), ("spread", spread)] {
+            let before = stream_messages(&js, "SENSORS").await;
+            let sat = saturate(&js, &mut p, daemon.pid(), others, &w).await;
+            let stored = stream_messages(&js, "SENSORS").await - before;
+            println!(
+                "path  {path:<9} {name:<6} e2e {:>9.0} /s = {:>3.0}% of its broker's QoS 1 delivery; stored {stored} of {} ({}); cpu daemon {:.0}%, nats-server {:.0}%, mosquitto {:.0}%",
+                sat.e2e,
+                sat.e2e / ceiling * 100.0,
+                sat.n,
+                if stored == sat.n { "none lost or doubled" } else { "LOST OR DOUBLED" },
+                sat.cpu[0],
+                sat.cpu[1],
+                sat.cpu[2],
+            );
+        }
+        drop(p);
+        drop(daemon);
     }
 }
 
