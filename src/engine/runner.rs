@@ -574,7 +574,9 @@ impl Runner {
         }
         let acks = crate::store::publish::publish_all(&self.js, messages).await;
         let mut first_error = None;
+        let mut sequences = Vec::with_capacity(transitions.len());
         for (t, ack) in transitions.iter().zip(acks) {
+            sequences.push(ack.as_ref().map_or(0, |a| a.sequence));
             match ack {
                 // Counted once per transition, when EVENTS first confirms
                 // holding it: a retry after a lost ack gets `duplicate`
@@ -599,8 +601,11 @@ impl Runner {
             }
             return Err(e.into());
         }
-        for t in transitions {
-            tracing::info!(zone = %t.zone, from = t.from.as_str(), to = t.to.as_str(), at = %t.at, confidence = t.confidence, number = t.number, "transition");
+        // The sequence tells when EVENTS stored it: a holder frozen with
+        // publishes on the wire logs them only when it wakes, possibly
+        // after a takeover, and its sequence shows they landed before.
+        for (t, sequence) in transitions.iter().zip(sequences) {
+            tracing::info!(zone = %t.zone, from = t.from.as_str(), to = t.to.as_str(), at = %t.at, confidence = t.confidence, number = t.number, sequence, "transition");
         }
         Ok(())
     }
