@@ -75,6 +75,8 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
     let metrics = Arc::new(Metrics::default());
     *metrics.runs.write().unwrap_or_else(|p| p.into_inner()) =
         runs.iter().map(|c| c.name().to_owned()).collect();
+    // Exported from the start: while the leaf is unreachable they read 0.
+    let (_, lease_metrics) = store::metrics::declare(&metrics, engine_on);
     let path = config_path.clone();
     let model = Arc::new(Model::from_config(&config));
     // The compiled model is all the engine needs; with thousands of zones
@@ -162,7 +164,8 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
     let (model_tx, model_rx) = watch::channel(model.clone());
     let engine_ready_rx = engine_on.then(|| {
         let (model, fence, role) = (model.clone(), fence.clone(), role_rx.clone());
-        engine::start::start(&mut ctx, &config.engine, model, model_rx, fence, role)
+        let skew = config.ingest.max_clock_skew;
+        engine::start::start(&mut ctx, &config.engine, skew, model, model_rx, fence, role)
     });
     let leader = engine_on.then_some((fence, role_tx));
     let held_rx = store::keeper::start(&mut ctx, &config.lease, &runs, leader, role_rx.clone());
@@ -239,7 +242,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 // this service's keys as stale.
                 // A standby holds no lease and runs no engine by design.
                 let standby = engine_on && !role_rx.borrow().active && role_rx.borrow().since.is_some();
-                let lease_held = metrics.lease_held.load(Ordering::Relaxed) || standby;
+                let lease_held = lease_metrics.held.load(Ordering::Relaxed) || standby;
                 let engine_line = engine_line.or_else(|| standby.then(|| {
                     format!("standby: the engine runs on {}", role_rx.borrow().holder.clone().unwrap_or_else(|| "another instance".into()))
                 }));
@@ -260,7 +263,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                         )
                     });
                     inputs.refresh();
-                    metrics.ready.store(true, Ordering::Relaxed);
+                    metrics.components.set_ready(true);
                     tracing::info!(status = %line, "ready");
                     systemd::ready(&line);
                 }
@@ -271,7 +274,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         tracing::error!(error = %format!("{e:#}"), "stopping: the daemon cannot carry on; exiting non-zero so its supervisor restarts it");
     }
     systemd::stopping();
-    metrics.ready.store(false, Ordering::Relaxed);
+    metrics.components.set_ready(false);
 
     // Drain in stage order (lease, sources, ingest, engine and the rest,
     // HTTP), all within engine.drain_timeout.

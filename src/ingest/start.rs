@@ -122,10 +122,6 @@ impl Inputs {
 /// bounded buffer → ingest → `SENSORS`.
 pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
     let metrics = ctx.metrics.clone();
-    Metrics::set(
-        &metrics.clock_ahead_ok_ms,
-        s.ingest.max_clock_skew.as_millis() as u64,
-    );
     let own = Arc::new(SourceGauges {
         mqtt: (!s.mqtt.is_empty()).then(Level::default),
         serial: (!s.serial.is_empty()).then(Level::default),
@@ -138,10 +134,12 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
     let mut mqtt_statuses = Vec::new();
     let mut serial_statuses = Vec::new();
     if on {
-        Metrics::set(&metrics.buffer_capacity, s.ingest.buffer as u64);
+        let counts = Arc::new(super::metrics::IngestMetrics::default());
+        Metrics::set(&counts.buffer_capacity, s.ingest.buffer as u64);
+        metrics.register(counts.clone());
         let (tx, rx) = mpsc::channel::<Item>(s.ingest.buffer.max(1));
         {
-            let (js, site, m) = (ctx.js.clone(), ctx.site.clone(), metrics.clone());
+            let (js, site, m) = (ctx.js.clone(), ctx.site.clone(), counts);
             let (max, every) = (s.ingest.max_in_flight, s.ingest.reject_log_every);
             // Ingest ends when every source has dropped its sender: it is
             // stopped by the sources stage, not by a token of its own.
