@@ -1,8 +1,9 @@
 //! The status page in a real browser: headless Chromium over WebDriver
 //! against the real daemon, nats-server and Mosquitto under the ACL
 //! `presenced acl` generates; and the fleet page (`presenced dashboard`)
-//! against the real 3-node hub with two sites' leaves (no ACL there: the
-//! hub's generated authorization admits leafnodes and the admin only).
+//! against the real 3-node hub under the authorization `presenced acl-hub`
+//! generates, run as the hub's admin, with two sites' leaves linked as
+//! their leafnode identities.
 //! Each test saves a screenshot under `target/page-tests/` as its artifact.
 
 use crate::common;
@@ -549,16 +550,55 @@ impl Drop for Dashboard {
     }
 }
 
+/// The fleet page as deployed: the 3-node hub under the authorization
+/// `presenced acl-hub` generates, each site's leaf linked as its leafnode
+/// identity, the mirrors made by `provision-hub` as the hub's admin, and
+/// the dashboard run as that admin (the identity an operator has on the
+/// hub). Nothing it does is refused: the sites are listed from their
+/// mirrors and follow them live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_a_sites_zones() {
+    use presenced::acl::identity;
     use presenced::naming::Site;
     let broker = Mosquitto::start();
-    // The real 3-node hub (R3 mirrors), each site's leaf linked to every node.
-    let hub = support::Hub::start();
-    let leaf = |site: &str| support::leaf_of(&Site::new(site).unwrap(), hub.leafnode_urls());
+    let dir = tempfile::tempdir().unwrap();
+    let seed_path = |who: &str| dir.path().join(format!("{who}.seed"));
+    let key = |who: &str| {
+        identity::keygen(who, &seed_path(who))
+            .unwrap_or_else(|e| panic!("keygen {who}: {e}"))
+            .public_key
+    };
+    let hub_admin = key("hub-admin");
+    // Each site's access file names its leafnode identity; acl-hub makes
+    // the hub's authorization from them.
+    let mut acl_hub = vec![
+        "acl-hub".to_owned(),
+        "--admin-nkey".to_owned(),
+        hub_admin.clone(),
+    ];
+    for site in ["a", "b"] {
+        let access = dir.path().join(format!("{site}-access.toml"));
+        let leafnode = key(&format!("{site}-leafnode"));
+        std::fs::write(&access, format!("leafnode = {{ nkey = \"{leafnode}\" }}\n")).unwrap();
+        acl_hub.push(format!("{site}={}", access.display()));
+    }
+    let args: Vec<&str> = acl_hub.iter().map(String::as_str).collect();
+    let out = support::daemon::run_presenced(&args, &[]);
+    assert!(
+        out.status.success(),
+        "acl-hub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let authorization = String::from_utf8(out.stdout).unwrap();
+    // The real 3-node hub (R3 mirrors) under it, each site's leaf linked
+    // to every node as its leafnode identity.
+    let hub = support::Hub::start_authorized(3, &authorization);
+    let leaf = |site: &str| {
+        let seed = identity::read_seed(&seed_path(&format!("{site}-leafnode"))).unwrap();
+        support::leaf_of_as(&Site::new(site).unwrap(), hub.leafnode_urls(), &seed)
+    };
     let leaf_a = leaf("a");
     let mut leaf_b = leaf("b");
-    let dir = tempfile::tempdir().unwrap();
     let http_a = support::free_port();
     let cfg_a = dir.path().join("a.toml");
     std::fs::write(
@@ -590,32 +630,53 @@ async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_
     .unwrap();
     provision(&cfg_a);
     provision(&cfg_b);
-    let out = support::daemon::run_presenced(
-        &[
-            "provision-hub",
-            "--server",
-            &hub.client_urls().join(","),
-            "--site",
-            "a",
-            "--site",
-            "b",
-        ],
-        &[],
+    // provision-hub reads each site's sources over its link, which comes
+    // up a moment after the leaf starts.
+    let hub_seed = seed_path("hub-admin");
+    let servers = hub.client_urls().join(",");
+    let provision_hub = [
+        "provision-hub",
+        "--server",
+        &servers,
+        "--site",
+        "a",
+        "--site",
+        "b",
+        "--nkey-seed-file",
+        hub_seed.to_str().unwrap(),
+    ];
+    let mut last = String::new();
+    support::wait_until(
+        "provision-hub as the hub's admin",
+        Duration::from_secs(30),
+        || {
+            let out = support::daemon::run_presenced(&provision_hub, &[]);
+            last = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out.status.success()
+        },
     );
-    assert!(
-        out.status.success(),
-        "provision-hub: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(!last.contains("permission"), "{last}");
     let d = Daemon::start_at(&cfg_a, &[]);
     d.wait_healthy(
         SocketAddr::from(([127, 0, 0, 1], http_a)),
         Duration::from_secs(20),
     );
 
-    // The dashboard reads the hub directly; sites found from the mirrors.
+    // The dashboard reads the hub directly as the hub's admin; sites found
+    // from the mirrors.
     let cfg_hub = dir.path().join("hub.toml");
-    std::fs::write(&cfg_hub, client_config("a", &hub.client_urls().join(","))).unwrap();
+    std::fs::write(
+        &cfg_hub,
+        client_config("a", &servers).replace(
+            "[nats]\n",
+            &format!("[nats]\nnkey_seed_file = \"{}\"\n", hub_seed.display()),
+        ),
+    )
+    .unwrap();
     let port = support::free_port();
     let log = std::fs::File::create(dir.path().join("dashboard.log")).unwrap();
     let _dash = Dashboard(
@@ -698,6 +759,11 @@ async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_
     shot(&b, "fleet-site-a");
     let (code, body) = http_get(addr, "/site/nope").unwrap();
     assert_eq!(code, 404, "{body}");
+    // The hub refused the admin nothing along the way.
+    let log = std::fs::read_to_string(dir.path().join("dashboard.log")).unwrap();
+    for refused in ["ermission", "cannot list"] {
+        assert!(!log.contains(refused), "{log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

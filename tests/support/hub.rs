@@ -24,6 +24,14 @@ impl Hub {
 
     /// `n` clustered nodes (`1`: a single node, no cluster).
     pub fn start_with(n: usize) -> Hub {
+        Hub::start_authorized(n, "")
+    }
+
+    /// `n` clustered nodes, each with `authorization` (the block
+    /// `presenced acl-hub` prints) in its config, as the NixOS hub module
+    /// deploys them: leaves must link as their site's leafnode identity
+    /// ([`leaf_of_as`]) and clients connect as the hub's admin.
+    pub fn start_authorized(n: usize, authorization: &str) -> Hub {
         let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let nodes = (0..n)
             .map(|i| {
@@ -31,6 +39,7 @@ impl Hub {
                     domain: Some(HUB_DOMAIN.into()),
                     leafnode_listen: true,
                     server_name: Some(format!("hub-{}", i + 1)),
+                    extra: authorization.to_owned(),
                     cluster: (n > 1).then(|| ClusterPorts {
                         port: route_ports[i],
                         routes: route_ports
@@ -134,6 +143,18 @@ pub fn leaf_of(site: &Site, remotes: Vec<String>) -> NatsServer {
         domain: Some(site.leaf_domain()),
         leaf_remotes: remotes,
         server_name: Some(site.leaf_domain()),
+        ..Default::default()
+    })
+}
+
+/// [`leaf_of`], the link authenticating as the site's leafnode identity
+/// (`seed`), as a hub under `presenced acl-hub` requires.
+pub fn leaf_of_as(site: &Site, remotes: Vec<String>, seed: &str) -> NatsServer {
+    NatsServer::start(NatsOptions {
+        domain: Some(site.leaf_domain()),
+        leaf_remotes: remotes,
+        server_name: Some(site.leaf_domain()),
+        remote_seed: Some(seed.to_owned()),
         ..Default::default()
     })
 }

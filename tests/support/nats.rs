@@ -120,7 +120,15 @@ pub struct NatsOptions {
     pub leafnode_tls: Option<presenced::natsconf::ServerTls>,
     /// TLS of a leaf's link to its [`NatsOptions::leaf_remotes`].
     pub remote_tls: Option<presenced::natsconf::LinkTls>,
+    /// The NKEY seed a leaf's link authenticates to the hub with (the
+    /// site's leafnode identity), written beside the config and included
+    /// into the remote, as the NixOS module deploys it.
+    pub remote_seed: Option<String>,
 }
+
+/// The file [`NatsOptions::remote_seed`] is written to, in the server's
+/// directory (an include is relative to the config's).
+const REMOTE_SEED_FILE: &str = "leaf-nkey.conf";
 
 /// A hub node's route port and its peers' route ports.
 #[derive(Clone, Debug, Default)]
@@ -162,6 +170,13 @@ impl NatsServer {
         let config_path = dir.path().join("nats-server.conf");
         let ports_dir = dir.path().join("ports");
         std::fs::create_dir_all(&ports_dir).expect("create the ports file directory");
+        if let Some(seed) = &opts.remote_seed {
+            std::fs::write(
+                dir.path().join(REMOTE_SEED_FILE),
+                format!("nkey: \"{seed}\"\n"),
+            )
+            .expect("write the leaf's seed include");
+        }
         // Any free port, chosen by the server as it binds.
         let any = Ports {
             port: 0,
@@ -466,6 +481,10 @@ fn render_config(
         if !opts.leaf_remotes.is_empty() {
             leaf.hub = Some(natsconf::HubLink {
                 tls: opts.remote_tls.clone(),
+                nkey_include: opts
+                    .remote_seed
+                    .as_ref()
+                    .map(|_| PathBuf::from(REMOTE_SEED_FILE)),
                 ..natsconf::HubLink::new(opts.leaf_remotes.clone())
             });
         }
