@@ -15,10 +15,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// Starts the engine (component `engine`, essential) on `model` and
-/// registers its metrics (`clock_ahead_ok`: how far ahead of the system
-/// clock a zone clock may be before `/healthz` reports a clock stepped
-/// back, `ingest.max_clock_skew`); SIGHUP reloads arrive through `models`. It runs only while `role` says this
-/// instance is active, and every write is checked against `fence`.
+/// registers its metrics; SIGHUP reloads arrive through `models`. It runs
+/// only while `role` says this instance is active, and every write is
+/// checked against `fence`. `clock_ahead_ok` (`ingest.max_clock_skew`:
+/// readings may carry device times that far ahead) is how far a zone
+/// clock may lead the system clock before `/healthz` reports the clock
+/// stepped back.
 /// Returns the engine's status line once it has rehydrated and bound its
 /// consumer (`None` until then): READY waits for it.
 pub fn start(
