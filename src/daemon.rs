@@ -75,7 +75,10 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
     let metrics = Arc::new(Metrics::default());
     *metrics.runs.write().unwrap_or_else(|p| p.into_inner()) =
         runs.iter().map(|c| c.name().to_owned()).collect();
-    // Exported from the start: while the leaf is unreachable they read 0.
+    // Readiness, the components, the link and the lease are exported from
+    // the start: while the leaf is unreachable they read 0.
+    let components = Arc::new(supervise::Registry::default());
+    metrics.register(components.clone());
     let (_, lease_metrics) = store::metrics::declare(&metrics, engine_on);
     let path = config_path.clone();
     let model = Arc::new(Model::from_config(&config));
@@ -84,7 +87,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
     // describes the zones from it, so it keeps them when enabled.
     let zones = config.take_presence_entries();
     let ha_zones = config.homeassistant.as_ref().map(|_| zones);
-    let mut sup = Supervisor::new(metrics.components.clone());
+    let mut sup = Supervisor::new(components.clone());
     let page = crate::page::Page::new(
         site.clone(),
         config.service.clone(),
@@ -234,10 +237,10 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 // broker down at boot is reported by health, it does not
                 // hold the unit).
                 let waited = started.elapsed() >= config.health.source_start_wait;
-                let sources_started = inputs.started(&sup, &metrics, waited);
+                let sources_started = inputs.started(&sup, waited);
                 let engine_line = engine_ready_rx.as_ref().and_then(|r| r.borrow().clone());
                 let archiver_started = !archiver_on
-                    || metrics.components.snapshot().get("archiver").is_some_and(|c| c.state == supervise::State::Running);
+                    || components.snapshot().get("archiver").is_some_and(|c| c.state == supervise::State::Running);
                 // The lease too: until it is written, clients would see
                 // this service's keys as stale.
                 // A standby holds no lease and runs no engine by design.
@@ -253,7 +256,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 {
                     ready = true;
                     if engine_on {
-                        metrics.components.running("engine");
+                        components.running("engine");
                     }
                     let line = engine_line.unwrap_or_else(|| {
                         format!(
@@ -263,7 +266,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                         )
                     });
                     inputs.refresh();
-                    metrics.components.set_ready(true);
+                    components.set_ready(true);
                     tracing::info!(status = %line, "ready");
                     systemd::ready(&line);
                 }
@@ -274,7 +277,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         tracing::error!(error = %format!("{e:#}"), "stopping: the daemon cannot carry on; exiting non-zero so its supervisor restarts it");
     }
     systemd::stopping();
-    metrics.components.set_ready(false);
+    components.set_ready(false);
 
     // Drain in stage order (lease, sources, ingest, engine and the rest,
     // HTTP), all within engine.drain_timeout.

@@ -10,13 +10,14 @@
 //!   (the only place subjects, streams, buckets and domains are spelled),
 //!   ownership (keyspaces, components, lease bounds), secrets, the one
 //!   backoff policy, [`time`].
+//! - [`metrics`]: the registry and its rendering, in plain values; it
+//!   declares no family: every component declares its own metrics
+//!   (`<component>::metrics`, readiness in `supervise::metrics`) and
+//!   registers a collector.
 //! - [`observation`], [`supervise`] (one cancellation token and join set
 //!   for every task; failures named in health and metrics, fatal ones
 //!   exit; the `[health]` section), [`systemd`], [`natsconf`] (nats-server
 //!   configuration).
-//! - [`metrics`]: the registry and its rendering, in plain values, with
-//!   readiness and the per-component families; every component declares
-//!   its own metrics (`<component>::metrics`) and registers a collector.
 //! - [`component`]: the context every component's `start` takes (site,
 //!   service, NATS client, metrics, supervisor); [`logging`]: the `[log]`
 //!   section and the tracing subscriber.

@@ -10,19 +10,19 @@
 //! `sources::serial::Ports`); they are exported after the rest.
 //!
 //! Every family is declared once, by the component that produces it
-//! (ingest: `ingest::metrics`; the engine: `engine::metrics`; the lease
-//! and the leader role: `store::metrics::LeaseMetrics`; the connection to
-//! the leaf: `store::metrics::LinkMetrics`), and registered at its start,
-//! so an instance exports only the families of what it runs. Their values
-//! are plain atomics ([`Count`], [`Level`], [`Flag`]) the component's hot
-//! path holds directly: a relaxed increment, no lookup. Readiness, the
-//! supervised components and the source links are the daemon's and are
-//! rendered here, first.
+//! (readiness and the supervised components: `supervise::metrics`; ingest
+//! and the source links: `ingest::metrics`; the engine:
+//! `engine::metrics`; the lease and the leader role:
+//! `store::metrics::LeaseMetrics`; the connection to the leaf:
+//! `store::metrics::LinkMetrics`), and registered at its start, so an
+//! instance exports only the families of what it runs. Their values are
+//! plain atomics ([`Count`], [`Level`], [`Flag`]) the component's hot path
+//! holds directly: a relaxed increment, no lookup.
 //!
-//! This module knows no domain type: components hand it plain values
-//! ([`SourceHealth`]) or register a [`Collector`]; `/healthz` and the
-//! status page find a component's values again through
-//! [`Metrics::handle`], by the component's own type.
+//! This module knows no domain type and imports nothing of the crate but
+//! `base`: components register a [`Collector`]; `/healthz` and the status
+//! page find a component's values again through [`Metrics::handle`], by
+//! the component's own type.
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -106,22 +106,17 @@ impl EncodeMetric for Flag {
 
 /// Everything `/metrics` reports. Shared as `Arc<Metrics>`.
 ///
-/// It holds only what is not a component's: the supervisor's registry
-/// (and with it readiness), the source links, what the instance runs, and
-/// the collectors components registered at their start.
+/// It holds no family of its own: what the instance runs, and the
+/// collectors components registered at their start.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Every supervised component and its state, and the daemon's
-    /// readiness.
-    pub components: std::sync::Arc<crate::supervise::Registry>,
-    /// Link state of each source, refreshed every second.
-    pub sources: std::sync::RwLock<Vec<SourceHealth>>,
     /// The components this instance runs (`ingest`, `engine`, ...).
     pub runs: std::sync::RwLock<Vec<String>>,
-    /// Families components export themselves (ingest's, the engine's,
-    /// the lease's, the link's, the archiver's, the hub mirrors', the
-    /// sources' gauges, the serial ports' counters), with their `/healthz`
-    /// sections, in registration order.
+    /// Families components export themselves (the supervisor's, ingest's
+    /// and the source links', the engine's, the lease's, the link's, the
+    /// archiver's, the hub mirrors', the sources' gauges, the serial
+    /// ports' counters), with their `/healthz` sections, in registration
+    /// order.
     pub collectors: std::sync::RwLock<Vec<std::sync::Arc<dyn Collector>>>,
     /// The same collectors as typed handles, for the readers of their
     /// values (`/healthz`'s verdict, the status page): this module never
@@ -154,25 +149,6 @@ pub fn stall_of(stall: &Stall) -> Option<(f64, String)> {
         .map(|(since, error)| (since.elapsed().as_secs_f64(), error.clone()))
 }
 
-/// One source's link, as `/healthz` and `presenced status` show it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct SourceHealth {
-    pub name: String,
-    /// `mqtt` or `serial`.
-    pub kind: String,
-    /// Connected to the broker / device open.
-    pub up: bool,
-    /// Seconds since the link went down (or since start, when it never
-    /// came up); absent while up.
-    pub down_seconds: Option<f64>,
-    /// Seconds since the last reading arrived; absent before the first.
-    pub last_reading_seconds: Option<f64>,
-    /// Readings received since start.
-    pub readings: u64,
-    /// Down longer than `health.source_grace`.
-    pub degraded: bool,
-}
-
 /// Families a component exports itself, with its own labels (each serial
 /// port's counters, say), so that this module needs none of its types.
 pub trait Collector: Send + Sync + std::fmt::Debug {
@@ -198,18 +174,6 @@ impl Metrics {
 
     pub fn set(gauge: &AtomicU64, v: u64) {
         gauge.store(v, Ordering::Relaxed);
-    }
-
-    /// A copy of the source links.
-    pub fn source_health(&self) -> Vec<SourceHealth> {
-        self.sources
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub fn set_source_health(&self, v: Vec<SourceHealth>) {
-        *self.sources.write().unwrap_or_else(|p| p.into_inner()) = v;
     }
 
     /// Registers families a component exports itself (exported last).
@@ -268,18 +232,10 @@ impl Metrics {
         h
     }
 
-    /// The registry of one scrape: readiness, components and sources,
-    /// then what components registered, in their order.
+    /// The registry of one scrape: what components registered, in their
+    /// order.
     pub fn registry(&self) -> Registry {
         let mut r = Registry::default();
-        r.register(
-            "presenced_ready",
-            "1 once state is rehydrated and the consumer is bound.",
-            Flag(std::sync::Arc::new(AtomicBool::new(
-                self.components.is_ready(),
-            ))),
-        );
-        self.register_components(&mut r);
         for c in self
             .collectors
             .read()
@@ -291,54 +247,6 @@ impl Metrics {
         r
     }
 
-    fn register_components(&self, r: &mut Registry) {
-        let comps = self.components.snapshot();
-        if !comps.is_empty() {
-            let up = gauge_family();
-            let failures = counter_family();
-            for (c, h) in &comps {
-                let l = labels(&[("component", c)]);
-                up.get_or_create(&l)
-                    .set(i64::from(h.state == crate::supervise::State::Running));
-                failures.get_or_create(&l).inc_by(h.failures);
-            }
-            r.register(
-                "presenced_component_up",
-                "1 while the component runs (0 starting, stopped or failed).",
-                up,
-            );
-            r.register(
-                counter_name("presenced_component_failures_total"),
-                "Unexpected ends of the component (also logged at ERROR).",
-                failures,
-            );
-        }
-        let sources = self.source_health();
-        if !sources.is_empty() {
-            let up = gauge_family();
-            let age = Family::<Labels, Gauge<f64, AtomicU64>>::default();
-            for s in &sources {
-                let l = labels(&[("source", &s.name)]);
-                up.get_or_create(&l).set(i64::from(s.up));
-                if let Some(a) = s.last_reading_seconds {
-                    age.get_or_create(&l).set((a * 10.0).round() / 10.0);
-                }
-            }
-            r.register(
-                "presenced_source_up",
-                "1 while the source's link (broker connection, device) is up.",
-                up,
-            );
-            // Exported before the first reading too (then with no
-            // sample), as the family of a configured source.
-            r.register(
-                "presenced_source_last_reading_age_seconds",
-                "Seconds since the source's last reading.",
-                Always(age),
-            );
-        }
-    }
-
     /// The OpenMetrics text exposition (`# EOF` last).
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
@@ -348,9 +256,10 @@ impl Metrics {
     }
 }
 
-/// A family exported even while it has no sample.
+/// A family exported even while it has no sample (a configured source's
+/// reading age before its first reading, say).
 #[derive(Debug)]
-struct Always<M>(M);
+pub struct Always<M>(pub M);
 
 impl<M: EncodeMetric> EncodeMetric for Always<M> {
     fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
@@ -416,13 +325,11 @@ mod tests {
         let own = std::sync::Arc::new(Own::default());
         m.register(own.clone());
         Metrics::add(&own.0, 3);
-        m.components.set_ready(true);
         let text = m.render();
         assert!(
             text.contains("# TYPE presenced_own counter\npresenced_own_total 3\n"),
             "{text}"
         );
-        assert!(text.contains("presenced_ready 1\n"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let mut parts = line.split(' ');
@@ -448,24 +355,5 @@ mod tests {
         assert_eq!(m.handle::<Own>().unwrap().0.load(Ordering::Relaxed), 1);
         let text = m.render();
         assert_eq!(text.matches("presenced_own_total 1\n").count(), 1, "{text}");
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        let m = Metrics::default();
-        m.set_source_health(vec![SourceHealth {
-            name: "a\"b".into(),
-            kind: "mqtt".into(),
-            up: true,
-            down_seconds: None,
-            last_reading_seconds: Some(1.25),
-            readings: 1,
-            degraded: false,
-        }]);
-        let text = m.render();
-        assert!(
-            text.contains("presenced_source_up{source=\"a\\\"b\"} 1\n"),
-            "{text}"
-        );
     }
 }

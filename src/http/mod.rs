@@ -62,7 +62,8 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
     let engine = m.handle::<crate::engine::metrics::EngineMetrics>();
     let link = m.handle::<crate::store::metrics::LinkMetrics>();
     let lease_metrics = m.handle::<crate::store::metrics::LeaseMetrics>();
-    let ready = m.components.is_ready();
+    let supervised = m.handle::<crate::supervise::Registry>();
+    let ready = supervised.as_ref().is_some_and(|s| s.is_ready());
     let nats = link
         .as_ref()
         .is_some_and(|l| l.connected.load(Ordering::Relaxed));
@@ -103,7 +104,10 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             ahead_ms as f64 / 1000.0
         ));
     }
-    let components = m.components.snapshot();
+    let components = supervised
+        .as_ref()
+        .map(|s| s.snapshot())
+        .unwrap_or_default();
     for (name, c) in &components {
         if c.state == crate::supervise::State::Failed {
             let cause = format!(
@@ -117,7 +121,10 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             }
         }
     }
-    let sources = m.source_health();
+    let sources = m
+        .handle::<crate::ingest::metrics::SourceLinks>()
+        .map(|l| l.get())
+        .unwrap_or_default();
     for s in sources.iter().filter(|s| s.degraded) {
         degraded.push(format!(
             "source {} ({}) link down for {:.0}s",
@@ -261,7 +268,7 @@ pub async fn start(
         serve(listener, m, extra, stop).await;
         Ok(())
     });
-    metrics.components.running("http");
+    sup.registry().running("http");
     Ok(())
 }
 

@@ -1,11 +1,18 @@
 //! Ingest's metrics, declared here and registered by
 //! [`super::start::start`] when the instance runs ingest (an instance
-//! without it exports none of them). `/healthz` reads them through
-//! [`crate::metrics::Metrics::handle`] for its verdict and its `ingest`
-//! section, the status page for its reject count.
+//! without it exports none of them), and the source links
+//! ([`SourceLinks`], exported while sources are configured). `/healthz`
+//! reads them through [`crate::metrics::Metrics::handle`] for its verdict
+//! and its `ingest` and `sources` sections, the status page for its
+//! reject count.
 
-use crate::metrics::{counter_name, Collector, Count, Level, Stall};
+use crate::metrics::{
+    counter_name, gauge_family, labels, Always, Collector, Count, Labels, Level, Stall,
+};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// Counters and gauges of ingest; its hot path holds them directly.
 #[derive(Debug, Default)]
@@ -48,6 +55,71 @@ impl IngestMetrics {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+/// One source's link, as `/healthz` and `presenced status` show it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SourceHealth {
+    pub name: String,
+    /// `mqtt` or `serial`.
+    pub kind: String,
+    /// Connected to the broker / device open.
+    pub up: bool,
+    /// Seconds since the link went down (or since start, when it never
+    /// came up); absent while up.
+    pub down_seconds: Option<f64>,
+    /// Seconds since the last reading arrived; absent before the first.
+    pub last_reading_seconds: Option<f64>,
+    /// Readings received since start.
+    pub readings: u64,
+    /// Down longer than `health.source_grace`.
+    pub degraded: bool,
+}
+
+/// The link state of each source, refreshed every second by the gauge
+/// task of [`super::start::start`].
+#[derive(Debug, Default)]
+pub struct SourceLinks(std::sync::RwLock<Vec<SourceHealth>>);
+
+impl SourceLinks {
+    /// A copy of the source links.
+    pub fn get(&self) -> Vec<SourceHealth> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, links: Vec<SourceHealth>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = links;
+    }
+}
+
+impl Collector for SourceLinks {
+    fn collect(&self, r: &mut Registry) {
+        let sources = self.get();
+        if sources.is_empty() {
+            return;
+        }
+        let up = gauge_family();
+        let age = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        for s in &sources {
+            let l = labels(&[("source", &s.name)]);
+            up.get_or_create(&l).set(i64::from(s.up));
+            if let Some(a) = s.last_reading_seconds {
+                age.get_or_create(&l).set((a * 10.0).round() / 10.0);
+            }
+        }
+        r.register(
+            "presenced_source_up",
+            "1 while the source's link (broker connection, device) is up.",
+            up,
+        );
+        // Exported before the first reading too (then with no sample), as
+        // the family of a configured source.
+        r.register(
+            "presenced_source_last_reading_age_seconds",
+            "Seconds since the source's last reading.",
+            Always(age),
+        );
     }
 }
 
@@ -129,5 +201,42 @@ mod tests {
             assert_eq!(n, 1, "{name} in\n{text}");
         }
         assert!(m.handle::<IngestMetrics>().is_some());
+    }
+
+    fn link(name: &str, last_reading_seconds: Option<f64>) -> SourceHealth {
+        SourceHealth {
+            name: name.into(),
+            kind: "mqtt".into(),
+            up: true,
+            down_seconds: None,
+            last_reading_seconds,
+            readings: 1,
+            degraded: false,
+        }
+    }
+
+    /// No family without a source; a source's reading age is exported as
+    /// a family before its first reading; label values are escaped.
+    #[test]
+    fn source_links_are_exported_per_source_with_escaped_labels() {
+        let m = Metrics::default();
+        let links = Arc::new(SourceLinks::default());
+        m.register(links.clone());
+        assert!(!m.render().contains("presenced_source_"));
+        links.set(vec![link("a\"b", Some(1.25)), link("quiet", None)]);
+        let text = m.render();
+        assert!(
+            text.contains("presenced_source_up{source=\"a\\\"b\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("presenced_source_last_reading_age_seconds{source=\"a\\\"b\"} 1.3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("presenced_source_up{source=\"quiet\"} 1\n")
+                && !text.contains("age_seconds{source=\"quiet\"}"),
+            "{text}"
+        );
     }
 }

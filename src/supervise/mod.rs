@@ -18,6 +18,8 @@
 
 pub mod config;
 
+pub mod metrics;
+
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -220,6 +222,12 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
+    /// The registry of the supervised components: starts mark theirs
+    /// running in it, `/healthz` and `/metrics` read it.
+    pub fn registry(&self) -> std::sync::Arc<Registry> {
+        self.registry.clone()
+    }
+
     pub fn new(registry: std::sync::Arc<Registry>) -> Supervisor {
         let root = CancellationToken::new();
         let stages = Stage::ORDER
