@@ -75,6 +75,11 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
     let metrics = Arc::new(Metrics::default());
     *metrics.runs.write().unwrap_or_else(|p| p.into_inner()) =
         runs.iter().map(|c| c.name().to_owned()).collect();
+    // Readiness, the components, the link and the lease are exported from
+    // the start: while the leaf is unreachable they read 0.
+    let components = Arc::new(supervise::Registry::default());
+    metrics.register(components.clone());
+    let (_, lease_metrics) = store::metrics::declare(&metrics, engine_on);
     let path = config_path.clone();
     let model = Arc::new(Model::from_config(&config));
     // The compiled model is all the engine needs; with thousands of zones
@@ -82,7 +87,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
     // describes the zones from it, so it keeps them when enabled.
     let zones = config.take_presence_entries();
     let ha_zones = config.homeassistant.as_ref().map(|_| zones);
-    let mut sup = Supervisor::new(metrics.components.clone());
+    let mut sup = Supervisor::new(components.clone());
     let page = crate::page::Page::new(
         site.clone(),
         config.service.clone(),
@@ -162,7 +167,8 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
     let (model_tx, model_rx) = watch::channel(model.clone());
     let engine_ready_rx = engine_on.then(|| {
         let (model, fence, role) = (model.clone(), fence.clone(), role_rx.clone());
-        engine::start::start(&mut ctx, &config.engine, model, model_rx, fence, role)
+        let skew = config.ingest.max_clock_skew;
+        engine::start::start(&mut ctx, &config.engine, skew, model, model_rx, fence, role)
     });
     let leader = engine_on.then_some((fence, role_tx));
     let held_rx = store::keeper::start(&mut ctx, &config.lease, &runs, leader, role_rx.clone());
@@ -231,15 +237,15 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 // broker down at boot is reported by health, it does not
                 // hold the unit).
                 let waited = started.elapsed() >= config.health.source_start_wait;
-                let sources_started = inputs.started(&sup, &metrics, waited);
+                let sources_started = inputs.started(&sup, waited);
                 let engine_line = engine_ready_rx.as_ref().and_then(|r| r.borrow().clone());
                 let archiver_started = !archiver_on
-                    || metrics.components.snapshot().get("archiver").is_some_and(|c| c.state == supervise::State::Running);
+                    || components.snapshot().get("archiver").is_some_and(|c| c.state == supervise::State::Running);
                 // The lease too: until it is written, clients would see
                 // this service's keys as stale.
                 // A standby holds no lease and runs no engine by design.
                 let standby = engine_on && !role_rx.borrow().active && role_rx.borrow().since.is_some();
-                let lease_held = metrics.lease_held.load(Ordering::Relaxed) || standby;
+                let lease_held = lease_metrics.held.load(Ordering::Relaxed) || standby;
                 let engine_line = engine_line.or_else(|| standby.then(|| {
                     format!("standby: the engine runs on {}", role_rx.borrow().holder.clone().unwrap_or_else(|| "another instance".into()))
                 }));
@@ -250,7 +256,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                 {
                     ready = true;
                     if engine_on {
-                        metrics.components.running("engine");
+                        components.running("engine");
                     }
                     let line = engine_line.unwrap_or_else(|| {
                         format!(
@@ -260,7 +266,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                         )
                     });
                     inputs.refresh();
-                    metrics.ready.store(true, Ordering::Relaxed);
+                    components.set_ready(true);
                     tracing::info!(status = %line, "ready");
                     systemd::ready(&line);
                 }
@@ -271,7 +277,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         tracing::error!(error = %format!("{e:#}"), "stopping: the daemon cannot carry on; exiting non-zero so its supervisor restarts it");
     }
     systemd::stopping();
-    metrics.ready.store(false, Ordering::Relaxed);
+    components.set_ready(false);
 
     // Drain in stage order (lease, sources, ingest, engine and the rest,
     // HTTP), all within engine.drain_timeout.

@@ -10,12 +10,14 @@
 //!   (the only place subjects, streams, buckets and domains are spelled),
 //!   ownership (keyspaces, components, lease bounds), secrets, the one
 //!   backoff policy, [`time`].
+//! - [`metrics`]: the registry and its rendering, in plain values; it
+//!   declares no family: every component declares its own metrics
+//!   (`<component>::metrics`, readiness in `supervise::metrics`) and
+//!   registers a collector.
 //! - [`observation`], [`supervise`] (one cancellation token and join set
 //!   for every task; failures named in health and metrics, fatal ones
 //!   exit; the `[health]` section), [`systemd`], [`natsconf`] (nats-server
 //!   configuration).
-//! - [`metrics`]: the registry and its rendering, in plain values;
-//!   components hand it readings or register a collector.
 //! - [`component`]: the context every component's `start` takes (site,
 //!   service, NATS client, metrics, supervisor); [`logging`]: the `[log]`
 //!   section and the tracing subscriber.
@@ -24,18 +26,19 @@
 //!   (`sources::config`, `sources::check`).
 //! - [`store`]: JetStream plumbing: connecting (with an event hook, and
 //!   its `[nats]` section), provisioning, CAS writes, leases (started by
-//!   `store::keeper`), the published ownership table.
+//!   `store::keeper`), the published ownership table; the link's and the
+//!   lease's metrics (`store::metrics`).
 //! - [`hub`]: the hub's mirrors of this site and their health (with its
 //!   `[hub]` section, its metrics, and `hub::start`).
 //! - [`acl`]: the access file, the nats-server `authorization` it renders,
 //!   permission violations (wired into the connection's event hook).
 //! - [`ingest`]: observations into stream `SENSORS`, rejects into
 //!   `REJECTED`; `ingest::start` starts the sources, ingest and the
-//!   sources' gauges.
+//!   sources' gauges, and registers ingest's metrics (`ingest::metrics`).
 //! - [`engine`]: pure evidence fusion, debounce and state machine, plus the
 //!   runner that consumes `SENSORS` and writes KV `presence`/`debounce`
-//!   (started under the leader lease by `engine::start`), and the zones'
-//!   config section (`engine::config`).
+//!   (started under the leader lease by `engine::start`), its metrics
+//!   (`engine::metrics`), and the zones' config section (`engine::config`).
 //! - [`config`]: the top TOML config, holding the components' sections,
 //!   parsed with every problem at once, and the checks that span sections.
 //! - [`homeassistant`], [`http`] (`/healthz`, `/metrics`, the `[http]`

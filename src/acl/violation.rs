@@ -10,6 +10,7 @@
 use super::audit_limit::{Entry, Limiter, BURST, PER_SECOND};
 use crate::metrics::Metrics;
 use crate::naming::Site;
+use crate::store::metrics::LinkMetrics;
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
@@ -124,11 +125,11 @@ pub fn channel() -> (Sender, Receiver) {
 /// counted and sent to the audit task (the daemon), or only sent (a CLI,
 /// which names its refusals when it fails).
 impl crate::store::connect::EventHook for Sender {
-    fn on_event(&self, event: &async_nats::Event, metrics: Option<&Metrics>) -> bool {
+    fn on_event(&self, event: &async_nats::Event, link: Option<&LinkMetrics>) -> bool {
         let Some(v) = from_event(event) else {
             return false;
         };
-        match metrics {
+        match link {
             Some(m) => report(v, Some(m), Some(self)),
             None => {
                 let _ = self.send(v);
@@ -143,8 +144,8 @@ const LOG_LINE: &str = "permission violation: nats-server refused this operation
 /// Counts and reports one violation (called from the event callback).
 /// With a sink, the audit task logs it (rate limited, with its record);
 /// without, it is logged here.
-pub fn report(v: Violation, metrics: Option<&Metrics>, sink: Option<&Sender>) {
-    if let Some(m) = metrics {
+pub fn report(v: Violation, link: Option<&LinkMetrics>, sink: Option<&Sender>) {
+    if let Some(m) = link {
         Metrics::inc(&m.permission_violations);
     }
     match sink {

@@ -238,12 +238,13 @@ pub fn start(
 ) {
     use crate::supervise::{self, Stage};
     let (js, site, metrics) = (ctx.js.clone(), ctx.site.clone(), ctx.metrics.clone());
+    let components = ctx.sup.registry();
     let stop = ctx.sup.stop_flag(Stage::Work);
     ctx.sup.spawn("archiver", Stage::Work, true, async move {
         let archiver = worker::Archiver::start(js, site, cfg, &metrics, seed_file.as_deref())
             .await
             .map_err(|e| supervise::fatal(anyhow::Error::new(e).context("archive")))?;
-        metrics.components.running("archiver");
+        components.running("archiver");
         archiver.run(stop).await;
         Ok(())
     });

@@ -10,6 +10,7 @@ pub mod command;
 pub mod config;
 pub mod core;
 mod fencing;
+pub mod metrics;
 pub mod model;
 pub mod runner;
 pub mod standby;

@@ -18,6 +18,7 @@
 //! before the commit loses the command and the client sees no reply.
 
 use super::command::{self, Command, CommandError, ErrorKind, Reply};
+use super::metrics::{EngineMetrics, Event};
 use super::{
     advance, apply, clear_override, initial_state, next_deadline, reconcile, set_override, Input,
     Model, Pending, Presence, Transition, ZoneState,
@@ -108,7 +109,7 @@ pub struct Runner {
     timers: BTreeSet<(Timestamp, String)>,
     /// Each zone's entry in `timers`, to replace it without a scan.
     scheduled: HashMap<String, Timestamp>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<EngineMetrics>,
     batch: usize,
     /// Per zone, the highest transition number counted in
     /// `presenced_transitions_total`.
@@ -148,7 +149,7 @@ impl Runner {
         js: jetstream::Context,
         site: Site,
         model: Arc<Model>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<EngineMetrics>,
         batch: usize,
     ) -> Result<Runner, RunnerError> {
         Runner::start_fenced(js, site, model, metrics, batch, None, None).await
@@ -164,7 +165,7 @@ impl Runner {
         js: jetstream::Context,
         site: Site,
         model: Arc<Model>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<EngineMetrics>,
         batch: usize,
         fence: Option<crate::store::leader::Fence>,
         warm: Option<super::standby::Warm>,
@@ -440,7 +441,7 @@ impl Runner {
 
     /// Applies observations in stream order and makes the effects durable.
     async fn apply_inputs(&mut self, inputs: Vec<(u64, Observation)>) {
-        Metrics::add(&self.metrics.engine_observations, inputs.len() as u64);
+        Metrics::add(&self.metrics.observations, inputs.len() as u64);
         let mut transitions = Vec::new();
         let mut dirty = BTreeSet::new();
         for (seq, obs) in &inputs {
@@ -454,7 +455,7 @@ impl Runner {
                 };
                 if *seq <= slot.state.last_seq {
                     tracing::debug!(zone = %zone, seq, last_seq = slot.state.last_seq, "already applied; skipped");
-                    Metrics::inc(&self.metrics.engine_redeliveries);
+                    Metrics::inc(&self.metrics.redeliveries);
                     continue;
                 }
                 let input = Input {
@@ -526,7 +527,7 @@ impl Runner {
                 return;
             }
             if let Err(e) = self.publish_transitions(&events).await {
-                crate::metrics::stalled(&self.metrics.engine_stalled, format!("EVENTS: {e}"));
+                crate::metrics::stalled(&self.metrics.stalled, format!("EVENTS: {e}"));
                 if !logged {
                     tracing::warn!(error = %e, "cannot publish transitions to EVENTS; retrying");
                     logged = true;
@@ -539,7 +540,7 @@ impl Runner {
                 Ok(()) => break,
                 Err(remaining) => {
                     crate::metrics::stalled(
-                        &self.metrics.engine_stalled,
+                        &self.metrics.stalled,
                         format!(
                             "KV presence or debounce: {} zone(s) not written",
                             remaining.len()
@@ -553,7 +554,7 @@ impl Runner {
         if logged {
             tracing::info!("EVENTS reachable again");
         }
-        crate::metrics::unstalled(&self.metrics.engine_stalled);
+        crate::metrics::unstalled(&self.metrics.stalled);
         for z in &touched {
             self.reschedule(z);
         }
@@ -698,8 +699,7 @@ impl Runner {
             return Ok(());
         }
         for (bucket, key) in conflicts {
-            self.metrics
-                .emit(crate::metrics::Event::KvConflict { bucket, key: &key });
+            self.metrics.emit(Event::KvConflict { bucket, key: &key });
             self.reload(bucket, &key).await;
             retry.insert(key);
         }

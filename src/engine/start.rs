@@ -14,26 +14,32 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Starts the engine (component `engine`, essential) on `model`; SIGHUP
-/// reloads arrive through `models`. It runs only while `role` says this
-/// instance is active, and every write is checked against `fence`.
+/// Starts the engine (component `engine`, essential) on `model` and
+/// registers its metrics; SIGHUP reloads arrive through `models`. It runs
+/// only while `role` says this instance is active, and every write is
+/// checked against `fence`. `clock_ahead_ok` (`ingest.max_clock_skew`:
+/// readings may carry device times that far ahead) is how far a zone
+/// clock may lead the system clock before `/healthz` reports the clock
+/// stepped back.
 /// Returns the engine's status line once it has rehydrated and bound its
 /// consumer (`None` until then): READY waits for it.
 pub fn start(
     ctx: &mut Ctx<'_>,
     cfg: &EngineConfig,
+    clock_ahead_ok: Duration,
     model: Arc<Model>,
     models: watch::Receiver<Arc<Model>>,
     fence: Fence,
     role: watch::Receiver<Role>,
 ) -> watch::Receiver<Option<String>> {
     let (engine_ready_tx, engine_ready_rx) = watch::channel::<Option<String>>(None);
-    let (js, site, metrics, batch) = (
-        ctx.js.clone(),
-        ctx.site.clone(),
-        ctx.metrics.clone(),
-        cfg.batch,
+    let metrics = Arc::new(super::metrics::EngineMetrics::default());
+    crate::metrics::Metrics::set(
+        &metrics.clock_ahead_ok_ms,
+        u64::try_from(clock_ahead_ok.as_millis()).unwrap_or(u64::MAX),
     );
+    ctx.metrics.register(metrics.clone());
+    let (js, site, batch) = (ctx.js.clone(), ctx.site.clone(), cfg.batch);
     let stop = ctx.sup.stop_flag(Stage::Work);
     let (model_rx, mut role) = (models, role);
     ctx.sup.spawn("engine", Stage::Work, true, async move {

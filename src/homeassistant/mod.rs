@@ -488,7 +488,7 @@ pub fn start(
         .spawn("homeassistant", Stage::Work, false, async move {
             fut.await.map_err(supervise::classify)
         });
-    ctx.metrics.components.running("homeassistant");
+    ctx.sup.registry().running("homeassistant");
 }
 
 #[cfg(test)]

@@ -56,8 +56,17 @@ fn get_u64(a: &std::sync::atomic::AtomicU64) -> u64 {
 /// cause of a worse verdict by name, and the detail behind it.
 pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
     use serde_json::json;
-    let ready = m.ready.load(Ordering::Relaxed);
-    let nats = m.nats_connected.load(Ordering::Relaxed);
+    // Each component's values, from the metrics it registered at its
+    // start (absent: not run, or not started yet).
+    let ingest = m.handle::<crate::ingest::metrics::IngestMetrics>();
+    let engine = m.handle::<crate::engine::metrics::EngineMetrics>();
+    let link = m.handle::<crate::store::metrics::LinkMetrics>();
+    let lease_metrics = m.handle::<crate::store::metrics::LeaseMetrics>();
+    let supervised = m.handle::<crate::supervise::Registry>();
+    let ready = supervised.as_ref().is_some_and(|s| s.is_ready());
+    let nats = link
+        .as_ref()
+        .is_some_and(|l| l.connected.load(Ordering::Relaxed));
     let mut down = Vec::new();
     let mut degraded = Vec::new();
     if !ready {
@@ -66,29 +75,39 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
     if !nats {
         down.push("not connected to the leaf nats-server".to_owned());
     }
-    let stalled = crate::metrics::stall_of(&m.ingest_stalled);
+    let stalled = ingest
+        .as_ref()
+        .and_then(|i| crate::metrics::stall_of(&i.stalled));
     if let Some((secs, error)) = stalled.as_ref().filter(|(s, _)| *s >= STALL_GRACE) {
         down.push(format!(
             "ingest cannot store input in SENSORS for {secs:.0}s (holding it and retrying): {error}"
         ));
     }
-    let engine_stalled = crate::metrics::stall_of(&m.engine_stalled);
+    let engine_stalled = engine
+        .as_ref()
+        .and_then(|e| crate::metrics::stall_of(&e.stalled));
     if let Some((secs, error)) = engine_stalled.as_ref().filter(|(s, _)| *s >= STALL_GRACE) {
         down.push(format!(
             "engine cannot commit transitions and zone states for {secs:.0}s (retrying): {error}"
         ));
     }
-    let newest_zone_ms = get_u64(&m.zone_clock_max_ms) as i64;
+    let (newest_zone_ms, ahead_ok_ms) = engine.as_ref().map_or((0, 0), |e| {
+        (
+            get_u64(&e.zone_clock_max_ms) as i64,
+            get_u64(&e.clock_ahead_ok_ms) as i64,
+        )
+    });
     let ahead_ms = newest_zone_ms - crate::time::Timestamp::now().0;
-    if newest_zone_ms > 0
-        && ahead_ms > (get_u64(&m.clock_ahead_ok_ms) as i64).max(CLOCK_AHEAD_MIN_MS)
-    {
+    if newest_zone_ms > 0 && ahead_ms > ahead_ok_ms.max(CLOCK_AHEAD_MIN_MS) {
         degraded.push(format!(
             "zone clock {:.0}s ahead of the system clock (was it stepped back?): debounce timers and overrides fire that much late",
             ahead_ms as f64 / 1000.0
         ));
     }
-    let components = m.components.snapshot();
+    let components = supervised
+        .as_ref()
+        .map(|s| s.snapshot())
+        .unwrap_or_default();
     for (name, c) in &components {
         if c.state == crate::supervise::State::Failed {
             let cause = format!(
@@ -102,7 +121,10 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             }
         }
     }
-    let sources = m.source_health();
+    let sources = m
+        .handle::<crate::ingest::metrics::SourceLinks>()
+        .map(|l| l.get())
+        .unwrap_or_default();
     for s in sources.iter().filter(|s| s.degraded) {
         degraded.push(format!(
             "source {} ({}) link down for {:.0}s",
@@ -111,12 +133,10 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             s.down_seconds.unwrap_or(0.0)
         ));
     }
-    let lease = m.lease_held.load(Ordering::Relaxed);
-    let role = m
-        .engine_role
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let lease = lease_metrics
+        .as_ref()
+        .is_some_and(|l| l.held.load(Ordering::Relaxed));
+    let role = lease_metrics.as_ref().and_then(|l| l.role());
     // A standby holds no lease by design (the active instance does).
     let standby = role.as_ref().is_some_and(|r| !r.active);
     if ready && !lease && !standby {
@@ -142,28 +162,37 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
         "sources": sources,
         "lease": { "held": lease },
     });
-    if runs.iter().any(|r| r == "ingest") {
+    if let Some(i) = ingest
+        .as_ref()
+        .filter(|_| runs.iter().any(|r| r == "ingest"))
+    {
         body["ingest"] = json!({
-            "buffer_depth": get(&m.buffer_depth),
-            "buffer_capacity": get(&m.buffer_capacity),
-            "observations_stored": get(&m.observations_stored),
-            "rejects": get(&m.rejects),
-            "last_reject": *m.last_reject.read().unwrap_or_else(|p| p.into_inner()),
+            "buffer_depth": get(&i.buffer_depth),
+            "buffer_capacity": get(&i.buffer_capacity),
+            "observations_stored": get(&i.observations_stored),
+            "rejects": get(&i.rejects),
+            "last_reject": i.last_reject(),
             "stalled_seconds": stalled.as_ref().map(|(s, _)| *s),
         });
     }
-    if runs.iter().any(|r| r == "engine") {
+    if let Some(e) = engine
+        .as_ref()
+        .filter(|_| runs.iter().any(|r| r == "engine"))
+    {
         body["engine"] = json!({
-            "pending": get(&m.consumer_pending),
-            "zones": get(&m.zones),
-            "zones_occupied": get(&m.zones_occupied),
+            "pending": get(&e.consumer_pending),
+            "zones": get(&e.zones),
+            "zones_occupied": get(&e.zones_occupied),
             "stalled_seconds": engine_stalled.as_ref().map(|(s, _)| *s),
         });
         if let Some(r) = &role {
             body["engine"]["role"] = json!(if r.active { "active" } else { "standby" });
             body["engine"]["since"] = json!(r.since);
             body["engine"]["holder"] = json!(r.holder);
-            body["engine"]["takeovers"] = json!(get(&m.engine_takeovers));
+            let takeovers = lease_metrics
+                .as_ref()
+                .map_or(0, |l| get(&l.engine_takeovers));
+            body["engine"]["takeovers"] = json!(takeovers);
         }
     }
     // Components' own sections (the archiver's, the hub mirrors'):
@@ -239,7 +268,7 @@ pub async fn start(
         serve(listener, m, extra, stop).await;
         Ok(())
     });
-    metrics.components.running("http");
+    sup.registry().running("http");
     Ok(())
 }
 

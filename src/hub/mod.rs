@@ -34,5 +34,5 @@ pub fn start(ctx: &mut crate::component::Ctx<'_>, cfg: config::HubWatch) {
         fut.await;
         Ok(())
     });
-    ctx.metrics.components.running("hub");
+    ctx.sup.registry().running("hub");
 }

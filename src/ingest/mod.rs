@@ -16,6 +16,7 @@
 //! are cut to fit the server's max payload before they are sent (header
 //! [`TRUNCATED_HEADER`] says how much was kept).
 
+pub mod metrics;
 pub mod start;
 
 use crate::base::backoff::Backoff;
@@ -26,6 +27,7 @@ use crate::sources::{Ack, Item, Rejected};
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
+use metrics::IngestMetrics;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -187,7 +189,7 @@ pub async fn run(
     max_in_flight: usize,
     reject_log_every: Duration,
     mut rx: mpsc::Receiver<Item>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<IngestMetrics>,
 ) {
     let mut log = RejectLog {
         every: reject_log_every,
@@ -290,7 +292,7 @@ async fn store_chunk(
     js: &jetstream::Context,
     site: &Site,
     chunk: &[Item],
-    metrics: &Metrics,
+    metrics: &IngestMetrics,
 ) -> HashMap<usize, String> {
     let mut refused = HashMap::new();
     let mut todo: Vec<usize> = (0..chunk.len()).collect();
@@ -320,15 +322,12 @@ async fn store_chunk(
         if failed.is_empty() {
             if outage_logged {
                 tracing::info!("stream SENSORS reachable again; buffered input stored");
-                crate::metrics::unstalled(&metrics.ingest_stalled);
+                crate::metrics::unstalled(&metrics.stalled);
             }
             return refused;
         }
         Metrics::add(&metrics.publish_retries, failed.len() as u64);
-        crate::metrics::stalled(
-            &metrics.ingest_stalled,
-            last_error.clone().unwrap_or_default(),
-        );
+        crate::metrics::stalled(&metrics.stalled, last_error.clone().unwrap_or_default());
         if !outage_logged {
             tracing::warn!(
                 failed = failed.len(),
@@ -510,10 +509,9 @@ pub fn check_config(ingest: &IngestConfig, p: &mut crate::base::problems::Proble
     }
 }
 
-/// What health shows of a reject: plain values, so metrics knows no
-/// source type.
-fn last_reject(r: &crate::sources::Rejected) -> crate::metrics::LastReject {
-    crate::metrics::LastReject {
+/// What health shows of a reject: plain values, not the source's type.
+fn last_reject(r: &crate::sources::Rejected) -> metrics::LastReject {
+    metrics::LastReject {
         source: r.source.clone(),
         origin: r.origin.clone(),
         reason: r.reason.clone(),

@@ -88,14 +88,15 @@ impl Inputs {
     /// without failure once `waited` (`health.source_start_wait` passed:
     /// a broker down at boot is reported by health, it does not hold the
     /// unit). A source that has started is marked running.
-    pub fn started(&self, sup: &Supervisor, metrics: &Metrics, waited: bool) -> bool {
+    pub fn started(&self, sup: &Supervisor, waited: bool) -> bool {
+        let components = sup.registry();
         let mut started = true;
         for l in &self.links {
             let (_, connects, _) = (l.connected)();
             if !sup.is_running(&l.component) {
                 started = false;
             } else if connects > 0 || waited {
-                metrics.components.running(&l.component);
+                components.running(&l.component);
             } else {
                 started = false;
             }
@@ -122,10 +123,9 @@ impl Inputs {
 /// bounded buffer → ingest → `SENSORS`.
 pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
     let metrics = ctx.metrics.clone();
-    Metrics::set(
-        &metrics.clock_ahead_ok_ms,
-        s.ingest.max_clock_skew.as_millis() as u64,
-    );
+    let components = ctx.sup.registry();
+    let source_links = Arc::new(super::metrics::SourceLinks::default());
+    metrics.register(source_links.clone());
     let own = Arc::new(SourceGauges {
         mqtt: (!s.mqtt.is_empty()).then(Level::default),
         serial: (!s.serial.is_empty()).then(Level::default),
@@ -138,10 +138,12 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
     let mut mqtt_statuses = Vec::new();
     let mut serial_statuses = Vec::new();
     if on {
-        Metrics::set(&metrics.buffer_capacity, s.ingest.buffer as u64);
+        let counts = Arc::new(super::metrics::IngestMetrics::default());
+        Metrics::set(&counts.buffer_capacity, s.ingest.buffer as u64);
+        metrics.register(counts.clone());
         let (tx, rx) = mpsc::channel::<Item>(s.ingest.buffer.max(1));
         {
-            let (js, site, m) = (ctx.js.clone(), ctx.site.clone(), metrics.clone());
+            let (js, site, m) = (ctx.js.clone(), ctx.site.clone(), counts);
             let (max, every) = (s.ingest.max_in_flight, s.ingest.reject_log_every);
             // Ingest ends when every source has dropped its sender: it is
             // stopped by the sources stage, not by a token of its own.
@@ -149,7 +151,7 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
                 super::run(js, site, max, every, rx, m).await;
                 Ok(())
             });
-            metrics.components.running("ingest");
+            components.running("ingest");
         }
         for (name, src) in s.mqtt {
             let status = Arc::new(sources::mqtt::MqttStatus::default());
@@ -241,7 +243,7 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
             .collect(),
         mqtt: mqtt_statuses,
         serial: serial_statuses,
-        metrics: metrics.clone(),
+        source_links,
         own,
         grace: s.health.source_grace,
     });
@@ -259,7 +261,7 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
             }
         });
     }
-    metrics.components.running("gauges");
+    components.running("gauges");
     Inputs {
         links,
         gauges,
@@ -273,7 +275,7 @@ struct Gauges {
     links: Vec<(String, &'static str, Probe)>,
     mqtt: Vec<Arc<sources::mqtt::MqttStatus>>,
     serial: Vec<Arc<sources::serial::SerialStatus>>,
-    metrics: Arc<Metrics>,
+    source_links: Arc<super::metrics::SourceLinks>,
     own: Arc<SourceGauges>,
     grace: Duration,
 }
@@ -303,7 +305,7 @@ impl Gauges {
                 t.last = (readings, Some(now));
             }
             let down = t.down_since.map(|d| now - d);
-            health.push(crate::metrics::SourceHealth {
+            health.push(super::metrics::SourceHealth {
                 name: name.clone(),
                 kind: (*kind).to_owned(),
                 up,
@@ -313,7 +315,7 @@ impl Gauges {
                 degraded: down.is_some_and(|d| d >= self.grace),
             });
         }
-        self.metrics.set_source_health(health);
+        self.source_links.set(health);
         let up = self
             .mqtt
             .iter()

@@ -187,7 +187,11 @@ impl Page {
     /// client, `loading` until its first snapshot is in, else
     /// `reconnecting`.
     fn link(&self) -> &'static str {
-        if !self.metrics.nats_connected.load(Ordering::Relaxed) {
+        let connected = self
+            .metrics
+            .handle::<crate::store::metrics::LinkMetrics>()
+            .is_some_and(|l| l.connected.load(Ordering::Relaxed));
+        if !connected {
             "reconnecting"
         } else if self.watching.load(Ordering::Relaxed) {
             "live"
@@ -259,7 +263,10 @@ impl Page {
     /// until a minute of samples is held.
     fn rejects_last_minute(&self) -> Option<u64> {
         let now = std::time::Instant::now();
-        let count = self.metrics.rejects.load(Ordering::Relaxed);
+        let count = self
+            .metrics
+            .handle::<crate::ingest::metrics::IngestMetrics>()
+            .map_or(0, |i| i.rejects.load(Ordering::Relaxed));
         let mut samples = self
             .reject_samples
             .lock()

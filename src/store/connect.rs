@@ -1,6 +1,7 @@
 //! Connecting to the site's leaf nats-server.
 
 use super::config::NatsConfig;
+use super::metrics::LinkMetrics;
 use crate::base::backoff::Backoff;
 use crate::metrics::Metrics;
 use async_nats::{ConnectOptions, Event};
@@ -138,8 +139,9 @@ impl<H> Default for As<H> {
 /// reporter (`acl::violation`) is wired here by whoever connects.
 pub trait EventHook: Clone + Send + Sync + 'static {
     /// True when the hook handled the event (then it is not logged again).
-    /// `metrics` is the daemon's; `None` for a command-line connection.
-    fn on_event(&self, event: &Event, metrics: Option<&Metrics>) -> bool;
+    /// `link` is the daemon's link metrics; `None` for a command-line
+    /// connection.
+    fn on_event(&self, event: &Event, link: Option<&LinkMetrics>) -> bool;
 }
 
 /// No hook: events are only logged and counted.
@@ -147,7 +149,7 @@ pub trait EventHook: Clone + Send + Sync + 'static {
 pub struct NoHook;
 
 impl EventHook for NoHook {
-    fn on_event(&self, _: &Event, _: Option<&Metrics>) -> bool {
+    fn on_event(&self, _: &Event, _: Option<&LinkMetrics>) -> bool {
         false
     }
 }
@@ -202,28 +204,28 @@ fn options<H: EventHook>(
             }
         });
     }
-    if let Some(metrics) = metrics {
+    if let Some(link) = metrics.map(|m| m.handle_or_register::<LinkMetrics>()) {
         let connected_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
         opts = opts.event_callback(move |event| {
-            let metrics = metrics.clone();
+            let link = link.clone();
             let connected_once = connected_once.clone();
             let hook = hook.clone();
             async move {
                 if hook
                     .as_ref()
-                    .is_some_and(|h| h.on_event(&event, Some(&metrics)))
+                    .is_some_and(|h| h.on_event(&event, Some(&link)))
                 {
                     return;
                 }
                 match event {
                     Event::Connected => {
-                        metrics.nats_connected.store(true, Ordering::Relaxed);
+                        link.connected.store(true, Ordering::Relaxed);
                         if connected_once.swap(true, Ordering::Relaxed) {
-                            metrics.emit(crate::metrics::Event::NatsReconnected);
+                            link.emit(super::metrics::Event::NatsReconnected);
                         }
                     }
                     Event::Disconnected => {
-                        metrics.nats_connected.store(false, Ordering::Relaxed);
+                        link.connected.store(false, Ordering::Relaxed);
                         tracing::warn!("disconnected from nats-server; reconnecting");
                     }
                     Event::ServerError(err) => {
@@ -275,7 +277,8 @@ pub async fn connect_as<H: EventHook>(
         match opts.connect(urls).await {
             Ok(client) => {
                 if let Some(m) = &metrics {
-                    m.nats_connected.store(true, Ordering::Relaxed);
+                    let link = m.handle_or_register::<LinkMetrics>();
+                    link.connected.store(true, Ordering::Relaxed);
                 }
                 if warned {
                     tracing::info!(url = %cfg.url, "connected to nats-server");

@@ -24,7 +24,9 @@ pub fn start(
 ) -> watch::Receiver<bool> {
     let (held_tx, held_rx) = watch::channel(false);
     let lease = Lease::new(ctx.service, runs, crate::time::Timestamp::now());
-    let (js, ttl, metrics) = (ctx.js.clone(), cfg.ttl, ctx.metrics.clone());
+    let (js, ttl) = (ctx.js.clone(), cfg.ttl);
+    let (_, own) = super::metrics::declare(ctx.metrics, leader.is_some());
+    let components = ctx.sup.registry();
     let stop = ctx.sup.stop_flag(Stage::Lease);
     let mut held = held_rx.clone();
     let mut role = role_rx;
@@ -33,30 +35,27 @@ pub fn start(
         let watcher = async {
             while held.changed().await.is_ok() {
                 let now = *held.borrow_and_update();
-                metrics.lease_held.store(now, Ordering::Relaxed);
+                own.held.store(now, Ordering::Relaxed);
                 if now {
-                    metrics.components.running("lease");
+                    components.running("lease");
                 }
             }
         };
         if let Some((fence, role_tx)) = leader {
-            let metrics = metrics.clone();
+            let (components, own) = (components.clone(), own.clone());
             let roles = async move {
                 let mut seen = false;
                 while role.changed().await.is_ok() {
                     let r = role.borrow_and_update().clone();
                     if r.active {
-                        crate::metrics::Metrics::inc(&metrics.engine_takeovers);
+                        crate::metrics::Metrics::inc(&own.engine_takeovers);
                     }
-                    metrics.engine_active.store(r.active, Ordering::Relaxed);
+                    own.engine_active.store(r.active, Ordering::Relaxed);
                     if !seen {
                         seen = true;
-                        metrics.components.running("lease");
+                        components.running("lease");
                     }
-                    *metrics
-                        .engine_role
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner()) = Some(r);
+                    *own.role.write().unwrap_or_else(|p| p.into_inner()) = Some(r);
                 }
             };
             tokio::join!(

@@ -7,6 +7,7 @@ pub mod keeper;
 pub mod kv;
 pub mod leader;
 pub mod lease;
+pub mod metrics;
 pub mod provision;
 pub mod publish;
 pub mod published;

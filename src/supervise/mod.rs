@@ -18,6 +18,8 @@
 
 pub mod config;
 
+pub mod metrics;
+
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -128,6 +130,9 @@ pub struct Component {
 #[derive(Debug, Default)]
 pub struct Registry {
     inner: RwLock<BTreeMap<String, Component>>,
+    /// The daemon's READY (`presenced_ready`, `/healthz`): set by its main
+    /// loop once every component it waits on has started.
+    ready: std::sync::atomic::AtomicBool,
 }
 
 fn unix_now() -> u64 {
@@ -137,6 +142,15 @@ fn unix_now() -> u64 {
 }
 
 impl Registry {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready
+            .store(ready, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn update(&self, name: &str, f: impl FnOnce(&mut Component)) {
         let mut map = self.inner.write().unwrap_or_else(|p| p.into_inner());
         let c = map.entry(name.to_owned()).or_insert(Component {
@@ -208,6 +222,12 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
+    /// The registry of the supervised components: starts mark theirs
+    /// running in it, `/healthz` and `/metrics` read it.
+    pub fn registry(&self) -> std::sync::Arc<Registry> {
+        self.registry.clone()
+    }
+
     pub fn new(registry: std::sync::Arc<Registry>) -> Supervisor {
         let root = CancellationToken::new();
         let stages = Stage::ORDER

@@ -381,3 +381,38 @@ async fn seaweedfs_starts_on_fresh_ports_when_the_s3_port_picked_is_taken() {
     assert_eq!(&body[..], b"ok");
     drop(held);
 }
+
+/// The hub's route ports are picked ahead (each node lists its peers'):
+/// with one held, its node exits on `address already in use`, and the
+/// harness starts the whole cluster again on fresh route ports, which
+/// then runs replicated JetStream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_starts_again_on_fresh_route_ports_when_one_picked_is_taken() {
+    let held = TcpListener::bind(("127.0.0.1", support::free_port())).unwrap();
+    let taken = held.local_addr().unwrap().port();
+    let hub = support::Hub::start_first_on(3, "", Some(taken));
+    let why = &hub.restarted_because;
+    assert_eq!(why.len(), 1, "{why:?}");
+    assert!(
+        why[0].contains("address already in use") && why[0].contains(&taken.to_string()),
+        "{why:?}"
+    );
+    for node in &hub.nodes {
+        let (_, body) = support::http_get(node.monitor_addr(), "/varz").unwrap();
+        let varz: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let port = varz["cluster"]["cluster_port"].as_u64();
+        assert!(port.is_some_and(|p| p != u64::from(taken)), "{varz}");
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(hub.nodes[0].url()).await.unwrap());
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "R3".into(),
+            subjects: vec!["r3.>".into()],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .expect("an R3 stream on the restarted cluster");
+    assert_eq!(stream.cached_info().config.num_replicas, 3);
+    drop(held);
+}

@@ -19,7 +19,7 @@ const ALLOWED_CYCLE_EDGES: &[(&str, &str, &str)] = &[];
 
 /// What the leaf layer and `metrics` may import.
 const LEAF: &str = "base";
-const METRICS_MAY_IMPORT: &[&str] = &["base", "supervise"];
+const METRICS_MAY_IMPORT: &[&str] = &["base"];
 
 type Graph = BTreeMap<String, BTreeSet<String>>;
 

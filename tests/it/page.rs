@@ -1,21 +1,21 @@
 //! The status page in a real browser: headless Chromium over WebDriver
 //! against the real daemon, nats-server and Mosquitto under the ACL
 //! `presenced acl` generates; and the fleet page (`presenced dashboard`)
-//! against the real 3-node hub with two sites' leaves (no ACL there: the
-//! hub's generated authorization admits leafnodes and the admin only).
+//! against the real 3-node hub under the authorization `presenced acl-hub`
+//! generates, run as the hub's admin, with two sites' leaves linked as
+//! their leafnode identities.
 //! Each test saves a screenshot under `target/page-tests/` as its artifact.
 
 use crate::common;
 use crate::support;
 
 use common::*;
-use presenced::acl::identity;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use support::browser::Browser;
-use support::{http_get, Daemon, Mosquitto, NatsOptions, NatsServer};
+use support::{http_get, AclSite, Daemon, Mosquitto};
 
 const ZONES: &str = r#"
 [zones.lab]
@@ -44,20 +44,23 @@ enum Layout {
 }
 
 struct World {
-    broker: Mosquitto,
-    nats: NatsServer,
-    dir: tempfile::TempDir,
-    js: async_nats::jetstream::Context,
-    page: SocketAddr,
     /// The instance serving the page; then the engine one, when split.
     _daemons: Vec<Daemon>,
+    /// The admin's JetStream context.
+    js: async_nats::jetstream::Context,
+    broker: Mosquitto,
+    /// The site under the generated ACL: its server, seeds and configs.
+    acl: AclSite,
+    /// The config file of the instance serving the page.
+    page_config: PathBuf,
+    page: SocketAddr,
 }
 
-fn head(service: &str, seed: &Path, nats: &str, http: u16) -> String {
+/// A config's common part; [`AclSite`] adds the identity (`service`, its
+/// seed file).
+fn head(nats: &str, http: u16, page_commands: bool) -> String {
     format!(
-        "site = \"test\"\nservice = \"{service}\"\n\n[nats]\nurl = \"{nats}\"\nrequest_timeout = \"2s\"\nnkey_seed_file = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\npage_commands = {}\n\n[health]\nsource_grace = \"1s\"\n\n[engine]\ndrain_timeout = \"5s\"\n",
-        seed.display(),
-        service != "plain"
+        "site = \"test\"\n\n[nats]\nurl = \"{nats}\"\nrequest_timeout = \"2s\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\npage_commands = {page_commands}\n\n[health]\nsource_grace = \"1s\"\n\n[engine]\ndrain_timeout = \"5s\"\n",
     )
 }
 
@@ -75,132 +78,71 @@ async fn world(layout: Layout) -> World {
 /// [`world`] with other zones (TOML) in the engine's config.
 async fn world_with(layout: Layout, zones: &str) -> World {
     let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let key = |s: &str| identity::keygen(s, &d.join(format!("{s}.seed"))).unwrap();
-    let (admin, presenced, engine) = (key("admin"), key("presenced"), key("engine"));
-    let services = match layout {
-        Layout::Single => format!(
-            "[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\", \"engine\"]\n",
-            presenced.public_key
-        ),
-        Layout::Split => format!(
-            "[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\"]\nreads = [\"commands\", \"presence\"]\n[services.engine]\nnkey = \"{}\"\nruns = [\"engine\"]\n",
-            presenced.public_key, engine.public_key
-        ),
-        Layout::SplitCommandsOnly => format!(
-            "[services.presenced]\nnkey = \"{}\"\nruns = [\"ingest\"]\nreads = [\"commands\"]\n[services.engine]\nnkey = \"{}\"\nruns = [\"engine\"]\n",
-            presenced.public_key, engine.public_key
-        ),
-        Layout::SplitPlain => format!(
-            "[services.plain]\nnkey = \"{}\"\nruns = [\"ingest\"]\n[services.engine]\nnkey = \"{}\"\nruns = [\"engine\"]\n",
-            presenced.public_key, engine.public_key
-        ),
+    let ingest_only = "runs = [\"ingest\"]";
+    let engine = ("engine", "runs = [\"engine\"]");
+    let grants: Vec<(&str, &str)> = match layout {
+        Layout::Single => vec![("presenced", "runs = [\"ingest\", \"engine\"]")],
+        Layout::Split => vec![
+            (
+                "presenced",
+                "runs = [\"ingest\"]\nreads = [\"commands\", \"presence\"]",
+            ),
+            engine,
+        ],
+        Layout::SplitCommandsOnly => vec![
+            ("presenced", "runs = [\"ingest\"]\nreads = [\"commands\"]"),
+            engine,
+        ],
+        Layout::SplitPlain => vec![("plain", ingest_only), engine],
     };
-    let access = format!("admin = {{ nkey = \"{}\" }}\n{services}", admin.public_key);
-    let access_path = d.join("access.toml");
-    std::fs::write(&access_path, access).unwrap();
-    let out = support::daemon::run_presenced(
-        &[
-            "acl",
-            "--access",
-            access_path.to_str().unwrap(),
-            "--site",
-            "test",
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let nats = NatsServer::start(NatsOptions {
-        extra: String::from_utf8(out.stdout).unwrap(),
-        ..Default::default()
-    });
-    let url = nats.url();
-    let admin_cfg = d.join("admin.toml");
-    std::fs::write(
-        &admin_cfg,
-        format!(
-            "{}{zones}",
-            head("admin", &d.join("admin.seed"), &url, support::free_port())
-        ),
-    )
-    .unwrap();
-    let out = support::daemon::run_presenced(
-        &[
-            "provision",
-            "--config",
-            admin_cfg.to_str().unwrap(),
-            "--access",
-            access_path.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "provision: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let acl = AclSite::start(&grants);
+    let url = acl.url();
+    acl.provision_with_access(&format!(
+        "{}{zones}",
+        head(&url, support::free_port(), true)
+    ));
     let port = support::free_port();
     let page = SocketAddr::from(([127, 0, 0, 1], port));
-    let seed = d.join("presenced.seed");
+    // The page is served by the first identity: the whole pipeline, or
+    // the ingest-only half of a split site.
+    let service = grants[0].0;
+    let page_commands = service != "plain";
     let mut daemons = Vec::new();
-    match layout {
-        Layout::Single => {
-            let cfg = d.join("presenced.toml");
-            let text = format!(
-                "{}{}{zones}",
-                head("presenced", &seed, &url, port),
-                mqtt(broker.port)
-            );
-            std::fs::write(&cfg, text).unwrap();
-            daemons.push(Daemon::start_at(&cfg, &[]));
-        }
-        Layout::Split | Layout::SplitPlain | Layout::SplitCommandsOnly => {
-            let service = if layout == Layout::SplitPlain {
-                "plain"
-            } else {
-                "presenced"
-            };
-            let cfg = d.join("presenced.toml");
-            // The ingest-only half: sources, no zones.
-            let text = format!(
-                "runs = [\"ingest\"]\n{}{}",
-                head(service, &seed, &url, port),
-                mqtt(broker.port)
-            );
-            std::fs::write(&cfg, text).unwrap();
-            let engine_port = support::free_port();
-            let ecfg = d.join("engine.toml");
-            let text = format!(
-                "{}{zones}",
-                head("engine", &d.join("engine.seed"), &url, engine_port)
-            );
-            std::fs::write(&ecfg, text).unwrap();
-            daemons.push(Daemon::start_at(&cfg, &[]));
-            daemons.push(Daemon::start_at(&ecfg, &[]));
-            daemons[1].wait_healthy(
-                SocketAddr::from(([127, 0, 0, 1], engine_port)),
-                Duration::from_secs(20),
-            );
-        }
+    let page_config = if layout == Layout::Single {
+        let text = format!(
+            "{}{}{zones}",
+            head(&url, port, page_commands),
+            mqtt(broker.port)
+        );
+        acl.config_file(&text, service)
+    } else {
+        // The ingest-only half: sources, no zones.
+        let text = format!(
+            "{ingest_only}\n{}{}",
+            head(&url, port, page_commands),
+            mqtt(broker.port)
+        );
+        acl.config_file(&text, service)
+    };
+    daemons.push(Daemon::start_at(&page_config, &[]));
+    if layout != Layout::Single {
+        let engine_port = support::free_port();
+        let text = format!("{}{zones}", head(&url, engine_port, true));
+        daemons.push(acl.daemon(&text, "engine"));
+        daemons[1].wait_healthy(
+            SocketAddr::from(([127, 0, 0, 1], engine_port)),
+            Duration::from_secs(20),
+        );
     }
     daemons[0].wait_healthy(page, Duration::from_secs(20));
-    let client = async_nats::ConnectOptions::new()
-        .nkey(identity::read_seed(&d.join("admin.seed")).unwrap())
-        .connect(&url)
-        .await
-        .unwrap();
+    let js = acl.js("admin").await;
     World {
-        broker,
-        nats,
-        dir,
-        js: async_nats::jetstream::new(client),
-        page,
         _daemons: daemons,
+        js,
+        broker,
+        acl,
+        page_config,
+        page,
     }
 }
 
@@ -550,7 +492,7 @@ async fn the_stream_says_reconnecting_while_nats_is_down_then_catches_up_without
         Duration::from_secs(5),
         &format!("return {LAB} !== undefined"),
     );
-    w.nats.stop();
+    w.acl.nats.stop();
     b.wait_for(
         "reconnecting shown",
         Duration::from_secs(10),
@@ -565,7 +507,7 @@ async fn the_stream_says_reconnecting_while_nats_is_down_then_catches_up_without
         json!("vacant"),
         "nothing applied while the leaf is away"
     );
-    w.nats.start_again();
+    w.acl.nats.start_again();
     let back = Instant::now() + Duration::from_secs(30);
     while http_get(w.page, "/healthz").map(|(c, _)| c) != Some(200) {
         assert!(
@@ -595,7 +537,6 @@ async fn the_stream_says_reconnecting_while_nats_is_down_then_catches_up_without
         b.eval("return window.__notReloaded === true", json!([])),
         json!(true)
     );
-    let _ = &w.dir;
     shot(&b, "site-after-restart");
 }
 
@@ -609,16 +550,55 @@ impl Drop for Dashboard {
     }
 }
 
+/// The fleet page as deployed: the 3-node hub under the authorization
+/// `presenced acl-hub` generates, each site's leaf linked as its leafnode
+/// identity, the mirrors made by `provision-hub` as the hub's admin, and
+/// the dashboard run as that admin (the identity an operator has on the
+/// hub). Nothing it does is refused: the sites are listed from their
+/// mirrors and follow them live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_a_sites_zones() {
+    use presenced::acl::identity;
     use presenced::naming::Site;
     let broker = Mosquitto::start();
-    // The real 3-node hub (R3 mirrors), each site's leaf linked to every node.
-    let hub = support::Hub::start();
-    let leaf = |site: &str| support::leaf_of(&Site::new(site).unwrap(), hub.leafnode_urls());
+    let dir = tempfile::tempdir().unwrap();
+    let seed_path = |who: &str| dir.path().join(format!("{who}.seed"));
+    let key = |who: &str| {
+        identity::keygen(who, &seed_path(who))
+            .unwrap_or_else(|e| panic!("keygen {who}: {e}"))
+            .public_key
+    };
+    let hub_admin = key("hub-admin");
+    // Each site's access file names its leafnode identity; acl-hub makes
+    // the hub's authorization from them.
+    let mut acl_hub = vec![
+        "acl-hub".to_owned(),
+        "--admin-nkey".to_owned(),
+        hub_admin.clone(),
+    ];
+    for site in ["a", "b"] {
+        let access = dir.path().join(format!("{site}-access.toml"));
+        let leafnode = key(&format!("{site}-leafnode"));
+        std::fs::write(&access, format!("leafnode = {{ nkey = \"{leafnode}\" }}\n")).unwrap();
+        acl_hub.push(format!("{site}={}", access.display()));
+    }
+    let args: Vec<&str> = acl_hub.iter().map(String::as_str).collect();
+    let out = support::daemon::run_presenced(&args, &[]);
+    assert!(
+        out.status.success(),
+        "acl-hub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let authorization = String::from_utf8(out.stdout).unwrap();
+    // The real 3-node hub (R3 mirrors) under it, each site's leaf linked
+    // to every node as its leafnode identity.
+    let hub = support::Hub::start_authorized(3, &authorization);
+    let leaf = |site: &str| {
+        let seed = identity::read_seed(&seed_path(&format!("{site}-leafnode"))).unwrap();
+        support::leaf_of_as(&Site::new(site).unwrap(), hub.leafnode_urls(), &seed)
+    };
     let leaf_a = leaf("a");
     let mut leaf_b = leaf("b");
-    let dir = tempfile::tempdir().unwrap();
     let http_a = support::free_port();
     let cfg_a = dir.path().join("a.toml");
     std::fs::write(
@@ -650,32 +630,53 @@ async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_
     .unwrap();
     provision(&cfg_a);
     provision(&cfg_b);
-    let out = support::daemon::run_presenced(
-        &[
-            "provision-hub",
-            "--server",
-            &hub.client_urls().join(","),
-            "--site",
-            "a",
-            "--site",
-            "b",
-        ],
-        &[],
+    // provision-hub reads each site's sources over its link, which comes
+    // up a moment after the leaf starts.
+    let hub_seed = seed_path("hub-admin");
+    let servers = hub.client_urls().join(",");
+    let provision_hub = [
+        "provision-hub",
+        "--server",
+        &servers,
+        "--site",
+        "a",
+        "--site",
+        "b",
+        "--nkey-seed-file",
+        hub_seed.to_str().unwrap(),
+    ];
+    let mut last = String::new();
+    support::wait_until(
+        "provision-hub as the hub's admin",
+        Duration::from_secs(30),
+        || {
+            let out = support::daemon::run_presenced(&provision_hub, &[]);
+            last = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out.status.success()
+        },
     );
-    assert!(
-        out.status.success(),
-        "provision-hub: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(!last.contains("permission"), "{last}");
     let d = Daemon::start_at(&cfg_a, &[]);
     d.wait_healthy(
         SocketAddr::from(([127, 0, 0, 1], http_a)),
         Duration::from_secs(20),
     );
 
-    // The dashboard reads the hub directly; sites found from the mirrors.
+    // The dashboard reads the hub directly as the hub's admin; sites found
+    // from the mirrors.
     let cfg_hub = dir.path().join("hub.toml");
-    std::fs::write(&cfg_hub, client_config("a", &hub.client_urls().join(","))).unwrap();
+    std::fs::write(
+        &cfg_hub,
+        client_config("a", &servers).replace(
+            "[nats]\n",
+            &format!("[nats]\nnkey_seed_file = \"{}\"\n", hub_seed.display()),
+        ),
+    )
+    .unwrap();
     let port = support::free_port();
     let log = std::fs::File::create(dir.path().join("dashboard.log")).unwrap();
     let _dash = Dashboard(
@@ -758,6 +759,11 @@ async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_
     shot(&b, "fleet-site-a");
     let (code, body) = http_get(addr, "/site/nope").unwrap();
     assert_eq!(code, 404, "{body}");
+    // The hub refused the admin nothing along the way.
+    let log = std::fs::read_to_string(dir.path().join("dashboard.log")).unwrap();
+    for refused in ["ermission", "cannot list"] {
+        assert!(!log.contains(refused), "{log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -801,8 +807,7 @@ async fn not_granted_the_zones(layout: Layout, read_only: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_live_prints_each_accepted_reading_under_the_generated_acl() {
     let w = world(Layout::Single).await;
-    let cfg = w.dir.path().join("presenced.toml");
-    let watch = common::watch::Watch::start(&cfg, &["--live"]);
+    let watch = common::watch::Watch::start(&w.page_config, &["--live"]);
     // The header is printed once the subscription is in place.
     support::wait_until("watch --live subscribed", Duration::from_secs(10), || {
         watch.text().iter().any(|l| l.starts_with("sensor"))

@@ -105,15 +105,26 @@ impl AclSite {
     /// does (`presenced provision --config admin.toml`); returns the
     /// admin's config file and what provision printed.
     pub fn provision(&self, config: &str) -> (PathBuf, String) {
+        self.provision_args(config, &[])
+    }
+
+    /// [`AclSite::provision`] with the access file (`--access`), which
+    /// also stores who runs what and who may send commands: what a site
+    /// whose page or clients send commands needs.
+    pub fn provision_with_access(&self, config: &str) -> (PathBuf, String) {
+        let access = self.access_path.to_str().expect("a UTF-8 temp path");
+        self.provision_args(config, &["--access", access])
+    }
+
+    fn provision_args(&self, config: &str, extra: &[&str]) -> (PathBuf, String) {
         let path = self.config_file(config, "admin");
-        let out = run_presenced(
-            &[
-                "provision",
-                "--config",
-                path.to_str().expect("a UTF-8 temp path"),
-            ],
-            &[],
-        );
+        let mut args = vec![
+            "provision",
+            "--config",
+            path.to_str().expect("a UTF-8 temp path"),
+        ];
+        args.extend_from_slice(extra);
+        let out = run_presenced(&args, &[]);
         assert!(
             out.status.success(),
             "provision as admin failed: {}{}",

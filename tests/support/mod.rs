@@ -42,7 +42,7 @@ pub mod wait;
 pub use acl_site::AclSite;
 pub use daemon::{presenced_bin, Daemon};
 pub use http::http_get;
-pub use hub::{leaf_of, Hub, LinkProxies};
+pub use hub::{leaf_of, leaf_of_as, Hub, LinkProxies};
 pub use mosquitto::{mosquitto_bin, Mosquitto};
 pub use nats::{
     check_nats_version, nats_server_bin, parse_nats_version, ClusterPorts, NatsOptions, NatsServer,

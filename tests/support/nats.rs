@@ -6,7 +6,7 @@
 //! ports) and written into its config, so a restart keeps them.
 
 use super::http_get;
-use super::process::{self, log_tail, Harnessed as _};
+use super::process::{self, log_tail, Harnessed as _, ProcError};
 use std::env;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -120,7 +120,15 @@ pub struct NatsOptions {
     pub leafnode_tls: Option<presenced::natsconf::ServerTls>,
     /// TLS of a leaf's link to its [`NatsOptions::leaf_remotes`].
     pub remote_tls: Option<presenced::natsconf::LinkTls>,
+    /// The NKEY seed a leaf's link authenticates to the hub with (the
+    /// site's leafnode identity), written beside the config and included
+    /// into the remote, as the NixOS module deploys it.
+    pub remote_seed: Option<String>,
 }
+
+/// The file [`NatsOptions::remote_seed`] is written to, in the server's
+/// directory (an include is relative to the config's).
+const REMOTE_SEED_FILE: &str = "leaf-nkey.conf";
 
 /// A hub node's route port and its peers' route ports.
 #[derive(Clone, Debug, Default)]
@@ -152,6 +160,14 @@ impl NatsServer {
     /// Writes a config, starts the server and waits until JetStream is
     /// ready; panics with the log tail if it does not come up in 10 s.
     pub fn start(opts: NatsOptions) -> NatsServer {
+        NatsServer::try_start(opts).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// [`NatsServer::start`], saying why the server exited during its
+    /// start (with the log tail, and the line naming a taken port: a hub
+    /// node's route port is picked ahead) instead of panicking. Nothing is
+    /// left running on an error.
+    pub fn try_start(opts: NatsOptions) -> Result<NatsServer, ProcError> {
         let dir = tempfile::Builder::new()
             .prefix("nats-test-")
             .tempdir()
@@ -162,6 +178,13 @@ impl NatsServer {
         let config_path = dir.path().join("nats-server.conf");
         let ports_dir = dir.path().join("ports");
         std::fs::create_dir_all(&ports_dir).expect("create the ports file directory");
+        if let Some(seed) = &opts.remote_seed {
+            std::fs::write(
+                dir.path().join(REMOTE_SEED_FILE),
+                format!("nkey: \"{seed}\"\n"),
+            )
+            .expect("write the leaf's seed include");
+        }
         // Any free port, chosen by the server as it binds.
         let any = Ports {
             port: 0,
@@ -197,13 +220,16 @@ impl NatsServer {
             log_path,
             dir,
         };
-        server.spawn_child();
-        let ports = server.read_ports(&ports_dir, &any);
+        let mut command = Command::new(nats_server_bin());
+        command.arg("-c").arg(&server.config_path);
+        // It writes its own log (log_file in the config).
+        server.process.spawn(command, false)?;
+        let ports = server.read_ports(&ports_dir, &any)?;
         server.port = ports.port;
         server.monitor_port = ports.monitor_port;
         server.mqtt_port = ports.mqtt_port;
         server.leafnode_port = ports.leafnode_port;
-        server.wait_ready();
+        server.try_wait_ready()?;
         // Restarts keep the ports (clients reconnect to the same URLs).
         let config = render_config(
             &opts,
@@ -214,12 +240,12 @@ impl NatsServer {
             None,
         );
         std::fs::write(&server.config_path, config).expect("write nats-server config");
-        server
+        Ok(server)
     }
 
     /// The ports the server chose: client and monitoring from its ports
     /// file, leafnode and MQTT from `/varz`.
-    fn read_ports(&mut self, dir: &Path, wanted: &Ports) -> Ports {
+    fn read_ports(&mut self, dir: &Path, wanted: &Ports) -> Result<Ports, ProcError> {
         let start = Instant::now();
         let urls = loop {
             let found = std::fs::read_dir(dir)
@@ -231,7 +257,9 @@ impl NatsServer {
             if let Some(urls) = found {
                 break urls;
             }
-            self.fail_if_exited();
+            if let Some(error) = self.process.exited() {
+                return Err(error);
+            }
             assert!(
                 start.elapsed() < READY_DEADLINE,
                 "nats-server wrote no ports file within {READY_DEADLINE:?}; log tail:\n{}",
@@ -255,7 +283,9 @@ impl NatsServer {
                     break v;
                 }
             }
-            self.fail_if_exited();
+            if let Some(error) = self.process.exited() {
+                return Err(error);
+            }
             assert!(
                 start.elapsed() < READY_DEADLINE,
                 "no /varz within {READY_DEADLINE:?}"
@@ -268,17 +298,17 @@ impl NatsServer {
                 .and_then(|p| u16::try_from(p).ok())
                 .unwrap_or_else(|| panic!("no {key}.port in /varz: {varz}"))
         };
-        Ports {
+        Ok(Ports {
             port: port_of("nats"),
             monitor_port,
             mqtt_port: wanted.mqtt_port.map(|_| listener("mqtt")),
             leafnode_port: wanted.leafnode_port.map(|_| listener("leaf")),
-        }
+        })
     }
 
-    fn fail_if_exited(&mut self) {
-        let during = format!("during startup (config {})", self.config_path.display());
-        self.process.panic_if_exited(&during);
+    /// Why the server has exited, once it has (`None` while it runs).
+    pub fn exited(&mut self) -> Option<ProcError> {
+        self.process.exited()
     }
 
     /// Client URL.
@@ -356,15 +386,18 @@ impl NatsServer {
         self.process.start(command, false);
     }
 
-    fn wait_ready(&mut self) {
+    fn try_wait_ready(&mut self) -> Result<(), ProcError> {
         let addr = self.monitor_addr();
-        let ready = self.process.wait_ready(READY_DEADLINE, |_| {
+        self.process.wait_ready(READY_DEADLINE, |_| {
             matches!(
                 http_get(addr, "/healthz?js-enabled-only=true"),
                 Some((200, _))
             )
-        });
-        if let Err(error) = ready {
+        })
+    }
+
+    fn wait_ready(&mut self) {
+        if let Err(error) = self.try_wait_ready() {
             panic!(
                 "nats-server on port {} (config {}): {error}",
                 self.port,
@@ -466,6 +499,10 @@ fn render_config(
         if !opts.leaf_remotes.is_empty() {
             leaf.hub = Some(natsconf::HubLink {
                 tls: opts.remote_tls.clone(),
+                nkey_include: opts
+                    .remote_seed
+                    .as_ref()
+                    .map(|_| PathBuf::from(REMOTE_SEED_FILE)),
                 ..natsconf::HubLink::new(opts.leaf_remotes.clone())
             });
         }

@@ -1,0 +1,154 @@
+//! The engine's metrics, declared here and registered by
+//! [`super::start::start`] when the instance runs the engine (a standby
+//! exports them too, at their last values). The runner holds them
+//! directly; `/healthz` reads them through
+//! [`crate::metrics::Metrics::handle`] for its verdict (a stalled commit,
+//! a zone clock ahead of the system clock) and its `engine` section.
+
+use crate::metrics::{counter_name, Collector, Count, Level, Metrics, Stall};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// Counters and gauges of the engine.
+#[derive(Debug, Default)]
+pub struct EngineMetrics {
+    pub observations: Count,
+    pub redeliveries: Count,
+    pub kv_writes: Count,
+    pub kv_conflicts: Count,
+    pub transitions: Count,
+    pub consumer_pending: Level,
+    pub zones: Level,
+    pub zones_occupied: Level,
+    /// Since when the engine has been retrying a commit (transitions to
+    /// EVENTS, zone states to KV) the leaf does not take, and why: a full
+    /// store refuses writes while the connection stays up.
+    pub stalled: Stall,
+    /// The newest zone clock (unix ms, 0 before the engine runs). Ahead
+    /// of the system clock by more than [`EngineMetrics::clock_ahead_ok_ms`]
+    /// means the clock was stepped back: zones keep their clock (time
+    /// never runs backwards for a zone), so their timers fire late.
+    pub zone_clock_max_ms: AtomicU64,
+    /// How far ahead a zone clock may legitimately be: readings may carry
+    /// device times up to `ingest.max_clock_skew` ahead.
+    pub clock_ahead_ok_ms: AtomicU64,
+}
+
+/// Things that happen to the engine that are both logged and counted: one
+/// call does both, so a log line and its counter cannot drift apart.
+#[derive(Debug, Clone)]
+pub enum Event<'a> {
+    /// A compare-and-set write found the key changed behind the engine.
+    KvConflict { bucket: &'a str, key: &'a str },
+}
+
+impl EngineMetrics {
+    /// Logs `event` and counts it.
+    pub fn emit(&self, event: Event<'_>) {
+        match event {
+            Event::KvConflict { bucket, key } => {
+                Metrics::inc(&self.kv_conflicts);
+                tracing::error!(
+                    bucket,
+                    key = %key,
+                    "compare-and-set conflict: the key changed behind the engine's back; reloading it"
+                );
+            }
+        }
+    }
+}
+
+impl Collector for EngineMetrics {
+    fn collect(&self, r: &mut Registry) {
+        for (name, help, c) in [
+            (
+                "presenced_engine_observations_total",
+                "Observations applied by the engine.",
+                &self.observations,
+            ),
+            (
+                "presenced_engine_redeliveries_total",
+                "Redelivered observations skipped as already applied.",
+                &self.redeliveries,
+            ),
+            (
+                "presenced_kv_writes_total",
+                "Compare-and-set writes to KV presence and debounce.",
+                &self.kv_writes,
+            ),
+            (
+                "presenced_kv_conflicts_total",
+                "KV writes refused for a stale revision.",
+                &self.kv_conflicts,
+            ),
+            (
+                "presenced_transitions_total",
+                "Zone state transitions published to EVENTS.",
+                &self.transitions,
+            ),
+        ] {
+            r.register(counter_name(name), help, c.clone());
+        }
+        for (name, help, g) in [
+            (
+                "presenced_consumer_pending",
+                "Observations in SENSORS not yet applied by the engine.",
+                &self.consumer_pending,
+            ),
+            ("presenced_zones", "Zones configured.", &self.zones),
+            (
+                "presenced_zones_occupied",
+                "Zones currently occupied or leaving.",
+                &self.zones_occupied,
+            ),
+        ] {
+            r.register(name, help, g.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    #[test]
+    fn exports_each_family_once_with_its_value() {
+        let m = Metrics::default();
+        let own = Arc::new(EngineMetrics::default());
+        m.register(own.clone());
+        Metrics::inc(&own.kv_writes);
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE presenced_kv_writes counter\npresenced_kv_writes_total 1\n"),
+            "{text}"
+        );
+        for name in [
+            "presenced_engine_observations_total",
+            "presenced_engine_redeliveries_total",
+            "presenced_kv_writes_total",
+            "presenced_kv_conflicts_total",
+            "presenced_transitions_total",
+            "presenced_consumer_pending",
+            "presenced_zones",
+            "presenced_zones_occupied",
+        ] {
+            let n = text
+                .lines()
+                .filter(|l| l.split(' ').next() == Some(name))
+                .count();
+            assert_eq!(n, 1, "{name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn an_event_is_counted_where_it_is_logged() {
+        let m = EngineMetrics::default();
+        m.emit(Event::KvConflict {
+            bucket: "presence",
+            key: "hall",
+        });
+        assert_eq!(m.kv_conflicts.load(Ordering::Relaxed), 1);
+    }
+}
