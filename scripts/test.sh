@@ -14,11 +14,12 @@ failed=()
 step() {
     local name="$1"
     shift
+    local started=$SECONDS
     printf '\n==> %s: %s\n' "$name" "$*"
     if "$@"; then
-        printf '==> %s: ok\n' "$name"
+        printf '==> %s: ok (%d s)\n' "$name" "$((SECONDS - started))"
     else
-        printf '==> %s: FAILED\n' "$name"
+        printf '==> %s: FAILED (%d s)\n' "$name" "$((SECONDS - started))"
         failed+=("$name")
     fi
 }
@@ -27,6 +28,9 @@ step fmt cargo fmt --all --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
 # Benchmarks are compiled by clippy above and run on demand only
 # (cargo bench --bench e2e); they are not tests.
+# Built first on its own, so its time (the cold test build on a fresh
+# clone) shows apart from the run's.
+step build cargo nextest run --workspace --lib --bins --tests --no-run
 step tests cargo nextest run --workspace --lib --bins --tests --no-fail-fast
 step nix bash scripts/nix-check.sh
 step doctests cargo test --workspace --doc
@@ -35,4 +39,4 @@ if [ "${#failed[@]}" -gt 0 ]; then
     printf '\ntest.sh: failed: %s\n' "${failed[*]}" >&2
     exit 1
 fi
-printf '\ntest.sh: all steps passed\n'
+printf '\ntest.sh: all steps passed (%d s)\n' "$SECONDS"
