@@ -18,6 +18,8 @@
     # With leafNkeys declared, the admin identity that provisions:
     # adminNkey = "U...";
     # provision.nkeySeedFile = "/var/lib/secrets/presenced/admin.nk";
+    # Read-only identities for `presenced dashboard` (the fleet page):
+    # viewerNkeys = [ "U..." ];
   };
 
   # Replace with the node's hardware-configuration.nix.

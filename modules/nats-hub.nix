@@ -100,6 +100,10 @@ let
               "--admin-nkey"
               cfg.adminNkey
             ]
+            ++ lib.concatMap (key: [
+              "--viewer-nkey"
+              key
+            ]) cfg.viewerNkeys
             ++ siteAccess
           )
         } > "$out"
@@ -236,6 +240,17 @@ in
       type = types.nullOr (types.strMatching "U[A-Z2-7]{55}");
       default = null;
       description = "Public NKEY of the admin identity that provisions the hub mirrors.";
+    };
+
+    viewerNkeys = mkOption {
+      type = types.listOf (types.strMatching "U[A-Z2-7]{55}");
+      default = [ ];
+      description = ''
+        Public NKEYs of read-only viewers: `presenced dashboard` run with
+        one of their seeds lists every site from its mirrors and can
+        create, change or delete nothing on the hub (unlike
+        {option}`adminNkey`).
+      '';
     };
 
     provision = {

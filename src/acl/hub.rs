@@ -21,6 +21,8 @@ pub enum HubAclError {
     Twice(String),
     #[error("--admin-nkey: {0}")]
     Admin(String),
+    #[error("--viewer-nkey: {0}")]
+    Viewer(String),
 }
 
 /// Parses `SITE=FILE`.
@@ -51,15 +53,26 @@ pub fn leafnodes(pairs: &[(Site, PathBuf)]) -> Result<Vec<(Site, String)>, HubAc
 }
 
 /// `presenced acl-hub`: the hub's authorization block.
-pub fn render_files(admin: Option<&str>, pairs: &[String]) -> Result<String, HubAclError> {
+pub fn render_files(
+    admin: Option<&str>,
+    viewers: &[String],
+    pairs: &[String],
+) -> Result<String, HubAclError> {
     if let Some(key) = admin {
         check_public_key(key).map_err(|e| HubAclError::Admin(e.to_string()))?;
+    }
+    for key in viewers {
+        check_public_key(key).map_err(|e| HubAclError::Viewer(e.to_string()))?;
     }
     let pairs = pairs
         .iter()
         .map(|p| parse_pair(p))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(super::render::render_hub(admin, &leafnodes(&pairs)?))
+    Ok(super::render::render_hub_with_viewers(
+        admin,
+        viewers,
+        &leafnodes(&pairs)?,
+    ))
 }
 
 #[cfg(test)]

@@ -414,7 +414,9 @@ pub async fn run(cfg: crate::config::Config, args: DashboardArgs) -> anyhow::Res
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     let who: crate::store::connect::As = crate::store::connect::As {
-        service: Some(cfg.service.clone()),
+        // Its own inbox prefix, whoever it runs as: the hub's viewer
+        // identity is granted replies there only.
+        service: Some(crate::acl::render::DASHBOARD_INBOX.to_owned()),
         violations: None,
     };
     let client =

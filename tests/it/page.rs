@@ -569,12 +569,16 @@ async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_
             .public_key
     };
     let hub_admin = key("hub-admin");
+    let hub_viewer = key("hub-viewer");
     // Each site's access file names its leafnode identity; acl-hub makes
-    // the hub's authorization from them.
+    // the hub's authorization from them, with a read-only viewer for the
+    // dashboard.
     let mut acl_hub = vec![
         "acl-hub".to_owned(),
         "--admin-nkey".to_owned(),
         hub_admin.clone(),
+        "--viewer-nkey".to_owned(),
+        hub_viewer.clone(),
     ];
     for site in ["a", "b"] {
         let access = dir.path().join(format!("{site}-access.toml"));
@@ -666,14 +670,15 @@ async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_
         Duration::from_secs(20),
     );
 
-    // The dashboard reads the hub directly as the hub's admin; sites found
-    // from the mirrors.
+    // The dashboard reads the hub directly as the read-only viewer; sites
+    // found from the mirrors.
+    let viewer_seed = seed_path("hub-viewer");
     let cfg_hub = dir.path().join("hub.toml");
     std::fs::write(
         &cfg_hub,
         client_config("a", &servers).replace(
             "[nats]\n",
-            &format!("[nats]\nnkey_seed_file = \"{}\"\n", hub_seed.display()),
+            &format!("[nats]\nnkey_seed_file = \"{}\"\n", viewer_seed.display()),
         ),
     )
     .unwrap();
@@ -759,11 +764,70 @@ async fn the_fleet_page_lists_sites_from_the_3_node_hubs_mirrors_live_and_opens_
     shot(&b, "fleet-site-a");
     let (code, body) = http_get(addr, "/site/nope").unwrap();
     assert_eq!(code, 404, "{body}");
-    // The hub refused the admin nothing along the way.
+    // The hub refused the viewer nothing along the way.
     let log = std::fs::read_to_string(dir.path().join("dashboard.log")).unwrap();
     for refused in ["ermission", "cannot list"] {
         assert!(!log.contains(refused), "{log}");
     }
+    // And the viewer changes nothing: deleting a mirror, creating a stream
+    // or a durable consumer as it is refused, the mirror still there.
+    let viewer = async_nats::ConnectOptions::with_nkey(
+        identity::read_seed(&viewer_seed).unwrap().trim().to_owned(),
+    )
+    .custom_inbox_prefix("_INBOX.dashboard")
+    .request_timeout(Some(Duration::from_secs(2)))
+    .connect(hub.client_urls())
+    .await
+    .unwrap();
+    let vjs = async_nats::jetstream::with_domain(viewer, "hub");
+    let mirror = Site::new("a").unwrap().hub_mirror("SENSORS");
+    assert!(
+        vjs.delete_stream(&mirror).await.is_err(),
+        "viewer deleted {mirror}"
+    );
+    assert!(
+        vjs.create_stream(async_nats::jetstream::stream::Config {
+            name: "VIEWER_MADE".into(),
+            subjects: vec!["viewer.made".into()],
+            ..Default::default()
+        })
+        .await
+        .is_err(),
+        "viewer created a stream"
+    );
+    let stream = vjs.get_stream(&mirror).await.unwrap();
+    assert!(
+        stream
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some("viewer-durable".into()),
+                ..Default::default()
+            })
+            .await
+            .is_err(),
+        "viewer created a durable consumer"
+    );
+    let admin = hub_admin_js(&hub, &hub_seed).await;
+    assert!(
+        admin.get_stream(&mirror).await.is_ok(),
+        "{mirror} still there"
+    );
+    assert!(admin.get_stream("VIEWER_MADE").await.is_err());
+}
+
+async fn hub_admin_js(
+    hub: &support::Hub,
+    seed: &std::path::Path,
+) -> async_nats::jetstream::Context {
+    let client = async_nats::ConnectOptions::with_nkey(
+        presenced::acl::identity::read_seed(seed)
+            .unwrap()
+            .trim()
+            .to_owned(),
+    )
+    .connect(hub.client_urls())
+    .await
+    .unwrap();
+    async_nats::jetstream::with_domain(client, "hub")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
