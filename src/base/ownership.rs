@@ -166,3 +166,12 @@ pub struct Role {
     /// The holder as `host/pid`, when known.
     pub holder: Option<String>,
 }
+
+impl Role {
+    /// Another instance is known to hold the lease. Not the same as
+    /// `!active`: an instance whose renewals lapse (cut from the leaf)
+    /// is not active but has seen nobody else take over yet.
+    pub fn another_holds(&self) -> bool {
+        !self.active && self.holder.is_some()
+    }
+}

@@ -151,6 +151,19 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             "last_reject": *m.last_reject.read().unwrap_or_else(|p| p.into_inner()),
             "stalled_seconds": stalled.as_ref().map(|(s, _)| *s),
         });
+        // The sources run only on the holder of the service's lease;
+        // every instance of the service says so (ingest::start).
+        if let Some(r) = &role {
+            body["ingest"]["role"] = json!(if r.active { "active" } else { "standby" });
+            body["ingest"]["since"] = json!(r.since);
+            body["ingest"]["holder"] = json!(r.holder);
+            body["ingest"]["takeovers"] = json!(get(&m.engine_takeovers));
+            body["ingest"]["shared"] = json!(if r.active {
+                "this instance holds the service's lease and runs its sources; other instances of the service stand by"
+            } else {
+                "shared with the instance holding the service's lease, which runs the sources; this one takes over when that lease lapses"
+            });
+        }
     }
     if runs.iter().any(|r| r == "engine") {
         body["engine"] = json!({
