@@ -160,8 +160,10 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             body["ingest"]["takeovers"] = json!(get(&m.engine_takeovers));
             body["ingest"]["shared"] = json!(if r.active {
                 "this instance holds the service's lease and runs its sources; other instances of the service stand by"
-            } else {
+            } else if r.another_runs_ingest() {
                 "shared with the instance holding the service's lease, which runs the sources; this one takes over when that lease lapses"
+            } else {
+                "this instance runs its sources: the lease holder does not run ingest, or none is seen holding the lease"
             });
         }
     }

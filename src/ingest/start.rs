@@ -299,11 +299,14 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool, role: watch::Receiver
 /// Runs a source on the instance that holds the service's leader lease:
 /// two instances of one service share its ingest as active and standby,
 /// so one service has one reader of each broker session and device and
-/// each reading is stored once. A standby's sources wait, connected to
-/// nothing, until this instance takes the lease. They stop when another
-/// instance is seen holding it (a takeover), not when this instance's
-/// own renewals merely lapse: a lone instance cut from its leaf keeps
-/// reading into its buffer, as before there were pairs. On stopping, an
+/// each reading is stored once. Sources wait, connected to nothing, until
+/// the election has said something, and while another instance that runs
+/// ingest holds the lease ([`Role::runs_sources`]). They stop when such an
+/// instance is seen holding it (a takeover), not when this instance's own
+/// renewals merely lapse: a lone instance cut from its leaf keeps reading
+/// into its buffer, as before there were pairs. A holder running the
+/// engine alone (a standby declared for the engine only) leaves the
+/// reading to the instances that run ingest. On stopping, an
 /// MQTT session stays with the broker, which keeps unacknowledged QoS 1
 /// messages for the next holder under the same client id. Returns when
 /// `stop` turns true, or with the source's own error.
@@ -319,20 +322,24 @@ where
     Fut: std::future::Future<Output = Result<(), E>>,
 {
     loop {
-        if !role.borrow().active {
+        if !role.borrow().runs_sources() {
             tracing::info!(source = %name, kind, "source standing by: this service's ingest is shared with another instance, which holds the lease or is taking it; this one starts when it takes the lease");
             tokio::select! {
-                r = role.wait_for(|r| r.active) => if r.is_err() { return Ok(()) },
+                r = role.wait_for(Role::runs_sources) => if r.is_err() { return Ok(()) },
                 _ = stop.wait_for(|s| *s) => return Ok(()),
             }
         }
-        tracing::info!(source = %name, kind, "source started: this instance holds the service's lease and runs its ingest; other instances of the service stand by");
+        if role.borrow().active {
+            tracing::info!(source = %name, kind, "source started: this instance holds the service's lease and runs its ingest; other instances of the service stand by");
+        } else {
+            tracing::info!(source = %name, kind, "source started: the instance holding the service's lease does not run ingest (or none is seen holding it), so this one reads");
+        }
         let (tx, rx) = watch::channel(false);
         let mut role_now = role.clone();
         let mut stop_now = stop.clone();
         let watcher = async move {
             tokio::select! {
-                _ = role_now.wait_for(Role::another_holds) => {}
+                _ = role_now.wait_for(Role::another_runs_ingest) => {}
                 _ = stop_now.wait_for(|s| *s) => {}
             }
             let _ = tx.send(true);
@@ -384,7 +391,7 @@ impl Gauges {
         let standby = self
             .role
             .as_ref()
-            .is_some_and(|r| r.borrow().another_holds());
+            .is_some_and(|r| r.borrow().another_runs_ingest());
         for ((name, kind, probe), t) in self.links.iter().zip(track.iter_mut()) {
             let (up, _, readings) = probe();
             match (up || standby, t.down_since) {

@@ -420,10 +420,15 @@ pub async fn keep(
                             let name = holder_name(l);
                             if last_holder.as_ref() != Some(&name) {
                                 tracing::info!(service = %service, holder = %name, since = %l.started, runs = what, "standby: another instance runs {what}; this one shares the work as its standby and takes over when its lease lapses");
+                                let ingest = crate::base::ownership::Component::Ingest;
+                                if lease.runs(ingest) && !l.runs(ingest) {
+                                    tracing::warn!(service = %service, holder = %name, holder_runs = ?l.components, "the lease holder does not run ingest, which this instance runs: this instance's sources run while it holds the lease (a holder running ingest would have them stand by); give every instance of a service the same components");
+                                }
                                 role.send_replace(Role {
                                     active: false,
                                     since: Some(Timestamp::now()),
                                     holder: Some(name.clone()),
+                                    holder_ingests: l.runs(ingest),
                                 });
                                 last_holder = Some(name);
                             }
@@ -470,6 +475,8 @@ pub async fn keep(
                                             active: true,
                                             since: Some(started),
                                             holder: Some(me),
+                                            holder_ingests: lease
+                                                .runs(crate::base::ownership::Component::Ingest),
                                         });
                                         super::lease::renew_every(ttl)
                                     }
@@ -569,6 +576,7 @@ fn step_down(
         active: false,
         since: Some(Timestamp::now()),
         holder: None,
+        holder_ingests: false,
     });
 }
 

@@ -1113,3 +1113,83 @@ async fn two_ingest_instances_of_one_service_store_each_reading_once_and_the_sur
     p.flush(Duration::from_secs(10)).await;
     stored_exactly(&s.admin, want, "after the second SIGKILL").await;
 }
+
+/// The NixOS `standbyOf` shape: one instance runs ingest and the engine,
+/// its standby the engine alone. After a takeover by the engine-only
+/// standby, the restarted first instance stands by for the engine but
+/// reads: the holder does not run ingest, so nobody else would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_only_holder_leaves_the_reading_to_the_instance_that_runs_ingest() {
+    let broker = Mosquitto::start();
+    let acl = AclSite::start(&[("main", "runs = [\"ingest\", \"engine\"]")]);
+    let url = acl.url();
+    provision(&acl.file(
+        "admin.toml",
+        &format!(
+            "{}{}",
+            head("admin", &acl.seed("admin"), &url, support::free_port()),
+            zones()
+        ),
+    ));
+    let ports = [support::free_port(), support::free_port()];
+    let http = ports.map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+    let both = acl.file(
+        "main.toml",
+        &format!(
+            "{}{}[mqtt.main]\nhost = \"127.0.0.1\"\nport = {}\nkeep_alive = \"5s\"\nreconnect_max = \"1s\"\n{}",
+            head("main", &acl.seed("main"), &url, ports[0]),
+            zones(),
+            broker.port,
+            motion_mapping(false)
+        ),
+    );
+    let engine_only = acl.file(
+        "main-standby.toml",
+        &format!(
+            "runs = [\"engine\"]\n{}{}",
+            head("main", &acl.seed("main"), &url, ports[1]),
+            zones()
+        ),
+    );
+    let admin = acl.js("admin").await;
+    let mut a = Daemon::start_at(&both, &[]);
+    a.wait_healthy(http[0], Duration::from_secs(20));
+    wait_ingest(http[0], "active", Duration::from_secs(10));
+    let b = Daemon::start_at(&engine_only, &[]);
+    b.wait_healthy(http[1], Duration::from_secs(20));
+    wait_role(http[1], "standby", Duration::from_secs(10));
+    let mut p = Publisher::connect(broker.port, "mixed-pub").await;
+    let mut want = repeated_readings(&mut p, 10, 0).await;
+    p.flush(Duration::from_secs(10)).await;
+    stored_exactly(&admin, want, "the first instance reads").await;
+
+    a.kill9();
+    wait_role(http[1], "active", TTL + Duration::from_secs(5));
+    a.restart();
+    wait_role(http[0], "standby", Duration::from_secs(20));
+    a.wait_for_log(
+        "the lease holder does not run ingest, which this instance runs",
+        Duration::from_secs(5),
+    );
+    a.wait_for_log(
+        "source started: the instance holding the service's lease does not run ingest",
+        Duration::from_secs(10),
+    );
+    a.wait_healthy(http[0], Duration::from_secs(20));
+    let h = health(http[0]);
+    assert!(
+        h["ingest"]["shared"]
+            .as_str()
+            .is_some_and(|t| t.contains("the lease holder does not run ingest")),
+        "{h:#}"
+    );
+    want += repeated_readings(&mut p, 10, 1).await;
+    p.flush(Duration::from_secs(10)).await;
+    stored_exactly(&admin, want, "the restarted first instance reads").await;
+    eventually(
+        "the engine-only holder applies them",
+        Duration::from_secs(15),
+        || async { engine_caught_up(&admin, want).await },
+    )
+    .await;
+}
