@@ -355,8 +355,10 @@ where
         if *stop.borrow() {
             return Ok(());
         }
-        let holder = role.borrow().holder.clone().unwrap_or_default();
-        tracing::warn!(source = %name, kind, %holder, "source stopped: another instance took the service's lease and runs its ingest; standing by");
+        if role.borrow().another_runs_ingest() {
+            let holder = role.borrow().holder.clone().unwrap_or_default();
+            tracing::warn!(source = %name, kind, %holder, "source stopped: another instance took the service's lease and runs its ingest; standing by");
+        }
     }
 }
 
