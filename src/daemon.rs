@@ -159,7 +159,13 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
     let led = engine_on || ingest_on;
     let fence = store::leader::Fence::new(config.lease.ttl);
     let (role_tx, role_rx) = watch::channel(store::leader::Role::default());
-    let inputs = ingest::start::start(&mut ctx, sections, ingest_on, role_rx.clone());
+    let inputs = ingest::start::start(
+        &mut ctx,
+        sections,
+        ingest_on,
+        role_rx.clone(),
+        fence.clone(),
+    );
     let (model_tx, model_rx) = watch::channel(model.clone());
     let engine_ready_rx = engine_on.then(|| {
         let (model, fence, role) = (model.clone(), fence.clone(), role_rx.clone());

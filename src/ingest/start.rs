@@ -122,7 +122,13 @@ impl Inputs {
 /// `source.<kind>.<name>`, all essential) when `on`, and the gauge task
 /// (component `gauges`) in any case; registers their metrics. Sources →
 /// bounded buffer → ingest → `SENSORS`.
-pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool, role: watch::Receiver<Role>) -> Inputs {
+pub fn start(
+    ctx: &mut Ctx<'_>,
+    s: Sections<'_>,
+    on: bool,
+    role: watch::Receiver<Role>,
+    fence: crate::store::leader::Fence,
+) -> Inputs {
     let metrics = ctx.metrics.clone();
     Metrics::set(
         &metrics.clock_ahead_ok_ms,
@@ -145,10 +151,14 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool, role: watch::Receiver
         {
             let (js, site, m) = (ctx.js.clone(), ctx.site.clone(), metrics.clone());
             let (max, every) = (s.ingest.max_in_flight, s.ingest.reject_log_every);
+            let gate = super::Gate {
+                fence,
+                role: role.clone(),
+            };
             // Ingest ends when every source has dropped its sender: it is
             // stopped by the sources stage, not by a token of its own.
             ctx.sup.spawn("ingest", Stage::Ingest, true, async move {
-                super::run(js, site, max, every, rx, m).await;
+                super::run(js, site, max, every, rx, m, Some(gate)).await;
                 Ok(())
             });
             metrics.components.running("ingest");

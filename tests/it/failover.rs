@@ -1193,3 +1193,98 @@ async fn an_engine_only_holder_leaves_the_reading_to_the_instance_that_runs_inge
     )
     .await;
 }
+
+/// The ingest holder frozen (SIGSTOP) past its lease while QoS 1 and
+/// QoS 0 readings keep coming: the standby takes the lease and the broker
+/// session; the thawed holder sees it, stops its source and stands by.
+/// Every QoS 1 reading is stored exactly once (QoS 0 ones sent while no
+/// instance was subscribed may be dropped by the broker, never doubled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_holder_frozen_past_its_lease_hands_over_without_storing_a_reading_twice() {
+    let s = ingest_pair().await;
+    let a = Daemon::start_at(&s.cfg[0], &[]);
+    a.wait_healthy(s.http[0], Duration::from_secs(20));
+    wait_ingest(s.http[0], "active", Duration::from_secs(10));
+    let b = Daemon::start_at(&s.cfg[1], &[]);
+    b.wait_healthy(s.http[1], Duration::from_secs(20));
+    wait_ingest(s.http[1], "standby", Duration::from_secs(10));
+
+    let (qos1, qos0) = (800u64, 800u64);
+    let port = s.broker.port;
+    let sender = tokio::spawn(async move {
+        let mut p = Publisher::connect(port, "frozen-ingest-pub").await;
+        for i in 0..qos1 {
+            // Identical payloads: repeats are readings.
+            p.publish("test/s1", r#"{"occupancy":true}"#).await;
+            p.publish_qos0("test/s0", r#"{"occupancy":true}"#).await;
+            if i % 10 == 9 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        p.flush(Duration::from_secs(30)).await;
+        p
+    });
+    eventually("readings flowing", Duration::from_secs(10), || async {
+        stream_messages(&s.admin, "SENSORS").await > 100
+    })
+    .await;
+    signal(&a, libc::SIGSTOP);
+    let frozen = Instant::now();
+    let took = wait_ingest(s.http[1], "active", TTL + Duration::from_secs(5)) - frozen;
+    eprintln!("ingest takeover {took:?} after SIGSTOP (TTL {TTL:?})");
+    assert!(took <= TTL + Duration::from_secs(1), "{took:?}");
+    let stored = stream_messages(&s.admin, "SENSORS").await;
+    eventually(
+        "the new holder stores readings",
+        Duration::from_secs(10),
+        || async { stream_messages(&s.admin, "SENSORS").await > stored + 50 },
+    )
+    .await;
+    signal(&a, libc::SIGCONT);
+    a.wait_for_log(
+        "source stopped: another instance took the service's lease",
+        Duration::from_secs(5),
+    );
+    wait_ingest(s.http[0], "standby", Duration::from_secs(5));
+    let _p = sender.await.unwrap();
+    // Everything the broker acknowledged reached the survivor: wait for
+    // every QoS 1 reading, then check no reading of either kind twice.
+    use futures::StreamExt;
+    let js = s.admin.clone();
+    let count = |subject: &'static str| {
+        let js = js.clone();
+        async move {
+            let stream = js.get_stream("SENSORS").await.unwrap();
+            let info = stream
+                .info_with_subjects(subject)
+                .await
+                .unwrap()
+                .next()
+                .await;
+            match info {
+                Some(Ok((_, n))) => n as u64,
+                _ => 0,
+            }
+        }
+    };
+    eventually(
+        "every QoS 1 reading stored",
+        Duration::from_secs(30),
+        || async {
+            let n = count("sensors.test.s1").await;
+            assert!(
+                n <= qos1,
+                "{n} QoS 1 readings stored, {qos1} sent: one stored twice"
+            );
+            n == qos1
+        },
+    )
+    .await;
+    let n0 = count("sensors.test.s0").await;
+    eprintln!("QoS 0: {n0} of {qos0} stored across the freeze");
+    assert!(
+        n0 <= qos0,
+        "{n0} QoS 0 readings stored, {qos0} sent: one stored twice"
+    );
+    assert_eq!(health(s.http[1])["ingest"]["role"], "active");
+}
