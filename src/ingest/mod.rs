@@ -77,9 +77,10 @@ impl Gate {
             if (!r.active && r.holder.is_some()) || r.since.is_none() {
                 return Clear::Publish;
             }
-            match tokio::time::timeout(Duration::from_millis(100), self.role.changed()).await {
-                Ok(Err(_)) => return Clear::Publish,
-                Ok(Ok(())) | Err(_) => {}
+            let changed = tokio::time::timeout(Duration::from_millis(100), self.role.changed());
+            if let Ok(Err(_)) = changed.await {
+                // The keeper is gone (shutdown): drain.
+                return Clear::Publish;
             }
         }
     }
