@@ -44,9 +44,16 @@ pub fn start(
             // the state meanwhile (engine::standby).
             let warm = super::standby::Warm::start(js.clone());
             let mut waiting = stop.clone();
-            tokio::select! {
-                r = role.wait_for(|r| r.active) => if r.is_err() { return Ok(()) },
+            let keeper_gone = tokio::select! {
+                r = role.wait_for(|r| r.active) => r.is_err(),
                 _ = waiting.wait_for(|s| *s) => return Ok(()),
+            };
+            if keeper_gone {
+                // The lease stage stops first on a graceful stop (its
+                // release closes the fence, which may have ended a run
+                // above). Not a failure: wait for this stage's own stop.
+                let _ = waiting.wait_for(|s| *s).await;
+                return Ok(());
             }
             let runner = match Runner::start_fenced(
                 js.clone(),
