@@ -332,8 +332,16 @@ where
     Fut: std::future::Future<Output = Result<(), E>>,
 {
     loop {
+        if role.borrow().since.is_none() {
+            // The election's first answer comes within a round trip.
+            tokio::select! {
+                r = role.wait_for(|r| r.since.is_some()) => if r.is_err() { return Ok(()) },
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
+        }
         if !role.borrow().runs_sources() {
-            tracing::info!(source = %name, kind, "source standing by: this service's ingest is shared with another instance, which holds the lease or is taking it; this one starts when it takes the lease");
+            let holder = role.borrow().holder.clone().unwrap_or_default();
+            tracing::info!(source = %name, kind, %holder, "source standing by: this service's ingest is shared with another instance, which holds the lease and reads; this one starts when it takes the lease");
             tokio::select! {
                 r = role.wait_for(Role::runs_sources) => if r.is_err() { return Ok(()) },
                 _ = stop.wait_for(|s| *s) => return Ok(()),
