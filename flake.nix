@@ -25,6 +25,7 @@
         "archive"
         "acl"
         "failover"
+        "failover-hosts"
       ];
 
       # Makes this flake's package the default of services.presenced.package.

@@ -290,9 +290,13 @@ let
             service's identity and its leader lease `owners.<name>`; the
             instance holding the lease runs the engine, the other follows
             its state and takes over within the lease's TTL plus about a
-            second when it dies, freezes or loses the leaf. Only the engine
-            runs here (`runs = [ "engine" ]`): two ingest instances on one
-            broker would store every reading twice.
+            second when it dies, freezes or loses the leaf. By default only
+            the engine runs here (`runs = [ "engine" ]`); while this
+            instance holds the lease, the instances that run ingest read
+            the sources. Give it `runs` and the sources of the named
+            instance to stand by for its ingest too: only the lease holder
+            then reads (docs/OPERATIONS.md, "Two instances of one ingest
+            service").
 
             When an instance of that name is declared on this host, its
             `site`, `nats`, `engine`, `lease`, `health`, `log`, `zones` and

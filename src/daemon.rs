@@ -158,19 +158,26 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
         serial: &config.serial,
         health: &config.health,
     };
-    let inputs = ingest::start::start(&mut ctx, sections, ingest_on);
-    // With the engine, the lease is the leader lease (store::leader): the
-    // engine runs only while this instance holds it, and stands by
-    // otherwise.
+    // With the engine or ingest, the lease is the leader lease
+    // (store::leader): the engine and the sources run only while this
+    // instance holds it, and stand by otherwise (one writer per service).
+    let led = engine_on || ingest_on;
     let fence = store::leader::Fence::new(config.lease.ttl);
     let (role_tx, role_rx) = watch::channel(store::leader::Role::default());
+    let inputs = ingest::start::start(
+        &mut ctx,
+        sections,
+        ingest_on,
+        role_rx.clone(),
+        fence.clone(),
+    );
     let (model_tx, model_rx) = watch::channel(model.clone());
     let engine_ready_rx = engine_on.then(|| {
         let (model, fence, role) = (model.clone(), fence.clone(), role_rx.clone());
         let skew = config.ingest.max_clock_skew;
         engine::start::start(&mut ctx, &config.engine, skew, model, model_rx, fence, role)
     });
-    let leader = engine_on.then_some((fence, role_tx));
+    let leader = led.then_some((fence, role_tx));
     let held_rx = store::keeper::start(&mut ctx, &config.lease, &runs, leader, role_rx.clone());
     if let Some((ha, zones)) = config.homeassistant.clone().zip(ha_zones) {
         crate::homeassistant::start(&mut ctx, ha, zones, held_rx);
@@ -243,13 +250,14 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
                     || components.snapshot().get("archiver").is_some_and(|c| c.state == supervise::State::Running);
                 // The lease too: until it is written, clients would see
                 // this service's keys as stale.
-                // A standby holds no lease and runs no engine by design.
-                let standby = engine_on && !role_rx.borrow().active && role_rx.borrow().since.is_some();
+                // A standby holds no lease and runs no engine or source by design.
+                let standby = led && !role_rx.borrow().active && role_rx.borrow().since.is_some();
                 let lease_held = lease_metrics.held.load(Ordering::Relaxed) || standby;
+                let what = if engine_on { "the engine" } else { "ingest" };
                 let engine_line = engine_line.or_else(|| standby.then(|| {
-                    format!("standby: the engine runs on {}", role_rx.borrow().holder.clone().unwrap_or_else(|| "another instance".into()))
+                    format!("standby: {what} runs on {}", role_rx.borrow().holder.clone().unwrap_or_else(|| "another instance".into()))
                 }));
-                if sources_started
+                if (sources_started || standby)
                     && archiver_started
                     && lease_held
                     && (!engine_on || engine_line.is_some())

@@ -6,4 +6,5 @@
   "archive"
   "acl"
   "failover"
+  "failover-hosts"
 ]

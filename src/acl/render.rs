@@ -203,16 +203,17 @@ pub fn service_permissions(access: &Access, service: &Service, site: &Site) -> P
         js::stream_info(&naming::kv_stream(naming::OWNERS_BUCKET)),
         "owners: bind the bucket to write its own key",
     );
-    if service.runs(Component::Engine) {
-        // The leader lease (store::leader): a standby reads the key to
-        // take it by compare-and-set on its revision. Its own key only.
+    if service.runs(Component::Engine) || service.runs(Component::Ingest) {
+        // The leader lease (store::leader, the engine's and ingest's): a
+        // standby reads the key to take it by compare-and-set on its
+        // revision. Its own key only.
         p.publish(
             format!(
                 "$JS.API.DIRECT.GET.{}.{}",
                 naming::kv_stream(naming::OWNERS_BUCKET),
                 naming::kv_subject(naming::OWNERS_BUCKET, &service.name)
             ),
-            "owners: read its own key (the engine's leader lease)",
+            "owners: read its own key (the leader lease of the engine and ingest)",
         );
     }
     for &k in &service.owns {

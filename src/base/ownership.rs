@@ -165,4 +165,23 @@ pub struct Role {
     pub since: Option<super::time::Timestamp>,
     /// The holder as `host/pid`, when known.
     pub holder: Option<String>,
+    /// Whether that other holder's lease says it runs ingest.
+    pub holder_ingests: bool,
+}
+
+impl Role {
+    /// Another instance holds the lease and runs ingest, so this one's
+    /// sources must not run (`ingest::start`). Not the same as
+    /// `!active`: an instance whose renewals lapse (cut from the leaf)
+    /// is not active but has seen nobody else take over yet, and a holder
+    /// that runs the engine alone leaves the reading to the others.
+    pub fn another_runs_ingest(&self) -> bool {
+        !self.active && self.holder.is_some() && self.holder_ingests
+    }
+
+    /// Whether this instance's sources run now: once the election has
+    /// said anything (`since`), unless another holder runs ingest.
+    pub fn runs_sources(&self) -> bool {
+        self.since.is_some() && !self.another_runs_ingest()
+    }
 }

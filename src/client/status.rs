@@ -440,6 +440,22 @@ fn readable(r: &Report) -> String {
             "daemon: {}\n",
             d["status"].as_str().unwrap_or("?")
         ));
+        // Who runs the engine and the sources of a service several
+        // instances share (the leader lease).
+        for part in ["engine", "ingest"] {
+            let p = &d[part];
+            if let Some(role) = p["role"].as_str() {
+                s.push_str(&format!(
+                    "  {part}: {role} since {}, lease holder {}, {} takeover(s) here{}\n",
+                    p["since"].as_str().unwrap_or("?"),
+                    p["holder"].as_str().unwrap_or("unknown"),
+                    p["takeovers"],
+                    p["shared"]
+                        .as_str()
+                        .map_or(String::new(), |t| format!(" ({t})")),
+                ));
+            }
+        }
         for (name, c) in d["components"].as_object().into_iter().flatten() {
             s.push_str(&format!(
                 "  component {name}: {}\n",

@@ -174,6 +174,22 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             "last_reject": i.last_reject(),
             "stalled_seconds": stalled.as_ref().map(|(s, _)| *s),
         });
+        // The sources run only on the holder of the service's lease;
+        // every instance of the service says so (ingest::start).
+        if let Some(r) = &role {
+            body["ingest"]["role"] = json!(if r.active { "active" } else { "standby" });
+            body["ingest"]["since"] = json!(r.since);
+            body["ingest"]["holder"] = json!(r.holder);
+            body["ingest"]["takeovers"] =
+                json!(lease_metrics.as_ref().map_or(0, |l| get(&l.engine_takeovers)));
+            body["ingest"]["shared"] = json!(if r.active {
+                "this instance holds the service's lease and runs its sources; other instances of the service stand by"
+            } else if r.another_runs_ingest() {
+                "shared with the instance holding the service's lease, which runs the sources; this one takes over when that lease lapses"
+            } else {
+                "this instance runs its sources: the lease holder does not run ingest, or none is seen holding the lease"
+            });
+        }
     }
     if let Some(e) = engine
         .as_ref()

@@ -15,23 +15,87 @@
 //! upstream, so one bad item never stalls the pipeline. `REJECTED` records
 //! are cut to fit the server's max payload before they are sent (header
 //! [`TRUNCATED_HEADER`] says how much was kept).
+//!
+//! With several instances of one service ([`Gate`]), a chunk is published
+//! only while this instance may read: it holds the service's lease with a
+//! fresh renewal, or the holder runs no ingest. An instance that finds
+//! another holder running ingest (it was frozen, or cut from its leaf,
+//! while the other took over) drops its unstored MQTT QoS 1 readings
+//! without acknowledging them: the broker hands them to the new holder
+//! with the session, which stores them once. Publishing them too would
+//! store each twice under two ids.
 
 pub mod metrics;
 pub mod start;
 
 use crate::base::backoff::Backoff;
+use crate::base::ownership::Role;
 use crate::metrics::Metrics;
 use crate::naming::Site;
 use crate::observation::{Observation, DELIVERY_HEADER};
 use crate::sources::{Ack, Item, Rejected};
+use crate::store::leader::Fence;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use metrics::IngestMetrics;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+/// Whether this instance may store what its sources read now (see the
+/// module doc): the service's lease fence and role.
+pub struct Gate {
+    pub fence: Fence,
+    pub role: watch::Receiver<Role>,
+}
+
+/// What [`Gate::clear`] found.
+#[derive(Debug, PartialEq)]
+enum Clear {
+    Publish,
+    /// Another instance running ingest holds the lease.
+    HandedOver,
+}
+
+impl Gate {
+    /// Waits until it is clear whether this instance may publish: its
+    /// fence is valid, or the role says who else holds the lease. While
+    /// neither (a lapse not yet resolved: just thawed, or cut from the
+    /// leaf) it waits, as the keeper decides within one look.
+    async fn clear(&mut self) -> Clear {
+        loop {
+            if self.fence.valid() {
+                return Clear::Publish;
+            }
+            let r = self.role.borrow_and_update().clone();
+            if r.another_runs_ingest() {
+                return Clear::HandedOver;
+            }
+            // A holder without ingest leaves the reading here; no
+            // election yet or the lease released at shutdown: nobody
+            // else reads this session.
+            if (!r.active && r.holder.is_some()) || r.since.is_none() {
+                return Clear::Publish;
+            }
+            let changed = tokio::time::timeout(Duration::from_millis(100), self.role.changed());
+            if let Ok(Err(_)) = changed.await {
+                // The keeper is gone (shutdown): drain.
+                return Clear::Publish;
+            }
+        }
+    }
+}
+
+/// Indices of the chunk's MQTT QoS 1 readings not in `done`: the ones
+/// the broker redelivers to the next holder when left unacknowledged.
+fn redeliverable(chunk: &[Item], todo: &[usize]) -> HashSet<usize> {
+    todo.iter()
+        .copied()
+        .filter(|&i| matches!(&chunk[i], Item::Observation(obs, _) if obs.delivery.is_some()))
+        .collect()
+}
 
 /// Header carrying why an input was rejected.
 pub const REASON_HEADER: &str = "Presenced-Reason";
@@ -190,6 +254,7 @@ pub async fn run(
     reject_log_every: Duration,
     mut rx: mpsc::Receiver<Item>,
     metrics: Arc<IngestMetrics>,
+    mut gate: Option<Gate>,
 ) {
     let mut log = RejectLog {
         every: reject_log_every,
@@ -209,8 +274,15 @@ pub async fn run(
             .filter(|i| matches!(i, Item::Observation(..)))
             .count();
         Metrics::add(&metrics.observations_in, received as u64);
-        let refused = store_chunk(&js, &site, &chunk, &metrics).await;
+        let (refused, handed) = store_chunk(&js, &site, &chunk, &metrics, gate.as_mut()).await;
+        if !handed.is_empty() {
+            tracing::warn!(readings = handed.len(), "another instance of this service took its lease and runs ingest: unstored MQTT QoS 1 readings left unacknowledged for the broker to hand to it");
+        }
         for (i, item) in chunk.drain(..).enumerate() {
+            if handed.contains(&i) {
+                // Dropped unfired: not acknowledged upstream.
+                continue;
+            }
             let refusal = refused.get(&i);
             match (item, refusal) {
                 (Item::Observation(obs, ack), None) => {
@@ -226,11 +298,12 @@ pub async fn run(
                 }
                 (Item::Observation(obs, ack), Some(error)) => {
                     let rej = refused_observation(&obs, error);
-                    let kept = store_chunk(
+                    let (kept, _) = store_chunk(
                         &js,
                         &site,
                         &[Item::Rejected(rej.clone(), Ack::none())],
                         &metrics,
+                        None,
                     )
                     .await;
                     if kept.is_empty() {
@@ -288,17 +361,31 @@ async fn publish_live(
         .await;
 }
 
+/// With a `gate`, each attempt first waits until it is clear whether this
+/// instance may publish; handed over, the chunk's unstored MQTT QoS 1
+/// readings are returned (second) instead of published.
 async fn store_chunk(
     js: &jetstream::Context,
     site: &Site,
     chunk: &[Item],
     metrics: &IngestMetrics,
-) -> HashMap<usize, String> {
+    mut gate: Option<&mut Gate>,
+) -> (HashMap<usize, String>, HashSet<usize>) {
     let mut refused = HashMap::new();
+    let mut handed = HashSet::new();
     let mut todo: Vec<usize> = (0..chunk.len()).collect();
     let mut backoff = Backoff::new(RETRY_START, RETRY_MAX);
     let mut outage_logged = false;
     while !todo.is_empty() {
+        if let Some(g) = gate.as_deref_mut() {
+            if g.clear().await == Clear::HandedOver {
+                handed.extend(redeliverable(chunk, &todo));
+                todo.retain(|i| !handed.contains(i));
+                if todo.is_empty() {
+                    break;
+                }
+            }
+        }
         let max_payload = js.client().server_info().max_payload;
         let messages = todo
             .iter()
@@ -324,7 +411,7 @@ async fn store_chunk(
                 tracing::info!("stream SENSORS reachable again; buffered input stored");
                 crate::metrics::unstalled(&metrics.stalled);
             }
-            return refused;
+            return (refused, handed);
         }
         Metrics::add(&metrics.publish_retries, failed.len() as u64);
         crate::metrics::stalled(&metrics.stalled, last_error.clone().unwrap_or_default());
@@ -339,7 +426,7 @@ async fn store_chunk(
         todo = failed;
         tokio::time::sleep(backoff.next_delay()).await;
     }
-    refused
+    (refused, handed)
 }
 
 /// First retry delay of a failed publish; doubles (jittered) up to

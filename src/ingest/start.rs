@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+pub use crate::base::ownership::Role;
 
 /// The sections the input side reads.
 pub struct Sections<'a> {
@@ -121,7 +123,13 @@ impl Inputs {
 /// `source.<kind>.<name>`, all essential) when `on`, and the gauge task
 /// (component `gauges`) in any case; registers their metrics. Sources →
 /// bounded buffer → ingest → `SENSORS`.
-pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
+pub fn start(
+    ctx: &mut Ctx<'_>,
+    s: Sections<'_>,
+    on: bool,
+    role: watch::Receiver<Role>,
+    fence: crate::store::leader::Fence,
+) -> Inputs {
     let metrics = ctx.metrics.clone();
     let components = ctx.sup.registry();
     let source_links = Arc::new(super::metrics::SourceLinks::default());
@@ -145,10 +153,14 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
         {
             let (js, site, m) = (ctx.js.clone(), ctx.site.clone(), counts);
             let (max, every) = (s.ingest.max_in_flight, s.ingest.reject_log_every);
+            let gate = super::Gate {
+                fence,
+                role: role.clone(),
+            };
             // Ingest ends when every source has dropped its sender: it is
             // stopped by the sources stage, not by a token of its own.
             ctx.sup.spawn("ingest", Stage::Ingest, true, async move {
-                super::run(js, site, max, every, rx, m).await;
+                super::run(js, site, max, every, rx, m, Some(gate)).await;
                 Ok(())
             });
             components.running("ingest");
@@ -160,22 +172,36 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
                 .clone()
                 .unwrap_or_else(|| format!("presenced-{}-{name}", ctx.site));
             let component = source_component("mqtt", name);
-            let fut = sources::mqtt::run(
+            let rules = sources::mqtt::DecodeRules {
+                strict: s.ingest.strict_topics,
+                max_clock_skew: s.ingest.max_clock_skew,
+            };
+            let (js, site) = (ctx.js.clone(), ctx.site.clone());
+            let (name_, src_, tx_, status_) =
+                (name.clone(), src.clone(), tx.clone(), status.clone());
+            // A new lookup each tenure: its reader starts from SENSORS as
+            // the previous holder left it.
+            let fut = led(
+                "mqtt",
                 name.clone(),
-                src.clone(),
-                client_id,
-                sources::mqtt::RunOptions {
-                    rules: sources::mqtt::DecodeRules {
-                        strict: s.ingest.strict_topics,
-                        max_clock_skew: s.ingest.max_clock_skew,
-                    },
-                    stored: Some(
-                        super::StoredDeliveries::new(ctx.js.clone(), ctx.site.clone()).lookup(),
-                    ),
-                },
-                tx.clone(),
-                status.clone(),
+                role.clone(),
                 ctx.sup.stop_flag(Stage::Sources),
+                move |stop| {
+                    sources::mqtt::run(
+                        name_.clone(),
+                        src_.clone(),
+                        client_id.clone(),
+                        sources::mqtt::RunOptions {
+                            rules,
+                            stored: Some(
+                                super::StoredDeliveries::new(js.clone(), site.clone()).lookup(),
+                            ),
+                        },
+                        tx_.clone(),
+                        status_.clone(),
+                        stop,
+                    )
+                },
             );
             ctx.sup.spawn(&component, Stage::Sources, true, async move {
                 fut.await.map_err(supervise::classify)
@@ -202,13 +228,25 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
         for (name, src) in s.serial {
             let status = Arc::new(sources::serial::SerialStatus::default());
             let component = source_component("serial", name);
-            let fut = sources::serial::run(
+            let (name_, src_, tx_, status_) =
+                (name.clone(), src.clone(), tx.clone(), status.clone());
+            let skew = s.ingest.max_clock_skew;
+            // One device, one reader: a standby does not open it.
+            let fut = led(
+                "serial",
                 name.clone(),
-                src.clone(),
-                s.ingest.max_clock_skew,
-                tx.clone(),
-                status.clone(),
+                role.clone(),
                 ctx.sup.stop_flag(Stage::Sources),
+                move |stop| {
+                    sources::serial::run(
+                        name_.clone(),
+                        src_.clone(),
+                        skew,
+                        tx_.clone(),
+                        status_.clone(),
+                        stop,
+                    )
+                },
             );
             ports.add(sources::serial::PortMetrics::new(
                 name,
@@ -246,6 +284,7 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
         source_links,
         own,
         grace: s.health.source_grace,
+        role: on.then_some(role),
     });
     let track = Arc::new(Mutex::new(gauges.track()));
     {
@@ -269,6 +308,80 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sections<'_>, on: bool) -> Inputs {
     }
 }
 
+/// Runs a source on the instance that holds the service's leader lease:
+/// two instances of one service share its ingest as active and standby,
+/// so one service has one reader of each broker session and device and
+/// each reading is stored once. Sources wait, connected to nothing, until
+/// the election has said something, and while another instance that runs
+/// ingest holds the lease ([`Role::runs_sources`]). They stop when such an
+/// instance is seen holding it (a takeover), not when this instance's own
+/// renewals merely lapse: a lone instance cut from its leaf keeps reading
+/// into its buffer, as before there were pairs. A holder running the
+/// engine alone (a standby declared for the engine only) leaves the
+/// reading to the instances that run ingest. On stopping, an
+/// MQTT session stays with the broker, which keeps unacknowledged QoS 1
+/// messages for the next holder under the same client id. Returns when
+/// `stop` turns true, or with the source's own error.
+async fn led<F, Fut, E>(
+    kind: &'static str,
+    name: String,
+    mut role: watch::Receiver<Role>,
+    mut stop: watch::Receiver<bool>,
+    mut run: F,
+) -> Result<(), E>
+where
+    F: FnMut(watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    loop {
+        if role.borrow().since.is_none() {
+            // The election's first answer comes within a round trip.
+            tokio::select! {
+                r = role.wait_for(|r| r.since.is_some()) => if r.is_err() { return Ok(()) },
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
+        }
+        if !role.borrow().runs_sources() {
+            let holder = role.borrow().holder.clone().unwrap_or_default();
+            tracing::info!(source = %name, kind, %holder, "source standing by: this service's ingest is shared with another instance, which holds the lease and reads; this one starts when it takes the lease");
+            tokio::select! {
+                r = role.wait_for(Role::runs_sources) => if r.is_err() { return Ok(()) },
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
+        }
+        if role.borrow().active {
+            tracing::info!(source = %name, kind, "source started: this instance holds the service's lease and runs its ingest; other instances of the service stand by");
+        } else {
+            tracing::info!(source = %name, kind, "source started: the instance holding the service's lease does not run ingest (or none is seen holding it), so this one reads");
+        }
+        let (tx, rx) = watch::channel(false);
+        let mut role_now = role.clone();
+        let mut stop_now = stop.clone();
+        let watcher = async move {
+            tokio::select! {
+                _ = role_now.wait_for(Role::another_runs_ingest) => {}
+                _ = stop_now.wait_for(|s| *s) => {}
+            }
+            let _ = tx.send(true);
+            // Keep the sender alive until the source has returned.
+            std::future::pending::<()>().await
+        };
+        // The source sees `stop` through `rx` and returns on its own,
+        // disconnecting cleanly.
+        tokio::select! {
+            r = run(rx) => r?,
+            _ = watcher => {}
+        }
+        if *stop.borrow() {
+            return Ok(());
+        }
+        if role.borrow().another_runs_ingest() {
+            let holder = role.borrow().holder.clone().unwrap_or_default();
+            tracing::warn!(source = %name, kind, %holder, "source stopped: another instance took the service's lease and runs its ingest; standing by");
+        }
+    }
+}
+
 /// The once-a-second gauges: MQTT/serial counts, buffer waits, LD2410
 /// rejects, and each source's link state for health.
 struct Gauges {
@@ -278,6 +391,9 @@ struct Gauges {
     source_links: Arc<super::metrics::SourceLinks>,
     own: Arc<SourceGauges>,
     grace: Duration,
+    /// The lease's role while ingest runs: a standby's sources are down
+    /// by design, not degraded.
+    role: Option<watch::Receiver<Role>>,
 }
 
 /// Per link: when it went down (start counts as down), and the reading
@@ -294,9 +410,13 @@ impl Gauges {
     fn refresh(&self, track: &mut [LinkTrack]) {
         let now = tokio::time::Instant::now();
         let mut health = Vec::with_capacity(self.links.len());
+        let standby = self
+            .role
+            .as_ref()
+            .is_some_and(|r| r.borrow().another_runs_ingest());
         for ((name, kind, probe), t) in self.links.iter().zip(track.iter_mut()) {
             let (up, _, readings) = probe();
-            match (up, t.down_since) {
+            match (up || standby, t.down_since) {
                 (true, _) => t.down_since = None,
                 (false, None) => t.down_since = Some(now),
                 (false, Some(_)) => {}

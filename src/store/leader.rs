@@ -1,5 +1,8 @@
-//! The engine's leader lease: several daemons may run the engine of one
-//! site; the one holding `owners.<service>` is active, the others stand by.
+//! The leader lease of the engine and of ingest: several daemons may run
+//! one service (the engine of a site, or its ingest); the one holding
+//! `owners.<service>` is active, the others stand by. Ingest is led too so
+//! that two instances of one service never read one broker session or
+//! device at once (see `ingest::start`).
 //!
 //! The key is the service's liveness lease ([`super::lease`]), written
 //! with compare-and-set on its revision (`Nats-Expected-Last-Subject-
@@ -276,7 +279,8 @@ async fn cas(
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TakeoverRecord {
     pub v: u32,
-    /// Always `engine_takeover`.
+    /// `engine_takeover`, or `ingest_takeover` for a service that runs
+    /// ingest without the engine.
     pub kind: String,
     pub service: String,
     /// The previous holder as `host/pid`, when this instance saw one.
@@ -288,8 +292,12 @@ pub struct TakeoverRecord {
     pub time: Timestamp,
 }
 
-async fn record_takeover(js: &jetstream::Context, subject: &str, record: &TakeoverRecord) {
-    let body = match serde_json::to_vec(record) {
+/// Publishes `record` to the service's `AUDIT` subject and waits for the
+/// ack (at most 2 s) only to log a failure: it runs beside the takeover,
+/// which does not wait for it.
+async fn record_takeover(js: jetstream::Context, subject: String, record: TakeoverRecord) {
+    let subject = subject.as_str();
+    let body = match serde_json::to_vec(&record) {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(error = %e, "cannot encode the takeover record");
@@ -305,9 +313,9 @@ async fn record_takeover(js: &jetstream::Context, subject: &str, record: &Takeov
     match tokio::time::timeout(Duration::from_secs(2), sent).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
-            tracing::warn!(subject, error = %e, "cannot record the takeover in AUDIT (the log line above says it)")
+            tracing::warn!(subject, revision = record.revision, error = %e, "cannot record the takeover in AUDIT (the log line \"leader lease taken\" says it)")
         }
-        Err(_) => tracing::warn!(subject, "recording the takeover in AUDIT timed out"),
+        Err(_) => tracing::warn!(subject, revision = record.revision, "recording the takeover in AUDIT timed out (the log line \"leader lease taken\" says it)"),
     }
 }
 
@@ -341,6 +349,13 @@ pub async fn keep(
 ) {
     let Reports { role, held } = out;
     let service = lease.service.clone();
+    // What the lease elects, for the log and the takeover record: the
+    // engine, or (an ingest-only service) its sources.
+    let (what, kind) = if lease.runs(crate::base::ownership::Component::Engine) {
+        ("the engine", "engine_takeover")
+    } else {
+        ("ingest", "ingest_takeover")
+    };
     let stream_name = naming::kv_stream(naming::OWNERS_BUCKET);
     let mut stream = None;
     // (revision, since when) of the key as the standby last saw it.
@@ -404,11 +419,16 @@ pub async fn keep(
                         if let Seen::Held { lease: l, .. } = &seen {
                             let name = holder_name(l);
                             if last_holder.as_ref() != Some(&name) {
-                                tracing::info!(service = %service, holder = %name, since = %l.started, "standby: another instance runs the engine");
+                                tracing::info!(service = %service, holder = %name, since = %l.started, runs = what, "standby: another instance runs {what}; this one shares the work as its standby and takes over when its lease lapses");
+                                let ingest = crate::base::ownership::Component::Ingest;
+                                if lease.runs(ingest) && !l.runs(ingest) {
+                                    tracing::warn!(service = %service, holder = %name, holder_runs = ?l.components, "the lease holder does not run ingest, which this instance runs: this instance's sources run while it holds the lease (a holder running ingest would have them stand by); give every instance of a service the same components");
+                                }
                                 role.send_replace(Role {
                                     active: false,
                                     since: Some(Timestamp::now()),
                                     holder: Some(name.clone()),
+                                    holder_ingests: l.runs(ingest),
                                 });
                                 last_holder = Some(name);
                             }
@@ -430,10 +450,10 @@ pub async fn keep(
                                         fence.acked(sent);
                                         mine = Some(revision);
                                         let me = holder_name(&fresh);
-                                        tracing::info!(service = %service, revision, expected, reason = why, previous = ?last_holder, "leader lease taken: this instance runs the engine");
+                                        tracing::info!(service = %service, revision, expected, reason = why, previous = ?last_holder, "leader lease taken: this instance runs {what}; other instances of the service stand by");
                                         let record = TakeoverRecord {
                                             v: 1,
-                                            kind: "engine_takeover".into(),
+                                            kind: kind.into(),
                                             service: service.clone(),
                                             from: last_holder.clone().filter(|h| *h != me),
                                             to: me.clone(),
@@ -442,12 +462,21 @@ pub async fn keep(
                                             time: started,
                                         };
                                         fence.begin(record.clone());
-                                        record_takeover(&js, &audit_subject, &record).await;
+                                        // In the background: a stalled
+                                        // AUDIT must not hold the role
+                                        // back (a failure is still logged).
+                                        tokio::spawn(record_takeover(
+                                            js.clone(),
+                                            audit_subject.clone(),
+                                            record,
+                                        ));
                                         last_holder = Some(me.clone());
                                         role.send_replace(Role {
                                             active: true,
                                             since: Some(started),
                                             holder: Some(me),
+                                            holder_ingests: lease
+                                                .runs(crate::base::ownership::Component::Ingest),
                                         });
                                         super::lease::renew_every(ttl)
                                     }
@@ -547,6 +576,7 @@ fn step_down(
         active: false,
         since: Some(Timestamp::now()),
         holder: None,
+        holder_ingests: false,
     });
 }
 

@@ -841,3 +841,470 @@ async fn several_sigkill_takeovers_in_a_row_lose_and_duplicate_nothing() {
         assert!(!log.contains("Permissions Violation"), "{log}");
     }
 }
+
+/// Two instances of one ingest service on one broker and leaf, under the
+/// generated ACL: `<service>-<i>.toml` with the same service, the same
+/// MQTT source (so the same client id, the default) and its own HTTP port.
+struct IngestPair {
+    _acl: AclSite,
+    broker: Mosquitto,
+    admin: async_nats::jetstream::Context,
+    cfg: [PathBuf; 2],
+    http: [SocketAddr; 2],
+}
+
+async fn ingest_pair() -> IngestPair {
+    let broker = Mosquitto::start();
+    let acl = AclSite::start(&[("ingest", "runs = [\"ingest\"]")]);
+    let url = acl.url();
+    let admin_cfg = acl.file(
+        "admin.toml",
+        &format!(
+            "{}{}",
+            head("admin", &acl.seed("admin"), &url, support::free_port()),
+            zones()
+        ),
+    );
+    provision(&admin_cfg);
+    let ports = [support::free_port(), support::free_port()];
+    // No device time stamp: identical readings are identical payloads.
+    let cfg = [0, 1].map(|i| {
+        acl.file(
+            &format!("ingest-{i}.toml"),
+            &format!(
+                "runs = [\"ingest\"]\n{}[mqtt.main]\nhost = \"127.0.0.1\"\nport = {}\nkeep_alive = \"5s\"\nreconnect_max = \"1s\"\n{}",
+                head("ingest", &acl.seed("ingest"), &url, ports[i]),
+                broker.port,
+                motion_mapping(false)
+            ),
+        )
+    });
+    let admin = acl.js("admin").await;
+    IngestPair {
+        _acl: acl,
+        broker,
+        admin,
+        cfg,
+        http: ports.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+    }
+}
+
+fn health(http: SocketAddr) -> serde_json::Value {
+    support::http_get(http, "/healthz")
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .unwrap_or_default()
+}
+
+/// Waits until the instance at `http` says its ingest is `role` and, when
+/// active, its MQTT source is connected (subscribed: a QoS 0 reading sent
+/// then reaches it). Returns when it saw the role.
+fn wait_ingest(http: SocketAddr, role: &str, deadline: Duration) -> Instant {
+    let start = Instant::now();
+    let mut seen = None;
+    loop {
+        let h = health(http);
+        if h["ingest"]["role"] == role {
+            seen.get_or_insert_with(Instant::now);
+            let linked = h["sources"]
+                .as_array()
+                .is_some_and(|s| s.iter().all(|s| s["up"] == true));
+            if role != "active" || linked {
+                return seen.unwrap_or_else(Instant::now);
+            }
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{http} ingest not {role} (with its source linked) within {deadline:?}: {h:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `n` identical QoS 0 readings and `n` identical QoS 1 readings
+/// (repeats are readings of their own: a PIR saying "occupied" again),
+/// then one distinct QoS 1 reading; returns how many were sent.
+async fn repeated_readings(p: &mut Publisher, n: usize, last: u64) -> u64 {
+    for _ in 0..n {
+        p.publish_qos0("test/s0", r#"{"occupancy":true}"#).await;
+        p.publish("test/s1", r#"{"occupancy":true}"#).await;
+    }
+    p.publish("test/s2", format!(r#"{{"occupancy":{}}}"#, last % 2 == 0))
+        .await;
+    (2 * n + 1) as u64
+}
+
+/// Waits until SENSORS holds exactly `want` readings and still does
+/// after the survivor's `observations_stored` has caught up; fails at once
+/// on more (a reading stored twice).
+async fn stored_exactly(js: &async_nats::jetstream::Context, want: u64, what: &str) {
+    let start = Instant::now();
+    loop {
+        let n = stream_messages(js, "SENSORS").await;
+        assert!(
+            n <= want,
+            "{what}: {n} readings in SENSORS, {want} sent: a reading stored twice"
+        );
+        if n == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what}: {n} of {want} readings in SENSORS"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ingest_instances_of_one_service_store_each_reading_once_and_the_survivor_keeps_all() {
+    let s = ingest_pair().await;
+    let mut a = Daemon::start_at(&s.cfg[0], &[]);
+    a.wait_healthy(s.http[0], Duration::from_secs(20));
+    wait_ingest(s.http[0], "active", Duration::from_secs(10));
+    let mut b = Daemon::start_at(&s.cfg[1], &[]);
+    b.wait_healthy(s.http[1], Duration::from_secs(20));
+    wait_ingest(s.http[1], "standby", Duration::from_secs(10));
+
+    // Both say they share the work: in the log, in /healthz, in status.
+    a.wait_for_log(
+        "source started: this instance holds the service's lease",
+        Duration::from_secs(5),
+    );
+    b.wait_for_log(
+        "source standing by: this service's ingest is shared with another instance",
+        Duration::from_secs(5),
+    );
+    b.wait_for_log(
+        "this one shares the work as its standby",
+        Duration::from_secs(5),
+    );
+    let (ha, hb) = (health(s.http[0]), health(s.http[1]));
+    assert_eq!(ha["status"], "healthy", "{ha:#}");
+    assert_eq!(hb["status"], "healthy", "a standby is healthy: {hb:#}");
+    assert!(
+        ha["ingest"]["shared"]
+            .as_str()
+            .is_some_and(|t| t.contains("other instances of the service stand by")),
+        "{ha:#}"
+    );
+    assert!(
+        hb["ingest"]["shared"]
+            .as_str()
+            .is_some_and(|t| t.contains("shared with the instance holding the service's lease")),
+        "{hb:#}"
+    );
+    assert!(
+        hb["ingest"]["holder"]
+            .as_str()
+            .is_some_and(|h| h.ends_with(&format!("/{}", a.pid()))),
+        "{hb:#}"
+    );
+    let out =
+        support::daemon::run_presenced(&["status", "--config", s.cfg[1].to_str().unwrap()], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("  ingest: standby since") && text.contains("shared with the instance"),
+        "presenced status:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Readings at QoS 0 and 1, repeats included: each stored once.
+    let mut p = Publisher::connect(s.broker.port, "ingest-pair-pub").await;
+    let mut want = repeated_readings(&mut p, 50, 0).await;
+    p.flush(Duration::from_secs(10)).await;
+    stored_exactly(&s.admin, want, "two instances running").await;
+    assert_eq!(
+        health(s.http[1])["ingest"]["observations_stored"],
+        0,
+        "the standby read nothing"
+    );
+
+    // SIGKILL the active one while QoS 1 readings keep coming: the broker
+    // keeps them in the session (one client id) for the survivor.
+    let a_pid = a.pid();
+    let sender = tokio::spawn(async move {
+        for i in 0..100u64 {
+            p.publish("test/s3", format!(r#"{{"occupancy":{}}}"#, i % 2 == 0))
+                .await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        p
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.kill9();
+    let killed = Instant::now();
+    let took = wait_ingest(s.http[1], "active", TTL + Duration::from_secs(5)) - killed;
+    eprintln!("ingest takeover {took:?} after SIGKILL (TTL {TTL:?})");
+    assert!(took <= TTL + Duration::from_secs(1), "{took:?}");
+    let mut p = sender.await.unwrap();
+    want += 100;
+    want += repeated_readings(&mut p, 50, 1).await;
+    p.flush(Duration::from_secs(10)).await;
+    stored_exactly(&s.admin, want, "after the SIGKILL, on the survivor").await;
+    b.wait_for_log(
+        "leader lease taken: this instance runs ingest",
+        Duration::from_secs(1),
+    );
+    let hb = health(s.http[1]);
+    assert_eq!(hb["ingest"]["takeovers"], 1, "{hb:#}");
+    let audit = s
+        .admin
+        .get_stream("AUDIT")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(
+            &presenced::naming::Site::new("test")
+                .unwrap()
+                .audit_subject("ingest"),
+        )
+        .await
+        .expect("a takeover record in AUDIT");
+    let record: presenced::store::leader::TakeoverRecord =
+        serde_json::from_slice(&audit.payload).unwrap();
+    assert_eq!(record.kind, "ingest_takeover");
+    assert!(record.to.ends_with(&format!("/{}", b.pid())), "{record:?}");
+    assert!(
+        record
+            .from
+            .as_deref()
+            .is_some_and(|f| f.ends_with(&format!("/{a_pid}"))),
+        "{record:?}"
+    );
+
+    // The other way round, with AUDIT stalled: a takeover does not wait
+    // for its AUDIT record. AUDIT made again with `no_ack`: it stores the
+    // record and never acknowledges it, so the publish waits out its
+    // timeout.
+    a.restart();
+    wait_ingest(s.http[0], "standby", Duration::from_secs(20));
+    s.admin.delete_stream("AUDIT").await.unwrap();
+    let audit = s
+        .admin
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "AUDIT".into(),
+            subjects: vec!["audit.events.test.>".into()],
+            no_ack: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    b.kill9();
+    let killed = Instant::now();
+    let took = wait_ingest(s.http[0], "active", TTL + Duration::from_secs(5)) - killed;
+    eprintln!("ingest takeover {took:?} after SIGKILL with AUDIT stalled");
+    let subject = presenced::naming::Site::new("test")
+        .unwrap()
+        .audit_subject("ingest");
+    eventually(
+        "the takeover record stored in AUDIT",
+        Duration::from_secs(5),
+        || async {
+            audit
+                .get_last_raw_message_by_subject(&subject)
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    let stalled = audit
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap();
+    assert!(
+        serde_json::from_slice::<presenced::store::leader::TakeoverRecord>(&stalled.payload)
+            .is_ok_and(|r| r.to.ends_with(&format!("/{}", a.pid()))),
+        "{stalled:?}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "the takeover waited for the stalled AUDIT write: {took:?}"
+    );
+    // The record's ack times out (the client's request timeout or the
+    // keeper's own, both 2 s) long after the takeover; either way the
+    // failure is logged.
+    a.wait_for_log("takeover in AUDIT", Duration::from_secs(5));
+    assert!(
+        a.log().contains("leader lease taken\" says it)"),
+        "{}",
+        a.log_tail()
+    );
+    let mut p = Publisher::connect(s.broker.port, "ingest-pair-pub-2").await;
+    want += repeated_readings(&mut p, 20, 2).await;
+    p.flush(Duration::from_secs(10)).await;
+    stored_exactly(&s.admin, want, "after the second SIGKILL").await;
+}
+
+/// The NixOS `standbyOf` shape: one instance runs ingest and the engine,
+/// its standby the engine alone. After a takeover by the engine-only
+/// standby, the restarted first instance stands by for the engine but
+/// reads: the holder does not run ingest, so nobody else would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_only_holder_leaves_the_reading_to_the_instance_that_runs_ingest() {
+    let broker = Mosquitto::start();
+    let acl = AclSite::start(&[("main", "runs = [\"ingest\", \"engine\"]")]);
+    let url = acl.url();
+    provision(&acl.file(
+        "admin.toml",
+        &format!(
+            "{}{}",
+            head("admin", &acl.seed("admin"), &url, support::free_port()),
+            zones()
+        ),
+    ));
+    let ports = [support::free_port(), support::free_port()];
+    let http = ports.map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+    let both = acl.file(
+        "main.toml",
+        &format!(
+            "{}{}[mqtt.main]\nhost = \"127.0.0.1\"\nport = {}\nkeep_alive = \"5s\"\nreconnect_max = \"1s\"\n{}",
+            head("main", &acl.seed("main"), &url, ports[0]),
+            zones(),
+            broker.port,
+            motion_mapping(false)
+        ),
+    );
+    let engine_only = acl.file(
+        "main-standby.toml",
+        &format!(
+            "runs = [\"engine\"]\n{}{}",
+            head("main", &acl.seed("main"), &url, ports[1]),
+            zones()
+        ),
+    );
+    let admin = acl.js("admin").await;
+    let mut a = Daemon::start_at(&both, &[]);
+    a.wait_healthy(http[0], Duration::from_secs(20));
+    wait_ingest(http[0], "active", Duration::from_secs(10));
+    let b = Daemon::start_at(&engine_only, &[]);
+    b.wait_healthy(http[1], Duration::from_secs(20));
+    wait_role(http[1], "standby", Duration::from_secs(10));
+    let mut p = Publisher::connect(broker.port, "mixed-pub").await;
+    let mut want = repeated_readings(&mut p, 10, 0).await;
+    p.flush(Duration::from_secs(10)).await;
+    stored_exactly(&admin, want, "the first instance reads").await;
+
+    a.kill9();
+    wait_role(http[1], "active", TTL + Duration::from_secs(5));
+    a.restart();
+    wait_role(http[0], "standby", Duration::from_secs(20));
+    a.wait_for_log(
+        "the lease holder does not run ingest, which this instance runs",
+        Duration::from_secs(5),
+    );
+    a.wait_for_log(
+        "source started: the instance holding the service's lease does not run ingest",
+        Duration::from_secs(10),
+    );
+    a.wait_healthy(http[0], Duration::from_secs(20));
+    let h = health(http[0]);
+    assert!(
+        h["ingest"]["shared"]
+            .as_str()
+            .is_some_and(|t| t.contains("the lease holder does not run ingest")),
+        "{h:#}"
+    );
+    want += repeated_readings(&mut p, 10, 1).await;
+    p.flush(Duration::from_secs(10)).await;
+    stored_exactly(&admin, want, "the restarted first instance reads").await;
+    eventually(
+        "the engine-only holder applies them",
+        Duration::from_secs(15),
+        || async { engine_caught_up(&admin, want).await },
+    )
+    .await;
+}
+
+/// The ingest holder frozen (SIGSTOP) past its lease while QoS 1 and
+/// QoS 0 readings keep coming: the standby takes the lease and the broker
+/// session; the thawed holder sees it, stops its source and stands by.
+/// Every QoS 1 reading is stored exactly once (QoS 0 ones sent while no
+/// instance was subscribed may be dropped by the broker, never doubled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_holder_frozen_past_its_lease_hands_over_without_storing_a_reading_twice() {
+    let s = ingest_pair().await;
+    let a = Daemon::start_at(&s.cfg[0], &[]);
+    a.wait_healthy(s.http[0], Duration::from_secs(20));
+    wait_ingest(s.http[0], "active", Duration::from_secs(10));
+    let b = Daemon::start_at(&s.cfg[1], &[]);
+    b.wait_healthy(s.http[1], Duration::from_secs(20));
+    wait_ingest(s.http[1], "standby", Duration::from_secs(10));
+
+    let (qos1, qos0) = (800u64, 800u64);
+    let port = s.broker.port;
+    let sender = tokio::spawn(async move {
+        let mut p = Publisher::connect(port, "frozen-ingest-pub").await;
+        for i in 0..qos1 {
+            // Identical payloads: repeats are readings.
+            p.publish("test/s1", r#"{"occupancy":true}"#).await;
+            p.publish_qos0("test/s0", r#"{"occupancy":true}"#).await;
+            if i % 10 == 9 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        p.flush(Duration::from_secs(30)).await;
+        p
+    });
+    eventually("readings flowing", Duration::from_secs(10), || async {
+        stream_messages(&s.admin, "SENSORS").await > 100
+    })
+    .await;
+    signal(&a, libc::SIGSTOP);
+    let frozen = Instant::now();
+    let took = wait_ingest(s.http[1], "active", TTL + Duration::from_secs(5)) - frozen;
+    eprintln!("ingest takeover {took:?} after SIGSTOP (TTL {TTL:?})");
+    assert!(took <= TTL + Duration::from_secs(1), "{took:?}");
+    let stored = stream_messages(&s.admin, "SENSORS").await;
+    eventually(
+        "the new holder stores readings",
+        Duration::from_secs(10),
+        || async { stream_messages(&s.admin, "SENSORS").await > stored + 50 },
+    )
+    .await;
+    signal(&a, libc::SIGCONT);
+    a.wait_for_log(
+        "source stopped: another instance took the service's lease",
+        Duration::from_secs(5),
+    );
+    wait_ingest(s.http[0], "standby", Duration::from_secs(5));
+    let _p = sender.await.unwrap();
+    // Everything the broker acknowledged reached the survivor: wait for
+    // every QoS 1 reading, then check no reading of either kind twice.
+    use futures::StreamExt;
+    let js = s.admin.clone();
+    let count = |subject: &'static str| {
+        let js = js.clone();
+        async move {
+            let stream = js.get_stream("SENSORS").await.unwrap();
+            let info = stream
+                .info_with_subjects(subject)
+                .await
+                .unwrap()
+                .next()
+                .await;
+            match info {
+                Some(Ok((_, n))) => n as u64,
+                _ => 0,
+            }
+        }
+    };
+    eventually(
+        "every QoS 1 reading stored",
+        Duration::from_secs(30),
+        || async {
+            let n = count("sensors.test.s1").await;
+            assert!(
+                n <= qos1,
+                "{n} QoS 1 readings stored, {qos1} sent: one stored twice"
+            );
+            n == qos1
+        },
+    )
+    .await;
+    let n0 = count("sensors.test.s0").await;
+    eprintln!("QoS 0: {n0} of {qos0} stored across the freeze");
+    assert!(
+        n0 <= qos0,
+        "{n0} QoS 0 readings stored, {qos0} sent: one stored twice"
+    );
+    assert_eq!(health(s.http[1])["ingest"]["role"], "active");
+}
