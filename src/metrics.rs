@@ -24,6 +24,9 @@
 //! page find a component's values again through [`Metrics::handle`], by
 //! the component's own type.
 
+mod event;
+pub use event::{Event, Tally};
+
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
