@@ -42,14 +42,12 @@ pub fn start(
             }
         };
         if let Some((fence, role_tx)) = leader {
+            let takeovers = own.engine_takeovers.clone();
             let (components, own) = (components.clone(), own.clone());
             let roles = async move {
                 let mut seen = false;
                 while role.changed().await.is_ok() {
                     let r = role.borrow_and_update().clone();
-                    if r.active {
-                        crate::metrics::Metrics::inc(&own.engine_takeovers);
-                    }
                     own.engine_active.store(r.active, Ordering::Relaxed);
                     if !seen {
                         seen = true;
@@ -69,6 +67,7 @@ pub fn start(
                     leader::Reports {
                         role: role_tx,
                         held: held_tx,
+                        takeovers,
                     },
                 ),
                 roles,

@@ -7,7 +7,7 @@
 //! the status page read them through [`crate::metrics::Metrics::handle`].
 
 use crate::base::ownership::Role;
-use crate::metrics::{counter_name, Collector, Count, Flag, Metrics};
+use crate::metrics::{counter_name, Collector, Count, Event, Flag, Metrics};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,25 +31,21 @@ pub struct LinkMetrics {
     pub permission_violations: Count,
 }
 
-/// Things that happen to the link that are both logged and counted: one
-/// call does both, so a log line and its counter cannot drift apart.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// The connection to the leaf came back after a loss.
-    NatsReconnected,
-}
+/// The connection to the leaf came back after a loss.
+pub const NATS_RECONNECTED: Event = Event {
+    name: "nats_reconnected",
+    level: tracing::Level::INFO,
+    message: "reconnected to nats-server",
+    counter: "presenced_nats_reconnects_total",
+};
 
-impl LinkMetrics {
-    /// Logs `event` and counts it.
-    pub fn emit(&self, event: Event) {
-        match event {
-            Event::NatsReconnected => {
-                Metrics::inc(&self.reconnects);
-                tracing::info!("reconnected to nats-server");
-            }
-        }
-    }
-}
+/// This instance took the engine's leader lease and runs the engine.
+pub const ENGINE_TAKEOVER: Event = Event {
+    name: "engine_takeover",
+    level: tracing::Level::INFO,
+    message: "leader lease taken: this instance runs the engine",
+    counter: "presenced_engine_takeovers_total",
+};
 
 impl Collector for LinkMetrics {
     fn collect(&self, r: &mut Registry) {
@@ -146,7 +142,7 @@ mod tests {
     fn a_reconnect_is_counted_where_it_is_logged() {
         let m = Metrics::default();
         let link = m.handle_or_register::<LinkMetrics>();
-        link.emit(Event::NatsReconnected);
+        crate::emit!(NATS_RECONNECTED, &link.reconnects);
         let text = m.render();
         assert!(
             text.contains("presenced_nats_reconnects_total 1\n"),
