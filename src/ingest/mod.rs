@@ -161,20 +161,25 @@ struct RejectLog {
 }
 
 impl RejectLog {
-    fn note(&mut self, rej: &Rejected) {
+    /// Counts `rej` (one [`metrics::INPUT_REJECTED`]) and logs it if its
+    /// source's line is due, with the number left out since the last.
+    fn note(&mut self, rej: &Rejected, metrics: &IngestMetrics) {
         let now = Instant::now();
         let entry = self
             .last
             .entry(rej.source.clone())
             .or_insert((now - self.every - Duration::from_millis(1), 0));
-        if now.duration_since(entry.0) > self.every {
-            tracing::warn!(
-                source = %rej.source,
-                origin = %rej.origin,
-                reason = %rej.reason,
-                suppressed = entry.1,
-                "input rejected; kept in stream REJECTED"
-            );
+        let due = now.duration_since(entry.0) > self.every;
+        crate::emit!(
+            metrics::INPUT_REJECTED,
+            &metrics.rejects,
+            if due;
+            source = %rej.source,
+            origin = %rej.origin,
+            reason = %rej.reason,
+            suppressed = entry.1
+        );
+        if due {
             *entry = (now, 0);
         } else {
             entry.1 += 1;
@@ -219,9 +224,8 @@ pub async fn run(
                     publish_live(&core, &site, &obs).await;
                 }
                 (Item::Rejected(rej, ack), None) => {
-                    Metrics::inc(&metrics.rejects);
                     metrics.note_reject(last_reject(&rej));
-                    log.note(&rej);
+                    log.note(&rej, &metrics);
                     ack.fire();
                 }
                 (Item::Observation(obs, ack), Some(error)) => {
@@ -234,9 +238,8 @@ pub async fn run(
                     )
                     .await;
                     if kept.is_empty() {
-                        Metrics::inc(&metrics.rejects);
                         metrics.note_reject(last_reject(&rej));
-                        log.note(&rej);
+                        log.note(&rej, &metrics);
                     } else {
                         tracing::error!(source = %obs.source, sensor = %obs.sensor, %error, "observation refused by SENSORS and cannot be kept in REJECTED either; dropped");
                     }

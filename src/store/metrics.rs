@@ -39,6 +39,17 @@ pub const NATS_RECONNECTED: Event = Event {
     counter: "presenced_nats_reconnects_total",
 };
 
+/// nats-server refused an operation for lack of permission. Counted when
+/// the server reports it; the daemon's audit task writes the line (rate
+/// limited, folded, with its AUDIT record), a connection without one
+/// writes it at once.
+pub const PERMISSION_VIOLATION: Event = Event {
+    name: "permission_violation",
+    level: tracing::Level::ERROR,
+    message: "permission violation: nats-server refused this operation; the ACL does not grant it to this service (see docs/SECURITY.md)",
+    counter: "presenced_permission_violations_total",
+};
+
 /// This instance took the engine's leader lease and runs the engine.
 pub const ENGINE_TAKEOVER: Event = Event {
     name: "engine_takeover",
