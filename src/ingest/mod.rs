@@ -526,6 +526,41 @@ fn last_reject(r: &crate::sources::Rejected) -> metrics::LastReject {
 mod tests {
     use super::*;
 
+    /// Every reject is counted; within the interval only the first of a
+    /// source is logged, and the next line says how many it left out.
+    #[test]
+    fn every_reject_is_counted_and_its_line_is_rate_limited() {
+        let metrics = IngestMetrics::default();
+        let mut log = RejectLog {
+            every: Duration::from_secs(60),
+            last: HashMap::new(),
+        };
+        let text = crate::metrics::captured(|| {
+            for _ in 0..3 {
+                log.note(&rejected(4, "not a number"), &metrics);
+            }
+        });
+        assert_eq!(
+            metrics.rejects.load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(
+            lines[0].contains("WARN")
+                && lines[0].contains("input rejected; kept in stream REJECTED")
+                && lines[0].contains("event=\"input_rejected\"")
+                && lines[0].contains("reason=not a number")
+                && lines[0].contains("suppressed=0"),
+            "{text}"
+        );
+        // Due again (any time since the last line is enough now): the
+        // line says two were left out.
+        log.every = Duration::ZERO;
+        let text = crate::metrics::captured(|| log.note(&rejected(4, "again"), &metrics));
+        assert!(text.contains("suppressed=2"), "{text}");
+    }
+
     #[test]
     fn header_text_is_one_line() {
         assert_eq!(header_text("bad\r\nvalue\t!"), "bad  value !");
