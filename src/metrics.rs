@@ -19,10 +19,19 @@
 //! plain atomics ([`Count`], [`Level`], [`Flag`]) the component's hot path
 //! holds directly: a relaxed increment, no lookup.
 //!
+//! What a component both logs and counts is a named [`Event`], declared
+//! beside its families and emitted with [`emit!`](crate::emit): one call
+//! counts it and writes its line, so the two cannot drift apart.
+//!
 //! This module knows no domain type and imports nothing of the crate but
 //! `base`: components register a [`Collector`]; `/healthz` and the status
 //! page find a component's values again through [`Metrics::handle`], by
 //! the component's own type.
+
+mod event;
+#[cfg(test)]
+pub use event::captured;
+pub use event::{Event, Tally};
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;

@@ -8,9 +8,8 @@
 //! stop instead of waiting on an ack that will never come.
 
 use super::audit_limit::{Entry, Limiter, BURST, PER_SECOND};
-use crate::metrics::Metrics;
 use crate::naming::Site;
-use crate::store::metrics::LinkMetrics;
+use crate::store::metrics::{LinkMetrics, PERMISSION_VIOLATION};
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
@@ -139,33 +138,37 @@ impl crate::store::connect::EventHook for Sender {
     }
 }
 
-const LOG_LINE: &str = "permission violation: nats-server refused this operation; the ACL does not grant it to this service (see docs/SECURITY.md)";
-
 /// Counts and reports one violation (called from the event callback).
 /// With a sink, the audit task logs it (rate limited, with its record);
 /// without, it is logged here.
 pub fn report(v: Violation, link: Option<&LinkMetrics>, sink: Option<&Sender>) {
-    if let Some(m) = link {
-        Metrics::inc(&m.permission_violations);
-    }
-    match sink {
-        Some(s) => {
-            if let Err(mpsc::error::SendError(v)) = s.send(v) {
-                // The audit task is gone (the daemon is stopping).
-                log(None, &v, 1);
-            }
-        }
-        None => log(None, &v, 1),
-    }
+    let (subject, operation) = (v.subject.clone(), v.operation);
+    // Unsent when there is no audit task, or it is gone (the daemon is
+    // stopping): then the line is written here.
+    let audited = sink.is_some_and(|s| s.send(v).is_ok());
+    crate::emit!(
+        PERMISSION_VIOLATION,
+        link.map(|m| &*m.permission_violations),
+        if !audited;
+        service = "-",
+        subject = %subject,
+        operation = operation.as_str(),
+        count = 1u64
+    );
 }
 
-fn log(service: Option<&str>, v: &Violation, count: u64) {
-    tracing::error!(
-        service = service.unwrap_or("-"),
+/// The audit task's line for `count` folded occurrences of `v`, counted
+/// already by [`report`].
+fn log(service: &str, v: &Violation, count: u64) {
+    tracing::event!(
+        PERMISSION_VIOLATION.level,
+        event = PERMISSION_VIOLATION.name,
+        service,
         subject = %v.subject,
         operation = v.operation.as_str(),
         count,
-        "{LOG_LINE}"
+        "{}",
+        PERMISSION_VIOLATION.message
     );
 }
 
@@ -235,7 +238,7 @@ pub async fn audit(
         let site = site.clone();
         let service = service.clone();
         async move {
-            log(Some(&service), &e.violation, e.count);
+            log(&service, &e.violation, e.count);
             // Refusing our own audit subject would loop: logged only.
             if e.violation.subject == subject {
                 tracing::error!(subject = %subject, "this service may not write its own audit subject; fix the ACL");

@@ -2,7 +2,7 @@
 //! [`super::start`] once the archiver has started (an instance without
 //! `[archive]` exports none of them), with its detail in `/healthz`.
 
-use crate::metrics::{counter_name, Collector, Count, Flag, Level};
+use crate::metrics::{counter_name, Collector, Count, Event, Flag, Level};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::Ordering;
 
@@ -27,6 +27,56 @@ pub struct ArchiveMetrics {
     /// Unix seconds of the last verified upload.
     pub last_upload_seconds: Level,
 }
+
+/// A snapshot was written to the object store `snapshots`.
+pub const SNAPSHOT_TAKEN: Event = Event {
+    name: "archive_snapshot_taken",
+    level: tracing::Level::INFO,
+    message: "archive: snapshot taken",
+    counter: "presenced_archive_snapshots_total",
+};
+
+/// A scheduled snapshot failed.
+pub const SNAPSHOT_FAILED: Event = Event {
+    name: "archive_snapshot_failed",
+    level: tracing::Level::ERROR,
+    message: "archive: snapshot failed",
+    counter: "presenced_archive_snapshot_failures_total",
+};
+
+/// A snapshot is in S3 and verified; counted in uploads and bytes only
+/// when this attempt PUT it (not when an intact copy was found there).
+pub const UPLOADED: Event = Event {
+    name: "archive_uploaded",
+    level: tracing::Level::INFO,
+    message: "archive: uploaded and verified",
+    counter: "presenced_archive_uploads_total, presenced_archive_uploaded_bytes_total",
+};
+
+/// An upload attempt failed and is retried with backoff; a failed
+/// verification is counted in verify failures too.
+pub const UPLOAD_FAILED: Event = Event {
+    name: "archive_upload_failed",
+    level: tracing::Level::WARN,
+    message: "archive: upload failed; will retry",
+    counter: "presenced_archive_upload_failures_total, presenced_archive_verify_failures_total",
+};
+
+/// A snapshot pruned from the local object store by retention.
+pub const PRUNED_LOCAL: Event = Event {
+    name: "archive_pruned_local",
+    level: tracing::Level::INFO,
+    message: "archive: pruned from the object store",
+    counter: "presenced_archive_pruned_local_total",
+};
+
+/// A snapshot pruned from S3 by retention.
+pub const PRUNED_REMOTE: Event = Event {
+    name: "archive_pruned_remote",
+    level: tracing::Level::INFO,
+    message: "archive: pruned from S3",
+    counter: "presenced_archive_pruned_remote_total",
+};
 
 impl Collector for ArchiveMetrics {
     fn collect(&self, r: &mut Registry) {

@@ -7,7 +7,10 @@
 //! next snapshot is due `every` after the newest existing one.
 
 use super::config::ArchiveConfig;
-use super::metrics::ArchiveMetrics;
+use super::metrics::{
+    ArchiveMetrics, PRUNED_LOCAL, PRUNED_REMOTE, SNAPSHOT_FAILED, SNAPSHOT_TAKEN, UPLOADED,
+    UPLOAD_FAILED,
+};
 use super::outbox::{Entry, Outbox};
 use super::s3::Remote;
 use super::snapshot::{self, LocalSnapshot, Plan};
@@ -207,23 +210,22 @@ impl Archiver {
         let taken = match snapshot::take(&self.js, &self.plan, self.signer.as_ref()).await {
             Ok(m) => m,
             Err(e) => {
-                Metrics::inc(&self.metrics.snapshot_failures);
-                tracing::error!(error = %e, "archive: snapshot failed");
+                crate::emit!(SNAPSHOT_FAILED, &self.metrics.snapshot_failures; error = %e);
                 return Err(());
             }
         };
-        Metrics::inc(&self.metrics.snapshots);
         Metrics::set(
             &self.metrics.last_snapshot_seconds,
             unix_secs(SystemTime::now()),
         );
-        tracing::info!(
+        crate::emit!(
+            SNAPSHOT_TAKEN,
+            &self.metrics.snapshots;
             snapshot = %taken.id,
             bytes = taken.size,
             records = taken.records,
             sha256 = %taken.sha256,
-            took_ms = start.elapsed().as_millis() as u64,
-            "archive: snapshot taken"
+            took_ms = start.elapsed().as_millis() as u64
         );
         if self.remote.is_some() {
             let entry = Entry::new(&taken.id, taken.size, &taken.sha256, &now_rfc3339());
@@ -288,34 +290,34 @@ impl Archiver {
                 }
                 due.remove(id);
                 self.metrics.s3_ok.store(true, Ordering::Relaxed);
-                if put {
-                    Metrics::inc(&self.metrics.uploads);
-                    Metrics::add(&self.metrics.uploaded_bytes, expected.size);
-                }
                 Metrics::set(
                     &self.metrics.last_upload_seconds,
                     unix_secs(SystemTime::now()),
                 );
-                tracing::info!(
+                let counted = |n| {
+                    if put {
+                        Metrics::add(&self.metrics.uploads, n);
+                        Metrics::add(&self.metrics.uploaded_bytes, n * expected.size);
+                    }
+                };
+                crate::emit!(
+                    UPLOADED,
+                    counted;
                     snapshot = %id,
                     bytes = expected.size,
                     sha256 = %expected.sha256,
                     etag = etag.as_deref().unwrap_or("-"),
                     attempt = done.attempts,
                     reused = !put,
-                    took_ms = start.elapsed().as_millis() as u64,
-                    "archive: uploaded and verified"
+                    took_ms = start.elapsed().as_millis() as u64
                 );
                 self.prune().await;
             }
             Err(e) => {
                 let verify = matches!(e, ArchiveError::Verify { .. });
-                if verify {
-                    Metrics::inc(&self.metrics.verify_failures);
-                } else {
+                if !verify {
                     self.metrics.s3_ok.store(false, Ordering::Relaxed);
                 }
-                Metrics::inc(&self.metrics.upload_failures);
                 let delay = Backoff::new(self.cfg.retry_initial, self.cfg.retry_max)
                     .delay_after(uploading.attempts);
                 let msg = e.to_string();
@@ -324,12 +326,20 @@ impl Archiver {
                         tracing::warn!(snapshot = %id, error = %e2, "archive: cannot record the failed upload");
                     }
                 }
-                tracing::warn!(
+                let counted = |n| {
+                    Metrics::add(&self.metrics.upload_failures, n);
+                    if verify {
+                        Metrics::add(&self.metrics.verify_failures, n);
+                    }
+                };
+                crate::emit!(
+                    UPLOAD_FAILED,
+                    counted;
                     snapshot = %id,
                     attempt = uploading.attempts,
                     retry_in_ms = delay.as_millis() as u64,
-                    error = %msg,
-                    "archive: upload failed; will retry"
+                    verify,
+                    error = %msg
                 );
                 due.insert(id.to_owned(), Instant::now() + delay);
             }
@@ -420,9 +430,8 @@ impl Archiver {
         match retention::prune_local(&self.store, &local, &unsent, self.cfg.keep_local, now).await {
             Ok(gone) => {
                 for id in &gone {
-                    tracing::info!(snapshot = %id, "archive: pruned from the object store");
+                    crate::emit!(PRUNED_LOCAL, &self.metrics.pruned_local; snapshot = %id);
                 }
-                Metrics::add(&self.metrics.pruned_local, gone.len() as u64);
             }
             Err(e) => tracing::warn!(error = %e, "archive: local pruning failed"),
         }
@@ -438,9 +447,8 @@ impl Archiver {
             {
                 Ok(gone) => {
                     for id in &gone {
-                        tracing::info!(snapshot = %id, "archive: pruned from S3");
+                        crate::emit!(PRUNED_REMOTE, &self.metrics.pruned_remote; snapshot = %id);
                     }
-                    Metrics::add(&self.metrics.pruned_remote, gone.len() as u64);
                 }
                 Err(e) => tracing::warn!(error = %e, "archive: remote pruning failed"),
             }

@@ -5,7 +5,7 @@
 //! [`crate::metrics::Metrics::handle`] for its verdict (a stalled commit,
 //! a zone clock ahead of the system clock) and its `engine` section.
 
-use crate::metrics::{counter_name, Collector, Count, Level, Metrics, Stall};
+use crate::metrics::{counter_name, Collector, Count, Event, Level, Stall};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -34,29 +34,32 @@ pub struct EngineMetrics {
     pub clock_ahead_ok_ms: AtomicU64,
 }
 
-/// Things that happen to the engine that are both logged and counted: one
-/// call does both, so a log line and its counter cannot drift apart.
-#[derive(Debug, Clone)]
-pub enum Event<'a> {
-    /// A compare-and-set write found the key changed behind the engine.
-    KvConflict { bucket: &'a str, key: &'a str },
-}
+/// A compare-and-set write found the key changed behind the engine (no
+/// leader lease: another writer, or a lost reply); the key is reloaded.
+pub const KV_CONFLICT: Event = Event {
+    name: "engine_kv_conflict",
+    level: tracing::Level::ERROR,
+    message: "compare-and-set conflict: the key changed behind the engine's back; reloading it",
+    counter: "presenced_kv_conflicts_total",
+};
 
-impl EngineMetrics {
-    /// Logs `event` and counts it.
-    pub fn emit(&self, event: Event<'_>) {
-        match event {
-            Event::KvConflict { bucket, key } => {
-                Metrics::inc(&self.kv_conflicts);
-                tracing::error!(
-                    bucket,
-                    key = %key,
-                    "compare-and-set conflict: the key changed behind the engine's back; reloading it"
-                );
-            }
-        }
-    }
-}
+/// Compare-and-set writes refused while this engine held the leader
+/// lease: another holder took over and wrote them; this one stands by.
+/// Counted once per refused key.
+pub const KV_CONFLICTS_FENCED: Event = Event {
+    name: "engine_fenced",
+    level: tracing::Level::WARN,
+    message: "compare-and-set refused: another engine holds the leader lease and wrote these keys; this instance stops writing and stands by",
+    counter: "presenced_kv_conflicts_total",
+};
+
+/// An observation redelivered by SENSORS that a zone has applied already.
+pub const REDELIVERY_SKIPPED: Event = Event {
+    name: "engine_redelivery_skipped",
+    level: tracing::Level::DEBUG,
+    message: "already applied; skipped",
+    counter: "presenced_engine_redeliveries_total",
+};
 
 impl Collector for EngineMetrics {
     fn collect(&self, r: &mut Registry) {
@@ -110,6 +113,7 @@ impl Collector for EngineMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
@@ -145,10 +149,9 @@ mod tests {
     #[test]
     fn an_event_is_counted_where_it_is_logged() {
         let m = EngineMetrics::default();
-        m.emit(Event::KvConflict {
-            bucket: "presence",
-            key: "hall",
-        });
-        assert_eq!(m.kv_conflicts.load(Ordering::Relaxed), 1);
+        let key = "hall";
+        crate::emit!(KV_CONFLICT, &m.kv_conflicts; bucket = "presence", key = %key);
+        crate::emit!(KV_CONFLICTS_FENCED, &m.kv_conflicts, by = 2; conflicts = 2);
+        assert_eq!(m.kv_conflicts.load(Ordering::Relaxed), 3);
     }
 }

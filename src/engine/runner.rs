@@ -18,7 +18,7 @@
 //! before the commit loses the command and the client sees no reply.
 
 use super::command::{self, Command, CommandError, ErrorKind, Reply};
-use super::metrics::{EngineMetrics, Event};
+use super::metrics::{EngineMetrics, KV_CONFLICT, KV_CONFLICTS_FENCED, REDELIVERY_SKIPPED};
 use super::{
     advance, apply, clear_override, initial_state, next_deadline, reconcile, set_override, Input,
     Model, Pending, Presence, Transition, ZoneState,
@@ -454,8 +454,7 @@ impl Runner {
                     continue;
                 };
                 if *seq <= slot.state.last_seq {
-                    tracing::debug!(zone = %zone, seq, last_seq = slot.state.last_seq, "already applied; skipped");
-                    Metrics::inc(&self.metrics.redeliveries);
+                    crate::emit!(REDELIVERY_SKIPPED, &self.metrics.redeliveries; zone = %zone, seq, last_seq = slot.state.last_seq);
                     continue;
                 }
                 let input = Input {
@@ -689,17 +688,18 @@ impl Runner {
             // With a leader lease the engine is the one writer: a
             // changed revision means another holder wrote (it rewrites
             // every zone at takeover). Stop writing.
-            Metrics::add(&self.metrics.kv_conflicts, conflicts.len() as u64);
-            tracing::warn!(
+            crate::emit!(
+                KV_CONFLICTS_FENCED,
+                &self.metrics.kv_conflicts,
+                by = conflicts.len() as u64;
                 conflicts = conflicts.len(),
-                first = ?conflicts.first(),
-                "compare-and-set refused: another engine holds the leader lease and wrote these keys; this instance stops writing and stands by"
+                first = ?conflicts.first()
             );
             self.fencing.stop();
             return Ok(());
         }
         for (bucket, key) in conflicts {
-            self.metrics.emit(Event::KvConflict { bucket, key: &key });
+            crate::emit!(KV_CONFLICT, &self.metrics.kv_conflicts; bucket, key = %key);
             self.reload(bucket, &key).await;
             retry.insert(key);
         }

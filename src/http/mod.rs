@@ -180,8 +180,9 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
             body["ingest"]["role"] = json!(if r.active { "active" } else { "standby" });
             body["ingest"]["since"] = json!(r.since);
             body["ingest"]["holder"] = json!(r.holder);
-            body["ingest"]["takeovers"] =
-                json!(lease_metrics.as_ref().map_or(0, |l| get(&l.engine_takeovers)));
+            body["ingest"]["takeovers"] = json!(lease_metrics
+                .as_ref()
+                .map_or(0, |l| get(&l.engine_takeovers)));
             body["ingest"]["shared"] = json!(if r.active {
                 "this instance holds the service's lease and runs its sources; other instances of the service stand by"
             } else if r.another_runs_ingest() {

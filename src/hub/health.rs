@@ -10,7 +10,7 @@
 use super::catchup;
 use super::config::HubWatch;
 use super::link::HubLink;
-use super::metrics::HubMetrics;
+use super::metrics::{HubMetrics, MirrorEvent};
 use super::mirrors::{self, Mirror};
 use crate::naming::Site;
 use async_nats::jetstream;
@@ -326,21 +326,25 @@ pub async fn run(
             let (health, events) = tracker.observe(s, now);
             for event in events {
                 match event {
-                    Event::StallStarted => metrics.emit(super::metrics::Event::MirrorStalled {
-                        mirror: &mirror.name,
-                        lag_messages: health.lag_messages,
-                        last_contact_seconds: health.last_contact_seconds,
-                        error: health.error.as_deref(),
-                    }),
+                    Event::StallStarted => crate::emit!(
+                        super::metrics::MIRROR_STALLED,
+                        metrics.counter(&mirror.name, MirrorEvent::Stall);
+                        mirror = %mirror.name,
+                        lag_messages = ?health.lag_messages,
+                        last_contact_s = ?health.last_contact_seconds,
+                        error = ?health.error.as_deref()
+                    ),
                     Event::StallEnded => {
                         tracing::info!(mirror = %mirror.name, "hub mirror moving again")
                     }
                     Event::Nudge => match catchup::nudge(&hub, &mirror.stream()).await {
-                        Ok(()) => metrics.emit(super::metrics::Event::MirrorNudged {
-                            mirror: &mirror.name,
-                            lag_messages: health.lag_messages,
-                            last_contact_seconds: health.last_contact_seconds,
-                        }),
+                        Ok(()) => crate::emit!(
+                            super::metrics::MIRROR_NUDGED,
+                            metrics.counter(&mirror.name, MirrorEvent::Nudge);
+                            mirror = %mirror.name,
+                            last_contact_s = ?health.last_contact_seconds,
+                            lag_messages = ?health.lag_messages
+                        ),
                         Err(e) => {
                             tracing::debug!(mirror = %mirror.name, error = %e, "nudge not accepted")
                         }

@@ -2,7 +2,9 @@
 //! contact, stalls and nudges, declared here and registered by
 //! [`super::start`]; nothing is exported before the first poll.
 
-use crate::metrics::{as_i64, counter_family, counter_name, gauge_family, labels, Collector, Flag};
+use crate::metrics::{
+    as_i64, counter_family, counter_name, gauge_family, labels, Collector, Event, Flag,
+};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::Ordering;
 
@@ -50,24 +52,21 @@ pub enum MirrorEvent {
     Nudge,
 }
 
-/// Things that happen to a hub mirror that are both logged and counted:
-/// one call does both, so a log line and its counter cannot drift apart.
-#[derive(Debug, Clone)]
-pub enum Event<'a> {
-    /// A hub mirror stopped making progress while the leaf has more.
-    MirrorStalled {
-        mirror: &'a str,
-        lag_messages: Option<u64>,
-        last_contact_seconds: Option<f64>,
-        error: Option<&'a str>,
-    },
-    /// A hub mirror behind and out of contact was restarted on request.
-    MirrorNudged {
-        mirror: &'a str,
-        lag_messages: Option<u64>,
-        last_contact_seconds: Option<f64>,
-    },
-}
+/// A hub mirror stopped making progress while the leaf has more.
+pub const MIRROR_STALLED: Event = Event {
+    name: "hub_mirror_stalled",
+    level: tracing::Level::WARN,
+    message: "hub mirror stalled: no progress while the leaf has more",
+    counter: "presenced_mirror_stalls_total{mirror}",
+};
+
+/// A hub mirror behind and out of contact was restarted on request.
+pub const MIRROR_NUDGED: Event = Event {
+    name: "hub_mirror_nudged",
+    level: tracing::Level::INFO,
+    message: "hub mirror behind and out of contact: asked the hub to restart it",
+    counter: "presenced_mirror_nudges_total{mirror}",
+};
 
 /// The hub watch's readings, shared between its task and the scrape.
 #[derive(Debug, Default)]
@@ -87,12 +86,20 @@ impl HubMetrics {
 
     /// Counts a stall or nudge of `mirror`.
     pub fn mirror_event(&self, mirror: &str, event: MirrorEvent) {
-        let mut m = self.mirrors_mut();
-        let map = match event {
-            MirrorEvent::Stall => &mut m.stalls,
-            MirrorEvent::Nudge => &mut m.nudges,
-        };
-        *map.entry(mirror.to_owned()).or_default() += 1;
+        self.counter(mirror, event)(1);
+    }
+
+    /// The count of `event` for `mirror`, as an [`emit!`](crate::emit)
+    /// counter.
+    pub fn counter<'a>(&'a self, mirror: &'a str, event: MirrorEvent) -> impl Fn(u64) + 'a {
+        move |n| {
+            let mut m = self.mirrors_mut();
+            let map = match event {
+                MirrorEvent::Stall => &mut m.stalls,
+                MirrorEvent::Nudge => &mut m.nudges,
+            };
+            *map.entry(mirror.to_owned()).or_default() += n;
+        }
     }
 
     /// Stores the latest reading of every mirror.
@@ -101,40 +108,6 @@ impl HubMetrics {
         m.watched = true;
         m.hub_reachable = hub_reachable;
         m.report = report;
-    }
-
-    /// Logs `event` and counts it.
-    pub fn emit(&self, event: Event<'_>) {
-        match event {
-            Event::MirrorStalled {
-                mirror,
-                lag_messages,
-                last_contact_seconds,
-                error,
-            } => {
-                self.mirror_event(mirror, MirrorEvent::Stall);
-                tracing::warn!(
-                    mirror = %mirror,
-                    lag_messages = ?lag_messages,
-                    last_contact_s = ?last_contact_seconds,
-                    error = ?error,
-                    "hub mirror stalled: no progress while the leaf has more"
-                );
-            }
-            Event::MirrorNudged {
-                mirror,
-                lag_messages,
-                last_contact_seconds,
-            } => {
-                self.mirror_event(mirror, MirrorEvent::Nudge);
-                tracing::info!(
-                    mirror = %mirror,
-                    last_contact_s = ?last_contact_seconds,
-                    lag_messages = ?lag_messages,
-                    "hub mirror behind and out of contact: asked the hub to restart it"
-                );
-            }
-        }
     }
 }
 
@@ -270,12 +243,8 @@ mod tests {
     #[test]
     fn a_stall_is_counted_where_it_is_logged() {
         let m = HubMetrics::default();
-        m.emit(Event::MirrorStalled {
-            mirror: "SENSORS-home",
-            lag_messages: Some(3),
-            last_contact_seconds: None,
-            error: None,
-        });
+        let mirror = "SENSORS-home";
+        crate::emit!(MIRROR_STALLED, m.counter(mirror, MirrorEvent::Stall); mirror = %mirror, lag_messages = ?Some(3));
         assert_eq!(m.mirrors().stalls.get("SENSORS-home"), Some(&1));
     }
 }

@@ -7,7 +7,7 @@
 //! reject count.
 
 use crate::metrics::{
-    counter_name, gauge_family, labels, Always, Collector, Count, Labels, Level, Stall,
+    counter_name, gauge_family, labels, Always, Collector, Count, Event, Labels, Level, Stall,
 };
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -32,6 +32,16 @@ pub struct IngestMetrics {
     /// the status page name its reason.
     pub last_reject: std::sync::RwLock<Option<LastReject>>,
 }
+
+/// Input rejected and kept in stream REJECTED. Every one is counted; the
+/// line is written at most once per interval and source, with the number
+/// left out since the last (`suppressed`).
+pub const INPUT_REJECTED: Event = Event {
+    name: "input_rejected",
+    level: tracing::Level::WARN,
+    message: "input rejected; kept in stream REJECTED",
+    counter: "presenced_rejects_total",
+};
 
 /// The last rejected input, as health reports it.
 #[derive(Debug, Clone, serde::Serialize)]

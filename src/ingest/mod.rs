@@ -225,20 +225,25 @@ struct RejectLog {
 }
 
 impl RejectLog {
-    fn note(&mut self, rej: &Rejected) {
+    /// Counts `rej` (one [`metrics::INPUT_REJECTED`]) and logs it if its
+    /// source's line is due, with the number left out since the last.
+    fn note(&mut self, rej: &Rejected, metrics: &IngestMetrics) {
         let now = Instant::now();
         let entry = self
             .last
             .entry(rej.source.clone())
             .or_insert((now - self.every - Duration::from_millis(1), 0));
-        if now.duration_since(entry.0) > self.every {
-            tracing::warn!(
-                source = %rej.source,
-                origin = %rej.origin,
-                reason = %rej.reason,
-                suppressed = entry.1,
-                "input rejected; kept in stream REJECTED"
-            );
+        let due = now.duration_since(entry.0) > self.every;
+        crate::emit!(
+            metrics::INPUT_REJECTED,
+            &metrics.rejects,
+            if due;
+            source = %rej.source,
+            origin = %rej.origin,
+            reason = %rej.reason,
+            suppressed = entry.1
+        );
+        if due {
             *entry = (now, 0);
         } else {
             entry.1 += 1;
@@ -291,9 +296,8 @@ pub async fn run(
                     publish_live(&core, &site, &obs).await;
                 }
                 (Item::Rejected(rej, ack), None) => {
-                    Metrics::inc(&metrics.rejects);
                     metrics.note_reject(last_reject(&rej));
-                    log.note(&rej);
+                    log.note(&rej, &metrics);
                     ack.fire();
                 }
                 (Item::Observation(obs, ack), Some(error)) => {
@@ -307,9 +311,8 @@ pub async fn run(
                     )
                     .await;
                     if kept.is_empty() {
-                        Metrics::inc(&metrics.rejects);
                         metrics.note_reject(last_reject(&rej));
-                        log.note(&rej);
+                        log.note(&rej, &metrics);
                     } else {
                         tracing::error!(source = %obs.source, sensor = %obs.sensor, %error, "observation refused by SENSORS and cannot be kept in REJECTED either; dropped");
                     }
@@ -609,6 +612,41 @@ fn last_reject(r: &crate::sources::Rejected) -> metrics::LastReject {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every reject is counted; within the interval only the first of a
+    /// source is logged, and the next line says how many it left out.
+    #[test]
+    fn every_reject_is_counted_and_its_line_is_rate_limited() {
+        let metrics = IngestMetrics::default();
+        let mut log = RejectLog {
+            every: Duration::from_secs(60),
+            last: HashMap::new(),
+        };
+        let text = crate::metrics::captured(|| {
+            for _ in 0..3 {
+                log.note(&rejected(4, "not a number"), &metrics);
+            }
+        });
+        assert_eq!(
+            metrics.rejects.load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(
+            lines[0].contains("WARN")
+                && lines[0].contains("input rejected; kept in stream REJECTED")
+                && lines[0].contains("event=\"input_rejected\"")
+                && lines[0].contains("reason=not a number")
+                && lines[0].contains("suppressed=0"),
+            "{text}"
+        );
+        // Due again (any time since the last line is enough now): the
+        // line says two were left out.
+        log.every = Duration::ZERO;
+        let text = crate::metrics::captured(|| log.note(&rejected(4, "again"), &metrics));
+        assert!(text.contains("suppressed=2"), "{text}");
+    }
 
     #[test]
     fn header_text_is_one_line() {

@@ -35,6 +35,7 @@
 //! rejections); [`run`] is the connection loop around it.
 
 use crate::base::backoff::Backoff;
+use crate::metrics::Event as TelemetryEvent;
 use crate::observation::{input_id, Observation, OBSERVATION_SCHEMA};
 use crate::sources::config::{MqttSource, Zigbee2MqttKind};
 use crate::sources::espresense::{Espresense, Outcome};
@@ -333,6 +334,99 @@ pub struct MqttStatus {
     pub redelivered: AtomicU64,
 }
 
+/// The first connection to the broker (counted in `connects`).
+pub const MQTT_CONNECTED: TelemetryEvent = TelemetryEvent {
+    name: "mqtt_connected",
+    level: tracing::Level::INFO,
+    message: "connected to MQTT broker",
+    counter: "MqttStatus::connects",
+};
+
+/// A connection after an outage that was logged (counted in `connects`).
+pub const MQTT_BACK: TelemetryEvent = TelemetryEvent {
+    name: "mqtt_back",
+    level: tracing::Level::INFO,
+    message: "MQTT broker reachable again",
+    counter: "MqttStatus::connects",
+};
+
+/// Any other connection after the first (counted in `connects`).
+pub const MQTT_RECONNECTED: TelemetryEvent = TelemetryEvent {
+    name: "mqtt_reconnected",
+    level: tracing::Level::DEBUG,
+    message: "reconnected to MQTT broker",
+    counter: "MqttStatus::connects",
+};
+
+/// A QoS 1 copy of a message this connection has in flight: dropped
+/// (the original's ack covers both).
+pub const MQTT_IN_FLIGHT_COPY: TelemetryEvent = TelemetryEvent {
+    name: "mqtt_in_flight_copy",
+    level: tracing::Level::DEBUG,
+    message: "MQTT redelivery of a message still in flight; dropped",
+    counter: "MqttStatus::ignored",
+};
+
+/// A retained message without a device timestamp: acknowledged, dropped.
+pub const MQTT_RETAINED_WITHOUT_TIME: TelemetryEvent = TelemetryEvent {
+    name: "mqtt_retained_without_time",
+    level: tracing::Level::DEBUG,
+    message: "ignoring retained MQTT message: no device timestamp",
+    counter: "MqttStatus::ignored",
+};
+
+/// A message on a topic no mapping matches (not strict): acknowledged,
+/// dropped.
+pub const MQTT_UNMAPPED: TelemetryEvent = TelemetryEvent {
+    name: "mqtt_unmapped",
+    level: tracing::Level::DEBUG,
+    message: "no mapping for MQTT topic; ignored",
+    counter: "MqttStatus::ignored",
+};
+
+/// An ESPresense device that is not configured: acknowledged, dropped.
+pub const MQTT_ESPRESENSE_UNKNOWN: TelemetryEvent = TelemetryEvent {
+    name: "mqtt_espresense_unknown",
+    level: tracing::Level::DEBUG,
+    message: "ESPresense device not configured; ignored",
+    counter: "MqttStatus::ignored",
+};
+
+/// A QoS 1 redelivery of a message an earlier process stored:
+/// acknowledged without storing it again.
+pub const MQTT_ALREADY_STORED: TelemetryEvent = TelemetryEvent {
+    name: "mqtt_already_stored",
+    level: tracing::Level::DEBUG,
+    message: "MQTT redelivery of a message already stored; acknowledged",
+    counter: "MqttStatus::redelivered",
+};
+
+/// A message its mapping rejects: handed to ingest for REJECTED.
+pub const MQTT_REJECTED: TelemetryEvent = TelemetryEvent {
+    name: "mqtt_rejected",
+    level: tracing::Level::DEBUG,
+    message: "MQTT message rejected",
+    counter: "MqttStatus::rejected",
+};
+
+/// A payload larger than `max_payload`: its head is kept in REJECTED.
+pub const MQTT_OVERSIZED: TelemetryEvent = TelemetryEvent {
+    name: "mqtt_oversized",
+    level: tracing::Level::WARN,
+    message: "oversized MQTT payload rejected",
+    counter: "MqttStatus::rejected",
+};
+
+/// The channel to ingest was full: reading pauses, the broker holds the
+/// rest. Every time is counted; the line is written at most once per
+/// `BUFFER_FULL_LOG_EVERY`, with the count so far (`times`).
+pub const MQTT_BUFFER_FULL: TelemetryEvent = TelemetryEvent {
+    name: "mqtt_buffer_full",
+    level: tracing::Level::WARN,
+    message: "ingest is behind; holding back MQTT input (the broker keeps it)",
+    counter: "MqttStatus::buffer_full (summed into presenced_ingest_buffer_full_total)",
+};
+
 /// Why the source stopped for good. Connection problems never end up
 /// here (they are retried); these are the ones a retry cannot fix.
 #[derive(Debug, thiserror::Error)]
@@ -593,13 +687,13 @@ impl Connection {
     fn on_connected(&mut self, session_present: bool) {
         self.connected = true;
         self.status.connected.store(true, Ordering::Relaxed);
-        self.status.connects.fetch_add(1, Ordering::Relaxed);
+        let connects = &self.status.connects;
         if self.outage_logged {
-            info!(source = %self.source, broker = %self.broker, session_present, "MQTT broker reachable again");
+            crate::emit!(MQTT_BACK, connects; source = %self.source, broker = %self.broker, session_present);
         } else if !self.ever_connected {
-            info!(source = %self.source, broker = %self.broker, session_present, "connected to MQTT broker");
+            crate::emit!(MQTT_CONNECTED, connects; source = %self.source, broker = %self.broker, session_present);
         } else {
-            debug!(source = %self.source, broker = %self.broker, session_present, "reconnected to MQTT broker");
+            crate::emit!(MQTT_RECONNECTED, connects; source = %self.source, broker = %self.broker, session_present);
         }
         self.ever_connected = true;
         self.outage_logged = false;
@@ -681,8 +775,7 @@ impl Connection {
                 .in_flight
                 .contains(self.generation.load(Ordering::Acquire), p.pkid)
         {
-            debug!(source = %self.source, topic = %p.topic, pkid = p.pkid, "MQTT redelivery of a message still in flight; dropped");
-            self.status.ignored.fetch_add(1, Ordering::Relaxed);
+            crate::emit!(MQTT_IN_FLIGHT_COPY, &self.status.ignored; source = %self.source, topic = %p.topic, pkid = p.pkid);
             return Ok(Flow::Continue);
         }
         if p.payload.len() > self.max_payload {
@@ -695,8 +788,7 @@ impl Connection {
             let has_time = find_mappings(&self.mappings, &p.topic)
                 .is_some_and(|(group, _)| group.iter().any(|m| m.timestamp.is_some()));
             if !has_time {
-                debug!(source = %self.source, topic = %p.topic, "ignoring retained MQTT message: no device timestamp");
-                self.status.ignored.fetch_add(1, Ordering::Relaxed);
+                crate::emit!(MQTT_RETAINED_WITHOUT_TIME, &self.status.ignored; source = %self.source, topic = %p.topic);
                 self.ack(&p).fire();
                 return Ok(Flow::Continue);
             }
@@ -717,16 +809,14 @@ impl Connection {
                 ) {
                     Some(r) => r,
                     None => {
-                        debug!(source = %self.source, topic = %p.topic, "no mapping for MQTT topic; ignored");
-                        self.status.ignored.fetch_add(1, Ordering::Relaxed);
+                        crate::emit!(MQTT_UNMAPPED, &self.status.ignored; source = %self.source, topic = %p.topic);
                         self.ack(&p).fire();
                         return Ok(Flow::Continue);
                     }
                 }
             }
             Outcome::Ignored => {
-                debug!(source = %self.source, topic = %p.topic, "ESPresense device not configured; ignored");
-                self.status.ignored.fetch_add(1, Ordering::Relaxed);
+                crate::emit!(MQTT_ESPRESENSE_UNKNOWN, &self.status.ignored; source = %self.source, topic = %p.topic);
                 self.ack(&p).fire();
                 return Ok(Flow::Continue);
             }
@@ -745,8 +835,7 @@ impl Connection {
             return Ok(Flow::Continue);
         }
         let Some(results) = self.assign_ids(&p, results).await else {
-            debug!(source = %self.source, topic = %p.topic, pkid = p.pkid, "MQTT redelivery of a message already stored; acknowledged");
-            self.status.redelivered.fetch_add(1, Ordering::Relaxed);
+            crate::emit!(MQTT_ALREADY_STORED, &self.status.redelivered; source = %self.source, topic = %p.topic, pkid = p.pkid);
             self.ack(&p).fire();
             return Ok(Flow::Continue);
         };
@@ -763,8 +852,7 @@ impl Connection {
             let item = match r {
                 Ok(obs) => Item::Observation(obs, a),
                 Err(rej) => {
-                    self.status.rejected.fetch_add(1, Ordering::Relaxed);
-                    debug!(source = %self.source, topic = %p.topic, reason = %rej.reason, "MQTT message rejected");
+                    crate::emit!(MQTT_REJECTED, &self.status.rejected; source = %self.source, topic = %p.topic, reason = %rej.reason);
                     Item::Rejected(rej, a)
                 }
             };
@@ -784,7 +872,6 @@ impl Connection {
         received_at: Timestamp,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Flow, MqttError> {
-        self.status.rejected.fetch_add(1, Ordering::Relaxed);
         let head = p.payload.slice(..p.payload.len().min(OVERSIZED_HEAD));
         let rej = Rejected {
             source: self.source.clone(),
@@ -800,7 +887,7 @@ impl Connection {
             received_at,
             id: crate::observation::delivery_id(),
         };
-        warn!(source = %self.source, topic = %p.topic, size = p.payload.len(), max_payload = self.max_payload, "oversized MQTT payload rejected");
+        crate::emit!(MQTT_OVERSIZED, &self.status.rejected; source = %self.source, topic = %p.topic, size = p.payload.len(), max_payload = self.max_payload);
         let item = Item::Rejected(rej, self.ack(p));
         self.forward(item, shutdown).await
     }
@@ -880,17 +967,18 @@ impl Connection {
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(MqttError::IngestClosed),
             Err(mpsc::error::TrySendError::Full(item)) => item,
         };
-        self.status.buffer_full.fetch_add(1, Ordering::Relaxed);
-        if self
+        let due = self
             .last_full_warn
-            .is_none_or(|t| t.elapsed() >= BUFFER_FULL_LOG_EVERY)
-        {
+            .is_none_or(|t| t.elapsed() >= BUFFER_FULL_LOG_EVERY);
+        crate::emit!(
+            MQTT_BUFFER_FULL,
+            &self.status.buffer_full,
+            if due;
+            source = %self.source,
+            times = self.status.buffer_full.load(Ordering::Relaxed)
+        );
+        if due {
             self.last_full_warn = Some(Instant::now());
-            warn!(
-                source = %self.source,
-                times = self.status.buffer_full.load(Ordering::Relaxed),
-                "ingest is behind; holding back MQTT input (the broker keeps it)"
-            );
         }
         tokio::select! {
             biased;

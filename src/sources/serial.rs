@@ -15,6 +15,7 @@
 //! needs a content-derived id.
 
 use crate::base::backoff::Backoff;
+use crate::metrics::Event as TelemetryEvent;
 use crate::observation::{delivery_id, Observation, Reading, OBSERVATION_SCHEMA};
 use crate::sources::config::{SerialFraming, SerialSource};
 use crate::sources::ld2410::{self, Decoder, Event, RejectKind, Report};
@@ -74,15 +75,73 @@ pub struct SerialStatus {
     pub cut_off: AtomicU64,
 }
 
+/// The device opened for the first time (counted in `connects`).
+pub const SERIAL_OPEN: TelemetryEvent = TelemetryEvent {
+    name: "serial_open",
+    level: tracing::Level::INFO,
+    message: "serial device open",
+    counter: "presenced_serial_port_connects_total",
+};
+
+/// The device opened again after an outage that was logged.
+pub const SERIAL_BACK: TelemetryEvent = TelemetryEvent {
+    name: "serial_back",
+    level: tracing::Level::INFO,
+    message: "serial device back; reading again",
+    counter: "presenced_serial_port_connects_total",
+};
+
+/// Any other open after the first.
+pub const SERIAL_REOPENED: TelemetryEvent = TelemetryEvent {
+    name: "serial_reopened",
+    level: tracing::Level::DEBUG,
+    message: "serial device open again",
+    counter: "presenced_serial_port_connects_total",
+};
+
+/// A JSON line its mapping rejects: handed to ingest for REJECTED.
+pub const SERIAL_LINE_REJECTED: TelemetryEvent = TelemetryEvent {
+    name: "serial_line_rejected",
+    level: tracing::Level::DEBUG,
+    message: "serial line rejected",
+    counter: "presenced_serial_port_line_rejects_total",
+};
+
+/// A JSON line cut off by the device disappearing, kept in REJECTED
+/// (counted as cut off and as a line reject).
+pub const SERIAL_LINE_CUT_OFF: TelemetryEvent = TelemetryEvent {
+    name: "serial_line_cut_off",
+    level: tracing::Level::INFO,
+    message: "serial line cut off by the device disappearing; kept in REJECTED",
+    counter: "presenced_serial_port_cut_off_total, presenced_serial_port_line_rejects_total",
+};
+
+/// An LD2410 frame cut off by the device disappearing, kept in REJECTED
+/// (counted as cut off and as a footer frame reject).
+pub const LD2410_FRAME_CUT_OFF: TelemetryEvent = TelemetryEvent {
+    name: "ld2410_frame_cut_off",
+    level: tracing::Level::INFO,
+    message: "LD2410 frame cut off by the device disappearing; kept in REJECTED",
+    counter: "presenced_serial_port_cut_off_total, presenced_serial_port_frame_rejects_total{kind=\"footer\"}",
+};
+
+/// An LD2410 command acknowledged with status 0.
+pub const LD2410_ACK: TelemetryEvent = TelemetryEvent {
+    name: "ld2410_ack",
+    level: tracing::Level::DEBUG,
+    message: "LD2410 command acknowledged",
+    counter: "presenced_serial_port_acks_total",
+};
+
 impl SerialStatus {
     pub fn frame_rejects(&self, kind: RejectKind) -> u64 {
         let i = RejectKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
         self.frame_rejects[i].load(Ordering::Relaxed)
     }
 
-    fn count_reject(&self, kind: RejectKind) {
+    fn count_reject(&self, kind: RejectKind, n: u64) {
         if let Some(i) = RejectKind::ALL.iter().position(|k| *k == kind) {
-            self.frame_rejects[i].fetch_add(1, Ordering::Relaxed);
+            self.frame_rejects[i].fetch_add(n, Ordering::Relaxed);
         }
     }
 }
@@ -556,12 +615,13 @@ impl Link {
 
     fn on_open(&mut self) {
         self.status.connected.store(true, Ordering::Relaxed);
-        self.status.connects.fetch_add(1, Ordering::Relaxed);
-        let device = self.device();
+        let (device, connects) = (self.device(), &self.status.connects);
         if self.outage_logged {
-            info!(source = %self.source, %device, "serial device back; reading again");
+            crate::emit!(SERIAL_BACK, connects; source = %self.source, %device);
         } else if !self.ever_connected {
-            info!(source = %self.source, %device, baud = self.cfg.baud_rate(), "serial device open");
+            crate::emit!(SERIAL_OPEN, connects; source = %self.source, %device, baud = self.cfg.baud_rate());
+        } else {
+            crate::emit!(SERIAL_REOPENED, connects; source = %self.source, %device);
         }
         self.ever_connected = true;
         self.outage_logged = false;
@@ -670,8 +730,7 @@ impl Link {
                                 Item::Observation(obs, Ack::none())
                             }
                             Some(Err(rej)) => {
-                                self.status.line_rejects.fetch_add(1, Ordering::Relaxed);
-                                debug!(source = %self.source, origin = %rej.origin, reason = %rej.reason, "serial line rejected");
+                                crate::emit!(SERIAL_LINE_REJECTED, &self.status.line_rejects; source = %self.source, origin = %rej.origin, reason = %rej.reason);
                                 Item::Rejected(rej, Ack::none())
                             }
                         };
@@ -700,14 +759,16 @@ impl Link {
             // A frame's beginning, not idle noise: a few stray bytes of no
             // header are not worth a reject of their own.
             if rest.len() >= 4 && ld2410::starts_with_header(&rest) {
-                self.status.cut_off.fetch_add(1, Ordering::Relaxed);
-                self.status.count_reject(RejectKind::Footer);
                 let offset = fed.saturating_sub(rest.len() as u64);
                 let reason = format!(
                     "LD2410 footer: frame cut off after {} byte(s): the device disappeared ({error})",
                     rest.len()
                 );
-                info!(source = %self.source, device = %self.device(), offset, bytes = rest.len(), "LD2410 frame cut off by the device disappearing; kept in REJECTED");
+                let counted = |n| {
+                    self.status.cut_off.fetch_add(n, Ordering::Relaxed);
+                    self.status.count_reject(RejectKind::Footer, n);
+                };
+                crate::emit!(LD2410_FRAME_CUT_OFF, counted; source = %self.source, device = %self.device(), offset, bytes = rest.len());
                 let rej = Rejected {
                     source: self.source.clone(),
                     origin: format!("serial {} byte {offset}", self.device()),
@@ -726,15 +787,17 @@ impl Link {
         }
         if self.cfg.framing == SerialFraming::JsonLines {
             if let Some(line) = lines.take_partial() {
-                self.status.cut_off.fetch_add(1, Ordering::Relaxed);
-                self.status.line_rejects.fetch_add(1, Ordering::Relaxed);
                 let origin = format!("serial {} line {}", self.device(), line.number);
                 let shown = if line.overlong { "more than " } else { "" };
                 let reason = format!(
                     "line cut off after {shown}{} byte(s) without a newline: the device disappeared ({error})",
                     line.bytes.len()
                 );
-                info!(source = %self.source, %origin, bytes = line.bytes.len(), "serial line cut off by the device disappearing; kept in REJECTED");
+                let counted = |n| {
+                    self.status.cut_off.fetch_add(n, Ordering::Relaxed);
+                    self.status.line_rejects.fetch_add(n, Ordering::Relaxed);
+                };
+                crate::emit!(SERIAL_LINE_CUT_OFF, counted; source = %self.source, %origin, bytes = line.bytes.len());
                 let rej = Rejected {
                     source: self.source.clone(),
                     origin,
@@ -782,7 +845,7 @@ impl Link {
                 Vec::new()
             }
             Event::Rejected(rej) => {
-                self.status.count_reject(rej.kind);
+                self.status.count_reject(rej.kind, 1);
                 let id = delivery_id();
                 vec![Item::Rejected(
                     Rejected {
@@ -854,8 +917,7 @@ impl Link {
             match self.await_ack(io, command, shutdown).await? {
                 AckWait::End(end) => return Ok(Some(end)),
                 AckWait::Status(0) => {
-                    self.status.acks.fetch_add(1, Ordering::Relaxed);
-                    debug!(source = %self.source, command, "LD2410 command acknowledged");
+                    crate::emit!(LD2410_ACK, &self.status.acks; source = %self.source, command);
                 }
                 AckWait::Status(code) => {
                     self.status.command_failures.fetch_add(1, Ordering::Relaxed);

@@ -221,7 +221,7 @@ fn options<H: EventHook>(
                     Event::Connected => {
                         link.connected.store(true, Ordering::Relaxed);
                         if connected_once.swap(true, Ordering::Relaxed) {
-                            link.emit(super::metrics::Event::NatsReconnected);
+                            crate::emit!(super::metrics::NATS_RECONNECTED, &link.reconnects);
                         }
                     }
                     Event::Disconnected => {

@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use tokio::sync::watch;
 
 /// Starts the lease (component `lease`, essential) for a service running
-/// `runs`. With `leader` (the engine's fence and where its role is
-/// reported), it is the leader lease ([`leader::keep`]); without, the
+/// `runs`. With `leader` (the fence of the engine or the sources, and
+/// where the role is reported), it is the leader lease ([`leader::keep`]); without, the
 /// plain liveness lease. Returns whether the lease is held, which Home
 /// Assistant waits for; metrics and `/healthz` show it too.
 pub fn start(
@@ -25,7 +25,11 @@ pub fn start(
     let (held_tx, held_rx) = watch::channel(false);
     let lease = Lease::new(ctx.service, runs, crate::time::Timestamp::now());
     let (js, ttl) = (ctx.js.clone(), cfg.ttl);
-    let (_, own) = super::metrics::declare(ctx.metrics, leader.is_some());
+    // The engine's role families only where the engine runs: an
+    // ingest-only service's lease leads its sources, and its role shows in
+    // `/healthz` (`ingest.role`, `ingest.takeovers`) rather than under an
+    // engine's metric names.
+    let (_, own) = super::metrics::declare(ctx.metrics, runs.contains(&Component::Engine));
     let components = ctx.sup.registry();
     let stop = ctx.sup.stop_flag(Stage::Lease);
     let mut held = held_rx.clone();
@@ -42,14 +46,12 @@ pub fn start(
             }
         };
         if let Some((fence, role_tx)) = leader {
+            let takeovers = own.engine_takeovers.clone();
             let (components, own) = (components.clone(), own.clone());
             let roles = async move {
                 let mut seen = false;
                 while role.changed().await.is_ok() {
                     let r = role.borrow_and_update().clone();
-                    if r.active {
-                        crate::metrics::Metrics::inc(&own.engine_takeovers);
-                    }
                     own.engine_active.store(r.active, Ordering::Relaxed);
                     if !seen {
                         seen = true;
@@ -69,6 +71,7 @@ pub fn start(
                     leader::Reports {
                         role: role_tx,
                         held: held_tx,
+                        takeovers,
                     },
                 ),
                 roles,

@@ -330,6 +330,9 @@ pub struct Reports {
     /// The holder's view of the lease, as [`super::lease::keep`] reports
     /// it: sent every round while active.
     pub held: watch::Sender<bool>,
+    /// Counts each time this instance takes the lease (with its log line,
+    /// [`super::metrics::ENGINE_TAKEOVER`]).
+    pub takeovers: crate::metrics::Count,
 }
 
 /// Runs the leader election for `lease.service` until `stop`: stands by,
@@ -347,7 +350,11 @@ pub async fn keep(
     mut stop: watch::Receiver<bool>,
     out: Reports,
 ) {
-    let Reports { role, held } = out;
+    let Reports {
+        role,
+        held,
+        takeovers,
+    } = out;
     let service = lease.service.clone();
     // What the lease elects, for the log and the takeover record: the
     // engine, or (an ingest-only service) its sources.
@@ -450,7 +457,7 @@ pub async fn keep(
                                         fence.acked(sent);
                                         mine = Some(revision);
                                         let me = holder_name(&fresh);
-                                        tracing::info!(service = %service, revision, expected, reason = why, previous = ?last_holder, "leader lease taken: this instance runs {what}; other instances of the service stand by");
+                                        crate::emit!(super::metrics::ENGINE_TAKEOVER, &takeovers; service = %service, revision, expected, reason = why, previous = ?last_holder, runs = %what);
                                         let record = TakeoverRecord {
                                             v: 1,
                                             kind: kind.into(),

@@ -7,7 +7,7 @@
 //! the status page read them through [`crate::metrics::Metrics::handle`].
 
 use crate::base::ownership::Role;
-use crate::metrics::{counter_name, Collector, Count, Flag, Metrics};
+use crate::metrics::{counter_name, Collector, Count, Event, Flag, Metrics};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,25 +31,32 @@ pub struct LinkMetrics {
     pub permission_violations: Count,
 }
 
-/// Things that happen to the link that are both logged and counted: one
-/// call does both, so a log line and its counter cannot drift apart.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// The connection to the leaf came back after a loss.
-    NatsReconnected,
-}
+/// The connection to the leaf came back after a loss.
+pub const NATS_RECONNECTED: Event = Event {
+    name: "nats_reconnected",
+    level: tracing::Level::INFO,
+    message: "reconnected to nats-server",
+    counter: "presenced_nats_reconnects_total",
+};
 
-impl LinkMetrics {
-    /// Logs `event` and counts it.
-    pub fn emit(&self, event: Event) {
-        match event {
-            Event::NatsReconnected => {
-                Metrics::inc(&self.reconnects);
-                tracing::info!("reconnected to nats-server");
-            }
-        }
-    }
-}
+/// nats-server refused an operation for lack of permission. Counted when
+/// the server reports it; the daemon's audit task writes the line (rate
+/// limited, folded, with its AUDIT record), a connection without one
+/// writes it at once.
+pub const PERMISSION_VIOLATION: Event = Event {
+    name: "permission_violation",
+    level: tracing::Level::ERROR,
+    message: "permission violation: nats-server refused this operation; the ACL does not grant it to this service (see docs/SECURITY.md)",
+    counter: "presenced_permission_violations_total",
+};
+
+/// This instance took the engine's leader lease and runs the engine.
+pub const ENGINE_TAKEOVER: Event = Event {
+    name: "engine_takeover",
+    level: tracing::Level::INFO,
+    message: "leader lease taken: this instance runs the service's engine or ingest (field runs); other instances of the service stand by",
+    counter: "presenced_engine_takeovers_total",
+};
 
 impl Collector for LinkMetrics {
     fn collect(&self, r: &mut Registry) {
@@ -146,7 +153,7 @@ mod tests {
     fn a_reconnect_is_counted_where_it_is_logged() {
         let m = Metrics::default();
         let link = m.handle_or_register::<LinkMetrics>();
-        link.emit(Event::NatsReconnected);
+        crate::emit!(NATS_RECONNECTED, &link.reconnects);
         let text = m.render();
         assert!(
             text.contains("presenced_nats_reconnects_total 1\n"),

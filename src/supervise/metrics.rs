@@ -4,9 +4,17 @@
 //! through [`crate::metrics::Metrics::handle`].
 
 use super::{Registry, State};
-use crate::metrics::{counter_family, counter_name, gauge_family, labels, Collector, Flag};
+use crate::metrics::{counter_family, counter_name, gauge_family, labels, Collector, Event, Flag};
 use prometheus_client::registry::Registry as Families;
 use std::sync::atomic::Ordering;
+
+/// A supervised component ended unexpectedly or could not start.
+pub const COMPONENT_FAILED: Event = Event {
+    name: "component_failed",
+    level: tracing::Level::ERROR,
+    message: "component failed",
+    counter: "presenced_component_failures_total{component}",
+};
 
 impl Collector for Registry {
     fn collect(&self, r: &mut Families) {
@@ -58,7 +66,7 @@ mod tests {
         assert!(!text.contains("presenced_component_up"), "{text}");
         reg.register("ingest", true);
         reg.running("ingest");
-        reg.set("engine", State::Failed, Some("boom".into()));
+        reg.failed("engine", "boom".into(), false);
         reg.set_ready(true);
         let text = m.render();
         assert!(text.contains("presenced_ready 1\n"), "{text}");

@@ -184,13 +184,23 @@ impl Registry {
 
     fn set(&self, name: &str, state: State, cause: Option<String>) {
         self.update(name, |c| {
-            if state == State::Failed {
-                c.failures += 1;
-            }
             c.state = state;
             c.cause = cause;
             c.since = unix_now();
         });
+    }
+
+    /// Marks `name` failed: counts the failure and logs it (one
+    /// [`metrics::COMPONENT_FAILED`] event), then records the state.
+    fn failed(&self, name: &str, cause: String, fatal: bool) {
+        crate::emit!(
+            metrics::COMPONENT_FAILED,
+            |n| self.update(name, |c| c.failures += n);
+            component = %name,
+            error = %cause,
+            fatal
+        );
+        self.set(name, State::Failed, Some(cause));
     }
 
     /// A copy of every entry, by name.
@@ -320,9 +330,7 @@ impl Supervisor {
         match &result {
             Ok(()) => self.registry.set(&name, State::Stopped, None),
             Err(e) => {
-                let cause = format!("{e:#}");
-                tracing::error!(component = %name, error = %cause, fatal = is_fatal(e), "component failed");
-                self.registry.set(&name, State::Failed, Some(cause));
+                self.registry.failed(&name, format!("{e:#}"), is_fatal(e));
             }
         }
         Exit {
