@@ -156,6 +156,8 @@ declare_metrics! {
         buffer_capacity: Level = ("presenced_ingest_buffer_capacity", "Size of the ingest buffer.", Ingest),
         engine_observations: Count = ("presenced_engine_observations_total", "Observations applied by the engine.", Engine),
         engine_redeliveries: Count = ("presenced_engine_redeliveries_total", "Redelivered observations skipped as already applied.", Engine),
+        engine_batches: Count = ("presenced_engine_batches_total", "Batches of observations the engine applied (observations per batch: how far behind it was).", Engine),
+        engine_write_rounds: Count = ("presenced_engine_write_rounds_total", "Rounds of engine writes sent together, then awaited together: EVENTS publishes, KV compare-and-set writes, or, pipelined, one batch's KV writes with the next batch's EVENTS publishes.", Engine),
         kv_writes: Count = ("presenced_kv_writes_total", "Compare-and-set writes to KV presence and debounce.", Engine),
         kv_conflicts: Count = ("presenced_kv_conflicts_total", "KV writes refused for a stale revision.", Engine),
         engine_active: Flag = ("presenced_engine_active", "1 while this instance holds the engine's leader lease and runs the engine; 0 on a standby.", Engine),

@@ -1,0 +1,128 @@
+//! The engine's pipelined writes: one batch's `EVENTS` publishes stay in
+//! flight while the next batch goes through the core, and that batch's
+//! KV compare-and-set writes go out together with the next batch's
+//! `EVENTS` publishes.
+//!
+//! Why: written one wave after the other (`EVENTS`, wait; KV, wait; then
+//! the next batch), the engine idles while nats-server stores, and
+//! nats-server idles while the engine decodes and applies; on a workload
+//! where most readings flip a zone that alternation, not either side,
+//! set the rate. What must not change is what is durable when: for every
+//! batch its transitions are in `EVENTS` before any zone state that
+//! contains them is written to KV, and its last message is acknowledged
+//! only once those KV writes are durable. So the stages of one batch stay
+//! in order and only different batches' stages overlap:
+//!
+//! ```text
+//! batch n:    core ─ EVENTS ────────┐ KV ──── ack
+//! batch n+1:          core ─────────┴ EVENTS ────┐ KV ─── ack
+//! batch n+2:                           core ─────┴ EVENTS ...
+//! ```
+//!
+//! The KV values are encoded when the core applied the batch (the zone
+//! state moves on with the next one) and each key's expected revision is
+//! filled in when its write is sent, after the previous batch's writes of
+//! the same keys were acknowledged: the revisions chain. A crash anywhere
+//! leaves `EVENTS` at most two batches ahead of KV instead of one; the
+//! replay after a restart regenerates those transitions with the same
+//! `Nats-Msg-Id`s, and `EVENTS` drops them as duplicates, as it does today
+//! for one batch. Failures are handled by the runner's sequential commit
+//! ([`super::runner`]): it writes the batches not yet durable as one.
+
+use super::{Pending, Transition};
+use crate::store::publish::WINDOW;
+use async_nats::jetstream::context::{PublishAckFuture, PublishError};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::{self};
+use bytes::Bytes;
+use std::collections::{BTreeSet, VecDeque};
+
+/// `EVENTS` acks one batch may leave outstanding while the engine goes on
+/// with the next. With the KV writes of a batch (one window per bucket,
+/// [`crate::store::kv::write_batch`]) and ingest's window this stays
+/// within the context's in-flight limit
+/// ([`crate::store::publish::CONTEXT_INFLIGHT`]).
+pub(super) const EVENTS_AHEAD: usize = WINDOW;
+
+/// One batch's writes, planned when the core applied it.
+pub(super) struct Commit {
+    /// In the order the core emitted them.
+    pub transitions: Vec<Transition>,
+    /// `(subject, message)` of each transition, same order.
+    pub events: Vec<(String, PublishMessage)>,
+    /// Zones whose state the batch changed.
+    pub dirty: BTreeSet<String>,
+    /// `presence` value of each dirty zone as of this batch.
+    pub presence: Vec<(String, Bytes)>,
+    /// `debounce` writes: zone, value (`None` deletes the key) and the
+    /// pending deadline it records.
+    pub debounce: Vec<(String, Option<Bytes>, Option<Pending>)>,
+    /// The batch's last message: acknowledging it (ack policy "all")
+    /// acknowledges the batch.
+    pub ack: Option<jetstream::Message>,
+    /// False if a value did not encode (never seen): the runner commits
+    /// such a batch sequentially.
+    pub encoded: bool,
+}
+
+impl Commit {
+    /// The debounce entry this commit leaves for `zone`, if it writes one.
+    pub fn debounce_of(&self, zone: &str) -> Option<Option<Pending>> {
+        self.debounce
+            .iter()
+            .find(|(z, _, _)| z == zone)
+            .map(|(_, _, p)| *p)
+    }
+}
+
+/// A commit whose `EVENTS` publishes are out, their acks not yet read.
+pub(super) struct InFlight {
+    pub commit: Commit,
+    /// Acks read already (the window slid past them), in order.
+    settled: Vec<Result<PublishAck, PublishError>>,
+    /// Acks still to read, in order.
+    waiting: VecDeque<Result<PublishAckFuture, PublishError>>,
+}
+
+impl InFlight {
+    /// Sends the commit's `EVENTS` publishes, leaving at most
+    /// [`EVENTS_AHEAD`] acks unread (older ones are read first, as
+    /// [`crate::store::publish::publish_all`] does).
+    pub async fn send(js: &jetstream::Context, mut commit: Commit) -> InFlight {
+        let messages = std::mem::take(&mut commit.events);
+        let mut settled = Vec::new();
+        let mut waiting = VecDeque::with_capacity(messages.len().min(EVENTS_AHEAD));
+        for (subject, msg) in messages {
+            if waiting.len() >= EVENTS_AHEAD {
+                if let Some(fut) = waiting.pop_front() {
+                    settled.push(settle(fut).await);
+                }
+            }
+            waiting.push_back(js.send_publish(subject, msg).await);
+        }
+        InFlight {
+            commit,
+            settled,
+            waiting,
+        }
+    }
+
+    /// Whether the commit published anything to `EVENTS`.
+    pub fn has_events(&self) -> bool {
+        !self.settled.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// Reads every ack: one result per transition, in order.
+    pub async fn settle(self) -> (Commit, Vec<Result<PublishAck, PublishError>>) {
+        let mut results = self.settled;
+        for fut in self.waiting {
+            results.push(settle(fut).await);
+        }
+        (self.commit, results)
+    }
+}
+
+async fn settle(sent: Result<PublishAckFuture, PublishError>) -> Result<PublishAck, PublishError> {
+    sent?.await
+}
