@@ -1,0 +1,178 @@
+//! The engine's pipelined writes (`engine::writer`): a stored backlog in
+//! which every reading flips a zone, drained by the real daemon in small
+//! batches. Each batch's KV writes share a round of writes with the next
+//! batch's EVENTS publishes instead of following them, and nothing of
+//! the order, the chain of revisions or the acknowledgements is lost.
+
+use crate::common::*;
+use crate::support;
+
+use presenced::engine::{Presence, Transition};
+use presenced::observation::{Observation, Reading, OBSERVATION_SCHEMA};
+use presenced::time::Timestamp;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
+
+const ZONES: usize = 10;
+const ROUNDS: usize = 100;
+const READINGS: usize = ZONES * 3 * ROUNDS;
+const BATCH: usize = 50;
+
+/// Ten zones of three sensors at an even prior with no debounce: when a
+/// zone's three sensors turn together it moves vacant → arriving →
+/// occupied (or back) at once, two transitions per turn.
+fn flip_zones() -> String {
+    let mut out = String::new();
+    for z in 0..ZONES {
+        out.push_str(&format!(
+            "[zones.f{z}]\nprior = 0.5\noccupied_above = 0.6\nvacant_below = 0.4\narrive_after = \"0s\"\nleave_after = \"0s\"\n"
+        ));
+        for s in ["a", "b", "c"] {
+            out.push_str(&format!(
+                "[[zones.f{z}.evidence]]\nsensor = \"f{z}_{s}\"\np_true = 0.9\np_false = 0.1\n"
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Stores the readings in SENSORS as ingest would: round r turns every
+/// zone's three sensors to `r` even, zone after zone.
+async fn store_backlog(js: &async_nats::jetstream::Context, base_ms: i64) {
+    let mut acks = Vec::new();
+    let mut i = 0i64;
+    for round in 0..ROUNDS {
+        for z in 0..ZONES {
+            for s in ["a", "b", "c"] {
+                let obs = Observation {
+                    v: OBSERVATION_SCHEMA,
+                    sensor: format!("f{z}_{s}"),
+                    value: Reading::Bool(round % 2 == 0),
+                    observed_at: Timestamp(base_ms + i),
+                    id: format!("flip-{i}"),
+                    source: "bench".into(),
+                    delivery: None,
+                };
+                i += 1;
+                let ack = js
+                    .publish(
+                        format!("sensors.test.f{z}_{s}"),
+                        serde_json::to_vec(&obs).unwrap().into(),
+                    )
+                    .await
+                    .expect("publish to SENSORS");
+                acks.push(ack);
+            }
+        }
+    }
+    for a in acks {
+        a.await.expect("SENSORS ack");
+    }
+}
+
+fn metric(http: SocketAddr, name: &str) -> u64 {
+    let (_, text) = support::http_get(http, "/metrics").expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipping_backlog_is_drained_with_one_round_of_writes_per_batch_in_order() {
+    let nats = NatsServer::start(NatsOptions {
+        domain: Some("leaf-test".into()),
+        ..Default::default()
+    });
+    let mqtt = Mosquitto::start();
+    let http_port = support::free_port();
+    let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+    let config = daemon_config(
+        "test",
+        &nats.url(),
+        mqtt.port,
+        http_port,
+        &motion_mapping(false),
+        &flip_zones(),
+    )
+    .replace("[engine]\n", &format!("[engine]\nbatch = {BATCH}\n"));
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("presenced.toml");
+    std::fs::write(&config_path, config).unwrap();
+    provision(&config_path);
+    let js = jetstream(&nats.url()).await;
+    // Dated after the daemon's start, so no zone clock is ahead of them.
+    store_backlog(&js, now_ms() + 60_000).await;
+
+    let started = Instant::now();
+    let daemon = Daemon::start_at(&config_path, &[]);
+    daemon.wait_healthy(http, Duration::from_secs(20));
+    eventually("backlog applied", Duration::from_secs(60), || async {
+        engine_caught_up(&js, READINGS as u64).await
+    })
+    .await;
+    let took = started.elapsed();
+
+    let batches = metric(http, "presenced_engine_batches_total");
+    let rounds = metric(http, "presenced_engine_write_rounds_total");
+    let applied = metric(http, "presenced_engine_observations_total");
+    eprintln!(
+        "{READINGS} readings in {batches} batches, {rounds} rounds of writes, drained {:.0}/s from the daemon's start (debug build)",
+        READINGS as f64 / took.as_secs_f64()
+    );
+    assert_eq!(applied, READINGS as u64, "every reading applied once");
+    assert!(
+        batches >= (READINGS / BATCH) as u64,
+        "batches of at most {BATCH}: {batches}"
+    );
+    // Written one wave after the other every batch costs two rounds (its
+    // EVENTS publishes, then its KV writes); pipelined, a batch's KV
+    // writes go with the next batch's EVENTS publishes.
+    assert!(
+        rounds * 4 < batches * 6,
+        "at most about one round of writes per batch: {rounds} rounds for {batches} batches"
+    );
+
+    // Per zone: EVENTS holds 1, 2, 3, ... in order, each transition
+    // starting where the one before ended, and the zone's stored state is
+    // where the last one ended.
+    let events = events(&js).await;
+    let mut per_zone: BTreeMap<&str, Vec<&Transition>> = BTreeMap::new();
+    for t in &events {
+        per_zone.entry(t.zone.as_str()).or_default().push(t);
+    }
+    assert_eq!(per_zone.len(), ZONES, "every zone transitioned");
+    for z in 0..ZONES {
+        let name = format!("f{z}");
+        let ts = &per_zone[name.as_str()];
+        // Every round turns the zone: two transitions each.
+        assert_eq!(ts.len(), 2 * ROUNDS, "zone {name}: {ts:?}");
+        let mut state = Presence::Vacant;
+        for (k, t) in ts.iter().enumerate() {
+            assert_eq!(t.number, k as u64 + 1, "zone {name}: numbers in order");
+            assert_eq!(
+                t.from, state,
+                "zone {name}: transition {} starts where the one before ended",
+                t.number
+            );
+            state = t.to;
+        }
+        let stored = zone(&js, &name).await.expect("zone stored");
+        assert_eq!(
+            stored.transitions,
+            ts.len() as u64,
+            "zone {name}: stored count"
+        );
+        assert_eq!(stored.state, state, "zone {name}: stored state");
+    }
+    let kv = js.get_key_value("debounce").await.unwrap();
+    let mut keys = kv.keys().await.unwrap();
+    use futures::StreamExt;
+    assert!(
+        keys.next().await.is_none(),
+        "no debounce deadline left behind (none is ever pending)"
+    );
+    drop(daemon);
+}
