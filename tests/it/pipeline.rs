@@ -65,6 +65,12 @@ async fn store_backlog(js: &async_nats::jetstream::Context, base_ms: i64) {
                     .await
                     .expect("publish to SENSORS");
                 acks.push(ack);
+                // Within the client's limit of acks in flight.
+                if acks.len() >= 500 {
+                    for a in acks.drain(..) {
+                        a.await.expect("SENSORS ack");
+                    }
+                }
             }
         }
     }
