@@ -1512,9 +1512,10 @@ impl Runner {
                     }
                     None => return Err(RunnerError::Consume("SENSORS consumer stream ended".into())),
                 },
-                // No next batch waiting: the one in flight completes now
-                // rather than with the next.
-                _ = std::future::ready(()), if self.in_flight.is_some() => self.flush().await,
+                // No next batch yet: the one in flight completes as soon
+                // as its EVENTS publishes are stored (its KV writes could
+                // not go out before), unless a batch arrives first.
+                _ = super::writer::stored(&mut self.in_flight), if self.in_flight.is_some() => self.flush().await,
                 _ = tokio::time::sleep(sleep_for) => self.tick(Timestamp::now()).await,
                 _ = fence_check.tick(), if fenced_mode => {}
                 _ = heartbeat.tick() => {

@@ -37,6 +37,8 @@ use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self};
 use bytes::Bytes;
 use std::collections::{BTreeSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 
 /// `EVENTS` acks one batch may leave outstanding while the engine goes on
 /// with the next. With the KV writes of a batch (one window per bucket,
@@ -76,13 +78,20 @@ impl Commit {
     }
 }
 
+/// The acks of a commit's `EVENTS` publishes, in order.
+type Acks = Vec<Result<PublishAck, PublishError>>;
+
 /// A commit whose `EVENTS` publishes are out, their acks not yet read.
 pub(super) struct InFlight {
     pub commit: Commit,
     /// Acks read already (the window slid past them), in order.
-    settled: Vec<Result<PublishAck, PublishError>>,
-    /// Acks still to read, in order.
-    waiting: VecDeque<Result<PublishAckFuture, PublishError>>,
+    settled: Acks,
+    /// The rest, read in order; polled by [`InFlight::stored`] while the
+    /// runner waits for the next batch, resumed by [`InFlight::settle`].
+    rest: Pin<Box<dyn Future<Output = Acks> + Send>>,
+    /// `rest`'s output once it completed.
+    done: Option<Acks>,
+    has_events: bool,
 }
 
 impl InFlight {
@@ -91,6 +100,7 @@ impl InFlight {
     /// [`crate::store::publish::publish_all`] does).
     pub async fn send(js: &jetstream::Context, mut commit: Commit) -> InFlight {
         let messages = std::mem::take(&mut commit.events);
+        let has_events = !messages.is_empty();
         let mut settled = Vec::new();
         let mut waiting = VecDeque::with_capacity(messages.len().min(EVENTS_AHEAD));
         for (subject, msg) in messages {
@@ -104,22 +114,41 @@ impl InFlight {
         InFlight {
             commit,
             settled,
-            waiting,
+            rest: Box::pin(futures::future::join_all(waiting.into_iter().map(settle))),
+            done: None,
+            has_events,
         }
     }
 
     /// Whether the commit published anything to `EVENTS`.
     pub fn has_events(&self) -> bool {
-        !self.settled.is_empty() || !self.waiting.is_empty()
+        self.has_events
+    }
+
+    /// Completes once every `EVENTS` ack is in (then the commit's KV
+    /// writes may go out). Cancel-safe: dropped before completing, the
+    /// acks read so far are kept for the next call.
+    pub async fn stored(&mut self) {
+        if self.done.is_none() {
+            self.done = Some(self.rest.as_mut().await);
+        }
     }
 
     /// Reads every ack: one result per transition, in order.
-    pub async fn settle(self) -> (Commit, Vec<Result<PublishAck, PublishError>>) {
+    pub async fn settle(mut self) -> (Commit, Acks) {
+        self.stored().await;
         let mut results = self.settled;
-        for fut in self.waiting {
-            results.push(settle(fut).await);
-        }
+        results.extend(self.done.unwrap_or_default());
         (self.commit, results)
+    }
+}
+
+/// [`InFlight::stored`] of the commit in flight; never completes without
+/// one.
+pub(super) async fn stored(in_flight: &mut Option<InFlight>) {
+    match in_flight {
+        Some(f) => f.stored().await,
+        None => std::future::pending().await,
     }
 }
 
