@@ -44,10 +44,14 @@ fn flip_zones() -> String {
 
 /// Stores the readings in SENSORS as ingest would: round r turns every
 /// zone's three sensors to `r` even, zone after zone.
-async fn store_backlog(js: &async_nats::jetstream::Context, base_ms: i64) {
+async fn store_backlog(
+    js: &async_nats::jetstream::Context,
+    base_ms: i64,
+    rounds: std::ops::Range<usize>,
+) {
     let mut acks = Vec::new();
-    let mut i = 0i64;
-    for round in 0..ROUNDS {
+    let mut i = (rounds.start * ZONES * 3) as i64;
+    for round in rounds {
         for z in 0..ZONES {
             for s in ["a", "b", "c"] {
                 let obs = Observation {
@@ -112,7 +116,7 @@ async fn a_flipping_backlog_is_drained_with_one_round_of_writes_per_batch_in_ord
     provision(&config_path);
     let js = jetstream(&nats.url()).await;
     // Dated after the daemon's start, so no zone clock is ahead of them.
-    store_backlog(&js, now_ms() + 60_000).await;
+    store_backlog(&js, now_ms() + 60_000, 0..ROUNDS).await;
 
     let started = Instant::now();
     let daemon = Daemon::start_at(&config_path, &[]);
@@ -143,10 +147,23 @@ async fn a_flipping_backlog_is_drained_with_one_round_of_writes_per_batch_in_ord
         "at most about one round of writes per batch: {rounds} rounds for {batches} batches"
     );
 
-    // Per zone: EVENTS holds 1, 2, 3, ... in order, each transition
-    // starting where the one before ended, and the zone's stored state is
-    // where the last one ended.
-    let events = events(&js).await;
+    check_chains(&js, ROUNDS).await;
+    let kv = js.get_key_value("debounce").await.unwrap();
+    let mut keys = kv.keys().await.unwrap();
+    use futures::StreamExt;
+    assert!(
+        keys.next().await.is_none(),
+        "no debounce deadline left behind (none is ever pending)"
+    );
+    drop(daemon);
+}
+
+/// Per zone: EVENTS holds 1, 2, 3, ... in order, two per round, each
+/// transition starting where the one before ended, and the zone's stored
+/// state is where the last one ended: what a run written one wave after
+/// the other gives.
+async fn check_chains(js: &async_nats::jetstream::Context, rounds: usize) {
+    let events = events(js).await;
     let mut per_zone: BTreeMap<&str, Vec<&Transition>> = BTreeMap::new();
     for t in &events {
         per_zone.entry(t.zone.as_str()).or_default().push(t);
@@ -155,8 +172,7 @@ async fn a_flipping_backlog_is_drained_with_one_round_of_writes_per_batch_in_ord
     for z in 0..ZONES {
         let name = format!("f{z}");
         let ts = &per_zone[name.as_str()];
-        // Every round turns the zone: two transitions each.
-        assert_eq!(ts.len(), 2 * ROUNDS, "zone {name}: {ts:?}");
+        assert_eq!(ts.len(), 2 * rounds, "zone {name}: {ts:?}");
         let mut state = Presence::Vacant;
         for (k, t) in ts.iter().enumerate() {
             assert_eq!(t.number, k as u64 + 1, "zone {name}: numbers in order");
@@ -167,7 +183,7 @@ async fn a_flipping_backlog_is_drained_with_one_round_of_writes_per_batch_in_ord
             );
             state = t.to;
         }
-        let stored = zone(&js, &name).await.expect("zone stored");
+        let stored = zone(js, &name).await.expect("zone stored");
         assert_eq!(
             stored.transitions,
             ts.len() as u64,
@@ -175,12 +191,83 @@ async fn a_flipping_backlog_is_drained_with_one_round_of_writes_per_batch_in_ord
         );
         assert_eq!(stored.state, state, "zone {name}: stored state");
     }
-    let kv = js.get_key_value("debounce").await.unwrap();
-    let mut keys = kv.keys().await.unwrap();
-    use futures::StreamExt;
-    assert!(
-        keys.next().await.is_none(),
-        "no debounce deadline left behind (none is ever pending)"
+}
+
+/// Another writer rewrites zone f0's key (its current value again, a new
+/// revision) ten times while the engine drains: a pipelined write of f0
+/// meets a compare-and-set conflict and hands it to the sequential
+/// commit, which meets it again and, under the daemon's leader lease,
+/// takes it for another holder: the engine stops writing and acking,
+/// stands by, takes the lease again and applies the readings from the
+/// consumer's ack floor. The trajectory is the undisturbed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_met_by_pipelined_writes_leave_the_trajectory_unchanged() {
+    let nats = NatsServer::start(NatsOptions {
+        domain: Some("leaf-test".into()),
+        ..Default::default()
+    });
+    let mqtt = Mosquitto::start();
+    let http_port = support::free_port();
+    let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+    let config = daemon_config(
+        "test",
+        &nats.url(),
+        mqtt.port,
+        http_port,
+        &motion_mapping(false),
+        &flip_zones(),
     );
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("presenced.toml");
+    std::fs::write(&config_path, config).unwrap();
+    provision(&config_path);
+    let js = jetstream(&nats.url()).await;
+    let base = now_ms() + 60_000;
+    store_backlog(&js, base, 0..ROUNDS).await;
+
+    let daemon = Daemon::start_at(&config_path, &[]);
+    daemon.wait_healthy(http, Duration::from_secs(20));
+    // A few rewrites while the drain runs (a writer that never stops
+    // would starve any compare-and-set writer: each retry meets a newer
+    // revision).
+    let rewriter = tokio::spawn({
+        let js = js.clone();
+        async move {
+            let kv = js.get_key_value("presence").await.unwrap();
+            let mut rewrites = 0u32;
+            for _ in 0..10 {
+                if let Ok(Some(v)) = kv.get("f0").await {
+                    kv.put("f0", v).await.unwrap();
+                    rewrites += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            rewrites
+        }
+    });
+    eventually("backlog applied", Duration::from_secs(60), || async {
+        engine_caught_up(&js, READINGS as u64).await
+    })
+    .await;
+    let rewrites = rewriter.await.unwrap();
+    // One more round, so that every zone is written once more after the
+    // last foreign rewrite (which may have put back an older state).
+    store_backlog(&js, base, ROUNDS..ROUNDS + 1).await;
+    eventually("last round applied", Duration::from_secs(30), || async {
+        engine_caught_up(&js, (READINGS + ZONES * 3) as u64).await
+    })
+    .await;
+
+    let conflicts = metric(http, "presenced_kv_conflicts_total");
+    eprintln!("{rewrites} foreign rewrites of f0, {conflicts} conflicts met");
+    assert!(
+        conflicts >= 1,
+        "the engine met a conflict ({rewrites} rewrites)"
+    );
+    assert!(
+        metric(http, "presenced_engine_takeovers_total") >= 2,
+        "the engine stood down at the conflict and took the lease again"
+    );
+    check_chains(&js, ROUNDS + 1).await;
     drop(daemon);
 }
