@@ -8,7 +8,9 @@
 //! for the whole batch (ack policy "all"). A crash anywhere in between
 //! redelivers the batch; already applied observations are skipped by
 //! sequence and republished transitions are dropped as duplicates, so the
-//! trajectory is the same as if the daemon had never stopped.
+//! trajectory is the same as if the daemon had never stopped. Consecutive
+//! batches overlap ([`super::writer`]): one batch's KV writes go out with
+//! the next batch's `EVENTS` publishes, each batch's own order unchanged.
 //!
 //! Commands (`cmd.<site>.presence.<zone>`, request/reply) are handled in
 //! the same loop as the batches, so one owner changes zone state at a

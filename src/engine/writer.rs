@@ -4,14 +4,16 @@
 //! `EVENTS` publishes.
 //!
 //! Why: written one wave after the other (`EVENTS`, wait; KV, wait; then
-//! the next batch), the engine idles while nats-server stores, and
-//! nats-server idles while the engine decodes and applies; on a workload
-//! where most readings flip a zone that alternation, not either side,
-//! set the rate. What must not change is what is durable when: for every
-//! batch its transitions are in `EVENTS` before any zone state that
-//! contains them is written to KV, and its last message is acknowledged
-//! only once those KV writes are durable. So the stages of one batch stay
-//! in order and only different batches' stages overlap:
+//! the next batch), every batch cost two rounds of writes and the engine
+//! and nats-server took turns, the engine idle while the server stored,
+//! the server idle (for the engine) while it decoded and applied. Here a
+//! batch costs about one round and both can work at once (whether that
+//! raises the rate on two shared cores is the benchmark's to say:
+//! docs/PERFORMANCE.md). What must not change is what is durable when:
+//! for every batch its transitions are in `EVENTS` before any zone state
+//! that contains them is written to KV, and its last message is
+//! acknowledged only once those KV writes are durable. So the stages of
+//! one batch stay in order and only different batches' stages overlap:
 //!
 //! ```text
 //! batch n:    core ─ EVENTS ────────┐ KV ──── ack
@@ -25,9 +27,12 @@
 //! the same keys were acknowledged: the revisions chain. A crash anywhere
 //! leaves `EVENTS` at most two batches ahead of KV instead of one; the
 //! replay after a restart regenerates those transitions with the same
-//! `Nats-Msg-Id`s, and `EVENTS` drops them as duplicates, as it does today
-//! for one batch. Failures are handled by the runner's sequential commit
-//! ([`super::runner`]): it writes the batches not yet durable as one.
+//! `Nats-Msg-Id`s, and `EVENTS` drops them as duplicates, as it did for
+//! one batch. With no next batch waiting, a batch completes as soon as
+//! its `EVENTS` acks are in (its KV writes could not go out earlier), so
+//! a lone reading waits no longer than before. Failures are handled by
+//! the runner's sequential commit ([`super::runner`]): it writes the
+//! batches not yet durable as one.
 
 use super::{Pending, Transition};
 use crate::store::publish::WINDOW;
@@ -41,11 +46,13 @@ use std::future::Future;
 use std::pin::Pin;
 
 /// `EVENTS` acks one batch may leave outstanding while the engine goes on
-/// with the next. With the KV writes of a batch (one window per bucket,
-/// [`crate::store::kv::write_batch`]) and ingest's window this stays
-/// within the context's in-flight limit
-/// ([`crate::store::publish::CONTEXT_INFLIGHT`]).
-pub(super) const EVENTS_AHEAD: usize = WINDOW;
+/// with the next (a batch with more reads the older ones while sending).
+/// At its peak the engine then holds this many, plus a window per bucket
+/// for the KV writes ([`crate::store::kv::write_batch`]), beside ingest's
+/// window: half a window below the context's in-flight limit
+/// ([`crate::store::publish::CONTEXT_INFLIGHT`]), which leaves room for
+/// the lease's renewals and the rest.
+pub(super) const EVENTS_AHEAD: usize = WINDOW / 2;
 
 /// One batch's writes, planned when the core applied it.
 pub(super) struct Commit {
