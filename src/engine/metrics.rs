@@ -14,6 +14,10 @@ use std::sync::atomic::AtomicU64;
 pub struct EngineMetrics {
     pub observations: Count,
     pub redeliveries: Count,
+    /// Batches applied (observations per batch: how far behind it was).
+    pub batches: Count,
+    /// Rounds of writes sent together, then awaited together.
+    pub write_rounds: Count,
     pub kv_writes: Count,
     pub kv_conflicts: Count,
     pub transitions: Count,
@@ -73,6 +77,16 @@ impl Collector for EngineMetrics {
                 "presenced_engine_redeliveries_total",
                 "Redelivered observations skipped as already applied.",
                 &self.redeliveries,
+            ),
+            (
+                "presenced_engine_batches_total",
+                "Batches of observations the engine applied (observations per batch: how far behind it was).",
+                &self.batches,
+            ),
+            (
+                "presenced_engine_write_rounds_total",
+                "Rounds of engine writes sent together, then awaited together: EVENTS publishes, KV compare-and-set writes, or, pipelined, one batch's KV writes with the next batch's EVENTS publishes.",
+                &self.write_rounds,
             ),
             (
                 "presenced_kv_writes_total",

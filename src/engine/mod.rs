@@ -17,6 +17,7 @@ pub mod standby;
 pub mod start;
 #[cfg(test)]
 mod tests;
+mod writer;
 
 pub use self::core::{
     advance, apply, clear_override, initial_state, next_deadline, reconcile, set_override,

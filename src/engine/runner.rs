@@ -8,7 +8,9 @@
 //! for the whole batch (ack policy "all"). A crash anywhere in between
 //! redelivers the batch; already applied observations are skipped by
 //! sequence and republished transitions are dropped as duplicates, so the
-//! trajectory is the same as if the daemon had never stopped.
+//! trajectory is the same as if the daemon had never stopped. Consecutive
+//! batches overlap ([`super::writer`]): one batch's KV writes go out with
+//! the next batch's `EVENTS` publishes, each batch's own order unchanged.
 //!
 //! Commands (`cmd.<site>.presence.<zone>`, request/reply) are handled in
 //! the same loop as the batches, so one owner changes zone state at a
@@ -34,6 +36,7 @@ const CLOCK_STEP_MS: i64 = 2_000;
 /// Command replies remembered for retries, at most.
 const MAX_ANSWERED: usize = 10_000;
 use super::fencing::Fencing;
+use super::writer::{Commit, InFlight};
 use crate::naming::{self, Site};
 use crate::observation::Observation;
 use crate::store::kv::{self as kvstore, CasWrite};
@@ -133,6 +136,10 @@ pub struct Runner {
     /// Replies to commands that carried an id, by (subject, id), for
     /// [`command::RETRY_WINDOW`]: a retry gets the original reply.
     answered: HashMap<(String, String), (tokio::time::Instant, Bytes)>,
+    /// The last batch's commit, its `EVENTS` publishes out
+    /// ([`super::writer`]): completed with the next batch or as soon as
+    /// none is waiting, and before any other write.
+    in_flight: Option<InFlight>,
 }
 
 fn missing(what: &str, source: impl Into<async_nats::Error>) -> RunnerError {
@@ -267,6 +274,7 @@ impl Runner {
             fencing,
             last_delivery: None,
             answered: HashMap::new(),
+            in_flight: None,
         };
         let zones: Vec<String> = runner.slots.keys().cloned().collect();
         for z in &zones {
@@ -423,28 +431,316 @@ impl Runner {
             }
         }
         let inputs = self.decode(&messages[segment_start..]);
-        self.apply_inputs(inputs).await;
+        let last = messages.into_iter().last();
+        self.pipeline(inputs, last).await;
+        self.update_gauges();
+    }
+
+    /// Applies the last part of a batch and starts its commit
+    /// ([`super::writer`]): its `EVENTS` publishes go out now, together
+    /// with the KV writes of the batch before, whose acks are awaited
+    /// (then that batch is acknowledged); this batch's KV writes and ack
+    /// wait for the next batch or [`Runner::flush`].
+    async fn pipeline(
+        &mut self,
+        inputs: Vec<(u64, Observation)>,
+        last: Option<jetstream::Message>,
+    ) {
+        let (dirty, transitions) = self.apply_core(&inputs);
+        let commit = self.plan(dirty, transitions, last);
+        if !commit.encoded {
+            // Never seen: the sequential commit, which logs and retries
+            // as for any other failure.
+            self.flush().await;
+            self.commit_with_retry(commit.dirty, commit.transitions)
+                .await;
+            self.ack_batch(commit.ack).await;
+            return;
+        }
+        let next = match self.in_flight.take() {
+            Some(previous) => self.advance(previous, Some(commit)).await,
+            None => {
+                if !self.may_write() {
+                    tracing::warn!(
+                        zones = commit.dirty.len(),
+                        transitions = commit.transitions.len(),
+                        "not written: this instance no longer holds the engine's leader lease (fenced); the new holder applies these readings"
+                    );
+                    return;
+                }
+                if !commit.events.is_empty() {
+                    Metrics::inc(&self.metrics.write_rounds);
+                }
+                Some(InFlight::send(&self.js, commit).await)
+            }
+        };
+        // A batch without transitions has nothing to wait for before its
+        // KV writes: they go out now, as before.
+        self.in_flight = match next {
+            Some(n) if !n.has_events() => self.advance(n, None).await,
+            other => other,
+        };
+    }
+
+    /// Completes the commit in flight, if any: every write before this
+    /// point durable and acknowledged before another commit starts.
+    async fn flush(&mut self) {
+        if let Some(previous) = self.in_flight.take() {
+            self.in_flight = self.advance(previous, None).await;
+        }
+    }
+
+    /// Completes `previous`: reads its `EVENTS` acks, then sends its KV
+    /// writes together with `next`'s `EVENTS` publishes, awaits the KV
+    /// acks and acknowledges `previous`'s batch. Returns `next` in
+    /// flight. On any failure both are committed as one by the
+    /// sequential [`Runner::commit_with_retry`] (republished transitions
+    /// are duplicates `EVENTS` drops) and nothing stays in flight.
+    async fn advance(&mut self, previous: InFlight, next: Option<Commit>) -> Option<InFlight> {
+        let (commit, acks) = previous.settle().await;
+        if self.confirm(&commit.transitions, acks).await.is_err() {
+            self.fall_back(commit.dirty, commit.transitions, commit.ack, next)
+                .await;
+            return None;
+        }
+        if !self.may_write() {
+            tracing::warn!(
+                zones = commit.dirty.len(),
+                "not written: this instance no longer holds the engine's leader lease (fenced); the new holder applies these readings"
+            );
+            return None;
+        }
+        let (presence, debounce) = self.cas_writes(&commit);
+        if !presence.is_empty()
+            || !debounce.is_empty()
+            || next.as_ref().is_some_and(|n| !n.events.is_empty())
+        {
+            Metrics::inc(&self.metrics.write_rounds);
+        }
+        let js = self.js.clone();
+        let ((presence_results, debounce_results), next) = futures::join!(
+            async {
+                futures::join!(
+                    kvstore::write_batch(&js, naming::PRESENCE_BUCKET, presence),
+                    kvstore::write_batch(&js, naming::DEBOUNCE_BUCKET, debounce)
+                )
+            },
+            async {
+                match next {
+                    Some(n) => Some(InFlight::send(&js, n).await),
+                    None => None,
+                }
+            }
+        );
+        let mut failed = BTreeSet::new();
+        for (bucket, r) in presence_results
+            .into_iter()
+            .map(|r| (naming::PRESENCE_BUCKET, r))
+            .chain(
+                debounce_results
+                    .into_iter()
+                    .map(|r| (naming::DEBOUNCE_BUCKET, r)),
+            )
+        {
+            match r.result {
+                Ok(rev) => {
+                    Metrics::inc(&self.metrics.kv_writes);
+                    if let Some(slot) = self.slots.get_mut(&r.key) {
+                        if bucket == naming::PRESENCE_BUCKET {
+                            slot.presence_rev = rev;
+                        } else {
+                            slot.debounce_rev = rev;
+                            if let Some(p) = commit.debounce_of(&r.key) {
+                                slot.debounce = p;
+                            }
+                        }
+                    }
+                }
+                // Conflicts and errors alike are left to the sequential
+                // commit, which meets them again and handles them as it
+                // always did (reload, or stop under a lease).
+                Err(e) => {
+                    tracing::debug!(bucket, error = %e, "pipelined KV write failed; committing sequentially");
+                    failed.insert(r.key);
+                }
+            }
+        }
+        if !failed.is_empty() {
+            crate::metrics::stalled(
+                &self.metrics.stalled,
+                format!(
+                    "KV presence or debounce: {} zone(s) not written",
+                    failed.len()
+                ),
+            );
+            self.fall_back(failed, Vec::new(), commit.ack, next.map(|n| n.commit))
+                .await;
+            return None;
+        }
+        crate::metrics::unstalled(&self.metrics.stalled);
+        for z in &commit.dirty {
+            self.reschedule(z);
+        }
+        self.ack_batch(commit.ack).await;
+        next
+    }
+
+    /// The sequential commit of what a failed pipelined one left: the
+    /// zones and transitions not known durable plus the next batch (in
+    /// flight or planned), then one ack for both.
+    async fn fall_back(
+        &mut self,
+        mut dirty: BTreeSet<String>,
+        mut transitions: Vec<Transition>,
+        mut ack: Option<jetstream::Message>,
+        next: Option<Commit>,
+    ) {
+        if let Some(n) = next {
+            dirty.extend(n.dirty);
+            transitions.extend(n.transitions);
+            ack = n.ack.or(ack);
+        }
+        self.commit_with_retry(dirty, transitions).await;
+        self.ack_batch(ack).await;
+    }
+
+    /// Acknowledges a batch whose effects are durable (ack policy "all":
+    /// its last message covers it), unless this instance was fenced.
+    async fn ack_batch(&mut self, last: Option<jetstream::Message>) {
         if self.fencing.is_fenced() {
             // Not durable here: the new holder applies these (its
             // catch-up reads from the consumer's ack floor).
             return;
         }
-        if let Some(last) = messages.last() {
+        if let Some(last) = last {
             if let Err(e) = last.ack().await {
                 // The batch is durable; a lost ack only means redelivery,
                 // which is skipped by sequence.
                 tracing::warn!(error = %e, "ack of a SENSORS batch failed; it will be redelivered and skipped");
             }
         }
-        self.update_gauges();
     }
 
-    /// Applies observations in stream order and makes the effects durable.
+    /// Encodes a batch's writes as of now (the zones' states move on with
+    /// the next batch). A `debounce` write is planned where the zone's
+    /// pending deadline differs from what KV will hold once the commit
+    /// in flight is durable.
+    fn plan(
+        &self,
+        dirty: BTreeSet<String>,
+        transitions: Vec<Transition>,
+        ack: Option<jetstream::Message>,
+    ) -> Commit {
+        let mut events = Vec::with_capacity(transitions.len());
+        let mut presence = Vec::with_capacity(dirty.len());
+        let mut debounce = Vec::new();
+        let mut ok = true;
+        for t in &transitions {
+            match serde_json::to_vec(t) {
+                Ok(payload) => events.push((
+                    self.site.events_subject(&t.zone),
+                    self.fencing.events_message(
+                        Bytes::from(payload),
+                        naming::transition_msg_id(&self.site, &t.zone, t.number),
+                    ),
+                )),
+                Err(_) => ok = false,
+            }
+        }
+        for zone in &dirty {
+            let Some(slot) = self.slots.get(zone) else {
+                continue;
+            };
+            match serde_json::to_vec(&slot.state) {
+                Ok(v) => presence.push((zone.clone(), Bytes::from(v))),
+                Err(_) => ok = false,
+            }
+            let stored = self
+                .in_flight
+                .as_ref()
+                .and_then(|f| f.commit.debounce_of(zone))
+                .unwrap_or(slot.debounce);
+            if stored != slot.state.pending {
+                let value = match slot.state.pending {
+                    Some(p) => match serde_json::to_vec(&DebounceRecord {
+                        v: super::STATE_SCHEMA,
+                        zone: zone.clone(),
+                        to: p.to,
+                        deadline: p.deadline,
+                    }) {
+                        Ok(v) => Some(Bytes::from(v)),
+                        Err(_) => {
+                            ok = false;
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                debounce.push((zone.clone(), value, slot.state.pending));
+            }
+        }
+        Commit {
+            transitions,
+            events,
+            dirty,
+            presence,
+            debounce,
+            ack,
+            encoded: ok,
+        }
+    }
+
+    /// A commit's KV writes with the revisions the keys have now (the
+    /// commit before is durable).
+    fn cas_writes(&self, commit: &Commit) -> (Vec<CasWrite>, Vec<CasWrite>) {
+        let rev = |zone: &str, presence: bool| {
+            self.slots.get(zone).map_or(0, |s| {
+                if presence {
+                    s.presence_rev
+                } else {
+                    s.debounce_rev
+                }
+            })
+        };
+        let presence = commit
+            .presence
+            .iter()
+            .map(|(zone, value)| CasWrite {
+                key: zone.clone(),
+                value: Some(value.clone()),
+                expected: rev(zone, true),
+            })
+            .collect();
+        let debounce = commit
+            .debounce
+            .iter()
+            .map(|(zone, value, _)| CasWrite {
+                key: zone.clone(),
+                value: value.clone(),
+                expected: rev(zone, false),
+            })
+            .collect();
+        (presence, debounce)
+    }
+
+    /// Applies observations in stream order and makes the effects durable
+    /// (sequentially, after the commit in flight).
     async fn apply_inputs(&mut self, inputs: Vec<(u64, Observation)>) {
+        self.flush().await;
+        let (dirty, transitions) = self.apply_core(&inputs);
+        self.commit_with_retry(dirty, transitions).await;
+    }
+
+    /// Runs observations through the core in stream order: the zones
+    /// changed and the transitions, nothing written yet.
+    fn apply_core(&mut self, inputs: &[(u64, Observation)]) -> (BTreeSet<String>, Vec<Transition>) {
+        if !inputs.is_empty() {
+            Metrics::inc(&self.metrics.batches);
+        }
         Metrics::add(&self.metrics.observations, inputs.len() as u64);
         let mut transitions = Vec::new();
         let mut dirty = BTreeSet::new();
-        for (seq, obs) in &inputs {
+        for (seq, obs) in inputs {
             let Some(zones) = self.model.by_sensor.get(&obs.sensor) else {
                 continue;
             };
@@ -467,7 +763,7 @@ impl Runner {
                 dirty.insert(zone.clone());
             }
         }
-        self.commit_with_retry(dirty, transitions).await;
+        (dirty, transitions)
     }
 
     /// Whether writes may go out: always without a leader lease; with one,
@@ -478,6 +774,7 @@ impl Runner {
 
     /// Fires every timer due by `now` (in deadline order across zones).
     pub async fn tick(&mut self, now: Timestamp) {
+        self.flush().await;
         let due: Vec<String> = self
             .timers
             .iter()
@@ -572,7 +869,21 @@ impl Runner {
             );
             messages.push((self.site.events_subject(&t.zone), msg));
         }
+        if !messages.is_empty() {
+            Metrics::inc(&self.metrics.write_rounds);
+        }
         let acks = crate::store::publish::publish_all(&self.js, messages).await;
+        self.confirm(transitions, acks).await
+    }
+
+    /// Reads the `EVENTS` acks of `transitions`: counts the ones stored,
+    /// and on a refusal by the server-side fence checks the takeover
+    /// record ([`Fencing::events_refused`]). The first error, if any.
+    async fn confirm(
+        &mut self,
+        transitions: &[Transition],
+        acks: Vec<Result<jetstream::publish::PublishAck, jetstream::context::PublishError>>,
+    ) -> Result<(), async_nats::Error> {
         let mut first_error = None;
         let mut sequences = Vec::with_capacity(transitions.len());
         for (t, ack) in transitions.iter().zip(acks) {
@@ -650,6 +961,7 @@ impl Runner {
                 });
             }
         }
+        Metrics::inc(&self.metrics.write_rounds);
         let (presence_results, debounce_results) = futures::join!(
             kvstore::write_batch(&self.js, naming::PRESENCE_BUCKET, presence_writes),
             kvstore::write_batch(&self.js, naming::DEBOUNCE_BUCKET, debounce_writes)
@@ -818,6 +1130,9 @@ impl Runner {
     /// Validates and applies one command, makes the result durable, and
     /// builds the reply.
     async fn execute(&mut self, subject: &str, payload: &[u8]) -> Result<Reply, CommandError> {
+        // Before the core changes anything: a failed flush commits the
+        // zones' current states.
+        self.flush().await;
         if let Ok(Command::Forget { by }) = command::parse(payload) {
             return self.forget(subject, &by).await;
         }
@@ -917,6 +1232,7 @@ impl Runner {
     /// removal first recorded in EVENTS (`{"removed": true, ...}` with the
     /// last stored state), so the audit trail says who removed what when.
     async fn forget(&mut self, subject: &str, by: &str) -> Result<Reply, CommandError> {
+        self.flush().await;
         let unavailable = |what: &str, e: &dyn std::fmt::Display| CommandError {
             kind: ErrorKind::Unavailable,
             message: format!("{what}: {e}"),
@@ -1203,6 +1519,10 @@ impl Runner {
                     }
                     None => return Err(RunnerError::Consume("SENSORS consumer stream ended".into())),
                 },
+                // No next batch yet: the one in flight completes as soon
+                // as its EVENTS publishes are stored (its KV writes could
+                // not go out before), unless a batch arrives first.
+                _ = super::writer::stored(&mut self.in_flight), if self.in_flight.is_some() => self.flush().await,
                 _ = tokio::time::sleep(sleep_for) => self.tick(Timestamp::now()).await,
                 _ = fence_check.tick(), if fenced_mode => {}
                 _ = heartbeat.tick() => {
@@ -1224,6 +1544,7 @@ impl Runner {
             }
             crate::systemd::watchdog();
         }
+        self.flush().await;
         Ok(())
     }
 }

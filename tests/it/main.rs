@@ -42,6 +42,7 @@ mod metrics;
 mod mqtt_source;
 mod natsconf;
 mod page;
+mod pipeline;
 mod redteam;
 mod replay;
 mod sandbox;

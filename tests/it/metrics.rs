@@ -81,6 +81,8 @@ async fn every_exported_family_is_there_and_moves_when_caused() {
         "presenced_ingest_buffer_capacity",
         "presenced_engine_observations_total",
         "presenced_engine_redeliveries_total",
+        "presenced_engine_batches_total",
+        "presenced_engine_write_rounds_total",
         "presenced_kv_writes_total",
         "presenced_kv_conflicts_total",
         "presenced_engine_active",
@@ -184,6 +186,17 @@ async fn every_exported_family_is_there_and_moves_when_caused() {
         assert_eq!(get(&after, k) - get(&before, k), by, "{k}");
     }
     assert!(get(&after, "presenced_kv_writes_total") > get(&before, "presenced_kv_writes_total"));
+    // The reading made a batch of its own, which made a transition: one
+    // round for its EVENTS publishes, one for its KV writes (no next
+    // batch to share one with).
+    assert!(
+        get(&after, "presenced_engine_batches_total")
+            > get(&before, "presenced_engine_batches_total")
+    );
+    assert!(
+        get(&after, "presenced_engine_write_rounds_total")
+            >= get(&before, "presenced_engine_write_rounds_total") + 2.0
+    );
     let events = events(&js).await.len() as f64;
     assert!(events >= 1.0);
     assert_eq!(get(&after, "presenced_transitions_total"), events);
