@@ -504,7 +504,8 @@ async fn main() {
     let cfg_path = cfg_dir.path().join("presenced.toml");
     std::fs::write(&cfg_path, &cfg).unwrap();
     provision(&cfg_path);
-    let mut daemon = Daemon::start(&cfg, &[("RUST_LOG", "warn")]);
+    let daemon_log = std::env::var("PRESENCED_BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into());
+    let mut daemon = Daemon::start(&cfg, &[("RUST_LOG", daemon_log.as_str())]);
     daemon.wait_healthy(http, Duration::from_secs(30));
     let pid = daemon.pid();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -935,10 +936,19 @@ async fn saturate(
         if engine_caught_up(js, total).await {
             break;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(600),
-            "daemon did not catch up"
-        );
+        if t.elapsed() > Duration::from_secs(env("PRESENCED_BENCH_STALL_S", 600)) {
+            let stored = stream_messages(js, "SENSORS").await;
+            let consumer = match js.get_stream("SENSORS").await {
+                Ok(s) => match s.get_consumer::<pull::Config>("engine").await {
+                    Ok(mut c) => c.info().await.map(|i| format!("{i:?}")).unwrap_or_default(),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            panic!(
+                "daemon did not catch up: SENSORS holds {stored} of {total}; engine consumer: {consumer}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = t.elapsed().as_secs_f64();

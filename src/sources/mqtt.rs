@@ -770,7 +770,12 @@ impl Connection {
         // ack covers both; a second PUBACK could hit a later message that
         // reused the packet id. So a copy of an in-flight message is
         // dropped; if the original is dropped unacked, the broker resends.
+        // Only a resend (DUP set) can be a copy: a new message on a packet
+        // id that is still in our books (its PUBACK queued, not yet sent)
+        // must never be taken for one, or it is lost until the next
+        // connection.
         if p.qos != QoS::AtMostOnce
+            && p.dup
             && self
                 .in_flight
                 .contains(self.generation.load(Ordering::Acquire), p.pkid)
@@ -1013,14 +1018,19 @@ impl Connection {
                 );
                 return;
             }
-            // The guard goes once the PUBACK is queued, so the packet id is
-            // free in our books no earlier than in the broker's.
+            // The packet id leaves our books as the PUBACK is handed on,
+            // before it is sent: the broker can reuse the id only once it
+            // has the PUBACK. Keeping the entry until a spawned send
+            // completes left it there for as long as the runtime took to
+            // poll that task again: under a sustained burst tens of
+            // thousands of entries stayed, and new messages reusing their
+            // ids were taken for copies.
+            drop(guard);
             if client.try_ack(&bare).is_err() {
                 runtime.spawn(async move {
                     if let Err(error) = client.ack(&bare).await {
                         debug!(pkid = bare.pkid, %error, "MQTT ack not sent; the event loop is gone");
                     }
-                    drop(guard);
                 });
             }
         })

@@ -488,3 +488,82 @@ async fn a_broker_that_drops_every_connection_is_not_hammered() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// More QoS 1 messages on one connection than there are packet ids, at
+/// full speed, the source's consumer acknowledging in batches as ingest
+/// does: every message comes through once, none is taken for a copy of
+/// one still in flight when the broker reuses its packet id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_ids_wrapping_around_lose_nothing() {
+    const N: usize = 100_000;
+    let broker = Mosquitto::start();
+    let mut source = Source::start(broker.port, "presenced-test-wrap", 100_000);
+    source.wait_subscribed(1).await;
+    let device = Publisher::connect(broker.port, "device-wrap");
+    let publishing = tokio::spawn(async move {
+        for i in 0..N {
+            device
+                .publish("z2m/lux", &format!(r#"{{"illuminance":{i}}}"#))
+                .await;
+        }
+        device
+    });
+    // A message's first id; a broker redelivery (DUP) of it comes again
+    // with the same id, which JetStream stores once.
+    let mut seen: Vec<Option<String>> = vec![None; N];
+    let mut redelivered = 0;
+    let mut other_id = 0;
+    let mut held = Vec::new();
+    let mut got = 0;
+    while got < N {
+        let item = tokio::time::timeout(Duration::from_secs(30), source.rx.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{got} of {N} messages after 30 s; ignored as copies: {}; first missing: {:?}",
+                    source.status.ignored.load(Ordering::Relaxed),
+                    seen.iter().position(Option::is_none)
+                )
+            })
+            .expect("the source is still running");
+        let Item::Observation(o, ack) = item else {
+            panic!("a reject")
+        };
+        let Reading::Number(v) = o.value else {
+            panic!("{o:?}")
+        };
+        match &seen[v as usize] {
+            Some(first) => {
+                // A broker redelivery: with the first id JetStream stores
+                // it once; with another (the source no longer knew it) it
+                // is stored twice, at least once and never lost. Counted,
+                // not refused: this test is about losing nothing.
+                if first != &o.id {
+                    other_id += 1;
+                }
+                redelivered += 1;
+            }
+            None => {
+                seen[v as usize] = Some(o.id.clone());
+                got += 1;
+            }
+        }
+        // Acknowledged in batches, as ingest does once a chunk is stored.
+        held.push(ack);
+        if held.len() >= 500 {
+            for a in held.drain(..) {
+                a.fire();
+            }
+        }
+    }
+    for a in held {
+        a.fire();
+    }
+    assert_eq!(source.status.ignored.load(Ordering::Relaxed), 0);
+    eprintln!(
+        "{N} messages, {redelivered} broker redeliveries ({other_id} under another id), {} connection(s)",
+        source.status.connects.load(Ordering::Relaxed)
+    );
+    drop(publishing.await);
+    source.shutdown().await;
+}
