@@ -40,7 +40,11 @@
 //! - `PRESENCED_BENCH_RUNS` [all]: which runs, comma-separated, of
 //!   `spread,flip,house,latency,pages,drain,rehyd,paths` (the ceilings
 //!   always run), e.g. `flip,drain` to profile the engine on the flip
-//!   workload.
+//!   workload;
+//! - `PRESENCED_BENCH_STALL_S` [600]: how long a run may take to be
+//!   applied before the benchmark stops and prints how far `SENSORS` and
+//!   the engine consumer got;
+//! - `PRESENCED_BENCH_DAEMON_LOG` [warn]: the daemon's `RUST_LOG`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
