@@ -474,10 +474,12 @@ fn expected(access: &Access, who: &str, keyspace: &str, op: Op) -> bool {
         (Keyspace::Live, Subscribe) => svc.is_some_and(|s| s.reads(k)),
         (Keyspace::Commands, Request) => svc.is_some_and(|s| s.reads(k) && !s.owns(k)),
         (Keyspace::Commands, Serve) => owns,
-        // The engine reads its own lease back (the leader lease of
-        // store::leader is a compare-and-set on its revision).
+        // A service reads its own key (the one a read targets): the
+        // engine's and ingest's leader lease (store::leader) is a
+        // compare-and-set on its revision.
         (Keyspace::Owners, Get | DirectGet) => {
-            reads || (who == read_key("owners") && svc.is_some_and(|s| s.runs(Component::Engine)))
+            reads
+                || svc.is_some_and(|s| s.runs(Component::Engine) || s.runs(Component::Ingest))
         }
         (
             _,
@@ -523,12 +525,16 @@ fn subject_of(site: &Site, keyspace: &str, who: &str) -> String {
     }
 }
 
-/// The key reads target: each service writes only its own owners key.
-fn read_key(keyspace: &str) -> &'static str {
-    if keyspace == "owners" {
-        "engine"
+/// The key reads target: in `owners`, a service's own key (each writes
+/// only its own, and the leader lease reads it back); the engine's for
+/// the admin and strangers.
+fn read_key(keyspace: &str, who: &str) -> String {
+    if keyspace != "owners" {
+        "seed".to_owned()
+    } else if who == "admin" || who == "unknown" {
+        "engine".to_owned()
     } else {
-        "seed"
+        who.to_owned()
     }
 }
 
@@ -717,7 +723,7 @@ async fn run(
             c.attempt(async {
                 let store = js.get_key_value(bucket_of(keyspace)).await?;
                 store
-                    .get(read_key(keyspace))
+                    .get(read_key(keyspace, who))
                     .await?
                     .ok_or("key seed not found")?;
                 Ok(())
@@ -728,7 +734,7 @@ async fn run(
             let (stream, subject) = match keyspace {
                 "presence" | "debounce" | "owners" | "archive" => (
                     naming::kv_stream(bucket_of(keyspace)),
-                    naming::kv_subject(bucket_of(keyspace), read_key(keyspace)),
+                    naming::kv_subject(bucket_of(keyspace), &read_key(keyspace, who)),
                 ),
                 "audit" => (
                     naming::AUDIT_STREAM.to_owned(),
