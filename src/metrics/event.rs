@@ -59,10 +59,31 @@ impl<T: Tally + ?Sized> Tally for Option<&T> {
 
 /// Counts one occurrence of a named [`Event`] and logs it, in one call.
 ///
-/// ```ignore
-/// emit!(KV_CONFLICT, &metrics.kv_conflicts; bucket, key = %key);
-/// emit!(PRUNED, &metrics.pruned, by = gone.len() as u64; count = gone.len());
-/// emit!(REJECTED, &metrics.rejects, if due.is_some(); suppressed = due.unwrap_or(0));
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use presenced::{emit, metrics::Event};
+///
+/// const PRUNED: Event = Event {
+///     name: "pruned",
+///     level: tracing::Level::INFO,
+///     message: "old entries pruned",
+///     counter: "presenced_pruned_total",
+/// };
+/// const REJECTED: Event = Event {
+///     name: "rejected",
+///     level: tracing::Level::WARN,
+///     message: "input rejected",
+///     counter: "presenced_rejects_total",
+/// };
+/// let (pruned, rejects) = (AtomicU64::new(0), AtomicU64::new(0));
+/// let gone = ["a", "b", "c"];
+/// emit!(PRUNED, &pruned, by = gone.len() as u64; count = gone.len());
+/// // Counted every time, logged only when the rate limit lets it through.
+/// let due: Option<u64> = None;
+/// emit!(REJECTED, &rejects, if due.is_some(); suppressed = due.unwrap_or(0));
+/// emit!(REJECTED, &rejects);
+/// assert_eq!(pruned.load(Ordering::Relaxed), 3);
+/// assert_eq!(rejects.load(Ordering::Relaxed), 2);
 /// ```
 ///
 /// The counter goes up by one (or `by = n`) every time; the line is
