@@ -478,8 +478,7 @@ fn expected(access: &Access, who: &str, keyspace: &str, op: Op) -> bool {
         // engine's and ingest's leader lease (store::leader) is a
         // compare-and-set on its revision.
         (Keyspace::Owners, Get | DirectGet) => {
-            reads
-                || svc.is_some_and(|s| s.runs(Component::Engine) || s.runs(Component::Ingest))
+            reads || svc.is_some_and(|s| s.runs(Component::Engine) || s.runs(Component::Ingest))
         }
         (
             _,
