@@ -102,13 +102,20 @@ pub async fn load_all(
         reason,
     };
     let mut out = BTreeMap::new();
-    let status = store.status().await.map_err(|e| read_err(e.to_string()))?;
-    if status.values() == 0 {
+    // Asked afresh: `kv::Store::status` answers what the stream held
+    // when the store was bound, and a store bound earlier would read as
+    // empty or end the snapshot early.
+    let info = store
+        .stream
+        .get_info()
+        .await
+        .map_err(|e| read_err(e.to_string()))?;
+    if info.state.messages == 0 {
         return Ok(out);
     }
     // The stream's last sequence tells exactly when the snapshot is
     // complete, without waiting for a message that never comes.
-    let last_seq = status.info.state.last_sequence;
+    let last_seq = info.state.last_sequence;
     let mut watch = store
         .watch_with_history(">")
         .await

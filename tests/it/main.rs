@@ -48,6 +48,7 @@ mod replay;
 mod sandbox;
 mod serial;
 mod split;
+mod standby;
 mod supervise;
 mod systemd;
 mod tls;
