@@ -66,6 +66,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::process::proc_usage;
 use support::{Daemon, Mosquitto, NatsOptions, NatsServer};
 
 fn env(name: &str, default: u64) -> u64 {
@@ -238,31 +239,6 @@ fn house_workload(n: u64, base: i64) -> Vec<Msg> {
 /// 100 ms step), with room to spare.
 fn house_span(n: u64) -> i64 {
     (n as i64 / 9 + 100) * 100 * 2
-}
-
-/// (RSS in KiB, CPU seconds used so far) of a process, from /proc.
-fn proc_usage(pid: u32) -> (u64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_comm = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: u64 = fields
-        .get(11)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (rss, ticks as f64 / hz)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -7,7 +7,10 @@
 //! `cargo bench --bench takeover`; the size comes from the environment so
 //! a small run checks the bench itself: `PRESENCED_BENCH_TAKEOVER_READINGS`
 //! (default 200,000), `PRESENCED_BENCH_TAKEOVER_ZONES` (default 100) and
-//! `PRESENCED_BENCH_TAKEOVER_TTL_S` (lease TTL, default 3). See
+//! `PRESENCED_BENCH_TAKEOVER_TTL_S` (lease TTL, default 3), and
+//! `PRESENCED_BENCH_TAKEOVER_ROUNDS` (alternating drains alone and with a
+//! standby, default 7; the median of the rounds' differences is the
+//! standby's cost). See
 //! docs/PERFORMANCE.md.
 
 #[path = "../tests/common/mod.rs"]
@@ -23,6 +26,7 @@ use presenced::time::Timestamp;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use support::process::proc_usage;
 use support::{Daemon, NatsOptions, NatsServer};
 
 fn env(name: &str, default: u64) -> u64 {
@@ -36,6 +40,8 @@ struct Bench {
     readings: u64,
     zones: u64,
     ttl: u64,
+    /// Alternating drains alone and with a standby; the medians compare.
+    rounds: u64,
 }
 
 /// One leaf with the site provisioned and two engine-only configs of one
@@ -138,14 +144,42 @@ async fn publish(js: &jetstream::Context, b: &Bench, from: u64, n: u64) {
     assert!(results.iter().all(|r| r.is_ok()), "publish into SENSORS");
 }
 
-/// Readings per second the active engine applies over a backlog of
-/// `b.readings`, with or without a standby following it.
-async fn rate(b: &Bench, standby: bool) -> f64 {
-    let l = leaf(b).await;
-    let _a = start(&l.cfg[0], l.http[0], "active");
-    let _b = standby.then(|| start(&l.cfg[1], l.http[1], "standby"));
+/// One timed drain: the active engine's rate, and the CPU seconds the
+/// active engine, the standby (if any) and nats-server used meanwhile.
+struct Drain {
+    rate: f64,
+    cpu_active: f64,
+    cpu_standby: f64,
+    cpu_server: f64,
+    secs: f64,
+}
+
+/// Readings per second the active engine applies over a stored backlog
+/// of `b.readings`, with or without a standby beside it, on a fresh
+/// server. The backlog is published while the active engine is frozen
+/// (SIGSTOP, with a lease TTL that outlasts the publish) and timed from
+/// its SIGCONT to its last acknowledgement: the drain alone, not the
+/// publish.
+async fn rate(b: &Bench, standby: bool) -> Drain {
+    let long_lease = Bench {
+        ttl: 120,
+        readings: b.readings,
+        zones: b.zones,
+        rounds: 1,
+    };
+    let l = leaf(&long_lease).await;
+    let a = start(&l.cfg[0], l.http[0], "active");
+    let s = standby.then(|| start(&l.cfg[1], l.http[1], "standby"));
+    let a_pid = libc::pid_t::try_from(a.pid()).expect("pid");
+    // SAFETY: signals to our own child process.
+    unsafe { libc::kill(a_pid, libc::SIGSTOP) };
     publish(&l.js, b, 0, b.readings).await;
+    let cpu = |pid: Option<u32>| pid.map_or(0.0, |p| proc_usage(p).1);
+    let s_pid = s.as_ref().map(Daemon::pid);
+    let before = (cpu(Some(a.pid())), cpu(s_pid), cpu(Some(l.nats.pid())));
     let t = Instant::now();
+    // SAFETY: as above.
+    unsafe { libc::kill(a_pid, libc::SIGCONT) };
     while !engine_caught_up(&l.js, b.readings).await {
         assert!(
             t.elapsed() < Duration::from_secs(900),
@@ -153,8 +187,24 @@ async fn rate(b: &Bench, standby: bool) -> f64 {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = &l.nats;
-    b.readings as f64 / t.elapsed().as_secs_f64()
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(
+        role(l.http[0]),
+        "active",
+        "the drained engine stayed the holder"
+    );
+    Drain {
+        rate: b.readings as f64 / secs,
+        cpu_active: cpu(Some(a.pid())) - before.0,
+        cpu_standby: cpu(s_pid) - before.1,
+        cpu_server: cpu(Some(l.nats.pid())) - before.2,
+        secs,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -163,18 +213,68 @@ async fn main() {
         readings: env("PRESENCED_BENCH_TAKEOVER_READINGS", 200_000),
         zones: env("PRESENCED_BENCH_TAKEOVER_ZONES", 100),
         ttl: env("PRESENCED_BENCH_TAKEOVER_TTL_S", 3),
+        rounds: env("PRESENCED_BENCH_TAKEOVER_ROUNDS", 7).max(1),
     };
     println!(
         "presenced engine failover benchmark ({} readings, {} zones, lease TTL {} s; nats-server on this host)\n",
         b.readings, b.zones, b.ttl
     );
 
-    let alone = rate(&b, false).await;
-    let beside = rate(&b, true).await;
-    println!("rate  engine alone:                 {alone:>9.0} readings/s");
+    // Alternating rounds on fresh servers: one drain of each kind is
+    // within the noise of the machine.
+    let mut alone = Vec::new();
+    let mut beside = Vec::new();
+    let mut ratios = Vec::new();
+    let (mut standby_cpu, mut active_cpu) = (0.0, 0.0);
+    // nats-server's CPU per CPU second of the active engine: both grow
+    // alike when the machine is slow, so their ratio shows the work a
+    // standby adds to the server through the noise the rates carry.
+    let mut server_per = [Vec::new(), Vec::new()];
+    for round in 1..=b.rounds {
+        let mut pair = [0.0; 2];
+        for standby in [false, true] {
+            let d = rate(&b, standby).await;
+            println!(
+                "round {round} {:<16} {:>9.0} readings/s  ({:.2} s; CPU s: active {:.2}, standby {:.2}, nats-server {:.2})",
+                if standby { "with a standby:" } else { "engine alone:" },
+                d.rate,
+                d.secs,
+                d.cpu_active,
+                d.cpu_standby,
+                d.cpu_server
+            );
+            pair[usize::from(standby)] = d.rate;
+            server_per[usize::from(standby)].push(d.cpu_server / d.cpu_active.max(0.01));
+            if standby {
+                standby_cpu += d.cpu_standby;
+                active_cpu += d.cpu_active;
+                beside.push(d.rate);
+            } else {
+                alone.push(d.rate);
+            }
+        }
+        ratios.push(pair[1] / pair[0] - 1.0);
+    }
     println!(
-        "rate  engine with a standby:        {beside:>9.0} readings/s  ({:+.1}%)",
-        (beside / alone - 1.0) * 100.0
+        "rate  engine alone (median):        {:>9.0} readings/s",
+        median(alone)
+    );
+    println!(
+        "rate  engine with a standby (median): {:>7.0} readings/s",
+        median(beside)
+    );
+    println!(
+        "rate  a standby's cost (median of the rounds' differences): {:+.1}%",
+        median(ratios) * 100.0
+    );
+    let [server_alone, server_beside] = server_per.map(median);
+    println!(
+        "cpu   nats-server per CPU s of the active engine (median): alone {server_alone:.3}, with a standby {server_beside:.3} ({:+.1}%)",
+        (server_beside / server_alone - 1.0) * 100.0
+    );
+    println!(
+        "cpu   the standby used {standby_cpu:.2} CPU s while the active engine used {active_cpu:.2} ({:.1}%)",
+        standby_cpu / active_cpu.max(f64::MIN_POSITIVE) * 100.0
     );
 
     // Takeovers on one leaf, with state to take over.

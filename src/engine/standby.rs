@@ -3,21 +3,22 @@
 //! from the state it already has instead of reading both buckets from
 //! scratch.
 //!
-//! The copy is brought up to date at most once every [`FOLLOW_EVERY`],
+//! The copy is brought up to date once every [`FOLLOW_EVERY`],
 //! and only when a bucket has changed (its last sequence moved), each
 //! time with a short-lived consumer that reads the cheaper of the two
 //! ways: the writes since the copy's last sequence, or the last value of
 //! every key (a snapshot, when more writes than keys happened since).
 //! A standby's cost to the site is therefore bounded by the number of
-//! keys per second, not by the active engine's write rate: following
-//! every write as it happened cost the active engine 23% of its rate on
-//! a shared 2-core host (docs/PERFORMANCE.md, "Engine failover").
+//! keys per period, not by the active engine's write rate, as it was
+//! when the standby followed every write as it happened (each write of
+//! the active engine delivered a second time; docs/PERFORMANCE.md,
+//! "Engine failover").
 //!
 //! At takeover the copy is brought up to the buckets' last sequences as
-//! the server reports them then, which reads at most a second's writes
-//! (or one snapshot): a write of the old holder that the copy missed
-//! would otherwise make the new holder's first compare-and-set expect a
-//! stale revision. If that does not finish within [`CATCH_UP`] (a broken
+//! the server reports them then, which reads at most as many messages as
+//! there are keys: a write of the old holder that the copy missed would
+//! otherwise make the new holder's first compare-and-set expect a stale
+//! revision. If that does not finish within [`CATCH_UP`] (a broken
 //! follow, a lagging link) the copy is dropped and the buckets are read
 //! in full, as a cold start does.
 //!
@@ -34,7 +35,12 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 /// How often a standby brings its copy up to date (when it changed).
-pub const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+/// Each catch-up costs nats-server a consumer and at most one message per
+/// key, and a takeover's last catch-up reads at most one message per key
+/// whatever the period: a longer period costs a takeover little, a
+/// shorter one costs the active engine's server (at 1 s the server spent
+/// about 6% more CPU per reading the engine applied; docs/PERFORMANCE.md).
+pub const FOLLOW_EVERY: Duration = Duration::from_secs(5);
 
 /// How long a takeover waits for the copy to reach the buckets' last
 /// sequences before it reads them in full instead.
@@ -50,7 +56,8 @@ const PULL: u64 = 1000;
 /// The server removes a catch-up's consumer this long after its last
 /// pull: it is not deleted by the standby (its identity may create
 /// ephemeral consumers on the buckets it reads, not delete them).
-const CONSUMER_IDLE: Duration = Duration::from_secs(3);
+/// Until then every write to the bucket still signals it.
+const CONSUMER_IDLE: Duration = Duration::from_secs(2);
 
 /// A standby's copy of one bucket.
 #[derive(Debug, Default, Clone)]
