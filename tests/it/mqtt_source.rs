@@ -567,3 +567,47 @@ async fn packet_ids_wrapping_around_lose_nothing() {
     drop(publishing.await);
     source.shutdown().await;
 }
+
+/// What the daemon holds unacknowledged is bounded by the broker's
+/// in-flight window (`max_inflight_messages 1000` in the Mosquitto the
+/// daemon expects), not by the ingest buffer (here 100,000): while
+/// nothing is stored (ingest behind, the leaf away) the broker keeps the
+/// rest, and the daemon's memory stays put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_input_is_bounded_by_the_brokers_window_not_the_buffer() {
+    const N: usize = 5000;
+    const WINDOW: usize = 1000;
+    let broker = Mosquitto::start();
+    let mut source = Source::start(broker.port, "presenced-test-window", 100_000);
+    source.wait_subscribed(1).await;
+    let device = Publisher::connect(broker.port, "device-window");
+    for i in 0..N {
+        device
+            .publish("z2m/lux", &format!(r#"{{"illuminance":{i}}}"#))
+            .await;
+    }
+    let start = std::time::Instant::now();
+    while source.rx.len() < WINDOW {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{} of the window buffered",
+            source.rx.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Time for more to arrive, if the broker let it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        source.rx.len(),
+        WINDOW,
+        "unacknowledged messages held by the daemon"
+    );
+    // Acknowledged as stored, the rest follows, in order and whole.
+    for i in 0..N {
+        let (o, ack) = source.next_observation().await;
+        assert_eq!(o.value, Reading::Number(i as f64));
+        ack.fire();
+    }
+    drop(device);
+    source.shutdown().await;
+}
