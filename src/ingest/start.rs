@@ -33,6 +33,8 @@ pub struct Sections<'a> {
 #[derive(Debug)]
 struct SourceGauges {
     mqtt: Option<Level>,
+    /// QoS 1 messages the MQTT sources hold unacknowledged.
+    mqtt_unacknowledged: Option<Level>,
     serial: Option<Level>,
     /// Times a source found the ingest buffer full and had to wait.
     buffer_full: Count,
@@ -49,6 +51,13 @@ impl Collector for SourceGauges {
             r.register(
                 "presenced_mqtt_connected",
                 "MQTT sources currently connected.",
+                g.clone(),
+            );
+        }
+        if let Some(g) = &self.mqtt_unacknowledged {
+            r.register(
+                "presenced_mqtt_unacknowledged",
+                "QoS 1 messages the MQTT sources received and have not acknowledged yet (in the ingest buffer or being stored).",
                 g.clone(),
             );
         }
@@ -136,6 +145,7 @@ pub fn start(
     metrics.register(source_links.clone());
     let own = Arc::new(SourceGauges {
         mqtt: (!s.mqtt.is_empty()).then(Level::default),
+        mqtt_unacknowledged: (!s.mqtt.is_empty()).then(Level::default),
         serial: (!s.serial.is_empty()).then(Level::default),
         buffer_full: Count::default(),
     });
@@ -443,6 +453,14 @@ impl Gauges {
             .count();
         if let Some(g) = &self.own.mqtt {
             Metrics::set(g, up as u64);
+        }
+        if let Some(g) = &self.own.mqtt_unacknowledged {
+            let held: u64 = self
+                .mqtt
+                .iter()
+                .map(|s| s.unacknowledged.load(Ordering::Relaxed))
+                .sum();
+            Metrics::set(g, held);
         }
         let full: u64 = self
             .mqtt

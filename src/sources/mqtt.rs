@@ -332,6 +332,11 @@ pub struct MqttStatus {
     /// QoS 1 redeliveries of messages an earlier process had stored:
     /// acknowledged without storing them again.
     pub redelivered: AtomicU64,
+    /// QoS 1 messages received whose PUBACK has not been handed on yet:
+    /// waiting in the ingest buffer or being stored. The broker's
+    /// in-flight window should bound it; more than that is memory the
+    /// daemon holds that the broker would otherwise hold.
+    pub unacknowledged: AtomicU64,
 }
 
 /// The first connection to the broker (counted in `connects`).
@@ -517,6 +522,7 @@ pub async fn run(
     }
     let mqtt_options = options(&source, &cfg, &client_id)?;
     let (client, eventloop) = AsyncClient::new(mqtt_options, REQUEST_CAPACITY);
+    let in_flight = InFlight::new(status.clone());
     let mut conn = Connection {
         source,
         broker: format!("{}:{}", cfg.host, cfg.port),
@@ -530,7 +536,7 @@ pub async fn run(
         tx,
         status,
         generation: Arc::new(AtomicU64::new(0)),
-        in_flight: InFlight::default(),
+        in_flight,
         runtime: tokio::runtime::Handle::current(),
         connected: false,
         outage_logged: false,
@@ -1157,14 +1163,27 @@ impl Deliveries {
 
 /// The set behind [`Connection::in_flight`]. Entries carry the connection
 /// generation, so acks of an old connection never touch the new one's.
-#[derive(Clone, Default)]
-struct InFlight(Arc<Mutex<HashSet<(u64, u16)>>>);
+/// Each live guard also counts in `MqttStatus::unacknowledged` (a count,
+/// not the set's size: a broker that reuses an id still in the set must
+/// show as more, not fewer).
+#[derive(Clone)]
+struct InFlight {
+    set: Arc<Mutex<HashSet<(u64, u16)>>>,
+    status: Arc<MqttStatus>,
+}
 
 impl InFlight {
+    fn new(status: Arc<MqttStatus>) -> Self {
+        InFlight {
+            set: Arc::default(),
+            status,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(u64, u16)>> {
         // Nothing can leave the set inconsistent; a panic elsewhere while
         // holding the lock must not stop acks.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.set.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn contains(&self, generation: u64, pkid: u16) -> bool {
@@ -1175,6 +1194,7 @@ impl InFlight {
     /// (ack fired, or dropped unfired by ingest).
     fn insert(&self, generation: u64, pkid: u16) -> InFlightGuard {
         self.lock().insert((generation, pkid));
+        self.status.unacknowledged.fetch_add(1, Ordering::Relaxed);
         InFlightGuard {
             set: self.clone(),
             key: (generation, pkid),
@@ -1190,6 +1210,10 @@ struct InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.set.lock().remove(&self.key);
+        self.set
+            .status
+            .unacknowledged
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

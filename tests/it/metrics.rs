@@ -95,6 +95,7 @@ async fn every_exported_family_is_there_and_moves_when_caused() {
         "presenced_nats_reconnects_total",
         "presenced_permission_violations_total",
         "presenced_mqtt_connected",
+        "presenced_mqtt_unacknowledged",
         "presenced_lease_held",
         "presenced_ready",
         "presenced_component_up",
@@ -122,6 +123,7 @@ async fn every_exported_family_is_there_and_moves_when_caused() {
     assert_eq!(get(&before, "presenced_ready"), 1.0);
     assert_eq!(get(&before, "presenced_nats_connected"), 1.0);
     assert_eq!(get(&before, "presenced_mqtt_connected"), 1.0);
+    assert_eq!(get(&before, "presenced_mqtt_unacknowledged"), 0.0);
     assert_eq!(get(&before, "presenced_lease_held"), 1.0);
     // A lone engine instance holds the leader lease: active, taken once.
     assert_eq!(get(&before, "presenced_engine_active"), 1.0);

@@ -602,12 +602,18 @@ async fn unacknowledged_input_is_bounded_by_the_brokers_window_not_the_buffer() 
         WINDOW,
         "unacknowledged messages held by the daemon"
     );
+    assert_eq!(
+        source.status.unacknowledged.load(Ordering::Relaxed),
+        WINDOW as u64,
+        "the source's own count of what it holds unacknowledged"
+    );
     // Acknowledged as stored, the rest follows, in order and whole.
     for i in 0..N {
         let (o, ack) = source.next_observation().await;
         assert_eq!(o.value, Reading::Number(i as f64));
         ack.fire();
     }
+    assert_eq!(source.status.unacknowledged.load(Ordering::Relaxed), 0);
     drop(device);
     source.shutdown().await;
 }
