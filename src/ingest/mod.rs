@@ -537,7 +537,10 @@ pub struct IngestConfig {
     /// full, sources wait for room: MQTT input is not acknowledged
     /// meanwhile (the broker keeps it; each wait counts in
     /// `presenced_ingest_buffer_full_total`), a serial port is not read
-    /// (the device's and the kernel's buffers hold what arrives).
+    /// (the device's and the kernel's buffers hold what arrives). An MQTT
+    /// source also stops reading at 4,096 QoS 1 messages held
+    /// unacknowledged (`sources::mqtt::UNACKED_MAX`), whatever the
+    /// broker's window.
     #[serde(default = "default_buffer")]
     pub buffer: usize,
     /// Most observations taken from the buffer as one batch: the batch is

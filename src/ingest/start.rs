@@ -44,7 +44,7 @@ impl Collector for SourceGauges {
     fn collect(&self, r: &mut Registry) {
         r.register(
             counter_name("presenced_ingest_buffer_full_total"),
-            "Times a source waited because the ingest buffer was full.",
+            "Times a source waited because the ingest buffer was full (or an MQTT source held its most unacknowledged messages).",
             self.buffer_full.clone(),
         );
         if let Some(g) = &self.mqtt {

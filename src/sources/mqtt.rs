@@ -74,6 +74,18 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// bursts when ingest catches up; a full queue falls back to an awaiting
 /// send on a spawned task, so this only sizes the fast path.
 const REQUEST_CAPACITY: usize = 4096;
+/// Most QoS 1 messages a source holds unacknowledged (in the ingest
+/// buffer or being stored) before it stops reading from the broker; it
+/// reads again once fewer than [`UNACKED_RESUME`] are held. The broker's
+/// in-flight window should keep it lower, but the one measured here did
+/// not always (Mosquitto 2.0 with `max_inflight_messages 1000` left the
+/// daemon holding 61,000 under a saturating publisher), and every message
+/// held is memory on the edge host that the broker would otherwise hold.
+/// Four ingest batches of the default `max_in_flight`: enough to keep
+/// ingest busy.
+pub const UNACKED_MAX: u64 = 4096;
+/// See [`UNACKED_MAX`].
+const UNACKED_RESUME: u64 = UNACKED_MAX / 2;
 /// First reconnect delay; doubles up to `reconnect_max`.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Least time between two "ingest is behind" warnings.
@@ -323,8 +335,9 @@ pub struct MqttStatus {
     pub received: AtomicU64,
     /// Publishes that became rejections.
     pub rejected: AtomicU64,
-    /// Times the channel to ingest was full, so reading paused: ingest is
-    /// behind and the broker holds the rest.
+    /// Times reading paused because ingest is behind and the broker holds
+    /// the rest: the channel to ingest was full, or [`UNACKED_MAX`]
+    /// messages were held unacknowledged.
     pub buffer_full: AtomicU64,
     /// Publishes acknowledged and dropped on purpose: no mapping (and not
     /// strict), or a retained message without a device timestamp.
@@ -644,6 +657,11 @@ impl Connection {
         let mut backoff = Backoff::new(BACKOFF_START, reconnect_max);
         let mut connected_at: Option<Instant> = None;
         let result = loop {
+            if self.status.unacknowledged.load(Ordering::Relaxed) >= UNACKED_MAX {
+                if let Flow::Stop = self.hold_back(shutdown).await {
+                    break Ok(());
+                }
+            }
             let event = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break Ok(()),
@@ -1042,6 +1060,37 @@ impl Connection {
         })
     }
 
+    /// Stops reading until fewer than [`UNACKED_RESUME`] messages are held
+    /// unacknowledged: the broker keeps the rest (TCP pushes back). Acks
+    /// fired meanwhile wait in the request queue and go out with the
+    /// next poll. Counted and logged as a full buffer: ingest is behind.
+    async fn hold_back(&mut self, shutdown: &mut watch::Receiver<bool>) -> Flow {
+        let due = self
+            .last_full_warn
+            .is_none_or(|t| t.elapsed() >= BUFFER_FULL_LOG_EVERY);
+        crate::emit!(
+            MQTT_BUFFER_FULL,
+            &self.status.buffer_full,
+            if due;
+            source = %self.source,
+            unacknowledged = self.status.unacknowledged.load(Ordering::Relaxed),
+            times = self.status.buffer_full.load(Ordering::Relaxed)
+        );
+        if due {
+            self.last_full_warn = Some(Instant::now());
+        }
+        while self.status.unacknowledged.load(Ordering::Relaxed) >= UNACKED_RESUME {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return Flow::Stop,
+                _ = self.in_flight.released.notified() => {}
+                // A safety net only: every release below the mark notifies.
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        Flow::Continue
+    }
+
     async fn disconnect(&mut self, eventloop: &mut EventLoop) {
         if self.client.try_disconnect().is_err() {
             return;
@@ -1170,6 +1219,9 @@ impl Deliveries {
 struct InFlight {
     set: Arc<Mutex<HashSet<(u64, u16)>>>,
     status: Arc<MqttStatus>,
+    /// Notified when a release leaves fewer than [`UNACKED_RESUME`] held
+    /// (a source holding back waits on it).
+    released: Arc<tokio::sync::Notify>,
 }
 
 impl InFlight {
@@ -1177,6 +1229,7 @@ impl InFlight {
         InFlight {
             set: Arc::default(),
             status,
+            released: Arc::default(),
         }
     }
 
@@ -1210,10 +1263,14 @@ struct InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.set.lock().remove(&self.key);
-        self.set
+        let before = self
+            .set
             .status
             .unacknowledged
             .fetch_sub(1, Ordering::Relaxed);
+        if before <= UNACKED_RESUME {
+            self.set.released.notify_one();
+        }
     }
 }
 

@@ -617,3 +617,46 @@ async fn unacknowledged_input_is_bounded_by_the_brokers_window_not_the_buffer() 
     drop(device);
     source.shutdown().await;
 }
+
+/// A broker without an in-flight window (`max_inflight_messages 0`) would
+/// hand the daemon everything it has: the source stops reading at
+/// `UNACKED_MAX` messages held unacknowledged, whatever the buffer's room,
+/// and reads on as ingest acknowledges, losing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_broker_window_the_source_holds_at_most_its_own() {
+    use presenced::sources::mqtt::UNACKED_MAX;
+    let n = UNACKED_MAX as usize * 2 + 500;
+    let broker = Mosquitto::start_with("max_inflight_messages 0");
+    let mut source = Source::start(broker.port, "presenced-test-own-window", 100_000);
+    source.wait_subscribed(1).await;
+    let device = Publisher::connect(broker.port, "device-own-window");
+    for i in 0..n {
+        device
+            .publish("z2m/lux", &format!(r#"{{"illuminance":{i}}}"#))
+            .await;
+    }
+    let start = std::time::Instant::now();
+    while (source.rx.len() as u64) < UNACKED_MAX {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{} of {UNACKED_MAX} buffered",
+            source.rx.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(source.rx.len() as u64, UNACKED_MAX, "held by the daemon");
+    assert_eq!(
+        source.status.unacknowledged.load(Ordering::Relaxed),
+        UNACKED_MAX
+    );
+    assert!(source.status.buffer_full.load(Ordering::Relaxed) >= 1);
+    for i in 0..n {
+        let (o, ack) = source.next_observation().await;
+        assert_eq!(o.value, Reading::Number(i as f64));
+        ack.fire();
+    }
+    assert_eq!(source.status.unacknowledged.load(Ordering::Relaxed), 0);
+    drop(device);
+    source.shutdown().await;
+}
