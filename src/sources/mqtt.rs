@@ -996,19 +996,7 @@ impl Connection {
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(MqttError::IngestClosed),
             Err(mpsc::error::TrySendError::Full(item)) => item,
         };
-        let due = self
-            .last_full_warn
-            .is_none_or(|t| t.elapsed() >= BUFFER_FULL_LOG_EVERY);
-        crate::emit!(
-            MQTT_BUFFER_FULL,
-            &self.status.buffer_full,
-            if due;
-            source = %self.source,
-            times = self.status.buffer_full.load(Ordering::Relaxed)
-        );
-        if due {
-            self.last_full_warn = Some(Instant::now());
-        }
+        self.note_held_back();
         tokio::select! {
             biased;
             _ = shutdown.wait_for(|s| *s) => Ok(Flow::Stop),
@@ -1060,11 +1048,9 @@ impl Connection {
         })
     }
 
-    /// Stops reading until fewer than [`UNACKED_RESUME`] messages are held
-    /// unacknowledged: the broker keeps the rest (TCP pushes back). Acks
-    /// fired meanwhile wait in the request queue and go out with the
-    /// next poll. Counted and logged as a full buffer: ingest is behind.
-    async fn hold_back(&mut self, shutdown: &mut watch::Receiver<bool>) -> Flow {
+    /// Counts a pause of reading (full buffer, or [`UNACKED_MAX`] held),
+    /// logging it at most every [`BUFFER_FULL_LOG_EVERY`].
+    fn note_held_back(&mut self) {
         let due = self
             .last_full_warn
             .is_none_or(|t| t.elapsed() >= BUFFER_FULL_LOG_EVERY);
@@ -1079,6 +1065,14 @@ impl Connection {
         if due {
             self.last_full_warn = Some(Instant::now());
         }
+    }
+
+    /// Stops reading until fewer than [`UNACKED_RESUME`] messages are held
+    /// unacknowledged: the broker keeps the rest (TCP pushes back). Acks
+    /// fired meanwhile wait in the request queue and go out with the
+    /// next poll. Counted and logged as a full buffer: ingest is behind.
+    async fn hold_back(&mut self, shutdown: &mut watch::Receiver<bool>) -> Flow {
+        self.note_held_back();
         while self.status.unacknowledged.load(Ordering::Relaxed) >= UNACKED_RESUME {
             tokio::select! {
                 biased;

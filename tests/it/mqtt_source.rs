@@ -568,6 +568,53 @@ async fn packet_ids_wrapping_around_lose_nothing() {
     source.shutdown().await;
 }
 
+/// Publishes `n` QoS 1 messages to `broker` and acknowledges none until
+/// the source has held exactly `held` of them for 2 s (more would have
+/// arrived by then if anything let them), then acknowledges each as it
+/// comes: all `n` arrive, in order, and nothing stays unacknowledged.
+/// Returns the source's status.
+async fn holds_then_delivers_all(
+    broker: &Mosquitto,
+    id: &str,
+    n: usize,
+    held: usize,
+) -> Arc<MqttStatus> {
+    let mut source = Source::start(broker.port, &format!("presenced-test-{id}"), 100_000);
+    source.wait_subscribed(1).await;
+    let device = Publisher::connect(broker.port, &format!("device-{id}"));
+    for i in 0..n {
+        device
+            .publish("z2m/lux", &format!(r#"{{"illuminance":{i}}}"#))
+            .await;
+    }
+    let start = std::time::Instant::now();
+    while source.rx.len() < held {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{} of {held} buffered",
+            source.rx.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(source.rx.len(), held, "messages held by the source");
+    assert_eq!(
+        source.status.unacknowledged.load(Ordering::Relaxed),
+        held as u64,
+        "the source's own count of what it holds unacknowledged"
+    );
+    for i in 0..n {
+        let (o, ack) = source.next_observation().await;
+        assert_eq!(o.value, Reading::Number(i as f64));
+        ack.fire();
+    }
+    assert_eq!(source.status.unacknowledged.load(Ordering::Relaxed), 0);
+    drop(device);
+    let status = source.status.clone();
+    source.shutdown().await;
+    status
+}
+
 /// What the daemon holds unacknowledged is bounded by the broker's
 /// in-flight window (`max_inflight_messages 1000` in the Mosquitto the
 /// daemon expects), not by the ingest buffer (here 100,000): while
@@ -575,47 +622,8 @@ async fn packet_ids_wrapping_around_lose_nothing() {
 /// rest, and the daemon's memory stays put.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacknowledged_input_is_bounded_by_the_brokers_window_not_the_buffer() {
-    const N: usize = 5000;
-    const WINDOW: usize = 1000;
     let broker = Mosquitto::start();
-    let mut source = Source::start(broker.port, "presenced-test-window", 100_000);
-    source.wait_subscribed(1).await;
-    let device = Publisher::connect(broker.port, "device-window");
-    for i in 0..N {
-        device
-            .publish("z2m/lux", &format!(r#"{{"illuminance":{i}}}"#))
-            .await;
-    }
-    let start = std::time::Instant::now();
-    while source.rx.len() < WINDOW {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{} of the window buffered",
-            source.rx.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Time for more to arrive, if the broker let it.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        source.rx.len(),
-        WINDOW,
-        "unacknowledged messages held by the daemon"
-    );
-    assert_eq!(
-        source.status.unacknowledged.load(Ordering::Relaxed),
-        WINDOW as u64,
-        "the source's own count of what it holds unacknowledged"
-    );
-    // Acknowledged as stored, the rest follows, in order and whole.
-    for i in 0..N {
-        let (o, ack) = source.next_observation().await;
-        assert_eq!(o.value, Reading::Number(i as f64));
-        ack.fire();
-    }
-    assert_eq!(source.status.unacknowledged.load(Ordering::Relaxed), 0);
-    drop(device);
-    source.shutdown().await;
+    holds_then_delivers_all(&broker, "window", 5000, 1000).await;
 }
 
 /// A broker without an in-flight window (`max_inflight_messages 0`) would
@@ -625,38 +633,8 @@ async fn unacknowledged_input_is_bounded_by_the_brokers_window_not_the_buffer() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_broker_window_the_source_holds_at_most_its_own() {
     use presenced::sources::mqtt::UNACKED_MAX;
-    let n = UNACKED_MAX as usize * 2 + 500;
     let broker = Mosquitto::start_with("max_inflight_messages 0");
-    let mut source = Source::start(broker.port, "presenced-test-own-window", 100_000);
-    source.wait_subscribed(1).await;
-    let device = Publisher::connect(broker.port, "device-own-window");
-    for i in 0..n {
-        device
-            .publish("z2m/lux", &format!(r#"{{"illuminance":{i}}}"#))
-            .await;
-    }
-    let start = std::time::Instant::now();
-    while (source.rx.len() as u64) < UNACKED_MAX {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{} of {UNACKED_MAX} buffered",
-            source.rx.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(source.rx.len() as u64, UNACKED_MAX, "held by the daemon");
-    assert_eq!(
-        source.status.unacknowledged.load(Ordering::Relaxed),
-        UNACKED_MAX
-    );
-    assert!(source.status.buffer_full.load(Ordering::Relaxed) >= 1);
-    for i in 0..n {
-        let (o, ack) = source.next_observation().await;
-        assert_eq!(o.value, Reading::Number(i as f64));
-        ack.fire();
-    }
-    assert_eq!(source.status.unacknowledged.load(Ordering::Relaxed), 0);
-    drop(device);
-    source.shutdown().await;
+    let max = UNACKED_MAX as usize;
+    let status = holds_then_delivers_all(&broker, "own-window", max * 2 + 500, max).await;
+    assert!(status.buffer_full.load(Ordering::Relaxed) >= 1);
 }
