@@ -109,6 +109,40 @@ fn engine_health(http: SocketAddr) -> serde_json::Value {
         .unwrap_or_default()
 }
 
+/// The last AUDIT record of `service` is its takeover (`<service>_takeover`)
+/// from the instance `from` to the instance `to` (by PID); returned for
+/// further checks.
+async fn assert_takeover_audited(
+    admin: &async_nats::jetstream::Context,
+    service: &str,
+    from: u32,
+    to: u32,
+) -> presenced::store::leader::TakeoverRecord {
+    let audit = admin
+        .get_stream("AUDIT")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(
+            &presenced::naming::Site::new("test")
+                .unwrap()
+                .audit_subject(service),
+        )
+        .await
+        .expect("a takeover record in AUDIT");
+    let record: presenced::store::leader::TakeoverRecord =
+        serde_json::from_slice(&audit.payload).unwrap();
+    assert_eq!(record.kind, format!("{service}_takeover"));
+    assert!(record.to.ends_with(&format!("/{to}")), "{record:?}");
+    assert!(
+        record
+            .from
+            .as_deref()
+            .is_some_and(|f| f.ends_with(&format!("/{from}"))),
+        "{record:?}"
+    );
+    record
+}
+
 fn wait_role(http: SocketAddr, role: &str, deadline: Duration) -> Instant {
     let start = Instant::now();
     loop {
@@ -295,29 +329,7 @@ async fn a_standby_takes_over_within_ttl_plus_one_second_after_a_sigkill_and_los
         "{metrics}"
     );
     // The takeover is on record, old and new holder.
-    let audit = s
-        .admin
-        .get_stream("AUDIT")
-        .await
-        .unwrap()
-        .get_last_raw_message_by_subject(
-            &presenced::naming::Site::new("test")
-                .unwrap()
-                .audit_subject("engine"),
-        )
-        .await
-        .expect("a takeover record in AUDIT");
-    let record: presenced::store::leader::TakeoverRecord =
-        serde_json::from_slice(&audit.payload).unwrap();
-    assert_eq!(record.kind, "engine_takeover");
-    assert!(record.to.ends_with(&format!("/{}", b.pid())), "{record:?}");
-    assert!(
-        record
-            .from
-            .as_deref()
-            .is_some_and(|f| f.ends_with(&format!("/{a_pid}"))),
-        "{record:?}"
-    );
+    let record = assert_takeover_audited(&s.admin, "engine", a_pid, b.pid()).await;
     // Both instances run on this host in one PID namespace: the standby
     // sees that the holder's process is gone and takes the lease without
     // waiting for its TTL. (Across hosts or PID namespaces it waits for
@@ -1045,29 +1057,7 @@ async fn two_ingest_instances_of_one_service_store_each_reading_once_and_the_sur
     assert!(b.log().contains("runs=ingest"), "{}", b.log_tail());
     let hb = health(s.http[1]);
     assert_eq!(hb["ingest"]["takeovers"], 1, "{hb:#}");
-    let audit = s
-        .admin
-        .get_stream("AUDIT")
-        .await
-        .unwrap()
-        .get_last_raw_message_by_subject(
-            &presenced::naming::Site::new("test")
-                .unwrap()
-                .audit_subject("ingest"),
-        )
-        .await
-        .expect("a takeover record in AUDIT");
-    let record: presenced::store::leader::TakeoverRecord =
-        serde_json::from_slice(&audit.payload).unwrap();
-    assert_eq!(record.kind, "ingest_takeover");
-    assert!(record.to.ends_with(&format!("/{}", b.pid())), "{record:?}");
-    assert!(
-        record
-            .from
-            .as_deref()
-            .is_some_and(|f| f.ends_with(&format!("/{a_pid}"))),
-        "{record:?}"
-    );
+    assert_takeover_audited(&s.admin, "ingest", a_pid, b.pid()).await;
 
     // The other way round, with AUDIT stalled: a takeover does not wait
     // for its AUDIT record. AUDIT made again with `no_ack`: it stores the
