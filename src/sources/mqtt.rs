@@ -70,9 +70,9 @@ pub const OVERSIZED_HEAD: usize = 1024;
 /// over: a broker that accepts and then drops each connection (a bad
 /// message, an ACL kick) must not be hammered at the shortest delay.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
-/// Requests (acks, subscribes) queued for the event loop. Acks arrive in
-/// bursts when ingest catches up; a full queue falls back to an awaiting
-/// send on a spawned task, so this only sizes the fast path.
+/// Requests (acks, subscribes) queued for the event loop. Acks that find
+/// it full wait in the connection's own queue ([`AckQueue`]) and are
+/// handed on as it empties.
 const REQUEST_CAPACITY: usize = 4096;
 /// Most QoS 1 messages a source holds unacknowledged (in the ingest
 /// buffer or being stored) before it stops reading from the broker; it
@@ -537,6 +537,7 @@ pub async fn run(
     let (client, eventloop) = AsyncClient::new(mqtt_options, REQUEST_CAPACITY);
     let in_flight = InFlight::new(status.clone());
     let mut conn = Connection {
+        acks: Arc::default(),
         source,
         broker: format!("{}:{}", cfg.host, cfg.port),
         mappings,
@@ -616,6 +617,51 @@ enum Flow {
     Stop,
 }
 
+/// Acks that found rumqttc's request queue full, oldest first, with the
+/// connection generation each belongs to. The serve loop hands them on
+/// before each poll of the event loop (which empties the request queue).
+///
+/// Why not an awaiting send on a spawned task, as before: rumqttc's queue
+/// (flume) walks the list of every waiting sender each time one finishes,
+/// and under a saturating publisher thousands waited at once; the walk
+/// took three quarters of the daemon's CPU and cut the end-to-end rate to
+/// a quarter (docs/PERFORMANCE.md). Here a waiting ack costs a slot in a
+/// `VecDeque`. Their number stays within what the broker lets the source
+/// hold unacknowledged (its window, or [`UNACKED_MAX`]).
+#[derive(Default)]
+struct AckQueue(std::sync::Mutex<std::collections::VecDeque<(u64, Publish)>>);
+
+impl AckQueue {
+    /// Sends `ack` now if the request queue has room and no older ack
+    /// waits (PUBACKs go out in the order they were fired), else queues it.
+    fn push(&self, client: &AsyncClient, generation: u64, ack: Publish) {
+        let mut waiting = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if waiting.is_empty() && client.try_ack(&ack).is_ok() {
+            return;
+        }
+        waiting.push_back((generation, ack));
+    }
+
+    /// Hands on as many waiting acks of connection `generation` as the
+    /// request queue takes; acks of an earlier connection are dropped
+    /// (the broker redelivers those messages, and their packet ids may
+    /// now name others).
+    fn hand_on(&self, client: &AsyncClient, generation: u64) {
+        let mut waiting = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((issued, ack)) = waiting.front() {
+            if *issued != generation {
+                debug!(
+                    pkid = ack.pkid,
+                    "MQTT connection changed since delivery; not acking, the broker redelivers"
+                );
+            } else if client.try_ack(ack).is_err() {
+                return;
+            }
+            waiting.pop_front();
+        }
+    }
+}
+
 struct Connection {
     source: String,
     broker: String,
@@ -638,7 +684,9 @@ struct Connection {
     generation: Arc<AtomicU64>,
     /// Packet ids handed to ingest and not yet acked, by generation.
     in_flight: InFlight,
-    /// Where acks that find the request queue full finish sending.
+    /// Acks that found rumqttc's request queue full.
+    acks: Arc<AckQueue>,
+    /// Where a subscribe that finds the request queue full is sent.
     runtime: tokio::runtime::Handle,
     connected: bool,
     /// Whether the current outage has been logged (once per outage).
@@ -662,6 +710,8 @@ impl Connection {
                     break Ok(());
                 }
             }
+            self.acks
+                .hand_on(&self.client, self.generation.load(Ordering::Acquire));
             let event = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break Ok(()),
@@ -1020,7 +1070,7 @@ impl Connection {
         let client = self.client.clone();
         let generation = Arc::clone(&self.generation);
         let issued = generation.load(Ordering::Acquire);
-        let runtime = self.runtime.clone();
+        let acks = Arc::clone(&self.acks);
         let guard = self.in_flight.insert(issued, p.pkid);
         Ack::new(move || {
             if generation.load(Ordering::Acquire) != issued {
@@ -1038,13 +1088,7 @@ impl Connection {
             // thousands of entries stayed, and new messages reusing their
             // ids were taken for copies.
             drop(guard);
-            if client.try_ack(&bare).is_err() {
-                runtime.spawn(async move {
-                    if let Err(error) = client.ack(&bare).await {
-                        debug!(pkid = bare.pkid, %error, "MQTT ack not sent; the event loop is gone");
-                    }
-                });
-            }
+            acks.push(&client, issued, bare);
         })
     }
 
@@ -1086,6 +1130,13 @@ impl Connection {
     }
 
     async fn disconnect(&mut self, eventloop: &mut EventLoop) {
+        // The generation was bumped as the connection ended: the acks still
+        // waiting are this connection's, sent before the DISCONNECT if they
+        // fit (any others the broker redelivers, and ingest stores once).
+        self.acks.hand_on(
+            &self.client,
+            self.generation.load(Ordering::Acquire).wrapping_sub(1),
+        );
         if self.client.try_disconnect().is_err() {
             return;
         }
