@@ -1332,6 +1332,37 @@ mod tests {
     use crate::observation::Reading;
     use crate::sources::config::{TopicMapping, Zigbee2Mqtt, Zigbee2MqttDevice};
 
+    /// Acks beyond the request queue's room wait in order, go out as the
+    /// event loop takes requests, and are dropped once their connection
+    /// is gone.
+    #[tokio::test]
+    async fn acks_that_find_the_request_queue_full_wait_their_turn() {
+        let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1883), 2);
+        let queue = AckQueue::default();
+        let ack = |pkid: u16| {
+            let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
+            p.pkid = pkid;
+            p
+        };
+        let waiting = |q: &AckQueue| -> Vec<u16> {
+            q.0.lock().unwrap().iter().map(|(_, p)| p.pkid).collect()
+        };
+        for pkid in 1..=5 {
+            queue.push(&client, 1, ack(pkid));
+        }
+        assert_eq!(waiting(&queue), [3, 4, 5], "two fit the request queue");
+        // The event loop takes every queued request (and, with no
+        // connection, drops the acks: the broker would redeliver).
+        eventloop.clean();
+        queue.push(&client, 1, ack(6));
+        assert_eq!(waiting(&queue), [3, 4, 5, 6], "behind the older acks");
+        queue.hand_on(&client, 1);
+        assert_eq!(waiting(&queue), [5, 6]);
+        eventloop.clean();
+        queue.hand_on(&client, 2);
+        assert!(waiting(&queue).is_empty(), "an ended connection's acks");
+    }
+
     fn source(topics: Vec<TopicMapping>, devices: Vec<Zigbee2MqttDevice>) -> MqttSource {
         let toml = "";
         let mut s: MqttSource = toml::from_str(toml).unwrap();
