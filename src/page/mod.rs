@@ -15,7 +15,7 @@ pub mod render;
 pub mod timeline;
 
 use crate::engine::command::{self, Request, COMMAND_SCHEMA};
-use crate::engine::{Model, ZoneState};
+use crate::engine::{Model, Presence, ZoneState};
 use crate::metrics::Metrics;
 use crate::naming::{self, Site};
 use crate::time::Timestamp;
@@ -27,11 +27,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures::StreamExt;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 
 const CSS: &str = include_str!("assets/page.css");
@@ -55,15 +55,90 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// quarter of the daemon's rate (docs/PERFORMANCE.md).
 const CARD_INTERVAL: Duration = Duration::from_millis(500);
 
+/// Cards per second, all zones together, for changes that leave a zone's
+/// state as it was (confidence and evidence moving); a burst of as many
+/// goes out at once. A zone whose state changed (vacant, arriving,
+/// occupied, leaving) is held only by [`CARD_INTERVAL`]. Why: with the
+/// interval alone, 1,000 busy zones still sent 2,000 cards a second to
+/// every page, more than anyone reads and most of what the pages cost the
+/// daemon; with the budget the waiting zones take turns, oldest first.
+const CARD_BUDGET: f64 = 200.0;
+
 /// How often waiting cards are looked at.
 const CARD_TICK: Duration = Duration::from_millis(100);
 
-/// When each zone's card last went out, and the zones with a newer state
-/// waiting for [`CARD_INTERVAL`] to pass.
-#[derive(Default)]
+/// Which cards went out when, which wait, and what is left of the budget.
 struct Cards {
-    last: std::collections::HashMap<String, std::time::Instant>,
-    waiting: std::collections::BTreeSet<String>,
+    /// When each zone's card last went out, and the state it showed.
+    last: HashMap<String, (Instant, Presence)>,
+    /// Zones with a newer value than their card, oldest first; `queued`
+    /// holds the same keys.
+    waiting: VecDeque<String>,
+    queued: HashSet<String>,
+    /// Cards [`CARD_BUDGET`] still allows now, refilled continuously.
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Default for Cards {
+    fn default() -> Self {
+        Cards {
+            last: HashMap::new(),
+            waiting: VecDeque::new(),
+            queued: HashSet::new(),
+            tokens: CARD_BUDGET,
+            refilled: Instant::now(),
+        }
+    }
+}
+
+impl Cards {
+    fn refill(&mut self, now: Instant) {
+        let secs = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + secs * CARD_BUDGET).min(CARD_BUDGET);
+        self.refilled = now;
+    }
+
+    /// Whether a card of `key`, now in `state`, may go out at `now`; if
+    /// it may, it is counted as sent.
+    fn take(&mut self, key: &str, state: Presence, now: Instant) -> bool {
+        let due = match self.last.get(key) {
+            None => true,
+            Some((at, shown)) if now.duration_since(*at) >= CARD_INTERVAL => {
+                if *shown != state {
+                    true
+                } else {
+                    self.refill(now);
+                    self.tokens >= 1.0
+                }
+            }
+            Some(_) => false,
+        };
+        if due {
+            if self.last.get(key).is_some_and(|(_, shown)| *shown == state) {
+                self.tokens -= 1.0;
+            }
+            match self.last.get_mut(key) {
+                Some(l) => *l = (now, state),
+                None => {
+                    self.last.insert(key.to_owned(), (now, state));
+                }
+            }
+        }
+        due
+    }
+
+    fn wait(&mut self, key: &str) {
+        if !self.queued.contains(key) {
+            self.queued.insert(key.to_owned());
+            self.waiting.push_back(key.to_owned());
+        }
+    }
+
+    fn clear(&mut self) {
+        self.waiting.clear();
+        self.queued.clear();
+    }
 }
 
 /// One change pushed to every open page.
@@ -86,7 +161,20 @@ enum Update {
 /// What is known of one key of KV `presence`.
 struct Entry {
     revision: u64,
-    state: ZoneState,
+    /// The zone's state, read at once (the timeline and the card budget
+    /// need it).
+    state: Presence,
+    /// The value as stored, parsed in full only when a card is rendered:
+    /// at most a few times a second per zone, where the zone may be
+    /// written thousands of times.
+    value: Bytes,
+}
+
+/// The part of a `presence` value read on every write.
+#[derive(serde::Deserialize)]
+struct Head {
+    state: Presence,
+    since: Timestamp,
 }
 
 /// The NATS side, once the daemon has connected.
@@ -238,14 +326,20 @@ impl Page {
             .get(key)
             .map(|h| timeline::svg(h, now))
             .unwrap_or_default();
-        render::zone_card(
-            key,
-            &e.state,
-            e.revision,
-            self.model.zones.get(key),
-            now,
-            &bar,
-        )
+        match serde_json::from_slice::<ZoneState>(&e.value) {
+            Ok(state) => render::zone_card(
+                key,
+                &state,
+                e.revision,
+                self.model.zones.get(key),
+                now,
+                &bar,
+            ),
+            Err(error) => {
+                tracing::warn!(%key, revision = e.revision, %error, "status page: unreadable value in KV presence");
+                render::unreadable_card(key, e.revision, &error.to_string())
+            }
+        }
     }
 
     fn render_health(&self, now: Timestamp) -> String {
@@ -492,32 +586,39 @@ impl Page {
 
     fn apply(&self, entry: crate::client::follow::Entry, resetting: bool) {
         use crate::client::follow::Op;
-        let key = entry.key.clone();
+        let key = entry.key;
         let revision = entry.revision;
         let update = {
             let mut zones = self.zones.write().unwrap_or_else(|p| p.into_inner());
-            let held = zones.get(&key).map_or(0, |e| e.revision);
-            if revision <= held && !resetting {
+            let held = zones.get(&key);
+            if revision <= held.map_or(0, |e| e.revision) && !resetting {
                 None
             } else {
                 match entry.op {
-                    Op::Put => match serde_json::from_slice::<ZoneState>(&entry.value) {
-                        Ok(state) => {
-                            timeline::record(
-                                self.timelines
-                                    .write()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .entry(key.clone())
-                                    .or_default(),
-                                state.since,
-                                state.state,
-                                Timestamp::now(),
-                            );
-                            let e = Entry { revision, state };
+                    Op::Put => match serde_json::from_slice::<Head>(&entry.value) {
+                        Ok(head) => {
+                            if held.map(|e| e.state) != Some(head.state) {
+                                timeline::record(
+                                    self.timelines
+                                        .write()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .entry(key.clone())
+                                        .or_default(),
+                                    head.since,
+                                    head.state,
+                                    Timestamp::now(),
+                                );
+                            }
+                            let e = Entry {
+                                revision,
+                                state: head.state,
+                                value: entry.value,
+                            };
                             // Rendered only for open pages: with none, a
-                            // burst costs the JSON parse alone.
-                            let update = (self.tx.receiver_count() > 0 && self.card_due(&key))
-                                .then(|| self.zone_update(&key, &e, Timestamp::now()));
+                            // burst costs reading the state alone.
+                            let update = (self.tx.receiver_count() > 0
+                                && self.card_due(&key, head.state))
+                            .then(|| self.zone_update(&key, &e, Timestamp::now()));
                             zones.insert(key, e);
                             update
                         }
@@ -553,58 +654,57 @@ impl Page {
         }
     }
 
-    /// Whether `key`'s card may go out now; if not, it is marked waiting
-    /// and [`Page::flush_cards`] sends its newest state later.
-    fn card_due(&self, key: &str) -> bool {
-        let now = std::time::Instant::now();
+    /// Whether `key`'s card, now showing `state`, may go out now; if not,
+    /// it waits and [`Page::flush_cards`] sends its newest value later.
+    fn card_due(&self, key: &str, state: Presence) -> bool {
         let mut cards = self.cards.lock().unwrap_or_else(|p| p.into_inner());
-        match cards.last.get(key) {
-            Some(t) if now.duration_since(*t) < CARD_INTERVAL => {
-                cards.waiting.insert(key.to_owned());
-                false
-            }
-            _ => {
-                cards.last.insert(key.to_owned(), now);
-                cards.waiting.remove(key);
-                true
-            }
+        let due = cards.take(key, state, Instant::now());
+        if due {
+            // Sent now: a turn it still has in the queue is skipped.
+            cards.queued.remove(key);
+        } else {
+            cards.wait(key);
         }
+        due
     }
 
-    /// Sends the waiting cards whose interval has passed, each with the
-    /// zone's newest state.
+    /// Sends the waiting cards that may go out now ([`Cards::take`]),
+    /// each with the zone's newest value; the others keep their turn.
     fn flush_cards(&self) {
-        let now = std::time::Instant::now();
-        let due: Vec<String> = {
-            let mut cards = self.cards.lock().unwrap_or_else(|p| p.into_inner());
-            if self.tx.receiver_count() == 0 {
-                cards.waiting.clear();
-                return;
-            }
-            let Cards { last, waiting } = &mut *cards;
-            let due: Vec<String> = waiting
-                .iter()
-                .filter(|k| {
-                    last.get(*k)
-                        .is_none_or(|t| now.duration_since(*t) >= CARD_INTERVAL)
-                })
-                .cloned()
-                .collect();
-            for k in &due {
-                waiting.remove(k);
-                last.insert(k.clone(), now);
-            }
-            due
-        };
-        if due.is_empty() {
-            return;
-        }
+        let now = Instant::now();
         let at = Timestamp::now();
         let updates: Vec<Update> = {
+            // Zones before cards, the order `apply` takes them in.
             let zones = self.zones.read().unwrap_or_else(|p| p.into_inner());
-            due.iter()
-                .filter_map(|k| zones.get(k).map(|e| self.zone_update(k, e, at)))
-                .collect()
+            let mut cards = self.cards.lock().unwrap_or_else(|p| p.into_inner());
+            if self.tx.receiver_count() == 0 {
+                cards.clear();
+                return;
+            }
+            if cards.waiting.is_empty() {
+                return;
+            }
+            let mut updates = Vec::new();
+            let waiting = std::mem::take(&mut cards.waiting);
+            // A key sent out of turn and waiting again has two places in
+            // the queue: the first one counts.
+            let mut seen = HashSet::with_capacity(waiting.len());
+            for key in waiting {
+                if !cards.queued.contains(&key) || !seen.insert(key.clone()) {
+                    continue;
+                }
+                let Some(e) = zones.get(&key) else {
+                    cards.queued.remove(&key);
+                    continue;
+                };
+                if cards.take(&key, e.state, now) {
+                    cards.queued.remove(&key);
+                    updates.push(self.zone_update(&key, e, at));
+                } else {
+                    cards.waiting.push_back(key);
+                }
+            }
+            updates
         };
         for u in updates {
             let _ = self.tx.send(u);
@@ -1066,5 +1166,101 @@ mod tests {
             .unwrap_or_else(|p| p.into_inner())
             .waiting
             .is_empty());
+    }
+
+    /// Changes that leave a zone's state as it was share a page-wide
+    /// budget of cards, oldest waiting first; a state change is held only
+    /// by the zone's own interval.
+    #[tokio::test]
+    async fn many_busy_zones_share_the_card_budget_and_state_changes_skip_it() {
+        let (_stop_tx, stop) = watch::channel(false);
+        let page = Page::new(
+            Site::new("home").unwrap(),
+            "presenced".into(),
+            Arc::new(Metrics::default()),
+            Arc::new(Model::default()),
+            false,
+            stop,
+        );
+        let mut rx = page.tx.subscribe();
+        let put = |zone: &str, revision: u64, state: Presence| {
+            let model = crate::engine::ZoneModel {
+                zone: zone.into(),
+                prior: 0.1,
+                occupied_above: 0.7,
+                vacant_below: 0.3,
+                arrive_after: Duration::ZERO,
+                leave_after: Duration::ZERO,
+                rules: Vec::new(),
+            };
+            let mut z = crate::engine::initial_state(&model, Timestamp(1_000));
+            z.state = state;
+            z.confidence = revision as f64 / 1e6;
+            crate::client::follow::Entry {
+                key: zone.into(),
+                revision,
+                op: crate::client::follow::Op::Put,
+                value: serde_json::to_vec(&z).unwrap().into(),
+            }
+        };
+        let drain = |rx: &mut broadcast::Receiver<Update>| {
+            let mut keys = Vec::new();
+            while let Ok(Update::Zone { data }) = rx.try_recv() {
+                let v: serde_json::Value = serde_json::from_str(&data).unwrap();
+                keys.push(v["key"].as_str().unwrap().to_owned());
+            }
+            keys
+        };
+        let zones = 3 * CARD_BUDGET as u64;
+        let zone = |i: u64| format!("z{i:04}");
+        let mut rev = 0;
+        for i in 0..zones {
+            rev += 1;
+            page.apply(put(&zone(i), rev, Presence::Vacant), false);
+        }
+        assert_eq!(
+            drain(&mut rx).len() as u64,
+            zones,
+            "each zone's first card at once"
+        );
+        tokio::time::sleep(CARD_INTERVAL).await;
+        for i in 0..zones {
+            rev += 1;
+            page.apply(put(&zone(i), rev, Presence::Vacant), false);
+        }
+        let burst = drain(&mut rx);
+        assert!(
+            (CARD_BUDGET as usize..CARD_BUDGET as usize + 10).contains(&burst.len()),
+            "one budget's worth at once, not {}",
+            burst.len()
+        );
+        let first_waiting = (0..zones).map(zone).find(|z| !burst.contains(z)).unwrap();
+        // A waiting zone whose state changes goes out at once, budget or not.
+        let last = (0..zones)
+            .rev()
+            .map(zone)
+            .find(|z| !burst.contains(z))
+            .unwrap();
+        rev += 1;
+        page.apply(put(&last, rev, Presence::Occupied), false);
+        assert_eq!(
+            drain(&mut rx),
+            [last],
+            "a state change is not held by the budget"
+        );
+        // The rest take turns, oldest first, as the budget refills.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        page.flush_cards();
+        let sent = drain(&mut rx);
+        assert!(
+            (40..=70).contains(&sent.len()),
+            "a quarter second of budget, not {}",
+            sent.len()
+        );
+        assert_eq!(sent[0], first_waiting, "the oldest waiting first");
+        assert!(
+            sent.windows(2).all(|w| w[0] < w[1]),
+            "in the order they waited"
+        );
     }
 }

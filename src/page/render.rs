@@ -54,6 +54,17 @@ fn reading(r: &Option<Reading>) -> String {
     }
 }
 
+/// The card of a key whose stored value does not read as a zone state:
+/// the zone stays listed, with the reason, rather than vanishing.
+pub fn unreadable_card(key: &str, revision: u64, error: &str) -> String {
+    format!(
+        "<li class=\"zone\" id=\"{id}\" data-rev=\"{revision}\"><h3>{name}</h3><p class=\"note\">stored value unreadable (revision {revision}): {error}</p></li>",
+        id = card_id(key),
+        name = esc(key),
+        error = esc(error),
+    )
+}
+
 /// One zone (or person) as a card: state, time in it, confidence
 /// against the thresholds, every rule's pull, the debounce countdown and
 /// the override.
