@@ -169,6 +169,13 @@ impl Follower {
         }
     }
 
+    /// Starts after revision `seen` instead of with a snapshot, for a
+    /// reader that holds everything up to it from elsewhere.
+    pub fn after(mut self, seen: u64) -> Follower {
+        self.last_seen = Some(seen);
+        self
+    }
+
     /// Creates the first consumer: a failure here (bucket missing,
     /// permission denied, server away) is the caller's to report, not
     /// retried.

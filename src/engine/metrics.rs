@@ -36,6 +36,9 @@ pub struct EngineMetrics {
     /// How far ahead a zone clock may legitimately be: readings may carry
     /// device times up to `ingest.max_clock_skew` ahead.
     pub clock_ahead_ok_ms: AtomicU64,
+    /// Zone states as committed, for the status page in this process
+    /// (here because the page finds the engine through its metrics).
+    pub feed: std::sync::Arc<super::feed::Feed>,
 }
 
 /// A compare-and-set write found the key changed behind the engine (no
@@ -106,7 +109,14 @@ impl Collector for EngineMetrics {
         ] {
             r.register(counter_name(name), help, c.clone());
         }
+        let feed_readers = Level::default();
+        crate::metrics::Metrics::set(&feed_readers, self.feed.readers() as u64);
         for (name, help, g) in [
+            (
+                "presenced_engine_feed_readers",
+                "Readers in this process taking the engine's commits in memory (an open status page's follower) instead of through KV presence.",
+                &feed_readers,
+            ),
             (
                 "presenced_consumer_pending",
                 "Observations in SENSORS not yet applied by the engine.",
@@ -151,6 +161,7 @@ mod tests {
             "presenced_consumer_pending",
             "presenced_zones",
             "presenced_zones_occupied",
+            "presenced_engine_feed_readers",
         ] {
             let n = text
                 .lines()

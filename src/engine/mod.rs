@@ -9,6 +9,7 @@
 pub mod command;
 pub mod config;
 pub mod core;
+pub mod feed;
 mod fencing;
 pub mod metrics;
 pub mod model;

@@ -35,6 +35,7 @@ const CLOCK_STEP_MS: i64 = 2_000;
 
 /// Command replies remembered for retries, at most.
 const MAX_ANSWERED: usize = 10_000;
+use super::feed::{Committed, Publisher};
 use super::fencing::Fencing;
 use super::writer::{Commit, InFlight};
 use crate::naming::{self, Site};
@@ -140,6 +141,9 @@ pub struct Runner {
     /// ([`super::writer`]): completed with the next batch or as soon as
     /// none is waiting, and before any other write.
     in_flight: Option<InFlight>,
+    /// Each commit's `presence` writes once durable, for the status page
+    /// in this process ([`super::feed`]).
+    feed: Publisher,
 }
 
 fn missing(what: &str, source: impl Into<async_nats::Error>) -> RunnerError {
@@ -256,7 +260,9 @@ impl Runner {
             elapsed_us = started.elapsed().as_micros() as u64,
             "state rehydrated"
         );
+        let feed = metrics.feed.open();
         let mut runner = Runner {
+            feed,
             js,
             site,
             model,
@@ -578,11 +584,30 @@ impl Runner {
             return None;
         }
         crate::metrics::unstalled(&self.metrics.stalled);
+        if self.feed.wanted() {
+            self.feed_written(commit.presence.iter().map(|(z, v)| (z, v)));
+        }
         for z in &commit.dirty {
             self.reschedule(z);
         }
         self.ack_batch(commit.ack).await;
         next
+    }
+
+    /// Hands `written` (zone, value) to the feed with the revisions the
+    /// leaf gave them, as the zones' slots now record.
+    fn feed_written<'a>(&self, written: impl Iterator<Item = (&'a String, &'a Bytes)>) {
+        let mut batch: Vec<Committed> = written
+            .filter_map(|(zone, value)| {
+                self.slots.get(zone).map(|s| Committed {
+                    key: zone.clone(),
+                    revision: s.presence_rev,
+                    value: Some(value.clone()),
+                })
+            })
+            .collect();
+        batch.sort_unstable_by_key(|c| c.revision);
+        self.feed.send(batch);
     }
 
     /// The sequential commit of what a failed pipelined one left: the
@@ -962,6 +987,13 @@ impl Runner {
             }
         }
         Metrics::inc(&self.metrics.write_rounds);
+        let fed: Option<HashMap<String, Bytes>> = self.feed.wanted().then(|| {
+            presence_writes
+                .iter()
+                .filter_map(|w| w.value.clone().map(|v| (w.key.clone(), v)))
+                .collect()
+        });
+        let mut written = Vec::new();
         let (presence_results, debounce_results) = futures::join!(
             kvstore::write_batch(&self.js, naming::PRESENCE_BUCKET, presence_writes),
             kvstore::write_batch(&self.js, naming::DEBOUNCE_BUCKET, debounce_writes)
@@ -983,6 +1015,9 @@ impl Runner {
                     if let Some(slot) = self.slots.get_mut(&r.key) {
                         if bucket == naming::PRESENCE_BUCKET {
                             slot.presence_rev = rev;
+                            if fed.is_some() {
+                                written.push(r.key.clone());
+                            }
                         } else {
                             slot.debounce_rev = rev;
                             slot.debounce = slot.state.pending;
@@ -995,6 +1030,9 @@ impl Runner {
                     retry.insert(r.key);
                 }
             }
+        }
+        if let Some(values) = &fed {
+            self.feed_written(written.iter().filter_map(|z| values.get(z).map(|v| (z, v))));
         }
         if !conflicts.is_empty() && self.fencing.leased() {
             // With a leader lease the engine is the one writer: a
@@ -1043,6 +1081,13 @@ impl Runner {
         let revision = entry.as_ref().map_or(0, |e| e.revision);
         if bucket == naming::PRESENCE_BUCKET {
             slot.presence_rev = revision;
+            if let (true, Some(e)) = (self.feed.wanted(), entry.as_ref()) {
+                self.feed.send(vec![Committed {
+                    key: zone.to_owned(),
+                    revision,
+                    value: (e.operation == kv::Operation::Put).then(|| e.value.clone()),
+                }]);
+            }
             let stored = entry
                 .filter(|e| e.operation == kv::Operation::Put)
                 .and_then(|e| serde_json::from_slice::<ZoneState>(&e.value).ok());
@@ -1295,6 +1340,9 @@ impl Runner {
             .purge(&zone)
             .await
             .map_err(|e| unavailable("cannot remove the key from KV presence", &e))?;
+        // The purge's revision is not known here: the page goes back to
+        // KV, which has it.
+        self.feed.restart();
         if let Err(e) = self.debounce.purge(&zone).await {
             tracing::warn!(zone = %zone, error = %e, "cannot remove the key from KV debounce");
         }

@@ -547,19 +547,75 @@ impl Page {
                 }
             }
         }
-        let mut f = Follower::new(client, js, bucket, ">", false);
+        // Where this instance runs the engine, its commits come in memory
+        // ([`crate::engine::feed`]) and KV is followed only until the feed
+        // is known to carry on from where KV is (or again after the feed
+        // lagged or closed).
+        let mut feed = self
+            .metrics
+            .handle::<crate::engine::metrics::EngineMetrics>()
+            .map(|m| m.feed.watch());
+        let follower = |after: Option<u64>| {
+            let f = Follower::new(client.clone(), js.clone(), bucket.clone(), ">", false);
+            match after {
+                Some(seen) => f.after(seen),
+                None => f,
+            }
+        };
+        let mut kv = Some(follower(None));
+        let mut rx: Option<broadcast::Receiver<crate::engine::feed::Batch>> = None;
+        // The first revision the feed delivered since it was (re)joined,
+        // and the newest it delivered.
+        let mut feed_from: Option<u64> = None;
+        let mut feed_seen: u64 = 0;
         // A snapshot after a reset replaces everything: keys not in it are
         // gone, and revisions may start over (a recreated bucket).
         let mut fresh: Option<std::collections::BTreeSet<String>> = None;
+        enum Step {
+            Kv(Followed),
+            Feed(Result<crate::engine::feed::Batch, broadcast::error::RecvError>),
+            FeedOpened,
+        }
         loop {
-            match f.next().await {
-                Followed::Entry(e) => {
+            if rx.is_none() {
+                if let Some(open) = feed.as_mut().and_then(|w| w.borrow_and_update().clone()) {
+                    rx = Some(open.subscribe());
+                    feed_from = None;
+                }
+            }
+            let step = tokio::select! {
+                e = async {
+                    match kv.as_mut() {
+                        Some(f) => f.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => Step::Kv(e),
+                r = async {
+                    match rx.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => Step::Feed(r),
+                opened = async {
+                    match feed.as_mut() {
+                        Some(w) => w.changed().await,
+                        None => std::future::pending().await,
+                    }
+                }, if rx.is_none() => {
+                    if opened.is_err() {
+                        feed = None;
+                    }
+                    Step::FeedOpened
+                }
+            };
+            match step {
+                Step::Kv(Followed::Entry(e)) => {
                     if let Some(seen) = fresh.as_mut() {
                         seen.insert(e.key.clone());
                     }
                     self.apply(e, fresh.is_some());
                 }
-                Followed::Reset => {
+                Step::Kv(Followed::Reset) => {
                     fresh = Some(Default::default());
                     self.zones
                         .write()
@@ -568,7 +624,7 @@ impl Page {
                         .for_each(|e| e.revision = 0);
                     let _ = self.tx.send(Update::Reset);
                 }
-                Followed::SnapshotDone => {
+                Step::Kv(Followed::SnapshotDone) => {
                     if let Some(seen) = fresh.take() {
                         self.zones
                             .write()
@@ -580,6 +636,51 @@ impl Page {
                         let _ = self.tx.send(Update::Link);
                     }
                 }
+                Step::Feed(Ok(batch)) => {
+                    use crate::client::follow::{Entry, Op};
+                    if let Some(first) = batch.first() {
+                        feed_from.get_or_insert(first.revision);
+                    }
+                    for c in batch.iter() {
+                        feed_seen = feed_seen.max(c.revision);
+                        let (op, value) = match &c.value {
+                            Some(v) => (Op::Put, v.clone()),
+                            None => (Op::Delete, Bytes::new()),
+                        };
+                        self.apply(
+                            Entry {
+                                key: c.key.clone(),
+                                revision: c.revision,
+                                op,
+                                value,
+                            },
+                            false,
+                        );
+                    }
+                }
+                Step::Feed(Err(lost)) => {
+                    // Lagged: what was missed is in KV, after the newest
+                    // revision the feed delivered. Closed: the engine
+                    // stopped writing here, or wrote around the feed.
+                    if matches!(lost, broadcast::error::RecvError::Closed) {
+                        rx = None;
+                    }
+                    feed_from = None;
+                    if kv.is_none() {
+                        kv = Some(follower(Some(feed_seen)));
+                    }
+                }
+                Step::FeedOpened => {}
+            }
+            // KV has delivered everything before the feed's first batch:
+            // from here the feed alone is complete.
+            let caught_up = kv.as_ref().is_some_and(|f| {
+                fresh.is_none()
+                    && self.watching.load(Ordering::Relaxed)
+                    && feed_from.is_some_and(|from| f.last_seen().is_some_and(|s| s + 1 >= from))
+            });
+            if caught_up {
+                kv = None;
             }
         }
     }

@@ -91,6 +91,7 @@ async fn every_exported_family_is_there_and_moves_when_caused() {
         "presenced_consumer_pending",
         "presenced_zones",
         "presenced_zones_occupied",
+        "presenced_engine_feed_readers",
         "presenced_nats_connected",
         "presenced_nats_reconnects_total",
         "presenced_permission_violations_total",
@@ -202,6 +203,16 @@ async fn every_exported_family_is_there_and_moves_when_caused() {
     let events = events(&js).await.len() as f64;
     assert!(events >= 1.0);
     assert_eq!(get(&after, "presenced_transitions_total"), events);
+    // The status page, once asked for, takes the engine's commits in
+    // memory.
+    assert_eq!(get(&after, "presenced_engine_feed_readers"), 0.0);
+    let _ = support::http_get(http, "/");
+    eventually(
+        "the page reads the engine's feed",
+        Duration::from_secs(10),
+        || async { get(&scrape(http), "presenced_engine_feed_readers") == 1.0 },
+    )
+    .await;
 
     // The leaf restarts: disconnected, then one reconnect.
     nats.stop();

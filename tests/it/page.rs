@@ -411,6 +411,65 @@ async fn an_override_from_the_form_applies_and_shows_who_and_until() {
     );
 }
 
+/// Beside the engine, the page takes the engine's commits in memory once
+/// it has caught up from KV (engine::feed): its KV consumer is no longer
+/// bound, the engine counts one feed reader, and readings still show.
+/// Fails if the page keeps following KV `presence` through nats-server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beside_the_engine_the_page_takes_commits_in_memory_not_through_kv() {
+    use futures::StreamExt;
+    let w = world(Layout::Single).await;
+    w.pir("page-feed-0", false).await;
+    eventually("lab in KV", Duration::from_secs(15), || async {
+        zone(&w.js, "lab").await.is_some()
+    })
+    .await;
+    let b = Browser::start();
+    w.open(&b);
+    // A commit after the page joined the feed ends its catching up.
+    w.pir("page-feed-1", true).await;
+    b.wait_for(
+        "lab shown occupied",
+        Duration::from_secs(5),
+        &format!("return {LAB} === 'occupied'"),
+    );
+    let bound = || async {
+        let stream = w.js.get_stream("KV_presence").await.unwrap();
+        let mut consumers = stream.consumers();
+        let mut bound = 0;
+        while let Some(info) = consumers.next().await {
+            bound += usize::from(info.unwrap().push_bound);
+        }
+        bound
+    };
+    eventually(
+        "no consumer of KV presence bound",
+        Duration::from_secs(10),
+        || async { bound().await == 0 },
+    )
+    .await;
+    let (_, metrics) = http_get(w.page, "/metrics").unwrap();
+    assert!(
+        metrics.contains("\npresenced_engine_feed_readers 1\n"),
+        "{metrics}"
+    );
+    w.pir("page-feed-2", false).await;
+    b.wait_for(
+        "lab shown vacant again, from the feed",
+        Duration::from_secs(5),
+        &format!("return {LAB} === 'vacant'"),
+    );
+    assert_eq!(bound().await, 0, "still not following KV");
+    assert_eq!(
+        b.eval(
+            "return document.querySelectorAll('[id=z-lab]').length",
+            json!([])
+        ),
+        json!(1)
+    );
+    shot(&b, "site-from-the-feed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_source_shows_as_down() {
     let mut w = world(Layout::Single).await;
