@@ -665,6 +665,7 @@ impl Page {
                     if matches!(lost, broadcast::error::RecvError::Closed) {
                         rx = None;
                     }
+                    tracing::debug!(error = %lost, after = feed_seen, "status page: following KV presence again");
                     feed_from = None;
                     if kv.is_none() {
                         kv = Some(follower(Some(feed_seen)));
@@ -680,6 +681,11 @@ impl Page {
                     && feed_from.is_some_and(|from| f.last_seen().is_some_and(|s| s + 1 >= from))
             });
             if caught_up {
+                tracing::debug!(
+                    kv_seen = ?kv.as_ref().and_then(|f| f.last_seen()),
+                    feed_from = ?feed_from,
+                    "status page: KV has caught up with the engine's feed; reading the feed alone"
+                );
                 kv = None;
             }
         }
