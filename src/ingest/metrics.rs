@@ -31,6 +31,11 @@ pub struct IngestMetrics {
     /// The last input ingest rejected (kept in REJECTED): `/healthz` and
     /// the status page name its reason.
     pub last_reject: std::sync::RwLock<Option<LastReject>>,
+    /// The last accepted reading of each sensor, as sent on
+    /// `live.<site>.<sensor>`: the status page in this process shows them
+    /// from here (following the subject through nats-server had the server
+    /// deliver, and the daemon parse, every reading it had just sent).
+    pub live: std::sync::RwLock<std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
 /// Input rejected and kept in stream REJECTED. Every one is counted; the

@@ -293,7 +293,7 @@ pub async fn run(
                 (Item::Observation(obs, ack), None) => {
                     Metrics::inc(&metrics.observations_stored);
                     ack.fire();
-                    publish_live(&core, &site, &obs).await;
+                    publish_live(&core, &site, &obs, &metrics).await;
                 }
                 (Item::Rejected(rej, ack), None) => {
                     metrics.note_reject(last_reject(&rej));
@@ -346,11 +346,13 @@ fn refused_observation(obs: &Observation, error: &str) -> Rejected {
 /// Sends an accepted reading on `live.<site>.<sensor>` (core NATS, no
 /// persistence, nobody acks): the status page and `watch`ers see readings
 /// as they arrive. Best effort: a failed send is not the pipeline's
-/// problem, the reading is in SENSORS.
+/// problem, the reading is in SENSORS. Kept as the sensor's last reading
+/// in `metrics.live` too, for the status page in this process.
 async fn publish_live(
     core: &async_nats::Client,
     site: &Site,
     obs: &crate::observation::Observation,
+    metrics: &IngestMetrics,
 ) {
     let body = serde_json::json!({
         "v": crate::observation::OBSERVATION_SCHEMA,
@@ -362,6 +364,13 @@ async fn publish_live(
     let _ = core
         .publish(site.live_subject(&obs.sensor), body.to_string().into())
         .await;
+    let mut live = metrics.live.write().unwrap_or_else(|p| p.into_inner());
+    match live.get_mut(&obs.sensor) {
+        Some(last) => *last = body,
+        None => {
+            live.insert(obs.sensor.clone(), body);
+        }
+    }
 }
 
 /// With a `gate`, each attempt first waits until it is clear whether this

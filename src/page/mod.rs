@@ -220,9 +220,6 @@ pub struct Page {
     /// True once the first snapshot of KV `presence` is in: the first
     /// page waits for it (briefly) so that it is complete, form included.
     loaded: watch::Sender<bool>,
-    /// The last live reading of each sensor (`live.<site>.<sensor>`), as
-    /// JSON, since the page started following.
-    live: RwLock<BTreeMap<String, serde_json::Value>>,
     /// (when, rejects counter) over the last minute.
     reject_samples: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
     /// The last hour of each zone ([`timeline`]).
@@ -254,7 +251,6 @@ impl Page {
             timelines: RwLock::new(Default::default()),
             cards: Default::default(),
             reject_samples: Default::default(),
-            live: Default::default(),
             site,
             service,
             metrics,
@@ -346,8 +342,13 @@ impl Page {
         let (_, mut report) = crate::http::report(&self.metrics);
         if report["ingest"].is_object() {
             report["ingest"]["rejects_last_minute"] = self.rejects_last_minute().into();
-            let live = self.live.read().unwrap_or_else(|p| p.into_inner());
-            report["live"] = live.values().cloned().collect::<Vec<_>>().into();
+            if let Some(ingest) = self
+                .metrics
+                .handle::<crate::ingest::metrics::IngestMetrics>()
+            {
+                let live = ingest.live.read().unwrap_or_else(|p| p.into_inner());
+                report["live"] = live.values().cloned().collect::<Vec<_>>().into();
+            }
         }
         render::health(&report, now)
     }
@@ -462,10 +463,6 @@ impl Page {
                 }
             }
             page.wanted.notified().await;
-            if page.runs("ingest") {
-                // This instance publishes them, so may read them.
-                tokio::spawn(page.clone().follow_live(client.clone()));
-            }
             if page.shows_zones() {
                 page.watch(client, js).await;
             } else {
@@ -490,29 +487,6 @@ impl Page {
             _ = cards => {}
             _ = table => {}
             _ = stop.wait_for(|s| *s) => {}
-        }
-    }
-
-    /// Keeps the last live reading of each sensor; health (rendered every
-    /// second while a page is open) shows them.
-    async fn follow_live(self: Arc<Self>, client: async_nats::Client) {
-        let subject = self.site.live_filter();
-        let mut sub = match client.subscribe(subject.clone()).await {
-            Ok(s) => s,
-            Err(error) => {
-                tracing::warn!(%subject, %error, "status page: cannot follow live readings");
-                return;
-            }
-        };
-        while let Some(m) = sub.next().await {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
-                if let Some(sensor) = v["sensor"].as_str() {
-                    self.live
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(sensor.to_owned(), v);
-                }
-            }
         }
     }
 
