@@ -704,7 +704,7 @@ async fn main() {
     let _ = ceil.broker_publish;
 
     if on("rehyd") {
-        rehydration(mqtt.port, rehyd_zones).await;
+        rehydration(rehyd_zones).await;
     }
     drop(mqtt);
     drop(nats);
@@ -818,12 +818,15 @@ async fn drain_runs(
     );
 }
 
-/// Rehydration of many zones, and memory with them: a leaf of its own
-/// (the other runs' readings, stamped ahead of the clock, would leave
-/// zone clocks ahead and the daemon unhealthy), the broker the other runs
-/// used (a source that cannot connect is unhealthy too).
-async fn rehydration(mqtt_port: u16, rehyd_zones: usize) {
+/// Rehydration of many zones, and memory with them: a leaf and a broker
+/// of their own (the other runs' readings, stamped ahead of the clock,
+/// would leave zone clocks ahead and the daemon unhealthy, and their
+/// broker session would hand it readings: it would not be idle), the
+/// broker reachable (a source that cannot connect is unhealthy too).
+async fn rehydration(rehyd_zones: usize) {
     let nats = NatsServer::start(NatsOptions::default());
+    let broker = Mosquitto::start();
+    let mqtt_port = broker.port;
     let http_port = support::free_port();
     let http = SocketAddr::from(([127, 0, 0, 1], http_port));
     let cfg = daemon_config(

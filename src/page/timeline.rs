@@ -25,6 +25,16 @@ const MAX_READ: usize = 20_000;
 /// next one's (the last one until now).
 pub type History = VecDeque<(Timestamp, Presence)>;
 
+/// Most states kept per zone: a zone that flaps many times a second
+/// would otherwise hold every change of the hour (a flapping sensor made
+/// one card hundreds of KB). The oldest go first.
+const MAX_STATES: usize = 2048;
+
+/// Width of one slot of the bar: the bar shows, per slot, the state the
+/// zone spent most of it in, so a card stays the same size however often
+/// the zone changed (240 slots an hour).
+const SLOT_SECS: i64 = 15;
+
 /// Adds `state` from `at`, unless the zone is already in it, and drops
 /// what lies wholly before the window.
 pub fn record(h: &mut History, at: Timestamp, state: Presence, now: Timestamp) {
@@ -34,8 +44,24 @@ pub fn record(h: &mut History, at: Timestamp, state: Presence, now: Timestamp) {
         h.push_back((at, state));
     }
     let start = now.millis() - WINDOW.as_millis() as i64;
-    while h.len() > 1 && h[1].0.millis() <= start {
+    while h.len() > 1 && (h[1].0.millis() <= start || h.len() > MAX_STATES) {
         h.pop_front();
+    }
+}
+
+const STATES: [Presence; 4] = [
+    Presence::Vacant,
+    Presence::Arriving,
+    Presence::Occupied,
+    Presence::Leaving,
+];
+
+fn index(p: Presence) -> usize {
+    match p {
+        Presence::Vacant => 0,
+        Presence::Arriving => 1,
+        Presence::Occupied => 2,
+        Presence::Leaving => 3,
     }
 }
 
@@ -45,26 +71,61 @@ pub fn svg(h: &History, now: Timestamp) -> String {
     if h.is_empty() {
         return String::new();
     }
-    let start = now.millis() - WINDOW.as_millis() as i64;
-    let mut rects = String::new();
-    let mut words = Vec::new();
+    let window = WINDOW.as_millis() as i64;
+    let start = now.millis() - window;
+    let slot_ms = SLOT_SECS * 1000;
+    let slots = (window / slot_ms) as usize;
+    // Milliseconds spent in each state, per slot.
+    let mut spent = vec![[0i64; 4]; slots];
     for (i, (at, state)) in h.iter().enumerate() {
         let from = at.millis().max(start);
         let to = h
             .get(i + 1)
             .map_or(now.millis(), |(t, _)| t.millis())
-            .max(from);
-        if to <= start {
-            continue;
+            .clamp(from, now.millis());
+        let mut t = from;
+        while t < to {
+            let slot = ((t - start) / slot_ms) as usize;
+            let Some(cell) = spent.get_mut(slot) else {
+                break;
+            };
+            let end = (start + (slot as i64 + 1) * slot_ms).min(to);
+            cell[index(*state)] += end - t;
+            t = end;
         }
-        let x = (from - start) / 1000;
-        let w = ((to - from) / 1000).max(1);
+    }
+    // Adjacent slots with the same state make one rect.
+    let mut runs: Vec<(usize, usize, Presence)> = Vec::new();
+    for (slot, cell) in spent.iter().enumerate() {
+        let Some((most, _)) = cell
+            .iter()
+            .enumerate()
+            .filter(|(_, ms)| **ms > 0)
+            .max_by_key(|(_, ms)| **ms)
+        else {
+            continue;
+        };
+        let state = STATES[most];
+        match runs.last_mut() {
+            Some((_, end, s)) if *end == slot && *s == state => *end = slot + 1,
+            _ => runs.push((slot, slot + 1, state)),
+        }
+    }
+    let mut rects = String::new();
+    let mut words = Vec::new();
+    for (first, end, state) in runs {
+        let x = first as i64 * SLOT_SECS;
+        let w = (end - first) as i64 * SLOT_SECS;
         let _ = write!(
             rects,
             "<rect x=\"{x}\" y=\"0\" width=\"{w}\" height=\"1\" class=\"s-{}\"/>",
             state.as_str()
         );
-        words.push(format!("{} from {}", state.as_str(), hhmm(Timestamp(from))));
+        words.push(format!(
+            "{} from {}",
+            state.as_str(),
+            hhmm(Timestamp(start + x * 1000))
+        ));
     }
     format!(
         "<svg class=\"tl\" viewBox=\"0 0 3600 1\" preserveAspectRatio=\"none\" role=\"img\" aria-label=\"last hour: {}\">{rects}</svg>",
@@ -152,8 +213,34 @@ mod tests {
         record(&mut h, Timestamp(now.0 - 10), Presence::Vacant, now);
         assert_eq!(h.len(), 3);
         let bar = svg(&h, now);
-        assert!(bar.contains("x=\"0\""), "{bar}");
-        assert!(bar.contains("x=\"1800\" y=\"0\" width=\"1799\""), "{bar}");
+        assert!(bar.contains("x=\"0\" y=\"0\" width=\"1800\""), "{bar}");
+        // The last 10 ms of vacancy are folded into the occupied slot.
+        assert!(bar.contains("x=\"1800\" y=\"0\" width=\"1800\""), "{bar}");
+        assert_eq!(bar.matches("<rect").count(), 2, "{bar}");
         assert!(bar.contains("aria-label=\"last hour: vacant from"), "{bar}");
+    }
+
+    /// A zone flapping every 100 ms for an hour keeps a bounded history
+    /// and a bar of at most one rect per slot.
+    #[test]
+    fn a_flapping_zone_keeps_a_small_bar() {
+        let hour = WINDOW.as_millis() as i64;
+        let now = Timestamp(10 * hour);
+        let mut h = History::new();
+        let mut t = now.0 - hour;
+        let mut state = Presence::Vacant;
+        while t < now.0 {
+            record(&mut h, Timestamp(t), state, Timestamp(t));
+            state = if state == Presence::Vacant {
+                Presence::Occupied
+            } else {
+                Presence::Vacant
+            };
+            t += 100;
+        }
+        assert_eq!(h.len(), MAX_STATES);
+        let bar = svg(&h, now);
+        assert!(bar.matches("<rect").count() <= 240, "{}", bar.len());
+        assert!(bar.len() < 24 * 1024, "{} bytes", bar.len());
     }
 }
