@@ -79,10 +79,13 @@ pub fn svg(h: &History, now: Timestamp) -> String {
     let mut spent = vec![[0i64; 4]; slots];
     for (i, (at, state)) in h.iter().enumerate() {
         let from = at.millis().max(start);
+        // Instants ahead of the clock (a device clock ahead, allowed by
+        // `ingest.max_clock_skew`) are drawn up to now, not beyond.
         let to = h
             .get(i + 1)
             .map_or(now.millis(), |(t, _)| t.millis())
-            .clamp(from, now.millis());
+            .min(now.millis())
+            .max(from);
         let mut t = from;
         while t < to {
             let slot = ((t - start) / slot_ms) as usize;
@@ -218,6 +221,21 @@ mod tests {
         assert!(bar.contains("x=\"1800\" y=\"0\" width=\"1800\""), "{bar}");
         assert_eq!(bar.matches("<rect").count(), 2, "{bar}");
         assert!(bar.contains("aria-label=\"last hour: vacant from"), "{bar}");
+    }
+
+    /// A zone whose changes carry instants ahead of the page's clock (a
+    /// device clock ahead, within `ingest.max_clock_skew`) draws up to
+    /// now and does not panic.
+    #[test]
+    fn instants_ahead_of_the_clock_draw_up_to_now() {
+        let now = Timestamp(10_000_000);
+        let mut h = History::new();
+        record(&mut h, Timestamp(now.0 - 60_000), Presence::Vacant, now);
+        record(&mut h, Timestamp(now.0 + 600_000), Presence::Occupied, now);
+        record(&mut h, Timestamp(now.0 + 900_000), Presence::Vacant, now);
+        let bar = svg(&h, now);
+        assert_eq!(bar.matches("<rect").count(), 1, "{bar}");
+        assert!(bar.contains("s-vacant"), "{bar}");
     }
 
     /// A zone flapping every 100 ms for an hour keeps a bounded history
