@@ -1187,11 +1187,10 @@ mod tests {
         assert!(z.len() * 10 < text.len(), "{} of {}", z.len(), text.len());
     }
 
-    /// A zone's first change goes to the open pages at once; changes
-    /// within [`CARD_INTERVAL`] wait, and only the newest is sent.
-    #[tokio::test]
-    async fn a_busy_zone_sends_its_first_card_at_once_then_only_its_newest() {
-        let (_stop_tx, stop) = watch::channel(false);
+    /// A page of site `home` with no zones configured, and the sender
+    /// that would stop it (kept for as long as the page is used).
+    fn test_page() -> (Arc<Page>, watch::Sender<bool>) {
+        let (stop_tx, stop) = watch::channel(false);
         let page = Page::new(
             Site::new("home").unwrap(),
             "presenced".into(),
@@ -1200,26 +1199,45 @@ mod tests {
             false,
             stop,
         );
-        let mut rx = page.tx.subscribe();
-        let put = |revision: u64, confidence: f64| {
-            let model = crate::engine::ZoneModel {
-                zone: "hall".into(),
-                prior: 0.1,
-                occupied_above: 0.7,
-                vacant_below: 0.3,
-                arrive_after: Duration::ZERO,
-                leave_after: Duration::ZERO,
-                rules: Vec::new(),
-            };
-            let mut state = crate::engine::initial_state(&model, Timestamp(1_000));
-            state.confidence = confidence;
-            crate::client::follow::Entry {
-                key: "hall".into(),
-                revision,
-                op: crate::client::follow::Op::Put,
-                value: serde_json::to_vec(&state).unwrap().into(),
-            }
+        (page, stop_tx)
+    }
+
+    /// A KV `presence` put of `zone` at `revision`, in `state` with
+    /// `confidence`.
+    fn put(
+        zone: &str,
+        revision: u64,
+        state: Presence,
+        confidence: f64,
+    ) -> crate::client::follow::Entry {
+        let model = crate::engine::ZoneModel {
+            zone: zone.into(),
+            prior: 0.1,
+            occupied_above: 0.7,
+            vacant_below: 0.3,
+            arrive_after: Duration::ZERO,
+            leave_after: Duration::ZERO,
+            rules: Vec::new(),
         };
+        let mut z = crate::engine::initial_state(&model, Timestamp(1_000));
+        z.state = state;
+        z.confidence = confidence;
+        crate::client::follow::Entry {
+            key: zone.into(),
+            revision,
+            op: crate::client::follow::Op::Put,
+            value: serde_json::to_vec(&z).unwrap().into(),
+        }
+    }
+
+    /// A zone's first change goes to the open pages at once; changes
+    /// within [`CARD_INTERVAL`] wait, and only the newest is sent.
+    #[tokio::test]
+    async fn a_busy_zone_sends_its_first_card_at_once_then_only_its_newest() {
+        let (page, _stop_tx) = test_page();
+        let mut rx = page.tx.subscribe();
+        let put =
+            |revision: u64, confidence: f64| put("hall", revision, Presence::Vacant, confidence);
         let rev = |u: Update| match u {
             Update::Zone { data } => serde_json::from_str::<serde_json::Value>(&data).unwrap()
                 ["rev"]
@@ -1254,35 +1272,10 @@ mod tests {
     /// by the zone's own interval.
     #[tokio::test]
     async fn many_busy_zones_share_the_card_budget_and_state_changes_skip_it() {
-        let (_stop_tx, stop) = watch::channel(false);
-        let page = Page::new(
-            Site::new("home").unwrap(),
-            "presenced".into(),
-            Arc::new(Metrics::default()),
-            Arc::new(Model::default()),
-            false,
-            stop,
-        );
+        let (page, _stop_tx) = test_page();
         let mut rx = page.tx.subscribe();
         let put = |zone: &str, revision: u64, state: Presence| {
-            let model = crate::engine::ZoneModel {
-                zone: zone.into(),
-                prior: 0.1,
-                occupied_above: 0.7,
-                vacant_below: 0.3,
-                arrive_after: Duration::ZERO,
-                leave_after: Duration::ZERO,
-                rules: Vec::new(),
-            };
-            let mut z = crate::engine::initial_state(&model, Timestamp(1_000));
-            z.state = state;
-            z.confidence = revision as f64 / 1e6;
-            crate::client::follow::Entry {
-                key: zone.into(),
-                revision,
-                op: crate::client::follow::Op::Put,
-                value: serde_json::to_vec(&z).unwrap().into(),
-            }
+            put(zone, revision, state, revision as f64 / 1e6)
         };
         let drain = |rx: &mut broadcast::Receiver<Update>| {
             let mut keys = Vec::new();

@@ -30,9 +30,10 @@ pub type History = VecDeque<(Timestamp, Presence)>;
 /// one card hundreds of KB). The oldest go first.
 const MAX_STATES: usize = 2048;
 
-/// Width of one slot of the bar: the bar shows, per slot, the state the
-/// zone spent most of it in, so a card stays the same size however often
-/// the zone changed (240 slots an hour).
+/// Width of one slot of the bar: the bar shows, per slot, the most
+/// present state the zone was in during it ([`PRESENT_FIRST`]), so a card
+/// stays the same size however often the zone changed (240 slots an
+/// hour), and a short visit still shows.
 const SLOT_SECS: i64 = 15;
 
 /// Adds `state` from `at`, unless the zone is already in it, and drops
@@ -49,11 +50,13 @@ pub fn record(h: &mut History, at: Timestamp, state: Presence, now: Timestamp) {
     }
 }
 
-const STATES: [Presence; 4] = [
-    Presence::Vacant,
-    Presence::Arriving,
+/// Which state a slot shows when the zone was in several during it:
+/// someone there at all matters more than for how long.
+const PRESENT_FIRST: [Presence; 4] = [
     Presence::Occupied,
     Presence::Leaving,
+    Presence::Arriving,
+    Presence::Vacant,
 ];
 
 fn index(p: Presence) -> usize {
@@ -75,7 +78,8 @@ pub fn svg(h: &History, now: Timestamp) -> String {
     let start = now.millis() - window;
     let slot_ms = SLOT_SECS * 1000;
     let slots = (window / slot_ms) as usize;
-    // Milliseconds spent in each state, per slot.
+    // Milliseconds spent in each state, per slot (a state counts in a
+    // slot if any time was spent in it).
     let mut spent = vec![[0i64; 4]; slots];
     for (i, (at, state)) in h.iter().enumerate() {
         let from = at.millis().max(start);
@@ -100,15 +104,9 @@ pub fn svg(h: &History, now: Timestamp) -> String {
     // Adjacent slots with the same state make one rect.
     let mut runs: Vec<(usize, usize, Presence)> = Vec::new();
     for (slot, cell) in spent.iter().enumerate() {
-        let Some((most, _)) = cell
-            .iter()
-            .enumerate()
-            .filter(|(_, ms)| **ms > 0)
-            .max_by_key(|(_, ms)| **ms)
-        else {
+        let Some(state) = PRESENT_FIRST.into_iter().find(|p| cell[index(*p)] > 0) else {
             continue;
         };
-        let state = STATES[most];
         match runs.last_mut() {
             Some((_, end, s)) if *end == slot && *s == state => *end = slot + 1,
             _ => runs.push((slot, slot + 1, state)),
@@ -217,7 +215,8 @@ mod tests {
         assert_eq!(h.len(), 3);
         let bar = svg(&h, now);
         assert!(bar.contains("x=\"0\" y=\"0\" width=\"1800\""), "{bar}");
-        // The last 10 ms of vacancy are folded into the occupied slot.
+        // The last 10 ms of vacancy share a slot with occupancy, which
+        // the slot shows.
         assert!(bar.contains("x=\"1800\" y=\"0\" width=\"1800\""), "{bar}");
         assert_eq!(bar.matches("<rect").count(), 2, "{bar}");
         assert!(bar.contains("aria-label=\"last hour: vacant from"), "{bar}");
@@ -236,6 +235,19 @@ mod tests {
         let bar = svg(&h, now);
         assert_eq!(bar.matches("<rect").count(), 1, "{bar}");
         assert!(bar.contains("s-vacant"), "{bar}");
+    }
+
+    /// A visit of a second between two vacant spells shows in its slot.
+    #[test]
+    fn a_short_visit_shows() {
+        let now = Timestamp(10_000_000);
+        let mut h = History::new();
+        record(&mut h, Timestamp(now.0 - 600_000), Presence::Vacant, now);
+        record(&mut h, Timestamp(now.0 - 300_000), Presence::Occupied, now);
+        record(&mut h, Timestamp(now.0 - 299_000), Presence::Vacant, now);
+        let bar = svg(&h, now);
+        assert_eq!(bar.matches("s-occupied").count(), 1, "{bar}");
+        assert_eq!(bar.matches("s-vacant").count(), 2, "{bar}");
     }
 
     /// A zone flapping every 100 ms for an hour keeps a bounded history
