@@ -154,6 +154,10 @@ pub fn report(m: &Metrics) -> (Verdict, serde_json::Value) {
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut body = json!({
         "status": verdict.as_str(),
+        // Which process answered: a supervisor (the sandbox, a test) that
+        // finds its listen port taken by another daemon must not take that
+        // daemon's health for its own child's.
+        "pid": std::process::id(),
         "ready": ready,
         "nats_connected": nats,
         "causes": down.iter().chain(&degraded).collect::<Vec<_>>(),

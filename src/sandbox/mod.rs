@@ -425,8 +425,9 @@ fn start_all(
         provision(s, exe, sup)?;
     }
     provision_hub(plan, exe, sup)?;
+    let mut daemons = Vec::new();
     for s in &plan.sites {
-        sup.spawn(
+        let pid = sup.spawn(
             &format!("{}-presenced", s.site),
             TIER_DAEMON,
             exe,
@@ -438,11 +439,15 @@ fn start_all(
             &s.daemon_log,
             &[],
         )?;
+        daemons.push((s, pid));
     }
-    for s in &plan.sites {
+    for (s, pid) in daemons {
         let what = format!("presenced of {}", s.site);
+        // Its own pid: another daemon on a taken port answers 200 too,
+        // while this one fails to bind and exits (then retried on fresh
+        // ports like a server).
         wait_ready(sup, &what, &s.daemon_log, || {
-            probe::http_status(s.http_addr(), "/healthz") == Some(200)
+            probe::healthy_pid(s.http_addr()) == Some(pid)
         })?;
     }
     Ok(())

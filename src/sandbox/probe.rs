@@ -15,6 +15,15 @@ pub fn leafnode_links(addr: SocketAddr) -> u64 {
         .unwrap_or(0)
 }
 
+/// The pid that `/healthz` at `addr` says answered, when it answered 200.
+pub fn healthy_pid(addr: SocketAddr) -> Option<u32> {
+    http_get(addr, "/healthz")
+        .filter(|(s, _)| *s == 200)
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .and_then(|v| v.get("pid").and_then(|n| n.as_u64()))
+        .and_then(|pid| u32::try_from(pid).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -27,5 +36,6 @@ mod tests {
             None
         );
         assert_eq!(leafnode_links(SocketAddr::from(([127, 0, 0, 1], port))), 0);
+        assert_eq!(healthy_pid(SocketAddr::from(([127, 0, 0, 1], port))), None);
     }
 }

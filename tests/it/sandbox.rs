@@ -511,6 +511,59 @@ fn a_port_taken_before_its_server_binds_it_is_replaced() {
     drop(held);
 }
 
+/// The daemon's HTTP port held by another daemon, which answers
+/// `/healthz` with 200 and its own pid: the sandbox waits for its own
+/// child's pid, sees the child exit on `address already in use`, and
+/// starts again on fresh ports (it took the other daemon's health for its
+/// own, called itself ready, and then failed when its daemon exited).
+#[test]
+fn a_daemon_http_port_held_by_another_healthy_daemon_is_replaced() {
+    use std::io::{Read, Write};
+    let needed = presenced::sandbox::plan::ports_needed(1);
+    let held = std::net::TcpListener::bind(("127.0.0.1", support::free_port())).unwrap();
+    let taken = held.local_addr().unwrap().port();
+    let impostor = std::thread::spawn(move || {
+        for conn in held.incoming() {
+            let Ok(mut conn) = conn else { break };
+            let mut buf = [0u8; 2048];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            if buf[..n].starts_with(b"QUIT") {
+                break;
+            }
+            let body = r#"{"status":"healthy","pid":1}"#;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let others = presenced_procs::free_ports(needed - 1).unwrap();
+    // The site's ports come last: leaf client, monitor, MQTT, daemon HTTP.
+    let ports: Vec<String> = others
+        .iter()
+        .chain(std::iter::once(&taken))
+        .map(|p| p.to_string())
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = run_with(
+        &tmp.path().join("sbx"),
+        2,
+        &[],
+        &[("PRESENCED_SANDBOX_FIRST_PORTS", ports.join(","))],
+    );
+    assert!(
+        text.contains("sandbox: a port was taken (site-1-presenced")
+            && text.contains(&format!("127.0.0.1:{taken}"))
+            && text.contains("starting again on fresh ports"),
+        "{text}"
+    );
+    let mut quit = std::net::TcpStream::connect(("127.0.0.1", taken)).unwrap();
+    quit.write_all(b"QUIT").unwrap();
+    drop(quit);
+    impostor.join().unwrap();
+}
+
 /// The same for SeaweedFS, which cannot listen on port 0 either: its S3
 /// port held by another program, it exits on `address already in use`
 /// (followed by Go's stack dump) and the sandbox starts again with S3 on a
