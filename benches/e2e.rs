@@ -37,6 +37,8 @@
 //!   run (0: none, the two runs then show the noise between two runs);
 //! - `PRESENCED_BENCH_LATENCY` [10000]: readings of the latency run;
 //! - `PRESENCED_BENCH_REHYD_ZONES` [10000]: zones of the rehydration run;
+//! - `PRESENCED_BENCH_REHYD_HOLD_S` [0]: how long the rehydrated daemon
+//!   stays up after it was measured, to look at it by hand;
 //! - `PRESENCED_BENCH_RUNS` [all]: which runs, comma-separated, of
 //!   `spread,flip,house,latency,pages,drain,rehyd,paths` (the ceilings
 //!   always run), e.g. `flip,drain` to profile the engine on the flip
@@ -859,11 +861,20 @@ async fn rehydration(rehyd_zones: usize) {
         .unwrap_or(f64::NAN);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rss_many, _) = proc_usage(d.pid());
+    let (anon, file) = support::process::proc_rss_split(d.pid());
     println!("rehyd {rehyd_zones} zones from KV:            {ms:>9.0} ms");
     println!(
-        "rss   daemon idle with {rehyd_zones} zones:   {:>9.1} MB",
-        rss_many as f64 / 1024.0
+        "rss   daemon idle with {rehyd_zones} zones:   {:>9.1} MB   (anonymous {:.1} MB, file-backed {:.1} MB)",
+        rss_many as f64 / 1024.0,
+        anon as f64 / 1024.0,
+        file as f64 / 1024.0
     );
+    // For a look at the idle daemon by hand (/proc/<pid>/smaps, perf).
+    let hold = env("PRESENCED_BENCH_REHYD_HOLD_S", 0);
+    if hold > 0 {
+        println!("rehyd daemon pid {} held for {hold} s", d.pid());
+        tokio::time::sleep(Duration::from_secs(hold)).await;
+    }
 }
 
 /// Publishes at a fixed 1,000 readings/s over 100 zones and returns the

@@ -11,6 +11,8 @@ use crate::naming::Site;
 use crate::supervise::{self, Stage, Supervisor};
 use crate::{engine, http, ingest, store, systemd};
 use async_nats::jetstream;
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -58,7 +60,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// [`run`], with the file the config came from: SIGHUP re-reads it.
 pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     use crate::acl::access::Component;
-    let original = config.clone();
+    let running = Running::of(&config);
     // Listened for from the start: SIGHUP's default action would end the
     // process without a drain.
     let mut hup = hangups();
@@ -194,7 +196,7 @@ pub async fn run_file(mut config: Config, config_path: Option<PathBuf>) -> anyho
     let mut ready = false;
     let mut reloader = Reloader {
         path,
-        running: original,
+        running,
         model: model_tx,
     };
     let outcome: anyhow::Result<()> = loop {
@@ -324,9 +326,42 @@ async fn recv_hup(h: &mut Hangups) -> Option<()> {
 /// named as needing a restart and the old config kept.
 struct Reloader {
     path: Option<PathBuf>,
-    /// The config the daemon runs (zones included).
-    running: Config,
+    running: Running,
     model: watch::Sender<Arc<Model>>,
+}
+
+/// What a reload compares a new file against. Not a copy of the running
+/// config: with thousands of zones that copy is megabytes, held for a
+/// SIGHUP that may never come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Running {
+    /// Each top-level field but `zones` and `persons`: a hash of its JSON.
+    fields: BTreeMap<String, u64>,
+    /// The zone and person keys, in order.
+    keys: Vec<String>,
+}
+
+impl Running {
+    fn of(config: &Config) -> Running {
+        let fields = match serde_json::to_value(config) {
+            Ok(serde_json::Value::Object(map)) => map
+                .into_iter()
+                .filter(|(k, _)| k != "zones" && k != "persons")
+                .map(|(k, v)| {
+                    let mut h = std::hash::DefaultHasher::new();
+                    v.to_string().hash(&mut h);
+                    (k, h.finish())
+                })
+                .collect(),
+            // Config always serializes to a table; an empty map would
+            // only make every field look changed.
+            _ => BTreeMap::new(),
+        };
+        Running {
+            fields,
+            keys: config.presence_entries().map(|(k, _)| k).collect(),
+        }
+    }
 }
 
 impl Reloader {
@@ -343,46 +378,92 @@ impl Reloader {
                 return;
             }
         };
-        let restart = fields_needing_restart(&self.running, &new);
+        let next = Running::of(&new);
+        let restart = fields_needing_restart(&self.running, &next);
         if !restart.is_empty() {
             tracing::warn!(fields = ?restart, "SIGHUP: these fields changed and need a restart (`systemctl restart`); running on with the old config");
             return;
         }
-        let old_keys: Vec<String> = self.running.presence_entries().map(|(k, _)| k).collect();
-        let new_keys: Vec<String> = new.presence_entries().map(|(k, _)| k).collect();
-        if old_keys != new_keys {
+        if self.running.keys != next.keys {
+            let (added, removed) = key_changes(&self.running.keys, &next.keys);
             tracing::warn!(
-                before = ?old_keys,
-                after = ?new_keys,
+                ?added,
+                ?removed,
                 "SIGHUP: zones or persons were added or removed, which needs a restart; running on with the old config"
             );
             return;
         }
         if !engine_on {
             tracing::info!("SIGHUP: this instance runs no engine; nothing to swap");
-            self.running = new;
+            self.running = next;
             return;
         }
         let model = Arc::new(Model::from_config(&new));
         self.model.send_replace(model);
-        self.running = new;
+        self.running = next;
     }
 }
 
-/// Top-level fields (and, for `zones`/`persons`, nothing) whose change a
-/// reload cannot apply.
-fn fields_needing_restart(old: &Config, new: &Config) -> Vec<String> {
-    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
-        (serde_json::to_value(old), serde_json::to_value(new))
-    else {
-        return vec!["(config cannot be compared)".into()];
-    };
-    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+/// Top-level fields (never `zones` or `persons`) whose change a reload
+/// cannot apply. A config that could not be serialized has no fields,
+/// so against one that could, every field counts as changed.
+fn fields_needing_restart(old: &Running, new: &Running) -> Vec<String> {
+    let mut keys: Vec<&String> = old.fields.keys().chain(new.fields.keys()).collect();
     keys.sort();
     keys.dedup();
     keys.into_iter()
-        .filter(|k| *k != "zones" && *k != "persons")
-        .filter(|k| a.get(*k) != b.get(*k))
+        .filter(|k| old.fields.get(*k) != new.fields.get(*k))
         .cloned()
         .collect()
+}
+
+/// Keys only in `new` (added) and only in `old` (removed), at most
+/// [`KEYS_NAMED`] of each: a log line, not a dump of every zone.
+fn key_changes(old: &[String], new: &[String]) -> (Vec<String>, Vec<String>) {
+    let (a, b): (BTreeSet<&String>, BTreeSet<&String>) =
+        (old.iter().collect(), new.iter().collect());
+    let only = |x: &BTreeSet<&String>, y: &BTreeSet<&String>| {
+        x.difference(y)
+            .take(KEYS_NAMED)
+            .map(|k| (*k).clone())
+            .collect()
+    };
+    (only(&b, &a), only(&a, &b))
+}
+
+/// How many added or removed zones a refused reload names.
+const KEYS_NAMED: usize = 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            "site = \"lab\"\n{extra}\n[zones.kitchen]\n[[zones.kitchen.evidence]]\nsensor = \"k\"\np_true = 0.9\np_false = 0.1\n"
+        );
+        Config::from_toml(&text, std::path::Path::new("test.toml")).expect("config")
+    }
+
+    #[test]
+    fn a_changed_section_is_named_and_zones_are_not_a_field() {
+        let old = Running::of(&config(""));
+        assert!(fields_needing_restart(&old, &Running::of(&config(""))).is_empty());
+        let new = Running::of(&config("[ingest]\nreject_log_every = \"2s\"\n"));
+        assert_eq!(fields_needing_restart(&old, &new), ["ingest"]);
+        assert!(!old.fields.contains_key("zones") && !old.fields.contains_key("persons"));
+        assert_eq!(old.keys, ["kitchen"]);
+    }
+
+    #[test]
+    fn added_and_removed_zones_are_named_a_few_at_most() {
+        let old: Vec<String> = (0..100).map(|i| format!("z{i:03}")).collect();
+        let new: Vec<String> = (50..200).map(|i| format!("z{i:03}")).collect();
+        let (added, removed) = key_changes(&old, &new);
+        assert_eq!(added.len(), KEYS_NAMED);
+        assert_eq!(added[0], "z100");
+        assert_eq!(removed.len(), KEYS_NAMED);
+        assert_eq!(removed[0], "z000");
+        assert_eq!(key_changes(&old, &old), (vec![], vec![]));
+    }
 }

@@ -43,6 +43,21 @@ impl Harnessed for Supervised {
 }
 
 /// (RSS in KiB, CPU seconds used so far) of a process, from /proc.
+/// Resident memory of `pid` in KiB: anonymous (heap, stacks) and file
+/// backed (mostly the binary's code pages, clean and shared).
+pub fn proc_rss_split(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("RssAnon:"), field("RssFile:"))
+}
+
 pub fn proc_usage(pid: u32) -> (u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss = status
