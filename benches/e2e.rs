@@ -534,6 +534,16 @@ async fn main() {
             sat.n,
             sat.transitions
         );
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        println!(
+            "cpu   the machine: {:.2} of {cores} cores busy (daemon {:.2}, nats-server {:.2}, mosquitto {:.2}, the publisher and the rest {:.2}; steal {:.2})",
+            sat.machine.0,
+            sat.cpu[0] / 100.0,
+            sat.cpu[1] / 100.0,
+            sat.cpu[2] / 100.0,
+            (sat.machine.0 - (sat.cpu[0] + sat.cpu[1] + sat.cpu[2]) / 100.0).max(0.0),
+            sat.machine.1
+        );
         *load_line = format!(
             "under saturation ({name}) {:.0}% (of one core); nats-server {:.0}%, mosquitto {:.0}% in the same window",
             sat.cpu[0], sat.cpu[1], sat.cpu[2]
@@ -936,7 +946,29 @@ struct Saturation {
     transitions: u64,
     /// CPU % of one core: daemon, then the other processes given.
     cpu: [f64; 3],
+    /// The whole machine over the run: cores busy, and cores' worth of
+    /// time the hypervisor gave to others (steal).
+    machine: (f64, f64),
     rss_max: u64,
+}
+
+/// Jiffies of every CPU from /proc/stat: (busy, steal, all).
+fn machine_jiffies() -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let get = |i: usize| f.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    let all: u64 = (0..8).map(get).sum();
+    let idle = get(3) + get(4);
+    let steal = get(7);
+    (all - idle - steal, steal, all)
 }
 
 /// Publishes `msgs` as fast as the broker takes them and waits until the
@@ -956,6 +988,7 @@ async fn saturate(
         proc_usage(others[0]).1,
         proc_usage(others[1]).1,
     ];
+    let m_a = machine_jiffies();
     let t = Instant::now();
     for (topic, payload) in msgs {
         p.publish(topic, payload.clone()).await;
@@ -998,6 +1031,13 @@ async fn saturate(
     for i in 0..3 {
         cpu[i] = (cpu_b[i] - cpu_a[i]) / elapsed * 100.0;
     }
+    let m_b = machine_jiffies();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let machine = (
+        (m_b.0 - m_a.0) as f64 / hz / elapsed,
+        (m_b.1 - m_a.1) as f64 / hz / elapsed,
+    );
     Saturation {
         n,
         mqtt_rate,
@@ -1006,6 +1046,7 @@ async fn saturate(
         e2e: n as f64 / elapsed,
         transitions: stream_messages(js, "EVENTS").await - events0,
         cpu,
+        machine,
         rss_max,
     }
 }

@@ -115,7 +115,6 @@ impl Runner {
         reply_allowed(reply, self.replies.as_ref())
     }
 
-    /// Answers one command message.
     /// Removes an unconfigured zone from KV presence and debounce, the
     /// removal first recorded in EVENTS (`{"removed": true, ...}` with the
     /// last stored state), so the audit trail says who removed what when.
@@ -204,6 +203,7 @@ impl Runner {
         Ok(reply)
     }
 
+    /// Answers one command message.
     pub(super) async fn command(&mut self, client: &async_nats::Client, msg: async_nats::Message) {
         if !self.may_write() {
             // The holder answers (commands are plain subscriptions, every
