@@ -452,6 +452,15 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// than this and redelivered after a crash is stored a second time.
 pub const REDELIVERY_LOOKBACK: Duration = Duration::from_secs(600);
 
+/// Most messages [`StoredDeliveries::recent`] reads back, newest last. A
+/// source holds at most [`crate::sources::mqtt::UNACKED_MAX`] deliveries
+/// unacknowledged, so the ones an earlier process stored and could not
+/// acknowledge are among its last stored messages; this leaves room for
+/// other sources' messages in between. Without it, a site storing 2,000
+/// readings a second had 1.2 million messages in the lookback to read at
+/// every start (hundreds of MB, and past the look-up's time limit).
+pub const REDELIVERY_SCAN_MAX: u64 = 16 * crate::sources::mqtt::UNACKED_MAX;
+
 /// Most time one message of the look-up may take to arrive.
 const LOOKUP_IDLE: Duration = Duration::from_secs(5);
 
@@ -478,8 +487,10 @@ impl StoredDeliveries {
     }
 
     /// Delivery header -> `Nats-Msg-Id` of this source's messages stored
-    /// in the last [`REDELIVERY_LOOKBACK`]. Reads headers only, through an
-    /// named ordered consumer: what the owner's ACL grant on `SENSORS` allows.
+    /// in the last [`REDELIVERY_LOOKBACK`], among the last
+    /// [`REDELIVERY_SCAN_MAX`] messages of the stream. Reads headers only,
+    /// through a named ordered consumer: what the owner's ACL grant on
+    /// `SENSORS` allows.
     pub async fn recent(&self, source: &str) -> Result<HashMap<String, String>, String> {
         use futures::StreamExt as _;
         let stream = self
@@ -487,7 +498,15 @@ impl StoredDeliveries {
             .get_stream(crate::naming::SENSORS_STREAM)
             .await
             .map_err(|e| format!("stream SENSORS: {e}"))?;
+        let last = stream.cached_info().state.last_sequence;
         let since = time::OffsetDateTime::now_utc() - REDELIVERY_LOOKBACK;
+        let deliver_policy = if last > REDELIVERY_SCAN_MAX {
+            jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: last - REDELIVERY_SCAN_MAX + 1,
+            }
+        } else {
+            jetstream::consumer::DeliverPolicy::ByStartTime { start_time: since }
+        };
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 // Named: the ACL lets readers of SENSORS create named
@@ -497,9 +516,7 @@ impl StoredDeliveries {
                     "ingest-redelivery",
                 )),
                 filter_subject: self.site.sensors_filter(),
-                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartTime {
-                    start_time: since,
-                },
+                deliver_policy,
                 headers_only: true,
                 ..Default::default()
             })
@@ -520,17 +537,16 @@ impl StoredDeliveries {
                 Ok(Some(Err(e))) => return Err(format!("reading SENSORS: {e}")),
                 Ok(None) | Err(_) => return Err("reading SENSORS: no message in time".into()),
             };
-            if let Some(h) = m.headers.as_ref() {
+            let info = m.info().map_err(|e| format!("reading SENSORS: {e}"))?;
+            let recent = info.published >= since;
+            if let Some(h) = m.headers.as_ref().filter(|_| recent) {
                 if let (Some(d), Some(id)) = (h.get(DELIVERY_HEADER), h.get("Nats-Msg-Id")) {
                     if d.as_str().starts_with(&prefix) {
                         found.insert(d.as_str().to_owned(), id.as_str().to_owned());
                     }
                 }
             }
-            let pending = m
-                .info()
-                .map_err(|e| format!("reading SENSORS: {e}"))?
-                .pending;
+            let pending = info.pending;
             if pending == 0 {
                 return Ok(found);
             }

@@ -1197,10 +1197,14 @@ struct Deliveries {
     /// Stream `SENSORS`, for redeliveries of what an earlier process
     /// stored before a crash.
     stored: Option<StoredLookup>,
-    /// What the look-up found, for the connection (generation) it ran on:
-    /// a broker redelivers a session's unacknowledged messages right after
-    /// it resumes, so one look-up serves them all.
-    scanned: Option<(u64, HashMap<String, String>)>,
+    /// What the one look-up of this process found. Only an earlier
+    /// process can have stored a delivery this process never received, and
+    /// the broker redelivers those as soon as the session resumes, so one
+    /// look-up serves every connection after it. (One per connection was a
+    /// spiral under saturation: a source holding input back misses its
+    /// pings, the broker drops it, and each reconnect read ten minutes of
+    /// `SENSORS` again while nothing else was read, and was dropped again.)
+    scanned: Option<HashMap<String, String>>,
 }
 
 impl Deliveries {
@@ -1230,7 +1234,7 @@ impl Deliveries {
             }
         }
         let store = self.stored.as_ref()?;
-        if self.scanned.as_ref().is_none_or(|(g, _)| *g != generation) {
+        if self.scanned.is_none() {
             let started = Instant::now();
             let found = match tokio::time::timeout(SCAN_TIMEOUT, store(source.to_owned())).await {
                 Ok(Ok(found)) => found,
@@ -1243,10 +1247,10 @@ impl Deliveries {
                     HashMap::new()
                 }
             };
-            debug!(source = %source, deliveries = found.len(), elapsed_ms = started.elapsed().as_millis() as u64, "looked up stored MQTT deliveries");
-            self.scanned = Some((generation, found));
+            debug!(source = %source, generation, deliveries = found.len(), elapsed_ms = started.elapsed().as_millis() as u64, "looked up stored MQTT deliveries");
+            self.scanned = Some(found);
         }
-        let map = &self.scanned.as_ref()?.1;
+        let map = self.scanned.as_ref()?;
         let stored: Vec<Option<String>> = keys.iter().map(|k| map.get(k).cloned()).collect();
         if stored.iter().all(Option::is_none) {
             return None;
@@ -1331,6 +1335,42 @@ mod tests {
     use super::*;
     use crate::observation::Reading;
     use crate::sources::config::{TopicMapping, Zigbee2Mqtt, Zigbee2MqttDevice};
+
+    /// The stored deliveries are read once per process: a reconnect (a new
+    /// generation) reuses what the first look-up found, and a redelivery
+    /// found neither in memory nor there is new.
+    #[tokio::test]
+    async fn stored_deliveries_are_looked_up_once_per_process_not_per_connection() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = calls.clone();
+        let lookup: StoredLookup = Arc::new(move |_source: String| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {
+                Ok(HashMap::from([(
+                    "mqtt main 7 h 0".to_owned(),
+                    "id-7".to_owned(),
+                )]))
+            })
+        });
+        let mut d = Deliveries::new(Some(lookup));
+        let stored = ["mqtt main 7 h 0".to_owned()];
+        let unseen = ["mqtt main 8 g 0".to_owned()];
+        let found = d.find("main", 1, 7, "h", &stored).await;
+        assert!(
+            matches!(&found, Some(Found::Scan(ids)) if ids == &[Some("id-7".to_owned())]),
+            "the first redelivery is found among the stored ones"
+        );
+        assert!(d.find("main", 2, 8, "g", &unseen).await.is_none());
+        assert!(matches!(
+            d.find("main", 3, 7, "h", &stored).await,
+            Some(Found::Scan(_))
+        ));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one look-up for three connections"
+        );
+    }
 
     /// Acks beyond the request queue's room wait in order, go out as the
     /// event loop takes requests, and are dropped once their connection

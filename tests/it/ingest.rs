@@ -358,3 +358,57 @@ async fn malformed_payloads_land_in_rejected_with_a_reason_and_good_ones_still_f
     assert!(metrics.contains("presenced_rejects_total 4"), "{metrics}");
     assert!(d.log().contains("input rejected"), "a WARN line was logged");
 }
+
+/// The look-up of stored deliveries (what a restarted daemon reads back to
+/// recognise a redelivery) reads at most the last `REDELIVERY_SCAN_MAX`
+/// messages of SENSORS, however many the lookback's ten minutes hold: a
+/// busy site's start read over a million headers, hundreds of MB, and ran
+/// past its time limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stored_deliveries_look_up_reads_only_the_newest_messages() {
+    use async_nats::jetstream::stream;
+    use presenced::ingest::{StoredDeliveries, REDELIVERY_SCAN_MAX};
+    use presenced::naming::Site;
+    use presenced::observation::DELIVERY_HEADER;
+    let nats = NatsServer::start(NatsOptions::default());
+    let js = jetstream(&nats.url()).await;
+    js.create_stream(stream::Config {
+        name: "SENSORS".into(),
+        subjects: vec!["sensors.test.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let older = 100;
+    let total = REDELIVERY_SCAN_MAX + older;
+    let mut acks = Vec::new();
+    for i in 0..total {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(DELIVERY_HEADER, format!("mqtt main {i} h 0").as_str());
+        h.insert("Nats-Msg-Id", format!("id-{i}").as_str());
+        acks.push(
+            js.publish_with_headers("sensors.test.s", h, "{}".into())
+                .await
+                .unwrap(),
+        );
+        if acks.len() == 1000 {
+            for a in acks.drain(..) {
+                a.await.unwrap();
+            }
+        }
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    let found = StoredDeliveries::new(js.clone(), Site::new("test").unwrap())
+        .recent("main")
+        .await
+        .unwrap();
+    assert_eq!(found.len() as u64, REDELIVERY_SCAN_MAX);
+    assert!(!found.contains_key(&format!("mqtt main {} h 0", older - 1)));
+    assert_eq!(
+        found.get(&format!("mqtt main {older} h 0")).map(String::as_str),
+        Some(format!("id-{older}").as_str())
+    );
+    assert!(found.contains_key(&format!("mqtt main {} h 0", total - 1)));
+}
