@@ -46,7 +46,9 @@
 //! - `PRESENCED_BENCH_STALL_S` [600]: how long a run may take to be
 //!   applied before the benchmark stops and prints how far `SENSORS` and
 //!   the engine consumer got;
-//! - `PRESENCED_BENCH_DAEMON_LOG` [warn]: the daemon's `RUST_LOG`.
+//! - `PRESENCED_BENCH_DAEMON_LOG` [warn]: the daemon's `RUST_LOG`;
+//! - `PRESENCED_BENCH_ENGINE_BATCH` [the default]: the daemon's
+//!   `engine.batch`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -490,6 +492,11 @@ async fn main() {
     // clock (the house's simulated minutes pass in seconds): allowed an
     // hour's lead instead of the default five minutes.
     let cfg = cfg.replace("[ingest]\n", "[ingest]\nmax_clock_skew = \"1h\"\n");
+    // The engine's batch (default 1,000), to compare sizes.
+    let cfg = match std::env::var("PRESENCED_BENCH_ENGINE_BATCH") {
+        Ok(b) => cfg.replace("[engine]\n", &format!("[engine]\nbatch = {b}\n")),
+        Err(_) => cfg,
+    };
     let cfg_dir = tempfile::tempdir().unwrap();
     let cfg_path = cfg_dir.path().join("presenced.toml");
     std::fs::write(&cfg_path, &cfg).unwrap();
@@ -543,6 +550,13 @@ async fn main() {
             sat.cpu[2] / 100.0,
             (sat.machine.0 - (sat.cpu[0] + sat.cpu[1] + sat.cpu[2]) / 100.0).max(0.0),
             sat.machine.1
+        );
+        println!(
+            "held  peaks: ingest buffer {}, MQTT unacknowledged {}, engine pending {}; daemon RSS {:.1} MB",
+            sat.held.buffer,
+            sat.held.unacked,
+            sat.held.pending,
+            sat.held.rss as f64 / 1024.0
         );
         *load_line = format!(
             "under saturation ({name}) {:.0}% (of one core); nats-server {:.0}%, mosquitto {:.0}% in the same window",
@@ -946,10 +960,87 @@ struct Saturation {
     transitions: u64,
     /// CPU % of one core: daemon, then the other processes given.
     cpu: [f64; 3],
+    /// Peaks of what the daemon held during the run.
+    held: HeldPeaks,
     /// The whole machine over the run: cores busy, and cores' worth of
     /// time the hypervisor gave to others (steal).
     machine: (f64, f64),
     rss_max: u64,
+}
+
+/// Peaks, read from the daemon's /metrics every 250 ms during a run.
+#[derive(Default, Clone, Copy)]
+struct HeldPeaks {
+    /// `presenced_ingest_buffer_depth`: readings waiting to be stored.
+    buffer: u64,
+    /// `presenced_mqtt_unacknowledged`: QoS 1 messages not yet acknowledged.
+    unacked: u64,
+    /// `presenced_consumer_pending`: stored readings the engine has not applied.
+    pending: u64,
+    /// The daemon's RSS, KiB.
+    rss: u64,
+}
+
+/// Samples a daemon's gauges in a thread until stopped: where memory
+/// goes when RSS climbs under load.
+struct Held {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<HeldPeaks>>,
+}
+
+impl Held {
+    fn sample(target: Option<(u32, SocketAddr)>) -> Held {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = target.map(|(pid, http)| {
+            std::thread::spawn(move || {
+                let mut peaks = HeldPeaks::default();
+                while !flag.load(Ordering::Relaxed) {
+                    if let Some((200, body)) = support::http_get(http, "/metrics") {
+                        let gauge = |name: &str| -> u64 {
+                            body.lines()
+                                .filter(|l| l.starts_with(name))
+                                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                                .map(|v| v as u64)
+                                .sum()
+                        };
+                        peaks.buffer = peaks.buffer.max(gauge("presenced_ingest_buffer_depth"));
+                        peaks.unacked = peaks.unacked.max(gauge("presenced_mqtt_unacknowledged"));
+                        peaks.pending = peaks.pending.max(gauge("presenced_consumer_pending"));
+                    }
+                    peaks.rss = peaks.rss.max(proc_usage(pid).0);
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                peaks
+            })
+        });
+        Held { stop, thread }
+    }
+
+    fn stop(mut self) -> HeldPeaks {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// The HTTP listener of daemon `pid`, read from its config file (the
+/// argument after `--config`).
+fn http_of(pid: u32) -> Option<(u32, SocketAddr)> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let path = args.iter().skip_while(|a| *a != "--config").nth(1)?;
+    let text = std::fs::read_to_string(path).ok()?;
+    let listen = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("listen = \""))?
+        .trim_end_matches('"');
+    Some((pid, listen.parse().ok()?))
 }
 
 /// Jiffies of every CPU from /proc/stat: (busy, steal, all).
@@ -980,6 +1071,7 @@ async fn saturate(
     others: [u32; 2],
     msgs: &[Msg],
 ) -> Saturation {
+    let held = Held::sample(http_of(pid));
     let n = msgs.len() as u64;
     let sensors0 = stream_messages(js, "SENSORS").await;
     let events0 = stream_messages(js, "EVENTS").await;
@@ -1038,7 +1130,9 @@ async fn saturate(
         (m_b.0 - m_a.0) as f64 / hz / elapsed,
         (m_b.1 - m_a.1) as f64 / hz / elapsed,
     );
+    let held = held.stop();
     Saturation {
+        held,
         n,
         mqtt_rate,
         stored_at: stored_at.unwrap_or(elapsed),
