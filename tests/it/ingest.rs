@@ -407,7 +407,9 @@ async fn the_stored_deliveries_look_up_reads_only_the_newest_messages() {
     assert_eq!(found.len() as u64, REDELIVERY_SCAN_MAX);
     assert!(!found.contains_key(&format!("mqtt main {} h 0", older - 1)));
     assert_eq!(
-        found.get(&format!("mqtt main {older} h 0")).map(String::as_str),
+        found
+            .get(&format!("mqtt main {older} h 0"))
+            .map(String::as_str),
         Some(format!("id-{older}").as_str())
     );
     assert!(found.contains_key(&format!("mqtt main {} h 0", total - 1)));
