@@ -353,8 +353,8 @@ impl Running {
                     (k, h.finish())
                 })
                 .collect(),
-            // Config always serializes to a table; an empty map would
-            // only make every field look changed.
+            // Config always serializes to a table; if it ever does not,
+            // no field is known and a reload is refused.
             _ => BTreeMap::new(),
         };
         Running {
@@ -405,9 +405,12 @@ impl Reloader {
 }
 
 /// Top-level fields (never `zones` or `persons`) whose change a reload
-/// cannot apply. A config that could not be serialized has no fields,
-/// so against one that could, every field counts as changed.
+/// cannot apply. A config that could not be serialized has no fields: it
+/// cannot be compared, which needs a restart too.
 fn fields_needing_restart(old: &Running, new: &Running) -> Vec<String> {
+    if old.fields.is_empty() || new.fields.is_empty() {
+        return vec!["(config cannot be compared)".into()];
+    }
     let mut keys: Vec<&String> = old.fields.keys().chain(new.fields.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -453,6 +456,14 @@ mod tests {
         assert_eq!(fields_needing_restart(&old, &new), ["ingest"]);
         assert!(!old.fields.contains_key("zones") && !old.fields.contains_key("persons"));
         assert_eq!(old.keys, ["kitchen"]);
+        let unknown = Running {
+            fields: BTreeMap::new(),
+            keys: old.keys.clone(),
+        };
+        assert_eq!(
+            fields_needing_restart(&unknown, &old),
+            ["(config cannot be compared)"]
+        );
     }
 
     #[test]
