@@ -49,7 +49,7 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
     SubscribeFilter, SubscribeReasonCode,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -86,6 +86,10 @@ const REQUEST_CAPACITY: usize = 4096;
 pub const UNACKED_MAX: u64 = 4096;
 /// See [`UNACKED_MAX`].
 const UNACKED_RESUME: u64 = UNACKED_MAX / 2;
+/// Most publishes read and parked while the source waits on ingest (see
+/// `Connection::keep_alive_until`): raw messages, a few hundred bytes each
+/// for sensor payloads.
+const PARK_MAX: usize = UNACKED_MAX as usize;
 /// First reconnect delay; doubles up to `reconnect_max`.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Least time between two "ingest is behind" warnings.
@@ -556,6 +560,8 @@ pub async fn run(
         outage_logged: false,
         ever_connected: false,
         last_full_warn: None,
+        parked: VecDeque::new(),
+        lost: false,
     };
     let result = conn
         .serve(eventloop, &mut shutdown, cfg.reconnect_max)
@@ -693,6 +699,14 @@ struct Connection {
     outage_logged: bool,
     ever_connected: bool,
     last_full_warn: Option<Instant>,
+    /// Publishes read while the source waits on ingest (see
+    /// [`Connection::keep_alive_until`]), taken before anything new is
+    /// read. They belong to the current connection: a lost connection
+    /// drops them unacknowledged, and the broker redelivers them.
+    parked: VecDeque<Publish>,
+    /// The connection was lost (counted and logged); the serve loop waits
+    /// out the reconnect backoff before polling again.
+    lost: bool,
 }
 
 impl Connection {
@@ -705,17 +719,38 @@ impl Connection {
         let mut backoff = Backoff::new(BACKOFF_START, reconnect_max);
         let mut connected_at: Option<Instant> = None;
         let result = loop {
+            if std::mem::take(&mut self.lost) {
+                if connected_at
+                    .take()
+                    .is_some_and(|t| t.elapsed() >= STABLE_AFTER)
+                {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|s| *s) => break Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
             if self.status.unacknowledged.load(Ordering::Relaxed) >= UNACKED_MAX {
-                if let Flow::Stop = self.hold_back(shutdown).await {
+                if let Flow::Stop = self.hold_back(&mut eventloop, shutdown).await {
                     break Ok(());
                 }
+                continue;
             }
             self.acks
                 .hand_on(&self.client, self.generation.load(Ordering::Acquire));
-            let event = tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|s| *s) => break Ok(()),
-                ev = eventloop.poll() => ev,
+            let event = match self.parked.pop_front() {
+                Some(p) => Ok(Event::Incoming(Packet::Publish(p))),
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|s| *s) => break Ok(()),
+                    ev = eventloop.poll() => {
+                        alive_while_behind(&mut eventloop, &ev);
+                        ev
+                    }
+                },
             };
             let flow = match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -723,7 +758,9 @@ impl Connection {
                     self.on_connected(ack.session_present);
                     Ok(Flow::Continue)
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(p, shutdown).await,
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    self.on_publish(p, &mut eventloop, shutdown).await
+                }
                 Ok(Event::Incoming(Packet::SubAck(s))) => {
                     self.on_suback(&s.return_codes);
                     Ok(Flow::Continue)
@@ -731,18 +768,7 @@ impl Connection {
                 Ok(_) => Ok(Flow::Continue),
                 Err(e) => {
                     self.on_connection_error(&e);
-                    if connected_at
-                        .take()
-                        .is_some_and(|t| t.elapsed() >= STABLE_AFTER)
-                    {
-                        backoff.reset();
-                    }
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.wait_for(|s| *s) => Ok(Flow::Stop),
-                        _ = tokio::time::sleep(delay) => Ok(Flow::Continue),
-                    }
+                    Ok(Flow::Continue)
                 }
             };
             match flow {
@@ -814,6 +840,8 @@ impl Connection {
 
     fn on_connection_error(&mut self, error: &ConnectionError) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.lost = true;
+        self.parked.clear();
         if self.connected {
             self.connected = false;
             self.status.connected.store(false, Ordering::Relaxed);
@@ -832,9 +860,24 @@ impl Connection {
         }
     }
 
+    /// Whether `p` is a resend (DUP) of a message still in flight, counted
+    /// and logged as ignored if so.
+    fn is_in_flight_copy(&self, p: &Publish) -> bool {
+        let copy = p.qos != QoS::AtMostOnce
+            && p.dup
+            && self
+                .in_flight
+                .contains(self.generation.load(Ordering::Acquire), p.pkid);
+        if copy {
+            crate::emit!(MQTT_IN_FLIGHT_COPY, &self.status.ignored; source = %self.source, topic = %p.topic, pkid = p.pkid);
+        }
+        copy
+    }
+
     async fn on_publish(
         &mut self,
         p: Publish,
+        eventloop: &mut EventLoop,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Flow, MqttError> {
         self.status.received.fetch_add(1, Ordering::Relaxed);
@@ -848,17 +891,11 @@ impl Connection {
         // id that is still in our books (its PUBACK queued, not yet sent)
         // must never be taken for one, or it is lost until the next
         // connection.
-        if p.qos != QoS::AtMostOnce
-            && p.dup
-            && self
-                .in_flight
-                .contains(self.generation.load(Ordering::Acquire), p.pkid)
-        {
-            crate::emit!(MQTT_IN_FLIGHT_COPY, &self.status.ignored; source = %self.source, topic = %p.topic, pkid = p.pkid);
+        if self.is_in_flight_copy(&p) {
             return Ok(Flow::Continue);
         }
         if p.payload.len() > self.max_payload {
-            return self.oversized(&p, received_at, shutdown).await;
+            return self.oversized(&p, received_at, eventloop, shutdown).await;
         }
         // A retained message is the last value the broker saw, from an
         // unknown time; stamping it with the receive time would make an old
@@ -935,7 +972,7 @@ impl Connection {
                     Item::Rejected(rej, a)
                 }
             };
-            if let Flow::Stop = self.forward(item, shutdown).await? {
+            if let Flow::Stop = self.forward(item, eventloop, shutdown).await? {
                 return Ok(Flow::Stop);
             }
         }
@@ -949,6 +986,7 @@ impl Connection {
         &mut self,
         p: &Publish,
         received_at: Timestamp,
+        eventloop: &mut EventLoop,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Flow, MqttError> {
         let head = p.payload.slice(..p.payload.len().min(OVERSIZED_HEAD));
@@ -968,7 +1006,7 @@ impl Connection {
         };
         crate::emit!(MQTT_OVERSIZED, &self.status.rejected; source = %self.source, topic = %p.topic, size = p.payload.len(), max_payload = self.max_payload);
         let item = Item::Rejected(rej, self.ack(p));
-        self.forward(item, shutdown).await
+        self.forward(item, eventloop, shutdown).await
     }
 
     /// Gives each item of one delivery its `Nats-Msg-Id`: a new one per
@@ -1031,14 +1069,13 @@ impl Connection {
     }
 
     /// Hands the item to ingest. When ingest is behind, this waits instead
-    /// of dropping: while it waits nothing is read, the broker stops
-    /// sending once its in-flight window is full and keeps the rest.
-    /// (A wait longer than the keep-alive lets the broker drop the
-    /// connection; the unacked messages are then redelivered, and their
-    /// ids make that harmless.)
+    /// of dropping, with the connection kept alive
+    /// ([`Connection::keep_alive_until`]): the broker stops sending once
+    /// its in-flight window is full and keeps the rest.
     async fn forward(
         &mut self,
         item: Item,
+        eventloop: &mut EventLoop,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Flow, MqttError> {
         let item = match self.tx.try_send(item) {
@@ -1047,13 +1084,68 @@ impl Connection {
             Err(mpsc::error::TrySendError::Full(item)) => item,
         };
         self.note_held_back();
-        tokio::select! {
-            biased;
-            _ = shutdown.wait_for(|s| *s) => Ok(Flow::Stop),
-            sent = self.tx.send(item) => match sent {
-                Ok(()) => Ok(Flow::Continue),
-                Err(_) => Err(MqttError::IngestClosed),
-            },
+        let tx = self.tx.clone();
+        match self
+            .keep_alive_until(eventloop, shutdown, async move { tx.send(item).await })
+            .await
+        {
+            None => Ok(Flow::Stop),
+            Some(Ok(())) => Ok(Flow::Continue),
+            Some(Err(_)) => Err(MqttError::IngestClosed),
+        }
+    }
+
+    /// Waits for `done` while the connection stays alive: rumqttc sends
+    /// its pings, and the PUBACKs queued meanwhile, only while its event
+    /// loop is polled, and it reads the broker's ping response only after
+    /// everything the broker sent before it. A source that stopped polling
+    /// while ingest was behind was dropped by the broker (silent past 1.5
+    /// keep-alives) or gave up on its own ping, and each reconnect cost
+    /// redeliveries. Publishes read meanwhile are parked unread, up to
+    /// [`PARK_MAX`]; past that, polling stops and TCP pushes back on the
+    /// broker. The broker's in-flight window (Mosquitto's
+    /// `max_inflight_messages`, nats-server's MQTT `max_ack_pending`)
+    /// keeps it from coming to that. `None` on shutdown.
+    async fn keep_alive_until<T>(
+        &mut self,
+        eventloop: &mut EventLoop,
+        shutdown: &mut watch::Receiver<bool>,
+        done: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        tokio::pin!(done);
+        loop {
+            self.acks
+                .hand_on(&self.client, self.generation.load(Ordering::Acquire));
+            // Not while disconnected: a poll would reconnect, and the
+            // serve loop owns the backoff.
+            let polling = self.connected && !self.lost && self.parked.len() < PARK_MAX;
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return None,
+                out = &mut done => return Some(out),
+                // Dropping a poll that is waiting for input (where it
+                // spends its time) loses nothing; one cut inside a write
+                // to a full socket could drop a PUBACK or ping, which
+                // costs a redelivery or a reconnect, never a reading.
+                ev = eventloop.poll(), if polling => match { alive_while_behind(eventloop, &ev); ev } {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        // A resend of a message in flight is dropped as it
+                        // is read: by the time the parked copy came up, the
+                        // original could be acked and the copy taken for a
+                        // new delivery, with a second PUBACK.
+                        if self.is_in_flight_copy(&p) {
+                            self.status.received.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            self.parked.push_back(p);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(s))) => self.on_suback(&s.return_codes),
+                    // A CONNACK only follows a reconnect, which the
+                    // `polling` guard leaves to the serve loop.
+                    Ok(_) => {}
+                    Err(e) => self.on_connection_error(&e),
+                },
+            }
         }
     }
 
@@ -1111,22 +1203,34 @@ impl Connection {
         }
     }
 
-    /// Stops reading until fewer than [`UNACKED_RESUME`] messages are held
-    /// unacknowledged: the broker keeps the rest (TCP pushes back). Acks
-    /// fired meanwhile wait in the request queue and go out with the
-    /// next poll. Counted and logged as a full buffer: ingest is behind.
-    async fn hold_back(&mut self, shutdown: &mut watch::Receiver<bool>) -> Flow {
+    /// Takes nothing new until fewer than [`UNACKED_RESUME`] messages are
+    /// held unacknowledged, with the connection kept alive
+    /// ([`Connection::keep_alive_until`]). Counted and logged as a full
+    /// buffer: ingest is behind.
+    async fn hold_back(
+        &mut self,
+        eventloop: &mut EventLoop,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Flow {
         self.note_held_back();
-        while self.status.unacknowledged.load(Ordering::Relaxed) >= UNACKED_RESUME {
-            tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|s| *s) => return Flow::Stop,
-                _ = self.in_flight.released.notified() => {}
-                // A safety net only: every release below the mark notifies.
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        let status = Arc::clone(&self.status);
+        let released = Arc::clone(&self.in_flight.released);
+        let below_resume = async move {
+            while status.unacknowledged.load(Ordering::Relaxed) >= UNACKED_RESUME {
+                tokio::select! {
+                    _ = released.notified() => {}
+                    // A safety net only: every release below the mark notifies.
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
             }
+        };
+        match self
+            .keep_alive_until(eventloop, shutdown, below_resume)
+            .await
+        {
+            Some(()) => Flow::Continue,
+            None => Flow::Stop,
         }
-        Flow::Continue
     }
 
     async fn disconnect(&mut self, eventloop: &mut EventLoop) {
@@ -1152,6 +1256,21 @@ impl Connection {
             debug!(source = %self.source, "MQTT disconnect timed out");
         }
         info!(source = %self.source, broker = %self.broker, "disconnected from MQTT broker");
+    }
+}
+
+/// A publish from the broker shows the connection alive, as a ping
+/// response would. rumqttc drops the connection when a ping goes
+/// unanswered for a keep-alive, but the answer comes after everything the
+/// broker sent before it: Mosquitto with `max_queued_messages 0` sends a
+/// burst past its in-flight window, and a source reading at the pace of
+/// ingest took longer than the keep-alive to reach the answer. Each such
+/// drop cost thousands of redeliveries (a 50,000-message burst was
+/// handed to ingest 110,000 times). A dead connection still shows: no
+/// publish then arrives, and the next ping finds the last unanswered.
+fn alive_while_behind(eventloop: &mut EventLoop, event: &Result<Event, ConnectionError>) {
+    if let Ok(Event::Incoming(Packet::Publish(_))) = event {
+        eventloop.state.await_pingresp = false;
     }
 }
 

@@ -163,9 +163,13 @@ impl Drop for Publisher {
 /// session resume, so the test shortens it. Setting it means writing the
 /// whole `mqtt` block (a second block would replace the harness's).
 fn nats_mqtt() -> (NatsServer, u16) {
+    nats_mqtt_with_ack_wait("2s")
+}
+
+fn nats_mqtt_with_ack_wait(ack_wait: &str) -> (NatsServer, u16) {
     let port = support::free_port();
     let server = NatsServer::start(NatsOptions {
-        extra: format!("mqtt {{\n  listen: \"127.0.0.1:{port}\"\n  ack_wait: \"2s\"\n}}\n"),
+        extra: format!("mqtt {{\n  listen: \"127.0.0.1:{port}\"\n  ack_wait: \"{ack_wait}\"\n}}\n"),
         ..Default::default()
     });
     (server, port)
@@ -459,6 +463,71 @@ async fn full_buffer_holds_input_back_without_loss() {
         assert_eq!(o.value, Reading::Number(f64::from(i)));
         ack.fire();
     }
+    source.shutdown().await;
+}
+
+/// Ingest behind for longer than the keep-alive: the source keeps its
+/// connection while it waits. rumqttc sends pings (and the PUBACKs queued
+/// meanwhile) only when its event loop is polled, and reads the broker's
+/// answer only after what came before it; a source that stopped polling
+/// was dropped by the broker (silent past 1.5 × keep-alive) or gave up
+/// on its own ping, and every reconnect cost a redelivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_waiting_on_ingest_keeps_its_connection_to_mosquitto() {
+    let broker = Mosquitto::start();
+    waiting_on_ingest_keeps_the_connection(broker.port, &|| broker.log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_waiting_on_ingest_keeps_its_connection_to_nats_mqtt() {
+    // Its default `ack_wait`: a wait shorter than that sees no resends.
+    let (server, port) = nats_mqtt_with_ack_wait("30s");
+    waiting_on_ingest_keeps_the_connection(port, &|| server.log()).await;
+}
+
+async fn waiting_on_ingest_keeps_the_connection(port: u16, broker_log: &dyn Fn() -> String) {
+    let mut cfg = config(port);
+    // nats-server allows a silence of 1.5 keep-alives in whole seconds: one
+    // second for a keep-alive of 1 s, as long as rumqttc's ping interval.
+    cfg.keep_alive = Duration::from_secs(2);
+    let mut source = Source::start_with(cfg, "presenced-test-keepalive", 1);
+    source.wait_subscribed(1).await;
+    let device = Publisher::connect(port, "device-keepalive");
+    let n = 50;
+    for i in 0..n {
+        device
+            .publish("z2m/lux", &format!(r#"{{"illuminance":{i}}}"#))
+            .await;
+    }
+    let status = source.status.clone();
+    wait_until_async("the source saw the buffer full", DEADLINE, || {
+        let n = status.buffer_full.load(Ordering::Relaxed);
+        async move { n >= 1 }
+    })
+    .await;
+    // Five keep-alives with nothing taken from the source. A lost
+    // connection shows only once the source polls again, so the counts
+    // are read after everything was taken.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for i in 0..n {
+        let (o, ack) = source.next_observation().await;
+        assert_eq!(o.value, Reading::Number(f64::from(i)));
+        ack.fire();
+    }
+    // One more reading after the wait, taken only once the source read on.
+    device.publish("z2m/lux", r#"{"illuminance":-1}"#).await;
+    let (o, ack) = source.next_observation().await;
+    assert_eq!(o.value, Reading::Number(-1.0));
+    ack.fire();
+    assert_eq!(
+        (
+            status.disconnects.load(Ordering::Relaxed),
+            status.connects.load(Ordering::Relaxed)
+        ),
+        (0, 1),
+        "(disconnects, connects) after the source waited on ingest; broker log:\n{}",
+        broker_log()
+    );
     source.shutdown().await;
 }
 
