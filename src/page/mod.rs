@@ -26,6 +26,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use futures::future;
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -819,19 +821,41 @@ impl Page {
         }
     }
 
-    /// Everything a page needs to be current: the link, every zone, health.
-    /// Zones newer than revision `after` (what the page was rendered
-    /// with: KV revisions grow across all keys), the link and health.
-    fn snapshot(&self, after: u64) -> Vec<Event> {
-        let now = Timestamp::now();
-        let mut out = vec![self.link_event()];
+    /// Everything a page needs to be current: the link, every zone newer
+    /// than revision `after` (what the page was rendered with: KV
+    /// revisions grow across all keys), health. Each card is rendered
+    /// as the page takes it: all of them at once, for ten pages opening
+    /// (or falling behind) together on 1,000 zones, were megabytes held
+    /// until sent, and the heap kept the peak.
+    fn snapshot(self: &Arc<Self>, after: u64) -> BoxStream<'static, Event> {
+        let keys: Vec<String> = {
+            let zones = self.zones.read().unwrap_or_else(|p| p.into_inner());
+            zones
+                .iter()
+                .filter(|(_, e)| e.revision > after)
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        let link = self.link_event();
+        let (cards, last) = (Arc::clone(self), Arc::clone(self));
+        futures::stream::once(future::ready(link))
+            .chain(
+                futures::stream::iter(keys)
+                    .filter_map(move |key| future::ready(cards.zone_event(&key))),
+            )
+            .chain(futures::stream::once(future::ready(())).map(move |()| {
+                let html = last.render_health(Timestamp::now());
+                last.event_of(&Update::Health(Arc::from(html)))
+            }))
+            .boxed()
+    }
+
+    /// The card of zone `key` as it is now; `None` once it is gone.
+    fn zone_event(&self, key: &str) -> Option<Event> {
         let zones = self.zones.read().unwrap_or_else(|p| p.into_inner());
-        for (key, e) in zones.iter().filter(|(_, e)| e.revision > after) {
-            out.push(self.event_of(&self.zone_update(key, e, now)));
-        }
+        let update = self.zone_update(key, zones.get(key)?, Timestamp::now());
         drop(zones);
-        out.push(self.event_of(&Update::Health(Arc::from(self.render_health(now)))));
-        out
+        Some(self.event_of(&update))
     }
 
     fn index(&self) -> String {
@@ -1074,15 +1098,15 @@ async fn events(State(p): State<Arc<Page>>, uri: Uri) -> impl IntoResponse {
     let first = p.snapshot(after);
     let page = p.clone();
     let rest = futures::stream::unfold((rx, page), |(mut rx, page)| async move {
-        let ev = match rx.recv().await {
-            Ok(u) => vec![page.event_of(&u)],
+        let events = match rx.recv().await {
+            Ok(u) => futures::stream::once(future::ready(page.event_of(&u))).boxed(),
             Err(broadcast::error::RecvError::Lagged(_)) => page.snapshot(0),
             Err(broadcast::error::RecvError::Closed) => return None,
         };
-        Some((ev, (rx, page)))
+        Some((events, (rx, page)))
     })
-    .flat_map(futures::stream::iter);
-    let stream = futures::stream::iter(first)
+    .flatten();
+    let stream = first
         .chain(rest)
         .take_until(p.closing.clone().cancelled_owned())
         .map(Ok::<_, Infallible>);
@@ -1267,6 +1291,12 @@ mod tests {
             .is_empty());
     }
 
+    /// Cards the budget allows over `d`, rounded up, plus one for the
+    /// instant between reading the clock and applying.
+    fn budget_for(d: Duration) -> usize {
+        (d.as_secs_f64() * CARD_BUDGET).ceil() as usize + 1
+    }
+
     /// Changes that leave a zone's state as it was share a page-wide
     /// budget of cards, oldest waiting first; a state change is held only
     /// by the zone's own interval.
@@ -1298,14 +1328,18 @@ mod tests {
             "each zone's first card at once"
         );
         tokio::time::sleep(CARD_INTERVAL).await;
+        // The budget refills while the cards are applied: on a loaded
+        // machine that takes long enough to count.
+        let applying = std::time::Instant::now();
         for i in 0..zones {
             rev += 1;
             page.apply(put(&zone(i), rev, Presence::Vacant), false);
         }
+        let refilled = budget_for(applying.elapsed());
         let burst = drain(&mut rx);
         assert!(
-            (CARD_BUDGET as usize..CARD_BUDGET as usize + 10).contains(&burst.len()),
-            "one budget's worth at once, not {}",
+            (CARD_BUDGET as usize..=CARD_BUDGET as usize + refilled).contains(&burst.len()),
+            "one budget's worth at once (+{refilled} refilled), not {}",
             burst.len()
         );
         let first_waiting = (0..zones).map(zone).find(|z| !burst.contains(z)).unwrap();
@@ -1323,12 +1357,14 @@ mod tests {
             "a state change is not held by the budget"
         );
         // The rest take turns, oldest first, as the budget refills.
+        let waited = std::time::Instant::now();
         tokio::time::sleep(Duration::from_millis(250)).await;
         page.flush_cards();
+        let most = budget_for(waited.elapsed());
         let sent = drain(&mut rx);
         assert!(
-            (40..=70).contains(&sent.len()),
-            "a quarter second of budget, not {}",
+            (40..=most).contains(&sent.len()),
+            "a quarter second of budget (at most {most} for the time taken), not {}",
             sent.len()
         );
         assert_eq!(sent[0], first_waiting, "the oldest waiting first");
