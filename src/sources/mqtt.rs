@@ -1127,25 +1127,32 @@ impl Connection {
                 // spends its time) loses nothing; one cut inside a write
                 // to a full socket could drop a PUBACK or ping, which
                 // costs a redelivery or a reconnect, never a reading.
-                ev = eventloop.poll(), if polling => match { alive_while_behind(eventloop, &ev); ev } {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        // A resend of a message in flight is dropped as it
-                        // is read: by the time the parked copy came up, the
-                        // original could be acked and the copy taken for a
-                        // new delivery, with a second PUBACK.
-                        if self.is_in_flight_copy(&p) {
-                            self.status.received.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            self.parked.push_back(p);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(s))) => self.on_suback(&s.return_codes),
-                    // A CONNACK only follows a reconnect, which the
-                    // `polling` guard leaves to the serve loop.
-                    Ok(_) => {}
-                    Err(e) => self.on_connection_error(&e),
-                },
+                ev = eventloop.poll(), if polling => {
+                    alive_while_behind(eventloop, &ev);
+                    self.on_event_while_waiting(ev);
+                }
             }
+        }
+    }
+
+    fn on_event_while_waiting(&mut self, event: Result<Event, ConnectionError>) {
+        match event {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                // A resend of a message in flight is dropped as it is
+                // read: by the time the parked copy came up, the original
+                // could be acked and the copy taken for a new delivery,
+                // with a second PUBACK.
+                if self.is_in_flight_copy(&p) {
+                    self.status.received.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.parked.push_back(p);
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(s))) => self.on_suback(&s.return_codes),
+            // A CONNACK only follows a reconnect, which the `polling`
+            // guard of `keep_alive_until` leaves to the serve loop.
+            Ok(_) => {}
+            Err(e) => self.on_connection_error(&e),
         }
     }
 
