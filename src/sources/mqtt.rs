@@ -1103,9 +1103,11 @@ impl Connection {
     /// keep-alives) or gave up on its own ping, and each reconnect cost
     /// redeliveries. Publishes read meanwhile are parked unread, up to
     /// [`PARK_MAX`]; past that, polling stops and TCP pushes back on the
-    /// broker. The broker's in-flight window (Mosquitto's
-    /// `max_inflight_messages`, nats-server's MQTT `max_ack_pending`)
-    /// keeps it from coming to that. `None` on shutdown.
+    /// broker. A broker that keeps to its in-flight window (nats-server's
+    /// MQTT `max_ack_pending`, Mosquitto's `max_inflight_messages`) never
+    /// sends that much; Mosquitto with `max_queued_messages 0` sends past
+    /// it in a burst, and a wait longer than 1.5 keep-alives with the
+    /// reserve full still lets it drop the connection. `None` on shutdown.
     async fn keep_alive_until<T>(
         &mut self,
         eventloop: &mut EventLoop,
