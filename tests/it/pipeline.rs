@@ -236,9 +236,14 @@ async fn conflicts_met_by_pipelined_writes_leave_the_trajectory_unchanged() {
             let kv = js.get_key_value("presence").await.unwrap();
             let mut rewrites = 0u32;
             for _ in 0..10 {
-                if let Ok(Some(v)) = kv.get("f0").await {
-                    kv.put("f0", v).await.unwrap();
-                    rewrites += 1;
+                // Compare-and-set at the revision read: the current value
+                // again, never an older one put back over the engine's
+                // newer write (that would undo readings already
+                // acknowledged, which no engine could replay).
+                if let Ok(Some(e)) = kv.entry("f0").await {
+                    if kv.update("f0", e.value, e.revision).await.is_ok() {
+                        rewrites += 1;
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(30)).await;
             }
@@ -251,7 +256,7 @@ async fn conflicts_met_by_pipelined_writes_leave_the_trajectory_unchanged() {
     .await;
     let rewrites = rewriter.await.unwrap();
     // One more round, so that every zone is written once more after the
-    // last foreign rewrite (which may have put back an older state).
+    // last foreign rewrite.
     store_backlog(&js, base, ROUNDS..ROUNDS + 1).await;
     eventually("last round applied", Duration::from_secs(30), || async {
         engine_caught_up(&js, (READINGS + ZONES * 3) as u64).await
