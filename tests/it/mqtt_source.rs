@@ -439,15 +439,10 @@ async fn reconnects_after_broker_restart() {
     source.shutdown().await;
 }
 
-/// Ingest behind: the source waits instead of dropping, counts it, and
-/// everything arrives in order once ingest reads again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_buffer_holds_input_back_without_loss() {
-    let broker = Mosquitto::start();
-    let mut source = Source::start(broker.port, "presenced-test-full", 1);
-    source.wait_subscribed(1).await;
-    let device = Publisher::connect(broker.port, "device-full");
-    for i in 0..5 {
+/// Publishes illuminance readings 0..n and waits until the source (its
+/// buffer smaller than n) has held input back.
+async fn publish_until_held_back(device: &Publisher, source: &Source, n: u32) {
+    for i in 0..n {
         device
             .publish("z2m/lux", &format!(r#"{{"illuminance":{i}}}"#))
             .await;
@@ -458,6 +453,17 @@ async fn full_buffer_holds_input_back_without_loss() {
         async move { n >= 1 }
     })
     .await;
+}
+
+/// Ingest behind: the source waits instead of dropping, counts it, and
+/// everything arrives in order once ingest reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_buffer_holds_input_back_without_loss() {
+    let broker = Mosquitto::start();
+    let mut source = Source::start(broker.port, "presenced-test-full", 1);
+    source.wait_subscribed(1).await;
+    let device = Publisher::connect(broker.port, "device-full");
+    publish_until_held_back(&device, &source, 5).await;
     for i in 0..5 {
         let (o, ack) = source.next_observation().await;
         assert_eq!(o.value, Reading::Number(f64::from(i)));
@@ -494,17 +500,8 @@ async fn waiting_on_ingest_keeps_the_connection(port: u16, broker_log: &dyn Fn()
     source.wait_subscribed(1).await;
     let device = Publisher::connect(port, "device-keepalive");
     let n = 50;
-    for i in 0..n {
-        device
-            .publish("z2m/lux", &format!(r#"{{"illuminance":{i}}}"#))
-            .await;
-    }
+    publish_until_held_back(&device, &source, n).await;
     let status = source.status.clone();
-    wait_until_async("the source saw the buffer full", DEADLINE, || {
-        let n = status.buffer_full.load(Ordering::Relaxed);
-        async move { n >= 1 }
-    })
-    .await;
     // Five keep-alives with nothing taken from the source. A lost
     // connection shows only once the source polls again, so the counts
     // are read after everything was taken.
